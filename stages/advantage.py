@@ -1,0 +1,263 @@
+"""advantage: a baseline per completion and `advantage = rlhf_reward - baseline`.
+
+Reads  a scores table (`prompt_id`, `sample_idx`, `rlhf_reward`; other columns are ignored).
+Writes `advantages.parquet` (schema `ADVANTAGES`): the keys, `rlhf_reward`, `baseline`, `advantage`
+       (float64) and `estimator`, the same rows in the same order as the input.
+
+Estimators (`advantage.estimator`; r = rlhf_reward, a group = the completions of one prompt):
+- `rloo` (default), leave-one-out (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740, eq. 6):
+  `baseline_i = (sum_j r_j - r_i) / (n - 1)` over the i-th completion's group of n, so
+  `advantage_i = n/(n-1) * (r_i - mean(r))`. Implemented twice and kept equal: `loo_baseline` (polars,
+  what the stage writes) and `rloo_torch` / `rloo_torch_grouped` (torch; tests hold them equal).
+  Groups may have unequal sizes (rows dropped as invalid upstream): each uses its own n; a group of one
+  gets baseline = its own reward, advantage 0 (no other sample to compare with), and is counted.
+- `reinforce`: baseline 0.
+- `batch_mean`: the mean reward of the whole batch (this round).
+- `moving_average`: the mean of every reward of the previous rounds *and* this one (or of the last
+  `window` rounds, this one included), weighted per row. Including this round gives round 1 a baseline
+  rather than 0; the price is a small self-dependence (1/rows of the batch), which RLOO avoids.
+- `ema`: `b <- alpha * b + (1 - alpha) * mean(this round)`, then used for this round; the first round
+  starts at `b = mean(first round)`.
+- `grpo`: `(r - mean) / (std + epsilon)` per group, std unbiased (n - 1, like torch's default that TRL
+  uses); `baseline` holds the group mean. A group of one gets advantage 0.
+`normalize_advantages` whitens over the batch afterwards: `(A - mean(A)) / (std(A) + 1e-8)`, std
+unbiased (TRL); `baseline` is left as is. Every std is two-pass, sqrt(sum((x - mean)^2) / (n - ddof)),
+never E[x^2] - mean^2 (catastrophic cancellation when |mean| >> std).
+
+State: `moving_average` and `ema` carry a small JSON-able dict from round to round (`round_sums`,
+`round_counts`, `round_means`, `ema`); it is updated for every estimator, so the caller can always
+persist it (the training flow in each round's manifest, the CLI with `--state-in/--state-out`).
+
+Run: `python -m stages.advantage --scores scores.parquet --out advantages.parquet
+      [--estimator rloo] [--params params.yaml] [--state-in state.json] [--state-out state.json]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
+
+import polars as pl
+
+from stages.errors import PipelineError, run_cli
+from stages.io import read_json, read_table, write_json, write_table
+from stages.params import DEFAULT_PARAMS, AdvantageParams, Estimator, load_params
+from stages.schemas import ADVANTAGES, check
+
+if TYPE_CHECKING:  # torch is imported where used: the CLI writes from polars and starts 3 s faster without it
+    import torch
+
+log = logging.getLogger(__name__)
+
+KEYS = ["prompt_id", "sample_idx"]
+REWARD = "rlhf_reward"
+INPUT: dict[str, Any] = {"prompt_id": pl.String, "sample_idx": pl.Int32, REWARD: pl.Float64}
+WHITEN_EPS = 1e-8
+GROUP_ESTIMATORS = ("rloo", "grpo")  # the ones whose baseline comes from the prompt's own group
+
+
+# ---------------------------------------------------------------- leave-one-out, twice (pure)
+
+
+def loo_baseline(reward: str = REWARD, group: str = "prompt_id") -> pl.Expr:
+    """Leave-one-out baseline per row; a group of one gets its own reward (advantage 0)."""
+    r, n = pl.col(reward), pl.len().over(group)
+    # n == 1 would be 0/0: the `otherwise` branch replaces that NaN.
+    return pl.when(n > 1).then((r.sum().over(group) - r) / (n - 1)).otherwise(r)
+
+
+def rloo_torch(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_prompts, K) rewards -> (baseline, advantage), both (num_prompts, K).
+
+    `mask` (num_prompts, K) bool marks real samples in a padded tensor (unequal group sizes); padded
+    slots get baseline and advantage 0.
+    """
+    import torch
+
+    if mask is None:
+        k = rewards.shape[1]
+        if k < 2:  # K = 1: no other sample; baseline = own reward
+            return rewards.clone(), torch.zeros_like(rewards)
+        baseline = torch.sub(rewards.sum(dim=1, keepdim=True), rewards).div_(k - 1)  # (P, K)
+        return baseline, rewards - baseline
+    r = rewards.masked_fill(~mask, 0)
+    n = mask.sum(dim=1, keepdim=True)  # (P, 1)
+    loo = (r.sum(dim=1, keepdim=True) - r) / (n - 1).clamp(min=1)
+    baseline = torch.where(n > 1, loo, r).masked_fill_(~mask, 0)
+    return baseline, r - baseline
+
+
+def rloo_torch_grouped(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (N,) rewards and (N,) int64 group ids 0..G-1 (any order, any sizes) -> (baseline, advantage)."""
+    import torch
+
+    num_groups = int(group.max()) + 1
+    sums = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, group, rewards)
+    n = torch.bincount(group, minlength=num_groups)[group]  # (N,) size of each row's group
+    loo = (sums[group] - rewards) / (n - 1).clamp(min=1)
+    baseline = torch.where(n > 1, loo, rewards)
+    return baseline, rewards - baseline
+
+
+# ---------------------------------------------------------------- estimators (pure)
+
+
+def _std(x: pl.Expr, ddof: int = 1) -> pl.Expr:
+    """Two-pass std over the whole column; 0 when there are fewer than ddof + 1 values."""
+    return (((x - x.mean()) ** 2).sum() / (pl.len() - ddof).clip(lower_bound=1)).sqrt()
+
+
+def new_state() -> dict[str, Any]:
+    return {"estimator": None, "ema": None, "round_sums": [], "round_counts": [], "round_means": []}
+
+
+def check_state(state: Any, source: str = "state") -> dict[str, Any]:
+    """Validate a carried state dict (None = first round); one-line PipelineError when malformed."""
+    if state is None:
+        return new_state()
+    fix = "pass the state written by the previous round (--state-out) or none to start afresh"
+    lists = ("round_sums", "round_counts", "round_means")
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), list) for k in lists):
+        raise PipelineError(f"{source}: not an advantage state (needs lists {list(lists)}); {fix}")
+    if len({len(state[k]) for k in lists}) != 1 or not all(isinstance(c, int) and c > 0 for c in state["round_counts"]):
+        raise PipelineError(f"{source}: round_sums/round_counts/round_means disagree; {fix}")
+    if state.get("ema") is not None and not isinstance(state["ema"], (int, float)):
+        raise PipelineError(f"{source}: `ema` must be a number or null, got {state['ema']!r}; {fix}")
+    return {**new_state(), **state}
+
+
+def validate_scores(df: pl.DataFrame, estimator: str, source: str = "scores") -> None:
+    """Raise PipelineError (one line) for input the estimators cannot handle."""
+    problem = check(df.schema, INPUT, source)
+    if problem:
+        raise PipelineError(problem)
+    if df.height == 0:
+        raise PipelineError(f"{source}: no rows; run the score stage first or pass a non-empty scores table")
+    keys = df.select(KEYS)
+    null_key = keys.filter(pl.any_horizontal(pl.all().is_null()))
+    if null_key.height:
+        raise PipelineError(f"{source}: null key in row {null_key.row(0)}; every row needs prompt_id and sample_idx")
+    bad = df.filter(~pl.col(REWARD).is_finite().fill_null(False))
+    if bad.height:
+        pid, idx, val = bad.select(*KEYS, REWARD).row(0)
+        raise PipelineError(
+            f"{source}: column `{REWARD}` is {val} at prompt_id={pid!r} sample_idx={idx} "
+            f"({bad.height} row(s) null/NaN/inf); fix the rewards or set score.on_invalid: drop"
+        )
+    dup = keys.filter(keys.is_duplicated())
+    if dup.height:
+        pid, idx = dup.row(0)
+        raise PipelineError(f"{source}: duplicate (prompt_id, sample_idx) = ({pid!r}, {idx}); each key must appear once")
+    if estimator in GROUP_ESTIMATORS and df["prompt_id"].n_unique() == df.height:
+        raise PipelineError(
+            f"{source}: every prompt has one completion (k < 2 for {estimator}): the group baseline is undefined; "
+            "sample k >= 2 per prompt or pick reinforce|batch_mean|moving_average|ema"
+        )
+
+
+def compute_advantages(
+    df: pl.DataFrame, params: AdvantageParams, state: dict[str, Any] | None = None, source: str = "scores"
+) -> tuple[pl.DataFrame, dict[str, Any], dict[str, Any]]:
+    """One round: (scores, params, carried state) -> (ADVANTAGES table, next state, stats)."""
+    est = params.estimator
+    validate_scores(df, est, source)
+    state = check_state(state)
+    df = df.select(*KEYS, pl.col(REWARD).cast(pl.Float64))
+    r, g = pl.col(REWARD), "prompt_id"
+
+    round_sum, rows = float(df[REWARD].sum()), df.height
+    round_mean = round_sum / rows
+    ema = round_mean if state["ema"] is None else params.alpha * state["ema"] + (1 - params.alpha) * round_mean
+    nxt = {
+        "estimator": est,
+        "ema": ema,
+        "round_sums": [*state["round_sums"], round_sum],
+        "round_counts": [*state["round_counts"], rows],
+        "round_means": [*state["round_means"], round_mean],
+    }
+
+    advantage = r - pl.col("baseline")
+    if est == "rloo":
+        baseline = loo_baseline(REWARD, g)
+    elif est == "reinforce":
+        baseline = pl.lit(0.0)
+    elif est == "batch_mean":
+        baseline = r.mean()
+    elif est == "moving_average":
+        w = params.window or len(nxt["round_sums"])
+        baseline = pl.lit(math.fsum(nxt["round_sums"][-w:]) / sum(nxt["round_counts"][-w:]))
+    elif est == "ema":
+        baseline = pl.lit(ema)
+    elif est == "grpo":
+        baseline = r.mean().over(g)
+        n = pl.len().over(g)
+        std = (((r - baseline) ** 2).sum().over(g) / (n - 1).clip(lower_bound=1)).sqrt()
+        advantage = pl.when(n > 1).then((r - pl.col("baseline")) / (std + params.epsilon)).otherwise(0.0)
+    else:  # pragma: no cover - AdvantageParams restricts the names
+        raise PipelineError(f"advantage.estimator: unknown {est!r}; use one of {list(get_args(Estimator))}")
+
+    out = df.with_columns(baseline=baseline.cast(pl.Float64)).with_columns(advantage=advantage)
+    if params.normalize_advantages:
+        a = pl.col("advantage")
+        out = out.with_columns(advantage=(a - a.mean()) / (_std(a) + WHITEN_EPS))
+    out = out.with_columns(estimator=pl.lit(est)).select(list(ADVANTAGES))
+
+    sizes = df.group_by(g).len()
+    stats = out.select(
+        advantage_mean=pl.col("advantage").mean(),
+        advantage_std=_std(pl.col("advantage")),
+        baseline_mean=pl.col("baseline").mean(),
+        reward_mean=r.mean(),
+        reward_std=_std(r),
+    ).row(0, named=True)
+    stats |= {
+        "estimator": est,
+        "rows": rows,
+        "groups": sizes.height,
+        "singleton_groups": int((sizes["len"] == 1).sum()),
+        "normalized": params.normalize_advantages,
+    }
+    return out, nxt, stats
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def resolve_params(params_path: str | None, estimator: str | None) -> AdvantageParams:
+    """`advantage` section of the params file; AdvantageParams defaults when the default file is absent."""
+    overrides = {"advantage.estimator": estimator} if estimator else None
+    if params_path is None and not DEFAULT_PARAMS.is_file():
+        log.info("no %s here: using the default advantage params", DEFAULT_PARAMS)
+        return AdvantageParams(**({"estimator": estimator} if estimator else {}))
+    return load_params(params_path or DEFAULT_PARAMS, overrides).advantage
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m stages.advantage", description=__doc__.splitlines()[0])
+    ap.add_argument("--scores", required=True, help="scores Parquet (prompt_id, sample_idx, rlhf_reward)")
+    ap.add_argument("--out", required=True, help="advantages Parquet to write (atomically)")
+    ap.add_argument("--estimator", choices=get_args(Estimator), help="overrides advantage.estimator")
+    ap.add_argument("--params", help=f"params file (default {DEFAULT_PARAMS}, when present)")
+    ap.add_argument("--state-in", help="JSON state of the previous round (moving_average, ema)")
+    ap.add_argument("--state-out", help="where to write this round's state as JSON")
+    args = ap.parse_args(argv)
+
+    params = resolve_params(args.params, args.estimator)
+    state = check_state(read_json(args.state_in), args.state_in) if args.state_in else None
+    scores = read_table(args.scores, INPUT)
+    out, nxt, stats = compute_advantages(scores, params, state, source=str(args.scores))
+    write_table(out, args.out, ADVANTAGES)
+    if args.state_out:
+        write_json(nxt, args.state_out)
+    if stats["singleton_groups"] and params.estimator in GROUP_ESTIMATORS:
+        log.warning("%d prompt(s) have a single completion: advantage 0", stats["singleton_groups"])
+    log.info("wrote %s: %s", Path(args.out), ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                                                        for k, v in stats.items()))
+    return stats
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,105 @@
+"""Atomic writes and validated reads of the pipeline's Parquet and JSON artifacts.
+
+Every write goes to a temporary file in the destination's directory and is then renamed over the
+destination (`os.replace`, atomic on POSIX): a crash or an exception mid-write leaves the previous file
+intact and never a half-written one. Reads check the table against its contract in `stages.schemas`
+and fail with one line naming the file and the column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from stages.errors import PipelineError
+from stages.schemas import Schema, check, conform
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; on success rename it to `dest`, on error delete it."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp_path, dest)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_table(df: pl.DataFrame, dest: str | Path, schema: Schema | None = None) -> Path:
+    """Validate `df` against `schema` (if given), cast to the contract types and write it atomically."""
+    if schema is not None:
+        problem = check(df.schema, schema, f"writing {dest}")
+        if problem:
+            raise PipelineError(problem)
+        df = conform(df, schema)
+    with atomic_path(dest, ".parquet") as tmp:
+        df.write_parquet(tmp)
+    return Path(dest)
+
+
+def read_table(path: str | Path, schema: Schema | None = None) -> pl.DataFrame:
+    """Read a Parquet (or JSONL/CSV) table and validate it against `schema`."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found; run the stage that writes it first or pass the right path")
+    try:
+        if path.suffix == ".parquet":
+            df = pl.read_parquet(path)
+        elif path.suffix in (".jsonl", ".ndjson"):
+            df = pl.read_ndjson(path)
+        elif path.suffix == ".csv":
+            df = pl.read_csv(path)
+        else:
+            raise PipelineError(f"{path}: unsupported file type {path.suffix!r}; use .parquet, .jsonl or .csv")
+    except PipelineError:
+        raise
+    except Exception as exc:  # polars raises many types for corrupt files
+        raise PipelineError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if schema is not None:
+        problem = check(df.schema, schema, str(path))
+        if problem:
+            raise PipelineError(problem)
+        df = conform(df, schema)
+    return df
+
+
+def write_json(obj: Any, dest: str | Path) -> Path:
+    """Write JSON atomically (sorted keys, indented, so DVC diffs read well)."""
+    with atomic_path(dest, ".json") as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(dest)
+
+
+def write_text(text: str, dest: str | Path) -> Path:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text)
+    return Path(dest)
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None

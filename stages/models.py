@@ -1,0 +1,79 @@
+"""Loading models and tokenizers from local directories, with clear errors, and chat-template rendering.
+
+Nothing here downloads: every path must be a local transformers model directory (config.json +
+weights + tokenizer), as `stages.prepare` writes it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from stages.errors import PipelineError
+
+
+def check_model_dir(path: str | Path, field: str = "base.model") -> Path:
+    """A local transformers model dir (has config.json), else a PipelineError naming `field`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PipelineError(f"{field}: model directory {path} does not exist; run `python -m stages.prepare` or fix the path")
+    if not (path / "config.json").is_file():
+        raise PipelineError(f"{field}: {path} has no config.json; point it at a transformers model directory")
+    return path
+
+
+def load_config(path: str | Path, field: str = "base.model"):
+    from transformers import AutoConfig
+
+    path = check_model_dir(path, field)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise PipelineError(f"{field}: cannot read {path}/config.json ({type(exc).__name__}: {exc})") from None
+
+
+def load_tokenizer(path: str | Path, field: str = "base.model"):
+    from transformers import AutoTokenizer
+
+    path = check_model_dir(path, field)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise PipelineError(f"{field}: cannot load a tokenizer from {path} ({type(exc).__name__}: {exc})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | Path, dtype: str = "float32", device: Any = "cpu", field: str = "base.model"):
+    """Load a causal LM for training/scoring; errors name `field` when the dir is not a causal LM."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(path, field)
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise PipelineError(f"{field}: {path} is a {archs[0]}, not a causal LM (…ForCausalLM); use a generative model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), local_files_only=True, attn_implementation="eager"
+        )
+    except Exception as exc:
+        raise PipelineError(f"{field}: cannot load a causal LM from {path} ({type(exc).__name__}: {exc})") from None
+    return model.to(device)
+
+
+def messages_for(prompt: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def render_prompt(tokenizer, messages: str | list[dict[str, str]]) -> str:
+    """The prompt text as fed to the model: the model's own chat template with the generation prompt."""
+    if isinstance(messages, str):
+        messages = json.loads(messages)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # A base model without a template: plain concatenation of the turns.
+    return "\n".join(m["content"] for m in messages) + "\n"

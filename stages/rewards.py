@@ -1,0 +1,444 @@
+"""Rewards of the score stage: built-in functions, a reward model and a user's function behind one interface.
+
+Every reward component is a `Reward`: `reward(prompts, completions, **columns) -> list[float]`, one
+number per completion, in order. `columns` are optional per-row columns of the prompts table (e.g. a
+reference `answer`). `build_rewards(params.score.rewards)` builds them once per run (models are loaded
+once, the VADER analyzer is built once) and the score stage calls them every round:
+
+    rewards = build_rewards(params.score.rewards, device="cpu", batch_size=16)
+    parts = compute_rewards(rewards, prompts, completions, keys, answer=answers)  # name -> float64 array
+    bad = first_invalid(parts["sentiment"], keys)                                  # NaN/inf? (on_invalid)
+    score = combine(parts, {r.name: r.weight for r in rewards})                    # sum_i w_i * r_i
+
+A `RewardSpec` names exactly one source:
+
+- `function: <built-in>`: one of `BUILTINS` (`vader`, `length`, `regex`, `keywords`, `exact_match`),
+  configured by `kwargs` (documented on each factory below; unknown kwargs are rejected).
+- `function: "module:function"`: a user's function, imported from the repo root (the working directory
+  is put on `sys.path`), called as `fn(prompts, completions, **kwargs)`; the extra columns are passed too
+  (as keyword arguments, under their column names) only when `fn` takes `**kwargs`.
+- `model: DIR`: a local transformers `...ForSequenceClassification` directory with one scalar output
+  (`num_labels == 1`; a classifier only with `kwargs.label_index`). Scored in batches without grad.
+
+Outputs are checked once, the same way for every kind (`check_scores`): one number per completion, each
+a real number or None (None becomes NaN). NaN/inf are not raised there: `first_invalid` finds them and the
+score stage applies `score.on_invalid` (error | drop).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import math
+import numbers
+import os
+import re
+import string
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.errors import PipelineError
+from stages.models import load_config, load_tokenizer
+from stages.params import RewardSpec
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]  # (prompt_id, sample_idx)
+RewardFn = Callable[..., Sequence[float]]
+
+
+@dataclass
+class Reward:
+    """One weighted reward component; every kind (built-in, model, user function) is one of these."""
+
+    name: str  # component name -> column `score/<name>`
+    weight: float  # weight in score = sum_i w_i * r_i
+    fn: RewardFn  # fn(prompts, completions, **columns) -> one number per completion
+    source: str  # for messages and logs: "built-in vader", "model models/rm", "function my_mod:fn"
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Sequence[Any]) -> Sequence[float]:
+        try:
+            return self.fn(prompts, completions, **columns)
+        except PipelineError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise PipelineError(f"reward `{self.name}` ({self.source}) raised {type(exc).__name__}: {first}") from exc
+
+
+# --- built-in functions ------------------------------------------------------------------------------------
+# A factory takes the reward name and the spec's kwargs (validated against its signature) and returns
+# fn(prompts, completions, **columns) -> list[float]. Built once per run.
+
+
+def _vader(name: str) -> RewardFn:
+    """VADER compound sentiment of the completion, in [-1, 1] (Hutto & Gilbert 2014; lexicon ships in the package)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+
+    def vader(prompts, completions, **columns):
+        return [analyzer.polarity_scores(c)["compound"] for c in completions]
+
+    return vader
+
+
+def _length(name: str, min_words: int = 8, max_words: int | None = None) -> RewardFn:
+    """Word-count shaping; words = `completion.split()` (runs of whitespace), w = their number:
+
+    - w < min_words:             w / min_words                    (0 for an empty completion)
+    - min_words <= w <= max_words: 1.0
+    - w > max_words (if set):    max(0, 1 - (w - max_words) / max_words)  (0 at 2 * max_words)
+    """
+    if not isinstance(min_words, int) or min_words < 1:
+        raise PipelineError(f"reward `{name}`: kwargs.min_words must be an integer >= 1 (got {min_words!r})")
+    if max_words is not None and (not isinstance(max_words, int) or max_words < min_words):
+        raise PipelineError(f"reward `{name}`: kwargs.max_words must be an integer >= min_words={min_words} or null (got {max_words!r})")
+
+    def length(prompts, completions, **columns):
+        out = []
+        for c in completions:
+            w = len(c.split())
+            if w < min_words:
+                out.append(w / min_words)
+            elif max_words is not None and w > max_words:
+                out.append(max(0.0, 1.0 - (w - max_words) / max_words))
+            else:
+                out.append(1.0)
+        return out
+
+    return length
+
+
+_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
+
+
+def _regex(name: str, pattern: str, flags: str = "") -> RewardFn:
+    """1.0 when `re.search(pattern, completion)` matches, else 0.0; `flags`: letters of i, m, s, x."""
+    bits = 0
+    for letter in flags:
+        if letter not in _REGEX_FLAGS:
+            raise PipelineError(f"reward `{name}`: kwargs.flags {flags!r} has unknown flag {letter!r}; use letters of {''.join(_REGEX_FLAGS)}")
+        bits |= _REGEX_FLAGS[letter]
+    try:
+        rx = re.compile(pattern, bits)
+    except (re.error, TypeError) as exc:
+        raise PipelineError(f"reward `{name}`: kwargs.pattern {pattern!r} is not a valid regular expression ({exc})") from None
+
+    def regex(prompts, completions, **columns):
+        return [1.0 if rx.search(c) else 0.0 for c in completions]
+
+    return regex
+
+
+def _keywords(name: str, words: list[str]) -> RewardFn:
+    """Fraction of `words` (deduplicated, case-insensitive) found in the completion as whole words or
+    phrases: "great" counts in "Great film!" but not in "greatest"."""
+    if isinstance(words, str) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+        raise PipelineError(f"reward `{name}`: kwargs.words must be a non-empty list of words (got {words!r})")
+    unique = list(dict.fromkeys(w.strip().lower() for w in words))
+    patterns = [re.compile(rf"(?<!\w){re.escape(w)}(?!\w)", re.IGNORECASE) for w in unique]
+
+    def keywords(prompts, completions, **columns):
+        return [sum(1 for p in patterns if p.search(c)) / len(patterns) for c in completions]
+
+    return keywords
+
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().translate(_PUNCT).split())
+
+
+def _exact_match(name: str, column: str = "answer", normalize: bool = False) -> RewardFn:
+    """1.0 when the stripped completion equals the row's reference (`column`, stripped), else 0.0.
+    `normalize`: compare lowercased, without ASCII punctuation, whitespace runs collapsed. A row whose
+    reference is None scores NaN (no reference: `score.on_invalid` decides)."""
+
+    def exact_match(prompts, completions, **columns):
+        if column not in columns:
+            have = ", ".join(sorted(columns)) or "none"
+            raise PipelineError(
+                f"reward `{name}`: needs the reference column `{column}`, which the prompts table lacks "
+                f"(extra columns: {have}); add it to the prompts or set kwargs.column"
+            )
+        out = []
+        for c, ref in zip(completions, columns[column], strict=True):
+            if ref is None:
+                out.append(math.nan)
+                continue
+            a, b = c.strip(), str(ref).strip()
+            if normalize:
+                a, b = _normalize(a), _normalize(b)
+            out.append(1.0 if a == b else 0.0)
+        return out
+
+    return exact_match
+
+
+BUILTINS: dict[str, Callable[..., RewardFn]] = {
+    "vader": _vader,
+    "length": _length,
+    "regex": _regex,
+    "keywords": _keywords,
+    "exact_match": _exact_match,
+}
+
+
+def _build_builtin(spec: RewardSpec) -> RewardFn:
+    factory = BUILTINS[spec.function]
+    params = list(inspect.signature(factory).parameters.values())[1:]  # after `name`
+    allowed = [p.name for p in params]
+    unknown = [k for k in spec.kwargs if k not in allowed]
+    if unknown:
+        raise PipelineError(
+            f"reward `{spec.name}`: unknown kwarg `{unknown[0]}` for built-in `{spec.function}`; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )
+    missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in spec.kwargs]
+    if missing:
+        raise PipelineError(f"reward `{spec.name}`: built-in `{spec.function}` needs kwargs.{missing[0]}")
+    return factory(spec.name, **spec.kwargs)
+
+
+# --- user function -----------------------------------------------------------------------------------------
+
+
+def _build_user_function(spec: RewardSpec) -> RewardFn:
+    target = spec.function
+    module_name, _, attr = target.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `python -m` puts the repo root first; a plain script may not
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise PipelineError(
+            f"reward `{spec.name}`: cannot import module `{module_name}` of '{target}' ({type(exc).__name__}: {exc}); "
+            "make it importable from the repo root (a .py file or package there, or on PYTHONPATH)"
+        ) from exc
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise PipelineError(f"reward `{spec.name}`: module `{module_name}` has no attribute `{attr}` ('{target}'); check the name")
+    if not callable(fn):
+        raise PipelineError(f"reward `{spec.name}`: '{target}' is a {type(fn).__name__}, not a function")
+    kwargs = dict(spec.kwargs)
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # some C callables have no signature: pass kwargs only
+        sig = None
+    takes_columns = sig is not None and any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    if sig is not None:
+        try:
+            sig.bind([], [], **kwargs)
+        except TypeError as exc:
+            raise PipelineError(
+                f"reward `{spec.name}`: '{target}' cannot be called as fn(prompts, completions, **kwargs) "
+                f"with kwargs {sorted(kwargs)} ({exc}); fix its signature or the kwargs"
+            ) from None
+
+    def user_function(prompts, completions, **columns):
+        extra = {**columns, **kwargs} if takes_columns else kwargs  # kwargs win over a same-named column
+        return fn(prompts, completions, **extra)
+
+    return user_function
+
+
+# --- reward model ------------------------------------------------------------------------------------------
+
+
+class ModelReward:
+    """A local sequence-classification reward model, loaded once and scored in batches without grad.
+
+    kwargs: `max_length` (tokens, default 512; longer texts lose their beginning, since the head reads the
+    last token), `template` ("concat": prompt + completion, or "chat": the tokenizer's chat template over
+    [user: prompt, assistant: completion]), `label_index` (read this logit of a multi-label classifier),
+    `dtype` (float32 | bfloat16 | float16).
+
+    Padding is on the right: positions of real tokens match an unpadded forward pass, and the model reads
+    the last non-pad token (config.pad_token_id, set to the tokenizer's pad/eos), so scores do not depend
+    on the batch size.
+    """
+
+    def __init__(self, name: str, path: str, device: Any = "cpu", batch_size: int = 16, max_length: int = 512,
+                 template: str = "concat", label_index: int | None = None, dtype: str = "float32"):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        self.name, self.path, self.batch_size = name, path, batch_size
+        fix = "point `model` at a local transformers ...ForSequenceClassification directory with one output"
+        if not Path(path).is_dir():
+            raise PipelineError(f"reward `{name}`: model directory {path} does not exist; {fix}")
+        if template not in ("concat", "chat"):
+            raise PipelineError(f"reward `{name}`: kwargs.template must be 'concat' or 'chat' (got {template!r})")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise PipelineError(f"reward `{name}`: kwargs.dtype must be float32, bfloat16 or float16 (got {dtype!r})")
+        if not isinstance(max_length, int) or max_length < 2:
+            raise PipelineError(f"reward `{name}`: kwargs.max_length must be an integer >= 2 (got {max_length!r})")
+        field = f"reward `{name}`"
+        config = load_config(path, field)
+        archs = getattr(config, "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            what = f"a {archs[0]}" if archs else "a model without `architectures` in config.json"
+            raise PipelineError(f"reward `{name}`: {path} is {what}, not a sequence classifier; {fix}")
+        num_labels = config.num_labels
+        if label_index is None and num_labels != 1:
+            raise PipelineError(
+                f"reward `{name}`: {path} has num_labels={num_labels}, but a reward model has one scalar output "
+                "(num_labels == 1); use a reward model, or set kwargs.label_index to read one class logit"
+            )
+        if label_index is not None and not (isinstance(label_index, int) and 0 <= label_index < num_labels):
+            raise PipelineError(f"reward `{name}`: kwargs.label_index must be in 0..{num_labels - 1} (got {label_index!r})")
+        self.label_index = label_index or 0
+
+        tok = load_tokenizer(path, field)  # pad token = eos when missing
+        if tok.pad_token_id is None:
+            raise PipelineError(f"reward `{name}`: the tokenizer in {path} has neither a pad nor an eos token; add a pad_token")
+        if template == "chat" and not getattr(tok, "chat_template", None):
+            raise PipelineError(f"reward `{name}`: template 'chat' needs a chat template, and {path} has none; use template: concat")
+        tok.padding_side = "right"
+        tok.truncation_side = "left"
+        self.tokenizer, self.template, self.max_length = tok, template, max_length
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+        except Exception as exc:
+            raise PipelineError(f"reward `{name}`: cannot load {path} ({type(exc).__name__}: {exc}); {fix}") from None
+        # The head reads the last non-pad token; without a pad id it refuses batches > 1.
+        model.config.pad_token_id = tok.pad_token_id
+        model.config.get_text_config().pad_token_id = tok.pad_token_id
+        self.model = model.to(self.device).eval()
+
+    def texts(self, prompts: list[str], completions: list[str]) -> list[str]:
+        if self.template == "concat":
+            return [p + c for p, c in zip(prompts, completions, strict=True)]
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+            )
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
+        import torch
+        from tqdm.auto import tqdm
+
+        texts = self.texts(prompts, completions)
+        # Similar lengths together waste less padding; results go back to their rows.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = [0.0] * len(texts)
+        starts = range(0, len(texts), self.batch_size)
+        for start in tqdm(starts, desc=f"reward {self.name}", leave=False, disable=len(starts) < 2):
+            idx = order[start : start + self.batch_size]
+            enc = self.tokenizer(
+                [texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                max_length=self.max_length, add_special_tokens=self.template == "concat",  # chat text has them
+            ).to(self.device)
+            with torch.no_grad():
+                logits = self.model(**enc).logits  # (batch, num_labels)
+            for i, v in zip(idx, logits[:, self.label_index].float().cpu().tolist()):
+                out[i] = v
+        return out
+
+
+# --- building ----------------------------------------------------------------------------------------------
+
+
+def build_reward(spec: RewardSpec, device: Any = "cpu", batch_size: int = 16) -> Reward:
+    """One `Reward` from its spec (see the module docstring for the three kinds)."""
+    if spec.model is not None:
+        fn = ModelReward(spec.name, spec.model, device=device, batch_size=batch_size, **_model_kwargs(spec))
+        source = f"model {spec.model}"
+    elif spec.function in BUILTINS:
+        fn, source = _build_builtin(spec), f"built-in {spec.function}"
+    elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec.function):
+        fn, source = _build_user_function(spec), f"function {spec.function}"
+    else:
+        raise PipelineError(
+            f"reward `{spec.name}`: unknown function `{spec.function}`; use a built-in "
+            f"({', '.join(BUILTINS)}) or your own as 'module:function' (e.g. my_rewards:score)"
+        )
+    log.info("reward `%s`: %s, weight %g", spec.name, source, spec.weight)
+    return Reward(spec.name, spec.weight, fn, source)
+
+
+def _model_kwargs(spec: RewardSpec) -> dict[str, Any]:
+    allowed = ("max_length", "template", "label_index", "dtype")
+    unknown = [k for k in spec.kwargs if k not in allowed]
+    if unknown:
+        raise PipelineError(f"reward `{spec.name}`: unknown kwarg `{unknown[0]}` for a reward model; allowed: {', '.join(allowed)}")
+    return dict(spec.kwargs)
+
+
+def build_rewards(specs: Sequence[RewardSpec], device: Any = "cpu", batch_size: int = 16) -> list[Reward]:
+    """All reward components of `score.rewards`, built once (models loaded once) and called every round."""
+    return [build_reward(s, device=device, batch_size=batch_size) for s in specs]
+
+
+# --- checking and combining --------------------------------------------------------------------------------
+
+
+def check_scores(name: str, values: Any, n: int, keys: Sequence[Key]) -> np.ndarray:
+    """A reward's output as a float64 array of length n: a list/tuple/array/tensor of real numbers
+    (None becomes NaN). Wrong count or a non-number raises PipelineError; NaN/inf are returned as they
+    are, for `first_invalid` and `score.on_invalid`."""
+    if hasattr(values, "detach"):  # torch tensor
+        values = values.detach().float().cpu().numpy()
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            raise PipelineError(f"reward `{name}` returned an array of shape {values.shape}; return one number per completion (a flat list)")
+        if values.dtype.kind in "biuf":
+            arr = values.astype(np.float64)
+            if len(arr) != n:
+                raise PipelineError(f"reward `{name}` returned {len(arr)} values for {n} completions; return one number per completion, in order")
+            return arr
+        values = values.tolist()
+    if isinstance(values, (str, bytes, Mapping)) or not (hasattr(values, "__len__") and hasattr(values, "__iter__")):
+        raise PipelineError(f"reward `{name}` returned a {type(values).__name__}; return a list of {n} numbers, one per completion")
+    values = list(values)
+    if len(values) != n:
+        raise PipelineError(f"reward `{name}` returned {len(values)} values for {n} completions; return one number per completion, in order")
+    arr = np.empty(n, dtype=np.float64)
+    for i, v in enumerate(values):
+        if v is None:
+            arr[i] = np.nan
+        elif isinstance(v, numbers.Real):  # int, float, bool, numpy scalars
+            arr[i] = float(v)
+        else:
+            pid, k = keys[i]
+            raise PipelineError(
+                f"reward `{name}` returned {v!r} ({type(v).__name__}) for prompt_id={pid} sample_idx={k}; "
+                "return real numbers (or None for no reward)"
+            )
+    return arr
+
+
+def first_invalid(values: np.ndarray, keys: Sequence[Key]) -> Key | None:
+    """The key of the first NaN/inf value, or None when all are finite."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    return tuple(keys[bad[0]]) if len(bad) else None
+
+
+def compute_rewards(rewards: Sequence[Reward], prompts: list[str], completions: list[str],
+                    keys: Sequence[Key], **columns: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Call every reward on the same rows and check its output: name -> float64 array (may hold NaN/inf)."""
+    return {r.name: check_scores(r.name, r(prompts, completions, **columns), len(completions), keys) for r in rewards}
+
+
+def combine(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """The task reward: score = sum_i w_i * r_i over the components (NaN in any component stays NaN)."""
+    if not components:
+        raise ValueError("combine: no reward components")
+    if set(components) != set(weights):
+        raise ValueError(f"combine: components {sorted(components)} and weights {sorted(weights)} differ")
+    return sum(weights[n] * np.asarray(r, dtype=np.float64) for n, r in components.items())

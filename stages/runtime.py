@@ -1,0 +1,64 @@
+"""Process-level set-up shared by the stages: device, threads, seeds, environment for vLLM and Prefect."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def configure_env(threads: int = 0) -> None:
+    """Environment defaults that must be set before torch/vLLM/Prefect are imported (user values win)."""
+    n = str(threads or os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", n)
+    # vLLM in-process: 3.5 s start-up instead of a worker process; weights can be pushed directly.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def setup_torch(device: str = "auto", threads: int = 0, seed: int | None = None):
+    """Resolve `auto` to cuda/cpu, set torch threads and seeds; returns the torch.device."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if seed is not None:
+        random.seed(seed)
+        torch.manual_seed(seed)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from stages.errors import PipelineError
+
+        raise PipelineError("base.device: cuda requested but torch sees no GPU; set base.device to auto or cpu")
+    return torch.device(device)
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move a fully written directory `src` into place at `dest`, replacing any old one."""
+    dest = Path(dest)
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        os.replace(dest, old / "d")
+    os.replace(src, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(dest: Path) -> Path:
+    """A fresh temporary directory beside `dest` (same filesystem, so `replace_dir` is a rename)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0700
+    return tmp

@@ -1,0 +1,82 @@
+"""The Parquet contracts between stages (DESIGN.md §4), declared once.
+
+Keys are `prompt_id` (string, stable across rounds) and `sample_idx` (0..K-1). Each later table keeps
+the keys and adds columns; nothing is renamed. `stages.io.read_table` / `write_table` validate against
+these: a missing column or a column of the wrong type is an error naming the file and the column.
+Extra columns are allowed (e.g. one `score/<name>` column per reward component).
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+Schema = dict[str, pl.DataType | type[pl.DataType]]
+
+KEYS: Schema = {"prompt_id": pl.String, "sample_idx": pl.Int32}
+
+PROMPTS: Schema = {
+    "prompt_id": pl.String,  # stable: hash of the prompt text
+    "prompt": pl.String,  # raw user text
+    "messages": pl.String,  # JSON list of chat messages fed to the chat template
+}
+
+SAMPLES: Schema = {
+    **KEYS,
+    "prompt_text": pl.String,  # prompt as fed to the model (chat template applied)
+    "completion": pl.String,
+    "completion_token_ids": pl.List(pl.Int32),
+    "sampler_logprobs": pl.List(pl.Float32),  # sampler's raw logprob of each sampled token
+    "num_tokens": pl.Int32,
+    "finish_reason": pl.String,  # "stop" | "length"
+    "policy_version": pl.Int32,  # rounds of updates the sampling policy has had
+}
+
+SCORES: Schema = {
+    **KEYS,
+    "score": pl.Float64,  # weighted task reward; components in score/<name>
+    "logp_policy": pl.Float64,
+    "logp_ref": pl.Float64,
+    "kl": pl.Float64,
+    "rlhf_reward": pl.Float64,  # score - beta * kl (- missing_eos_penalty)
+}
+
+ADVANTAGES: Schema = {
+    **KEYS,
+    "rlhf_reward": pl.Float64,
+    "baseline": pl.Float64,
+    "advantage": pl.Float64,
+    "estimator": pl.String,
+}
+
+# Float columns accept either width (a user may hand us float32 rewards); ints accept any int width.
+_FLOATS = {pl.Float32, pl.Float64}
+_INTS = {pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64}
+
+
+def _compatible(actual: pl.DataType, expected: pl.DataType | type[pl.DataType]) -> bool:
+    if actual == expected:
+        return True
+    base = expected if isinstance(expected, type) else type(expected)
+    if base in _FLOATS:
+        return actual.base_type() in _FLOATS or actual.base_type() in _INTS
+    if base in _INTS:
+        return actual.base_type() in _INTS
+    if base is pl.List and isinstance(actual, pl.List) and isinstance(expected, pl.List):
+        return _compatible(actual.inner, expected.inner)
+    return False
+
+
+def check(schema: pl.Schema | dict, expected: Schema, where: str) -> str | None:
+    """Return a one-line problem description, or None when `schema` satisfies `expected`."""
+    missing = [c for c in expected if c not in schema]
+    if missing:
+        return f"{where}: missing column(s) {missing}; expected at least {list(expected)}"
+    for col, dtype in expected.items():
+        if not _compatible(schema[col], dtype):
+            return f"{where}: column `{col}` has type {schema[col]}, expected {dtype}"
+    return None
+
+
+def conform(df: pl.DataFrame, expected: Schema) -> pl.DataFrame:
+    """Cast the contract columns to their exact declared types (extra columns untouched)."""
+    return df.with_columns(pl.col(c).cast(t) for c, t in expected.items() if df.schema[c] != t)

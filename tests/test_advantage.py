@@ -1,0 +1,306 @@
+"""stages.advantage: LOO in polars == torch == a plain loop, every estimator by hand, the CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from stages.advantage import compute_advantages, loo_baseline, rloo_torch, rloo_torch_grouped
+from stages.errors import PipelineError
+from stages.params import AdvantageParams
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-6
+
+
+def scores(pids: list[str], idxs: list[int], rewards: list[float | None]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"prompt_id": pids, "sample_idx": idxs, "rlhf_reward": rewards},
+        schema={"prompt_id": pl.String, "sample_idx": pl.Int32, "rlhf_reward": pl.Float64},
+    )
+
+
+def grid(rewards: list[list[float]]) -> pl.DataFrame:
+    """rewards[p][k] -> a scores table, prompt-major."""
+    rows = [(f"p{p}", k, r) for p, rs in enumerate(rewards) for k, r in enumerate(rs)]
+    return scores(*map(list, zip(*rows)))
+
+
+def loo_loop(pids: list[str], rewards: list[float]) -> list[float]:
+    """The reference: leave-one-out advantages with plain Python loops."""
+    members = defaultdict(list)
+    for i, p in enumerate(pids):
+        members[p].append(i)
+    adv = [0.0] * len(rewards)
+    for idx in members.values():
+        total = sum(rewards[i] for i in idx)
+        for i in idx:
+            adv[i] = 0.0 if len(idx) == 1 else rewards[i] - (total - rewards[i]) / (len(idx) - 1)
+    return adv
+
+
+def random_scores(num_prompts: int, k: int, drop: float, seed: int) -> pl.DataFrame:
+    rng = random.Random(seed)
+    rows = [(f"p{p:03d}", s, rng.gauss(3.0, 2.0)) for p in range(num_prompts) for s in range(k)]
+    rows = [row for row in rows if rng.random() >= drop]
+    rows += [("solo", 0, 1.5)]  # a group of one, always
+    rng.shuffle(rows)  # groups interleaved, as after a join
+    return scores(*map(list, zip(*rows)))
+
+
+def run(df: pl.DataFrame, **kw) -> tuple[pl.DataFrame, dict, dict]:
+    return compute_advantages(df, AdvantageParams(**kw), None)
+
+
+# ---------------------------------------------------------------- leave-one-out
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.3])
+def test_polars_torch_and_loop_agree(drop):
+    df = random_scores(num_prompts=40, k=6, drop=drop, seed=int(drop * 10))
+    pids, rewards = df["prompt_id"].to_list(), df["rlhf_reward"].to_list()
+    expected = loo_loop(pids, rewards)
+
+    polars_adv = compute_advantages(df, AdvantageParams(), None)[0]["advantage"].to_list()
+    assert polars_adv == pytest.approx(expected, abs=TOL)
+
+    group = torch.from_numpy(df["prompt_id"].rank("dense").cast(pl.Int64).to_numpy() - 1)  # (N,)
+    r = torch.tensor(rewards, dtype=torch.float64)
+    _, grouped_adv = rloo_torch_grouped(r, group)
+    assert grouped_adv.tolist() == pytest.approx(expected, abs=TOL)
+
+    # Padded (num_prompts, K) tensor with a mask: the layout of an update batch.
+    padded = df.with_columns(row=pl.int_range(pl.len())).sort("prompt_id", "sample_idx")
+    gid = padded["prompt_id"].rank("dense").cast(pl.Int64).to_list()
+    slot = padded.select(pl.int_range(pl.len()).over("prompt_id"))[:, 0].to_list()
+    rew, mask = torch.zeros(max(gid), 6, dtype=torch.float64), torch.zeros(max(gid), 6, dtype=torch.bool)
+    for g, s, x in zip(gid, slot, padded["rlhf_reward"]):
+        rew[g - 1, s], mask[g - 1, s] = x, True
+    _, padded_adv = rloo_torch(rew, mask)
+    by_row = dict(zip(padded["row"], padded_adv[mask].tolist()))
+    assert [by_row[i] for i in range(df.height)] == pytest.approx(expected, abs=TOL)
+    assert padded_adv[~mask].abs().max() == 0
+
+
+def test_equal_groups_tensor_matches_polars_and_identity():
+    k, torch_rewards = 5, torch.randn(30, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3 + 7
+    df = grid(torch_rewards.tolist())
+    out = compute_advantages(df, AdvantageParams(), None)[0]
+    baseline, adv = rloo_torch(torch_rewards)  # (30, K)
+    assert out["advantage"].to_list() == pytest.approx(adv.flatten().tolist(), abs=TOL)
+    assert out["baseline"].to_list() == pytest.approx(baseline.flatten().tolist(), abs=TOL)
+    # Within a group: advantages sum to 0 and equal K/(K-1) * (r - mean).
+    assert adv.sum(dim=1).abs().max() < TOL
+    identity = k / (k - 1) * (torch_rewards - torch_rewards.mean(dim=1, keepdim=True))
+    assert torch.allclose(adv, identity, atol=TOL)
+    sums = out.group_by("prompt_id").agg(pl.col("advantage").sum())["advantage"]
+    assert sums.abs().max() < TOL
+
+
+def test_worked_example_three_prompts_k4():
+    flat = [1, 2, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # completion-major: 1st completion of p0, p1, p2, then 2nd ...
+    num_prompts, k = 3, 4
+    df = scores([f"p{i % num_prompts}" for i in range(12)], [i // num_prompts for i in range(12)], [float(x) for x in flat])
+    out = compute_advantages(df, AdvantageParams(estimator="rloo"), None)[0]
+    first_p0 = out.filter(prompt_id="p0", sample_idx=0)["advantage"].item()
+    third_p1 = out.filter(prompt_id="p1", sample_idx=2)["advantage"].item()
+    assert first_p0 == pytest.approx(1 - (2 + 5 + 8) / 3, abs=TOL) == pytest.approx(-4, abs=TOL)
+    assert third_p1 == pytest.approx(6 - (2 + 3 + 9) / 3, abs=TOL) == pytest.approx(4 / 3, abs=TOL)
+
+    rewards = torch.tensor(flat, dtype=torch.float64).view(k, num_prompts).T  # (num_prompts, K)
+    _, adv = rloo_torch(rewards)
+    assert adv[0, 0].item() == pytest.approx(-4, abs=TOL)
+    assert adv[1, 2].item() == pytest.approx(4 / 3, abs=TOL)
+    assert out["prompt_id"].to_list() == df["prompt_id"].to_list()  # input order kept
+    for row in out.iter_rows(named=True):
+        p, s = int(row["prompt_id"][1:]), row["sample_idx"]
+        group = rewards[p].tolist()
+        assert row["advantage"] == pytest.approx(k / (k - 1) * (row["rlhf_reward"] - statistics.fmean(group)), abs=TOL)
+        assert adv[p, s].item() == pytest.approx(row["advantage"], abs=TOL)
+
+
+def test_group_of_one_gets_zero_and_is_counted():
+    df = scores(["a", "a", "a", "b", "c", "c"], [0, 1, 2, 0, 0, 1], [1.0, 2.0, 6.0, 9.0, 4.0, 2.0])
+    for est in ("rloo", "grpo"):
+        out, _, stats = run(df, estimator=est)
+        solo = out.filter(prompt_id="b")
+        assert solo["advantage"].item() == 0.0
+        assert stats["singleton_groups"] == 1 and stats["groups"] == 3 and stats["rows"] == 6
+    out = run(df)[0]
+    assert out.filter(prompt_id="b")["baseline"].item() == 9.0
+    assert out.filter(prompt_id="a")["advantage"].to_list() == pytest.approx([-3.0, -1.5, 4.5])  # own n = 3
+    assert out.filter(prompt_id="c")["advantage"].to_list() == pytest.approx([2.0, -2.0])  # own n = 2
+
+
+def test_loo_expression_handles_huge_offset():
+    # Rewards near 1e8 with unit spread: the LOO difference must survive (no E[x^2]-mean^2 style cancellation).
+    df = scores(["a"] * 3, [0, 1, 2], [1e8 + 1, 1e8 + 2, 1e8 + 3])
+    adv = df.select(pl.col("rlhf_reward") - loo_baseline())[:, 0].to_list()
+    assert adv == pytest.approx([-1.5, 0.0, 1.5], abs=1e-6)
+    out = run(df, estimator="grpo")[0]
+    assert out["advantage"].to_list() == pytest.approx([-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6)], abs=1e-6)
+
+
+# ---------------------------------------------------------------- the other estimators, over rounds
+
+ROUNDS = [  # rewards[p][k] per round; the rounds differ in size so row weighting matters
+    [[1.0, 3.0], [2.0, 6.0]],
+    [[0.0, 4.0, 5.0]],
+    [[7.0, 1.0], [2.0, 2.0], [3.0, 9.0]],
+]
+
+
+def flat(rnd: list[list[float]]) -> list[float]:
+    return [r for group in rnd for r in group]
+
+
+def over_rounds(**kw) -> list[pl.DataFrame]:
+    """Run every round, carrying the state through JSON as the caller would."""
+    state, outs = None, []
+    for rnd in ROUNDS:
+        out, state, stats = compute_advantages(grid(rnd), AdvantageParams(**kw), state)
+        state = json.loads(json.dumps(state))
+        assert stats["rows"] == out.height and out["estimator"].unique().to_list() == [kw.get("estimator", "rloo")]
+        outs.append(out)
+    return outs
+
+
+def check_baselines(outs: list[pl.DataFrame], baselines: list[float]) -> None:
+    for out, rnd, b in zip(outs, ROUNDS, baselines):
+        assert out["baseline"].to_list() == pytest.approx([b] * len(flat(rnd)), abs=TOL)
+        assert out["advantage"].to_list() == pytest.approx([r - b for r in flat(rnd)], abs=TOL)
+
+
+def test_reinforce():
+    check_baselines(over_rounds(estimator="reinforce"), [0.0, 0.0, 0.0])
+
+
+def test_batch_mean():
+    check_baselines(over_rounds(estimator="batch_mean"), [statistics.fmean(flat(r)) for r in ROUNDS])
+
+
+def test_moving_average_all_rounds():
+    seen, expected = [], []
+    for rnd in ROUNDS:
+        seen += flat(rnd)
+        expected.append(statistics.fmean(seen))  # every past row and this round's, row-weighted
+    assert expected == pytest.approx([3.0, 21 / 7, 45 / 13])
+    check_baselines(over_rounds(estimator="moving_average"), expected)
+
+
+def test_moving_average_window():
+    r = [flat(x) for x in ROUNDS]
+    expected = [statistics.fmean(r[0]), statistics.fmean(r[0] + r[1]), statistics.fmean(r[1] + r[2])]
+    check_baselines(over_rounds(estimator="moving_average", window=2), expected)
+
+
+def test_ema():
+    alpha, means = 0.75, [statistics.fmean(flat(r)) for r in ROUNDS]
+    b1 = means[0]  # first round starts at its own mean
+    b2 = alpha * b1 + (1 - alpha) * means[1]
+    b3 = alpha * b2 + (1 - alpha) * means[2]
+    check_baselines(over_rounds(estimator="ema", alpha=alpha), [b1, b2, b3])
+
+
+def test_grpo_unbiased_std():
+    eps = 1e-4
+    for out, rnd in zip(over_rounds(estimator="grpo", epsilon=eps), ROUNDS):
+        expected, baselines = [], []
+        for group in rnd:
+            m, sd = statistics.fmean(group), statistics.stdev(group)  # unbiased, like torch.std
+            expected += [(r - m) / (sd + eps) for r in group]
+            baselines += [m] * len(group)
+        assert out["advantage"].to_list() == pytest.approx(expected, abs=TOL)
+        assert out["baseline"].to_list() == pytest.approx(baselines, abs=TOL)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "ema"])
+def test_normalize_advantages(estimator):
+    raw = over_rounds(estimator=estimator)
+    for out, plain in zip(over_rounds(estimator=estimator, normalize_advantages=True), raw):
+        a = plain["advantage"].to_list()
+        m, sd = statistics.fmean(a), statistics.stdev(a)
+        assert out["advantage"].to_list() == pytest.approx([(x - m) / (sd + 1e-8) for x in a], abs=TOL)
+        assert out["baseline"].to_list() == plain["baseline"].to_list()
+
+
+def test_state_is_small_json_and_validated():
+    _, state, _ = run(grid(ROUNDS[0]), estimator="ema")
+    assert set(state) == {"estimator", "ema", "round_sums", "round_counts", "round_means"}
+    assert state["round_counts"] == [4] and state["ema"] == 3.0
+    with pytest.raises(PipelineError, match="not an advantage state"):
+        compute_advantages(grid(ROUNDS[1]), AdvantageParams(), {"ema": 1.0})
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.advantage", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_cli_writes_advantages(tmp_path):
+    df = random_scores(num_prompts=10, k=4, drop=0.2, seed=3).with_columns(score=pl.lit(1.0))  # extra col ignored
+    src, out = tmp_path / "scores.parquet", tmp_path / "adv.parquet"
+    df.write_parquet(src)
+    proc = cli("--scores", str(src), "--out", str(out), "--estimator", "rloo", "--state-out", str(tmp_path / "s.json"))
+    assert proc.returncode == 0, proc.stderr
+    got = pl.read_parquet(out)
+    assert got.columns == ["prompt_id", "sample_idx", "rlhf_reward", "baseline", "advantage", "estimator"]
+    assert got.schema["advantage"] == pl.Float64 and got.schema["baseline"] == pl.Float64
+    assert got.select("prompt_id", "sample_idx").equals(df.select("prompt_id", "sample_idx"))  # same order
+    assert got["advantage"].to_list() == pytest.approx(loo_loop(df["prompt_id"].to_list(), df["rlhf_reward"].to_list()))
+    assert set(got["estimator"]) == {"rloo"}
+    assert json.loads((tmp_path / "s.json").read_text())["round_counts"] == [df.height]
+
+
+def test_cli_carries_ema_state(tmp_path):
+    state = tmp_path / "state.json"
+    for i, rnd in enumerate(ROUNDS[:2]):
+        grid(rnd).write_parquet(tmp_path / f"s{i}.parquet")
+        extra = ["--state-in", str(state)] if i else []
+        proc = cli("--scores", str(tmp_path / f"s{i}.parquet"), "--out", str(tmp_path / f"a{i}.parquet"),
+                   "--estimator", "ema", "--state-out", str(state), *extra)
+        assert proc.returncode == 0, proc.stderr
+    m0, m1 = (statistics.fmean(flat(r)) for r in ROUNDS[:2])
+    expected = 0.9 * m0 + 0.1 * m1  # alpha from params.yaml
+    assert pl.read_parquet(tmp_path / "a1.parquet")["baseline"].to_list() == pytest.approx([expected] * 3)
+
+
+BAD_INPUTS = {
+    "missing_column": (lambda: grid([[1.0, 2.0]]).drop("rlhf_reward"), "rlhf_reward"),
+    "duplicate_key": (lambda: scores(["a", "a", "b", "b"], [0, 1, 0, 0], [1.0, 2.0, 3.0, 4.0]), "duplicate"),
+    "nan_reward": (lambda: scores(["a", "a", "b", "b"], [0, 1, 0, 1], [1.0, 2.0, math.nan, 4.0]), "'b' sample_idx=0"),
+    "null_reward": (lambda: scores(["a", "a", "b", "b"], [0, 1, 0, 1], [1.0, None, 3.0, 4.0]), "'a' sample_idx=1"),
+    "inf_reward": (lambda: scores(["a", "a", "b", "b"], [0, 1, 0, 1], [1.0, 2.0, 3.0, -math.inf]), "'b' sample_idx=1"),
+    "all_singletons": (lambda: scores(["a", "b", "c"], [0, 0, 0], [1.0, 2.0, 3.0]), "k < 2 for rloo"),
+    "empty": (lambda: scores([], [], []), "no rows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, case):
+    make, needle = BAD_INPUTS[case]
+    src, out = tmp_path / "scores.parquet", tmp_path / "adv.parquet"
+    make().write_parquet(src)
+    out.write_bytes(b"previous round's file")
+    before = os.stat(out).st_mtime_ns
+    proc = cli("--scores", str(src), "--out", str(out), "--estimator", "rloo", "--state-out", str(tmp_path / "s.json"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert needle in lines[0] and str(src) in lines[0]
+    assert out.read_bytes() == b"previous round's file" and os.stat(out).st_mtime_ns == before
+    assert not (tmp_path / "s.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adv.parquet", "scores.parquet"]  # no temp files left
