@@ -4,7 +4,7 @@
 
 Data: `prompts * k` float64 rewards (default 10 M rows), prompt-major as the sample stage writes them.
 - polars, `prompt_id` a 12-character string (the real schema) and, for comparison, an int64 group id:
-  the stage's expression `stages.advantage.loo_baseline` then `advantage = r - baseline`.
+  `stages.advantage.rloo_polars` (the stage's expression `loo_baseline`, then `advantage = r - baseline`).
 - polars, the whole `compute_advantages` (validation: nulls, non-finite, duplicate keys; stats) for scale.
 - torch: `rloo_torch` on the (prompts, k) tensor, and `rloo_torch_grouped` on flat rows + group ids.
 - reference: `tensor.clone()` of the same (prompts, k) rewards, a plain memory copy.
@@ -30,7 +30,7 @@ import polars as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.advantage import compute_advantages, loo_baseline, rloo_torch, rloo_torch_grouped  # noqa: E402
+from stages.advantage import compute_advantages, rloo_polars, rloo_torch, rloo_torch_grouped  # noqa: E402
 from stages.params import AdvantageParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "advantage.json"
@@ -61,12 +61,6 @@ def loo_loop(pids: list, rewards: list[float]) -> list[float]:
     return adv
 
 
-def polars_loo(df: pl.DataFrame, group: str) -> pl.DataFrame:
-    return df.with_columns(baseline=loo_baseline(group=group)).with_columns(
-        advantage=pl.col("rlhf_reward") - pl.col("baseline")
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=1_000_000)
@@ -93,11 +87,11 @@ def main() -> None:
     record("memory copy: tensor.clone()", best_of(lambda: rewards.clone(), args.repeats), "reference")
     record("torch: rloo_torch (P, K)", best_of(lambda: rloo_torch(rewards), args.repeats))
     record("torch: rloo_torch_grouped (N,) + ids", best_of(lambda: rloo_torch_grouped(flat, group), args.repeats))
-    record("polars: prompt_id string", best_of(lambda: polars_loo(df_str, "prompt_id"), args.repeats))
-    record("polars: int64 group id", best_of(lambda: polars_loo(df_int, "group"), args.repeats))
+    record("polars: prompt_id string", best_of(lambda: rloo_polars(df_str, group="prompt_id"), args.repeats))
+    record("polars: int64 group id", best_of(lambda: rloo_polars(df_int, group="group"), args.repeats))
     record("polars: compute_advantages (stage, string ids)",
-           best_of(lambda: compute_advantages(df_str, AdvantageParams(), None), 1),
-           "validation + stats, 1 run")
+           best_of(lambda: compute_advantages(df_str, AdvantageParams(), None), args.repeats),
+           "validation + LOO + stats")
 
     m = min(args.loop_rows, n)
     pids, rs = df_str["prompt_id"][:m].to_list(), df_str["rlhf_reward"][:m].to_list()
@@ -106,7 +100,7 @@ def main() -> None:
 
     # The two implementations agree on the full data.
     _, adv_t = rloo_torch(rewards)
-    adv_p = polars_loo(df_str, "prompt_id")["advantage"].to_torch()
+    adv_p = rloo_polars(df_str, group="prompt_id")["advantage"].to_torch()
     max_diff = float((adv_p - adv_t.flatten()).abs().max())
 
     t = {r["method"]: r["seconds"] for r in rows}
@@ -121,7 +115,8 @@ def main() -> None:
     }
 
     print(f"\nLOO advantage, {p:,} prompts x K={k} = {n:,} rows, float64; best of {args.repeats}; "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), polars {pl.__version__}\n")
+          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"polars {pl.__version__}\n")
     print("| method | time (s) | M rows/s | x copy | peak RSS (MiB) | note |")
     print("|---|---:|---:|---:|---:|---|")
     for r in rows:

@@ -13,6 +13,11 @@ from typing import Any
 from stages.errors import PipelineError
 
 
+def _first_line(exc: BaseException) -> str:
+    text = next(iter(str(exc).strip().splitlines()), "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def check_model_dir(path: str | Path, field: str = "base.model") -> Path:
     """A local transformers model dir (has config.json), else a PipelineError naming `field`."""
     path = Path(path)
@@ -30,7 +35,7 @@ def load_config(path: str | Path, field: str = "base.model"):
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:
-        raise PipelineError(f"{field}: cannot read {path}/config.json ({type(exc).__name__}: {exc})") from None
+        raise PipelineError(f"{field}: cannot read {path}/config.json ({_first_line(exc)})") from None
 
 
 def load_tokenizer(path: str | Path, field: str = "base.model"):
@@ -40,10 +45,19 @@ def load_tokenizer(path: str | Path, field: str = "base.model"):
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
-        raise PipelineError(f"{field}: cannot load a tokenizer from {path} ({type(exc).__name__}: {exc})") from None
+        raise PipelineError(f"{field}: cannot load a tokenizer from {path} ({_first_line(exc)})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_causal_lm_config_check(path: str | Path, field: str = "base.model"):
+    """The config of a causal LM dir (without loading weights); errors name `field` otherwise."""
+    config = load_config(path, field)
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise PipelineError(f"{field}: {path} is a {archs[0]}, not a causal LM (...ForCausalLM); use a generative model")
+    return config
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32", device: Any = "cpu", field: str = "base.model"):
@@ -51,16 +65,13 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", device: Any = "cpu"
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = load_config(path, field)
-    archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
-        raise PipelineError(f"{field}: {path} is a {archs[0]}, not a causal LM (…ForCausalLM); use a generative model")
+    load_causal_lm_config_check(path, field)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), local_files_only=True, attn_implementation="eager"
         )
     except Exception as exc:
-        raise PipelineError(f"{field}: cannot load a causal LM from {path} ({type(exc).__name__}: {exc})") from None
+        raise PipelineError(f"{field}: cannot load a causal LM from {path} ({_first_line(exc)})") from None
     return model.to(device)
 
 

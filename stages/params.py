@@ -50,13 +50,13 @@ class SampleParams(_Section):
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     stop: list[str] = Field(default_factory=list, description="extra stop strings")
-    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="sampler dtype")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="sampler dtype; auto = bf16 where the hardware has it")
     batch_size: int = Field(32, ge=1, description="prompts per generate() call (hf)")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM GPU memory fraction")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size")
     max_model_len: int = Field(512, ge=16, description="vLLM context length")
     enforce_eager: bool = Field(True, description="vLLM eager mode")
-    cpu_kvcache_space_gib: float = Field(1, gt=0, description="vLLM CPU KV cache (GiB)")
+    cpu_kvcache_space_gib: int = Field(1, ge=1, description="vLLM CPU KV cache (GiB)")
 
 
 class RewardSpec(_Section):

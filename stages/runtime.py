@@ -62,3 +62,23 @@ def staging_dir(dest: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp creates 0700
     return tmp
+
+
+def fast_bf16() -> bool:
+    """True where bf16 matmuls are native: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX.
+
+    Without them (e.g. an AVX2-only CPU) torch emulates bf16 and it runs several times slower than fp32.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto` -> bfloat16 where it is native (see `fast_bf16`), else float32."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if fast_bf16() else "float32"

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 import torch
 
-from stages.advantage import compute_advantages, loo_baseline, rloo_torch, rloo_torch_grouped
+from stages.advantage import compute_advantages, loo_baseline, rloo_polars, rloo_torch, rloo_torch_grouped
 from stages.errors import PipelineError
 from stages.params import AdvantageParams
 
@@ -74,6 +74,7 @@ def test_polars_torch_and_loop_agree(drop):
 
     polars_adv = compute_advantages(df, AdvantageParams(), None)[0]["advantage"].to_list()
     assert polars_adv == pytest.approx(expected, abs=TOL)
+    assert rloo_polars(df)["advantage"].to_list() == polars_adv  # the stage's path is the benchmarked kernel
 
     group = torch.from_numpy(df["prompt_id"].rank("dense").cast(pl.Int64).to_numpy() - 1)  # (N,)
     r = torch.tensor(rewards, dtype=torch.float64)
@@ -111,7 +112,8 @@ def test_equal_groups_tensor_matches_polars_and_identity():
 def test_worked_example_three_prompts_k4():
     flat = [1, 2, 3, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # completion-major: 1st completion of p0, p1, p2, then 2nd ...
     num_prompts, k = 3, 4
-    df = scores([f"p{i % num_prompts}" for i in range(12)], [i // num_prompts for i in range(12)], [float(x) for x in flat])
+    pids, idxs = [f"p{i % num_prompts}" for i in range(12)], [i // num_prompts for i in range(12)]
+    df = scores(pids, idxs, [float(x) for x in flat])
     out = compute_advantages(df, AdvantageParams(estimator="rloo"), None)[0]
     first_p0 = out.filter(prompt_id="p0", sample_idx=0)["advantage"].item()
     third_p1 = out.filter(prompt_id="p1", sample_idx=2)["advantage"].item()

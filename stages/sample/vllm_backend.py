@@ -1,0 +1,107 @@
+"""vLLM sampler: one engine per run, new weights pushed in place after each update.
+
+In-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set by `configure_vllm_env`): on this CPU it
+starts in ~5 s instead of a worker process, and weights can be handed over as tensors
+(`collective_rpc("reload_weights", weights_iterator=...)`, ~0.3 s for 135M) without touching disk.
+In multiprocess mode (e.g. tensor parallel on GPUs) the weights go through a checkpoint directory
+(`weights_path=`). After every reload the prefix cache is reset (KV computed under the old weights would
+be reused otherwise) and, for tied embeddings, the lm_head's pre-packed CPU GEMM weight is rebuilt
+(DESIGN.md §7: the CPU backend otherwise keeps computing logits with the old pre-packed copy).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from stages.sample import Completion, GenerationConfig, configure_vllm_env
+
+log = logging.getLogger(__name__)
+
+
+def _refresh_lm_head(worker) -> bool:
+    """Runs on the worker: re-tie and re-pack the lm_head after a reload. True when it did anything."""
+    model = worker.model_runner.model
+    lm_head = getattr(model, "lm_head", None)
+    method = getattr(lm_head, "quant_method", None)
+    if lm_head is None or method is None or not hasattr(method, "process_weights_after_loading"):
+        return False
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if getattr(model.config, "tie_word_embeddings", False) and embed is not None and lm_head.weight is not embed.weight:
+        lm_head.weight = embed.weight
+    method.process_weights_after_loading(lm_head)
+    return True
+
+
+class VLLMSampler:
+    name = "vllm"
+
+    def __init__(self, model_dir: str, sample_params, seed: int = 0):
+        configure_vllm_env(sample_params)
+        import torch
+        from vllm import LLM
+
+        from stages.runtime import resolve_dtype
+
+        self.params = sample_params
+        dtype = resolve_dtype(sample_params.dtype)
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        self.dtype = getattr(torch, dtype)
+        kwargs = dict(
+            model=str(model_dir),
+            dtype=dtype,
+            enforce_eager=sample_params.enforce_eager,
+            max_model_len=sample_params.max_model_len,
+            seed=seed,
+            tensor_parallel_size=sample_params.tensor_parallel_size,
+            enable_prefix_caching=True,
+        )
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = sample_params.gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+
+    def generate(self, prompt_ids, cfg: GenerationConfig, seeds) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        sps = [
+            SamplingParams(
+                n=cfg.k,
+                temperature=0.0 if cfg.greedy else cfg.temperature,
+                top_p=1.0 if cfg.greedy else cfg.top_p,
+                max_tokens=cfg.max_tokens,
+                stop=list(cfg.stop) or None,
+                seed=s,
+                logprobs=0,  # the sampled token's own logprob
+            )
+            for s in seeds
+        ]
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sps, use_tqdm=True)
+        groups = []
+        for out in outs:
+            group = []
+            for o in out.outputs:
+                token_ids = list(o.token_ids)
+                logprobs = [float(step[t].logprob) for step, t in zip(o.logprobs or [], token_ids)]
+                group.append(Completion(o.text, token_ids, logprobs, "length" if o.finish_reason == "length" else "stop"))
+            groups.append(group)
+        return groups
+
+    def update_weights(self, state_dict=None, path: str | None = None) -> None:
+        if state_dict is not None and self.in_process:
+            weights = [(name, t.detach().to(self.dtype)) for name, t in state_dict.items()]
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        elif path is not None:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        else:
+            raise ValueError("update_weights needs a state_dict (in-process engine) or a checkpoint path")
+        try:
+            self.llm.collective_rpc(_refresh_lm_head)
+        except Exception as exc:  # multiprocess mode without VLLM_ALLOW_INSECURE_SERIALIZATION=1
+            log.warning("could not refresh the lm_head after reload (%s); logits may use stale weights", exc)
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        import gc
+
+        del self.llm
+        gc.collect()

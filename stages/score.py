@@ -1,0 +1,191 @@
+"""score: task reward, KL to the reference policy, and `rlhf_reward`, in batches.
+
+Reads  `samples.parquet` (schema `SAMPLES`) and, for reward functions, the prompts table (raw `prompt`
+       and any extra columns, e.g. a reference `answer`, joined on `prompt_id`).
+Writes `scores.parquet` (schema `SCORES`): keys, `score`, one `score/<name>` per reward component,
+       `logp_policy`, `logp_ref`, `kl`, `rlhf_reward`, plus `num_tokens` and `finish_reason`.
+
+Formulas (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740, §3; TRL's RLOOTrainer):
+- `score = sum_i w_i * r_i` over `score.rewards` (see stages/rewards.py for every kind).
+- `logp_* = sum_t log pi(y_t | x, y_<t)` over the completion tokens (EOS included), no gradient.
+- `kl = logp_policy - logp_ref` (sequence level, as in the paper); `score.kl_level: token` divides it by
+  the completion's token count (mean per-token KL).
+- `rlhf_reward = score - beta * kl - missing_eos_penalty * [finish_reason == "length"]`.
+Invalid rewards (NaN/inf): `score.on_invalid: error` stops with the reward's name and the first
+offending key; `drop` leaves the row out of scores.parquet (so out of the baseline and the update) and
+counts it.
+
+Run: `python -m stages.score --samples samples.parquet --out scores.parquet
+      [--prompts data/prepared/train.parquet] [--policy DIR] [--ref DIR]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import numpy as np
+import polars as pl
+
+from stages.errors import PipelineError, run_cli
+from stages.logprobs import sequence_logprobs
+from stages.schemas import SCORES
+
+log = logging.getLogger(__name__)
+
+
+def kl_and_reward(
+    score: np.ndarray,
+    logp_policy: np.ndarray,
+    logp_ref: np.ndarray,
+    num_tokens: np.ndarray,
+    truncated: np.ndarray,
+    beta: float,
+    kl_level: str = "sequence",
+    missing_eos_penalty: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kl, rlhf_reward) per completion; see the module docstring."""
+    kl = logp_policy - logp_ref
+    if kl_level == "token":
+        kl = kl / np.maximum(num_tokens, 1)
+    reward = score - beta * kl
+    if missing_eos_penalty:
+        reward = reward - missing_eos_penalty * truncated.astype(np.float64)
+    return kl, reward
+
+
+def completion_inputs(samples: pl.DataFrame, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt token ids (re-tokenized exactly as the sampler did) and completion token ids."""
+    cache: dict[str, list[int]] = {}
+    prompts = []
+    for text in samples["prompt_text"]:
+        if text not in cache:
+            cache[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompts.append(cache[text])
+    return prompts, [list(c) for c in samples["completion_token_ids"]]
+
+
+def reward_inputs(samples: pl.DataFrame, prompts: pl.DataFrame | None) -> tuple[list[str], dict[str, list]]:
+    """Raw user prompts (falls back to prompt_text) and extra per-row columns for reward functions."""
+    if prompts is None:
+        return samples["prompt_text"].to_list(), {}
+    extra = [c for c in prompts.columns if c not in ("prompt_id", "messages")]
+    joined = samples.select("prompt_id").join(prompts.select("prompt_id", *extra), on="prompt_id", how="left", maintain_order="left")
+    texts = [p if p is not None else t for p, t in zip(joined["prompt"], samples["prompt_text"])]
+    columns = {c: joined[c].to_list() for c in extra if c != "prompt"}
+    return texts, columns
+
+
+def score_samples(
+    samples: pl.DataFrame,
+    rewards,
+    policy,
+    ref,
+    tokenizer,
+    score_params,
+    prompts: pl.DataFrame | None = None,
+    logp_policy: list[float] | None = None,
+) -> tuple[pl.DataFrame, dict]:
+    """The score stage's computation. `ref` may be the same object as `policy` (then kl = 0 exactly);
+    `logp_policy` may be passed when the caller already has it."""
+    from stages.rewards import combine, compute_rewards, first_invalid
+
+    t0 = time.perf_counter()
+    keys = list(zip(samples["prompt_id"], samples["sample_idx"]))
+    texts, columns = reward_inputs(samples, prompts)
+    components = compute_rewards(rewards, texts, samples["completion"].to_list(), keys, **columns)
+    t_reward = time.perf_counter() - t0
+
+    valid = np.ones(samples.height, dtype=bool)
+    for name, values in components.items():
+        bad = first_invalid(values, keys)
+        if bad is None:
+            continue
+        if score_params.on_invalid == "error":
+            raise PipelineError(
+                f"reward `{name}` gave NaN/inf for prompt_id={bad[0]} sample_idx={bad[1]}; fix the reward "
+                "or set score.on_invalid: drop to exclude such rows"
+            )
+        valid &= np.isfinite(values)
+    score = combine(components, {r.name: r.weight for r in rewards})
+
+    t1 = time.perf_counter()
+    prompt_ids, completion_ids = completion_inputs(samples, tokenizer)
+    pad = tokenizer.pad_token_id
+    bs = score_params.batch_size
+    if logp_policy is None:
+        logp_policy, _ = sequence_logprobs(policy, prompt_ids, completion_ids, pad, bs, progress="logp policy")
+    if ref is policy:
+        logp_ref = list(logp_policy)
+    else:
+        logp_ref, _ = sequence_logprobs(ref, prompt_ids, completion_ids, pad, bs, progress="logp ref")
+    t_logp = time.perf_counter() - t1
+
+    num_tokens = samples["num_tokens"].to_numpy()
+    truncated = (samples["finish_reason"] == "length").to_numpy()
+    kl, rlhf = kl_and_reward(
+        score, np.asarray(logp_policy), np.asarray(logp_ref), num_tokens, truncated,
+        score_params.beta, score_params.kl_level, score_params.missing_eos_penalty,
+    )
+    out = samples.select("prompt_id", "sample_idx", "num_tokens", "finish_reason").with_columns(
+        pl.Series("score", score),
+        *[pl.Series(f"score/{n}", v) for n, v in components.items()],
+        pl.Series("logp_policy", np.asarray(logp_policy, dtype=np.float64)),
+        pl.Series("logp_ref", np.asarray(logp_ref, dtype=np.float64)),
+        pl.Series("kl", kl),
+        pl.Series("rlhf_reward", rlhf),
+    )
+    dropped = int((~valid).sum())
+    if dropped:
+        log.warning("score.on_invalid=drop: %d of %d completions dropped (NaN/inf reward)", dropped, samples.height)
+        out = out.filter(pl.Series(valid))
+    stats = {
+        "reward": float(np.nanmean(score[valid])) if valid.any() else float("nan"),
+        "reward_std": float(np.std(score[valid], ddof=1)) if valid.sum() > 1 else 0.0,
+        "rlhf_reward": float(out["rlhf_reward"].mean()) if out.height else float("nan"),
+        "kl": float(out["kl"].mean()) if out.height else float("nan"),
+        "score/dropped": dropped,
+        "time/reward_s": t_reward,
+        "time/logprobs_s": t_logp,
+        **{f"rewards/{n}": float(np.nanmean(v)) for n, v in components.items()},
+    }
+    return out, stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    from stages.io import read_table, write_table
+    from stages.models import load_causal_lm, load_tokenizer
+    from stages.params import load_params
+    from stages.rewards import build_rewards
+    from stages.runtime import configure_env, setup_torch
+    from stages.schemas import PROMPTS, SAMPLES
+
+    parser = argparse.ArgumentParser(prog="python -m stages.score", description="Rewards, KL and rlhf_reward.")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--samples", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--prompts", default=None, help="prompts table for raw prompts/extra columns")
+    parser.add_argument("--policy", default=None, help="policy model dir (default: base.model_dir)")
+    parser.add_argument("--ref", default=None, help="reference model dir (default: score.ref_model or base.model_dir)")
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    configure_env(params.base.threads)
+    device = setup_torch(params.base.device, params.base.threads, params.base.seed)
+    samples = read_table(args.samples, SAMPLES)
+    prompts = read_table(args.prompts, PROMPTS) if args.prompts else None
+    policy_dir = args.policy or params.base.model_dir
+    ref_dir = args.ref or params.score.ref_model or params.base.model_dir
+    rewards = build_rewards(params.score.rewards, device=device, batch_size=params.score.batch_size)
+    tokenizer = load_tokenizer(policy_dir, "--policy")
+    policy = load_causal_lm(policy_dir, "float32", device, "--policy").eval()
+    same = str(policy_dir) == str(ref_dir)
+    ref = policy if same else load_causal_lm(ref_dir, "float32", device, "--ref").eval()
+    out, stats = score_samples(samples, rewards, policy, ref, tokenizer, params.score, prompts)
+    write_table(out, args.out, SCORES)
+    log.info("wrote %s: reward %.3f, kl %.4f, %d rows", args.out, stats["reward"], stats["kl"], out.height)
+
+
+if __name__ == "__main__":
+    run_cli(main)

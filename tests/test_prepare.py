@@ -1,0 +1,399 @@
+"""stages.prepare: the pure prompt functions, prepare() on a user's prompts + a tiny local model, its errors,
+and (slow) the embedded GGUF -> transformers conversion."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from stages.errors import PipelineError
+from stages.io import read_table
+from stages.models import load_tokenizer, messages_for, render_prompt
+from stages.params import parse_params
+from stages.prepare import (
+    check_prompt_lengths,
+    clean_prompts,
+    convert_gguf,  # noqa: F401  (exercised through prepare_model in the slow tests)
+    gguf_path,
+    prepare,
+    prepare_model,
+    prompt_id,
+    prompts_frame,
+    split_prompts,
+)
+from stages.schemas import PROMPTS
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROMPT_TEXTS = [
+    "write a short review of a film you liked",
+    "tell me about the best movie you have seen",
+    "what did you think of the music and the cast",
+    "the movie was great",
+    "a dull film with a terrible plot",
+    "i loved every minute of it",
+    "the story is slow but the ending is good",
+    "this is a test prompt for the pipeline",
+    "the acting was wonderful",
+    "tell me about the ending",
+    "what did you think of the plot",
+    "write a review of the story",
+]
+
+
+def params_for(tmp_path: Path, model: str | Path, prompts: str | Path, **prepare_overrides):
+    """The repo's params.yaml with every path inside tmp_path."""
+    data = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+    data["base"]["model"] = str(model)
+    data["base"]["model_dir"] = str(tmp_path / "models" / "base")
+    data["prepare"]["prompts"] = str(prompts)
+    data["prepare"]["eval_size"] = 3
+    data["prepare"].update(prepare_overrides)
+    return parse_params(data, "test-params")
+
+
+def write_csv(path: Path, prompts: list[str | None]) -> Path:
+    pl.DataFrame({"prompt": prompts, "other": list(range(len(prompts)))}).write_csv(path)
+    return path
+
+
+def write_jsonl(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p, "label": i}) + "\n" for i, p in enumerate(prompts)))
+    return path
+
+
+# --- pure functions ----------------------------------------------------------------------------------------
+
+
+def test_prompt_id_is_stable():
+    assert prompt_id("hello") == "aaf4c61ddcc5"  # sha1("hello")[:12]: the same in every process and run
+    assert prompt_id("  hello\n") == prompt_id("hello")
+    assert prompt_id("hello") != prompt_id("Hello")
+    pid = prompt_id("the movie was great")
+    assert len(pid) == 12 and pid == hashlib.sha1(b"the movie was great").hexdigest()[:12]
+
+
+def test_clean_prompts_strips_dedupes_and_keeps_order():
+    df = pl.DataFrame({"prompt": ["  b ", "a", None, "b", "", "   ", "c\n", "a"]})
+    assert clean_prompts(df, "f.csv") == ["b", "a", "c"]
+
+
+def test_clean_prompts_missing_column():
+    with pytest.raises(PipelineError) as exc:
+        clean_prompts(pl.DataFrame({"text": ["a"]}), "f.csv")
+    msg = str(exc.value)
+    assert msg.startswith("f.csv: no `prompt` column") and "text" in msg and "\n" not in msg
+
+
+def test_clean_prompts_non_string_column():
+    with pytest.raises(PipelineError, match=r"^f.csv: column `prompt` must be text, got Int64"):
+        clean_prompts(pl.DataFrame({"prompt": [1, 2]}), "f.csv")
+
+
+@pytest.mark.parametrize("values", [[], [None, None], ["", "  ", "\n"]])
+def test_clean_prompts_empty(values):
+    df = pl.DataFrame({"prompt": values}, schema={"prompt": pl.String})
+    with pytest.raises(PipelineError, match=r"^f.csv: no non-empty prompts"):
+        clean_prompts(df, "f.csv")
+
+
+def test_split_is_a_seeded_partition():
+    train, held = split_prompts(PROMPT_TEXTS, 4, seed=42)
+    assert len(held) == 4 and len(train) == len(PROMPT_TEXTS) - 4
+    assert sorted(train + held) == sorted(PROMPT_TEXTS) and not set(train) & set(held)
+    assert split_prompts(PROMPT_TEXTS, 4, seed=42) == (train, held)  # deterministic
+    others = {tuple(split_prompts(PROMPT_TEXTS, 4, seed=s)[1]) for s in range(1, 6)}
+    assert len(others | {tuple(held)}) > 1  # the seed matters
+
+
+def test_split_is_independent_of_input_order():
+    want = split_prompts(PROMPT_TEXTS, 3, seed=7)
+    for s in range(5):
+        shuffled = PROMPT_TEXTS[:]
+        random.Random(s).shuffle(shuffled)
+        assert split_prompts(shuffled, 3, seed=7) == want
+
+
+@pytest.mark.parametrize("eval_size", [len(PROMPT_TEXTS), len(PROMPT_TEXTS) + 5])
+def test_split_eval_size_too_big(eval_size):
+    with pytest.raises(PipelineError) as exc:
+        split_prompts(PROMPT_TEXTS, eval_size, seed=0)
+    msg = str(exc.value)
+    assert msg.startswith("prepare.eval_size:") and str(eval_size) in msg and str(len(PROMPT_TEXTS)) in msg
+
+
+def test_split_leaves_one_to_train():
+    train, held = split_prompts(PROMPT_TEXTS[:2], 1, seed=0)
+    assert len(train) == len(held) == 1
+
+
+def test_prompts_frame_matches_the_contract():
+    df = prompts_frame(["a b", "c"], None)
+    assert df.schema == pl.Schema(PROMPTS)
+    assert df["prompt_id"].to_list() == [prompt_id("a b"), prompt_id("c")]
+    assert json.loads(df["messages"][0]) == [{"role": "user", "content": "a b"}]
+    with_system = prompts_frame(["a b"], "be brief")
+    assert json.loads(with_system["messages"][0]) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a b"},
+    ]
+    assert prompts_frame([], None).schema == pl.Schema(PROMPTS)
+
+
+def test_check_prompt_lengths(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    df = prompts_frame(["the movie was great", "a dull film"], None)
+    # "<user> the movie was great <eos> <assistant>": 7 tokens with the tiny chat template
+    assert check_prompt_lengths(df, tok, 128) == 7
+    assert check_prompt_lengths(df, tok, 7) == 7
+    with pytest.raises(PipelineError, match=rf"prompt {prompt_id('the movie was great')} is 7 tokens.*limit 6"):
+        check_prompt_lengths(df, tok, 6)
+
+
+# --- prepare() with a user's prompts and a local model -----------------------------------------------------
+
+
+def model_files(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_prepare_with_local_model(tmp_path, tiny_model_dir, fmt):
+    raw = [" " + PROMPT_TEXTS[0], *PROMPT_TEXTS, PROMPT_TEXTS[3]]  # a duplicate and stray whitespace
+    if fmt == "csv":
+        prompts = write_csv(tmp_path / "prompts.csv", [*raw, None])
+    elif fmt == "jsonl":
+        prompts = write_jsonl(tmp_path / "prompts.jsonl", raw)
+    else:
+        prompts = tmp_path / "prompts.parquet"
+        pl.DataFrame({"prompt": raw}).write_parquet(prompts)
+    params = params_for(tmp_path, tiny_model_dir, prompts, system_prompt="be brief")
+    out = tmp_path / "data" / "prepared"
+
+    summary = prepare(params, out)
+
+    # the model was copied to base.model_dir, with a marker naming its source
+    dest = Path(params.base.model_dir)
+    assert model_files(tiny_model_dir) <= model_files(dest)
+    assert (dest / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    assert json.loads((dest / "prepare.json").read_text()) == {"source": f"dir:{tiny_model_dir.resolve()}"}
+    assert [p.name for p in dest.parent.iterdir()] == ["base"]  # no staging dir left behind
+
+    train = read_table(out / "train.parquet", PROMPTS)
+    held = read_table(out / "eval.parquet", PROMPTS)
+    assert train.schema == pl.Schema(PROMPTS) and held.schema == pl.Schema(PROMPTS)
+    assert held.height == 3 and train.height == len(PROMPT_TEXTS) - 3
+    assert not set(train["prompt_id"]) & set(held["prompt_id"])
+    assert set(train["prompt"]) | set(held["prompt"]) == set(PROMPT_TEXTS)
+    assert (set(train["prompt"]), set(held["prompt"])) == tuple(map(set, split_prompts(PROMPT_TEXTS, 3, params.base.seed)))
+    for row in train.iter_rows(named=True):
+        assert row["prompt_id"] == prompt_id(row["prompt"])
+        assert json.loads(row["messages"]) == messages_for(row["prompt"], "be brief")
+
+    tok = load_tokenizer(dest)
+    longest = max(
+        len(tok(render_prompt(tok, m), add_special_tokens=False)["input_ids"])
+        for m in [*train["messages"], *held["messages"]]
+    )
+    assert summary == {"train_prompts": len(PROMPT_TEXTS) - 3, "eval_prompts": 3, "longest_prompt_tokens": longest}
+    assert "<system>" in render_prompt(tok, train["messages"][0])
+
+
+def test_prepare_split_does_not_depend_on_file_order(tmp_path, tiny_model_dir):
+    a = params_for(tmp_path, tiny_model_dir, write_csv(tmp_path / "a.csv", PROMPT_TEXTS))
+    shuffled = PROMPT_TEXTS[::-1]
+    b = params_for(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "b.jsonl", shuffled))
+    prepare(a, tmp_path / "a")
+    prepare(b, tmp_path / "b")
+    for name in ("train.parquet", "eval.parquet"):
+        assert read_table(tmp_path / "a" / name).equals(read_table(tmp_path / "b" / name))
+
+
+def test_prepare_model_is_skipped_when_up_to_date(tmp_path, tiny_model_dir, tiny_model_factory):
+    params = params_for(tmp_path, tiny_model_dir, "unused.csv")
+    dest = prepare_model(params)
+    weights = dest / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert prepare_model(params) == dest
+    assert weights.stat().st_mtime_ns == mtime
+
+    # another source model -> copied again
+    other = tiny_model_factory(tmp_path / "other", seed=1)
+    params2 = params_for(tmp_path, other, "unused.csv")
+    prepare_model(params2)
+    assert weights.read_bytes() == (other / "model.safetensors").read_bytes()
+    assert json.loads((dest / "prepare.json").read_text())["source"] == f"dir:{other.resolve()}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: stages/prepare.py prepare_model: source_id for a local dir is only its path (`dir:{resolved}`), "
+    "so a model re-saved in place is never copied again; add a fingerprint (file names, sizes, mtimes) to source_id",
+)
+def test_prepare_model_recopies_a_changed_source(tmp_path, tiny_model_factory):
+    src = tiny_model_factory(tmp_path / "user_model", seed=0)
+    params = params_for(tmp_path, src, "unused.csv")
+    dest = prepare_model(params)
+    shutil.rmtree(src)
+    tiny_model_factory(src, seed=1)  # the user retrains / re-saves their model at the same path
+    prepare_model(params)
+    assert (dest / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
+def test_prompt_too_long(tmp_path, tiny_model_dir):
+    long_prompt = " ".join(["the movie was great"] * 20)  # 80 words
+    prompts = write_csv(tmp_path / "p.csv", [*PROMPT_TEXTS, long_prompt])
+    params = params_for(tmp_path, tiny_model_dir, prompts, max_prompt_tokens=32)
+    out = tmp_path / "data" / "prepared"
+    with pytest.raises(PipelineError) as exc:
+        prepare(params, out)
+    msg = str(exc.value)
+    assert msg.startswith("prepare.max_prompt_tokens:") and prompt_id(long_prompt) in msg and "limit 32" in msg
+    assert "\n" not in msg
+    assert not out.exists()  # nothing written
+
+
+def test_missing_base_model(tmp_path):
+    prompts = write_csv(tmp_path / "p.csv", PROMPT_TEXTS)
+    missing = tmp_path / "no" / "such_model"
+    params = params_for(tmp_path, missing, prompts)
+    with pytest.raises(PipelineError) as exc:
+        prepare(params, tmp_path / "out")
+    msg = str(exc.value)
+    assert msg.startswith("base.model:") and str(missing) in msg and "does not exist" in msg
+    assert not (tmp_path / "out").exists() and not Path(params.base.model_dir).exists()
+
+
+def test_base_model_without_config(tmp_path):
+    (tmp_path / "empty_model").mkdir()
+    params = params_for(tmp_path, tmp_path / "empty_model", write_csv(tmp_path / "p.csv", PROMPT_TEXTS))
+    with pytest.raises(PipelineError, match=r"^base.model: .*empty_model has no config.json"):
+        prepare(params, tmp_path / "out")
+
+
+def no_tokenizer_model(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    src = tmp_path / "no_tokenizer"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(tiny_model_dir / name, src / name)
+    return src
+
+
+def test_base_model_without_tokenizer_leaves_no_model_dir(tmp_path, tiny_model_dir):
+    params = params_for(tmp_path, no_tokenizer_model(tmp_path, tiny_model_dir), "unused.csv")
+    with pytest.raises(PipelineError, match=r"^base.model: cannot load a tokenizer"):
+        prepare_model(params)
+    models = Path(params.base.model_dir).parent
+    assert list(models.iterdir()) == []  # neither base/ nor a staging dir
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: stages/models.py:43 (also :33, :63) puts the full `{exc}` in the PipelineError; transformers' "
+    "messages span several lines, so `error: ...` is not one line; keep only the first line of str(exc)",
+)
+def test_tokenizer_error_is_one_line(tmp_path, tiny_model_dir):
+    params = params_for(tmp_path, no_tokenizer_model(tmp_path, tiny_model_dir), "unused.csv")
+    with pytest.raises(PipelineError) as exc:
+        prepare_model(params)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_prompts_file(tmp_path, tiny_model_dir):
+    params = params_for(tmp_path, tiny_model_dir, tmp_path / "nope.jsonl")
+    with pytest.raises(PipelineError, match=r"^prepare.prompts: .*nope.jsonl not found"):
+        prepare(params, tmp_path / "out")
+
+
+def test_eval_size_too_big_in_prepare(tmp_path, tiny_model_dir):
+    params = params_for(tmp_path, tiny_model_dir, write_csv(tmp_path / "p.csv", PROMPT_TEXTS[:3]), eval_size=3)
+    with pytest.raises(PipelineError, match=r"^prepare.eval_size: 3 held-out prompts leave none to train on \(3 prompts\)"):
+        prepare(params, tmp_path / "out")
+    assert not Path(params.base.model_dir).exists()  # checked before the model is copied
+
+
+def test_prompts_file_without_prompt_column(tmp_path, tiny_model_dir):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "a"}\n')
+    params = params_for(tmp_path, tiny_model_dir, path)
+    with pytest.raises(PipelineError, match=rf"^{path}: no `prompt` column"):
+        prepare(params, tmp_path / "out")
+
+
+# --- the embedded GGUF (slow: ~30-60 s to dequantise 135M parameters) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    """base.model = smollm2 through prepare_model, i.e. convert_gguf(gguf_path(), <staging dir>) + marker."""
+    try:
+        gguf_path()
+    except PipelineError as exc:
+        pytest.skip(str(exc))
+    tmp = tmp_path_factory.mktemp("smollm2")
+    params = params_for(tmp, "smollm2", "unused.jsonl")
+    return prepare_model(params), params
+
+
+@pytest.mark.slow
+def test_gguf_conversion_loads_in_transformers(smollm2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, _ = smollm2_dir
+    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+    assert not list(path.glob("*.gguf"))
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    assert model.config.tie_word_embeddings is True
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert tok.chat_template and tok.eos_token_id is not None
+
+    messages = [{"role": "user", "content": "Write one sentence about a movie you liked."}]
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    new = out[0, enc["input_ids"].shape[1]:]
+    assert len(new) > 0
+    text = tok.decode(new, skip_special_tokens=True)
+    assert text.strip(), f"empty completion: {tok.decode(new)!r}"
+
+
+@pytest.mark.slow
+def test_gguf_prepare_is_a_no_op_the_second_time(smollm2_dir):
+    path, params = smollm2_dir
+    marker = json.loads((path / "prepare.json").read_text())
+    assert marker["source"].startswith("gguf:SmolLM2-135M-Instruct.Q4_1.gguf:")
+    weights = path / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert prepare_model(params) == path
+    assert weights.stat().st_mtime_ns == mtime
+    assert [p.name for p in path.parent.iterdir()] == ["base"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: stages/prepare.py convert_gguf/prepare_model: transformers' save_pretrained writes "
+    "model.safetensors with mode 0600, which prepare keeps; chmod the staged files to 0o666 & ~umask "
+    "before replace_dir (as stages.io.atomic_path does)",
+)
+def test_gguf_model_file_permissions(smollm2_dir):
+    path, _ = smollm2_dir
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in path.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f"{f.name}: {oct(f.stat().st_mode)}"
