@@ -81,6 +81,9 @@ class ScoreParams(_Section):
     batch_size: int = Field(16, ge=1, description="completions per forward pass")
     on_invalid: Literal["error", "drop"] = Field("error", description="NaN/inf reward handling")
     ref_model: str | None = Field(None, description="reference policy dir; null = base.model_dir")
+    policy_logprobs: Literal["auto", "trainer", "sampler"] = Field(
+        "auto", description="logp_policy from the trainer's forward or the sampler's logprobs; auto = sampler when it runs fp32"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> ScoreParams:

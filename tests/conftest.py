@@ -9,15 +9,24 @@
 Fixtures: `tiny_model_dir` (session-scoped, saved once; treat it as read-only) and `tiny_model_factory`
 (returns `make_tiny_model`, for tests that need a variant in their own `tmp_path`).
 
+Real-model fixtures (slow to build; use them only from `@pytest.mark.slow` tests):
+`base_model_dir` (session-scoped: the embedded SmolLM2-135M-Instruct GGUF converted once per session by
+`stages.prepare.prepare_model`, ~30 s; read-only) and `vllm_sampler` (session-scoped: the session's one
+vLLM engine on `base_model_dir`, fp32; a test that pushes other weights into it must restore them).
+
 The model shape (head_dim 64, one head) is chosen so the same directory could also run in vLLM, whose CPU
 attention rejects head_dim 16.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Words the tokenizer knows; anything else maps to <unk> (which is fine for length checks and generation).
 TINY_CORPUS = [
@@ -116,3 +125,48 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_model_factory():
     """`make_tiny_model(path, vocab_size=None, ...)` for tests that need their own variant."""
     return make_tiny_model
+
+
+def repo_params_data(**sections) -> dict:
+    """The repo's params.yaml as a dict (a fresh copy), with `sections` merged in: `sample={"k": 2}`."""
+    data = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return data
+
+
+def repo_params(**sections):
+    """`repo_params_data(**sections)` validated into `stages.params.Params`."""
+    from stages.params import parse_params
+
+    return parse_params(repo_params_data(**sections), "test-params")
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory) -> Path:
+    """The real default base model (base.model: smollm2), converted once per session into a tmp dir. Read-only."""
+    from stages.errors import PipelineError
+    from stages.prepare import gguf_path, prepare_model
+
+    try:
+        gguf_path()
+    except PipelineError as exc:
+        pytest.skip(str(exc))
+    dest = tmp_path_factory.mktemp("base_model") / "base"
+    return prepare_model(repo_params(base={"model": "smollm2", "model_dir": str(dest)}))
+
+
+@pytest.fixture(scope="session")
+def vllm_sampler(base_model_dir):
+    """The session's one in-process vLLM engine (fp32) on `base_model_dir`; closed at the end of the session.
+
+    vLLM start-up is slow (~5-20 s here) and each engine holds its own KV cache, so every test shares this
+    one. A test that pushes other weights into it (`update_weights`) must push the base weights back.
+    """
+    from stages.sample import make_sampler, vllm_available
+
+    if not vllm_available():
+        pytest.skip("vLLM does not import here")
+    sampler = make_sampler(str(base_model_dir), repo_params(sample={"dtype": "float32"}), backend="vllm")
+    yield sampler
+    sampler.close()

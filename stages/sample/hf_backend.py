@@ -23,6 +23,7 @@ class HFSampler:
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_causal_lm(model_dir, resolve_dtype(sample_params.dtype), self.device).eval()
         self.eos_ids = self._eos_ids()
+        self.exact_logprobs = self.model.dtype == torch.float32
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

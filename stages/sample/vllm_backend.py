@@ -59,6 +59,8 @@ class VLLMSampler:
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = sample_params.gpu_memory_utilization
         self.llm = LLM(**kwargs)
+        # fp32 engine logprobs are the policy's own (raw, before temperature): the flow may reuse them
+        self.exact_logprobs = dtype == "float32"
 
     def generate(self, prompt_ids, cfg: GenerationConfig, seeds) -> list[list[Completion]]:
         from vllm import SamplingParams

@@ -1,0 +1,138 @@
+"""MLflow tracking for a training run: one MLflow run per training run, metrics per round (step = round).
+
+Store: `mlflow.tracking_uri` (default `sqlite:///mlflow.db` in the repo); `MLFLOW_TRACKING_URI` overrides.
+Params: every field of params.yaml flattened (`update.learning_rate`, ...). Tags: git commit, DVC stage and
+experiment name (when run by DVC), Prefect flow-run id, config hash. Metrics: TRL-style names (`reward`,
+`reward_std`, `kl`, `advantage_std`, `loss`, `grad_norm`, `entropy`, `completions/mean_length`,
+`completions/clipped_ratio`, `time/*_s`, `*/tokens_per_s`). Artifacts: a sample of each round's
+completions (`completions/round_NNNN.json`), and at the end the reward-curve plot and the history table.
+A resumed run re-opens the same MLflow run (its id is kept in each round's manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+_run = None
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return None
+
+
+def _prefect_flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.id
+    except Exception:
+        return None
+
+
+def start_run(params, config_hash: str, rounds_dir, resume_id: str | None = None):
+    """Start (or re-open) the MLflow run of this training run."""
+    global _run
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", params.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_experiment(params.mlflow.experiment)
+    if resume_id:
+        try:
+            _run = mlflow.start_run(run_id=resume_id)
+            log.info("MLflow: resumed run %s", resume_id)
+            return _run
+        except Exception as exc:
+            log.warning("MLflow: could not resume run %s (%s); starting a new one", resume_id, exc)
+    tags = {
+        "git_commit": _git_commit(),
+        "dvc_stage": os.environ.get("DVC_STAGE"),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
+        "prefect_flow_run_id": _prefect_flow_run_id(),
+        "config_hash": config_hash,
+        "estimator": params.advantage.estimator,
+    }
+    _run = mlflow.start_run(run_name=f"rloo-{params.advantage.estimator}-{config_hash[:6]}", tags={k: v for k, v in tags.items() if v})
+    flat = params.flat()
+    mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+    log.info("MLflow: run %s in %s", _run.info.run_id, mlflow.get_tracking_uri())
+    return _run
+
+
+def log_metric_dict(metrics: dict, step: int) -> None:
+    import mlflow
+
+    if _run is None:
+        return
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    mlflow.log_metrics(clean, step=step)
+
+
+def log_round(metrics: dict, step: int, samples=None, scores=None, advantages=None, n: int = 16) -> None:
+    import mlflow
+
+    if _run is None:
+        return
+    log_metric_dict(metrics, step)
+    if n and samples is not None and advantages is not None:
+        table = (
+            samples.select("prompt_id", "sample_idx", "completion", "num_tokens")
+            .join(scores.select("prompt_id", "sample_idx", "score", "kl"), on=["prompt_id", "sample_idx"], how="left")
+            .join(advantages.select("prompt_id", "sample_idx", "advantage"), on=["prompt_id", "sample_idx"], how="left")
+            .head(n)
+        )
+        mlflow.log_dict({"round": step, "completions": table.to_dicts()}, f"completions/round_{step:04d}.json")
+
+
+def finish_run(summary: dict | None, history: list[dict], failed: bool = False) -> None:
+    global _run
+    import mlflow
+
+    if _run is None:
+        return
+    try:
+        if history and not failed:
+            _log_curve(history)
+    except Exception as exc:  # a plot must never fail a finished run
+        log.warning("MLflow: could not log the reward curve (%s)", exc)
+    mlflow.end_run(status="FAILED" if failed else "FINISHED")
+    _run = None
+
+
+def _log_curve(history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    rounds = list(range(1, len(history) + 1))
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(rounds, [h.get("reward") for h in history], marker="o", label="train reward")
+    if any("eval/reward" in h for h in history):
+        pts = [(i, h["eval/reward"]) for i, h in zip(rounds, history) if "eval/reward" in h]
+        ax[0].plot(*zip(*pts), marker="s", label="eval reward")
+    ax[0].set_xlabel("round")
+    ax[0].set_ylabel("reward")
+    ax[0].legend()
+    ax[1].plot(rounds, [h.get("kl") for h in history], marker="o", color="tab:red")
+    ax[1].set_xlabel("round")
+    ax[1].set_ylabel("KL to reference")
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "reward_curve.png"
+        fig.savefig(path, dpi=100)
+        mlflow.log_artifact(str(path), "plots")
+        (Path(tmp) / "history.json").write_text(json.dumps(history, default=float))
+        mlflow.log_artifact(str(Path(tmp) / "history.json"))
+    plt.close(fig)

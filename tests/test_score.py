@@ -1,0 +1,340 @@
+"""stages.score: kl_and_reward by hand, score_samples on a hand-built samples table for the tiny model (weights,
+KL against a direct transformers forward pass, invalid rewards), sequence_logprobs against an unpadded forward
+pass for every batch size, and the CLI (output contract, bad input exits 2 and keeps the old file)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from conftest import make_tiny_model
+from stages.errors import PipelineError
+from stages.io import read_table, write_table
+from stages.logprobs import sequence_logprobs
+from stages.models import load_causal_lm, load_tokenizer
+from stages.params import RewardSpec, ScoreParams
+from stages.rewards import build_rewards
+from stages.schemas import SAMPLES, SCORES
+from stages.score import kl_and_reward, score_samples
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (prompt_id, sample_idx, user prompt, completion words, finish_reason); "stop" rows end with <eos>.
+ROWS = [
+    ("p0", 0, "write a short review of a film you liked", "the movie was great", "stop"),
+    ("p0", 1, "write a short review of a film you liked", "a dull film with a terrible plot and the acting", "length"),
+    ("p1", 0, "tell me about the best movie", "i loved it", "stop"),
+    ("p1", 1, "tell me about the best movie", "the story is slow but the ending is good", "length"),
+    ("p2", 0, "what did you think of the music and the cast", "good", "stop"),
+    ("p2", 1, "what did you think of the music and the cast", "", "stop"),  # EOS only
+]
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+
+def make_samples(tokenizer, rows=ROWS) -> pl.DataFrame:
+    """A samples table as the sample stage writes it, for the tiny tokenizer and its chat template."""
+    cols: dict[str, list] = {c: [] for c in SAMPLES}
+    for pid, k, prompt, words, finish in rows:
+        ids = tokenizer(words, add_special_tokens=False)["input_ids"] if words else []
+        if finish == "stop":
+            ids = ids + [tokenizer.eos_token_id]
+        cols["prompt_id"].append(pid)
+        cols["sample_idx"].append(k)
+        cols["prompt_text"].append(
+            tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        )
+        cols["completion"].append(words)
+        cols["completion_token_ids"].append(ids)
+        cols["sampler_logprobs"].append([-1.5] * len(ids))
+        cols["num_tokens"].append(len(ids))
+        cols["finish_reason"].append(finish)
+        cols["policy_version"].append(0)
+    return pl.DataFrame(cols, schema=SAMPLES)
+
+
+def direct_logp(model, prompt_ids: list[int], completion_ids: list[int]) -> tuple[float, list[float]]:
+    """One unpadded forward pass over prompt + completion; sum of log_softmax at the completion tokens."""
+    if not completion_ids:
+        return 0.0, []
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    P = len(prompt_ids)
+    per_token = [float(logp[P - 1 + j, t]) for j, t in enumerate(completion_ids)]
+    return sum(per_token), per_token
+
+
+def direct_for(model, tokenizer, samples: pl.DataFrame) -> list[float]:
+    out = []
+    for text, comp in zip(samples["prompt_text"], samples["completion_token_ids"]):
+        out.append(direct_logp(model, tokenizer(text, add_special_tokens=False)["input_ids"], list(comp))[0])
+    return out
+
+
+def write_reward_module(tmp_path: Path, monkeypatch, source: str) -> str:
+    """Write `source` as a uniquely named module in tmp_path, importable; returns the module name."""
+    name = f"user_rewards_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def score_params(rewards: list[dict], **kw) -> ScoreParams:
+    return ScoreParams(rewards=[RewardSpec(**r) for r in rewards], **kw)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, tmp_path_factory):
+    """(tokenizer, policy, ref with another seed, plain transformers copies of both for the direct computation)."""
+    from transformers import AutoModelForCausalLM
+
+    ref_dir = make_tiny_model(tmp_path_factory.mktemp("ref") / "model", seed=1)
+    tok = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(tiny_model_dir).eval()
+    ref = load_causal_lm(ref_dir).eval()
+    plain_policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    plain_ref = AutoModelForCausalLM.from_pretrained(ref_dir).eval()
+    return tok, policy, ref, plain_policy, plain_ref
+
+
+# --- kl_and_reward by hand ---------------------------------------------------------------------------------
+
+
+def test_kl_and_reward_sequence_level():
+    score = np.array([1.0, 0.5, -2.0])
+    lp = np.array([-10.0, -4.0, -7.5])
+    lr = np.array([-12.0, -3.0, -7.5])
+    kl, reward = kl_and_reward(score, lp, lr, np.array([5, 2, 3]), np.array([False, True, False]), beta=0.1)
+    assert kl.tolist() == pytest.approx([2.0, -1.0, 0.0])
+    assert reward.tolist() == pytest.approx([1.0 - 0.2, 0.5 + 0.1, -2.0])
+
+
+def test_kl_and_reward_token_level():
+    score = np.array([1.0, 0.5, -2.0])
+    lp = np.array([-10.0, -4.0, -7.5])
+    lr = np.array([-12.0, -3.0, -6.0])
+    n = np.array([4, 2, 0])  # 0 tokens: divided by 1, not 0
+    kl, reward = kl_and_reward(score, lp, lr, n, np.zeros(3, dtype=bool), beta=0.5, kl_level="token")
+    assert kl.tolist() == pytest.approx([0.5, -0.5, -1.5])
+    assert reward.tolist() == pytest.approx([1.0 - 0.25, 0.5 + 0.25, -2.0 + 0.75])
+    assert np.isfinite(kl).all()
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_missing_eos_penalty_only_on_truncated_rows(level):
+    score = np.array([1.0, 1.0, 0.0, 0.0])
+    lp = np.array([-3.0, -3.0, -2.0, -2.0])
+    lr = np.array([-4.0, -4.0, -2.0, -2.0])
+    n = np.array([2, 2, 1, 1])
+    truncated = np.array([False, True, False, True])
+    kl0, base = kl_and_reward(score, lp, lr, n, truncated, beta=0.1, kl_level=level)
+    kl1, pen = kl_and_reward(score, lp, lr, n, truncated, beta=0.1, kl_level=level, missing_eos_penalty=0.75)
+    assert kl1.tolist() == kl0.tolist()  # the penalty never touches the KL
+    assert (base - pen).tolist() == pytest.approx([0.0, 0.75, 0.0, 0.75])
+    for off in (None, 0.0):  # no penalty configured (or zero): truncated rows unchanged
+        assert kl_and_reward(score, lp, lr, n, truncated, 0.1, level, off)[1].tolist() == base.tolist()
+
+
+# --- score_samples -----------------------------------------------------------------------------------------
+
+USER_REWARD = """
+def chars(prompts, completions, bonus=0.0):
+    return [len(c) + bonus for c in completions]
+
+def nan_on(prompts, completions, word="good"):
+    return [float("nan") if word in c.split() else 1.0 for c in completions]
+
+def with_columns(prompts, completions, **columns):
+    # the raw user prompt (not the chat-templated text) and the prompts table's extra column
+    return [float(p.startswith("tell")) + float(len(a)) for p, a in zip(prompts, columns["answer"])]
+"""
+
+
+def test_score_samples_weights_and_kl_zero_when_ref_is_policy(models, tmp_path, monkeypatch):
+    tok, policy, _, plain_policy, _ = models
+    mod = write_reward_module(tmp_path, monkeypatch, USER_REWARD)
+    sp = score_params(
+        [
+            {"name": "chars", "function": f"{mod}:chars", "weight": 0.5, "kwargs": {"bonus": 1.0}},
+            {"name": "len", "function": "length", "weight": -2.0, "kwargs": {"min_words": 4}},
+        ],
+        beta=0.3, batch_size=4,
+    )
+    samples = make_samples(tok)
+    out, stats = score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp)
+
+    chars = [len(r[3]) + 1.0 for r in ROWS]
+    length = [min(len(r[3].split()) / 4, 1.0) for r in ROWS]
+    assert out["score/chars"].to_list() == pytest.approx(chars)
+    assert out["score/len"].to_list() == pytest.approx(length)
+    assert out["score"].to_list() == pytest.approx([0.5 * c - 2.0 * w for c, w in zip(chars, length)])
+    # ref is policy: kl is exactly 0 and rlhf_reward is exactly the score
+    assert out["kl"].to_list() == [0.0] * len(ROWS)
+    assert out["logp_ref"].to_list() == out["logp_policy"].to_list()
+    assert out["rlhf_reward"].to_list() == out["score"].to_list()
+    assert out["logp_policy"].to_list() == pytest.approx(direct_for(plain_policy, tok, samples), abs=1e-4)
+    # keys and bookkeeping columns carried over, in order; the table satisfies the contract
+    assert out.select("prompt_id", "sample_idx", "num_tokens", "finish_reason").equals(
+        samples.select("prompt_id", "sample_idx", "num_tokens", "finish_reason")
+    )
+    write_table(out, tmp_path / "scores.parquet", SCORES)
+    assert read_table(tmp_path / "scores.parquet", SCORES).height == len(ROWS)
+    assert stats["score/dropped"] == 0
+    assert stats["reward"] == pytest.approx(float(np.mean(out["score"].to_numpy())))
+    assert stats["kl"] == 0.0
+    assert stats["rewards/chars"] == pytest.approx(float(np.mean(chars)))
+
+
+@pytest.mark.parametrize("kl_level", ["sequence", "token"])
+def test_score_samples_with_a_different_ref_matches_direct_forward(models, kl_level):
+    tok, policy, ref, plain_policy, plain_ref = models
+    sp = score_params([{"name": "length", "function": "length", "weight": 1.0}], beta=0.05, batch_size=4,
+                      kl_level=kl_level, missing_eos_penalty=0.25)
+    samples = make_samples(tok)
+    out, stats = score_samples(samples, build_rewards(sp.rewards), policy, ref, tok, sp)
+
+    lp = direct_for(plain_policy, tok, samples)
+    lr = direct_for(plain_ref, tok, samples)
+    assert out["logp_policy"].to_list() == pytest.approx(lp, abs=1e-4)
+    assert out["logp_ref"].to_list() == pytest.approx(lr, abs=1e-4)
+    kl = out["logp_policy"].to_numpy() - out["logp_ref"].to_numpy()
+    if kl_level == "token":
+        kl = kl / np.maximum(samples["num_tokens"].to_numpy(), 1)
+    assert out["kl"].to_list() == pytest.approx(kl.tolist(), abs=1e-12)
+    assert np.abs(out["kl"].to_numpy()).max() > 1e-3  # the models really differ
+    truncated = (samples["finish_reason"] == "length").to_numpy()
+    expected = out["score"].to_numpy() - 0.05 * out["kl"].to_numpy() - 0.25 * truncated
+    assert out["rlhf_reward"].to_list() == pytest.approx(expected.tolist(), abs=1e-12)
+    assert stats["kl"] == pytest.approx(float(out["kl"].mean()))
+
+
+def test_score_samples_passes_raw_prompts_and_extra_columns(models, tmp_path, monkeypatch):
+    tok, policy, _, _, _ = models
+    mod = write_reward_module(tmp_path, monkeypatch, USER_REWARD)
+    sp = score_params([{"name": "cols", "function": f"{mod}:with_columns"}])
+    samples = make_samples(tok)
+    prompts = pl.DataFrame({
+        "prompt_id": ["p2", "p0", "p1"],  # not in samples order: joined on prompt_id
+        "prompt": [ROWS[4][2], ROWS[0][2], ROWS[2][2]],
+        "messages": ["[]", "[]", "[]"],
+        "answer": ["abc", "", "x"],
+    })
+    out, _ = score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp, prompts=prompts)
+    assert out["score/cols"].to_list() == [0.0, 0.0, 2.0, 2.0, 3.0, 3.0]
+
+
+def test_sequence_logprobs_match_direct_forward_for_any_batch_size(models):
+    tok, policy, _, plain_policy, _ = models
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [
+        enc("<user> write a short review of a film you liked <eos> <assistant>"),
+        enc("<user> hi <eos> <assistant>"),
+        enc("<assistant>"),  # one-token prompt
+        enc("<user> tell me about the best movie you have seen <eos> <assistant>"),
+        enc("<user> the plot <eos> <assistant>"),
+    ]
+    completions = [
+        enc("the movie was great <eos>"),
+        [],  # an empty completion (no tokens at all): logprob 0
+        enc("a dull film with a terrible plot and the acting was wonderful i loved every minute of it"),
+        enc("<eos>"),
+        enc("good"),
+    ]
+    expected = [direct_logp(plain_policy, p, c) for p, c in zip(prompts, completions)]
+    for bs in (1, 2, 3, 5, 16):
+        sums, per_token = sequence_logprobs(policy, prompts, completions, tok.pad_token_id, batch_size=bs)
+        assert sums == pytest.approx([e[0] for e in expected], abs=1e-4), bs
+        for got, (_, want), c in zip(per_token, expected, completions):
+            assert len(got) == len(c)
+            assert got == pytest.approx(want, abs=1e-4), bs
+    assert sums[1] == 0.0 and per_token[1] == []
+    # the empty completion alone in its batch
+    assert sequence_logprobs(policy, [prompts[1]], [[]], tok.pad_token_id) == ([0.0], [[]])
+
+
+def test_on_invalid_error_names_reward_and_first_key(models, tmp_path, monkeypatch):
+    tok, policy, _, _, _ = models
+    mod = write_reward_module(tmp_path, monkeypatch, USER_REWARD)
+    # "good" is a word of rows 3 (p1/1) and 4 (p2/0): the first one is named
+    sp = score_params([{"name": "length", "function": "length"}, {"name": "picky", "function": f"{mod}:nan_on"}])
+    with pytest.raises(PipelineError, match=r"reward `picky` gave NaN/inf for prompt_id=p1 sample_idx=1;"):
+        score_samples(make_samples(tok), build_rewards(sp.rewards), policy, policy, tok, sp)
+
+
+def test_on_invalid_drop_drops_the_row_and_counts_it(models, tmp_path, monkeypatch):
+    tok, policy, ref, _, _ = models
+    mod = write_reward_module(tmp_path, monkeypatch, USER_REWARD)
+    sp = score_params(
+        [{"name": "length", "function": "length"}, {"name": "picky", "function": f"{mod}:nan_on", "kwargs": {"word": "loved"}}],
+        on_invalid="drop",
+    )
+    samples = make_samples(tok)
+    out, stats = score_samples(samples, build_rewards(sp.rewards), policy, ref, tok, sp)
+    assert stats["score/dropped"] == 1
+    assert list(zip(out["prompt_id"], out["sample_idx"])) == [(r[0], r[1]) for r in ROWS if r[:2] != ("p1", 0)]
+    for col in ("score", "logp_policy", "logp_ref", "kl", "rlhf_reward"):
+        assert np.isfinite(out[col].to_numpy()).all(), col
+    assert stats["reward"] == pytest.approx(float(out["score"].mean()))
+    assert math.isfinite(stats["rlhf_reward"]) and math.isfinite(stats["kl"])
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def cli_params(tmp_path: Path, model_dir: Path) -> Path:
+    data = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+    data["base"].update(model_dir=str(model_dir), device="cpu", threads=1)
+    data["score"]["rewards"] = [{"name": "length", "function": "length", "weight": 1.0, "kwargs": {"min_words": 4}}]
+    data["score"]["batch_size"] = 4
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "stages.score", *args], cwd=REPO, capture_output=True, text=True, env=env)
+
+
+def test_cli_writes_scores(tiny_model_dir, tmp_path):
+    tok = load_tokenizer(tiny_model_dir)
+    samples = make_samples(tok)
+    src, out = tmp_path / "samples.parquet", tmp_path / "scores.parquet"
+    write_table(samples, src, SAMPLES)
+    params = cli_params(tmp_path, tiny_model_dir)
+    proc = cli("--params", str(params), "--samples", str(src), "--out", str(out), "--policy", str(tiny_model_dir))
+    assert proc.returncode == 0, proc.stderr
+    got = read_table(out, SCORES)  # validates the contract
+    assert got.height == len(ROWS) and "score/length" in got.columns
+    assert got["kl"].to_list() == [0.0] * len(ROWS)  # policy is the base: ref is the same model
+    assert got["score"].to_list() == pytest.approx([min(len(r[3].split()) / 4, 1.0) for r in ROWS])
+
+
+def test_cli_bad_samples_exits_2_and_keeps_the_old_file(tiny_model_dir, tmp_path):
+    tok = load_tokenizer(tiny_model_dir)
+    src, out = tmp_path / "samples.parquet", tmp_path / "scores.parquet"
+    make_samples(tok).drop("completion_token_ids").write_parquet(src)
+    out.write_bytes(b"previous round's scores")
+    before = os.stat(out).st_mtime_ns
+    params = cli_params(tmp_path, tiny_model_dir)
+    proc = cli("--params", str(params), "--samples", str(src), "--out", str(out), "--policy", str(tiny_model_dir))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "completion_token_ids" in lines[0] and str(src) in lines[0]
+    assert out.read_bytes() == b"previous round's scores" and os.stat(out).st_mtime_ns == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "samples.parquet", "scores.parquet"]
