@@ -4,7 +4,7 @@ Reads  `data/prepared/eval.parquet`, the policy checkpoint (`train.checkpoint_di
        (`score.ref_model` or `base.model_dir`).
 Writes `data/eval/eval.parquet` (per prompt: both policies' completions side by side with their scores,
        the policy completion's logprobs under both models and its KL), `metrics/eval.json` and
-       `reports/eval_examples.md` (a few example completions).
+       `data/eval/examples.md` (a few example completions).
 
 Metrics (`metrics/eval.json`): `reward` (policy's mean task score), `ref_reward` (reference's),
 `win_rate` (fraction of prompts where the policy's completion scores higher than the reference's, ties
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 EVAL_DIR = Path("data/eval")
 METRICS = Path("metrics/eval.json")
-EXAMPLES = Path("reports/eval_examples.md")
+EXAMPLES = Path("data/eval/examples.md")
 
 
 def win_rate(policy_scores: np.ndarray, ref_scores: np.ndarray) -> float:

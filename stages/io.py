@@ -73,7 +73,8 @@ def read_table(path: str | Path, schema: Schema | None = None) -> pl.DataFrame:
     except PipelineError:
         raise
     except Exception as exc:  # polars raises many types for corrupt files
-        raise PipelineError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        first = next(iter(str(exc).strip().splitlines()), "")
+        raise PipelineError(f"{path}: cannot be read ({type(exc).__name__}: {first})") from None
     if schema is not None:
         problem = check(df.schema, schema, str(path))
         if problem:

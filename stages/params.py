@@ -114,6 +114,7 @@ class UpdateParams(_Section):
     max_grad_norm: float = Field(1.0, ge=0, description="0 = no clipping")
     num_mini_batches: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
+    micro_batch_size: int = Field(16, ge=0, description="max completions per forward/backward (0 = no cap); bounds memory")
     num_ppo_epochs: int = Field(1, ge=1)
     cliprange: float = Field(0.2, gt=0)
     loss_aggregation: Literal["sequence", "token"] = "sequence"
@@ -237,9 +238,15 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         raise PipelineError(f"{path}: not valid YAML (line {None if line is None else line + 1}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections (base, prepare, ...), got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         section, _, field = dotted.partition(".")
-        data.setdefault(section, {})[field] = value
+        if data.get(section) is None:
+            data[section] = {}
+        if not isinstance(data[section], dict):
+            raise PipelineError(f"{path}: section `{section}` must be a mapping to set {dotted}")
+        data[section][field] = value
     return parse_params(data, str(path))
 
 

@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -139,7 +140,9 @@ def prepare_model(params: Params) -> Path:
         source_id = f"gguf:{source.name}:{source.stat().st_size}"
     else:
         source = check_model_dir(params.base.model, "base.model")
-        source_id = f"dir:{source.resolve()}"
+        # path + a fingerprint of the files, so a model re-saved in place is copied again
+        files = sorted((str(f.relative_to(source)), f.stat().st_size, f.stat().st_mtime_ns) for f in source.rglob("*") if f.is_file())
+        source_id = f"dir:{source.resolve()}:{hashlib.sha1(repr(files).encode()).hexdigest()[:12]}"
     marker = dest / "prepare.json"
     if marker.is_file() and json.loads(marker.read_text()).get("source") == source_id:
         log.info("base model %s is up to date (%s)", dest, source_id)
@@ -154,6 +157,10 @@ def prepare_model(params: Params) -> Path:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
         load_tokenizer(tmp, "base.model")  # fail here, not in a later stage
         write_json({"source": source_id}, tmp / "prepare.json")
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.rglob("*"):  # save_pretrained writes 0600 files
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
         replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,8 @@ def configure_env(threads: int = 0) -> None:
     # vLLM in-process: 3.5 s start-up instead of a worker process; weights can be pushed directly.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its INFO lines are pages of engine config
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

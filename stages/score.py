@@ -148,7 +148,7 @@ def score_samples(
         "score/dropped": dropped,
         "time/reward_s": t_reward,
         "time/logprobs_s": t_logp,
-        **{f"rewards/{n}": float(np.nanmean(v)) for n, v in components.items()},
+        **{f"rewards/{n}": float(np.mean(v[valid])) if valid.any() else float("nan") for n, v in components.items()},
     }
     return out, stats
 

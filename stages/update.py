@@ -47,7 +47,7 @@ STATE_FILE = "trainer_state.pt"
 def policy_loss(logp, old_logp, mask, advantages, cliprange: float, aggregation: str = "sequence"):
     """Clipped REINFORCE loss and the clip fraction. logp/old_logp/mask: (B, T); advantages: (B,)."""
     if aggregation == "sequence":
-        log_ratio = (logp - old_logp).sum(-1)  # (B,)
+        log_ratio = ((logp - old_logp) * mask).sum(-1)  # (B,)
         ratio = torch.exp(log_ratio)
         unclipped = ratio * advantages
         clipped = torch.clamp(ratio, 1 - cliprange, 1 + cliprange) * advantages
@@ -133,17 +133,20 @@ class Trainer:
 
     # -- weights for the sampler
     def state_dict_for_sampler(self) -> dict[str, torch.Tensor]:
-        """Full (merged, for LoRA) weights under the base model's parameter names."""
-        if self.up.use_lora:
-            self.model.merge_adapter()
-            sd = {
-                k.replace("base_model.model.", "").replace(".base_layer", ""): v.detach().clone()
-                for k, v in self.model.state_dict().items()
-                if "lora_" not in k
-            }
-            self.model.unmerge_adapter()
-            return sd
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        """Full weights under the base model's parameter names; for LoRA, W + delta computed out of place
+        (merge/unmerge in place would drift the frozen base weights by an ulp per call)."""
+        if not self.up.use_lora:
+            return {k: v.detach() for k, v in self.model.state_dict().items()}
+        from peft.tuners.lora import LoraLayer
+
+        base = self.model.get_base_model()
+        sd = {k.replace(".base_layer", ""): v.detach() for k, v in base.state_dict().items() if "lora_" not in k}
+        with torch.no_grad():
+            for name, module in base.named_modules():
+                if isinstance(module, LoraLayer):
+                    for adapter in module.active_adapters:
+                        sd[f"{name}.weight"] = sd[f"{name}.weight"] + module.get_delta_weight(adapter)
+        return sd
 
     def _ctx(self):
         if self.autocast:
@@ -165,6 +168,8 @@ class Trainer:
         n = len(prompts)
         mb = math.ceil(n / up.num_mini_batches)
         micro = math.ceil(mb / up.gradient_accumulation_steps)
+        if up.micro_batch_size:
+            micro = min(micro, up.micro_batch_size)
         need_old = up.num_ppo_epochs > 1 or up.num_mini_batches > 1
         old: list[torch.Tensor] | None = None
         if need_old:
@@ -182,6 +187,8 @@ class Trainer:
             for m0 in range(0, n, mb):
                 mini = order[m0 : m0 + mb]
                 self.optimizer.zero_grad(set_to_none=True)
+                # token aggregation: each micro-batch's token mean is re-weighted by its share of the tokens
+                mini_tokens = max(1, sum(len(completions[i]) for i in mini))
                 for u0 in range(0, len(mini), micro):
                     idx = mini[u0 : u0 + micro]
                     logp, mask, ent = self._logp([prompts[i] for i in idx], [completions[i] for i in idx], True)
@@ -196,7 +203,8 @@ class Trainer:
                             f"update: loss is {loss.item()} at round {self.round + 1}; no step taken, the previous "
                             "checkpoint is intact; lower update.learning_rate or check the rewards for huge values"
                         )
-                    (loss * len(idx) / len(mini)).backward()
+                    share = mask.sum().item() / mini_tokens if up.loss_aggregation == "token" else len(idx) / len(mini)
+                    (loss * share).backward()
                     tokens += int(mask.sum())
                     stats["loss"].append(loss.item())
                     stats["clip_frac"].append(clip.item())
@@ -210,6 +218,7 @@ class Trainer:
                 if not torch.isfinite(gn):
                     raise PipelineError(f"update: gradient norm is {gn.item()} at round {self.round + 1}; no step taken; lower update.learning_rate")
                 stats["grad_norm"].append(float(gn))
+                lr_used = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()
                 self.scheduler.step()
         self.round += 1
@@ -221,9 +230,9 @@ class Trainer:
             "entropy": mean(stats["entropy"]),
             "clip_ratio": mean(stats["clip_frac"]),
             "policy/approx_kl": mean(stats["approx_kl"]),
-            "learning_rate": self.scheduler.get_last_lr()[0],
+            "learning_rate": lr_used,
             "time/update_s": seconds,
-            "update/tokens_per_s": tokens * up.num_ppo_epochs / max(seconds, 1e-9) / max(up.num_ppo_epochs, 1),
+            "update/tokens_per_s": tokens / max(seconds, 1e-9),  # trained tokens (all epochs) per second
         }
 
     # -- checkpoints

@@ -206,12 +206,6 @@ def test_read_corrupt_jsonl(tmp_path):
     assert one_line(exc).startswith(f"{path}: cannot be read")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="bug: stages/io.py read_table: `str(exc).splitlines()[0]` raises IndexError when a reader's exception "
-    "has an empty message; use `next(iter(str(exc).splitlines()), '')`",
-)
 def test_read_error_with_empty_message(tmp_path, monkeypatch):
     path = tmp_path / "samples.parquet"
     samples_frame().write_parquet(path)

@@ -103,12 +103,6 @@ def test_overrides(tmp_path, data):
         load_params(path, {"advantage.estimator": "nope"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="bug: stages/params.py load_params: `data.setdefault(section, {})[field] = value` raises TypeError "
-    "(not PipelineError) when the section is present but empty (YAML null) in the file",
-)
 def test_override_into_empty_section_is_a_pipeline_error_or_works(tmp_path, data):
     data["advantage"] = None  # `advantage:` with every key commented out
     path = write_yaml(tmp_path / "p.yaml", data)

@@ -186,7 +186,7 @@ def test_prepare_with_local_model(tmp_path, tiny_model_dir, fmt):
     dest = Path(params.base.model_dir)
     assert model_files(tiny_model_dir) <= model_files(dest)
     assert (dest / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
-    assert json.loads((dest / "prepare.json").read_text()) == {"source": f"dir:{tiny_model_dir.resolve()}"}
+    assert json.loads((dest / "prepare.json").read_text())["source"].startswith(f"dir:{tiny_model_dir.resolve()}:")
     assert [p.name for p in dest.parent.iterdir()] == ["base"]  # no staging dir left behind
 
     train = read_table(out / "train.parquet", PROMPTS)
@@ -232,14 +232,9 @@ def test_prepare_model_is_skipped_when_up_to_date(tmp_path, tiny_model_dir, tiny
     params2 = params_for(tmp_path, other, "unused.csv")
     prepare_model(params2)
     assert weights.read_bytes() == (other / "model.safetensors").read_bytes()
-    assert json.loads((dest / "prepare.json").read_text())["source"] == f"dir:{other.resolve()}"
+    assert json.loads((dest / "prepare.json").read_text())["source"].startswith(f"dir:{other.resolve()}:")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: stages/prepare.py prepare_model: source_id for a local dir is only its path (`dir:{resolved}`), "
-    "so a model re-saved in place is never copied again; add a fingerprint (file names, sizes, mtimes) to source_id",
-)
 def test_prepare_model_recopies_a_changed_source(tmp_path, tiny_model_factory):
     src = tiny_model_factory(tmp_path / "user_model", seed=0)
     params = params_for(tmp_path, src, "unused.csv")
@@ -297,11 +292,6 @@ def test_base_model_without_tokenizer_leaves_no_model_dir(tmp_path, tiny_model_d
     assert list(models.iterdir()) == []  # neither base/ nor a staging dir
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: stages/models.py:43 (also :33, :63) puts the full `{exc}` in the PipelineError; transformers' "
-    "messages span several lines, so `error: ...` is not one line; keep only the first line of str(exc)",
-)
 def test_tokenizer_error_is_one_line(tmp_path, tiny_model_dir):
     params = params_for(tmp_path, no_tokenizer_model(tmp_path, tiny_model_dir), "unused.csv")
     with pytest.raises(PipelineError) as exc:
@@ -385,12 +375,6 @@ def test_gguf_prepare_is_a_no_op_the_second_time(smollm2_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: stages/prepare.py convert_gguf/prepare_model: transformers' save_pretrained writes "
-    "model.safetensors with mode 0600, which prepare keeps; chmod the staged files to 0o666 & ~umask "
-    "before replace_dir (as stages.io.atomic_path does)",
-)
 def test_gguf_model_file_permissions(smollm2_dir):
     path, _ = smollm2_dir
     mask = os.umask(0)

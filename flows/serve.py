@@ -1,0 +1,32 @@
+"""Serve the training flow on a schedule from this process: the single-machine alternative to
+`prefect deploy` + a worker (see prefect.yaml).
+
+    python -m flows.serve --cron "0 2 * * *"        # runs until stopped; trigger runs from the UI too
+
+`flow.serve` needs a Prefect API (a local `prefect server start`, or Prefect Cloud) and, since vLLM
+spawns, the `if __name__ == "__main__":` guard below.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from flows.train import train_flow
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--name", default="rloo-serve")
+    parser.add_argument("--cron", default="0 2 * * *", help="schedule (UTC); '' for manual runs only")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    train_flow.serve(
+        name=args.name,
+        cron=args.cron or None,
+        parameters={"params_path": args.params},
+        global_limit=1,  # one training run at a time
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""End to end: `dvc repro` for real in a temporary git repo (tiny model, 2 rounds), then `dvc exp run -S`."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from project import BIN, make_project, run, run_env
+
+from stages.io import read_table
+from stages.schemas import ADVANTAGES, SAMPLES, SCORES
+
+pytestmark = pytest.mark.slow
+K, PER_ROUND, ROUNDS = 3, 3, 2
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("e2e")
+    proj = make_project(root, tiny_model_dir)
+    env = run_env(root)
+    out = run([str(BIN / "dvc"), "repro"], proj, env)
+    return root, proj, env, out
+
+
+def test_every_round_has_valid_artifacts(repro):
+    _, proj, _, out = repro
+    for stage in ("prepare", "train", "evaluate", "report"):
+        assert f"Running stage '{stage}'" in out.stdout
+    rounds = sorted((proj / "data" / "rounds").glob("round=*"))
+    assert [d.name for d in rounds] == [f"round={r:04d}" for r in range(ROUNDS)]
+    for r, d in enumerate(rounds):
+        samples = read_table(d / "samples.parquet", SAMPLES)
+        scores = read_table(d / "scores.parquet", SCORES)
+        advs = read_table(d / "advantages.parquet", ADVANTAGES)
+        assert samples.height == scores.height == advs.height == K * PER_ROUND
+        assert samples["policy_version"].unique().to_list() == [r]
+        assert (samples["num_tokens"] == samples["completion_token_ids"].list.len()).all()
+        sums = advs.group_by("prompt_id").agg(s=pl.col("advantage").sum())
+        assert sums["s"].abs().max() < 1e-9  # leave-one-out advantages sum to zero per prompt
+        manifest = json.loads((d / "manifest.json").read_text())
+        assert manifest["round"] == r and manifest["rows"]["advantages"] == K * PER_ROUND
+        assert {"reward", "kl", "loss", "grad_norm", "entropy", "advantage_std"} <= set(manifest["metrics"])
+    assert (proj / "models" / "policy" / "model.safetensors").is_file()
+    assert (proj / "models" / "policy" / "trainer_state.pt").is_file()
+
+
+def test_metrics_plots_and_report(repro):
+    _, proj, env, _ = repro
+    train = json.loads((proj / "metrics" / "train.json").read_text())
+    assert train["rounds"] == ROUNDS and "reward" in train and "kl" in train
+    ev = json.loads((proj / "metrics" / "eval.json").read_text())
+    assert {"reward", "ref_reward", "win_rate", "kl", "mean_length"} <= set(ev)
+    assert 0.0 <= ev["win_rate"] <= 1.0 and ev["prompts"] == 4
+    csv = (proj / "plots" / "train.csv").read_text().splitlines()
+    assert csv[0].startswith("round,reward") and len(csv) == ROUNDS + 1
+    html = (proj / "reports" / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], proj, env)
+    assert "win_rate" in shown.stdout and "reward" in shown.stdout
+
+
+def test_mlflow_run_has_history_params_and_tags(repro):
+    from mlflow.tracking import MlflowClient
+
+    root, _, _, _ = repro
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name("rloo-pipeline")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run_ = runs[0]
+    assert run_.info.status == "FINISHED"
+    history = client.get_metric_history(run_.info.run_id, "reward")
+    assert sorted(m.step for m in history) == list(range(1, ROUNDS + 1))
+    for key in ("kl", "loss", "grad_norm", "entropy", "advantage_std", "completions/mean_length", "time/sample_s"):
+        assert client.get_metric_history(run_.info.run_id, key), key
+    assert run_.data.params["advantage.estimator"] == "rloo"
+    assert run_.data.tags.get("dvc_stage") == "train"
+    assert run_.data.tags.get("prefect_flow_run_id")
+    arts = [a.path for a in client.list_artifacts(run_.info.run_id, "completions")]
+    assert len(arts) == ROUNDS
+
+
+def test_exp_run_reruns_only_dependent_stages(repro):
+    _, proj, env, _ = repro
+    out = run([str(BIN / "dvc"), "exp", "run", "-S", "evaluate.num_examples=1"], proj, env)
+    assert "Running stage 'evaluate'" in out.stdout
+    assert "Running stage 'train'" not in out.stdout
+    assert "Running stage 'prepare'" not in out.stdout
+    shown = run([str(BIN / "dvc"), "exp", "show", "--json"], proj, env)
+    assert "win_rate" in shown.stdout

@@ -1,0 +1,391 @@
+"""stages.update: policy_loss against the plain REINFORCE loss and by hand (clip, token aggregation), the Trainer
+on the tiny model (direction of a step, zero advantages, gradient accumulation, PPO epochs, LoRA, save/resume,
+bad checkpoints, NaN loss), training_batch, and the CLI writing a checkpoint transformers loads."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from conftest import make_tiny_model
+from stages.errors import PipelineError
+from stages.io import write_table
+from stages.logprobs import sequence_logprobs
+from stages.params import parse_params
+from stages.schemas import ADVANTAGES, SAMPLES
+from stages.update import STATE_FILE, Trainer, load_trainer, policy_loss, training_batch
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+EPS = 0.2
+
+# (prompt_id, sample_idx, user prompt, completion words, finish_reason); "stop" rows end with <eos>.
+ROWS = [
+    ("p0", 0, "write a short review of a film you liked", "the movie was great", "stop"),
+    ("p0", 1, "write a short review of a film you liked", "a dull film with a terrible plot and the acting", "length"),
+    ("p1", 0, "tell me about the best movie", "i loved it", "stop"),
+    ("p1", 1, "tell me about the best movie", "the story is slow but the ending is good", "length"),
+]
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+
+def make_params(model_dir, **update):
+    data = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+    data["base"].update(model_dir=str(model_dir), device="cpu", threads=1)
+    data["update"].update({"learning_rate": 1e-2, "weight_decay": 0.0, "bf16_autocast": False, **update})
+    return parse_params(data, "test-params")
+
+
+def make_samples(tokenizer, rows=ROWS) -> pl.DataFrame:
+    cols: dict[str, list] = {c: [] for c in SAMPLES}
+    for pid, k, prompt, words, finish in rows:
+        ids = tokenizer(words, add_special_tokens=False)["input_ids"] if words else []
+        if finish == "stop":
+            ids = ids + [tokenizer.eos_token_id]
+        cols["prompt_id"].append(pid)
+        cols["sample_idx"].append(k)
+        cols["prompt_text"].append(
+            tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        )
+        cols["completion"].append(words)
+        cols["completion_token_ids"].append(ids)
+        cols["sampler_logprobs"].append([-1.5] * len(ids))
+        cols["num_tokens"].append(len(ids))
+        cols["finish_reason"].append(finish)
+        cols["policy_version"].append(0)
+    return pl.DataFrame(cols, schema=SAMPLES)
+
+
+def make_advantages(samples: pl.DataFrame, advantages: list[float]) -> pl.DataFrame:
+    n = samples.height
+    return samples.select("prompt_id", "sample_idx").with_columns(
+        pl.Series("rlhf_reward", [0.0] * n, dtype=pl.Float64),
+        pl.Series("baseline", [0.0] * n, dtype=pl.Float64),
+        pl.Series("advantage", advantages, dtype=pl.Float64),
+        pl.lit("rloo").alias("estimator"),
+    )
+
+
+def make_batch(trainer: Trainer, advantages: list[float], rows=ROWS) -> pl.DataFrame:
+    samples = make_samples(trainer.tokenizer, rows)
+    return training_batch(samples, make_advantages(samples, advantages))
+
+
+def batch_logprobs(model, tokenizer, batch: pl.DataFrame) -> list[float]:
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in batch["prompt_text"]]
+    completions = [list(c) for c in batch["completion_token_ids"]]
+    return sequence_logprobs(model, prompts, completions, tokenizer.pad_token_id)[0]
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def capture_grads(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
+    """The gradients seen by each optimizer step (after accumulation and clipping)."""
+    seen: list[dict[str, torch.Tensor]] = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(
+            {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        )
+    )
+    return seen
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+# --- policy_loss: pure math --------------------------------------------------------------------------------
+
+
+def _random_logp(seed=0, B=4, T=6):
+    g = torch.Generator().manual_seed(seed)
+    leaf = (-torch.rand(B, T, generator=g) * 3).requires_grad_()
+    lengths = [6, 3, 1, 4][:B]
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    adv = torch.tensor([1.5, -0.7, 0.3, -2.0][:B])
+    return leaf, mask, adv
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token"])
+def test_ratio_one_gives_the_reinforce_gradient(aggregation):
+    leaf, mask, adv = _random_logp()
+    logp = leaf * mask  # as token_logprobs returns it: 0 at padding
+    loss, clip = policy_loss(logp, logp.detach(), mask, adv, EPS, aggregation)
+    (got,) = torch.autograd.grad(loss, leaf)
+    logp2 = leaf * mask
+    if aggregation == "sequence":
+        reinforce = -(adv * logp2.sum(-1)).mean()  # -mean_i(A_i * sum_t logp_it)
+        assert loss.item() == pytest.approx(-adv.mean().item())  # value at ratio 1: -mean(A)
+    else:
+        reinforce = -(adv[:, None] * logp2).sum() / mask.sum()
+        assert loss.item() == pytest.approx(-(adv[:, None] * mask).sum().item() / mask.sum().item())
+    (want,) = torch.autograd.grad(reinforce, leaf)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert got[~mask].abs().max() == 0  # nothing flows into padding
+    assert clip.item() == 0.0
+
+
+def test_sequence_clip_binds_and_is_counted():
+    # log-ratios +-0.5: ratio e^0.5 = 1.65 > 1.2 and e^-0.5 = 0.61 < 0.8
+    log_ratio = torch.tensor([0.5, 0.5, -0.5, -0.5, 0.1])
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0, 2.0])
+    leaf = torch.full((5, 2), -1.0, requires_grad=True)
+    mask = torch.tensor([[True, True]] * 4 + [[True, False]])
+    logp = leaf * mask
+    old = (logp.detach() - torch.stack([log_ratio, torch.zeros(5)], -1) * mask)
+    loss, clip = policy_loss(logp, old, mask, adv, EPS, "sequence")
+    r = [math.exp(x) for x in log_ratio.tolist()]
+    # row 0: A>0, r>1+eps -> clipped (1.2); row 1: A<0, r>1+eps -> unclipped (-r); row 2: A<0, r<1-eps -> clipped
+    # (-0.8); row 3: A>0, r<1-eps -> unclipped (r); row 4: inside the range -> r*A
+    terms = [1.2, -r[1], -0.8, r[3], 2 * r[4]]
+    assert loss.item() == pytest.approx(-sum(terms) / 5, rel=1e-6)
+    assert clip.item() == pytest.approx(2 / 5)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    # d(-min)/d logp_it = -A_i r_i / B where unclipped binds, 0 where the clip binds, 0 at padding
+    want = torch.tensor([[0.0, 0.0], [r[1] / 5] * 2, [0.0, 0.0], [-r[3] / 5] * 2, [-2 * r[4] / 5, 0.0]])
+    torch.testing.assert_close(grad, want.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_token_aggregation_by_hand():
+    logp_v = [[-1.0, -2.0, -0.5], [-3.0, -1.0, 0.0]]
+    old_v = [[-1.0, -2.5, -0.2], [-2.0, -1.1, 0.0]]
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    adv = [2.0, -1.0]
+    leaf = torch.tensor(logp_v, requires_grad=True)
+    loss, clip = policy_loss(leaf * mask, torch.tensor(old_v), mask, torch.tensor(adv), EPS, "token")
+
+    n = 5
+    total, clipped, grad = 0.0, 0, [[0.0] * 3 for _ in range(2)]
+    for i in range(2):
+        for t in range(3):
+            if not mask[i, t]:
+                continue
+            r = math.exp(logp_v[i][t] - old_v[i][t])
+            a = adv[i]
+            unc, clp = r * a, min(max(r, 1 - EPS), 1 + EPS) * a
+            total += min(unc, clp)
+            if clp < unc:
+                clipped += 1
+            else:
+                grad[i][t] = -a * r / n
+    assert clipped == 2  # (0, 1): A>0, r=1.65; (1, 0): A<0, r=0.37
+    assert loss.item() == pytest.approx(-total / n, rel=1e-6)
+    assert clip.item() == pytest.approx(clipped / n)
+    (g,) = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(g, torch.tensor(grad), rtol=1e-5, atol=1e-7)
+
+
+# --- Trainer -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_step_moves_the_logprob_with_the_advantage(tiny_model_dir, sign):
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir), CPU)
+    batch = make_batch(trainer, [sign], ROWS[:1])
+    before = batch_logprobs(trainer.model, trainer.tokenizer, batch)[0]
+    stats = trainer.step(batch)
+    after = batch_logprobs(trainer.model, trainer.tokenizer, batch)[0]
+    assert (after - before) * sign > 0.1, (before, after)
+    assert stats["loss"] == pytest.approx(-sign)  # -mean(A * ratio), ratio 1
+    assert stats["clip_ratio"] == 0.0 and stats["policy/approx_kl"] == 0.0
+    assert stats["grad_norm"] > 0 and stats["learning_rate"] == pytest.approx(1e-2)
+    assert trainer.round == 1
+
+
+def test_zero_advantages_leave_weights_unchanged(tiny_model_dir):
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir), CPU)
+    before = weights(trainer.model)
+    stats = trainer.step(make_batch(trainer, [0.0] * len(ROWS)))
+    assert stats["grad_norm"] == 0.0
+    after = weights(trainer.model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def _accumulated(model_dir, gas, aggregation):
+    trainer = Trainer(str(model_dir), make_params(model_dir, gradient_accumulation_steps=gas, max_grad_norm=0.0,
+                                                  loss_aggregation=aggregation), CPU)
+    before = weights(trainer.model)
+    grads = capture_grads(trainer)
+    trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    assert len(grads) == 1  # one mini-batch, one optimizer step
+    return before, grads[0], weights(trainer.model)
+
+
+def _check_accumulation(model_dir, aggregation):
+    w0, g1, w1 = _accumulated(model_dir, 1, aggregation)
+    _, g2, w2 = _accumulated(model_dir, 2, aggregation)
+    for n in g1:
+        assert rel(g2[n], g1[n]) < 1e-5, n
+        # AdamW's first step is ~lr*sign(g): elements with |g| ~ adam eps amplify float noise, so compare the
+        # update as a whole
+        assert rel(w2[n] - w0[n], w1[n] - w0[n]) < 1e-4, n
+
+
+def test_gradient_accumulation_matches_one_micro_batch(tiny_model_dir):
+    _check_accumulation(tiny_model_dir, "sequence")
+
+
+def test_gradient_accumulation_matches_one_micro_batch_token_level(tiny_model_dir):
+    _check_accumulation(tiny_model_dir, "token")
+
+
+def test_ppo_epochs_and_mini_batches(tiny_model_dir):
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir, num_ppo_epochs=2, num_mini_batches=2), CPU)
+    grads = capture_grads(trainer)
+    stats = trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    assert len(grads) == 4  # 2 epochs x 2 mini-batches
+    assert "clip_ratio" in stats and 0.0 <= stats["clip_ratio"] <= 1.0
+    assert stats["clip_ratio"] > 0  # lr 1e-2 moves the ratios well past 1 +- 0.2 in the later steps
+    assert stats["policy/approx_kl"] > 0
+    assert all(math.isfinite(stats[k]) for k in ("loss", "grad_norm", "entropy"))
+    state = trainer.optimizer.state_dict()["state"]
+    assert {int(s["step"]) for s in state.values()} == {4}
+    assert trainer.scheduler.last_epoch == 4
+
+
+def lora_params(model_dir, **kw):
+    return make_params(model_dir, use_lora=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"], **kw)
+
+
+def test_lora_trains_only_the_adapters(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    trainer = Trainer(str(tiny_model_dir), lora_params(tiny_model_dir), CPU)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == {"q_proj", "v_proj"}
+    before = weights(trainer.model)
+    trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    after = weights(trainer.model)
+    for n in before:
+        if "lora_" not in n:
+            assert torch.equal(before[n], after[n]), n  # base weights bit-identical
+    assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    sd = trainer.state_dict_for_sampler()
+    assert set(sd) == set(plain.state_dict())
+    # the merged weights are the adapted model: a plain model with them gives the same logits
+    plain.load_state_dict(sd)
+    ids = torch.tensor([trainer.tokenizer("<user> the movie was great <eos> <assistant> i loved it")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, trainer.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits,
+                                  plain(input_ids=ids).logits, atol=1e-4)
+
+
+def test_lora_state_dict_for_sampler_leaves_base_weights_bit_identical(tiny_model_dir):
+    trainer = Trainer(str(tiny_model_dir), lora_params(tiny_model_dir), CPU)
+    trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    before = weights(trainer.model)
+    trainer.state_dict_for_sampler()
+    after = weights(trainer.model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_save_and_resume_continue_identically(tiny_model_dir, tmp_path, use_lora):
+    params = lora_params(tiny_model_dir) if use_lora else make_params(tiny_model_dir)
+    a, _ = load_trainer(params, CPU)
+    batch = make_batch(a, [1.0, -0.5, 0.3, 2.0])
+    a.step(batch)
+    ckpt = a.save(tmp_path / "ckpt", extra={"note": "after step 1"})
+    assert (ckpt / STATE_FILE).is_file() and (ckpt / "config.json").is_file()
+    a.step(batch)
+
+    b, extra = load_trainer(params, CPU, resume_from=ckpt)
+    assert extra == {"note": "after step 1"} and b.round == 1
+    b.step(batch)
+    assert b.round == a.round == 2
+    wa, wb = weights(a.model), weights(b.model)
+    assert set(wa) == set(wb)
+    for n in wa:
+        torch.testing.assert_close(wb[n], wa[n], rtol=0, atol=1e-6, msg=n)
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert [int(s["step"]) for s in sa.values()] == [int(s["step"]) for s in sb.values()]
+    assert {int(s["step"]) for s in sb.values()} == {2}
+    assert a.scheduler.state_dict() == b.scheduler.state_dict()
+
+
+def test_corrupt_trainer_state_is_a_pipeline_error(tiny_model_dir, tmp_path):
+    params = make_params(tiny_model_dir)
+    trainer, _ = load_trainer(params, CPU)
+    ckpt = trainer.save(tmp_path / "ckpt")
+    (ckpt / STATE_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(PipelineError, match=rf"{STATE_FILE}: corrupt checkpoint"):
+        load_trainer(params, CPU, resume_from=ckpt)
+
+
+def test_checkpoint_of_a_different_base_is_rejected(tiny_model_dir, tmp_path):
+    other = make_tiny_model(tmp_path / "other", hidden_size=32)
+    trainer, _ = load_trainer(make_params(other), CPU)
+    ckpt = trainer.save(tmp_path / "ckpt")
+    with pytest.raises(PipelineError, match="checkpoint is from a different base model"):
+        load_trainer(make_params(tiny_model_dir), CPU, resume_from=ckpt)
+
+
+def test_nan_advantage_stops_before_any_step(tiny_model_dir):
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir), CPU)
+    before = weights(trainer.model)
+    with pytest.raises(PipelineError, match=r"update: loss is nan at round 1"):
+        trainer.step(make_batch(trainer, [1.0, float("nan"), 0.3, 2.0]))
+    after = weights(trainer.model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert trainer.round == 0 and not trainer.optimizer.state
+
+
+def test_training_batch_joins_and_rejects_orphan_advantages(tiny_model_dir):
+    from stages.models import load_tokenizer
+
+    samples = make_samples(load_tokenizer(tiny_model_dir))
+    adv = make_advantages(samples, [1.0, 2.0, 3.0, 4.0]).filter(pl.col("sample_idx") == 1)  # p0/0, p1/0 dropped
+    batch = training_batch(samples, adv)
+    assert list(zip(batch["prompt_id"], batch["sample_idx"], batch["advantage"])) == [("p0", 1, 2.0), ("p1", 1, 4.0)]
+    assert batch["completion_token_ids"].to_list() == samples.filter(pl.col("sample_idx") == 1)["completion_token_ids"].to_list()
+    orphan = pl.concat([adv, make_advantages(samples.head(1), [9.0]).with_columns(pl.lit("p9").alias("prompt_id"))])
+    with pytest.raises(PipelineError, match=r"prompt_id=p9 sample_idx=0 has no matching sample"):
+        training_batch(samples, orphan)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_writes_a_checkpoint_transformers_loads(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.models import load_tokenizer
+
+    samples = make_samples(load_tokenizer(tiny_model_dir))
+    s, a, out = tmp_path / "samples.parquet", tmp_path / "adv.parquet", tmp_path / "policy"
+    write_table(samples, s, SAMPLES)
+    write_table(make_advantages(samples, [1.0, -1.0, 0.5, -0.5]), a, ADVANTAGES)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(make_params(tiny_model_dir).model_dump(mode="json")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.update", "--params", str(params), "--samples", str(s), "--advantages", str(a),
+         "--out", str(out)], cwd=REPO, capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / STATE_FILE).is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert AutoTokenizer.from_pretrained(out).pad_token == "<pad>"
+    changed = [n for n, p in model.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert changed  # the update moved the weights
+    assert torch.load(out / STATE_FILE, weights_only=False)["round"] == 1
