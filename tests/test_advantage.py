@@ -74,7 +74,7 @@ def test_polars_torch_and_loop_agree(drop):
 
     polars_adv = compute_advantages(df, AdvantageParams(), None)[0]["advantage"].to_list()
     assert polars_adv == pytest.approx(expected, abs=TOL)
-    assert rloo_polars(df)["advantage"].to_list() == polars_adv  # the stage's path is the benchmarked kernel
+    assert rloo_polars(df)["advantage"].to_list() == pytest.approx(polars_adv, abs=1e-12)  # the stage path = the benchmarked kernel (sum order may differ)
 
     group = torch.from_numpy(df["prompt_id"].rank("dense").cast(pl.Int64).to_numpy() - 1)  # (N,)
     r = torch.tensor(rewards, dtype=torch.float64)

