@@ -25,6 +25,8 @@ def configure_env(threads: int = 0) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # the temporary API server of a plain `python -m flows.train` can take >20 s to start on a busy 2-core box
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def setup_torch(device: str = "auto", threads: int = 0, seed: int | None = None):
