@@ -4,6 +4,7 @@ uninterrupted run ends (same rounds, same prompts, same completions)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ import time
 import polars as pl
 import pytest
 import yaml
-from project import BIN, PY, make_project, run, run_env
+from project import PY, make_project, run, run_env
 
 pytestmark = pytest.mark.slow
 ROUNDS = 3
@@ -40,14 +41,16 @@ def test_sigkill_mid_round_resumes(tmp_path, tiny_model_dir):
 
     # Interrupted run: SIGKILL once round 2 has written its samples (mid-round: no manifest yet).
     rounds = proj / "data" / "rounds"
-    proc = subprocess.Popen([PY, "-m", "flows.train"], cwd=proj, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its own process group, so the SIGKILL also takes its temporary Prefect API server (as a killed job would).
+    proc = subprocess.Popen([PY, "-m", "flows.train"], cwd=proj, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(rounds / "round=0001" / "samples.parquet", proc)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
     assert (rounds / "round=0000" / "manifest.json").is_file()
     assert not (rounds / "round=0001" / "manifest.json").exists()
 

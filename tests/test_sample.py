@@ -9,6 +9,8 @@ equal the transformers model's own (`stages.logprobs.sequence_logprobs`) to ~1e-
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import subprocess
 import sys
@@ -50,8 +52,7 @@ def fp32_params(**sample):
 
 
 def eos_ids_of(tokenizer, model_dir: Path) -> set[int]:
-    import json
-
+    """The ids that end a completion: generation_config's eos_token_id(s) and the tokenizer's EOS."""
     gen = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id")
     ids = set(gen if isinstance(gen, list) else [gen]) | {tokenizer.eos_token_id}
     return {i for i in ids if i is not None}
@@ -108,7 +109,7 @@ def max_logprob_diff(model, prompt_ids: dict[str, list[int]], df: pl.DataFrame, 
 
 def test_prompt_seed_is_deterministic_and_spread():
     assert prompt_seed(SEED, 0, "abc") == prompt_seed(SEED, 0, "abc")
-    assert prompt_seed(SEED, 0, "abc") == int(__import__("hashlib").sha1(b"42:0:abc").hexdigest()[:8], 16)
+    assert prompt_seed(SEED, 0, "abc") == int(hashlib.sha1(b"42:0:abc").hexdigest()[:8], 16)
     seeds = {prompt_seed(SEED, r, p) for r in range(10) for p in ("a", "b", "c", "d", "e")}
     assert len(seeds) == 50  # every (round, prompt) pair gets its own seed
     assert prompt_seed(SEED, 0, "a") != prompt_seed(SEED + 1, 0, "a")
@@ -118,7 +119,8 @@ def test_prompt_seed_is_deterministic_and_spread():
 def test_samples_frame_matches_the_contract():
     prompts = prompts_frame(["first prompt", "second prompt"], None)
     groups = [
-        [Completion("a b", [5, 6, 2], [-0.5, -1.0, -0.25], "stop"), Completion("c d e", [7, 8, 9], [-1.0, -2.0, -3.0], "length")],
+        [Completion("a b", [5, 6, 2], [-0.5, -1.0, -0.25], "stop"),
+         Completion("c d e", [7, 8, 9], [-1.0, -2.0, -3.0], "length")],
         [Completion("", [2], [-0.125], "stop"), Completion("x", [10, 11, 12], [-0.5, -0.5, -0.5], "length")],
     ]
     df = samples_frame(prompts, ["<p1>", "<p2>"], groups, policy_version=3)
@@ -277,59 +279,66 @@ def sample_cli(*args) -> subprocess.CompletedProcess:
     )
 
 
+class CliCase:
+    """Inputs of one CLI run in tmp_path: params.yaml (k=2, max_completion_length=6, fp32), 3 prompts, out path."""
+
+    def __init__(self, tmp_path: Path):
+        self.params = tmp_path / "params.yaml"
+        self.params.write_text(
+            yaml.safe_dump(repo_params_data(sample={"k": 2, "max_completion_length": 6, "dtype": "float32"}))
+        )
+        self.prompts = write_table(prompts_frame(TINY_CORPUS[4:7], None), tmp_path / "prompts.parquet", PROMPTS)
+        self.out = tmp_path / "out" / "samples.parquet"
+
+    def argv(self, model, prompts=None, *extra) -> list[str]:
+        args = ["--params", self.params, "--prompts", prompts or self.prompts, "--out", self.out, "--model", model]
+        return [str(a) for a in (*args, "--backend", "hf", *extra)]
+
+
 @pytest.fixture
-def cli_inputs(tmp_path):
-    """(params.yaml with small k / max_completion_length, a prompts Parquet of 3 prompts, out path)."""
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(repo_params_data(sample={"k": 2, "max_completion_length": 6, "dtype": "float32"})))
-    prompts = write_table(prompts_frame(TINY_CORPUS[4:7], None), tmp_path / "prompts.parquet", PROMPTS)
-    return params, prompts, tmp_path / "out" / "samples.parquet"
+def cli(tmp_path) -> CliCase:
+    return CliCase(tmp_path)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
-    """The single `error: ...` line of a failed CLI run (and no traceback)."""
+    """The single `error: ...` line of a failed CLI run (exit code 2, no traceback)."""
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return lines[0]
 
 
-def test_cli_writes_samples(cli_inputs, tiny_model_dir):
-    params, prompts, out = cli_inputs
-    proc = sample_cli("--params", params, "--prompts", prompts, "--out", out, "--model", tiny_model_dir, "--backend", "hf", "--limit", 2)
+def test_cli_writes_samples(cli, tiny_model_dir):
+    proc = sample_cli(*cli.argv(tiny_model_dir, None, "--limit", 2))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    df = read_table(out, SAMPLES)
-    check_samples(df, read_table(prompts, PROMPTS).head(2), load_tokenizer(tiny_model_dir), 2, 6,
-                  eos_ids_of(load_tokenizer(tiny_model_dir), tiny_model_dir), text_required=False)
-    assert [p.name for p in out.parent.iterdir()] == ["samples.parquet"]  # no temporary file left
+    tok = load_tokenizer(tiny_model_dir)
+    df = read_table(cli.out, SAMPLES)
+    check_samples(df, read_table(cli.prompts, PROMPTS).head(2), tok, 2, 6, eos_ids_of(tok, tiny_model_dir),
+                  text_required=False)
+    assert [p.name for p in cli.out.parent.iterdir()] == ["samples.parquet"]  # no temporary file left
 
 
-def test_cli_missing_model(cli_inputs, tmp_path):
-    params, prompts, out = cli_inputs
+def test_cli_missing_model(cli, tmp_path):
     missing = tmp_path / "no" / "model"
-    proc = sample_cli("--params", params, "--prompts", prompts, "--out", out, "--model", missing, "--backend", "hf")
-    line = error_line(proc)
+    line = error_line(sample_cli(*cli.argv(missing)))
     assert line.startswith("error: --model:") and str(missing) in line and "does not exist" in line
-    assert not out.parent.exists()
+    assert not cli.out.parent.exists()
 
 
-def test_cli_empty_prompts(cli_inputs, tiny_model_dir, tmp_path):
-    params, _, out = cli_inputs
+def test_cli_empty_prompts(cli, tiny_model_dir, tmp_path):
     empty = write_table(prompts_frame([], None), tmp_path / "empty.parquet", PROMPTS)
-    proc = sample_cli("--params", params, "--prompts", empty, "--out", out, "--model", tiny_model_dir, "--backend", "hf")
-    assert error_line(proc).startswith("error: prompts: the prompts table is empty")
-    assert not out.parent.exists()
+    line = error_line(sample_cli(*cli.argv(tiny_model_dir, empty)))
+    assert line.startswith("error: prompts: the prompts table is empty")
+    assert not cli.out.parent.exists()
 
 
-def test_cli_model_is_not_a_causal_lm(cli_inputs, tiny_model_factory, tmp_path):
+def test_cli_model_is_not_a_causal_lm(cli, tiny_model_factory, tmp_path):
     from transformers import LlamaForSequenceClassification
 
-    params, prompts, out = cli_inputs
     rm = tiny_model_factory(tmp_path / "reward_model", cls=LlamaForSequenceClassification)
-    proc = sample_cli("--params", params, "--prompts", prompts, "--out", out, "--model", rm, "--backend", "hf")
-    line = error_line(proc)
+    line = error_line(sample_cli(*cli.argv(rm)))
     assert str(rm) in line and "LlamaForSequenceClassification, not a causal LM" in line
-    assert not out.parent.exists()
+    assert not cli.out.parent.exists()
 
 
 @pytest.mark.xfail(
@@ -339,16 +348,15 @@ def test_cli_model_is_not_a_causal_lm(cli_inputs, tiny_model_factory, tmp_path):
     "model is reported as `base.model: ...` (a params field the run did not use); pass the field through "
     "(make_sampler(..., field=...) with '--model' / 'base.model_dir' from the CLI, as it does for load_tokenizer)",
 )
-def test_cli_non_causal_error_names_the_model_option(cli_inputs, tiny_model_factory, tmp_path, monkeypatch):
+def test_cli_non_causal_error_names_the_model_option(cli, tiny_model_factory, tmp_path, monkeypatch):
     from transformers import LlamaForSequenceClassification
 
     from stages.sample.__main__ import main
 
     monkeypatch.setattr("stages.runtime.configure_env", lambda threads=0: None)  # keep this process's env
-    params, prompts, out = cli_inputs
     rm = tiny_model_factory(tmp_path / "reward_model", cls=LlamaForSequenceClassification)
     with pytest.raises(PipelineError) as exc:
-        main(["--params", str(params), "--prompts", str(prompts), "--out", str(out), "--model", str(rm), "--backend", "hf"])
+        main(cli.argv(rm))  # in-process: the same code path as the subprocess above, without its start-up
     assert str(exc.value).startswith("--model:")
 
 
@@ -449,9 +457,11 @@ def check_stop_string(df: pl.DataFrame, tokenizer, stop: str, max_tokens: int, e
     hits = 0
     for row in df.iter_rows(named=True):
         ids = row["completion_token_ids"]
-        where = f"{row['prompt_id']}/{row['sample_idx']}: {ids} {row['finish_reason']} {row['sampler_logprobs'][-1]:.2f}"
-        assert len(ids) == len(row["sampler_logprobs"]) == row["num_tokens"] <= max_tokens, where
-        assert stop not in tokenizer.decode(ids[:-1], skip_special_tokens=True), f"tokens after the stop string: {where}"
+        lps = row["sampler_logprobs"]
+        where = f"{row['prompt_id']}/{row['sample_idx']}: {ids} {row['finish_reason']} (last logprob {lps[-1]:.2f})"
+        assert len(ids) == len(lps) == row["num_tokens"] <= max_tokens, where
+        before_last = tokenizer.decode(ids[:-1], skip_special_tokens=True)
+        assert stop not in before_last, f"tokens after the stop string: {where}"
         on_stop = stop in tokenizer.decode(ids, skip_special_tokens=True)
         hits += on_stop
         want = "stop" if on_stop or ids[-1] in eos else "length"
@@ -493,33 +503,51 @@ def hf_greedy(model, prompt_ids: list[list[int]], tok, max_tokens: int = MAX_TOK
         with torch.no_grad():
             out = model.generate(
                 input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
             )
         outs.append(out[0, len(ids):].tolist())
     return outs
 
 
 def vllm_greedy(sampler, prompt_ids: list[list[int]]) -> list[list[int]]:
-    groups = sampler.generate(prompt_ids, GenerationConfig(k=1, max_tokens=MAX_TOKENS, greedy=True), [0] * len(prompt_ids))
+    cfg = GenerationConfig(k=1, max_tokens=MAX_TOKENS, greedy=True)
+    groups = sampler.generate(prompt_ids, cfg, [0] * len(prompt_ids))
     return [g[0].token_ids for g in groups]
 
 
 @pytest.fixture(scope="module")
-def base_greedy(vllm_sampler, ref_model, base_tok, review_ids):
-    """vLLM's greedy output under the base weights, checked against transformers'."""
-    got = vllm_greedy(vllm_sampler, list(review_ids.values()))
-    assert got == hf_greedy(ref_model, list(review_ids.values()), base_tok)
+def update_prompts(review_prompts, base_tok) -> pl.DataFrame:
+    """The review prompts plus one longer than a CPU KV block (128 tokens): only a prompt that fills a block is
+    prefix-cached, so only it shows KV left over from the old weights when the cache is not reset."""
+    texts = clean_prompts(read_table(REPO / "data/prompts/movie_reviews.jsonl"), "movie_reviews.jsonl")
+    long = prompts_frame([" ".join(texts[N_PROMPTS : N_PROMPTS + 8])], None)
+    n = len(tokenize_prompts(base_tok, long)[1][0])
+    assert 160 <= n <= 512 - MAX_TOKENS, n
+    return pl.concat([review_prompts, long])
+
+
+@pytest.fixture(scope="module")
+def update_ids(base_tok, update_prompts) -> dict[str, list[int]]:
+    return dict(zip(update_prompts["prompt_id"], tokenize_prompts(base_tok, update_prompts)[1]))
+
+
+@pytest.fixture(scope="module")
+def base_greedy(vllm_sampler, ref_model, base_tok, update_ids):
+    """vLLM's greedy output under the base weights (checked against transformers'); leaves the prompts cached."""
+    got = vllm_greedy(vllm_sampler, list(update_ids.values()))
+    assert got == hf_greedy(ref_model, list(update_ids.values()), base_tok)
     return got
 
 
 @pytest.fixture(scope="module")
-def trained(ref_model, base_tok, review_ids):
-    """A fp32 copy of the base model after a few SGD steps towards TARGET + EOS on every review prompt,
-    and its transformers greedy output."""
+def trained(ref_model, base_tok, update_ids):
+    """A fp32 copy of the base model after a few SGD steps towards TARGET + EOS on every prompt, and its
+    transformers greedy output."""
     model = copy.deepcopy(ref_model)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, like the engine's
     target = base_tok(TARGET, add_special_tokens=False)["input_ids"] + [base_tok.eos_token_id]
-    prompts = list(review_ids.values())
+    prompts = list(update_ids.values())
     opt = torch.optim.SGD(model.parameters(), lr=TRAIN_LR)
     model.train()
     for _ in range(TRAIN_STEPS):
@@ -532,35 +560,36 @@ def trained(ref_model, base_tok, review_ids):
     return model, hf_greedy(model, prompts, base_tok)
 
 
-def check_engine_follows(sampler, trained, base_greedy, base_tok, review_prompts, review_ids):
+def check_engine_follows(sampler, trained, base_greedy, base_tok, update_prompts, update_ids):
     model, want = trained
-    got = vllm_greedy(sampler, list(review_ids.values()))
+    got = vllm_greedy(sampler, list(update_ids.values()))
     assert got == want  # the engine decodes like the updated transformers model...
     assert all(g != b for g, b in zip(got, base_greedy))  # ...and no longer like the base model
-    sampled = run_sample(sampler, base_tok, review_prompts, k=2, max_tokens=8)
-    # a stale (pre-update) tied lm_head would show up here as logprobs of the old weights
-    assert max_logprob_diff(model, review_ids, sampled, base_tok.pad_token_id) < FP32_LOGPROB_TOL
+    sampled = run_sample(sampler, base_tok, update_prompts, k=2, max_tokens=8)
+    # a stale tied lm_head, or prompt KV cached under the old weights, shows up here as the old model's logprobs
+    assert max_logprob_diff(model, update_ids, sampled, base_tok.pad_token_id) < FP32_LOGPROB_TOL
 
 
 @pytest.mark.slow
-def test_vllm_update_weights_from_state_dict(vllm_sampler, ref_model, trained, base_greedy, base_tok, review_prompts, review_ids):
+def test_vllm_update_weights_from_state_dict(vllm_sampler, ref_model, trained, base_greedy, base_tok, update_prompts,
+                                             update_ids):
     try:
         vllm_sampler.update_weights(state_dict=trained[0].state_dict())
-        check_engine_follows(vllm_sampler, trained, base_greedy, base_tok, review_prompts, review_ids)
+        check_engine_follows(vllm_sampler, trained, base_greedy, base_tok, update_prompts, update_ids)
     finally:
         vllm_sampler.update_weights(state_dict=ref_model.state_dict())
-    assert vllm_greedy(vllm_sampler, list(review_ids.values())) == base_greedy  # restored
+    assert vllm_greedy(vllm_sampler, list(update_ids.values())) == base_greedy  # restored
 
 
 @pytest.mark.slow
-def test_vllm_update_weights_from_path(vllm_sampler, base_model_dir, trained, base_greedy, base_tok, review_prompts,
-                                       review_ids, tmp_path):
+def test_vllm_update_weights_from_path(vllm_sampler, base_model_dir, trained, base_greedy, base_tok, update_prompts,
+                                       update_ids, tmp_path):
     ckpt = tmp_path / "policy"
     trained[0].save_pretrained(ckpt, safe_serialization=True)  # tied: only embed_tokens is written
     base_tok.save_pretrained(ckpt)
     try:
         vllm_sampler.update_weights(path=str(ckpt))
-        check_engine_follows(vllm_sampler, trained, base_greedy, base_tok, review_prompts, review_ids)
+        check_engine_follows(vllm_sampler, trained, base_greedy, base_tok, update_prompts, update_ids)
     finally:
         vllm_sampler.update_weights(path=str(base_model_dir))
-    assert vllm_greedy(vllm_sampler, list(review_ids.values())) == base_greedy  # restored
+    assert vllm_greedy(vllm_sampler, list(update_ids.values())) == base_greedy  # restored
