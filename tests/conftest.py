@@ -170,3 +170,28 @@ def vllm_sampler(base_model_dir):
     sampler = make_sampler(str(base_model_dir), repo_params(sample={"dtype": "float32"}), backend="vllm")
     yield sampler
     sampler.close()
+
+
+def make_samples_table(tokenizer, rows):
+    """rows: (prompt_id, sample_idx, prompt, completion words, finish_reason). A samples table as the sample stage writes it, for the tiny tokenizer and its chat template."""
+    import polars as pl
+
+    from stages.schemas import SAMPLES
+
+    cols: dict[str, list] = {c: [] for c in SAMPLES}
+    for pid, k, prompt, words, finish in rows:
+        ids = tokenizer(words, add_special_tokens=False)["input_ids"] if words else []
+        if finish == "stop":
+            ids = ids + [tokenizer.eos_token_id]
+        cols["prompt_id"].append(pid)
+        cols["sample_idx"].append(k)
+        cols["prompt_text"].append(
+            tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        )
+        cols["completion"].append(words)
+        cols["completion_token_ids"].append(ids)
+        cols["sampler_logprobs"].append([-1.5] * len(ids))
+        cols["num_tokens"].append(len(ids))
+        cols["finish_reason"].append(finish)
+        cols["policy_version"].append(0)
+    return pl.DataFrame(cols, schema=SAMPLES)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tiny_model
+from conftest import make_samples_table, make_tiny_model
 from stages.errors import PipelineError
 from stages.io import read_table, write_table
 from stages.logprobs import sequence_logprobs
@@ -45,24 +45,7 @@ ROWS = [
 
 
 def make_samples(tokenizer, rows=ROWS) -> pl.DataFrame:
-    """A samples table as the sample stage writes it, for the tiny tokenizer and its chat template."""
-    cols: dict[str, list] = {c: [] for c in SAMPLES}
-    for pid, k, prompt, words, finish in rows:
-        ids = tokenizer(words, add_special_tokens=False)["input_ids"] if words else []
-        if finish == "stop":
-            ids = ids + [tokenizer.eos_token_id]
-        cols["prompt_id"].append(pid)
-        cols["sample_idx"].append(k)
-        cols["prompt_text"].append(
-            tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        )
-        cols["completion"].append(words)
-        cols["completion_token_ids"].append(ids)
-        cols["sampler_logprobs"].append([-1.5] * len(ids))
-        cols["num_tokens"].append(len(ids))
-        cols["finish_reason"].append(finish)
-        cols["policy_version"].append(0)
-    return pl.DataFrame(cols, schema=SAMPLES)
+    return make_samples_table(tokenizer, rows)
 
 
 def direct_logp(model, prompt_ids: list[int], completion_ids: list[int]) -> tuple[float, list[float]]:
