@@ -88,11 +88,11 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def make_sampler(model_dir: str, params, backend: str | None = None, device=None) -> Sampler:
-    """Build the configured sampler once; it stays alive across rounds."""
+def make_sampler(model_dir: str, params, backend: str | None = None, device=None, field: str = "base.model_dir") -> Sampler:
+    """Build the configured sampler once; it stays alive across rounds. `field` names the model's source in errors."""
     from stages.models import load_causal_lm_config_check
 
-    load_causal_lm_config_check(model_dir)
+    load_causal_lm_config_check(model_dir, field)
     backend = resolve_backend(backend or params.sample.backend)
     if backend == "vllm":
         from stages.sample.vllm_backend import VLLMSampler

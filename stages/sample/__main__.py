@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Validate before paying for the engine start-up.
     check_prompt_fit(prompts, tokenize_prompts(tokenizer, prompts)[1], sp.max_model_len, sp.max_completion_length)
-    sampler = make_sampler(model_dir, params, args.backend)
+    sampler = make_sampler(model_dir, params, args.backend, field="--model" if args.model else "base.model_dir")
     try:
         df, stats = sample_prompts(sampler, tokenizer, prompts, cfg, params.base.seed, args.round, 0, sp.max_model_len)
     finally:

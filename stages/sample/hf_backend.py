@@ -42,12 +42,14 @@ class HFSampler:
             input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], device=self.device)
             attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
             torch.manual_seed(seeds[start])
+            # greedy: one sequence per prompt, copied K times (transformers rejects num_return_sequences > 1)
+            n_ret = 1 if cfg.greedy else cfg.k
             gen_kwargs = dict(do_sample=False) if cfg.greedy else dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention,
                 max_new_tokens=cfg.max_tokens,
-                num_return_sequences=cfg.k,
+                num_return_sequences=n_ret,
                 output_logits=True,
                 return_dict_in_generate=True,
                 pad_token_id=pad,
@@ -62,19 +64,24 @@ class HFSampler:
             for i in range(len(batch)):
                 group = []
                 for j in range(cfg.k):
-                    row = i * cfg.k + j
+                    row = i * n_ret + (0 if cfg.greedy else j)
                     ids = new[row].tolist()
-                    n, finish = len(ids), "length"
-                    for t, tok in enumerate(ids):
-                        if tok in self.eos_ids:
-                            n, finish = t + 1, "stop"
-                            break
+                    n, finish = self._cut(ids, cfg.stop)
                     text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-                    if finish == "length" and cfg.stop and any(s in text for s in cfg.stop):
-                        finish = "stop"
                     group.append(Completion(text, ids[:n], logp[row, :n].tolist(), finish))
                 groups.append(group)
         return groups
+
+    def _cut(self, ids: list[int], stop: list[str]) -> tuple[int, str]:
+        """Tokens actually generated and why it ended. A row that ended on a stop string is padded by
+        generate() with pad_token_id, which may equal EOS: cut at the stop string first, then at EOS."""
+        n_eos = next((t + 1 for t, tok in enumerate(ids) if tok in self.eos_ids), None)
+        if stop:
+            limit = n_eos or len(ids)
+            for n in range(1, limit + 1):
+                if any(s in self.tokenizer.decode(ids[:n], skip_special_tokens=True) for s in stop):
+                    return n, "stop"
+        return (n_eos, "stop") if n_eos is not None else (len(ids), "length")
 
     def update_weights(self, state_dict=None, path: str | None = None) -> None:
         if state_dict is None:
