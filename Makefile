@@ -39,8 +39,9 @@ test: setup
 test-fast: setup
 	source $(VENV)/bin/activate && python -m pytest -m "not slow"
 
+# Needs the base model (models/base, written by `make repro` or `python -m stages.prepare`).
 bench: setup
-	source $(VENV)/bin/activate && python benchmarks/bench_advantage.py
+	source $(VENV)/bin/activate && python benchmarks/bench_advantage.py && python benchmarks/bench_sample.py
 
 clean-venv:
 	rm -rf $(VENV)
