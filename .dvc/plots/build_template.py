@@ -18,7 +18,7 @@ Get the files from the npm registry and rebuild (stdlib only):
 
 Use it with `dvc plots show --html-template .dvc/plots/offline.html`, or set it once with
 `dvc config plots.html_template plots/offline.html` (DVC joins a relative `plots.html_template` to the
-`.dvc/` directory, hence the `../`; `--html-template` on the command line is relative to the working directory).
+`.dvc/` directory; `--html-template` on the command line is relative to the working directory).
 """
 
 from __future__ import annotations
