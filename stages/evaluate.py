@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     if state.is_file():
         import torch
 
-        version = int(torch.load(state, map_location="cpu", weights_only=False).get("round", 0))
+        version = int(torch.load(state, map_location="cpu", weights_only=False, mmap=True).get("round", 0))
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(ref_dir, "score.ref_model")
     rewards = build_rewards(params.score.rewards, device=device, batch_size=params.score.batch_size)

@@ -161,9 +161,9 @@ class Trainer:
         """One round of updates on a `training_batch`: epochs x mini-batches x accumulation."""
         up = self.up
         t0 = time.perf_counter()
-        prompt_cache: dict[str, list[int]] = {}
-        prompts = [prompt_cache.setdefault(t, self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in batch["prompt_text"]]
-        completions = [list(c) for c in batch["completion_token_ids"]]
+        from stages.score import completion_inputs
+
+        prompts, completions = completion_inputs(batch, self.tokenizer)
         adv = torch.tensor(batch["advantage"].to_list(), dtype=torch.float32, device=self.device)
         n = len(prompts)
         mb = math.ceil(n / up.num_mini_batches)
@@ -310,7 +310,8 @@ def base_identity(model) -> str:
 
 def load_trainer(params, device, resume_from: str | Path | None = None, total_rounds: int | None = None) -> tuple[Trainer, dict]:
     """A trainer on the base model, or restored from `resume_from` (weights from the checkpoint dir)."""
-    if resume_from is not None and Path(resume_from, STATE_FILE).is_file() and not params.update.use_lora:
+    has_checkpoint = resume_from is not None and Path(resume_from, STATE_FILE).is_file()
+    if has_checkpoint and not params.update.use_lora:
         # full fine-tuning: the weights are the checkpoint dir itself
         trainer = Trainer(str(resume_from), params, device, total_rounds)
         from stages.models import load_config
@@ -318,7 +319,7 @@ def load_trainer(params, device, resume_from: str | Path | None = None, total_ro
         trainer.base_id = base_identity(load_config(params.base.model_dir))
         return trainer, trainer.load_state(resume_from)
     trainer = Trainer(params.base.model_dir, params, device, total_rounds)
-    extra = trainer.load_state(resume_from) if resume_from is not None and Path(resume_from, STATE_FILE).is_file() else {}
+    extra = trainer.load_state(resume_from) if has_checkpoint else {}
     return trainer, extra
 
 
