@@ -125,6 +125,7 @@ class UpdateParams(_Section):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     save_every: int = Field(1, ge=1)
+    grad_variance: bool = Field(False, description="measure the policy-gradient variance across prompt groups (one prompt per micro-batch)")
 
 
 class EvaluateParams(_Section):

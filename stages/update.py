@@ -92,6 +92,59 @@ def training_batch(samples: pl.DataFrame, advantages: pl.DataFrame) -> pl.DataFr
     return joined
 
 
+def _micro_batches(mini: list[int], micro: int, prompt_ids: list[str] | None) -> list[list[int]]:
+    """Micro-batches of at most `micro` rows; with `prompt_ids`, one prompt's group per micro-batch."""
+    if prompt_ids is None:
+        return [mini[u : u + micro] for u in range(0, len(mini), micro)]
+    groups: dict[str, list[int]] = {}
+    for i in mini:
+        groups.setdefault(prompt_ids[i], []).append(i)
+    return list(groups.values())
+
+
+class _GradVariance:
+    """Variance of the policy-gradient estimate across the prompt groups of one mini-batch.
+
+    Each group m (one prompt, its K completions) contributes `c_m = w_m * g_m` to the accumulated gradient
+    G = sum_m c_m, where g_m is the gradient of that group's own loss (an estimate of G from one prompt) and
+    w_m its share of the loss. The trace of the covariance of g_m (unbiased, weighted) is
+        var = (sum_m w_m ||g_m||^2 - ||G||^2) / (1 - sum_m w_m^2),
+    measured before clipping. Costs one copy of the gradients; only `c_m`'s squared norm is kept.
+    """
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.prev = [torch.zeros_like(p) for p in self.params]
+        self.weighted_sq = 0.0  # sum_m w_m ||g_m||^2 = sum_m ||c_m||^2 / w_m
+        self.w_sq = 0.0
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, share: float) -> None:
+        sq = 0.0
+        for p, prev in zip(self.params, self.prev):
+            if p.grad is None:
+                continue
+            sq += float(((p.grad - prev) ** 2).sum())
+            prev.copy_(p.grad)
+        self.weighted_sq += sq / max(share, 1e-12)
+        self.w_sq += share * share
+        self.n += 1
+
+    @torch.no_grad()
+    def finish(self) -> dict:
+        if self.n < 2:
+            return {}
+        total_sq = float(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
+        var = max(0.0, self.weighted_sq - total_sq) / max(1.0 - self.w_sq, 1e-12)
+        return {
+            "grad/variance": var,  # trace of the covariance of a one-prompt gradient estimate
+            "grad/mean_sq_norm": total_sq,  # ||G||^2 of the mini-batch gradient
+            # share of a one-prompt gradient's second moment that is noise: 0 = all prompts agree, ~1 = pure noise
+            "grad/relative_variance": max(0.0, 1.0 - total_sq / max(self.weighted_sq, 1e-30)),
+        }
+
+
 # ---------------------------------------------------------------- the trainer
 
 
@@ -179,6 +232,8 @@ class Trainer:
                     lp, _, _ = self._logp(prompts[s : s + micro], completions[s : s + micro])
                     old.extend(lp.float())
         stats = {"loss": [], "grad_norm": [], "clip_frac": [], "entropy": [], "approx_kl": []}
+        pids = batch["prompt_id"].to_list()
+        gv_stats: list[dict] = []
         tokens = 0
         order = list(range(n))
         for epoch in range(up.num_ppo_epochs):
@@ -189,8 +244,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 # token aggregation: each micro-batch's token mean is re-weighted by its share of the tokens
                 mini_tokens = max(1, sum(len(completions[i]) for i in mini))
-                for u0 in range(0, len(mini), micro):
-                    idx = mini[u0 : u0 + micro]
+                gv = _GradVariance(self.model) if up.grad_variance else None
+                for idx in _micro_batches(mini, micro, pids if gv else None):
                     logp, mask, ent = self._logp([prompts[i] for i in idx], [completions[i] for i in idx], True)
                     if old is None:
                         old_lp = logp.detach()
@@ -205,12 +260,16 @@ class Trainer:
                         )
                     share = mask.sum().item() / mini_tokens if up.loss_aggregation == "token" else len(idx) / len(mini)
                     (loss * share).backward()
+                    if gv is not None:
+                        gv.add(share)
                     tokens += int(mask.sum())
                     stats["loss"].append(loss.item())
                     stats["clip_frac"].append(clip.item())
                     stats["entropy"].append(float(ent.sum() / mask.sum().clamp(min=1)))
                     stats["approx_kl"].append(float(0.5 * ((logp.detach() - old_lp) ** 2 * mask).sum() / mask.sum().clamp(min=1)))
                 params = [p for p in self.model.parameters() if p.requires_grad]
+                if gv is not None:
+                    gv_stats.append(gv.finish())
                 if up.max_grad_norm > 0:
                     gn = torch.nn.utils.clip_grad_norm_(params, up.max_grad_norm)
                 else:
@@ -224,7 +283,10 @@ class Trainer:
         self.round += 1
         seconds = time.perf_counter() - t0
         mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
-        return {
+        grad_var = {}
+        if gv_stats and all(g for g in gv_stats):
+            grad_var = {k: mean([g[k] for g in gv_stats]) for k in gv_stats[0]}
+        return grad_var | {
             "loss": mean(stats["loss"]),
             "grad_norm": mean(stats["grad_norm"]),
             "entropy": mean(stats["entropy"]),

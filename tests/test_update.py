@@ -242,6 +242,43 @@ def test_ppo_epochs_and_mini_batches(tiny_model_dir):
     assert trainer.scheduler.last_epoch == 4
 
 
+ROWS3 = ROWS + [
+    ("p2", 0, "name a film with a great soundtrack", "the music is wonderful and moving", "stop"),
+    ("p2", 1, "name a film with a great soundtrack", "i do not remember any film", "length"),
+]
+ADV3 = [1.0, -1.0, 0.5, -0.5, 2.0, -2.0]
+
+
+def _one_step_grad(model_dir, rows, advantages, **update):
+    trainer = Trainer(str(model_dir), make_params(model_dir, max_grad_norm=0.0, **update), CPU)
+    grads = capture_grads(trainer)
+    stats = trainer.step(make_batch(trainer, advantages, rows))
+    flat = torch.cat([g.flatten() for g in grads[0].values()])
+    return flat, stats
+
+
+def test_grad_variance_matches_per_prompt_gradients(tiny_model_dir):
+    full, stats = _one_step_grad(tiny_model_dir, ROWS3, ADV3, grad_variance=True)
+    plain, plain_stats = _one_step_grad(tiny_model_dir, ROWS3, ADV3)
+    assert rel(full, plain) < 1e-5  # one micro-batch per prompt leaves the gradient as it was
+    assert "grad/variance" not in plain_stats
+    # each prompt's own gradient (its loss alone), then the unbiased trace of their covariance by hand
+    per_prompt = [_one_step_grad(tiny_model_dir, ROWS3[i : i + 2], ADV3[i : i + 2])[0] for i in (0, 2, 4)]
+    mean = torch.stack(per_prompt).mean(0)
+    assert rel(mean, full) < 1e-5
+    expected = float(sum(((g - mean) ** 2).sum() for g in per_prompt)) / (len(per_prompt) - 1)
+    assert abs(stats["grad/variance"] - expected) / expected < 1e-4
+    second_moment = float(sum((g**2).sum() for g in per_prompt)) / len(per_prompt)
+    assert abs(stats["grad/relative_variance"] - (1 - float((full**2).sum()) / second_moment)) < 1e-5
+    assert 0 < stats["grad/relative_variance"] < 1
+
+
+def test_grad_variance_is_zero_when_every_prompt_pulls_the_same_way(tiny_model_dir):
+    same = [r for r in ROWS[:2]] + [("p9", *r[1:]) for r in ROWS[:2]]  # a second prompt id, same rows
+    _, stats = _one_step_grad(tiny_model_dir, same, [1.0, -0.5, 1.0, -0.5], grad_variance=True)
+    assert stats["grad/variance"] < 1e-6 * stats["grad/mean_sq_norm"]
+
+
 def lora_params(model_dir, **kw):
     return make_params(model_dir, use_lora=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"], **kw)
 
