@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +125,38 @@ class Warm:
     timings: dict = field(default_factory=dict)
 
 
+def load_warm(params: Params, total: int, resume_from: Path | None = None, with_eval: bool = False) -> Warm:
+    """Load everything a run keeps warm: trainer (+optimizer), reference, rewards, and the sampler engine
+    (started once; it gets the trainer's weights when resuming). `with_eval` also generates the reference
+    policy's held-out completions once, for per-round evaluation."""
+    from stages.io import read_table
+    from stages.models import load_causal_lm, load_tokenizer
+    from stages.rewards import build_rewards
+    from stages.runtime import setup_torch
+    from stages.sample import make_sampler
+    from stages.schemas import PROMPTS
+    from stages.update import load_trainer
+
+    device = setup_torch(params.base.device, params.base.threads, params.base.seed)
+    tokenizer = load_tokenizer(params.base.model_dir, "base.model_dir")
+    train_prompts = read_table("data/prepared/train.parquet", PROMPTS)
+    eval_prompts = read_table("data/prepared/eval.parquet", PROMPTS) if with_eval else None
+    trainer, _ = load_trainer(params, device, resume_from, total_rounds=total)
+    ref_dir = params.score.ref_model or params.base.model_dir
+    ref = load_causal_lm(ref_dir, "float32", device, "score.ref_model").eval()
+    rewards = build_rewards(params.score.rewards, device=device, batch_size=params.score.batch_size)
+    sampler = make_sampler(str(ref_dir), params)
+    w = Warm(params, device, sampler, trainer, ref, rewards, tokenizer, train_prompts, eval_prompts)
+    if with_eval:
+        from stages.evaluate import generate_one, task_scores
+
+        ref_samples = generate_one(sampler, tokenizer, eval_prompts, params, params.base.seed, 0)
+        w.ref_eval = (ref_samples, task_scores(ref_samples, rewards, eval_prompts))
+    if resume_from is not None:
+        sampler.update_weights(state_dict=trainer.state_dict_for_sampler())
+    return w
+
+
 def _no_retry_on_bad_input(task, task_run, state) -> bool:
     try:
         state.result()
@@ -140,23 +170,18 @@ def _no_retry_on_bad_input(task, task_run, state) -> bool:
 # ---------------------------------------------------------------- tasks
 
 
-@task(name="sample", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_condition_fn=_no_retry_on_bad_input)
-def sample_task(w: Warm, r: int, prompts: pl.DataFrame, out: Path) -> tuple[pl.DataFrame, dict]:
-    from stages.io import write_table
+# Plain functions (no I/O): the tasks below add the Parquet artifact; benchmarks call them bare.
+
+
+def sample_round(w: Warm, r: int, prompts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     from stages.sample import GenerationConfig, sample_prompts
-    from stages.schemas import SAMPLES
 
     sp = w.params.sample
     cfg = GenerationConfig(sp.k, sp.max_completion_length, sp.temperature, sp.top_p, list(sp.stop))
-    df, stats = sample_prompts(w.sampler, w.tokenizer, prompts, cfg, w.params.base.seed, r, r, sp.max_model_len)
-    write_table(df, out, SAMPLES)
-    return df, stats
+    return sample_prompts(w.sampler, w.tokenizer, prompts, cfg, w.params.base.seed, r, r, sp.max_model_len)
 
 
-@task(name="score", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_no_retry_on_bad_input)
-def score_task(w: Warm, samples: pl.DataFrame, out: Path) -> tuple[pl.DataFrame, dict]:
-    from stages.io import write_table
-    from stages.schemas import SCORES
+def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     from stages.score import score_samples
 
     logp_policy = None
@@ -165,26 +190,17 @@ def score_task(w: Warm, samples: pl.DataFrame, out: Path) -> tuple[pl.DataFrame,
     ):
         # fp32 sampler: its raw logprobs are the policy's own (measured: 1.6e-4 max abs per sequence)
         logp_policy = [float(sum(x)) for x in samples["sampler_logprobs"]]
-    df, stats = score_samples(
-        samples, w.rewards, w.trainer.model, w.ref, w.tokenizer, w.params.score, w.train_prompts, logp_policy
-    )
-    write_table(df, out, SCORES)
-    return df, stats
+    return score_samples(samples, w.rewards, w.trainer.model, w.ref, w.tokenizer, w.params.score, w.train_prompts, logp_policy)
 
 
-@task(name="advantage", cache_policy=NO_CACHE, persist_result=False)
-def advantage_task(w: Warm, scores: pl.DataFrame, out: Path) -> tuple[pl.DataFrame, dict, dict]:
+def advantage_round(w: Warm, scores: pl.DataFrame, source: str = "scores") -> tuple[pl.DataFrame, dict, dict]:
     from stages.advantage import compute_advantages
-    from stages.io import write_table
-    from stages.schemas import ADVANTAGES
 
-    df, state, stats = compute_advantages(scores, w.params.advantage, w.adv_state, source=str(out.parent / "scores.parquet"))
-    write_table(df, out, ADVANTAGES)
-    return df, state, stats
+    return compute_advantages(scores, w.params.advantage, w.adv_state, source=source)
 
 
-@task(name="update", cache_policy=NO_CACHE, persist_result=False)
-def update_task(w: Warm, samples: pl.DataFrame, advantages: pl.DataFrame) -> dict:
+def update_round(w: Warm, samples: pl.DataFrame, advantages: pl.DataFrame) -> dict:
+    """One policy update, then the new weights pushed into the running sampler (no restart, no disk)."""
     from stages.update import training_batch
 
     stats = w.trainer.step(training_batch(samples, advantages))
@@ -194,9 +210,44 @@ def update_task(w: Warm, samples: pl.DataFrame, advantages: pl.DataFrame) -> dic
     return stats
 
 
+@task(name="sample", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_condition_fn=_no_retry_on_bad_input)
+def sample_task(w: Warm, r: int, prompts: pl.DataFrame, out: Path) -> tuple[pl.DataFrame, dict]:
+    from stages.io import write_table
+    from stages.schemas import SAMPLES
+
+    df, stats = sample_round(w, r, prompts)
+    write_table(df, out, SAMPLES)
+    return df, stats
+
+
+@task(name="score", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_no_retry_on_bad_input)
+def score_task(w: Warm, samples: pl.DataFrame, out: Path) -> tuple[pl.DataFrame, dict]:
+    from stages.io import write_table
+    from stages.schemas import SCORES
+
+    df, stats = score_round(w, samples)
+    write_table(df, out, SCORES)
+    return df, stats
+
+
+@task(name="advantage", cache_policy=NO_CACHE, persist_result=False)
+def advantage_task(w: Warm, scores: pl.DataFrame, out: Path) -> tuple[pl.DataFrame, dict, dict]:
+    from stages.io import write_table
+    from stages.schemas import ADVANTAGES
+
+    df, state, stats = advantage_round(w, scores, str(out.parent / "scores.parquet"))
+    write_table(df, out, ADVANTAGES)
+    return df, state, stats
+
+
+@task(name="update", cache_policy=NO_CACHE, persist_result=False)
+def update_task(w: Warm, samples: pl.DataFrame, advantages: pl.DataFrame) -> dict:
+    return update_round(w, samples, advantages)
+
+
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
 def evaluate_task(w: Warm, version: int) -> dict:
-    from stages.evaluate import evaluate_policy, generate_one, task_scores
+    from stages.evaluate import evaluate_policy, generate_one
 
     p = w.params
     if w.ref_eval is None:
@@ -221,13 +272,7 @@ def _round_markdown(r: int, rounds: int, m: dict) -> str:
 def train_flow(params_path: str = "params.yaml", rounds: int | None = None, overrides: dict | None = None) -> dict:
     """RLOO training: `rounds` rounds of sample -> score -> advantage -> update, resources kept warm."""
     from stages import tracking
-    from stages.io import read_json, read_table, write_json
-    from stages.models import load_causal_lm, load_tokenizer
-    from stages.rewards import build_rewards
-    from stages.runtime import setup_torch
-    from stages.sample import make_sampler
-    from stages.schemas import PROMPTS
-    from stages.update import load_trainer
+    from stages.io import write_json
 
     logger = get_run_logger()
     params = load_params(params_path, overrides)
@@ -268,24 +313,9 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
 
     # ---- warm resources, loaded once
     t0 = time.perf_counter()
-    device = setup_torch(params.base.device, params.base.threads, params.base.seed)
-    tokenizer = load_tokenizer(params.base.model_dir, "base.model_dir")
-    train_prompts = read_table("data/prepared/train.parquet", PROMPTS)
-    eval_prompts = read_table("data/prepared/eval.parquet", PROMPTS) if tp.eval_every else None
-    trainer, _ = load_trainer(params, device, ckpt_dir if start else None, total_rounds=total)
-    ref_dir = params.score.ref_model or params.base.model_dir
-    ref = load_causal_lm(ref_dir, "float32", device, "score.ref_model").eval()
-    rewards = build_rewards(params.score.rewards, device=device, batch_size=params.score.batch_size)
-    sampler = make_sampler(str(ref_dir), params)
-    w = Warm(params, device, sampler, trainer, ref, rewards, tokenizer, train_prompts, eval_prompts)
+    w = load_warm(params, total, resume_from=ckpt_dir if start else None, with_eval=bool(tp.eval_every) and start < total)
     w.adv_state = done[-1]["advantage_state"] if done else None
-    if start < total and tp.eval_every:
-        from stages.evaluate import generate_one, task_scores
-
-        ref_samples = generate_one(sampler, tokenizer, eval_prompts, params, params.base.seed, 0)
-        w.ref_eval = (ref_samples, task_scores(ref_samples, rewards, eval_prompts))
-    if start:
-        sampler.update_weights(state_dict=trainer.state_dict_for_sampler())
+    trainer, sampler = w.trainer, w.sampler
     warm_s = time.perf_counter() - t0
     logger.info("warm resources ready in %.1f s (sampler: %s)", warm_s, sampler.name)
 
@@ -296,7 +326,7 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
         for r in range(start, total):
             tr = time.perf_counter()
             d = round_dir(rounds_dir, r)
-            prompts = round_prompts(train_prompts, r, tp.prompts_per_round, params.base.seed)
+            prompts = round_prompts(w.train_prompts, r, tp.prompts_per_round, params.base.seed)
             samples, s_stats = sample_task(w, r, prompts, d / "samples.parquet")
             scores, sc_stats = score_task(w, samples, d / "scores.parquet")
             advs, new_state, a_stats = advantage_task(w, scores, d / "advantages.parquet")
@@ -330,7 +360,7 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
                 r + 1, total, metrics["reward"], metrics["kl"], metrics["loss"], metrics["time/round_s"],
                 metrics["time/sample_s"], metrics["time/update_s"],
             )
-        summary = _write_train_outputs(history, total, chash)
+        summary = _write_train_outputs(history, total, chash, warm_s, t0, total - start)
         tracking.finish_run(summary, history)
         return summary
     except BaseException:
@@ -355,15 +385,19 @@ def _checkpoint_extra(ckpt_dir: Path) -> dict | None:
     return state.get("extra") or {}
 
 
-def _write_train_outputs(history: list[dict], total: int, chash: str) -> dict:
-    """metrics/train.json (last round + run facts) and plots/train.csv (one row per round)."""
+def _write_train_outputs(history: list[dict], total: int, chash: str, warm_s: float, t0: float, rounds_run: int) -> dict:
+    """metrics/train.json (last round + run facts) and plots/train.csv (one row per round).
+
+    `seconds_per_round` is the rounds' own time; `wall_s` is this invocation from the start of the warm-up,
+    so (wall_s - warm_start_s) / rounds_run also counts checkpoints, Parquet, MLflow and Prefect."""
     from stages.io import atomic_path, write_json
 
     last = history[-1] if history else {}
     keep = ["reward", "reward_std", "kl", "rlhf_reward", "loss", "entropy", "advantage_std", "completions/mean_length"]
     summary = {k: last[k] for k in keep if k in last}
     summary |= {"rounds": total, "config_hash": chash,
-                "seconds_per_round": sum(h["time/round_s"] for h in history) / max(len(history), 1)}
+                "seconds_per_round": sum(h["time/round_s"] for h in history) / max(len(history), 1),
+                "warm_start_s": warm_s, "wall_s": time.perf_counter() - t0, "rounds_run": rounds_run}
     write_json(summary, "metrics/train.json")
     cols = ["reward", "reward_std", "kl", "rlhf_reward", "loss", "entropy", "advantage_std",
             "completions/mean_length", "time/round_s", "eval/reward", "eval/win_rate", "eval/kl"]

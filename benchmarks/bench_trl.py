@@ -1,0 +1,321 @@
+"""Side by side with TRL's RLOOTrainer: same model, prompts, reward, K, batch, lengths, lr, beta and steps.
+
+Arms (each in its own subprocess, so peak memory is its own; run in turn, `--repeats` alternates them):
+- `ours`: the real Prefect flow (`flows.train.train_flow`) with its Parquet artifacts, MLflow run and per-round
+  checkpoints, exactly as `dvc repro` runs it, rounds_dir/checkpoint_dir/MLflow redirected to a temp dir.
+- `trl`: `trl.RLOOTrainer` with its default generation (transformers `generate`).
+- `trl-vllm`: `trl.RLOOTrainer(use_vllm=True, vllm_mode="colocate")`, where it works on this machine.
+
+Matched: the base model (models/base, fp32), the prompts of each round in the same order (the flow's
+`round_prompts`, fed to TRL unshuffled: one optimizer step = one round = prompts_per_round x K completions),
+the chat template (TRL gets the already-templated prompt text), the reward (our `score.rewards`: VADER + length,
+wrapped as a TRL reward function), K = num_generations, max_completion_length, temperature, top_p, learning
+rate, AdamW betas, constant schedule, max_grad_norm, beta (both put `-beta * sum_t (logp - logp_ref)` into the
+reward and use TRL's sequence-level ratio loss), one iteration per batch.
+Held-out: every arm's final policy goes through the same `python -m stages.evaluate` (48 held-out prompts,
+greedy, reward, win-rate against the base model, KL).
+
+Per step: wall time, split into sampling, scoring (logprobs + rewards) and update, generated tokens/s; per arm:
+warm-up (load + engine start), peak RSS.
+
+    python benchmarks/bench_trl.py [--steps 4] [--arms ours trl trl-vllm] [--repeats 1]
+
+Writes benchmarks/results/trl.json and trl.md (the table the README shows). Needs the `bench` extra (trl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+ARMS = ["ours", "trl", "trl-vllm"]
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ---------------------------------------------------------------- arm: ours (the Prefect flow)
+
+
+def run_ours(args, work: Path) -> dict:
+    os.chdir(ROOT)
+    from flows.train import train_flow
+
+    overrides = {
+        "train.rounds_dir": str(work / "rounds"),
+        "train.checkpoint_dir": str(work / "policy"),
+        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+        "train.eval_every": 0,
+    }
+    t0 = time.perf_counter()
+    summary = train_flow(params_path=args.params, rounds=args.steps, overrides=overrides)
+    wall = time.perf_counter() - t0
+    steps = []
+    for r in range(args.steps):
+        m = json.loads((work / "rounds" / f"round={r:04d}" / "manifest.json").read_text())["metrics"]
+        steps.append({
+            "round_s": m["time/round_s"], "sample_s": m["time/sample_s"],
+            "score_s": m.get("time/logprobs_s", 0.0) + m.get("time/reward_s", 0.0),
+            "update_s": m["time/update_s"] + m.get("time/weight_sync_s", 0.0),
+            "tokens": m["sample/generated_tokens"],
+            "reward": m["reward"], "kl": m["kl"],
+        })
+    return {
+        "policy": str(work / "policy"), "steps": steps, "warm_s": summary["warm_start_s"],
+        # everything a round costs in the flow, checkpoint + Parquet + MLflow + Prefect included
+        "step_wall_s": (summary["wall_s"] - summary["warm_start_s"]) / args.steps,
+        "process_wall_s": wall,
+    }
+
+
+# ---------------------------------------------------------------- arm: TRL
+
+
+def run_trl(args, work: Path, use_vllm: bool) -> dict:
+    os.chdir(ROOT)
+    from stages.runtime import configure_env
+
+    from stages.params import load_params
+
+    params = load_params(args.params)
+    configure_env(params.base.threads)
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from flows.train import round_prompts
+    from stages.io import read_table
+    from stages.models import load_tokenizer
+    from stages.rewards import build_rewards, combine, compute_rewards
+    from stages.schemas import PROMPTS
+
+    torch.manual_seed(params.base.seed)
+    t_warm = time.perf_counter()
+    sp, tp, up = params.sample, params.train, params.update
+    train = read_table("data/prepared/train.parquet", PROMPTS)
+    prompts = [round_prompts(train, r, tp.prompts_per_round, params.base.seed) for r in range(args.steps)]
+    by_text = {}
+    for p in prompts:
+        for row in p.iter_rows(named=True):
+            by_text[row["prompt_text"]] = row
+    ds = Dataset.from_dict({"prompt": [t for p in prompts for t in p["prompt_text"].to_list()]})
+    rewards = build_rewards(params.score.rewards, device=torch.device("cpu"), batch_size=params.score.batch_size)
+
+    def reward_fn(prompts, completions, **kw):
+        rows = [by_text[p] for p in prompts]
+        keys = [(r["prompt_id"], i) for i, r in enumerate(rows)]
+        comps = compute_rewards(rewards, [r["prompt"] for r in rows], list(completions), keys)
+        return [float(x) for x in combine(comps, {r.name: r.weight for r in rewards})]
+
+    reward_fn.__name__ = "pipeline_reward"
+    cfg = RLOOConfig(
+        output_dir=str(work / "trl-out"), per_device_train_batch_size=tp.prompts_per_round * sp.k,
+        gradient_accumulation_steps=1, num_generations=sp.k, max_completion_length=sp.max_completion_length,
+        temperature=sp.temperature, top_p=sp.top_p, learning_rate=up.learning_rate, adam_beta1=up.adam_beta1,
+        adam_beta2=up.adam_beta2, weight_decay=up.weight_decay, lr_scheduler_type="constant", warmup_steps=0,
+        max_grad_norm=up.max_grad_norm, beta=params.score.beta, num_iterations=1, max_steps=args.steps,
+        shuffle_dataset=False, seed=params.base.seed, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=not torch.cuda.is_available(), bf16=False, dataloader_num_workers=0,
+        model_init_kwargs={"dtype": torch.float32},
+        use_vllm=use_vllm, vllm_mode="colocate", vllm_max_model_length=sp.max_model_len,
+        vllm_gpu_memory_utilization=sp.gpu_memory_utilization,
+    )
+
+    timings: dict[str, list[float]] = {"gen": [], "gen_score": [], "step": []}
+
+    class Timed(RLOOTrainer):
+        def _generate(self, prompts):
+            t = time.perf_counter()
+            out = super()._generate(prompts)
+            timings["gen"].append(time.perf_counter() - t)
+            timings.setdefault("tokens", []).append(sum(len(c) for c in out[1]))
+            return out
+
+        def _generate_and_score_completions(self, inputs):
+            t = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            timings["gen_score"].append(time.perf_counter() - t)
+            return out
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            timings["step"].append(time.perf_counter() - self.t)
+
+    trainer = Timed(model=params.base.model_dir, reward_funcs=[reward_fn], args=cfg, train_dataset=ds,
+                    processing_class=load_tokenizer(params.base.model_dir), callbacks=[StepClock()])
+    warm = time.perf_counter() - t_warm
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    trainer.save_model(str(work / "policy"))
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    steps = []
+    for i, step_s in enumerate(timings["step"]):
+        gen, gs = timings["gen"][i], timings["gen_score"][i]
+        steps.append({"round_s": step_s, "sample_s": gen, "score_s": gs - gen, "update_s": step_s - gs,
+                      "tokens": timings["tokens"][i], "reward": logs[i].get("reward") if i < len(logs) else None,
+                      "kl": logs[i].get("kl") if i < len(logs) else None})
+    return {"policy": str(work / "policy"), "steps": steps, "warm_s": warm, "step_wall_s": wall / args.steps,
+            "process_wall_s": wall + warm}
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def worker(args) -> None:
+    work = Path(args.work)
+    out = work / "result.json"
+    try:
+        res = run_ours(args, work) if args.worker == "ours" else run_trl(args, work, args.worker == "trl-vllm")
+        res["ok"] = True
+    except BaseException as e:  # the failure is a result: the README reports it
+        res = {"ok": False, "error": f"{type(e).__name__}: {e}".strip()[:2000], "traceback": traceback.format_exc()[-4000:]}
+    res["peak_rss_gib"] = peak_rss_gib()
+    out.write_text(json.dumps(res, indent=1, default=str))
+
+
+def evaluate(policy: str, work: Path, params: str) -> dict:
+    metrics = work / "eval.json"
+    cmd = [sys.executable, "-m", "stages.evaluate", "--params", params, "--policy", policy,
+           "--out-dir", str(work / "eval"), "--metrics", str(metrics), "--examples", str(work / "examples.md")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode:
+        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1]}
+    return json.loads(metrics.read_text())
+
+
+def summarize(arm: str, res: dict, ev: dict) -> dict:
+    steps = res.get("steps") or []
+    n = len(steps)
+    mean = lambda k: sum(s[k] for s in steps) / n if n else None  # noqa: E731
+    tokens = sum(s["tokens"] or 0 for s in steps)
+    return {
+        "arm": arm, "ok": res.get("ok", False), "error": res.get("error"), "steps": n,
+        "step_wall_s": res.get("step_wall_s"), "round_s": mean("round_s"), "sample_s": mean("sample_s"),
+        "score_s": mean("score_s"), "update_s": mean("update_s"), "warm_s": res.get("warm_s"),
+        "gen_tokens_per_s": tokens / sum(s["sample_s"] for s in steps) if n and tokens else None,
+        "tokens_per_step_s": tokens / (res["step_wall_s"] * n) if n and tokens else None,
+        "peak_rss_gib": res.get("peak_rss_gib"),
+        "eval_reward": ev.get("reward"), "eval_ref_reward": ev.get("ref_reward"), "eval_win_rate": ev.get("win_rate"),
+        "eval_kl": ev.get("kl"), "eval_error": ev.get("error"),
+        "train_reward_last": steps[-1]["reward"] if n else None,
+    }
+
+
+def fmt(x, spec=".1f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    ours = next((r for r in rows if r["arm"] == "ours" and r["ok"]), None)
+    lines = [
+        f"{meta['date']}, {meta['machine']}; {meta['steps']} steps of {meta['prompts']} prompts x K={meta['k']} x "
+        f"{meta['tokens']} tokens, lr {meta['lr']}, beta {meta['beta']}. Times in seconds, mean per step.",
+        "",
+        "| arm | step (wall) | sampling | scoring | update | TRL / ours per step | generated tokens/s | warm-up | peak RSS GiB | held-out reward | win-rate vs base | KL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if not r["ok"]:
+            lines.append(f"| {r['arm']} | failed: {r['error'].splitlines()[0][:160]} |||||||||||")
+            continue
+        ratio = r["step_wall_s"] / ours["step_wall_s"] if ours else None
+        lines.append(
+            f"| {r['arm']} | {fmt(r['step_wall_s'])} | {fmt(r['sample_s'])} | {fmt(r['score_s'])} | {fmt(r['update_s'])} | "
+            f"{fmt(ratio, '.2f')}x | {fmt(r['gen_tokens_per_s'], '.0f')} | {fmt(r['warm_s'])} | {fmt(r['peak_rss_gib'], '.2f')} | "
+            f"{fmt(r['eval_reward'], '.3f')} | {fmt(r['eval_win_rate'], '.3f')} | {fmt(r['eval_kl'], '.3f')} |"
+        )
+    if rows and rows[0].get("eval_ref_reward") is not None:
+        lines += ["", f"Base model held-out reward: {rows[0]['eval_ref_reward']:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--steps", type=int, default=4, help="rounds (ours) = optimizer steps (TRL)")
+    ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    ap.add_argument("--repeats", type=int, default=1, help="run the arms in turn this many times")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    from stages.errors import PipelineError
+    from stages.io import write_json, write_text
+    from stages.params import load_params
+
+    for need in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/eval.parquet"):
+        if not (ROOT / need).exists():
+            raise PipelineError(f"{need} is missing; run `dvc repro prepare` first")
+    if any(a.startswith("trl") for a in args.arms):
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            raise PipelineError("trl is not installed; run `pip install -e '.[bench]'` (or `make bench-trl`)") from None
+    params = load_params(args.params)
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
+        for rep in range(args.repeats):
+            for arm in args.arms:
+                work = Path(tmp) / f"{arm}-{rep}"
+                work.mkdir()
+                print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{args.repeats}: {arm}: {args.steps} steps ...", flush=True)
+                cmd = [sys.executable, __file__, "--worker", arm, "--work", str(work), "--steps", str(args.steps), "--params", args.params]
+                subprocess.run(cmd, cwd=ROOT)
+                res = json.loads((work / "result.json").read_text()) if (work / "result.json").exists() else {"ok": False, "error": "worker crashed"}
+                ev = evaluate(res["policy"], work, args.params) if res.get("ok") else {}
+                row = summarize(arm, res, ev)
+                row["repeat"] = rep
+                runs.append(row)
+                print(f"    {json.dumps({k: v for k, v in row.items() if v is not None})}", flush=True)
+    # mean over repeats per arm (failures reported once)
+    rows = []
+    for arm in args.arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        ok = [r for r in rs if r["ok"]]
+        if not ok:
+            rows.append(rs[0])
+            continue
+        avg = {k: (sum(r[k] for r in ok) / len(ok) if isinstance(ok[0][k], (int, float)) and not isinstance(ok[0][k], bool) and all(r[k] is not None for r in ok) else ok[0][k]) for k in ok[0]}
+        rows.append(avg)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores {platform.machine()}, no GPU" if not _cuda() else "CUDA",
+            "steps": args.steps, "repeats": args.repeats, "prompts": params.train.prompts_per_round, "k": params.sample.k,
+            "tokens": params.sample.max_completion_length, "lr": params.update.learning_rate, "beta": params.score.beta}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"meta": meta, "arms": rows, "runs": runs}, out / "trl.json")
+    md = markdown(rows, meta)
+    write_text(md, out / "trl.md")
+    print(md)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    from stages.errors import run_cli
+
+    run_cli(main)

@@ -1,0 +1,252 @@
+"""RLOO against the classic REINFORCE baselines (Ahmadian et al. 2024, section 5): same task, same budget, seeds.
+
+Every (estimator, seed) run starts from the base model and trains `--rounds` rounds of the default task
+(params.yaml: prompts_per_round prompts x K completions, VADER + length reward, KL penalty, AdamW), changing
+only `advantage.estimator` and `base.seed`. After each round the policy is evaluated greedily on the held-out
+prompts (the evaluate stage's reward and win-rate against the base model; round 0 is the base model itself).
+
+Gradient variance: with `update.grad_variance` each prompt's K completions form one micro-batch, and the
+trainer measures the trace of the covariance of the one-prompt gradient estimate across the round's prompts,
+before clipping (see stages/update.py `_GradVariance`). Prompts are the independent unit (the leave-one-out
+baseline couples the completions of one prompt), and the trace is the quantity SGD bounds depend on. As the
+estimators scale advantages differently (GRPO divides by the group std, RLOO multiplies by K/(K-1)) and Adam is
+invariant to the gradient's scale, the table also gives the scale-free `relative_variance`
+= 1 - ||mean gradient||^2 / mean ||one-prompt gradient||^2 (0: every prompt pulls the same way; 1: pure noise).
+
+One process, one warm vLLM engine, reference and reward models for the whole sweep: a run resets the trainer
+to the base weights and pushes them into the running engine (no restart). Each finished run is appended to
+the results file atomically, and a re-run skips the runs already there (same config), so an interrupted sweep
+resumes. The same sweep as a DVC experiment queue is in the README (`dvc exp run --queue -S ...`).
+
+    python benchmarks/sweep_baselines.py [--rounds 3] [--seeds 1 2 3] [--estimators rloo reinforce ...]
+
+Needs `dvc repro prepare` (models/base, data/prepared). Writes benchmarks/results/baselines.parquet (one row
+per run and round), baselines.md (the table) and baselines.png (the plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)
+
+from flows.train import load_warm, round_prompts, sample_round, score_round, advantage_round, update_round  # noqa: E402
+
+import polars as pl  # noqa: E402
+
+ESTIMATORS = ["rloo", "reinforce", "moving_average", "ema", "batch_mean", "grpo"]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run_key(params, rounds: int) -> str:
+    """Identifies the sweep's budget: a results row from another config is not reused."""
+    d = params.model_dump()
+    for sec, keys in (("base", ["seed"]), ("advantage", ["estimator"]), ("train", ["rounds"])):
+        for k in keys:
+            d[sec].pop(k, None)
+    d.pop("mlflow", None)
+    return hashlib.sha1(json.dumps([d, rounds], sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def reset(w, params, rounds: int, base_sd: dict):
+    """A fresh trainer (base weights, new AdamW) and the base weights pushed into the warm engine."""
+    import torch
+
+    from stages.update import Trainer
+
+    w.trainer = None
+    gc.collect()
+    torch.manual_seed(params.base.seed)
+    w.trainer = Trainer(params.base.model_dir, params, w.device, total_rounds=rounds)
+    w.params, w.adv_state = params, None
+    w.sampler.update_weights(state_dict=base_sd)
+
+
+def evaluate(w, version: int) -> dict:
+    from stages.evaluate import generate_one, task_scores, win_rate
+
+    p = w.params
+    pol = generate_one(w.sampler, w.tokenizer, w.eval_prompts, p, p.base.seed, version)
+    scores = task_scores(pol, w.rewards, w.eval_prompts)
+    return {"eval_reward": float(scores.mean()), "eval_win_rate": win_rate(scores, w.ref_eval[1]),
+            "eval_mean_length": float(pol["num_tokens"].mean())}
+
+
+def one_run(w, params, rounds: int, base_sd: dict, base_eval: dict, key: str, bar) -> list[dict]:
+    reset(w, params, rounds, base_sd)
+    est, seed = params.advantage.estimator, params.base.seed
+    rows = [{"estimator": est, "seed": seed, "round": 0, **base_eval}]
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        prompts = round_prompts(w.train_prompts, r, params.train.prompts_per_round, seed)
+        samples, s_stats = sample_round(w, r, prompts)
+        scores, sc_stats = score_round(w, samples)
+        advs, w.adv_state, a_stats = advantage_round(w, scores)
+        u = update_round(w, samples, advs)
+        seconds = time.perf_counter() - t0
+        ev = evaluate(w, r + 1)
+        rows.append({
+            "estimator": est, "seed": seed, "round": r + 1, **ev,
+            "train_reward": sc_stats["reward"], "kl": sc_stats["kl"], "advantage_std": a_stats["advantage_std"],
+            "grad_norm": u["grad_norm"], "grad_variance": u.get("grad/variance"),
+            "grad_relative_variance": u.get("grad/relative_variance"), "grad_mean_sq_norm": u.get("grad/mean_sq_norm"),
+            "round_s": seconds,
+        })
+        bar.set_postfix_str(f"{est} seed {seed} round {r + 1}: held-out {ev['eval_reward']:.3f}, rel.var {rows[-1]['grad_relative_variance']:.3f}")
+        bar.update(1)
+    return [{**row, "config": key} for row in rows]
+
+
+def summarize(df: pl.DataFrame, rounds: int) -> pl.DataFrame:
+    """Per estimator: final held-out reward and win-rate (mean, std over seeds), gradient variance (mean over
+    rounds and seeds), training reward and KL at the last round."""
+    last = df.filter(pl.col("round") == rounds)
+    trained = df.filter(pl.col("round") > 0)
+    a = last.group_by("estimator").agg(
+        pl.col("seed").n_unique().alias("seeds"),
+        pl.col("eval_reward").mean().alias("reward_mean"), pl.col("eval_reward").std().alias("reward_std"),
+        pl.col("eval_win_rate").mean().alias("win_rate_mean"), pl.col("eval_win_rate").std().alias("win_rate_std"),
+        pl.col("kl").mean().alias("kl_last"),
+    )
+    b = trained.group_by("estimator").agg(
+        pl.col("grad_relative_variance").mean().alias("rel_var_mean"),
+        pl.col("grad_relative_variance").std().alias("rel_var_std"),
+        pl.col("grad_variance").mean().alias("grad_var_mean"),
+        pl.col("grad_mean_sq_norm").mean().alias("grad_sq_norm_mean"),
+        pl.col("advantage_std").mean().alias("advantage_std"),
+        pl.col("train_reward").mean().alias("train_reward_mean"),
+    )
+    order = {e: i for i, e in enumerate(ESTIMATORS)}
+    out = a.join(b, on="estimator").with_columns(pl.col("estimator").replace_strict(order, default=99).alias("_o"))
+    return out.sort("_o").drop("_o")
+
+
+def markdown(summary: pl.DataFrame, base_reward: float, meta: dict) -> str:
+    lines = [
+        f"Held-out reward after {meta['rounds']} rounds (base model: {base_reward:.3f}), mean +- std over "
+        f"{meta['seeds']} seeds; gradient variance over every trained round. {meta['machine']}, {meta['date']}.",
+        "",
+        "| estimator | seeds | held-out reward | win-rate vs base | train KL (last) | relative grad variance | grad variance (trace) | mean grad norm^2 | advantage std |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary.iter_rows(named=True):
+        lines.append(
+            f"| {r['estimator']} | {r['seeds']} | {r['reward_mean']:.3f} +- {r['reward_std'] or 0:.3f} | "
+            f"{r['win_rate_mean']:.3f} +- {r['win_rate_std'] or 0:.3f} | {r['kl_last']:.3f} | "
+            f"{r['rel_var_mean']:.3f} +- {r['rel_var_std'] or 0:.3f} | {r['grad_var_mean']:.3g} | "
+            f"{r['grad_sq_norm_mean']:.3g} | {r['advantage_std']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(df: pl.DataFrame, path: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for est in [e for e in ESTIMATORS if e in set(df["estimator"])]:
+        g = (df.filter(pl.col("estimator") == est).group_by("round")
+             .agg(pl.col("eval_reward").mean().alias("m"), pl.col("eval_reward").std().alias("s"),
+                  pl.col("grad_relative_variance").mean().alias("v"), pl.col("grad_relative_variance").std().alias("vs"))
+             .sort("round").fill_null(0.0))
+        x, m, s = g["round"].to_numpy(), g["m"].to_numpy(), g["s"].to_numpy()
+        (line,) = ax1.plot(x, m, marker="o", label=est)
+        ax1.fill_between(x, m - s, m + s, alpha=0.15, color=line.get_color())
+        gv = g.filter(pl.col("round") > 0)
+        ax2.errorbar(gv["round"].to_numpy(), gv["v"].to_numpy(), yerr=gv["vs"].to_numpy(), marker="o", capsize=3,
+                     label=est, color=line.get_color())
+    ax1.set(xlabel="round", ylabel="held-out reward (greedy)", title="Held-out reward, mean +- std over seeds")
+    ax2.set(xlabel="round", ylabel="1 - |mean g|^2 / mean |g_prompt|^2",
+            title="Relative variance of the policy gradient")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle(f"RLOO vs REINFORCE baselines: {meta['seeds']} seeds, {meta['rounds']} rounds ({meta['machine']}, {meta['date']})", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def write_outputs(df: pl.DataFrame, out: Path, meta: dict) -> str:
+    from stages.io import write_text
+
+    base_reward = float(df.filter(pl.col("round") == 0)["eval_reward"].mean())
+    summary = summarize(df, meta["rounds"])
+    md = markdown(summary, base_reward, meta)
+    write_text(md, out / "baselines.md")
+    plot(df, out / "baselines.png", meta)
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per run (same budget for every estimator)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--estimators", nargs="+", default=ESTIMATORS, choices=ESTIMATORS)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+
+    from tqdm.auto import tqdm
+
+    from stages.errors import PipelineError
+    from stages.io import read_table, write_table
+    from stages.params import load_params
+
+    for need in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/eval.parquet"):
+        if not Path(need).exists():
+            raise PipelineError(f"{need} is missing; run `dvc repro prepare` first")
+    overrides = {"update.grad_variance": True, "train.rounds": args.rounds}
+    base_params = load_params(args.params, overrides)
+    key = run_key(base_params, args.rounds)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "baselines.parquet"
+    df = read_table(table) if table.exists() else None
+    if df is not None and "config" in df.columns:
+        df = df.filter(pl.col("config") == key)
+    done = set() if df is None else {(e, s) for e, s in df.select("estimator", "seed").unique().iter_rows()
+                                     if df.filter((pl.col("estimator") == e) & (pl.col("seed") == s)).height == args.rounds + 1}
+    todo = [(e, s) for s in args.seeds for e in args.estimators if (e, s) not in done]
+    meta = {"rounds": args.rounds, "seeds": len(args.seeds), "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}"}
+    print(f"{len(args.estimators)} estimators x {len(args.seeds)} seeds x {args.rounds} rounds; "
+          f"{len(done)} runs already in {table}, {len(todo)} to run", flush=True)
+    if todo:
+        t0 = time.perf_counter()
+        w = load_warm(base_params, args.rounds, with_eval=True)
+        base_sd = {k: v.clone() for k, v in w.trainer.state_dict_for_sampler().items()}
+        base_eval = evaluate(w, 0)
+        print(f"warm in {time.perf_counter() - t0:.1f} s; base model held-out reward {base_eval['eval_reward']:.3f}", flush=True)
+        bar = tqdm(total=len(todo) * args.rounds, desc="sweep", unit="round", dynamic_ncols=True)
+        try:
+            for est, seed in todo:
+                params = load_params(args.params, {**overrides, "advantage.estimator": est, "base.seed": seed})
+                rows = pl.DataFrame(one_run(w, params, args.rounds, base_sd, base_eval, key, bar), infer_schema_length=None)
+                df = rows if df is None else pl.concat([df, rows], how="diagonal_relaxed")
+                write_table(df, table)  # atomic; a finished run is never lost
+        finally:
+            bar.close()
+            w.sampler.close()
+    df = df.filter(pl.col("estimator").is_in(args.estimators) & pl.col("seed").is_in(args.seeds))
+    print(write_outputs(df, out, meta))
+    print(f"wrote {table}, {out / 'baselines.md'}, {out / 'baselines.png'}")
+
+
+if __name__ == "__main__":
+    from stages.errors import run_cli
+
+    run_cli(main)
