@@ -10,8 +10,9 @@ trainer measures the trace of the covariance of the one-prompt gradient estimate
 before clipping (see stages/update.py `_GradVariance`). Prompts are the independent unit (the leave-one-out
 baseline couples the completions of one prompt), and the trace is the quantity SGD bounds depend on. As the
 estimators scale advantages differently (GRPO divides by the group std, RLOO multiplies by K/(K-1)) and Adam is
-invariant to the gradient's scale, the table also gives the scale-free `relative_variance`
-= 1 - ||mean gradient||^2 / mean ||one-prompt gradient||^2 (0: every prompt pulls the same way; 1: pure noise).
+nearly invariant to the gradient's scale, the table also gives the scale-free signal-to-noise ratio
+||E g||^2 / var (||E g||^2 estimated without bias as ||G||^2 - var/M over the M prompts; ratio of the means
+over rounds and seeds, since one round's estimate is noisy).
 
 One process, one warm vLLM engine, reference and reward models for the whole sweep: a run resets the trainer
 to the base weights and pushes them into the running engine (no restart). Each finished run is appended to
@@ -99,10 +100,10 @@ def one_run(w, params, rounds: int, base_sd: dict, base_eval: dict, key: str, ba
             "estimator": est, "seed": seed, "round": r + 1, **ev,
             "train_reward": sc_stats["reward"], "kl": sc_stats["kl"], "advantage_std": a_stats["advantage_std"],
             "grad_norm": u["grad_norm"], "grad_variance": u.get("grad/variance"),
-            "grad_relative_variance": u.get("grad/relative_variance"), "grad_mean_sq_norm": u.get("grad/mean_sq_norm"),
+            "grad_signal": u.get("grad/signal"), "grad_snr": u.get("grad/snr"), "grad_mean_sq_norm": u.get("grad/mean_sq_norm"),
             "round_s": seconds,
         })
-        bar.set_postfix_str(f"{est} seed {seed} round {r + 1}: held-out {ev['eval_reward']:.3f}, rel.var {rows[-1]['grad_relative_variance']:.3f}")
+        bar.set_postfix_str(f"{est} seed {seed} round {r + 1}: held-out {ev['eval_reward']:.3f}, grad var {rows[-1]['grad_variance']:.3g}")
         bar.update(1)
     return [{**row, "config": key} for row in rows]
 
@@ -119,9 +120,9 @@ def summarize(df: pl.DataFrame, rounds: int) -> pl.DataFrame:
         pl.col("kl").mean().alias("kl_last"),
     )
     b = trained.group_by("estimator").agg(
-        pl.col("grad_relative_variance").mean().alias("rel_var_mean"),
-        pl.col("grad_relative_variance").std().alias("rel_var_std"),
         pl.col("grad_variance").mean().alias("grad_var_mean"),
+        pl.col("grad_variance").std().alias("grad_var_std"),
+        (pl.col("grad_signal").mean() / pl.col("grad_variance").mean()).alias("snr"),
         pl.col("grad_mean_sq_norm").mean().alias("grad_sq_norm_mean"),
         pl.col("advantage_std").mean().alias("advantage_std"),
         pl.col("train_reward").mean().alias("train_reward_mean"),
@@ -136,14 +137,14 @@ def markdown(summary: pl.DataFrame, base_reward: float, meta: dict) -> str:
         f"Held-out reward after {meta['rounds']} rounds (base model: {base_reward:.3f}), mean +- std over "
         f"{meta['seeds']} seeds; gradient variance over every trained round. {meta['machine']}, {meta['date']}.",
         "",
-        "| estimator | seeds | held-out reward | win-rate vs base | train KL (last) | relative grad variance | grad variance (trace) | mean grad norm^2 | advantage std |",
+        "| estimator | seeds | held-out reward | win-rate vs base | train KL (last) | grad variance (trace) | grad SNR | mean grad norm^2 | advantage std |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary.iter_rows(named=True):
         lines.append(
             f"| {r['estimator']} | {r['seeds']} | {r['reward_mean']:.3f} +- {r['reward_std'] or 0:.3f} | "
             f"{r['win_rate_mean']:.3f} +- {r['win_rate_std'] or 0:.3f} | {r['kl_last']:.3f} | "
-            f"{r['rel_var_mean']:.3f} +- {r['rel_var_std'] or 0:.3f} | {r['grad_var_mean']:.3g} | "
+            f"{r['grad_var_mean']:.3g} +- {r['grad_var_std'] or 0:.2g} | {r['snr']:.4f} | "
             f"{r['grad_sq_norm_mean']:.3g} | {r['advantage_std']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -159,7 +160,7 @@ def plot(df: pl.DataFrame, path: Path, meta: dict) -> None:
     for est in [e for e in ESTIMATORS if e in set(df["estimator"])]:
         g = (df.filter(pl.col("estimator") == est).group_by("round")
              .agg(pl.col("eval_reward").mean().alias("m"), pl.col("eval_reward").std().alias("s"),
-                  pl.col("grad_relative_variance").mean().alias("v"), pl.col("grad_relative_variance").std().alias("vs"))
+                  pl.col("grad_variance").mean().alias("v"), pl.col("grad_variance").std().alias("vs"))
              .sort("round").fill_null(0.0))
         x, m, s = g["round"].to_numpy(), g["m"].to_numpy(), g["s"].to_numpy()
         (line,) = ax1.plot(x, m, marker="o", label=est)
@@ -168,8 +169,8 @@ def plot(df: pl.DataFrame, path: Path, meta: dict) -> None:
         ax2.errorbar(gv["round"].to_numpy(), gv["v"].to_numpy(), yerr=gv["vs"].to_numpy(), marker="o", capsize=3,
                      label=est, color=line.get_color())
     ax1.set(xlabel="round", ylabel="held-out reward (greedy)", title="Held-out reward, mean +- std over seeds")
-    ax2.set(xlabel="round", ylabel="1 - |mean g|^2 / mean |g_prompt|^2",
-            title="Relative variance of the policy gradient")
+    ax2.set(xlabel="round", ylabel="trace Cov(one-prompt gradient)", yscale="log",
+            title="Variance of the policy-gradient estimate")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)

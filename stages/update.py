@@ -109,7 +109,8 @@ class _GradVariance:
     G = sum_m c_m, where g_m is the gradient of that group's own loss (an estimate of G from one prompt) and
     w_m its share of the loss. The trace of the covariance of g_m (unbiased, weighted) is
         var = (sum_m w_m ||g_m||^2 - ||G||^2) / (1 - sum_m w_m^2),
-    measured before clipping. Costs one copy of the gradients; only `c_m`'s squared norm is kept.
+    measured before clipping, and the signal-to-noise ratio ||E g||^2 / var with ||E g||^2 estimated without bias
+    by ||G||^2 - var * sum_m w_m^2. Costs one copy of the gradients; only `c_m`'s squared norm is kept.
     """
 
     def __init__(self, model):
@@ -137,11 +138,12 @@ class _GradVariance:
             return {}
         total_sq = float(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
         var = max(0.0, self.weighted_sq - total_sq) / max(1.0 - self.w_sq, 1e-12)
+        signal = total_sq - var * self.w_sq  # unbiased: E||G||^2 = ||E g||^2 + sum_m w_m^2 tr Cov(g)
         return {
             "grad/variance": var,  # trace of the covariance of a one-prompt gradient estimate
             "grad/mean_sq_norm": total_sq,  # ||G||^2 of the mini-batch gradient
-            # share of a one-prompt gradient's second moment that is noise: 0 = all prompts agree, ~1 = pure noise
-            "grad/relative_variance": max(0.0, 1.0 - total_sq / max(self.weighted_sq, 1e-30)),
+            "grad/signal": signal,  # estimate of ||E g||^2 (noisy, can be < 0)
+            "grad/snr": signal / max(var, 1e-30),  # scale-free: unchanged when the advantages are rescaled
         }
 
 

@@ -268,9 +268,9 @@ def test_grad_variance_matches_per_prompt_gradients(tiny_model_dir):
     assert rel(mean, full) < 1e-5
     expected = float(sum(((g - mean) ** 2).sum() for g in per_prompt)) / (len(per_prompt) - 1)
     assert abs(stats["grad/variance"] - expected) / expected < 1e-4
-    second_moment = float(sum((g**2).sum() for g in per_prompt)) / len(per_prompt)
-    assert abs(stats["grad/relative_variance"] - (1 - float((full**2).sum()) / second_moment)) < 1e-5
-    assert 0 < stats["grad/relative_variance"] < 1
+    signal = float((full**2).sum()) - expected / len(per_prompt)
+    assert stats["grad/signal"] == pytest.approx(signal, rel=1e-3)
+    assert stats["grad/snr"] == pytest.approx(signal / expected, rel=1e-3)
 
 
 def test_grad_variance_is_zero_when_every_prompt_pulls_the_same_way(tiny_model_dir):
