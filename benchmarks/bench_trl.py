@@ -101,18 +101,21 @@ def run_trl(args, work: Path, use_vllm: bool) -> dict:
     from stages.io import read_table
     from stages.models import load_tokenizer
     from stages.rewards import build_rewards, combine, compute_rewards
+    from stages.sample import tokenize_prompts
     from stages.schemas import PROMPTS
 
     torch.manual_seed(params.base.seed)
     t_warm = time.perf_counter()
     sp, tp, up = params.sample, params.train, params.update
     train = read_table("data/prepared/train.parquet", PROMPTS)
-    prompts = [round_prompts(train, r, tp.prompts_per_round, params.base.seed) for r in range(args.steps)]
-    by_text = {}
-    for p in prompts:
-        for row in p.iter_rows(named=True):
-            by_text[row["prompt_text"]] = row
-    ds = Dataset.from_dict({"prompt": [t for p in prompts for t in p["prompt_text"].to_list()]})
+    tokenizer = load_tokenizer(params.base.model_dir)
+    texts, by_text = [], {}
+    for r in range(args.steps):  # the flow's prompts of each round, rendered with the same chat template
+        p = round_prompts(train, r, tp.prompts_per_round, params.base.seed)
+        rendered, _ = tokenize_prompts(tokenizer, p)
+        texts += rendered
+        by_text |= dict(zip(rendered, p.iter_rows(named=True)))
+    ds = Dataset.from_dict({"prompt": texts})
     rewards = build_rewards(params.score.rewards, device=torch.device("cpu"), batch_size=params.score.batch_size)
 
     def reward_fn(prompts, completions, **kw):
@@ -159,7 +162,7 @@ def run_trl(args, work: Path, use_vllm: bool) -> dict:
             timings["step"].append(time.perf_counter() - self.t)
 
     trainer = Timed(model=params.base.model_dir, reward_funcs=[reward_fn], args=cfg, train_dataset=ds,
-                    processing_class=load_tokenizer(params.base.model_dir), callbacks=[StepClock()])
+                    processing_class=tokenizer, callbacks=[StepClock()])
     warm = time.perf_counter() - t_warm
     t0 = time.perf_counter()
     trainer.train()

@@ -350,7 +350,9 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             if (r + 1) % params.update.save_every == 0 or r + 1 == total:
+                tc = time.perf_counter()
                 trainer.save(ckpt_dir, extra={"config_hash": chash, "round": r + 1, "manifest": manifest})
+                metrics["time/checkpoint_s"] = time.perf_counter() - tc  # in the manifest, not in the checkpoint's copy
             write_json(manifest, d / MANIFEST)  # the round is complete from here on
             history.append(metrics)
             tracking.log_round(metrics, step=r + 1, samples=samples, scores=scores, advantages=advs, n=params.mlflow.log_completions)

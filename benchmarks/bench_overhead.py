@@ -1,0 +1,152 @@
+"""Pipeline overhead: the Prefect flow (tasks + Parquet artifacts + MLflow + checkpoints) vs the bare stage
+functions called in a loop, same warm resources, same rounds.
+
+Arms (each in its own subprocess, run in turn; `--repeats` alternates them):
+- `bare`: `flows.train.load_warm` then, per round, `sample_round -> score_round -> advantage_round ->
+  update_round` (the functions the flow's tasks wrap): no Prefect, no files, no MLflow, no checkpoint.
+- `flow`: `flows.train.train_flow` as `dvc repro` runs it (checkpoint every round, `update.save_every: 1`).
+- `flow-final-ckpt`: the flow with `update.save_every` = rounds (one checkpoint, at the end).
+
+Per round: wall time from the end of the warm-up to the end of the last round, divided by the rounds (so the
+flow's Prefect task calls, Parquet writes, manifests, MLflow logging and checkpoints all count), and the
+flow's own checkpoint time from its manifests.
+
+    python benchmarks/bench_overhead.py [--rounds 3] [--repeats 1]
+
+Writes benchmarks/results/overhead.json and overhead.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+RESULTS = ROOT / "benchmarks" / "results"
+ARMS = ["bare", "flow", "flow-final-ckpt"]
+
+
+def run_bare(args) -> dict:
+    os.chdir(ROOT)
+    from flows.train import advantage_round, load_warm, round_prompts, sample_round, score_round, update_round
+    from stages.params import load_params
+    from stages.runtime import configure_env
+
+    params = load_params(args.params)
+    configure_env(params.base.threads)
+    t0 = time.perf_counter()
+    w = load_warm(params, args.rounds)
+    warm = time.perf_counter() - t0
+    rounds = []
+    t1 = time.perf_counter()
+    try:
+        for r in range(args.rounds):
+            tr = time.perf_counter()
+            prompts = round_prompts(w.train_prompts, r, params.train.prompts_per_round, params.base.seed)
+            samples, s = sample_round(w, r, prompts)
+            scores, sc = score_round(w, samples)
+            advs, w.adv_state, _ = advantage_round(w, scores)
+            u = update_round(w, samples, advs)
+            rounds.append({"round_s": time.perf_counter() - tr, "sample_s": s["time/sample_s"],
+                           "update_s": u["time/update_s"], "reward": sc["reward"]})
+    finally:
+        w.sampler.close()
+    return {"warm_s": warm, "round_wall_s": (time.perf_counter() - t1) / args.rounds, "rounds": rounds}
+
+
+def run_flow(args, work: Path, save_every: int) -> dict:
+    os.chdir(ROOT)
+    from flows.train import train_flow
+
+    overrides = {"train.rounds_dir": str(work / "rounds"), "train.checkpoint_dir": str(work / "policy"),
+                 "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "train.eval_every": 0,
+                 "update.save_every": save_every}
+    summary = train_flow(params_path=args.params, rounds=args.rounds, overrides=overrides)
+    rounds = []
+    for r in range(args.rounds):
+        m = json.loads((work / "rounds" / f"round={r:04d}" / "manifest.json").read_text())["metrics"]
+        rounds.append({"round_s": m["time/round_s"], "sample_s": m["time/sample_s"], "update_s": m["time/update_s"],
+                       "checkpoint_s": m.get("time/checkpoint_s", 0.0), "reward": m["reward"]})
+    return {"warm_s": summary["warm_start_s"], "round_wall_s": (summary["wall_s"] - summary["warm_start_s"]) / args.rounds,
+            "rounds": rounds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        work = Path(args.work)
+        res = run_bare(args) if args.worker == "bare" else run_flow(args, work, 1 if args.worker == "flow" else args.rounds)
+        (work / "result.json").write_text(json.dumps(res, indent=1))
+        return
+
+    from stages.errors import PipelineError
+    from stages.io import write_json, write_text
+
+    for need in ("models/base/config.json", "data/prepared/train.parquet"):
+        if not (ROOT / need).exists():
+            raise PipelineError(f"{need} is missing; run `dvc repro prepare` first")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        for rep in range(args.repeats):
+            for arm in args.arms:
+                work = Path(tmp) / f"{arm}-{rep}"
+                work.mkdir()
+                print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{args.repeats}: {arm}: {args.rounds} rounds ...", flush=True)
+                cmd = [sys.executable, __file__, "--worker", arm, "--work", str(work), "--rounds", str(args.rounds), "--params", args.params]
+                if subprocess.run(cmd, cwd=ROOT).returncode:
+                    raise PipelineError(f"bench_overhead: the {arm} arm failed (its output is above)")
+                res = json.loads((work / "result.json").read_text())
+                runs.append({"arm": arm, "repeat": rep, **res})
+                print(f"    {arm}: {res['round_wall_s']:.2f} s per round (warm-up {res['warm_s']:.1f} s)", flush=True)
+    per_arm = {}
+    for arm in args.arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        rounds = [x for r in rs for x in r["rounds"]]
+        per_arm[arm] = {
+            "round_wall_s": sum(r["round_wall_s"] for r in rs) / len(rs),
+            "sample_s": sum(x["sample_s"] for x in rounds) / len(rounds),
+            "update_s": sum(x["update_s"] for x in rounds) / len(rounds),
+            "checkpoint_s": sum(x.get("checkpoint_s", 0.0) for x in rounds) / len(rounds),
+            "warm_s": sum(r["warm_s"] for r in rs) / len(rs),
+            "rewards": [x["reward"] for x in rs[0]["rounds"]],
+        }
+    bare = per_arm.get("bare")
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores {platform.machine()}",
+            "rounds": args.rounds, "repeats": args.repeats}
+    lines = [f"{meta['date']}, {meta['machine']}; {args.rounds} rounds x {args.repeats} repeat(s), default params.yaml. "
+             "Seconds per round (mean).", "",
+             "| arm | per round (wall) | overhead vs bare | sampling | update | checkpoint | warm-up |", "|---|---|---|---|---|---|---|"]
+    for arm, a in per_arm.items():
+        over = f"{100 * (a['round_wall_s'] / bare['round_wall_s'] - 1):+.1f} %" if bare and arm != "bare" else "-"
+        a["overhead_pct"] = None if over == "-" else 100 * (a["round_wall_s"] / bare["round_wall_s"] - 1)
+        lines.append(f"| {arm} | {a['round_wall_s']:.2f} | {over} | {a['sample_s']:.2f} | {a['update_s']:.2f} | "
+                     f"{a['checkpoint_s']:.2f} | {a['warm_s']:.1f} |")
+    md = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"meta": meta, "arms": per_arm, "runs": runs}, out / "overhead.json")
+    write_text(md, out / "overhead.md")
+    print(md)
+
+
+if __name__ == "__main__":
+    from stages.errors import run_cli
+
+    run_cli(main)
