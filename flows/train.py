@@ -400,9 +400,14 @@ def _write_train_outputs(history: list[dict], total: int, chash: str, warm_s: fl
     summary |= {"rounds": total, "config_hash": chash,
                 "seconds_per_round": sum(h["time/round_s"] for h in history) / max(len(history), 1),
                 "warm_start_s": warm_s, "wall_s": time.perf_counter() - t0, "rounds_run": rounds_run}
+    gv = [h for h in history if h.get("grad/variance") is not None]
+    if gv:  # update.grad_variance: the run's means, so `dvc exp show` compares estimators on them
+        var = sum(h["grad/variance"] for h in gv) / len(gv)
+        summary |= {"grad_variance_mean": var,
+                    "grad_snr": sum(h["grad/signal"] for h in gv) / len(gv) / var if var > 0 else None}
     write_json(summary, "metrics/train.json")
     cols = ["reward", "reward_std", "kl", "rlhf_reward", "loss", "entropy", "advantage_std",
-            "completions/mean_length", "time/round_s", "eval/reward", "eval/win_rate", "eval/kl"]
+            "completions/mean_length", "time/round_s", "eval/reward", "eval/win_rate", "eval/kl", "grad/variance", "grad/snr"]
     rows = [{"round": i + 1, **{c.replace("/", "_"): h.get(c) for c in cols}} for i, h in enumerate(history)]
     with atomic_path("plots/train.csv", ".csv") as tmp:
         pl.DataFrame(rows, infer_schema_length=None).write_csv(tmp)

@@ -39,6 +39,7 @@ class BaseParams(_Section):
 class PrepareParams(_Section):
     prompts: str = Field("data/prompts/movie_reviews.jsonl", description="Parquet/JSONL/CSV with a `prompt` column")
     eval_size: int = Field(48, ge=1, description="held-out prompts")
+    split_seed: int = Field(42, ge=0, description="seed of the train/held-out split (not base.seed: seed sweeps keep one held-out set)")
     system_prompt: str | None = Field(None, description="optional system message")
     max_prompt_tokens: int = Field(128, ge=1, description="longest allowed prompt, in tokens")
 

@@ -10,7 +10,7 @@ Choices:
   save a "GGUF-quantized" model, so the quantizer marker is cleared before `save_pretrained` (the weights
   are already plain fp32 tensors). About 20 s, 517 MB.
 - `prompt_id` is a hash of the prompt text: stable across runs, splits and reorderings.
-- The split is a seeded shuffle (`base.seed`); the first `prepare.eval_size` prompts are held out.
+- The split is a seeded shuffle (`prepare.split_seed`); the first `prepare.eval_size` prompts are held out.
 - Every prompt is rendered with the model's chat template and checked against `prepare.max_prompt_tokens`.
 
 Run: `python -m stages.prepare [--params params.yaml]` (DVC stage `prepare`).
@@ -175,7 +175,7 @@ def prepare(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
     if not prompts_path.is_file():
         raise PipelineError(f"prepare.prompts: {prompts_path} not found; give a Parquet/JSONL/CSV file with a `prompt` column")
     prompts = clean_prompts(read_table(prompts_path), str(prompts_path))
-    train, held_out = split_prompts(prompts, params.prepare.eval_size, params.base.seed)
+    train, held_out = split_prompts(prompts, params.prepare.eval_size, params.prepare.split_seed)
 
     model_dir = prepare_model(params)
     tokenizer = load_tokenizer(model_dir)

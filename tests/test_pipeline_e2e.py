@@ -90,3 +90,21 @@ def test_exp_run_reruns_only_dependent_stages(repro):
     assert "Running stage 'prepare'" not in out.stdout
     shown = run([str(BIN / "dvc"), "exp", "show", "--json"], proj, env)
     assert "win_rate" in shown.stdout
+
+
+def test_queued_estimator_sweep_reports_gradient_variance(repro):
+    """The README's sweep recipe: queue estimator variants with the gradient variance on, run them, compare."""
+    _, proj, env, _ = repro
+    dvc = str(BIN / "dvc")
+    run([dvc, "exp", "run", "--queue", "-n", "grpo-gv", "-S", "advantage.estimator=grpo",
+         "-S", "update.grad_variance=true"], proj, env)
+    run([dvc, "exp", "run", "--run-all"], proj, env)
+    shown = json.loads(run([dvc, "exp", "show", "--json"], proj, env).stdout)
+    exps = [e for commit in shown for e in (commit.get("experiments") or [])
+            if e.get("name") == "grpo-gv"]
+    assert exps, f"experiment grpo-gv not in `dvc exp show`: {json.dumps(shown)[:2000]}"
+    data = exps[0]["revs"][0]["data"]
+    train = data["metrics"]["metrics/train.json"]["data"]
+    assert train["grad_variance_mean"] > 0 and train["grad_snr"] is not None
+    assert data["params"]["params.yaml"]["data"]["advantage"]["estimator"] == "grpo"
+    assert "win_rate" in data["metrics"]["metrics/eval.json"]["data"]

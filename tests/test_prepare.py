@@ -195,7 +195,7 @@ def test_prepare_with_local_model(tmp_path, tiny_model_dir, fmt):
     assert held.height == 3 and train.height == len(PROMPT_TEXTS) - 3
     assert not set(train["prompt_id"]) & set(held["prompt_id"])
     assert set(train["prompt"]) | set(held["prompt"]) == set(PROMPT_TEXTS)
-    assert (set(train["prompt"]), set(held["prompt"])) == tuple(map(set, split_prompts(PROMPT_TEXTS, 3, params.base.seed)))
+    assert (set(train["prompt"]), set(held["prompt"])) == tuple(map(set, split_prompts(PROMPT_TEXTS, 3, params.prepare.split_seed)))
     for row in train.iter_rows(named=True):
         assert row["prompt_id"] == prompt_id(row["prompt"])
         assert json.loads(row["messages"]) == messages_for(row["prompt"], "be brief")
