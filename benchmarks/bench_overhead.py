@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -96,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         (work / "result.json").write_text(json.dumps(res, indent=1))
         return
 
+    from machine import describe
     from stages.errors import PipelineError
     from stages.io import write_json, write_text
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             "rewards": [x["reward"] for x in rs[0]["rounds"]],
         }
     bare = per_arm.get("bare")
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores {platform.machine()}",
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(),
             "rounds": args.rounds, "repeats": args.repeats}
     lines = [f"{meta['date']}, {meta['machine']}; {args.rounds} rounds x {args.repeats} repeat(s), default params.yaml. "
              "Seconds per round (mean).", "",

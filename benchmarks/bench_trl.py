@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 ARMS = ["ours", "trl", "trl-vllm"]
 
@@ -53,6 +54,7 @@ def peak_rss_gib() -> float:
 def run_ours(args, work: Path) -> dict:
     os.chdir(ROOT)
     from flows.train import train_flow
+    from stages.params import load_params
 
     overrides = {
         "train.rounds_dir": str(work / "rounds"),
@@ -78,7 +80,14 @@ def run_ours(args, work: Path) -> dict:
         # everything a round costs in the flow, checkpoint + Parquet + MLflow + Prefect included
         "step_wall_s": (summary["wall_s"] - summary["warm_start_s"]) / args.steps,
         "process_wall_s": wall,
+        "precision": _precision(load_params(args.params)),
     }
+
+
+def _precision(params) -> str:
+    from stages.runtime import fast_bf16, resolve_dtype
+
+    return f"update bf16 autocast {params.update.bf16_autocast and fast_bf16()}, sampler {resolve_dtype(params.sample.dtype)}"
 
 
 # ---------------------------------------------------------------- arm: TRL
@@ -101,6 +110,7 @@ def run_trl(args, work: Path, use_vllm: bool) -> dict:
     from stages.io import read_table
     from stages.models import load_tokenizer
     from stages.rewards import build_rewards, combine, compute_rewards
+    from stages.runtime import fast_bf16, resolve_dtype
     from stages.sample import tokenize_prompts
     from stages.schemas import PROMPTS
 
@@ -116,6 +126,18 @@ def run_trl(args, work: Path, use_vllm: bool) -> dict:
         texts += rendered
         by_text |= dict(zip(rendered, p.iter_rows(named=True)))
     ds = Dataset.from_dict({"prompt": texts})
+    # Same precision as ours: fp32 master weights, bf16 autocast in the update where bf16 is native
+    # (update.bf16_autocast), the sampler in sample.dtype. TRL's colocated vLLM takes its dtype from the model's
+    # config, so TRL gets a copy of the base model dir whose config names the sampler's dtype.
+    sampler_dtype = resolve_dtype(sp.dtype)
+    model_dir = work / "base-model"
+    shutil.copytree(params.base.model_dir, model_dir)
+    cfg_path = model_dir / "config.json"
+    mcfg = json.loads(cfg_path.read_text())
+    mcfg["dtype"] = sampler_dtype
+    cfg_path.write_text(json.dumps(mcfg, indent=1))
+    bf16 = up.bf16_autocast and fast_bf16()
+    assert _precision(params) == f"update bf16 autocast {bf16}, sampler {sampler_dtype}"
     rewards = build_rewards(params.score.rewards, device=torch.device("cpu"), batch_size=params.score.batch_size)
 
     def reward_fn(prompts, completions, **kw):
@@ -132,7 +154,7 @@ def run_trl(args, work: Path, use_vllm: bool) -> dict:
         adam_beta2=up.adam_beta2, weight_decay=up.weight_decay, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=up.max_grad_norm, beta=params.score.beta, num_iterations=1, max_steps=args.steps,
         shuffle_dataset=False, seed=params.base.seed, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=not torch.cuda.is_available(), bf16=False, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), bf16=bf16, dataloader_num_workers=0,
         model_init_kwargs={"dtype": torch.float32},
         use_vllm=use_vllm, vllm_mode="colocate", vllm_max_model_length=sp.max_model_len,
         vllm_gpu_memory_utilization=sp.gpu_memory_utilization,
@@ -161,7 +183,7 @@ def run_trl(args, work: Path, use_vllm: bool) -> dict:
         def on_step_end(self, a, state, control, **kw):
             timings["step"].append(time.perf_counter() - self.t)
 
-    trainer = Timed(model=params.base.model_dir, reward_funcs=[reward_fn], args=cfg, train_dataset=ds,
+    trainer = Timed(model=str(model_dir), reward_funcs=[reward_fn], args=cfg, train_dataset=ds,
                     processing_class=tokenizer, callbacks=[StepClock()])
     warm = time.perf_counter() - t_warm
     t0 = time.perf_counter()
@@ -176,7 +198,7 @@ def run_trl(args, work: Path, use_vllm: bool) -> dict:
                       "tokens": timings["tokens"][i], "reward": logs[i].get("reward") if i < len(logs) else None,
                       "kl": logs[i].get("kl") if i < len(logs) else None})
     return {"policy": str(work / "policy"), "steps": steps, "warm_s": warm, "step_wall_s": wall / args.steps,
-            "process_wall_s": wall + warm}
+            "process_wall_s": wall + warm, "precision": f"update bf16 autocast {bf16}, sampler {sampler_dtype}"}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -218,7 +240,7 @@ def summarize(arm: str, res: dict, ev: dict) -> dict:
         "peak_rss_gib": res.get("peak_rss_gib"),
         "eval_reward": ev.get("reward"), "eval_ref_reward": ev.get("ref_reward"), "eval_win_rate": ev.get("win_rate"),
         "eval_kl": ev.get("kl"), "eval_error": ev.get("error"),
-        "train_reward_last": steps[-1]["reward"] if n else None,
+        "train_reward_last": steps[-1]["reward"] if n else None, "precision": res.get("precision"),
     }
 
 
@@ -245,6 +267,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{fmt(ratio, '.2f')}x | {fmt(r['gen_tokens_per_s'], '.0f')} | {fmt(r['warm_s'])} | {fmt(r['peak_rss_gib'], '.2f')} | "
             f"{fmt(r['eval_reward'], '.3f')} | {fmt(r['eval_win_rate'], '.3f')} | {fmt(r['eval_kl'], '.3f')} |"
         )
+    prec = {r["precision"] for r in rows if r.get("precision")}
+    if prec:
+        lines += ["", "Precision (every arm): " + "; ".join(sorted(prec)) + " (fp32 master weights)."]
     if rows and rows[0].get("eval_ref_reward") is not None:
         lines += ["", f"Base model held-out reward: {rows[0]['eval_ref_reward']:.3f}."]
     return "\n".join(lines) + "\n"
@@ -263,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(args)
 
+    from machine import describe
     from stages.errors import PipelineError
     from stages.io import write_json, write_text
     from stages.params import load_params
@@ -301,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         avg = {k: (sum(r[k] for r in ok) / len(ok) if isinstance(ok[0][k], (int, float)) and not isinstance(ok[0][k], bool) and all(r[k] is not None for r in ok) else ok[0][k]) for k in ok[0]}
         rows.append(avg)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores {platform.machine()}, no GPU" if not _cuda() else "CUDA",
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(),
             "steps": args.steps, "repeats": args.repeats, "prompts": params.train.prompts_per_round, "k": params.sample.k,
             "tokens": params.sample.max_completion_length, "lr": params.update.learning_rate, "beta": params.score.beta}
     out = Path(args.out)
@@ -310,12 +336,6 @@ def main(argv: list[str] | None = None) -> None:
     md = markdown(rows, meta)
     write_text(md, out / "trl.md")
     print(md)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

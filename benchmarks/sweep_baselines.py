@@ -32,13 +32,13 @@ import gc
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 os.chdir(ROOT)
 
 from flows.train import load_warm, round_prompts, sample_round, score_round, advantage_round, update_round  # noqa: E402
@@ -174,7 +174,7 @@ def plot(df: pl.DataFrame, path: Path, meta: dict) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)
-    fig.suptitle(f"RLOO vs REINFORCE baselines: {meta['seeds']} seeds, {meta['rounds']} rounds ({meta['machine']}, {meta['date']})", fontsize=9)
+    fig.suptitle(f"RLOO vs REINFORCE baselines: {meta['seeds']} seeds, {meta['rounds']} rounds ({meta['machine']}, {meta['date']})", fontsize=8)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
+    from machine import describe
     from tqdm.auto import tqdm
 
     from stages.errors import PipelineError
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                                      if df.filter((pl.col("estimator") == e) & (pl.col("seed") == s)).height == args.rounds + 1}
     todo = [(e, s) for s in args.seeds for e in args.estimators if (e, s) not in done]
     meta = {"rounds": args.rounds, "seeds": len(args.seeds), "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}"}
+            "machine": describe()}
     print(f"{len(args.estimators)} estimators x {len(args.seeds)} seeds x {args.rounds} rounds; "
           f"{len(done)} runs already in {table}, {len(todo)} to run", flush=True)
     if todo:

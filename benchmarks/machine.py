@@ -1,0 +1,26 @@
+"""One line that says which machine a benchmark ran on (the README's tables carry it)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def describe() -> str:
+    """E.g. `2 CPU cores (AMD EPYC, AVX512-BF16: bf16 native), no GPU, torch 2.13.0+cpu, sampler/trainer bfloat16`."""
+    import torch
+
+    from stages.runtime import fast_bf16, resolve_dtype
+
+    if torch.cuda.is_available():
+        hw = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+        except OSError:
+            pass
+        bf16 = "AVX512-BF16/AMX: bf16 native" if fast_bf16() else "no AVX512-BF16/AMX: bf16 emulated"
+        hw = f"{os.cpu_count()} CPU cores ({model}, {bf16}), no GPU"
+    return f"{hw}, torch {torch.__version__}, compute dtype {resolve_dtype('auto')}"
