@@ -4,7 +4,9 @@ functions called in a loop, same warm resources, same rounds.
 Arms (each in its own subprocess, run in turn; `--repeats` alternates them):
 - `bare`: `flows.train.load_warm` then, per round, `sample_round -> score_round -> advantage_round ->
   update_round` (the functions the flow's tasks wrap): no Prefect, no files, no MLflow, no checkpoint.
-- `flow`: `flows.train.train_flow` as `dvc repro` runs it (checkpoint every round, `update.save_every: 1`).
+- `flow`: `flows.train.train_flow` as `dvc repro` runs it (checkpoint every round, `update.save_every: 1`,
+  written in a background thread while the next round samples: `train.async_checkpoint: true`).
+- `flow-sync-ckpt`: the same with `train.async_checkpoint: false` (the checkpoint written in line).
 - `flow-final-ckpt`: the flow with `update.save_every` = rounds (one checkpoint, at the end).
 
 Per round: wall time from the end of the warm-up to the end of the last round, divided by the rounds (so the
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
-ARMS = ["bare", "flow", "flow-final-ckpt"]
+ARMS = ["bare", "flow", "flow-sync-ckpt", "flow-final-ckpt"]
 
 
 def run_bare(args) -> dict:
@@ -62,19 +64,21 @@ def run_bare(args) -> dict:
     return {"warm_s": warm, "round_wall_s": (time.perf_counter() - t1) / args.rounds, "rounds": rounds}
 
 
-def run_flow(args, work: Path, save_every: int) -> dict:
+def run_flow(args, work: Path, save_every: int, async_checkpoint: bool = True) -> dict:
     os.chdir(ROOT)
     from flows.train import train_flow
 
     overrides = {"train.rounds_dir": str(work / "rounds"), "train.checkpoint_dir": str(work / "policy"),
                  "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "train.eval_every": 0,
-                 "update.save_every": save_every}
+                 "update.save_every": save_every, "train.async_checkpoint": async_checkpoint}
     summary = train_flow(params_path=args.params, rounds=args.rounds, overrides=overrides)
     rounds = []
     for r in range(args.rounds):
-        m = json.loads((work / "rounds" / f"round={r:04d}" / "manifest.json").read_text())["metrics"]
+        man = json.loads((work / "rounds" / f"round={r:04d}" / "manifest.json").read_text())
+        m = man["metrics"]
         rounds.append({"round_s": m["time/round_s"], "sample_s": m["time/sample_s"], "update_s": m["time/update_s"],
-                       "checkpoint_s": m.get("time/checkpoint_s", 0.0), "reward": m["reward"]})
+                       "checkpoint_s": man.get("checkpoint_s", 0.0), "checkpoint_wait_s": m.get("time/checkpoint_wait_s", 0.0),
+                       "reward": m["reward"]})
     return {"warm_s": summary["warm_start_s"], "round_wall_s": (summary["wall_s"] - summary["warm_start_s"]) / args.rounds,
             "rounds": rounds}
 
@@ -91,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.worker:
         work = Path(args.work)
-        res = run_bare(args) if args.worker == "bare" else run_flow(args, work, 1 if args.worker == "flow" else args.rounds)
+        if args.worker == "bare":
+            res = run_bare(args)
+        else:
+            res = run_flow(args, work, args.rounds if args.worker == "flow-final-ckpt" else 1, args.worker != "flow-sync-ckpt")
         (work / "result.json").write_text(json.dumps(res, indent=1))
         return
 
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             "sample_s": sum(x["sample_s"] for x in rounds) / len(rounds),
             "update_s": sum(x["update_s"] for x in rounds) / len(rounds),
             "checkpoint_s": sum(x.get("checkpoint_s", 0.0) for x in rounds) / len(rounds),
+            "checkpoint_wait_s": sum(x.get("checkpoint_wait_s", 0.0) for x in rounds) / len(rounds),
             "warm_s": sum(r["warm_s"] for r in rs) / len(rs),
             "rewards": [x["reward"] for x in rs[0]["rounds"]],
         }
@@ -132,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
             "rounds": args.rounds, "repeats": args.repeats}
     lines = [f"{meta['date']}, {meta['machine']}; {args.rounds} rounds x {args.repeats} repeat(s), default params.yaml. "
              "Seconds per round (mean).", "",
-             "| arm | per round (wall) | overhead vs bare | sampling | update | checkpoint | warm-up |", "|---|---|---|---|---|---|---|"]
+             "| arm | per round (wall) | overhead vs bare | sampling | update | checkpoint write | update waited for it | warm-up |",
+             "|---|---|---|---|---|---|---|---|"]
     for arm, a in per_arm.items():
         over = f"{100 * (a['round_wall_s'] / bare['round_wall_s'] - 1):+.1f} %" if bare and arm != "bare" else "-"
         a["overhead_pct"] = None if over == "-" else 100 * (a["round_wall_s"] / bare["round_wall_s"] - 1)
         lines.append(f"| {arm} | {a['round_wall_s']:.2f} | {over} | {a['sample_s']:.2f} | {a['update_s']:.2f} | "
-                     f"{a['checkpoint_s']:.2f} | {a['warm_s']:.1f} |")
+                     f"{a['checkpoint_s']:.2f} | {a['checkpoint_wait_s']:.2f} | {a['warm_s']:.1f} |")
     md = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

