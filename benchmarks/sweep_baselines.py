@@ -55,7 +55,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 def run_key(params, rounds: int) -> str:
     """Identifies the sweep's budget: a results row from another config is not reused."""
     d = params.model_dump()
-    for sec, keys in (("base", ["seed"]), ("advantage", ["estimator"]), ("train", ["rounds"])):
+    # not the budget: what varies across the sweep, and what only concerns the flow's files and checkpoints
+    for sec, keys in (("base", ["seed"]), ("advantage", ["estimator"]),
+                      ("train", ["rounds", "eval_every", "rounds_dir", "checkpoint_dir", "async_checkpoint"])):
         for k in keys:
             d[sec].pop(k, None)
     d.pop("mlflow", None)
@@ -234,9 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "baselines.parquet"
-    df = read_table(table) if table.exists() else None
-    if df is not None and "config" in df.columns:
-        df = df.filter(pl.col("config") == key)
+    stored = read_table(table) if table.exists() else None
+    others = None  # rows of other budgets stay in the file
+    df = stored
+    if stored is not None and "config" in stored.columns:
+        df, others = stored.filter(pl.col("config") == key), stored.filter(pl.col("config") != key)
+        df = df if df.height else None
     done = set() if df is None else {(e, s) for e, s in df.select("estimator", "seed").unique().iter_rows()
                                      if df.filter((pl.col("estimator") == e) & (pl.col("seed") == s)).height == args.rounds + 1}
     todo = [(e, s) for s in args.seeds for e in args.estimators if (e, s) not in done]
@@ -256,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                 params = load_params(args.params, {**overrides, "advantage.estimator": est, "base.seed": seed})
                 rows = pl.DataFrame(one_run(w, params, args.rounds, base_sd, base_eval, key, bar), infer_schema_length=None)
                 df = rows if df is None else pl.concat([df, rows], how="diagonal_relaxed")
-                write_table(df, table)  # atomic; a finished run is never lost
+                keep = df if others is None or not others.height else pl.concat([others, df], how="diagonal_relaxed")
+                write_table(keep, table)  # atomic; a finished run is never lost, nor another budget's rows
         finally:
             bar.close()
             w.sampler.close()
