@@ -1,0 +1,67 @@
+"""The benchmark scripts' bookkeeping (their measurements run with `make bench-*`, not in the test suite)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_trl  # noqa: E402
+import sweep_baselines  # noqa: E402
+
+from stages.params import load_params  # noqa: E402
+
+
+def _sweep_rows() -> pl.DataFrame:
+    rows = []
+    for est, var, std in (("rloo", 4.0, 2.0), ("reinforce", 9.0, 1.0)):
+        for seed in (1, 2):
+            rows.append({"estimator": est, "seed": seed, "round": 0, "eval_reward": 0.5, "eval_win_rate": 0.5})
+            for r in (1, 2):
+                rows.append({"estimator": est, "seed": seed, "round": r, "eval_reward": 0.5 + 0.01 * r * seed,
+                             "eval_win_rate": 0.6, "train_reward": 0.4, "kl": 0.1, "advantage_std": std,
+                             "grad_norm": 1.0, "grad_variance": var, "grad_signal": 1.0 if seed == 1 else -1.0,
+                             "grad_snr": 0.1, "grad_mean_sq_norm": 2.0, "round_s": 1.0})
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def test_sweep_table_and_plot(tmp_path):
+    df = _sweep_rows()
+    md = sweep_baselines.write_outputs(df, tmp_path, {"rounds": 2, "seeds": 2, "date": "d", "machine": "m"})
+    s = sweep_baselines.summarize(df, 2).to_dicts()
+    assert [r["estimator"] for r in s] == ["rloo", "reinforce"]  # the article's order
+    rloo, reinforce = s
+    assert rloo["norm_var_mean"] == pytest.approx(4.0 / 2.0**2) and reinforce["norm_var_mean"] == pytest.approx(9.0)
+    assert rloo["reward_mean"] == pytest.approx((0.52 + 0.54) / 2) and rloo["seeds"] == 2
+    assert rloo["signal_negative"] == pytest.approx(0.5)
+    assert "| rloo | 2 |" in md and "| reinforce | 2 |" in md and "50 %" in md
+    assert (tmp_path / "baselines.md").read_text() == md
+    assert (tmp_path / "baselines.png").stat().st_size > 10_000
+
+
+def test_sweep_resume_key_is_the_budget_only():
+    base = load_params("params.yaml", {"update.grad_variance": True})
+    key = sweep_baselines.run_key(base, 3)
+    same = {"train.async_checkpoint": False, "train.rounds_dir": "x", "train.checkpoint_dir": "y", "base.seed": 9,
+            "advantage.estimator": "grpo", "train.eval_every": 2, "mlflow.log_completions": 0}
+    assert sweep_baselines.run_key(load_params("params.yaml", {"update.grad_variance": True, **same}), 3) == key
+    assert sweep_baselines.run_key(base, 4) != key
+    assert sweep_baselines.run_key(load_params("params.yaml", {"update.grad_variance": True, "update.learning_rate": 1e-4}), 3) != key
+
+
+def test_trl_table_has_ratios_and_says_why_an_arm_failed():
+    ok = {"ok": True, "warm_s": 3.0, "step_wall_s": 10.0, "precision": "p", "peak_rss_gib": 1.0,
+          "steps": [{"round_s": 9.0, "sample_s": 2.0, "score_s": 3.0, "update_s": 4.0, "tokens": 64, "reward": 0.3,
+                     "kl": 0.0, "mean_length": 16.0}] * 2}
+    ours = bench_trl.summarize("ours", ok, {"reward": 0.5, "ref_reward": 0.4, "win_rate": 0.6, "kl": 0.1})
+    trl = bench_trl.summarize("trl", {**ok, "step_wall_s": 25.0}, {"reward": 0.45, "ref_reward": 0.4, "win_rate": 0.55, "kl": 0.2})
+    bad = bench_trl.summarize("trl-vllm", {"ok": False, "error": "AttributeError: x (at a.py:1 f -> b.py:2 g)"}, {})
+    assert ours["gen_tokens_per_s"] == pytest.approx(128 / 4.0)
+    md = bench_trl.markdown([ours, trl, bad], {"date": "d", "machine": "m", "steps": 2, "prompts": 8, "k": 4,
+                                               "tokens": 32, "lr": 1e-6, "beta": 0.02})
+    assert "| ours | 10.0 |" in md and "1.00x" in md and "2.50x" in md
+    assert "| trl-vllm | failed: AttributeError: x (at a.py:1 f -> b.py:2 g) |" in md
