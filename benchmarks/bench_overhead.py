@@ -9,9 +9,11 @@ Arms (each in its own subprocess, run in turn; `--repeats` alternates them):
 - `flow-sync-ckpt`: the same with `train.async_checkpoint: false` (the checkpoint written in line).
 - `flow-final-ckpt`: the flow with `update.save_every` = rounds (one checkpoint, at the end).
 
-Per round: wall time from the end of the warm-up to the end of the last round, divided by the rounds (so the
-flow's Prefect task calls, Parquet writes, manifests, MLflow logging and checkpoints all count), and the
-flow's own checkpoint time from its manifests.
+Per round: wall time of the loop over the rounds divided by the rounds (the flow's `rounds_wall_s`: its
+Prefect task calls, Parquet writes, manifests, MLflow logging and checkpoints all count, the wait for the last
+checkpoint included; the warm-up and the MLflow run's start do not, nor do they for `bare`), and the
+checkpoint's own time from the manifests. The flow arms run from their temp dir (metrics/train.json of the
+repo is not touched).
 
     python benchmarks/bench_overhead.py [--rounds 3] [--repeats 1]
 
@@ -59,19 +61,23 @@ def run_bare(args) -> dict:
             u = update_round(w, samples, advs)
             rounds.append({"round_s": time.perf_counter() - tr, "sample_s": s["time/sample_s"],
                            "update_s": u["time/update_s"], "reward": sc["reward"]})
+        round_wall = (time.perf_counter() - t1) / args.rounds
     finally:
         w.sampler.close()
-    return {"warm_s": warm, "round_wall_s": (time.perf_counter() - t1) / args.rounds, "rounds": rounds}
+    return {"warm_s": warm, "round_wall_s": round_wall, "rounds": rounds}
 
 
 def run_flow(args, work: Path, save_every: int, async_checkpoint: bool = True) -> dict:
-    os.chdir(ROOT)
+    from machine import flow_workdir
+
     from flows.train import train_flow
 
+    params = str(Path(ROOT / args.params).resolve())
+    flow_workdir(ROOT, work)
     overrides = {"train.rounds_dir": str(work / "rounds"), "train.checkpoint_dir": str(work / "policy"),
                  "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "train.eval_every": 0,
                  "update.save_every": save_every, "train.async_checkpoint": async_checkpoint}
-    summary = train_flow(params_path=args.params, rounds=args.rounds, overrides=overrides)
+    summary = train_flow(params_path=params, rounds=args.rounds, overrides=overrides)
     rounds = []
     for r in range(args.rounds):
         man = json.loads((work / "rounds" / f"round={r:04d}" / "manifest.json").read_text())
@@ -79,8 +85,7 @@ def run_flow(args, work: Path, save_every: int, async_checkpoint: bool = True) -
         rounds.append({"round_s": m["time/round_s"], "sample_s": m["time/sample_s"], "update_s": m["time/update_s"],
                        "checkpoint_s": man.get("checkpoint_s", 0.0), "checkpoint_wait_s": m.get("time/checkpoint_wait_s", 0.0),
                        "reward": m["reward"]})
-    return {"warm_s": summary["warm_start_s"], "round_wall_s": (summary["wall_s"] - summary["warm_start_s"]) / args.rounds,
-            "rounds": rounds}
+    return {"warm_s": summary["warm_start_s"], "round_wall_s": summary["rounds_wall_s"] / args.rounds, "rounds": rounds}
 
 
 def main(argv: list[str] | None = None) -> None:

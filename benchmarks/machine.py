@@ -24,3 +24,19 @@ def describe() -> str:
         bf16 = "AVX512-BF16/AMX: bf16 native" if fast_bf16() else "no AVX512-BF16/AMX: bf16 emulated"
         hw = f"{os.cpu_count()} CPU cores ({model}, {bf16}), no GPU"
     return f"{hw}, torch {torch.__version__}, compute dtype {resolve_dtype('auto')}"
+
+
+def flow_workdir(root, work) -> None:
+    """Run a benchmark's flow from `work`, not the repo: the flow writes metrics/train.json and plots/train.csv
+    relative to the working directory, and those of the repo's own `dvc repro` must stay as they are.
+    `models/` and `data/` are linked from the repo (params.yaml names them relative); the MLflow store comes
+    from the overrides, never from a MLFLOW_TRACKING_URI of the caller's shell."""
+    import os
+    from pathlib import Path
+
+    root, work = Path(root), Path(work)
+    for name in ("models", "data"):
+        if not (work / name).exists():
+            (work / name).symlink_to(root / name, target_is_directory=True)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(work)

@@ -374,6 +374,7 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
     tracking.log_metric_dict({"time/warm_start_s": warm_s}, step=start)
     history = [m["metrics"] for m in done]
     writer = RoundWriter(tp.async_checkpoint)
+    t_rounds = time.perf_counter()
     try:
         for r in range(start, total):
             tr = time.perf_counter()
@@ -414,7 +415,7 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
                 metrics["time/sample_s"], metrics["time/update_s"],
             )
         writer.close()
-        summary = _write_train_outputs(history, total, chash, warm_s, t0, total - start)
+        summary = _write_train_outputs(history, total, chash, warm_s, t0, total - start, time.perf_counter() - t_rounds)
         tracking.finish_run(summary, history)
         return summary
     except BaseException:
@@ -461,11 +462,13 @@ def _round_writer(trainer, ckpt_dir: Path | None, manifest: dict, manifest_path:
     return write
 
 
-def _write_train_outputs(history: list[dict], total: int, chash: str, warm_s: float, t0: float, rounds_run: int) -> dict:
+def _write_train_outputs(history: list[dict], total: int, chash: str, warm_s: float, t0: float, rounds_run: int,
+                         rounds_wall_s: float) -> dict:
     """metrics/train.json (last round + run facts) and plots/train.csv (one row per round).
 
-    `seconds_per_round` is the rounds' own time; `wall_s` is this invocation from the start of the warm-up,
-    so (wall_s - warm_start_s) / rounds_run also counts checkpoints, Parquet, MLflow and Prefect."""
+    `seconds_per_round` is the rounds' own time; `wall_s` is this invocation from the start of the warm-up;
+    `rounds_wall_s` is the loop over the rounds with their checkpoints, Parquet, MLflow and
+    Prefect, and the wait for the last checkpoint (not the warm-up, nor the MLflow run's start)."""
     from stages.io import atomic_path, write_json
 
     last = history[-1] if history else {}
@@ -473,7 +476,8 @@ def _write_train_outputs(history: list[dict], total: int, chash: str, warm_s: fl
     summary = {k: last[k] for k in keep if k in last}
     summary |= {"rounds": total, "config_hash": chash,
                 "seconds_per_round": sum(h["time/round_s"] for h in history) / max(len(history), 1),
-                "warm_start_s": warm_s, "wall_s": time.perf_counter() - t0, "rounds_run": rounds_run}
+                "warm_start_s": warm_s, "wall_s": time.perf_counter() - t0, "rounds_run": rounds_run,
+                "rounds_wall_s": rounds_wall_s}
     gv = [h for h in history if h.get("grad/variance") is not None]
     if gv:  # update.grad_variance: the run's means, so `dvc exp show` compares estimators on them
         var = sum(h["grad/variance"] for h in gv) / len(gv)
