@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         (work / "result.json").write_text(json.dumps(res, indent=1))
         return
 
-    from machine import describe
+    from machine import alternate_arms, describe
     from stages.errors import PipelineError
     from stages.io import write_json, write_text
 
@@ -116,17 +115,13 @@ def main(argv: list[str] | None = None) -> None:
             raise PipelineError(f"{need} is missing; run `dvc repro prepare` first")
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
-        for rep in range(args.repeats):
-            for arm in args.arms:
-                work = Path(tmp) / f"{arm}-{rep}"
-                work.mkdir()
-                print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{args.repeats}: {arm}: {args.rounds} rounds ...", flush=True)
-                cmd = [sys.executable, __file__, "--worker", arm, "--work", str(work), "--rounds", str(args.rounds), "--params", args.params]
-                if subprocess.run(cmd, cwd=ROOT).returncode:
-                    raise PipelineError(f"bench_overhead: the {arm} arm failed (its output is above)")
-                res = json.loads((work / "result.json").read_text())
-                runs.append({"arm": arm, "repeat": rep, **res})
-                print(f"    {arm}: {res['round_wall_s']:.2f} s per round (warm-up {res['warm_s']:.1f} s)", flush=True)
+        for rep, arm, work, rc in alternate_arms(tmp, args.arms, args.repeats, __file__,
+                                                 ["--rounds", str(args.rounds), "--params", args.params], f"{args.rounds} rounds"):
+            if rc:
+                raise PipelineError(f"bench_overhead: the {arm} arm failed (its output is above)")
+            res = json.loads((work / "result.json").read_text())
+            runs.append({"arm": arm, "repeat": rep, **res})
+            print(f"    {arm}: {res['round_wall_s']:.2f} s per round (warm-up {res['warm_s']:.1f} s)", flush=True)
     per_arm = {}
     for arm in args.arms:
         rs = [r for r in runs if r["arm"] == arm]

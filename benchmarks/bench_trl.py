@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(args)
 
-    from machine import describe
+    from machine import alternate_arms, describe
     from stages.errors import PipelineError
     from stages.io import write_json, write_text
     from stages.params import load_params
@@ -330,19 +330,14 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
-        for rep in range(args.repeats):
-            for arm in args.arms:
-                work = Path(tmp) / f"{arm}-{rep}"
-                work.mkdir()
-                print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{args.repeats}: {arm}: {args.steps} steps ...", flush=True)
-                cmd = [sys.executable, __file__, "--worker", arm, "--work", str(work), "--steps", str(args.steps), "--params", args.params]
-                subprocess.run(cmd, cwd=ROOT)
-                res = json.loads((work / "result.json").read_text()) if (work / "result.json").exists() else {"ok": False, "error": "worker crashed"}
-                ev = evaluate(res["policy"], work, args.params) if res.get("ok") else {}
-                row = summarize(arm, res, ev)
-                row["repeat"] = rep
-                runs.append(row)
-                print(f"    {json.dumps({k: v for k, v in row.items() if v is not None})}", flush=True)
+        for rep, arm, work, _ in alternate_arms(tmp, args.arms, args.repeats, __file__,
+                                                ["--steps", str(args.steps), "--params", args.params], f"{args.steps} steps"):
+            res = json.loads((work / "result.json").read_text()) if (work / "result.json").exists() else {"ok": False, "error": "worker crashed"}
+            ev = evaluate(res["policy"], work, args.params) if res.get("ok") else {}
+            row = summarize(arm, res, ev)
+            row["repeat"] = rep
+            runs.append(row)
+            print(f"    {json.dumps({k: v for k, v in row.items() if v is not None})}", flush=True)
     # mean over repeats per arm (failures reported once)
     rows = []
     for arm in args.arms:

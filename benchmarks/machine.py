@@ -40,3 +40,21 @@ def flow_workdir(root, work) -> None:
             (work / name).symlink_to(root / name, target_is_directory=True)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(work)
+
+
+def alternate_arms(tmp, arms: list[str], repeats: int, script: str, args: list[str], unit: str):
+    """Run each arm's worker (`script --worker ARM --work DIR ARGS`) in its own process, the arms in turn,
+    `repeats` times; yields (repeat, arm, work dir, exit code)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(script).resolve().parents[1]
+    for rep in range(repeats):
+        for arm in arms:
+            work = Path(tmp) / f"{arm}-{rep}"
+            work.mkdir()
+            print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{repeats}: {arm}: {unit} ...", flush=True)
+            cmd = [sys.executable, script, "--worker", arm, "--work", str(work), *args]
+            yield rep, arm, work, subprocess.run(cmd, cwd=root).returncode

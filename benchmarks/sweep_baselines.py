@@ -13,7 +13,7 @@ estimators scale advantages differently (GRPO divides by the group std, RLOO mul
 nearly invariant to the gradient's scale, the table also gives two scale-free forms: the variance divided by
 the variance of the round's advantages (rescaling the advantages by c rescales both by c^2; what is left is how
 much noise the baseline lets through per unit of advantage spread), and the signal-to-noise ratio
-||E g||^2 / var (||E g||^2 estimated without bias as ||G||^2 - var/M over the M prompts; ratio of the means
+||E g||^2 / var (||E g||^2 estimated without bias as ||G||^2 - var * sum_p w_p^2, var/M for M equally weighted prompts; ratio of the means
 over rounds and seeds, since one round's estimate is noisy; the table counts the rounds where the estimate came
 out negative, i.e. the signal was below the noise floor of one round's M prompts).
 
@@ -108,7 +108,9 @@ def one_run(w, params, rounds: int, base_sd: dict, base_eval: dict, key: str, ba
             "grad_signal": u.get("grad/signal"), "grad_snr": u.get("grad/snr"), "grad_mean_sq_norm": u.get("grad/mean_sq_norm"),
             "round_s": seconds,
         })
-        bar.set_postfix_str(f"{est} seed {seed} round {r + 1}: held-out {ev['eval_reward']:.3f}, grad var {rows[-1]['grad_variance']:.3g}")
+        gv = rows[-1]["grad_variance"]
+        bar.set_postfix_str(f"{est} seed {seed} round {r + 1}: held-out {ev['eval_reward']:.3f}, grad var "
+                            + ("n/a" if gv is None else f"{gv:.3g}"))
         bar.update(1)
     return [{**row, "config": key} for row in rows]
 
