@@ -53,7 +53,7 @@ $(BENCH_STAMP): $(STAMP)
 	@touch $(BENCH_STAMP)
 
 bench-trl: $(BENCH_STAMP)
-	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_trl.py
+	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_trl.py --repeats 2
 
 bench-overhead: setup
 	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_overhead.py
