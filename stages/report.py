@@ -1,7 +1,9 @@
 """report: one readable report of a training run and its evaluation, as HTML and Markdown.
 
 Reads  `data/rounds/round=NNNN/manifest.json` (complete rounds only: a round without a manifest is
-       ignored) and the last complete round's `samples.parquet` + `advantages.parquet`; optionally
+       ignored; every complete round's artifacts are checked against the sizes and checksums its manifest
+       recorded, and a damaged one is a one-line error) and the last complete round's `samples.parquet` +
+       `advantages.parquet`; optionally
        `data/eval/eval.parquet` and `metrics/eval.json` (missing ones: the report says "no evaluation yet").
 Writes `reports/report.html` (self-contained: inline CSS, plots as base64 PNG, no scripts, no external links)
        and `reports/report.md` with its plots as PNG files beside it (`reports/report_<plot>.png`).
@@ -58,14 +60,17 @@ def _tail(text: str, n: int = 300) -> str:
 def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str | Path, n_examples: int = 3) -> dict:
     """Everything the report shows, from the run's artifacts; raises PipelineError when no round is complete."""
     from stages.io import read_json, read_table
+    from stages.loop.resume import round_dir, scan_rounds, verify_round
     from stages.schemas import ADVANTAGES, KEYS, SAMPLES
 
     rounds_dir = Path(rounds_dir)
-    dirs = sorted(d for d in rounds_dir.glob("round=*") if (d / "manifest.json").is_file())
-    if not dirs:
+    complete = {r: m for r, (_, m) in scan_rounds(rounds_dir).items() if m is not None}
+    if not complete:
         raise PipelineError(f"no complete rounds in {rounds_dir}; run `dvc repro train` first")
-    manifests = sorted((read_json(d / "manifest.json") for d in dirs), key=lambda m: m["round"])
-    last, last_dir = manifests[-1], rounds_dir / f"round={manifests[-1]['round']:04d}"
+    for r, m in complete.items():  # the report relies on every complete round: each must be intact
+        verify_round(round_dir(rounds_dir, r), m)
+    manifests = [complete[r] for r in sorted(complete)]
+    last, last_dir = manifests[-1], round_dir(rounds_dir, manifests[-1]["round"])
     adv = read_table(last_dir / "advantages.parquet", ADVANTAGES)
     samples = read_table(last_dir / "samples.parquet", SAMPLES).select(*KEYS, "prompt_text", "completion")
     joined = samples.join(adv.select(*KEYS, "advantage", "rlhf_reward"), on=list(KEYS))
@@ -86,7 +91,7 @@ def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str |
         eval_examples = list({r["prompt_id"]: r for r in picks}.values())
     summary = {
         "complete rounds": len(manifests), "last round": last["round"] + 1, "estimator": estimator,
-        "config hash": last.get("config_hash"), "params hash": last.get("params_hash"),
+        "run identity": last.get("identity"), "params hash": last.get("params_hash"),
         "samples per round": (last.get("rows") or {}).get("samples"),
         "prompts per round": samples["prompt_id"].n_unique(),
         "total seconds": sum(m["metrics"].get("time/round_s", 0.0) for m in manifests),
@@ -99,8 +104,18 @@ def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str |
 # ---------------------------------------------------------------- plots
 
 
+def smooth(ys: list[float], window: int = 3) -> list[float]:
+    """Trailing moving average (the last `window` rounds): the trend of a noisy per-round training reward."""
+    out = []
+    for i in range(len(ys)):
+        part = [y for y in ys[max(0, i - window + 1) : i + 1] if y == y]
+        out.append(sum(part) / len(part) if part else float("nan"))
+    return out
+
+
 def make_plots(data: dict) -> dict[str, bytes]:
-    """PNG bytes per plot: reward, kl, and win_rate (only when there is any evaluation)."""
+    """PNG bytes per plot: reward (training, smoothed, held-out), win-rate and reward gain against the reference with
+    their 95 % intervals (only when there is an evaluation), and KL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,32 +127,44 @@ def make_plots(data: dict) -> dict[str, bytes]:
     evr = [r for r in rs if "eval/win_rate" in r]
     fx = ev.get("policy_version") or x[-1]
     out = {}
-    specs = [("reward", "Reward per round", ["reward", "rlhf_reward"]), ("kl", "KL to reference per round", ["kl"]),
-             ("win_rate", "Eval win-rate vs reference", [])]
-    for key, title, train_keys in specs:
-        if key == "win_rate" and not evr and "win_rate" not in ev:
+    specs = [("reward", "Reward per round"), ("win_rate", "Held-out win-rate vs reference (95 % CI)"),
+             ("reward_gain", "Held-out reward gain over reference (95 % CI)"), ("kl", "KL to reference per round")]
+    for key, title in specs:
+        if key in ("win_rate", "reward_gain") and not evr and key not in ev:
             continue
         fig = Figure(figsize=(6.4, 3.4), dpi=100)
         ax = fig.subplots()
-        for k in train_keys:
-            ax.plot(x, [_num(r.get(k)) for r in rs], marker="o", ms=3, label=f"train {k}")
-        if key == "reward" and all("reward" in r and "reward_std" in r for r in rs):
-            lo, hi = [r["reward"] - r["reward_std"] for r in rs], [r["reward"] + r["reward_std"] for r in rs]
-            ax.fill_between(x, lo, hi, alpha=0.15, label="± reward_std")
-        if evr:
-            ys = [_num(r.get(f"eval/{key}")) for r in evr]
-            ax.plot([r["round"] for r in evr], ys, "s--", ms=5, label=f"eval {key}")
+        if key == "reward":
+            ys = [_num(r.get("reward")) for r in rs]
+            ax.plot(x, ys, "o", ms=3, alpha=0.5, label="train reward (round)")
+            ax.plot(x, smooth(ys), "-", lw=2, label="train reward (3-round mean)")
+            if evr:
+                ax.plot([r["round"] for r in evr], [_num(r.get("eval/reward")) for r in evr], "s--", ms=5,
+                        label="held-out reward")
+            if "ref_reward" in ev:
+                ax.axhline(ev["ref_reward"], ls=":", color="gray", label="reference (held-out)")
+        elif key == "kl":
+            ax.plot(x, [_num(r.get("kl")) for r in rs], marker="o", ms=3, label="train KL")
+            if evr:
+                ax.plot([r["round"] for r in evr], [_num(r.get("eval/kl")) for r in evr], "s--", ms=5, label="held-out KL")
+        else:
+            if evr:
+                ex = [r["round"] for r in evr]
+                ax.plot(ex, [_num(r.get(f"eval/{key}")) for r in evr], "s-", ms=5, label=f"held-out {key}")
+                lo = [_num(r.get(f"eval/{key}_ci95_low")) for r in evr]
+                hi = [_num(r.get(f"eval/{key}_ci95_high")) for r in evr]
+                ax.fill_between(ex, lo, hi, alpha=0.2, label="95 % CI")
+            ax.axhline(0.5 if key == "win_rate" else 0.0, ls=":", color="gray", label="no better than the reference")
+            if key == "win_rate":
+                ax.set_ylim(0, 1)
         if key in ev:
-            ax.plot([fx], [ev[key]], "*", ms=14, color="crimson", label="final eval vs reference")
-        if key == "reward" and "ref_reward" in ev:
-            ax.axhline(ev["ref_reward"], ls=":", color="gray", label="reference (eval)")
-        if key == "win_rate":
-            ax.axhline(0.5, ls=":", color="gray", label="parity")
-            ax.set_ylim(0, 1)
+            lo, hi = ev.get(f"{key}_ci95_low"), ev.get(f"{key}_ci95_high")
+            ax.errorbar([fx], [ev[key]], yerr=[[ev[key] - lo], [hi - ev[key]]] if lo is not None else None, fmt="*",
+                        ms=14, color="crimson", capsize=4, label="final evaluation")
         ax.set(title=title, xlabel="round", ylabel=key, xlim=(min(x) - 0.5, max(x + [fx]) + 0.5))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", metadata={"Software": None})
@@ -167,11 +194,17 @@ def _blocks(data: dict, plots) -> list[tuple]:
         return b + [("p", NO_FINAL_EVAL if "win_rate" in plots else NO_EVAL)]
     if ev is not None:
         spec = [("reward", "reward", "ref_reward", ".4f"), ("mean length", "mean_length", "ref_mean_length", ".1f"),
-                ("win rate", "win_rate", None, ".3f"), ("KL to reference", "kl", None, ".4f"),
-                ("prompts", "prompts", "prompts", "")]
+                ("distinct-2 (all completions)", "distinct_2", "ref_distinct_2", ".3f"),
+                ("win rate", "win_rate", None, ".3f"), ("reward gain", "reward_gain", None, "+.4f"),
+                ("KL to reference", "kl", None, ".4f"), ("prompts", "prompts", "prompts", "")]
         table = [[n, _fmt(ev.get(p), f), _fmt(ev.get(r), f) if r else "–"] for n, p, r, f in spec]
+        for name, key in (("win rate, 95 % CI", "win_rate"), ("reward gain, 95 % CI", "reward_gain")):
+            if ev.get(f"{key}_ci95_low") is not None:
+                table.append([name, f"[{ev[f'{key}_ci95_low']:.3f}, {ev[f'{key}_ci95_high']:.3f}]", "–"])
         b += [("p", f"Final evaluation of policy version {_fmt(ev.get('policy_version'))}."),
               ("table", ["metric", "policy", "reference"], table)]
+    if data["eval_examples"]:
+        b.append(("p", "Side by side on held-out prompts: the largest gains over the reference, then the largest losses."))
     for r in data["eval_examples"]:
         head = f"prompt {r['prompt_id']}: policy {_fmt(r['score'], '+.3f')} vs reference {_fmt(r['ref_score'], '+.3f')}"
         b += [("h", 3, head), ("texts", [("prompt (tail)", _tail(r["prompt_text"]))]),

@@ -1,12 +1,12 @@
 """Rewards of the score stage: built-in functions, a reward model and a user's function behind one interface.
 
-Every reward component is a `Reward`: `reward(prompts, completions, **columns) -> list[float]`, one
-number per completion, in order. `columns` are optional per-row columns of the prompts table (e.g. a
-reference `answer`). `build_rewards(params.score.rewards)` builds them once per run (models are loaded
-once, the VADER analyzer is built once) and the score stage calls them every round:
+Every reward component is a `Reward`: `reward(prompts, completions, completion_ids=, messages=, **columns)`
+-> one number (or None) per completion, in order. `columns` are the per-row extra columns of the prompts table
+(e.g. a reference `answer`); `messages` the chat turns of conversational prompts. `build_rewards` builds them
+once per run (models are loaded once, the VADER analyzer is built once) and the score stage calls them every round:
 
     rewards = build_rewards(params.score.rewards, device="cpu", batch_size=16)
-    parts = compute_rewards(rewards, prompts, completions, keys, answer=answers)  # name -> float64 array
+    parts = compute_rewards(rewards, prompts, completions, keys, answer=answers)  # name -> masked float64 array
     bad = first_invalid(parts["sentiment"], keys)                                  # NaN/inf? (on_invalid)
     score = combine(parts, {r.name: r.weight for r in rewards})                    # sum_i w_i * r_i
 
@@ -15,14 +15,20 @@ A `RewardSpec` names exactly one source:
 - `function: <built-in>`: one of `BUILTINS` (`vader`, `length`, `regex`, `keywords`, `exact_match`),
   configured by `kwargs` (documented on each factory below; unknown kwargs are rejected).
 - `function: "module:function"`: a user's function, imported from the repo root (the working directory
-  is put on `sys.path`), called as `fn(prompts, completions, **kwargs)`; the extra columns are passed too
-  (as keyword arguments, under their column names) only when `fn` takes `**kwargs`.
+  is put on `sys.path`), called as TRL calls reward functions: keyword arguments `prompts`, `completions`,
+  `completion_ids`, every extra column of the prompts table by name, and the spec's `kwargs`; prompts and
+  completions in TRL's conversational form (`[{"role": "assistant", "content": ...}]`) when the prompts are chat
+  messages, plain text otherwise or with `kwargs: {as_text: true}`. A function returns one float per completion,
+  or None where it does not apply (TRL's convention: left out of the weighted sum). Functions written for TRL
+  (`def reward_len(completions, **kwargs)`, `trl.rewards.think_format_reward`) run unchanged; async ones too.
+  A function without a `completions` parameter or `**kwargs` gets the older positional form,
+  `fn(prompts, completions, **kwargs)`.
 - `model: DIR`: a local transformers `...ForSequenceClassification` directory with one scalar output
   (`num_labels == 1`; a classifier only with `kwargs.label_index`). Scored in batches without grad.
 
 Outputs are checked once, the same way for every kind (`check_scores`): one number per completion, each
-a real number or None (None becomes NaN). NaN/inf are not raised there: `first_invalid` finds them and the
-score stage applies `score.on_invalid` (error | drop).
+a real number or None, as a masked array (None masked: "does not apply"). NaN/inf are not raised there:
+`first_invalid` finds them and the score stage applies `score.on_invalid` (error | drop).
 """
 
 from __future__ import annotations
@@ -61,9 +67,13 @@ class Reward:
     weight: float  # weight in score = sum_i w_i * r_i
     fn: RewardFn  # fn(prompts, completions, **columns) -> one number per completion
     source: str  # for messages and logs: "built-in vader", "model models/rm", "function my_mod:fn"
+    trl_style: bool = False  # a user function: called as TRL calls it (see the module docstring)
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns: Sequence[Any]) -> Sequence[float]:
+    def __call__(self, prompts: list[str], completions: list[str], completion_ids: Sequence | None = None,
+                 messages: Sequence | None = None, **columns: Sequence[Any]) -> Sequence[float]:
         try:
+            if self.trl_style:
+                return self.fn(prompts, completions, completion_ids=completion_ids, messages=messages, **columns)
             return self.fn(prompts, completions, **columns)
         except PipelineError:
             raise
@@ -230,23 +240,53 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
     if not callable(fn):
         raise PipelineError(f"reward `{spec.name}`: '{target}' is a {type(fn).__name__}, not a function")
     kwargs = dict(spec.kwargs)
+    as_text = bool(kwargs.pop("as_text", False))
     try:
         sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # some C callables have no signature: pass kwargs only
+    except (TypeError, ValueError):  # some C callables have no signature: call them TRL's way
         sig = None
-    takes_columns = sig is not None and any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    if sig is not None:
+    params = sig.parameters if sig is not None else {}
+    var_kw = sig is None or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    trl_style = var_kw or "completions" in params
+    if not trl_style:  # the older positional convention: fn(prompts, completions, **spec kwargs)
         try:
             sig.bind([], [], **kwargs)
         except TypeError as exc:
             raise PipelineError(
-                f"reward `{spec.name}`: '{target}' cannot be called as fn(prompts, completions, **kwargs) "
-                f"with kwargs {sorted(kwargs)} ({exc}); fix its signature or the kwargs"
+                f"reward `{spec.name}`: '{target}' takes neither `completions` nor **kwargs (TRL's convention), and "
+                f"cannot be called as fn(prompts, completions, **kwargs) with kwargs {sorted(kwargs)} ({exc}); name its "
+                "arguments as TRL does: def reward(completions, **kwargs)"
             ) from None
+    unknown = [k for k in kwargs if not var_kw and k not in params]
+    if trl_style and unknown:
+        raise PipelineError(f"reward `{spec.name}`: '{target}' has no parameter `{unknown[0]}` (from kwargs); its "
+                            f"parameters: {', '.join(params)}; fix the kwargs or add **kwargs to the function")
+    is_async = inspect.iscoroutinefunction(fn)
 
-    def user_function(prompts, completions, **columns):
-        extra = {**columns, **kwargs} if takes_columns else kwargs  # kwargs win over a same-named column
-        return fn(prompts, completions, **extra)
+    def call(*args, **kw):
+        out = fn(*args, **kw)
+        if is_async or inspect.isawaitable(out):
+            import asyncio
+
+            out = asyncio.run(out) if inspect.isawaitable(out) else out
+        return out
+
+    def user_function(prompts, completions, completion_ids=None, messages=None, **columns):
+        if not trl_style:
+            return call(prompts, completions, **kwargs)
+        conversational = messages is not None and not as_text
+        args = {"prompts": list(messages) if conversational else prompts,
+                "completions": [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions,
+                "completion_ids": completion_ids, **columns, **kwargs}  # kwargs win over a same-named column
+        if not var_kw:
+            missing = [n for n, p in params.items() if p.default is p.empty and p.kind is not p.VAR_POSITIONAL
+                       and n not in args]
+            if missing:
+                have = ", ".join(sorted(columns)) or "none"
+                raise PipelineError(f"reward `{spec.name}`: '{target}' needs `{missing[0]}`, which the prompts table "
+                                    f"lacks (extra columns: {have}); add that column to the prompts file or set it in kwargs")
+            args = {k: v for k, v in args.items() if k in params}
+        return call(**args)
 
     return user_function
 
@@ -363,6 +403,8 @@ def build_reward(spec: RewardSpec, device: Any = "cpu", batch_size: int = 16) ->
         fn, source = _build_builtin(spec), f"built-in {spec.function}"
     elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec.function):
         fn, source = _build_user_function(spec), f"function {spec.function}"
+        log.info("reward `%s`: %s, weight %g", spec.name, source, spec.weight)
+        return Reward(spec.name, spec.weight, fn, source, trl_style=True)
     else:
         raise PipelineError(
             f"reward `{spec.name}`: unknown function `{spec.function}`; use a built-in "
@@ -388,10 +430,10 @@ def build_rewards(specs: Sequence[RewardSpec], device: Any = "cpu", batch_size: 
 # --- checking and combining --------------------------------------------------------------------------------
 
 
-def check_scores(name: str, values: Any, n: int, keys: Sequence[Key]) -> np.ndarray:
-    """A reward's output as a float64 array of length n: a list/tuple/array/tensor of real numbers
-    (None becomes NaN). Wrong count or a non-number raises PipelineError; NaN/inf are returned as they
-    are, for `first_invalid` and `score.on_invalid`."""
+def check_scores(name: str, values: Any, n: int, keys: Sequence[Key]) -> np.ma.MaskedArray:
+    """A reward's output as a float64 masked array of length n: a list/tuple/array/tensor of real numbers or None
+    (None is masked: the reward does not apply to that completion, TRL's convention). Wrong count or a non-number
+    raises PipelineError; NaN/inf are returned as they are, for `first_invalid` and `score.on_invalid`."""
     if hasattr(values, "detach"):  # torch tensor
         values = values.detach().float().cpu().numpy()
     if isinstance(values, np.ndarray):
@@ -401,44 +443,58 @@ def check_scores(name: str, values: Any, n: int, keys: Sequence[Key]) -> np.ndar
             arr = values.astype(np.float64)
             if len(arr) != n:
                 raise PipelineError(f"reward `{name}` returned {len(arr)} values for {n} completions; return one number per completion, in order")
-            return arr
+            return np.ma.MaskedArray(arr, mask=np.zeros(n, dtype=bool))
         values = values.tolist()
     if isinstance(values, (str, bytes, Mapping)) or not (hasattr(values, "__len__") and hasattr(values, "__iter__")):
         raise PipelineError(f"reward `{name}` returned a {type(values).__name__}; return a list of {n} numbers, one per completion")
     values = list(values)
     if len(values) != n:
         raise PipelineError(f"reward `{name}` returned {len(values)} values for {n} completions; return one number per completion, in order")
-    arr = np.empty(n, dtype=np.float64)
+    arr = np.zeros(n, dtype=np.float64)
+    missing = np.zeros(n, dtype=bool)
     for i, v in enumerate(values):
         if v is None:
-            arr[i] = np.nan
+            missing[i] = True
         elif isinstance(v, numbers.Real):  # int, float, bool, numpy scalars
             arr[i] = float(v)
         else:
             pid, k = keys[i]
             raise PipelineError(
                 f"reward `{name}` returned {v!r} ({type(v).__name__}) for prompt_id={pid} sample_idx={k}; "
-                "return real numbers (or None for no reward)"
+                "return real numbers (or None where the reward does not apply)"
             )
-    return arr
+    return np.ma.MaskedArray(arr, mask=missing)
+
+
+def invalid(values: np.ndarray) -> np.ndarray:
+    """Rows whose value is NaN/inf (a value None left out is not invalid)."""
+    data = np.ma.getdata(values)
+    return ~np.isfinite(data) & ~np.ma.getmaskarray(values)
 
 
 def first_invalid(values: np.ndarray, keys: Sequence[Key]) -> Key | None:
-    """The key of the first NaN/inf value, or None when all are finite."""
-    bad = np.flatnonzero(~np.isfinite(values))
+    """The key of the first NaN/inf value, or None when all are finite (or None)."""
+    bad = np.flatnonzero(invalid(values))
     return tuple(keys[bad[0]]) if len(bad) else None
 
 
-def compute_rewards(rewards: Sequence[Reward], prompts: list[str], completions: list[str],
-                    keys: Sequence[Key], **columns: Sequence[Any]) -> dict[str, np.ndarray]:
-    """Call every reward on the same rows and check its output: name -> float64 array (may hold NaN/inf)."""
-    return {r.name: check_scores(r.name, r(prompts, completions, **columns), len(completions), keys) for r in rewards}
+def compute_rewards(rewards: Sequence[Reward], prompts: list[str], completions: list[str], keys: Sequence[Key],
+                    completion_ids: Sequence | None = None, messages: Sequence | None = None,
+                    **columns: Sequence[Any]) -> dict[str, np.ma.MaskedArray]:
+    """Call every reward on the same rows and check its output: name -> masked float64 array (may hold NaN/inf;
+    masked where the reward returned None). `messages`: the chat turns, when the prompts are conversational."""
+    return {r.name: check_scores(r.name, r(prompts, completions, completion_ids, messages, **columns), len(completions), keys)
+            for r in rewards}
 
 
 def combine(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """The task reward: score = sum_i w_i * r_i over the components (NaN in any component stays NaN)."""
+    """The task reward: score = sum_i w_i * r_i over the components; a component that returned None for a row is left
+    out of that row's sum (TRL); NaN in any component stays NaN."""
     if not components:
         raise ValueError("combine: no reward components")
     if set(components) != set(weights):
         raise ValueError(f"combine: components {sorted(components)} and weights {sorted(weights)} differ")
-    return sum(weights[n] * np.asarray(r, dtype=np.float64) for n, r in components.items())
+    total = np.zeros(len(next(iter(components.values()))), dtype=np.float64)
+    for n, r in components.items():
+        total += weights[n] * np.ma.filled(np.ma.asarray(r, dtype=np.float64), 0.0)
+    return total

@@ -1,4 +1,4 @@
-"""The Parquet contracts between stages (DESIGN.md §4), declared once.
+"""The Parquet contracts between stages (docs/design.md §6), declared once.
 
 Keys are `prompt_id` (string, stable across rounds) and `sample_idx` (0..K-1). Each later table keeps
 the keys and adds columns; nothing is renamed. `stages.io.read_table` / `write_table` validate against
@@ -15,10 +15,12 @@ Schema = dict[str, pl.DataType | type[pl.DataType]]
 KEYS: Schema = {"prompt_id": pl.String, "sample_idx": pl.Int32}
 
 PROMPTS: Schema = {
-    "prompt_id": pl.String,  # stable: hash of the prompt text
-    "prompt": pl.String,  # raw user text
+    "prompt_id": pl.String,  # stable: hash of the prompt text (or of its messages)
+    "prompt": pl.String,  # raw user text (for a conversation: its last user turn)
     "messages": pl.String,  # JSON list of chat messages fed to the chat template
+    "conversational": pl.Boolean,  # the source gave messages (TRL's conversational format): rewards get them so
 }
+# Extra columns of the prompts file (e.g. `answer`, `solution`) follow in the prepared tables, unchanged.
 
 SAMPLES: Schema = {
     **KEYS,

@@ -7,7 +7,8 @@ Writes `scores.parquet` (schema `SCORES`): keys, `score`, one `score/<name>` per
 
 Formulas (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740, §3; TRL's RLOOTrainer):
 - `score = sum_i w_i * r_i` over `score.rewards` (see stages/rewards.py for every kind).
-- `logp_* = sum_t log pi(y_t | x, y_<t)` over the completion tokens (EOS included), no gradient.
+- `logp_* = sum_t log pi(y_t | x, y_<t)` over the completion tokens (EOS included), no gradient, in
+  `score.dtype` (fp32 by default: bf16 would put ~0.28 nats of noise into each sequence's KL, docs/design.md §7).
 - `kl = logp_policy - logp_ref` (sequence level, as in the paper); `score.kl_level: token` divides it by
   the completion's token count (mean per-token KL).
 - `rlhf_reward = score - beta * kl - missing_eos_penalty * [finish_reason == "length"]`.
@@ -22,6 +23,7 @@ Run: `python -m stages.score --samples samples.parquet --out scores.parquet
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 
@@ -67,14 +69,20 @@ def completion_inputs(samples: pl.DataFrame, tokenizer) -> tuple[list[list[int]]
 
 
 def reward_inputs(samples: pl.DataFrame, prompts: pl.DataFrame | None) -> tuple[list[str], dict[str, list]]:
-    """Raw user prompts (falls back to prompt_text) and extra per-row columns for reward functions."""
+    """What the reward functions get besides the completions: the raw user prompts (falling back to prompt_text), and
+    keyword inputs: `completion_ids`, `messages` (the chat turns, when the prompts are conversational) and every extra
+    column of the prompts table by name (e.g. a reference `answer`)."""
+    inputs: dict[str, list] = {"completion_ids": samples["completion_token_ids"].to_list()}
     if prompts is None:
-        return samples["prompt_text"].to_list(), {}
-    extra = [c for c in prompts.columns if c not in ("prompt_id", "messages")]
-    joined = samples.select("prompt_id").join(prompts.select("prompt_id", *extra), on="prompt_id", how="left", maintain_order="left")
+        return samples["prompt_text"].to_list(), inputs
+    extra = [c for c in prompts.columns if c not in ("prompt_id", "messages", "conversational")]
+    cols = ["prompt_id", *extra, *[c for c in ("messages", "conversational") if c in prompts.columns]]
+    joined = samples.select("prompt_id").join(prompts.select(cols), on="prompt_id", how="left", maintain_order="left")
     texts = [p if p is not None else t for p, t in zip(joined["prompt"], samples["prompt_text"])]
-    columns = {c: joined[c].to_list() for c in extra if c != "prompt"}
-    return texts, columns
+    inputs |= {c: joined[c].to_list() for c in extra if c != "prompt"}
+    if "conversational" in joined.columns and joined["conversational"].fill_null(False).any():
+        inputs["messages"] = [json.loads(m) for m in joined["messages"]]
+    return texts, inputs
 
 
 def score_samples(
@@ -86,10 +94,11 @@ def score_samples(
     score_params,
     prompts: pl.DataFrame | None = None,
     logp_policy: list[float] | None = None,
+    share_prompts: bool = True,
 ) -> tuple[pl.DataFrame, dict]:
     """The score stage's computation. `ref` may be the same object as `policy` (then kl = 0 exactly);
-    `logp_policy` may be passed when the caller already has it."""
-    from stages.rewards import combine, compute_rewards, first_invalid
+    `logp_policy` may be passed when the caller already has it; `share_prompts`: base.share_prompts."""
+    from stages.rewards import combine, compute_rewards, first_invalid, invalid
 
     t0 = time.perf_counter()
     keys = list(zip(samples["prompt_id"], samples["sample_idx"]))
@@ -107,19 +116,20 @@ def score_samples(
                 f"reward `{name}` gave NaN/inf for prompt_id={bad[0]} sample_idx={bad[1]}; fix the reward "
                 "or set score.on_invalid: drop to exclude such rows"
             )
-        valid &= np.isfinite(values)
+        valid &= ~invalid(values)
     score = combine(components, {r.name: r.weight for r in rewards})
 
     t1 = time.perf_counter()
     prompt_ids, completion_ids = completion_inputs(samples, tokenizer)
     pad = tokenizer.pad_token_id
     bs = score_params.batch_size
+    opts = dict(share=share_prompts, dtype=score_params.dtype)
     if logp_policy is None:
-        logp_policy, _ = sequence_logprobs(policy, prompt_ids, completion_ids, pad, bs, progress="logp policy")
+        logp_policy, _ = sequence_logprobs(policy, prompt_ids, completion_ids, pad, bs, progress="logp policy", **opts)
     if ref is policy:
         logp_ref = list(logp_policy)
     else:
-        logp_ref, _ = sequence_logprobs(ref, prompt_ids, completion_ids, pad, bs, progress="logp ref")
+        logp_ref, _ = sequence_logprobs(ref, prompt_ids, completion_ids, pad, bs, progress="logp ref", **opts)
     t_logp = time.perf_counter() - t1
 
     num_tokens = samples["num_tokens"].to_numpy()
@@ -130,7 +140,9 @@ def score_samples(
     )
     out = samples.select("prompt_id", "sample_idx", "num_tokens", "finish_reason").with_columns(
         pl.Series("score", score),
-        *[pl.Series(f"score/{n}", v) for n, v in components.items()],
+        # a component that returned None for a row (does not apply) is null there
+        *[pl.Series(f"score/{n}", np.ma.filled(v, np.nan)).fill_nan(None) if np.ma.is_masked(v) else
+          pl.Series(f"score/{n}", np.ma.getdata(v)) for n, v in components.items()],
         pl.Series("logp_policy", np.asarray(logp_policy, dtype=np.float64)),
         pl.Series("logp_ref", np.asarray(logp_ref, dtype=np.float64)),
         pl.Series("kl", kl),
@@ -140,17 +152,25 @@ def score_samples(
     if dropped:
         log.warning("score.on_invalid=drop: %d of %d completions dropped (NaN/inf reward)", dropped, samples.height)
         out = out.filter(pl.Series(valid))
-    stats = {
-        "reward": float(np.nanmean(score[valid])) if valid.any() else float("nan"),
-        "reward_std": float(np.std(score[valid], ddof=1)) if valid.sum() > 1 else 0.0,
-        "rlhf_reward": float(out["rlhf_reward"].mean()) if out.height else float("nan"),
-        "kl": float(out["kl"].mean()) if out.height else float("nan"),
-        "score/dropped": dropped,
+    return out, score_stats(out, samples.height, list(components), t_reward, t_logp)
+
+
+def score_stats(out: pl.DataFrame, rows_in: int, components: list[str], t_reward: float, t_logp: float) -> dict:
+    """A scores table's statistics (TRL's names); from the whole round's table when it was scored over several ranks.
+    Dropped rows (score.on_invalid: drop) are the input rows missing from `out`."""
+    n = out.height
+    score = out["score"].to_numpy() if n else np.array([])
+    return {
+        "reward": float(score.mean()) if n else float("nan"),
+        "reward_std": float(np.std(score, ddof=1)) if n > 1 else 0.0,
+        "rlhf_reward": float(out["rlhf_reward"].mean()) if n else float("nan"),
+        "kl": float(out["kl"].mean()) if n else float("nan"),
+        "score/dropped": rows_in - n,
         "time/reward_s": t_reward,
         "time/logprobs_s": t_logp,
-        **{f"rewards/{n}": float(np.mean(v[valid])) if valid.any() else float("nan") for n, v in components.items()},
+        # a component that never applied (all None) has no mean
+        **{f"rewards/{c}": float(m) if (m := out[f"score/{c}"].mean()) is not None else float("nan") for c in components},
     }
-    return out, stats
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     policy = load_causal_lm(policy_dir, "float32", device, "--policy").eval()
     same = str(policy_dir) == str(ref_dir)
     ref = policy if same else load_causal_lm(ref_dir, "float32", device, "--ref").eval()
-    out, stats = score_samples(samples, rewards, policy, ref, tokenizer, params.score, prompts)
+    out, stats = score_samples(samples, rewards, policy, ref, tokenizer, params.score, prompts,
+                               share_prompts=params.base.share_prompts)
     write_table(out, args.out, SCORES)
     log.info("wrote %s: reward %.3f, kl %.4f, %d rows", args.out, stats["reward"], stats["kl"], out.height)
 

@@ -2,7 +2,7 @@
 
 Store: `mlflow.tracking_uri` (default `sqlite:///mlflow.db` in the repo); `MLFLOW_TRACKING_URI` overrides.
 Params: every field of params.yaml flattened (`update.learning_rate`, ...). Tags: git commit, DVC stage and
-experiment name (when run by DVC), Prefect flow-run id, config hash. Metrics: TRL-style names (`reward`,
+experiment name (when run by DVC), Prefect flow-run id, run identity. Metrics: TRL-style names (`reward`,
 `reward_std`, `kl`, `advantage_std`, `loss`, `grad_norm`, `entropy`, `completions/mean_length`,
 `completions/clipped_ratio`, `time/*_s`, `*/tokens_per_s`). Artifacts: a sample of each round's
 completions (`completions/round_NNNN.json`), and at the end the reward-curve plot and the history table.
@@ -38,8 +38,9 @@ def _prefect_flow_run_id() -> str | None:
         return None
 
 
-def start_run(params, config_hash: str, rounds_dir, resume_id: str | None = None):
-    """Start (or re-open) the MLflow run of this training run."""
+def start_run(params, identity: str, resume_id: str | None = None, topology: dict | None = None):
+    """Start (or re-open) the MLflow run of this training run; `topology` (world size, backend, strategy) becomes
+    tags of the run (rank 0 alone logs)."""
     global _run
     import mlflow
 
@@ -50,6 +51,8 @@ def start_run(params, config_hash: str, rounds_dir, resume_id: str | None = None
     if resume_id:
         try:
             _run = mlflow.start_run(run_id=resume_id)
+            if topology:
+                mlflow.set_tags({k: str(v) for k, v in topology.items() if v is not None})
             log.info("MLflow: resumed run %s", resume_id)
             return _run
         except Exception as exc:
@@ -59,10 +62,11 @@ def start_run(params, config_hash: str, rounds_dir, resume_id: str | None = None
         "dvc_stage": os.environ.get("DVC_STAGE"),
         "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
         "prefect_flow_run_id": _prefect_flow_run_id(),
-        "config_hash": config_hash,
+        "identity": identity,
         "estimator": params.advantage.estimator,
+        **{k: str(v) for k, v in (topology or {}).items() if v is not None},
     }
-    _run = mlflow.start_run(run_name=f"rloo-{params.advantage.estimator}-{config_hash[:6]}", tags={k: v for k, v in tags.items() if v})
+    _run = mlflow.start_run(run_name=f"rloo-{params.advantage.estimator}-{identity[:6]}", tags={k: v for k, v in tags.items() if v})
     flat = params.flat()
     mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
     log.info("MLflow: run %s in %s", _run.info.run_id, mlflow.get_tracking_uri())

@@ -84,7 +84,7 @@ def make_project(root: Path, model_dir: Path, **overrides) -> Path:
     proj.mkdir(parents=True)
     for name in ("stages", "flows"):
         shutil.copytree(REPO / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "prefect.yaml", ".gitignore", ".dvcignore"):
+    for name in ("dvc.yaml", "prefect.yaml", ".gitignore", ".dvcignore", "pyproject.toml"):
         shutil.copy(REPO / name, proj / name)
     (proj / "data" / "prompts").mkdir(parents=True)
     (proj / "data" / "prompts" / "tiny.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))

@@ -268,16 +268,19 @@ def test_cli_writes_advantages(tmp_path):
 
 
 def test_cli_carries_ema_state(tmp_path):
+    """Two rounds with different means (3 and 4), so a CLI that ignored --state-in would give 4, not 3.1."""
     state = tmp_path / "state.json"
-    for i, rnd in enumerate(ROUNDS[:2]):
+    rounds = [ROUNDS[0], ROUNDS[2]]
+    for i, rnd in enumerate(rounds):
         grid(rnd).write_parquet(tmp_path / f"s{i}.parquet")
         extra = ["--state-in", str(state)] if i else []
         proc = cli("--scores", str(tmp_path / f"s{i}.parquet"), "--out", str(tmp_path / f"a{i}.parquet"),
                    "--estimator", "ema", "--state-out", str(state), *extra)
         assert proc.returncode == 0, proc.stderr
-    m0, m1 = (statistics.fmean(flat(r)) for r in ROUNDS[:2])
-    expected = 0.9 * m0 + 0.1 * m1  # alpha from params.yaml
-    assert pl.read_parquet(tmp_path / "a1.parquet")["baseline"].to_list() == pytest.approx([expected] * 3)
+    m0, m1 = (statistics.fmean(flat(r)) for r in rounds)
+    assert (m0, m1) == (3.0, 4.0)
+    expected = 0.9 * m0 + 0.1 * m1  # alpha from params.yaml: 3.1
+    assert pl.read_parquet(tmp_path / "a1.parquet")["baseline"].to_list() == pytest.approx([expected] * 6)
 
 
 BAD_INPUTS = {

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_trl  # noqa: E402
 import sweep_baselines  # noqa: E402
+import tune  # noqa: E402
 
 from stages.params import load_params  # noqa: E402
 
@@ -38,7 +39,12 @@ def test_sweep_table_and_plot(tmp_path):
     assert rloo["norm_var_mean"] == pytest.approx(4.0 / 2.0**2) and reinforce["norm_var_mean"] == pytest.approx(9.0)
     assert rloo["reward_mean"] == pytest.approx((0.52 + 0.54) / 2) and rloo["seeds"] == 2
     assert rloo["signal_negative"] == pytest.approx(0.5)
-    assert "| rloo | 2 |" in md and "| reinforce | 2 |" in md and "50 %" in md
+    # 95 % t-interval over 2 seeds: mean +- 12.706 * sd / sqrt(2); reinforce minus rloo paired by seed: 0 exactly
+    half = 12.706 * 0.01 / 2 ** 0.5 * 2 ** 0.5  # sd of (0.52, 0.54) is 0.01 * sqrt(2)
+    assert (rloo["reward_low"], rloo["reward_high"]) == pytest.approx((0.53 - half, 0.53 + half))
+    assert reinforce["vs_rloo"] == pytest.approx(0.0) and rloo["vs_rloo"] != rloo["vs_rloo"]  # NaN for rloo itself
+    assert rloo["rounds_to_target"] == pytest.approx(1.5) and rloo["reached"] == "2/2"  # seed 1 at round 2, seed 2 at 1
+    assert "| rloo | 2 |" in md and "| reinforce | 2 |" in md and "(not significant)" in md
     assert (tmp_path / "baselines.md").read_text() == md
     assert (tmp_path / "baselines.png").stat().st_size > 10_000
 
@@ -65,3 +71,10 @@ def test_trl_table_has_ratios_and_says_why_an_arm_failed():
                                                "tokens": 32, "lr": 1e-6, "beta": 0.02})
     assert "| ours | 10.0 |" in md and "1.00x" in md and "2.50x" in md
     assert "| trl-vllm | failed: AttributeError: x (at a.py:1 f -> b.py:2 g) |" in md
+
+
+def test_tune_grid_is_every_combination_with_yaml_values():
+    grid = tune.parse_grid(["update.learning_rate=1e-5,2.0e-5", "score.beta=0.05", "sample.stop=[]", "x.y=a"])
+    assert grid == [{"update.learning_rate": 1e-5, "score.beta": 0.05, "sample.stop": [], "x.y": "a"},
+                    {"update.learning_rate": 2.0e-5, "score.beta": 0.05, "sample.stop": [], "x.y": "a"}]
+    assert tune.parse_grid([]) == [{}]

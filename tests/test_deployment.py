@@ -1,4 +1,7 @@
-"""The training flow deployed from prefect.yaml to a real local Prefect server, run by a real worker."""
+"""Scheduled runs against a real local Prefect server with a real process worker, on a tiny project: the deployments of
+prefect.yaml (cron schedule, concurrency limit 1), and what a run of the whole pipeline does: new prompts in the prompts
+file are prepared and trained on, with the held-out metrics as artifacts; a run with nothing new is a quick reported
+no-op; `more_rounds` adds rounds; `dvc status` is clean after each run."""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ import subprocess
 import time
 import urllib.request
 
+import polars as pl
 import pytest
+import yaml
 from project import BIN, PY, make_project, run, run_env
 
 pytestmark = pytest.mark.slow
@@ -20,7 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc, timeout=120):
+def _wait_healthy(url: str, proc, timeout=180):
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
@@ -55,42 +60,90 @@ def prefect_server(tmp_path):
             proc.kill()
 
 
-def test_deploy_schedule_and_run_from_prefect_yaml(tmp_path, tiny_model_dir, prefect_server):
-    proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 1, "train.eval_every": 0})
-    env = run_env(tmp_path, PREFECT_API_URL=prefect_server, RLOO_PIPELINE_DIR=str(proj))
+def run_deployment(proj, env, *params: str) -> tuple[dict, float]:
+    """Start a run of rloo-pipeline/nightly now and let a worker take it; (its flow run, seconds)."""
     prefect = str(BIN / "prefect")
-    run([PY, "-m", "stages.prepare"], proj, env)
-    run([prefect, "work-pool", "create", "rloo-process", "--type", "process"], proj, env)
-    run([prefect, "--no-prompt", "deploy", "--all"], proj, env)
-
-
-    inspect = run([prefect, "deployment", "inspect", "rloo-train/nightly", "--output", "json"], proj, env)
-    dep = json.loads(inspect.stdout)
-    assert dep["concurrency_limit"] == 1 or (dep.get("global_concurrency_limit") or {}).get("limit") == 1
-    assert any(s["schedule"].get("cron") == "0 2 * * *" for s in dep["schedules"])
-
-    started = run([prefect, "deployment", "run", "rloo-train/nightly"], proj, env)
+    args = [a for p in params for a in ("--param", p)]
+    started = run([prefect, "deployment", "run", "rloo-pipeline/nightly", *args], proj, env)
     flow_run_id = next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line)
-    worker = subprocess.Popen(
-        [prefect, "worker", "start", "--pool", "rloo-process", "--run-once"],
-        cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    t0 = time.time()
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "rloo-process", "--run-once"],
+                              cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        out, _ = worker.communicate(timeout=900)
+        out, _ = worker.communicate(timeout=1200)
     finally:
         if worker.poll() is None:
             worker.kill()
-    state = run([prefect, "flow-run", "inspect", flow_run_id, "--output", "json"], proj, env)
-    info = json.loads(state.stdout)
-    assert info["state"]["type"] == "COMPLETED", out[-4000:]
-    manifest = json.loads((proj / "data" / "rounds" / "round=0000" / "manifest.json").read_text())
-    assert manifest["round"] == 0 and manifest["rows"]["samples"] > 0
+    info = json.loads(run([prefect, "flow-run", "inspect", flow_run_id, "--output", "json"], proj, env).stdout)
+    assert info["state"]["type"] == "COMPLETED", out[-6000:]
+    return info, time.time() - t0
+
+
+def artifact(proj, env, key: str) -> dict:
+    out = run([str(BIN / "prefect"), "artifact", "inspect", key, "--limit", "1", "--output", "json"], proj, env)
+    data = json.loads(out.stdout)
+    return data[0] if isinstance(data, list) else data
+
+
+def rounds_of(proj) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((proj / "data" / "rounds").glob("round=*/manifest.json"))]
+
+
+def test_the_scheduled_pipeline(tmp_path, tiny_model_dir, prefect_server):
+    proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 2, "train.eval_every": 0})
+    env = run_env(tmp_path, PREFECT_API_URL=prefect_server, RLOO_PIPELINE_DIR=str(proj))
+    prefect, dvc = str(BIN / "prefect"), str(BIN / "dvc")
+    run([prefect, "work-pool", "create", "rloo-process", "--type", "process"], proj, env)
+    run([prefect, "--no-prompt", "deploy", "--name", "nightly", "--name", "train-now"], proj, env)
+    dep = json.loads(run([prefect, "deployment", "inspect", "rloo-pipeline/nightly", "--output", "json"], proj, env).stdout)
+    assert dep["concurrency_limit"] == 1 or (dep.get("global_concurrency_limit") or {}).get("limit") == 1
+    assert any(s["schedule"].get("cron") == "0 2 * * *" for s in dep["schedules"])
+
+    # 1. the first run: every stage, 2 rounds, the held-out metrics as an artifact
+    info, _ = run_deployment(proj, env)
+    assert [m["round"] for m in rounds_of(proj)] == [0, 1]
+    assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
+    metrics = artifact(proj, env, "rloo-heldout-metrics")
+    assert "win_rate" in json.dumps(metrics)
+
+    # 2. new prompts in the prompts file: prepared, and trained on (train.rounds raised, the new ones first)
+    added = ["tell me about the music of the film", "the ending was wonderful and the cast was great",
+             "write a review of the acting and the story"]
+    with open(proj / "data" / "prompts" / "tiny.jsonl", "a") as fh:
+        fh.write("".join(json.dumps({"prompt": p}) + "\n" for p in added))
+    run_deployment(proj, env)
+    from stages.prepare import prompt_id
+
+    new_ids = {prompt_id(p) for p in added}
+    train_ids = set(pl.read_parquet(proj / "data" / "prepared" / "train.parquet")["prompt_id"])
+    new_in_train = new_ids & train_ids
+    assert new_in_train, "the stable split put every added prompt in the held-out set"
+    ms = rounds_of(proj)
+    assert len(ms) > 2 and yaml.safe_load((proj / "params.yaml").read_text())["train"]["rounds"] == len(ms)
+    trained_after = {pid for m in ms[2:] for pid in m["prompt_ids"]}
+    assert new_in_train <= trained_after  # every new training prompt was trained on
+    assert not new_in_train & {pid for m in ms[:2] for pid in m["prompt_ids"]}
+    assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
+    held_out = set(pl.read_parquet(proj / "data" / "prepared" / "eval.parquet")["prompt_id"])
+    assert not held_out & {pid for m in ms for pid in m["prompt_ids"]}  # no trained prompt became a held-out one
+
+    # 3. nothing new: a reported no-op, quickly
+    n_rounds = len(ms)
+    _, seconds = run_deployment(proj, env)
+    assert len(rounds_of(proj)) == n_rounds
+    assert "Nothing to do" in json.dumps(artifact(proj, env, "rloo-pipeline-run"))
+
+    # 4. continue for N more rounds
+    run_deployment(proj, env, "more_rounds=1")
+    assert len(rounds_of(proj)) == n_rounds + 1
+    assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
 
     # The scheduler created upcoming cron runs (this is what sqlalchemy 2.1 silently breaks).
     deadline = time.time() + 60
     scheduled = 0
     while time.time() < deadline and not scheduled:
-        listed = run([prefect, "flow-run", "ls", "--state-type", "SCHEDULED", "--limit", "5", "--output", "json"], proj, env, check=False)
+        listed = run([prefect, "flow-run", "ls", "--state-type", "SCHEDULED", "--limit", "5", "--output", "json"], proj,
+                     env, check=False)
         try:
             scheduled = len(json.loads(listed.stdout or "[]"))
         except json.JSONDecodeError:
@@ -98,3 +151,14 @@ def test_deploy_schedule_and_run_from_prefect_yaml(tmp_path, tiny_model_dir, pre
         if not scheduled:
             time.sleep(2)
     assert scheduled > 0
+    print(f"no-op run: {seconds:.1f} s")
+
+
+def test_a_pipeline_run_with_nothing_changed_is_a_no_op(tmp_path, tiny_model_dir):
+    """The no-op decision itself, without a server: `python -m flows.pipeline` on an up-to-date project runs no stage."""
+    proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 1, "train.eval_every": 0})
+    env = run_env(tmp_path)
+    run([str(BIN / "dvc"), "repro"], proj, env)
+    t0 = time.time()
+    out = run([PY, "-m", "flows.pipeline"], proj, env)
+    assert '"noop": true' in out.stdout and time.time() - t0 < 120

@@ -6,6 +6,7 @@ import json
 
 import polars as pl
 import pytest
+import yaml
 from project import BIN, make_project, run, run_env
 
 from stages.io import read_table
@@ -43,7 +44,8 @@ def test_every_round_has_valid_artifacts(repro):
         assert manifest["round"] == r and manifest["rows"]["advantages"] == K * PER_ROUND
         assert {"reward", "kl", "loss", "grad_norm", "entropy", "advantage_std"} <= set(manifest["metrics"])
     assert (proj / "models" / "policy" / "model.safetensors").is_file()
-    assert (proj / "models" / "policy" / "trainer_state.pt").is_file()
+    meta = json.loads((proj / "models" / "policy" / "checkpoint.json").read_text())
+    assert meta["round"] == ROUNDS and (proj / "models" / "trainer_state" / f"state-{meta['checkpoint_id']}.pt").is_file()
 
 
 def test_metrics_plots_and_report(repro):
@@ -108,3 +110,65 @@ def test_queued_estimator_sweep_reports_gradient_variance(repro):
     assert train["grad_variance_mean"] > 0 and train["grad_snr"] is not None
     assert data["params"]["params.yaml"]["data"]["advantage"]["estimator"] == "grpo"
     assert "win_rate" in data["metrics"]["metrics/eval.json"]["data"]
+
+
+def test_editing_a_shared_module_marks_its_stages_changed(repro):
+    """dvc.yaml's deps cover every imported project file: a comment in stages/io.py re-runs the stages that run it."""
+    _, proj, env, _ = repro
+    dvc = str(BIN / "dvc")
+    io = proj / "stages" / "io.py"
+    original = io.read_text()
+    assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
+    try:
+        io.write_text(original + "\n# an edit\n")
+        changed = set(json.loads(run([dvc, "status", "--json"], proj, env).stdout))
+        assert {"prepare", "train", "evaluate", "report"} <= changed, changed
+    finally:
+        io.write_text(original)
+    assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
+
+
+def test_exp_run_with_two_ranks(repro):
+    """`dvc exp run -S train.nproc_per_node=2` runs the train stage under torchrun (here: one more round, 2 ranks)."""
+    _, proj, env, _ = repro
+    dvc = str(BIN / "dvc")
+    out = run([dvc, "exp", "run", "-S", "train.nproc_per_node=2", "-S", f"train.rounds={ROUNDS + 1}"], proj, env)
+    assert "Running stage 'train'" in out.stdout
+    m = json.loads((proj / "data" / "rounds" / f"round={ROUNDS:04d}" / "manifest.json").read_text())
+    assert m["world_size"] == 2 and m["rows"]["samples"] == K * PER_ROUND
+    assert json.loads((proj / "data" / "rounds" / "round=0000" / "manifest.json").read_text())["world_size"] == 1
+
+
+def test_the_dvc_cache_holds_the_policy_not_the_optimizer_state(repro):
+    """What DVC versions per run is what users need to reproduce and share; the optimizer state stays outside."""
+    _, proj, _, _ = repro
+    stages = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
+    outs = [o["path"] for st in stages.values() for o in st.get("outs", [])]
+    assert "models/policy" in outs and not [o for o in outs if "trainer_state" in o or "state-" in o], outs
+    cache = sum(f.stat().st_size for f in (proj / ".dvc" / "cache").rglob("*") if f.is_file())
+    state = sum(f.stat().st_size for f in (proj / "models" / "trainer_state").rglob("*") if f.is_file())
+    policy = (proj / "models" / "policy" / "model.safetensors").stat().st_size
+    assert state > policy  # the optimizer state is the larger part, and it is not in the cache
+    base = (proj / "models" / "base" / "model.safetensors").stat().st_size
+    assert cache < 3 * (policy + base)  # base + a policy or two (experiments) + small files, no optimizer state
+
+
+def test_push_to_a_remote_and_pull_into_another_clone(repro, tmp_path):
+    """`dvc push` to a local-directory remote, `git clone` + `dvc pull` elsewhere: `dvc repro` there is up to date
+    and the evaluation metrics are the same."""
+    _, proj, env, _ = repro
+    dvc = str(BIN / "dvc")
+    run([dvc, "remote", "add", "-d", "store", str(tmp_path / "remote")], proj, env)
+    run(["git", "add", "-A"], proj, env)
+    run(["git", "commit", "-qm", "the run, its lock file and metrics"], proj, env)
+    run([dvc, "push"], proj, env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(proj), str(clone)], tmp_path, env)
+    run([dvc, "pull"], clone, env)
+    status = run([dvc, "status", "--json"], clone, env)
+    assert json.loads(status.stdout) == {}, status.stdout
+    out = run([dvc, "repro"], clone, env)
+    assert "Running stage" not in out.stdout and "up to date" in out.stdout
+    assert json.loads((clone / "metrics" / "eval.json").read_text()) == json.loads((proj / "metrics" / "eval.json").read_text())
+    assert (clone / "models" / "policy" / "model.safetensors").read_bytes() == (proj / "models" / "policy" / "model.safetensors").read_bytes()
+    assert (clone / "reports" / "report.html").is_file() and (clone / "data" / "rounds" / "round=0000" / "manifest.json").is_file()

@@ -84,8 +84,10 @@ def test_prompt_id_is_stable():
 
 
 def test_clean_prompts_strips_dedupes_and_keeps_order():
-    df = pl.DataFrame({"prompt": ["  b ", "a", None, "b", "", "   ", "c\n", "a"]})
-    assert clean_prompts(df, "f.csv") == ["b", "a", "c"]
+    df = pl.DataFrame({"prompt": ["  b ", "a", None, "b", "", "   ", "c\n", "a"], "answer": list("12345678")})
+    table, dropped = clean_prompts(df, "f.csv")
+    assert table["prompt"].to_list() == ["b", "a", "c"] and dropped == 2
+    assert table["answer"].to_list() == ["1", "2", "7"]  # extra columns travel with their (first) row
 
 
 def test_clean_prompts_missing_column():
@@ -96,7 +98,7 @@ def test_clean_prompts_missing_column():
 
 
 def test_clean_prompts_non_string_column():
-    with pytest.raises(PipelineError, match=r"^f.csv: column `prompt` must be text, got Int64"):
+    with pytest.raises(PipelineError, match=r"^f.csv: column `prompt` must be text or a list of messages, got Int64"):
         clean_prompts(pl.DataFrame({"prompt": [1, 2]}), "f.csv")
 
 
@@ -139,7 +141,7 @@ def test_split_leaves_one_to_train():
 
 def test_prompts_frame_matches_the_contract():
     df = prompts_frame(["a b", "c"], None)
-    assert df.schema == pl.Schema(PROMPTS)
+    assert df.schema == pl.Schema(PROMPTS) and df["conversational"].to_list() == [False, False]
     assert df["prompt_id"].to_list() == [prompt_id("a b"), prompt_id("c")]
     assert json.loads(df["messages"][0]) == [{"role": "user", "content": "a b"}]
     with_system = prompts_frame(["a b"], "be brief")
@@ -147,7 +149,8 @@ def test_prompts_frame_matches_the_contract():
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "a b"},
     ]
-    assert prompts_frame([], None).schema == pl.Schema(PROMPTS)
+    empty = prompts_frame([], None)
+    assert empty.height == 0 and empty.schema == pl.Schema(PROMPTS)
 
 
 def test_check_prompt_lengths(tiny_model_dir):
@@ -191,7 +194,8 @@ def test_prepare_with_local_model(tmp_path, tiny_model_dir, fmt):
 
     train = read_table(out / "train.parquet", PROMPTS)
     held = read_table(out / "eval.parquet", PROMPTS)
-    assert train.schema == pl.Schema(PROMPTS) and held.schema == pl.Schema(PROMPTS)
+    extra = {"csv": {"other": pl.Int64}, "jsonl": {"label": pl.Int64}, "parquet": {}}[fmt]
+    assert train.schema == pl.Schema({**PROMPTS, **extra}) and held.schema == train.schema  # extra columns travel
     assert held.height == 3 and train.height == len(PROMPT_TEXTS) - 3
     assert not set(train["prompt_id"]) & set(held["prompt_id"])
     assert set(train["prompt"]) | set(held["prompt"]) == set(PROMPT_TEXTS)
@@ -205,7 +209,8 @@ def test_prepare_with_local_model(tmp_path, tiny_model_dir, fmt):
         len(tok(render_prompt(tok, m), add_special_tokens=False)["input_ids"])
         for m in [*train["messages"], *held["messages"]]
     )
-    assert summary == {"train_prompts": len(PROMPT_TEXTS) - 3, "eval_prompts": 3, "longest_prompt_tokens": longest}
+    assert summary == {"train_prompts": len(PROMPT_TEXTS) - 3, "eval_prompts": 3, "longest_prompt_tokens": longest,
+                       "duplicates_dropped": 2, "conversational": False, "extra_columns": list(extra)}
     assert "<system>" in render_prompt(tok, train["messages"][0])
 
 
@@ -216,7 +221,8 @@ def test_prepare_split_does_not_depend_on_file_order(tmp_path, tiny_model_dir):
     prepare(a, tmp_path / "a")
     prepare(b, tmp_path / "b")
     for name in ("train.parquet", "eval.parquet"):
-        assert read_table(tmp_path / "a" / name).equals(read_table(tmp_path / "b" / name))
+        a_, b_ = read_table(tmp_path / "a" / name), read_table(tmp_path / "b" / name)
+        assert a_.select(list(PROMPTS)).equals(b_.select(list(PROMPTS)))
 
 
 def test_prepare_model_is_skipped_when_up_to_date(tmp_path, tiny_model_dir, tiny_model_factory):

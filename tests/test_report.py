@@ -1,4 +1,5 @@
-"""stages.report: self-contained HTML + Markdown from a tiny fake run; escaping; no-eval and no-rounds cases."""
+"""stages.report: self-contained HTML + Markdown from a tiny fake run; escaping; no-eval and no-rounds cases; a damaged
+round is refused."""
 
 from __future__ import annotations
 
@@ -47,9 +48,12 @@ def write_round(rounds: Path, r: int, *, manifest: bool = True, eval_metrics: bo
                "entropy": 2.5, "advantage_std": 0.6, "completions/mean_length": 12.5, "time/round_s": 7.25}
     if eval_metrics:
         metrics |= {"eval/win_rate": 0.625, "eval/reward": 0.4, "eval/kl": 0.02}
-    write_json({"round": r, "config_hash": "abc123", "params_hash": "def456", "policy_version": r,
-                "rows": {"samples": n, "scores": n, "advantages": n}, "metrics": metrics,
-                "advantage_state": {"estimator": "rloo"}, "finished_at": "2026-01-01T00:00:00"}, d / "manifest.json")
+    from stages.loop.resume import file_record
+    from stages.loop.writer import manifest_for
+
+    artifacts = {f: file_record(d / f, n) for f in ("samples.parquet", "advantages.parquet")}
+    manifest = manifest_for(r, "abc123", "def456", artifacts, metrics, {"estimator": "rloo"}, None)
+    write_json(manifest | {"finished_at": "2026-01-01T00:00:00"}, d / "manifest.json")
 
 
 def write_eval(tmp: Path) -> tuple[Path, Path]:
@@ -134,3 +138,35 @@ def test_cli_empty_rounds_dir_exits_2_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no complete rounds in") and "dvc repro train" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_damaged_round_is_a_one_line_error_naming_the_file(run_dir, damage):
+    path = run_dir / "rounds" / "round=0000" / "samples.parquet"
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:
+        path.unlink()
+    with pytest.raises(PipelineError) as exc:
+        run_report(run_dir)
+    msg = str(exc.value)
+    assert str(path) in msg and "round 1 is damaged" in msg and "\n" not in msg
+    assert not (run_dir / "reports" / "report.html").exists()
+
+
+def test_eval_examples_are_the_best_and_the_worst_by_score_gap(tmp_path):
+    from stages.report import build_data
+
+    write_round(tmp_path / "rounds", 0)
+    gaps = {"e0": 0.5, "e1": -0.7, "e2": 0.1, "e3": 0.3, "e4": -0.2}
+    table = pl.DataFrame({
+        "prompt_id": list(gaps), "prompt_text": [f"<user> {p}" for p in gaps], "completion": [f"P-{p}" for p in gaps],
+        "score": [0.5 + g for g in gaps.values()], "ref_completion": [f"R-{p}" for p in gaps], "ref_score": [0.5] * 5,
+    })
+    write_table(table, tmp_path / "eval" / "eval.parquet")
+    data = build_data(tmp_path / "rounds", tmp_path / "eval", tmp_path / "none.json", n_examples=3)
+    picked = [r["prompt_id"] for r in data["eval_examples"]]
+    assert picked == ["e0", "e3", "e1"]  # the two largest gains, then the largest loss

@@ -1,5 +1,9 @@
-"""A training run killed with SIGKILL mid-round resumes after its last complete round and ends where an
-uninterrupted run ends (same rounds, same prompts, same completions)."""
+"""Resume, end to end on a tiny project: a run killed with SIGKILL mid-round resumes after its last complete round and
+ends where an uninterrupted run ends (same prompts, completions and carried baseline); a changed configuration moves
+the old run aside and starts clean.
+
+The kill lands at a known point: a reward function of the project (`slow_reward.py`, weight 0) sleeps on its N-th
+call when `SLOW_REWARD_CALL=N` is set, so the run is inside round N's scoring when it is killed."""
 
 from __future__ import annotations
 
@@ -16,6 +20,18 @@ from project import PY, make_project, run, run_env
 
 pytestmark = pytest.mark.slow
 ROUNDS = 3
+SLOW_REWARD = '''import os, time
+_calls = 0
+
+
+def score(prompts, completions, **kwargs):
+    """0 for every completion; sleeps on call number SLOW_REWARD_CALL (to kill a run at a known point)."""
+    global _calls
+    _calls += 1
+    if os.environ.get("SLOW_REWARD_CALL") == str(_calls):
+        time.sleep(600)
+    return [0.0] * len(completions)
+'''
 
 
 def _wait_for(path, proc, timeout=600):
@@ -28,37 +44,46 @@ def _wait_for(path, proc, timeout=600):
         time.sleep(0.2)
 
 
-def test_sigkill_mid_round_resumes(tmp_path, tiny_model_dir):
-    proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": ROUNDS, "train.eval_every": 0})
+def slow_project(tmp_path, model_dir, **overrides):
+    proj = make_project(tmp_path, model_dir, **{"train.rounds": ROUNDS, "train.eval_every": 0, **overrides})
+    (proj / "slow_reward.py").write_text(SLOW_REWARD)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["score"]["rewards"].append({"name": "slow", "function": "slow_reward:score", "weight": 0.0})
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return proj
+
+
+def test_sigkill_mid_round_resumes_to_the_uninterrupted_run(tmp_path, tiny_model_dir):
+    proj = slow_project(tmp_path, tiny_model_dir, **{"advantage.estimator": "ema"})  # ema: the carried baseline state matters
     env = run_env(tmp_path)
     run([PY, "-m", "stages.prepare"], proj, env)
 
-    # Uninterrupted reference run into other directories.
+    # Uninterrupted reference run into other directories (outputs are not part of the run identity).
     ref_params = yaml.safe_load((proj / "params.yaml").read_text())
-    ref_params["train"].update(rounds_dir="data/ref_rounds", checkpoint_dir="models/ref_policy")
+    ref_params["train"].update(rounds_dir="data/ref_rounds", checkpoint_dir="models/ref_policy",
+                               state_dir="models/ref_state")
     (proj / "ref.yaml").write_text(yaml.safe_dump(ref_params))
     run([PY, "-m", "flows.train", "--params", "ref.yaml"], proj, env)
 
-    # Interrupted run: SIGKILL once round 2 has written its samples (mid-round: no manifest yet).
+    # Interrupted run: SIGKILL inside round 2's scoring (the reward's 2nd call sleeps). Its own process group, so
+    # the kill also takes whatever it started, as a killed job would lose them.
     rounds = proj / "data" / "rounds"
-    # Its own process group, so the SIGKILL also takes its temporary Prefect API server (as a killed job would).
-    proc = subprocess.Popen([PY, "-m", "flows.train"], cwd=proj, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen([PY, "-m", "flows.train"], cwd=proj, env={**env, "SLOW_REWARD_CALL": "2"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_for(rounds / "round=0001" / "samples.parquet", proc)
+        time.sleep(1.0)
+        assert proc.poll() is None
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    # Round 0's checkpoint and manifest are written in the background (train.async_checkpoint) while round 1
-    # samples: the kill may come before or after that write ends. Round 1 is mid-round either way.
-    assert not (rounds / "round=0001" / "manifest.json").exists()
-    round0_done = (rounds / "round=0000" / "manifest.json").is_file()
+    assert (rounds / "round=0000" / "manifest.json").is_file()  # round 1 is complete (its write had 1 s)
+    assert not (rounds / "round=0001" / "manifest.json").exists()  # round 2 is not
 
     out = run([PY, "-m", "flows.train"], proj, env)
-    if round0_done:  # (killed between its checkpoint and manifest, the manifest is repaired from the checkpoint)
-        assert "resuming after round 1" in out.stdout + out.stderr
+    assert "resuming after round 1" in out.stdout + out.stderr
     got = sorted(d.name for d in rounds.glob("round=*"))
     assert got == [f"round={r:04d}" for r in range(ROUNDS)]
     for r in range(ROUNDS):
@@ -68,14 +93,17 @@ def test_sigkill_mid_round_resumes(tmp_path, tiny_model_dir):
         assert a["completion_token_ids"].to_list() == b["completion_token_ids"].to_list(), f"round {r} differs"
         m = json.loads((rounds / f"round={r:04d}" / "manifest.json").read_text())
         m_ref = json.loads((proj / "data" / "ref_rounds" / f"round={r:04d}" / "manifest.json").read_text())
+        assert m["advantage_state"]["ema"] == pytest.approx(m_ref["advantage_state"]["ema"], abs=1e-6)
         assert m["advantage_state"]["round_means"] == pytest.approx(m_ref["advantage_state"]["round_means"], abs=1e-6)
+    assert not list((proj / "models").glob(".policy.tmp-*"))
 
 
-def test_changed_configuration_starts_clean(tmp_path, tiny_model_dir):
+def test_changed_configuration_moves_the_old_run_aside(tmp_path, tiny_model_dir):
     proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 1, "train.eval_every": 0})
     env = run_env(tmp_path)
     run([PY, "-m", "stages.prepare"], proj, env)
     run([PY, "-m", "flows.train"], proj, env)
+    old = pl.read_parquet(proj / "data" / "rounds" / "round=0000" / "samples.parquet")
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["advantage"]["estimator"] = "batch_mean"
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
@@ -83,3 +111,7 @@ def test_changed_configuration_starts_clean(tmp_path, tiny_model_dir):
     assert "configuration changed" in out.stdout + out.stderr
     advs = pl.read_parquet(proj / "data" / "rounds" / "round=0000" / "advantages.parquet")
     assert advs["estimator"].unique().to_list() == ["batch_mean"]
+    (archived,) = (proj / "data" / "archive").iterdir()  # the old run is kept, whole
+    kept = pl.read_parquet(archived / "rounds" / "round=0000" / "samples.parquet")
+    assert kept.equals(old)
+    assert (archived / "policy" / "checkpoint.json").is_file() and list((archived / "state").glob("state-*.pt"))

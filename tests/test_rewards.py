@@ -232,6 +232,9 @@ def user_module(tmp_path, monkeypatch):
         def short(prompts, completions):
             return [1.0]
 
+        def positional(ps, cs):  # the older form, other names: called positionally
+            return [float(len(c)) for c in cs]
+
         NOT_A_FUNCTION = 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -256,8 +259,10 @@ def test_user_function_errors(user_module):
         build_reward(RewardSpec(name="u", function=f"{user_module}:nope"))
     with pytest.raises(PipelineError, match=r"is a int, not a function"):
         build_reward(RewardSpec(name="u", function=f"{user_module}:NOT_A_FUNCTION"))
-    with pytest.raises(PipelineError, match=r"cannot be called as fn\(prompts, completions, \*\*kwargs\) with kwargs \['bonnus'\]"):
+    with pytest.raises(PipelineError, match=r"has no parameter `bonnus` \(from kwargs\); its parameters: prompts, completions, bonus"):
         build_reward(RewardSpec(name="u", function=f"{user_module}:plain", kwargs={"bonnus": 1}))
+    with pytest.raises(PipelineError, match=r"takes neither `completions` nor \*\*kwargs .* with kwargs \['x'\]"):
+        build_reward(RewardSpec(name="u", function=f"{user_module}:positional", kwargs={"x": 1}))
 
 
 def test_raising_function_names_reward_and_first_line(user_module):

@@ -1,4 +1,4 @@
-"""flows.train.RoundWriter: the background checkpoint + manifest write of a round (train.async_checkpoint)."""
+"""stages.loop.writer.RoundWriter: the background checkpoint + manifest write of a round (train.async_checkpoint)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from flows.train import RoundWriter
+from stages.loop.writer import RoundWriter
 
 
 def test_background_write_overlaps_and_wait_blocks_until_done():

@@ -166,7 +166,11 @@ def test_check_prompt_fit_prompt_too_long():
 def test_resolve_backend(monkeypatch):
     assert resolve_backend("hf") == "hf"
     assert resolve_backend("auto") == ("vllm" if vllm_available() else "hf")
-    monkeypatch.setattr("stages.sample.vllm_available", lambda: False)
+    import dataclasses
+
+    from stages.sample.backends import BACKENDS
+
+    monkeypatch.setitem(BACKENDS, "vllm", dataclasses.replace(BACKENDS["vllm"], available=lambda: False))
     assert resolve_backend("auto") == "hf"
     assert resolve_backend("hf") == "hf"
     with pytest.raises(PipelineError, match=r"^sample.backend: vllm does not import here"):
@@ -356,8 +360,8 @@ N_PROMPTS, K, MAX_TOKENS = 3, 4, 12
 
 @pytest.fixture(scope="module")
 def review_prompts() -> pl.DataFrame:
-    texts = clean_prompts(read_table(REPO / "data/prompts/movie_reviews.jsonl"), "movie_reviews.jsonl")
-    return prompts_frame(texts[:N_PROMPTS], None)
+    table, _ = clean_prompts(read_table(REPO / "data/prompts/movie_reviews.jsonl"), "movie_reviews.jsonl")
+    return prompts_frame(table.head(N_PROMPTS), None)
 
 
 @pytest.fixture(scope="module")
@@ -499,8 +503,8 @@ def vllm_greedy(sampler, prompt_ids: list[list[int]]) -> list[list[int]]:
 def update_prompts(review_prompts, base_tok) -> pl.DataFrame:
     """The review prompts plus one longer than a CPU KV block (128 tokens): only a prompt that fills a block is
     prefix-cached, so only it shows KV left over from the old weights when the cache is not reset."""
-    texts = clean_prompts(read_table(REPO / "data/prompts/movie_reviews.jsonl"), "movie_reviews.jsonl")
-    long = prompts_frame([" ".join(texts[N_PROMPTS : N_PROMPTS + 8])], None)
+    table, _ = clean_prompts(read_table(REPO / "data/prompts/movie_reviews.jsonl"), "movie_reviews.jsonl")
+    long = prompts_frame([" ".join(table["prompt"][N_PROMPTS : N_PROMPTS + 8])], None)
     n = len(tokenize_prompts(base_tok, long)[1][0])
     assert 160 <= n <= 512 - MAX_TOKENS, n
     return pl.concat([review_prompts, long])

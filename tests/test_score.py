@@ -321,3 +321,23 @@ def test_cli_bad_samples_exits_2_and_keeps_the_old_file(tiny_model_dir, tmp_path
     assert "completion_token_ids" in lines[0] and str(src) in lines[0]
     assert out.read_bytes() == b"previous round's scores" and os.stat(out).st_mtime_ns == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "samples.parquet", "scores.parquet"]
+
+
+def test_on_invalid_drop_with_several_invalid_components(models, tmp_path, monkeypatch):
+    """Two components invalid on different rows: both rows go, the others keep their exact weighted scores."""
+    tok, policy, ref, _, _ = models
+    mod = write_reward_module(tmp_path, monkeypatch, USER_REWARD)
+    sp = score_params(
+        [{"name": "a", "function": f"{mod}:nan_on", "weight": 2.0, "kwargs": {"word": "loved"}},  # p1/0: NaN
+         {"name": "b", "function": f"{mod}:nan_on", "weight": 3.0, "kwargs": {"word": "movie"}},  # p0/0: NaN
+         {"name": "c", "function": f"{mod}:chars", "weight": 1.0}],
+        on_invalid="drop",
+    )
+    samples = make_samples(tok)
+    out, stats = score_samples(samples, build_rewards(sp.rewards), policy, ref, tok, sp)
+    kept = [r for r in ROWS if r[:2] not in (("p1", 0), ("p0", 0))]
+    assert stats["score/dropped"] == 2 and out.height == len(kept) == 4
+    assert list(zip(out["prompt_id"], out["sample_idx"])) == [r[:2] for r in kept]
+    assert out["score"].to_list() == pytest.approx([2.0 + 3.0 + len(r[3]) for r in kept])
+    assert out["score/c"].to_list() == [float(len(r[3])) for r in kept]
+    assert stats["rewards/c"] == pytest.approx(sum(len(r[3]) for r in kept) / 4)

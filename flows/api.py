@@ -1,0 +1,98 @@
+"""A Prefect API for a flow run from the command line (`python -m flows.train`, `python -m flows.pipeline`).
+
+With `PREFECT_API_URL` set (a `prefect server start`, Prefect Cloud, or a worker running a deployment), that API is
+used. Without it, Prefect would start a temporary server of its own that a killed flow leaves running (it is
+stopped by an exit handler, which kill -9 skips). This module starts the same temporary server (Prefect's API app
+under uvicorn, UI off, on a free loopback port, its database under `.prefect/`) as a child that the kernel stops
+when the flow's process dies (Linux `PR_SET_PDEATHSIG`), points Prefect at it for the rest of the process, and
+stops it at interpreter exit. Use it once, in a command-line entry point.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 180
+_KEEP: list = []  # a busy 2-core machine has taken > 20 s
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def prefect_api(home: str | Path | None = None) -> Iterator[str | None]:
+    """Yield the API URL in use; start a temporary local server when none is configured (its database in `home`:
+    PREFECT_HOME, or .prefect in the working directory)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    import prefect
+
+    home = home or os.environ.get("PREFECT_HOME") or ".prefect"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(Path(home).resolve()), "PREFECT_UI_ENABLED": "0",
+           "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    Path(home).mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+           "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+           "--lifespan", "on"]
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+    # Stopped after Prefect's own exit hooks have sent their last logs and events (atexit runs after them); a
+    # server stopped earlier makes those hooks retry for about a minute.
+    atexit.register(_stop, proc)
+    t0 = time.time()
+    while not _healthy(url):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the temporary Prefect server exited with code {proc.returncode}")
+        if time.time() - t0 > STARTUP_TIMEOUT_S:
+            _stop(proc)
+            raise RuntimeError(f"the temporary Prefect server did not answer within {STARTUP_TIMEOUT_S} s")
+        time.sleep(0.2)
+    # For the rest of the process, not just the block: Prefect's exit hooks still talk to the API. (The context
+    # manager is kept referenced: a collected one would restore the old settings.)
+    _KEEP.append(temporary_settings(updates={PREFECT_API_URL: url}))
+    _KEEP[-1].__enter__()
+    yield url
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

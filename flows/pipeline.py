@@ -1,0 +1,194 @@
+"""The whole pipeline as one Prefect flow: the unit a schedule runs (docs/design.md §9).
+
+    prefect deployment run rloo-pipeline/nightly                  # the scheduled deployment in prefect.yaml
+    python -m flows.pipeline [--more-rounds N]                    # the same from a shell
+
+A run takes the checkout's run lock, asks DVC what changed (`dvc status`), and runs the DVC stages that need it,
+one Prefect task each, with DVC's own change detection: `dvc repro --single-item prepare`, then `train`, `evaluate`,
+`report`. So `dvc.lock` always agrees with what the run wrote (`dvc status` is clean after it), and a user's
+`dvc repro` and a scheduled run do the same thing. What a run does:
+
+- nothing changed (no stage out of date, no new prompts, `more_rounds` 0): a reported no-op, in seconds;
+- prompts were added to the prompts file: prepare picks them up (the held-out split is stable under additions, so
+  no trained prompt becomes a held-out one) and, when the run's rounds are all done, `train.rounds` is raised by
+  enough rounds to train on each new prompt once (`rounds_per_new_prompt`, they come first in the schedule);
+  training continues from the last checkpoint;
+- params changed: training continues (more rounds) or starts clean (another run identity; the old run is moved to
+  `train.archive_dir`), as `dvc repro` would;
+- `more_rounds=N`: `train.rounds` is raised by N, and training continues for N more rounds.
+
+`train.rounds` is raised in params.yaml itself (one line rewritten in place, the file's comments kept), so the
+checkout says how far it has trained and DVC's lock file agrees; if the run fails, params.yaml is put back and the
+last good model, metrics and report stay where they were. The held-out metrics, what the run did, and the report's
+tables become Prefect artifacts of the flow run. A deployment's `concurrency_limit: 1` and the run lock keep two runs
+from overlapping; the training stage's own flow run (`rloo-train`) shows the rounds as tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from stages.errors import PipelineError, run_cli
+
+STAGES = ("prepare", "train", "evaluate", "report")
+_TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+def _dvc(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("dvc")
+    cmd = [str(exe) if exe.exists() else "dvc", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        last = next((ln for ln in reversed(err) if ln.startswith(("error:", "ERROR"))), err[-1] if err else "?")
+        raise PipelineError(f"`dvc {' '.join(args)}` failed: {last.strip()}")
+    return proc
+
+
+@task(name="dvc status", **_TASK)
+def status_task() -> list[str]:
+    """The stages DVC sees as changed (their deps, params or outs differ from dvc.lock)."""
+    out = _dvc("status", "--json").stdout.strip() or "{}"
+    return sorted({name.split(":")[-1].split("@")[0] for name in json.loads(out)})
+
+
+@task(name="stage", **_TASK)
+def stage_task(stage: str) -> dict:
+    """`dvc repro --single-item <stage>`: runs it when DVC sees it changed, else nothing."""
+    t0 = time.perf_counter()
+    proc = _dvc("repro", "--single-item", stage)
+    ran = f"Running stage '{stage}'" in proc.stdout
+    get_run_logger().info("%s: %s in %.1f s", stage, "ran" if ran else "up to date", time.perf_counter() - t0)
+    return {"stage": stage, "ran": ran, "seconds": time.perf_counter() - t0}
+
+
+def _rounds_line(text: str) -> tuple[int, re.Match]:
+    """The `rounds:` line of params.yaml's `train:` section (the value and where it is)."""
+    section = re.search(r"(?m)^train:\s*$", text)
+    if section is None:
+        raise PipelineError("params.yaml: no `train:` section to raise train.rounds in; add `train: {rounds: N}`")
+    m = re.compile(r"(?m)^(\s+rounds:\s*)(\d+)").search(text, section.end())
+    nxt = re.compile(r"(?m)^\S").search(text, section.end())
+    if m is None or (nxt and m.start() > nxt.start()):
+        raise PipelineError("params.yaml: `train.rounds` is not set; set it so a scheduled run can raise it")
+    return int(m.group(2)), m
+
+
+def raise_rounds(path: Path, by: int) -> tuple[int, int]:
+    """Raise train.rounds in params.yaml by `by`, rewriting only that number (comments and layout kept)."""
+    from stages.io import write_text
+
+    text = path.read_text()
+    old, m = _rounds_line(text)
+    write_text(text[: m.start(2)] + str(old + by) + text[m.end(2):], path)
+    return old, old + by
+
+
+def plan_rounds(params, more_rounds: int, rounds_per_new_prompt: float) -> tuple[int, list[str]]:
+    """How many rounds to add: `more_rounds`, plus, when every round is done and prompts were added since the last
+    one, enough to train on each new prompt once."""
+    from stages.io import read_table
+    from stages.loop.resume import new_prompts, scan_rounds, split_record
+    from stages.loop.warm import PREPARED_TRAIN
+
+    done = sorted((r, m) for r, (_, m) in scan_rounds(Path(params.train.rounds_dir)).items() if m is not None)
+    added: list[str] = []
+    if done and Path(PREPARED_TRAIN).is_file():
+        added = new_prompts(done[-1][1], split_record(read_table(PREPARED_TRAIN)))
+    extra = more_rounds
+    if added and len(done) >= params.train.rounds:
+        extra += math.ceil(len(added) * rounds_per_new_prompt / params.train.prompts_per_round)
+    return extra, added
+
+
+@flow(name="rloo-pipeline", log_prints=False)
+def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds_per_new_prompt: float = 1.0) -> dict:
+    """prepare -> train -> evaluate -> report, as `dvc repro` runs them; see the module docstring for what a
+    scheduled run does in each case."""
+    from stages.errors import quiet_bad_input_tracebacks
+    from stages.loop.lock import run_lock
+    from stages.params import load_params
+
+    quiet_bad_input_tracebacks()
+    logger = get_run_logger()
+    if more_rounds < 0:
+        raise PipelineError(f"more_rounds: must be >= 0 (got {more_rounds})")
+    path = Path(params_path)
+    t0 = time.perf_counter()
+    with run_lock("scheduled pipeline"):
+        load_params(path)
+        changed = status_task()
+        if not changed and more_rounds == 0:
+            extra, added = plan_rounds(load_params(path), 0, rounds_per_new_prompt)
+            if not extra:
+                summary = {"noop": True, "changed": [], "seconds": time.perf_counter() - t0}
+                create_markdown_artifact("### Nothing to do\n\nDVC sees every stage up to date and no prompts were "
+                                         "added: no stage ran.", key="rloo-pipeline-run", description="what this run did")
+                logger.info("nothing changed: no stage ran")
+                return summary
+        original = path.read_text()
+        try:
+            steps = [stage_task("prepare")]
+            params = load_params(path)
+            extra, added = plan_rounds(params, more_rounds, rounds_per_new_prompt)
+            rounds = None
+            if extra:
+                rounds = raise_rounds(path, extra)
+                logger.info("train.rounds %d -> %d (%d new prompt(s), more_rounds=%d)", *rounds, len(added), more_rounds)
+            steps += [stage_task(s) for s in STAGES[1:]]
+        except BaseException:
+            if path.read_text() != original:
+                path.write_text(original)  # a failed run leaves params.yaml as it found it
+            raise
+        summary = {"noop": False, "changed": changed, "new_prompts": len(added), "rounds": rounds,
+                   "stages": steps, "seconds": time.perf_counter() - t0}
+        _artifacts(summary)
+        return summary
+
+
+def _artifacts(summary: dict) -> None:
+    ran = [s["stage"] for s in summary["stages"] if s["ran"]]
+    lines = ["### What this run did", "", f"- stages run: {', '.join(ran) or 'none'}",
+             f"- prompts added since the last round: {summary['new_prompts']}"]
+    if summary["rounds"]:
+        lines.append(f"- train.rounds: {summary['rounds'][0]} -> {summary['rounds'][1]}")
+    create_markdown_artifact("\n".join(lines) + "\n", key="rloo-pipeline-run", description="what this run did")
+    metrics = Path("metrics/eval.json")
+    if metrics.is_file():
+        ev = json.loads(metrics.read_text())
+        rows = [{"metric": k, "value": round(v, 4) if isinstance(v, float) else v} for k, v in ev.items()
+                if not isinstance(v, (dict, list))]
+        create_table_artifact(rows, key="rloo-heldout-metrics", description="held-out metrics (metrics/eval.json)")
+    report = Path("reports/report.md")
+    if report.is_file():  # the report's text (its plots are PNG files beside it, in reports/)
+        text = re.sub(r"!\[[^\]]*\]\([^)]*\)\n?", "", report.read_text())
+        create_markdown_artifact(text[:60_000], key="rloo-report", description="reports/report.md")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from flows.api import prefect_api
+
+    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description="Run the whole pipeline as one flow.")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--more-rounds", type=int, default=0, help="raise train.rounds by N and train N more rounds")
+    args = ap.parse_args(argv)
+    with prefect_api():
+        summary = pipeline_flow(params_path=args.params, more_rounds=args.more_rounds)
+    print(json.dumps({k: v for k, v in summary.items() if k != "stages"}, default=str))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    run_cli(main)

@@ -1,0 +1,169 @@
+"""The policy checkpoint: the one owner of its format (docs/design.md §6). Save, load, and read its round and
+run identity without loading any weights.
+
+A checkpoint is a pair of directories:
+
+- `train.checkpoint_dir` (versioned by DVC, shared with `dvc push`): the policy as a normal transformers model
+  directory (config, safetensors, tokenizer, chat template) that vLLM, transformers and the evaluate stage load,
+  plus `checkpoint.json`: format, round (updates done), run identity, base-model fingerprint, LoRA flag, a random
+  checkpoint id, and the manifest of the round it closes. With LoRA the weights are merged (what vLLM loads) and
+  the adapter is kept in `adapter/` (peft's layout).
+- `train.state_dir` (outside the DVC cache: it is twice the weights' size and only a resume needs it):
+  `state-<checkpoint id>.pt`, the optimizer, scheduler and RNG state (and the LoRA adapter's tensors) that make a
+  resume exact. It is read with `torch.load(weights_only=True)`: a file whose pickle would run code is refused.
+
+Order of writes: the state file (a new name) -> the model dir (staged beside it, then renamed into place) -> the
+state file of the checkpoint it replaced is removed (only that one: another run's states are never touched). A crash at any point leaves a matching pair: the old one or the new
+one. Staging dirs left by a killed writer (`.<name>.tmp-*`) are removed by `clean_staging` when a run starts
+(under the run lock, so never while another writer works). A full disk is one line naming the path.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from stages.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+META = "checkpoint.json"
+
+
+def state_file(state_dir: str | Path, checkpoint_id: str) -> Path:
+    return Path(state_dir) / f"state-{checkpoint_id}.pt"
+
+
+def _disk_error(exc: BaseException, path: Path) -> PipelineError | None:
+    """A one-line error for a full disk (or quota), else None. torch.save reports it as a RuntimeError."""
+    text = str(exc)
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or (isinstance(exc, RuntimeError) and ("file write failed" in text or "No space left" in text))
+    if not full:
+        return None
+    free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free / 2**30
+    return PipelineError(f"{path}: disk full while writing the checkpoint ({free:.2f} GiB free); the previous checkpoint "
+                         "is intact: free some space (e.g. `dvc gc`, old data/archive runs) and re-run to resume")
+
+
+def save(trainer, policy_dir: str | Path, state_dir: str | Path, meta: dict[str, Any], rng: dict | None = None,
+         gathered: dict | None = None) -> dict:
+    """Write `trainer`'s policy to `policy_dir` and its resume state to `state_dir`; returns the checkpoint.json
+    written. `meta` carries the run identity, round and manifest; `rng`: the RNG state to record (default: now;
+    the flow passes the one taken when the round ended, as it writes from a background thread); `gathered`: the
+    whole state of a sharded (FSDP) trainer, taken by every rank beforehand (`Trainer.gathered_state`)."""
+    import torch
+
+    from stages.runtime import replace_dir, staging_dir
+
+    policy_dir, state_dir = Path(policy_dir), Path(state_dir)
+    ckpt_id = uuid.uuid4().hex[:12]
+    full_meta = {"format": FORMAT, "checkpoint_id": ckpt_id, "round": trainer.round, "base_id": trainer.base_id,
+                 "lora": trainer.up.use_lora, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    new_state = state_file(state_dir, ckpt_id)
+    old_meta = read_meta(policy_dir) if policy_dir.is_dir() else None
+    tmp = staging_dir(policy_dir)
+    try:
+        try:
+            with _atomic(new_state) as t:
+                torch.save(trainer.resume_state(rng, gathered), t)
+            trainer.save_model(tmp, gathered)
+            (tmp / META).write_text(json.dumps(full_meta, indent=2, sort_keys=True, default=str) + "\n")
+            for f in tmp.rglob("*"):
+                f.chmod(0o755 if f.is_dir() else 0o644)
+            replace_dir(tmp, policy_dir)
+        except (OSError, RuntimeError) as exc:
+            new_state.unlink(missing_ok=True)
+            err = _disk_error(exc, policy_dir)
+            if err is not None:
+                raise err from None
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old_meta is not None:  # the new pair is complete: the replaced checkpoint's state belongs to nothing now
+        state_file(state_dir, old_meta["checkpoint_id"]).unlink(missing_ok=True)
+    return full_meta
+
+
+class _atomic:
+    """A temporary file beside `dest`, renamed over it on success (as stages.io.atomic_path, for torch.save)."""
+
+    def __init__(self, dest: Path):
+        self.dest = dest
+        self.tmp = dest.with_name(f".{dest.name}.tmp")
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, typ, exc, tb) -> None:
+        if typ is None:
+            self.tmp.replace(self.dest)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def read_meta(policy_dir: str | Path, field: str = "train.checkpoint_dir") -> dict | None:
+    """checkpoint.json of `policy_dir` without loading weights; None when the dir holds no checkpoint."""
+    path = Path(policy_dir) / META
+    if not Path(policy_dir).exists():
+        return None
+    if not path.is_file():
+        if any(Path(policy_dir).iterdir()):
+            raise PipelineError(f"{field}: {policy_dir} is not empty but holds no {META}; it is not a checkpoint this "
+                                "pipeline wrote: point the field elsewhere or move the directory away")
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable checkpoint metadata ({type(exc).__name__}); restore it (`dvc checkout`) "
+                            "or start over: python -m flows.train --restart") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("round"), int):
+        raise PipelineError(f"{path}: not a format-{FORMAT} checkpoint; restore it (`dvc checkout`) or start over: "
+                            "python -m flows.train --restart")
+    return meta
+
+
+def load_state(state_dir: str | Path, meta: dict, device: Any = "cpu") -> dict:
+    """The resume state paired with `meta`, loaded without running code (weights_only)."""
+    import torch
+
+    path = state_file(state_dir, meta["checkpoint_id"])
+    if not path.is_file():
+        raise PipelineError(
+            f"train.state_dir: {path} is missing: the optimizer/RNG state of the checkpoint at round {meta['round']} is "
+            "not there (it is kept out of the DVC cache, so a `dvc pull` or `dvc checkout` does not bring it); "
+            "start over with: python -m flows.train --restart")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        first = next(iter(str(exc).strip().splitlines()), "")[:160]
+        raise PipelineError(f"{path}: refused or unreadable trainer state ({type(exc).__name__}: {first}); it is loaded "
+                            "without running code; start over with: python -m flows.train --restart") from None
+
+
+def clean_staging(*dirs: str | Path) -> list[Path]:
+    """Remove the staging dirs a killed writer left beside `dirs` (`.<name>.tmp-*`, `.<name>.old-*`) and stray
+    temporary state files; only names this module creates. Call it under the run lock."""
+    removed = []
+    for d in map(Path, dirs):
+        if not d.parent.is_dir():
+            continue
+        for pattern in (f".{d.name}.tmp-*", f".{d.name}.old-*"):
+            for p in d.parent.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        if d.is_dir():
+            for p in d.glob(".state-*.pt.tmp"):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    if removed:
+        log.info("removed %d staging file(s) left by an interrupted write: %s", len(removed), ", ".join(map(str, removed)))
+    return removed

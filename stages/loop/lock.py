@@ -1,0 +1,109 @@
+"""One run at a time per checkout: an exclusive lock on `.rloo/run.lock` (docs/design.md §6).
+
+`python -m flows.train`, the Prefect flows (a scheduled deployment run, `flow.serve`) and `dvc repro` (which runs
+the former) all take it before they touch the run's files. It is an `fcntl.flock` lock, so the kernel releases it
+when its holder dies (even by kill -9): a dead run never leaves a stale lock. A second run fails at once with one
+line naming the holder's PID, command and start time.
+
+A process that holds the lock may start children that need it too (the scheduled pipeline runs `dvc repro`, which
+runs `python -m flows.train`): the holder puts a token in the environment, and a child whose token matches the
+lock file's and whose ancestor holds the lock goes on without locking again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from stages.errors import PipelineError
+
+LOCK_PATH = Path(".rloo/run.lock")
+ENV = "RLOO_RUN_LOCK"
+_held: list[str] = []  # tokens this process holds (re-entrant within a process)
+
+
+def _ancestors() -> set[int]:
+    """PIDs of this process's ancestors (Linux /proc; empty elsewhere)."""
+    pids, pid = set(), os.getpid()
+    for _ in range(64):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid <= 1:
+            break
+        pids.add(ppid)
+        pid = ppid
+    return pids
+
+
+def _command() -> str:
+    """How this process was started, as a user would type it (`python -m flows.train --rounds 3`)."""
+    try:
+        argv = Path("/proc/self/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        argv = [sys.executable, *sys.argv]
+    return " ".join([Path(argv[0]).name, *argv[1:]]) if argv else "?"
+
+
+def _holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _inherited(path: Path) -> bool:
+    """True when an ancestor of this process holds the lock and passed its token down."""
+    token = os.environ.get(ENV)
+    if not token:
+        return False
+    info = _holder(path)
+    return info.get("token") == token and info.get("pid") in _ancestors()
+
+
+@contextlib.contextmanager
+def run_lock(what: str = "training run", path: str | Path = LOCK_PATH) -> Iterator[dict]:
+    """Hold the checkout's run lock for the duration; PipelineError (one line) when another process holds it."""
+    path = Path(path)
+    if _held or _inherited(path):
+        yield _holder(path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = _holder(path)
+            who = (f"pid {info.get('pid')} ({info.get('what', 'a run')}: {info.get('cmd', '?')}) since {info.get('started', '?')}"
+                   if info else "another process")
+            raise PipelineError(f"{path}: another run holds this checkout's lock: {who}; wait for it to end or stop it "
+                                f"(kill {info.get('pid', '<pid>')}), then re-run") from None
+        token = uuid.uuid4().hex
+        info = {"pid": os.getpid(), "what": what, "cmd": _command()[:200], "token": token,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        old_env = os.environ.get(ENV)
+        os.environ[ENV] = token
+        _held.append(token)
+        try:
+            yield info
+        finally:
+            _held.remove(token)
+            if old_env is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = old_env
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock

@@ -1,0 +1,242 @@
+"""Where a training run stands and where it resumes (docs/design.md §6). `plan_resume` only reads and decides;
+`apply_plan` does what the plan says (under the run lock).
+
+A round is complete when its `manifest.json` exists; the manifest records the run identity
+(`Params.identity()`), each artifact's size and SHA-256, and the baseline state carried to the next round. The
+checkpoint (stages/checkpoint.py) records the round it closes. The rules:
+
+- no rounds and no checkpoint: start at round 0;
+- every complete round and the checkpoint belong to this run: resume after the checkpoint's round, from it;
+  complete rounds after it (`update.save_every > 1`) are re-done; a checkpoint one round ahead of the manifests
+  (a crash between the two writes) repairs the missing manifest from the copy inside the checkpoint;
+- everything belongs to another run (the configuration changed): that run is moved to `train.archive_dir`,
+  never deleted, and this one starts at round 0;
+- anything else is inconsistent (an unreadable manifest, rounds of two runs, a checkpoint that is missing or
+  ahead of the rounds, a damaged artifact): stop with one line saying what and the command that starts over.
+
+Only `round=NNNN` dirs inside `train.rounds_dir` and the checkpoint's own staging dirs are ever removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from stages.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ROUND_DIR = re.compile(r"^round=(\d{4,})$")
+ARTIFACTS = ("samples", "scores", "advantages")
+RESTART = "python -m flows.train --restart"
+_REQUIRED = {"round": int, "identity": str, "artifacts": dict, "metrics": dict}
+
+
+def round_dir(rounds_dir: str | Path, r: int) -> Path:
+    return Path(rounds_dir) / f"round={r:04d}"
+
+
+def round_prompts(train: pl.DataFrame, r: int, per_round: int, seed: int,
+                  history: list[list[str]] | None = None) -> pl.DataFrame:
+    """Prompts of round r: the least recently trained ones first (never trained first of all), ties in a seeded order
+    that changes every round (docs/design.md §6).
+
+    `history`: the prompt ids of rounds 0..r-1 (from their manifests). Without it, the schedule of the current split
+    is replayed from round 0. The rule goes through the whole split before any prompt repeats, never puts a prompt
+    twice in one round, and puts prompts added to a running job's data (a scheduled run) first in line."""
+    ids = train["prompt_id"].to_list()
+    take = min(per_round, len(ids))
+    if history is None:
+        history = []
+        for q in range(r):
+            history.append(_pick(ids, take, seed, q, history))
+    pos = {pid: i for i, pid in enumerate(ids)}
+    return train[[pos[pid] for pid in _pick(ids, take, seed, r, history)]]
+
+
+def _pick(ids: list[str], take: int, seed: int, r: int, history: list[list[str]]) -> list[str]:
+    last = {pid: q for q, seen in enumerate(history[:r]) for pid in seen}
+
+    def key(pid: str) -> tuple[int, str]:
+        q = last.get(pid, -1)
+        return q, hashlib.sha1(f"{seed}:{q}:{pid}".encode()).hexdigest()
+
+    return sorted(ids, key=key)[:take]
+
+
+def split_record(train: pl.DataFrame) -> dict:
+    """The train split a round ran under, as its manifest records it (a scheduled run compares them)."""
+    ids = sorted(train["prompt_id"].to_list())
+    return {"size": len(ids), "hash": hashlib.sha1(",".join(ids).encode()).hexdigest()[:16], "ids": ids}
+
+
+def new_prompts(last_manifest: dict, split: dict) -> list[str]:
+    """Prompts of the current train split that were not in it when the last complete round ran."""
+    before = set((last_manifest.get("train_split") or {}).get("ids", []))
+    return [pid for pid in split["ids"] if pid not in before] if before else []
+
+
+def report_untrained(logger, last_manifest: dict, split: dict, total: int) -> None:
+    added = new_prompts(last_manifest, split)
+    if added:
+        logger.info("%d prompt(s) were added to the train split since round %d; raise train.rounds past %d to train on "
+                    "them (they come first), or let a scheduled pipeline run do it", len(added), last_manifest["round"] + 1,
+                    total)
+
+
+# ---------------------------------------------------------------- artifacts and manifests
+
+
+def file_record(path: Path, rows: int | None = None) -> dict:
+    """Size and SHA-256 of an artifact (and its row count), as the manifest records it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    rec = {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return rec | ({"rows": rows} if rows is not None else {})
+
+
+def read_manifest(path: Path) -> dict:
+    """A manifest, checked for the keys a resume relies on; one-line PipelineError otherwise."""
+    fix = f"restore the round (`dvc checkout`) or start over: {RESTART}"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable manifest ({type(exc).__name__}); {fix}") from None
+    bad = [k for k, t in _REQUIRED.items() if not isinstance(data, dict) or not isinstance(data.get(k), t)]
+    if bad:
+        raise PipelineError(f"{path}: manifest lacks {', '.join(bad)}; {fix}")
+    expected = ROUND_DIR.match(path.parent.name)
+    if expected and int(expected.group(1)) != data["round"]:
+        raise PipelineError(f"{path}: manifest says round {data['round']} in the dir of round {int(expected.group(1))}; {fix}")
+    return data
+
+
+def verify_round(d: Path, manifest: dict) -> None:
+    """Every artifact of a complete round is there with the size and checksum its manifest recorded."""
+    for name, rec in manifest["artifacts"].items():
+        path = d / name
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != rec.get("bytes"):
+            problem = f"has {path.stat().st_size} bytes, its manifest recorded {rec.get('bytes')}"
+        elif file_record(path)["sha256"] != rec.get("sha256"):
+            problem = "does not match the checksum its manifest recorded"
+        else:
+            continue
+        raise PipelineError(f"{path} {problem}: round {manifest['round'] + 1} is damaged; restore it with `dvc checkout "
+                            f"{d.parent}` (when DVC cached this run) or start over: {RESTART}")
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class ResumePlan:
+    identity: str
+    start: int  # first round to run
+    done: list[dict] = field(default_factory=list)  # manifests of rounds 0..start-1
+    checkpoint: dict | None = None  # the checkpoint to resume from (None: the base model)
+    repair: dict | None = None  # a manifest to rewrite from the checkpoint's copy
+    stale: list[Path] = field(default_factory=list)  # round dirs to remove (partial, or re-done after the checkpoint)
+    superseded: dict | None = None  # the other run to move aside: {"identity", "rounds"}
+
+
+def scan_rounds(rounds_dir: Path) -> dict[int, tuple[Path, dict | None]]:
+    """round index -> (dir, manifest or None) for every `round=NNNN` dir."""
+    out = {}
+    if rounds_dir.is_dir():
+        for d in rounds_dir.iterdir():
+            m = ROUND_DIR.match(d.name)
+            if m and d.is_dir():
+                mf = d / MANIFEST
+                out[int(m.group(1))] = (d, read_manifest(mf) if mf.is_file() else None)
+    return out
+
+
+def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
+    """Decide where this invocation starts (see the module docstring). Reads only."""
+    from stages import checkpoint
+
+    tp = params.train
+    rounds = scan_rounds(Path(tp.rounds_dir))
+    meta = checkpoint.read_meta(tp.checkpoint_dir)
+    manifests = {r: m for r, (_, m) in rounds.items() if m is not None}
+    ids = {m["identity"] for m in manifests.values()} | ({meta.get("identity")} if meta else set())
+    if restart or (ids and identity not in ids):
+        other = sorted(ids - {identity}) or [identity]
+        return ResumePlan(identity, 0, stale=[d for d, _ in rounds.values()],
+                          superseded={"identity": ",".join(other), "rounds": len(manifests), "restart": restart})
+    if len(ids) > 1:
+        raise PipelineError(f"{tp.rounds_dir}: holds rounds of more than one run (identities {sorted(ids)}); the state is "
+                            f"inconsistent; start over (the old rounds are moved to {tp.archive_dir}): {RESTART}")
+    n = 0
+    while n in manifests:
+        n += 1
+    if any(r > n for r in manifests):
+        raise PipelineError(f"{round_dir(tp.rounds_dir, n)}: round {n + 1} has no manifest but later rounds do; the state "
+                            f"is inconsistent; start over: {RESTART}")
+    c = meta["round"] if meta else 0
+    plan = ResumePlan(identity, c, checkpoint=meta)
+    if c == n + 1 and (meta.get("manifest") or {}).get("round") == n:
+        plan.repair = meta["manifest"]  # killed between the checkpoint and the manifest of round n
+        manifests[n] = meta["manifest"]
+        n += 1
+    elif c > n:
+        raise PipelineError(f"{tp.checkpoint_dir}: the checkpoint is at round {c} but only {n} rounds are complete in "
+                            f"{tp.rounds_dir}; the state is inconsistent; start over: {RESTART}")
+    lost = [r for r in range(c, n) if manifests[r].get("checkpoint")]
+    if lost:
+        where = "is missing" if meta is None else f"is at round {c}"
+        raise PipelineError(f"{tp.checkpoint_dir}: round {lost[-1] + 1} wrote a checkpoint, but the checkpoint {where}; "
+                            f"restore it (`dvc checkout {tp.checkpoint_dir}`) or start over: {RESTART}")
+    plan.done = [manifests[r] for r in range(c)]
+    plan.stale = sorted(d for r, (d, _) in rounds.items() if r >= c)
+    for r in range(c):
+        if not (plan.repair and r == plan.repair["round"]):
+            verify_round(round_dir(tp.rounds_dir, r), manifests[r])
+    return plan
+
+
+def apply_plan(plan: ResumePlan, params) -> None:
+    """Move a superseded run aside, repair a manifest, remove stale round dirs and staging dirs. Under the lock."""
+    from stages import checkpoint
+    from stages.io import write_json
+
+    tp = params.train
+    checkpoint.clean_staging(tp.checkpoint_dir, tp.state_dir)
+    if plan.superseded is not None:
+        archive_run(params, plan.superseded)
+        return
+    if plan.repair is not None:
+        write_json(plan.repair, round_dir(tp.rounds_dir, plan.repair["round"]) / MANIFEST)
+        log.info("repaired the manifest of round %d from its checkpoint", plan.repair["round"] + 1)
+    for d in plan.stale:
+        shutil.rmtree(d)
+
+
+def archive_run(params, superseded: dict) -> Path | None:
+    """Move the rounds, checkpoint and trainer state of another run into `train.archive_dir/<time>-<identity>/`."""
+    tp = params.train
+    parts = {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
+    parts = {k: p for k, p in parts.items() if p.exists() and (not p.is_dir() or any(p.iterdir()))}
+    if not parts:
+        return None
+    dest = Path(tp.archive_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{superseded['identity'][:16]}"
+    dest.mkdir(parents=True, exist_ok=False)
+    for name, p in parts.items():
+        shutil.move(str(p), str(dest / name))
+    why = "--restart" if superseded.get("restart") else "the configuration changed"
+    log.warning("%s: the previous run (%d complete rounds) was moved to %s; delete it when you no longer need it",
+                why, superseded["rounds"], dest)
+    return dest

@@ -1,0 +1,111 @@
+"""One round's steps as plain functions over a `Warm` (no files, no Prefect, no MLflow): the flow's tasks wrap
+them and add the artifacts; the benchmarks call them bare (docs/design.md §3).
+
+    prompts = round_prompts(w.train_prompts, r, per_round, seed)
+    samples, s = sample_round(w, r, prompts)          # K completions per prompt, from the running engine
+    scores, sc = score_round(w, samples)              # rewards, logp under policy and reference, KL, rlhf_reward
+    advs, state, a = advantage_round(w, scores)       # the estimator's baseline (w.adv_state carries over)
+    u = update_round(w, samples, advs)                # REINFORCE step(s), then the weights pushed into the engine
+
+With several ranks (`w.dist`, docs/design.md §8) each step works on this rank's share of the round's prompts (all K
+completions of a prompt on one rank) and returns the whole round's table, gathered in the order one process makes
+it, so every caller sees what a one-process run sees; the statistics come from the whole table.
+"""
+
+from __future__ import annotations
+
+import time
+
+import polars as pl
+
+from stages.loop.warm import Warm
+
+
+def my_prompt_ids(w: Warm, table: pl.DataFrame) -> set[str]:
+    """The prompts of a round table that this rank works on (its share of the round's prompt order)."""
+    order = table["prompt_id"].unique(maintain_order=True).to_list()
+    return {order[i] for i in w.dist.shard(len(order))}
+
+
+def sample_round(w: Warm, r: int, prompts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+    from stages.sample import generation_config, sample_prompts, sample_stats
+    from stages.schemas import SAMPLES
+
+    sp, t0 = w.params.sample, time.perf_counter()
+    local = prompts[w.dist.shard(prompts.height)]
+    if local.height:
+        df, stats = sample_prompts(w.sampler, w.tokenizer, local, generation_config(sp), w.params.base.seed, r, r,
+                                   sp.max_model_len)
+    else:  # more ranks than prompts: this one samples nothing this round
+        df, stats = pl.DataFrame(schema=SAMPLES), {}
+    if not w.dist.enabled:
+        return df, stats
+    df = w.dist.gather_rows(df, prompts["prompt_id"].to_list())
+    return df, sample_stats(df, time.perf_counter() - t0)
+
+
+def policy_logprobs_from_sampler(w: Warm) -> bool:
+    """`score.policy_logprobs`: reuse the sampler's logprobs as logp_policy (auto: when they are the fp32 policy's
+    own; measured 1.6e-4 nats max per 40-token sequence against the fp32 trainer, docs/design.md §7)."""
+    choice = w.params.score.policy_logprobs
+    return choice == "sampler" or (choice == "auto" and w.sampler.exact_logprobs)
+
+
+def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+    from stages.score import score_samples, score_stats
+
+    t0 = time.perf_counter()
+    local = samples.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples))) if w.dist.enabled else samples
+    logp_policy = [float(sum(x)) for x in local["sampler_logprobs"]] if policy_logprobs_from_sampler(w) else None
+    out, stats = score_samples(local, w.rewards, w.trainer.model, w.ref, w.tokenizer, w.params.score, w.train_prompts,
+                               logp_policy, share_prompts=w.params.base.share_prompts)
+    if not w.dist.enabled:
+        return out, stats
+    out = w.dist.gather_rows(out, samples["prompt_id"].unique(maintain_order=True).to_list())
+    components = [r.name for r in w.rewards]
+    return out, score_stats(out, samples.height, components, stats["time/reward_s"], time.perf_counter() - t0)
+
+
+def advantage_round(w: Warm, scores: pl.DataFrame, source: str = "scores") -> tuple[pl.DataFrame, dict, dict]:
+    """Advantages of the round; returns (table, the next carried state, stats). The caller stores the state. Every
+    rank computes them over the whole round, so batch-level estimators see what one process sees."""
+    from stages.advantage import compute_advantages
+
+    return compute_advantages(scores, w.params.advantage, w.adv_state, source=source)
+
+
+def update_round(w: Warm, samples: pl.DataFrame, advantages: pl.DataFrame) -> dict:
+    """One policy update (each rank on its share of the rows), then the new weights pushed into the running sampler
+    (no restart, no disk)."""
+    from stages.update import training_batch
+
+    batch = training_batch(samples, advantages)
+    if w.dist.enabled:
+        batch = batch.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples)))
+    stats = w.trainer.step(batch, w.dist)
+    t0 = time.perf_counter()
+    w.sampler.update_weights(state_dict=w.trainer.state_dict_for_sampler())
+    stats["time/weight_sync_s"] = time.perf_counter() - t0
+    return stats
+
+
+def evaluate_round(w: Warm, version: int) -> dict:
+    """The current policy against the reference on the held-out prompts, with the warm engine and models (each rank
+    on its share of them)."""
+    from stages.evaluate import eval_metrics, evaluate_policy, generate_one
+
+    p = w.params
+    if w.ref_eval is None:
+        raise RuntimeError("load_warm(with_eval=True) prepares the reference's held-out completions")
+    ref_samples, ref_scores = w.ref_eval
+    if w.eval_prompts.height:
+        pol = generate_one(w.sampler, w.tokenizer, w.eval_prompts, p, p.base.seed, version)
+        table, _ = evaluate_policy(pol, ref_samples, ref_scores, w.rewards, w.trainer.model, w.ref, w.tokenizer,
+                                   w.eval_prompts, p.score.batch_size, sampler_exact=w.sampler.exact_logprobs)
+    else:
+        table = None
+    if w.dist.enabled:
+        parts = [t for t in w.dist.all_gather(table) if t is not None]
+        order = {pid: i for i, pid in enumerate(w.eval_order)}
+        table = pl.concat(parts).sort(pl.col("prompt_id").replace_strict(order, return_dtype=pl.Int64))
+    return eval_metrics(table)

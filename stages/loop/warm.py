@@ -1,0 +1,83 @@
+"""What a training run keeps warm: loaded once, used by every round (docs/design.md §3).
+
+A round never starts the sampling engine or reads a model from disk: the engine, the policy with its optimizer,
+the reference and the reward models live in a `Warm` for the whole run, and new weights go into the running
+engine after each update (`update_round`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+PREPARED_TRAIN = "data/prepared/train.parquet"
+PREPARED_EVAL = "data/prepared/eval.parquet"
+
+
+@dataclass
+class Warm:
+    """Everything loaded once per run."""
+
+    params: Any  # stages.params.Params
+    device: Any  # torch.device
+    sampler: Any  # stages.sample.Sampler
+    trainer: Any  # stages.update.Trainer
+    ref: Any  # the reference policy (fp32, eval mode)
+    rewards: list  # stages.rewards.Reward
+    tokenizer: Any
+    train_prompts: pl.DataFrame
+    eval_prompts: pl.DataFrame | None
+    adv_state: dict | None = None  # the advantage estimator's carried state (stages.advantage)
+    ref_eval: tuple | None = None  # (ref_samples, ref_scores) on the held-out prompts, fixed for the run
+    dist: Any = None  # stages.loop.dist.Dist: this process's rank in the run (one process: SINGLE)
+    eval_order: list = field(default_factory=list)  # every held-out prompt id, in order (eval_prompts: this rank's)
+    timings: dict = field(default_factory=dict)
+
+
+def eval_subset(heldout: pl.DataFrame, n: int) -> pl.DataFrame:
+    """The held-out prompts of the in-training evaluations: the first `train.eval_prompts` (0 = all of them)."""
+    return heldout.head(n) if n else heldout
+
+
+def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_eval: bool = False, dist=None,
+              device: str | None = None) -> Warm:
+    """Load everything a run keeps warm: the trainer (from `checkpoint`'s dirs when resuming, else the base), the
+    reference, the rewards, and the sampler engine (started once on the reference weights; it gets the trainer's
+    weights when resuming). `with_eval` also generates the reference policy's held-out completions once, for the
+    in-training evaluations. With several ranks (`dist`) every rank loads its own copy and engine, on `device`."""
+    from stages.loop.dist import SINGLE
+    from stages.evaluate import generate_one, task_scores
+    from stages.io import read_table
+    from stages.models import load_causal_lm, load_tokenizer
+    from stages.rewards import build_rewards
+    from stages.runtime import setup_torch
+    from stages.sample import make_sampler
+    from stages.schemas import PROMPTS
+    from stages.update import load_trainer
+
+    dist = dist or SINGLE
+    device = setup_torch(device or params.base.device, params.base.threads, params.base.seed)
+    tokenizer = load_tokenizer(params.base.model_dir, "base.model_dir")
+    train_prompts = read_table(PREPARED_TRAIN, PROMPTS)
+    all_eval = eval_subset(read_table(PREPARED_EVAL, PROMPTS), params.train.eval_prompts) if with_eval else None
+    eval_prompts = all_eval[dist.shard(all_eval.height)] if with_eval else None
+    tp = params.train
+    trainer, _ = load_trainer(params, device, tp.checkpoint_dir if checkpoint else None, tp.state_dir, total_rounds,
+                              dist=dist)
+    ref_dir = params.score.ref_model or params.base.model_dir
+    ref_field = "score.ref_model" if params.score.ref_model else "base.model_dir"
+    ref = load_causal_lm(ref_dir, "float32", device, ref_field).eval()
+    rewards = build_rewards(params.score.rewards, device=device, batch_size=params.score.batch_size)
+    sampler = make_sampler(str(ref_dir), params, field=ref_field, device=device)
+    w = Warm(params, device, sampler, trainer, ref, rewards, tokenizer, train_prompts, eval_prompts, dist=dist,
+             eval_order=all_eval["prompt_id"].to_list() if with_eval else [])
+    if with_eval and eval_prompts.height:
+        ref_samples = generate_one(sampler, tokenizer, eval_prompts, params, params.base.seed, 0)
+        w.ref_eval = (ref_samples, task_scores(ref_samples, rewards, eval_prompts))
+    elif with_eval:
+        w.ref_eval = (None, None)  # more ranks than held-out prompts: this one evaluates none
+    if checkpoint is not None:
+        sampler.update_weights(state_dict=trainer.state_dict_for_sampler())
+    return w

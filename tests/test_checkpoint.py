@@ -1,0 +1,161 @@
+"""stages.checkpoint: save and resume continue identically (full and LoRA), the saved LoRA policy is the trained
+model, no code runs from a checkpoint (a real malicious pickle is refused), bad and mismatched checkpoints are one-line
+errors, a full disk leaves the previous checkpoint intact, and staging dirs of a killed writer are cleaned."""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+
+import pytest
+import torch
+from test_update import CPU, lora_params, make_batch, make_params, weights
+
+from conftest import make_tiny_model
+from stages import checkpoint
+from stages.errors import PipelineError
+from stages.update import load_trainer
+
+
+def save(trainer, tmp_path, **meta):
+    return checkpoint.save(trainer, tmp_path / "policy", tmp_path / "state", {"identity": "run-a", **meta})
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_save_and_resume_continue_identically(tiny_model_dir, tmp_path, use_lora):
+    params = lora_params(tiny_model_dir) if use_lora else make_params(tiny_model_dir)
+    a, meta0 = load_trainer(params, CPU)
+    assert meta0 is None
+    batch = make_batch(a, [1.0, -0.5, 0.3, 2.0])
+    a.step(batch)
+    meta = save(a, tmp_path, note="after step 1")
+    assert (tmp_path / "policy" / "config.json").is_file()
+    assert checkpoint.read_meta(tmp_path / "policy") == meta and meta["round"] == 1 and meta["note"] == "after step 1"
+    a.step(batch)
+
+    b, got = load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
+    assert got["checkpoint_id"] == meta["checkpoint_id"] and b.round == 1
+    b.step(batch)
+    assert b.round == a.round == 2
+    wa, wb = weights(a.model), weights(b.model)
+    assert set(wa) == set(wb)
+    for n in wa:
+        torch.testing.assert_close(wb[n], wa[n], rtol=0, atol=1e-6, msg=n)
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert [int(s["step"]) for s in sa.values()] == [int(s["step"]) for s in sb.values()]
+    assert {int(s["step"]) for s in sb.values()} == {2}
+    assert a.scheduler.state_dict() == b.scheduler.state_dict()
+
+
+def test_saved_lora_policy_loads_as_the_trained_model(tiny_model_dir, tmp_path):
+    """What vLLM and evaluate load (a plain model dir) gives the trainer's logits; the base weights did not move."""
+    from transformers import AutoModelForCausalLM
+
+    trainer, _ = load_trainer(lora_params(tiny_model_dir), CPU)
+    trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    trainer.step(make_batch(trainer, [-1.0, 0.5, 2.0, -0.3]))
+    save(trainer, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([trainer.tokenizer("<user> the movie was great <eos> <assistant> i loved it")["input_ids"]])
+    trainer.model.eval()
+    with torch.no_grad():
+        want = trainer.model(input_ids=ids).logits
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        assert (base(input_ids=ids).logits - want).abs().max() > 1e-4  # the adapter is in the saved weights
+    assert (tmp_path / "policy" / "adapter" / "adapter_config.json").is_file()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_state_whose_pickle_runs_code_is_refused(tiny_model_dir, tmp_path):
+    params = make_params(tiny_model_dir)
+    trainer, _ = load_trainer(params, CPU)
+    meta = save(trainer, tmp_path)
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    evil.marker = marker
+    path = checkpoint.state_file(tmp_path / "state", meta["checkpoint_id"])
+    state = trainer.resume_state()
+    state["optimizer"] = evil
+    with open(path, "wb") as fh:  # what torch.save would write, with a payload that calls os.system on load
+        torch.save(state, fh, pickle_module=pickle)
+    with pytest.raises(PipelineError) as exc:
+        load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
+    msg = str(exc.value)
+    assert "\n" not in msg and "refused or unreadable trainer state" in msg and "--restart" in msg
+    assert not marker.exists(), "loading the checkpoint ran code from it"
+
+
+def test_corrupt_or_missing_state_and_bad_metadata_are_one_line_errors(tiny_model_dir, tmp_path):
+    params = make_params(tiny_model_dir)
+    trainer, _ = load_trainer(params, CPU)
+    meta = save(trainer, tmp_path)
+    path = checkpoint.state_file(tmp_path / "state", meta["checkpoint_id"])
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(PipelineError, match="refused or unreadable trainer state"):
+        load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
+    path.unlink()
+    with pytest.raises(PipelineError, match=r"train.state_dir: .* is missing: .* not there"):
+        load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
+    (tmp_path / "policy" / checkpoint.META).write_text("{garbage")
+    with pytest.raises(PipelineError, match=r"checkpoint.json: unreadable checkpoint metadata"):
+        checkpoint.read_meta(tmp_path / "policy")
+    (tmp_path / "policy" / checkpoint.META).unlink()
+    with pytest.raises(PipelineError, match="not empty but holds no checkpoint.json"):
+        checkpoint.read_meta(tmp_path / "policy")
+    assert checkpoint.read_meta(tmp_path / "absent") is None
+
+
+def test_checkpoint_of_a_different_base_is_rejected(tiny_model_dir, tmp_path):
+    other = make_tiny_model(tmp_path / "other", hidden_size=32)
+    trainer, _ = load_trainer(make_params(other), CPU)
+    save(trainer, tmp_path)
+    with pytest.raises(PipelineError, match="checkpoint of a different base model"):
+        load_trainer(make_params(tiny_model_dir), CPU, tmp_path / "policy", tmp_path / "state")
+
+
+def test_a_new_checkpoint_replaces_the_old_pair(tiny_model_dir, tmp_path):
+    trainer, _ = load_trainer(make_params(tiny_model_dir), CPU)
+    first = save(trainer, tmp_path)
+    trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    second = save(trainer, tmp_path)
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [f"state-{second['checkpoint_id']}.pt"]
+    assert first["checkpoint_id"] != second["checkpoint_id"] and second["round"] == 1
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    trainer, _ = load_trainer(make_params(tiny_model_dir), CPU)
+    first = save(trainer, tmp_path)
+    before = (tmp_path / "policy" / "model.safetensors").read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(trainer), "save_model", full)
+    trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    with pytest.raises(PipelineError) as exc:
+        save(trainer, tmp_path)
+    assert "disk full while writing the checkpoint" in str(exc.value) and "\n" not in str(exc.value)
+    assert checkpoint.read_meta(tmp_path / "policy")["checkpoint_id"] == first["checkpoint_id"]
+    assert (tmp_path / "policy" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [f"state-{first['checkpoint_id']}.pt"]
+    assert not list(tmp_path.glob(".policy.tmp-*"))  # no partial checkpoint left behind
+
+
+def test_clean_staging_removes_only_what_a_writer_leaves(tmp_path):
+    (tmp_path / "policy").mkdir()
+    (tmp_path / ".policy.tmp-abc").mkdir()
+    (tmp_path / ".policy.old-def").mkdir()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / ".state-x.pt.tmp").write_bytes(b"x")
+    keep = [tmp_path / "policy", tmp_path / ".other.tmp-1", tmp_path / "notes.txt"]
+    keep[1].mkdir()
+    keep[2].write_text("mine")
+    removed = checkpoint.clean_staging(tmp_path / "policy", tmp_path / "state")
+    assert len(removed) == 3
+    assert all(p.exists() for p in keep)

@@ -1,0 +1,197 @@
+"""One training run over several processes (torchrun, gloo, 2 CPU ranks, the tiny model), docs/design.md §8:
+
+- one round split over 2 ranks equals the same round in one process: the same completions (per-prompt seeds), the same
+  advantages for every estimator (and with whitening), the policy after the update equal within 1e-5 (relative), for
+  DDP and for FSDP;
+- the flow with `train.nproc_per_node: 2` writes the artifacts one process writes (rows, schema), one MLflow run, one
+  Prefect flow run, and records the topology; a kill -9 of one rank stops the run within a bounded time, torchrun names
+  the rank, and the next invocation resumes after the last complete round (with one process, too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from project import PROMPTS, PY, make_project, run, run_env, tiny_params
+from test_resume import SLOW_REWARD
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(PY).parent
+
+
+def _round_dir(tmp: Path, model_dir: Path, strategy: str = "ddp") -> Path:
+    from stages.prepare import prompts_frame, split_prompts
+
+    p = tiny_params(model_dir, tmp)
+    p["base"]["model_dir"] = str(model_dir)
+    p["sample"].update(backend="hf", dtype="float32")
+    p["train"]["prompts_per_round"] = 5  # an odd count: the ranks get 3 and 2 prompts
+    p["update"].update(bf16_autocast=False, strategy=strategy)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(p))
+    train, held_out = split_prompts(PROMPTS, 4, 42)
+    (tmp / "data" / "prepared").mkdir(parents=True)
+    prompts_frame(train, None).write_parquet(tmp / "data" / "prepared" / "train.parquet")
+    prompts_frame(held_out, None).write_parquet(tmp / "data" / "prepared" / "eval.parquet")
+    return tmp
+
+
+def _run_round(cwd: Path, out: str, nproc: int) -> Path:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    script = str(REPO / "tests" / "dist_round.py")
+    cmd = [PY, script] if nproc == 1 else [PY, "-m", "torch.distributed.run", "--standalone",
+                                            f"--nproc_per_node={nproc}", script]
+    proc = subprocess.run([*cmd, out, "params.yaml"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return cwd / out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir):
+    d = _round_dir(tmp_path_factory.mktemp("single"), tiny_model_dir)
+    return _run_round(d, "out", 1)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_round_over_two_ranks_equals_one_process(one_process, tmp_path, tiny_model_dir, strategy):
+    import torch
+    from safetensors.torch import load_file
+
+    two = _run_round(_round_dir(tmp_path, tiny_model_dir, strategy), "out", 2)
+    a, b = pl.read_parquet(one_process / "samples.parquet"), pl.read_parquet(two / "samples.parquet")
+    assert a["prompt_id"].to_list() == b["prompt_id"].to_list() and a["sample_idx"].to_list() == b["sample_idx"].to_list()
+    assert a["completion_token_ids"].to_list() == b["completion_token_ids"].to_list()
+    sa, sb = pl.read_parquet(one_process / "scores.parquet"), pl.read_parquet(two / "scores.parquet")
+    assert sa.columns == sb.columns and sa.height == sb.height == 15
+    assert (sa["rlhf_reward"] - sb["rlhf_reward"]).abs().max() < 1e-6
+    names = sorted(p.stem for p in one_process.glob("adv_*.parquet"))
+    assert len(names) == 12  # 6 estimators, with and without whitening
+    for name in names:
+        x, y = pl.read_parquet(one_process / f"{name}.parquet"), pl.read_parquet(two / f"{name}.parquet")
+        assert x.select("prompt_id", "sample_idx").equals(y.select("prompt_id", "sample_idx"))
+        assert (x["advantage"] - y["advantage"]).abs().max() < 1e-6, name
+        assert (x["baseline"] - y["baseline"]).abs().max() < 1e-6, name
+    wa, wb = load_file(one_process / "weights.safetensors"), load_file(two / "weights.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    for k, v in wa.items():
+        rel = float((v - wb[k]).norm() / wb[k].norm())
+        assert rel < 1e-5, (k, rel)
+        assert not torch.equal(v, base[k])  # the update moved every weight (else the check would be empty)
+
+
+# ---------------------------------------------------------------- the flow over two ranks
+
+def _flow_project(tmp_path, tiny_model_dir, **overrides):
+    proj = make_project(tmp_path, tiny_model_dir, **{"sample.backend": "hf", "train.eval_every": 1,
+                                                     "train.prompts_per_round": 5, **overrides})
+    (proj / "slow_reward.py").write_text(SLOW_REWARD.replace('os.environ.get("SLOW_REWARD_CALL")',
+                                                             'os.environ.get("SLOW_REWARD_CALL" if os.environ.get("RANK", "0") == os.environ.get("SLOW_REWARD_RANK", "0") else "_")'))
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["score"]["rewards"].append({"name": "slow", "function": "slow_reward:score", "weight": 0.0})
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = run_env(tmp_path)
+    run([PY, "-m", "stages.prepare"], proj, env)
+    return proj, env
+
+
+def _flow_runs(prefect_home: Path) -> list[str]:
+    with sqlite3.connect(prefect_home / "prefect.db") as db:
+        return [r[0] for r in db.execute("select fr.name from flow_run fr join flow f on fr.flow_id = f.id "
+                                         "where f.name = 'rloo-train'")]
+
+
+@pytest.mark.slow
+def test_the_flow_over_two_ranks_writes_one_runs_artifacts_and_resumes_after_a_rank_dies(tmp_path, tiny_model_dir):
+    from mlflow.tracking import MlflowClient
+
+    from stages.io import read_table
+    from stages.schemas import ADVANTAGES, SAMPLES, SCORES
+
+    proj, env = _flow_project(tmp_path, tiny_model_dir, **{"train.rounds": 2, "train.nproc_per_node": 2})
+    # one process, into other dirs: the reference for rows and schema
+    ref = yaml.safe_load((proj / "params.yaml").read_text())
+    ref["train"].update(nproc_per_node=1, rounds_dir="data/ref_rounds", checkpoint_dir="models/ref_policy",
+                        state_dir="models/ref_state")
+    ref["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/ref_mlflow.db"
+    (proj / "ref.yaml").write_text(yaml.safe_dump(ref))
+    run([PY, "-m", "flows.train", "--params", "ref.yaml"], proj, env)
+    runs_before = len(_flow_runs(tmp_path / ".prefect"))
+
+    out = run([PY, "-m", "flows.train"], proj, env)  # train.nproc_per_node: 2 -> torchrun, 2 ranks
+    assert "train.nproc_per_node=2: " in out.stdout + out.stderr and "torch.distributed.run" in out.stderr
+    for r in range(2):
+        d, rd = proj / "data" / "rounds" / f"round={r:04d}", proj / "data" / "ref_rounds" / f"round={r:04d}"
+        for name, schema in (("samples", SAMPLES), ("scores", SCORES), ("advantages", ADVANTAGES)):
+            a, b = read_table(d / f"{name}.parquet", schema), read_table(rd / f"{name}.parquet", schema)
+            assert a.schema == b.schema and a.height == b.height == 15, name
+        a, b = pl.read_parquet(d / "samples.parquet"), pl.read_parquet(rd / "samples.parquet")
+        assert a["prompt_id"].to_list() == b["prompt_id"].to_list()
+        if r == 0:  # the same policy samples the same completions
+            assert a["completion_token_ids"].to_list() == b["completion_token_ids"].to_list()
+        m = json.loads((d / "manifest.json").read_text())
+        assert m["world_size"] == 2 and m["backend"] == "gloo" and m["strategy"] == "ddp"
+        assert "eval/win_rate" in m["metrics"] and m["metrics"]["eval/prompts"] == 4
+    assert len(_flow_runs(tmp_path / ".prefect")) == runs_before + 1  # one Prefect flow run, not one per rank
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("rloo-pipeline").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "reward")) == [1, 2]
+
+    # Round 3: rank 1 sleeps in its scoring and is killed; the run stops, torchrun says which rank died.
+    import psutil
+
+    proc = subprocess.Popen([PY, "-m", "flows.train", "--rounds", "3"], cwd=proj, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**env, "SLOW_REWARD_CALL": "2", "SLOW_REWARD_RANK": "1"})
+    try:
+        rank1 = None
+        deadline = time.time() + 300
+        while rank1 is None or not (proj / "data" / "rounds" / "round=0002" / "samples.parquet").exists():
+            assert proc.poll() is None and time.time() < deadline
+            for c in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if c.environ().get("RANK") == "1" and "flows.train" in " ".join(c.cmdline()):
+                        rank1 = c
+                except psutil.Error:
+                    pass
+            time.sleep(0.5)
+        time.sleep(2)
+        t0 = time.time()
+        rank1.send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=180)
+        assert time.time() - t0 < 120, "the surviving rank did not stop in time"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "local_rank: 1" in output or "rank: 1" in output, output[-3000:]
+    assert not (proj / "data" / "rounds" / "round=0002" / "manifest.json").exists()
+
+    # The next invocation resumes after round 2, here with one process (another world size).
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["train"]["nproc_per_node"] = 1
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    resumed = run([PY, "-m", "flows.train", "--rounds", "3"], proj, env)
+    assert "resuming after round 2" in resumed.stdout + resumed.stderr
+    m = json.loads((proj / "data" / "rounds" / "round=0002" / "manifest.json").read_text())
+    assert m["world_size"] == 1 and m["rows"]["samples"] == 15
+
+
+@pytest.mark.slow
+def test_vllm_engine_per_rank(tmp_path, tiny_model_dir):
+    """Each rank runs its own vLLM engine in its process (external_launcher, as TRL's colocate mode)."""
+    proj, env = _flow_project(tmp_path, tiny_model_dir, **{"sample.backend": "vllm", "train.rounds": 1,
+                                                           "train.nproc_per_node": 2, "train.eval_every": 0})
+    run([PY, "-m", "flows.train"], proj, env)
+    m = json.loads((proj / "data" / "rounds" / "round=0000" / "manifest.json").read_text())
+    assert m["world_size"] == 2 and m["rows"]["samples"] == 15
+    s = pl.read_parquet(proj / "data" / "rounds" / "round=0000" / "samples.parquet")
+    assert s["prompt_id"].n_unique() == 5 and s.group_by("prompt_id").len()["len"].to_list() == [3] * 5

@@ -1,0 +1,72 @@
+"""stages.evaluate: the win-rate by hand (ties half), the eval KL (exactly 0 against itself, a direct forward pass's
+logp difference against another reference), the metrics of a table, and the policy/reference pairing by prompt."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from test_score import direct_logp
+
+from conftest import make_samples_table, make_tiny_model
+from stages.evaluate import eval_metrics, evaluate_policy, win_rate
+from stages.models import load_causal_lm, load_tokenizer
+from stages.params import RewardSpec
+from stages.rewards import build_rewards
+
+
+def test_win_rate_by_hand():
+    assert win_rate(np.array([3.0, 2.0, 1.0]), np.array([1.0, 2.0, 0.0])) == pytest.approx(2.5 / 3)  # win, tie, win
+    assert win_rate(np.array([0.0, 0.0]), np.array([1.0, 0.0])) == pytest.approx(0.25)
+    assert np.isnan(win_rate(np.array([]), np.array([])))
+
+
+ROWS = [("e0", 0, "write a short review of a film you liked", "the movie was great and wonderful", "stop"),
+        ("e1", 0, "tell me about the best movie", "a dull film", "length"),
+        ("e2", 0, "what did you think of the music", "i loved every minute of it", "stop")]
+REF_ROWS = [("e0", 0, "write a short review of a film you liked", "a terrible plot", "stop"),
+            ("e1", 0, "tell me about the best movie", "the acting was wonderful and good", "stop"),
+            ("e2", 0, "what did you think of the music", "slow", "length")]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    tok = load_tokenizer(tiny_model_dir)
+    policy = load_causal_lm(tiny_model_dir, "float32", "cpu").eval()
+    other = load_causal_lm(make_tiny_model(tmp_path_factory.mktemp("ref") / "m", seed=1), "float32", "cpu").eval()
+    prompts = pl.DataFrame({"prompt_id": [r[0] for r in ROWS], "prompt": [r[2] for r in ROWS],
+                            "messages": ["[]"] * 3})
+    rewards = build_rewards([RewardSpec(name="len", function="length", kwargs={"min_words": 4})])
+    return tok, policy, other, prompts, rewards
+
+
+def test_eval_kl_is_zero_against_itself_and_a_forward_difference_against_another(setup):
+    tok, policy, other, prompts, rewards = setup
+    pol = make_samples_table(tok, ROWS)
+    ref = make_samples_table(tok, REF_ROWS)
+    ref_scores = np.array([0.1, 0.9, 0.5])
+    table, m = evaluate_policy(pol, ref, ref_scores, rewards, policy, policy, tok, prompts)
+    assert table["kl"].to_list() == [0.0, 0.0, 0.0] and m["kl"] == 0.0
+    table, m = evaluate_policy(pol, ref, ref_scores, rewards, policy, other, tok, prompts)
+    want = []
+    for text, ids in zip(pol["prompt_text"], pol["completion_token_ids"]):
+        p_ids = tok(text, add_special_tokens=False)["input_ids"]
+        want.append(direct_logp(policy, p_ids, list(ids))[0] - direct_logp(other, p_ids, list(ids))[0])
+    assert table["kl"].to_list() == pytest.approx(want, abs=1e-4)
+    assert m["kl"] == pytest.approx(np.mean(want), abs=1e-4) and abs(m["kl"]) > 1e-3
+    # the policy's own completions paired with the reference's of the same prompt, scored by the task reward
+    assert table["ref_completion"].to_list() == [r[3] for r in REF_ROWS]
+    assert table["score"].to_list() == pytest.approx([1.0, 0.75, 1.0])  # words / min_words 4, capped at 1
+    assert table["ref_score"].to_list() == [0.1, 0.9, 0.5]
+    assert m["win_rate"] == pytest.approx(2 / 3) and m["reward"] == pytest.approx(2.75 / 3)
+    assert m["ref_reward"] == pytest.approx(0.5) and m["prompts"] == 3
+
+
+def test_eval_metrics_of_a_table():
+    t = pl.DataFrame({"score": [1.0, 0.0, 0.5, 0.5], "ref_score": [0.0, 0.0, 1.0, 0.5], "kl": [0.1, 0.3, 0.2, 0.0],
+                      "num_tokens": [10, 20, 30, 40], "ref_num_tokens": [5, 5, 5, 5]})
+    m = eval_metrics(t)
+    assert m["win_rate"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4) and m["kl"] == pytest.approx(0.15)
+    assert (m["mean_length"], m["ref_mean_length"], m["prompts"]) == (25.0, 5.0, 4)
+    assert torch.isclose(torch.tensor(m["reward"]), torch.tensor(0.5))

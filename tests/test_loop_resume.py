@@ -1,0 +1,243 @@
+"""stages.loop.resume: the resume plan on synthetic run directories (manifests + checkpoint metadata, no weights):
+continue, re-do after the checkpoint, repair a manifest from the checkpoint, move another run aside, and refuse every
+inconsistent state with one line; nothing outside the run's own round dirs is removed. Also the run identity and the
+output-dir checks of the params, and `round_prompts`."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from conftest import repo_params, repo_params_data
+from stages import checkpoint
+from stages.errors import PipelineError
+from stages.io import write_json, write_table
+from stages.loop.resume import MANIFEST, apply_plan, file_record, plan_resume, round_dir, round_prompts
+from stages.loop.writer import manifest_for
+from stages.params import parse_params
+
+ID = "run-a"
+
+
+@pytest.fixture
+def params(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return repo_params()
+
+
+def write_round(tp, r, identity=ID, *, manifest=True, ckpt=True, ema=None):
+    d = round_dir(tp.rounds_dir, r)
+    df = pl.DataFrame({"prompt_id": [f"p{r}"], "x": [float(r)]})
+    write_table(df, d / "samples.parquet")
+    m = manifest_for(r, identity, "h", {"samples.parquet": file_record(d / "samples.parquet", 1)}, {"reward": r},
+                     {"estimator": "ema", "ema": ema if ema is not None else float(r)}, None) | {"checkpoint": ckpt}
+    if manifest:
+        write_json(m, d / MANIFEST)
+    return m
+
+
+def write_checkpoint(tp, rnd, identity=ID, manifest=None):
+    meta = {"format": checkpoint.FORMAT, "checkpoint_id": f"c{rnd}", "round": rnd, "identity": identity,
+            "base_id": "b", "lora": False, "manifest": manifest}
+    write_json(meta, f"{tp.checkpoint_dir}/{checkpoint.META}")
+
+
+def one_line(exc) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_fresh_start(params):
+    plan = plan_resume(params, ID)
+    assert plan.start == 0 and plan.checkpoint is None and plan.superseded is None
+
+
+def test_continue_after_the_checkpoint(params):
+    tp = params.train
+    ms = [write_round(tp, r) for r in range(3)]
+    write_checkpoint(tp, 3)
+    round_dir(tp.rounds_dir, 3).mkdir()  # a partial round (killed mid-round): no manifest
+    (round_dir(tp.rounds_dir, 3) / "samples.parquet").write_bytes(b"half")
+    plan = plan_resume(params, ID)
+    assert plan.start == 3 and [m["round"] for m in plan.done] == [0, 1, 2] and plan.done[-1] == ms[-1]
+    assert plan.stale == [round_dir(tp.rounds_dir, 3)]
+    (tp_dir := round_dir(tp.rounds_dir, 0).parent / "notes.txt").write_text("mine")
+    apply_plan(plan, params)
+    assert not round_dir(tp.rounds_dir, 3).exists() and round_dir(tp.rounds_dir, 2).is_dir()
+    assert tp_dir.read_text() == "mine"  # not a round dir: never touched
+
+
+def test_rounds_after_the_last_checkpoint_are_redone(params):
+    tp = params.train
+    write_round(tp, 0, ckpt=False)
+    write_round(tp, 1, ckpt=True)
+    write_round(tp, 2, ckpt=False)  # update.save_every = 2: round 3 wrote no checkpoint
+    write_checkpoint(tp, 2)
+    plan = plan_resume(params, ID)
+    assert plan.start == 2 and plan.stale == [round_dir(tp.rounds_dir, 2)]
+
+
+def test_manifest_repaired_from_the_checkpoint(params):
+    """Killed between the checkpoint and the manifest of round 3: the checkpoint carries that manifest, with the
+    carried EMA baseline the next round needs."""
+    tp = params.train
+    write_round(tp, 0)
+    write_round(tp, 1)
+    lost = write_round(tp, 2, manifest=False, ema=0.125)
+    write_checkpoint(tp, 3, manifest=lost)
+    plan = plan_resume(params, ID)
+    assert plan.start == 3 and plan.repair == lost and plan.done[-1]["advantage_state"]["ema"] == 0.125
+    apply_plan(plan, params)
+    assert json.loads((round_dir(tp.rounds_dir, 2) / MANIFEST).read_text()) == lost
+    assert plan_resume(params, ID).start == 3 and plan_resume(params, ID).repair is None
+
+
+def test_removed_checkpoint_is_refused_not_a_reason_to_delete(params):
+    tp = params.train
+    for r in range(2):
+        write_round(tp, r)
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert "wrote a checkpoint, but the checkpoint is missing" in one_line(exc) and "--restart" in str(exc.value)
+    assert all((round_dir(tp.rounds_dir, r) / MANIFEST).is_file() for r in range(2))
+
+
+@pytest.mark.parametrize("content,phrase", [("{}", "manifest lacks round, identity, artifacts, metrics"),
+                                            ("{garbage", "unreadable manifest")])
+def test_a_broken_manifest_is_refused(params, content, phrase):
+    tp = params.train
+    write_round(tp, 0)
+    write_round(tp, 1)
+    write_checkpoint(tp, 2)
+    (round_dir(tp.rounds_dir, 1) / MANIFEST).write_text(content)
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert phrase in one_line(exc) and str(round_dir(tp.rounds_dir, 1) / MANIFEST) in str(exc.value)
+
+
+def test_checkpoint_ahead_of_the_rounds_is_refused(params):
+    tp = params.train
+    write_round(tp, 0)
+    write_checkpoint(tp, 3)
+    with pytest.raises(PipelineError, match=r"the checkpoint is at round 3 but only 1 rounds are complete"):
+        plan_resume(params, ID)
+
+
+def test_rounds_of_two_runs_are_refused(params):
+    tp = params.train
+    write_round(tp, 0)
+    write_round(tp, 1, identity="run-b")
+    with pytest.raises(PipelineError, match=r"more than one run"):
+        plan_resume(params, ID)
+
+
+def test_a_gap_in_the_manifests_is_refused(params):
+    tp = params.train
+    write_round(tp, 0)
+    write_round(tp, 1, manifest=False)
+    write_round(tp, 2)
+    with pytest.raises(PipelineError, match=r"round 2 has no manifest but later rounds do"):
+        plan_resume(params, ID)
+
+
+def test_a_damaged_artifact_is_named(params):
+    tp = params.train
+    write_round(tp, 0)
+    write_round(tp, 1)
+    write_checkpoint(tp, 2)
+    path = round_dir(tp.rounds_dir, 0) / "samples.parquet"
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert f"{path} has" in one_line(exc) and "round 1 is damaged" in str(exc.value)
+
+
+def test_another_run_is_moved_aside_whole(params, tmp_path):
+    tp = params.train
+    for r in range(2):
+        write_round(tp, r, identity="old")
+    write_checkpoint(tp, 2, identity="old")
+    (tmp_path / tp.state_dir).mkdir(parents=True)
+    (tmp_path / tp.state_dir / "state-c2.pt").write_bytes(b"s")
+    plan = plan_resume(params, ID)
+    assert plan.start == 0 and plan.superseded == {"identity": "old", "rounds": 2, "restart": False}
+    apply_plan(plan, params)
+    (dest,) = (tmp_path / tp.archive_dir).iterdir()
+    assert dest.name.endswith("-old")
+    assert (dest / "rounds" / "round=0001" / MANIFEST).is_file() and (dest / "policy" / checkpoint.META).is_file()
+    assert (dest / "state" / "state-c2.pt").read_bytes() == b"s"
+    assert not (tmp_path / tp.rounds_dir).exists() and plan_resume(params, ID).start == 0
+
+
+def test_restart_moves_this_run_aside(params, tmp_path):
+    tp = params.train
+    write_round(tp, 0)
+    write_checkpoint(tp, 1)
+    plan = plan_resume(params, ID, restart=True)
+    assert plan.start == 0 and plan.superseded["restart"]
+    apply_plan(plan, params)
+    assert len(list((tmp_path / tp.archive_dir).iterdir())) == 1
+
+
+# ---------------------------------------------------------------- identity, output dirs, round prompts
+
+
+def test_identity_ignores_outputs_rounds_and_speed_knobs_but_not_the_training():
+    base = repo_params().identity()
+    same = {"train": {"rounds": 99, "rounds_dir": "x/r", "checkpoint_dir": "x/p", "state_dir": "x/s", "archive_dir": "x/a",
+                      "eval_every": 3, "async_checkpoint": False},
+            "base": {"threads": 1}, "score": {"batch_size": 3}, "update": {"micro_batch_size": 4, "save_every": 5},
+            "mlflow": {"experiment": "other"}, "evaluate": {"num_examples": 1}}
+    assert repo_params(**same).identity() == base
+    for change in ({"update": {"learning_rate": 1e-4}}, {"sample": {"k": 3}}, {"advantage": {"estimator": "ema"}},
+                   {"train": {"prompts_per_round": 3}}, {"base": {"seed": 1}}, {"score": {"beta": 0.5}}):
+        assert repo_params(**change).identity() != base, change
+
+
+@pytest.mark.parametrize("field,value,phrase", [
+    ("rounds_dir", "data", "holds prepare.prompts"),
+    ("rounds_dir", ".", "is the working directory or above it"),
+    ("rounds_dir", "..", "is the working directory or above it"),
+    ("checkpoint_dir", "models", "holds base.model_dir"),
+    ("archive_dir", "data/prepared", "holds data/prepared"),
+    ("state_dir", "models/policy/state", "holds train.state_dir"),  # reported on the enclosing checkpoint_dir
+    ("rounds_dir", "data/archive/r", "holds train.rounds_dir"),
+])
+def test_output_dirs_must_be_dedicated(field, value, phrase):
+    data = repo_params_data(train={field: value})
+    with pytest.raises(PipelineError) as exc:
+        parse_params(data, "p.yaml")
+    assert phrase in one_line(exc) and "train." in str(exc.value)
+
+
+def test_round_prompts_cover_the_split_without_repeats_within_a_round_or_an_epoch():
+    train = pl.DataFrame({"prompt_id": [f"p{i}" for i in range(10)]})
+    rounds = [round_prompts(train, r, 3, 7)["prompt_id"].to_list() for r in range(12)]
+    assert all(len(set(ids)) == 3 for ids in rounds)
+    first_epoch = [p for ids in rounds[:3] for p in ids]
+    assert len(set(first_epoch)) == 9  # rounds 1-3 are 9 distinct prompts of the first shuffle
+    assert rounds[0] != rounds[1] and rounds == [round_prompts(train, r, 3, 7)["prompt_id"].to_list() for r in range(12)]
+    assert round_prompts(train, 0, 3, 8)["prompt_id"].to_list() != rounds[0]  # the seed matters
+
+
+def test_in_training_evaluation_uses_the_first_eval_prompts_or_all():
+    from stages.loop.warm import eval_subset
+
+    heldout = pl.DataFrame({"prompt_id": [f"e{i}" for i in range(5)]})
+    assert eval_subset(heldout, 0)["prompt_id"].to_list() == heldout["prompt_id"].to_list()
+    assert eval_subset(heldout, 2)["prompt_id"].to_list() == ["e0", "e1"]
+
+
+def test_prompts_added_to_a_running_job_come_first_then_the_least_recently_trained():
+    train = pl.DataFrame({"prompt_id": [f"p{i}" for i in range(6)]})
+    history = [round_prompts(train, r, 2, 7)["prompt_id"].to_list() for r in range(2)]  # rounds 0 and 1
+    untrained = {p for p in train["prompt_id"] if p not in history[0] + history[1]} | {"new"}
+    grown = pl.concat([train, pl.DataFrame({"prompt_id": ["new"]})])
+    third = round_prompts(grown, 2, 2, 7, history)["prompt_id"].to_list()
+    assert set(third) < untrained  # 2 of the 3 never-trained prompts, none trained before
+    fourth = round_prompts(grown, 3, 2, 7, history + [third])["prompt_id"].to_list()
+    assert set(fourth) - set(history[0]) == untrained - set(third)  # the last untrained one ...
+    assert len(set(fourth) & set(history[0])) == 1  # ... and one of round 0's, the least recently trained

@@ -1,0 +1,109 @@
+"""The precision choices of the scoring path, pinned (docs/design.md §7; the tolerances the README states):
+
+- the default path (shared prompts, fp32) gives each sequence's KL within 1e-3 nats of a plain fp32 forward pass
+  (tiny model here, fast; the real SmolLM2 on sampled completions in the slow test);
+- skipping the policy pass (an fp32 sampler's logprobs as logp_policy) changes the advantages by less than
+  beta x 1e-3;
+- the bf16 option's error, measured on the real model, stays within what the docs state (mean |KL error| < 0.5 nats).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from conftest import repo_params
+from stages.advantage import compute_advantages
+from stages.logprobs import sequence_logprobs, token_logprobs
+from stages.models import load_causal_lm, load_tokenizer
+from stages.rewards import build_rewards
+from stages.sample import generation_config, make_sampler, sample_prompts
+from stages.score import completion_inputs, score_samples
+
+TOL_KL = 1e-3
+
+
+def plain_fp32(model, prompts, completions, pad):
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for p, c in zip(prompts, completions):
+            lp, _, _ = token_logprobs(model, [p], [c], pad)
+            out.append(float(lp.double().sum()))
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_round(tiny_model_dir, tmp_path_factory):
+    from conftest import make_tiny_model
+    from stages.prepare import prompts_frame
+
+    params = repo_params(base={"model_dir": str(tiny_model_dir)},
+                         sample={"backend": "hf", "dtype": "float32", "k": 4, "max_completion_length": 8,
+                                 "max_model_len": 128})
+    tok = load_tokenizer(tiny_model_dir)
+    prompts = prompts_frame(["write a short review of a film you liked", "tell me about the best movie you have seen",
+                             "what did you think of the music and the cast"], None)
+    sampler = make_sampler(str(tiny_model_dir), params, backend="hf")
+    samples, _ = sample_prompts(sampler, tok, prompts, generation_config(params.sample), 7, 0, 0, 128)
+    sampler.close()
+    policy = load_causal_lm(tiny_model_dir, "float32", "cpu").eval()
+    ref = load_causal_lm(make_tiny_model(tmp_path_factory.mktemp("ref") / "m", seed=3), "float32", "cpu").eval()
+    return params, tok, samples, policy, ref, prompts
+
+
+def test_default_scoring_path_kl_equals_a_plain_fp32_pass(tiny_round):
+    params, tok, samples, policy, ref, _ = tiny_round
+    assert params.base.share_prompts and params.score.dtype == "float32"  # the defaults this test pins
+    p, c = completion_inputs(samples, tok)
+    pad = tok.pad_token_id
+    got = np.array(sequence_logprobs(policy, p, c, pad, 5)[0]) - np.array(sequence_logprobs(ref, p, c, pad, 5)[0])
+    want = plain_fp32(policy, p, c, pad) - plain_fp32(ref, p, c, pad)
+    assert np.abs(got - want).max() < TOL_KL and np.abs(want).max() > 0.01
+
+
+def test_skipping_the_policy_pass_leaves_the_advantages(tiny_round):
+    params, tok, samples, policy, ref, prompts = tiny_round
+    rewards = build_rewards(params.score.rewards)
+    from_sampler = [float(sum(x)) for x in samples["sampler_logprobs"]]
+    a, _ = score_samples(samples, rewards, policy, ref, tok, params.score, prompts, logp_policy=from_sampler)
+    b, _ = score_samples(samples, rewards, policy, ref, tok, params.score, prompts)
+    assert np.abs(a["logp_policy"].to_numpy() - b["logp_policy"].to_numpy()).max() < TOL_KL
+    for est in ("rloo", "grpo", "batch_mean"):
+        ap = params.advantage.model_copy(update={"estimator": est})
+        xa, _, _ = compute_advantages(a, ap)
+        xb, _, _ = compute_advantages(b, ap)
+        assert (xa["advantage"] - xb["advantage"]).abs().max() < params.score.beta * TOL_KL * (10 if est == "grpo" else 1)
+
+
+@pytest.mark.slow
+def test_real_model_kl_precision(base_model_dir, vllm_sampler):
+    """SmolLM2 on its own fp32 completions of real prompts, against a perturbed copy as the policy (KL ~ 0.1-1)."""
+    import torch
+
+    from stages.io import read_table  # noqa: F401
+    from stages.prepare import prompts_frame
+
+    params = repo_params(sample={"dtype": "float32"})
+    tok = load_tokenizer(base_model_dir)
+    prompts = prompts_frame(["Write a short review of The Last Lighthouse, a new drama.",
+                             "Complete this review: \"The soundtrack of Midnight Harbor was",
+                             "Write the next sentences of this review: \"I expected little from Paper Moons, but"], None)
+    samples, _ = sample_prompts(vllm_sampler, tok, prompts, generation_config(params.sample), 5, 0, 0, 512)
+    ref = load_causal_lm(base_model_dir, "float32", "cpu").eval()
+    policy = load_causal_lm(base_model_dir, "float32", "cpu").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for prm in policy.parameters():
+            prm.add_(torch.randn(prm.shape, generator=g) * 2e-3 * prm.abs().mean())
+    p, c = completion_inputs(samples, tok)
+    pad = tok.pad_token_id
+    want = plain_fp32(policy, p, c, pad) - plain_fp32(ref, p, c, pad)
+    got = np.array(sequence_logprobs(policy, p, c, pad)[0]) - np.array(sequence_logprobs(ref, p, c, pad)[0])
+    assert np.abs(got - want).max() < TOL_KL, np.abs(got - want).max()
+    bf16 = (np.array(sequence_logprobs(policy, p, c, pad, dtype="bfloat16")[0])
+            - np.array(sequence_logprobs(ref, p, c, pad, dtype="bfloat16")[0]))
+    assert np.abs(bf16 - want).mean() < 0.5
+    assert pl.Series(want).abs().mean() > 0.01  # a KL that the check can see

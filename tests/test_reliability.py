@@ -1,0 +1,143 @@
+"""Hostile and unlucky users, with real processes on a tiny project: one run per checkout (two real processes), a
+damaged round or model file refused with one line naming it (flow, report, evaluate), the temporary Prefect server
+gone with a killed flow, `--rounds` checked, and an inconsistent state refused without deleting anything."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from project import BIN, PY, make_project, run, run_env
+from test_resume import SLOW_REWARD
+
+pytestmark = pytest.mark.slow
+ROUNDS = 2
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """A tiny project with a finished 2-round run and its evaluation (the tests copy it before they damage it)."""
+    root = tmp_path_factory.mktemp("rel")
+    proj = make_project(root, tiny_model_dir, **{"train.rounds": ROUNDS, "train.eval_every": 0})
+    (proj / "slow_reward.py").write_text(SLOW_REWARD)
+    import yaml
+
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["score"]["rewards"].append({"name": "slow", "function": "slow_reward:score", "weight": 0.0})
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = run_env(root)
+    run([str(BIN / "dvc"), "repro"], proj, env)
+    return root, proj, env
+
+
+@pytest.fixture
+def copy(trained, tmp_path):
+    root, proj, env = trained
+    dest = tmp_path / "project"
+    shutil.copytree(proj, dest, symlinks=True)
+    return dest, run_env(tmp_path)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *parts: str) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-3000:]
+    for p in parts:
+        assert p in last, last
+    return last
+
+
+def files_of(proj: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(proj)): p.read_bytes() for d in ("data/rounds", "models/policy")
+            for p in sorted((proj / d).rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_in_the_checkout_is_refused_at_once(copy):
+    proj, env = copy
+    before = files_of(proj)
+    # The first run sleeps inside its round-3 scoring (the reward's 1st call of that process) and holds the lock.
+    first = subprocess.Popen([PY, "-m", "flows.train", "--rounds", "3"], cwd=proj, env={**env, "SLOW_REWARD_CALL": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (proj / "data" / "rounds" / "round=0002" / "samples.parquet").exists():
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.3)
+        t0 = time.time()
+        # a second run with other params would start clean and move the first one's rounds away
+        second = run([PY, "-m", "flows.train", "--params", "params.yaml", "--rounds", "4"], proj,
+                     env, check=False)
+        line = one_line_error(second, "another run holds this checkout's lock", f"pid {first.pid}", "flows.train")
+        assert time.time() - t0 < 60 and "since 20" in line
+        repro = run([str(BIN / "dvc"), "repro", "train"], proj, env, check=False)  # dvc repro goes through it too
+        assert repro.returncode != 0 and "another run holds this checkout's lock" in repro.stdout + repro.stderr
+        for name, data in before.items():  # the first run's completed rounds are untouched
+            if name.startswith("data/rounds/round=000"):
+                assert (proj / name).read_bytes() == data, name
+
+        # Kill only the flow's process: its temporary Prefect server goes with it, and the lock is free at once.
+        import psutil
+
+        children = [c for c in psutil.Process(first.pid).children(recursive=True) if "uvicorn" in " ".join(c.cmdline())]
+        assert children, "the flow runs against its own temporary Prefect server"
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"the temporary Prefect server outlived the killed flow: {alive}"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    resumed = run([PY, "-m", "flows.train", "--rounds", "3"], proj, env)
+    assert "resuming after round 2" in resumed.stdout + resumed.stderr
+
+
+def test_a_truncated_round_is_refused_by_the_flow_and_the_report(copy):
+    proj, env = copy
+    path = proj / "data" / "rounds" / "round=0000" / "samples.parquet"
+    path.write_bytes(path.read_bytes()[:-100])
+    before = files_of(proj)
+    one_line_error(run([PY, "-m", "flows.train", "--rounds", "3"], proj, env, check=False),
+                   "data/rounds/round=0000/samples.parquet", "round 1 is damaged")
+    one_line_error(run([PY, "-m", "stages.report"], proj, env, check=False),
+                   "data/rounds/round=0000/samples.parquet", "round 1 is damaged")
+    assert files_of(proj) == before  # nothing deleted, nothing rewritten
+    status = run([str(BIN / "dvc"), "status"], proj, env)
+    assert "train" in status.stdout  # DVC sees the damage too; the lock file still records the good file
+
+
+def test_a_truncated_policy_file_is_named_by_its_field(copy):
+    proj, env = copy
+    weights = proj / "models" / "policy" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    one_line_error(run([PY, "-m", "stages.evaluate"], proj, env, check=False), "train.checkpoint_dir")
+    one_line_error(run([PY, "-m", "flows.train", "--rounds", "3"], proj, env, check=False), "train.checkpoint_dir")
+
+
+def test_a_removed_checkpoint_and_an_emptied_manifest_are_refused_without_deleting(copy):
+    proj, env = copy
+    manifest = proj / "data" / "rounds" / "round=0001" / "manifest.json"
+    manifest.write_text("{}")
+    before = files_of(proj)
+    one_line_error(run([PY, "-m", "flows.train"], proj, env, check=False), "manifest lacks", "--restart")
+    assert files_of(proj) == before
+    manifest.unlink()
+    shutil.rmtree(proj / "models" / "policy")
+    before = files_of(proj)
+    one_line_error(run([PY, "-m", "flows.train"], proj, env, check=False), "checkpoint is missing", "--restart")
+    assert files_of(proj) == before
+    out = run([PY, "-m", "flows.train", "--restart"], proj, env)  # the documented way out keeps the old run
+    assert "moved to data/archive/" in out.stdout + out.stderr
+    (archived,) = (proj / "data" / "archive").iterdir()
+    assert (archived / "rounds" / "round=0000" / "manifest.json").is_file()
+
+
+def test_rounds_must_be_positive(copy):
+    proj, env = copy
+    one_line_error(run([PY, "-m", "flows.train", "--rounds", "-1"], proj, env, check=False), "--rounds: must be >= 1")

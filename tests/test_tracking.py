@@ -1,0 +1,60 @@
+"""stages.tracking on a real MLflow store (sqlite in tmp_path): params, tags and per-round metrics at step = round;
+a resumed training run re-opens the same MLflow run; a failed run is marked FAILED."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from conftest import repo_params
+from stages import tracking
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _round_tables():
+    keys = {"prompt_id": ["a", "a"], "sample_idx": [0, 1]}
+    return (pl.DataFrame({**keys, "completion": ["x", "y"], "num_tokens": [1, 2]}),
+            pl.DataFrame({**keys, "score": [0.5, 0.25], "kl": [0.0, 0.1]}),
+            pl.DataFrame({**keys, "advantage": [0.25, -0.25]}))
+
+
+def test_steps_params_tags_and_a_resumed_run(store):
+    params = repo_params()
+    run = tracking.start_run(params, "ident", topology={"world_size": 2, "backend": "gloo", "strategy": None})
+    run_id = run.info.run_id
+    samples, scores, advs = _round_tables()
+    tracking.log_round({"reward": 0.1, "kl": 0.0, "note": "text is skipped"}, step=1, samples=samples, scores=scores,
+                       advantages=advs, n=1)
+    tracking.log_round({"reward": 0.2}, step=2)
+    tracking.finish_run(None, [{"reward": 0.1}, {"reward": 0.2}], failed=True)  # killed: FAILED
+    r = store.get_run(run_id)
+    assert r.info.status == "FAILED"
+    assert r.data.params["update.learning_rate"] == str(params.update.learning_rate)
+    assert r.data.tags["identity"] == "ident" and r.data.tags["world_size"] == "2" and "strategy" not in r.data.tags
+    # the resumed training run re-opens the same MLflow run and goes on at the next step
+    again = tracking.start_run(params, "ident", resume_id=run_id)
+    assert again.info.run_id == run_id
+    tracking.log_round({"reward": 0.3}, step=3)
+    tracking.finish_run({"reward": 0.3}, [{"reward": 0.1}, {"reward": 0.2}, {"reward": 0.3}])
+    r = store.get_run(run_id)
+    assert r.info.status == "FINISHED"
+    hist = sorted((m.step, m.value) for m in store.get_metric_history(run_id, "reward"))
+    assert hist == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert [a.path for a in store.list_artifacts(run_id, "completions")] == ["completions/round_0001.json"]
+    exp = store.get_experiment(r.info.experiment_id)
+    assert exp.name == params.mlflow.experiment and len(store.search_runs([exp.experiment_id])) == 1
+
+
+def test_an_unknown_run_id_starts_a_new_run(store):
+    run = tracking.start_run(repo_params(), "ident", resume_id="0" * 32)
+    assert run.info.run_id != "0" * 32
+    tracking.finish_run(None, [])
+    assert store.get_run(run.info.run_id).info.status == "FINISHED"
