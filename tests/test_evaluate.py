@@ -65,8 +65,13 @@ def test_eval_kl_is_zero_against_itself_and_a_forward_difference_against_another
 
 def test_eval_metrics_of_a_table():
     t = pl.DataFrame({"score": [1.0, 0.0, 0.5, 0.5], "ref_score": [0.0, 0.0, 1.0, 0.5], "kl": [0.1, 0.3, 0.2, 0.0],
-                      "num_tokens": [10, 20, 30, 40], "ref_num_tokens": [5, 5, 5, 5]})
+                      "num_tokens": [10, 20, 30, 40], "ref_num_tokens": [5, 5, 5, 5],
+                      # policy bigrams: (a b) (b c) | (a b) (b c) | (a b) | -  -> 2 distinct of 5
+                      # reference: (x y) | (y z) | (x y) (y x) | (no reference completion) -> 3 distinct of 4
+                      "completion": ["a b c", "A b c", "a b", "a"], "ref_completion": ["x y", "y z", "x y x", None]})
     m = eval_metrics(t)
+    assert (m["distinct_2"], m["ref_distinct_2"]) == (pytest.approx(2 / 5), pytest.approx(3 / 4))
+    assert m["distinct_2_ratio"] == pytest.approx((2 / 5) / (3 / 4))
     assert m["win_rate"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4) and m["kl"] == pytest.approx(0.15)
     assert (m["mean_length"], m["ref_mean_length"], m["prompts"]) == (25.0, 5.0, 4)
     assert torch.isclose(torch.tensor(m["reward"]), torch.tensor(0.5))

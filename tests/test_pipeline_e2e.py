@@ -145,12 +145,13 @@ def test_the_dvc_cache_holds_the_policy_not_the_optimizer_state(repro):
     stages = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
     outs = [o["path"] for st in stages.values() for o in st.get("outs", [])]
     assert "models/policy" in outs and not [o for o in outs if "trainer_state" in o or "state-" in o], outs
-    cache = sum(f.stat().st_size for f in (proj / ".dvc" / "cache").rglob("*") if f.is_file())
-    state = sum(f.stat().st_size for f in (proj / "models" / "trainer_state").rglob("*") if f.is_file())
+    cached = sorted(f.stat().st_size for f in (proj / ".dvc" / "cache").rglob("*") if f.is_file())
+    state = max(f.stat().st_size for f in (proj / "models" / "trainer_state").rglob("*") if f.is_file())
     policy = (proj / "models" / "policy" / "model.safetensors").stat().st_size
-    assert state > policy  # the optimizer state is the larger part, and it is not in the cache
-    base = (proj / "models" / "base" / "model.safetensors").stat().st_size
-    assert cache < 3 * (policy + base)  # base + a policy or two (experiments) + small files, no optimizer state
+    assert state > 1.8 * policy  # AdamW's two moments: the optimizer state is twice the weights
+    # the cache holds weights (base, the policy of each run and experiment) and small files, nothing state-sized;
+    # how many policies depends on how many experiments the module's tests ran, so count no totals
+    assert cached[-1] < 0.9 * state and cached.count(policy) >= 1, (cached[-5:], state)
 
 
 def test_push_to_a_remote_and_pull_into_another_clone(repro, tmp_path):

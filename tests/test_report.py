@@ -93,7 +93,8 @@ def test_html_is_self_contained_with_plots_and_examples(run_dir):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
     text = re.sub(r"base64,[A-Za-z0-9+/=]+", "base64,", page)  # a payload may spell anything
     assert "http" not in text and "cdn" not in text.lower()
-    assert page.count('<img alt="') == 3 and '<img alt="reward" src="data:image/png;base64,iVBOR' in page
+    assert re.findall(r'<img alt="(\w+)" src="data:image/png;base64,iVBOR', page) == ["reward", "win_rate",
+                                                                                       "reward_gain", "kl"]
     for text in ("BEST-p0 the movie was great", "BEST-p1 wonderful acting", "WORST-p1 terrible"):
         assert text in page
     assert "middle p0" not in page  # only best and worst
