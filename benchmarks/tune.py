@@ -3,6 +3,7 @@ evaluated on the whole held-out set with the evaluate stage's metrics (win-rate 
 paired-bootstrap intervals, KL, distinct-2 against the reference's, length).
 
     python benchmarks/tune.py --rounds 20 --grid update.learning_rate=1e-5,2e-5 score.beta=0.02,0.05 [--eval-every 5]
+    python benchmarks/tune.py --rounds 16 --grid update.learning_rate=1e-5 score.beta=0.05 + update.learning_rate=2e-5 score.beta=0.1
 
 Every setting of the grid starts from the base weights with a fresh optimizer (the engine gets the base weights
 pushed in, no restart), runs `--rounds` rounds of the loop's own steps with params.yaml plus the setting, and is
@@ -14,7 +15,6 @@ setting and evaluation) and tune.md (the table the README quotes). Needs `dvc re
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import itertools
 import json
@@ -29,12 +29,28 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def parse_grid(items: list[str]) -> list[dict]:
-    """["a.b=1,2", "c.d=x"] -> every combination as {"a.b": 1, "c.d": "x"} (values parsed as YAML scalars)."""
-    axes = []
+    """["a.b=1,2", "c.d=x"] -> every combination as {"a.b": 1, "c.d": "x"} (values parsed as YAML scalars); a "+"
+    item starts another grid, whose combinations are added: ["a.b=1,2", "+", "a.b=3", "c.d=y"]."""
+    groups, settings = [[]], []
     for item in items:
-        key, _, values = item.partition("=")
-        axes.append([(key, _scalar(v)) for v in values.split(",")])
-    return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+        if item == "+":
+            groups.append([])
+        else:
+            key, _, values = item.partition("=")
+            groups[-1].append([(key, _scalar(v)) for v in values.split(",")])
+    for axes in groups:
+        settings += [dict(combo) for combo in itertools.product(*axes) if dict(combo) not in settings]
+    return settings
+
+
+def setting_key(params, rounds: int, eval_every: int) -> str:
+    """A setting's identity: the effective params it trains with (params.yaml plus the setting, so comments or a
+    field the setting overrides do not count), the rounds and the evaluation schedule."""
+    d = params.model_dump()
+    for k in ("rounds", "eval_every", "eval_prompts", "rounds_dir", "checkpoint_dir", "async_checkpoint"):
+        d["train"].pop(k, None)
+    d.pop("mlflow", None)
+    return hashlib.sha1(json.dumps([d, rounds, eval_every], sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _scalar(text: str):
@@ -51,18 +67,12 @@ def _scalar(text: str):
 
 
 def run_setting(w, base_sd: dict, params, rounds: int, eval_every: int, bar) -> list[dict]:
-    import torch
+    from sweep_baselines import reset
 
     from stages.loop import steps
     from stages.loop.resume import round_prompts
-    from stages.update import Trainer
 
-    w.trainer = None
-    gc.collect()
-    torch.manual_seed(params.base.seed)
-    w.trainer = Trainer(params.base.model_dir, params, w.device, total_rounds=rounds)
-    w.params, w.adv_state = params, None
-    w.sampler.update_weights(state_dict=base_sd)
+    reset(w, params, rounds, base_sd)  # base weights, a new optimizer, the engine back on the base weights
     rows, seen, t0 = [], [], time.perf_counter()
     for r in range(rounds):
         prompts = round_prompts(w.train_prompts, r, params.train.prompts_per_round, params.base.seed, seen)
@@ -94,7 +104,14 @@ def markdown(df, meta: dict) -> str:
         lines.append(f"| {r['setting']} | {r['win_rate']:.3f} [{r['win_rate_ci95_low']:.3f}, {r['win_rate_ci95_high']:.3f}] "
                      f"| {r['reward_gain']:+.3f} [{r['reward_gain_ci95_low']:+.3f}, {r['reward_gain_ci95_high']:+.3f}] "
                      f"| {r['kl']:.2f} | {r['distinct_2_ratio']:.2f} | {r['mean_length']:.1f} | {r['train_reward']:.3f} |")
-    del pl
+    rounds = sorted(set(df["round"].to_list()))
+    lines += ["", "Held-out win-rate [95 % CI] and KL after each evaluated round:", "",
+              "| setting | " + " | ".join(f"round {r}" for r in rounds) + " |", "|---|" + "---|" * len(rounds)]
+    for name in last["setting"].to_list():
+        by = {r["round"]: r for r in df.filter(pl.col("setting") == name).iter_rows(named=True)}
+        lines.append(f"| {name} | " + " | ".join(
+            f"{by[r]['win_rate']:.2f} [{by[r]['win_rate_ci95_low']:.2f}, {by[r]['win_rate_ci95_high']:.2f}], KL {by[r]['kl']:.1f}"
+            if r in by else "-" for r in rounds) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--grid", nargs="*", default=[], help="section.field=v1,v2 ... (every combination runs)")
+    ap.add_argument("--grid", nargs="*", default=[], help="section.field=v1,v2 ... (every combination runs; '+' starts another grid)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     os.chdir(ROOT)
@@ -121,19 +138,19 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = out / "tune.parquet"
     df = read_table(table) if table.exists() else None
-    base_yaml = Path(args.params).read_text()  # a setting is params.yaml's content plus its overrides
-    key = lambda s: hashlib.sha1(json.dumps([s, args.rounds, base_yaml], sort_keys=True).encode()).hexdigest()[:10]  # noqa: E731
+    overrides = lambda s: {"train.rounds": args.rounds, "train.eval_prompts": 0, **s}  # noqa: E731
+    key = lambda s: setting_key(load_params(args.params, overrides(s)), args.rounds, args.eval_every)  # noqa: E731
     done = set(df["key"].to_list()) if df is not None else set()
     todo = [s for s in settings if key(s) not in done]
     print(f"{len(settings)} setting(s), {len(todo)} to run, {args.rounds} rounds each", flush=True)
     if todo:
-        base = load_params(args.params, {"train.rounds": args.rounds, "train.eval_prompts": 0})
+        base = load_params(args.params, overrides({}))
         w = load_warm(base, args.rounds, with_eval=True)
         base_sd = {k: v.clone() for k, v in w.trainer.state_dict_for_sampler().items()}
         bar = tqdm(total=len(todo) * args.rounds, desc="tune", unit="round", dynamic_ncols=True)
         try:
             for s in todo:
-                params = load_params(args.params, {"train.rounds": args.rounds, "train.eval_prompts": 0, **s})
+                params = load_params(args.params, overrides(s))
                 name = " ".join(f"{k.split('.')[-1]}={v}" for k, v in s.items()) or "params.yaml"
                 rows = [{"setting": name, "key": key(s), **r} for r in run_setting(w, base_sd, params, args.rounds,
                                                                                   args.eval_every, bar)]
