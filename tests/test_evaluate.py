@@ -10,7 +10,7 @@ import torch
 from test_score import direct_logp
 
 from conftest import make_samples_table, make_tiny_model
-from stages.evaluate import eval_metrics, evaluate_policy, win_rate
+from stages.evaluate import eval_metrics, evaluate_policy, flat_metrics, paired_bootstrap, win_rate
 from stages.models import load_causal_lm, load_tokenizer
 from stages.params import RewardSpec
 from stages.rewards import build_rewards
@@ -75,3 +75,36 @@ def test_eval_metrics_of_a_table():
     assert m["win_rate"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4) and m["kl"] == pytest.approx(0.15)
     assert (m["mean_length"], m["ref_mean_length"], m["prompts"]) == (25.0, 5.0, 4)
     assert torch.isclose(torch.tensor(m["reward"]), torch.tensor(0.5))
+
+
+def test_paired_bootstrap_by_hand():
+    """95 % percentile intervals whose resampling distribution can be written down."""
+    ref = np.array([0.1, 0.5, -0.2, 0.0])
+    # every prompt gains 0.3: every resample has gain 0.3 and win-rate 1; equal scores are ties (win 0.5)
+    assert paired_bootstrap(ref + 0.3, ref) == {"reward_gain_ci95": [pytest.approx(0.3)] * 2, "win_rate_ci95": [1.0, 1.0]}
+    assert paired_bootstrap(ref, ref)["win_rate_ci95"] == [0.5, 0.5]
+    # gains [0, 0, 0, 4]: a resample's mean gain is k (k ~ Binomial(4, 1/4) copies of the 4): P(k=0) = 81/256 > 2.5 %,
+    # P(k >= 3) = 13/256 = 5.1 % > 2.5 % > P(k = 4) = 0.4 %, so the interval is [0, 3]; the three
+    # zero gains are ties (0.5 each), so a resample's win-rate is 0.5 + k/8: [0.5, 0.875]
+    pol = np.array([0.0, 0.0, 0.0, 4.0])
+    zero = np.zeros(4)
+    assert paired_bootstrap(pol, zero) == {"reward_gain_ci95": [0.0, 3.0], "win_rate_ci95": [0.5, 0.875]}
+    # the pairing matters: policy and reference move together, so the gain is exactly 1 whatever their spread
+    spread = np.array([-5.0, 0.0, 5.0, 10.0])
+    assert paired_bootstrap(spread + 1, spread)["reward_gain_ci95"] == [pytest.approx(1.0)] * 2
+    # fixed seed: the same numbers every time
+    rnd = np.random.default_rng(1).normal(size=(2, 50))
+    assert paired_bootstrap(*rnd) == paired_bootstrap(*rnd)
+
+
+def test_eval_metrics_carry_their_intervals_and_the_prompt_count():
+    t = pl.DataFrame({"score": [0.9, 0.1, 0.6, 0.4, 0.8], "ref_score": [0.2, 0.3, 0.6, 0.1, 0.5],
+                      "kl": [0.1] * 5, "num_tokens": [4] * 5, "ref_num_tokens": [4] * 5,
+                      "completion": ["a b c d"] * 5, "ref_completion": ["w x y z"] * 5})
+    m = eval_metrics(t)
+    assert m["prompts"] == 5
+    for name in ("reward_gain", "win_rate"):
+        low, high = m[f"{name}_ci95"]
+        assert low <= m[name] <= high and low < high
+    flat = flat_metrics(m)
+    assert flat["win_rate_ci95_low"] == m["win_rate_ci95"][0] and "win_rate_ci95" not in flat
