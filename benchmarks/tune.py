@@ -44,13 +44,10 @@ def parse_grid(items: list[str]) -> list[dict]:
 
 
 def setting_key(params, rounds: int, eval_every: int) -> str:
-    """A setting's identity: the effective params it trains with (params.yaml plus the setting, so comments or a
-    field the setting overrides do not count), the rounds and the evaluation schedule."""
-    d = params.model_dump()
-    for k in ("rounds", "eval_every", "eval_prompts", "rounds_dir", "checkpoint_dir", "async_checkpoint"):
-        d["train"].pop(k, None)
-    d.pop("mlflow", None)
-    return hashlib.sha1(json.dumps([d, rounds, eval_every], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    """A setting's identity: the run identity of the params it trains with (params.yaml plus the setting, so comments,
+    output paths or speed knobs do not count), the evaluation settings, the rounds and the evaluation schedule."""
+    parts = [params.identity(), params.hash("evaluate"), rounds, eval_every]
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:10]
 
 
 def _scalar(text: str):
