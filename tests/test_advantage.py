@@ -309,3 +309,20 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, case):
     assert out.read_bytes() == b"previous round's file" and os.stat(out).st_mtime_ns == before
     assert not (tmp_path / "s.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adv.parquet", "scores.parquet"]  # no temp files left
+
+
+def test_cli_params_come_from_the_file_with_the_estimator_override_or_the_defaults(tmp_path, monkeypatch):
+    from stages.advantage import resolve_params
+    from stages.params import load_params
+
+    repo = Path(__file__).resolve().parents[1] / "params.yaml"
+    from_file = load_params(repo).advantage
+    assert resolve_params(str(repo), None) == from_file
+    override = resolve_params(str(repo), "grpo" if from_file.estimator != "grpo" else "rloo")
+    assert override.estimator != from_file.estimator
+    assert override.model_dump(exclude={"estimator"}) == from_file.model_dump(exclude={"estimator"})
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the built-in defaults
+    assert resolve_params(None, None) == AdvantageParams()
+    assert resolve_params(None, "ema") == AdvantageParams(estimator="ema")
+    (tmp_path / "params.yaml").write_text((repo.read_text()).replace("estimator: rloo", "estimator: batch_mean"))
+    assert resolve_params(None, None).estimator == "batch_mean"  # the default file, when present, is read

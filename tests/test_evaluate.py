@@ -108,3 +108,46 @@ def test_eval_metrics_carry_their_intervals_and_the_prompt_count():
         assert low <= m[name] <= high and low < high
     flat = flat_metrics(m)
     assert flat["win_rate_ci95_low"] == m["win_rate_ci95"][0] and "win_rate_ci95" not in flat
+    assert flat["win_rate_ci95_high"] == m["win_rate_ci95"][1]
+    assert {k: v for k, v in flat.items() if "_ci95" not in k} == {k: v for k, v in m.items() if "_ci95" not in k}
+    assert flat_metrics({"kl": 0.5, "ci": (1, 2)}, "eval/") == {"eval/kl": 0.5, "eval/ci_low": 1, "eval/ci_high": 2}
+
+
+def test_examples_show_the_metrics_then_the_top_prompts_side_by_side():
+    from stages.evaluate import examples_markdown
+
+    table = pl.DataFrame({"prompt_id": ["a", "b", "c"], "score": [0.2, 0.9, 0.5], "ref_score": [0.1, 0.3, 0.7],
+                          "prompt_text": ["first\nprompt", "second", "third"],
+                          "completion": ["pol a", "pol b\nline 2", "pol c"], "ref_completion": ["ref a", None, "ref c"]})
+    md = examples_markdown(table, {"win_rate": 0.5, "prompts": 3}, 2)
+    assert "| win_rate | 0.5000 |" in md and "| prompts | 3 |" in md
+    heads = [line for line in md.splitlines() if line.startswith("## prompt")]
+    assert heads == ["## prompt `b` (policy +0.900 vs reference +0.300)",
+                     "## prompt `c` (policy +0.500 vs reference +0.700)"]  # the n best by the policy's score
+    assert "**Policy:** pol b line 2" in md and "**Reference:** " in md.splitlines()  # newlines folded; None -> ''
+    assert "**Policy:** pol c" in md and "**Reference:** ref c" in md and "pol a" not in md
+    assert md.endswith("\n") and examples_markdown(table, {}, 0).count("## prompt") == 0
+
+
+def test_generate_one_samples_one_greedy_completion_per_prompt_at_the_eval_length(setup, tiny_model_dir):
+    from conftest import repo_params
+    from stages.evaluate import generate_one
+    from stages.sample import make_sampler
+
+    import json
+
+    tok, _, _, prompts, _ = setup
+    prompts = prompts.with_columns(pl.Series("messages", [json.dumps([{"role": "user", "content": t}])
+                                                          for t in prompts["prompt"]]))
+    params = repo_params(base={"model_dir": str(tiny_model_dir)}, evaluate={"max_completion_length": 5},
+                         sample={"dtype": "float32", "max_model_len": 128, "batch_size": 2, "k": 4})
+    sampler = make_sampler(str(tiny_model_dir), params, backend="hf")
+    try:
+        a = generate_one(sampler, tok, prompts, params, 3, 7)
+        b = generate_one(sampler, tok, prompts, params, 4, 7)  # greedy: the seed does not matter
+    finally:
+        sampler.close()
+    assert a["prompt_id"].to_list() == prompts["prompt_id"].to_list()  # k=1, not sample.k
+    assert set(a["policy_version"]) == {7} and set(a["sample_idx"]) == {0}
+    assert all(1 <= n <= 5 for n in a["num_tokens"]) and 5 in a["num_tokens"].to_list()
+    assert a["completion"].to_list() == b["completion"].to_list()

@@ -241,3 +241,41 @@ def test_prompts_added_to_a_running_job_come_first_then_the_least_recently_train
     fourth = round_prompts(grown, 3, 2, 7, history + [third])["prompt_id"].to_list()
     assert set(fourth) - set(history[0]) == untrained - set(third)  # the last untrained one ...
     assert len(set(fourth) & set(history[0])) == 1  # ... and one of round 0's, the least recently trained
+
+
+def test_split_record_names_the_split_independently_of_row_order():
+    from stages.loop.resume import split_record
+
+    a = split_record(pl.DataFrame({"prompt_id": ["p2", "p0", "p1"]}))
+    assert a["size"] == 3 and a["ids"] == ["p0", "p1", "p2"]
+    assert len(a["hash"]) == 16 and a == split_record(pl.DataFrame({"prompt_id": ["p1", "p2", "p0"]}))
+    assert split_record(pl.DataFrame({"prompt_id": ["p0", "p1", "p3"]}))["hash"] != a["hash"]
+
+
+def test_new_prompts_are_those_missing_from_the_last_rounds_split():
+    from stages.loop.resume import new_prompts, split_record
+
+    last = {"round": 4, "train_split": split_record(pl.DataFrame({"prompt_id": ["p0", "p1"]}))}
+    grown = split_record(pl.DataFrame({"prompt_id": ["p1", "n1", "p0", "n0"]}))
+    assert new_prompts(last, grown) == ["n0", "n1"]  # in the split's (sorted) order
+    assert new_prompts(last, last["train_split"]) == []
+    assert new_prompts({"round": 4}, grown) == []  # a manifest from before splits were recorded: nothing is "new"
+
+
+def test_untrained_prompts_are_reported_with_the_round_and_the_fix():
+    from stages.loop.resume import report_untrained, split_record
+
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def info(self, fmt, *args):
+            self.lines.append(fmt % args)
+
+    log = Log()
+    last = {"round": 4, "train_split": split_record(pl.DataFrame({"prompt_id": ["p0"]}))}
+    report_untrained(log, last, split_record(pl.DataFrame({"prompt_id": ["p0", "n0", "n1"]})), 5)
+    assert log.lines == ["2 prompt(s) were added to the train split since round 5; raise train.rounds past 5 to "
+                         "train on them (they come first), or let a scheduled pipeline run do it"]
+    report_untrained(log, last, last["train_split"], 5)
+    assert len(log.lines) == 1  # nothing added: nothing said
