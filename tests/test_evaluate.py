@@ -127,6 +127,12 @@ def test_examples_show_the_metrics_then_the_top_prompts_side_by_side():
     assert "**Policy:** pol b line 2" in md and "**Reference:** " in md.splitlines()  # newlines folded; None -> ''
     assert "**Policy:** pol c" in md and "**Reference:** ref c" in md and "pol a" not in md
     assert md.endswith("\n") and examples_markdown(table, {}, 0).count("## prompt") == 0
+    one = examples_markdown(table.head(1), {"kl": 0.25}, 1)
+    assert one == ("# Evaluation: policy vs reference\n\n| metric | value |\n|---|---|\n| kl | 0.2500 |\n\n"
+                   "## prompt `a` (policy +0.200 vs reference +0.100)\n\n**Prompt:** first prompt\n\n"
+                   "**Policy:** pol a\n\n**Reference:** ref a\n\n")
+    long = table.head(1).with_columns(pl.lit("x" * 400 + " the end  \n").alias("prompt_text"))
+    assert "**Prompt:** " + ("x" * 400 + " the end")[-300:] + "\n" in examples_markdown(long, {}, 1)  # its last 300 chars
 
 
 def test_generate_one_samples_one_greedy_completion_per_prompt_at_the_eval_length(setup, tiny_model_dir):
