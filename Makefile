@@ -85,7 +85,8 @@ $(MUTATE_STAMP): $(STAMP)
 
 mutate: $(MUTATE_STAMP)
 	rm -rf mutants
-	source $(VENV)/bin/activate && mutmut run --max-children 2 && mutmut results
+	source $(VENV)/bin/activate && t0=$$(date +%s) && mutmut run --max-children 2 && \
+	  python benchmarks/mutation_report.py --minutes $$(( ($$(date +%s) - t0) / 60 ))
 
 # Line coverage of the fast suite (the README quotes the number)
 coverage: setup

@@ -118,7 +118,7 @@ def test_examples_show_the_metrics_then_the_top_prompts_side_by_side():
 
     table = pl.DataFrame({"prompt_id": ["a", "b", "c"], "score": [0.2, 0.9, 0.5], "ref_score": [0.1, 0.3, 0.7],
                           "prompt_text": ["first\nprompt", "second", "third"],
-                          "completion": ["pol a", "pol b\nline 2", "pol c"], "ref_completion": ["ref a", None, "ref c"]})
+                          "completion": ["pol a", "pol b\nline 2", "pol c"], "ref_completion": ["ref a", None, " ref\nc "]})
     md = examples_markdown(table, {"win_rate": 0.5, "prompts": 3}, 2)
     assert "| win_rate | 0.5000 |" in md and "| prompts | 3 |" in md
     heads = [line for line in md.splitlines() if line.startswith("## prompt")]

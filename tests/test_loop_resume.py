@@ -249,6 +249,9 @@ def test_split_record_names_the_split_independently_of_row_order():
     a = split_record(pl.DataFrame({"prompt_id": ["p2", "p0", "p1"]}))
     assert a["size"] == 3 and a["ids"] == ["p0", "p1", "p2"]
     assert len(a["hash"]) == 16 and a == split_record(pl.DataFrame({"prompt_id": ["p1", "p2", "p0"]}))
+    import hashlib
+
+    assert a["hash"] == hashlib.sha1(b"p0,p1,p2").hexdigest()[:16]  # what older manifests recorded: keep it stable
     assert split_record(pl.DataFrame({"prompt_id": ["p0", "p1", "p3"]}))["hash"] != a["hash"]
 
 
@@ -279,3 +282,40 @@ def test_untrained_prompts_are_reported_with_the_round_and_the_fix():
                          "train on them (they come first), or let a scheduled pipeline run do it"]
     report_untrained(log, last, last["train_split"], 5)
     assert len(log.lines) == 1  # nothing added: nothing said
+
+
+def test_archive_dirs_are_named_by_time_and_identity_and_never_shared(params, tmp_path, monkeypatch):
+    from stages.loop import resume
+
+    tp = params.train
+    real = resume.time.strftime
+    monkeypatch.setattr(resume.time, "strftime", lambda fmt, *a: "20261201-101500" if fmt == "%Y%m%d-%H%M%S" else real(fmt, *a))
+    ident = "0123456789abcdef0123"  # cut to 16 characters in the name
+    dests = []
+    for r in range(3):  # three runs moved aside within one second
+        write_round(tp, 0, identity=f"old{r}")
+        (tmp_path / tp.state_dir).mkdir(parents=True, exist_ok=True)  # empty: nothing of it to keep
+        dests.append(resume.archive_run(params, {"identity": ident, "rounds": 1}))
+        assert (tmp_path / tp.state_dir).is_dir()  # an empty dir is left where it is, not archived
+    assert [d.name for d in dests] == ["20261201-101500-0123456789abcdef", "20261201-101500-0123456789abcdef-1",
+                                       "20261201-101500-0123456789abcdef-2"]
+    assert all(sorted(p.name for p in d.iterdir()) == ["rounds"] for d in dests)
+    assert all((d / "rounds" / "round=0000" / "samples.parquet").is_file() for d in dests)
+    assert resume.archive_run(params, {"identity": ident, "rounds": 0}) is None  # nothing left to move
+
+
+def test_round_prompts_ignore_history_past_round_r_and_keep_their_seeded_order():
+    import hashlib
+
+    train = pl.DataFrame({"prompt_id": [f"p{i}" for i in range(7)]})
+    full = [round_prompts(train, r, 2, 5)["prompt_id"].to_list() for r in range(4)]
+    # the manifests of rounds redone after the last checkpoint may still be there: only rounds 0..r-1 count
+    assert round_prompts(train, 1, 2, 5, full)["prompt_id"].to_list() == full[1]
+    assert round_prompts(train, 2, 2, 5, full[:2] + [["p0", "p1"]])["prompt_id"].to_list() == full[2]
+    # round 0, all untrained: the order is sha1("seed:-1:id"), the same in every version (resumes replay it)
+    want = sorted(train["prompt_id"], key=lambda p: hashlib.sha1(f"5:-1:{p}".encode()).hexdigest())[:2]
+    assert full[0] == want
+    # round 1: the 5 untrained first (same hash order), then the trained ones by sha1("seed:round:id")
+    rest = [p for p in sorted(train["prompt_id"], key=lambda p: hashlib.sha1(f"5:-1:{p}".encode()).hexdigest())
+            if p not in want]
+    assert full[1] == rest[:2]

@@ -20,6 +20,7 @@ Only `round=NNNN` dirs inside `train.rounds_dir` and the checkpoint's own stagin
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -232,8 +233,14 @@ def archive_run(params, superseded: dict) -> Path | None:
     parts = {k: p for k, p in parts.items() if p.exists() and (not p.is_dir() or any(p.iterdir()))}
     if not parts:
         return None
-    dest = Path(tp.archive_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{superseded['identity'][:16]}"
-    dest.mkdir(parents=True, exist_ok=False)
+    stem = Path(tp.archive_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{superseded['identity'][:16]}"
+    for n in itertools.count():  # runs moved aside in the same second get their own dirs (mkdir: the atomic claim)
+        dest = stem if n == 0 else stem.with_name(f"{stem.name}-{n}")
+        try:
+            dest.mkdir(parents=True, exist_ok=False)
+            break
+        except FileExistsError:
+            pass
     for name, p in parts.items():
         shutil.move(str(p), str(dest / name))
     why = "--restart" if superseded.get("restart") else "the configuration changed"
