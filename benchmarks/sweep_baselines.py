@@ -207,6 +207,17 @@ def markdown(summary: pl.DataFrame, base_reward: float, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def held_out_curve(df: pl.DataFrame, est: str) -> pl.DataFrame:
+    """(round, m, s): the held-out reward's mean over seeds and the half-width of its 95 % t-interval, at the rounds
+    that were evaluated (`--eval-every`) only: a round without an evaluation is not a point of the curve."""
+    ev = df.filter((pl.col("estimator") == est) & pl.col("eval_reward").is_not_null())
+    g = ev.group_by("round").agg(pl.col("eval_reward").mean().alias("m"), pl.col("eval_reward").std().alias("sd"),
+                                 pl.len().alias("n")).sort("round")
+    half = [T975.get(n - 1, 1.96) * sd / n ** 0.5 if n > 1 and sd is not None else 0.0
+            for n, sd in zip(g["n"], g["sd"])]
+    return g.select("round", "m").with_columns(pl.Series("s", half, dtype=pl.Float64))
+
+
 def plot(df: pl.DataFrame, path: Path, meta: dict) -> None:
     import matplotlib
 
@@ -218,13 +229,10 @@ def plot(df: pl.DataFrame, path: Path, meta: dict) -> None:
     df = df.with_columns((pl.col("grad_variance") / pl.col("advantage_std") ** 2).alias("nvar"))
     for est in [e for e in ESTIMATORS if e in set(df["estimator"])]:
         g = (df.filter(pl.col("estimator") == est).group_by("round")
-             .agg(pl.col("eval_reward").drop_nulls().mean().alias("m"),
-                  (pl.col("eval_reward").drop_nulls().std() / pl.col("eval_reward").drop_nulls().len().sqrt()
-                   * T975[2]).alias("s"),
-                  pl.col("grad_variance").mean().alias("v"), pl.col("grad_variance").std().alias("vs"),
+             .agg(pl.col("grad_variance").mean().alias("v"), pl.col("grad_variance").std().alias("vs"),
                   pl.col("nvar").mean().alias("n"), pl.col("nvar").std().alias("ns"))
              .sort("round").fill_null(0.0))
-        ge = g.filter(pl.col("m").is_not_null())
+        ge = held_out_curve(df, est)
         x, m, s = ge["round"].to_numpy(), ge["m"].to_numpy(), ge["s"].to_numpy()
         (line,) = ax1.plot(x, m, marker="o", label=est)
         ax1.fill_between(x, m - s, m + s, alpha=0.15, color=line.get_color())
@@ -264,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(ROOT)  # params.yaml names models/ and data/ relative to the repo root
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--rounds", type=int, default=16, help="rounds per run (same budget for every estimator)")
+    ap.add_argument("--rounds", type=int, default=12, help="rounds per run (same budget for every estimator; the main job's 12)")
     ap.add_argument("--eval-every", type=int, default=4, help="held-out evaluation every N rounds (and after the last)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--estimators", nargs="+", default=ESTIMATORS, choices=ESTIMATORS)

@@ -49,6 +49,15 @@ def test_sweep_table_and_plot(tmp_path):
     assert (tmp_path / "baselines.png").stat().st_size > 10_000
 
 
+def test_sweep_curve_has_only_the_evaluated_rounds():
+    df = _sweep_rows().with_columns(  # evaluated at rounds 0 and 2 only (--eval-every 2)
+        pl.when(pl.col("round") == 1).then(None).otherwise(pl.col("eval_reward")).alias("eval_reward"))
+    c = sweep_baselines.held_out_curve(df, "rloo")
+    assert c["round"].to_list() == [0, 2]  # not a 0 at round 1
+    assert c["m"].to_list() == pytest.approx([0.5, (0.52 + 0.54) / 2])
+    assert c["s"].to_list() == pytest.approx([0.0, 12.706 * 0.01 * 2 ** 0.5 / 2 ** 0.5])  # t(1) * sd / sqrt(2)
+
+
 def test_sweep_resume_key_is_the_budget_only():
     base = load_params("params.yaml", {"update.grad_variance": True})
     key = sweep_baselines.run_key(base, 3)
