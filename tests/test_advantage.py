@@ -326,3 +326,27 @@ def test_cli_params_come_from_the_file_with_the_estimator_override_or_the_defaul
     assert resolve_params(None, "ema") == AdvantageParams(estimator="ema")
     (tmp_path / "params.yaml").write_text((repo.read_text()).replace("estimator: rloo", "estimator: batch_mean"))
     assert resolve_params(None, None).estimator == "batch_mean"  # the default file, when present, is read
+
+
+def test_torch_k2_and_k1_by_hand():
+    base, adv = rloo_torch(torch.tensor([[1.0, 3.0], [2.0, 2.0]]))  # K = 2: the other sample is the baseline
+    assert base.tolist() == [[3.0, 1.0], [2.0, 2.0]] and adv.tolist() == [[-2.0, 2.0], [0.0, 0.0]]
+    base, adv = rloo_torch(torch.tensor([[0.5], [-1.0]]))  # K = 1: no other sample, advantage 0
+    assert base.tolist() == [[0.5], [-1.0]] and adv.tolist() == [[0.0], [0.0]] and adv.shape == (2, 1)
+
+
+def test_polars_groups_by_the_column_it_is_given():
+    df = pl.DataFrame({"prompt_id": ["a", "a", "a", "a"], "g": ["x", "x", "y", "y"], "r": [1.0, 3.0, 5.0, 9.0]})
+    out = rloo_polars(df, "r", "g")  # prompt_id is one group; g splits it in two
+    assert out["baseline"].to_list() == [3.0, 1.0, 9.0, 5.0] and out["advantage"].to_list() == [-2.0, 2.0, -4.0, 4.0]
+
+
+def test_cli_without_a_params_file_says_it_uses_the_defaults(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from stages.advantage import resolve_params
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="stages.advantage"):
+        resolve_params(None, None)
+    assert [r.getMessage() for r in caplog.records] == ["no params.yaml here: using the default advantage params"]

@@ -157,3 +157,21 @@ def test_generate_one_samples_one_greedy_completion_per_prompt_at_the_eval_lengt
     assert set(a["policy_version"]) == {7} and set(a["sample_idx"]) == {0}
     assert all(1 <= n <= 5 for n in a["num_tokens"]) and 5 in a["num_tokens"].to_list()
     assert a["completion"].to_list() == b["completion"].to_list()
+
+
+def test_task_scores_give_rewards_the_prompts_columns_and_name_a_bad_row(setup, tmp_path, monkeypatch):
+    from stages.errors import PipelineError
+    from stages.evaluate import task_scores
+
+    tok, _, _, prompts, _ = setup
+    df = make_samples_table(tok, [("e0", 0, "a prompt", "paris", "stop"), ("e1", 0, "b prompt", "rome", "stop")])
+    qs = pl.DataFrame({"prompt_id": ["e1", "e0"], "prompt": ["b", "a"], "messages": ["[]"] * 2,
+                       "answer": ["london", "paris"]})  # joined by prompt_id, not by position
+    exact = build_rewards([RewardSpec(name="m", function="exact_match", weight=2.0)])
+    assert task_scores(df, exact, qs).tolist() == [2.0, 0.0]
+    (tmp_path / "bad_reward_t.py").write_text("def f(prompts, completions, **kw):\n"
+                                              "    return [1.0 if c == 'paris' else 'oops' for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bad = build_rewards([RewardSpec(name="b", function="bad_reward_t:f")])
+    with pytest.raises(PipelineError, match=r"reward `b` returned 'oops' \(str\) for prompt_id=e1 sample_idx=0;"):
+        task_scores(df, bad, qs)

@@ -6,6 +6,7 @@ output-dir checks of the params, and `round_prompts`."""
 from __future__ import annotations
 
 import json
+import logging
 
 import polars as pl
 import pytest
@@ -80,7 +81,7 @@ def test_rounds_after_the_last_checkpoint_are_redone(params):
     assert plan.start == 2 and plan.stale == [round_dir(tp.rounds_dir, 2)]
 
 
-def test_manifest_repaired_from_the_checkpoint(params):
+def test_manifest_repaired_from_the_checkpoint(params, caplog):
     """Killed between the checkpoint and the manifest of round 3: the checkpoint carries that manifest, with the
     carried EMA baseline the next round needs."""
     tp = params.train
@@ -90,7 +91,9 @@ def test_manifest_repaired_from_the_checkpoint(params):
     write_checkpoint(tp, 3, manifest=lost)
     plan = plan_resume(params, ID)
     assert plan.start == 3 and plan.repair == lost and plan.done[-1]["advantage_state"]["ema"] == 0.125
-    apply_plan(plan, params)
+    with caplog.at_level(logging.INFO, logger="stages.loop.resume"):
+        apply_plan(plan, params)
+    assert "repaired the manifest of round 3 from its checkpoint" in [r.getMessage() for r in caplog.records]
     assert json.loads((round_dir(tp.rounds_dir, 2) / MANIFEST).read_text()) == lost
     assert plan_resume(params, ID).start == 3 and plan_resume(params, ID).repair is None
 
@@ -319,3 +322,25 @@ def test_round_prompts_ignore_history_past_round_r_and_keep_their_seeded_order()
     rest = [p for p in sorted(train["prompt_id"], key=lambda p: hashlib.sha1(f"5:-1:{p}".encode()).hexdigest())
             if p not in want]
     assert full[1] == rest[:2]
+
+
+def test_staging_dirs_of_both_the_checkpoint_and_the_state_are_cleaned_when_a_run_starts(params, tmp_path):
+    tp = params.train
+    left = [tmp_path / tp.checkpoint_dir, tmp_path / tp.state_dir]
+    for d in left:  # what a writer killed mid-checkpoint leaves beside each dir
+        (d.parent / f".{d.name}.tmp-1234").mkdir(parents=True)
+    (tmp_path / "models" / ".other.tmp-1").mkdir(parents=True, exist_ok=True)  # not ours: stays
+    apply_plan(plan_resume(params, ID), params)
+    assert not any((d.parent / f".{d.name}.tmp-1234").exists() for d in left)
+    assert (tmp_path / "models" / ".other.tmp-1").is_dir()
+
+
+@pytest.mark.parametrize("restart,why", [(True, "--restart"), (False, "the configuration changed")])
+def test_moving_a_run_aside_says_why_how_many_rounds_and_where(params, caplog, restart, why):
+    from stages.loop.resume import archive_run
+
+    write_round(params.train, 0, identity="old")
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        dest = archive_run(params, {"identity": "old", "rounds": 1, "restart": restart})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{why}: the previous run (1 complete rounds) was moved to {dest}; delete it when you no longer need it"]
