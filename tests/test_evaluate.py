@@ -175,3 +175,19 @@ def test_task_scores_give_rewards_the_prompts_columns_and_name_a_bad_row(setup, 
     bad = build_rewards([RewardSpec(name="b", function="bad_reward_t:f")])
     with pytest.raises(PipelineError, match=r"reward `b` returned 'oops' \(str\) for prompt_id=e1 sample_idx=0;"):
         task_scores(df, bad, qs)
+
+
+def test_exact_sampler_logprobs_replace_the_policy_pass_and_rewards_see_the_prompts(setup):
+    tok, policy, other, prompts, _ = setup
+    pol = make_samples_table(tok, ROWS)
+    ref = make_samples_table(tok, REF_ROWS)
+    qs = prompts.with_columns(pl.Series("answer", [r[3] for r in ROWS[:2]] + ["no"]))  # 2 of 3 exact matches
+    exact = build_rewards([RewardSpec(name="m", function="exact_match")])
+    table, m = evaluate_policy(pol, ref, np.zeros(3), exact, policy, other, tok, qs, sampler_exact=True)
+    assert table["score"].to_list() == [1.0, 1.0, 0.0] and m["reward"] == pytest.approx(2 / 3)
+    sampler = [-1.5 * n for n in pol["num_tokens"]]  # the table's sampler logprobs: -1.5 per token
+    assert table["logp_policy"].to_list() == pytest.approx(sampler)
+    want_ref = [direct_logp(other, tok(t, add_special_tokens=False)["input_ids"], list(ids))[0]
+                for t, ids in zip(pol["prompt_text"], pol["completion_token_ids"])]
+    assert table["logp_ref"].to_list() == pytest.approx(want_ref, abs=1e-4)
+    assert table["kl"].to_list() == pytest.approx([s - r for s, r in zip(sampler, want_ref)], abs=1e-4)
