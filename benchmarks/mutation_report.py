@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mutants", default=str(ROOT / "mutants"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mutation.md"))
     ap.add_argument("--minutes", type=float, help="wall time of the mutmut run, recorded in the table's caption")
+    ap.add_argument("--note", default="", help="a sentence added to the caption (e.g. how the run was stopped)")
     args = ap.parse_args(argv)
     mutants = Path(args.mutants)
     if not mutants.is_dir():
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{c['no tests']} | {c['not checked']} |")
 
     when = f"{time.strftime('%Y-%m-%d')}, {describe()}" + (f", {args.minutes:.0f} min" if args.minutes else "")
-    md = [f"Mutation testing of the core modules (`make mutate`, mutmut, the fast tests of those modules; {when}).", "",
+    md = [f"Mutation testing of the core modules (`make mutate`, mutmut, the fast tests of those modules; {when}). "
+          f"{args.note}".strip(), "",
           "| module | killed / tested | score | killed | timeout | survived | no tests | not checked |",
           "|---|---|---|---|---|---|---|---|"]
     md += [line(m, c, t) for m, c, t in rows]

@@ -170,8 +170,12 @@ def test_task_scores_give_rewards_the_prompts_columns_and_name_a_bad_row(setup, 
     exact = build_rewards([RewardSpec(name="m", function="exact_match", weight=2.0)])
     assert task_scores(df, exact, qs).tolist() == [2.0, 0.0]
     (tmp_path / "bad_reward_t.py").write_text("def f(prompts, completions, **kw):\n"
-                                              "    return [1.0 if c == 'paris' else 'oops' for c in completions]\n")
+                                              "    return [1.0 if c == 'paris' else 'oops' for c in completions]\n"
+                                              "def g(prompts, completions, **kw):\n"
+                                              "    return [float(p == 'b') for p in prompts]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    by_prompt = build_rewards([RewardSpec(name="p", function="bad_reward_t:g")])
+    assert task_scores(df, by_prompt, qs).tolist() == [0.0, 1.0]  # the user's raw prompt of each row, by prompt_id
     bad = build_rewards([RewardSpec(name="b", function="bad_reward_t:f")])
     with pytest.raises(PipelineError, match=r"reward `b` returned 'oops' \(str\) for prompt_id=e1 sample_idx=0;"):
         task_scores(df, bad, qs)
