@@ -211,11 +211,11 @@ def held_out_curve(df: pl.DataFrame, est: str) -> pl.DataFrame:
     """(round, m, s): the held-out reward's mean over seeds and the half-width of its 95 % t-interval, at the rounds
     that were evaluated (`--eval-every`) only: a round without an evaluation is not a point of the curve."""
     ev = df.filter((pl.col("estimator") == est) & pl.col("eval_reward").is_not_null())
-    g = ev.group_by("round").agg(pl.col("eval_reward").mean().alias("m"), pl.col("eval_reward").std().alias("sd"),
-                                 pl.len().alias("n")).sort("round")
-    half = [T975.get(n - 1, 1.96) * sd / n ** 0.5 if n > 1 and sd is not None else 0.0
-            for n, sd in zip(g["n"], g["sd"])]
-    return g.select("round", "m").with_columns(pl.Series("s", half, dtype=pl.Float64))
+    rows = []
+    for (r,), g in ev.group_by("round"):
+        m, _, high = t_interval(g["eval_reward"].to_list())
+        rows.append({"round": r, "m": m, "s": high - m if high == high else 0.0})  # one seed: no interval
+    return pl.DataFrame(rows, schema={"round": pl.Int64, "m": pl.Float64, "s": pl.Float64}).sort("round")
 
 
 def plot(df: pl.DataFrame, path: Path, meta: dict) -> None:

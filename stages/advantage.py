@@ -217,7 +217,7 @@ def resolve_params(params_path: str | None, estimator: str | None) -> AdvantageP
 
 
 # The CLI below (arguments, file I/O) is tested end to end in subprocesses, which mutation testing cannot see;
-# `make mutate` leaves it out (docs/design.md, tests).
+# `make mutate` leaves it out (docs/design.md §10).
 # pragma: no mutate block
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m stages.advantage", description=__doc__.splitlines()[0])

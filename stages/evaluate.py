@@ -188,7 +188,7 @@ def examples_markdown(table: pl.DataFrame, metrics: dict, n: int) -> str:
 
 
 # The CLI below (arguments, file I/O) is tested end to end in subprocesses, which mutation testing cannot see;
-# `make mutate` leaves it out (docs/design.md, tests).
+# `make mutate` leaves it out (docs/design.md §10).
 # pragma: no mutate block
 def main(argv: list[str] | None = None) -> None:
     from stages.io import read_table, write_json, write_table, write_text

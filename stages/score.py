@@ -174,7 +174,7 @@ def score_stats(out: pl.DataFrame, rows_in: int, components: list[str], t_reward
 
 
 # The CLI below (arguments, file I/O) is tested end to end in subprocesses, which mutation testing cannot see;
-# `make mutate` leaves it out (docs/design.md, tests).
+# `make mutate` leaves it out (docs/design.md §10).
 # pragma: no mutate block
 def main(argv: list[str] | None = None) -> None:
     from stages.io import read_table, write_table
