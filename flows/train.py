@@ -143,7 +143,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     t0 = time.perf_counter()
     w = load_warm(params, total, plan.checkpoint, with_eval=bool(tp.eval_every) and start < total, dist=dist,
                   device=device)
-    w.adv_state = plan.done[-1]["advantage_state"] if plan.done else None
+    w.adv_state = plan.adv_state  # the carried baseline (ema, moving_average)
     warm_s = time.perf_counter() - t0
     logger.info("warm resources ready in %.1f s (sampler: %s, ranks: %d)", warm_s, w.sampler.name, dist.world_size)
     run = None

@@ -81,7 +81,7 @@ def reward_inputs(samples: pl.DataFrame, prompts: pl.DataFrame | None) -> tuple[
     texts = [p if p is not None else t for p, t in zip(joined["prompt"], samples["prompt_text"])]
     inputs |= {c: joined[c].to_list() for c in extra if c != "prompt"}
     if "conversational" in joined.columns and joined["conversational"].fill_null(False).any():
-        inputs["messages"] = [json.loads(m) for m in joined["messages"]]
+        inputs["messages"] = [json.loads(m) if m is not None else None for m in joined["messages"]]
     return texts, inputs
 
 

@@ -293,6 +293,102 @@ BAD_INPUTS = {
     "empty": (lambda: scores([], [], []), "no rows"),
 }
 
+# the whole one-line message of each, in process (the CLI test below checks the exit and the files)
+BAD_MESSAGES = {
+    "missing_column": "s.parquet: missing column(s) ['rlhf_reward']; expected at least ['prompt_id', 'sample_idx', "
+                      "'rlhf_reward']",
+    "duplicate_key": "s.parquet: duplicate (prompt_id, sample_idx) = ('b', 0); keys must be unique",
+    "nan_reward": "s.parquet: column `rlhf_reward` is nan at prompt_id='b' sample_idx=0 (1 row(s) null/NaN/inf); "
+                  "fix the rewards or set score.on_invalid: drop",
+    "null_reward": "s.parquet: column `rlhf_reward` is None at prompt_id='a' sample_idx=1 (1 row(s) null/NaN/inf); "
+                   "fix the rewards or set score.on_invalid: drop",
+    "inf_reward": "s.parquet: column `rlhf_reward` is -inf at prompt_id='b' sample_idx=1 (1 row(s) null/NaN/inf); "
+                  "fix the rewards or set score.on_invalid: drop",
+    "all_singletons": "s.parquet: every prompt has one completion (k < 2 for rloo): the group baseline is undefined; "
+                      "sample k >= 2 per prompt or pick reinforce|batch_mean|moving_average|ema",
+    "empty": "s.parquet: no rows; run the score stage first or pass a non-empty scores table",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_with_one_line_naming_the_row(case):
+    make, _ = BAD_INPUTS[case]
+    with pytest.raises(PipelineError) as exc:
+        compute_advantages(make(), AdvantageParams(estimator="rloo"), None, source="s.parquet")
+    msg = str(exc.value)
+    assert msg == BAD_MESSAGES[case]
+
+
+def test_more_bad_input_and_what_is_not_bad():
+    from stages.advantage import validate_scores
+
+    nulls = scores(["a", None, "b", None], [0, 1, 0, 2], [1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(PipelineError) as exc:
+        compute_advantages(nulls, AdvantageParams(estimator="reinforce"), None)
+    assert str(exc.value) == "scores: null key in row (None, 1); every row needs prompt_id and sample_idx"
+    with pytest.raises(PipelineError, match=r"^scores: no rows;"):
+        validate_scores(scores([], [], []), "reinforce")
+    with pytest.raises(PipelineError, match=r"^state: not an advantage state"):  # the carried state, by its role
+        compute_advantages(scores(["a"], [0], [1.0]), AdvantageParams(estimator="reinforce"), {"ema": 1.0})
+    twice = scores(["a", "a", "b", "b", "b"], [0, 1, 0, 1, 1], [1.0, 2.0, 3.0, 4.0, 5.0])
+    with pytest.raises(PipelineError, match=r"^scores: duplicate \(prompt_id, sample_idx\) = \('b', 1\)"):
+        compute_advantages(twice, AdvantageParams(estimator="reinforce"), None)
+    two_bad = scores(["a", "a", "b", "b"], [0, 1, 0, 1], [1.0, math.nan, 3.0, math.inf])
+    with pytest.raises(PipelineError, match=r"is nan at prompt_id='a' sample_idx=1 \(2 row\(s\) null/NaN/inf\)"):
+        compute_advantages(two_bad, AdvantageParams(estimator="reinforce"), None)
+    # one completion per prompt is fine for a baseline that does not come from the group; one row is a table
+    one_each = scores(["a", "b", "c"], [0, 0, 0], [1.0, 2.0, 3.0])
+    for est in ("reinforce", "batch_mean", "moving_average", "ema"):
+        out, _, stats = compute_advantages(one_each, AdvantageParams(estimator=est), None)
+        assert out.height == 3 and stats["singleton_groups"] == 3, est
+    out, _, _ = compute_advantages(one_each.head(1), AdvantageParams(estimator="reinforce"), None)
+    assert out["advantage"].to_list() == [1.0]
+
+
+def test_round_stats_by_hand():
+    """Means and sample stds (n - 1) of the round; one row has no spread (0, not NaN)."""
+    _, _, st = compute_advantages(scores(["a", "a"], [0, 1], [1.0, 3.0]), AdvantageParams(estimator="reinforce"), None)
+    assert (st["reward_mean"], st["reward_std"], st["advantage_std"]) == (2.0, pytest.approx(math.sqrt(2)), pytest.approx(math.sqrt(2)))
+    assert st == {"advantage_mean": 2.0, "advantage_std": pytest.approx(math.sqrt(2)), "baseline_mean": 0.0,
+                  "reward_mean": 2.0, "reward_std": pytest.approx(math.sqrt(2)), "estimator": "reinforce", "rows": 2,
+                  "groups": 1, "singleton_groups": 0, "normalized": False}
+    _, _, st = compute_advantages(scores(["a", "a", "b", "c", "c"], [0, 1, 0, 0, 1], [1.0, 3.0, 2.0, 0.0, 4.0]),
+                                  AdvantageParams(estimator="rloo"), None)
+    assert (st["groups"], st["singleton_groups"], st["baseline_mean"]) == (3, 1, pytest.approx((3 + 1 + 2 + 4 + 0) / 5))
+    _, _, st = compute_advantages(scores(["a"], [0], [5.0]), AdvantageParams(estimator="reinforce"), None)
+    assert (st["reward_std"], st["advantage_std"], st["reward_mean"]) == (0.0, 0.0, 5.0)
+    # normalized over a round of two: (a - mean) / std with the sample std
+    out, _, _ = compute_advantages(scores(["a", "a"], [0, 1], [1.0, 3.0]),
+                                   AdvantageParams(estimator="reinforce", normalize_advantages=True), None)
+    assert out["advantage"].to_list() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2)], abs=1e-6)
+    assert compute_advantages(scores(["a", "a"], [0, 1], [1.0, 3.0]), AdvantageParams(estimator="reinforce",
+                              normalize_advantages=True), None)[2]["normalized"] is True
+
+
+@pytest.mark.parametrize("state,phrase", [
+    ({"round_sums": [1.0], "round_counts": [1, 2], "round_means": [1.0]}, "round_sums/round_counts/round_means disagree"),
+    ({"round_sums": [1.0], "round_counts": [0], "round_means": [1.0]}, "round_sums/round_counts/round_means disagree"),
+    ({"round_sums": [1.0], "round_counts": ["4"], "round_means": [1.0]}, "round_sums/round_counts/round_means disagree"),
+    ({"round_sums": [1.0], "round_counts": [1], "round_means": [1.0], "ema": "0.5"}, "`ema` must be a number or null, got '0.5'"),
+])
+def test_a_malformed_state_is_refused_and_says_how_to_fix_it(state, phrase):
+    from stages.advantage import check_state
+
+    with pytest.raises(PipelineError) as exc:
+        check_state(state, "s.json")
+    assert str(exc.value) == (f"s.json: {phrase}; pass the state written by the previous round (--state-out) or none "
+                              "to start afresh")
+
+
+def test_a_valid_state_and_the_fresh_one():
+    from stages.advantage import check_state
+
+    fresh = {"estimator": None, "ema": None, "round_sums": [], "round_counts": [], "round_means": []}
+    assert check_state(None) == fresh
+    one = {"round_sums": [3.0], "round_counts": [1], "round_means": [3.0]}  # a round of one row is a valid round
+    assert check_state(one) == {**fresh, **one}
+    assert check_state({**one, "ema": 2, "estimator": "ema"})["ema"] == 2
+
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, case):

@@ -10,7 +10,7 @@ import torch
 from test_score import direct_logp
 
 from conftest import make_samples_table, make_tiny_model
-from stages.evaluate import eval_metrics, evaluate_policy, flat_metrics, paired_bootstrap, win_rate
+from stages.evaluate import distinct_n, eval_metrics, evaluate_policy, flat_metrics, paired_bootstrap, win_rate
 from stages.models import load_causal_lm, load_tokenizer
 from stages.params import RewardSpec
 from stages.rewards import build_rewards
@@ -20,6 +20,7 @@ def test_win_rate_by_hand():
     assert win_rate(np.array([3.0, 2.0, 1.0]), np.array([1.0, 2.0, 0.0])) == pytest.approx(2.5 / 3)  # win, tie, win
     assert win_rate(np.array([0.0, 0.0]), np.array([1.0, 0.0])) == pytest.approx(0.25)
     assert np.isnan(win_rate(np.array([]), np.array([])))
+    assert win_rate(np.array([2.0]), np.array([1.0])) == 1.0  # one prompt is a win-rate, not "no prompts"
 
 
 ROWS = [("e0", 0, "write a short review of a film you liked", "the movie was great and wonderful", "stop"),
@@ -61,6 +62,15 @@ def test_eval_kl_is_zero_against_itself_and_a_forward_difference_against_another
     assert table["ref_score"].to_list() == [0.1, 0.9, 0.5]
     assert m["win_rate"] == pytest.approx(2 / 3) and m["reward"] == pytest.approx(2.75 / 3)
     assert m["ref_reward"] == pytest.approx(0.5) and m["prompts"] == 3
+    assert table.columns == ["prompt_id", "prompt_text", "completion", "num_tokens", "finish_reason", "policy_version",
+                             "score", "logp_policy", "logp_ref", "kl", "ref_completion", "ref_num_tokens", "ref_score"]
+    assert table["prompt_text"].to_list() == pol["prompt_text"].to_list()
+    assert table["finish_reason"].to_list() == ["stop", "length", "stop"]
+    # the reference's rows are found by prompt id, in any order; a prompt without one keeps its row, unpaired
+    table, m = evaluate_policy(pol, ref[::-1].head(2), np.array([0.5, 0.9]), rewards, policy, policy, tok, prompts)
+    assert table["prompt_id"].to_list() == ["e0", "e1", "e2"]
+    assert table["ref_completion"].to_list() == [None, REF_ROWS[1][3], REF_ROWS[2][3]]
+    assert table["ref_score"].to_list() == [None, 0.9, 0.5]
 
 
 def test_eval_metrics_of_a_table():
@@ -75,6 +85,10 @@ def test_eval_metrics_of_a_table():
     assert m["win_rate"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4) and m["kl"] == pytest.approx(0.15)
     assert (m["mean_length"], m["ref_mean_length"], m["prompts"]) == (25.0, 5.0, 4)
     assert torch.isclose(torch.tensor(m["reward"]), torch.tensor(0.5))
+    # no bigram at all (one-word completions): distinct-2 is 0, and the ratio against it is undefined (nan)
+    one_word = eval_metrics(t.with_columns(ref_completion=pl.lit("yes")))
+    assert one_word["ref_distinct_2"] == 0.0 and np.isnan(one_word["distinct_2_ratio"])
+    assert distinct_n([]) == 0.0 and distinct_n(["word"]) == 0.0
 
 
 def test_paired_bootstrap_by_hand():
@@ -92,9 +106,20 @@ def test_paired_bootstrap_by_hand():
     # the pairing matters: policy and reference move together, so the gain is exactly 1 whatever their spread
     spread = np.array([-5.0, 0.0, 5.0, 10.0])
     assert paired_bootstrap(spread + 1, spread)["reward_gain_ci95"] == [pytest.approx(1.0)] * 2
-    # fixed seed: the same numbers every time
+    # every prompt can be drawn, the first as the others: the same gains in another order, the same interval
+    assert paired_bootstrap(pol[::-1].copy(), zero) == paired_bootstrap(pol, zero)
+    # the interval's ends are the 2.5th and 97.5th percentiles: gains 1 on 4 of 7 prompts, 0 (ties) on 3, so a
+    # resample's gain is k/7 with k ~ Binomial(7, 4/7): P(k <= 1) = 2.74 % (the 2.5th percentile is k = 1, a 3.5th
+    # would be k = 2) and P(k = 7) = 1.99 % (the 97.5th is k = 6, a 98.5th would be k = 7); win-rate 0.5 + k/14
+    # (enough resamples that the empirical tails sit well inside those margins)
+    got = paired_bootstrap(np.array([1.0] * 4 + [0.0] * 3), np.zeros(7), resamples=200_000)
+    assert got == {"reward_gain_ci95": [pytest.approx(1 / 7), pytest.approx(6 / 7)],
+                   "win_rate_ci95": [pytest.approx(8 / 14), pytest.approx(13 / 14)]}
+    # fixed seed: the same numbers every time, and the defaults the README states (2000 resamples, seed 0)
     rnd = np.random.default_rng(1).normal(size=(2, 50))
-    assert paired_bootstrap(*rnd) == paired_bootstrap(*rnd)
+    assert paired_bootstrap(*rnd) == paired_bootstrap(*rnd) == paired_bootstrap(*rnd, resamples=2000, seed=0)
+    assert paired_bootstrap(*rnd) != paired_bootstrap(*rnd, resamples=2001)
+    assert paired_bootstrap(*rnd) != paired_bootstrap(*rnd, seed=1)
 
 
 def test_eval_metrics_carry_their_intervals_and_the_prompt_count():
@@ -158,6 +183,34 @@ def test_generate_one_samples_one_greedy_completion_per_prompt_at_the_eval_lengt
     assert all(1 <= n <= 5 for n in a["num_tokens"]) and 5 in a["num_tokens"].to_list()
     assert a["completion"].to_list() == b["completion"].to_list()
 
+
+
+def test_sampled_evaluation_draws_from_the_seeds_of_round_minus_one(setup, tiny_model_dir):
+    """evaluate.greedy = false: each prompt's completion comes from prompt_seed(seed, -1, prompt_id), a stream no
+    training round (round index >= 0) ever draws from; the same seed gives the same completions."""
+    import json
+
+    from conftest import repo_params
+    from stages.evaluate import generate_one
+    from stages.sample import generation_config, make_sampler, prompt_seed, tokenize_prompts
+
+    tok, _, _, prompts, _ = setup
+    prompts = prompts.with_columns(pl.Series("messages", [json.dumps([{"role": "user", "content": t}])
+                                                          for t in prompts["prompt"]]))
+    params = repo_params(base={"model_dir": str(tiny_model_dir)}, evaluate={"max_completion_length": 6, "greedy": False},
+                         sample={"dtype": "float32", "max_model_len": 128, "batch_size": 2, "k": 4, "temperature": 1.0})
+    cfg = generation_config(params.sample, k=1, max_tokens=6)
+    _, ids = tokenize_prompts(tok, prompts)
+    sampler = make_sampler(str(tiny_model_dir), params, backend="hf")
+    try:
+        got = generate_one(sampler, tok, prompts, params, 3, 7)["completion_token_ids"].to_list()
+        again = generate_one(sampler, tok, prompts, params, 3, 7)["completion_token_ids"].to_list()
+        draws = {r: [c[0].token_ids for c in sampler.generate(ids, cfg, [prompt_seed(3, r, p) for p in prompts["prompt_id"]])]
+                 for r in (-1, 0, 1, -2)}
+    finally:
+        sampler.close()
+    assert got == again == draws[-1]
+    assert all(got != draws[r] for r in (0, 1, -2))
 
 def test_task_scores_give_rewards_the_prompts_columns_and_name_a_bad_row(setup, tmp_path, monkeypatch):
     from stages.errors import PipelineError

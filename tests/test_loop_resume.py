@@ -5,6 +5,7 @@ output-dir checks of the params, and `round_prompts`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -15,7 +16,7 @@ from conftest import repo_params, repo_params_data
 from stages import checkpoint
 from stages.errors import PipelineError
 from stages.io import write_json, write_table
-from stages.loop.resume import MANIFEST, apply_plan, file_record, plan_resume, round_dir, round_prompts
+from stages.loop.resume import MANIFEST, RESTART, apply_plan, file_record, plan_resume, round_dir, round_prompts
 from stages.loop.writer import manifest_for
 from stages.params import parse_params
 
@@ -53,7 +54,7 @@ def one_line(exc) -> str:
 
 def test_fresh_start(params):
     plan = plan_resume(params, ID)
-    assert plan.start == 0 and plan.checkpoint is None and plan.superseded is None
+    assert plan.start == 0 and plan.checkpoint is None and plan.superseded is None and plan.adv_state is None
 
 
 def test_continue_after_the_checkpoint(params):
@@ -64,8 +65,12 @@ def test_continue_after_the_checkpoint(params):
     (round_dir(tp.rounds_dir, 3) / "samples.parquet").write_bytes(b"half")
     plan = plan_resume(params, ID)
     assert plan.start == 3 and [m["round"] for m in plan.done] == [0, 1, 2] and plan.done[-1] == ms[-1]
+    assert plan.adv_state == {"estimator": "ema", "ema": 2.0}  # round 3's baseline, from its manifest
+    assert plan.identity == ID and plan.checkpoint["checkpoint_id"] == "c3"  # the weights round 4 starts from
     assert plan.stale == [round_dir(tp.rounds_dir, 3)]
     (tp_dir := round_dir(tp.rounds_dir, 0).parent / "notes.txt").write_text("mine")
+    (round_dir(tp.rounds_dir, 0).parent / "plots").mkdir()  # not a round dir either
+    assert plan_resume(params, ID).stale == plan.stale
     apply_plan(plan, params)
     assert not round_dir(tp.rounds_dir, 3).exists() and round_dir(tp.rounds_dir, 2).is_dir()
     assert tp_dir.read_text() == "mine"  # not a round dir: never touched
@@ -90,12 +95,24 @@ def test_manifest_repaired_from_the_checkpoint(params, caplog):
     lost = write_round(tp, 2, manifest=False, ema=0.125)
     write_checkpoint(tp, 3, manifest=lost)
     plan = plan_resume(params, ID)
-    assert plan.start == 3 and plan.repair == lost and plan.done[-1]["advantage_state"]["ema"] == 0.125
+    assert plan.start == 3 and plan.repair == lost and plan.adv_state == lost["advantage_state"]
+    assert plan.adv_state["ema"] == 0.125  # round 4 starts from round 3's baseline, not from scratch
     with caplog.at_level(logging.INFO, logger="stages.loop.resume"):
         apply_plan(plan, params)
     assert "repaired the manifest of round 3 from its checkpoint" in [r.getMessage() for r in caplog.records]
     assert json.loads((round_dir(tp.rounds_dir, 2) / MANIFEST).read_text()) == lost
     assert plan_resume(params, ID).start == 3 and plan_resume(params, ID).repair is None
+
+
+def test_a_repaired_run_still_verifies_its_other_rounds(params):
+    tp = params.train
+    write_round(tp, 0)
+    write_round(tp, 1)
+    write_checkpoint(tp, 3, manifest=write_round(tp, 2, manifest=False))
+    path = round_dir(tp.rounds_dir, 1) / "samples.parquet"
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(PipelineError, match=r"round 2 is damaged"):
+        plan_resume(params, ID)
 
 
 def test_removed_checkpoint_is_refused_not_a_reason_to_delete(params):
@@ -104,8 +121,21 @@ def test_removed_checkpoint_is_refused_not_a_reason_to_delete(params):
         write_round(tp, r)
     with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
-    assert "wrote a checkpoint, but the checkpoint is missing" in one_line(exc) and "--restart" in str(exc.value)
+    assert "round 2 wrote a checkpoint, but the checkpoint is missing" in one_line(exc) and "--restart" in str(exc.value)
     assert all((round_dir(tp.rounds_dir, r) / MANIFEST).is_file() for r in range(2))
+
+
+def test_a_checkpoint_older_than_the_rounds_that_wrote_one_is_refused(params):
+    """Rounds 2 to 4 each wrote a checkpoint, but the checkpoint dir holds round 1's (e.g. restored from an old
+    `dvc checkout`): resuming from it would silently redo three rounds that are on record."""
+    tp = params.train
+    for r in range(4):
+        write_round(tp, r)
+    write_checkpoint(tp, 1)
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert "round 4 wrote a checkpoint, but the checkpoint is at round 1" in one_line(exc)  # the last of rounds 2-4
+    assert f"dvc checkout {tp.checkpoint_dir}" in str(exc.value)
 
 
 @pytest.mark.parametrize("content,phrase", [("{}", "manifest lacks round, identity, artifacts, metrics"),
@@ -146,6 +176,54 @@ def test_a_gap_in_the_manifests_is_refused(params):
         plan_resume(params, ID)
 
 
+@pytest.mark.parametrize("damage", ["missing", "size", "checksum"])
+def test_each_kind_of_damage_is_named_with_the_fix(params, damage):
+    tp = params.train
+    write_round(tp, 0)
+    write_round(tp, 1)
+    write_checkpoint(tp, 2)
+    path = round_dir(tp.rounds_dir, 1) / "samples.parquet"
+    data = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+        problem = "is missing"
+    elif damage == "size":
+        path.write_bytes(data + b"xx")
+        problem = f"has {len(data) + 2} bytes, its manifest recorded {len(data)}"
+    else:
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
+        problem = "does not match the checksum its manifest recorded"
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert str(exc.value) == (f"{path} {problem}: round 2 is damaged; restore it with `dvc checkout "
+                              f"{round_dir(tp.rounds_dir, 1).parent}` (when DVC cached this run) or start over: {RESTART}")
+
+
+def test_a_manifest_in_another_round_s_dir_or_unreadable_is_refused_with_the_fix(params):
+    tp = params.train
+    write_round(tp, 0)
+    write_round(tp, 1)
+    write_checkpoint(tp, 2)
+    wrong = round_dir(tp.rounds_dir, 1) / MANIFEST
+    wrong.write_text((round_dir(tp.rounds_dir, 0) / MANIFEST).read_text())  # round 1's manifest copied over round 2's
+    fix = f"restore the round (`dvc checkout`) or start over: {RESTART}"
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert str(exc.value) == f"{wrong}: manifest says round 0 in the dir of round 1; {fix}"
+    wrong.write_text("{garbage")
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert str(exc.value) == f"{wrong}: unreadable manifest (JSONDecodeError); {fix}"
+
+
+def test_file_record_is_size_and_sha256_and_rows_only_when_given(tmp_path):
+    path = tmp_path / "a.bin"
+    data = bytes(range(256)) * 5000  # over one read block
+    path.write_bytes(data)
+    assert file_record(path) == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert file_record(path, 7) == {**file_record(path), "rows": 7}
+
+
 def test_a_damaged_artifact_is_named(params):
     tp = params.train
     write_round(tp, 0)
@@ -167,12 +245,23 @@ def test_another_run_is_moved_aside_whole(params, tmp_path):
     (tmp_path / tp.state_dir / "state-c2.pt").write_bytes(b"s")
     plan = plan_resume(params, ID)
     assert plan.start == 0 and plan.superseded == {"identity": "old", "rounds": 2, "restart": False}
+    assert plan.identity == ID and plan.done == [] and plan.stale == []  # nothing is deleted: it all moves
     apply_plan(plan, params)
     (dest,) = (tmp_path / tp.archive_dir).iterdir()
     assert dest.name.endswith("-old")
     assert (dest / "rounds" / "round=0001" / MANIFEST).is_file() and (dest / "policy" / checkpoint.META).is_file()
     assert (dest / "state" / "state-c2.pt").read_bytes() == b"s"
     assert not (tmp_path / tp.rounds_dir).exists() and plan_resume(params, ID).start == 0
+
+
+def test_another_runs_checkpoint_alone_or_rounds_of_two_other_runs_are_moved_aside(params):
+    tp = params.train
+    write_checkpoint(tp, 2, identity="old")  # its rounds are gone (or elsewhere): the checkpoint still says whose
+    plan = plan_resume(params, ID)
+    assert plan.start == 0 and plan.superseded == {"identity": "old", "rounds": 0, "restart": False}
+    write_round(tp, 0, identity="run-c")
+    write_round(tp, 1, identity="run-b")
+    assert plan_resume(params, ID).superseded["identity"] == "old,run-b,run-c"
 
 
 def test_restart_moves_this_run_aside(params, tmp_path):

@@ -5,10 +5,13 @@ pass for every batch size, and the CLI (output contract, bad input exits 2 and k
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import math
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from stages.models import load_causal_lm, load_tokenizer
 from stages.params import RewardSpec, ScoreParams
 from stages.rewards import build_rewards
 from stages.schemas import SAMPLES, SCORES
-from stages.score import kl_and_reward, score_samples
+from stages.score import kl_and_reward, reward_inputs, score_samples, score_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,6 +144,13 @@ def chars(prompts, completions, bonus=0.0):
 def nan_on(prompts, completions, word="good"):
     return [float("nan") if word in c.split() else 1.0 for c in completions]
 
+def only_short(prompts, completions):
+    # applies only to completions of at most 3 words (None elsewhere)
+    return [float(len(c.split())) if len(c.split()) <= 3 else None for c in completions]
+
+def word_on(prompts, completions):
+    return ["good" if "good" in c.split() else 1.0 for c in completions]
+
 def with_columns(prompts, completions, **columns):
     # the raw user prompt (not the chat-templated text) and the prompts table's extra column
     return [float(p.startswith("tell")) + float(len(a)) for p, a in zip(prompts, columns["answer"])]
@@ -158,7 +168,12 @@ def test_score_samples_weights_and_kl_zero_when_ref_is_policy(models, tmp_path, 
         beta=0.3, batch_size=4,
     )
     samples = make_samples(tok)
+    t0 = time.perf_counter()
     out, stats = score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp)
+    elapsed = time.perf_counter() - t0
+    # the two phases' own times: each within the call's wall time, together not more than it
+    assert 0 <= stats["time/reward_s"] <= elapsed and 0 <= stats["time/logprobs_s"] <= elapsed
+    assert stats["time/reward_s"] + stats["time/logprobs_s"] <= elapsed
 
     chars = [len(r[3]) + 1.0 for r in ROWS]
     length = [min(len(r[3].split()) / 4, 1.0) for r in ROWS]
@@ -254,11 +269,37 @@ def test_on_invalid_error_names_reward_and_first_key(models, tmp_path, monkeypat
     mod = write_reward_module(tmp_path, monkeypatch, USER_REWARD)
     # "good" is a word of rows 3 (p1/1) and 4 (p2/0): the first one is named
     sp = score_params([{"name": "length", "function": "length"}, {"name": "picky", "function": f"{mod}:nan_on"}])
-    with pytest.raises(PipelineError, match=r"reward `picky` gave NaN/inf for prompt_id=p1 sample_idx=1;"):
+    with pytest.raises(PipelineError) as exc:
+        score_samples(make_samples(tok), build_rewards(sp.rewards), policy, policy, tok, sp)
+    assert str(exc.value) == ("reward `picky` gave NaN/inf for prompt_id=p1 sample_idx=1; fix the reward or set "
+                              "score.on_invalid: drop to exclude such rows")
+    # a value that is not a number at all is named by its row the same way
+    sp = score_params([{"name": "wordy", "function": f"{mod}:word_on"}])
+    with pytest.raises(PipelineError, match=r"reward `wordy` returned 'good' \(str\) for prompt_id=p1 sample_idx=1;"):
         score_samples(make_samples(tok), build_rewards(sp.rewards), policy, policy, tok, sp)
 
 
-def test_on_invalid_drop_drops_the_row_and_counts_it(models, tmp_path, monkeypatch):
+def test_score_stats_by_hand():
+    """The round's reward statistics (TRL's names) of a scores table: means, the sample std (n - 1), the dropped
+    rows, a component's mean over the rows it applied to, and nan for a component that never applied."""
+    out = pl.DataFrame({"score": [1.0, 2.0, 4.0], "rlhf_reward": [0.5, 1.0, 2.0], "kl": [0.1, 0.2, 0.3],
+                        "score/a": [1.0, None, 3.0], "score/b": pl.Series([None, None, None], dtype=pl.Float64)})
+    got = score_stats(out, 5, ["a", "b"], 0.25, 1.5)
+    assert set(got) == {"reward", "reward_std", "rlhf_reward", "kl", "score/dropped", "time/reward_s",
+                        "time/logprobs_s", "rewards/a", "rewards/b"}
+    assert got["reward"] == pytest.approx(7 / 3) and got["reward_std"] == pytest.approx(math.sqrt(7 / 3))
+    assert got["rlhf_reward"] == pytest.approx(3.5 / 3) and got["kl"] == pytest.approx(0.2)
+    assert (got["score/dropped"], got["time/reward_s"], got["time/logprobs_s"]) == (2, 0.25, 1.5)
+    assert got["rewards/a"] == 2.0 and math.isnan(got["rewards/b"])
+    assert score_stats(out.head(2), 2, [], 0.0, 0.0)["reward_std"] == pytest.approx(math.sqrt(0.5))  # two rows: spread
+    one = score_stats(out.head(1), 1, ["a"], 0.0, 0.0)
+    assert one["reward_std"] == 0.0 and one["reward"] == 1.0 and one["score/dropped"] == 0
+    none = score_stats(out.clear(), 4, ["a"], 0.0, 0.0)  # every row dropped: no means, no spread
+    assert [math.isnan(none[k]) for k in ("reward", "rlhf_reward", "kl", "rewards/a")] == [True] * 4
+    assert none["reward_std"] == 0.0 and none["score/dropped"] == 4
+
+
+def test_on_invalid_drop_drops_the_row_and_counts_it(models, tmp_path, monkeypatch, caplog):
     tok, policy, ref, _, _ = models
     mod = write_reward_module(tmp_path, monkeypatch, USER_REWARD)
     sp = score_params(
@@ -266,7 +307,10 @@ def test_on_invalid_drop_drops_the_row_and_counts_it(models, tmp_path, monkeypat
         on_invalid="drop",
     )
     samples = make_samples(tok)
-    out, stats = score_samples(samples, build_rewards(sp.rewards), policy, ref, tok, sp)
+    with caplog.at_level(logging.WARNING, logger="stages.score"):
+        out, stats = score_samples(samples, build_rewards(sp.rewards), policy, ref, tok, sp)
+    assert [r.getMessage() for r in caplog.records] == [
+        "score.on_invalid=drop: 1 of 6 completions dropped (NaN/inf reward)"]
     assert stats["score/dropped"] == 1
     assert list(zip(out["prompt_id"], out["sample_idx"])) == [(r[0], r[1]) for r in ROWS if r[:2] != ("p1", 0)]
     for col in ("score", "logp_policy", "logp_ref", "kl", "rlhf_reward"):
@@ -341,3 +385,56 @@ def test_on_invalid_drop_with_several_invalid_components(models, tmp_path, monke
     assert out["score"].to_list() == pytest.approx([2.0 + 3.0 + len(r[3]) for r in kept])
     assert out["score/c"].to_list() == [float(len(r[3])) for r in kept]
     assert stats["rewards/c"] == pytest.approx(sum(len(r[3]) for r in kept) / 4)
+
+
+def test_a_reward_that_does_not_apply_is_null_there_and_out_of_the_sum(models, tmp_path, monkeypatch, caplog):
+    """None from a reward (TRL's "does not apply") leaves score/<name> null on that row and adds nothing to its score;
+    the row is kept (not an invalid row: no drop, no warning), and the component's mean is over the rows it applied to."""
+    tok, policy, _, _, _ = models
+    mod = write_reward_module(tmp_path, monkeypatch, USER_REWARD)
+    sp = score_params([{"name": "short", "function": f"{mod}:only_short", "weight": 2.0},
+                       {"name": "chars", "function": f"{mod}:chars", "weight": 1.0}], on_invalid="drop")
+    with caplog.at_level(logging.WARNING, logger="stages.score"):
+        out, stats = score_samples(make_samples(tok), build_rewards(sp.rewards), policy, policy, tok, sp)
+    short = [float(len(r[3].split())) if len(r[3].split()) <= 3 else None for r in ROWS]
+    assert None in short and out["score/short"].to_list() == short
+    assert out["score"].to_list() == pytest.approx([2.0 * (w or 0.0) + len(r[3]) for w, r in zip(short, ROWS)])
+    assert out.height == len(ROWS) and stats["score/dropped"] == 0 and caplog.records == []
+    assert stats["rewards/short"] == pytest.approx(np.mean([w for w in short if w is not None]))
+
+
+def test_the_score_dtype_reaches_both_logprob_passes(models):
+    """score.dtype: bfloat16 scores both passes in bf16 autocast (docs/design.md §7): the same numbers as
+    sequence_logprobs in that dtype, not the fp32 ones."""
+    tok, policy, ref, _, _ = models
+    samples = make_samples(tok)
+    p, c = [tok(t, add_special_tokens=False)["input_ids"] for t in samples["prompt_text"]], samples["completion_token_ids"].to_list()
+    rewards = build_rewards([RewardSpec(name="len", function="length")])
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        out, _ = score_samples(samples, rewards, policy, ref, tok, score_params([{"name": "len", "function": "length"}], dtype=dtype))
+        got[dtype] = out
+        for col, model in (("logp_policy", policy), ("logp_ref", ref)):
+            want = sequence_logprobs(model, p, c, tok.pad_token_id, dtype=dtype)[0]
+            assert out[col].to_list() == pytest.approx(want, abs=1e-6), (dtype, col)
+    assert got["bfloat16"]["logp_ref"].to_list() != pytest.approx(got["float32"]["logp_ref"].to_list(), abs=1e-4)
+
+
+def test_reward_inputs_join_the_prompts_columns_by_prompt_id(models):
+    """Rewards get the user's raw prompt (the sample's prompt_text where the prompts table lacks the row), every extra
+    column by name, the completion ids, and the chat turns when a prompt is conversational."""
+    tok = models[0]
+    samples = make_samples_table(tok, [("p0", 0, "<t>zero", "a", "stop"), ("p0", 1, "<t>zero", "b", "stop"),
+                                       ("p1", 0, "<t>one", "c", "stop"), ("p9", 0, "<t>nine", "d", "stop")])
+    turns = [{"role": "user", "content": "raw one"}]
+    prompts = pl.DataFrame({"prompt_id": ["p1", "p0"], "prompt": ["raw one", "raw zero"], "answer": ["b", "a"],
+                            "messages": [json.dumps(turns), "[]"], "conversational": [True, False]})
+    texts, inputs = reward_inputs(samples, prompts)
+    assert texts == ["raw zero", "raw zero", "raw one", samples["prompt_text"][3]] and "<t>nine" in texts[3]
+    assert inputs == {"completion_ids": samples["completion_token_ids"].to_list(), "answer": ["a", "a", "b", None],
+                      "messages": [[], [], turns, None]}
+    # plain-text prompts: no chat turns; no prompts table: the rendered prompt and the ids only
+    texts, inputs = reward_inputs(samples, prompts.with_columns(conversational=pl.lit(False)))
+    assert set(inputs) == {"completion_ids", "answer"}
+    assert reward_inputs(samples, None) == (samples["prompt_text"].to_list(),
+                                            {"completion_ids": samples["completion_token_ids"].to_list()})

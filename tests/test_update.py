@@ -337,9 +337,11 @@ def test_training_batch_joins_and_rejects_orphan_advantages(tiny_model_dir):
     batch = training_batch(samples, adv)
     assert list(zip(batch["prompt_id"], batch["sample_idx"], batch["advantage"])) == [("p0", 1, 2.0), ("p1", 1, 4.0)]
     assert batch["completion_token_ids"].to_list() == samples.filter(pl.col("sample_idx") == 1)["completion_token_ids"].to_list()
-    orphan = pl.concat([adv, make_advantages(samples.head(1), [9.0]).with_columns(pl.lit("p9").alias("prompt_id"))])
-    with pytest.raises(PipelineError, match=r"prompt_id=p9 sample_idx=0 has no matching sample"):
+    orphan = pl.concat([adv, make_advantages(samples.head(2), [9.0, 8.0]).with_columns(pl.lit("p9").alias("prompt_id"))])
+    with pytest.raises(PipelineError) as exc:
         training_batch(samples, orphan)
+    assert str(exc.value) == ("advantages: prompt_id=p9 sample_idx=0 has no matching sample (2 rows); use the samples "
+                              "file of the same round")
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
@@ -392,3 +394,46 @@ def test_schedule_reaches_the_optimizer(tiny_model_dir):
                       total_rounds=4)
     lrs = [trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))["learning_rate"] for _ in range(4)]
     assert lrs == pytest.approx([1e-2 * 0.5, 1e-2, 1e-2, 1e-2 * 0.5])  # steps 0-3 of 4, warm-up 2
+
+
+def test_grad_variance_by_hand():
+    """Two prompt groups with gradients g1 = (1, 0), g2 = (0, 1) and shares 1/2 each, accumulated as the update does:
+    G = (1/2, 1/2), ||G||^2 = 1/2, the one-prompt estimates' covariance trace (unbiased, weighted) = (1/2 * 1 +
+    1/2 * 1 - 1/2) / (1 - 1/2) = 1, the signal ||G||^2 - var * sum w^2 = 0. One group has no variance to report."""
+    from stages.loss import _GradVariance
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    gv = _GradVariance(model)
+    model.weight.grad = torch.tensor([[0.5, 0.0]])  # after group 1: w1 g1
+    gv.add(0.5)
+    assert gv.finish() == {}
+    model.weight.grad = torch.tensor([[0.5, 0.5]])  # after group 2: w1 g1 + w2 g2
+    gv.add(0.5)
+    got = gv.finish()
+    assert got == {"grad/variance": pytest.approx(1.0), "grad/mean_sq_norm": pytest.approx(0.5),
+                   "grad/signal": pytest.approx(0.0, abs=1e-12), "grad/snr": pytest.approx(0.0, abs=1e-12)}
+
+
+def test_the_paper_s_sequence_loss_is_the_default_and_one_token_counts_once():
+    leaf, mask, adv = _random_logp()
+    logp = leaf * mask
+    old = logp.detach() - 0.05 * mask  # log-ratio 0.05 per token: the ratios differ between the two aggregations
+    default, _ = policy_loss(logp, old, mask, adv, EPS)
+    assert default.item() == pytest.approx(policy_loss(logp, old, mask, adv, EPS, "sequence")[0].item())
+    assert default.item() != pytest.approx(policy_loss(logp, old, mask, adv, EPS, "token")[0].item())
+    # token level over a batch with one real token: that token's term alone (divided by 1, not by a floor of 2)
+    one = torch.zeros_like(mask)
+    one[0, 0] = True
+    r = math.exp(0.05)
+    loss, clip = policy_loss(leaf * one, (leaf * one).detach() - 0.05 * one, one, adv, 0.01, "token")
+    assert loss.item() == pytest.approx(-min(r * adv[0].item(), (1 + 0.01) * adv[0].item()), rel=1e-6)
+    assert clip.item() == 1.0  # that one token is clipped (ratio 1.05 > 1.01 with A > 0)
+
+
+def test_learning_rate_schedules_at_their_edges():
+    # warm-up as long as the run: full rate after it (no decay left to do)
+    assert [lr_lambda(2, 2, s)(3) for s in ("linear", "cosine")] == [1.0, 1.0]
+    # past the last step the decay stays at its end, never below 0
+    assert lr_lambda(0, 4, "linear")(6) == 0.0 and lr_lambda(0, 4, "cosine")(6) == pytest.approx(0.0)
+    # one step to decay over: done after it
+    assert lr_lambda(0, 1, "linear")(1) == 0.0 and lr_lambda(0, 1, "linear")(0) == 1.0

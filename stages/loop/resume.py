@@ -152,6 +152,11 @@ class ResumePlan:
     stale: list[Path] = field(default_factory=list)  # round dirs to remove (partial, or re-done after the checkpoint)
     superseded: dict | None = None  # the other run to move aside: {"identity", "rounds"}
 
+    @property
+    def adv_state(self) -> dict | None:
+        """The advantage estimator's state carried into round `start` (the last done round's; None from scratch)."""
+        return self.done[-1]["advantage_state"] if self.done else None
+
 
 def scan_rounds(rounds_dir: Path) -> dict[int, tuple[Path, dict | None]]:
     """round index -> (dir, manifest or None) for every `round=NNNN` dir."""
@@ -176,8 +181,9 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     ids = {m["identity"] for m in manifests.values()} | ({meta.get("identity")} if meta else set())
     if restart or (ids and identity not in ids):
         other = sorted(ids - {identity}) or [identity]
-        return ResumePlan(identity, 0, stale=[d for d, _ in rounds.values()],
-                          superseded={"identity": ",".join(other), "rounds": len(manifests), "restart": restart})
+        # the superseded run moves aside whole (apply_plan -> archive_run): no round dir is stale
+        return ResumePlan(identity, 0, superseded={"identity": ",".join(other), "rounds": len(manifests),
+                                                   "restart": restart})
     if len(ids) > 1:
         raise PipelineError(f"{tp.rounds_dir}: holds rounds of more than one run (identities {sorted(ids)}); the state is "
                             f"inconsistent; start over (the old rounds are moved to {tp.archive_dir}): {RESTART}")
@@ -190,9 +196,8 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     c = meta["round"] if meta else 0
     plan = ResumePlan(identity, c, checkpoint=meta)
     if c == n + 1 and (meta.get("manifest") or {}).get("round") == n:
-        plan.repair = meta["manifest"]  # killed between the checkpoint and the manifest of round n
+        plan.repair = meta["manifest"]  # killed between the checkpoint and the manifest of round n (= c - 1)
         manifests[n] = meta["manifest"]
-        n += 1
     elif c > n:
         raise PipelineError(f"{tp.checkpoint_dir}: the checkpoint is at round {c} but only {n} rounds are complete in "
                             f"{tp.rounds_dir}; the state is inconsistent; start over: {RESTART}")

@@ -1,0 +1,34 @@
+"""The training flow (flows/train.py) in the fast suite: a tiny project trained for one round, then resumed for a
+second. The resumed round must start from the first round's carried baseline (`ema`), which is checked against the
+rounds' own scores, not against another run. The transformers sampler keeps it fast; vLLM, the SIGKILL resume and
+`dvc repro` are covered by the slow tests (tests/test_resume.py, tests/test_pipeline_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+from project import PY, make_project, run, run_env
+
+ALPHA = 0.5
+
+
+def test_a_resumed_run_carries_the_baseline_into_its_next_round(tmp_path, tiny_model_dir):
+    proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 1, "train.eval_every": 0,
+                                                     "advantage.estimator": "ema", "advantage.alpha": ALPHA,
+                                                     "sample.backend": "hf"})
+    env = run_env(tmp_path)
+    run([PY, "-m", "stages.prepare"], proj, env)
+    run([PY, "-m", "flows.train"], proj, env)
+    out = run([PY, "-m", "flows.train", "--rounds", "2"], proj, env)
+    assert "resuming after round 1 of 2" in out.stdout + out.stderr
+
+    rounds = proj / "data" / "rounds"
+    means = [pl.read_parquet(rounds / f"round={r:04d}" / "scores.parquet")["rlhf_reward"].mean() for r in (0, 1)]
+    state = json.loads((rounds / "round=0001" / "manifest.json").read_text())["advantage_state"]
+    assert state["round_means"] == pytest.approx(means, abs=1e-6)  # both rounds: the state came through the resume
+    assert state["ema"] == pytest.approx(ALPHA * means[0] + (1 - ALPHA) * means[1], abs=1e-6)
+    # the second round's advantages used that baseline: reward - ema after round 2's update of it
+    adv = pl.read_parquet(rounds / "round=0001" / "advantages.parquet")
+    assert adv["baseline"].to_list() == pytest.approx([state["ema"]] * adv.height, abs=1e-6)
