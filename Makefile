@@ -90,7 +90,7 @@ mutate: $(MUTATE_STAMP)
 
 # Line coverage of the fast suite (the README quotes the number)
 coverage: setup
-	source $(VENV)/bin/activate && python -m pytest -m "not slow" -q --cov=stages --cov=flows --cov-report=term | tail -40
+	source $(VENV)/bin/activate && python -m pytest -m "not slow" -q --cov --cov-report=term | tail -45
 
 # docs/params.md is generated from the params models (a test keeps it in step)
 docs: setup
