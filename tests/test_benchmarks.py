@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_trl  # noqa: E402
+import mutation_report  # noqa: E402
 import sweep_baselines  # noqa: E402
 import tune  # noqa: E402
 
@@ -87,3 +88,20 @@ def test_tune_grid_is_every_combination_with_yaml_values():
     assert grid == [{"update.learning_rate": 1e-5, "score.beta": 0.05, "sample.stop": [], "x.y": "a"},
                     {"update.learning_rate": 2.0e-5, "score.beta": 0.05, "sample.stop": [], "x.y": "a"}]
     assert tune.parse_grid([]) == [{}]
+
+
+def test_every_surviving_mutant_gets_a_reason_or_is_flagged_for_review():
+    def diff(old: str, new: str) -> str:
+        return f"--- stages/x.py\n+++ stages/x.py\n@@ -1 +1 @@\n-    {old}\n+    {new}\n"
+
+    call = 'lp, _ = sequence_logprobs(m, p, c, pad, bs, progress="logp ref", **opts)'
+    label = mutation_report.reason("stages.score.x_score_samples__mutmut_1",
+                                   diff(call, call.replace('"logp ref"', '"XXlogp refXX"')))
+    assert label == "a progress-bar label: display only"
+    assert "pad id" in mutation_report.reason("stages.score.x_score_samples__mutmut_2", diff(call, call.replace("pad, ", "")))
+    assert "batch size" in mutation_report.reason("stages.score.x_score_samples__mutmut_3", diff(call, call.replace("bs, ", "")))
+    # a change to what is computed is never explained away
+    real = mutation_report.reason("stages.score.x_score_samples__mutmut_4", diff("kl = lp - lr", "kl = lp + lr"))
+    assert real.startswith("no reason recorded")
+    assert mutation_report.reason("stages.loss.x_policy_loss__mutmut_5",
+                                  diff("loss = x.sum(-1)", "loss = x.mean(-1)")).startswith("no reason recorded")
