@@ -267,15 +267,48 @@ def summarize(arm: str, res: dict, ev: dict) -> dict:
     }
 
 
+def aggregate(runs: list[dict], arms: list[str]) -> list[dict]:
+    """One row per arm: each number the mean over the repeats that have it (an evaluation that failed in one repeat
+    leaves the others' mean), the step time's min and max beside it; an arm that never ran is its first failure."""
+    rows = []
+    for arm in arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        ok = [r for r in rs if r["ok"]]
+        if not ok:
+            rows.append(rs[0])
+            continue
+        avg = {}
+        for k in ok[0]:
+            vals = [r[k] for r in ok if r.get(k) is not None]
+            numeric = vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+            avg[k] = sum(vals) / len(vals) if numeric else next((r[k] for r in ok if r.get(k) is not None), None)
+        steps = [r["step_wall_s"] for r in ok if r.get("step_wall_s") is not None]
+        avg["step_wall_min"], avg["step_wall_max"], avg["repeats_ok"] = min(steps), max(steps), len(ok)
+        avg["evaluated"] = sum(r.get("eval_reward") is not None for r in ok)
+        rows.append(avg)
+    return rows
+
+
 def fmt(x, spec=".1f") -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def spread(r: dict) -> str:
+    lo, hi = r.get("step_wall_min"), r.get("step_wall_max")
+    return f" [{lo:.1f}-{hi:.1f}]" if lo is not None and hi is not None and r.get("repeats_ok", 1) > 1 else ""
+
+
+def evaluated(r: dict) -> str:
+    return f" (n={r['evaluated']})" if r.get("evaluated") is not None and r.get("repeats_ok", 1) > 1 else ""
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     ours = next((r for r in rows if r["arm"] == "ours" and r["ok"]), None)
     lines = [
         f"{meta['date']}, {meta['machine']}; {meta['steps']} steps of {meta['prompts']} prompts x K={meta['k']} x "
-        f"{meta['tokens']} tokens, lr {meta['lr']}, beta {meta['beta']}. Times in seconds, mean per step.",
+        f"{meta['tokens']} tokens, lr {meta['lr']}, beta {meta['beta']}. Times in seconds, mean per step over "
+        f"{meta.get('repeats', 1)} repeat(s) (the step's min-max over the repeats in brackets); held-out metrics: the "
+        "mean over the repeats whose final policy was evaluated (n in brackets).",
         "",
         "| arm | step (wall) | sampling | scoring | update | TRL / ours per step | generated tokens/s | warm-up | peak RSS GiB | held-out reward | win-rate vs base | KL |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -286,9 +319,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
             continue
         ratio = r["step_wall_s"] / ours["step_wall_s"] if ours else None
         lines.append(
-            f"| {r['arm']} | {fmt(r['step_wall_s'])} | {fmt(r['sample_s'])} | {fmt(r['score_s'])} | {fmt(r['update_s'])} | "
+            f"| {r['arm']} | {fmt(r['step_wall_s'])}{spread(r)} | {fmt(r['sample_s'])} | {fmt(r['score_s'])} | {fmt(r['update_s'])} | "
             f"{fmt(ratio, '.2f')}x | {fmt(r['gen_tokens_per_s'], '.0f')} | {fmt(r['warm_s'])} | {fmt(r['peak_rss_gib'], '.2f')} | "
-            f"{fmt(r['eval_reward'], '.3f')} | {fmt(r['eval_win_rate'], '.3f')} | {fmt(r['eval_kl'], '.3f')} |"
+            f"{fmt(r['eval_reward'], '.3f')}{evaluated(r)} | {fmt(r['eval_win_rate'], '.3f')} | {fmt(r['eval_kl'], '.3f')} |"
         )
     prec = [f"{r['arm']}: {r['precision']}" for r in rows if r.get("precision")]
     if prec:
@@ -310,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     ap.add_argument("--repeats", type=int, default=1, help="run the arms in turn this many times")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--render", action="store_true", help="rewrite trl.md from the runs in trl.json (no run)")
     ap.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -320,6 +354,15 @@ def main(argv: list[str] | None = None) -> None:
     from stages.errors import PipelineError
     from stages.io import write_json, write_text
     from stages.params import load_params
+
+    if args.render:
+        saved = json.loads((Path(args.out) / "trl.json").read_text())
+        arms = list(dict.fromkeys(r["arm"] for r in saved["runs"]))
+        rows = aggregate(saved["runs"], arms)
+        write_json({**saved, "arms": rows}, Path(args.out) / "trl.json")
+        write_text(markdown(rows, saved["meta"]), Path(args.out) / "trl.md")
+        print(markdown(rows, saved["meta"]))
+        return
 
     for need in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/eval.parquet"):
         if not (ROOT / need).exists():
@@ -340,16 +383,7 @@ def main(argv: list[str] | None = None) -> None:
             row["repeat"] = rep
             runs.append(row)
             print(f"    {json.dumps({k: v for k, v in row.items() if v is not None})}", flush=True)
-    # mean over repeats per arm (failures reported once)
-    rows = []
-    for arm in args.arms:
-        rs = [r for r in runs if r["arm"] == arm]
-        ok = [r for r in rs if r["ok"]]
-        if not ok:
-            rows.append(rs[0])
-            continue
-        avg = {k: (sum(r[k] for r in ok) / len(ok) if isinstance(ok[0][k], (int, float)) and not isinstance(ok[0][k], bool) and all(r[k] is not None for r in ok) else ok[0][k]) for k in ok[0]}
-        rows.append(avg)
+    rows = aggregate(runs, args.arms)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(),
             "steps": args.steps, "repeats": args.repeats, "prompts": params.train.prompts_per_round, "k": params.sample.k,
             "tokens": params.sample.max_completion_length, "lr": params.update.learning_rate, "beta": params.score.beta}

@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description="Policy vs reference on held-out prompts.")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--prompts", default="data/prepared/eval.parquet")
-    parser.add_argument("--policy", default=None, help="policy checkpoint (default: train.checkpoint_dir)")
+    parser.add_argument("--policy", default=None,
+                        help="policy checkpoint, or any transformers model dir (default: train.checkpoint_dir)")
     parser.add_argument("--out-dir", default=str(EVAL_DIR))
     parser.add_argument("--metrics", default=str(METRICS))
     parser.add_argument("--examples", default=str(EXAMPLES))
@@ -219,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     policy_dir = Path(args.policy or params.train.checkpoint_dir)
     ref_dir = params.score.ref_model or params.base.model_dir
     check_model_dir(policy_dir, field)
-    meta = checkpoint.read_meta(policy_dir, field)
+    # --policy may be any transformers model dir (e.g. another trainer's output): evaluating only reads it
+    plain = args.policy is not None and not (policy_dir / checkpoint.META).is_file()
+    meta = None if plain else checkpoint.read_meta(policy_dir, field)
     version = int(meta["round"]) if meta else 0
     t0 = time.perf_counter()
     # Both models load (and a damaged file fails, naming its field) before the engine starts.

@@ -105,3 +105,16 @@ def test_every_surviving_mutant_gets_a_reason_or_is_flagged_for_review():
     assert real.startswith("no reason recorded")
     assert mutation_report.reason("stages.loss.x_policy_loss__mutmut_5",
                                   diff("loss = x.sum(-1)", "loss = x.mean(-1)")).startswith("no reason recorded")
+
+
+def test_trl_arms_are_means_over_the_repeats_that_have_each_number():
+    run = lambda arm, wall, reward: {"arm": arm, "ok": True, "step_wall_s": wall, "eval_reward": reward,
+                                     "precision": "fp32"}
+    runs = [run("ours", 13.0, 0.5), run("trl", 21.0, None), run("ours", 14.0, 0.7), run("trl", 23.0, 0.4),
+            {"arm": "trl-vllm", "ok": False, "error": "boom"}]
+    ours, trl, failed = bench_trl.aggregate(runs, ["ours", "trl", "trl-vllm"])
+    assert (ours["step_wall_s"], ours["step_wall_min"], ours["step_wall_max"]) == (13.5, 13.0, 14.0)
+    assert ours["eval_reward"] == pytest.approx(0.6) and ours["evaluated"] == 2
+    assert trl["eval_reward"] == 0.4 and trl["evaluated"] == 1 and trl["step_wall_s"] == 22.0  # the failed eval left out
+    assert failed == runs[-1]
+    assert bench_trl.spread(ours) == " [13.0-14.0]" and bench_trl.evaluated(trl) == " (n=1)"

@@ -120,6 +120,20 @@ def test_a_truncated_policy_file_is_named_by_its_field(copy):
     one_line_error(run([PY, "-m", "flows.train", "--rounds", "3"], proj, env, check=False), "train.checkpoint_dir")
 
 
+def test_evaluate_takes_any_model_dir_as_policy_and_leaves_it_untouched(copy):
+    """`--policy` may be another trainer's output (a plain transformers dir, no checkpoint.json): evaluating reads
+    it; here the base model itself, so the KL to the reference (the same weights) is 0."""
+    import json
+
+    proj, env = copy
+    base = proj / "models" / "base"
+    before = {p: p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+    run([PY, "-m", "stages.evaluate", "--policy", "models/base"], proj, env)
+    metrics = json.loads((proj / "metrics" / "eval.json").read_text())
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6) and metrics["prompts"] > 0
+    assert {p: p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()} == before
+
+
 def test_a_removed_checkpoint_and_an_emptied_manifest_are_refused_without_deleting(copy):
     proj, env = copy
     manifest = proj / "data" / "rounds" / "round=0001" / "manifest.json"
