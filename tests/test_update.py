@@ -437,3 +437,23 @@ def test_learning_rate_schedules_at_their_edges():
     assert lr_lambda(0, 4, "linear")(6) == 0.0 and lr_lambda(0, 4, "cosine")(6) == pytest.approx(0.0)
     # one step to decay over: done after it
     assert lr_lambda(0, 1, "linear")(1) == 0.0 and lr_lambda(0, 1, "linear")(0) == 1.0
+
+
+def test_approx_kl_by_hand_over_two_epochs(tiny_model_dir):
+    """policy/approx_kl is the mean over a round's mini-batches of mean_t 0.5 (logp - logp_old)^2: with two epochs of
+    one mini-batch, 0 in the first (the ratio is 1) and, in the second, that of the policy after one step against the
+    round's start, computed here from a second trainer that took just that one step."""
+    from stages.score import completion_inputs
+
+    two = Trainer(str(tiny_model_dir), make_params(tiny_model_dir, num_ppo_epochs=2), CPU)
+    one = Trainer(str(tiny_model_dir), make_params(tiny_model_dir, num_ppo_epochs=1), CPU)
+    batch = make_batch(one, [1.0, -0.5, 0.3, 2.0])
+    prompts, completions = completion_inputs(batch, one.tokenizer)
+    per_token = lambda t: sequence_logprobs(t.model.eval(), prompts, completions, t.tokenizer.pad_token_id)[1]
+    before = per_token(one)
+    one.step(batch)
+    after = per_token(one)
+    sq = [(a - b) ** 2 for xs, ys in zip(after, before) for a, b in zip(xs, ys)]
+    want = (0.0 + 0.5 * sum(sq) / len(sq)) / 2
+    got = two.step(batch)["policy/approx_kl"]
+    assert want > 1e-4 and got == pytest.approx(want, rel=1e-3)
