@@ -359,9 +359,10 @@ def main(argv: list[str] | None = None) -> None:
         saved = json.loads((Path(args.out) / "trl.json").read_text())
         arms = list(dict.fromkeys(r["arm"] for r in saved["runs"]))
         rows = aggregate(saved["runs"], arms)
+        md = markdown(rows, saved["meta"])
         write_json({**saved, "arms": rows}, Path(args.out) / "trl.json")
-        write_text(markdown(rows, saved["meta"]), Path(args.out) / "trl.md")
-        print(markdown(rows, saved["meta"]))
+        write_text(md, Path(args.out) / "trl.md")
+        print(md)
         return
 
     for need in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/eval.parquet"):

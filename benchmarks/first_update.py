@@ -2,7 +2,7 @@
 (default params.yaml: prompts_per_round x K rows, max_completion_length tokens) timed whole and split into the
 forward/backward passes and the optimizer step, in one process with the trainer kept warm as the flow keeps it.
 
-    python benchmarks/first_update.py [--steps 4]      # needs models/base and data/prepared (dvc repro prepare)
+    python benchmarks/first_update.py [--steps 4] [--with-engine]   # needs models/base and data/prepared (dvc repro prepare)
 
 Prints a table (seconds per update); the README's Benchmarks section quotes it.
 """
@@ -10,6 +10,7 @@ Prints a table (seconds per update); the README's Benchmarks section quotes it.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -17,12 +18,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-
-def sampler_tokenizer(model_dir):
-    from stages.models import load_tokenizer
-
-    return load_tokenizer(model_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,23 +42,23 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = ROOT / params.base.model_dir
     if not (model_dir / "config.json").is_file():
         sys.exit(f"error: {model_dir} has no model: run `dvc repro prepare` first")
-    import os
+    # the first round's prompts: the engine's warm-up generation and the update's batch
+    prompts = read_table(ROOT / "data" / "prepared" / "train.parquet").head(params.train.prompts_per_round)
 
     sampler = None
     if args.with_engine:
+        from stages.models import load_tokenizer
         from stages.sample import generation_config, make_sampler, sample_prompts
 
         sampler = make_sampler(str(model_dir), params)
-        warm = read_table(ROOT / "data" / "prepared" / "train.parquet").head(params.train.prompts_per_round)
-        sample_prompts(sampler, sampler_tokenizer(model_dir), warm, generation_config(params.sample), 0, 0, 0,
+        sample_prompts(sampler, load_tokenizer(model_dir), prompts, generation_config(params.sample), 0, 0, 0,
                        params.sample.max_model_len)
     print(f"threads {torch.get_num_threads()}, affinity {sorted(os.sched_getaffinity(0))}, engine {bool(sampler)}")
     trainer = Trainer(str(model_dir), params, torch.device("cpu"), total_rounds=params.train.rounds)
     rows = params.train.prompts_per_round * params.sample.k
     rng = random.Random(0)
     vocab = trainer.tokenizer.vocab_size
-    # the first round's prompts, rendered as the sampler renders them; random completion tokens of full length
-    prompts = read_table(ROOT / "data" / "prepared" / "train.parquet").head(params.train.prompts_per_round)
+    # the prompts rendered as the sampler renders them; random completion tokens of full length
     texts, _ = tokenize_prompts(trainer.tokenizer, prompts)
     batch = pl.DataFrame({
         "prompt_id": [prompts["prompt_id"][i // params.sample.k] for i in range(rows)],

@@ -409,10 +409,10 @@ def test_the_score_dtype_reaches_both_logprob_passes(models):
     tok, policy, ref, _, _ = models
     samples = make_samples(tok)
     p, c = [tok(t, add_special_tokens=False)["input_ids"] for t in samples["prompt_text"]], samples["completion_token_ids"].to_list()
-    rewards = build_rewards([RewardSpec(name="len", function="length")])
     got = {}
     for dtype in ("float32", "bfloat16"):
-        out, _ = score_samples(samples, rewards, policy, ref, tok, score_params([{"name": "len", "function": "length"}], dtype=dtype))
+        sp = score_params([{"name": "len", "function": "length"}], dtype=dtype)
+        out, _ = score_samples(samples, build_rewards(sp.rewards), policy, ref, tok, sp)
         got[dtype] = out
         for col, model in (("logp_policy", policy), ("logp_ref", ref)):
             want = sequence_logprobs(model, p, c, tok.pad_token_id, dtype=dtype)[0]
