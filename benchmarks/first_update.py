@@ -21,6 +21,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 
 def main(argv: list[str] | None = None) -> None:
+    from stages.runtime import preload_malloc
+
+    if argv is None:  # with the malloc the training command runs with (tcmalloc where installed)
+        preload_malloc()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--with-engine", action="store_true",

@@ -7,23 +7,28 @@ import platform
 
 
 def describe() -> str:
-    """E.g. `2 CPU cores (AMD EPYC, AVX512-BF16: bf16 native), no GPU, torch 2.13.0+cpu, sampler/trainer bfloat16`."""
+    """E.g. `2 CPU cores (AMD EPYC, AVX512-BF16, no AMX: bf16 native), no GPU, torch 2.13.0+cpu, bf16 autocast on,
+    malloc libtcmalloc_minimal.so.4` (the malloc the benchmark's workers get: `stages.runtime.find_malloc`)."""
     import torch
 
-    from stages.runtime import fast_bf16
+    from stages.runtime import fast_bf16, find_malloc
 
     if torch.cuda.is_available():
         hw = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     else:
-        model = platform.processor() or platform.machine()
+        model, flags = platform.processor() or platform.machine(), set()
         try:
             with open("/proc/cpuinfo") as f:
-                model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+                info = f.read().splitlines()
+            model = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), model)
+            flags = set(next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), []))
         except OSError:
             pass
-        bf16 = "AVX512-BF16/AMX: bf16 native" if fast_bf16() else "no AVX512-BF16/AMX: bf16 emulated"
-        hw = f"{os.cpu_count()} CPU cores ({model}, {bf16}), no GPU"
-    return f"{hw}, torch {torch.__version__}, bf16 autocast {'on' if fast_bf16() else 'off (emulated)'}"
+        isa = f"{'AVX512-BF16' if 'avx512_bf16' in flags else 'no AVX512-BF16'}, {'AMX' if 'amx_bf16' in flags else 'no AMX'}"
+        hw = f"{os.cpu_count()} CPU cores ({model}, {isa}: bf16 {'native' if fast_bf16() else 'emulated'}), no GPU"
+    malloc = find_malloc()
+    return (f"{hw}, torch {torch.__version__}, bf16 autocast {'on' if fast_bf16() else 'off (emulated)'}, "
+            f"malloc {os.path.basename(malloc) if malloc else 'glibc'}")
 
 
 def flow_workdir(root, work) -> None:
@@ -50,6 +55,8 @@ def alternate_arms(tmp, arms: list[str], repeats: int, script: str, args: list[s
     import time
     from pathlib import Path
 
+    from stages.runtime import malloc_env
+
     root = Path(script).resolve().parents[1]
     for rep in range(repeats):
         for arm in arms:
@@ -57,4 +64,5 @@ def alternate_arms(tmp, arms: list[str], repeats: int, script: str, args: list[s
             work.mkdir()
             print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{repeats}: {arm}: {unit} ...", flush=True)
             cmd = [sys.executable, script, "--worker", arm, "--work", str(work), *args]
-            yield rep, arm, work, subprocess.run(cmd, cwd=root).returncode
+            # every arm with the malloc the training command preloads (tcmalloc where installed): like for like
+            yield rep, arm, work, subprocess.run(cmd, cwd=root, env=malloc_env()).returncode

@@ -79,6 +79,10 @@ def vllm_best_rate(w, prompts_df, params) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from stages.runtime import preload_malloc
+
+    if argv is None:  # with the malloc the training command runs with (tcmalloc where installed)
+        preload_malloc()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--rounds", type=int, default=3)

@@ -15,6 +15,10 @@ from flows.train import train_flow
 
 
 def main(argv: list[str] | None = None) -> None:
+    from stages.runtime import preload_malloc
+
+    if argv is None:  # the flow runs it spawns inherit tcmalloc (RLOO_MALLOC; docs/design.md §7)
+        preload_malloc()
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n")[0])
     parser.add_argument("--name", default="rloo-serve")
     parser.add_argument("--cron", default="0 2 * * *", help="schedule (UTC); '' for manual runs only")
@@ -29,4 +33,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from stages.errors import run_cli
+
+    run_cli(main)

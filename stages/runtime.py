@@ -6,10 +6,82 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+MALLOC_ENV = "RLOO_MALLOC"  # auto (tcmalloc where installed) | system | a path to a malloc library
+_MALLOC_DONE = "_RLOO_MALLOC_EXEC"  # set in the re-executed process: never re-exec twice
+TCMALLOC = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib",
+            "/opt/homebrew/lib")
+
+
+def find_malloc(setting: str | None = None, dirs: tuple[str, ...] = LIB_DIRS) -> str | None:
+    """The malloc library the training processes preload (`RLOO_MALLOC`): `auto` -> tcmalloc when installed (e.g.
+    Debian's libtcmalloc-minimal4; `make setup` installs it where it can), `system` -> None (glibc's malloc), or
+    the path given. A path that is not a file is an error."""
+    setting = setting if setting is not None else os.environ.get(MALLOC_ENV, "auto")
+    if setting == "system":
+        return None
+    if setting != "auto":
+        if not Path(setting).is_file():
+            from stages.errors import PipelineError
+
+            raise PipelineError(f"{MALLOC_ENV}: {setting} is not a file; set it to the path of a malloc library "
+                                "(e.g. libtcmalloc_minimal.so.4), to auto, or to system")
+        return str(Path(setting).resolve())
+    for d in (*dirs, str(Path(sys.prefix) / "lib")):
+        for name in TCMALLOC:
+            if (Path(d) / name).is_file():
+                return str(Path(d) / name)
+    return None
+
+
+def malloc_env() -> dict | None:
+    """This environment with the malloc library of `find_malloc` added to LD_PRELOAD (for a child process or a
+    re-exec); None when there is nothing to add: no library found, off Linux, or already preloaded."""
+    if sys.platform != "linux":
+        return None
+    lib = find_malloc()
+    preload = os.environ.get("LD_PRELOAD", "")
+    if lib is None or lib in preload.replace(" ", ":").split(":"):
+        return None
+    return {**os.environ, "LD_PRELOAD": ":".join(x for x in (lib, preload) if x)}
+
+
+def preload_malloc() -> None:
+    """Re-execute this command with tcmalloc preloaded, once, before torch is imported (`RLOO_MALLOC`).
+
+    glibc's malloc hands the update's large, short-lived buffers (logits, gradients, AdamW's temporaries: tens to
+    hundreds of MB each) back to the kernel and gets them again zero-filled at every step; tcmalloc keeps them.
+    Measured on the default task (2-core AMD EPYC, AVX512-BF16): 5.3M -> 1.8M page faults, kernel time 17 -> 9 s
+    per 4 rounds, a round 8.6 -> 6.9 s (the update 3.5-4.3 -> 2.4-2.6 s), peak RSS 7.5 -> 7.3 GiB
+    (docs/design.md §7). vLLM's CPU backend asks for the same (its "libtcmalloc is not found in LD_PRELOAD").
+    Called first thing by the training and serving commands; a no-op where `malloc_env` has nothing to add and in
+    the re-executed process itself."""
+    env = None if os.environ.get(_MALLOC_DONE) else malloc_env()
+    if env is None:
+        return
+    env[_MALLOC_DONE] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def malloc_in_use() -> str:
+    """The malloc library mapped into this process (its file name), or `glibc`."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        for line in maps.splitlines():
+            if name in line:
+                return Path(line.split()[-1]).name
+    return "glibc"
 
 
 def configure_env(threads: int = 0) -> None:

@@ -1,0 +1,110 @@
+"""The training command's malloc (stages.runtime: find_malloc, malloc_env, preload_malloc, malloc_in_use): tcmalloc
+where installed, glibc's malloc with RLOO_MALLOC=system, any library by path; the command re-executes itself once
+with the library preloaded, keeping its arguments and its pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.errors import PipelineError
+from stages.runtime import MALLOC_ENV, find_malloc
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = """
+import json, os, sys
+log = sys.argv[1]
+with open(log, "a") as f:
+    f.write(json.dumps({"phase": "start", "pid": os.getpid()}) + "\\n")
+from stages.runtime import malloc_in_use, preload_malloc
+preload_malloc()
+with open(log, "a") as f:
+    f.write(json.dumps({"phase": "after", "pid": os.getpid(), "argv": sys.argv[1:], "malloc": malloc_in_use(),
+                        "preload": os.environ.get("LD_PRELOAD", "")}) + "\\n")
+"""
+
+
+def run_child(tmp_path: Path, **env: str) -> list[dict]:
+    log = tmp_path / "child.jsonl"
+    log.unlink(missing_ok=True)
+    base = {k: v for k, v in os.environ.items() if k not in (MALLOC_ENV, "LD_PRELOAD", "_RLOO_MALLOC_EXEC")}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(log), "--flag", "a b"], cwd=REPO, env={**base, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def libc_path() -> str:
+    """This process's own libc: a real shared library that is harmless to preload."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        name = line.split()[-1]
+        if Path(name).name.startswith("libc.so"):
+            return name
+    raise AssertionError("no libc in /proc/self/maps")
+
+
+def test_find_malloc_settings(tmp_path, monkeypatch):
+    assert find_malloc("system") is None
+    with pytest.raises(PipelineError, match=r"RLOO_MALLOC: .*nope is not a file; set it to the path"):
+        find_malloc(str(tmp_path / "nope"))
+    lib = tmp_path / "libx.so"
+    lib.write_bytes(b"")
+    assert find_malloc(str(lib)) == str(lib.resolve())
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    d1.mkdir()
+    d2.mkdir()
+    (d2 / "libtcmalloc.so.4").write_bytes(b"")
+    assert find_malloc("auto", dirs=(str(d1), str(d2))) == str(d2 / "libtcmalloc.so.4")
+    (d2 / "libtcmalloc_minimal.so.4").write_bytes(b"")  # the minimal build first: all a training process needs
+    assert find_malloc("auto", dirs=(str(d1), str(d2))) == str(d2 / "libtcmalloc_minimal.so.4")
+    assert find_malloc("auto", dirs=(str(d1),)) is None
+    monkeypatch.setenv(MALLOC_ENV, "system")
+    assert find_malloc() is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD and /proc are Linux's")
+def test_the_command_reexecutes_once_with_the_library_preloaded(tmp_path):
+    libc = libc_path()
+    start, start_again, after = run_child(tmp_path, RLOO_MALLOC=libc)
+    assert start["phase"] == start_again["phase"] == "start" and after["phase"] == "after"  # once, no loop
+    assert start["pid"] == start_again["pid"] == after["pid"]  # execve: the same process (locks name it by pid)
+    assert after["argv"] == [str(tmp_path / "child.jsonl"), "--flag", "a b"] and after["preload"].split(":")[0] == libc
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD and /proc are Linux's")
+def test_system_malloc_and_an_existing_preload_start_no_second_process(tmp_path):
+    start, after = run_child(tmp_path, RLOO_MALLOC="system")
+    assert (start["phase"], after["phase"], after["malloc"], after["preload"]) == ("start", "after", "glibc", "")
+    libc = libc_path()
+    start, after = run_child(tmp_path, RLOO_MALLOC=libc, LD_PRELOAD=libc)  # already there: nothing to add
+    assert after["phase"] == "after" and after["preload"] == libc
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD and /proc are Linux's")
+def test_auto_uses_the_installed_tcmalloc_or_glibc(tmp_path):
+    """What a user's `python -m flows.train` gets: tcmalloc mapped into the process where one is installed (`make
+    setup` installs it as root on Debian/Ubuntu), else glibc's malloc and one process."""
+    found = find_malloc("auto")
+    records = run_child(tmp_path, RLOO_MALLOC="auto")
+    after = records[-1]
+    if found is None:
+        assert len(records) == 2 and after["malloc"] == "glibc"
+    else:
+        assert len(records) == 3 and after["malloc"] == Path(found).resolve().name
+        assert after["preload"].split(":")[0] == found
+
+
+def test_a_bad_setting_is_one_line_from_the_training_command(tmp_path):
+    env = {**os.environ, MALLOC_ENV: str(tmp_path / "missing.so")}
+    proc = subprocess.run([sys.executable, "-m", "flows.train"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: RLOO_MALLOC: {tmp_path / 'missing.so'} is not a file; set it "
+                                                "to the path of a malloc library (e.g. libtcmalloc_minimal.so.4), "
+                                                "to auto, or to system"]
