@@ -119,13 +119,19 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     from stages.evaluate import flat_metrics
     from stages.loop.resume import report_untrained, split_record
     from stages.loop.writer import RoundWriter, manifest_for, round_write, write_run_outputs
-    from stages.runtime import configure_env
+    from stages.runtime import configure_env, find_malloc, malloc_in_use
 
     configure_env(params.base.threads)
     dist, device = init_distributed(params.base.device, params.train.dist_timeout_s)
     logger, call = (get_run_logger(), lambda t: t) if dist.main else (logging.getLogger(__name__), lambda t: t.fn)
     tp, identity = params.train, params.identity()
-    topology = {"world_size": dist.world_size, "backend": dist.backend, "strategy": params.update.strategy if dist.enabled else None}
+    malloc = malloc_in_use()
+    topology = {"world_size": dist.world_size, "backend": dist.backend, "malloc": malloc,
+                "strategy": params.update.strategy if dist.enabled else None}
+    installed = find_malloc()
+    if malloc == "glibc" and installed and dist.main:  # e.g. a flow run spawned by a Prefect worker
+        logger.warning("%s is installed but not preloaded in this process: rounds run ~20 %% slower with glibc's "
+                       "malloc; start this process (or its Prefect worker) with LD_PRELOAD=%s", installed, installed)
 
     # 1. where this run stands (decided and acted on by rank 0, then known to every rank)
     plan = None
@@ -151,6 +157,19 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
         run = tracking.start_run(params, identity, resume_id=plan.done[-1].get("mlflow_run_id") if plan.done else None,
                                  topology=topology)
         tracking.log_metric_dict({"time/warm_start_s": warm_s}, step=start)
+    if plan.replay:  # complete rounds after an older checkpoint (update.save_every > 1): their updates, again
+        t1 = time.perf_counter()
+        for m in plan.replay:
+            steps.replay_round(w, round_dir(tp.rounds_dir, m["round"]))
+        gathered = w.trainer.gathered_state()  # FSDP: every rank takes part
+        if dist.main:  # the checkpoint catches up with the last complete round (its manifest is already written)
+            from stages import checkpoint
+
+            checkpoint.save(w.trainer, tp.checkpoint_dir, tp.state_dir, {"identity": identity, "manifest": plan.done[-1]},
+                            gathered=gathered)
+        logger.info("replayed the updates of rounds %d-%d from their artifacts (the checkpoint was at round %d) and "
+                    "saved the checkpoint at round %d, in %.1f s", plan.replay[0]["round"] + 1,
+                    plan.replay[-1]["round"] + 1, plan.replay[0]["round"], start, time.perf_counter() - t1)
 
     # 3. the rounds
     history = [m["metrics"] for m in plan.done]
@@ -215,7 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     from stages.loop.dist import init_distributed, launched_by_torchrun
     from stages.loop.lock import run_lock
     from stages.loop.resume import plan_resume
+    from stages.runtime import preload_malloc
 
+    if argv is None:  # the command line: re-exec with tcmalloc before torch loads (RLOO_MALLOC; docs/design.md §7)
+        preload_malloc()
     parser = argparse.ArgumentParser(prog="python -m flows.train", description="Run the RLOO training flow.")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--rounds", type=int, default=None, help="train this many rounds in all (default: train.rounds)")

@@ -20,9 +20,11 @@ one. Staging dirs left by a killed writer (`.<name>.tmp-*`) are removed by `clea
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -73,9 +75,10 @@ def save(trainer, policy_dir: str | Path, state_dir: str | Path, meta: dict[str,
     tmp = staging_dir(policy_dir)
     try:
         try:
-            with _atomic(new_state) as t:
-                torch.save(trainer.resume_state(rng, gathered), t)
-            trainer.save_model(tmp, gathered)
+            with _atomic(new_state) as t, DirectFile(t) as f:
+                torch.save(trainer.resume_state(rng, gathered), f)
+            with _direct_model_writes():
+                trainer.save_model(tmp, gathered)
             (tmp / META).write_text(json.dumps(full_meta, indent=2, sort_keys=True, default=str) + "\n")
             for f in tmp.rglob("*"):
                 f.chmod(0o755 if f.is_dir() else 0o644)
@@ -91,6 +94,128 @@ def save(trainer, policy_dir: str | Path, state_dir: str | Path, meta: dict[str,
     if old_meta is not None:  # the new pair is complete: the replaced checkpoint's state belongs to nothing now
         state_file(state_dir, old_meta["checkpoint_id"]).unlink(missing_ok=True)
     return full_meta
+
+
+class DirectFile:
+    """A write-only file for `torch.save` that bypasses the page cache (`O_DIRECT`) and is on disk when closed.
+
+    On this machine's ext4 a buffered write costs ~1-2.5 s of kernel CPU per GB (page-cache copies and
+    allocation; `sys` time ~ wall), on the same two cores as the training; written through one 32 MB aligned
+    buffer with `O_DIRECT` the same 1.08 GB took 0.45 s with ~0.25 s of CPU, fsync included (docs/design.md §6).
+    Filesystems without `O_DIRECT` (tmpfs, macOS) get a plain buffered write, fsynced too."""
+
+    CHUNK = 32 << 20  # bytes per write: a multiple of any block size
+    BLOCK = 4096
+
+    def __init__(self, path: str | Path):
+        import mmap
+
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.direct = hasattr(os, "O_DIRECT")
+        try:
+            self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.direct, self.fd = False, os.open(path, flags, 0o644)
+        self.buf = mmap.mmap(-1, self.CHUNK)  # page-aligned, as O_DIRECT needs
+        self.view = memoryview(self.buf)
+        self.fill = 0
+        self.size = 0
+
+    def write(self, data) -> int:
+        src = memoryview(data).cast("B")
+        n, off = len(src), 0
+        while off < n:
+            k = min(self.CHUNK - self.fill, n - off)
+            self.view[self.fill:self.fill + k] = src[off:off + k]
+            self.fill += k
+            off += k
+            if self.fill == self.CHUNK:
+                self._flush(self.CHUNK)
+        self.size += n
+        return n
+
+    def flush(self) -> None:  # torch.save may call it; the data goes out in whole chunks and at close
+        pass
+
+    def _flush(self, nbytes: int) -> None:
+        done = 0
+        while done < nbytes:
+            try:
+                done += os.write(self.fd, self.view[done:nbytes])
+            except OSError as exc:  # e.g. a partial write left an unaligned rest: go on buffered
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                import fcntl
+
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+        self.fill = 0
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if self.fill:  # the tail, padded to a whole block, then the file cut to its real size
+                padded = -(-self.fill // self.BLOCK) * self.BLOCK if self.direct else self.fill
+                self.view[self.fill:padded] = bytes(padded - self.fill)
+                self._flush(padded)
+                os.ftruncate(self.fd, self.size)
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+            self.view.release()
+            self.buf.close()
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def save_safetensors(tensors: dict, filename: str | Path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file` written through `DirectFile`: the same format (8-byte header length, JSON
+    header, the tensors' bytes), without safetensors' in-memory copy of the whole file or the page cache."""
+    import torch
+
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    flat, offset = [], 0
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        flat.append(t.reshape(-1).view(torch.uint8))
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(len(text) + 8) % 8)  # the data starts 8-aligned, as safetensors writes it
+    with DirectFile(filename) as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for b in flat:
+            f.write(b.numpy())
+
+
+@contextlib.contextmanager
+def _direct_model_writes():
+    """transformers' `save_pretrained` writes its shards with `save_safetensors` while this is open (it calls
+    `safe_save_file(tensors, filename, metadata=...)`; left alone where a version names it otherwise)."""
+    import transformers.modeling_utils as mu
+
+    original = getattr(mu, "safe_save_file", None)
+    if original is not None:
+        mu.safe_save_file = save_safetensors
+    try:
+        yield
+    finally:
+        if original is not None:
+            mu.safe_save_file = original
 
 
 class _atomic:

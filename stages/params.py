@@ -151,8 +151,9 @@ class UpdateParams(_Section):
     lora_alpha: int = F(32, "LoRA alpha (scale = alpha / r)", ge=1)
     lora_dropout: float = F(0.0, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list[str] = F(lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get LoRA adapters")
-    save_every: int = F(1, "checkpoint every N rounds (and always at the end); rounds after the last checkpoint are "
-                        "re-done after a crash", identity=False, ge=1)
+    save_every: int = F(4, "checkpoint every N rounds (and always at the end); after a crash the complete rounds "
+                        "since the last checkpoint are replayed from their artifacts (their updates only), so none is "
+                        "lost", identity=False, ge=1)
     strategy: Literal["ddp", "fsdp"] = F("ddp", "with several ranks: ddp (weights replicated, gradients all-reduced) "
                                          "| fsdp (fully_shard: weights, gradients and optimizer state sharded)",
                                          identity=False)

@@ -159,3 +159,67 @@ def test_clean_staging_removes_only_what_a_writer_leaves(tmp_path):
     removed = checkpoint.clean_staging(tmp_path / "policy", tmp_path / "state")
     assert len(removed) == 3
     assert all(p.exists() for p in keep)
+
+
+# ---------------------------------------------------------------- the direct writer (O_DIRECT, fsync)
+
+
+def tensors_of_every_kind() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(257, 33, generator=g), "bf16": torch.randn(5, 7, generator=g).bfloat16(),
+            "half": torch.randn(3, generator=g).half(), "ids": torch.arange(11), "mask": torch.tensor([True, False]),
+            "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "t": torch.randn(6, 4, generator=g).t()}
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_file_writes_exactly_what_torch_save_wrote(tmp_path, monkeypatch, direct):
+    if not direct:  # a filesystem that refuses O_DIRECT: the same bytes, written buffered
+        real_open = os.open
+
+        def no_direct(path, flags, *a):
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *a)
+
+        monkeypatch.setattr(os, "open", no_direct)
+    obj = {"round": 3, "x": tensors_of_every_kind(), "big": torch.randn(3 * checkpoint.DirectFile.CHUNK // 4 + 1001)}
+    with checkpoint.DirectFile(tmp_path / "a.pt") as f:
+        torch.save(obj, f)
+    assert f.direct is direct and f.size == (tmp_path / "a.pt").stat().st_size  # cut to size after the padded tail
+    got = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert got["round"] == 3 and torch.equal(got["big"], obj["big"])
+    assert all(torch.equal(got["x"][k], v) for k, v in obj["x"].items())
+
+
+def test_save_safetensors_is_read_by_safetensors_with_its_metadata(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = tensors_of_every_kind()
+    checkpoint.save_safetensors(tensors, tmp_path / "ours.safetensors", metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
+    ours, theirs = load_file(tmp_path / "ours.safetensors"), load_file(tmp_path / "theirs.safetensors")
+    assert ours.keys() == theirs.keys() == tensors.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in tensors)
+    with safe_open(tmp_path / "ours.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    data = sum(t.numel() * t.element_size() for t in tensors.values())  # the bytes after the 8-aligned header
+    size = (tmp_path / "ours.safetensors").stat().st_size
+    assert (size - data) % 8 == 0 and size - data - 8 == int.from_bytes((tmp_path / "ours.safetensors").read_bytes()[:8], "little")
+
+
+def test_the_checkpoints_model_dir_is_the_one_transformers_writes(tiny_model_dir, tmp_path):
+    """save() writes the weights through save_safetensors inside transformers' save_pretrained: the same files and
+    tensors as a plain save_pretrained, and transformers' own writer is back afterwards."""
+    import transformers.modeling_utils as mu
+    from safetensors.torch import load_file
+
+    trainer, _ = load_trainer(make_params(tiny_model_dir), CPU)
+    trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    save(trainer, tmp_path)
+    trainer.save_model(tmp_path / "plain")
+    assert mu.safe_save_file is not checkpoint.save_safetensors
+    ours, plain = tmp_path / "policy", tmp_path / "plain"
+    assert sorted(p.name for p in plain.iterdir()) == sorted(p.name for p in ours.iterdir() if p.name != checkpoint.META)
+    a, b = load_file(ours / "model.safetensors"), load_file(plain / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -24,6 +24,8 @@ import yaml
 from project import PROMPTS, PY, make_project, run, run_env, tiny_params
 from test_resume import SLOW_REWARD
 
+from stages.runtime import find_malloc
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(PY).parent
 
@@ -143,6 +145,8 @@ def test_the_flow_over_two_ranks_writes_one_runs_artifacts_and_resumes_after_a_r
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("rloo-pipeline").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
+    found = find_malloc("auto")  # the command preloaded tcmalloc where installed, and the ranks inherited it
+    assert runs[0].data.tags["malloc"] == (Path(found).resolve().name if found else "glibc")
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "reward")) == [1, 2]
 
     # Round 3: rank 1 sleeps in its scoring and is killed; the run stops, torchrun says which rank died.

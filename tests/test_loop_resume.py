@@ -76,14 +76,37 @@ def test_continue_after_the_checkpoint(params):
     assert tp_dir.read_text() == "mine"  # not a round dir: never touched
 
 
-def test_rounds_after_the_last_checkpoint_are_redone(params):
+def test_rounds_after_the_last_checkpoint_are_replayed(params):
     tp = params.train
     write_round(tp, 0, ckpt=False)
     write_round(tp, 1, ckpt=True)
-    write_round(tp, 2, ckpt=False)  # update.save_every = 2: round 3 wrote no checkpoint
+    r2 = write_round(tp, 2, ckpt=False)  # update.save_every = 2: rounds 3 and 4 wrote no checkpoint
+    r3 = write_round(tp, 3, ckpt=False, ema=0.25)
+    write_round(tp, 4, manifest=False)  # killed during round 5
     write_checkpoint(tp, 2)
     plan = plan_resume(params, ID)
-    assert plan.start == 2 and plan.stale == [round_dir(tp.rounds_dir, 2)]
+    assert plan.start == 4 and plan.replay == [r2, r3] and plan.done[2:] == [r2, r3]
+    assert plan.adv_state["ema"] == 0.25  # round 5 starts from round 4's baseline
+    assert plan.stale == [round_dir(tp.rounds_dir, 4)]
+
+
+def test_a_damaged_round_after_the_checkpoint_is_redone_with_the_rounds_after_it(params, caplog):
+    tp = params.train
+    write_round(tp, 0, ckpt=False)
+    write_round(tp, 1, ckpt=True)
+    r2 = write_round(tp, 2, ckpt=False)
+    write_round(tp, 3, ckpt=False)
+    write_round(tp, 4, ckpt=False)
+    write_checkpoint(tp, 2)
+    (round_dir(tp.rounds_dir, 3) / "samples.parquet").write_bytes(b"damaged")
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        plan = plan_resume(params, ID)
+    assert plan.start == 3 and plan.replay == [r2] and len(plan.done) == 3
+    assert plan.stale == [round_dir(tp.rounds_dir, 3), round_dir(tp.rounds_dir, 4)]
+    assert "round=0003/samples.parquet has 7 bytes" in caplog.text and "re-done instead of replayed" in caplog.text
+    (round_dir(tp.rounds_dir, 0) / "samples.parquet").write_bytes(b"damaged")  # before the checkpoint: no way back
+    with pytest.raises(PipelineError, match="round 1 is damaged"):
+        plan_resume(params, ID)
 
 
 def test_manifest_repaired_from_the_checkpoint(params, caplog):

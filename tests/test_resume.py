@@ -115,3 +115,54 @@ def test_changed_configuration_moves_the_old_run_aside(tmp_path, tiny_model_dir)
     kept = pl.read_parquet(archived / "rounds" / "round=0000" / "samples.parquet")
     assert kept.equals(old)
     assert (archived / "policy" / "checkpoint.json").is_file() and list((archived / "state").glob("state-*.pt"))
+
+
+def test_rounds_after_an_older_checkpoint_are_replayed_to_the_uninterrupted_run(tmp_path, tiny_model_dir):
+    """`update.save_every: 2`, killed inside round 4: the checkpoint is at round 2 and round 3 is complete. The
+    resume replays round 3's update from its artifacts (no sampling or scoring) and runs round 4, which samples
+    the uninterrupted run's completions (the replayed policy is the same), and ends with the same weights."""
+    from safetensors.torch import load_file
+
+    proj = slow_project(tmp_path, tiny_model_dir, **{"train.rounds": 4, "update.save_every": 2,
+                                                     "advantage.estimator": "ema"})
+    env = run_env(tmp_path)
+    run([PY, "-m", "stages.prepare"], proj, env)
+    ref_params = yaml.safe_load((proj / "params.yaml").read_text())
+    ref_params["train"].update(rounds_dir="data/ref_rounds", checkpoint_dir="models/ref_policy",
+                               state_dir="models/ref_state")
+    ref_params["update"]["save_every"] = 1
+    (proj / "ref.yaml").write_text(yaml.safe_dump(ref_params))
+    run([PY, "-m", "flows.train", "--params", "ref.yaml"], proj, env)
+
+    rounds = proj / "data" / "rounds"
+    proc = subprocess.Popen([PY, "-m", "flows.train"], cwd=proj, env={**env, "SLOW_REWARD_CALL": "4"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(rounds / "round=0003" / "samples.parquet", proc)
+        _wait_for(rounds / "round=0002" / "manifest.json", proc)
+        time.sleep(1.0)
+        assert proc.poll() is None
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert json.loads((proj / "models" / "policy" / "checkpoint.json").read_text())["round"] == 2
+    assert not json.loads((rounds / "round=0002" / "manifest.json").read_text())["checkpoint"]
+    round3 = (rounds / "round=0002" / "samples.parquet").read_bytes()
+
+    out = run([PY, "-m", "flows.train"], proj, env)
+    log = out.stdout + out.stderr
+    assert "replayed the updates of rounds 3-3 from their artifacts (the checkpoint was at round 2)" in log, log[-3000:]
+    assert "resuming after round 3 of 4" in log
+    assert (rounds / "round=0002" / "samples.parquet").read_bytes() == round3  # replayed, not re-sampled
+    for r in range(4):
+        a = pl.read_parquet(rounds / f"round={r:04d}" / "samples.parquet")
+        b = pl.read_parquet(proj / "data" / "ref_rounds" / f"round={r:04d}" / "samples.parquet")
+        assert a["completion_token_ids"].to_list() == b["completion_token_ids"].to_list(), f"round {r + 1} differs"
+    got = load_file(proj / "models" / "policy" / "model.safetensors")
+    ref = load_file(proj / "models" / "ref_policy" / "model.safetensors")
+    assert got.keys() == ref.keys()
+    worst = max((got[k] - ref[k]).abs().max().item() for k in got)
+    assert worst == 0.0, f"the replayed run's weights differ from the uninterrupted run's by up to {worst}"
+    assert json.loads((proj / "models" / "policy" / "checkpoint.json").read_text())["round"] == 4

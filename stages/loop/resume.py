@@ -6,9 +6,12 @@ A round is complete when its `manifest.json` exists; the manifest records the ru
 checkpoint (stages/checkpoint.py) records the round it closes. The rules:
 
 - no rounds and no checkpoint: start at round 0;
-- every complete round and the checkpoint belong to this run: resume after the checkpoint's round, from it;
-  complete rounds after it (`update.save_every > 1`) are re-done; a checkpoint one round ahead of the manifests
-  (a crash between the two writes) repairs the missing manifest from the copy inside the checkpoint;
+- every complete round and the checkpoint belong to this run: resume from the checkpoint after its round; the
+  complete rounds after it (`update.save_every > 1`) are *replayed*: their updates are applied again to the
+  checkpoint's trainer from their own Parquet artifacts (no sampling or scoring), so no completed round is lost;
+  one whose artifacts do not match its manifest is re-done instead, with the rounds after it; a checkpoint one
+  round ahead of the manifests (a crash between the two writes) repairs the missing manifest from the copy inside
+  the checkpoint;
 - everything belongs to another run (the configuration changed): that run is moved to `train.archive_dir`,
   never deleted, and this one starts at round 0;
 - anything else is inconsistent (an unreadable manifest, rounds of two runs, a checkpoint that is missing or
@@ -148,6 +151,8 @@ class ResumePlan:
     start: int  # first round to run
     done: list[dict] = field(default_factory=list)  # manifests of rounds 0..start-1
     checkpoint: dict | None = None  # the checkpoint to resume from (None: the base model)
+    replay: list[dict] = field(default_factory=list)  # manifests of the complete rounds after the checkpoint: their
+    # updates are applied again from their artifacts before round `start` (the last len(replay) of `done`)
     repair: dict | None = None  # a manifest to rewrite from the checkpoint's copy
     stale: list[Path] = field(default_factory=list)  # round dirs to remove (partial, or re-done after the checkpoint)
     superseded: dict | None = None  # the other run to move aside: {"identity", "rounds"}
@@ -206,11 +211,21 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
         where = "is missing" if meta is None else f"is at round {c}"
         raise PipelineError(f"{tp.checkpoint_dir}: round {lost[-1] + 1} wrote a checkpoint, but the checkpoint {where}; "
                             f"restore it (`dvc checkout {tp.checkpoint_dir}`) or start over: {RESTART}")
-    plan.done = [manifests[r] for r in range(c)]
-    plan.stale = sorted(d for r, (d, _) in rounds.items() if r >= c)
     for r in range(c):
         if not (plan.repair and r == plan.repair["round"]):
             verify_round(round_dir(tp.rounds_dir, r), manifests[r])
+    end = c  # the complete rounds after the checkpoint whose artifacts are intact are replayed, the rest re-done
+    while end < n:
+        try:
+            verify_round(round_dir(tp.rounds_dir, end), manifests[end])
+        except PipelineError as exc:
+            log.warning("%s; it is re-done instead of replayed", str(exc).split(": round")[0])
+            break
+        end += 1
+    plan.start = end
+    plan.done = [manifests[r] for r in range(end)]
+    plan.replay = plan.done[c:]
+    plan.stale = sorted(d for r, (d, _) in rounds.items() if r >= end)
     return plan
 
 

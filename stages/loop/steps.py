@@ -1,5 +1,6 @@
-"""One round's steps as plain functions over a `Warm` (no files, no Prefect, no MLflow): the flow's tasks wrap
-them and add the artifacts; the benchmarks call them bare (docs/design.md §3).
+"""One round's steps as plain functions over a `Warm` (no Prefect, no MLflow, no files written): the flow's tasks
+wrap them and add the artifacts; the benchmarks call them bare (docs/design.md §3). `replay_round` re-applies a
+complete round's update from its artifacts when a run resumes from an older checkpoint.
 
     prompts = round_prompts(w.train_prompts, r, per_round, seed)
     samples, s = sample_round(w, r, prompts)          # K completions per prompt, from the running engine
@@ -15,6 +16,7 @@ it, so every caller sees what a one-process run sees; the statistics come from t
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import polars as pl
 
@@ -87,6 +89,17 @@ def update_round(w: Warm, samples: pl.DataFrame, advantages: pl.DataFrame) -> di
     w.sampler.update_weights(state_dict=w.trainer.state_dict_for_sampler())
     stats["time/weight_sync_s"] = time.perf_counter() - t0
     return stats
+
+
+def replay_round(w: Warm, d: Path) -> dict:
+    """A complete round's update applied again from its own artifacts, on a trainer resumed from an older checkpoint
+    (`update.save_every > 1`): the batch the round trained on, read back from its Parquet files; no sampling or
+    scoring. The update is deterministic given its batch and the trainer's state (its mini-batch order is seeded
+    by the round), so the trainer ends where the round left it (docs/design.md §6)."""
+    from stages.io import read_table
+    from stages.schemas import ADVANTAGES, SAMPLES
+
+    return update_round(w, read_table(d / "samples.parquet", SAMPLES), read_table(d / "advantages.parquet", ADVANTAGES))
 
 
 def evaluate_round(w: Warm, version: int) -> dict:
