@@ -20,7 +20,6 @@ TCMALLOC ?= auto
 APT_GET ?= apt-get
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export VLLM_CPU_KVCACHE_SPACE ?= 1
 
 .PHONY: setup repro test test-fast bench bench-trl bench-overhead bench-roofline bench-baselines docs mutate coverage clean-venv
 
@@ -77,10 +76,10 @@ $(BENCH_STAMP): $(STAMP)
 	@touch $(BENCH_STAMP)
 
 bench-trl: $(BENCH_STAMP)
-	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_trl.py --repeats 3 --arms ours trl
+	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_trl.py --repeats 3 --arms ours trl trl-glibc
 
 bench-overhead: setup
-	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_overhead.py --repeats 3
+	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_overhead.py --repeats 3 --arms bare flow flow-every-round
 
 bench-roofline: setup
 	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/roofline.py

@@ -4,9 +4,11 @@ functions called in a loop, same warm resources, same rounds.
 Arms (each in its own subprocess, run in turn; `--repeats` alternates them):
 - `bare`: `stages.loop.warm.load_warm` then, per round, `sample_round -> score_round -> advantage_round ->
   update_round` (the functions the flow's tasks wrap): no Prefect, no files, no MLflow, no checkpoint.
-- `flow`: `flows.train.train_flow` as `dvc repro` runs it (checkpoint every round, `update.save_every: 1`,
-  written in a background thread while the next round samples: `train.async_checkpoint: true`).
-- `flow-sync-ckpt`: the same with `train.async_checkpoint: false` (the checkpoint written in line).
+- `flow`: `flows.train.train_flow` as `dvc repro` runs it, params.yaml's `update.save_every` (a checkpoint every
+  4 rounds and at the end; a crash after round r replays the updates since the checkpoint), written in a
+  background thread while the next round samples (`train.async_checkpoint: true`).
+- `flow-every-round`: the same with a checkpoint every round (`update.save_every: 1`).
+- `flow-sync-ckpt`: every round, with `train.async_checkpoint: false` (the checkpoint written in line).
 - `flow-final-ckpt`: the flow with `update.save_every` = rounds (one checkpoint, at the end).
 
 Per round: wall time of the loop over the rounds divided by the rounds (the flow's `rounds_wall_s`: its
@@ -15,7 +17,7 @@ checkpoint included; the warm-up and the MLflow run's start do not, nor do they 
 checkpoint's own time from the manifests. The flow arms run from their temp dir (metrics/train.json of the
 repo is not touched).
 
-    python benchmarks/bench_overhead.py [--rounds 3] [--repeats 1]
+    python benchmarks/bench_overhead.py [--rounds 8] [--repeats 1] [--arms bare flow ...]
 
 Writes benchmarks/results/overhead.json and overhead.md.
 """
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
-ARMS = ["bare", "flow", "flow-sync-ckpt", "flow-final-ckpt"]
+ARMS = ["bare", "flow", "flow-every-round", "flow-sync-ckpt", "flow-final-ckpt"]
 
 
 def run_bare(args) -> dict:
@@ -68,7 +70,7 @@ def run_bare(args) -> dict:
     return {"warm_s": warm, "round_wall_s": round_wall, "rounds": rounds}
 
 
-def run_flow(args, work: Path, save_every: int, async_checkpoint: bool = True) -> dict:
+def run_flow(args, work: Path, save_every: int | None, async_checkpoint: bool = True) -> dict:
     from machine import flow_workdir
 
     from flows.train import train_flow
@@ -78,7 +80,7 @@ def run_flow(args, work: Path, save_every: int, async_checkpoint: bool = True) -
     overrides = {"train.rounds_dir": str(work / "rounds"), "train.checkpoint_dir": str(work / "policy"),
                  "train.state_dir": str(work / "state"), "train.archive_dir": str(work / "archive"),
                  "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "train.eval_every": 0,
-                 "update.save_every": save_every, "train.async_checkpoint": async_checkpoint}
+                 "train.async_checkpoint": async_checkpoint} | ({"update.save_every": save_every} if save_every else {})
     summary = train_flow(params_path=params, rounds=args.rounds, overrides=overrides)
     rounds = []
     for r in range(args.rounds):
@@ -93,7 +95,7 @@ def run_flow(args, work: Path, save_every: int, async_checkpoint: bool = True) -
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     ap.add_argument("--out", default=str(RESULTS))
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.worker == "bare":
             res = run_bare(args)
         else:
-            res = run_flow(args, work, args.rounds if args.worker == "flow-final-ckpt" else 1, args.worker != "flow-sync-ckpt")
+            save_every = {"flow": None, "flow-final-ckpt": args.rounds}.get(args.worker, 1)
+            res = run_flow(args, work, save_every, args.worker != "flow-sync-ckpt")
         (work / "result.json").write_text(json.dumps(res, indent=1))
         return
 

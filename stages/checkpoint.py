@@ -12,6 +12,10 @@ A checkpoint is a pair of directories:
   `state-<checkpoint id>.pt`, the optimizer, scheduler and RNG state (and the LoRA adapter's tensors) that make a
   resume exact. It is read with `torch.load(weights_only=True)`: a file whose pickle would run code is refused.
 
+Both big files (the state, and the model's safetensors inside transformers' `save_pretrained`) are written
+through `DirectFile`: `O_DIRECT` from one aligned buffer, then fsync, so a checkpoint is on disk when `save`
+returns and costs little CPU (docs/design.md §6).
+
 Order of writes: the state file (a new name) -> the model dir (staged beside it, then renamed into place) -> the
 state file of the checkpoint it replaced is removed (only that one: another run's states are never touched). A crash at any point leaves a matching pair: the old one or the new
 one. Staging dirs left by a killed writer (`.<name>.tmp-*`) are removed by `clean_staging` when a run starts

@@ -60,13 +60,13 @@ def run_env(root: Path, **extra) -> dict:
         PATH=f"{BIN}:{env.get('PATH', '')}",
         PREFECT_HOME=str(root / ".prefect"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        VLLM_CPU_KVCACHE_SPACE="1",
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
         PYTHONUNBUFFERED="1",
         GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
         GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com",
     )
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the project's sample.cpu_kvcache_space_gib sizes the cache
     env.update(extra)
     return env
 

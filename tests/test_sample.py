@@ -417,6 +417,8 @@ def vllm_samples(vllm_sampler, base_tok, review_prompts):
 @pytest.mark.slow
 def test_vllm_samples(vllm_sampler, vllm_samples, base_tok, base_eos, review_prompts):
     assert vllm_sampler.name == "vllm" and vllm_sampler.in_process and vllm_sampler.exact_logprobs
+    cache = vllm_sampler.llm.llm_engine.vllm_config.cache_config  # sample.cpu_kvcache_space_gib, not 1 GiB or ~15
+    assert cache.kv_cache_memory_bytes == int(fp32_params().sample.cpu_kvcache_space_gib * 2**30) == 2**28
     check_samples(vllm_samples, review_prompts, base_tok, K, MAX_TOKENS, base_eos)
     per_prompt = vllm_samples.group_by("prompt_id").agg(pl.col("completion_token_ids").n_unique().alias("distinct"))
     assert per_prompt["distinct"].min() > 1  # K samples at temperature 1, not K copies

@@ -186,7 +186,9 @@ def sample_stats(df: pl.DataFrame, seconds: float) -> dict:
 def configure_vllm_env(sample_params) -> None:
     """vLLM reads these at import/engine creation; user-set values win. Tensor parallel runs the engine's workers in
     other processes: the lm_head refresh after a reload is a function sent to them, which needs pickling allowed."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(sample_params.cpu_kvcache_space_gib))
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's own (whole GiB) setting wins over the engine argument
+        log.warning("VLLM_CPU_KVCACHE_SPACE=%s is set: it overrides sample.cpu_kvcache_space_gib (%s); unset it to use "
+                    "the param", os.environ["VLLM_CPU_KVCACHE_SPACE"], sample_params.cpu_kvcache_space_gib)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if sample_params.tensor_parallel_size > 1:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
