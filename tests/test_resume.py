@@ -44,6 +44,34 @@ def _wait_for(path, proc, timeout=600):
         time.sleep(0.2)
 
 
+def _reference_run(proj, env, **update) -> None:
+    """The same run, uninterrupted, into other directories (outputs are not part of the run identity)."""
+    ref_params = yaml.safe_load((proj / "params.yaml").read_text())
+    ref_params["train"].update(rounds_dir="data/ref_rounds", checkpoint_dir="models/ref_policy",
+                               state_dir="models/ref_state")
+    ref_params["update"].update(update)
+    (proj / "ref.yaml").write_text(yaml.safe_dump(ref_params))
+    run([PY, "-m", "flows.train", "--params", "ref.yaml"], proj, env)
+
+
+def _kill_inside(proj, env, reward_call: int, *wait_for) -> None:
+    """`python -m flows.train` SIGKILLed inside the scoring of the round whose reward call number `reward_call`
+    sleeps, once `wait_for` paths exist. Its own process group, so the kill also takes whatever it started, as a
+    killed job would lose them."""
+    proc = subprocess.Popen([PY, "-m", "flows.train"], cwd=proj, env={**env, "SLOW_REWARD_CALL": str(reward_call)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for path in wait_for:
+            _wait_for(path, proc)
+        time.sleep(1.0)
+        assert proc.poll() is None
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def slow_project(tmp_path, model_dir, **overrides):
     proj = make_project(tmp_path, model_dir, **{"train.rounds": ROUNDS, "train.eval_every": 0, **overrides})
     (proj / "slow_reward.py").write_text(SLOW_REWARD)
@@ -58,27 +86,10 @@ def test_sigkill_mid_round_resumes_to_the_uninterrupted_run(tmp_path, tiny_model
     env = run_env(tmp_path)
     run([PY, "-m", "stages.prepare"], proj, env)
 
-    # Uninterrupted reference run into other directories (outputs are not part of the run identity).
-    ref_params = yaml.safe_load((proj / "params.yaml").read_text())
-    ref_params["train"].update(rounds_dir="data/ref_rounds", checkpoint_dir="models/ref_policy",
-                               state_dir="models/ref_state")
-    (proj / "ref.yaml").write_text(yaml.safe_dump(ref_params))
-    run([PY, "-m", "flows.train", "--params", "ref.yaml"], proj, env)
-
-    # Interrupted run: SIGKILL inside round 2's scoring (the reward's 2nd call sleeps). Its own process group, so
-    # the kill also takes whatever it started, as a killed job would lose them.
+    _reference_run(proj, env)
+    # Interrupted run: SIGKILL inside round 2's scoring (the reward's 2nd call sleeps).
     rounds = proj / "data" / "rounds"
-    proc = subprocess.Popen([PY, "-m", "flows.train"], cwd=proj, env={**env, "SLOW_REWARD_CALL": "2"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _wait_for(rounds / "round=0001" / "samples.parquet", proc)
-        time.sleep(1.0)
-        assert proc.poll() is None
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    _kill_inside(proj, env, 2, rounds / "round=0001" / "samples.parquet")
     assert (rounds / "round=0000" / "manifest.json").is_file()  # round 1 is complete (its write had 1 s)
     assert not (rounds / "round=0001" / "manifest.json").exists()  # round 2 is not
 
@@ -127,26 +138,9 @@ def test_rounds_after_an_older_checkpoint_are_replayed_to_the_uninterrupted_run(
                                                      "advantage.estimator": "ema"})
     env = run_env(tmp_path)
     run([PY, "-m", "stages.prepare"], proj, env)
-    ref_params = yaml.safe_load((proj / "params.yaml").read_text())
-    ref_params["train"].update(rounds_dir="data/ref_rounds", checkpoint_dir="models/ref_policy",
-                               state_dir="models/ref_state")
-    ref_params["update"]["save_every"] = 1
-    (proj / "ref.yaml").write_text(yaml.safe_dump(ref_params))
-    run([PY, "-m", "flows.train", "--params", "ref.yaml"], proj, env)
-
+    _reference_run(proj, env, save_every=1)
     rounds = proj / "data" / "rounds"
-    proc = subprocess.Popen([PY, "-m", "flows.train"], cwd=proj, env={**env, "SLOW_REWARD_CALL": "4"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _wait_for(rounds / "round=0003" / "samples.parquet", proc)
-        _wait_for(rounds / "round=0002" / "manifest.json", proc)
-        time.sleep(1.0)
-        assert proc.poll() is None
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    _kill_inside(proj, env, 4, rounds / "round=0003" / "samples.parquet", rounds / "round=0002" / "manifest.json")
     assert json.loads((proj / "models" / "policy" / "checkpoint.json").read_text())["round"] == 2
     assert not json.loads((rounds / "round=0002" / "manifest.json").read_text())["checkpoint"]
     round3 = (rounds / "round=0002" / "samples.parquet").read_bytes()
