@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 
-from flows.train import train_flow
+from stages.errors import run_cli
+from stages.runtime import preload_malloc
+
+# Re-executed once with tcmalloc (RLOO_MALLOC, docs/design.md §7) before Prefect and torch load; the flow runs this
+# process spawns inherit it.
+if __name__ == "__main__":
+    run_cli(lambda argv: preload_malloc())
+
+from flows.train import train_flow  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stages.runtime import preload_malloc
-
-    if argv is None:  # the flow runs it spawns inherit tcmalloc (RLOO_MALLOC; docs/design.md §7)
-        preload_malloc()
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n")[0])
     parser.add_argument("--name", default="rloo-serve")
     parser.add_argument("--cron", default="0 2 * * *", help="schedule (UTC); '' for manual runs only")
@@ -33,6 +37,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from stages.errors import run_cli
-
     run_cli(main)

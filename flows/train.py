@@ -27,12 +27,20 @@ import sys
 import time
 from pathlib import Path
 
+from stages.errors import PipelineError, run_cli
+from stages.runtime import preload_malloc
+
+# The command line re-executes itself once with tcmalloc preloaded (RLOO_MALLOC, docs/design.md §7) before polars,
+# Prefect and torch load, so the imports below come after it; a bad setting is one `error:` line.
+# ruff: noqa: E402
+if __name__ == "__main__":
+    run_cli(lambda argv: preload_malloc())
+
 import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from stages.errors import PipelineError, run_cli
 from stages.loop import steps
 from stages.loop.resume import MANIFEST, round_dir, round_prompts
 from stages.loop.warm import Warm
@@ -234,10 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.loop.dist import init_distributed, launched_by_torchrun
     from stages.loop.lock import run_lock
     from stages.loop.resume import plan_resume
-    from stages.runtime import preload_malloc
 
-    if argv is None:  # the command line: re-exec with tcmalloc before torch loads (RLOO_MALLOC; docs/design.md §7)
-        preload_malloc()
     parser = argparse.ArgumentParser(prog="python -m flows.train", description="Run the RLOO training flow.")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--rounds", type=int, default=None, help="train this many rounds in all (default: train.rounds)")
