@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-from stages.errors import run_cli
+from stages.errors import bad_input_exits, run_cli
 from stages.runtime import preload_malloc
 
 # Re-executed once with tcmalloc (RLOO_MALLOC, docs/design.md §7) before Prefect and torch load; the flow runs this
 # process spawns inherit it.
 if __name__ == "__main__":
-    run_cli(lambda argv: preload_malloc())
+    with bad_input_exits():
+        preload_malloc()
 
 from flows.train import train_flow  # noqa: E402
 

@@ -27,14 +27,15 @@ import sys
 import time
 from pathlib import Path
 
-from stages.errors import PipelineError, run_cli
+from stages.errors import PipelineError, bad_input_exits, run_cli
 from stages.runtime import preload_malloc
 
 # The command line re-executes itself once with tcmalloc preloaded (RLOO_MALLOC, docs/design.md §7) before polars,
 # Prefect and torch load, so the imports below come after it; a bad setting is one `error:` line.
 # ruff: noqa: E402
 if __name__ == "__main__":
-    run_cli(lambda argv: preload_malloc())
+    with bad_input_exits():
+        preload_malloc()
 
 import polars as pl
 from prefect import flow, get_run_logger, task

@@ -7,9 +7,10 @@ with a message that names the field or file and says what to do. `run_cli` print
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 EXIT_BAD_INPUT = 2
 
@@ -27,8 +28,16 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
     )
     for name in ("stages", "flows", "__main__"):  # Prefect's logging setup leaves the root at WARNING: ours say INFO
         logging.getLogger(name).setLevel(logging.INFO)
-    try:
+    with bad_input_exits():
         main(argv)
+
+
+@contextlib.contextmanager
+def bad_input_exits() -> Iterator[None]:
+    """A `PipelineError` inside becomes `error: <message>` on stderr and exit code 2 (run_cli's handling, without
+    its logging set-up: for what runs before a command imports its libraries)."""
+    try:
+        yield
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
