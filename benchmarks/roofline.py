@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.params import load_params
     from stages.rewards import combine, compute_rewards
     from stages.runtime import configure_env, fast_bf16, sampler_dtype
+    from stages.runtime import score_dtype as resolve_score_dtype
     from stages.schemas import ADVANTAGES, SAMPLES, SCORES
     from stages.score import completion_inputs, reward_inputs
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     nonemb, head = model_sizes(w.trainer.model)
     sample_dtype = sampler_dtype(params.sample.dtype)
     update_dtype = "bfloat16" if params.update.bf16_autocast and fast_bf16() else "float32"
-    score_dtype = params.score.dtype
+    score_dtype = resolve_score_dtype(params.score.dtype)
     share = params.base.share_prompts
     skip_policy = steps.policy_logprobs_from_sampler(w)
     rows = []

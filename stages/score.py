@@ -8,7 +8,8 @@ Writes `scores.parquet` (schema `SCORES`): keys, `score`, one `score/<name>` per
 Formulas (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740, §3; TRL's RLOOTrainer):
 - `score = sum_i w_i * r_i` over `score.rewards` (see stages/rewards.py for every kind).
 - `logp_* = sum_t log pi(y_t | x, y_<t)` over the completion tokens (EOS included), no gradient, in
-  `score.dtype` (fp32 by default: bf16 would put ~0.28 nats of noise into each sequence's KL, docs/design.md §7).
+  `score.dtype` (auto: bf16 autocast where bf16 is native, ~0.2 nats of |error| per sequence's KL and 2 % on the
+  batch's mean KL; fp32 elsewhere; docs/design.md §7). The evaluation's KL is always fp32.
 - `kl = logp_policy - logp_ref` (sequence level, as in the paper); `score.kl_level: token` divides it by
   the completion's token count (mean per-token KL).
 - `rlhf_reward = score - beta * kl - missing_eos_penalty * [finish_reason == "length"]`.
@@ -32,6 +33,7 @@ import polars as pl
 
 from stages.errors import PipelineError, run_cli
 from stages.logprobs import sequence_logprobs
+from stages.runtime import score_dtype
 from stages.schemas import SCORES
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ def score_samples(
     prompt_ids, completion_ids = completion_inputs(samples, tokenizer)
     pad = tokenizer.pad_token_id
     bs = score_params.batch_size
-    opts = dict(share=share_prompts, dtype=score_params.dtype)
+    opts = dict(share=share_prompts, dtype=score_dtype(score_params.dtype))
     if logp_policy is None:
         logp_policy, _ = sequence_logprobs(policy, prompt_ids, completion_ids, pad, bs, progress="logp policy", **opts)
     if ref is policy:

@@ -80,6 +80,9 @@ def write_reward_module(tmp_path: Path, monkeypatch, source: str) -> str:
 
 
 def score_params(rewards: list[dict], **kw) -> ScoreParams:
+    """fp32 passes unless a test asks for another dtype: these tests hold the numbers to direct fp32 forwards (the
+    default, auto, is bf16 where native; test_precision pins its error)."""
+    kw.setdefault("dtype", "float32")
     return ScoreParams(rewards=[RewardSpec(**r) for r in rewards], **kw)
 
 
