@@ -128,7 +128,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     from stages.evaluate import flat_metrics
     from stages.loop.resume import report_untrained, split_record
     from stages.loop.writer import RoundWriter, manifest_for, round_write, write_run_outputs
-    from stages.runtime import configure_env, find_malloc, malloc_in_use
+    from stages.runtime import configure_env, find_malloc, malloc_in_use, sampler_dtype, score_dtype
 
     configure_env(params.base.threads)
     dist, device = init_distributed(params.base.device, params.train.dist_timeout_s)
@@ -136,7 +136,9 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     tp, identity = params.train, params.identity()
     malloc = malloc_in_use()
     topology = {"world_size": dist.world_size, "backend": dist.backend, "malloc": malloc,
-                "strategy": params.update.strategy if dist.enabled else None}
+                "strategy": params.update.strategy if dist.enabled else None,
+                # what the `auto` dtypes resolved to on this machine (docs/design.md §7)
+                "sample_dtype": sampler_dtype(params.sample.dtype), "score_dtype": score_dtype(params.score.dtype)}
     installed = find_malloc()
     if malloc == "glibc" and installed and dist.main:  # e.g. a flow run spawned by a Prefect worker
         logger.warning("%s is installed but not preloaded in this process: rounds run ~20 %% slower with glibc's "
