@@ -103,9 +103,12 @@ def run_ours(args, work: Path) -> dict:
 
 
 def _precision(params) -> str:
-    from stages.runtime import fast_bf16, sampler_dtype
+    from stages.runtime import fast_bf16, sampler_dtype, score_dtype
 
-    return f"update bf16 autocast {params.update.bf16_autocast and fast_bf16()}, sampler {sampler_dtype(params.sample.dtype)}"
+    sampler = sampler_dtype(params.sample.dtype)
+    policy = "the fp32 sampler's" if sampler == "float32" else score_dtype(params.score.dtype)
+    return (f"update bf16 autocast {params.update.bf16_autocast and fast_bf16()}, sampler {sampler}, "
+            f"KL: policy logprobs {policy}, reference pass {score_dtype(params.score.dtype)}")
 
 
 # ---------------------------------------------------------------- arm: TRL
@@ -215,8 +218,11 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
                       "tokens": timings["tokens"][i], "reward": logs[i].get("reward") if i < len(logs) else None,
                       "kl": logs[i].get("kl") if i < len(logs) else None,
                       "mean_length": logs[i].get("completions/mean_length") if i < len(logs) else None})
+    # TRL scores the KL's passes under accelerate's autocast (bf16 when bf16 is on)
+    kl = "bf16 autocast" if bf16 else "float32"
     return {"policy": str(work / "policy"), "steps": steps, "warm_s": warm, "step_wall_s": wall / args.steps,
-            "process_wall_s": wall + warm, "precision": f"update bf16 autocast {bf16}, sampler {engine}"}
+            "process_wall_s": wall + warm,
+            "precision": f"update bf16 autocast {bf16}, sampler {engine}, KL: both passes {kl}"}
 
 
 # ---------------------------------------------------------------- orchestration

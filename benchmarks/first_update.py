@@ -3,6 +3,8 @@
 forward/backward passes and the optimizer step, in one process with the trainer kept warm as the flow keeps it.
 
     python benchmarks/first_update.py [--steps 4] [--with-engine]   # needs models/base and data/prepared (dvc repro prepare)
+    python benchmarks/first_update.py --engine-phases   # later updates alone, then with the engine started in the
+                                # process, after a generation, its NUMA policy reset, GC frozen, the engine closed
 
 Prints a table (seconds per update); the README's Benchmarks section quotes it.
 """
@@ -29,6 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--with-engine", action="store_true",
                     help="start the configured sampler (vLLM) in the process first and generate once, as the flow does")
+    ap.add_argument("--engine-phases", action="store_true",
+                    help="after 2 warm updates, time 3 updates per state: alone; the engine started (and generated); "
+                         "after a further generation; vLLM's NUMA policy reset; Python's GC frozen; the engine closed; "
+                         "twice more alone")
     args = ap.parse_args(argv)
 
     import polars as pl
@@ -72,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         "completion_token_ids": [[rng.randrange(100, vocab) for _ in range(params.sample.max_completion_length)]
                                  for _ in range(rows)],
     })
+    if args.engine_phases:
+        engine_phases(trainer, batch, prompts, params, model_dir)
+        return
     opt_s: list[float] = []
     inner = trainer.optimizer.step
 
@@ -93,6 +102,57 @@ def main(argv: list[str] | None = None) -> None:
         opt = sum(opt_s[before:])
         lines.append(f"| {i + 1} | {total:.2f} | {opt:.2f} | {total - opt:.2f} |")
     print("\n".join(lines))
+
+
+def reset_mempolicy() -> bool:
+    """Undo the MEMBIND policy that vLLM's CPU worker sets on the process (`init_cpu_memory_env`): set_mempolicy
+    (MPOL_DEFAULT) for this thread, Linux x86_64 only; True when it was reset."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    return ctypes.CDLL(None, use_errno=True).syscall(238, 0, None, 0) == 0  # 238: set_mempolicy
+
+
+def engine_phases(trainer, batch, prompts, params, model_dir: Path) -> None:
+    """Seconds of 3 updates in each state of one process (the warm trainer, the same batch)."""
+    import gc
+
+    from stages.models import load_tokenizer
+    from stages.sample import generation_config, make_sampler, sample_prompts
+
+    def timed(label: str) -> None:
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            trainer.step(batch)
+            ts.append(time.perf_counter() - t)
+        print(f"| {label} | {' '.join(f'{x:.2f}' for x in ts)} |", flush=True)
+
+    def generate(sampler) -> None:
+        sample_prompts(sampler, load_tokenizer(model_dir), prompts, generation_config(params.sample), 0, 0, 0,
+                       params.sample.max_model_len)
+
+    for _ in range(2):  # the first updates' one-off costs (AdamW's state, fresh buffers)
+        trainer.step(batch)
+    print("| state | seconds per update |\n|---|---|")
+    timed("alone")
+    sampler = make_sampler(str(model_dir), params)
+    generate(sampler)
+    timed("engine started, generated")
+    generate(sampler)
+    timed("after a further generation")
+    if reset_mempolicy():
+        timed("NUMA memory policy reset to the default")
+    gc.freeze()
+    timed("Python's GC frozen")
+    gc.unfreeze()
+    sampler.close()
+    del sampler
+    gc.collect()
+    timed("engine closed")
+    timed("alone again")
 
 
 if __name__ == "__main__":
