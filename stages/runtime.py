@@ -153,13 +153,6 @@ def fast_bf16() -> bool:
     return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def resolve_dtype(dtype: str) -> str:
-    """`auto` -> bfloat16 where it is native (see `fast_bf16`), else float32."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if fast_bf16() else "float32"
-
-
 def score_dtype(dtype: str) -> str:
     """`score.dtype: auto` -> bfloat16 (autocast) where bf16 is native, float32 elsewhere. On the default task's trained
     policy the reference pass in bf16 puts 0.19 nats of |error| into a sequence's KL (mean; the policy's logprobs from
