@@ -126,19 +126,25 @@ def read_manifest(path: Path) -> dict:
     return data
 
 
-def verify_round(d: Path, manifest: dict) -> None:
-    """Every artifact of a complete round is there with the size and checksum its manifest recorded."""
+def round_damage(d: Path, manifest: dict) -> str | None:
+    """The first artifact of a complete round that is not there with the size and checksum its manifest recorded,
+    as `<path> <what is wrong>`; None when the round is intact."""
     for name, rec in manifest["artifacts"].items():
         path = d / name
         if not path.is_file():
-            problem = "is missing"
-        elif path.stat().st_size != rec.get("bytes"):
-            problem = f"has {path.stat().st_size} bytes, its manifest recorded {rec.get('bytes')}"
-        elif file_record(path)["sha256"] != rec.get("sha256"):
-            problem = "does not match the checksum its manifest recorded"
-        else:
-            continue
-        raise PipelineError(f"{path} {problem}: round {manifest['round'] + 1} is damaged; restore it with `dvc checkout "
+            return f"{path} is missing"
+        if path.stat().st_size != rec.get("bytes"):
+            return f"{path} has {path.stat().st_size} bytes, its manifest recorded {rec.get('bytes')}"
+        if file_record(path)["sha256"] != rec.get("sha256"):
+            return f"{path} does not match the checksum its manifest recorded"
+    return None
+
+
+def verify_round(d: Path, manifest: dict) -> None:
+    """Every artifact of a complete round is there with the size and checksum its manifest recorded."""
+    damage = round_damage(d, manifest)
+    if damage:
+        raise PipelineError(f"{damage}: round {manifest['round'] + 1} is damaged; restore it with `dvc checkout "
                             f"{d.parent}` (when DVC cached this run) or start over: {RESTART}")
 
 
@@ -216,10 +222,9 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
             verify_round(round_dir(tp.rounds_dir, r), manifests[r])
     end = c  # the complete rounds after the checkpoint whose artifacts are intact are replayed, the rest re-done
     while end < n:
-        try:
-            verify_round(round_dir(tp.rounds_dir, end), manifests[end])
-        except PipelineError as exc:
-            log.warning("%s; it is re-done instead of replayed", str(exc).split(": round")[0])
+        damage = round_damage(round_dir(tp.rounds_dir, end), manifests[end])
+        if damage:
+            log.warning("%s; it is re-done instead of replayed", damage)
             break
         end += 1
     plan.start = end
