@@ -277,6 +277,8 @@ def summarize(arm: str, res: dict, ev: dict) -> dict:
         "train_reward_last": steps[-1]["reward"] if n else None, "precision": res.get("precision"),
         "train_rewards": [s["reward"] for s in steps], "train_kls": [s["kl"] for s in steps],
         "mean_lengths": [s.get("mean_length") for s in steps],
+        # each step's phases, so a slow first step (or a slow last one) shows
+        "step_phases": [{k: s.get(k) for k in ("round_s", "sample_s", "score_s", "update_s")} for s in steps],
     }
 
 

@@ -50,7 +50,7 @@ class Trainer:
     def __init__(self, model_dir: str, params, device, total_rounds: int | None = None, field: str = "base.model_dir",
                  dist=None):
         from stages.loop.dist import SINGLE
-        from stages.models import load_causal_lm, load_tokenizer
+        from stages.models import load_causal_lm, load_tokenizer, own_memory
         from stages.runtime import fast_bf16
 
         self.params = params
@@ -59,6 +59,7 @@ class Trainer:
         self.dist = dist or SINGLE
         self.tokenizer = load_tokenizer(model_dir, field)
         self.model = load_causal_lm(model_dir, "float32", device, field)
+        own_memory(self.model)  # not the file's copy-on-write pages: the first optimizer step would fault them in
         self.model.config.use_cache = False
         if self.up.use_lora:
             from peft import LoraConfig, get_peft_model

@@ -177,6 +177,28 @@ def test_resolve_backend(monkeypatch):
         resolve_backend("vllm")
 
 
+@pytest.mark.parametrize("eager", [True, False])
+def test_vllm_generate_turns_torch_compile_off_only_for_an_eager_engine(eager):
+    """vLLM's sampler compiles its logprob-rank helper with inductor on the first call (~2 s per engine here): with
+    `sample.enforce_eager` the call runs with dynamo off, and only the call. The engine is a stand-in that records the
+    switch (the real one is exercised by the slow vLLM tests below)."""
+    import torch._dynamo
+
+    from stages.sample.vllm_backend import VLLMSampler
+
+    seen = []
+
+    class Engine:
+        def generate(self, prompts, sampling_params, use_tqdm):
+            seen.append(torch._dynamo.config.disable)
+            return []
+
+    sampler = VLLMSampler.__new__(VLLMSampler)
+    sampler.llm, sampler.params = Engine(), fp32_params(enforce_eager=eager).sample
+    assert sampler.generate([[1, 2, 3]], GenerationConfig(k=2, max_tokens=2), [0]) == []
+    assert seen == [eager] and torch._dynamo.config.disable is False
+
+
 def test_make_sampler_rejects_a_non_causal_lm(tmp_path, tiny_model_factory):
     from transformers import LlamaForSequenceClassification
 

@@ -457,3 +457,30 @@ def test_approx_kl_by_hand_over_two_epochs(tiny_model_dir):
     want = (0.0 + 0.5 * sum(sq) / len(sq)) / 2
     got = two.step(batch)["policy/approx_kl"]
     assert want > 1e-4 and got == pytest.approx(want, rel=1e-3)
+
+
+def _mapped_file(ptr: int) -> str | None:
+    """The file a memory address is mapped from (Linux /proc/self/maps), None for anonymous memory."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= ptr < hi:
+            return fields[5] if len(fields) == 6 and fields[5].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_trainer_weights_are_not_the_files_copy_on_write_pages(tiny_model_dir):
+    """transformers maps model.safetensors copy-on-write; the trainer copies its weights out once (the optimizer's
+    first in-place step would otherwise fault every page in), keeping tied weights tied. A reference model loaded for
+    reading keeps the mapping (checked too, so the test fails if transformers stops mapping: then the copy is moot)."""
+    from stages.models import load_causal_lm
+
+    ref = load_causal_lm(tiny_model_dir)
+    assert any(str(_mapped_file(p.data_ptr())).endswith(".safetensors") for p in ref.parameters())
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir), CPU)
+    assert [n for n, p in trainer.model.named_parameters() if _mapped_file(p.data_ptr())] == []
+    tied = trainer.model.config.tie_word_embeddings
+    assert (trainer.model.get_output_embeddings().weight is trainer.model.get_input_embeddings().weight) == tied
+    for n, p in ref.named_parameters():
+        assert torch.equal(p, dict(trainer.model.named_parameters())[n])

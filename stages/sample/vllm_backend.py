@@ -120,7 +120,8 @@ class VLLMSampler:
             )
             for s in seeds
         ]
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sps, use_tqdm=True)
+        with self._eager():
+            outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sps, use_tqdm=True)
         groups = []
         for out in outs:
             group = []
@@ -130,6 +131,18 @@ class VLLMSampler:
                 group.append(Completion(o.text, token_ids, logprobs, "length" if o.finish_reason == "length" else "stop"))
             groups.append(group)
         return groups
+
+    def _eager(self):
+        """With `sample.enforce_eager`, no torch.compile inside generate(): vLLM's sampler compiles the helper that
+        ranks each sampled token's logprob (and the top-p/top-k one) with inductor on its first call, ~2.1 s of every
+        engine's first generation on this CPU for a count that runs in microseconds eagerly (docs/design.md §7). The
+        switch is dynamo's own (`torch._dynamo.config.disable`), only for the call; the tokens and logprobs are the
+        same (the rank is not used)."""
+        if not self.params.enforce_eager:
+            return contextlib.nullcontext()
+        import torch._dynamo
+
+        return torch._dynamo.config.patch(disable=True)
 
     def update_weights(self, state_dict=None, path: str | None = None) -> None:
         if state_dict is not None and self.in_process:
