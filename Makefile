@@ -21,7 +21,7 @@ APT_GET ?= apt-get
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup repro test test-fast bench bench-trl bench-overhead bench-roofline bench-baselines docs mutate coverage clean-venv
+.PHONY: setup repro test test-fast bench bench-trl bench-overhead bench-roofline bench-precision bench-baselines docs mutate coverage clean-venv
 
 setup: $(STAMP)
 
@@ -76,13 +76,17 @@ $(BENCH_STAMP): $(STAMP)
 	@touch $(BENCH_STAMP)
 
 bench-trl: $(BENCH_STAMP)
-	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_trl.py --repeats 3 --arms ours trl trl-glibc
+	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_trl.py --repeats 3 --arms ours ours-bf16 trl trl-glibc
 
 bench-overhead: setup
 	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/bench_overhead.py --repeats 3 --arms bare flow flow-every-round
 
 bench-roofline: setup
 	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/roofline.py
+
+# the KL's precision options against fp32, on the main job's trained policy (dvc repro first: a no-op when done)
+bench-precision: setup
+	source $(VENV)/bin/activate && dvc repro && python benchmarks/precision.py
 
 bench-baselines: setup
 	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/sweep_baselines.py

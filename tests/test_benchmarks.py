@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_trl  # noqa: E402
 import mutation_report  # noqa: E402
+import numpy as np  # noqa: E402
+import precision  # noqa: E402
 import sweep_baselines  # noqa: E402
 import tune  # noqa: E402
 
@@ -80,6 +82,7 @@ def test_trl_table_has_ratios_and_says_why_an_arm_failed():
     md = bench_trl.markdown([ours, trl, bad], {"date": "d", "machine": "m", "steps": 2, "prompts": 8, "k": 4,
                                                "tokens": 32, "lr": 1e-6, "beta": 0.02})
     assert "| ours | 10.0 |" in md and "1.00x" in md and "2.50x" in md
+    assert "TRL's step time over ours: trl / ours 2.50x." in md and "ours: 9.0, 9.0" in md
     assert "| trl-vllm | failed: AttributeError: x (at a.py:1 f -> b.py:2 g) |" in md
 
 
@@ -118,3 +121,43 @@ def test_trl_arms_are_means_over_the_repeats_that_have_each_number():
     assert trl["eval_reward"] == 0.4 and trl["evaluated"] == 1 and trl["step_wall_s"] == 22.0  # the failed eval left out
     assert failed == runs[-1]
     assert bench_trl.spread(ours) == " [13.0-14.0]" and bench_trl.evaluated(trl) == " (n=1)"
+
+
+def test_precision_table_holds_each_kl_against_fp32_for_both_passes():
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    score = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.1, 0.1, 0.3])
+    exact_p, exact_r = np.linspace(-20, -10, 8), np.full(8, -16.0)
+    shift = np.array([0.5, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 10.0])  # one large error flips two advantages' signs
+    rows = precision.error_table({"fp32 pass": exact_p, "bf16 engine": exact_p + shift}, {"fp32 pass": exact_r},
+                                 np.full(8, 10), score, groups, beta=0.1)
+    exact, off = rows
+    assert exact["mean_abs_err"] == exact["max_abs_err"] == exact["adv_moved"] == exact["sign_flips"] == 0.0
+    assert off["mean_abs_err"] == pytest.approx(11.0 / 8) and off["max_abs_err"] == pytest.approx(10.0)
+    assert off["bias"] == pytest.approx(10.0 / 8) and off["mean_kl"] == pytest.approx((exact_p - exact_r).mean() + 10.0 / 8)
+    rlhf = score - 0.1 * (exact_p - exact_r)
+    assert precision.rloo_advantages(rlhf, groups)[0] == pytest.approx(rlhf[0] - rlhf[1:4].mean())
+    assert off["sign_flips"] == 2 / 8 and off["adv_moved"] > 0  # the other two completions of that prompt
+    token = precision.error_table({"fp32 pass": exact_p, "x": exact_p + shift}, {"fp32 pass": exact_r}, np.full(8, 10),
+                                  score, groups, beta=0.1, kl_level="token")[1]
+    assert token["max_abs_err"] == pytest.approx(1.0)  # per token: divided by the 10 tokens
+
+
+def test_precision_defaults_follow_the_params_resolution(monkeypatch):
+    """The (policy, reference) sources precision.py marks as the default, and bench_trl's label, are what the flow runs."""
+    import torch
+
+    import stages.runtime as runtime
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    with_ = lambda sample, score: params.model_copy(update={  # noqa: E731
+        "sample": params.sample.model_copy(update=sample), "score": params.score.model_copy(update=score)})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, ref in ((True, "bf16 pass"), (False, "fp32 pass")):
+        monkeypatch.setattr(runtime, "fast_bf16", lambda native=native: native)
+        assert precision.defaults(params) == ("fp32 engine", ref)  # CPU: the fp32 engine's logprobs are reused
+        assert precision.defaults(with_({"dtype": "bfloat16"}, {"policy_logprobs": "sampler"})) == ("bf16 engine", ref)
+        assert precision.defaults(with_({"dtype": "bfloat16"}, {})) == (ref, ref)  # auto: a bf16 engine's are not
+        assert precision.defaults(with_({}, {"policy_logprobs": "trainer"})) == (ref, ref)
+        assert precision.defaults(with_({}, {"dtype": "float32"})) == ("fp32 engine", "fp32 pass")
+    assert "policy logprobs the bf16 engine's, reference the fp32 pass" in bench_trl._precision(
+        with_({"dtype": "bfloat16"}, {"policy_logprobs": "sampler"}))
