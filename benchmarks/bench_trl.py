@@ -332,7 +332,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta.get('repeats', 1)} repeat(s) (the step's min-max over the repeats in brackets); held-out metrics: the "
         "mean over the repeats whose final policy was evaluated (n in brackets).",
         "",
-        "| arm | step (wall) | sampling | scoring | update | TRL / ours per step | generated tokens/s | warm-up | peak RSS GiB | held-out reward | win-rate vs base | KL |",
+        "| arm | step (wall) | sampling | scoring | update | step / ours' step | generated tokens/s | warm-up | peak RSS GiB | held-out reward | win-rate vs base | KL |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

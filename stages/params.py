@@ -114,8 +114,8 @@ class ScoreParams(_Section):
         "auto", "logp_policy from a trainer forward pass, or the sampler's own logprobs; auto = sampler when it runs fp32")
     dtype: Literal["auto", "float32", "bfloat16"] = F(
         "auto", "precision of the policy/reference logprob passes that make the KL: auto = bfloat16 (autocast) where "
-        "bf16 is native (2.4-2.8x faster; 0.19 nats |error| per sequence with an fp32 sampler's policy logprobs, 0.32 "
-        "with both passes bf16; mean KL within 2 %), float32 elsewhere (measured, docs/design.md §7)")
+        "bf16 is native (2.4-2.8x faster; 0.17 nats |error| per sequence with an fp32 sampler's policy logprobs, 0.26 "
+        "with both passes bf16; mean KL within 3 %), float32 elsewhere (make bench-precision, docs/design.md §7)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> ScoreParams:

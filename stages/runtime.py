@@ -155,9 +155,9 @@ def fast_bf16() -> bool:
 
 def score_dtype(dtype: str) -> str:
     """`score.dtype: auto` -> bfloat16 (autocast) where bf16 is native, float32 elsewhere. On the default task's trained
-    policy the reference pass in bf16 puts 0.19 nats of |error| into a sequence's KL (mean; the policy's logprobs from
-    the fp32 sampler), moves the batch's mean KL by 2 % and costs 0.76 instead of 2.16 s a round (2-core AVX512-BF16
-    CPU); TRL scores both passes in bf16 autocast (0.32 nats). docs/design.md §7."""
+    policy the reference pass in bf16 puts 0.17 nats of |error| into a sequence's KL (mean; the policy's logprobs from
+    the fp32 sampler), moves the batch's mean KL by 2-3 % and costs 0.76 instead of 2.16 s a round (2-core AVX512-BF16
+    CPU); TRL scores both passes in bf16 autocast (0.26 nats). `make bench-precision`, docs/design.md §7."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if fast_bf16() else "float32"

@@ -25,7 +25,7 @@ from stages.sample import generation_config, make_sampler, sample_prompts
 from stages.score import completion_inputs, score_samples
 
 TOL_KL = 1e-3
-TOL_SEQ = 0.3  # the README's tolerance for the default path's KL: mean |error| per sequence (measured 0.19)
+TOL_SEQ = 0.3  # the README's tolerance for the default path's KL: mean |error| per sequence (measured 0.17-0.19)
 TOL_MEAN = 0.1  # ... and on the batch's mean KL (measured +0.02 on 128 completions; this test's batch is 12)
 
 
