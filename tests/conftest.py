@@ -162,6 +162,9 @@ def vllm_sampler(base_model_dir):
 
     vLLM start-up is slow (~5-20 s here) and each engine holds its own KV cache, so every test shares this
     one. A test that pushes other weights into it (`update_weights`) must push the base weights back.
+    vLLM's parallel state is process-wide: an engine that another module starts and frees afterwards (the sampler
+    contract's, on the tiny model) leaves this one unusable, so the modules that use this one (test_precision,
+    test_sample) run before test_sampler_contract, as pytest orders files by name.
     """
     from stages.sample import make_sampler, vllm_available
 
