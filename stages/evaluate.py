@@ -77,10 +77,12 @@ def evaluate_policy(
     prompts: pl.DataFrame,
     batch_size: int = 16,
     sampler_exact: bool = False,
+    ref_prompt_cache=None,
 ) -> tuple[pl.DataFrame, dict]:
     """Score the policy's completions, KL to the reference, and compare with the reference's completions.
     `sampler_exact`: the completions' sampler logprobs are the fp32 policy's own (docs/design.md §7), so the
-    policy's logprob pass is skipped (greedy decoding: raw logprobs, no temperature)."""
+    policy's logprob pass is skipped (greedy decoding: raw logprobs, no temperature). `ref_prompt_cache`: the
+    reference's keys and values of these prompts (`stages.logprobs.PromptCache`, made once per run by the flow)."""
     from stages.logprobs import sequence_logprobs
     from stages.score import completion_inputs
 
@@ -91,7 +93,9 @@ def evaluate_policy(
         logp_pol = [float(sum(x)) for x in policy_samples["sampler_logprobs"]]
     else:
         logp_pol, _ = sequence_logprobs(policy, p_ids, c_ids, pad, batch_size, progress="eval logp policy")
-    logp_ref = list(logp_pol) if ref is policy else sequence_logprobs(ref, p_ids, c_ids, pad, batch_size, progress="eval logp ref")[0]
+    logp_ref = list(logp_pol) if ref is policy else sequence_logprobs(ref, p_ids, c_ids, pad, batch_size,
+                                                                      progress="eval logp ref",
+                                                                      prompt_cache=ref_prompt_cache)[0]
     kl = np.asarray(logp_pol) - np.asarray(logp_ref)
     ref_by_id = ref_samples.select(
         "prompt_id", ref_completion="completion", ref_num_tokens="num_tokens"

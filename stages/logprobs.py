@@ -65,13 +65,21 @@ def token_logprobs(model, prompts, completions, pad_id: int, with_entropy: bool 
     return logp, mask, entropy
 
 
-def completion_logprobs(model, prompts, completions, pad_id: int, with_entropy: bool = False, share: bool = True,
-                        dtype: str = "float32"):
-    """(B, C) logprobs, mask, entropy: the shared-prompt layout when `share`, in `dtype` (bfloat16: autocast)."""
-    fn = shared_prompt_logprobs if share else token_logprobs
+def _precision(model, dtype: str):
     device = next(model.parameters()).device
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
-    with ctx:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+
+def completion_logprobs(model, prompts, completions, pad_id: int, with_entropy: bool = False, share: bool = True,
+                        dtype: str = "float32", prompt_cache: PromptCache | None = None):
+    """(B, C) logprobs, mask, entropy: the shared-prompt layout when `share` (always with a `prompt_cache`), in
+    `dtype` (bfloat16: autocast)."""
+    with _precision(model, dtype):
+        if prompt_cache is not None:
+            if prompt_cache.dtype != dtype:
+                raise ValueError(f"a prompt cache made in {prompt_cache.dtype} used for a {dtype} pass")
+            return shared_prompt_logprobs(model, prompts, completions, pad_id, with_entropy, prompt_cache)
+        fn = shared_prompt_logprobs if share else token_logprobs
         return fn(model, prompts, completions, pad_id, with_entropy)
 
 
@@ -96,8 +104,10 @@ def sequence_logprobs(
     progress: str | None = None,
     share: bool = True,
     dtype: str = "float32",
+    prompt_cache: PromptCache | None = None,
 ) -> tuple[list[float], list[list[float]]]:
-    """Summed logprob per completion and the per-token lists, in batches, no gradient."""
+    """Summed logprob per completion and the per-token lists, in batches, no gradient. `prompt_cache`: the model's
+    keys and values of these prompts, computed earlier (`PromptCache`): only the completions are run."""
     from tqdm.auto import tqdm
 
     sums: list[float] = []
@@ -111,7 +121,7 @@ def sequence_logprobs(
     for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
         idx = order[s : s + batch_size]
         lp, mask, _ = completion_logprobs(model, [prompts[i] for i in idx], [completions[i] for i in idx], pad_id,
-                                          share=share, dtype=dtype)
+                                          share=share, dtype=dtype, prompt_cache=prompt_cache)
         lp = lp.double()
         for row, m, i in zip(lp, mask, idx):
             res_sum[i] = float(row.sum())
@@ -122,7 +132,8 @@ def sequence_logprobs(
     return sums, per_token
 
 
-def shared_prompt_logprobs(model, prompts, completions, pad_id: int, with_entropy: bool = False):
+def shared_prompt_logprobs(model, prompts, completions, pad_id: int, with_entropy: bool = False,
+                           prompt_cache: PromptCache | None = None):
     """`token_logprobs` with each distinct prompt computed once and its KV cache shared by all its completions.
 
     A round has K completions per prompt, and the prompt is most of each sequence (~65 of ~97 tokens on the default
@@ -135,24 +146,12 @@ def shared_prompt_logprobs(model, prompts, completions, pad_id: int, with_entrop
     continuing after their own prompt, attending to [their prompt | themselves].
     """
     device = next(model.parameters()).device
-    keys: dict[tuple, int] = {}
-    row_prompt = [keys.setdefault(tuple(p), len(keys)) for p in prompts]
-    uniq = list(keys)
-    U, B = len(uniq), len(prompts)
-    P = max(len(p) for p in uniq)
+    B = len(prompts)
     C = max(max((len(c) for c in completions), default=0), 1)
-    p_ids = torch.full((U, P), pad_id, dtype=torch.long)
-    p_att = torch.zeros((U, P), dtype=torch.long)
-    for u, p in enumerate(uniq):
-        p_ids[u, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        p_att[u, P - len(p):] = 1
-    p_pos = (p_att.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=p_ids.to(device), attention_mask=p_att.to(device), position_ids=p_pos.to(device),
-                use_cache=True, logits_to_keep=1)
-    first_logits = out.logits[:, -1, :]  # (U, V): predicts each completion's first token
-    cache = out.past_key_values
-    rows = torch.as_tensor(row_prompt, dtype=torch.long, device=device)
-    cache.batch_select_indices(rows)  # (U, ...) -> (B, ...): each row its prompt's keys and values
+    if prompt_cache is None:
+        first_logits, cache, p_att = _prompt_pass(model, [tuple(p) for p in prompts], pad_id, device)
+    else:  # computed once for these prompts: each row's own entry
+        first_logits, cache, p_att = prompt_cache.take(prompts)
     c_ids = torch.full((B, C), pad_id, dtype=torch.long)
     c_att = torch.zeros((B, C), dtype=torch.long)
     mask = torch.zeros((B, C), dtype=torch.bool)
@@ -161,13 +160,13 @@ def shared_prompt_logprobs(model, prompts, completions, pad_id: int, with_entrop
             c_ids[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long)
             c_att[i, : len(c)] = 1
             mask[i, : len(c)] = True
-    plen = p_att.sum(-1)[torch.as_tensor(row_prompt)]  # (B,) real prompt tokens of each row
+    plen = p_att.sum(-1)  # (B,) real prompt tokens of each row
     c_pos = plen.unsqueeze(-1) + torch.arange(C).unsqueeze(0)
-    att = torch.cat([p_att[torch.as_tensor(row_prompt)], c_att], dim=-1)
+    att = torch.cat([p_att, c_att], dim=-1)
     c_ids, att, c_pos, mask = c_ids.to(device), att.to(device), c_pos.to(device), mask.to(device)
     logits = model(input_ids=c_ids, attention_mask=att, position_ids=c_pos, past_key_values=cache,
                    use_cache=False, logits_to_keep=C).logits  # (B, C, V): position t predicts token t + 1
-    logits = torch.cat([first_logits[rows].unsqueeze(1), logits[:, :-1, :]], dim=1)  # (B, C, V)
+    logits = torch.cat([first_logits.unsqueeze(1), logits[:, :-1, :]], dim=1)  # (B, C, V)
     logp_all = torch.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(-1, c_ids.unsqueeze(-1)).squeeze(-1) * mask
     entropy = None
@@ -175,3 +174,71 @@ def shared_prompt_logprobs(model, prompts, completions, pad_id: int, with_entrop
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
     return logp, mask, entropy
+
+
+def _left_padded(prompts: list[tuple], pad_id: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(prompts), width), dtype=torch.long)
+    for u, p in enumerate(prompts):
+        ids[u, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        att[u, width - len(p):] = 1
+    return ids, att, (att.cumsum(-1) - 1).clamp(min=0)
+
+
+def _prompt_pass(model, prompts: list[tuple], pad_id: int, device):
+    """Each distinct prompt forwarded once (left-padded); per row of `prompts`: the logits after its prompt (B, V),
+    the keys and values (a cache of B rows) and the prompt's attention mask (B, P)."""
+    keys: dict[tuple, int] = {}
+    row_prompt = [keys.setdefault(p, len(keys)) for p in prompts]
+    uniq = list(keys)
+    p_ids, p_att, p_pos = _left_padded(uniq, pad_id, max(len(p) for p in uniq))
+    out = model(input_ids=p_ids.to(device), attention_mask=p_att.to(device), position_ids=p_pos.to(device),
+                use_cache=True, logits_to_keep=1)
+    rows = torch.as_tensor(row_prompt, dtype=torch.long)
+    cache = out.past_key_values
+    cache.batch_select_indices(rows.to(device))  # (U, ...) -> (B, ...): each row its prompt's keys and values
+    return out.logits[:, -1, :][rows.to(device)], cache, p_att[rows]
+
+
+class PromptCache:
+    """A fixed model's keys and values of fixed prompts, computed once, for passes that run only completions on them.
+
+    The held-out evaluation scores new completions of the same prompts under the same reference at every in-training
+    evaluation; its prompts are ~2/3 of the tokens of that fp32 pass (48 prompts: 4.8 -> ~1.7 s a pass on the 2-core
+    CPU, docs/design.md §7). Holds the logits after each prompt and every layer's keys and values (48 prompts of ~70
+    tokens for SmolLM2-135M: ~155 MB in fp32). Same arithmetic as the uncached pass, to float rounding (tested).
+    Only for a model whose weights do not change (the reference).
+    """
+
+    def __init__(self, model, prompts, pad_id: int, batch_size: int = 16, dtype: str = "float32"):
+        from transformers import DynamicCache
+
+        self.model, self.dtype, self._cache_cls = model, dtype, DynamicCache
+        uniq = list(dict.fromkeys(tuple(p) for p in prompts))
+        self.index = {p: i for i, p in enumerate(uniq)}
+        width = max(len(p) for p in uniq)
+        device = next(model.parameters()).device
+        logits, layers, atts = [], [], []
+        with torch.no_grad(), _precision(model, dtype):
+            for s in range(0, len(uniq), batch_size):
+                ids, att, pos = _left_padded(uniq[s : s + batch_size], pad_id, width)
+                out = model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
+                            use_cache=True, logits_to_keep=1)
+                logits.append(out.logits[:, -1, :])
+                layers.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+                atts.append(att)
+        self.first_logits = torch.cat(logits)
+        self.layers = [(torch.cat([b[i][0] for b in layers]), torch.cat([b[i][1] for b in layers]))
+                       for i in range(len(layers[0]))]
+        self.p_att = torch.cat(atts)
+
+    def take(self, prompts):
+        """(B, V) logits after each row's prompt, a fresh cache of B rows, the (B, P) prompt mask."""
+        try:
+            rows = torch.as_tensor([self.index[tuple(p)] for p in prompts], dtype=torch.long)
+        except KeyError:
+            raise ValueError("a prompt that the prompt cache was not made for") from None
+        dev = self.first_logits.device
+        cache = self._cache_cls([(k[rows.to(dev)], v[rows.to(dev)]) for k, v in self.layers],
+                                config=self.model.config)
+        return self.first_logits[rows.to(dev)], cache, self.p_att[rows]

@@ -11,9 +11,11 @@ from test_score import direct_logp
 
 from conftest import make_samples_table, make_tiny_model
 from stages.evaluate import distinct_n, eval_metrics, evaluate_policy, flat_metrics, paired_bootstrap, win_rate
+from stages.logprobs import PromptCache
 from stages.models import load_causal_lm, load_tokenizer
 from stages.params import RewardSpec
 from stages.rewards import build_rewards
+from stages.score import completion_inputs
 
 
 def test_win_rate_by_hand():
@@ -56,6 +58,10 @@ def test_eval_kl_is_zero_against_itself_and_a_forward_difference_against_another
         want.append(direct_logp(policy, p_ids, list(ids))[0] - direct_logp(other, p_ids, list(ids))[0])
     assert table["kl"].to_list() == pytest.approx(want, abs=1e-4)
     assert m["kl"] == pytest.approx(np.mean(want), abs=1e-4) and abs(m["kl"]) > 1e-3
+    # the flow's way: the reference's prompt pass made once (from its own completions' prompts) and reused
+    cache = PromptCache(other, completion_inputs(ref, tok)[0], tok.pad_token_id)
+    cached, _ = evaluate_policy(pol, ref, ref_scores, rewards, policy, other, tok, prompts, ref_prompt_cache=cache)
+    assert cached["kl"].to_list() == pytest.approx(want, abs=1e-4)
     # the policy's own completions paired with the reference's of the same prompt, scored by the task reward
     assert table["ref_completion"].to_list() == [r[3] for r in REF_ROWS]
     assert table["score"].to_list() == pytest.approx([1.0, 0.75, 1.0])  # words / min_words 4, capped at 1

@@ -24,7 +24,7 @@ import yaml
 from conftest import make_samples_table, make_tiny_model
 from stages.errors import PipelineError
 from stages.io import read_table, write_table
-from stages.logprobs import sequence_logprobs
+from stages.logprobs import PromptCache, sequence_logprobs
 from stages.models import load_causal_lm, load_tokenizer
 from stages.params import RewardSpec, ScoreParams
 from stages.rewards import build_rewards
@@ -265,6 +265,20 @@ def test_sequence_logprobs_match_direct_forward_for_any_batch_size(models):
     assert sums[1] == 0.0 and per_token[1] == []
     # the empty completion alone in its batch
     assert sequence_logprobs(policy, [prompts[1]], [[]], tok.pad_token_id) == ([0.0], [[]])
+    # a prompt cache made once (the held-out evaluation's reference): only the completions run; same numbers, for
+    # any batch size and for rows that repeat a prompt; a prompt it was not made for is an error, as is another dtype
+    cache = PromptCache(policy, prompts[1:] + prompts[:1], tok.pad_token_id, batch_size=2)
+    twice = prompts + [prompts[0]]
+    again = completions + [enc("bad")]
+    for bs in (1, 3, 16):
+        sums, per_token = sequence_logprobs(policy, twice, again, tok.pad_token_id, batch_size=bs, prompt_cache=cache)
+        assert sums[:5] == pytest.approx([e[0] for e in expected], abs=1e-4), bs
+        assert sums[5] == pytest.approx(direct_logp(plain_policy, prompts[0], again[5])[0], abs=1e-4)
+        assert per_token[2] == pytest.approx(expected[2][1], abs=1e-4)
+    with pytest.raises(ValueError, match="not made for"):
+        sequence_logprobs(policy, [enc("<user> <user> <user> <eos> <assistant>")], [enc("good")], tok.pad_token_id, prompt_cache=cache)
+    with pytest.raises(ValueError, match="made in float32"):
+        sequence_logprobs(policy, prompts, completions, tok.pad_token_id, dtype="bfloat16", prompt_cache=cache)
 
 
 def test_on_invalid_error_names_reward_and_first_key(models, tmp_path, monkeypatch):

@@ -114,7 +114,8 @@ def evaluate_round(w: Warm, version: int) -> dict:
     if w.eval_prompts.height:
         pol = generate_one(w.sampler, w.tokenizer, w.eval_prompts, p, p.base.seed, version)
         table, _ = evaluate_policy(pol, ref_samples, ref_scores, w.rewards, w.trainer.model, w.ref, w.tokenizer,
-                                   w.eval_prompts, p.score.batch_size, sampler_exact=w.sampler.exact_logprobs)
+                                   w.eval_prompts, p.score.batch_size, sampler_exact=w.sampler.exact_logprobs,
+                                   ref_prompt_cache=w.ref_eval_cache)
     else:
         table = None
     if w.dist.enabled:

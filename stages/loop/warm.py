@@ -31,6 +31,7 @@ class Warm:
     eval_prompts: pl.DataFrame | None
     adv_state: dict | None = None  # the advantage estimator's carried state (stages.advantage)
     ref_eval: tuple | None = None  # (ref_samples, ref_scores) on the held-out prompts, fixed for the run
+    ref_eval_cache: Any = None  # stages.logprobs.PromptCache: the reference's keys/values of those prompts (fp32)
     dist: Any = None  # stages.loop.dist.Dist: this process's rank in the run (one process: SINGLE)
     eval_order: list = field(default_factory=list)  # every held-out prompt id, in order (eval_prompts: this rank's)
     timings: dict = field(default_factory=dict)
@@ -50,11 +51,13 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     from stages.loop.dist import SINGLE
     from stages.evaluate import generate_one, task_scores
     from stages.io import read_table
+    from stages.logprobs import PromptCache
     from stages.models import load_causal_lm, load_tokenizer
     from stages.rewards import build_rewards
     from stages.runtime import setup_torch
     from stages.sample import make_sampler
     from stages.schemas import PROMPTS
+    from stages.score import completion_inputs
     from stages.update import load_trainer
 
     dist = dist or SINGLE
@@ -76,6 +79,9 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     if with_eval and eval_prompts.height:
         ref_samples = generate_one(sampler, tokenizer, eval_prompts, params, params.base.seed, 0)
         w.ref_eval = (ref_samples, task_scores(ref_samples, rewards, eval_prompts))
+        # every evaluation scores new completions of these prompts under this reference: its prompt pass, once
+        w.ref_eval_cache = PromptCache(ref, completion_inputs(ref_samples, tokenizer)[0], tokenizer.pad_token_id,
+                                       params.score.batch_size)
     elif with_eval:
         w.ref_eval = (None, None)  # more ranks than held-out prompts: this one evaluates none
     if checkpoint is not None:
