@@ -97,6 +97,7 @@ def measure(params, n_prompts: int) -> dict:
     from stages.logprobs import sequence_logprobs
     from stages.models import load_causal_lm, load_tokenizer
     from stages.rewards import build_rewards, combine, compute_rewards
+    from stages.runtime import setup_torch
     from stages.sample import generation_config, make_sampler, sample_prompts
     from stages.score import completion_inputs, reward_inputs
 
@@ -128,9 +129,10 @@ def measure(params, n_prompts: int) -> dict:
     timings["bf16_engine_s"] = time.perf_counter() - t
 
     ref: dict[str, np.ndarray] = {}
+    device = setup_torch(params.base.device)  # the passes where the flow runs them
     pad = tok.pad_token_id
     for name, model_dir, out in (("policy", policy_dir, policy), ("reference", ref_dir, ref)):
-        model = load_causal_lm(model_dir, "float32").eval()
+        model = load_causal_lm(model_dir, "float32", device).eval()
         for dtype in ("float32", "bfloat16"):
             t = time.perf_counter()
             sums, _ = sequence_logprobs(model, prompt_ids, completion_ids, pad, params.score.batch_size,

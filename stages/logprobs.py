@@ -78,6 +78,8 @@ def completion_logprobs(model, prompts, completions, pad_id: int, with_entropy: 
         if prompt_cache is not None:
             if prompt_cache.dtype != dtype:
                 raise ValueError(f"a prompt cache made in {prompt_cache.dtype} used for a {dtype} pass")
+            if prompt_cache.model is not model:
+                raise ValueError("a prompt cache made from another model: its keys and values are that model's")
             return shared_prompt_logprobs(model, prompts, completions, pad_id, with_entropy, prompt_cache)
         fn = shared_prompt_logprobs if share else token_logprobs
         return fn(model, prompts, completions, pad_id, with_entropy)
@@ -230,6 +232,10 @@ class PromptCache:
         self.first_logits = torch.cat(logits)
         self.layers = [(torch.cat([b[i][0] for b in layers]), torch.cat([b[i][1] for b in layers]))
                        for i in range(len(layers[0]))]
+        # a sliding-window layer keeps only its last window's keys: the rebuilt cache would not line up with the
+        # prompts' mask, so such models are not cached (the caller falls back to the full pass)
+        if any(k.shape[-2] != width for k, _ in self.layers):
+            raise ValueError("the model keeps a sliding window of keys and values: its prompts cannot be cached")
         self.p_att = torch.cat(atts)
 
     def take(self, prompts):

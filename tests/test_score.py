@@ -279,6 +279,25 @@ def test_sequence_logprobs_match_direct_forward_for_any_batch_size(models):
         sequence_logprobs(policy, [enc("<user> <user> <user> <eos> <assistant>")], [enc("good")], tok.pad_token_id, prompt_cache=cache)
     with pytest.raises(ValueError, match="made in float32"):
         sequence_logprobs(policy, prompts, completions, tok.pad_token_id, dtype="bfloat16", prompt_cache=cache)
+    # the keys and values are that model's: another model with this cache is an error, not mixed numbers
+    with pytest.raises(ValueError, match="another model"):
+        sequence_logprobs(plain_policy, prompts, completions, tok.pad_token_id, prompt_cache=cache)
+
+
+def test_prompt_cache_refuses_a_sliding_window_model():
+    """A sliding-window layer keeps only its last window's keys: a cache of longer prompts would not line up with
+    their mask, so it is refused (the flow's evaluation then runs the full reference pass); shorter prompts are fine."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, sliding_window=3, max_position_embeddings=64)
+    model = MistralForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="sliding window"):
+        PromptCache(model, [[1, 2, 3, 4, 5, 6], [1, 2]], 0)
+    prompts, completions = [[1, 2], [3]], [[4, 5, 6], [7]]
+    cache = PromptCache(model, prompts, 0)
+    assert sequence_logprobs(model, prompts, completions, 0, prompt_cache=cache)[0] == pytest.approx(
+        sequence_logprobs(model, prompts, completions, 0)[0], abs=1e-5)
 
 
 def test_on_invalid_error_names_reward_and_first_key(models, tmp_path, monkeypatch):

@@ -7,10 +7,13 @@ engine after each update (`update_round`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
+
+log = logging.getLogger(__name__)
 
 PREPARED_TRAIN = "data/prepared/train.parquet"
 PREPARED_EVAL = "data/prepared/eval.parquet"
@@ -80,8 +83,11 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
         ref_samples = generate_one(sampler, tokenizer, eval_prompts, params, params.base.seed, 0)
         w.ref_eval = (ref_samples, task_scores(ref_samples, rewards, eval_prompts))
         # every evaluation scores new completions of these prompts under this reference: its prompt pass, once
-        w.ref_eval_cache = PromptCache(ref, completion_inputs(ref_samples, tokenizer)[0], tokenizer.pad_token_id,
-                                       params.score.batch_size)
+        try:
+            w.ref_eval_cache = PromptCache(ref, completion_inputs(ref_samples, tokenizer)[0], tokenizer.pad_token_id,
+                                           params.score.batch_size)
+        except ValueError as e:  # a sliding-window model: the evaluations run the full reference pass
+            log.info("evaluation without the reference's prompt cache: %s", e)
     elif with_eval:
         w.ref_eval = (None, None)  # more ranks than held-out prompts: this one evaluates none
     if checkpoint is not None:
