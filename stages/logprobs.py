@@ -187,19 +187,26 @@ def _left_padded(prompts: list[tuple], pad_id: int, width: int) -> tuple[torch.T
     return ids, att, (att.cumsum(-1) - 1).clamp(min=0)
 
 
+def _forward_prompts(model, prompts: list[tuple], pad_id: int, width: int, device):
+    """`prompts` left-padded to `width` and forwarded once: the logits after each (U, V), their keys and values
+    (transformers' cache of U rows) and their attention mask (U, width), on the CPU."""
+    ids, att, pos = _left_padded(prompts, pad_id, width)
+    out = model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
+                use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :], out.past_key_values, att
+
+
 def _prompt_pass(model, prompts: list[tuple], pad_id: int, device):
     """Each distinct prompt forwarded once (left-padded); per row of `prompts`: the logits after its prompt (B, V),
     the keys and values (a cache of B rows) and the prompt's attention mask (B, P)."""
     keys: dict[tuple, int] = {}
     row_prompt = [keys.setdefault(p, len(keys)) for p in prompts]
     uniq = list(keys)
-    p_ids, p_att, p_pos = _left_padded(uniq, pad_id, max(len(p) for p in uniq))
-    out = model(input_ids=p_ids.to(device), attention_mask=p_att.to(device), position_ids=p_pos.to(device),
-                use_cache=True, logits_to_keep=1)
+    first_logits, cache, p_att = _forward_prompts(model, uniq, pad_id, max(len(p) for p in uniq), device)
     rows = torch.as_tensor(row_prompt, dtype=torch.long)
-    cache = out.past_key_values
-    cache.batch_select_indices(rows.to(device))  # (U, ...) -> (B, ...): each row its prompt's keys and values
-    return out.logits[:, -1, :][rows.to(device)], cache, p_att[rows]
+    on_device = rows.to(device)
+    cache.batch_select_indices(on_device)  # (U, ...) -> (B, ...): each row its prompt's keys and values
+    return first_logits[on_device], cache, p_att[rows]
 
 
 class PromptCache:
@@ -223,11 +230,9 @@ class PromptCache:
         logits, layers, atts = [], [], []
         with torch.no_grad(), _precision(model, dtype):
             for s in range(0, len(uniq), batch_size):
-                ids, att, pos = _left_padded(uniq[s : s + batch_size], pad_id, width)
-                out = model(input_ids=ids.to(device), attention_mask=att.to(device), position_ids=pos.to(device),
-                            use_cache=True, logits_to_keep=1)
-                logits.append(out.logits[:, -1, :])
-                layers.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+                first, cache, att = _forward_prompts(model, uniq[s : s + batch_size], pad_id, width, device)
+                logits.append(first)
+                layers.append([(layer.keys, layer.values) for layer in cache.layers])
                 atts.append(att)
         self.first_logits = torch.cat(logits)
         self.layers = [(torch.cat([b[i][0] for b in layers]), torch.cat([b[i][1] for b in layers]))
@@ -244,7 +249,6 @@ class PromptCache:
             rows = torch.as_tensor([self.index[tuple(p)] for p in prompts], dtype=torch.long)
         except KeyError:
             raise ValueError("a prompt that the prompt cache was not made for") from None
-        dev = self.first_logits.device
-        cache = self._cache_cls([(k[rows.to(dev)], v[rows.to(dev)]) for k, v in self.layers],
-                                config=self.model.config)
-        return self.first_logits[rows.to(dev)], cache, self.p_att[rows]
+        on_device = rows.to(self.first_logits.device)
+        cache = self._cache_cls([(k[on_device], v[on_device]) for k, v in self.layers], config=self.model.config)
+        return self.first_logits[on_device], cache, self.p_att[rows]
