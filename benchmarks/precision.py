@@ -37,14 +37,15 @@ REF_SOURCES = ("fp32 pass", "bf16 pass")
 
 
 def rloo_advantages(rewards: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """A_k = r_k - mean of the other K-1 rewards of its prompt (groups: the prompt of each row)."""
-    adv = np.zeros_like(rewards, dtype=np.float64)
-    for g in np.unique(groups):
-        idx = groups == g
-        r = rewards[idx]
-        k = len(r)
-        adv[idx] = r - (r.sum() - r) / (k - 1) if k > 1 else 0.0
-    return adv
+    """A_k = r_k - mean of the other K-1 rewards of its prompt (groups: the prompt of each row): the pipeline's own
+    `stages.advantage.rloo_torch_grouped`, in float64."""
+    import torch
+
+    from stages.advantage import rloo_torch_grouped
+
+    codes = np.unique(groups, return_inverse=True)[1].reshape(-1)
+    _, adv = rloo_torch_grouped(torch.as_tensor(rewards, dtype=torch.float64), torch.as_tensor(codes, dtype=torch.long))
+    return adv.numpy()
 
 
 def error_table(policy: dict[str, np.ndarray], ref: dict[str, np.ndarray], lengths: np.ndarray, score: np.ndarray,
@@ -160,11 +161,11 @@ def measure(params, n_prompts: int) -> dict:
 
 def defaults(params) -> tuple[str, str]:
     """The (policy source, reference source) the params resolve to on this machine."""
+    from stages.loop.steps import sampler_logprobs_are_policys
     from stages.runtime import sampler_dtype, score_dtype
 
     sampler = sampler_dtype(params.sample.dtype)
-    choice = params.score.policy_logprobs
-    from_sampler = choice == "sampler" or (choice == "auto" and sampler == "float32")
+    from_sampler = sampler_logprobs_are_policys(params.score.policy_logprobs, sampler == "float32")
     passes = "fp32 pass" if score_dtype(params.score.dtype) == "float32" else "bf16 pass"
     policy = ("fp32 engine" if sampler == "float32" else "bf16 engine") if from_sampler else passes
     return policy, passes

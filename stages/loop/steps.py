@@ -46,11 +46,15 @@ def sample_round(w: Warm, r: int, prompts: pl.DataFrame) -> tuple[pl.DataFrame, 
     return df, sample_stats(df, time.perf_counter() - t0)
 
 
+def sampler_logprobs_are_policys(choice: str, sampler_exact: bool) -> bool:
+    """`score.policy_logprobs` (`choice`): reuse the sampler's logprobs as logp_policy (auto: when they are the fp32
+    policy's own, `sampler_exact`; measured 1.6e-4 nats max per 40-token sequence against the fp32 trainer,
+    docs/design.md §7)."""
+    return choice == "sampler" or (choice == "auto" and sampler_exact)
+
+
 def policy_logprobs_from_sampler(w: Warm) -> bool:
-    """`score.policy_logprobs`: reuse the sampler's logprobs as logp_policy (auto: when they are the fp32 policy's
-    own; measured 1.6e-4 nats max per 40-token sequence against the fp32 trainer, docs/design.md §7)."""
-    choice = w.params.score.policy_logprobs
-    return choice == "sampler" or (choice == "auto" and w.sampler.exact_logprobs)
+    return sampler_logprobs_are_policys(w.params.score.policy_logprobs, w.sampler.exact_logprobs)
 
 
 def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
