@@ -86,6 +86,10 @@ class SampleParams(_Section):
     cpu_kvcache_space_gib: float = F(0.25, "vLLM on CPU: KV cache size in GiB (the default task uses ~0.15: 32 "
                                      "sequences x ~100 tokens x 46 KB; vLLM's own default takes ~15 GiB)",
                                      identity=False, gt=0)
+    block_size: int = F(0, "vLLM: KV-cache block in tokens; 0 = auto: 32 on CPU (vLLM's CPU default, 128, is longer "
+                        "than a ~50-token prompt, so the K completions of a prompt could not share its prefill: "
+                        "sampling 4.4 -> 3.3 s a round here), vLLM's own default on GPUs. vLLM's CPU attention needs "
+                        "a multiple of 32", identity=False, ge=0)
 
 
 class RewardSpec(_Section):

@@ -199,6 +199,17 @@ def test_vllm_generate_turns_torch_compile_off_only_for_an_eager_engine(eager):
     assert seen == [eager] and torch._dynamo.config.disable is False
 
 
+def test_kv_block_size_auto_and_checked():
+    from stages.errors import PipelineError
+    from stages.sample.vllm_backend import kv_block_size
+
+    assert kv_block_size(0, cuda=False) == 32  # auto on CPU: shorter than a prompt, the minimum CPU vLLM takes
+    assert kv_block_size(0, cuda=True) is None  # vLLM's own default on GPUs
+    assert kv_block_size(64, cuda=False) == 64 and kv_block_size(16, cuda=True) == 16
+    with pytest.raises(PipelineError, match=r"sample.block_size: .*multiple of 32, got 48"):
+        kv_block_size(48, cuda=False)
+
+
 def test_make_sampler_rejects_a_non_causal_lm(tmp_path, tiny_model_factory):
     from transformers import LlamaForSequenceClassification
 
@@ -441,6 +452,9 @@ def test_vllm_samples(vllm_sampler, vllm_samples, base_tok, base_eos, review_pro
     assert vllm_sampler.name == "vllm" and vllm_sampler.in_process and vllm_sampler.exact_logprobs
     cache = vllm_sampler.llm.llm_engine.vllm_config.cache_config  # sample.cpu_kvcache_space_gib, not 1 GiB or ~15
     assert cache.kv_cache_memory_bytes == int(fp32_params().sample.cpu_kvcache_space_gib * 2**30) == 2**28
+    # sample.block_size auto: 32-token blocks, so a prompt's K completions share its prefill (CPU vLLM's own 128 is
+    # longer than these prompts: no block would fill, and each completion re-ran the prompt)
+    assert cache.block_size == 32 and cache.enable_prefix_caching
     check_samples(vllm_samples, review_prompts, base_tok, K, MAX_TOKENS, base_eos)
     per_prompt = vllm_samples.group_by("prompt_id").agg(pl.col("completion_token_ids").n_unique().alias("distinct"))
     assert per_prompt["distinct"].min() > 1  # K samples at temperature 1, not K copies
