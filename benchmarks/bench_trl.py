@@ -289,6 +289,13 @@ def summarize(arm: str, res: dict, ev: dict) -> dict:
     }
 
 
+def steady_step(run: dict) -> float | None:
+    """The mean step from the third on: the first two also grow the process to its peak memory (the update's
+    activations, gradients and AdamW's state), which a VM can make slow (benchmarks/README.md)."""
+    later = [p["round_s"] for p in (run.get("step_phases") or [])[2:] if p.get("round_s") is not None]
+    return sum(later) / len(later) if later else None
+
+
 def aggregate(runs: list[dict], arms: list[str]) -> list[dict]:
     """One row per arm: each number the mean over the repeats that have it (an evaluation that failed in one repeat
     leaves the others' mean), the step time's min and max beside it; an arm that never ran is its first failure."""
@@ -304,6 +311,8 @@ def aggregate(runs: list[dict], arms: list[str]) -> list[dict]:
             vals = [r[k] for r in ok if r.get(k) is not None]
             numeric = vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
             avg[k] = sum(vals) / len(vals) if numeric else next((r[k] for r in ok if r.get(k) is not None), None)
+        later = [x for x in (steady_step(r) for r in ok) if x is not None]
+        avg["steady_s"] = sum(later) / len(later) if later else None
         steps = [r["step_wall_s"] for r in ok if r.get("step_wall_s") is not None]
         avg["step_wall_min"], avg["step_wall_max"], avg["repeats_ok"] = min(steps), max(steps), len(ok)
         avg["evaluated"] = sum(r.get("eval_reward") is not None for r in ok)
@@ -350,6 +359,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
              for t in ok if t["arm"].startswith("trl")]
     if pairs:
         lines += ["", "TRL's step time over ours: " + ", ".join(pairs) + "."]
+    steady = [r for r in ok if r.get("steady_s")]
+    if steady:
+        pairs = [f"{t['arm']} / {o['arm']} {t['steady_s'] / o['steady_s']:.2f}x" for o in steady
+                 if o["arm"].startswith("ours") for t in steady if t["arm"].startswith("trl")]
+        lines += ["", f"From the third step on (each process has grown to its peak memory; mean over the repeats): "
+                  + ", ".join(f"{r['arm']} {r['steady_s']:.1f} s" for r in steady) + " a step"
+                  + (": " + ", ".join(pairs) if pairs else "") + "."]
     firsts = [f"{r['arm']}: " + ", ".join(fmt(s.get("round_s")) for s in r["step_phases"]) for r in ok if r.get("step_phases")]
     if firsts:
         lines += ["", "Each step's time, first repeat (a slow first step shows here): " + "; ".join(firsts) + "."]

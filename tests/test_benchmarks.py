@@ -123,6 +123,23 @@ def test_trl_arms_are_means_over_the_repeats_that_have_each_number():
     assert bench_trl.spread(ours) == " [13.0-14.0]" and bench_trl.evaluated(trl) == " (n=1)"
 
 
+def test_trl_steady_step_leaves_out_the_first_two_steps():
+    def run(arm, wall, *rounds):
+        steps = [{"round_s": x, "sample_s": 1.0, "score_s": 1.0, "update_s": x - 2, "tokens": 64, "reward": 0.3,
+                  "kl": 0.0} for x in rounds]
+        return bench_trl.summarize(arm, {"ok": True, "step_wall_s": wall, "steps": steps}, {})
+
+    phases = lambda *r: [{"round_s": x} for x in r]  # noqa: E731
+    runs = [run("ours", 12.0, 20.0, 15.0, 10.0, 12.0), run("ours", 11.0, 19.0, 14.0, 9.0, 9.0),
+            run("trl", 30.0, 40.0, 35.0, 30.0, 30.0)]
+    assert bench_trl.steady_step(runs[0]) == 11.0 and bench_trl.steady_step({"step_phases": phases(5.0, 6.0)}) is None
+    ours, trl = bench_trl.aggregate(runs, ["ours", "trl"])
+    assert ours["steady_s"] == 10.0 and trl["steady_s"] == 30.0
+    md = bench_trl.markdown([ours, trl], {"date": "d", "machine": "m", "steps": 4, "prompts": 8, "k": 4, "tokens": 32,
+                                          "lr": 1e-6, "beta": 0.02})
+    assert "From the third step on" in md and "ours 10.0 s, trl 30.0 s a step: trl / ours 3.00x." in md
+
+
 def test_precision_table_holds_each_kl_against_fp32_for_both_passes():
     groups = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     score = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.1, 0.1, 0.3])
