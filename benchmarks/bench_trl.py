@@ -290,10 +290,17 @@ def summarize(arm: str, res: dict, ev: dict) -> dict:
 
 
 def steady_step(run: dict) -> float | None:
-    """The mean step from the third on: the first two also grow the process to its peak memory (the update's
-    activations, gradients and AdamW's state), which a VM can make slow (benchmarks/README.md)."""
-    later = [p["round_s"] for p in (run.get("step_phases") or [])[2:] if p.get("round_s") is not None]
-    return sum(later) / len(later) if later else None
+    """The mean step from the third on, on the same wall-clock basis as `step_wall_s`: the steps' own clocks (ours:
+    the flow's round; TRL: its training step) plus the run's share per step of what those clocks leave out (ours: the
+    MLflow run's start and the final checkpoint; TRL: almost nothing). The first two steps also grow the process to
+    its peak memory (the update's activations, gradients and AdamW's state), which a VM can make slow
+    (benchmarks/README.md)."""
+    clocks = [p.get("round_s") for p in run.get("step_phases") or []]
+    if len(clocks) < 3 or any(c is None for c in clocks):
+        return None
+    wall = run.get("step_wall_s")
+    outside = wall - sum(clocks) / len(clocks) if wall is not None else 0.0
+    return sum(clocks[2:]) / len(clocks[2:]) + outside
 
 
 def aggregate(runs: list[dict], arms: list[str]) -> list[dict]:
@@ -313,6 +320,7 @@ def aggregate(runs: list[dict], arms: list[str]) -> list[dict]:
             avg[k] = sum(vals) / len(vals) if numeric else next((r[k] for r in ok if r.get(k) is not None), None)
         later = [x for x in (steady_step(r) for r in ok) if x is not None]
         avg["steady_s"] = sum(later) / len(later) if later else None
+        avg["steady_n"] = len(later)
         steps = [r["step_wall_s"] for r in ok if r.get("step_wall_s") is not None]
         avg["step_wall_min"], avg["step_wall_max"], avg["repeats_ok"] = min(steps), max(steps), len(ok)
         avg["evaluated"] = sum(r.get("eval_reward") is not None for r in ok)
@@ -363,8 +371,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
     if steady:
         pairs = [f"{t['arm']} / {o['arm']} {t['steady_s'] / o['steady_s']:.2f}x" for o in steady
                  if o["arm"].startswith("ours") for t in steady if t["arm"].startswith("trl")]
-        lines += ["", f"From the third step on (each process has grown to its peak memory; mean over the repeats): "
-                  + ", ".join(f"{r['arm']} {r['steady_s']:.1f} s" for r in steady) + " a step"
+        n = lambda r: f" (n={r['steady_n']})" if r.get("steady_n", 0) < r.get("repeats_ok", 1) else ""  # noqa: E731
+        lines += ["", "From the third step on (each process has grown to its peak memory; the steps' own clocks plus "
+                  "the run's per-step share of what they leave out, as in the step (wall) column; mean over the "
+                  "repeats): " + ", ".join(f"{r['arm']} {r['steady_s']:.1f} s{n(r)}" for r in steady) + " a step"
                   + (": " + ", ".join(pairs) if pairs else "") + "."]
     firsts = [f"{r['arm']}: " + ", ".join(fmt(s.get("round_s")) for s in r["step_phases"]) for r in ok if r.get("step_phases")]
     if firsts:

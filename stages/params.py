@@ -88,7 +88,7 @@ class SampleParams(_Section):
                                      identity=False, gt=0)
     block_size: int = F(0, "vLLM: KV-cache block in tokens; 0 = auto: 32 on CPU (vLLM's CPU default, 128, is longer "
                         "than a ~50-token prompt, so the K completions of a prompt could not share its prefill: "
-                        "sampling 4.4 -> 3.3 s a round here), vLLM's own default on GPUs. vLLM's CPU attention needs "
+                        "sampling 4.4 -> 3.3 s a round, docs/design.md §7), vLLM's own default on GPUs. vLLM's CPU attention needs "
                         "a multiple of 32", identity=False, ge=0)
 
 

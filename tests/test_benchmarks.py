@@ -130,14 +130,21 @@ def test_trl_steady_step_leaves_out_the_first_two_steps():
         return bench_trl.summarize(arm, {"ok": True, "step_wall_s": wall, "steps": steps}, {})
 
     phases = lambda *r: [{"round_s": x} for x in r]  # noqa: E731
-    runs = [run("ours", 12.0, 20.0, 15.0, 10.0, 12.0), run("ours", 11.0, 19.0, 14.0, 9.0, 9.0),
-            run("trl", 30.0, 40.0, 35.0, 30.0, 30.0)]
-    assert bench_trl.steady_step(runs[0]) == 11.0 and bench_trl.steady_step({"step_phases": phases(5.0, 6.0)}) is None
+    runs = [run("ours", 15.0, 20.0, 15.0, 10.0, 12.0), run("ours", 13.25, 19.0, 14.0, 9.0, 9.0),
+            run("trl", 34.0, 40.0, 35.0, 30.0, 30.0)]
+    # steps 3-4 on their own clocks (11.0) plus what the clocks leave out per step (wall 15.0 - mean clock 14.25)
+    assert bench_trl.steady_step(runs[0]) == 11.0 + 0.75
+    assert bench_trl.steady_step({"step_phases": phases(5.0, 6.0)}) is None  # fewer than 3 steps
+    assert bench_trl.steady_step({"step_phases": phases(5.0, None, 6.0)}) is None
+    assert bench_trl.steady_step({"step_phases": phases(5.0, 6.0, 4.0)}) == 4.0  # no wall: the clocks alone
+    runs.append(run("ours", 9.0, 8.0, 9.0))  # a repeat with 2 steps: no steady figure, counted in n
+    runs.append({"arm": "trl", "ok": False, "error": "boom"})
     ours, trl = bench_trl.aggregate(runs, ["ours", "trl"])
-    assert ours["steady_s"] == 10.0 and trl["steady_s"] == 30.0
+    assert ours["steady_s"] == pytest.approx((11.75 + 9.5) / 2) and ours["steady_n"] == 2 and ours["repeats_ok"] == 3
+    assert trl["steady_s"] == 30.25 and trl["steady_n"] == 1
     md = bench_trl.markdown([ours, trl], {"date": "d", "machine": "m", "steps": 4, "prompts": 8, "k": 4, "tokens": 32,
                                           "lr": 1e-6, "beta": 0.02})
-    assert "From the third step on" in md and "ours 10.0 s, trl 30.0 s a step: trl / ours 3.00x." in md
+    assert "From the third step on" in md and "ours 10.6 s (n=2), trl 30.2 s a step: trl / ours 2.85x." in md
 
 
 def test_precision_table_holds_each_kl_against_fp32_for_both_passes():
