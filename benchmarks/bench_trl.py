@@ -341,6 +341,12 @@ def evaluated(r: dict) -> str:
     return f" (n={r['evaluated']})" if r.get("evaluated") is not None and r.get("repeats_ok", 1) > 1 else ""
 
 
+def ratios(rows: list[dict], key: str) -> list[str]:
+    """Each TRL arm's `key` over each of ours', e.g. `trl / ours 2.25x`."""
+    return [f"{t['arm']} / {o['arm']} {t[key] / o[key]:.2f}x" for o in rows if o["arm"].startswith("ours")
+            for t in rows if t["arm"].startswith("trl")]
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     ours = next((r for r in rows if r["arm"] == "ours" and r["ok"]), None)
     lines = [
@@ -363,14 +369,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{fmt(r['eval_reward'], '.3f')}{evaluated(r)} | {fmt(r['eval_win_rate'], '.3f')} | {fmt(r['eval_kl'], '.3f')} |"
         )
     ok = [r for r in rows if r["ok"] and r.get("step_wall_s")]
-    pairs = [f"{t['arm']} / {o['arm']} {t['step_wall_s'] / o['step_wall_s']:.2f}x" for o in ok if o["arm"].startswith("ours")
-             for t in ok if t["arm"].startswith("trl")]
+    pairs = ratios(ok, "step_wall_s")
     if pairs:
         lines += ["", "TRL's step time over ours: " + ", ".join(pairs) + "."]
     steady = [r for r in ok if r.get("steady_s")]
     if steady:
-        pairs = [f"{t['arm']} / {o['arm']} {t['steady_s'] / o['steady_s']:.2f}x" for o in steady
-                 if o["arm"].startswith("ours") for t in steady if t["arm"].startswith("trl")]
+        pairs = ratios(steady, "steady_s")
         n = lambda r: f" (n={r['steady_n']})" if r.get("steady_n", 0) < r.get("repeats_ok", 1) else ""  # noqa: E731
         lines += ["", "From the third step on (each process has grown to its peak memory; the steps' own clocks plus "
                   "the run's per-step share of what they leave out, as in the step (wall) column; mean over the "
