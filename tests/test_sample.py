@@ -203,11 +203,11 @@ def test_kv_block_size_auto_and_checked():
     from stages.errors import PipelineError
     from stages.sample.vllm_backend import kv_block_size
 
-    assert kv_block_size(0, cuda=False) == 32  # auto on CPU: shorter than a prompt, the minimum CPU vLLM takes
-    assert kv_block_size(0, cuda=True) is None  # vLLM's own default on GPUs
-    assert kv_block_size(64, cuda=False) == 64 and kv_block_size(16, cuda=True) == 16
+    assert kv_block_size(0, cpu=True) == 32  # auto on CPU: shorter than a prompt, the minimum CPU vLLM takes
+    assert kv_block_size(0, cpu=False) is None  # vLLM's own default on GPUs and other accelerators
+    assert kv_block_size(64, cpu=True) == 64 and kv_block_size(16, cpu=False) == 16
     with pytest.raises(PipelineError, match=r"sample.block_size: .*multiple of 32, got 48"):
-        kv_block_size(48, cuda=False)
+        kv_block_size(48, cpu=True)
 
 
 def test_make_sampler_rejects_a_non_causal_lm(tmp_path, tiny_model_factory):

@@ -57,14 +57,15 @@ def weights_dir(state_dict):
 CPU_BLOCK = 32  # vLLM's CPU attention takes multiples of 32; its default there is 128
 
 
-def kv_block_size(setting: int, cuda: bool) -> int | None:
+def kv_block_size(setting: int, cpu: bool) -> int | None:
     """The engine's KV-cache block size (`sample.block_size`; None = vLLM's default). Prefix caching shares whole
     blocks only, and a round's K completions of a prompt start in the same step: with CPU vLLM's default of 128
     tokens a ~50-token prompt fills no block, so every completion ran the prompt's prefill again (1.8 s of a 4.4 s
-    round here; 0.9 s with 32-token blocks, docs/design.md §7)."""
+    round here; 0.9 s with 32-token blocks, docs/design.md §7). `cpu`: vLLM's platform is the CPU one (GPUs and other
+    accelerators keep vLLM's default)."""
     if setting == 0:
-        return None if cuda else CPU_BLOCK
-    if not cuda and setting % CPU_BLOCK:
+        return CPU_BLOCK if cpu else None
+    if cpu and setting % CPU_BLOCK:
         from stages.errors import PipelineError
 
         raise PipelineError(f"sample.block_size: vLLM's CPU attention needs a multiple of {CPU_BLOCK}, got {setting}; "
@@ -111,8 +112,10 @@ class VLLMSampler:
             # refuse ("CPU Generator does not use offset", seen from 256 sequences on): schedule whole prefills
             enable_chunked_prefill=False,
         )
+        from vllm.platforms import current_platform
+
         cuda = torch.cuda.is_available()
-        block = kv_block_size(sample_params.block_size, cuda)
+        block = kv_block_size(sample_params.block_size, current_platform.is_cpu())
         if block:
             kwargs["block_size"] = block
         if cuda:
