@@ -67,10 +67,11 @@ class _SelectiveLogprobs(torch.autograd.Function):
     """log_softmax(logits)[target] in fp32, a block of rows at a time: no fp32 copy of the (N, V) logits is kept.
 
     Forward: per block, the fp32 logsumexp (and the entropy `lse - sum(p * x)` when asked, no gradient). Backward:
-    per block, `g * (onehot(target) - softmax)` from the saved logits and logsumexp, in the logits' dtype. The plain
+    per block, `g * (onehot(target) - softmax)`, the softmax recomputed in fp32 from the saved logits and logsumexp,
+    the gradient written in the logits' dtype. The plain
     `log_softmax(logits.float()).gather(...)` keeps a (N, V) fp32 tensor for its backward and makes several more
     (N x 49k x 4 bytes: 200 MB for 32 completions of 32 tokens); this keeps only the logits and N floats, and the
-    fp32 blocks stay in cache (docs/design.md §7)."""
+    fp32 blocks stay in cache (docs/design.md §7). On a GPU a block is larger (fewer kernel launches)."""
 
     @staticmethod
     def forward(ctx, logits, targets, with_entropy: bool):
@@ -79,7 +80,7 @@ class _SelectiveLogprobs(torch.autograd.Function):
         n = flat.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=logits.device)
-        step = _block_rows(V)
+        step = _block_rows(V, logits.device)
         for s in range(0, n, step):
             x = flat[s : s + step].float()
             lse[s : s + step] = torch.logsumexp(x, dim=-1)
@@ -88,16 +89,18 @@ class _SelectiveLogprobs(torch.autograd.Function):
                 ent[s : s + step] = lse[s : s + step] - (p * x).sum(-1)
         logp = flat.gather(1, t[:, None]).squeeze(1).float() - lse
         ctx.save_for_backward(logits, targets, lse)
+        ent = ent.view(targets.shape) if with_entropy else ent
         ctx.mark_non_differentiable(ent)
-        return logp.view(targets.shape), ent.view(targets.shape) if with_entropy else ent
+        return logp.view(targets.shape), ent
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g, _g_ent):
         logits, targets, lse = ctx.saved_tensors
         V = logits.shape[-1]
         flat, t, g = logits.reshape(-1, V), targets.reshape(-1), g.reshape(-1).float()
         grad = torch.empty_like(flat)
-        step = _block_rows(V)
+        step = _block_rows(V, logits.device)
         for s in range(0, flat.shape[0], step):
             p = torch.exp(flat[s : s + step].float() - lse[s : s + step, None])
             p.mul_(-g[s : s + step, None]).scatter_add_(1, t[s : s + step, None], g[s : s + step, None])
@@ -105,8 +108,9 @@ class _SelectiveLogprobs(torch.autograd.Function):
         return grad.view_as(logits), None, None
 
 
-def _block_rows(vocab: int) -> int:
-    return max(1, (1 << 20) // vocab)  # ~4 MB of fp32 a block
+def _block_rows(vocab: int, device: torch.device) -> int:
+    """Rows of fp32 logits a block: ~4 MB on a CPU (stays in its cache), ~256 MB on a GPU (few kernel launches)."""
+    return max(1, ((1 << 26) if device.type == "cuda" else (1 << 20)) // vocab)
 
 
 def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
@@ -114,7 +118,7 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy
     the entropy at each position (no gradient; else None). Equal to `log_softmax(logits.float())` gathered, to float
     rounding (tested); bf16 autocast logits lose 0.01-0.1 nats without the fp32."""
     logp, ent = _SelectiveLogprobs.apply(logits, targets, with_entropy)
-    return logp, ent.detach() if with_entropy else None
+    return logp, ent if with_entropy else None
 
 
 def _precision(model, dtype: str):

@@ -287,26 +287,27 @@ def test_sequence_logprobs_match_direct_forward_for_any_batch_size(models):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_selective_logprobs_equal_the_full_log_softmax_and_its_gradient(dtype, monkeypatch):
     """The blockwise fp32 logprob of each target (what every logprob pass uses) equals log_softmax(logits.float())
-    gathered, its entropy the full one, and its gradient the full one's, in the logits' dtype; with blocks of 2 rows
-    for 6 x 5 positions, so the last block is partial."""
+    gathered, its entropy the full one, and its gradient the full one's, in the logits' dtype; with blocks of 4 rows
+    for 6 x 5 positions (the last block partial), on a non-contiguous view as `completion_logits` passes it."""
     import stages.logprobs as lp_mod
 
-    monkeypatch.setattr(lp_mod, "_block_rows", lambda vocab: 4)
+    monkeypatch.setattr(lp_mod, "_block_rows", lambda vocab, device: 4)
     gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(6, 5, 300, generator=gen) * 4).to(dtype).requires_grad_()
+    leaf = (torch.randn(6, 6, 300, generator=gen) * 4).to(dtype).requires_grad_()
+    logits = leaf[:, :-1, :]  # non-contiguous, as the plain layout's logits are
     targets = torch.randint(0, 300, (6, 5), generator=gen)
     weights = torch.randn(6, 5, generator=gen)
     logp, ent = lp_mod.selective_logprobs(logits, targets, with_entropy=True)
     assert logp.dtype == torch.float32 and not ent.requires_grad
     (logp * weights).sum().backward()
-    got_grad, logits.grad = logits.grad, None
+    got_grad, leaf.grad = leaf.grad, None
     full = torch.log_softmax(logits.float(), dim=-1)
     want = full.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     (want * weights).sum().backward()
     assert torch.allclose(logp, want, atol=1e-5)
     assert torch.allclose(ent, -(full.exp() * full).sum(-1), atol=1e-4)
-    assert got_grad.dtype == dtype
-    assert torch.allclose(got_grad.float(), logits.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    assert got_grad.dtype == dtype and not got_grad[:, -1].any()
+    assert torch.allclose(got_grad.float(), leaf.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
     assert lp_mod.selective_logprobs(logits, targets)[1] is None
 
 

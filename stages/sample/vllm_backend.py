@@ -114,11 +114,11 @@ class VLLMSampler:
         )
         from vllm.platforms import current_platform
 
-        cuda = torch.cuda.is_available()
-        block = kv_block_size(sample_params.block_size, current_platform.is_cpu())
+        cpu = current_platform.is_cpu()
+        block = kv_block_size(sample_params.block_size, cpu)
         if block:
             kwargs["block_size"] = block
-        if cuda:
+        if not cpu:
             kwargs["gpu_memory_utilization"] = sample_params.gpu_memory_utilization
         else:  # sized for the task: a larger cache only adds resident memory (1 -> 0.25 GiB: peak RSS -0.77 GiB)
             kwargs["kv_cache_memory_bytes"] = int(sample_params.cpu_kvcache_space_gib * 2**30)
