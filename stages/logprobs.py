@@ -176,14 +176,17 @@ def sequence_logprobs(
     res_sum: dict[int, float] = {}
     res_tok: dict[int, list[float]] = {}
     starts = range(0, len(order), batch_size)
-    for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
-        idx = order[s : s + batch_size]
-        lp, mask, _ = completion_logprobs(model, [prompts[i] for i in idx], [completions[i] for i in idx], pad_id,
-                                          share=share, dtype=dtype, prompt_cache=prompt_cache)
-        lp = lp.double()
-        for row, m, i in zip(lp, mask, idx):
-            res_sum[i] = float(row.sum())
-            res_tok[i] = row[m].tolist()
+    # one autocast region for all the batches keeps each weight's bf16 cast for the whole pass (a region per batch
+    # casts every weight again: ~0.06 s a batch for SmolLM2-135M on 2 cores, docs/design.md §7)
+    with _precision(model, dtype):
+        for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
+            idx = order[s : s + batch_size]
+            lp, mask, _ = completion_logprobs(model, [prompts[i] for i in idx], [completions[i] for i in idx], pad_id,
+                                              share=share, dtype=dtype, prompt_cache=prompt_cache)
+            lp = lp.double()
+            for row, m, i in zip(lp, mask, idx):
+                res_sum[i] = float(row.sum())
+                res_tok[i] = row[m].tolist()
     for i in range(len(prompts)):
         sums.append(res_sum[i])
         per_token.append(res_tok[i])
