@@ -177,7 +177,7 @@ def sequence_logprobs(
     res_tok: dict[int, list[float]] = {}
     starts = range(0, len(order), batch_size)
     # one autocast region for all the batches keeps each weight's bf16 cast for the whole pass (a region per batch
-    # casts every weight again: ~0.06 s a batch for SmolLM2-135M on 2 cores, docs/design.md §7)
+    # casts every weight again: ~0.03 s a batch for SmolLM2-135M on 2 cores, docs/design.md §7)
     with _precision(model, dtype):
         for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
             idx = order[s : s + batch_size]
