@@ -68,10 +68,10 @@ class _SelectiveLogprobs(torch.autograd.Function):
 
     Forward: per block, the fp32 logsumexp (and the entropy `lse - sum(p * x)` when asked, no gradient). Backward:
     per block, `g * (onehot(target) - softmax)`, the softmax recomputed in fp32 from the saved logits and logsumexp,
-    the gradient written in the logits' dtype. The plain
-    `log_softmax(logits.float()).gather(...)` keeps a (N, V) fp32 tensor for its backward and makes several more
-    (N x 49k x 4 bytes: 200 MB for 32 completions of 32 tokens); this keeps only the logits and N floats, and the
-    fp32 blocks stay in cache (docs/design.md §7). On a GPU a block is larger (fewer kernel launches)."""
+    the gradient written in the logits' dtype. The plain `log_softmax(logits.float()).gather(...)` keeps a (N, V)
+    fp32 tensor for its backward and makes several more (N x 49k x 4 bytes: 200 MB for 32 completions of 32
+    tokens); this keeps only the logits and N floats, and the fp32 blocks stay in cache (docs/design.md §7). On a
+    GPU a block is larger (fewer kernel launches)."""
 
     @staticmethod
     def forward(ctx, logits, targets, with_entropy: bool):
