@@ -288,7 +288,8 @@ def test_sequence_logprobs_match_direct_forward_for_any_batch_size(models):
 def test_selective_logprobs_equal_the_full_log_softmax_and_its_gradient(dtype, monkeypatch):
     """The blockwise fp32 logprob of each target (what every logprob pass uses) equals log_softmax(logits.float())
     gathered, its entropy the full one, and its gradient the full one's, in the logits' dtype; with blocks of 4 rows
-    for 6 x 5 positions (the last block partial), on a non-contiguous view as `completion_logits` passes it."""
+    for 6 x 5 positions (the last block partial), on a non-contiguous view as `completion_logits` passes it. With
+    and without the entropy, the logprobs are the same to the bit."""
     import stages.logprobs as lp_mod
 
     monkeypatch.setattr(lp_mod, "_block_rows", lambda vocab, device: 4)
@@ -308,7 +309,10 @@ def test_selective_logprobs_equal_the_full_log_softmax_and_its_gradient(dtype, m
     assert torch.allclose(ent, -(full.exp() * full).sum(-1), atol=1e-4)
     assert got_grad.dtype == dtype and not got_grad[:, -1].any()
     assert torch.allclose(got_grad.float(), leaf.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
-    assert lp_mod.selective_logprobs(logits, targets)[1] is None
+    plain, none = lp_mod.selective_logprobs(logits, targets)
+    assert none is None
+    # the entropy's single exp pass leaves the logprobs (what the update trains on) the same to the bit
+    assert torch.equal(plain, logp)
 
 
 def test_prompt_cache_refuses_a_sliding_window_model():
