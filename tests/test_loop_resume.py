@@ -90,23 +90,47 @@ def test_rounds_after_the_last_checkpoint_are_replayed(params):
     assert plan.stale == [round_dir(tp.rounds_dir, 4)]
 
 
-def test_a_damaged_round_after_the_checkpoint_is_redone_with_the_rounds_after_it(params, caplog):
+def test_a_damaged_round_after_the_checkpoint_is_refused_with_the_ways_out_and_nothing_deleted(params):
+    """A complete round after the checkpoint whose artifact no longer matches its manifest could be re-done, but
+    only by discarding it and the rounds after it: the run stops and says so, deleting nothing."""
     tp = params.train
     write_round(tp, 0, ckpt=False)
     write_round(tp, 1, ckpt=True)
-    r2 = write_round(tp, 2, ckpt=False)
+    write_round(tp, 2, ckpt=False)
     write_round(tp, 3, ckpt=False)
     write_round(tp, 4, ckpt=False)
     write_checkpoint(tp, 2)
     (round_dir(tp.rounds_dir, 3) / "samples.parquet").write_bytes(b"damaged")
-    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
-        plan = plan_resume(params, ID)
-    assert plan.start == 3 and plan.replay == [r2] and len(plan.done) == 3
-    assert plan.stale == [round_dir(tp.rounds_dir, 3), round_dir(tp.rounds_dir, 4)]
-    assert "round=0003/samples.parquet has 7 bytes" in caplog.text and "re-done instead of replayed" in caplog.text
-    (round_dir(tp.rounds_dir, 0) / "samples.parquet").write_bytes(b"damaged")  # before the checkpoint: no way back
-    with pytest.raises(PipelineError, match="round 1 is damaged"):
+    (round_dir(tp.rounds_dir, 4) / "notes.txt").write_text("mine")
+    with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
+    msg = one_line(exc)
+    assert "round=0003/samples.parquet has 7 bytes" in msg and "round 4 is damaged" in msg
+    assert "re-do it from the checkpoint at round 2 by removing round=0003 and the round dirs after it" in msg
+    assert f"dvc checkout {tp.rounds_dir}" in msg and RESTART in msg
+    assert (round_dir(tp.rounds_dir, 4) / "notes.txt").read_text() == "mine"
+    (round_dir(tp.rounds_dir, 0) / "samples.parquet").write_bytes(b"damaged")  # before the checkpoint: no re-do
+    with pytest.raises(PipelineError, match="round 1 is damaged") as exc:
+        plan_resume(params, ID)
+    assert "re-do" not in one_line(exc)
+
+
+def test_a_partial_round_holding_a_file_no_round_writes_is_refused(params):
+    """A partial round (no manifest) is removed and re-done, but only when its dir holds nothing but what a round
+    writes (artifacts and their temporary files): a file the user put there stops the run, named."""
+    tp = params.train
+    write_round(tp, 0)
+    write_checkpoint(tp, 1)
+    d = round_dir(tp.rounds_dir, 1)
+    d.mkdir()
+    (d / "samples.parquet").write_bytes(b"half")
+    (d / ".scores.parquet.abc123.parquet.tmp").write_bytes(b"")  # a write the kill interrupted
+    assert plan_resume(params, ID).stale == [d]
+    (d / "my_notes.txt").write_text("mine")
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert "round=0001/my_notes.txt" in one_line(exc) and "move it out of" in one_line(exc)
+    assert (d / "my_notes.txt").read_text() == "mine" and (d / "samples.parquet").exists()
 
 
 def test_manifest_repaired_from_the_checkpoint(params, caplog):

@@ -9,13 +9,14 @@ checkpoint (stages/checkpoint.py) records the round it closes. The rules:
 - every complete round and the checkpoint belong to this run: resume from the checkpoint after its round; the
   complete rounds after it (`update.save_every > 1`) are *replayed*: their updates are applied again to the
   checkpoint's trainer from their own Parquet artifacts (no sampling or scoring), so no completed round is lost;
-  one whose artifacts do not match its manifest is re-done instead, with the rounds after it; a checkpoint one
+  a partial round (no manifest) is removed and re-done, unless its dir holds a file no round writes; a checkpoint one
   round ahead of the manifests (a crash between the two writes) repairs the missing manifest from the copy inside
   the checkpoint;
 - everything belongs to another run (the configuration changed): that run is moved to `train.archive_dir`,
   never deleted, and this one starts at round 0;
 - anything else is inconsistent (an unreadable manifest, rounds of two runs, a checkpoint that is missing or
-  ahead of the rounds, a damaged artifact): stop with one line saying what and the command that starts over.
+  ahead of the rounds, a damaged artifact, in any complete round): stop with one line saying what and how to get
+  out (restore it, re-do the rounds after the checkpoint by removing them, or start over), deleting nothing.
 
 Only `round=NNNN` dirs inside `train.rounds_dir` and the checkpoint's own staging dirs are ever removed.
 """
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 ROUND_DIR = re.compile(r"^round=(\d{4,})$")
 ARTIFACTS = ("samples", "scores", "advantages")
+ROUND_FILES = (*(f"{a}.parquet" for a in ARTIFACTS), MANIFEST)  # all a round writes in its dir
 RESTART = "python -m flows.train --restart"
 _REQUIRED = {"round": int, "identity": str, "artifacts": dict, "metrics": dict}
 
@@ -140,12 +142,17 @@ def round_damage(d: Path, manifest: dict) -> str | None:
     return None
 
 
-def verify_round(d: Path, manifest: dict) -> None:
-    """Every artifact of a complete round is there with the size and checksum its manifest recorded."""
+def verify_round(d: Path, manifest: dict, checkpoint_round: int | None = None) -> None:
+    """Every artifact of a complete round is there with the size and checksum its manifest recorded. A damaged round
+    after the checkpoint (`checkpoint_round`) could be re-done from it: the error says how, and the run never
+    decides that alone (it would discard that round and the ones after it)."""
     damage = round_damage(d, manifest)
     if damage:
-        raise PipelineError(f"{damage}: round {manifest['round'] + 1} is damaged; restore it with `dvc checkout "
-                            f"{d.parent}` (when DVC cached this run) or start over: {RESTART}")
+        r = manifest["round"]
+        redo = (f", re-do it from the checkpoint at round {checkpoint_round} by removing {d.name} and the round dirs "
+                f"after it," if checkpoint_round is not None and r >= checkpoint_round else "")
+        raise PipelineError(f"{damage}: round {r + 1} is damaged; restore it with `dvc checkout {d.parent}` (when DVC "
+                            f"cached this run){redo} or start over: {RESTART}")
 
 
 # ---------------------------------------------------------------- the plan
@@ -160,7 +167,7 @@ class ResumePlan:
     replay: list[dict] = field(default_factory=list)  # manifests of the complete rounds after the checkpoint: their
     # updates are applied again from their artifacts before round `start` (the last len(replay) of `done`)
     repair: dict | None = None  # a manifest to rewrite from the checkpoint's copy
-    stale: list[Path] = field(default_factory=list)  # round dirs to remove (partial, or re-done after the checkpoint)
+    stale: list[Path] = field(default_factory=list)  # partial round dirs (no manifest) to remove: re-done
     superseded: dict | None = None  # the other run to move aside: {"identity", "rounds"}
 
     @property
@@ -209,6 +216,7 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     if c == n + 1 and (meta.get("manifest") or {}).get("round") == n:
         plan.repair = meta["manifest"]  # killed between the checkpoint and the manifest of round n (= c - 1)
         manifests[n] = meta["manifest"]
+        n = c
     elif c > n:
         raise PipelineError(f"{tp.checkpoint_dir}: the checkpoint is at round {c} but only {n} rounds are complete in "
                             f"{tp.rounds_dir}; the state is inconsistent; start over: {RESTART}")
@@ -217,21 +225,24 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
         where = "is missing" if meta is None else f"is at round {c}"
         raise PipelineError(f"{tp.checkpoint_dir}: round {lost[-1] + 1} wrote a checkpoint, but the checkpoint {where}; "
                             f"restore it (`dvc checkout {tp.checkpoint_dir}`) or start over: {RESTART}")
-    for r in range(c):
+    for r in range(n):  # every complete round is intact, or the run stops and says how to get it back
         if not (plan.repair and r == plan.repair["round"]):
-            verify_round(round_dir(tp.rounds_dir, r), manifests[r])
-    end = c  # the complete rounds after the checkpoint whose artifacts are intact are replayed, the rest re-done
-    while end < n:
-        damage = round_damage(round_dir(tp.rounds_dir, end), manifests[end])
-        if damage:
-            log.warning("%s; it is re-done instead of replayed", damage)
-            break
-        end += 1
-    plan.start = end
-    plan.done = [manifests[r] for r in range(end)]
-    plan.replay = plan.done[c:]
-    plan.stale = sorted(d for r, (d, _) in rounds.items() if r >= end)
+            verify_round(round_dir(tp.rounds_dir, r), manifests[r], checkpoint_round=c)
+    plan.start = n
+    plan.done = [manifests[r] for r in range(n)]
+    plan.replay = plan.done[c:]  # the complete rounds after the checkpoint: their updates are applied again
+    plan.stale = sorted(d for r, (d, _) in rounds.items() if r >= n)  # partial rounds (no manifest): re-done
+    for d in plan.stale:
+        foreign = sorted(p.name for p in d.iterdir() if not _written_by_a_round(p.name))
+        if foreign:
+            raise PipelineError(f"{d / foreign[0]}: this round is re-done and its dir removed, but the pipeline did not "
+                                f"write this file; move it out of {tp.rounds_dir} and run again")
     return plan
+
+
+def _written_by_a_round(name: str) -> bool:
+    """A file a round writes in its dir: an artifact, the manifest, or one's temporary file (stages.io.atomic_path)."""
+    return name in ROUND_FILES or any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in ROUND_FILES)
 
 
 def apply_plan(plan: ResumePlan, params) -> None:
