@@ -152,6 +152,26 @@ def test_a_removed_checkpoint_and_an_emptied_manifest_are_refused_without_deleti
     assert (archived / "rounds" / "round=0000" / "manifest.json").is_file()
 
 
+@pytest.mark.parametrize("change, named", [
+    (lambda p: p["score"]["rewards"][0].update(function="no_such_module:score"), "no_such_module"),
+    (lambda p: p["score"].update(ref_model="models/nonexistent"), "score.ref_model"),
+])
+def test_a_bad_new_setting_fails_before_the_finished_run_is_moved_aside(copy, change, named):
+    """A changed configuration moves the old run aside, but only once the new one has loaded: a reward that cannot
+    be built or a reference that is not there fails with one line, and the finished run stays where it was."""
+    import yaml
+
+    proj, env = copy
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    change(params)
+    (proj / "bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = files_of(proj)
+    one_line_error(run([PY, "-m", "flows.train", "--params", "bad.yaml"], proj, env, check=False), named)
+    assert files_of(proj) == before and not (proj / "data" / "archive").exists()
+    out = run([PY, "-m", "flows.train"], proj, env)  # the old params: the same run, still complete
+    assert f"all {ROUNDS} rounds already complete" in out.stdout + out.stderr
+
+
 def test_rounds_must_be_positive(copy):
     proj, env = copy
     one_line_error(run([PY, "-m", "flows.train", "--rounds", "-1"], proj, env, check=False), "--rounds: must be >= 1")
