@@ -407,6 +407,20 @@ def load_trainer(params, device, policy_dir: str | Path | None = None, state_dir
     return trainer, meta
 
 
+def _check_out(out: str | Path, policy: str | Path | None, field: str) -> None:
+    """The stage replaces the checkpoint in `out` only when it continues it (`--policy` is the same dir): a step from
+    the base model or another policy would overwrite a training run's checkpoint and drop its optimizer state."""
+    from stages import checkpoint
+
+    meta = checkpoint.read_meta(out, field) if Path(out).is_dir() else None
+    if meta is None or (policy is not None and Path(policy).resolve() == Path(out).resolve()):
+        return
+    whose = f"of training run {meta['identity']}" if meta.get("identity") else "written by this stage"
+    start = f"--policy {policy}" if policy is not None else "the base model"
+    raise PipelineError(f"{field}: {out} holds a checkpoint {whose} (round {meta.get('round')}); an update from {start} "
+                        f"would replace it; pass --out DIR (and --state-dir DIR) elsewhere, or --policy {out} to continue it")
+
+
 def main(argv: list[str] | None = None) -> None:
     from stages.io import read_table
     from stages.params import load_params
@@ -425,13 +439,14 @@ def main(argv: list[str] | None = None) -> None:
     from stages import checkpoint
 
     params = load_params(args.params)
+    out = args.out or params.train.checkpoint_dir
+    _check_out(out, args.policy, "--out" if args.out else "train.checkpoint_dir")
     configure_env(params.base.threads)
     device = setup_torch(params.base.device, params.base.threads, params.base.seed)
     batch = training_batch(read_table(args.samples, SAMPLES), read_table(args.advantages, ADVANTAGES))
     state_dir = args.state_dir or params.train.state_dir
     trainer, meta = load_trainer(params, device, args.policy, state_dir, field="--policy")
     stats = trainer.step(batch)
-    out = args.out or params.train.checkpoint_dir
     checkpoint.save(trainer, out, state_dir, {"identity": (meta or {}).get("identity"), "source": "stages.update"})
     log.info("update: loss %.4f, grad_norm %.3f, entropy %.3f -> %s", stats["loss"], stats["grad_norm"], stats["entropy"], out)
 

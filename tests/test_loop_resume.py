@@ -311,6 +311,24 @@ def test_another_runs_checkpoint_alone_or_rounds_of_two_other_runs_are_moved_asi
     assert plan_resume(params, ID).superseded["identity"] == "old,run-b,run-c"
 
 
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_checkpoint_of_the_update_stage_run_alone_is_another_run(params, restart):
+    """`python -m stages.update` from the base model writes a checkpoint without a run identity: a flow moves it
+    aside like any other run's (with or without --restart), it does not crash on it."""
+    tp = params.train
+    write_checkpoint(tp, 1, identity=None)
+    plan = plan_resume(params, ID, restart)
+    assert plan.start == 0 and plan.superseded["identity"] == "stages.update" and plan.stale == []
+    write_round(tp, 0)  # this run's rounds beside it: inconsistent, a line that says so and the way out, which works
+    if restart:
+        assert plan_resume(params, ID, restart).superseded["identity"] == "stages.update"  # both move aside, whole
+    else:
+        with pytest.raises(PipelineError) as exc:
+            plan_resume(params, ID)
+        assert one_line(exc).startswith(f"{tp.checkpoint_dir}: the checkpoint is of another run than the rounds in")
+        assert RESTART in one_line(exc)
+
+
 def test_restart_moves_this_run_aside(params, tmp_path):
     tp = params.train
     write_round(tp, 0)

@@ -375,6 +375,19 @@ def test_cli_writes_a_checkpoint_transformers_loads(tiny_model_dir, tmp_path):
     assert changed  # the update moved the weights
     assert checkpoint.load_state(tmp_path / "state", meta)["round"] == 1
 
+    # the same command again starts from the base model: it would replace that checkpoint (and drop its optimizer
+    # state), so it is refused, touching nothing; continuing it (`--policy` = `--out`) is what the stage does
+    cmd = [sys.executable, "-m", "stages.update", "--params", str(params), "--samples", str(s), "--advantages", str(a),
+           "--out", str(out), "--state-dir", str(tmp_path / "state")]
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    last = again.stderr.strip().splitlines()[-1]
+    assert again.returncode == 2 and last.startswith("error: --out: ") and "holds a checkpoint" in last, again.stderr
+    assert f"--policy {out} to continue it" in last and "Traceback" not in again.stderr
+    assert checkpoint.read_meta(out) == meta and checkpoint.state_file(tmp_path / "state", meta["checkpoint_id"]).is_file()
+    cont = subprocess.run(cmd + ["--policy", str(out)], cwd=REPO, capture_output=True, text=True, env=env)
+    assert cont.returncode == 0, cont.stderr
+    assert checkpoint.read_meta(out)["round"] == 2
+
 
 
 @pytest.mark.parametrize("schedule,expected", [

@@ -44,6 +44,7 @@ ROUND_DIR = re.compile(r"^round=(\d{4,})$")
 ARTIFACTS = ("samples", "scores", "advantages")
 ROUND_FILES = (*(f"{a}.parquet" for a in ARTIFACTS), MANIFEST)  # all a round writes in its dir
 RESTART = "python -m flows.train --restart"
+STAGE_RUN = "stages.update"  # the identity a checkpoint written by the update stage on its own counts as
 _REQUIRED = {"round": int, "identity": str, "artifacts": dict, "metrics": dict}
 
 
@@ -196,15 +197,20 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     rounds = scan_rounds(Path(tp.rounds_dir))
     meta = checkpoint.read_meta(tp.checkpoint_dir)
     manifests = {r: m for r, (_, m) in rounds.items() if m is not None}
-    ids = {m["identity"] for m in manifests.values()} | ({meta.get("identity")} if meta else set())
+    # a checkpoint of `python -m stages.update` run on its own has no run identity: it is another run's
+    ckpt_run = (meta.get("identity") or STAGE_RUN) if meta else None
+    round_ids = {m["identity"] for m in manifests.values()}
+    ids = round_ids | ({ckpt_run} if meta else set())
     if restart or (ids and identity not in ids):
         other = sorted(ids - {identity}) or [identity]
         # the superseded run moves aside whole (apply_plan -> archive_run): no round dir is stale
         return ResumePlan(identity, 0, superseded={"identity": ",".join(other), "rounds": len(manifests),
                                                    "restart": restart})
     if len(ids) > 1:
-        raise PipelineError(f"{tp.rounds_dir}: holds rounds of more than one run (identities {sorted(ids)}); the state is "
-                            f"inconsistent; start over (the old rounds are moved to {tp.archive_dir}): {RESTART}")
+        where = (f"{tp.rounds_dir}: holds rounds of more than one run" if len(round_ids) > 1
+                 else f"{tp.checkpoint_dir}: the checkpoint is of another run than the rounds in {tp.rounds_dir}")
+        raise PipelineError(f"{where} (identities {sorted(ids)}); the state is inconsistent; start over (the old rounds "
+                            f"are moved to {tp.archive_dir}): {RESTART}")
     n = 0
     while n in manifests:
         n += 1
