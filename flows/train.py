@@ -123,7 +123,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     with several ranks the others run it bare: the same steps, no files, no Prefect, no MLflow (docs/design.md §8)."""
     from stages import tracking
     from stages.loop.dist import init_distributed
-    from stages.loop.resume import apply_plan, plan_resume
+    from stages.loop.resume import apply_plan, check_total, plan_resume
     from stages.loop.warm import load_warm
     from stages.evaluate import flat_metrics
     from stages.loop.resume import report_untrained, split_record
@@ -148,6 +148,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     plan = None
     if dist.main:
         plan = plan_resume(params, identity, restart)
+        check_total(plan, total, "train.rounds (or --rounds)")
         if plan.superseded is None:
             apply_plan(plan, params)
     plan = dist.broadcast(plan)
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     from flows.api import prefect_api
     from stages.loop.dist import init_distributed, launched_by_torchrun
     from stages.loop.lock import run_lock
-    from stages.loop.resume import plan_resume
+    from stages.loop.resume import check_total, plan_resume
 
     parser = argparse.ArgumentParser(prog="python -m flows.train", description="Run the RLOO training flow.")
     parser.add_argument("--params", default="params.yaml")
@@ -270,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
         run_training(params, args.rounds or params.train.rounds, args.restart)
         return
     with run_lock("training run"):  # a second run fails here, in one line (the flow re-enters the lock)
-        plan_resume(params, params.identity(), args.restart)  # an inconsistent or damaged run: one line, now
+        plan = plan_resume(params, params.identity(), args.restart)  # an inconsistent or damaged run: one line, now
+        check_total(plan, args.rounds or params.train.rounds, "--rounds" if args.rounds else "train.rounds")
         with prefect_api():
             train_flow(params_path=args.params, rounds=args.rounds, restart=args.restart)
 

@@ -133,6 +133,21 @@ def test_a_partial_round_holding_a_file_no_round_writes_is_refused(params):
     assert (d / "my_notes.txt").read_text() == "mine" and (d / "samples.parquet").exists()
 
 
+def test_fewer_rounds_than_completed_are_refused_but_not_for_another_run(params):
+    from stages.loop.resume import check_total
+
+    tp = params.train
+    for r in range(3):
+        write_round(tp, r)
+    write_checkpoint(tp, 3)
+    plan = plan_resume(params, ID)
+    check_total(plan, 3)  # all done: fine
+    check_total(plan, 5)  # more to train: fine
+    with pytest.raises(PipelineError, match=r"^--rounds: 2 rounds asked, but 3 rounds of this run are already complete"):
+        check_total(plan, 2, "--rounds")
+    check_total(plan_resume(params, "run-b"), 1)  # another identity starts over: its rounds are not this run's
+
+
 def test_manifest_repaired_from_the_checkpoint(params, caplog):
     """Killed between the checkpoint and the manifest of round 3: the checkpoint carries that manifest, with the
     carried EMA baseline the next round needs."""

@@ -172,6 +172,10 @@ def test_a_bad_new_setting_fails_before_the_finished_run_is_moved_aside(copy, ch
     assert f"all {ROUNDS} rounds already complete" in out.stdout + out.stderr
 
 
-def test_rounds_must_be_positive(copy):
+def test_rounds_must_be_positive_and_not_below_the_completed_ones(copy):
     proj, env = copy
     one_line_error(run([PY, "-m", "flows.train", "--rounds", "-1"], proj, env, check=False), "--rounds: must be >= 1")
+    before = (proj / "metrics" / "train.json").read_bytes()
+    one_line_error(run([PY, "-m", "flows.train", "--rounds", "1"], proj, env, check=False),
+                   f"--rounds: 1 rounds asked, but {ROUNDS} rounds of this run are already complete")
+    assert (proj / "metrics" / "train.json").read_bytes() == before

@@ -246,6 +246,13 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     return plan
 
 
+def check_total(plan: ResumePlan, total: int, field: str = "train.rounds") -> None:
+    """A run asked for fewer rounds than it has already completed: nothing to train, and nothing true to report."""
+    if plan.superseded is None and plan.start > total:
+        raise PipelineError(f"{field}: {total} rounds asked, but {plan.start} rounds of this run are already complete; "
+                            f"ask for {plan.start} or more (more continue the run), or start over: {RESTART}")
+
+
 def _written_by_a_round(name: str) -> bool:
     """A file a round writes in its dir: an artifact, the manifest, or one's temporary file (stages.io.atomic_path)."""
     return name in ROUND_FILES or any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in ROUND_FILES)
