@@ -61,6 +61,9 @@ def read_table(path: str | Path, schema: Schema | None = None) -> pl.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: file not found; run the stage that writes it first or pass the right path")
+    if path.suffix in (".jsonl", ".ndjson", ".csv") and _blank(path):
+        example = '{"prompt": "..."} per line' if path.suffix != ".csv" else "a header line (e.g. prompt) and one row per line"
+        raise PipelineError(f"{path}: the file is empty; add rows ({example})")
     try:
         if path.suffix == ".parquet":
             df = pl.read_parquet(path)
@@ -81,6 +84,11 @@ def read_table(path: str | Path, schema: Schema | None = None) -> pl.DataFrame:
             raise PipelineError(problem)
         df = conform(df, schema)
     return df
+
+
+def _blank(path: Path) -> bool:
+    """Nothing but whitespace in a text table (read only when small: a large file has content)."""
+    return path.stat().st_size < 1 << 16 and not path.read_bytes().strip()
 
 
 def write_json(obj: Any, dest: str | Path) -> Path:

@@ -278,13 +278,13 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
         args = {"prompts": list(messages) if conversational else prompts,
                 "completions": [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions,
                 "completion_ids": completion_ids, **columns, **kwargs}  # kwargs win over a same-named column
+        missing = [n for n, p in params.items() if p.default is p.empty and n not in args
+                   and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]  # with **kwargs too: a named column it needs
+        if missing:
+            have = ", ".join(sorted(columns)) or "none"
+            raise PipelineError(f"reward `{spec.name}`: '{target}' needs `{missing[0]}`, which the prompts table "
+                                f"lacks (extra columns: {have}); add that column to the prompts file or set it in kwargs")
         if not var_kw:
-            missing = [n for n, p in params.items() if p.default is p.empty and p.kind is not p.VAR_POSITIONAL
-                       and n not in args]
-            if missing:
-                have = ", ".join(sorted(columns)) or "none"
-                raise PipelineError(f"reward `{spec.name}`: '{target}' needs `{missing[0]}`, which the prompts table "
-                                    f"lacks (extra columns: {have}); add that column to the prompts file or set it in kwargs")
             args = {k: v for k, v in args.items() if k in params}
         return call(**args)
 

@@ -206,6 +206,15 @@ def test_read_corrupt_jsonl(tmp_path):
     assert one_line(exc).startswith(f"{path}: cannot be read")
 
 
+@pytest.mark.parametrize("name, content", [("p.jsonl", ""), ("p.jsonl", "\n \n"), ("p.csv", "")])
+def test_an_empty_text_table_says_so_with_the_fix(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(PipelineError) as exc:
+        read_table(path)
+    assert one_line(exc).startswith(f"{path}: the file is empty; add rows (")
+
+
 def test_read_error_with_empty_message(tmp_path, monkeypatch):
     path = tmp_path / "samples.parquet"
     samples_frame().write_parquet(path)

@@ -90,10 +90,11 @@ def test_none_is_left_out_of_the_weighted_sum(mod):
     assert combine(parts, {"acc": 2.0, "len": 0.5}).tolist() == [2.0 + 1.5, 1.0, 0.0 + 0.5]
 
 
-def test_a_missing_dataset_column_is_one_line(mod):
-    with pytest.raises(PipelineError, match=r"reward `r`: 'trl_style:no_kwargs' needs `solution`, which the prompts "
+@pytest.mark.parametrize("fn", ["no_kwargs", "accuracy"])  # with **kwargs too: TRL's own style
+def test_a_missing_dataset_column_is_one_line(mod, fn):
+    with pytest.raises(PipelineError, match=rf"reward `r`: 'trl_style:{fn}' needs `solution`, which the prompts "
                                             r"table lacks \(extra columns: answer\)"):
-        call(answer=["x", "y", "z"])("no_kwargs")
+        call(answer=["x", "y", "z"])(fn)
 
 
 def test_trl_rewards_think_format_reward_itself():
