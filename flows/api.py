@@ -69,7 +69,10 @@ def prefect_api(home: str | Path | None = None) -> Iterator[str | None]:
     cmd = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
            "--lifespan", "on"]
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
+    # its own session: a Ctrl-C at the terminal (SIGINT to the foreground process group) stops the flow, which then
+    # reports its crashed state to this server; a server stopped with it made that report retry for a minute and end
+    # in a traceback
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL, start_new_session=True)
     # Stopped after Prefect's own exit hooks have sent their last logs and events (atexit runs after them); a
     # server stopped earlier makes those hooks retry for about a minute.
     atexit.register(_stop, proc)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 class PipelineError(Exception):
@@ -20,7 +21,8 @@ class PipelineError(Exception):
 
 
 def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
-    """Run a stage's `main(argv)`; a `PipelineError` becomes `error: <message>` and exit code 2."""
+    """Run a stage's `main(argv)`; a `PipelineError` becomes `error: <message>` and exit code 2, Ctrl-C one line and
+    exit code 130."""
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -41,6 +43,10 @@ def bad_input_exits() -> Iterator[None]:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever the process happened to be
+        print("interrupted: what was complete is kept (every artifact is written whole or not at all); run the same "
+              "command again to continue", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 class _NoTracebackForBadInput(logging.Filter):

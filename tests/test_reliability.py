@@ -1,6 +1,7 @@
 """Hostile and unlucky users, with real processes on a tiny project: one run per checkout (two real processes), a
 damaged round or model file refused with one line naming it (flow, report, evaluate), the temporary Prefect server
-gone with a killed flow, `--rounds` checked, and an inconsistent state refused without deleting anything."""
+gone with a killed flow, Ctrl-C one line, `--rounds` checked, a bad new setting failing before the old run moves,
+and an inconsistent state refused without deleting anything."""
 
 from __future__ import annotations
 
@@ -94,6 +95,41 @@ def test_a_second_run_in_the_checkout_is_refused_at_once(copy):
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
+    resumed = run([PY, "-m", "flows.train", "--rounds", "3"], proj, env)
+    assert "resuming after round 2" in resumed.stdout + resumed.stderr
+
+
+def test_ctrl_c_is_one_line_keeps_the_completed_rounds_and_the_server_goes(copy):
+    """Ctrl-C at a terminal (SIGINT to the foreground process group) mid-round: one line and exit code 130, no
+    traceback; the flow's temporary Prefect server, in its own session, is not hit by it, takes the flow's crashed
+    state, and stops with it; the run then resumes."""
+    import psutil
+
+    proj, env = copy
+    before = files_of(proj)
+    flow = subprocess.Popen([PY, "-m", "flows.train", "--rounds", "3"], cwd=proj, env={**env, "SLOW_REWARD_CALL": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (proj / "data" / "rounds" / "round=0002" / "samples.parquet").exists():
+            assert flow.poll() is None, flow.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.3)
+        servers = [c for c in psutil.Process(flow.pid).children(recursive=True) if "uvicorn" in " ".join(c.cmdline())]
+        assert servers
+        os.killpg(flow.pid, signal.SIGINT)  # what the terminal does: the flow's group, not the server's session
+        _, err = flow.communicate(timeout=120)
+    finally:
+        if flow.poll() is None:
+            os.killpg(flow.pid, signal.SIGKILL)
+    assert flow.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: "), err[-3000:]
+    assert "Connection refused" not in err  # the server lived to take the crashed state
+    gone, alive = psutil.wait_procs(servers, timeout=15)
+    assert not alive
+    for name, data in before.items():
+        if name.startswith("data/rounds/round=000"):
+            assert (proj / name).read_bytes() == data, name
     resumed = run([PY, "-m", "flows.train", "--rounds", "3"], proj, env)
     assert "resuming after round 2" in resumed.stdout + resumed.stderr
 
