@@ -82,17 +82,19 @@ def clean_prompts(df: pl.DataFrame, source: str) -> tuple[pl.DataFrame, int]:
     conversational = isinstance(dtype, pl.List)
     if dtype != pl.String and not conversational:
         raise PipelineError(f"{source}: column `prompt` must be text or a list of messages, got {dtype}")
-    rows, seen, dropped = [], set(), 0
+    rows, seen, dropped, empty = [], set(), 0, 0
     for i, row in enumerate(df.iter_rows(named=True)):
         value = row.pop("prompt")
         if conversational:
             if value is None:
+                empty += 1
                 continue
             msgs = _messages(value, source, i)
             text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"]).strip()
             key = prompt_id(msgs)
         else:
             if value is None or not value.strip():
+                empty += 1
                 continue
             msgs, text, key = None, value.strip(), prompt_id(value)
         if key in seen:
@@ -102,6 +104,8 @@ def clean_prompts(df: pl.DataFrame, source: str) -> tuple[pl.DataFrame, int]:
         rows.append({"prompt_id": key, "prompt": text, "_messages": msgs, **row})
     if not rows:
         raise PipelineError(f"{source}: no non-empty prompts; add rows with a `prompt` value")
+    if empty:
+        log.warning("%s: %d row(s) with an empty or null `prompt` skipped", source, empty)
     extra = [c for c in df.columns if c != "prompt"]
     schema = {"prompt_id": pl.String, "prompt": pl.String, "_messages": pl.Object, **{c: df.schema[c] for c in extra}}
     return pl.DataFrame(rows, schema=schema, strict=False), dropped

@@ -109,6 +109,14 @@ def test_clean_prompts_empty(values):
         clean_prompts(df, "f.csv")
 
 
+def test_empty_prompts_are_skipped_and_counted(caplog):
+    df = pl.DataFrame({"prompt": ["a", None, "  ", "b", "a"]}, schema={"prompt": pl.String})
+    with caplog.at_level("WARNING", logger="stages.prepare"):
+        table, dropped = clean_prompts(df, "f.csv")
+    assert table["prompt"].to_list() == ["a", "b"] and dropped == 1
+    assert "f.csv: 2 row(s) with an empty or null `prompt` skipped" in caplog.text
+
+
 def test_split_is_a_seeded_partition():
     train, held = split_prompts(PROMPT_TEXTS, 4, seed=42)
     assert len(held) == 4 and len(train) == len(PROMPT_TEXTS) - 4
