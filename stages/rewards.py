@@ -422,6 +422,23 @@ def _model_kwargs(spec: RewardSpec) -> dict[str, Any]:
     return dict(spec.kwargs)
 
 
+def check_specs(specs: Sequence[RewardSpec]) -> None:
+    """What `build_rewards` would refuse, without loading a model or logging: a built-in's kwargs, a user function
+    importable and callable with its kwargs, a reward model dir with a config (for `python -m stages.params`)."""
+    from stages.models import check_model_dir
+
+    for spec in specs:
+        if spec.model is not None:
+            check_model_dir(spec.model, f"score.rewards[{spec.name}].model")
+            _model_kwargs(spec)
+        elif spec.function in BUILTINS:
+            _build_builtin(spec)
+        elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec.function):
+            _build_user_function(spec)
+        else:
+            build_reward(spec)  # its one-line error for an unknown function
+
+
 def build_rewards(specs: Sequence[RewardSpec], device: Any = "cpu", batch_size: int = 16) -> list[Reward]:
     """All reward components of `score.rewards`, built once (models loaded once) and called every round."""
     return [build_reward(s, device=device, batch_size=batch_size) for s in specs]

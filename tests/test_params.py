@@ -364,6 +364,19 @@ def test_cli_bad_value(tmp_path, data):
     assert_one_line_error(run(["-m", "stages.params", str(bad)], cwd=REPO), "update.learnig_rate", "learning_rate")
 
 
+@pytest.mark.parametrize("change, named", [
+    (lambda d: d["score"]["rewards"][1]["kwargs"].update(min_wrds=3), "unknown kwarg `min_wrds` for built-in `length`"),
+    (lambda d: d["score"]["rewards"][0].update(function="vaderr"), "unknown function `vaderr`"),
+    (lambda d: d["score"]["rewards"][0].update(function="no_such_module:score"), "cannot import module `no_such_module`"),
+    (lambda d: d["score"].update(ref_model="models/nonexistent"), "score.ref_model: model directory"),
+    (lambda d: d["base"].update(model="models/nonexistent"), "base.model: model directory"),
+])
+def test_cli_checks_the_rewards_and_model_dirs_a_run_would_refuse(tmp_path, data, change, named):
+    change(data)
+    bad = write_yaml(tmp_path / "bad.yaml", data)
+    assert_one_line_error(run(["-m", "stages.params", str(bad)], cwd=REPO), named)
+
+
 def test_cli_invalid_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sample: {k: 4\n")
