@@ -59,18 +59,27 @@ def files_of(proj: Path) -> dict[str, bytes]:
             for p in sorted((proj / d).rglob("*")) if p.is_file()}
 
 
+def held_in_round_3(proj: Path, env: dict) -> subprocess.Popen:
+    """`flows.train --rounds 3` in its own session, returned once it sleeps inside round 3's scoring (the slow
+    reward's first call in that process: rounds 1-2 are done), holding the run lock."""
+    flow = subprocess.Popen([PY, "-m", "flows.train", "--rounds", "3"], cwd=proj, env={**env, "SLOW_REWARD_CALL": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not (proj / "data" / "rounds" / "round=0002" / "samples.parquet").exists():
+        if flow.poll() is not None or time.time() > deadline:
+            if flow.poll() is None:
+                os.killpg(flow.pid, signal.SIGKILL)
+            raise AssertionError(f"the flow did not reach round 3: {flow.stderr.read()[-3000:]}")
+        time.sleep(0.3)
+    return flow
+
+
 def test_a_second_run_in_the_checkout_is_refused_at_once(copy):
     proj, env = copy
     before = files_of(proj)
     # The first run sleeps inside its round-3 scoring (the reward's 1st call of that process) and holds the lock.
-    first = subprocess.Popen([PY, "-m", "flows.train", "--rounds", "3"], cwd=proj, env={**env, "SLOW_REWARD_CALL": "1"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = held_in_round_3(proj, env)
     try:
-        deadline = time.time() + 300
-        while not (proj / "data" / "rounds" / "round=0002" / "samples.parquet").exists():
-            assert first.poll() is None, first.stderr.read()[-3000:]
-            assert time.time() < deadline
-            time.sleep(0.3)
         t0 = time.time()
         # a second run with other params would start clean and move the first one's rounds away
         second = run([PY, "-m", "flows.train", "--params", "params.yaml", "--rounds", "4"], proj,
@@ -107,14 +116,8 @@ def test_ctrl_c_is_one_line_keeps_the_completed_rounds_and_the_server_goes(copy)
 
     proj, env = copy
     before = files_of(proj)
-    flow = subprocess.Popen([PY, "-m", "flows.train", "--rounds", "3"], cwd=proj, env={**env, "SLOW_REWARD_CALL": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    flow = held_in_round_3(proj, env)
     try:
-        deadline = time.time() + 300
-        while not (proj / "data" / "rounds" / "round=0002" / "samples.parquet").exists():
-            assert flow.poll() is None, flow.stderr.read()[-3000:]
-            assert time.time() < deadline
-            time.sleep(0.3)
         servers = [c for c in psutil.Process(flow.pid).children(recursive=True) if "uvicorn" in " ".join(c.cmdline())]
         assert servers
         os.killpg(flow.pid, signal.SIGINT)  # what the terminal does: the flow's group, not the server's session
