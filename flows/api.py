@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import socket
@@ -26,11 +27,13 @@ STARTUP_TIMEOUT_S = 180
 _KEEP: list = []  # a busy 2-core machine has taken > 20 s
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != parent:  # the parent died before the prctl: no signal will come
+        os._exit(1)
 
 
 def _free_port() -> int:
@@ -72,7 +75,7 @@ def prefect_api(home: str | Path | None = None) -> Iterator[str | None]:
     # its own session: a Ctrl-C at the terminal (SIGINT to the foreground process group) stops the flow, which then
     # reports its crashed state to this server; a server stopped with it made that report retry for a minute and end
     # in a traceback
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(_die_with_parent, os.getpid()), stdin=subprocess.DEVNULL, start_new_session=True)
     # Stopped after Prefect's own exit hooks have sent their last logs and events (atexit runs after them); a
     # server stopped earlier makes those hooks retry for about a minute.
     atexit.register(_stop, proc)

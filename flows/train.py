@@ -163,10 +163,12 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     w = load_warm(params, total, plan.checkpoint, with_eval=bool(tp.eval_every) and start < total, dist=dist,
                   device=device)
     w.adv_state = plan.adv_state  # the carried baseline (ema, moving_average)
-    if dist.main and plan.superseded is not None:
-        # another run moves aside only now that this one's models, rewards and engine loaded: a bad new setting
-        # (a reward, a model dir) fails above with the old run still in place
-        apply_plan(plan, params)
+    if plan.superseded is not None:
+        # another run moves aside only now that this one's models, rewards and engine loaded on every rank: a bad
+        # new setting (a reward, a model dir) fails above with the old run still in place
+        dist.barrier()
+        if dist.main:
+            apply_plan(plan, params)
     warm_s = time.perf_counter() - t0
     logger.info("warm resources ready in %.1f s (sampler: %s, ranks: %d)", warm_s, w.sampler.name, dist.world_size)
     run = None

@@ -44,8 +44,8 @@ def bad_input_exits() -> Iterator[None]:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever the process happened to be
-        print("interrupted: what was complete is kept (every artifact is written whole or not at all); run the same "
-              "command again to continue", file=sys.stderr)
+        print("interrupted: what was complete is kept (every artifact is written whole or not at all); run the "
+              "command again (without --restart) to continue", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
 
 

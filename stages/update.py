@@ -408,17 +408,24 @@ def load_trainer(params, device, policy_dir: str | Path | None = None, state_dir
 
 
 def _check_out(out: str | Path, policy: str | Path | None, field: str) -> None:
-    """The stage replaces the checkpoint in `out` only when it continues it (`--policy` is the same dir): a step from
-    the base model or another policy would overwrite a training run's checkpoint and drop its optimizer state."""
+    """The stage replaces a checkpoint in `out` only when it wrote it and continues it (`--policy` is the same dir); a
+    training run's checkpoint is never its to write (a step from anywhere would drop the run's optimizer state or
+    put the checkpoint ahead of the run's rounds)."""
     from stages import checkpoint
 
     meta = checkpoint.read_meta(out, field) if Path(out).is_dir() else None
-    if meta is None or (policy is not None and Path(policy).resolve() == Path(out).resolve()):
+    if meta is None:
         return
-    whose = f"of training run {meta['identity']}" if meta.get("identity") else "written by this stage"
+    if meta.get("identity") and meta.get("source") != "stages.update":  # a training run's: the flow owns it
+        raise PipelineError(f"{field}: {out} holds the checkpoint of training run {meta['identity']} (round "
+                            f"{meta.get('round')}); this stage does not write into a run's checkpoint (its rounds and "
+                            "manifests would no longer match): pass --out DIR and --state-dir DIR elsewhere")
+    if policy is not None and Path(policy).resolve() == Path(out).resolve():
+        return
     start = f"--policy {policy}" if policy is not None else "the base model"
-    raise PipelineError(f"{field}: {out} holds a checkpoint {whose} (round {meta.get('round')}); an update from {start} "
-                        f"would replace it; pass --out DIR (and --state-dir DIR) elsewhere, or --policy {out} to continue it")
+    raise PipelineError(f"{field}: {out} holds a checkpoint of this stage (round {meta.get('round')}); an update from "
+                        f"{start} would replace it; pass --out DIR (and --state-dir DIR) elsewhere, or --policy {out} "
+                        "to continue it")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -447,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     state_dir = args.state_dir or params.train.state_dir
     trainer, meta = load_trainer(params, device, args.policy, state_dir, field="--policy")
     stats = trainer.step(batch)
-    checkpoint.save(trainer, out, state_dir, {"identity": (meta or {}).get("identity"), "source": "stages.update"})
+    # no run identity: a flow finding it takes it for another run's (stages/loop/resume.py), never for its own
+    checkpoint.save(trainer, out, state_dir, {"identity": None, "source": "stages.update"})
     log.info("update: loss %.4f, grad_norm %.3f, entropy %.3f -> %s", stats["loss"], stats["grad_norm"], stats["entropy"], out)
 
 

@@ -211,6 +211,10 @@ def test_a_broken_manifest_is_refused(params, content, phrase):
     with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
     assert phrase in one_line(exc) and str(round_dir(tp.rounds_dir, 1) / MANIFEST) in str(exc.value)
+    assert RESTART in one_line(exc)  # the way out it names works: the run moves aside as it is
+    assert plan_resume(params, ID, restart=True).superseded == {"identity": "unreadable", "rounds": 2, "restart": True}
+    write_json({"format": checkpoint.FORMAT}, f"{tp.checkpoint_dir}/{checkpoint.META}")  # an unreadable checkpoint too
+    assert plan_resume(params, ID, restart=True).superseded["identity"] == "unreadable"
 
 
 def test_checkpoint_ahead_of_the_rounds_is_refused(params):
@@ -342,6 +346,35 @@ def test_a_checkpoint_of_the_update_stage_run_alone_is_another_run(params, resta
             plan_resume(params, ID)
         assert one_line(exc).startswith(f"{tp.checkpoint_dir}: the checkpoint is of another run than the rounds in")
         assert RESTART in one_line(exc)
+
+
+def test_a_checkpoint_the_update_stage_continued_is_still_the_stage_s(params):
+    """Older stage checkpoints kept the identity of the policy they continued: their `source` says whose they are."""
+    tp = params.train
+    write_round(tp, 0)
+    write_json({"format": checkpoint.FORMAT, "checkpoint_id": "c", "round": 2, "identity": ID, "base_id": "b",
+                "lora": False, "source": "stages.update"}, f"{tp.checkpoint_dir}/{checkpoint.META}")
+    with pytest.raises(PipelineError, match="the checkpoint is of another run than the rounds"):
+        plan_resume(params, ID)
+
+
+def test_the_two_runs_error_names_the_odd_side(params):
+    tp = params.train
+    write_round(tp, 0, identity="run-b")
+    write_checkpoint(tp, 1)  # this run's checkpoint, another run's rounds
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert one_line(exc).startswith(f"{tp.rounds_dir}: the rounds are of another run than the checkpoint in")
+
+
+def test_a_damaged_round_without_a_checkpoint_is_re_done_from_the_base_model(params):
+    tp = params.train
+    write_round(tp, 0, ckpt=False)
+    write_round(tp, 1, ckpt=False)
+    (round_dir(tp.rounds_dir, 1) / "samples.parquet").write_bytes(b"damaged")
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert "re-do it from the base model (no checkpoint yet) by removing round=0001" in one_line(exc)
 
 
 def test_restart_moves_this_run_aside(params, tmp_path):

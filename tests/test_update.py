@@ -390,6 +390,22 @@ def test_cli_writes_a_checkpoint_transformers_loads(tiny_model_dir, tmp_path):
 
 
 
+def test_the_stage_never_writes_into_a_training_run_s_checkpoint(tmp_path):
+    """Not from the base model, and not continuing it either: the run's rounds and manifests would no longer match
+    (the flow would load a checkpoint ahead of them, or replay over a step it never took)."""
+    from stages import checkpoint
+    from stages.io import write_json
+    from stages.update import _check_out
+
+    out = tmp_path / "policy"
+    write_json({"format": checkpoint.FORMAT, "checkpoint_id": "c", "round": 4, "identity": "run-a"}, out / checkpoint.META)
+    for policy in (None, out):
+        with pytest.raises(PipelineError, match=r"^--out: .* holds the checkpoint of training run run-a \(round 4\); "
+                                                r"this stage does not write into a run's checkpoint"):
+            _check_out(out, policy, "--out")
+    _check_out(tmp_path / "elsewhere", None, "--out")  # a new dir: fine
+
+
 @pytest.mark.parametrize("schedule,expected", [
     # warm-up 2 steps over 10: (step + 1) / 2, then constant | linear | cosine decay over the remaining 8 steps
     ("constant", {0: 0.5, 1: 1.0, 2: 1.0, 6: 1.0, 10: 1.0}),

@@ -145,13 +145,15 @@ def round_damage(d: Path, manifest: dict) -> str | None:
 
 def verify_round(d: Path, manifest: dict, checkpoint_round: int | None = None) -> None:
     """Every artifact of a complete round is there with the size and checksum its manifest recorded. A damaged round
-    after the checkpoint (`checkpoint_round`) could be re-done from it: the error says how, and the run never
-    decides that alone (it would discard that round and the ones after it)."""
+    after the checkpoint (`checkpoint_round`; None: there is none, the run starts from the base model) could be
+    re-done: the error says how, and the run never decides that alone (it would discard that round and the ones after
+    it)."""
     damage = round_damage(d, manifest)
     if damage:
-        r = manifest["round"]
-        redo = (f", re-do it from the checkpoint at round {checkpoint_round} by removing {d.name} and the round dirs "
-                f"after it," if checkpoint_round is not None and r >= checkpoint_round else "")
+        r, c = manifest["round"], checkpoint_round
+        start = f"the checkpoint at round {c}" if c is not None else "the base model (no checkpoint yet)"
+        redo = (f", re-do it from {start} by removing {d.name} and the round dirs after it,"
+                if c is None or r >= c else "")
         raise PipelineError(f"{damage}: round {r + 1} is damaged; restore it with `dvc checkout {d.parent}` (when DVC "
                             f"cached this run){redo} or start over: {RESTART}")
 
@@ -194,11 +196,20 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     from stages import checkpoint
 
     tp = params.train
-    rounds = scan_rounds(Path(tp.rounds_dir))
-    meta = checkpoint.read_meta(tp.checkpoint_dir)
+    try:
+        rounds = scan_rounds(Path(tp.rounds_dir))
+        meta = checkpoint.read_meta(tp.checkpoint_dir)
+    except PipelineError:
+        if not restart:
+            raise
+        # --restart is the way out these errors name: the run moves aside as it is, unreadable parts included
+        n = sum(1 for d in Path(tp.rounds_dir).glob("round=*") if d.is_dir())
+        return ResumePlan(identity, 0, superseded={"identity": "unreadable", "rounds": n, "restart": True})
     manifests = {r: m for r, (_, m) in rounds.items() if m is not None}
-    # a checkpoint of `python -m stages.update` run on its own has no run identity: it is another run's
-    ckpt_run = (meta.get("identity") or STAGE_RUN) if meta else None
+    # a checkpoint of `python -m stages.update` run on its own is another run's (no run identity, or its source)
+    ckpt_run = None
+    if meta:
+        ckpt_run = STAGE_RUN if meta.get("source") == "stages.update" else (meta.get("identity") or STAGE_RUN)
     round_ids = {m["identity"] for m in manifests.values()}
     ids = round_ids | ({ckpt_run} if meta else set())
     if restart or (ids and identity not in ids):
@@ -207,8 +218,12 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
         return ResumePlan(identity, 0, superseded={"identity": ",".join(other), "rounds": len(manifests),
                                                    "restart": restart})
     if len(ids) > 1:
-        where = (f"{tp.rounds_dir}: holds rounds of more than one run" if len(round_ids) > 1
-                 else f"{tp.checkpoint_dir}: the checkpoint is of another run than the rounds in {tp.rounds_dir}")
+        if len(round_ids) > 1:
+            where = f"{tp.rounds_dir}: holds rounds of more than one run"
+        elif ckpt_run != identity:
+            where = f"{tp.checkpoint_dir}: the checkpoint is of another run than the rounds in {tp.rounds_dir}"
+        else:
+            where = f"{tp.rounds_dir}: the rounds are of another run than the checkpoint in {tp.checkpoint_dir}"
         raise PipelineError(f"{where} (identities {sorted(ids)}); the state is inconsistent; start over (the old rounds "
                             f"are moved to {tp.archive_dir}): {RESTART}")
     n = 0
@@ -233,7 +248,7 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
                             f"restore it (`dvc checkout {tp.checkpoint_dir}`) or start over: {RESTART}")
     for r in range(n):  # every complete round is intact, or the run stops and says how to get it back
         if not (plan.repair and r == plan.repair["round"]):
-            verify_round(round_dir(tp.rounds_dir, r), manifests[r], checkpoint_round=c)
+            verify_round(round_dir(tp.rounds_dir, r), manifests[r], checkpoint_round=c if meta else None)
     plan.start = n
     plan.done = [manifests[r] for r in range(n)]
     plan.replay = plan.done[c:]  # the complete rounds after the checkpoint: their updates are applied again
