@@ -126,7 +126,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     from stages.loop.resume import apply_plan, check_total, plan_resume
     from stages.loop.warm import load_warm
     from stages.evaluate import flat_metrics
-    from stages.loop.resume import report_untrained, split_record
+    from stages.loop.resume import new_prompts, report_untrained, split_record
     from stages.loop.writer import RoundWriter, manifest_for, round_write, write_run_outputs
     from stages.runtime import configure_env, find_malloc, malloc_in_use, sampler_dtype, score_dtype
 
@@ -194,6 +194,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     history = [m["metrics"] for m in plan.done]
     seen = [m.get("prompt_ids", []) for m in plan.done]  # which prompts each round trained on: the schedule's memory
     split = split_record(w.train_prompts)
+    added = frozenset(new_prompts(plan.done[-1], split)) if plan.done else frozenset()  # they come first
     if start >= total and plan.done:
         report_untrained(logger, plan.done[-1], split, total)
     writer = RoundWriter(tp.async_checkpoint and dist.main)
@@ -201,7 +202,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     try:
         for r in range(start, total):
             tr, d = time.perf_counter(), round_dir(tp.rounds_dir, r)
-            prompts = round_prompts(w.train_prompts, r, tp.prompts_per_round, params.base.seed, seen)
+            prompts = round_prompts(w.train_prompts, r, tp.prompts_per_round, params.base.seed, seen, added)
             seen.append(prompts["prompt_id"].to_list())
             samples, s_stats, s_rec = call(sample_task)(w, r, prompts, d)
             scores, sc_stats, sc_rec = call(score_task)(w, samples, d)

@@ -304,8 +304,11 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {"model": {k: v.detach().clone() for k, v in self.full_state_dict().items()},
-                "optimizer": self._indexed(get_optimizer_state_dict(self.model, self.optimizer, options=opts))}
+        model = {k: v.detach().clone() for k, v in self.full_state_dict().items()}
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        if not self.dist.main:  # with cpu_offload the full state lands on rank 0 only (the others get {}); it writes
+            return {"model": {}, "optimizer": {}}
+        return {"model": model, "optimizer": self._indexed(optimizer)}
 
     def _trainable_names(self) -> list[str]:
         return [n for n, p in self.model.named_parameters() if p.requires_grad]  # the optimizer's order

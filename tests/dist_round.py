@@ -44,8 +44,12 @@ def main(out: str, params_path: str) -> None:
     w.params = params
     stats = steps.update_round(w, samples, advs["adv_rloo"])
     sd = w.trainer.full_state_dict()
+    gathered = w.trainer.gathered_state()  # what the flow's checkpoint takes (FSDP: every rank takes part)
     if dist.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        from stages import checkpoint
+
+        checkpoint.save(w.trainer, out_dir / "policy", out_dir / "state", {"identity": "dist-round"}, gathered=gathered)
         samples.write_parquet(out_dir / "samples.parquet")
         scores.write_parquet(out_dir / "scores.parquet")
         for name, df in advs.items():

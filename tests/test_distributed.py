@@ -87,6 +87,13 @@ def test_one_round_over_two_ranks_equals_one_process(one_process, tmp_path, tiny
         rel = float((v - wb[k]).norm() / wb[k].norm())
         assert rel < 1e-5, (k, rel)
         assert not torch.equal(v, base[k])  # the update moved every weight (else the check would be empty)
+    from stages import checkpoint  # the checkpoint the flow writes, from the gathered state: it resumes to the same
+
+    meta = checkpoint.read_meta(two / "policy")
+    state = checkpoint.load_state(two / "state", meta)
+    assert meta["round"] == 1 and len(state["optimizer"]["state"]) == len(wa)  # one AdamW entry per weight
+    saved = load_file(two / "policy" / "model.safetensors")
+    assert all(float((saved[k] - wb[k]).abs().max()) == 0.0 for k in saved)
 
 
 # ---------------------------------------------------------------- the flow over two ranks

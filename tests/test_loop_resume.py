@@ -448,6 +448,20 @@ def test_prompts_added_to_a_running_job_come_first_then_the_least_recently_train
     assert len(set(fourth) & set(history[0])) == 1  # ... and one of round 0's, the least recently trained
 
 
+def test_prompts_added_come_before_the_never_trained_prompts_of_the_old_split():
+    """A scheduled run adds rounds for the prompts added to the file: they are trained in those rounds, even while
+    prompts of the old split have never been trained (the default job trains 96 of its 224)."""
+    train = pl.DataFrame({"prompt_id": [f"p{i}" for i in range(20)]})
+    history = [round_prompts(train, r, 2, 7)["prompt_id"].to_list() for r in range(2)]  # 16 never trained
+    grown = pl.concat([train, pl.DataFrame({"prompt_id": ["new1", "new2", "new3"]})])
+    added = frozenset({"new1", "new2", "new3"})
+    third = round_prompts(grown, 2, 2, 7, history, added)["prompt_id"].to_list()
+    fourth = round_prompts(grown, 3, 2, 7, history + [third], added)["prompt_id"].to_list()
+    assert set(third) < added and set(fourth) & added == added - set(third)  # all three first, then the old split
+    assert round_prompts(grown, 2, 2, 7, history)["prompt_id"].to_list() == (
+        round_prompts(grown, 2, 2, 7, history, frozenset())["prompt_id"].to_list())
+
+
 def test_split_record_names_the_split_independently_of_row_order():
     from stages.loop.resume import split_record
 

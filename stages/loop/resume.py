@@ -53,13 +53,14 @@ def round_dir(rounds_dir: str | Path, r: int) -> Path:
 
 
 def round_prompts(train: pl.DataFrame, r: int, per_round: int, seed: int,
-                  history: list[list[str]] | None = None) -> pl.DataFrame:
+                  history: list[list[str]] | None = None, added: frozenset[str] = frozenset()) -> pl.DataFrame:
     """Prompts of round r: the least recently trained ones first (never trained first of all), ties in a seeded order
     that changes every round (docs/design.md §6).
 
     `history`: the prompt ids of rounds 0..r-1 (from their manifests). Without it, the schedule of the current split
     is replayed from round 0. The rule goes through the whole split before any prompt repeats, never puts a prompt
-    twice in one round, and puts prompts added to a running job's data (a scheduled run) first in line."""
+    twice in one round, and puts prompts added to a running job's data (a scheduled run; `added`: those not in the
+    split of the last complete round) first in line, before the never-trained prompts of the old split."""
     ids = train["prompt_id"].to_list()
     take = min(per_round, len(ids))
     if history is None:
@@ -67,14 +68,15 @@ def round_prompts(train: pl.DataFrame, r: int, per_round: int, seed: int,
         for q in range(r):
             history.append(_pick(ids, take, seed, q, history))
     pos = {pid: i for i, pid in enumerate(ids)}
-    return train[[pos[pid] for pid in _pick(ids, take, seed, r, history)]]
+    return train[[pos[pid] for pid in _pick(ids, take, seed, r, history, added)]]
 
 
-def _pick(ids: list[str], take: int, seed: int, r: int, history: list[list[str]]) -> list[str]:
+def _pick(ids: list[str], take: int, seed: int, r: int, history: list[list[str]],
+          added: frozenset[str] = frozenset()) -> list[str]:
     last = {pid: q for q, seen in enumerate(history[:r]) for pid in seen}
 
     def key(pid: str) -> tuple[int, str]:
-        q = last.get(pid, -1)
+        q = last.get(pid, -2 if pid in added else -1)
         return q, hashlib.sha1(f"{seed}:{q}:{pid}".encode()).hexdigest()
 
     return sorted(ids, key=key)[:take]
