@@ -207,3 +207,16 @@ def test_vllm_engine_per_rank(tmp_path, tiny_model_dir):
     assert m["world_size"] == 2 and m["rows"]["samples"] == 15
     s = pl.read_parquet(proj / "data" / "rounds" / "round=0000" / "samples.parquet")
     assert s["prompt_id"].n_unique() == 5 and s.group_by("prompt_id").len()["len"].to_list() == [3] * 5
+
+
+def test_a_bad_setting_with_several_ranks_is_one_line_before_torchrun(tmp_path, tiny_model_dir):
+    """What every rank would refuse is checked once, before torchrun starts them: one `error:` line and exit code 2,
+    not one line per rank followed by torchrun's traceback."""
+    proj, env = _flow_project(tmp_path, tiny_model_dir, **{"train.rounds": 1, "train.nproc_per_node": 2})
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["score"]["rewards"][0]["function"] = "no_such_module:score"
+    (proj / "bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([PY, "-m", "flows.train", "--params", "bad.yaml"], proj, env, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.count("error: ") == 1 and "cannot import module `no_such_module`" in out.stderr
+    assert "torch.distributed.run" not in out.stderr  # refused before the ranks start
