@@ -268,11 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     if nproc > 1 and not launched_by_torchrun():
         with run_lock("training run"):  # the ranks go on under this process's lock
             # what the ranks would refuse, once here: one line, not one per rank and torchrun's traceback
-            from stages.params import check_inputs
+            from stages.loop.warm import check_inputs
 
             check_total(plan_resume(params, params.identity(), args.restart), args.rounds or params.train.rounds,
                         "--rounds" if args.rounds else "train.rounds")
-            check_inputs(params, prepare=False)
+            check_inputs(params)
             sys.exit(_torchrun(nproc, argv if argv is not None else sys.argv[1:]))
     dist, _ = init_distributed(params.base.device, params.train.dist_timeout_s)
     if not dist.main:  # the other ranks: the same rounds, bare (rank 0 owns the lock, the files and Prefect)

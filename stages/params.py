@@ -403,22 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown_table(), end="")
         return
     params = load_params(args.path)
-    check_inputs(params)
     print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-
-
-def check_inputs(params: Params, prepare: bool = True) -> None:
-    """Beyond the schema, what a run would refuse at load time and the user names: the rewards (built-in kwargs, a
-    function importable with its kwargs, a reward model dir), the reference and (`prepare`: prepare's input) a local
-    base model dir. The prepared `base.model_dir` is not checked: prepare writes it."""
-    from stages.models import check_model_dir
-    from stages.rewards import check_specs
-
-    if prepare and params.base.model != BUILTIN_MODEL:
-        check_model_dir(params.base.model, "base.model")
-    if params.score.ref_model:
-        check_model_dir(params.score.ref_model, "score.ref_model")
-    check_specs(params.score.rewards)
 
 
 if __name__ == "__main__":

@@ -364,19 +364,6 @@ def test_cli_bad_value(tmp_path, data):
     assert_one_line_error(run(["-m", "stages.params", str(bad)], cwd=REPO), "update.learnig_rate", "learning_rate")
 
 
-@pytest.mark.parametrize("change, named", [
-    (lambda d: d["score"]["rewards"][1]["kwargs"].update(min_wrds=3), "unknown kwarg `min_wrds` for built-in `length`"),
-    (lambda d: d["score"]["rewards"][0].update(function="vaderr"), "unknown function `vaderr`"),
-    (lambda d: d["score"]["rewards"][0].update(function="no_such_module:score"), "cannot import module `no_such_module`"),
-    (lambda d: d["score"].update(ref_model="models/nonexistent"), "score.ref_model: model directory"),
-    (lambda d: d["base"].update(model="models/nonexistent"), "base.model: model directory"),
-])
-def test_cli_checks_the_rewards_and_model_dirs_a_run_would_refuse(tmp_path, data, change, named):
-    change(data)
-    bad = write_yaml(tmp_path / "bad.yaml", data)
-    assert_one_line_error(run(["-m", "stages.params", str(bad)], cwd=REPO), named)
-
-
 def test_cli_invalid_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sample: {k: 4\n")
@@ -426,3 +413,20 @@ def test_params_yaml_sets_only_known_fields_and_every_field():
 def test_cli_prints_the_markdown_table():
     proc = run(["-m", "stages.params", "--markdown"], cwd=REPO)
     assert proc.returncode == 0 and "| `update.learning_rate` |" in proc.stdout and "| run identity |" in proc.stdout
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda d: d["score"]["rewards"][1]["kwargs"].update(min_wrds=3), "unknown kwarg `min_wrds` for built-in `length`"),
+    (lambda d: d["score"]["rewards"][0].update(function="vaderr"), "unknown function `vaderr`"),
+    (lambda d: d["score"]["rewards"][0].update(function="no_such_module:score"), "cannot import module `no_such_module`"),
+    (lambda d: d["score"].update(ref_model="models/nonexistent"), "score.ref_model: model directory"),
+])
+def test_the_warm_load_s_inputs_are_checked_without_loading(data, change, named):
+    """What the flow checks once before starting several ranks (`stages.loop.warm.check_inputs`): each a one-line
+    error naming the reward or field; the shipped params pass."""
+    from stages.loop.warm import check_inputs
+
+    check_inputs(parse_params(copy.deepcopy(data)))
+    change(data)
+    with pytest.raises(PipelineError, match=re.escape(named)):
+        check_inputs(parse_params(data))

@@ -45,6 +45,18 @@ def eval_subset(heldout: pl.DataFrame, n: int) -> pl.DataFrame:
     return heldout.head(n) if n else heldout
 
 
+def check_inputs(params) -> None:
+    """What `load_warm` would refuse and the user names, without loading a model: the rewards (a built-in's kwargs, a
+    function importable with its kwargs, a reward model dir) and the reference dir. For a check before the ranks
+    start (`flows.train` with several processes): one line there, not one per rank."""
+    from stages.models import check_model_dir
+    from stages.rewards import check_specs
+
+    if params.score.ref_model:
+        check_model_dir(params.score.ref_model, "score.ref_model")
+    check_specs(params.score.rewards)
+
+
 def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_eval: bool = False, dist=None,
               device: str | None = None) -> Warm:
     """Load everything a run keeps warm: the trainer (from `checkpoint`'s dirs when resuming, else the base), the
