@@ -126,6 +126,10 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
     if more_rounds < 0:
         raise PipelineError(f"more_rounds: must be >= 0 (got {more_rounds})")
     path = Path(params_path)
+    if not path.is_file() or path.resolve() != Path("params.yaml").resolve():
+        # dvc.yaml's stages read ./params.yaml: raising train.rounds in another file would train from this one
+        raise PipelineError(f"params_path: {params_path} is not this project's params.yaml ({Path('params.yaml').resolve()}), "
+                            "which `dvc repro` reads; run the pipeline from the project whose params.yaml you mean")
     t0 = time.perf_counter()
     with run_lock("scheduled pipeline"):
         load_params(path)

@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(_torchrun(nproc, argv if argv is not None else sys.argv[1:]))
     dist, _ = init_distributed(params.base.device, params.train.dist_timeout_s)
     if not dist.main:  # the other ranks: the same rounds, bare (rank 0 owns the lock, the files and Prefect)
-        logging.getLogger().setLevel(logging.WARNING)
+        for name in ("", "stages", "flows", "__main__"):  # run_cli set ours to INFO: rank 0 tells the story
+            logging.getLogger(name).setLevel(logging.WARNING)
         run_training(params, args.rounds or params.train.rounds, args.restart)
         return
     with run_lock("training run"):  # a second run fails here, in one line (the flow re-enters the lock)

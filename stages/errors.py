@@ -60,7 +60,7 @@ class _NoTracebackForBadInput(logging.Filter):
 
 def quiet_bad_input_tracebacks(*loggers: str) -> None:
     """Prefect logs a failed task or flow with its traceback; for a PipelineError the one-line message says it all."""
-    for name in loggers or ("prefect.flow_runs", "prefect.task_runs"):
+    for name in loggers or ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):  # engine: a worker's
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoTracebackForBadInput) for f in logger.filters):
             logger.addFilter(_NoTracebackForBadInput())

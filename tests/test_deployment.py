@@ -162,3 +162,10 @@ def test_a_pipeline_run_with_nothing_changed_is_a_no_op(tmp_path, tiny_model_dir
     t0 = time.time()
     out = run([PY, "-m", "flows.pipeline"], proj, env)
     assert '"noop": true' in out.stdout and time.time() - t0 < 120
+    # another params file: dvc.yaml's stages read ./params.yaml, so raising train.rounds there would train from this
+    # one; refused in one line, both files untouched
+    (proj / "other.yaml").write_text((proj / "params.yaml").read_text())
+    before = (proj / "params.yaml").read_bytes()
+    bad = run([PY, "-m", "flows.pipeline", "--params", "other.yaml", "--more-rounds", "1"], proj, env, check=False)
+    assert bad.returncode == 2 and "params_path: other.yaml is not this project's params.yaml" in bad.stderr, bad.stderr[-2000:]
+    assert (proj / "params.yaml").read_bytes() == before == (proj / "other.yaml").read_bytes()
