@@ -67,4 +67,10 @@ def test_the_readme_conversational_dataset(tmp_path):
     (tmp_path / "data" / "prompts").mkdir(parents=True)
     subprocess.run([sys.executable, "-c", m.group(1)], cwd=tmp_path, check=True)
     table, dropped = clean_prompts(read_prompts_source(tmp_path / "data" / "prompts" / "qa"), "qa")
-    assert table.height == 2 and dropped == 118 and set(table["solution"]) == {"Paris", "Jupiter"}
+    assert table.height == 120 and dropped == 0 and "42" in set(table["solution"])
+    # the eval_size the example sets leaves prompts to train on (the shipped 96 would leave 24)
+    size = int(re.search(r"prepare\.eval_size: (\d+)", README[m.end():m.end() + 400]).group(1))
+    from stages.prepare import split_prompts
+
+    train, held_out = split_prompts(table, size, 42)
+    assert held_out.height == size and train.height == 120 - size > 0
