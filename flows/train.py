@@ -264,25 +264,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds is not None and args.rounds < 1:
         raise PipelineError(f"--rounds: must be >= 1 (got {args.rounds}); omit it to train train.rounds rounds")
     params = load_params(args.params)  # fail fast, before Prefect starts
+    total, total_field = args.rounds or params.train.rounds, "--rounds" if args.rounds else "train.rounds"
     nproc = int(os.environ.get("RLOO_NPROC_PER_NODE") or params.train.nproc_per_node)  # a GPU deployment sets it
     if nproc > 1 and not launched_by_torchrun():
         with run_lock("training run"):  # the ranks go on under this process's lock
             # what the ranks would refuse, once here: one line, not one per rank and torchrun's traceback
             from stages.loop.warm import check_inputs
 
-            check_total(plan_resume(params, params.identity(), args.restart), args.rounds or params.train.rounds,
-                        "--rounds" if args.rounds else "train.rounds")
+            check_total(plan_resume(params, params.identity(), args.restart), total, total_field)
             check_inputs(params)
             sys.exit(_torchrun(nproc, argv if argv is not None else sys.argv[1:]))
     dist, _ = init_distributed(params.base.device, params.train.dist_timeout_s)
     if not dist.main:  # the other ranks: the same rounds, bare (rank 0 owns the lock, the files and Prefect)
         for name in ("", "stages", "flows", "__main__"):  # run_cli set ours to INFO: rank 0 tells the story
             logging.getLogger(name).setLevel(logging.WARNING)
-        run_training(params, args.rounds or params.train.rounds, args.restart)
+        run_training(params, total, args.restart)
         return
     with run_lock("training run"):  # a second run fails here, in one line (the flow re-enters the lock)
         plan = plan_resume(params, params.identity(), args.restart)  # an inconsistent or damaged run: one line, now
-        check_total(plan, args.rounds or params.train.rounds, "--rounds" if args.rounds else "train.rounds")
+        check_total(plan, total, total_field)
         with prefect_api():
             train_flow(params_path=args.params, rounds=args.rounds, restart=args.restart)
 

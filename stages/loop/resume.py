@@ -44,7 +44,7 @@ ROUND_DIR = re.compile(r"^round=(\d{4,})$")
 ARTIFACTS = ("samples", "scores", "advantages")
 ROUND_FILES = (*(f"{a}.parquet" for a in ARTIFACTS), MANIFEST)  # all a round writes in its dir
 RESTART = "python -m flows.train --restart"
-STAGE_RUN = "stages.update"  # the identity a checkpoint written by the update stage on its own counts as
+STAGE_RUN = "stages.update"  # the `source` an update-stage checkpoint records (stages/update.py), and the run it counts as
 _REQUIRED = {"round": int, "identity": str, "artifacts": dict, "metrics": dict}
 
 
@@ -205,13 +205,13 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
         if not restart:
             raise
         # --restart is the way out these errors name: the run moves aside as it is, unreadable parts included
-        n = sum(1 for d in Path(tp.rounds_dir).glob("round=*") if d.is_dir())
+        n = sum(1 for d in Path(tp.rounds_dir).glob("round=*") if d.is_dir() and ROUND_DIR.match(d.name))
         return ResumePlan(identity, 0, superseded={"identity": "unreadable", "rounds": n, "restart": True})
     manifests = {r: m for r, (_, m) in rounds.items() if m is not None}
     # a checkpoint of `python -m stages.update` run on its own is another run's (no run identity, or its source)
     ckpt_run = None
     if meta:
-        ckpt_run = STAGE_RUN if meta.get("source") == "stages.update" else (meta.get("identity") or STAGE_RUN)
+        ckpt_run = STAGE_RUN if meta.get("source") == STAGE_RUN else (meta.get("identity") or STAGE_RUN)
     round_ids = {m["identity"] for m in manifests.values()}
     ids = round_ids | ({ckpt_run} if meta else set())
     if restart or (ids and identity not in ids):
