@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -288,12 +287,58 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:
-    """`python -m flows.train` with train.nproc_per_node > 1: the same command under torchrun, on this node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "flows.train", *argv]
-    logging.getLogger(__name__).info("train.nproc_per_node=%d: %s", nproc, " ".join(cmd))
-    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}).returncode
+    """`python -m flows.train` with train.nproc_per_node > 1: the same command over `nproc` ranks on this node, launched
+    by torchrun's own launcher in this process (docs/design.md §8). The ranks leave a bad-input message or a Ctrl-C
+    in a reports directory instead of printing it, and this process tells the outcome once: one `error:` line and exit
+    code 2 for bad input (whichever rank met it), one `interrupted:` line and 130 for Ctrl-C (which torchrun's launcher
+    passes on to the ranks, each in its own session), and for a crashed or killed rank a line naming it (its traceback
+    is above) and exit code 1."""
+    import signal
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as launch
+
+    from stages.errors import RANK_REPORTS_ENV, read_rank_reports
+
+    log = logging.getLogger(__name__)
+    args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "flows.train", *argv]
+    log.info("train.nproc_per_node=%d: %s -m torch.distributed.run %s", nproc, sys.executable, " ".join(args))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    for name in list(logging.root.manager.loggerDict):  # its own failure report (and traceback) is told below
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    signalled = None
+    with tempfile.TemporaryDirectory(prefix="rloo-ranks-") as reports:
+        os.environ[RANK_REPORTS_ENV] = reports
+        try:
+            launch(parse_args(args))
+            return 0
+        except ChildFailedError as exc:
+            failures = exc.failures
+        except SignalException as exc:  # Ctrl-C or a kill: the launcher passed it on to each rank and waited for them
+            signalled, failures = exc.sigval, {}
+        told = read_rank_reports(reports)
+    peers = {rank for rank, r in told.items() if r["kind"] == "peer"}  # their collective broke: another rank stopped
+    told = {rank: r for rank, r in told.items() if rank not in peers}
+    errors = sorted({r["message"] for r in told.values() if r["kind"] == "error"})
+    if errors:  # bad input that only a round met: the same message from each rank that met it, once
+        raise PipelineError(errors[0] if len(errors) == 1 else " | ".join(
+            f"rank {rank}: {r['message']}" for rank, r in sorted(told.items()) if r["kind"] == "error"))
+    if signalled == signal.SIGINT or (told and all(r["kind"] == "interrupted" for r in told.values())):
+        raise KeyboardInterrupt
+    if signalled is not None:
+        print(f"stopped by {signalled.name}: the ranks were stopped with it. What was complete is kept: run the "
+              "command again to continue", file=sys.stderr)
+        return 128 + int(signalled)
+    rank, failure = min(failures.items(), key=lambda kv: (kv[0] in peers, kv[1].timestamp, kv[0]))
+    how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+           else f"exited with code {failure.exitcode} (its traceback is above)")
+    print(f"error: rank {rank} (local_rank: {failure.local_rank}, pid {failure.pid}) {how}; the other ranks were "
+          "stopped. What was complete is kept: run the command again to continue", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

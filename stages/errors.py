@@ -8,12 +8,19 @@ with a message that names the field or file and says what to do. `run_cli` print
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+# Set by `python -m flows.train` for the ranks it launches (docs/design.md §8): a directory where each rank leaves its
+# bad-input message or its Ctrl-C instead of printing it, so that the launcher prints one line for all of them.
+RANK_REPORTS_ENV = "RLOO_RANK_REPORTS"
+INTERRUPTED = ("interrupted: what was complete is kept (every artifact is written whole or not at all); run the "
+               "command again (without --restart) to continue")
 
 
 class PipelineError(Exception):
@@ -41,18 +48,65 @@ def bad_input_exits() -> Iterator[None]:
     try:
         yield
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not _report_to_launcher("error", str(exc)):
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever the process happened to be
-        print("interrupted: what was complete is kept (every artifact is written whole or not at all); run the "
-              "command again (without --restart) to continue", file=sys.stderr)
+        if not _report_to_launcher("interrupted", ""):
+            print(INTERRUPTED, file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except Exception:
+        if peer_reported():  # a rank whose collective broke because another rank stopped: that rank's line says why
+            _report_to_launcher("peer", "")
+            sys.exit(1)
+        raise
+
+
+def peer_reported() -> bool:
+    """Under `python -m flows.train`'s launch: has another rank already left its bad input or Ctrl-C (so that what
+    fails here now, a collective whose peer is gone, follows from it)?"""
+    where, rank = os.environ.get(RANK_REPORTS_ENV), os.environ.get("RANK")
+    if not where or rank is None or not os.path.isdir(where):
+        return False
+    return any(name.endswith(".json") and name != f"rank-{rank}.json" for name in os.listdir(where))
+
+
+def _report_to_launcher(kind: str, message: str) -> bool:
+    """A rank of `python -m flows.train`'s launch leaves its outcome in the launcher's reports directory (written
+    whole: temp file, then rename); False where there is no such launcher (then the process prints it itself)."""
+    where, rank = os.environ.get(RANK_REPORTS_ENV), os.environ.get("RANK")
+    if not where or rank is None or not os.path.isdir(where):
+        return False
+    path = os.path.join(where, f"rank-{rank}.json")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"kind": kind, "message": message}, f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        return False
+    return True
+
+
+def read_rank_reports(where: str) -> dict[int, dict[str, str]]:
+    """The outcomes the ranks left with `_report_to_launcher`, by rank (a rank killed before it wrote has none)."""
+    reports = {}
+    for name in sorted(os.listdir(where)):
+        if name.startswith("rank-") and name.endswith(".json"):
+            with contextlib.suppress(OSError, ValueError):
+                with open(os.path.join(where, name)) as f:
+                    reports[int(name[5:-5])] = json.load(f)
+    return reports
 
 
 class _NoTracebackForBadInput(logging.Filter):
-    """Keeps a log record but drops its traceback when the exception is a PipelineError (bad input, not a bug)."""
+    """Keeps a log record but drops its traceback when the exception is a PipelineError (bad input, not a bug); under
+    `python -m flows.train`'s launch, drops a failure record altogether once another rank has reported bad input or a
+    Ctrl-C (the failure here, a broken collective, follows from it, and the launcher tells that rank's line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        failed = record.levelno >= logging.ERROR or "in state Failed" in str(record.msg)
+        if failed and peer_reported():
+            return False
         if record.exc_info and isinstance(record.exc_info[1], PipelineError):
             record.exc_info, record.exc_text = None, None
         return True

@@ -4,8 +4,9 @@
   advantages for every estimator (and with whitening), the policy after the update equal within 1e-5 (relative), for
   DDP and for FSDP;
 - the flow with `train.nproc_per_node: 2` writes the artifacts one process writes (rows, schema), one MLflow run, one
-  Prefect flow run, and records the topology; a kill -9 of one rank stops the run within a bounded time, torchrun names
-  the rank, and the next invocation resumes after the last complete round (with one process, too).
+  Prefect flow run, and records the topology; a kill -9 of one rank stops the run within a bounded time, one line names
+  the rank, and the next invocation resumes after the last complete round (with one process, too);
+- bad input that one rank meets mid-round, and Ctrl-C, are one line each (exit codes 2 and 130), not one per rank.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def test_the_flow_over_two_ranks_writes_one_runs_artifacts_and_resumes_after_a_r
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
-    assert "local_rank: 1" in output or "rank: 1" in output, output[-3000:]
+    assert "error: rank 1 (local_rank: 1, pid " in output and "was killed by SIGKILL" in output, output[-3000:]
     assert not (proj / "data" / "rounds" / "round=0002" / "manifest.json").exists()
 
     # The next invocation resumes after round 2, here with one process (another world size).
@@ -220,3 +221,60 @@ def test_a_bad_setting_with_several_ranks_is_one_line_before_torchrun(tmp_path, 
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.count("error: ") == 1 and "cannot import module `no_such_module`" in out.stderr
     assert "torch.distributed.run" not in out.stderr  # refused before the ranks start
+
+
+RANK_ONE_FAILS = '''import os
+
+
+def score(prompts, completions, **kwargs):
+    """0 for every completion; rank 1 raises on its first call (a reward service down for one process)."""
+    if os.environ.get("RANK") == "1":
+        raise ValueError("the judge is down")
+    return [0.0] * len(completions)
+'''
+
+
+def test_bad_input_that_one_rank_meets_at_run_time_is_one_line(tmp_path, tiny_model_dir):
+    """Bad input that only a round meets (here a reward that raises, on rank 1 only) is told once by the launcher:
+    one `error:` line naming the reward, exit code 2, no rank's traceback and none of torchrun's."""
+    proj, env = _flow_project(tmp_path, tiny_model_dir, **{"train.rounds": 1, "train.nproc_per_node": 2,
+                                                           "train.eval_every": 0})
+    (proj / "rank_one_fails.py").write_text(RANK_ONE_FAILS)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["score"]["rewards"].append({"name": "judge", "function": "rank_one_fails:score", "weight": 1.0})
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([PY, "-m", "flows.train"], proj, env, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.count("error: ") == 1 and "raised ValueError: the judge is down" in out.stderr, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: reward `judge`")
+    assert not (proj / "data" / "rounds" / "round=0000" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_several_ranks_is_one_line_and_the_run_resumes(tmp_path, tiny_model_dir):
+    """Ctrl-C (SIGINT to the foreground process group: the launcher and both ranks) in round 2: one `interrupted:`
+    line, exit code 130, round 1 kept; the next invocation resumes after it."""
+    proj, env = _flow_project(tmp_path, tiny_model_dir, **{"train.rounds": 2, "train.nproc_per_node": 2,
+                                                           "train.eval_every": 0})
+    proc = subprocess.Popen([PY, "-m", "flows.train"], cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            env={**env, "SLOW_REWARD_CALL": "2", "SLOW_REWARD_RANK": "1"})
+    try:
+        deadline = time.time() + 300
+        while not (proj / "data" / "rounds" / "round=0001" / "samples.parquet").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+        time.sleep(2)  # rank 1 sleeps in round 2's scoring, rank 0 waits for it
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.count("interrupted: ") == 1 and err.strip().splitlines()[-1].startswith("interrupted: "), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert (proj / "data" / "rounds" / "round=0000" / "manifest.json").exists()
+    resumed = run([PY, "-m", "flows.train"], proj, env)
+    assert "resuming after round 1" in resumed.stdout + resumed.stderr
+    assert (proj / "data" / "rounds" / "round=0001" / "manifest.json").exists()
