@@ -14,7 +14,8 @@ The matmul peak is measured in the same run (the best of a few GEMM shapes the m
 timed one by one (the flow runs them in this order too); the writes are the round's three Parquet artifacts, its
 manifest and a checkpoint.
 
-    python benchmarks/roofline.py [--rounds 3] [--params params.yaml]
+    python benchmarks/roofline.py [--rounds 3] [--params params.yaml] [--out DIR]
+    python benchmarks/roofline.py --render [--out DIR]     # rewrite DIR/roofline.md from DIR/roofline.json
 
 Writes benchmarks/results/roofline.json and roofline.md. Needs `dvc repro prepare` (models/base, data/prepared).
 """
@@ -78,6 +79,45 @@ def vllm_best_rate(w, prompts_df, params) -> dict:
     return out
 
 
+def floor_s(meta: dict, rows: list[dict], table: list) -> dict:
+    """The round at this machine's peaks: each compute phase's work at 100 % of the peak it is held to (sampling at
+    vLLM's best tokens/s, the logprob passes and the update at the matmul peak of their dtype), the other phases as
+    measured. Where this floor is above a target, no tuning of kernels reaches it; only less work or a lower precision
+    does."""
+    last = rows[1:] or rows
+    fwd = sum(x["fwd_flops"] for x in last) / len(last)
+    gen = sum(x["generated"] for x in last) / len(last)
+    peaks, best = meta["peaks_gflops"], max(meta["vllm_rate_by_batch"].values())
+    by_name = {r[0]: r for r in table}
+    floor = {"sample": gen / best}
+    for name in ("policy logprobs", "reference logprobs", "update"):
+        row = by_name[name]
+        if row[1] in peaks:
+            floor[name] = (3 if name == "update" else 1) * fwd / (peaks[row[1]] * 1e9)
+    rest = sum(r[3] for r in table if r[0] not in floor)
+    return {"compute": sum(floor.values()), "rest": rest, "round": sum(floor.values()) + rest, "by_phase": floor}
+
+
+def render(meta: dict, rows: list[dict], table: list) -> str:
+    """The roofline's Markdown from what roofline.json holds (`--render` rewrites it without measuring again)."""
+    peaks, best, total = meta["peaks_gflops"], meta["vllm_rate_by_batch"], meta["round_s"]
+    last = rows[1:] or rows
+    lines = [f"{meta['date']}, {meta['machine']}; default params.yaml, {len(last)} warm round(s) after the first "
+             f"(means). Matmul peak measured in the same run: fp32 {peaks['float32']:.0f}, bf16 "
+             f"{peaks['bfloat16']:.0f} GFLOP/s; vLLM tokens/s by batch (sequences): "
+             + ", ".join(f"{k}: {v:.0f}" for k, v in best.items()) + ".", "",
+             "| phase | dtype | work | seconds | rate | share of peak |", "|---|---|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d:.2f} ({100 * d / total:.0f} %) | {e} | {f} |" for a, b, c, d, e, f in table]
+    lines.append(f"| **round** | | | **{total:.2f}** | | |")
+    f = floor_s(meta, rows, table)
+    lines += ["", f"**Floor at this machine's peaks: {f['round']:.2f} s a round** ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in f["by_phase"].items())
+              + f" s at 100 % of their peaks, {f['rest']:.2f} s of the other phases as measured); the measured round "
+              f"is {total / f['round']:.2f}x its floor. {f['compute']:.2f} s of compute at peak is the least a round "
+              "of this work and precision takes here."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     from stages.runtime import preload_malloc
 
@@ -87,8 +127,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--render", action="store_true", help="rewrite roofline.md from --out's roofline.json, no run")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
+    if args.render:
+        import json
+
+        from stages.io import write_text
+
+        data = json.loads((Path(args.out) / "roofline.json").read_text())
+        md = render(data["meta"], data["rounds"], data["table"])
+        write_text(md, Path(args.out) / "roofline.md")
+        print(md)
+        return
 
     from machine import describe
 
@@ -195,14 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     total = sum(r[3] for r in table)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "rounds": args.rounds,
             "peaks_gflops": peaks, "vllm_rate_by_batch": best, "round_s": total}
-    lines = [f"{meta['date']}, {meta['machine']}; default params.yaml, {len(last)} warm round(s) after the first "
-             f"(means). Matmul peak measured in the same run: fp32 {peaks['float32']:.0f}, bf16 "
-             f"{peaks['bfloat16']:.0f} GFLOP/s; vLLM tokens/s by batch (sequences): "
-             + ", ".join(f"{k}: {v:.0f}" for k, v in best.items()) + ".", "",
-             "| phase | dtype | work | seconds | rate | share of peak |", "|---|---|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d:.2f} ({100 * d / total:.0f} %) | {e} | {f} |" for a, b, c, d, e, f in table]
-    lines.append(f"| **round** | | | **{total:.2f}** | | |")
-    md = "\n".join(lines) + "\n"
+    md = render(meta, rows, table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json({"meta": meta, "rounds": rows, "table": table}, out / "roofline.json")

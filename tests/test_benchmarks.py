@@ -14,6 +14,7 @@ import bench_trl  # noqa: E402
 import mutation_report  # noqa: E402
 import numpy as np  # noqa: E402
 import precision  # noqa: E402
+import roofline  # noqa: E402
 import sweep_baselines  # noqa: E402
 import tune  # noqa: E402
 
@@ -185,3 +186,18 @@ def test_precision_defaults_follow_the_params_resolution(monkeypatch):
         assert precision.defaults(with_({}, {"dtype": "float32"})) == ("fp32 engine", "fp32 pass")
     assert "policy logprobs the bf16 engine's, reference the fp32 pass" in bench_trl._precision(
         with_({"dtype": "bfloat16"}, {"policy_logprobs": "sampler"}))
+
+
+def test_roofline_floor_is_each_phase_at_its_peak_plus_the_rest_as_measured():
+    meta = {"date": "d", "machine": "m", "round_s": 10.0, "peaks_gflops": {"float32": 100.0, "bfloat16": 400.0},
+            "vllm_rate_by_batch": {"32": 200.0, "64": 250.0}}
+    rows = [{"fwd_flops": 9e12, "generated": 9999}] + [{"fwd_flops": 4e11, "generated": 500}] * 2  # round 1: left out
+    table = [["sample", "float32", "", 3.0, "", ""], ["reward", "-", "", 0.5, "", ""],
+             ["policy logprobs", "-", "skipped", 0.0, "-", "-"], ["reference logprobs", "bfloat16", "", 1.5, "", ""],
+             ["update", "bfloat16", "", 4.0, "", ""], ["weight sync", "float32", "", 1.0, "", ""]]
+    f = roofline.floor_s(meta, rows, table)
+    assert f["by_phase"] == pytest.approx({"sample": 2.0, "reference logprobs": 1.0, "update": 3.0})
+    assert f["compute"] == pytest.approx(6.0) and f["rest"] == pytest.approx(1.5) and f["round"] == pytest.approx(7.5)
+    md = roofline.render(meta, rows, table)
+    assert "**Floor at this machine's peaks: 7.50 s a round**" in md and "1.33x its floor" in md
+    assert md.count("\n| ") == 8  # the header, six phases and the round
