@@ -219,6 +219,25 @@ def test_make_sampler_rejects_a_non_causal_lm(tmp_path, tiny_model_factory):
     assert str(path) in str(exc.value)
 
 
+@pytest.mark.skipif(not vllm_available(), reason="vLLM's head-size check needs vLLM (installed by make setup)")
+def test_a_head_size_cpu_vllm_refuses_is_one_line_or_auto_falls_back_to_hf(tmp_path, tiny_model_factory):
+    """A small custom model with head_dim 16 stopped CPU vLLM's start with a RuntimeError deep in the engine; now
+    `sample.backend: vllm` is one line naming the head size and the fix, and `auto` samples with transformers."""
+    from stages.sample.vllm_backend import cpu_attention_refuses
+
+    path = tiny_model_factory(tmp_path / "h16", num_attention_heads=4)  # hidden 64 / 4 heads: head_dim 16
+    assert "head_dim 16" in cpu_attention_refuses(str(path))
+    assert cpu_attention_refuses(str(tiny_model_factory(tmp_path / "h64"))) is None  # the tests' own shape
+    with pytest.raises(PipelineError, match=r"^sample.backend: vllm cannot run this model here: .*head_dim 16; set "
+                                            r"sample.backend: hf"):
+        make_sampler(str(path), fp32_params(), backend="vllm")
+    sampler = make_sampler(str(path), fp32_params(), backend="auto")
+    try:
+        assert sampler.name == "hf"
+    finally:
+        sampler.close()
+
+
 # --- transformers sampler on the tiny model (fast) ---------------------------------------------------------
 
 

@@ -103,7 +103,18 @@ def make_sampler(model_dir: str, params, backend: str | None = None, device=None
     from stages.models import load_causal_lm_config_check
 
     load_causal_lm_config_check(model_dir, field)
-    backend = resolve_backend(backend or params.sample.backend)
+    asked = backend or params.sample.backend
+    backend = resolve_backend(asked)
+    if backend == "vllm":
+        from stages.sample.vllm_backend import cpu_attention_refuses
+
+        why = cpu_attention_refuses(model_dir)
+        if why and asked == "auto":
+            log.warning("sample.backend=auto: %s, so transformers generate() samples instead (sample.backend: hf)", why)
+            backend = "hf"
+        elif why:
+            raise PipelineError(f"sample.backend: vllm cannot run this model here: {why}; set sample.backend: hf "
+                                "(or auto, which falls back to it)")
     return BACKENDS[backend].load()(model_dir, params.sample, seed=params.base.seed, device=device or "cpu")
 
 

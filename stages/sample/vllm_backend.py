@@ -73,6 +73,33 @@ def kv_block_size(setting: int, cpu: bool) -> int | None:
     return setting
 
 
+def cpu_attention_refuses(model_dir: str) -> str | None:
+    """Why vLLM's CPU attention cannot run this model, or None: it takes a fixed set of head sizes (not 16, say, which
+    a small custom model may have), and otherwise stops deep in the engine's start with a RuntimeError."""
+    import json
+    from pathlib import Path
+
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = list(CPUAttentionBackend.get_supported_head_sizes())
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except Exception:  # another vLLM layout or an unreadable config: the engine's own check stays
+        return None
+    cfg = cfg.get("text_config") or cfg
+    head = cfg.get("head_dim")
+    if not head and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+        head = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if not isinstance(head, int) or head in sizes:
+        return None
+    return (f"vLLM's CPU attention takes head sizes {', '.join(map(str, sizes))}; the model in {model_dir} has "
+            f"head_dim {head}")
+
+
 def _world_size() -> int:
     import torch.distributed as dist
 
