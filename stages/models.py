@@ -38,14 +38,19 @@ def load_config(path: str | Path, field: str = "base.model"):
         raise PipelineError(f"{field}: cannot read {path}/config.json ({_first_line(exc)})") from None
 
 
-def load_tokenizer(path: str | Path, field: str = "base.model"):
+def load_tokenizer(path: str | Path, field: str = "base.model", shown: str | Path | None = None):
+    """The model dir's tokenizer; errors name `field` and `shown` (the dir a user gave, where `path` is a copy)."""
     from transformers import AutoTokenizer
 
     path = check_model_dir(path, field)
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
-        raise PipelineError(f"{field}: cannot load a tokenizer from {path} ({_first_line(exc)})") from None
+        raise PipelineError(f"{field}: cannot load a tokenizer from {shown or path} ({_first_line(exc)})") from None
+    if not tok("Hello, world.", add_special_tokens=False)["input_ids"]:
+        # transformers 5 builds an empty tokenizer for a dir without tokenizer files, instead of raising
+        raise PipelineError(f"{field}: {shown or path} has no usable tokenizer (it turns text into no tokens); copy the "
+                            "model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

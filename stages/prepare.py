@@ -253,7 +253,7 @@ def prepare_model(params: Params) -> Path:
         else:
             log.info("copying model %s -> %s", source, dest)
             shutil.copytree(source, tmp, dirs_exist_ok=True)
-        load_tokenizer(tmp, "base.model")  # fail here, not in a later stage
+        load_tokenizer(tmp, "base.model", shown=source)  # fail here, not in a later stage, and keep models/base
         write_json({"source": source_id}, tmp / "prepare.json")
         umask = os.umask(0)
         os.umask(umask)

@@ -306,6 +306,25 @@ def test_base_model_without_tokenizer_leaves_no_model_dir(tmp_path, tiny_model_d
     assert list(models.iterdir()) == []  # neither base/ nor a staging dir
 
 
+def test_a_model_dir_whose_tokenizer_is_built_empty_is_refused_and_models_base_kept(tmp_path, tiny_model_dir):
+    """transformers 5 builds an empty tokenizer (no vocabulary: every text becomes no tokens) for a Qwen2 dir without
+    tokenizer files instead of raising; prepare used to copy such a dir over a good models/base, and training then
+    failed inside vLLM ("The decoder prompt cannot be empty")."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    src = tmp_path / "qwen2_no_tokenizer"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=1, num_key_value_heads=1)).save_pretrained(src)
+    good = params_for(tmp_path, tiny_model_dir, "unused.csv")
+    prepare_model(good)
+    before = {f.name: f.read_bytes() for f in Path(good.base.model_dir).iterdir()}
+    params = params_for(tmp_path, src, "unused.csv")
+    with pytest.raises(PipelineError, match=r"^base.model: .*qwen2_no_tokenizer has no usable tokenizer .*; copy the "
+                                            r"model's tokenizer files"):
+        prepare_model(params)
+    assert {f.name: f.read_bytes() for f in Path(good.base.model_dir).iterdir()} == before
+
+
 def test_tokenizer_error_is_one_line(tmp_path, tiny_model_dir):
     params = params_for(tmp_path, no_tokenizer_model(tmp_path, tiny_model_dir), "unused.csv")
     with pytest.raises(PipelineError) as exc:
