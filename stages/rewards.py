@@ -175,11 +175,7 @@ def _exact_match(name: str, column: str = "answer", normalize: bool = False) -> 
 
     def exact_match(prompts, completions, **columns):
         if column not in columns:
-            have = ", ".join(sorted(columns)) or "none"
-            raise PipelineError(
-                f"reward `{name}`: needs the reference column `{column}`, which the prompts table lacks "
-                f"(extra columns: {have}); add it to the prompts or set kwargs.column"
-            )
+            raise missing_column(name, f"needs the reference column `{column}`", columns)
         out = []
         for c, ref in zip(completions, columns[column], strict=True):
             if ref is None:
@@ -191,6 +187,7 @@ def _exact_match(name: str, column: str = "answer", normalize: bool = False) -> 
             out.append(1.0 if a == b else 0.0)
         return out
 
+    exact_match.required = [column]
     return exact_match
 
 
@@ -281,14 +278,34 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
         missing = [n for n, p in params.items() if p.default is p.empty and n not in args
                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]  # with **kwargs too: a named column it needs
         if missing:
-            have = ", ".join(sorted(columns)) or "none"
-            raise PipelineError(f"reward `{spec.name}`: '{target}' needs `{missing[0]}`, which the prompts table "
-                                f"lacks (extra columns: {have}); add that column to the prompts file or set it in kwargs")
+            raise missing_column(spec.name, f"'{target}' needs `{missing[0]}`", columns)
         if not var_kw:
             args = {k: v for k, v in args.items() if k in params}
         return call(**args)
 
+    # the columns it names without a default, checked against the prompts table when a run loads (check_columns)
+    user_function.required = [n for n, p in params.items() if trl_style and p.default is p.empty and n not in kwargs
+                              and n not in ("prompts", "completions", "completion_ids", "messages")
+                              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     return user_function
+
+
+def missing_column(name: str, what: str, columns) -> PipelineError:
+    have = ", ".join(sorted(columns)) or "none"
+    hint = "" if have != "none" else "; for `python -m stages.score`, pass the prompts table with --prompts"
+    return PipelineError(f"reward `{name}`: {what}, which the prompts table lacks (extra columns: {have}); add that "
+                         f"column to the prompts file or set it in kwargs{hint}")
+
+
+def check_columns(rewards: Sequence[Reward], columns: Sequence[str]) -> None:
+    """Every column a reward names (a user function's argument without a default, exact_match's reference column)
+    is in the prompts table: checked when a run loads, before it moves a superseded run aside or samples."""
+    for r in rewards:
+        for need in getattr(r.fn, "required", ()):
+            if need not in columns:
+                what = (f"'{r.source.removeprefix('function ')}' needs `{need}`" if r.trl_style
+                        else f"needs the reference column `{need}`")
+                raise missing_column(r.name, what, columns)
 
 
 # --- reward model ------------------------------------------------------------------------------------------
@@ -422,21 +439,26 @@ def _model_kwargs(spec: RewardSpec) -> dict[str, Any]:
     return dict(spec.kwargs)
 
 
-def check_specs(specs: Sequence[RewardSpec]) -> None:
+def check_specs(specs: Sequence[RewardSpec], columns: Sequence[str] | None = None) -> None:
     """What `build_rewards` would refuse, without loading a model or logging: a built-in's kwargs, a user function
-    importable and callable with its kwargs, a reward model dir with a config (for `python -m stages.params`)."""
+    importable and callable with its kwargs, a reward model dir with a config (for `python -m stages.params`); with
+    `columns` (the prompts table's extra columns), also a column a reward names that the table lacks."""
     from stages.models import check_model_dir
 
     for spec in specs:
         if spec.model is not None:
             check_model_dir(spec.model, f"score.rewards[{spec.name}].model")
             _model_kwargs(spec)
-        elif spec.function in BUILTINS:
-            _build_builtin(spec)
+            continue
+        if spec.function in BUILTINS:
+            reward = Reward(spec.name, spec.weight, _build_builtin(spec), f"built-in {spec.function}")
         elif re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec.function):
-            _build_user_function(spec)
+            reward = Reward(spec.name, spec.weight, _build_user_function(spec), f"function {spec.function}", True)
         else:
             build_reward(spec)  # its one-line error for an unknown function
+            continue
+        if columns is not None:
+            check_columns([reward], columns)
 
 
 def build_rewards(specs: Sequence[RewardSpec], device: Any = "cpu", batch_size: int = 16) -> list[Reward]:

@@ -194,6 +194,11 @@ def test_a_removed_checkpoint_and_an_emptied_manifest_are_refused_without_deleti
 @pytest.mark.parametrize("change, named", [
     (lambda p: p["score"]["rewards"][0].update(function="no_such_module:score"), "no_such_module"),
     (lambda p: p["score"].update(ref_model="models/nonexistent"), "score.ref_model"),
+    # a column a reward names that the prompts lack: known when the run loads, not only at round 1's scoring
+    (lambda p: p["score"]["rewards"].append({"name": "qa", "function": "needs_answer:score", "weight": 1.0}),
+     "'needs_answer:score' needs `answer`, which the prompts table lacks"),
+    (lambda p: p["score"]["rewards"].append({"name": "em", "function": "exact_match", "weight": 1.0,
+                                             "kwargs": {"column": "answer"}}), "needs the reference column `answer`"),
 ])
 def test_a_bad_new_setting_fails_before_the_finished_run_is_moved_aside(copy, change, named):
     """A changed configuration moves the old run aside, but only once the new one has loaded: a reward that cannot
@@ -201,6 +206,8 @@ def test_a_bad_new_setting_fails_before_the_finished_run_is_moved_aside(copy, ch
     import yaml
 
     proj, env = copy
+    (proj / "needs_answer.py").write_text("def score(completions, answer, **kwargs):\n"
+                                          "    return [float(c == a) for c, a in zip(completions, answer)]\n")
     params = yaml.safe_load((proj / "params.yaml").read_text())
     change(params)
     (proj / "bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

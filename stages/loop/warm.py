@@ -49,12 +49,19 @@ def check_inputs(params) -> None:
     """What `load_warm` would refuse and the user names, without loading a model: the rewards (a built-in's kwargs, a
     function importable with its kwargs, a reward model dir) and the reference dir. For a check before the ranks
     start (`flows.train` with several processes): one line there, not one per rank."""
+    from stages.io import read_table
     from stages.models import check_model_dir
     from stages.rewards import check_specs
+    from stages.schemas import PROMPTS
 
     if params.score.ref_model:
         check_model_dir(params.score.ref_model, "score.ref_model")
-    check_specs(params.score.rewards)
+    check_specs(params.score.rewards, extra_columns(read_table(PREPARED_TRAIN, PROMPTS)))
+
+
+def extra_columns(prompts: pl.DataFrame) -> list[str]:
+    """The prompts table's columns that reach the reward functions by name (stages.score.reward_inputs)."""
+    return [c for c in prompts.columns if c not in ("prompt_id", "prompt", "messages", "conversational")]
 
 
 def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_eval: bool = False, dist=None,
@@ -68,7 +75,7 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     from stages.io import read_table
     from stages.logprobs import PromptCache
     from stages.models import load_causal_lm, load_tokenizer
-    from stages.rewards import build_rewards
+    from stages.rewards import build_rewards, check_columns
     from stages.runtime import setup_torch
     from stages.sample import make_sampler
     from stages.schemas import PROMPTS
@@ -88,6 +95,7 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     ref_field = "score.ref_model" if params.score.ref_model else "base.model_dir"
     ref = load_causal_lm(ref_dir, "float32", device, ref_field).eval()
     rewards = build_rewards(params.score.rewards, device=device, batch_size=params.score.batch_size)
+    check_columns(rewards, extra_columns(train_prompts))  # before a superseded run moves aside, not in round 1
     sampler = make_sampler(str(ref_dir), params, field=ref_field, device=device)
     w = Warm(params, device, sampler, trainer, ref, rewards, tokenizer, train_prompts, eval_prompts, dist=dist,
              eval_order=all_eval["prompt_id"].to_list() if with_eval else [])
