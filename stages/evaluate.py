@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     field = "--policy" if args.policy else "train.checkpoint_dir"
     policy_dir = Path(args.policy or params.train.checkpoint_dir)
     ref_dir = params.score.ref_model or params.base.model_dir
-    check_model_dir(policy_dir, field)
+    check_model_dir(policy_dir, field, "fix the path" if args.policy else
+                    "train first (`dvc repro train` or `python -m flows.train`), or evaluate another dir with --policy")
     # --policy may be any transformers model dir (e.g. another trainer's output): evaluating only reads it
     plain = args.policy is not None and not (policy_dir / checkpoint.META).is_file()
     meta = None if plain else checkpoint.read_meta(policy_dir, field)

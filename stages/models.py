@@ -18,11 +18,13 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def check_model_dir(path: str | Path, field: str = "base.model") -> Path:
-    """A local transformers model dir (has config.json), else a PipelineError naming `field`."""
+def check_model_dir(path: str | Path, field: str = "base.model",
+                    fix: str = "run `python -m stages.prepare` or fix the path") -> Path:
+    """A local transformers model dir (has config.json), else a PipelineError naming `field` (and `fix` when the dir
+    does not exist)."""
     path = Path(path)
     if not path.is_dir():
-        raise PipelineError(f"{field}: model directory {path} does not exist; run `python -m stages.prepare` or fix the path")
+        raise PipelineError(f"{field}: model directory {path} does not exist; {fix}")
     if not (path / "config.json").is_file():
         raise PipelineError(f"{field}: {path} has no config.json; point it at a transformers model directory")
     return path

@@ -254,3 +254,23 @@ def test_exact_sampler_logprobs_replace_the_policy_pass_and_rewards_see_the_prom
                 for t, ids in zip(pol["prompt_text"], pol["completion_token_ids"])]
     assert table["logp_ref"].to_list() == pytest.approx(want_ref, abs=1e-4)
     assert table["kl"].to_list() == pytest.approx([s - r for s, r in zip(sampler, want_ref)], abs=1e-4)
+
+
+def test_the_stage_without_a_trained_policy_says_to_train_or_pass_policy(tmp_path):
+    """`python -m stages.evaluate` before any training: the checkpoint dir is missing, and the fix is to train (or to
+    evaluate another dir), not `stages.prepare`, which does not make it."""
+    import yaml
+    from conftest import repo_params_data
+
+    from stages.errors import PipelineError
+    from stages.evaluate import main
+    from stages.prepare import prompts_frame
+
+    data = repo_params_data()
+    data["train"]["checkpoint_dir"] = str(tmp_path / "policy")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    prompts_frame(["Say hi.", "Say bye."], None).write_parquet(tmp_path / "eval.parquet")
+    with pytest.raises(PipelineError, match=r"^train.checkpoint_dir: model directory .*policy does not exist; train "
+                                            r"first \(`dvc repro train` or `python -m flows.train`\), or evaluate "
+                                            r"another dir with --policy$"):
+        main(["--params", str(tmp_path / "params.yaml"), "--prompts", str(tmp_path / "eval.parquet")])

@@ -560,3 +560,14 @@ def test_moving_a_run_aside_says_why_how_many_rounds_and_where(params, caplog, r
         dest = archive_run(params, {"identity": "old", "rounds": 1, "restart": restart})
     assert [r.getMessage() for r in caplog.records] == [
         f"{why}: the previous run (1 complete rounds) was moved to {dest}; delete it when you no longer need it"]
+
+
+def test_a_training_split_smaller_than_a_round_is_said_once_at_load(caplog):
+    from stages.loop.warm import warn_small_split
+
+    with caplog.at_level("WARNING", logger="stages.loop.warm"):
+        assert warn_small_split(4, 2) and not warn_small_split(4, 4)
+    assert len(caplog.records) == 1
+    assert "train.prompts_per_round=4, but the training split has 2 prompts" in caplog.records[0].getMessage()
+    train = pl.DataFrame({"prompt_id": ["a", "b"]})
+    assert sorted(round_prompts(train, 0, 4, 0)["prompt_id"]) == ["a", "b"]  # what the warning says

@@ -59,6 +59,16 @@ def check_inputs(params) -> None:
     check_specs(params.score.rewards, extra_columns(read_table(PREPARED_TRAIN, PROMPTS)))
 
 
+def warn_small_split(per_round: int, n: int) -> bool:
+    """A training split smaller than a round trains on all of it every round: said once, at load (a batch size a
+    user set that the data cannot fill)."""
+    if n >= per_round:
+        return False
+    log.warning("train.prompts_per_round=%d, but the training split has %d prompts: every round trains on all of them "
+                "(x K completions); add prompts or lower train.prompts_per_round", per_round, n)
+    return True
+
+
 def extra_columns(prompts: pl.DataFrame) -> list[str]:
     """The prompts table's columns that reach the reward functions by name (stages.score.reward_inputs)."""
     return [c for c in prompts.columns if c not in ("prompt_id", "prompt", "messages", "conversational")]
@@ -86,6 +96,7 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     device = setup_torch(device or params.base.device, params.base.threads, params.base.seed)
     tokenizer = load_tokenizer(params.base.model_dir, "base.model_dir")
     train_prompts = read_table(PREPARED_TRAIN, PROMPTS)
+    warn_small_split(params.train.prompts_per_round, train_prompts.height)
     all_eval = eval_subset(read_table(PREPARED_EVAL, PROMPTS), params.train.eval_prompts) if with_eval else None
     eval_prompts = all_eval[dist.shard(all_eval.height)] if with_eval else None
     tp = params.train
