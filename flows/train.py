@@ -304,22 +304,37 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     from stages.errors import RANK_REPORTS_ENV, read_rank_reports
 
     log = logging.getLogger(__name__)
-    args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "flows.train", *argv]
+    # Ctrl-C: the launcher passes it on to each rank (each in its own session) and waits for them to stop as one
+    # process would (the completed rounds' checkpoint reaches the disk); a second Ctrl-C must not cut that short
+    args = ["--standalone", f"--nproc_per_node={nproc}", "--signals-to-handle=SIGTERM,SIGHUP,SIGQUIT", "-m",
+            "flows.train", *argv]
     log.info("train.nproc_per_node=%d: %s -m torch.distributed.run %s", nproc, sys.executable, " ".join(args))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     for name in list(logging.root.manager.loggerDict):  # its own failure report (and traceback) is told below
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    signalled = None
+
+    def on_sigint(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise SignalException("Ctrl-C", sigval=signal.SIGINT)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    previous = {sig: signal.getsignal(sig) for sig in handled}
+    signalled, failures = None, {}
     with tempfile.TemporaryDirectory(prefix="rloo-ranks-") as reports:
         os.environ[RANK_REPORTS_ENV] = reports
+        signal.signal(signal.SIGINT, on_sigint)
         try:
             launch(parse_args(args))
             return 0
         except ChildFailedError as exc:
             failures = exc.failures
         except SignalException as exc:  # Ctrl-C or a kill: the launcher passed it on to each rank and waited for them
-            signalled, failures = exc.sigval, {}
+            signalled = exc.sigval
+        finally:
+            for sig, handler in previous.items():  # the launcher's handlers go with it
+                signal.signal(sig, handler)
+            os.environ.pop(RANK_REPORTS_ENV, None)
         told = read_rank_reports(reports)
     peers = {rank for rank, r in told.items() if r["kind"] == "peer"}  # their collective broke: another rank stopped
     told = {rank: r for rank, r in told.items() if rank not in peers}
@@ -333,11 +348,18 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         print(f"stopped by {signalled.name}: the ranks were stopped with it. What was complete is kept: run the "
               "command again to continue", file=sys.stderr)
         return 128 + int(signalled)
-    rank, failure = min(failures.items(), key=lambda kv: (kv[0] in peers, kv[1].timestamp, kv[0]))
-    how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-           else f"exited with code {failure.exitcode} (its traceback is above)")
-    print(f"error: rank {rank} (local_rank: {failure.local_rank}, pid {failure.pid}) {how}; the other ranks were "
-          "stopped. What was complete is kept: run the command again to continue", file=sys.stderr)
+    # the rank that failed first (killed by a signal before one that exited, which may be its peer's victim)
+    ranked = sorted(failures.items(), key=lambda kv: (kv[0] in peers, kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
+
+    def how(f) -> str:
+        return f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}"
+
+    (rank, first), others = ranked[0], [f"rank {r} {how(f)}" for r, f in ranked[1:] if r not in peers]
+    print(f"error: rank {rank} (local_rank: {first.local_rank}, pid {first.pid}) {how(first)}"
+          + (" (its traceback is above)" if first.exitcode > 0 else "")
+          + (f"; also {', '.join(others)}" if others else "")
+          + "; the other ranks were stopped. What was complete is kept: run the command again to continue",
+          file=sys.stderr)
     return 1
 
 

@@ -49,7 +49,11 @@ def load_tokenizer(path: str | Path, field: str = "base.model", shown: str | Pat
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise PipelineError(f"{field}: cannot load a tokenizer from {shown or path} ({_first_line(exc)})") from None
-    if not tok("Hello, world.", add_special_tokens=False)["input_ids"]:
+    try:
+        probe = tok("Hello, world.", add_special_tokens=False)["input_ids"]
+    except Exception as exc:
+        raise PipelineError(f"{field}: the tokenizer in {shown or path} fails on plain text ({_first_line(exc)})") from None
+    if not probe:
         # transformers 5 builds an empty tokenizer for a dir without tokenizer files, instead of raising
         raise PipelineError(f"{field}: {shown or path} has no usable tokenizer (it turns text into no tokens); copy the "
                             "model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it")

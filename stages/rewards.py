@@ -290,11 +290,13 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
     return user_function
 
 
+MISSING_COLUMN = "which the prompts table lacks"
+
+
 def missing_column(name: str, what: str, columns) -> PipelineError:
     have = ", ".join(sorted(columns)) or "none"
-    hint = "" if have != "none" else "; for `python -m stages.score`, pass the prompts table with --prompts"
-    return PipelineError(f"reward `{name}`: {what}, which the prompts table lacks (extra columns: {have}); add that "
-                         f"column to the prompts file or set it in kwargs{hint}")
+    return PipelineError(f"reward `{name}`: {what}, {MISSING_COLUMN} (extra columns: {have}); add that column to "
+                         "the prompts file or set it in kwargs")
 
 
 def check_columns(rewards: Sequence[Reward], columns: Sequence[str]) -> None:

@@ -207,8 +207,15 @@ def main(argv: list[str] | None = None) -> None:
     policy = load_causal_lm(policy_dir, "float32", device, "--policy").eval()
     same = str(policy_dir) == str(ref_dir)
     ref = policy if same else load_causal_lm(ref_dir, "float32", device, "--ref").eval()
-    out, stats = score_samples(samples, rewards, policy, ref, tokenizer, params.score, prompts,
-                               share_prompts=params.base.share_prompts)
+    try:
+        out, stats = score_samples(samples, rewards, policy, ref, tokenizer, params.score, prompts,
+                                   share_prompts=params.base.share_prompts)
+    except PipelineError as exc:
+        from stages.rewards import MISSING_COLUMN
+
+        if args.prompts is None and MISSING_COLUMN in str(exc):  # the columns come from the prompts table
+            raise PipelineError(f"{exc}; here: pass the prompts table with --prompts data/prepared/train.parquet") from None
+        raise
     write_table(out, args.out, SCORES)
     log.info("wrote %s: reward %.3f, kl %.4f, %d rows", args.out, stats["reward"], stats["kl"], out.height)
 

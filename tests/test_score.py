@@ -434,6 +434,24 @@ def test_cli_bad_samples_exits_2_and_keeps_the_old_file(tiny_model_dir, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "samples.parquet", "scores.parquet"]
 
 
+def test_cli_without_prompts_says_to_pass_them_when_a_reward_needs_a_column(tiny_model_dir, tmp_path):
+    """The stage alone has no prompts table unless --prompts gives one: a reward naming a column says so."""
+    tok = load_tokenizer(tiny_model_dir)
+    src, out = tmp_path / "samples.parquet", tmp_path / "scores.parquet"
+    write_table(make_samples(tok), src, SAMPLES)
+    params = cli_params(tmp_path, tiny_model_dir)
+    data = yaml.safe_load(params.read_text())
+    data["score"]["rewards"] = [{"name": "em", "function": "exact_match", "weight": 1.0, "kwargs": {"column": "answer"}}]
+    params.write_text(yaml.safe_dump(data))
+    proc = cli("--params", str(params), "--samples", str(src), "--out", str(out), "--policy", str(tiny_model_dir))
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]  # after the stage's INFO lines
+    assert line.startswith("error: ") and "Traceback" not in proc.stderr
+    assert "needs the reference column `answer`" in line and line.endswith(
+        "here: pass the prompts table with --prompts data/prepared/train.parquet")
+    assert not out.exists()
+
+
 def test_on_invalid_drop_with_several_invalid_components(models, tmp_path, monkeypatch):
     """Two components invalid on different rows: both rows go, the others keep their exact weighted scores."""
     tok, policy, ref, _, _ = models

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -56,7 +57,9 @@ def check_inputs(params) -> None:
 
     if params.score.ref_model:
         check_model_dir(params.score.ref_model, "score.ref_model")
-    check_specs(params.score.rewards, extra_columns(read_table(PREPARED_TRAIN, PROMPTS)))
+    # the columns rewards name, where the prepared table is there (load_warm reports a missing one in one line)
+    prepared = Path(PREPARED_TRAIN).is_file()
+    check_specs(params.score.rewards, extra_columns(read_table(PREPARED_TRAIN, PROMPTS)) if prepared else None)
 
 
 def warn_small_split(per_round: int, n: int) -> bool:
@@ -96,7 +99,8 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     device = setup_torch(device or params.base.device, params.base.threads, params.base.seed)
     tokenizer = load_tokenizer(params.base.model_dir, "base.model_dir")
     train_prompts = read_table(PREPARED_TRAIN, PROMPTS)
-    warn_small_split(params.train.prompts_per_round, train_prompts.height)
+    if dist.main:  # said once, not once per rank
+        warn_small_split(params.train.prompts_per_round, train_prompts.height)
     all_eval = eval_subset(read_table(PREPARED_EVAL, PROMPTS), params.train.eval_prompts) if with_eval else None
     eval_prompts = all_eval[dist.shard(all_eval.height)] if with_eval else None
     tp = params.train
