@@ -348,13 +348,16 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         print(f"stopped by {signalled.name}: the ranks were stopped with it. What was complete is kept: run the "
               "command again to continue", file=sys.stderr)
         return 128 + int(signalled)
-    # the rank that failed first (killed by a signal before one that exited, which may be its peer's victim)
-    ranked = sorted(failures.items(), key=lambda kv: (kv[0] in peers, kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
+    # the rank that failed first: killed by a signal of its own, then one that exited (perhaps its peer's victim),
+    # last the ranks the launcher stopped itself (SIGTERM) or whose collective broke after another's report (peers)
+    stopped = {rank for rank, f in failures.items() if f.exitcode == -signal.SIGTERM}
+    ranked = sorted(failures.items(), key=lambda kv: (kv[0] in peers, kv[0] in stopped, kv[1].exitcode >= 0,
+                                                      kv[1].timestamp, kv[0]))
 
     def how(f) -> str:
         return f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}"
 
-    (rank, first), others = ranked[0], [f"rank {r} {how(f)}" for r, f in ranked[1:] if r not in peers]
+    (rank, first), others = ranked[0], [f"rank {r} {how(f)}" for r, f in ranked[1:] if r not in peers | stopped]
     print(f"error: rank {rank} (local_rank: {first.local_rank}, pid {first.pid}) {how(first)}"
           + (" (its traceback is above)" if first.exitcode > 0 else "")
           + (f"; also {', '.join(others)}" if others else "")
