@@ -65,19 +65,23 @@ def bad_input_exits() -> Iterator[None]:
 def peer_reported() -> bool:
     """Under `python -m flows.train`'s launch: has another rank already left its bad input or Ctrl-C (so that what
     fails here now, a collective whose peer is gone, follows from it)?"""
+    own = _own_report()
+    return own is not None and any(name.endswith(".json") and name != os.path.basename(own)
+                                   for name in os.listdir(os.path.dirname(own)))
+
+
+def _own_report() -> str | None:
+    """This rank's report file in the launcher's reports directory; None outside `python -m flows.train`'s launch."""
     where, rank = os.environ.get(RANK_REPORTS_ENV), os.environ.get("RANK")
-    if not where or rank is None or not os.path.isdir(where):
-        return False
-    return any(name.endswith(".json") and name != f"rank-{rank}.json" for name in os.listdir(where))
+    return os.path.join(where, f"rank-{rank}.json") if where and rank is not None and os.path.isdir(where) else None
 
 
 def _report_to_launcher(kind: str, message: str) -> bool:
     """A rank of `python -m flows.train`'s launch leaves its outcome in the launcher's reports directory (written
     whole: temp file, then rename); False where there is no such launcher (then the process prints it itself)."""
-    where, rank = os.environ.get(RANK_REPORTS_ENV), os.environ.get("RANK")
-    if not where or rank is None or not os.path.isdir(where):
+    path = _own_report()
+    if path is None:
         return False
-    path = os.path.join(where, f"rank-{rank}.json")
     try:
         with open(path + ".tmp", "w") as f:
             json.dump({"kind": kind, "message": message}, f)

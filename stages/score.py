@@ -70,6 +70,11 @@ def completion_inputs(samples: pl.DataFrame, tokenizer) -> tuple[list[list[int]]
     return prompts, [list(c) for c in samples["completion_token_ids"]]
 
 
+def extra_columns(prompts: pl.DataFrame) -> list[str]:
+    """The prompts table's columns that reach the reward functions by name (besides the prompt text itself)."""
+    return [c for c in prompts.columns if c not in ("prompt_id", "prompt", "messages", "conversational")]
+
+
 def reward_inputs(samples: pl.DataFrame, prompts: pl.DataFrame | None) -> tuple[list[str], dict[str, list]]:
     """What the reward functions get besides the completions: the raw user prompts (falling back to prompt_text), and
     keyword inputs: `completion_ids`, `messages` (the chat turns, when the prompts are conversational) and every extra
@@ -77,11 +82,11 @@ def reward_inputs(samples: pl.DataFrame, prompts: pl.DataFrame | None) -> tuple[
     inputs: dict[str, list] = {"completion_ids": samples["completion_token_ids"].to_list()}
     if prompts is None:
         return samples["prompt_text"].to_list(), inputs
-    extra = [c for c in prompts.columns if c not in ("prompt_id", "messages", "conversational")]
-    cols = ["prompt_id", *extra, *[c for c in ("messages", "conversational") if c in prompts.columns]]
+    extra = extra_columns(prompts)
+    cols = ["prompt_id", "prompt", *extra, *[c for c in ("messages", "conversational") if c in prompts.columns]]
     joined = samples.select("prompt_id").join(prompts.select(cols), on="prompt_id", how="left", maintain_order="left")
     texts = [p if p is not None else t for p, t in zip(joined["prompt"], samples["prompt_text"])]
-    inputs |= {c: joined[c].to_list() for c in extra if c != "prompt"}
+    inputs |= {c: joined[c].to_list() for c in extra}
     if "conversational" in joined.columns and joined["conversational"].fill_null(False).any():
         inputs["messages"] = [json.loads(m) if m is not None else None for m in joined["messages"]]
     return texts, inputs

@@ -54,6 +54,7 @@ def check_inputs(params) -> None:
     from stages.models import check_model_dir
     from stages.rewards import check_specs
     from stages.schemas import PROMPTS
+    from stages.score import extra_columns
 
     if params.score.ref_model:
         check_model_dir(params.score.ref_model, "score.ref_model")
@@ -72,11 +73,6 @@ def warn_small_split(per_round: int, n: int) -> bool:
     return True
 
 
-def extra_columns(prompts: pl.DataFrame) -> list[str]:
-    """The prompts table's columns that reach the reward functions by name (stages.score.reward_inputs)."""
-    return [c for c in prompts.columns if c not in ("prompt_id", "prompt", "messages", "conversational")]
-
-
 def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_eval: bool = False, dist=None,
               device: str | None = None) -> Warm:
     """Load everything a run keeps warm: the trainer (from `checkpoint`'s dirs when resuming, else the base), the
@@ -89,6 +85,7 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     from stages.logprobs import PromptCache
     from stages.models import load_causal_lm, load_tokenizer
     from stages.rewards import build_rewards, check_columns
+    from stages.score import extra_columns
     from stages.runtime import setup_torch
     from stages.sample import make_sampler
     from stages.schemas import PROMPTS
