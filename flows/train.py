@@ -122,11 +122,8 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     with several ranks the others run it bare: the same steps, no files, no Prefect, no MLflow (docs/design.md §8)."""
     from stages import tracking
     from stages.loop.dist import init_distributed
-    from stages.loop.resume import apply_plan, check_total, plan_resume
+    from stages.loop.resume import apply_plan, check_total, plan_resume, restore_run
     from stages.loop.warm import load_warm
-    from stages.evaluate import flat_metrics
-    from stages.loop.resume import new_prompts, report_untrained, split_record
-    from stages.loop.writer import RoundWriter, manifest_for, round_write, write_run_outputs
     from stages.runtime import configure_env, find_malloc, malloc_in_use, sampler_dtype, score_dtype
 
     configure_env(params.base.threads)
@@ -162,12 +159,36 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     w = load_warm(params, total, plan.checkpoint, with_eval=bool(tp.eval_every) and start < total, dist=dist,
                   device=device)
     w.adv_state = plan.adv_state  # the carried baseline (ema, moving_average)
+    archived = None
     if plan.superseded is not None:
         # another run moves aside only now that this one's models, rewards and engine loaded on every rank: a bad
-        # new setting (a reward, a model dir) fails above with the old run still in place
+        # new setting (a reward, a model dir) fails above with the old run still in place; one that fails (or is
+        # stopped) before completing a round puts it back (restore_run)
         dist.barrier()
         if dist.main:
-            apply_plan(plan, params)
+            archived = apply_plan(plan, params)
+    try:
+        return _train(params, total, dist, device, logger, call, w, plan, identity, topology, t0)
+    except BaseException:
+        if archived is not None:
+            try:
+                restore_run(params, archived)
+            except Exception as e:  # the run's own failure is the one to report
+                logger.warning("could not move the previous run back from %s: %s", archived, e)
+        raise
+    finally:
+        w.sampler.close()
+
+
+def _train(params: Params, total: int, dist, device, logger, call, w, plan, identity: str, topology: dict,
+           t0: float) -> dict:
+    """The rounds of `run_training`, from the warm resources on."""
+    from stages import tracking
+    from stages.evaluate import flat_metrics
+    from stages.loop.resume import new_prompts, report_untrained, split_record
+    from stages.loop.writer import RoundWriter, manifest_for, round_write, write_run_outputs
+
+    tp, start = params.train, plan.start
     warm_s = time.perf_counter() - t0
     logger.info("warm resources ready in %.1f s (sampler: %s, ranks: %d)", warm_s, w.sampler.name, dist.world_size)
     run = None
@@ -244,8 +265,6 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
             if dist.main:
                 tracking.finish_run(None, history, failed=True)
         raise
-    finally:
-        w.sampler.close()
 
 
 def main(argv: list[str] | None = None) -> None:

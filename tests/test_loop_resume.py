@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import logging
 
 import polars as pl
@@ -571,3 +572,56 @@ def test_a_training_split_smaller_than_a_round_is_said_once_at_load(caplog):
     assert "train.prompts_per_round=4, but the training split has 2 prompts" in caplog.records[0].getMessage()
     train = pl.DataFrame({"prompt_id": ["a", "b"]})
     assert sorted(round_prompts(train, 0, 4, 0)["prompt_id"]) == ["a", "b"]  # what the warning says
+
+
+def _snapshot(tmp_path):
+    return {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+
+def test_a_run_that_stops_before_completing_a_round_puts_the_previous_run_back(params, tmp_path, caplog):
+    """The failed command leaves the checkout as it found it: its partial round goes, the old rounds, checkpoint and
+    state come back, and the archive dirs the move made are removed (no duplicate archive per failed run)."""
+    from stages.loop.resume import archive_run, restore_run
+
+    tp = params.train
+    write_round(tp, 0, identity="old")
+    write_checkpoint(tp, 1, identity="old")
+    (tmp_path / tp.state_dir).mkdir(parents=True)
+    (tmp_path / tp.state_dir / "state-0.pt").write_bytes(b"optimizer")
+    before = _snapshot(tmp_path)
+    dest = archive_run(params, {"identity": "old", "rounds": 1})
+    partial = round_dir(tp.rounds_dir, 0)  # the new run's round 1, cut short: samples written, no manifest
+    write_table(pl.DataFrame({"prompt_id": ["new"]}), partial / "samples.parquet")
+    (partial / ".scores.parquet.77.tmp").write_bytes(b"half")
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        assert restore_run(params, dest)
+    assert _snapshot(tmp_path) == before and not (tmp_path / tp.archive_dir).exists()
+    assert caplog.records[-1].getMessage() == ("this run stopped before completing a round: the previous run is back "
+                                               f"in place (moved back from {dest})")
+    assert plan_resume(params, "old").start == 1  # and it resumes as before
+
+
+def test_the_previous_run_stays_archived_after_a_completed_round_or_beside_a_file_of_yours(params, tmp_path, caplog):
+    from stages.loop.resume import archive_run, restore_run
+
+    tp = params.train
+    (tmp_path / tp.archive_dir).mkdir(parents=True)
+    (tmp_path / tp.archive_dir / "older").mkdir()  # an archive dir the user had: never removed
+    write_round(tp, 0, identity="old")
+    dest = archive_run(params, {"identity": "old", "rounds": 1})
+    write_round(tp, 0, identity="new")  # the new run completed round 1: it is the run now
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        assert not restore_run(params, dest)
+    assert not caplog.records and (dest / "rounds" / "round=0000" / MANIFEST).is_file()
+    shutil.rmtree(tmp_path / tp.rounds_dir)
+    (tmp_path / tp.checkpoint_dir).mkdir(parents=True)
+    (tmp_path / tp.checkpoint_dir / "notes.txt").write_text("mine")  # not the failed run's: nothing moves
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        assert not restore_run(params, dest)
+    assert "notes.txt: this run left more than a partial round, so the previous run stays in" in caplog.text
+    assert (dest / "rounds" / "round=0000" / MANIFEST).is_file() and (tmp_path / tp.archive_dir / "older").is_dir()
+    (tmp_path / tp.checkpoint_dir / "notes.txt").unlink()
+    assert restore_run(params, dest)  # the way clear: back, and only the dir the move made is gone
+    assert (tmp_path / tp.rounds_dir / "round=0000" / MANIFEST).is_file() and not dest.exists()
+    assert [p.name for p in (tmp_path / tp.archive_dir).iterdir()] == ["older"]

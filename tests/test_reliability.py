@@ -199,15 +199,21 @@ def test_a_removed_checkpoint_and_an_emptied_manifest_are_refused_without_deleti
      "'needs_answer:score' needs `answer`, which the prompts table lacks"),
     (lambda p: p["score"]["rewards"].append({"name": "em", "function": "exact_match", "weight": 1.0,
                                              "kwargs": {"column": "answer"}}), "needs the reference column `answer`"),
+    # failures only round 1 can show: the old run has moved aside by then, and is put back (restore_run)
+    (lambda p: p["score"]["rewards"].append({"name": "judge", "function": "judge_down:score", "weight": 1.0}),
+     "reward `judge`"),
 ])
 def test_a_bad_new_setting_fails_before_the_finished_run_is_moved_aside(copy, change, named):
     """A changed configuration moves the old run aside, but only once the new one has loaded: a reward that cannot
-    be built or a reference that is not there fails with one line, and the finished run stays where it was."""
+    be built or a reference that is not there fails with one line, and the finished run stays where it was; one
+    that fails in round 1 (here a reward that raises) puts the old run back, whole, and leaves no archive behind."""
     import yaml
 
     proj, env = copy
     (proj / "needs_answer.py").write_text("def score(completions, answer, **kwargs):\n"
                                           "    return [float(c == a) for c, a in zip(completions, answer)]\n")
+    (proj / "judge_down.py").write_text("def score(completions, **kwargs):\n"
+                                        "    raise ValueError('the judge is down')\n")
     params = yaml.safe_load((proj / "params.yaml").read_text())
     change(params)
     (proj / "bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

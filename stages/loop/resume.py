@@ -13,7 +13,8 @@ checkpoint (stages/checkpoint.py) records the round it closes. The rules:
   round ahead of the manifests (a crash between the two writes) repairs the missing manifest from the copy inside
   the checkpoint;
 - everything belongs to another run (the configuration changed): that run is moved to `train.archive_dir`,
-  never deleted, and this one starts at round 0;
+  never deleted, and this one starts at round 0 (if this one fails before completing a round, `restore_run` moves
+  the old one back);
 - anything else is inconsistent (an unreadable manifest, rounds of two runs, a checkpoint that is missing or
   ahead of the rounds, a damaged artifact, in any complete round): stop with one line saying what and how to get
   out (restore it, re-do the rounds after the checkpoint by removing them, or start over), deleting nothing.
@@ -275,21 +276,22 @@ def _written_by_a_round(name: str) -> bool:
     return name in ROUND_FILES or any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in ROUND_FILES)
 
 
-def apply_plan(plan: ResumePlan, params) -> None:
-    """Move a superseded run aside, repair a manifest, remove stale round dirs and staging dirs. Under the lock."""
+def apply_plan(plan: ResumePlan, params) -> Path | None:
+    """Move a superseded run aside, repair a manifest, remove stale round dirs and staging dirs. Under the lock.
+    Returns where a superseded run went (for `restore_run`), else None."""
     from stages import checkpoint
     from stages.io import write_json
 
     tp = params.train
     checkpoint.clean_staging(tp.checkpoint_dir, tp.state_dir)
     if plan.superseded is not None:
-        archive_run(params, plan.superseded)
-        return
+        return archive_run(params, plan.superseded)
     if plan.repair is not None:
         write_json(plan.repair, round_dir(tp.rounds_dir, plan.repair["round"]) / MANIFEST)
         log.info("repaired the manifest of round %d from its checkpoint", plan.repair["round"] + 1)
     for d in plan.stale:
         shutil.rmtree(d)
+    return None
 
 
 def archive_run(params, superseded: dict) -> Path | None:
@@ -299,6 +301,7 @@ def archive_run(params, superseded: dict) -> Path | None:
     parts = {k: p for k, p in parts.items() if p.exists() and (not p.is_dir() or any(p.iterdir()))}
     if not parts:
         return None
+    made = [p for p in (Path(tp.archive_dir), *Path(tp.archive_dir).parents) if not p.exists()]
     stem = Path(tp.archive_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{superseded['identity'][:16]}"
     for n in itertools.count():  # runs moved aside in the same second get their own dirs (mkdir: the atomic claim)
         dest = stem if n == 0 else stem.with_name(f"{stem.name}-{n}")
@@ -309,7 +312,58 @@ def archive_run(params, superseded: dict) -> Path | None:
             pass
     for name, p in parts.items():
         shutil.move(str(p), str(dest / name))
+    _MADE[dest] = made  # the parents restore_run may remove again
     why = "--restart" if superseded.get("restart") else "the configuration changed"
     log.warning("%s: the previous run (%d complete rounds) was moved to %s; delete it when you no longer need it",
                 why, superseded["rounds"], dest)
     return dest
+
+
+_MADE: dict[Path, list[Path]] = {}  # archive dir -> the missing parents archive_run created for it
+
+
+def restore_run(params, dest: Path) -> bool:
+    """Put back the run that `archive_run` moved to `dest`, because the run that moved it failed (or was stopped)
+    before completing a round: the failed command leaves the checkout as it found it, and a failed `dvc exp run`
+    leaves no duplicate archive (docs/design.md §6).
+
+    Removed first: this run's leftovers only (round dirs without a manifest that hold only files a round writes,
+    then the output dirs this run made, when empty). Anything else in the way (a completed round, a checkpoint, a
+    file of yours) and nothing moves: a warning says where the old run is; after a completed round this run is the
+    run (resumable as any other) and nothing moves either. Returns whether it moved back."""
+    tp = params.train
+    places = {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
+    back = [name for name in places if (dest / name).exists()]
+    if any((d / MANIFEST).exists() for d in places["rounds"].glob("round=*")):
+        return False  # this run completed a round: it is the run now, resumable as any other
+    partial, blocked = [], []
+    for name, p in places.items():
+        if not p.is_dir():
+            blocked += [p] if p.exists() else []
+            continue
+        for c in p.iterdir():
+            if (name == "rounds" and c.is_dir() and ROUND_DIR.match(c.name)
+                    and all(_written_by_a_round(f.name) and f.name != MANIFEST for f in c.iterdir())):
+                partial.append(c)
+            else:
+                blocked.append(c)
+    if blocked:
+        log.warning("%s: this run left more than a partial round, so the previous run stays in %s; move its rounds/, "
+                    "policy/ and state/ back by hand if you want it", blocked[0], dest)
+        return False
+    for d in partial:
+        shutil.rmtree(d)
+    for name in back:
+        if places[name].exists():
+            places[name].rmdir()  # empty: made by this run after the move
+        places[name].parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(dest / name), str(places[name]))
+    dest.rmdir()
+    for d in _MADE.pop(dest, []):  # the archive dirs this move made, when nothing else is in them
+        try:
+            d.rmdir()
+        except OSError:
+            break
+    log.warning("this run stopped before completing a round: the previous run is back in place (moved back from %s)",
+                dest)
+    return True
