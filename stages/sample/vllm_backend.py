@@ -100,6 +100,27 @@ def cpu_attention_refuses(model_dir: str) -> str | None:
             f"head_dim {head}")
 
 
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class QuietRotaryReload(logging.Filter):
+    """Drops vLLM's `RotaryEmbedding: Failed to load weights`, printed on every weight push on some CPUs: the rotary
+    layer's only tensor is its cos/sin cache, a buffer no checkpoint holds, and vLLM puts it back as it was (the
+    engine decodes like transformers after a push, tests/test_sample.py). The same warning for any other layer
+    (a weight that really did not load) still prints."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+
+def quiet_rotary_reload() -> None:
+    """Installs `QuietRotaryReload` on vLLM's reload logger, once per process (the engine's own process: an engine
+    with worker processes still prints it there)."""
+    logger = logging.getLogger(RELOAD_LOGGER)
+    if not any(isinstance(f, QuietRotaryReload) for f in logger.filters):
+        logger.addFilter(QuietRotaryReload())
+
+
 def _world_size() -> int:
     import torch.distributed as dist
 
@@ -154,6 +175,7 @@ class VLLMSampler:
             # torch.distributed group torchrun set up instead of starting workers (docs/design.md §8)
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**kwargs)
+        quiet_rotary_reload()
         # fp32 engine logprobs are the policy's own (raw, before temperature): the flow may reuse them
         self.exact_logprobs = dtype == "float32"
 
