@@ -45,6 +45,8 @@ def run_cli(main: Callable[[list[str] | None], object], argv: list[str] | None =
 def bad_input_exits() -> Iterator[None]:
     """A `PipelineError` inside becomes `error: <message>` on stderr and exit code 2 (run_cli's handling, without
     its logging set-up: for what runs before a command imports its libraries)."""
+    global _TELLS_BAD_INPUT
+    outer, _TELLS_BAD_INPUT = _TELLS_BAD_INPUT, True
     try:
         yield
     except PipelineError as exc:
@@ -60,6 +62,8 @@ def bad_input_exits() -> Iterator[None]:
             _report_to_launcher("peer", "")
             sys.exit(1)
         raise
+    finally:
+        _TELLS_BAD_INPUT = outer
 
 
 def peer_reported() -> bool:
@@ -102,16 +106,25 @@ def read_rank_reports(where: str) -> dict[int, dict[str, str]]:
     return reports
 
 
+_TELLS_BAD_INPUT = False  # inside `bad_input_exits`: a PipelineError will be told in its one `error:` line
+
+
 class _NoTracebackForBadInput(logging.Filter):
-    """Keeps a log record but drops its traceback when the exception is a PipelineError (bad input, not a bug); under
-    `python -m flows.train`'s launch, drops a failure record altogether once another rank has reported bad input or a
-    Ctrl-C (the failure here, a broken collective, follows from it, and the launcher tells that rank's line)."""
+    """Keeps a log record but drops its traceback when the exception is a PipelineError (bad input, not a bug). Drops
+    a failure record altogether where its outcome is told once elsewhere: for a PipelineError inside
+    `bad_input_exits` (a command's one `error:` line says it; Prefect's task and flow failure lines would repeat it
+    four times: the flow run's Failed state still records it), and under `python -m flows.train`'s launch once
+    another rank has reported bad input or a Ctrl-C (the failure here, a broken collective, follows from it, and the
+    launcher tells that rank's line). A Prefect worker's flow run keeps its records: they are its report."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         failed = record.levelno >= logging.ERROR or "in state Failed" in str(record.msg)
         if failed and peer_reported():
             return False
-        if record.exc_info and isinstance(record.exc_info[1], PipelineError):
+        bad_input = record.exc_info and isinstance(record.exc_info[1], PipelineError)
+        if failed and _TELLS_BAD_INPUT and (bad_input or "PipelineError" in record.getMessage()):
+            return False  # Prefect's lines name the exception's type: "... exception PipelineError: <message>"
+        if bad_input:
             record.exc_info, record.exc_text = None, None
         return True
 

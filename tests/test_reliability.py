@@ -47,6 +47,7 @@ def copy(trained, tmp_path):
 def one_line_error(proc: subprocess.CompletedProcess, *parts: str) -> str:
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "in state Failed" not in proc.stdout + proc.stderr, proc.stderr[-3000:]  # Prefect's lines would repeat it
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: "), proc.stderr[-3000:]
     for p in parts:

@@ -108,3 +108,54 @@ def test_a_bad_setting_is_one_line_from_the_training_command(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: RLOO_MALLOC: {tmp_path / 'missing.so'} is not a file; set it "
                                                 "to the path of a malloc library (e.g. libtcmalloc_minimal.so.4), "
                                                 "to auto, or to system"]
+
+
+def test_prefect_failure_lines_of_bad_input_are_dropped_only_where_the_error_line_tells_it():
+    """Inside `bad_input_exits` (a command that prints the one `error:` line) Prefect's task and flow failure lines
+    for a PipelineError go; a bug's failure lines stay, and outside (a Prefect worker's flow run, whose log is its
+    report) every line stays, a PipelineError's without its traceback."""
+    import logging
+
+    from stages.errors import bad_input_exits, quiet_bad_input_tracebacks
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    logger, seen = logging.getLogger("test.prefect.task_runs"), Records()
+    quiet_bad_input_tracebacks("test.prefect.task_runs")
+    logger.addHandler(seen)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+    def prefect_says(exc: Exception) -> None:
+        try:
+            raise exc
+        except Exception as e:
+            logger.error("Task run failed with exception: %r", e, exc_info=True)
+        logger.error(f"Finished in state Failed('Task run encountered an exception {type(exc).__name__}: {exc}')")
+        logger.info("Finished in state Completed()")
+
+    try:
+        prefect_says(PipelineError("reward `judge`: the judge is down"))  # a worker: kept, no traceback
+        with pytest.raises(SystemExit) as exit_, bad_input_exits():
+            prefect_says(PipelineError("reward `judge`: the judge is down"))
+            prefect_says(ValueError("a bug"))
+            raise PipelineError("reward `judge`: the judge is down")
+    finally:
+        logger.removeHandler(seen)
+    assert exit_.value.code == 2
+    bad, bug = "PipelineError('reward `judge`: the judge is down')", "ValueError('a bug')"
+    assert [(r.getMessage(), r.exc_info is not None) for r in seen.records] == [
+        (f"Task run failed with exception: {bad}", False),  # outside: kept, without the traceback
+        ("Finished in state Failed('Task run encountered an exception PipelineError: reward `judge`: the judge is "
+         "down')", False),
+        ("Finished in state Completed()", False),
+        ("Finished in state Completed()", False),  # inside: the bad input's two lines went, the rest stays
+        (f"Task run failed with exception: {bug}", True),
+        ("Finished in state Failed('Task run encountered an exception ValueError: a bug')", False),
+        ("Finished in state Completed()", False)]
