@@ -52,15 +52,13 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def prefect_api(home: str | Path | None = None) -> Iterator[str | None]:
-    """Yield the API URL in use; start a temporary local server when none is configured (its database in `home`:
-    PREFECT_HOME, or .prefect in the working directory)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def start_server(home: str | Path | None = None) -> tuple[subprocess.Popen, str] | None:
+    """Start the temporary server now, without waiting for it (None when an API is configured): a command starts it
+    first and imports what its flow needs while it boots on the other core (`prefect_api(started=...)` waits)."""
+    from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
-        yield PREFECT_API_URL.value()
-        return
+        return None
     import prefect
 
     home = home or os.environ.get("PREFECT_HOME") or ".prefect"
@@ -79,6 +77,20 @@ def prefect_api(home: str | Path | None = None) -> Iterator[str | None]:
     # Stopped after Prefect's own exit hooks have sent their last logs and events (atexit runs after them); a
     # server stopped earlier makes those hooks retry for about a minute.
     atexit.register(_stop, proc)
+    return proc, url
+
+
+@contextlib.contextmanager
+def prefect_api(home: str | Path | None = None, started: tuple[subprocess.Popen, str] | None = None
+                ) -> Iterator[str | None]:
+    """Yield the API URL in use; start a temporary local server when none is configured (its database in `home`:
+    PREFECT_HOME, or .prefect in the working directory), or wait for the one `start_server` started."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    proc, url = started or start_server(home)
     t0 = time.time()
     while not _healthy(url):
         if proc.poll() is not None:
