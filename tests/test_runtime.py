@@ -159,3 +159,32 @@ def test_prefect_failure_lines_of_bad_input_are_dropped_only_where_the_error_lin
         (f"Task run failed with exception: {bug}", True),
         ("Finished in state Failed('Task run encountered an exception ValueError: a bug')", False),
         ("Finished in state Completed()", False)]
+
+
+@pytest.mark.parametrize("end, code", [("", 0), ("sys.exit(3)", 3), ("raise PipelineError('x: bad')", 2)])
+def test_a_command_ends_without_teardown_but_with_its_threads_and_exit_handlers(tmp_path, end, code):
+    """`run_cli` ends through `exit_now` (os._exit, no interpreter teardown): the exit code is the command's, a
+    non-daemon thread still finishes, every exit handler still runs (logging's flush among them), stdout is flushed."""
+    script = tmp_path / "cmd.py"
+    script.write_text(f"""
+import atexit, logging, sys, threading, time
+from pathlib import Path
+from stages.errors import PipelineError, run_cli
+
+def main(argv):
+    atexit.register(lambda: Path("{tmp_path}/handler").write_text("ran"))
+    threading.Thread(target=lambda: (time.sleep(0.5), Path("{tmp_path}/thread").write_text("done"))).start()
+    logging.getLogger("stages.x").addHandler(logging.FileHandler("{tmp_path}/log"))
+    logging.getLogger("stages.x").info("logged")
+    print("printed", end="")
+    {end}
+
+run_cli(main)
+""")
+    out = subprocess.run([sys.executable, str(script)], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == code, out.stderr
+    assert out.stdout.endswith("printed")
+    assert (tmp_path / "handler").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "log").read_text() == "logged\n"
+    assert ("error: x: bad" in out.stderr) == (code == 2)
