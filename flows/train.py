@@ -120,7 +120,6 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
 def run_training(params: Params, total: int, restart: bool = False) -> dict:
     """The body of the flow (see the module docstring). Rank 0 runs it inside the flow run and under the run lock;
     with several ranks the others run it bare: the same steps, no files, no Prefect, no MLflow (docs/design.md §8)."""
-    from stages import tracking
     from stages.loop.dist import init_distributed
     from stages.loop.resume import apply_plan, check_total, plan_resume, restore_run
     from stages.loop.warm import load_warm

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import logging
+import shutil
 
 import polars as pl
 import pytest
