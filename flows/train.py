@@ -173,7 +173,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
             try:
                 restore_run(params, archived)
             except Exception as e:  # the run's own failure is the one to report
-                logger.warning("could not move the previous run back from %s: %s", archived, e)
+                logger.warning("could not move the previous run back from %s: %s", archived.dest, e)
         raise
     finally:
         w.sampler.close()

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -515,7 +516,7 @@ def test_archive_dirs_are_named_by_time_and_identity_and_never_shared(params, tm
     for r in range(3):  # three runs moved aside within one second
         write_round(tp, 0, identity=f"old{r}")
         (tmp_path / tp.state_dir).mkdir(parents=True, exist_ok=True)  # empty: nothing of it to keep
-        dests.append(resume.archive_run(params, {"identity": ident, "rounds": 1}))
+        dests.append(resume.archive_run(params, {"identity": ident, "rounds": 1}).dest)
         assert (tmp_path / tp.state_dir).is_dir()  # an empty dir is left where it is, not archived
     assert [d.name for d in dests] == ["20261201-101500-0123456789abcdef", "20261201-101500-0123456789abcdef-1",
                                        "20261201-101500-0123456789abcdef-2"]
@@ -558,7 +559,7 @@ def test_moving_a_run_aside_says_why_how_many_rounds_and_where(params, caplog, r
 
     write_round(params.train, 0, identity="old")
     with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
-        dest = archive_run(params, {"identity": "old", "rounds": 1, "restart": restart})
+        dest = archive_run(params, {"identity": "old", "rounds": 1, "restart": restart}).dest
     assert [r.getMessage() for r in caplog.records] == [
         f"{why}: the previous run (1 complete rounds) was moved to {dest}; delete it when you no longer need it"]
 
@@ -589,12 +590,14 @@ def test_a_run_that_stops_before_completing_a_round_puts_the_previous_run_back(p
     (tmp_path / tp.state_dir).mkdir(parents=True)
     (tmp_path / tp.state_dir / "state-0.pt").write_bytes(b"optimizer")
     before = _snapshot(tmp_path)
-    dest = archive_run(params, {"identity": "old", "rounds": 1})
+    moved = archive_run(params, {"identity": "old", "rounds": 1})
+    dest = moved.dest
+    assert Path(tp.archive_dir) in moved.made  # the move made it: restore_run removes it again
     partial = round_dir(tp.rounds_dir, 0)  # the new run's round 1, cut short: samples written, no manifest
     write_table(pl.DataFrame({"prompt_id": ["new"]}), partial / "samples.parquet")
     (partial / ".scores.parquet.77.tmp").write_bytes(b"half")
     with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
-        assert restore_run(params, dest)
+        assert restore_run(params, moved)
     assert _snapshot(tmp_path) == before and not (tmp_path / tp.archive_dir).exists()
     assert caplog.records[-1].getMessage() == ("this run stopped before completing a round: the previous run is back "
                                                f"in place (moved back from {dest})")
@@ -608,20 +611,22 @@ def test_the_previous_run_stays_archived_after_a_completed_round_or_beside_a_fil
     (tmp_path / tp.archive_dir).mkdir(parents=True)
     (tmp_path / tp.archive_dir / "older").mkdir()  # an archive dir the user had: never removed
     write_round(tp, 0, identity="old")
-    dest = archive_run(params, {"identity": "old", "rounds": 1})
+    moved = archive_run(params, {"identity": "old", "rounds": 1})
+    dest = moved.dest
+    assert moved.made == ()  # the archive dir was there: restore_run never removes it
     write_round(tp, 0, identity="new")  # the new run completed round 1: it is the run now
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
-        assert not restore_run(params, dest)
+        assert not restore_run(params, moved)
     assert not caplog.records and (dest / "rounds" / "round=0000" / MANIFEST).is_file()
     shutil.rmtree(tmp_path / tp.rounds_dir)
     (tmp_path / tp.checkpoint_dir).mkdir(parents=True)
     (tmp_path / tp.checkpoint_dir / "notes.txt").write_text("mine")  # not the failed run's: nothing moves
     with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
-        assert not restore_run(params, dest)
+        assert not restore_run(params, moved)
     assert "notes.txt: this run left more than a partial round, so the previous run stays in" in caplog.text
     assert (dest / "rounds" / "round=0000" / MANIFEST).is_file() and (tmp_path / tp.archive_dir / "older").is_dir()
     (tmp_path / tp.checkpoint_dir / "notes.txt").unlink()
-    assert restore_run(params, dest)  # the way clear: back, and only the dir the move made is gone
+    assert restore_run(params, moved)  # the way clear: back, and only the dir the move made is gone
     assert (tmp_path / tp.rounds_dir / "round=0000" / MANIFEST).is_file() and not dest.exists()
     assert [p.name for p in (tmp_path / tp.archive_dir).iterdir()] == ["older"]

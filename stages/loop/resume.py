@@ -276,7 +276,7 @@ def _written_by_a_round(name: str) -> bool:
     return name in ROUND_FILES or any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in ROUND_FILES)
 
 
-def apply_plan(plan: ResumePlan, params) -> Path | None:
+def apply_plan(plan: ResumePlan, params) -> Archived | None:
     """Move a superseded run aside, repair a manifest, remove stale round dirs and staging dirs. Under the lock.
     Returns where a superseded run went (for `restore_run`), else None."""
     from stages import checkpoint
@@ -294,14 +294,23 @@ def apply_plan(plan: ResumePlan, params) -> Path | None:
     return None
 
 
-def archive_run(params, superseded: dict) -> Path | None:
+@dataclass(frozen=True)
+class Archived:
+    """Where `archive_run` moved a run (`dest`), and the missing parents of it that the move created (`made`, the
+    ones `restore_run` removes again when they are empty)."""
+
+    dest: Path
+    made: tuple[Path, ...] = ()
+
+
+def archive_run(params, superseded: dict) -> Archived | None:
     """Move the rounds, checkpoint and trainer state of another run into `train.archive_dir/<time>-<identity>/`."""
     tp = params.train
     parts = {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
     parts = {k: p for k, p in parts.items() if p.exists() and (not p.is_dir() or any(p.iterdir()))}
     if not parts:
         return None
-    made = [p for p in (Path(tp.archive_dir), *Path(tp.archive_dir).parents) if not p.exists()]
+    made = tuple(p for p in (Path(tp.archive_dir), *Path(tp.archive_dir).parents) if not p.exists())
     stem = Path(tp.archive_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{superseded['identity'][:16]}"
     for n in itertools.count():  # runs moved aside in the same second get their own dirs (mkdir: the atomic claim)
         dest = stem if n == 0 else stem.with_name(f"{stem.name}-{n}")
@@ -312,18 +321,14 @@ def archive_run(params, superseded: dict) -> Path | None:
             pass
     for name, p in parts.items():
         shutil.move(str(p), str(dest / name))
-    _MADE[dest] = made  # the parents restore_run may remove again
     why = "--restart" if superseded.get("restart") else "the configuration changed"
     log.warning("%s: the previous run (%d complete rounds) was moved to %s; delete it when you no longer need it",
                 why, superseded["rounds"], dest)
-    return dest
+    return Archived(dest, made)
 
 
-_MADE: dict[Path, list[Path]] = {}  # archive dir -> the missing parents archive_run created for it
-
-
-def restore_run(params, dest: Path) -> bool:
-    """Put back the run that `archive_run` moved to `dest`, because the run that moved it failed (or was stopped)
+def restore_run(params, archived: Archived) -> bool:
+    """Put back the run that `archive_run` moved to `archived.dest`, because the run that moved it failed (or was stopped)
     before completing a round: the failed command leaves the checkout as it found it, and a failed `dvc exp run`
     leaves no duplicate archive (docs/design.md §6).
 
@@ -331,7 +336,7 @@ def restore_run(params, dest: Path) -> bool:
     then the output dirs this run made, when empty). Anything else in the way (a completed round, a checkpoint, a
     file of yours) and nothing moves: a warning says where the old run is; after a completed round this run is the
     run (resumable as any other) and nothing moves either. Returns whether it moved back."""
-    tp = params.train
+    tp, dest = params.train, archived.dest
     places = {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
     back = [name for name in places if (dest / name).exists()]
     if any((d / MANIFEST).exists() for d in places["rounds"].glob("round=*")):
@@ -359,7 +364,7 @@ def restore_run(params, dest: Path) -> bool:
         places[name].parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(dest / name), str(places[name]))
     dest.rmdir()
-    for d in _MADE.pop(dest, []):  # the archive dirs this move made, when nothing else is in them
+    for d in archived.made:  # the archive dirs this move made, when nothing else is in them
         try:
             d.rmdir()
         except OSError:
