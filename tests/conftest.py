@@ -5,6 +5,7 @@
     make_tiny_model(path)                     # LlamaForCausalLM, 2 layers, hidden 64, head_dim 64, tied embeddings
     make_tiny_model(path, vocab_size=512)     # pad the embedding matrix beyond the tokenizer's vocabulary
     make_tiny_tokenizer()                     # WordLevel PreTrainedTokenizerFast with <unk>/<pad>/<eos>/<bos>
+    LogRecords()                              # a logging handler that keeps every record (.records, .lines)
 
 Fixtures: `tiny_model_dir` (session-scoped, saved once; treat it as read-only) and `tiny_model_factory`
 (returns `make_tiny_model`, for tests that need a variant in their own `tmp_path`).
@@ -21,12 +22,29 @@ attention rejects head_dim 16.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+class LogRecords(logging.Handler):
+    """Keeps every record it is handed, at any level: for tests of a logger's filters (caplog sits on the root
+    logger, after a logger's own filters and only for records that propagate)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    @property
+    def lines(self) -> list[str]:
+        return [r.getMessage() for r in self.records]
+
 
 # Words the tokenizer knows; anything else maps to <unk> (which is fine for length checks and generation).
 TINY_CORPUS = [

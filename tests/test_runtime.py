@@ -116,17 +116,10 @@ def test_prefect_failure_lines_of_bad_input_are_dropped_only_where_the_error_lin
     report) every line stays, a PipelineError's without its traceback."""
     import logging
 
+    from conftest import LogRecords
     from stages.errors import bad_input_exits, quiet_bad_input_tracebacks
 
-    class Records(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.DEBUG)
-            self.records = []
-
-        def emit(self, record):
-            self.records.append(record)
-
-    logger, seen = logging.getLogger("test.prefect.task_runs"), Records()
+    logger, seen = logging.getLogger("test.prefect.task_runs"), LogRecords()
     quiet_bad_input_tracebacks("test.prefect.task_runs")
     logger.addHandler(seen)
     logger.propagate = False

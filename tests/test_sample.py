@@ -21,7 +21,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_CORPUS, repo_params, repo_params_data
+from conftest import REPO, TINY_CORPUS, LogRecords, repo_params, repo_params_data
 
 from stages.errors import PipelineError
 from stages.io import read_table, write_table
@@ -611,19 +611,10 @@ def check_engine_follows(sampler, trained, base_greedy, base_tok, update_prompts
     assert max_logprob_diff(model, update_ids, sampled, base_tok.pad_token_id) < FP32_LOGPROB_TOL
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def test_only_the_rotary_layers_reload_warning_is_dropped():
     from stages.sample.vllm_backend import RELOAD_LOGGER, quiet_rotary_reload
 
-    logger, seen = logging.getLogger(RELOAD_LOGGER), _Records()
+    logger, seen = logging.getLogger(RELOAD_LOGGER), LogRecords()
     logger.addHandler(seen)
     try:
         quiet_rotary_reload()
@@ -642,7 +633,7 @@ def test_vllm_update_weights_from_state_dict(vllm_sampler, ref_model, trained, b
                                              update_ids):
     from stages.sample.vllm_backend import RELOAD_LOGGER
 
-    seen = _Records()
+    seen = LogRecords()
     logging.getLogger(RELOAD_LOGGER).addHandler(seen)
     try:
         vllm_sampler.update_weights(state_dict=trained[0].state_dict())
