@@ -89,6 +89,11 @@ def run_setting(w, base_sd: dict, params, rounds: int, eval_every: int, bar) -> 
     return rows
 
 
+def _num(v, fmt: str) -> str:
+    """A metric that may be undefined (null: e.g. distinct-2's ratio against no reference bigram) as text."""
+    return "n/a" if v is None else format(v, fmt)
+
+
 def markdown(df, meta: dict) -> str:
     import polars as pl
 
@@ -100,7 +105,8 @@ def markdown(df, meta: dict) -> str:
     for r in last.iter_rows(named=True):
         lines.append(f"| {r['setting']} | {r['win_rate']:.3f} [{r['win_rate_ci95_low']:.3f}, {r['win_rate_ci95_high']:.3f}] "
                      f"| {r['reward_gain']:+.3f} [{r['reward_gain_ci95_low']:+.3f}, {r['reward_gain_ci95_high']:+.3f}] "
-                     f"| {r['kl']:.2f} | {r['distinct_2_ratio']:.2f} | {r['mean_length']:.1f} | {r['train_reward']:.3f} |")
+                     f"| {r['kl']:.2f} | {_num(r['distinct_2_ratio'], '.2f')} | {r['mean_length']:.1f} "
+                     f"| {r['train_reward']:.3f} |")
     rounds = sorted(set(df["round"].to_list()))
     lines += ["", "Held-out win-rate [95 % CI] and KL after each evaluated round:", "",
               "| setting | " + " | ".join(f"round {r}" for r in rounds) + " |", "|---|" + "---|" * len(rounds)]

@@ -11,7 +11,8 @@ Metrics (`metrics/eval.json`): `reward` (policy's mean task score), `ref_reward`
 reference's, ties counted half), `reward_gain_ci95` / `win_rate_ci95` (95 % paired-bootstrap intervals over the
 held-out prompts, fixed seed), `kl` (mean of logp_policy - logp_ref over the policy's completions, sequence level),
 `mean_length` / `ref_mean_length` (completion tokens), `distinct_2` / `ref_distinct_2` / `distinct_2_ratio`
-(distinct word bigrams over all held-out completions together: a guard against reward hacking), `prompts`. Decoding is greedy unless `evaluate.greedy: false`
+(distinct word bigrams over all held-out completions together: a guard against reward hacking; the ratio is
+`null` when the reference's completions hold no bigram, so the file stays strict JSON), `prompts`. Decoding is greedy unless `evaluate.greedy: false`
 (then sampled with `sample.temperature`, one completion per prompt, seeded).
 
 The training flow calls `evaluate_policy` with its warm engine and models; the reference completions
@@ -163,7 +164,8 @@ def eval_metrics(table: pl.DataFrame) -> dict:
         "ref_mean_length": float(table["ref_num_tokens"].mean()),
         "distinct_2": d2,
         "ref_distinct_2": ref_d2,
-        "distinct_2_ratio": d2 / ref_d2 if ref_d2 else float("nan"),
+        # undefined against no reference bigram: null, not NaN (which is not JSON: jq and strict parsers refuse it)
+        "distinct_2_ratio": d2 / ref_d2 if ref_d2 else None,
         "prompts": table.height,
     }
 
@@ -174,7 +176,8 @@ def examples_markdown(table: pl.DataFrame, metrics: dict, n: int) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()],
+        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {'n/a' if v is None else v} |"
+          for k, v in metrics.items()],
         "",
     ]
     for row in table.sort("score", descending=True).head(n).iter_rows(named=True):

@@ -3,6 +3,8 @@ logp difference against another reference), the metrics of a table, and the poli
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -10,7 +12,15 @@ import torch
 from test_score import direct_logp
 
 from conftest import make_samples_table, make_tiny_model
-from stages.evaluate import distinct_n, eval_metrics, evaluate_policy, flat_metrics, paired_bootstrap, win_rate
+from stages.evaluate import (
+    distinct_n,
+    eval_metrics,
+    evaluate_policy,
+    examples_markdown,
+    flat_metrics,
+    paired_bootstrap,
+    win_rate,
+)
 from stages.logprobs import PromptCache
 from stages.models import load_causal_lm, load_tokenizer
 from stages.params import RewardSpec
@@ -91,9 +101,12 @@ def test_eval_metrics_of_a_table():
     assert m["win_rate"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4) and m["kl"] == pytest.approx(0.15)
     assert (m["mean_length"], m["ref_mean_length"], m["prompts"]) == (25.0, 5.0, 4)
     assert torch.isclose(torch.tensor(m["reward"]), torch.tensor(0.5))
-    # no bigram at all (one-word completions): distinct-2 is 0, and the ratio against it is undefined (nan)
+    # no bigram at all (one-word completions): distinct-2 is 0, and the ratio against it is undefined: null, so
+    # metrics/eval.json stays strict JSON (no NaN), and the examples page says n/a
     one_word = eval_metrics(t.with_columns(ref_completion=pl.lit("yes")))
-    assert one_word["ref_distinct_2"] == 0.0 and np.isnan(one_word["distinct_2_ratio"])
+    assert one_word["ref_distinct_2"] == 0.0 and one_word["distinct_2_ratio"] is None
+    json.loads(json.dumps(one_word), parse_constant=lambda c: pytest.fail(f"{c} in the metrics"))
+    assert "| distinct_2_ratio | n/a |" in examples_markdown(t.with_columns(ref_completion=pl.lit("yes")), one_word, 0)
     assert distinct_n([]) == 0.0 and distinct_n(["word"]) == 0.0
 
 
