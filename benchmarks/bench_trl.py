@@ -71,10 +71,15 @@ def peak_rss_gib() -> float:
 def run_ours(args, work: Path, extra: dict | None = None) -> dict:
     from machine import flow_workdir
 
-    from flows.train import train_flow
     from stages.params import load_params
+    from stages.runtime import configure_env
 
     params_path = str(Path(ROOT / args.params).resolve())
+    # before Prefect is imported, as `python -m flows.train` does: e.g. the temporary server's start-up timeout (its
+    # default 20 s is too short for a busy 2-core machine: the arm failed with it on an AVX2-only EPYC)
+    configure_env(load_params(params_path).base.threads)
+    from flows.train import train_flow
+
     flow_workdir(ROOT, work)
     overrides = {
         "train.rounds_dir": str(work / "rounds"),
