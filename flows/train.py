@@ -121,7 +121,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     """The body of the flow (see the module docstring). Rank 0 runs it inside the flow run and under the run lock;
     with several ranks the others run it bare: the same steps, no files, no Prefect, no MLflow (docs/design.md §8)."""
     from stages.loop.dist import init_distributed
-    from stages.loop.resume import apply_plan, check_total, plan_resume, restore_run
+    from stages.loop.resume import apply_plan, check_total, plan_resume, restore_interrupted, restore_run
     from stages.loop.warm import load_warm
     from stages.runtime import configure_env, find_malloc, malloc_in_use, sampler_dtype, score_dtype
 
@@ -142,6 +142,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     # 1. where this run stands (decided and acted on by rank 0, then known to every rank)
     plan = None
     if dist.main:
+        restore_interrupted(params)  # a run killed outright in round 1 after moving another aside: undone now
         plan = plan_resume(params, identity, restart)
         check_total(plan, total, "train.rounds (or --rounds)")
         if plan.superseded is None:
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     from flows.api import prefect_api, start_server
     from stages.loop.dist import init_distributed, launched_by_torchrun
     from stages.loop.lock import run_lock
-    from stages.loop.resume import check_total, plan_resume
+    from stages.loop.resume import check_total, plan_resume, restore_interrupted
 
     parser = argparse.ArgumentParser(prog="python -m flows.train", description="Run the RLOO training flow.")
     parser.add_argument("--params", default="params.yaml")
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
             # what the ranks would refuse, once here: one line, not one per rank and torchrun's traceback
             from stages.loop.warm import check_inputs
 
+            restore_interrupted(params)
             check_total(plan_resume(params, params.identity(), args.restart), total, total_field)
             check_inputs(params)
             sys.exit(_torchrun(nproc, argv if argv is not None else sys.argv[1:]))
@@ -298,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         run_training(params, total, args.restart)
         return
     with run_lock("training run"):  # a second run fails here, in one line (the flow re-enters the lock)
+        restore_interrupted(params)  # before the plan: a run killed outright in round 1 is undone first
         plan = plan_resume(params, params.identity(), args.restart)  # an inconsistent or damaged run: one line, now
         check_total(plan, total, total_field)
         server = start_server()  # a temporary Prefect server boots on the other core while this process imports

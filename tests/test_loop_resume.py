@@ -520,7 +520,7 @@ def test_archive_dirs_are_named_by_time_and_identity_and_never_shared(params, tm
         assert (tmp_path / tp.state_dir).is_dir()  # an empty dir is left where it is, not archived
     assert [d.name for d in dests] == ["20261201-101500-0123456789abcdef", "20261201-101500-0123456789abcdef-1",
                                        "20261201-101500-0123456789abcdef-2"]
-    assert all(sorted(p.name for p in d.iterdir()) == ["rounds"] for d in dests)
+    assert all(sorted(p.name for p in d.iterdir()) == [resume.PENDING, "rounds"] for d in dests)
     assert all((d / "rounds" / "round=0000" / "samples.parquet").is_file() for d in dests)
     assert resume.archive_run(params, {"identity": ident, "rounds": 0}) is None  # nothing left to move
 
@@ -630,3 +630,43 @@ def test_the_previous_run_stays_archived_after_a_completed_round_or_beside_a_fil
     assert restore_run(params, moved)  # the way clear: back, and only the dir the move made is gone
     assert (tmp_path / tp.rounds_dir / "round=0000" / MANIFEST).is_file() and not dest.exists()
     assert [p.name for p in (tmp_path / tp.archive_dir).iterdir()] == ["older"]
+
+
+def test_a_run_killed_outright_in_round_1_is_undone_by_the_next_start(params, tmp_path, caplog):
+    """kill -9 after the move and before round 1 completed: no handler ran, but the move's marker in the archive
+    dir makes the next start (`restore_interrupted`, before plan_resume) put the old run back, as restore_run would
+    have; a marker whose run completed a round is dropped, and the run stays archived."""
+    from stages.loop.resume import PENDING, archive_run, restore_interrupted
+
+    tp = params.train
+    assert not restore_interrupted(params)  # no archive dir at all
+    write_round(tp, 0, identity="old")
+    write_checkpoint(tp, 1, identity="old")
+    before = _snapshot(tmp_path)
+    moved = archive_run(params, {"identity": "old", "rounds": 1})
+    assert (moved.dest / PENDING).is_file()
+    write_table(pl.DataFrame({"prompt_id": ["new"]}), round_dir(tp.rounds_dir, 0) / "samples.parquet")  # killed here
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        assert restore_interrupted(params)
+    assert _snapshot(tmp_path) == before and not (tmp_path / tp.archive_dir).exists()
+    assert "the previous run is back in place" in caplog.text
+    assert plan_resume(params, "old").start == 1
+
+    moved = archive_run(params, {"identity": "old", "rounds": 1})
+    write_round(tp, 0, identity="new")  # this one completed round 1 (and was killed later): it is the run
+    assert not restore_interrupted(params)
+    assert not (moved.dest / PENDING).exists() and (moved.dest / "rounds" / "round=0000" / MANIFEST).is_file()
+    assert not restore_interrupted(params)  # said and done once
+
+
+def test_a_damaged_restore_marker_still_moves_the_run_back(params, tmp_path):
+    from stages.loop.resume import PENDING, archive_run, restore_interrupted
+
+    tp = params.train
+    (tmp_path / tp.archive_dir).mkdir(parents=True)  # there before: stays either way
+    write_round(tp, 0, identity="old")
+    moved = archive_run(params, {"identity": "old", "rounds": 1})
+    (moved.dest / PENDING).write_text("{not json")
+    assert restore_interrupted(params)
+    assert (tmp_path / tp.rounds_dir / "round=0000" / MANIFEST).is_file() and not moved.dest.exists()
+    assert (tmp_path / tp.archive_dir).is_dir()

@@ -1,7 +1,8 @@
 """Hostile and unlucky users, with real processes on a tiny project: one run per checkout (two real processes), a
 damaged round or model file refused with one line naming it (flow, report, evaluate), the temporary Prefect server
 gone with a killed flow, Ctrl-C one line, `--rounds` checked, a bad new setting failing before the old run moves,
-and an inconsistent state refused without deleting anything."""
+a new run killed outright in round 1 undone at the next start, and an inconsistent state refused without deleting
+anything."""
 
 from __future__ import annotations
 
@@ -223,6 +224,36 @@ def test_a_bad_new_setting_fails_before_the_finished_run_is_moved_aside(copy, ch
     assert files_of(proj) == before and not (proj / "data" / "archive").exists()
     out = run([PY, "-m", "flows.train"], proj, env)  # the old params: the same run, still complete
     assert f"all {ROUNDS} rounds already complete" in out.stdout + out.stderr
+
+
+def test_a_new_run_killed_outright_in_round_1_is_undone_at_the_next_start(copy):
+    """kill -9 (no handler runs) in round 1 of a changed configuration, after the old run moved aside: the next start
+    moves it back from the archive (the move's marker says it is pending) and, with the old params, the old run is
+    complete as before; no archive is left."""
+    import yaml
+
+    proj, env = copy
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["update"]["learning_rate"] *= 2  # another run identity
+    (proj / "new.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = files_of(proj)
+    flow = subprocess.Popen([PY, "-m", "flows.train", "--params", "new.yaml"], cwd=proj,
+                            env={**env, "SLOW_REWARD_CALL": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    new_round = proj / "data" / "rounds" / "round=0000"
+    try:  # held in round 1's scoring: the old run in data/archive (with the move's marker), the new round 1 half done
+        deadline = time.time() + 300
+        while not (list(proj.glob("data/archive/*/.pending-restore.json")) and (new_round / "samples.parquet").exists()
+                   and not (new_round / "manifest.json").exists()):
+            assert flow.poll() is None and time.time() < deadline, flow.stderr.read()[-3000:]
+            time.sleep(0.3)
+    finally:
+        os.killpg(flow.pid, signal.SIGKILL)
+        flow.wait()
+    out = run([PY, "-m", "flows.train"], proj, env)  # the old params
+    log = out.stdout + out.stderr
+    assert "the previous run is back in place" in log and f"all {ROUNDS} rounds already complete" in log, log[-3000:]
+    assert files_of(proj) == before and not (proj / "data" / "archive").exists()
 
 
 def test_rounds_must_be_positive_and_not_below_the_completed_ones(copy):

@@ -14,7 +14,8 @@ checkpoint (stages/checkpoint.py) records the round it closes. The rules:
   the checkpoint;
 - everything belongs to another run (the configuration changed): that run is moved to `train.archive_dir`,
   never deleted, and this one starts at round 0 (if this one fails before completing a round, `restore_run` moves
-  the old one back);
+  the old one back; if it is killed outright, the move's marker in the archive makes the next start do it:
+  `restore_interrupted`);
 - anything else is inconsistent (an unreadable manifest, rounds of two runs, a checkpoint that is missing or
   ahead of the rounds, a damaged artifact, in any complete round): stop with one line saying what and how to get
   out (restore it, re-do the rounds after the checkpoint by removing them, or start over), deleting nothing.
@@ -294,6 +295,9 @@ def apply_plan(plan: ResumePlan, params) -> Archived | None:
     return None
 
 
+PENDING = ".pending-restore.json"  # in an archive dir until the run that moved it there completes a round
+
+
 @dataclass(frozen=True)
 class Archived:
     """Where `archive_run` moved a run (`dest`), and the missing parents of it that the move created (`made`, the
@@ -304,7 +308,10 @@ class Archived:
 
 
 def archive_run(params, superseded: dict) -> Archived | None:
-    """Move the rounds, checkpoint and trainer state of another run into `train.archive_dir/<time>-<identity>/`."""
+    """Move the rounds, checkpoint and trainer state of another run into `train.archive_dir/<time>-<identity>/`, with
+    a marker (`PENDING`) that `restore_run` or `restore_interrupted` removes."""
+    from stages.io import write_json
+
     tp = params.train
     parts = {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
     parts = {k: p for k, p in parts.items() if p.exists() and (not p.is_dir() or any(p.iterdir()))}
@@ -319,6 +326,8 @@ def archive_run(params, superseded: dict) -> Archived | None:
             break
         except FileExistsError:
             pass
+    # the marker first: a run killed from here until its first round completes is undone at the next start
+    write_json({"made": [str(p) for p in made]}, dest / PENDING)
     for name, p in parts.items():
         shutil.move(str(p), str(dest / name))
     why = "--restart" if superseded.get("restart") else "the configuration changed"
@@ -328,8 +337,8 @@ def archive_run(params, superseded: dict) -> Archived | None:
 
 
 def restore_run(params, archived: Archived) -> bool:
-    """Put back the run that `archive_run` moved to `archived.dest`, because the run that moved it failed (or was stopped)
-    before completing a round: the failed command leaves the checkout as it found it, and a failed `dvc exp run`
+    """Put back the run that `archive_run` moved to `archived.dest`, because the run that moved it failed (or was
+    stopped) before completing a round: the failed command leaves the checkout as it found it, and a failed `dvc exp run`
     leaves no duplicate archive (docs/design.md §6).
 
     Removed first: this run's leftovers only (round dirs without a manifest that hold only files a round writes,
@@ -340,6 +349,7 @@ def restore_run(params, archived: Archived) -> bool:
     places = {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
     back = [name for name in places if (dest / name).exists()]
     if any((d / MANIFEST).exists() for d in places["rounds"].glob("round=*")):
+        (dest / PENDING).unlink(missing_ok=True)
         return False  # this run completed a round: it is the run now, resumable as any other
     partial, blocked = [], []
     for name, p in places.items():
@@ -355,6 +365,7 @@ def restore_run(params, archived: Archived) -> bool:
     if blocked:
         log.warning("%s: this run left more than a partial round, so the previous run stays in %s; move its rounds/, "
                     "policy/ and state/ back by hand if you want it", blocked[0], dest)
+        (dest / PENDING).unlink(missing_ok=True)  # said once: the next start does not try again
         return False
     for d in partial:
         shutil.rmtree(d)
@@ -363,6 +374,7 @@ def restore_run(params, archived: Archived) -> bool:
             places[name].rmdir()  # empty: made by this run after the move
         places[name].parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(dest / name), str(places[name]))
+    (dest / PENDING).unlink(missing_ok=True)
     dest.rmdir()
     for d in archived.made:  # the archive dirs this move made, when nothing else is in them
         try:
@@ -372,3 +384,21 @@ def restore_run(params, archived: Archived) -> bool:
     log.warning("this run stopped before completing a round: the previous run is back in place (moved back from %s)",
                 dest)
     return True
+
+
+def restore_interrupted(params) -> bool:
+    """Finish what `restore_run` would have done for a run killed outright (kill -9, power loss) after it moved
+    another run aside and before it completed a round: `archive_run`'s marker is still in that archive dir. Called
+    under the run lock before `plan_resume` by every start; a marker whose run did complete a round is dropped.
+    Returns whether a run moved back."""
+    from stages.io import read_json
+
+    root = Path(params.train.archive_dir)
+    moved = False
+    for marker in sorted(root.glob(f"*/{PENDING}"), reverse=True) if root.is_dir() else ():  # newest first
+        try:
+            made = tuple(Path(p) for p in read_json(marker)["made"])
+        except (PipelineError, OSError, ValueError, KeyError, TypeError):
+            made = ()  # a damaged marker: the run still moves back, its archive dirs stay
+        moved = restore_run(params, Archived(marker.parent, made)) or moved
+    return moved
