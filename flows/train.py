@@ -121,7 +121,14 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     """The body of the flow (see the module docstring). Rank 0 runs it inside the flow run and under the run lock;
     with several ranks the others run it bare: the same steps, no files, no Prefect, no MLflow (docs/design.md §8)."""
     from stages.loop.dist import init_distributed
-    from stages.loop.resume import apply_plan, check_total, plan_resume, restore_interrupted, restore_run
+    from stages.loop.resume import (
+        apply_plan,
+        check_total,
+        keep_archived,
+        plan_resume,
+        restore_interrupted,
+        restore_run,
+    )
     from stages.loop.warm import load_warm
     from stages.runtime import configure_env, find_malloc, malloc_in_use, sampler_dtype, score_dtype
 
@@ -168,7 +175,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
         if dist.main:
             archived = apply_plan(plan, params)
     try:
-        return _train(params, total, dist, device, logger, call, w, plan, identity, topology, t0)
+        summary = _train(params, total, dist, device, logger, call, w, plan, identity, topology, t0)
     except BaseException:
         if archived is not None:
             try:
@@ -178,6 +185,9 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
         raise
     finally:
         w.sampler.close()
+    if archived is not None:
+        keep_archived(archived)  # this run completed its rounds: the previous one stays archived for good
+    return summary
 
 
 def _train(params: Params, total: int, dist, device, logger, call, w, plan, identity: str, topology: dict,

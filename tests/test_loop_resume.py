@@ -670,3 +670,19 @@ def test_a_damaged_restore_marker_still_moves_the_run_back(params, tmp_path):
     assert restore_interrupted(params)
     assert (tmp_path / tp.rounds_dir / "round=0000" / MANIFEST).is_file() and not moved.dest.exists()
     assert (tmp_path / tp.archive_dir).is_dir()
+
+
+def test_a_completed_run_keeps_the_previous_one_archived_for_good(params, tmp_path):
+    """Once the run that moved another aside completes, its marker goes (`keep_archived`): removing this run's own
+    outputs by hand later does not bring the archived run back at the next start."""
+    from stages.loop.resume import PENDING, archive_run, keep_archived, restore_interrupted
+
+    tp = params.train
+    write_round(tp, 0, identity="old")
+    moved = archive_run(params, {"identity": "old", "rounds": 1})
+    write_round(tp, 0, identity="new")
+    keep_archived(moved)
+    assert not (moved.dest / PENDING).exists()
+    shutil.rmtree(tmp_path / tp.rounds_dir)  # the user clears the new run by hand
+    assert not restore_interrupted(params)
+    assert (moved.dest / "rounds" / "round=0000" / MANIFEST).is_file() and not (tmp_path / tp.rounds_dir).exists()

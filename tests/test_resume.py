@@ -126,6 +126,7 @@ def test_changed_configuration_moves_the_old_run_aside(tmp_path, tiny_model_dir)
     kept = pl.read_parquet(archived / "rounds" / "round=0000" / "samples.parquet")
     assert kept.equals(old)
     assert (archived / "policy" / "checkpoint.json").is_file() and list((archived / "state").glob("state-*.pt"))
+    assert not (archived / ".pending-restore.json").exists()  # the new run completed: the archive is for good
 
 
 def test_rounds_after_an_older_checkpoint_are_replayed_to_the_uninterrupted_run(tmp_path, tiny_model_dir):

@@ -338,8 +338,8 @@ def archive_run(params, superseded: dict) -> Archived | None:
 
 def restore_run(params, archived: Archived) -> bool:
     """Put back the run that `archive_run` moved to `archived.dest`, because the run that moved it failed (or was
-    stopped) before completing a round: the failed command leaves the checkout as it found it, and a failed `dvc exp run`
-    leaves no duplicate archive (docs/design.md §6).
+    stopped) before completing a round: the failed command leaves the checkout as it found it, and a failed `dvc exp
+    run` leaves no duplicate archive (docs/design.md §6).
 
     Removed first: this run's leftovers only (round dirs without a manifest that hold only files a round writes,
     then the output dirs this run made, when empty). Anything else in the way (a completed round, a checkpoint, a
@@ -384,6 +384,12 @@ def restore_run(params, archived: Archived) -> bool:
     log.warning("this run stopped before completing a round: the previous run is back in place (moved back from %s)",
                 dest)
     return True
+
+
+def keep_archived(archived: Archived) -> None:
+    """The run that moved `archived` aside completed: drop the move's marker, so that nothing later (a start after
+    you removed this run's rounds by hand, say) takes the archived run for one to put back."""
+    (archived.dest / PENDING).unlink(missing_ok=True)
 
 
 def restore_interrupted(params) -> bool:
