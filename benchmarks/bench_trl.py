@@ -75,8 +75,9 @@ def run_ours(args, work: Path, extra: dict | None = None) -> dict:
     from stages.runtime import configure_env
 
     params_path = str(Path(ROOT / args.params).resolve())
-    # before Prefect is imported, as `python -m flows.train` does: e.g. the temporary server's start-up timeout (its
-    # default 20 s is too short for a busy 2-core machine: the arm failed with it on an AVX2-only EPYC)
+    # before the flow starts Prefect's temporary server, as `python -m flows.train`'s main does: e.g. the server's
+    # start-up timeout (its default 20 s is too short for a busy 2-core machine: the arm failed with it on an
+    # AVX2-only EPYC)
     configure_env(load_params(params_path).base.threads)
     from flows.train import train_flow
 
