@@ -130,9 +130,11 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
         # dvc.yaml's stages read ./params.yaml: raising train.rounds in another file would train from this one
         raise PipelineError(f"params_path: {params_path} is not this project's params.yaml ({Path('params.yaml').resolve()}), "
                             "which `dvc repro` reads; run the pipeline from the project whose params.yaml you mean")
+    from stages.loop.resume import restore_interrupted
+
     t0 = time.perf_counter()
     with run_lock("scheduled pipeline"):
-        load_params(path)
+        restore_interrupted(load_params(path))  # a run killed in round 1: put back before the rounds are counted
         changed = status_task()
         if not changed and more_rounds == 0:
             extra, added = plan_rounds(load_params(path), 0, rounds_per_new_prompt)

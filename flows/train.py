@@ -302,7 +302,11 @@ def main(argv: list[str] | None = None) -> None:
             restore_interrupted(params)
             check_total(plan_resume(params, params.identity(), args.restart), total, total_field)
             check_inputs(params)
-            sys.exit(_torchrun(nproc, argv if argv is not None else sys.argv[1:]))
+            try:
+                code = _torchrun(nproc, argv if argv is not None else sys.argv[1:])
+            finally:  # a rank the launcher stopped (another rank failed) cannot put back a run it moved aside
+                restore_interrupted(params)
+            sys.exit(code)
     dist, _ = init_distributed(params.base.device, params.train.dist_timeout_s)
     if not dist.main:  # the other ranks: the same rounds, bare (rank 0 owns the lock, the files and Prefect)
         for name in ("", "stages", "flows", "__main__"):  # run_cli set ours to INFO: rank 0 tells the story

@@ -295,26 +295,32 @@ def apply_plan(plan: ResumePlan, params) -> Archived | None:
     return None
 
 
-PENDING = ".pending-restore.json"  # in an archive dir until the run that moved it there completes a round
+PENDING = ".pending-restore.json"  # in an archive dir until the run that moved it there completes (or fails)
 
 
 @dataclass(frozen=True)
 class Archived:
-    """Where `archive_run` moved a run (`dest`), and the missing parents of it that the move created (`made`, the
-    ones `restore_run` removes again when they are empty)."""
+    """Where `archive_run` moved a run (`dest`), the parts it moved (`parts`: rounds, policy, state, the ones that
+    held something), and the missing parents of `dest` that the move created (`made`, the ones `restore_run` removes
+    again when they are empty)."""
 
     dest: Path
     made: tuple[Path, ...] = ()
+    parts: tuple[str, ...] = ("rounds", "policy", "state")
+
+
+def _places(params) -> dict[str, Path]:
+    tp = params.train
+    return {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
 
 
 def archive_run(params, superseded: dict) -> Archived | None:
     """Move the rounds, checkpoint and trainer state of another run into `train.archive_dir/<time>-<identity>/`, with
-    a marker (`PENDING`) that `restore_run` or `restore_interrupted` removes."""
+    a marker (`PENDING`: what moves from where) that `restore_run` or `keep_archived` removes."""
     from stages.io import write_json
 
     tp = params.train
-    parts = {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
-    parts = {k: p for k, p in parts.items() if p.exists() and (not p.is_dir() or any(p.iterdir()))}
+    parts = {k: p for k, p in _places(params).items() if p.exists() and (not p.is_dir() or any(p.iterdir()))}
     if not parts:
         return None
     made = tuple(p for p in (Path(tp.archive_dir), *Path(tp.archive_dir).parents) if not p.exists())
@@ -326,29 +332,35 @@ def archive_run(params, superseded: dict) -> Archived | None:
             break
         except FileExistsError:
             pass
-    # the marker first: a run killed from here until its first round completes is undone at the next start
-    write_json({"made": [str(p) for p in made]}, dest / PENDING)
+    # the marker first: a run killed from here until it completes is undone at the next start (restore_interrupted);
+    # where the parts came from, resolved, so that a start in another checkout sharing the archive dir leaves it be
+    write_json({"made": [str(p) for p in made], "parts": list(parts),
+                "from": {k: str(p.resolve()) for k, p in _places(params).items()}}, dest / PENDING)
     for name, p in parts.items():
         shutil.move(str(p), str(dest / name))
     why = "--restart" if superseded.get("restart") else "the configuration changed"
     log.warning("%s: the previous run (%d complete rounds) was moved to %s; delete it when you no longer need it",
                 why, superseded["rounds"], dest)
-    return Archived(dest, made)
+    return Archived(dest, made, tuple(parts))
 
 
-def restore_run(params, archived: Archived) -> bool:
+def restore_run(params, archived: Archived, killed: bool = False) -> bool:
     """Put back the run that `archive_run` moved to `archived.dest`, because the run that moved it failed (or was
     stopped) before completing a round: the failed command leaves the checkout as it found it, and a failed `dvc exp
-    run` leaves no duplicate archive (docs/design.md §6).
+    run` leaves no duplicate archive (docs/design.md §6). `killed`: called at a later start for a run that was killed
+    outright (`restore_interrupted`), which only changes the log line.
 
     Removed first: this run's leftovers only (round dirs without a manifest that hold only files a round writes,
     then the output dirs this run made, when empty). Anything else in the way (a completed round, a checkpoint, a
     file of yours) and nothing moves: a warning says where the old run is; after a completed round this run is the
-    run (resumable as any other) and nothing moves either. Returns whether it moved back."""
-    tp, dest = params.train, archived.dest
-    places = {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
+    run (resumable as any other) and nothing moves either. A part the move never reached (a kill in the middle of
+    it) is the old run's own, still in place: it is neither checked nor moved. The marker goes once this has
+    decided. Returns whether it moved back."""
+    dest = archived.dest
+    # the places this run may have written: each part that moved, and each place the old run had nothing in
+    places = {k: p for k, p in _places(params).items() if k not in archived.parts or (dest / k).exists()}
     back = [name for name in places if (dest / name).exists()]
-    if any((d / MANIFEST).exists() for d in places["rounds"].glob("round=*")):
+    if "rounds" in places and any((d / MANIFEST).exists() for d in places["rounds"].glob("round=*")):
         (dest / PENDING).unlink(missing_ok=True)
         return False  # this run completed a round: it is the run now, resumable as any other
     partial, blocked = [], []
@@ -375,14 +387,18 @@ def restore_run(params, archived: Archived) -> bool:
         places[name].parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(dest / name), str(places[name]))
     (dest / PENDING).unlink(missing_ok=True)
-    dest.rmdir()
-    for d in archived.made:  # the archive dirs this move made, when nothing else is in them
-        try:
+    try:
+        dest.rmdir()
+        for d in archived.made:  # the archive dirs this move made, when nothing else is in them
             d.rmdir()
-        except OSError:
-            break
-    log.warning("this run stopped before completing a round: the previous run is back in place (moved back from %s)",
-                dest)
+    except OSError:
+        pass  # a file of yours in it: the dir stays
+    if killed:
+        log.warning("a run killed before it completed a round had moved the previous run aside: the previous run is "
+                    "back in place (moved back from %s)", dest)
+    else:
+        log.warning("this run stopped before completing a round: the previous run is back in place (moved back from "
+                    "%s)", dest)
     return True
 
 
@@ -393,18 +409,28 @@ def keep_archived(archived: Archived) -> None:
 
 
 def restore_interrupted(params) -> bool:
-    """Finish what `restore_run` would have done for a run killed outright (kill -9, power loss) after it moved
-    another run aside and before it completed a round: `archive_run`'s marker is still in that archive dir. Called
-    under the run lock before `plan_resume` by every start; a marker whose run did complete a round is dropped.
-    Returns whether a run moved back."""
+    """Finish what `restore_run` would have done for a run killed outright (kill -9, power loss, a torchrun rank
+    stopped by its launcher) after it moved another run aside and before it completed: `archive_run`'s marker is
+    still in that archive dir. Called under the run lock before `plan_resume` by every start; a marker whose run
+    completed a round is dropped, one written for other output dirs (another checkout sharing the archive dir) is
+    left alone. A move that fails is a warning naming the marker (at each start, until you have moved the run back
+and deleted the marker). Returns whether a run moved back."""
     from stages.io import read_json
 
     root = Path(params.train.archive_dir)
+    here = {k: str(p.resolve()) for k, p in _places(params).items()}
     moved = False
     for marker in sorted(root.glob(f"*/{PENDING}"), reverse=True) if root.is_dir() else ():  # newest first
         try:
-            made = tuple(Path(p) for p in read_json(marker)["made"])
+            info = read_json(marker)
+            made, parts, origin = (tuple(Path(p) for p in info["made"]), tuple(info["parts"]), info["from"])
         except (PipelineError, OSError, ValueError, KeyError, TypeError):
-            made = ()  # a damaged marker: the run still moves back, its archive dirs stay
-        moved = restore_run(params, Archived(marker.parent, made)) or moved
+            made, parts, origin = (), ("rounds", "policy", "state"), here  # damaged: it still moves back, here
+        if origin != here:
+            continue  # another checkout's (or another params file's) run: its own next start puts it back
+        try:
+            moved = restore_run(params, Archived(marker.parent, made, parts), killed=True) or moved
+        except OSError as e:
+            log.warning("%s: could not move the previous run back (%s); move its rounds/, policy/ and state/ back by "
+                        "hand, then delete this file", marker, e)
     return moved
