@@ -314,6 +314,11 @@ def _places(params) -> dict[str, Path]:
     return {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
 
 
+def _origin(params) -> dict[str, str]:
+    """The output dirs, resolved: what a marker records, and what a start compares it with."""
+    return {k: str(p.resolve()) for k, p in _places(params).items()}
+
+
 def archive_run(params, superseded: dict) -> Archived | None:
     """Move the rounds, checkpoint and trainer state of another run into `train.archive_dir/<time>-<identity>/`, with
     a marker (`PENDING`: what moves from where) that `restore_run` or `keep_archived` removes."""
@@ -335,7 +340,7 @@ def archive_run(params, superseded: dict) -> Archived | None:
     # the marker first: a run killed from here until it completes is undone at the next start (restore_interrupted);
     # where the parts came from, resolved, so that a start in another checkout sharing the archive dir leaves it be
     write_json({"made": [str(p) for p in made], "parts": list(parts),
-                "from": {k: str(p.resolve()) for k, p in _places(params).items()}}, dest / PENDING)
+                "from": _origin(params)}, dest / PENDING)
     for name, p in parts.items():
         shutil.move(str(p), str(dest / name))
     why = "--restart" if superseded.get("restart") else "the configuration changed"
@@ -414,22 +419,23 @@ def restore_interrupted(params) -> bool:
     still in that archive dir. Called under the run lock before `plan_resume` by every start; a marker whose run
     completed a round is dropped, one written for other output dirs (another checkout sharing the archive dir) is
     left alone. A move that fails is a warning naming the marker (at each start, until you have moved the run back
-and deleted the marker). Returns whether a run moved back."""
+    and deleted the marker). Returns whether a run moved back."""
     from stages.io import read_json
 
     root = Path(params.train.archive_dir)
-    here = {k: str(p.resolve()) for k, p in _places(params).items()}
+    here = _origin(params)
     moved = False
     for marker in sorted(root.glob(f"*/{PENDING}"), reverse=True) if root.is_dir() else ():  # newest first
         try:
             info = read_json(marker)
-            made, parts, origin = (tuple(Path(p) for p in info["made"]), tuple(info["parts"]), info["from"])
+            archived = Archived(marker.parent, tuple(Path(p) for p in info["made"]), tuple(info["parts"]))
+            origin = info["from"]
         except (PipelineError, OSError, ValueError, KeyError, TypeError):
-            made, parts, origin = (), ("rounds", "policy", "state"), here  # damaged: it still moves back, here
+            archived, origin = Archived(marker.parent), here  # damaged: it still moves back (every part), here
         if origin != here:
             continue  # another checkout's (or another params file's) run: its own next start puts it back
         try:
-            moved = restore_run(params, Archived(marker.parent, made, parts), killed=True) or moved
+            moved = restore_run(params, archived, killed=True) or moved
         except OSError as e:
             log.warning("%s: could not move the previous run back (%s); move its rounds/, policy/ and state/ back by "
                         "hand, then delete this file", marker, e)
