@@ -124,7 +124,6 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     from stages.loop.resume import (
         apply_plan,
         check_total,
-        keep_archived,
         plan_resume,
         restore_interrupted,
         restore_run,
@@ -175,7 +174,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
         if dist.main:
             archived = apply_plan(plan, params)
     try:
-        summary = _train(params, total, dist, device, logger, call, w, plan, identity, topology, t0)
+        summary = _train(params, total, dist, device, logger, call, w, plan, identity, topology, t0, archived)
     except BaseException:
         if archived is not None:
             try:
@@ -185,17 +184,17 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
         raise
     finally:
         w.sampler.close()
-    if archived is not None:
-        keep_archived(archived)  # this run completed its rounds: the previous one stays archived for good
     return summary
 
 
 def _train(params: Params, total: int, dist, device, logger, call, w, plan, identity: str, topology: dict,
-           t0: float) -> dict:
-    """The rounds of `run_training`, from the warm resources on."""
+           t0: float, archived=None) -> dict:
+    """The rounds of `run_training`, from the warm resources on. `archived`: where this run moved the previous one
+    (`archive_run`); its marker goes with this run's first complete round, after which that run stays archived for
+    good (a later start does not take it for one to put back, even if you delete this run's rounds by hand)."""
     from stages import tracking
     from stages.evaluate import flat_metrics
-    from stages.loop.resume import new_prompts, report_untrained, split_record
+    from stages.loop.resume import keep_archived, new_prompts, report_untrained, split_record
     from stages.loop.writer import RoundWriter, manifest_for, round_write, write_run_outputs
 
     tp, start = params.train, plan.start
@@ -253,7 +252,10 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             artifacts = {"samples.parquet": s_rec, "scores.parquet": sc_rec, "advantages.parquet": a_rec}
             manifest = manifest_for(r, identity, params.hash(), artifacts, metrics, new_state,
                                     run.info.run_id if run else None, topology | {"prompt_ids": seen[-1], "train_split": split})
-            writer.submit(round_write(w.trainer, params, manifest, d / MANIFEST, save, gathered))
+            write = round_write(w.trainer, params, manifest, d / MANIFEST, save, gathered)
+            if archived is not None and r == start:  # the manifest first: until it is on disk a crash moves it back
+                write = _then(write, lambda: keep_archived(archived))
+            writer.submit(write)
             tracking.log_round(metrics, step=r + 1, samples=samples, scores=scores, advantages=advs, n=params.mlflow.log_completions)
             create_markdown_artifact(_round_markdown(r, total, metrics), key="rloo-round", description=f"round {r + 1}")
             logger.info("round %d/%d: reward %.3f, kl %.4f, loss %.4f, %.1f s (sample %.1f, update %.1f)", r + 1, total,
@@ -275,6 +277,14 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             if dist.main:
                 tracking.finish_run(None, history, failed=True)
         raise
+
+
+def _then(first, second):
+    """One call that runs `first`, then `second` (the round writer runs it in its thread)."""
+    def both() -> None:
+        first()
+        second()
+    return both
 
 
 def main(argv: list[str] | None = None) -> None:

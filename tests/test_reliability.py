@@ -256,6 +256,43 @@ def test_a_new_run_killed_outright_in_round_1_is_undone_at_the_next_start(copy):
     assert files_of(proj) == before and not (proj / "data" / "archive").exists()
 
 
+def test_a_new_run_killed_after_its_first_round_leaves_the_old_one_archived_for_good(copy):
+    """kill -9 in round 2 of a changed configuration: round 1 is complete, so the move's marker is already gone and
+    the new run is the run. With its outputs deleted by hand, the next start (old params) does not bring the
+    archived run back: it starts afresh, and the old run stays in the archive, whole."""
+    import yaml
+
+    proj, env = copy
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["update"]["learning_rate"] *= 2
+    (proj / "new.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = files_of(proj)
+    flow = subprocess.Popen([PY, "-m", "flows.train", "--params", "new.yaml"], cwd=proj,
+                            env={**env, "SLOW_REWARD_CALL": "2"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    rounds = proj / "data" / "rounds"
+    try:  # held in round 2's scoring, round 1 complete (the old run's rounds moved aside first)
+        deadline = time.time() + 300
+        while not (list(proj.glob("data/archive/*/rounds")) and (rounds / "round=0000" / "manifest.json").exists()
+                   and (rounds / "round=0001" / "samples.parquet").exists()):
+            assert flow.poll() is None and time.time() < deadline, flow.stderr.read()[-3000:]
+            time.sleep(0.3)
+    finally:
+        os.killpg(flow.pid, signal.SIGKILL)
+        flow.wait()
+    (archive,) = (proj / "data" / "archive").iterdir()
+    assert not (archive / ".pending-restore.json").exists()
+    for d in ("data/rounds", "models/policy", "models/trainer_state"):  # "start over", by hand
+        shutil.rmtree(proj / d)
+    out = run([PY, "-m", "flows.train"], proj, env)  # the old params
+    log = out.stdout + out.stderr
+    assert "back in place" not in log and "resuming" not in log, log[-3000:]
+    assert (rounds / f"round={ROUNDS - 1:04d}" / "manifest.json").is_file()  # a fresh run of the old params
+    kept = {k.replace("data/rounds/", "", 1): v for k, v in before.items() if k.startswith("data/rounds/")}
+    assert {str(p.relative_to(archive / "rounds")): p.read_bytes()
+            for p in sorted((archive / "rounds").rglob("*")) if p.is_file()} == kept
+
+
 def test_rounds_must_be_positive_and_not_below_the_completed_ones(copy):
     proj, env = copy
     one_line_error(run([PY, "-m", "flows.train", "--rounds", "-1"], proj, env, check=False), "--rounds: must be >= 1")

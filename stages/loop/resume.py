@@ -337,7 +337,7 @@ def archive_run(params, superseded: dict) -> Archived | None:
             break
         except FileExistsError:
             pass
-    # the marker first: a run killed from here until it completes is undone at the next start (restore_interrupted);
+    # the marker first: a run killed from here until it completes a round is undone at the next start (restore_interrupted);
     # where the parts came from, resolved, so that a start in another checkout sharing the archive dir leaves it be
     write_json({"made": [str(p) for p in made], "parts": list(parts),
                 "from": _origin(params)}, dest / PENDING)
@@ -408,8 +408,9 @@ def restore_run(params, archived: Archived, killed: bool = False) -> bool:
 
 
 def keep_archived(archived: Archived) -> None:
-    """The run that moved `archived` aside completed: drop the move's marker, so that nothing later (a start after
-    you removed this run's rounds by hand, say) takes the archived run for one to put back."""
+    """The run that moved `archived` aside completed its first round (called once that round's manifest is on disk):
+    drop the move's marker, so that nothing later (a start after you removed this run's rounds by hand, say) takes
+    the archived run for one to put back."""
     (archived.dest / PENDING).unlink(missing_ok=True)
 
 
