@@ -70,6 +70,11 @@ class Trainer:
                 target_modules=list(self.up.lora_target_modules), task_type="CAUSAL_LM",
             )
             self.model = get_peft_model(self.model, cfg)
+        if self.up.fused_layers:  # after peft: a LoRA-wrapped projection is not fused (its module runs as it is)
+            from stages.fused import fuse_layers
+
+            fused = fuse_layers(self.model)
+            log.debug("update.fused_layers: %d norm/MLP modules with the lean-memory backward", fused)
         self.model.train()
         self.autocast = self.up.bf16_autocast and fast_bf16()
         lm = LogprobModel(self.model, self.tokenizer.pad_token_id, params.base.share_prompts,

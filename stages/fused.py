@@ -1,0 +1,142 @@
+"""Lean-memory RMSNorm and SwiGLU MLP for the trainer (`update.fused_layers`, docs/design.md §7).
+
+The update's peak memory is the saved activations of a micro-batch on top of weights, gradients and AdamW states.
+Autograd through transformers' RMSNorm and gated MLP keeps every intermediate: per token and decoder layer the
+norm's input, its normalized copy and output, and the MLP's gate output, `silu(gate)`, up output and their product
+(4 x intermediate_size floats). These two autograd Functions compute the same forward and keep only what their
+hand-written backward needs:
+
+- `rms_norm`: the input and one `rstd` per row (the normalized copy is recomputed in the backward);
+- `swiglu_mlp`: the gate and up outputs (`silu(gate) * up`, the down projection's input, is recomputed).
+
+For SmolLM2-135M that is 4.2k of ~11.9k floats saved per token and layer. The arithmetic follows transformers'
+own (the norm in fp32, the MLP's matmuls in the input's or autocast's dtype), so the forward is the same to the
+bit and the gradients to float rounding (tests/test_fused.py). `fuse_layers` swaps the forward of the modules it
+recognises (Llama-style RMSNorm: `weight * x * rsqrt(mean(x^2) + eps)`; MLPs with bias-free `gate_proj`,
+`up_proj`, `down_proj` linears and SiLU) and leaves any other module, e.g. Gemma's `(1 + weight)` norm or a
+LoRA-wrapped projection, as it is.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+def _autocast_state(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return True, torch.get_autocast_dtype(device_type)
+    return False, None
+
+
+def _fp32_at_least(x):
+    """transformers' `.to(torch.float32)`, except that float64 stays (the tests' gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = _fp32_at_least(x)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = _fp32_at_least(x) * rstd
+        dw = None
+        if ctx.needs_input_grad[1]:  # y = weight * xhat.to(x.dtype)
+            dw = (dy * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            g = _fp32_at_least(dy * weight)
+            dx = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return dx, dw, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down):
+        ctx.device_type = x.device.type
+        ctx.autocast = _autocast_state(ctx.device_type)
+        gate = F.linear(x, w_gate)
+        up = F.linear(x, w_up)
+        ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
+        return F.linear(F.silu(gate) * up, w_down)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        # the matmuls in the forward's dtype: under autocast its (cached) casts of the weights
+        cast = (lambda t: t.to(dtype)) if enabled else (lambda t: t)
+        with torch.autocast(ctx.device_type, enabled=False):
+            sig = torch.sigmoid(gate)
+            silu = gate * sig
+            act = silu * up
+            d2 = dout.reshape(-1, dout.shape[-1])
+            d2 = d2.to(act.dtype) if enabled else d2
+            dw_down = d2.t().mm(act.reshape(-1, act.shape[-1])) if ctx.needs_input_grad[3] else None
+            dact = F.linear(d2, cast(w_down).t()).view_as(act)
+            del act
+            dup = dact * silu
+            dgate = dact * up
+            del dact, silu
+            dgate = dgate * (sig * (1 + gate * (1 - sig)))  # d silu(g) / dg = s + g s (1 - s)
+            del sig
+            x2 = x.reshape(-1, x.shape[-1])
+            x2 = x2.to(dtype) if enabled else x2
+            g2, u2 = dgate.reshape(-1, dgate.shape[-1]), dup.reshape(-1, dup.shape[-1])
+            dx = None
+            if ctx.needs_input_grad[0]:
+                dx = (g2.mm(cast(w_gate)) + u2.mm(cast(w_up))).view(*x.shape[:-1], x.shape[-1])
+            dw_gate = g2.t().mm(x2) if ctx.needs_input_grad[1] else None
+            dw_up = u2.t().mm(x2) if ctx.needs_input_grad[2] else None
+        return dx, dw_gate, dw_up, dw_down
+
+
+def rms_norm(x, weight, eps: float):
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def swiglu_mlp(x, w_gate, w_up, w_down):
+    return _SwiGLU.apply(x, w_gate, w_up, w_down)
+
+
+def _norm_forward(self, hidden_states):
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+def _is_llama_norm(module) -> bool:
+    # the Llama family's norm (Llama, Mistral, Qwen2/3, SmolLM, ...); Gemma's (1 + weight) norm has another name
+    return (type(module).__name__ in {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+            and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+            and isinstance(getattr(module, "variance_epsilon", None), float))
+
+
+def _is_swiglu(module) -> bool:
+    parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    act = getattr(module, "act_fn", None)
+    silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return silu and all(type(p) is torch.nn.Linear and p.bias is None for p in parts)
+
+
+def fuse_layers(model) -> int:
+    """Swap in the lean-memory forward on every recognised norm and MLP of `model`, in place; the number swapped."""
+    n = 0
+    for module in model.modules():
+        if _is_llama_norm(module):
+            module.forward = types.MethodType(_norm_forward, module)
+            n += 1
+        elif _is_swiglu(module):
+            module.forward = types.MethodType(_mlp_forward, module)
+            n += 1
+    return n

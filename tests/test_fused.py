@@ -1,0 +1,144 @@
+"""stages.fused (`update.fused_layers`): the lean-memory RMSNorm and SwiGLU MLP against transformers' own modules
+(forward to the bit, gradients to float rounding, in fp32 and under bf16 autocast), gradcheck of the hand-written
+backwards in float64, fewer bytes saved for the backward, which modules are (not) swapped, and the Trainer's step
+with and without them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from stages.fused import fuse_layers, rms_norm, swiglu_mlp
+
+CONFIG = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=12, tie_word_embeddings=True)
+
+
+def tiny(seed=0, **kw) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**CONFIG, **kw}))
+    with torch.no_grad():  # norms away from 1 so their weight gradient and scale matter
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def loss_and_grads(model, ids, autocast=False):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids).logits
+    loss = logits.float().log_softmax(-1)[..., :-1, :].gather(-1, ids[:, 1:, None]).mean()
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture
+def pair():
+    plain = tiny()
+    fused = copy.deepcopy(plain)
+    assert fuse_layers(fused) == 2 * 2 + 1 + 2  # two norms a layer, the final norm, one MLP a layer
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    return plain, fused, ids
+
+
+def test_forward_is_bit_identical_and_gradients_match_in_fp32(pair):
+    plain, fused, ids = pair
+    lp, gp = loss_and_grads(plain, ids)
+    lf, gf = loss_and_grads(fused, ids)
+    assert torch.equal(lp, lf)
+    assert gp.keys() == gf.keys() and len(gp) == len(list(plain.parameters()))
+    for n in gp:
+        assert rel(gf[n], gp[n]) < 1e-5, n
+
+
+def test_gradients_match_under_bf16_autocast(pair):
+    plain, fused, ids = pair
+    lp, gp = loss_and_grads(plain, ids, autocast=True)
+    lf, gf = loss_and_grads(fused, ids, autocast=True)
+    assert lf.dtype == lp.dtype == torch.bfloat16
+    assert torch.equal(lp, lf)  # the same bf16 matmuls in the same order
+    for n in gp:
+        assert gf[n].dtype == torch.float32  # fp32 master weights get fp32 gradients
+        assert rel(gf[n], gp[n]) < 2e-2, n  # bf16 rounding of the backward's intermediates
+
+
+def test_hand_written_backwards_pass_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = (torch.rand(6, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-6), (x, w))
+    wg, wu = (torch.randn(5, 6, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    wd = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu_mlp, (x, wg, wu, wd))
+    # a frozen weight gets no gradient and the others stay right (LoRA leaves the MLP's weights frozen)
+    wg_frozen = wg.detach()
+    assert torch.autograd.gradcheck(lambda x, wu, wd: swiglu_mlp(x, wg_frozen, wu, wd), (x, wu, wd))
+
+
+def saved_bytes(model, ids) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids).logits.sum()
+    return total
+
+
+def test_fewer_activations_are_kept_for_the_backward(pair):
+    plain, fused, _ = pair
+    ids = torch.randint(0, 97, (4, 64))
+    tokens, layers, h, i = ids.numel(), CONFIG["num_hidden_layers"], CONFIG["hidden_size"], CONFIG["intermediate_size"]
+    saved_plain, saved_fused = saved_bytes(plain, ids), saved_bytes(fused, ids)
+    # per token and layer: the MLP keeps gate and up (not silu(gate) and the product too), each norm its input
+    # and a row scale (not the normalized copy); the final norm likewise
+    expected = 4 * tokens * (layers * (2 * i + 2 * h) + h)
+    assert saved_plain - saved_fused >= 0.9 * expected
+
+
+def test_only_recognised_modules_are_swapped():
+    from peft import LoraConfig, get_peft_model
+
+    assert fuse_layers(tiny(mlp_bias=True)) == 2 * 2 + 1  # an MLP with biases runs as it is (the norms still fuse)
+    assert fuse_layers(tiny(hidden_act="gelu")) == 2 * 2 + 1
+    lora = get_peft_model(tiny(), LoraConfig(r=2, target_modules=["up_proj", "q_proj"]))
+    assert fuse_layers(lora) == 2 * 2 + 1  # a LoRA-wrapped projection: its MLP keeps its own forward
+    lora_attn = get_peft_model(tiny(), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert fuse_layers(lora_attn) == 2 * 2 + 1 + 2
+
+    class GemmaLikeNorm(torch.nn.Module):  # (1 + weight) * x_hat: another formula under the same attributes
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4))
+            self.variance_epsilon = 1e-6
+
+    assert fuse_layers(torch.nn.Sequential(GemmaLikeNorm())) == 0
+
+
+def test_trainer_step_is_the_same_with_and_without_fused_layers(tiny_model_dir):
+    from test_update import capture_grads, make_batch, make_params, weights
+
+    from stages.update import Trainer
+
+    out = {}
+    for fused in (False, True):
+        trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir, fused_layers=fused, max_grad_norm=0.0),
+                          torch.device("cpu"))
+        grads = capture_grads(trainer)
+        stats = trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+        out[fused] = grads[0], stats
+    (g0, s0), (g1, s1) = out[False], out[True]
+    for n in g0:
+        assert rel(g1[n], g0[n]) < 1e-5, n
+    assert s1["loss"] == pytest.approx(s0["loss"], rel=1e-6)
