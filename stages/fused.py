@@ -11,10 +11,11 @@ hand-written backward needs:
 
 For SmolLM2-135M that is 4.2k of ~11.9k floats saved per token and layer. The arithmetic follows transformers'
 own (the norm in fp32, the MLP's matmuls in the input's or autocast's dtype), so the forward is the same to the
-bit and the gradients to float rounding (tests/test_fused.py). `fuse_layers` swaps the forward of the modules it
-recognises (Llama-style RMSNorm: `weight * x * rsqrt(mean(x^2) + eps)`; MLPs with bias-free `gate_proj`,
-`up_proj`, `down_proj` linears and SiLU) and leaves any other module, e.g. Gemma's `(1 + weight)` norm or a
-LoRA-wrapped projection, as it is.
+bit and the gradients to float rounding (tests/test_fused.py). `fuse_layers` swaps the forward of the modules whose
+own forward is transformers' Llama code (`_same_code`: Llama, Mistral, Qwen2/3, SmolLM3, Granite, ... copy it) and
+whose parts fit: RMSNorm `weight * x * rsqrt(mean(x^2) + eps)`; an MLP of bias-free `gate_proj`, `up_proj`,
+`down_proj` linears with SiLU. Any other module, e.g. Gemma's `(1 + weight)` norm, Falcon-H1's scaled MLP, a GELU
+MLP or a LoRA-wrapped projection, runs as it is.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dout):
         x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
         enabled, dtype = ctx.autocast
-        # the matmuls in the forward's dtype: under autocast its (cached) casts of the weights
+        # the matmuls in the forward's dtype: under autocast, bf16 copies of the three weights (made again here)
         cast = (lambda t: t.to(dtype)) if enabled else (lambda t: t)
         with torch.autocast(ctx.device_type, enabled=False):
             sig = torch.sigmoid(gate)
@@ -115,14 +116,29 @@ def _mlp_forward(self, x):
     return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
+def _same_code(cls, reference) -> bool:
+    """`cls.forward` is `reference.forward`'s code (transformers copies a module between models: Mistral, Qwen2/3,
+    SmolLM3, Granite, ... share Llama's): the same bytecode, names and constants, so the same computation on the
+    same attributes. A class that scales, clamps or drops out anywhere in its forward (Falcon-H1's or SeedOss's
+    MLP, Gemma's `(1 + weight)` norm) has other code and runs as it is."""
+    a, b = getattr(cls.forward, "__code__", None), reference.forward.__code__
+    return a is not None and (a.co_code, a.co_names, a.co_consts, a.co_varnames) == (
+        b.co_code, b.co_names, b.co_consts, b.co_varnames)
+
+
 def _is_llama_norm(module) -> bool:
-    # the Llama family's norm (Llama, Mistral, Qwen2/3, SmolLM, ...); Gemma's (1 + weight) norm has another name
-    return (type(module).__name__ in {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return (_same_code(type(module), LlamaRMSNorm)
             and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
             and isinstance(getattr(module, "variance_epsilon", None), float))
 
 
 def _is_swiglu(module) -> bool:
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    if not _same_code(type(module), LlamaMLP):
+        return False
     parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     act = getattr(module, "act_fn", None)
     silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"

@@ -155,7 +155,8 @@ class UpdateParams(_Section):
     bf16_autocast: bool = F(True, "bf16 autocast for the forward/backward where bf16 is native (fp32 master weights)")
     fused_layers: bool = F(True, "RMSNorm and SwiGLU MLP with a hand-written backward that keeps fewer activations "
                            "(-0.43 GiB peak at micro_batch_size 16 for SmolLM2-135M, same speed and forward, gradients "
-                           "equal to float rounding); Llama-style layers only, others run as they are", identity=False)
+                           "equal to float rounding); modules with transformers' Llama code only (Mistral, Qwen, SmolLM3, ... copy "
+                           "it), others run as they are", identity=False)
     use_lora: bool = F(False, "train LoRA adapters (peft) instead of all weights")
     lora_r: int = F(16, "LoRA rank", ge=1)
     lora_alpha: int = F(32, "LoRA alpha (scale = alpha / r)", ge=1)

@@ -125,6 +125,31 @@ def test_only_recognised_modules_are_swapped():
 
     assert fuse_layers(torch.nn.Sequential(GemmaLikeNorm())) == 0
 
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    class ScaledMLP(LlamaMLP):  # the same parts, another forward (Falcon-H1's multipliers, a clamp, a dropout...)
+        def forward(self, x):
+            return 0.5 * super().forward(x)
+
+    config = LlamaConfig(**CONFIG)
+    assert fuse_layers(torch.nn.Sequential(ScaledMLP(config))) == 0
+    assert fuse_layers(torch.nn.Sequential(LlamaMLP(config))) == 1
+
+
+def test_copies_of_the_llama_modules_in_other_models_are_swapped_and_stay_exact():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    plain = Qwen3ForCausalLM(Qwen3Config(**CONFIG))  # Qwen3's norms (also on q and k) and MLP are Llama's code
+    fused = copy.deepcopy(plain)
+    assert fuse_layers(fused) == 2 * (2 + 2) + 1 + 2
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    lp, gp = loss_and_grads(plain, ids)
+    lf, gf = loss_and_grads(fused, ids)
+    assert torch.equal(lp, lf)
+    for n in gp:
+        assert rel(gf[n], gp[n]) < 1e-5, n
+
 
 def test_trainer_step_is_the_same_with_and_without_fused_layers(tiny_model_dir):
     from test_update import capture_grads, make_batch, make_params, weights
