@@ -26,12 +26,6 @@ import torch
 import torch.nn.functional as F
 
 
-def _autocast_state(device_type: str):
-    if torch.is_autocast_enabled(device_type):
-        return True, torch.get_autocast_dtype(device_type)
-    return False, None
-
-
 def _fp32_at_least(x):
     """transformers' `.to(torch.float32)`, except that float64 stays (the tests' gradcheck)."""
     return x if x.dtype == torch.float64 else x.float()
@@ -62,8 +56,6 @@ class _RMSNorm(torch.autograd.Function):
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down):
-        ctx.device_type = x.device.type
-        ctx.autocast = _autocast_state(ctx.device_type)
         gate = F.linear(x, w_gate)
         up = F.linear(x, w_up)
         ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
@@ -72,15 +64,15 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
-        enabled, dtype = ctx.autocast
-        # the matmuls in the forward's dtype: under autocast, bf16 copies of the three weights (made again here)
-        cast = (lambda t: t.to(dtype)) if enabled else (lambda t: t)
-        with torch.autocast(ctx.device_type, enabled=False):
+        # the matmuls in the forward's dtype, the gate's: under autocast bf16 copies of the three weights (made again
+        # here), otherwise no copy (`.to` of a tensor already in that dtype is the tensor itself)
+        dtype = gate.dtype
+        cast = lambda t: t.to(dtype)  # noqa: E731
+        with torch.autocast(x.device.type, enabled=False):
             sig = torch.sigmoid(gate)
             silu = gate * sig
             act = silu * up
-            d2 = dout.reshape(-1, dout.shape[-1])
-            d2 = d2.to(act.dtype) if enabled else d2
+            d2 = cast(dout.reshape(-1, dout.shape[-1]))
             dw_down = d2.t().mm(act.reshape(-1, act.shape[-1])) if ctx.needs_input_grad[3] else None
             dact = F.linear(d2, cast(w_down).t()).view_as(act)
             del act
@@ -89,8 +81,7 @@ class _SwiGLU(torch.autograd.Function):
             del dact, silu
             dgate = dgate * (sig * (1 + gate * (1 - sig)))  # d silu(g) / dg = s + g s (1 - s)
             del sig
-            x2 = x.reshape(-1, x.shape[-1])
-            x2 = x2.to(dtype) if enabled else x2
+            x2 = cast(x.reshape(-1, x.shape[-1]))
             g2, u2 = dgate.reshape(-1, dgate.shape[-1]), dup.reshape(-1, dup.shape[-1])
             dx = None
             if ctx.needs_input_grad[0]:
