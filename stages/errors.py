@@ -56,8 +56,12 @@ def exit_now(code: int) -> None:
     OS does not (docs/design.md §7). A bug's traceback never comes here: it takes Python's own exit path."""
     import threading
 
-    threading._shutdown()  # what Py_FinalizeEx does first: join the non-daemon threads
-    atexit._run_exitfuncs()
+    join_threads = getattr(threading, "_shutdown", None)  # private CPython APIs (3.4+): where a Python lacks them,
+    run_handlers = getattr(atexit, "_run_exitfuncs", None)  # its own exit path, slower, is the one taken
+    if join_threads is None or run_handlers is None:
+        raise SystemExit(code)
+    join_threads()  # what Py_FinalizeEx does first: join the non-daemon threads
+    run_handlers()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
