@@ -146,7 +146,7 @@ def measure(params, n_prompts: int) -> dict:
     rewards = build_rewards(params.score.rewards)
     texts, columns = reward_inputs(samples, prompts)
     keys = list(zip(samples["prompt_id"], samples["sample_idx"]))
-    components = compute_rewards(rewards, texts, samples["completion"].to_list(), keys, **columns)
+    components = compute_rewards(rewards, texts, samples["completion"].to_list(), keys, None, **columns)
     score = np.asarray(combine(components, {r.name: r.weight for r in rewards}), dtype=np.float64)
     groups = np.array(samples["prompt_id"].to_list())
     lengths = np.array([len(c) for c in completion_ids])

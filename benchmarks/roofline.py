@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             keys = list(zip(samples["prompt_id"], samples["sample_idx"]))
             texts, columns = reward_inputs(samples, w.train_prompts)
-            combine(compute_rewards(w.rewards, texts, samples["completion"].to_list(), keys, **columns),
+            combine(compute_rewards(w.rewards, texts, samples["completion"].to_list(), keys, None, **columns),
                     {x.name: x.weight for x in w.rewards})
             t["reward"] = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -67,10 +67,12 @@ def read_table(path: str | Path, schema: Schema | None = None) -> pl.DataFrame:
     try:
         if path.suffix == ".parquet":
             df = pl.read_parquet(path)
+        # column types from every row, not polars' first 100: a column that starts late, or null first, or ints
+        # then floats/text, is read whole (as datasets reads it), not dropped or refused
         elif path.suffix in (".jsonl", ".ndjson"):
-            df = pl.read_ndjson(path)
+            df = pl.read_ndjson(path, infer_schema_length=None)
         elif path.suffix == ".csv":
-            df = pl.read_csv(path)
+            df = pl.read_csv(path, infer_schema_length=None)
         else:
             raise PipelineError(f"{path}: unsupported file type {path.suffix!r}; use .parquet, .jsonl or .csv")
     except PipelineError:

@@ -35,7 +35,7 @@ def load_config(path: str | Path, field: str = "base.model"):
 
     path = check_model_dir(path, field)
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise PipelineError(f"{field}: cannot read {path}/config.json ({_first_line(exc)})") from None
 
@@ -46,7 +46,7 @@ def load_tokenizer(path: str | Path, field: str = "base.model", shown: str | Pat
 
     path = check_model_dir(path, field)
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise PipelineError(f"{field}: cannot load a tokenizer from {shown or path} ({_first_line(exc)})") from None
     try:
@@ -79,7 +79,8 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", device: Any = "cpu"
     load_causal_lm_config_check(path, field)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), local_files_only=True, attn_implementation="eager"
+            path, dtype=getattr(torch, dtype), local_files_only=True, attn_implementation="eager",
+            trust_remote_code=False,  # never a model dir's own code, and no prompt asking to run it
         )
     except Exception as exc:
         raise PipelineError(f"{field}: cannot load a causal LM from {path} ({_first_line(exc)})") from None

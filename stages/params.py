@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -64,7 +65,8 @@ class PrepareParams(_Section):
     prompts: str = F("data/prompts/movie_reviews.jsonl", "prompts file: Parquet, JSONL or CSV with a `prompt` column")
     eval_size: int = F(48, "prompts held out for evaluation (the rest train)", ge=1)
     split_seed: int = F(42, "seed of the train/held-out split (not base.seed: a seed sweep keeps one held-out set)", ge=0)
-    system_prompt: str | None = F(None, "optional system message put before every prompt")
+    system_prompt: str | None = F(None, "optional system message put before every prompt (a conversational prompt "
+                                  "with its own system turn keeps that one)")
     max_prompt_tokens: int = F(128, "a prompt longer than this (after the chat template) is an error", ge=1)
 
 
@@ -96,7 +98,7 @@ class RewardSpec(_Section):
     name: str = F(..., "component name: its values land in the column score/<name>", pattern=r"^[A-Za-z0-9_.-]+$")
     function: str | None = F(None, "a built-in reward name or your own 'module:function'")
     model: str | None = F(None, "a local transformers sequence-classification reward model dir")
-    weight: float = F(1.0, "weight in the summed score")
+    weight: float = F(1.0, "weight in the summed score (a finite number)", allow_inf_nan=False)
     kwargs: dict[str, Any] = F(dict, "extra arguments of the function or reward model")
 
     @model_validator(mode="after")
@@ -407,6 +409,10 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown_table(), end="")
         return
     params = load_params(args.path)
+    # what a run would refuse about the rewards (an unknown built-in, a module that does not import, a kwarg the
+    # function lacks, a missing reward-model dir), checked without loading a model. Imported by name: only this
+    # command runs it, so the stages that import stages.params do not depend on stages/rewards.py (dvc.yaml deps)
+    importlib.import_module("stages.rewards").check_specs(params.score.rewards)
     print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
 
 

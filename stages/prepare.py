@@ -70,6 +70,25 @@ def _messages(value, source: str, row: int) -> list[dict[str, str]]:
     return out
 
 
+def keep_reserved_as_source(df: pl.DataFrame, source: str) -> pl.DataFrame:
+    """A source column named like one prepare writes (prompt_id, messages, conversational) or like a reward function's
+    own argument (prompts, completions, completion_ids, trainer_state, ...) is kept as `source_<name>`, with a
+    warning: a dataset's own `prompt_id` or `messages` (e.g. UltraFeedback's) must not replace the prompt's hash or
+    turns, nor a `completion_ids` column the sampled tokens."""
+    from stages.schemas import RESERVED_COLUMNS
+
+    clash = [c for c in df.columns if c in (*RESERVED_COLUMNS, "_messages") and c != "prompt"]
+    if not clash:
+        return df
+    taken = [f"source_{c}" for c in clash if f"source_{c}" in df.columns]
+    if taken:
+        raise PipelineError(f"{source}: columns `{taken[0].removeprefix('source_')}` and `{taken[0]}` both present; "
+                            f"`{taken[0].removeprefix('source_')}` is a name prepare uses: rename or drop one of them")
+    log.warning("%s: column(s) %s kept as %s (prepare and the reward functions use those names)", source,
+                ", ".join(clash), ", ".join(f"source_{c}" for c in clash))
+    return df.rename({c: f"source_{c}" for c in clash})
+
+
 def clean_prompts(df: pl.DataFrame, source: str) -> tuple[pl.DataFrame, int]:
     """The source's rows with a usable prompt, duplicates dropped (first kept), in file order: (table, dropped).
 
@@ -78,6 +97,7 @@ def clean_prompts(df: pl.DataFrame, source: str) -> tuple[pl.DataFrame, int]:
     if "prompt" not in df.columns:
         raise PipelineError(f"{source}: no `prompt` column (columns: {df.columns}); add one with the user text, or TRL's "
                             "conversational format (a list of messages)")
+    df = keep_reserved_as_source(df, source)
     dtype = df.schema["prompt"]
     conversational = isinstance(dtype, pl.List)
     if dtype != pl.String and not conversational:
@@ -186,12 +206,13 @@ def read_saved_dataset(path: Path) -> pl.DataFrame:
 def check_prompt_lengths(df: pl.DataFrame, tokenizer, max_tokens: int) -> int:
     """Longest rendered prompt in tokens; error naming the first prompt over `max_tokens`."""
     longest = 0
-    for pid, msgs in zip(df["prompt_id"], df["messages"]):
+    for pid, msgs, text in zip(df["prompt_id"], df["messages"], df["prompt"]):
         n = len(tokenizer(render_prompt(tokenizer, msgs), add_special_tokens=False)["input_ids"])
         if n > max_tokens:
+            start = " ".join(text.split()[:8])
             raise PipelineError(
-                f"prepare.max_prompt_tokens: prompt {pid} is {n} tokens after the chat template (limit {max_tokens}); "
-                "shorten it or raise the limit"
+                f"prepare.max_prompt_tokens: prompt {pid} ({start!r}...) is {n} tokens after the chat template (limit "
+                f"{max_tokens}); shorten it or raise the limit"
             )
         longest = max(longest, n)
     return longest

@@ -1,8 +1,10 @@
 """Rewards of the score stage: built-in functions, a reward model and a user's function behind one interface.
 
-Every reward component is a `Reward`: `reward(prompts, completions, completion_ids=, messages=, **columns)`
+Every reward component is a `Reward`: `reward(prompts, completions, extras, completion_ids=, messages=, **columns)`
 -> one number (or None) per completion, in order. `columns` are the per-row extra columns of the prompts table
-(e.g. a reference `answer`); `messages` the chat turns of conversational prompts. `build_rewards` builds them
+(e.g. a reference `answer`); `messages` the chat turns of conversational prompts; `extras` TRL's trainer_state,
+log_metric and log_extra (`TrlExtras`). `prompts` and `completions` (and `extras`) are positional-only, so a
+column may have any other name. `build_rewards` builds them
 once per run (models are loaded once, the VADER analyzer is built once) and the score stage calls them every round:
 
     rewards = build_rewards(params.score.rewards, device="cpu", batch_size=16)
@@ -43,7 +45,7 @@ import re
 import string
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,36 @@ Key = tuple[str, int]  # (prompt_id, sample_idx)
 RewardFn = Callable[..., Sequence[float]]
 
 
+TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric")  # what TRL passes every reward function besides the columns
+
+
+@dataclass
+class TrlExtras:
+    """TRL's `trainer_state`, `log_metric` and `log_extra` reward arguments for one scoring call: `trainer_state`
+    has `global_step` (optimizer steps before this round) and `max_steps` (of the run); `log_metric(name, value)`
+    values are averaged into the round's metrics under `name`; `log_extra(column, values)` adds a column
+    `extra/<column>` (one value per completion) to the scores table."""
+
+    trainer_state: Any = None
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, list] = field(default_factory=dict)
+
+    @classmethod
+    def at(cls, global_step: int, max_steps: int) -> TrlExtras:
+        from transformers import TrainerState
+
+        return cls(TrainerState(global_step=global_step, max_steps=max_steps))
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics.setdefault(str(name), []).append(float(value))
+
+    def log_extra(self, column: str, values: Sequence) -> None:
+        self.extra.setdefault(str(column), []).extend(values)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"trainer_state": self.trainer_state, "log_extra": self.log_extra, "log_metric": self.log_metric}
+
+
 @dataclass
 class Reward:
     """One weighted reward component; every kind (built-in, model, user function) is one of these."""
@@ -69,11 +101,14 @@ class Reward:
     source: str  # for messages and logs: "built-in vader", "model models/rm", "function my_mod:fn"
     trl_style: bool = False  # a user function: called as TRL calls it (see the module docstring)
 
-    def __call__(self, prompts: list[str], completions: list[str], completion_ids: Sequence | None = None,
-                 messages: Sequence | None = None, **columns: Sequence[Any]) -> Sequence[float]:
+    def __call__(self, prompts: list[str], completions: list[str], extras: TrlExtras | None = None, /,
+                 completion_ids: Sequence | None = None, messages: Sequence | None = None,
+                 **columns: Sequence[Any]) -> Sequence[float]:
         try:
             if self.trl_style:
-                return self.fn(prompts, completions, completion_ids=completion_ids, messages=messages, **columns)
+                return self.fn(prompts, completions, extras, completion_ids=completion_ids, messages=messages, **columns)
+            if isinstance(self.fn, ModelReward):
+                return self.fn(prompts, completions, messages=messages)
             return self.fn(prompts, completions, **columns)
         except PipelineError:
             raise
@@ -93,7 +128,7 @@ def _vader(name: str) -> RewardFn:
 
     analyzer = SentimentIntensityAnalyzer()
 
-    def vader(prompts, completions, **columns):
+    def vader(prompts, completions, /, **columns):
         return [analyzer.polarity_scores(c)["compound"] for c in completions]
 
     return vader
@@ -111,7 +146,7 @@ def _length(name: str, min_words: int = 8, max_words: int | None = None) -> Rewa
     if max_words is not None and (not isinstance(max_words, int) or max_words < min_words):
         raise PipelineError(f"reward `{name}`: kwargs.max_words must be an integer >= min_words={min_words} or null (got {max_words!r})")
 
-    def length(prompts, completions, **columns):
+    def length(prompts, completions, /, **columns):
         out = []
         for c in completions:
             w = len(c.split())
@@ -141,7 +176,7 @@ def _regex(name: str, pattern: str, flags: str = "") -> RewardFn:
     except (re.error, TypeError) as exc:
         raise PipelineError(f"reward `{name}`: kwargs.pattern {pattern!r} is not a valid regular expression ({exc})") from None
 
-    def regex(prompts, completions, **columns):
+    def regex(prompts, completions, /, **columns):
         return [1.0 if rx.search(c) else 0.0 for c in completions]
 
     return regex
@@ -155,7 +190,7 @@ def _keywords(name: str, words: list[str]) -> RewardFn:
     unique = list(dict.fromkeys(w.strip().lower() for w in words))
     patterns = [re.compile(rf"(?<!\w){re.escape(w)}(?!\w)", re.IGNORECASE) for w in unique]
 
-    def keywords(prompts, completions, **columns):
+    def keywords(prompts, completions, /, **columns):
         return [sum(1 for p in patterns if p.search(c)) / len(patterns) for c in completions]
 
     return keywords
@@ -173,7 +208,7 @@ def _exact_match(name: str, column: str = "answer", normalize: bool = False) -> 
     `normalize`: compare lowercased, without ASCII punctuation, whitespace runs collapsed. A row whose
     reference is None scores NaN (no reference: `score.on_invalid` decides)."""
 
-    def exact_match(prompts, completions, **columns):
+    def exact_match(prompts, completions, /, **columns):
         if column not in columns:
             raise missing_column(name, f"needs the reference column `{column}`", columns)
         out = []
@@ -268,13 +303,14 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
             out = asyncio.run(out) if inspect.isawaitable(out) else out
         return out
 
-    def user_function(prompts, completions, completion_ids=None, messages=None, **columns):
+    def user_function(prompts, completions, extras=None, /, completion_ids=None, messages=None, **columns):
         if not trl_style:
             return call(prompts, completions, **kwargs)
         conversational = messages is not None and not as_text
         args = {"prompts": list(messages) if conversational else prompts,
                 "completions": [[{"role": "assistant", "content": c}] for c in completions] if conversational else completions,
-                "completion_ids": completion_ids, **columns, **kwargs}  # kwargs win over a same-named column
+                "completion_ids": completion_ids, **columns,
+                **(extras or TrlExtras.at(0, 0)).kwargs(), **kwargs}  # kwargs win over a same-named column
         missing = [n for n, p in params.items() if p.default is p.empty and n not in args
                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]  # with **kwargs too: a named column it needs
         if missing:
@@ -285,7 +321,7 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
 
     # the columns it names without a default, checked against the prompts table when a run loads (check_columns)
     user_function.required = [n for n, p in params.items() if trl_style and p.default is p.empty and n not in kwargs
-                              and n not in ("prompts", "completions", "completion_ids", "messages")
+                              and n not in ("prompts", "completions", "completion_ids", "messages", *TRL_EXTRAS)
                               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     return user_function
 
@@ -370,29 +406,35 @@ class ModelReward:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True,
+                                                                       trust_remote_code=False)
         except Exception as exc:
-            raise PipelineError(f"reward `{name}`: cannot load {path} ({type(exc).__name__}: {exc}); {fix}") from None
+            from stages.models import _first_line
+
+            raise PipelineError(f"reward `{name}`: cannot load {path} ({_first_line(exc)}); {fix}") from None
         # The head reads the last non-pad token; without a pad id it refuses batches > 1.
         model.config.pad_token_id = tok.pad_token_id
         model.config.get_text_config().pad_token_id = tok.pad_token_id
         self.model = model.to(self.device).eval()
 
-    def texts(self, prompts: list[str], completions: list[str]) -> list[str]:
+    def texts(self, prompts: list[str], completions: list[str], messages: Sequence | None = None) -> list[str]:
+        """The scored texts. "chat": a conversational prompt's own turns (system and earlier turns included, as the
+        policy saw them and as TRL scores them) plus the completion; a text prompt as one user turn."""
         if self.template == "concat":
             return [p + c for p, c in zip(prompts, completions, strict=True)]
+        turns = messages if messages is not None else [None] * len(prompts)
         return [
             self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+                [*(m if m else [{"role": "user", "content": p}]), {"role": "assistant", "content": c}], tokenize=False
             )
-            for p, c in zip(prompts, completions, strict=True)
+            for p, c, m in zip(prompts, completions, turns, strict=True)
         ]
 
-    def __call__(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str], messages: Sequence | None = None) -> list[float]:
         import torch
         from tqdm.auto import tqdm
 
-        texts = self.texts(prompts, completions)
+        texts = self.texts(prompts, completions, messages)
         # Similar lengths together waste less padding; results go back to their rows.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = [0.0] * len(texts)
@@ -520,12 +562,19 @@ def first_invalid(values: np.ndarray, keys: Sequence[Key]) -> Key | None:
 
 
 def compute_rewards(rewards: Sequence[Reward], prompts: list[str], completions: list[str], keys: Sequence[Key],
-                    completion_ids: Sequence | None = None, messages: Sequence | None = None,
-                    **columns: Sequence[Any]) -> dict[str, np.ma.MaskedArray]:
+                    extras: TrlExtras | None = None, /, completion_ids: Sequence | None = None,
+                    messages: Sequence | None = None, **columns: Sequence[Any]) -> dict[str, np.ma.MaskedArray]:
     """Call every reward on the same rows and check its output: name -> masked float64 array (may hold NaN/inf;
-    masked where the reward returned None). `messages`: the chat turns, when the prompts are conversational."""
-    return {r.name: check_scores(r.name, r(prompts, completions, completion_ids, messages, **columns), len(completions), keys)
-            for r in rewards}
+    masked where the reward returned None). `messages`: the chat turns, when the prompts are conversational;
+    `extras`: TRL's trainer_state/log_metric/log_extra for user functions (a fresh one, step 0, when None)."""
+    extras = extras if extras is not None else TrlExtras.at(0, 0)  # evaluation: TRL's default TrainerState
+    out = {r.name: check_scores(r.name, r(prompts, completions, extras, completion_ids=completion_ids, messages=messages, **columns),
+                                len(completions), keys) for r in rewards}
+    for column, values in extras.extra.items():
+        if len(values) != len(completions):
+            raise PipelineError(f"log_extra('{column}') got {len(values)} values for {len(completions)} completions; "
+                                "log one value per completion, in order")
+    return out
 
 
 def combine(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:

@@ -21,6 +21,10 @@ PROMPTS: Schema = {
     "conversational": pl.Boolean,  # the source gave messages (TRL's conversational format): rewards get them so
 }
 # Extra columns of the prompts file (e.g. `answer`, `solution`) follow in the prepared tables, unchanged.
+# Names a prepared table's extra columns never have: the contract's own, and what the reward functions get by name
+# besides the columns (prepare keeps a source's column so named as `source_<name>`).
+RESERVED_COLUMNS = ("prompt_id", "prompt", "messages", "conversational", "prompts", "completions", "completion_ids",
+                    "trainer_state", "log_extra", "log_metric")
 
 SAMPLES: Schema = {
     **KEYS,

@@ -34,7 +34,7 @@ import polars as pl
 from stages.errors import PipelineError, run_cli
 from stages.logprobs import sequence_logprobs
 from stages.runtime import score_dtype
-from stages.schemas import SCORES
+from stages.schemas import RESERVED_COLUMNS, SCORES
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,26 @@ def extra_columns(prompts: pl.DataFrame) -> list[str]:
 def reward_inputs(samples: pl.DataFrame, prompts: pl.DataFrame | None) -> tuple[list[str], dict[str, list]]:
     """What the reward functions get besides the completions: the raw user prompts (falling back to prompt_text), and
     keyword inputs: `completion_ids`, `messages` (the chat turns, when the prompts are conversational) and every extra
-    column of the prompts table by name (e.g. a reference `answer`)."""
+    column of the prompts table by name (e.g. a reference `answer`). Each sample's row of the table is found by its
+    prompt_id: a table without some sample's prompt, or with a prompt_id twice, is refused (its columns would reach
+    the wrong completions)."""
     inputs: dict[str, list] = {"completion_ids": samples["completion_token_ids"].to_list()}
     if prompts is None:
         return samples["prompt_text"].to_list(), inputs
     extra = extra_columns(prompts)
+    clash = [c for c in extra if c in RESERVED_COLUMNS]
+    if clash:
+        raise PipelineError(f"prompts table: column `{clash[0]}` has the name of a reward function's own argument; "
+                            f"rename it (python -m stages.prepare keeps a source's as `source_{clash[0]}`)")
+    if prompts["prompt_id"].is_duplicated().any():
+        dup = prompts.filter(pl.col("prompt_id").is_duplicated())["prompt_id"][0]
+        raise PipelineError(f"prompts table: prompt_id {dup} appears more than once; use the table "
+                            "python -m stages.prepare wrote (one row per prompt)")
+    missing = samples.filter(~pl.col("prompt_id").is_in(prompts["prompt_id"].implode()))
+    if missing.height:
+        raise PipelineError(f"prompts table: it has no row for prompt_id {missing['prompt_id'][0]} of the samples "
+                            f"({missing['prompt_id'].n_unique()} prompt(s) missing); pass the table the samples were "
+                            "drawn from (data/prepared/train.parquet for training rounds, eval.parquet for evaluation)")
     cols = ["prompt_id", "prompt", *extra, *[c for c in ("messages", "conversational") if c in prompts.columns]]
     joined = samples.select("prompt_id").join(prompts.select(cols), on="prompt_id", how="left", maintain_order="left")
     texts = [p if p is not None else t for p, t in zip(joined["prompt"], samples["prompt_text"])]
@@ -102,15 +117,18 @@ def score_samples(
     prompts: pl.DataFrame | None = None,
     logp_policy: list[float] | None = None,
     share_prompts: bool = True,
+    steps: tuple[int, int] = (0, 0),
 ) -> tuple[pl.DataFrame, dict]:
     """The score stage's computation. `ref` may be the same object as `policy` (then kl = 0 exactly);
-    `logp_policy` may be passed when the caller already has it; `share_prompts`: base.share_prompts."""
-    from stages.rewards import combine, compute_rewards, first_invalid, invalid
+    `logp_policy` may be passed when the caller already has it; `share_prompts`: base.share_prompts; `steps`:
+    (optimizer steps before this round, of the whole run) for TRL's `trainer_state` (see `optimizer_steps`)."""
+    from stages.rewards import TrlExtras, combine, compute_rewards, first_invalid, invalid
 
     t0 = time.perf_counter()
     keys = list(zip(samples["prompt_id"], samples["sample_idx"]))
     texts, columns = reward_inputs(samples, prompts)
-    components = compute_rewards(rewards, texts, samples["completion"].to_list(), keys, **columns)
+    extras = TrlExtras.at(*steps)
+    components = compute_rewards(rewards, texts, samples["completion"].to_list(), keys, extras, **columns)
     t_reward = time.perf_counter() - t0
 
     valid = np.ones(samples.height, dtype=bool)
@@ -125,6 +143,10 @@ def score_samples(
             )
         valid &= ~invalid(values)
     score = combine(components, {r.name: r.weight for r in rewards})
+    unscored = int(np.logical_and.reduce([np.ma.getmaskarray(v) for v in components.values()]).sum())
+    if unscored:  # TRL warns the same: a score of 0 that no reward gave
+        log.warning("%d of %d completions got None from every reward: their score is 0; make some reward apply to them",
+                    unscored, samples.height)
 
     t1 = time.perf_counter()
     prompt_ids, completion_ids = completion_inputs(samples, tokenizer)
@@ -154,12 +176,25 @@ def score_samples(
         pl.Series("logp_ref", np.asarray(logp_ref, dtype=np.float64)),
         pl.Series("kl", kl),
         pl.Series("rlhf_reward", rlhf),
+        *[pl.Series(f"extra/{c}", v, strict=False) for c, v in extras.extra.items()],  # TRL's log_extra
     )
     dropped = int((~valid).sum())
     if dropped:
         log.warning("score.on_invalid=drop: %d of %d completions dropped (NaN/inf reward)", dropped, samples.height)
         out = out.filter(pl.Series(valid))
-    return out, score_stats(out, samples.height, list(components), t_reward, t_logp)
+    stats = score_stats(out, samples.height, list(components), t_reward, t_logp)
+    clash = [name for name in extras.metrics if name in stats or name.split("/")[0] in ("sample", "update", "eval")]
+    if clash:
+        raise PipelineError(f"log_metric('{clash[0]}'): the round logs a metric of that name itself; use another name")
+    return out, stats | {name: float(np.mean(v)) for name, v in extras.metrics.items() if v}  # TRL's log_metric
+
+
+def optimizer_steps(params, round_index: int) -> tuple[int, int]:
+    """(optimizer steps before round `round_index` (0-based), of the whole run): TRL's trainer_state.global_step and
+    max_steps, for reward functions that shape rewards by training progress."""
+    up = params.update
+    per_round = up.num_mini_batches * up.num_ppo_epochs
+    return round_index * per_round, params.train.rounds * per_round
 
 
 def score_stats(out: pl.DataFrame, rows_in: int, components: list[str], t_reward: float, t_logp: float) -> dict:
@@ -213,8 +248,13 @@ def main(argv: list[str] | None = None) -> None:
     same = str(policy_dir) == str(ref_dir)
     ref = policy if same else load_causal_lm(ref_dir, "float32", device, "--ref").eval()
     try:
+        if prompts is None:
+            log.warning("no --prompts: reward functions get the chat-formatted prompt_text, no extra columns and no "
+                        "conversation turns (training gives them the prompts table's); pass --prompts "
+                        "data/prepared/train.parquet for the same rewards as training")
+        round_index = int(samples["policy_version"].max() or 0) if samples.height else 0  # updates so far
         out, stats = score_samples(samples, rewards, policy, ref, tokenizer, params.score, prompts,
-                                   share_prompts=params.base.share_prompts)
+                                   share_prompts=params.base.share_prompts, steps=optimizer_steps(params, round_index))
     except PipelineError as exc:
         from stages.rewards import MISSING_COLUMN
 

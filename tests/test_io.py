@@ -121,6 +121,18 @@ def test_jsonl_and_csv_are_read(tmp_path):
     assert read_table(tmp_path / "p.csv")["prompt"].to_list() == ["a, with comma", "b"]
 
 
+def test_jsonl_and_csv_column_types_come_from_every_row(tmp_path):
+    """Not from the first 100 rows (polars' default): a column that starts late is kept, null-first or int-then-float
+    columns are read whole."""
+    rows = [{"prompt": f"p{i}", "n": 1 if i < 120 else 1.5, "z": None if i < 120 else "x",
+             **({"answer": f"a{i}"} if i >= 120 else {})} for i in range(150)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df = read_table(tmp_path / "p.jsonl")
+    assert (df["answer"][125], df["n"][130], df["z"][140], df["answer"][0]) == ("a125", 1.5, "x", None)
+    (tmp_path / "p.csv").write_text("prompt,ans\n" + "".join(f"p{i},{i if i < 120 else f'x{i}'}\n" for i in range(150)))
+    assert read_table(tmp_path / "p.csv")["ans"][130] == "x130"
+
+
 # --- validation errors -------------------------------------------------------------------------------------
 
 

@@ -364,6 +364,18 @@ def test_cli_bad_value(tmp_path, data):
     assert_one_line_error(run(["-m", "stages.params", str(bad)], cwd=REPO), "update.learnig_rate", "learning_rate")
 
 
+@pytest.mark.parametrize("reward, parts", [
+    ({"name": "s", "function": "vadr"}, ("reward `s`: unknown function `vadr`",)),
+    ({"name": "s", "function": "length", "kwargs": {"min_wrds": 3}}, ("unknown kwarg `min_wrds`", "min_words")),
+    ({"name": "s", "function": "nosuch_module_xyz:f"}, ("cannot import module `nosuch_module_xyz`",)),
+    ({"name": "s", "model": "no/such/rm"}, ("score.rewards[s].model", "no/such/rm")),
+])
+def test_cli_checks_the_rewards_as_a_run_would(tmp_path, data, reward, parts):
+    data["score"]["rewards"] = [reward]
+    bad = write_yaml(tmp_path / "bad.yaml", data)
+    assert_one_line_error(run(["-m", "stages.params", str(bad)], cwd=REPO), *parts)
+
+
 def test_cli_invalid_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sample: {k: 4\n")

@@ -167,7 +167,7 @@ def test_check_prompt_lengths(tiny_model_dir):
     # "<user> the movie was great <eos> <assistant>": 7 tokens with the tiny chat template
     assert check_prompt_lengths(df, tok, 128) == 7
     assert check_prompt_lengths(df, tok, 7) == 7
-    with pytest.raises(PipelineError, match=rf"prompt {prompt_id('the movie was great')} is 7 tokens.*limit 6"):
+    with pytest.raises(PipelineError, match=rf"prompt {prompt_id('the movie was great')} \('the movie was great'...\) is 7 tokens.*limit 6"):
         check_prompt_lengths(df, tok, 6)
 
 
@@ -268,6 +268,7 @@ def test_prompt_too_long(tmp_path, tiny_model_dir):
         prepare(params, out)
     msg = str(exc.value)
     assert msg.startswith("prepare.max_prompt_tokens:") and prompt_id(long_prompt) in msg and "limit 32" in msg
+    assert "('the movie was great the movie was great'...)" in msg  # which prompt, in words
     assert "\n" not in msg
     assert not out.exists()  # nothing written
 

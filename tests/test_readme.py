@@ -27,14 +27,14 @@ def test_the_readme_reward_functions(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(heredoc("PY", "my_rewards.py"))
     monkeypatch.syspath_prepend(str(tmp_path))
     length = build_reward(RewardSpec(name="len", function="my_rewards:reward_len"))
-    assert length(["q", "q"], ["x" * 20, "x" * 5], [[1], [2]], None) == [0, -15]
+    assert length(["q", "q"], ["x" * 20, "x" * 5], completion_ids=[[1], [2]]) == [0, -15]
     acc = build_reward(RewardSpec(name="acc", function="my_rewards:accuracy"))
-    assert acc(["q", "q"], ["It is 14.", "13"], [[1], [2]], None, answer=["14", "12"]) == [1.0, 0.0]
+    assert acc(["q", "q"], ["It is 14.", "13"], completion_ids=[[1], [2]], answer=["14", "12"]) == [1.0, 0.0]
     conv = [[{"role": "user", "content": "q"}]] * 2
     with pytest.raises(Exception):  # conversational completions are message lists: accuracy's `.lower()` needs text
-        acc(["q", "q"], ["14", "12"], [[1], [2]], conv, answer=["14", "12"])
+        acc(["q", "q"], ["14", "12"], completion_ids=[[1], [2]], messages=conv, answer=["14", "12"])
     as_text = build_reward(RewardSpec(name="acc", function="my_rewards:accuracy", kwargs={"as_text": True}))
-    assert as_text(["q", "q"], ["14", "12"], [[1], [2]], conv, answer=["14", "12"]) == [1.0, 1.0]
+    assert as_text(["q", "q"], ["14", "12"], completion_ids=[[1], [2]], messages=conv, answer=["14", "12"]) == [1.0, 1.0]
 
 
 def test_the_readme_question_answering_params_build(tmp_path):
@@ -53,7 +53,7 @@ def test_the_readme_question_answering_params_build(tmp_path):
     p = load_params(tmp_path / "params.qa.yaml")
     sys.path.insert(0, str(tmp_path))
     try:
-        assert [r.name for r in build_rewards(p.score.rewards)] == ["accuracy", "exact", "think"]
+        assert [r.name for r in build_rewards(p.score.rewards)] == ["accuracy", "exact", "short"]
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("my_rewards", None)

@@ -181,6 +181,31 @@ def test_model_chat_template(rm_dir):
     np.testing.assert_allclose(reward(PROMPTS, COMPLETIONS), want, atol=1e-4)
 
 
+def test_model_chat_template_scores_a_conversation_with_all_its_turns(rm_dir):
+    """A conversational prompt is scored as the policy saw it (TRL scores prompt + completion messages): its system
+    and earlier turns too, not only the last user turn."""
+    reward = build_reward(RewardSpec(name="rm", model=str(rm_dir), kwargs={"template": "chat"}), batch_size=4)
+    turns = [[{"role": "system", "content": "be kind"}, {"role": "user", "content": p}] for p in PROMPTS]
+    rendered = [f"<system> be kind <user> {p} <assistant> {c} " for p, c in zip(PROMPTS, COMPLETIONS)]
+    want = _direct(rm_dir, rendered, add_special_tokens=False)
+    np.testing.assert_allclose(reward(PROMPTS, COMPLETIONS, messages=turns), want, atol=1e-4)
+    assert not np.allclose(reward(PROMPTS, COMPLETIONS), want, atol=1e-4)  # the system turn changes the score
+
+
+def test_columns_may_have_the_names_of_internal_parameters():
+    """The reward call's own positional names (prompts, completions, keys, rewards, self) do not clash with a prompts
+    table column of that name: it reaches the functions as a column."""
+    reward = build_reward(RewardSpec(name="em", function="exact_match", kwargs={"column": "keys"}))
+    parts = compute_rewards([reward], ["q"] * 2, ["a", "b"], keys(2), None, keys=["a", "c"], rewards=[1, 2], self=[0, 0])
+    assert parts["em"].tolist() == [1.0, 0.0]
+
+
+def test_a_weight_must_be_finite():
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            RewardSpec(name="a", function="vader", weight=bad)
+
+
 def test_model_truncation_keeps_the_end(rm_dir):
     reward = build_reward(RewardSpec(name="rm", model=str(rm_dir), kwargs={"max_length": 3}), batch_size=2)
     want = _direct(rm_dir, ["loved every minute"])  # the last 3 words of the text

@@ -21,15 +21,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_samples_table, make_tiny_model
+from conftest import make_samples_table, make_tiny_model, repo_params_data
 from stages.errors import PipelineError
 from stages.io import read_table, write_table
 from stages.logprobs import PromptCache, sequence_logprobs
 from stages.models import load_causal_lm, load_tokenizer
-from stages.params import RewardSpec, ScoreParams
+from stages.params import RewardSpec, ScoreParams, parse_params
 from stages.rewards import build_rewards
 from stages.schemas import SAMPLES, SCORES
-from stages.score import kl_and_reward, reward_inputs, score_samples, score_stats
+from stages.score import kl_and_reward, optimizer_steps, reward_inputs, score_samples, score_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,6 +236,44 @@ def test_score_samples_passes_raw_prompts_and_extra_columns(models, tmp_path, mo
     })
     out, _ = score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp, prompts=prompts)
     assert out["score/cols"].to_list() == [0.0, 0.0, 2.0, 2.0, 3.0, 3.0]
+
+
+TRL_EXTRAS_REWARD = """
+def curriculum(completions, trainer_state, log_metric, log_extra, **kwargs):
+    progress = trainer_state.global_step / trainer_state.max_steps
+    log_metric("progress", progress)
+    log_extra("chars", [len(c) for c in completions])
+    return [progress] * len(completions)
+"""
+
+
+def test_trl_extra_arguments_reach_a_reward_function(models, tmp_path, monkeypatch):
+    """TRL passes every reward function `trainer_state`, `log_metric` and `log_extra`: the run's progress in optimizer
+    steps, a metric averaged into the round's stats, and a per-completion column in the scores table."""
+    tok, policy, _, _, _ = models
+    mod = write_reward_module(tmp_path, monkeypatch, TRL_EXTRAS_REWARD)
+    sp = score_params([{"name": "cur", "function": f"{mod}:curriculum"}])
+    samples = make_samples(tok)
+    out, stats = score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp, steps=(3, 12))
+    assert out["score/cur"].to_list() == [0.25] * samples.height and stats["progress"] == 0.25
+    assert out["extra/chars"].to_list() == [len(c) for c in samples["completion"]]
+    params = parse_params(repo_params_data(train={"rounds": 6}, update={"num_mini_batches": 2}))
+    assert optimizer_steps(params, 2) == (4, 12)
+
+
+def test_completions_no_reward_applies_to_are_counted_in_a_warning(models, tmp_path, monkeypatch, caplog):
+    tok, policy, _, _, _ = models
+    mod = write_reward_module(tmp_path, monkeypatch, "def none(completions, **kw):\n    return [None] * len(completions)\n")
+    sp = score_params([{"name": "n", "function": f"{mod}:none"}, {"name": "v", "function": "vader"}])
+    samples = make_samples(tok)
+    with caplog.at_level(logging.WARNING, logger="stages.score"):
+        score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp)
+    assert "completions got None from every reward" not in caplog.text  # vader applies to every row
+    sp = score_params([{"name": "n", "function": f"{mod}:none"}])
+    with caplog.at_level(logging.WARNING, logger="stages.score"):
+        out, _ = score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp)
+    assert f"{samples.height} of {samples.height} completions got None from every reward" in caplog.text
+    assert out["score"].to_list() == [0.0] * samples.height
 
 
 def test_sequence_logprobs_match_direct_forward_for_any_batch_size(models):
@@ -506,20 +544,29 @@ def test_the_score_dtype_reaches_both_logprob_passes(models):
 
 
 def test_reward_inputs_join_the_prompts_columns_by_prompt_id(models):
-    """Rewards get the user's raw prompt (the sample's prompt_text where the prompts table lacks the row), every extra
-    column by name, the completion ids, and the chat turns when a prompt is conversational."""
+    """Rewards get the user's raw prompt, every extra column by name, the completion ids, and the chat turns when a
+    prompt is conversational; a table that lacks a sample's prompt, or has a prompt_id twice, or a column named like
+    a reward argument, is refused (its columns would reach the wrong completions)."""
     tok = models[0]
     samples = make_samples_table(tok, [("p0", 0, "<t>zero", "a", "stop"), ("p0", 1, "<t>zero", "b", "stop"),
-                                       ("p1", 0, "<t>one", "c", "stop"), ("p9", 0, "<t>nine", "d", "stop")])
+                                       ("p1", 0, "<t>one", "c", "stop")])
     turns = [{"role": "user", "content": "raw one"}]
     prompts = pl.DataFrame({"prompt_id": ["p1", "p0"], "prompt": ["raw one", "raw zero"], "answer": ["b", "a"],
                             "messages": [json.dumps(turns), "[]"], "conversational": [True, False]})
     texts, inputs = reward_inputs(samples, prompts)
-    assert texts == ["raw zero", "raw zero", "raw one", samples["prompt_text"][3]] and "<t>nine" in texts[3]
-    assert inputs == {"completion_ids": samples["completion_token_ids"].to_list(), "answer": ["a", "a", "b", None],
-                      "messages": [[], [], turns, None]}
+    assert texts == ["raw zero", "raw zero", "raw one"]
+    assert inputs == {"completion_ids": samples["completion_token_ids"].to_list(), "answer": ["a", "a", "b"],
+                      "messages": [[], [], turns]}
     # plain-text prompts: no chat turns; no prompts table: the rendered prompt and the ids only
     texts, inputs = reward_inputs(samples, prompts.with_columns(conversational=pl.lit(False)))
     assert set(inputs) == {"completion_ids", "answer"}
     assert reward_inputs(samples, None) == (samples["prompt_text"].to_list(),
                                             {"completion_ids": samples["completion_token_ids"].to_list()})
+    other = make_samples_table(tok, [("p9", 0, "<t>nine", "d", "stop")])
+    with pytest.raises(PipelineError, match=r"no row for prompt_id p9 .*pass the table the samples were drawn from"):
+        reward_inputs(pl.concat([samples, other]), prompts)
+    with pytest.raises(PipelineError, match="prompt_id p0 appears more than once"):
+        reward_inputs(samples, pl.concat([prompts, prompts.tail(1).with_columns(answer=pl.lit("x"))]))
+    for name in ("completion_ids", "completions", "trainer_state"):
+        with pytest.raises(PipelineError, match=f"column `{name}` has the name of a reward function's own argument"):
+            reward_inputs(samples, prompts.with_columns(pl.lit("x").alias(name)))

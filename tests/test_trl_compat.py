@@ -63,7 +63,7 @@ MESSAGES = [[{"role": "system", "content": "be brief"}, {"role": "user", "conten
 
 def call(spec_kwargs=None, conversational=False, **columns):
     return lambda name: build_reward(RewardSpec(name="r", function=f"trl_style:{name}", kwargs=spec_kwargs or {}))(
-        PROMPTS_TXT, COMPLETIONS, IDS, MESSAGES if conversational else None, **columns)
+        PROMPTS_TXT, COMPLETIONS, completion_ids=IDS, messages=MESSAGES if conversational else None, **columns)
 
 
 def test_trl_style_functions_run_unchanged(mod):
@@ -85,7 +85,7 @@ def test_conversational_prompts_give_conversational_completions_unless_as_text(m
 def test_none_is_left_out_of_the_weighted_sum(mod):
     rewards = build_rewards([RewardSpec(name="acc", function="trl_style:accuracy", weight=2.0),
                              RewardSpec(name="len", function="trl_style:token_count", weight=0.5)])
-    parts = compute_rewards(rewards, PROMPTS_TXT, COMPLETIONS, KEYS, IDS, None, solution=["4", None, "Rome"])
+    parts = compute_rewards(rewards, PROMPTS_TXT, COMPLETIONS, KEYS, completion_ids=IDS, solution=["4", None, "Rome"])
     assert np.ma.getmaskarray(parts["acc"]).tolist() == [False, True, False]
     assert combine(parts, {"acc": 2.0, "len": 0.5}).tolist() == [2.0 + 1.5, 1.0, 0.0 + 0.5]
 
@@ -101,7 +101,7 @@ def test_trl_rewards_think_format_reward_itself():
     pytest.importorskip("trl")
     reward = build_reward(RewardSpec(name="think", function="trl.rewards:think_format_reward"))
     completions = ["<think>\nreasoning\n</think>\nanswer", "no tags here", "<think>a</think>b"]
-    assert reward(PROMPTS_TXT, completions, IDS, MESSAGES) == [1.0, 0.0, 1.0]
+    assert reward(PROMPTS_TXT, completions, completion_ids=IDS, messages=MESSAGES) == [1.0, 0.0, 1.0]
 
 
 # ---------------------------------------------------------------- datasets through prepare
@@ -180,6 +180,24 @@ def test_conversational_prompts_keep_their_turns_and_columns(tmp_path, tiny_mode
     assert texts == ["Capital of France?"] and inputs["solution"] == ["Paris"]
     assert inputs["messages"] == [json.loads(row["messages"])] and inputs["completion_ids"] == [[5, 6]]
     assert "conversational" not in inputs and "prompt" not in inputs
+
+
+def test_a_datasets_own_prompt_id_and_messages_are_kept_aside(tmp_path, tiny_model_dir, caplog):
+    """UltraFeedback-style columns named like prepare's own (prompt_id, messages) or like a reward argument
+    (completion_ids) are kept as source_<name>: the prompt's hash, turns and sampled ids stay the pipeline's."""
+    df = standard().with_columns(prompt_id=pl.lit("same"), messages=pl.lit("x"), completion_ids=pl.lit("y"))
+    src = write(df, tmp_path / "prompts.jsonl", "jsonl")
+    summary, table = prepared(tmp_path, tiny_model_dir, src)
+    assert table["prompt_id"].n_unique() == table.height == 6
+    assert table["prompt_id"].to_list() == [prompt_id(p) for p in table["prompt"]]
+    assert summary["extra_columns"] == ["answer", "source_prompt_id", "source_messages", "source_completion_ids"]
+    assert "kept as source_prompt_id, source_messages, source_completion_ids" in caplog.text
+    samples = pl.DataFrame({"prompt_id": [table["prompt_id"][0]], "sample_idx": [0], "prompt_text": ["t"],
+                            "completion": ["c"], "completion_token_ids": [[5, 6]]})
+    _, inputs = reward_inputs(samples, table)
+    assert inputs["completion_ids"] == [[5, 6]] and inputs["source_prompt_id"] == ["same"]
+    with pytest.raises(PipelineError, match="columns `messages` and `source_messages` both present"):
+        prepared(tmp_path, tiny_model_dir, write(df.with_columns(source_messages=pl.lit(1)), tmp_path / "p2.jsonl", "jsonl"))
 
 
 def test_a_bad_conversation_is_one_line(tmp_path, tiny_model_dir):

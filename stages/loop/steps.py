@@ -58,18 +58,20 @@ def policy_logprobs_from_sampler(w: Warm) -> bool:
 
 
 def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
-    from stages.score import score_samples, score_stats
+    from stages.score import optimizer_steps, score_samples, score_stats
 
     t0 = time.perf_counter()
     local = samples.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples))) if w.dist.enabled else samples
     logp_policy = [float(sum(x)) for x in local["sampler_logprobs"]] if policy_logprobs_from_sampler(w) else None
     out, stats = score_samples(local, w.rewards, w.trainer.model, w.ref, w.tokenizer, w.params.score, w.train_prompts,
-                               logp_policy, share_prompts=w.params.base.share_prompts)
+                               logp_policy, share_prompts=w.params.base.share_prompts,
+                               steps=optimizer_steps(w.params, int(samples["policy_version"].max() or 0)))
     if not w.dist.enabled:
         return out, stats
     out = w.dist.gather_rows(out, samples["prompt_id"].unique(maintain_order=True).to_list())
     components = [r.name for r in w.rewards]
-    return out, score_stats(out, samples.height, components, stats["time/reward_s"], time.perf_counter() - t0)
+    full = score_stats(out, samples.height, components, stats["time/reward_s"], time.perf_counter() - t0)
+    return out, full | {k: v for k, v in stats.items() if k not in full}  # a reward's log_metric: this rank's mean
 
 
 def advantage_round(w: Warm, scores: pl.DataFrame, source: str = "scores") -> tuple[pl.DataFrame, dict, dict]:
