@@ -51,10 +51,20 @@ def _dvc(*args: str) -> subprocess.CompletedProcess:
     cmd = [str(exe) if exe.exists() else "dvc", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        err = (proc.stderr or proc.stdout).strip().splitlines()
-        last = next((ln for ln in reversed(err) if ln.startswith(("error:", "ERROR"))), err[-1] if err else "?")
-        raise PipelineError(f"`dvc {' '.join(args)}` failed: {last.strip()}")
+        raise PipelineError(f"`dvc {' '.join(args)}` failed: {_why(proc.stderr or proc.stdout)}")
     return proc
+
+
+def _why(output: str) -> str:
+    """The reason in a failed `dvc repro`'s output: the stage's own `error: ...` line (a bad input), else the last
+    line of its traceback (a bug), then DVC's summary line (`ERROR: failed to reproduce ...`) in brackets."""
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    dvc = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "?")
+    ours = next((ln for ln in reversed(lines) if ln.startswith("error:")), None)
+    bug = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*", ln)
+                and not ln.startswith("ERROR")), None)
+    stage = ours.removeprefix("error:").strip() if ours else bug
+    return f"{stage} ({dvc})" if stage else dvc
 
 
 @task(name="dvc status", **_TASK)
@@ -118,7 +128,7 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
     """prepare -> train -> evaluate -> report, as `dvc repro` runs them; see the module docstring for what a
     scheduled run does in each case."""
     from stages.errors import quiet_bad_input_tracebacks
-    from stages.loop.lock import run_lock
+    from stages.loop.lock import deployment_wait_s, run_lock
     from stages.params import load_params
 
     quiet_bad_input_tracebacks()
@@ -133,7 +143,7 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
     from stages.loop.resume import restore_interrupted
 
     t0 = time.perf_counter()
-    with run_lock("scheduled pipeline"):
+    with run_lock("scheduled pipeline", wait_s=deployment_wait_s()):  # a scheduled run queues behind the holder
         restore_interrupted(load_params(path))  # a run killed in round 1: put back before the rounds are counted
         changed = status_task()
         if not changed and more_rounds == 0:
@@ -145,23 +155,60 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
                 logger.info("nothing changed: no stage ran")
                 return summary
         original = path.read_text()
+        rounds = None
         try:
             steps = [stage_task("prepare")]
             params = load_params(path)
             extra, added = plan_rounds(params, more_rounds, rounds_per_new_prompt)
-            rounds = None
             if extra:
                 rounds = raise_rounds(path, extra)
                 logger.info("train.rounds %d -> %d (%d new prompt(s), more_rounds=%d)", *rounds, len(added), more_rounds)
-            steps += [stage_task(s) for s in STAGES[1:]]
+            for stage in STAGES[1:]:
+                seen = path.read_text()
+                steps.append(stage_task(stage))
+                if path.read_text() != seen:  # DVC's lock now holds values the stage did not run with
+                    raise PipelineError(f"params.yaml changed while the {stage} stage ran, so dvc.lock records values "
+                                        f"it did not run with; edit params.yaml between runs, and run `dvc repro -f "
+                                        f"{stage}` (then `dvc repro`) to run it with the file as it is now")
         except BaseException:
-            if path.read_text() != original:
-                path.write_text(original)  # a failed run leaves params.yaml as it found it
+            _put_back(path, original, rounds, logger)
             raise
         summary = {"noop": False, "changed": changed, "new_prompts": len(added), "rounds": rounds,
                    "stages": steps, "seconds": time.perf_counter() - t0}
         _artifacts(summary)
         return summary
+
+
+def _put_back(path: Path, original: str, rounds: tuple[int, int] | None, logger) -> None:
+    """After a failed run: params.yaml as the run found it, except that train.rounds keeps the rounds that did complete
+    (the next run resumes after them; putting back fewer would refuse every later run). A file someone edited during
+    the run is left as it is."""
+    from stages.io import write_text
+
+    text = path.read_text()
+    if text == original:
+        return
+    if rounds is None or text != _with_rounds(original, rounds[1]):
+        logger.warning("params.yaml was edited during the failed run: left as it is (train.rounds there: %s)",
+                       _rounds_line(text)[0] if re.search(r"(?m)^train:", text) else "?")
+        return
+    import yaml
+
+    from stages.loop.resume import MANIFEST, ROUND_DIR
+
+    rounds_dir = Path((yaml.safe_load(original).get("train") or {}).get("rounds_dir") or "data/rounds")
+    done = sum(1 for d in (rounds_dir.iterdir() if rounds_dir.is_dir() else ())
+               if ROUND_DIR.match(d.name) and (d / MANIFEST).is_file())
+    keep = min(max(rounds[0], done), rounds[1])
+    write_text(_with_rounds(original, keep), path)
+    if keep > rounds[0]:
+        logger.warning("train.rounds kept at %d, not put back to %d: %d rounds are complete (the next run resumes)",
+                       keep, rounds[0], done)
+
+
+def _with_rounds(text: str, rounds: int) -> str:
+    _, m = _rounds_line(text)
+    return text[: m.start(2)] + str(rounds) + text[m.end(2):]
 
 
 def _artifacts(summary: dict) -> None:

@@ -20,6 +20,7 @@ Without a Prefect API (`PREFECT_API_URL`), the flow runs against a temporary loc
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -109,11 +110,11 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
                restart: bool = False) -> dict:
     """RLOO training: `rounds` rounds of sample -> score -> advantage -> update, resources kept warm."""
     from stages.errors import quiet_bad_input_tracebacks
-    from stages.loop.lock import run_lock
+    from stages.loop.lock import deployment_wait_s, run_lock
 
     quiet_bad_input_tracebacks()
     params = load_params(params_path, overrides)
-    with run_lock("training run"):
+    with run_lock("training run", wait_s=deployment_wait_s()):  # a scheduled run queues behind the holder
         return run_training(params, rounds or params.train.rounds, restart)
 
 
@@ -159,6 +160,18 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
         logger.info("resuming after round %d of %d (run %s)", start, total, identity)
     if start >= total:
         logger.info("all %d rounds already complete", total)
+        if not plan.replay and plan.superseded is None:
+            current = dist.broadcast(_current_outputs(identity, total) if dist.main else None)
+            if current is not None:  # nothing to train and nothing to write: no model loads, no file or MLflow change
+                if dist.main and plan.done:
+                    from stages.io import read_table
+                    from stages.loop.resume import report_untrained, split_record
+                    from stages.loop.warm import PREPARED_TRAIN
+
+                    if Path(PREPARED_TRAIN).is_file():
+                        report_untrained(logger, plan.done[-1], split_record(read_table(PREPARED_TRAIN)), total)
+                logger.info("metrics/train.json and plots/train.csv are this run's already: nothing loaded or written")
+                return current
 
     # 2. what stays warm
     t0 = time.perf_counter()
@@ -277,6 +290,18 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             if dist.main:
                 tracking.finish_run(None, history, failed=True)
         raise
+
+
+def _current_outputs(identity: str, total: int) -> dict | None:
+    """metrics/train.json when it is this run's, over `total` rounds, with plots/train.csv beside it; else None."""
+    from stages.loop.writer import METRICS_FILE, PLOTS_FILE
+
+    try:
+        summary = json.loads(Path(METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    mine = isinstance(summary, dict) and summary.get("identity") == identity and summary.get("rounds") == total
+    return summary if mine and Path(PLOTS_FILE).is_file() else None
 
 
 def _then(first, second):

@@ -29,6 +29,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -276,6 +277,37 @@ def load_state(state_dir: str | Path, meta: dict, device: Any = "cpu") -> dict:
         first = next(iter(str(exc).strip().splitlines()), "")[:160]
         raise PipelineError(f"{path}: refused or unreadable trainer state ({type(exc).__name__}: {first}); it is loaded "
                             "without running code; start over with: python -m flows.train --restart") from None
+
+
+def put_back_moved_aside(policy_dir: str | Path) -> bool:
+    """A write killed between `replace_dir`'s two renames left no checkpoint in place: the one it had moved aside
+    (`.<name>.old-*/d`, whose state file is still on disk) goes back, before the run decides where it stands (else
+    `clean_staging` would remove the only copy). Returns whether it did."""
+    d = Path(policy_dir)
+    olds = [p for p in d.parent.glob(f".{d.name}.old-*") if (p / "d").is_dir()] if d.parent.is_dir() else []
+    if d.exists() or len(olds) != 1:
+        return False
+    os.replace(olds[0] / "d", d)
+    log.warning("put %s back from %s (a checkpoint write was killed between its two renames)", d, olds[0])
+    return True
+
+
+def clean_orphan_states(policy_dir: str | Path, state_dir: str | Path) -> list[Path]:
+    """Remove the resume-state files no checkpoint pairs with: a write killed after the new state file and before the
+    policy's rename leaves one (~1 GB for the default model). Only `state-<id>.pt` names this module writes, and
+    only while a checkpoint is in place (with none, a `dvc checkout` may still bring the one a file pairs with).
+    Call it under the run lock, after `clean_staging`."""
+    meta = read_meta(policy_dir) if Path(policy_dir).is_dir() else None
+    if meta is None or not Path(state_dir).is_dir():
+        return []
+    keep = state_file(state_dir, meta["checkpoint_id"]).name
+    removed = [p for p in Path(state_dir).glob("state-*.pt") if re.fullmatch(r"state-[0-9a-f]{12}\.pt", p.name)
+               and p.name != keep]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    if removed:
+        log.info("removed %d resume-state file(s) no checkpoint pairs with: %s", len(removed), ", ".join(map(str, removed)))
+    return removed
 
 
 def clean_staging(*dirs: str | Path) -> list[Path]:

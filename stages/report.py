@@ -57,8 +57,10 @@ def _tail(text: str, n: int = 300) -> str:
 # ---------------------------------------------------------------- data
 
 
-def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str | Path, n_examples: int = 3) -> dict:
-    """Everything the report shows, from the run's artifacts; raises PipelineError when no round is complete."""
+def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str | Path, n_examples: int = 3,
+               checkpoint_dir: str | Path | None = None) -> dict:
+    """Everything the report shows, from the run's artifacts; raises PipelineError when no round is complete.
+    `checkpoint_dir`: the run's checkpoint, whose round the advice for a damaged round depends on."""
     from stages.io import read_json, read_table
     from stages.loop.resume import round_dir, scan_rounds, verify_round
     from stages.schemas import ADVANTAGES, KEYS, SAMPLES
@@ -67,8 +69,13 @@ def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str |
     complete = {r: m for r, (_, m) in scan_rounds(rounds_dir).items() if m is not None}
     if not complete:
         raise PipelineError(f"no complete rounds in {rounds_dir}; run `dvc repro train` first")
+    ckpt = None
+    if checkpoint_dir is not None:
+        from stages.checkpoint import read_meta
+
+        ckpt = (read_meta(checkpoint_dir) or {}).get("round")
     for r, m in complete.items():  # the report relies on every complete round: each must be intact
-        verify_round(round_dir(rounds_dir, r), m)
+        verify_round(round_dir(rounds_dir, r), m, checkpoint_round=ckpt)
     manifests = [complete[r] for r in sorted(complete)]
     last, last_dir = manifests[-1], round_dir(rounds_dir, manifests[-1]["round"])
     adv = read_table(last_dir / "advantages.parquet", ADVANTAGES)
@@ -278,9 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-dir", default="data/eval")
     parser.add_argument("--eval-metrics", default="metrics/eval.json")
     parser.add_argument("--out-dir", default="reports")
+    parser.add_argument("--checkpoint-dir", default="models/policy", help="the run's checkpoint (train.checkpoint_dir)")
     args = parser.parse_args(argv)
 
-    data = build_data(args.rounds_dir, args.eval_dir, args.eval_metrics)
+    data = build_data(args.rounds_dir, args.eval_dir, args.eval_metrics, checkpoint_dir=args.checkpoint_dir)
     plots = make_plots(data)
     out = Path(args.out_dir)
     files = {name: f"report_{name}.png" for name in plots}

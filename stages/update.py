@@ -351,6 +351,13 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The learning rate of the next step from this run's schedule: the saved one was computed over the saved
+        # run's length, and a run whose train.rounds was raised since would take its next step at the old schedule's
+        # last rate (0 at the end of a linear decay). With the same length this is the saved rate, to the bit.
+        sched = self.scheduler
+        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         torch.set_rng_state(state["rng"]["torch"].cpu())
         random.setstate(_py_rng_from_lists(state["rng"]["python"]))
         self.round = state["round"]

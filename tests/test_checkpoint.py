@@ -15,6 +15,7 @@ from test_update import CPU, lora_params, make_batch, make_params, weights
 from conftest import make_tiny_model
 from stages import checkpoint
 from stages.errors import PipelineError
+from stages.io import write_json
 from stages.update import load_trainer
 
 
@@ -159,6 +160,36 @@ def test_clean_staging_removes_only_what_a_writer_leaves(tmp_path):
     removed = checkpoint.clean_staging(tmp_path / "policy", tmp_path / "state")
     assert len(removed) == 3
     assert all(p.exists() for p in keep)
+
+
+def test_a_write_killed_between_its_renames_puts_the_old_checkpoint_back(tmp_path):
+    """replace_dir moves the old policy aside, then the new one in: killed between the two, only the old copy is
+    complete in place (its state file is still there); it goes back instead of being removed as staging."""
+    aside = tmp_path / ".policy.old-abc" / "d"
+    aside.mkdir(parents=True)
+    (aside / "checkpoint.json").write_text("{}")
+    (tmp_path / ".policy.tmp-new").mkdir()
+    assert checkpoint.put_back_moved_aside(tmp_path / "policy")
+    assert (tmp_path / "policy" / "checkpoint.json").read_text() == "{}"
+    assert not checkpoint.put_back_moved_aside(tmp_path / "policy")  # in place: nothing to do
+    checkpoint.clean_staging(tmp_path / "policy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+
+
+def test_orphan_state_files_are_removed_only_beside_a_checkpoint(tmp_path):
+    """A write killed after the new state file and before the policy's rename leaves a state file that no
+    checkpoint pairs with (~1 GB): removed at the next start; the paired one and other files stay."""
+    state = tmp_path / "state"
+    state.mkdir()
+    names = ["state-aaaaaaaaaaaa.pt", "state-bbbbbbbbbbbb.pt", "state-notmine.pt", "notes.txt"]
+    for n in names:
+        (state / n).write_bytes(b"x")
+    assert checkpoint.clean_orphan_states(tmp_path / "policy", state) == []  # no checkpoint: a dvc checkout may come
+    (tmp_path / "policy").mkdir()
+    write_json({"format": checkpoint.FORMAT, "round": 1, "checkpoint_id": "aaaaaaaaaaaa"},
+               tmp_path / "policy" / "checkpoint.json")
+    assert checkpoint.clean_orphan_states(tmp_path / "policy", state) == [state / names[1]]
+    assert sorted(p.name for p in state.iterdir()) == sorted(names[:1] + names[2:])
 
 
 # ---------------------------------------------------------------- the direct writer (O_DIRECT, fsync)

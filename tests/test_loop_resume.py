@@ -179,6 +179,19 @@ def test_a_repaired_run_still_verifies_its_other_rounds(params):
         plan_resume(params, ID)
 
 
+def test_a_deleted_round_is_not_repaired_from_the_checkpoint(params):
+    """The checkpoint carries round 3's manifest for a kill between the two writes; a round dir deleted by hand has
+    no artifacts to go with it: the run stops and says so, instead of writing a manifest over nothing."""
+    tp = params.train
+    write_round(tp, 0)
+    write_round(tp, 1)
+    write_checkpoint(tp, 3, manifest=write_round(tp, 2, manifest=False))
+    shutil.rmtree(round_dir(tp.rounds_dir, 2))
+    with pytest.raises(PipelineError, match=r"round 3 is damaged; restore it with `dvc checkout"):
+        plan_resume(params, ID)
+    assert not round_dir(tp.rounds_dir, 2).exists()
+
+
 def test_removed_checkpoint_is_refused_not_a_reason_to_delete(params):
     tp = params.train
     for r in range(2):

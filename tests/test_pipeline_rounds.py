@@ -4,6 +4,8 @@ itself runs against a real Prefect server in the slow tests (tests/test_deployme
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from flows.pipeline import raise_rounds
@@ -40,3 +42,60 @@ def test_a_params_file_without_train_rounds_is_refused_and_left_alone(tmp_path, 
     with pytest.raises(PipelineError, match=phrase):
         raise_rounds(path, 2)
     assert path.read_text() == text
+
+
+def _rounds_done(tmp_path, n: int) -> None:
+    for r in range(n):
+        (tmp_path / "data" / "rounds" / f"round={r:04d}").mkdir(parents=True)
+        (tmp_path / "data" / "rounds" / f"round={r:04d}" / "manifest.json").write_text("{}")
+    (tmp_path / "data" / "rounds" / f"round={n:04d}").mkdir()  # a partial round: no manifest, not complete
+
+
+@pytest.mark.parametrize("done, kept", [(12, 12), (11, 12), (14, 14), (16, 16)])
+def test_a_failed_run_puts_params_back_but_keeps_the_rounds_it_completed(tmp_path, monkeypatch, done, kept):
+    """A scheduled run that raised train.rounds 12 -> 16 and then failed: params.yaml as it was, except that
+    train.rounds keeps the rounds that completed (putting back 12 after 14 complete rounds would refuse every later
+    run: '12 rounds asked, but 14 are complete')."""
+    from flows.pipeline import _put_back
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS)
+    _rounds_done(tmp_path, done)
+    rounds = raise_rounds(path, 4)
+    _put_back(path, PARAMS, rounds, logging.getLogger("t"))
+    assert path.read_text() == PARAMS.replace("  rounds: 12 ", f"  rounds: {kept} ")
+
+
+def test_a_failed_run_leaves_an_edit_made_during_it(tmp_path, monkeypatch, caplog):
+    from flows.pipeline import _put_back
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS)
+    rounds = raise_rounds(path, 4)
+    edited = path.read_text().replace("seed: 42", "seed: 7")
+    path.write_text(edited)
+    _put_back(path, PARAMS, rounds, logging.getLogger("t"))
+    assert path.read_text() == edited and "edited during the failed run: left as it is (train.rounds there: 16)" in caplog.text
+    path.write_text(PARAMS)
+    _put_back(path, PARAMS, None, logging.getLogger("t"))  # nothing changed: nothing written
+    assert path.read_text() == PARAMS
+
+
+@pytest.mark.parametrize("output, why", [
+    ("running...\nerror: reward `acc` raised KeyError: 'answer'\nERROR: failed to reproduce 'train': failed to run: "
+     "python -m flows.train, exited with 2\n",
+     "reward `acc` raised KeyError: 'answer' (ERROR: failed to reproduce 'train': failed to run: python -m flows.train, "
+     "exited with 2)"),
+    ("Traceback (most recent call last):\n  File \"x.py\", line 1\nIsADirectoryError: [Errno 21] metrics/eval.json\n"
+     "ERROR: failed to reproduce 'evaluate': exited with 1\n",
+     "IsADirectoryError: [Errno 21] metrics/eval.json (ERROR: failed to reproduce 'evaluate': exited with 1)"),
+    ("ERROR: unexpected error - lock held\n", "ERROR: unexpected error - lock held"),
+])
+def test_a_failed_stage_says_its_own_reason(output, why):
+    """The pipeline's error carries the stage's own `error:` line or its traceback's last line, not only DVC's
+    'failed to reproduce' summary."""
+    from flows.pipeline import _why
+
+    assert _why(output) == why

@@ -222,8 +222,12 @@ def test_a_bad_new_setting_fails_before_the_finished_run_is_moved_aside(copy, ch
     before = files_of(proj)
     one_line_error(run([PY, "-m", "flows.train", "--params", "bad.yaml"], proj, env, check=False), named)
     assert files_of(proj) == before and not (proj / "data" / "archive").exists()
+    outputs = [(proj / f).read_bytes() for f in ("metrics/train.json", "plots/train.csv")]
     out = run([PY, "-m", "flows.train"], proj, env)  # the old params: the same run, still complete
     assert f"all {ROUNDS} rounds already complete" in out.stdout + out.stderr
+    # nothing to train: no model loads and no output rewritten (DVC would see a change and re-run what follows)
+    assert "nothing loaded or written" in out.stdout + out.stderr and "warm resources ready" not in out.stdout + out.stderr
+    assert [(proj / f).read_bytes() for f in ("metrics/train.json", "plots/train.csv")] == outputs
 
 
 def test_a_new_run_killed_outright_in_round_1_is_undone_at_the_next_start(copy):

@@ -122,6 +122,23 @@ def test_without_eval_says_no_evaluation(tmp_path):
     assert not (tmp_path / "reports" / "report_win_rate.png").exists()
 
 
+def test_a_damaged_round_s_advice_knows_the_checkpoint(tmp_path):
+    """A round before the checkpoint cannot be re-done from the base model: the report's advice for a damaged round
+    is the run's own (restore it, or start over), not 're-do it from the base model'."""
+    for r in range(2):
+        write_round(tmp_path / "rounds", r)
+    (tmp_path / "rounds" / "round=0000" / "advantages.parquet").unlink()
+    with pytest.raises(PipelineError, match="re-do it from the base model") as exc:
+        build_data(tmp_path / "rounds", tmp_path / "eval", tmp_path / "eval.json")  # no checkpoint
+    (tmp_path / "policy").mkdir()
+    from stages.checkpoint import FORMAT
+
+    write_json({"format": FORMAT, "round": 2}, tmp_path / "policy" / "checkpoint.json")
+    with pytest.raises(PipelineError, match="round 1 is damaged") as exc:
+        build_data(tmp_path / "rounds", tmp_path / "eval", tmp_path / "eval.json", checkpoint_dir=tmp_path / "policy")
+    assert "re-do" not in str(exc.value) and "start over" in str(exc.value)
+
+
 def test_no_complete_rounds_raises(tmp_path):
     write_round(tmp_path / "rounds", 0, manifest=False)
     with pytest.raises(PipelineError, match="no complete rounds"):

@@ -425,6 +425,24 @@ def test_schedule_reaches_the_optimizer(tiny_model_dir):
     assert lrs == pytest.approx([1e-2 * 0.5, 1e-2, 1e-2, 1e-2 * 0.5])  # steps 0-3 of 4, warm-up 2
 
 
+def test_raising_the_rounds_continues_a_decaying_schedule_over_the_new_length(tiny_model_dir):
+    """A run resumed with more rounds (a scheduled run that raised train.rounds) takes its next step at the new
+    schedule's rate, not at the old schedule's last one (0 after a linear decay); with the same length, the saved
+    rate to the bit."""
+    params = make_params(tiny_model_dir, lr_scheduler="linear")
+    trainer = Trainer(str(tiny_model_dir), params, CPU, total_rounds=2)
+    lrs = [trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))["learning_rate"] for _ in range(2)]
+    assert lrs == pytest.approx([1e-2, 0.5e-2])
+    state = trainer.resume_state()
+    same = Trainer(str(tiny_model_dir), params, CPU, total_rounds=2)
+    same.load_resume_state(state)
+    assert same.optimizer.param_groups[0]["lr"] == trainer.optimizer.param_groups[0]["lr"] == 0.0
+    longer = Trainer(str(tiny_model_dir), params, CPU, total_rounds=4)
+    longer.load_resume_state(state)
+    lrs = [longer.step(make_batch(longer, [1.0, -0.5, 0.3, 2.0]))["learning_rate"] for _ in range(2)]
+    assert lrs == pytest.approx([0.5e-2, 0.25e-2])  # steps 2 and 3 of 4
+
+
 def test_grad_variance_by_hand():
     """Two prompt groups with gradients g1 = (1, 0), g2 = (0, 1) and shares 1/2 each, accumulated as the update does:
     G = (1/2, 1/2), ||G||^2 = 1/2, the one-prompt estimates' covariance trace (unbiased, weighted) = (1/2 * 1 +

@@ -70,9 +70,32 @@ def _inherited(path: Path) -> bool:
     return info.get("token") == token and info.get("pid") in _ancestors()
 
 
+WAIT_ENV = "RLOO_LOCK_WAIT_S"  # how long a scheduled (deployment) run waits for the lock; default 12 h
+
+
+def deployment_wait_s() -> float:
+    """Seconds a flow run waits for the lock: a deployment's run (a schedule, `prefect deployment run`) queues behind
+    whatever holds the checkout (another deployment's run, a shell `dvc repro`), as one deployment's own runs queue
+    behind each other; a command typed at a terminal fails at once, naming the holder."""
+    try:
+        from prefect.runtime import deployment
+
+        scheduled = deployment.id is not None
+    except Exception:  # no Prefect context
+        scheduled = False
+    return float(os.environ.get(WAIT_ENV, 12 * 3600)) if scheduled else 0.0
+
+
+def _who(path: Path) -> str:
+    info = _holder(path)
+    return (f"pid {info.get('pid')} ({info.get('what', 'a run')}: {info.get('cmd', '?')}) since {info.get('started', '?')}"
+            if info else "another process")
+
+
 @contextlib.contextmanager
-def run_lock(what: str = "training run", path: str | Path = LOCK_PATH) -> Iterator[dict]:
-    """Hold the checkout's run lock for the duration; PipelineError (one line) when another process holds it."""
+def run_lock(what: str = "training run", path: str | Path = LOCK_PATH, wait_s: float = 0.0) -> Iterator[dict]:
+    """Hold the checkout's run lock for the duration; PipelineError (one line) when another process holds it (after
+    waiting up to `wait_s` seconds for it to end)."""
     path = Path(path)
     if _held or _inherited(path):
         yield _holder(path)
@@ -80,14 +103,24 @@ def run_lock(what: str = "training run", path: str | Path = LOCK_PATH) -> Iterat
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            info = _holder(path)
-            who = (f"pid {info.get('pid')} ({info.get('what', 'a run')}: {info.get('cmd', '?')}) since {info.get('started', '?')}"
-                   if info else "another process")
-            raise PipelineError(f"{path}: another run holds this checkout's lock: {who}; wait for it to end or stop it "
-                                f"(kill {info.get('pid', '<pid>')}), then re-run") from None
+        deadline, told = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    info = _holder(path)
+                    waited = f" (waited {wait_s:.0f} s, {WAIT_ENV})" if wait_s else ""
+                    raise PipelineError(f"{path}: another run holds this checkout's lock: {_who(path)}{waited}; wait "
+                                        f"for it to end or stop it (kill {info.get('pid', '<pid>')}), then re-run") from None
+                if not told:
+                    import logging
+
+                    logging.getLogger(__name__).warning("waiting for this checkout's lock (up to %.0f s): %s",
+                                                        wait_s, _who(path))
+                    told = True
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
         token = uuid.uuid4().hex
         info = {"pid": os.getpid(), "what": what, "cmd": _command()[:200], "token": token,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -250,9 +250,9 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
         where = "is missing" if meta is None else f"is at round {c}"
         raise PipelineError(f"{tp.checkpoint_dir}: round {lost[-1] + 1} wrote a checkpoint, but the checkpoint {where}; "
                             f"restore it (`dvc checkout {tp.checkpoint_dir}`) or start over: {RESTART}")
-    for r in range(n):  # every complete round is intact, or the run stops and says how to get it back
-        if not (plan.repair and r == plan.repair["round"]):
-            verify_round(round_dir(tp.rounds_dir, r), manifests[r], checkpoint_round=c if meta else None)
+    for r in range(n):  # every complete round is intact, or the run stops and says how to get it back (the round
+        # whose manifest is repaired too: a kill between the two writes leaves its artifacts, a deleted dir does not)
+        verify_round(round_dir(tp.rounds_dir, r), manifests[r], checkpoint_round=c if meta else None)
     plan.start = n
     plan.done = [manifests[r] for r in range(n)]
     plan.replay = plan.done[c:]  # the complete rounds after the checkpoint: their updates are applied again
@@ -285,6 +285,7 @@ def apply_plan(plan: ResumePlan, params) -> Archived | None:
 
     tp = params.train
     checkpoint.clean_staging(tp.checkpoint_dir, tp.state_dir)
+    checkpoint.clean_orphan_states(tp.checkpoint_dir, tp.state_dir)
     if plan.superseded is not None:
         return archive_run(params, plan.superseded)
     if plan.repair is not None:
@@ -421,8 +422,10 @@ def restore_interrupted(params) -> bool:
     completed a round is dropped, one written for other output dirs (another checkout sharing the archive dir) is
     left alone. A move that fails is a warning naming the marker (at each start, until you have moved the run back
     and deleted the marker). Returns whether a run moved back."""
+    from stages import checkpoint
     from stages.io import read_json
 
+    checkpoint.put_back_moved_aside(params.train.checkpoint_dir)  # a checkpoint write killed mid-rename
     root = Path(params.train.archive_dir)
     here = _origin(params)
     moved = False
