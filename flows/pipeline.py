@@ -157,26 +157,35 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
         original = path.read_text()
         rounds = None
         try:
-            steps = [stage_task("prepare")]
+            steps = [_stage(path, "prepare")]
             params = load_params(path)
             extra, added = plan_rounds(params, more_rounds, rounds_per_new_prompt)
             if extra:
                 rounds = raise_rounds(path, extra)
                 logger.info("train.rounds %d -> %d (%d new prompt(s), more_rounds=%d)", *rounds, len(added), more_rounds)
-            for stage in STAGES[1:]:
-                seen = path.read_text()
-                steps.append(stage_task(stage))
-                if path.read_text() != seen:  # DVC's lock now holds values the stage did not run with
-                    raise PipelineError(f"params.yaml changed while the {stage} stage ran, so dvc.lock records values "
-                                        f"it did not run with; edit params.yaml between runs, and run `dvc repro -f "
-                                        f"{stage}` (then `dvc repro`) to run it with the file as it is now")
+            steps += [_stage(path, stage) for stage in STAGES[1:]]
         except BaseException:
-            _put_back(path, original, rounds, logger)
+            try:
+                _put_back(path, original, rounds, logger)
+            except Exception as exc:  # the run's own failure is the one to report
+                logger.warning("could not put params.yaml back: %s", exc)
             raise
         summary = {"noop": False, "changed": changed, "new_prompts": len(added), "rounds": rounds,
                    "stages": steps, "seconds": time.perf_counter() - t0}
         _artifacts(summary)
         return summary
+
+
+def _stage(path: Path, stage: str) -> dict:
+    """One stage; it stops the run when params.yaml changed while it ran (DVC records the params it reads after the
+    stage, so dvc.lock would claim values the stage did not run with)."""
+    seen = path.read_text()
+    done = stage_task(stage)
+    if path.read_text() != seen:
+        raise PipelineError(f"params.yaml changed while the {stage} stage ran, so dvc.lock records values it did not "
+                            f"run with; edit params.yaml between runs, and run `dvc repro -f {stage}` (then `dvc "
+                            "repro`) to run it with the file as it is now")
+    return done
 
 
 def _put_back(path: Path, original: str, rounds: tuple[int, int] | None, logger) -> None:

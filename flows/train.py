@@ -113,9 +113,10 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
     from stages.loop.lock import deployment_wait_s, run_lock
 
     quiet_bad_input_tracebacks()
-    params = load_params(params_path, overrides)
+    load_params(params_path, overrides)  # a bad file fails now, not after waiting for the lock
     with run_lock("training run", wait_s=deployment_wait_s()):  # a scheduled run queues behind the holder
-        return run_training(params, rounds or params.train.rounds, restart)
+        params = load_params(params_path, overrides)  # as it is once the lock is ours (the holder may have raised
+        return run_training(params, rounds or params.train.rounds, restart)  # train.rounds or changed it)
 
 
 def run_training(params: Params, total: int, restart: bool = False) -> dict:
@@ -161,7 +162,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     if start >= total:
         logger.info("all %d rounds already complete", total)
         if not plan.replay and plan.superseded is None:
-            current = dist.broadcast(_current_outputs(identity, total) if dist.main else None)
+            current = dist.broadcast(_current_outputs(identity, total, plan.done) if dist.main else None)
             if current is not None:  # nothing to train and nothing to write: no model loads, no file or MLflow change
                 if dist.main and plan.done:
                     from stages.io import read_table
@@ -279,7 +280,7 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
         summary = {}
         if dist.main:
             summary = write_run_outputs(history, total, identity, warm_s, time.perf_counter() - t0, total - start,
-                                        time.perf_counter() - t_rounds) | topology
+                                        time.perf_counter() - t_rounds, run.info.run_id if run else None) | topology
             tracking.finish_run(summary, history)
         dist.barrier()  # the others end once rank 0 has written everything
         return summary
@@ -292,16 +293,20 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
         raise
 
 
-def _current_outputs(identity: str, total: int) -> dict | None:
-    """metrics/train.json when it is this run's, over `total` rounds, with plots/train.csv beside it; else None."""
-    from stages.loop.writer import METRICS_FILE, PLOTS_FILE
+def _current_outputs(identity: str, total: int, done: list[dict]) -> dict | None:
+    """metrics/train.json when this very run wrote it over `total` rounds (its identity, and the MLflow run of its
+    last round: an archived run of the same settings has another), else None. The file is written last
+    (`write_run_outputs`), so plots/train.csv is as current."""
+    from stages.loop.writer import METRICS_FILE
 
     try:
         summary = json.loads(Path(METRICS_FILE).read_text())
     except (OSError, ValueError):
         return None
-    mine = isinstance(summary, dict) and summary.get("identity") == identity and summary.get("rounds") == total
-    return summary if mine and Path(PLOTS_FILE).is_file() else None
+    run_id = done[-1].get("mlflow_run_id") if done else None
+    mine = (isinstance(summary, dict) and summary.get("identity") == identity and summary.get("rounds") == total
+            and run_id is not None and summary.get("mlflow_run_id") == run_id)
+    return summary if mine else None
 
 
 def _then(first, second):

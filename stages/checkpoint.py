@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 META = "checkpoint.json"
+STATE_MARK = ".state-id"  # in a checkpoint's staging dir while it is written: the id of the state file it writes
 
 
 def state_file(state_dir: str | Path, checkpoint_id: str) -> Path:
@@ -77,14 +78,18 @@ def save(trainer, policy_dir: str | Path, state_dir: str | Path, meta: dict[str,
     state_dir.mkdir(parents=True, exist_ok=True)
     new_state = state_file(state_dir, ckpt_id)
     old_meta = read_meta(policy_dir) if policy_dir.is_dir() else None
+    if old_meta is not None:  # whose state file this write makes stale (removed below, or at the next start)
+        full_meta["replaces"] = old_meta["checkpoint_id"]
     tmp = staging_dir(policy_dir)
     try:
         try:
+            (tmp / STATE_MARK).write_text(ckpt_id)  # first: a kill from here on leaves the id of its state file
             with _atomic(new_state) as t, DirectFile(t) as f:
                 torch.save(trainer.resume_state(rng, gathered), f)
             with _direct_model_writes():
                 trainer.save_model(tmp, gathered)
             (tmp / META).write_text(json.dumps(full_meta, indent=2, sort_keys=True, default=str) + "\n")
+            (tmp / STATE_MARK).unlink()
             for f in tmp.rglob("*"):
                 f.chmod(0o755 if f.is_dir() else 0o644)
             replace_dir(tmp, policy_dir)
@@ -293,20 +298,30 @@ def put_back_moved_aside(policy_dir: str | Path) -> bool:
 
 
 def clean_orphan_states(policy_dir: str | Path, state_dir: str | Path) -> list[Path]:
-    """Remove the resume-state files no checkpoint pairs with: a write killed after the new state file and before the
-    policy's rename leaves one (~1 GB for the default model). Only `state-<id>.pt` names this module writes, and
-    only while a checkpoint is in place (with none, a `dvc checkout` may still bring the one a file pairs with).
-    Call it under the run lock, after `clean_staging`."""
-    meta = read_meta(policy_dir) if Path(policy_dir).is_dir() else None
-    if meta is None or not Path(state_dir).is_dir():
-        return []
-    keep = state_file(state_dir, meta["checkpoint_id"]).name
-    removed = [p for p in Path(state_dir).glob("state-*.pt") if re.fullmatch(r"state-[0-9a-f]{12}\.pt", p.name)
-               and p.name != keep]
-    for p in removed:
-        p.unlink(missing_ok=True)
+    """Remove the resume-state files this module's interrupted writes left (~1 GB each for the default model): the one
+    a write killed before its rename named in its staging dir (`.<name>.tmp-*/.state-id`), and the one the checkpoint
+    in place replaced (`replaces` in its checkpoint.json; a kill after the rename left it). Never the state the
+    checkpoint in place pairs with, nor any other file (another run's, `python -m stages.update`'s). Call it under
+    the run lock, after `put_back_moved_aside` and before `clean_staging`."""
+    policy_dir, state_dir = Path(policy_dir), Path(state_dir)
+    try:
+        meta = read_meta(policy_dir) if policy_dir.is_dir() else None
+    except PipelineError:
+        return []  # an unreadable checkpoint: the run's own check says what to do; nothing is removed
+    ids = [(m / STATE_MARK).read_text().strip() for m in policy_dir.parent.glob(f".{policy_dir.name}.tmp-*")
+           if (m / STATE_MARK).is_file()] if policy_dir.parent.is_dir() else []
+    if meta is not None and meta.get("replaces"):
+        ids.append(str(meta["replaces"]))
+    keep = meta.get("checkpoint_id") if meta else None
+    removed = []
+    for i in ids:
+        p = state_file(state_dir, i)
+        if re.fullmatch(r"[0-9a-f]{12}", i) and i != keep and p.is_file():
+            p.unlink()
+            removed.append(p)
     if removed:
-        log.info("removed %d resume-state file(s) no checkpoint pairs with: %s", len(removed), ", ".join(map(str, removed)))
+        log.info("removed %d resume-state file(s) an interrupted checkpoint write left: %s", len(removed),
+                 ", ".join(map(str, removed)))
     return removed
 
 

@@ -57,6 +57,17 @@ def _tail(text: str, n: int = 300) -> str:
 # ---------------------------------------------------------------- data
 
 
+def _checkpoint_round(checkpoint_dir: str | Path | None) -> int | None:
+    if checkpoint_dir is None:
+        return None
+    from stages.checkpoint import read_meta
+
+    try:
+        return (read_meta(checkpoint_dir) or {}).get("round")
+    except PipelineError:  # an unreadable checkpoint: the round's own damage is the message
+        return None
+
+
 def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str | Path, n_examples: int = 3,
                checkpoint_dir: str | Path | None = None) -> dict:
     """Everything the report shows, from the run's artifacts; raises PipelineError when no round is complete.
@@ -69,13 +80,12 @@ def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str |
     complete = {r: m for r, (_, m) in scan_rounds(rounds_dir).items() if m is not None}
     if not complete:
         raise PipelineError(f"no complete rounds in {rounds_dir}; run `dvc repro train` first")
-    ckpt = None
-    if checkpoint_dir is not None:
-        from stages.checkpoint import read_meta
-
-        ckpt = (read_meta(checkpoint_dir) or {}).get("round")
     for r, m in complete.items():  # the report relies on every complete round: each must be intact
-        verify_round(round_dir(rounds_dir, r), m, checkpoint_round=ckpt)
+        try:
+            verify_round(round_dir(rounds_dir, r), m)
+        except PipelineError:  # the advice depends on the checkpoint's round (re-doing a round before it cannot work)
+            verify_round(round_dir(rounds_dir, r), m, checkpoint_round=_checkpoint_round(checkpoint_dir))
+            raise
     manifests = [complete[r] for r in sorted(complete)]
     last, last_dir = manifests[-1], round_dir(rounds_dir, manifests[-1]["round"])
     adv = read_table(last_dir / "advantages.parquet", ADVANTAGES)

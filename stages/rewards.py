@@ -68,7 +68,7 @@ TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric")  # what TRL passes eve
 class TrlExtras:
     """TRL's `trainer_state`, `log_metric` and `log_extra` reward arguments for one scoring call: `trainer_state`
     has `global_step` (optimizer steps before this round) and `max_steps` (of the run); `log_metric(name, value)`
-    values are averaged into the round's metrics under `name`; `log_extra(column, values)` adds a column
+    values are averaged into the round's metrics under `log/<name>`; `log_extra(column, values)` adds a column
     `extra/<column>` (one value per completion) to the scores table."""
 
     trainer_state: Any = None

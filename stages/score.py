@@ -183,18 +183,16 @@ def score_samples(
         log.warning("score.on_invalid=drop: %d of %d completions dropped (NaN/inf reward)", dropped, samples.height)
         out = out.filter(pl.Series(valid))
     stats = score_stats(out, samples.height, list(components), t_reward, t_logp)
-    clash = [name for name in extras.metrics if name in stats or name.split("/")[0] in ("sample", "update", "eval")]
-    if clash:
-        raise PipelineError(f"log_metric('{clash[0]}'): the round logs a metric of that name itself; use another name")
-    return out, stats | {name: float(np.mean(v)) for name, v in extras.metrics.items() if v}  # TRL's log_metric
+    # TRL's log_metric, under log/<name>: a user's name can never replace one of the round's own metrics
+    return out, stats | {f"log/{name}": float(np.mean(v)) for name, v in extras.metrics.items() if v}
 
 
-def optimizer_steps(params, round_index: int) -> tuple[int, int]:
-    """(optimizer steps before round `round_index` (0-based), of the whole run): TRL's trainer_state.global_step and
-    max_steps, for reward functions that shape rewards by training progress."""
+def optimizer_steps(params, round_index: int, total_rounds: int = 0) -> tuple[int, int]:
+    """(optimizer steps before round `round_index` (0-based), of the whole run of `total_rounds` rounds, default
+    train.rounds): TRL's trainer_state.global_step and max_steps, for rewards shaped by training progress."""
     up = params.update
     per_round = up.num_mini_batches * up.num_ppo_epochs
-    return round_index * per_round, params.train.rounds * per_round
+    return round_index * per_round, (total_rounds or params.train.rounds) * per_round
 
 
 def score_stats(out: pl.DataFrame, rows_in: int, components: list[str], t_reward: float, t_logp: float) -> dict:

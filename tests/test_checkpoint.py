@@ -47,6 +47,10 @@ def test_save_and_resume_continue_identically(tiny_model_dir, tmp_path, use_lora
     assert [int(s["step"]) for s in sa.values()] == [int(s["step"]) for s in sb.values()]
     assert {int(s["step"]) for s in sb.values()} == {2}
     assert a.scheduler.state_dict() == b.scheduler.state_dict()
+    again = save(b, tmp_path)  # the next checkpoint replaces this one: its state file goes, no staging mark stays
+    assert again["replaces"] == meta["checkpoint_id"] and "replaces" not in meta
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [f"state-{again['checkpoint_id']}.pt"]
+    assert not (tmp_path / "policy" / checkpoint.STATE_MARK).exists()
 
 
 def test_saved_lora_policy_loads_as_the_trained_model(tiny_model_dir, tmp_path):
@@ -176,20 +180,25 @@ def test_a_write_killed_between_its_renames_puts_the_old_checkpoint_back(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
 
 
-def test_orphan_state_files_are_removed_only_beside_a_checkpoint(tmp_path):
-    """A write killed after the new state file and before the policy's rename leaves a state file that no
-    checkpoint pairs with (~1 GB): removed at the next start; the paired one and other files stay."""
+def test_only_the_state_files_an_interrupted_write_left_are_removed(tmp_path):
+    """A write killed after its state file and before its rename names that file in its staging dir; one killed after
+    the rename leaves the replaced checkpoint's, named in checkpoint.json (`replaces`). Those go at the next start;
+    the state the checkpoint pairs with and every other file (another run's, python -m stages.update's) stay."""
     state = tmp_path / "state"
     state.mkdir()
-    names = ["state-aaaaaaaaaaaa.pt", "state-bbbbbbbbbbbb.pt", "state-notmine.pt", "notes.txt"]
-    for n in names:
-        (state / n).write_bytes(b"x")
-    assert checkpoint.clean_orphan_states(tmp_path / "policy", state) == []  # no checkpoint: a dvc checkout may come
+    names = {n: state / f"state-{n * 12}.pt" for n in "abcd"}
+    for p in names.values():
+        p.write_bytes(b"x")
+    (state / "notes.txt").write_text("mine")
+    staging = tmp_path / ".policy.tmp-xyz"
+    staging.mkdir()
+    (staging / checkpoint.STATE_MARK).write_text("b" * 12)
+    assert checkpoint.clean_orphan_states(tmp_path / "policy", state) == [names["b"]]  # no checkpoint in place
     (tmp_path / "policy").mkdir()
-    write_json({"format": checkpoint.FORMAT, "round": 1, "checkpoint_id": "aaaaaaaaaaaa"},
+    write_json({"format": checkpoint.FORMAT, "round": 1, "checkpoint_id": "a" * 12, "replaces": "c" * 12},
                tmp_path / "policy" / "checkpoint.json")
-    assert checkpoint.clean_orphan_states(tmp_path / "policy", state) == [state / names[1]]
-    assert sorted(p.name for p in state.iterdir()) == sorted(names[:1] + names[2:])
+    assert checkpoint.clean_orphan_states(tmp_path / "policy", state) == [names["c"]]
+    assert sorted(p.name for p in state.iterdir()) == sorted([names["a"].name, names["d"].name, "notes.txt"])
 
 
 # ---------------------------------------------------------------- the direct writer (O_DIRECT, fsync)

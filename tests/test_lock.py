@@ -57,3 +57,6 @@ def test_only_a_deployment_s_run_waits(monkeypatch):
     assert deployment_wait_s() == 12 * 3600
     monkeypatch.setenv("RLOO_LOCK_WAIT_S", "90")
     assert deployment_wait_s() == 90.0
+    monkeypatch.setenv("RLOO_LOCK_WAIT_S", "1h")
+    with pytest.raises(PipelineError, match=r"^RLOO_LOCK_WAIT_S: '1h' is not a number of seconds"):
+        deployment_wait_s()

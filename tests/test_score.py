@@ -255,10 +255,10 @@ def test_trl_extra_arguments_reach_a_reward_function(models, tmp_path, monkeypat
     sp = score_params([{"name": "cur", "function": f"{mod}:curriculum"}])
     samples = make_samples(tok)
     out, stats = score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp, steps=(3, 12))
-    assert out["score/cur"].to_list() == [0.25] * samples.height and stats["progress"] == 0.25
+    assert out["score/cur"].to_list() == [0.25] * samples.height and stats["log/progress"] == 0.25
     assert out["extra/chars"].to_list() == [len(c) for c in samples["completion"]]
     params = parse_params(repo_params_data(train={"rounds": 6}, update={"num_mini_batches": 2}))
-    assert optimizer_steps(params, 2) == (4, 12)
+    assert optimizer_steps(params, 2) == (4, 12) and optimizer_steps(params, 2, 10) == (4, 20)  # --rounds 10
 
 
 def test_completions_no_reward_applies_to_are_counted_in_a_warning(models, tmp_path, monkeypatch, caplog):

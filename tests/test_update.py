@@ -434,13 +434,20 @@ def test_raising_the_rounds_continues_a_decaying_schedule_over_the_new_length(ti
     lrs = [trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))["learning_rate"] for _ in range(2)]
     assert lrs == pytest.approx([1e-2, 0.5e-2])
     state = trainer.resume_state()
-    same = Trainer(str(tiny_model_dir), params, CPU, total_rounds=2)
-    same.load_resume_state(state)
-    assert same.optimizer.param_groups[0]["lr"] == trainer.optimizer.param_groups[0]["lr"] == 0.0
     longer = Trainer(str(tiny_model_dir), params, CPU, total_rounds=4)
     longer.load_resume_state(state)
     lrs = [longer.step(make_batch(longer, [1.0, -0.5, 0.3, 2.0]))["learning_rate"] for _ in range(2)]
     assert lrs == pytest.approx([0.5e-2, 0.25e-2])  # steps 2 and 3 of 4
+    # the same length, mid-schedule, with warm-up: the saved rate to the bit
+    params = make_params(tiny_model_dir, lr_scheduler="cosine", warmup_steps=1)
+    trainer = Trainer(str(tiny_model_dir), params, CPU, total_rounds=7)
+    for _ in range(3):
+        trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    same = Trainer(str(tiny_model_dir), params, CPU, total_rounds=7)
+    same.load_resume_state(trainer.resume_state())
+    saved = trainer.optimizer.param_groups[0]["lr"]
+    assert 0 < saved < 1e-2 and same.optimizer.param_groups[0]["lr"] == saved
+    assert same.scheduler.get_last_lr() == trainer.scheduler.get_last_lr()
 
 
 def test_grad_variance_by_hand():

@@ -83,7 +83,14 @@ def deployment_wait_s() -> float:
         scheduled = deployment.id is not None
     except Exception:  # no Prefect context
         scheduled = False
-    return float(os.environ.get(WAIT_ENV, 12 * 3600)) if scheduled else 0.0
+    if not scheduled:
+        return 0.0
+    value = os.environ.get(WAIT_ENV, str(12 * 3600))
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        raise PipelineError(f"{WAIT_ENV}: {value!r} is not a number of seconds; set it to e.g. 3600, or unset it "
+                            "(12 h)") from None
 
 
 def _who(path: Path) -> str:

@@ -284,8 +284,8 @@ def apply_plan(plan: ResumePlan, params) -> Archived | None:
     from stages.io import write_json
 
     tp = params.train
+    checkpoint.clean_orphan_states(tp.checkpoint_dir, tp.state_dir)  # reads the staging dirs' marks: first
     checkpoint.clean_staging(tp.checkpoint_dir, tp.state_dir)
-    checkpoint.clean_orphan_states(tp.checkpoint_dir, tp.state_dir)
     if plan.superseded is not None:
         return archive_run(params, plan.superseded)
     if plan.repair is not None:

@@ -65,7 +65,7 @@ def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     logp_policy = [float(sum(x)) for x in local["sampler_logprobs"]] if policy_logprobs_from_sampler(w) else None
     out, stats = score_samples(local, w.rewards, w.trainer.model, w.ref, w.tokenizer, w.params.score, w.train_prompts,
                                logp_policy, share_prompts=w.params.base.share_prompts,
-                               steps=optimizer_steps(w.params, int(samples["policy_version"].max() or 0)))
+                               steps=optimizer_steps(w.params, int(samples["policy_version"].max() or 0), w.total_rounds))
     if not w.dist.enabled:
         return out, stats
     out = w.dist.gather_rows(out, samples["prompt_id"].unique(maintain_order=True).to_list())

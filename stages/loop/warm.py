@@ -39,6 +39,7 @@ class Warm:
     dist: Any = None  # stages.loop.dist.Dist: this process's rank in the run (one process: SINGLE)
     eval_order: list = field(default_factory=list)  # every held-out prompt id, in order (eval_prompts: this rank's)
     timings: dict = field(default_factory=dict)
+    total_rounds: int = 0  # this run's length (train.rounds or --rounds): TRL's trainer_state.max_steps
 
 
 def eval_subset(heldout: pl.DataFrame, n: int) -> pl.DataFrame:
@@ -110,6 +111,7 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     check_columns(rewards, extra_columns(train_prompts))  # before a superseded run moves aside, not in round 1
     sampler = make_sampler(str(ref_dir), params, field=ref_field, device=device)
     w = Warm(params, device, sampler, trainer, ref, rewards, tokenizer, train_prompts, eval_prompts, dist=dist,
+             total_rounds=total_rounds,
              eval_order=all_eval["prompt_id"].to_list() if with_eval else [])
     if with_eval and eval_prompts.height:
         ref_samples = generate_one(sampler, tokenizer, eval_prompts, params, params.base.seed, 0)

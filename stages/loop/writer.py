@@ -130,7 +130,7 @@ PLOT_COLUMNS = ["reward", "reward_std", "kl", "rlhf_reward", "loss", "entropy", 
 
 
 def write_run_outputs(history: list[dict], total: int, identity: str, warm_s: float, wall_s: float, rounds_run: int,
-                      rounds_wall_s: float) -> dict:
+                      rounds_wall_s: float, mlflow_run_id: str | None = None) -> dict:
     """metrics/train.json (last round + run facts) and plots/train.csv (one row per round).
 
     `seconds_per_round` is the rounds' own time; `wall_s` is this invocation from the start of the warm-up;
@@ -140,7 +140,7 @@ def write_run_outputs(history: list[dict], total: int, identity: str, warm_s: fl
 
     last = history[-1] if history else {}
     summary = {k: last[k] for k in SUMMARY_KEYS if k in last}
-    summary |= {"rounds": total, "identity": identity,
+    summary |= {"rounds": total, "identity": identity, "mlflow_run_id": mlflow_run_id,
                 "seconds_per_round": sum(h["time/round_s"] for h in history) / max(len(history), 1),
                 "warm_start_s": warm_s, "wall_s": wall_s, "rounds_run": rounds_run, "rounds_wall_s": rounds_wall_s}
     gv = [h for h in history if h.get("grad/variance") is not None]
@@ -148,8 +148,8 @@ def write_run_outputs(history: list[dict], total: int, identity: str, warm_s: fl
         var = sum(h["grad/variance"] for h in gv) / len(gv)
         summary |= {"grad_variance_mean": var,
                     "grad_snr": sum(h["grad/signal"] for h in gv) / len(gv) / var if var > 0 else None}
-    write_json(summary, METRICS_FILE)
     rows = [{"round": i + 1, **{c.replace("/", "_"): h.get(c) for c in PLOT_COLUMNS}} for i, h in enumerate(history)]
     with atomic_path(PLOTS_FILE, ".csv") as tmp:
         pl.DataFrame(rows, infer_schema_length=None).write_csv(tmp)
+    write_json(summary, METRICS_FILE)  # last: a run whose metrics file is current has its plots written too
     return summary
