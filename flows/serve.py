@@ -3,8 +3,9 @@
 
     python -m flows.serve --cron "0 2 * * *"        # runs until stopped; trigger runs from the UI too
 
-`flow.serve` needs a Prefect API (a local `prefect server start`, or Prefect Cloud) and, since vLLM
-spawns, the `if __name__ == "__main__":` guard below.
+`flow.serve` needs a Prefect API: the one PREFECT_API_URL names (a local `prefect server start` with its UI, or
+Prefect Cloud), else a temporary local server started for this process, which the kernel stops when the process
+dies (even by kill -9; flows/api.py). Since vLLM spawns, the `if __name__ == "__main__":` guard below is needed.
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cron", default="0 2 * * *", help="schedule (UTC); '' for manual runs only")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    train_flow.serve(
-        name=args.name,
-        cron=args.cron or None,
-        parameters={"params_path": args.params},
-        global_limit=1,  # one training run at a time
-    )
+    from flows.api import prefect_api
+
+    with prefect_api():  # PREFECT_API_URL's, or a temporary server that dies with this process
+        train_flow.serve(
+            name=args.name,
+            cron=args.cron or None,
+            parameters={"params_path": args.params},
+            global_limit=1,  # one training run at a time
+        )
 
 
 if __name__ == "__main__":

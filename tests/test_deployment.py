@@ -10,11 +10,12 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import polars as pl
 import pytest
 import yaml
-from project import BIN, PY, make_project, run, run_env
+from project import BIN, PY, REPO, make_project, run, run_env
 
 pytestmark = pytest.mark.slow
 
@@ -169,3 +170,42 @@ def test_a_pipeline_run_with_nothing_changed_is_a_no_op(tmp_path, tiny_model_dir
     bad = run([PY, "-m", "flows.pipeline", "--params", "other.yaml", "--more-rounds", "1"], proj, env, check=False)
     assert bad.returncode == 2 and "params_path: other.yaml is not this project's params.yaml" in bad.stderr, bad.stderr[-2000:]
     assert (proj / "params.yaml").read_bytes() == before == (proj / "other.yaml").read_bytes()
+
+
+def _prefect_servers(home) -> list[int]:
+    """PIDs of processes started with PREFECT_HOME=home that run a Prefect server."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            environ = (p / "environ").read_bytes().split(b"\0")
+            cmd = (p / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if f"PREFECT_HOME={home}".encode() in environ and b"server" in cmd:
+            pids.append(int(p.name))
+    return pids
+
+
+def test_serve_without_an_api_gets_a_server_that_dies_with_it(tmp_path):
+    """`python -m flows.serve` with no PREFECT_API_URL serves on a temporary server of its own; kill -9 of the
+    command leaves no server behind (the kernel stops it with its parent)."""
+    home = (tmp_path / ".prefect").resolve()
+    env = run_env(tmp_path)
+    env.pop("PREFECT_API_URL", None)
+    serve = subprocess.Popen([PY, "-m", "flows.serve", "--cron", ""], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, seen = time.time() + 240, ""
+        while "being served" not in seen:  # Prefect's "Your flow 'rloo-train' is being served and polling ..."
+            line = serve.stdout.readline()
+            assert line and time.time() < deadline, seen[-3000:]
+            seen += line
+        servers = _prefect_servers(home)
+        assert servers, "no temporary Prefect server found"
+    finally:
+        serve.kill()  # SIGKILL: no handler of ours runs
+        serve.wait()
+    deadline = time.time() + 30
+    while _prefect_servers(home) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _prefect_servers(home)
