@@ -51,8 +51,11 @@ def start_run(params, identity: str, resume_id: str | None = None, topology: dic
     if resume_id:
         try:
             _run = mlflow.start_run(run_id=resume_id)
-            if topology:
-                mlflow.set_tags({k: str(v) for k, v in topology.items() if v is not None})
+            # the tags name the latest invocation (its commit, flow run, DVC stage), as on a new run
+            latest = {"git_commit": _git_commit(), "prefect_flow_run_id": _prefect_flow_run_id(),
+                      "dvc_stage": os.environ.get("DVC_STAGE"), "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
+                      **{k: str(v) for k, v in (topology or {}).items() if v is not None}}
+            mlflow.set_tags({k: v for k, v in latest.items() if v})
             log.info("MLflow: resumed run %s", resume_id)
             return _run
         except Exception as exc:

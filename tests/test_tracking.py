@@ -26,8 +26,9 @@ def _round_tables():
             pl.DataFrame({**keys, "advantage": [0.25, -0.25]}))
 
 
-def test_steps_params_tags_and_a_resumed_run(store):
+def test_steps_params_tags_and_a_resumed_run(store, monkeypatch):
     params = repo_params()
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "11111111-1111-4111-8111-111111111111")  # Prefect's override
     run = tracking.start_run(params, "ident", topology={"world_size": 2, "backend": "gloo", "strategy": None})
     run_id = run.info.run_id
     samples, scores, advs = _round_tables()
@@ -39,9 +40,13 @@ def test_steps_params_tags_and_a_resumed_run(store):
     assert r.info.status == "FAILED"
     assert r.data.params["update.learning_rate"] == str(params.update.learning_rate)
     assert r.data.tags["identity"] == "ident" and r.data.tags["world_size"] == "2" and "strategy" not in r.data.tags
-    # the resumed training run re-opens the same MLflow run and goes on at the next step
+    assert r.data.tags["prefect_flow_run_id"].startswith("1111")
+    # the resumed training run re-opens the same MLflow run and goes on at the next step; its tags name the latest
+    # invocation
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "22222222-2222-4222-8222-222222222222")
     again = tracking.start_run(params, "ident", resume_id=run_id)
     assert again.info.run_id == run_id
+    assert store.get_run(run_id).data.tags["prefect_flow_run_id"].startswith("2222")
     tracking.log_round({"reward": 0.3}, step=3)
     tracking.finish_run({"reward": 0.3}, [{"reward": 0.1}, {"reward": 0.2}, {"reward": 0.3}])
     r = store.get_run(run_id)
