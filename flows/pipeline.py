@@ -204,8 +204,10 @@ def _put_back(path: Path, original: str, rounds: tuple[int, int] | None, logger)
     import yaml
 
     from stages.loop.resume import MANIFEST, ROUND_DIR
+    from stages.params import TrainParams
 
-    rounds_dir = Path((yaml.safe_load(original).get("train") or {}).get("rounds_dir") or "data/rounds")
+    default = TrainParams.model_fields["rounds_dir"].default  # read leniently: this runs on the failure path
+    rounds_dir = Path((yaml.safe_load(original).get("train") or {}).get("rounds_dir") or default)
     done = sum(1 for d in (rounds_dir.iterdir() if rounds_dir.is_dir() else ())
                if ROUND_DIR.match(d.name) and (d / MANIFEST).is_file())
     keep = min(max(rounds[0], done), rounds[1])

@@ -54,14 +54,12 @@ import numpy as np
 from stages.errors import PipelineError
 from stages.models import load_config, load_tokenizer
 from stages.params import RewardSpec
+from stages.schemas import TRL_EXTRAS
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]  # (prompt_id, sample_idx)
 RewardFn = Callable[..., Sequence[float]]
-
-
-TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric")  # what TRL passes every reward function besides the columns
 
 
 @dataclass

@@ -23,8 +23,9 @@ PROMPTS: Schema = {
 # Extra columns of the prompts file (e.g. `answer`, `solution`) follow in the prepared tables, unchanged.
 # Names a prepared table's extra columns never have: the contract's own, and what the reward functions get by name
 # besides the columns (prepare keeps a source's column so named as `source_<name>`).
+TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric")  # what TRL passes every reward function besides the columns
 RESERVED_COLUMNS = ("prompt_id", "prompt", "messages", "conversational", "prompts", "completions", "completion_ids",
-                    "trainer_state", "log_extra", "log_metric")
+                    *TRL_EXTRAS)
 
 SAMPLES: Schema = {
     **KEYS,

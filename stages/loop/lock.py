@@ -93,8 +93,7 @@ def deployment_wait_s() -> float:
                             "(12 h)") from None
 
 
-def _who(path: Path) -> str:
-    info = _holder(path)
+def _who(info: dict) -> str:
     return (f"pid {info.get('pid')} ({info.get('what', 'a run')}: {info.get('cmd', '?')}) since {info.get('started', '?')}"
             if info else "another process")
 
@@ -119,13 +118,13 @@ def run_lock(what: str = "training run", path: str | Path = LOCK_PATH, wait_s: f
                 if time.monotonic() >= deadline:
                     info = _holder(path)
                     waited = f" (waited {wait_s:.0f} s, {WAIT_ENV})" if wait_s else ""
-                    raise PipelineError(f"{path}: another run holds this checkout's lock: {_who(path)}{waited}; wait "
+                    raise PipelineError(f"{path}: another run holds this checkout's lock: {_who(info)}{waited}; wait "
                                         f"for it to end or stop it (kill {info.get('pid', '<pid>')}), then re-run") from None
                 if not told:
                     import logging
 
                     logging.getLogger(__name__).warning("waiting for this checkout's lock (up to %.0f s): %s",
-                                                        wait_s, _who(path))
+                                                        wait_s, _who(_holder(path)))
                     told = True
                 time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
         token = uuid.uuid4().hex
