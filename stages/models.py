@@ -102,6 +102,29 @@ def own_memory(model) -> None:
                 p.data = p.data.clone()
 
 
+def same_weights(a, b) -> bool:
+    """Whether two models hold the same weights, tensor for tensor: the same names, dtypes, shapes and values.
+
+    The trainer's policy before its first update, against the reference it was loaded from: then they are one
+    function, and the round's KL is 0 without a reference pass (docs/design.md §7). A sharded (FSDP) model's
+    weights are gathered first (a collective: every rank calls this, and every rank gets the same answer); a
+    wrapped (LoRA) policy compares unequal, which only costs that pass."""
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    for name, x in sa.items():
+        y = sb[name]
+        if hasattr(x, "full_tensor"):  # an FSDP shard (DTensor)
+            x = x.full_tensor()
+        if type(x) is not torch.Tensor or type(y) is not torch.Tensor:  # e.g. a quantised weight: not compared
+            return False
+        if x.dtype != y.dtype or x.shape != y.shape or x.device != y.device or not torch.equal(x, y):
+            return False
+    return True
+
+
 def messages_for(prompt: str, system_prompt: str | None = None) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return msgs + [{"role": "user", "content": prompt}]

@@ -57,13 +57,20 @@ def policy_logprobs_from_sampler(w: Warm) -> bool:
     return sampler_logprobs_are_policys(w.params.score.policy_logprobs, w.sampler.exact_logprobs)
 
 
+def reference_for(w: Warm):
+    """The model whose logprobs are the round's reference: the trainer's own policy while it still is the reference,
+    bit for bit (a fresh run's first round): `score_samples` then copies the policy's logprobs, the KL is exactly 0
+    and the round skips the reference pass (2.8 of a 17.8 s step on 2 AVX2 cores; docs/design.md §7)."""
+    return w.trainer.model if w.policy_is_ref and w.trainer.round == 0 else w.ref
+
+
 def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     from stages.score import optimizer_steps, score_samples, score_stats
 
     t0 = time.perf_counter()
     local = samples.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples))) if w.dist.enabled else samples
     logp_policy = [float(sum(x)) for x in local["sampler_logprobs"]] if policy_logprobs_from_sampler(w) else None
-    out, stats = score_samples(local, w.rewards, w.trainer.model, w.ref, w.tokenizer, w.params.score, w.train_prompts,
+    out, stats = score_samples(local, w.rewards, w.trainer.model, reference_for(w), w.tokenizer, w.params.score, w.train_prompts,
                                logp_policy, share_prompts=w.params.base.share_prompts,
                                steps=optimizer_steps(w.params, int(samples["policy_version"].max() or 0), w.total_rounds))
     if not w.dist.enabled:

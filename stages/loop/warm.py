@@ -40,6 +40,9 @@ class Warm:
     eval_order: list = field(default_factory=list)  # every held-out prompt id, in order (eval_prompts: this rank's)
     timings: dict = field(default_factory=dict)
     total_rounds: int = 0  # this run's length (train.rounds or --rounds): TRL's trainer_state.max_steps
+    # the trainer's weights were the reference's, bit for bit, when loaded (a fresh run from the reference's
+    # weights): until its first update the round's KL is 0 without a reference pass (`steps.reference_for`)
+    policy_is_ref: bool = False
 
 
 def eval_subset(heldout: pl.DataFrame, n: int) -> pl.DataFrame:
@@ -84,7 +87,7 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     from stages.evaluate import generate_one, task_scores
     from stages.io import read_table
     from stages.logprobs import PromptCache
-    from stages.models import load_causal_lm, load_tokenizer
+    from stages.models import load_causal_lm, load_tokenizer, same_weights
     from stages.rewards import build_rewards, check_columns
     from stages.score import extra_columns
     from stages.runtime import setup_torch
@@ -124,6 +127,10 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
             log.info("evaluation without the reference's prompt cache: %s", e)
     elif with_eval:
         w.ref_eval = (None, None)  # more ranks than held-out prompts: this one evaluates none
-    if checkpoint is not None:
+    # the engine started on the reference's weights (the held-out baseline above is the reference's completions);
+    # it samples the policy's from round 1 on: a resumed trainer's, or a fresh one from another dir than the
+    # reference (`base.model_dir` vs `score.ref_model`)
+    w.policy_is_ref = checkpoint is None and same_weights(trainer.model, ref)
+    if not w.policy_is_ref:
         sampler.update_weights(state_dict=trainer.state_dict_for_sampler())
     return w

@@ -1,0 +1,112 @@
+"""What a run keeps warm (stages/loop/warm.py) and the first round's reference (stages/loop/steps.py): in-process,
+on a tiny prepared project with the transformers sampler.
+
+- A fresh run from the reference's own weights: round 1's policy is the reference, bit for bit, so the round runs
+  no reference pass and its KL is exactly 0; from round 2 on the reference pass runs and the KL is the real one.
+- A fresh run whose policy (`base.model_dir`) is another model than the reference (`score.ref_model`): the engine
+  starts on the reference's weights (for the held-out baseline) and must sample the policy's from round 1 on.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from project import PY, make_project, run, run_env
+
+from stages.logprobs import token_logprobs
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir, monkeypatch):
+    def make(**overrides):
+        proj = make_project(tmp_path, tiny_model_dir, **{"sample.backend": "hf", "train.eval_every": 0, **overrides})
+        run([PY, "-m", "stages.prepare"], proj, run_env(tmp_path))
+        monkeypatch.chdir(proj)
+        from stages.params import load_params
+
+        return load_params("params.yaml")
+    return make
+
+
+def _warm(params):
+    from stages.loop.warm import load_warm
+    from stages.runtime import configure_env
+
+    configure_env(params.base.threads)
+    return load_warm(params, 2)
+
+
+def _round(w, r):
+    from stages.loop import steps
+    from stages.loop.resume import round_prompts
+
+    prompts = round_prompts(w.train_prompts, r, w.params.train.prompts_per_round, w.params.base.seed)
+    samples, _ = steps.sample_round(w, r, prompts)
+    return samples
+
+
+def _ref_passes(monkeypatch, w) -> list:
+    """Record every logprob pass the score stage runs on the reference model."""
+    import stages.score
+
+    calls, real = [], stages.score.sequence_logprobs
+
+    def spy(model, *args, **kwargs):
+        calls.append(model is w.ref)
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(stages.score, "sequence_logprobs", spy)
+    return calls
+
+
+def test_the_first_round_of_a_fresh_run_has_kl_zero_without_a_reference_pass(project, monkeypatch):
+    from stages.loop import steps
+
+    w = _warm(project())
+    try:
+        assert w.policy_is_ref  # the trainer was loaded from the reference's weights
+        calls = _ref_passes(monkeypatch, w)
+        samples = _round(w, 0)
+        scores, _ = steps.score_round(w, samples)
+        assert True not in calls  # no reference pass in round 1
+        assert scores["kl"].to_list() == [0.0] * scores.height
+        assert scores["logp_ref"].to_list() == scores["logp_policy"].to_list()
+        # the skipped pass would have given the same numbers to fp32 rounding: the policy is the reference
+        with torch.no_grad():
+            from stages.score import completion_inputs
+
+            p, c = completion_inputs(samples, w.tokenizer)
+            lp, *_ = token_logprobs(w.ref, p, c, w.tokenizer.pad_token_id)
+        assert lp.sum(-1).tolist() == pytest.approx(scores["logp_policy"].to_list(), abs=1e-3)
+
+        adv, _, _ = steps.advantage_round(w, scores)
+        steps.update_round(w, samples, adv)
+        samples = _round(w, 1)
+        scores, _ = steps.score_round(w, samples)
+        assert True in calls  # round 2: the policy has moved, the reference pass runs
+        assert any(k != 0.0 for k in scores["kl"].to_list())
+    finally:
+        w.sampler.close()
+
+
+def test_a_policy_from_another_dir_than_the_reference_samples_from_round_one(project, tiny_model_factory, tmp_path,
+                                                                            monkeypatch):
+    from stages.loop import steps
+    from stages.score import completion_inputs
+
+    ref_dir = tiny_model_factory(tmp_path / "reference", seed=1)  # same shapes, other weights
+    w = _warm(project(**{"score.ref_model": str(ref_dir)}))
+    try:
+        assert not w.policy_is_ref
+        calls = _ref_passes(monkeypatch, w)
+        samples = _round(w, 0)
+        p, c = completion_inputs(samples, w.tokenizer)
+        with torch.no_grad():
+            pol, *_ = token_logprobs(w.trainer.model, p, c, w.tokenizer.pad_token_id)
+            ref, *_ = token_logprobs(w.ref, p, c, w.tokenizer.pad_token_id)
+        got = [sum(x) for x in samples["sampler_logprobs"]]
+        assert got == pytest.approx(pol.sum(-1).tolist(), abs=1e-3)  # the policy's completions, not the reference's
+        assert got != pytest.approx(ref.sum(-1).tolist(), abs=1e-3)
+        scores, _ = steps.score_round(w, samples)
+        assert True in calls and any(k != 0.0 for k in scores["kl"].to_list())
+    finally:
+        w.sampler.close()
