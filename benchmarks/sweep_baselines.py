@@ -70,6 +70,7 @@ def reset(w, params, rounds: int, base_sd: dict):
     """A fresh trainer (base weights, new AdamW) and the base weights pushed into the warm engine."""
     import torch
 
+    from stages.models import same_weights
     from stages.update import Trainer
 
     w.trainer = None
@@ -78,6 +79,7 @@ def reset(w, params, rounds: int, base_sd: dict):
     w.trainer = Trainer(params.base.model_dir, params, w.device, total_rounds=rounds)
     w.params, w.adv_state = params, None
     w.sampler.update_weights(state_dict=base_sd)
+    w.policy_is_ref = same_weights(w.trainer.model, w.ref)  # round 1 without a reference pass, as in the flow
 
 
 def evaluate(w, version: int) -> dict:

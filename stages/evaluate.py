@@ -79,11 +79,13 @@ def evaluate_policy(
     batch_size: int = 16,
     sampler_exact: bool = False,
     ref_prompt_cache=None,
+    policy_batches: int = 0,
 ) -> tuple[pl.DataFrame, dict]:
     """Score the policy's completions, KL to the reference, and compare with the reference's completions.
     `sampler_exact`: the completions' sampler logprobs are the fp32 policy's own (docs/design.md §7), so the
     policy's logprob pass is skipped (greedy decoding: raw logprobs, no temperature). `ref_prompt_cache`: the
-    reference's keys and values of these prompts (`stages.logprobs.PromptCache`, made once per run by the flow)."""
+    reference's keys and values of these prompts (`stages.logprobs.PromptCache`, made once per run by the flow);
+    `policy_batches`: the least batches the policy pass runs (a sharded policy, `sequence_logprobs`' min_batches)."""
     from stages.logprobs import sequence_logprobs
     from stages.score import completion_inputs
 
@@ -93,7 +95,8 @@ def evaluate_policy(
     if sampler_exact:
         logp_pol = [float(sum(x)) for x in policy_samples["sampler_logprobs"]]
     else:
-        logp_pol, _ = sequence_logprobs(policy, p_ids, c_ids, pad, batch_size, progress="eval logp policy")
+        logp_pol, _ = sequence_logprobs(policy, p_ids, c_ids, pad, batch_size, progress="eval logp policy",
+                                        min_batches=policy_batches)
     logp_ref = list(logp_pol) if ref is policy else sequence_logprobs(ref, p_ids, c_ids, pad, batch_size,
                                                                       progress="eval logp ref",
                                                                       prompt_cache=ref_prompt_cache)[0]

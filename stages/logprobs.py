@@ -171,9 +171,12 @@ def sequence_logprobs(
     share: bool = True,
     dtype: str = "float32",
     prompt_cache: PromptCache | None = None,
+    min_batches: int = 0,
 ) -> tuple[list[float], list[list[float]]]:
     """Summed logprob per completion and the per-token lists, in batches, no gradient. `prompt_cache`: the model's
-    keys and values of these prompts, computed earlier (`PromptCache`): only the completions are run."""
+    keys and values of these prompts, computed earlier (`PromptCache`): only the completions are run.
+    `min_batches`: run at least this many batches, the missing ones on a one-token input whose result is dropped:
+    an FSDP model's every forward is a collective, so every rank must run as many as the rank with the most rows."""
     from tqdm.auto import tqdm
 
     sums: list[float] = []
@@ -195,6 +198,8 @@ def sequence_logprobs(
             for row, m, i in zip(lp, mask, idx):
                 res_sum[i] = float(row.sum())
                 res_tok[i] = row[m].tolist()
+        for _ in range(min_batches - len(starts)):
+            completion_logprobs(model, [[pad_id]], [[pad_id]], pad_id, share=share, dtype=dtype)
     for i in range(len(prompts)):
         sums.append(res_sum[i])
         per_token.append(res_tok[i])

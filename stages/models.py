@@ -102,8 +102,30 @@ def own_memory(model) -> None:
                 p.data = p.data.clone()
 
 
+def disable_dropout(model) -> int:
+    """Every dropout of `model` set to 0, as TRL's `disable_dropout` (its RLOO default): the trainer's policy is
+    then the function the engine samples and the scoring passes compute, and its update's logprobs are not noisy.
+    The modules' rates change, not the config (a saved checkpoint keeps the model's own). Returns how many."""
+    import torch
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p:
+            m.p, n = 0.0, n + 1
+        rate = getattr(m, "attention_dropout", None)  # transformers' attention modules pass it to the kernel
+        if isinstance(rate, float) and rate:
+            m.attention_dropout, n = 0.0, n + 1
+    return n
+
+
+# what two loads of one model dir may differ in without computing another function
+_CONFIG_RUN_STATE = ("_name_or_path", "_model_name_or_path", "use_cache", "transformers_version", "dtype",
+                     "torch_dtype", "output_attentions", "output_hidden_states", "return_dict")
+
+
 def same_weights(a, b) -> bool:
-    """Whether two models hold the same weights, tensor for tensor: the same names, dtypes, shapes and values.
+    """Whether two models are one function: the same config (but for run-time switches such as `use_cache` and
+    where it was loaded from) and the same weights, tensor for tensor: names, dtypes, shapes and values.
 
     The trainer's policy before its first update, against the reference it was loaded from: then they are one
     function, and the round's KL is 0 without a reference pass (docs/design.md §7). A sharded (FSDP) model's
@@ -111,6 +133,12 @@ def same_weights(a, b) -> bool:
     wrapped (LoRA) policy compares unequal, which only costs that pass."""
     import torch
 
+    configs = [getattr(m, "config", None) for m in (a, b)]
+    if not all(hasattr(c, "to_dict") for c in configs):
+        return False
+    ca, cb = ({k: v for k, v in c.to_dict().items() if k not in _CONFIG_RUN_STATE} for c in configs)
+    if ca != cb:  # e.g. rope_theta, rms_norm_eps, a sliding window: the same weights, another function
+        return False
     sa, sb = a.state_dict(), b.state_dict()
     if sa.keys() != sb.keys():
         return False

@@ -118,10 +118,12 @@ def score_samples(
     logp_policy: list[float] | None = None,
     share_prompts: bool = True,
     steps: tuple[int, int] = (0, 0),
+    policy_batches: int = 0,
 ) -> tuple[pl.DataFrame, dict]:
     """The score stage's computation. `ref` may be the same object as `policy` (then kl = 0 exactly);
     `logp_policy` may be passed when the caller already has it; `share_prompts`: base.share_prompts; `steps`:
-    (optimizer steps before this round, of the whole run) for TRL's `trainer_state` (see `optimizer_steps`)."""
+    (optimizer steps before this round, of the whole run) for TRL's `trainer_state` (see `optimizer_steps`);
+    `policy_batches`: the least batches the policy pass runs (a sharded policy, `sequence_logprobs`' min_batches)."""
     from stages.rewards import TrlExtras, combine, compute_rewards, first_invalid, invalid
 
     t0 = time.perf_counter()
@@ -154,7 +156,8 @@ def score_samples(
     bs = score_params.batch_size
     opts = dict(share=share_prompts, dtype=score_dtype(score_params.dtype))
     if logp_policy is None:
-        logp_policy, _ = sequence_logprobs(policy, prompt_ids, completion_ids, pad, bs, progress="logp policy", **opts)
+        logp_policy, _ = sequence_logprobs(policy, prompt_ids, completion_ids, pad, bs, progress="logp policy",
+                                           min_batches=policy_batches, **opts)
     if ref is policy:
         logp_ref = list(logp_policy)
     else:

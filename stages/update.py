@@ -50,7 +50,7 @@ class Trainer:
     def __init__(self, model_dir: str, params, device, total_rounds: int | None = None, field: str = "base.model_dir",
                  dist=None):
         from stages.loop.dist import SINGLE
-        from stages.models import load_causal_lm, load_tokenizer, own_memory
+        from stages.models import disable_dropout, load_causal_lm, load_tokenizer, own_memory
         from stages.runtime import fast_bf16
 
         self.params = params
@@ -59,6 +59,8 @@ class Trainer:
         self.dist = dist or SINGLE
         self.tokenizer = load_tokenizer(model_dir, field)
         self.model = load_causal_lm(model_dir, "float32", device, field)
+        if disable_dropout(self.model):  # before LoRA: update.lora_dropout stays as set
+            log.info("update: the policy's dropout is off (as TRL's disable_dropout)")
         if not self.up.use_lora:  # LoRA never writes the base weights: the file's pages can stay
             own_memory(self.model)  # not the file's copy-on-write pages: the first optimizer step would fault them in
         self.model.config.use_cache = False

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -31,24 +32,26 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(PY).parent
 
 
-def _round_dir(tmp: Path, model_dir: Path, strategy: str = "ddp") -> Path:
+def _round_dir(tmp: Path, model_dir: Path, strategy: str = "ddp", held_out: int = 4, **score) -> Path:
     from stages.prepare import prompts_frame, split_prompts
 
     p = tiny_params(model_dir, tmp)
+    p["score"].update(score)
     p["base"]["model_dir"] = str(model_dir)
     p["sample"].update(backend="hf", dtype="float32")
     p["train"]["prompts_per_round"] = 5  # an odd count: the ranks get 3 and 2 prompts
     p["update"].update(bf16_autocast=False, strategy=strategy)
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
-    train, held_out = split_prompts(PROMPTS, 4, 42)
+    train, held_out = split_prompts(PROMPTS, held_out, 42)
     (tmp / "data" / "prepared").mkdir(parents=True)
     prompts_frame(train, None).write_parquet(tmp / "data" / "prepared" / "train.parquet")
     prompts_frame(held_out, None).write_parquet(tmp / "data" / "prepared" / "eval.parquet")
     return tmp
 
 
-def _run_round(cwd: Path, out: str, nproc: int) -> Path:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def _run_round(cwd: Path, out: str, nproc: int, evaluate: bool = False) -> Path:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "DIST_ROUND_EVAL": "1" if evaluate else ""}
     script = str(REPO / "tests" / "dist_round.py")
     cmd = [PY, script] if nproc == 1 else [PY, "-m", "torch.distributed.run", "--standalone",
                                             f"--nproc_per_node={nproc}", script]
@@ -75,6 +78,12 @@ def test_one_round_over_two_ranks_equals_one_process(one_process, tmp_path, tiny
     sa, sb = pl.read_parquet(one_process / "scores.parquet"), pl.read_parquet(two / "scores.parquet")
     assert sa.columns == sb.columns and sa.height == sb.height == 15
     assert (sa["rlhf_reward"] - sb["rlhf_reward"]).abs().max() < 1e-6
+    # a fresh run's policy is its reference on every rank (FSDP: compared on its gathered shards): round 1's KL is 0
+    assert (one_process / "policy_is_ref").read_text() == (two / "policy_is_ref").read_text() == "True"
+    assert sa["kl"].to_list() == sb["kl"].to_list() == [0.0] * sa.height
+    ra, rb = pl.read_parquet(one_process / "ref_scores.parquet"), pl.read_parquet(two / "ref_scores.parquet")
+    assert (ra["logp_ref"] - rb["logp_ref"]).abs().max() < 1e-4  # the reference pass itself, over the ranks
+    assert (ra["logp_ref"] - sa["logp_ref"]).abs().max() < 1e-3  # and what round 1 skipped: the same numbers
     names = sorted(p.stem for p in one_process.glob("adv_*.parquet"))
     assert len(names) == 12  # 6 estimators, with and without whitening
     for name in names:
@@ -95,6 +104,36 @@ def test_one_round_over_two_ranks_equals_one_process(one_process, tmp_path, tiny
     assert meta["round"] == 1 and len(state["optimizer"]["state"]) == len(wa)  # one AdamW entry per weight
     saved = load_file(two / "policy" / "model.safetensors")
     assert all(float((saved[k] - wb[k]).abs().max()) == 0.0 for k in saved)
+
+
+def test_fsdp_policy_passes_with_uneven_ranks_finish(tmp_path, tiny_model_dir):
+    """Every forward of an FSDP policy is a collective. With a bf16 engine (the default on GPUs) the policy's scoring
+    pass always runs: over 9 and 6 completions in batches of 2 it is 5 and 3 forwards, and the held-out evaluation's
+    over 3 and 2 prompts 2 and 1: the rank with fewer must pad, or both wait until the collective times out. Its
+    numbers are one process's."""
+    def setup(d):
+        d.mkdir()
+        _round_dir(d, tiny_model_dir, "fsdp", held_out=5, batch_size=2)
+        p = yaml.safe_load((d / "params.yaml").read_text())
+        p["sample"]["dtype"] = "bfloat16"  # not the policy's own logprobs: the trainer's pass runs, in score and eval
+        (d / "params.yaml").write_text(yaml.safe_dump(p))
+        return d
+    one = _run_round(setup(tmp_path / "one"), "out", 1, evaluate=True)
+    two = _run_round(setup(tmp_path / "two"), "out", 2, evaluate=True)
+    def rows(d):
+        key = ["prompt_id", "sample_idx"]
+        t = pl.read_parquet(d / "ref_scores.parquet").join(pl.read_parquet(d / "samples.parquet"), on=key)
+        return {(r["prompt_id"], r["sample_idx"]): (tuple(r["completion_token_ids"]), r["logp_policy"])
+                for r in t.iter_rows(named=True)}
+    a, b = rows(one), rows(two)
+    assert len(a) == len(b) == 15 and a.keys() == b.keys()
+    # the completions a bf16 engine samples may round differently in another batch; where they are the same, the
+    # FSDP trainer's logprobs of them are one process's
+    same = [k for k in a if a[k][0] == b[k][0]]
+    assert len(same) >= 8
+    assert max(abs(a[k][1] - b[k][1]) for k in same) < 1e-4
+    ea, eb = (json.loads((d / "eval.json").read_text()) for d in (one, two))
+    assert ea["prompts"] == eb["prompts"] == 5 and math.isfinite(eb["kl"])
 
 
 # ---------------------------------------------------------------- the flow over two ranks

@@ -538,3 +538,19 @@ def test_trainer_weights_are_not_the_files_copy_on_write_pages(tiny_model_dir):
     assert (trainer.model.get_output_embeddings().weight is trainer.model.get_input_embeddings().weight) == tied
     for n, p in ref.named_parameters():
         assert torch.equal(p, dict(trainer.model.named_parameters())[n])
+
+
+def test_the_policy_trains_without_dropout(tiny_model_dir, tmp_path):
+    """As TRL's disable_dropout: a model with dropout in its config trains and scores as the function it samples."""
+    import json
+    import shutil
+
+    d = shutil.copytree(tiny_model_dir, tmp_path / "dropout")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"attention_dropout": 0.5}))
+    trainer = Trainer(str(d), make_params(d), CPU)
+    assert trainer.model.training and trainer.model.config.attention_dropout == 0.5  # the config stays the model's
+    batch = make_batch(trainer, [1.0], ROWS[:1])
+    with torch.no_grad():
+        a, b = (batch_logprobs(trainer.model, trainer.tokenizer, batch) for _ in range(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # with the 0.5 dropout on, two passes differ

@@ -110,3 +110,30 @@ def test_a_policy_from_another_dir_than_the_reference_samples_from_round_one(pro
         assert True in calls and any(k != 0.0 for k in scores["kl"].to_list())
     finally:
         w.sampler.close()
+
+
+def test_same_weights_is_one_function_not_one_dir(tiny_model_dir, tiny_model_factory, tmp_path):
+    import json
+    import shutil
+
+    from stages.models import load_causal_lm, same_weights
+
+    a = load_causal_lm(tiny_model_dir)
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    b = load_causal_lm(copy)
+    b.config.use_cache = False  # a run-time switch: the trainer sets it
+    assert same_weights(a, b)  # a copy in another dir is the same function
+
+    last = list(b.state_dict())[-1]
+    with torch.no_grad():
+        b.state_dict()[last].view(-1)[-1] += 1e-6  # one element of the last tensor
+    assert not same_weights(a, b)
+    assert not same_weights(a, load_causal_lm(tiny_model_dir, "bfloat16"))  # another dtype
+
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["rms_norm_eps"] *= 10  # the same weights, another function
+    (copy / "config.json").write_text(json.dumps(cfg))
+    c = load_causal_lm(copy)
+    assert c.state_dict().keys() == a.state_dict().keys()
+    assert not same_weights(a, c)
+    assert not same_weights(a, load_causal_lm(tiny_model_factory(tmp_path / "other", seed=1)))

@@ -64,6 +64,16 @@ def reference_for(w: Warm):
     return w.trainer.model if w.policy_is_ref and w.trainer.round == 0 else w.ref
 
 
+def policy_pass_batches(w: Warm, rows: int, runs: bool) -> int:
+    """How many batches this rank's pass of the policy over `rows` completions runs at least (`runs`: whether it
+    runs one): under FSDP each forward of the policy is a collective, so every rank runs as many as the rank with the
+    most rows (`sequence_logprobs`' min_batches; ranks with fewer, or none, pad). 0 where nothing is sharded."""
+    if not (w.dist.enabled and w.trainer.sharded):
+        return 0
+    mine = -(-rows // w.params.score.batch_size) if runs else 0
+    return int(max(w.dist.all_gather(mine)))
+
+
 def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     from stages.score import optimizer_steps, score_samples, score_stats
 
@@ -72,7 +82,8 @@ def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     logp_policy = [float(sum(x)) for x in local["sampler_logprobs"]] if policy_logprobs_from_sampler(w) else None
     out, stats = score_samples(local, w.rewards, w.trainer.model, reference_for(w), w.tokenizer, w.params.score, w.train_prompts,
                                logp_policy, share_prompts=w.params.base.share_prompts,
-                               steps=optimizer_steps(w.params, int(samples["policy_version"].max() or 0), w.total_rounds))
+                               steps=optimizer_steps(w.params, int(samples["policy_version"].max() or 0), w.total_rounds),
+                               policy_batches=policy_pass_batches(w, local.height, logp_policy is None))
     if not w.dist.enabled:
         return out, stats
     out = w.dist.gather_rows(out, samples["prompt_id"].unique(maintain_order=True).to_list())
@@ -97,6 +108,7 @@ def update_round(w: Warm, samples: pl.DataFrame, advantages: pl.DataFrame) -> di
     batch = training_batch(samples, advantages)
     if w.dist.enabled:
         batch = batch.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples)))
+    w.policy_is_ref = False  # from the first optimizer step on (even one that then fails) it is not
     stats = w.trainer.step(batch, w.dist)
     t0 = time.perf_counter()
     w.sampler.update_weights(state_dict=w.trainer.state_dict_for_sampler())
@@ -124,13 +136,19 @@ def evaluate_round(w: Warm, version: int) -> dict:
     if w.ref_eval is None:
         raise RuntimeError("load_warm(with_eval=True) prepares the reference's held-out completions")
     ref_samples, ref_scores = w.ref_eval
+    batches = policy_pass_batches(w, w.eval_prompts.height, not w.sampler.exact_logprobs)  # one completion a prompt
     if w.eval_prompts.height:
         pol = generate_one(w.sampler, w.tokenizer, w.eval_prompts, p, p.base.seed, version)
         table, _ = evaluate_policy(pol, ref_samples, ref_scores, w.rewards, w.trainer.model, w.ref, w.tokenizer,
                                    w.eval_prompts, p.score.batch_size, sampler_exact=w.sampler.exact_logprobs,
-                                   ref_prompt_cache=w.ref_eval_cache)
+                                   ref_prompt_cache=w.ref_eval_cache, policy_batches=batches)
     else:
         table = None
+        if batches:  # no held-out prompt here: this rank's share of the policy's collectives all the same
+            from stages.logprobs import sequence_logprobs
+
+            sequence_logprobs(w.trainer.model, [], [], w.tokenizer.pad_token_id, p.score.batch_size,
+                              min_batches=batches)
     if w.dist.enabled:
         parts = [t for t in w.dist.all_gather(table) if t is not None]
         order = {pid: i for i, pid in enumerate(w.eval_order)}

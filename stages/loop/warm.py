@@ -81,8 +81,8 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
               device: str | None = None) -> Warm:
     """Load everything a run keeps warm: the trainer (from `checkpoint`'s dirs when resuming, else the base), the
     reference, the rewards, and the sampler engine (started once on the reference weights; it gets the trainer's
-    weights when resuming). `with_eval` also generates the reference policy's held-out completions once, for the
-    in-training evaluations. With several ranks (`dist`) every rank loads its own copy and engine, on `device`."""
+    whenever they differ from the reference's: resuming, or a policy dir other than the reference). `with_eval`
+    also generates the reference policy's held-out completions once, for the in-training evaluations. With several ranks (`dist`) every rank loads its own copy and engine, on `device`."""
     from stages.loop.dist import SINGLE
     from stages.evaluate import generate_one, task_scores
     from stages.io import read_table
@@ -130,7 +130,7 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     # the engine started on the reference's weights (the held-out baseline above is the reference's completions);
     # it samples the policy's from round 1 on: a resumed trainer's, or a fresh one from another dir than the
     # reference (`base.model_dir` vs `score.ref_model`)
-    w.policy_is_ref = checkpoint is None and same_weights(trainer.model, ref)
+    w.policy_is_ref = checkpoint is None and same_weights(trainer.model, ref)  # a copy of it in another dir too
     if not w.policy_is_ref:
         sampler.update_weights(state_dict=trainer.state_dict_for_sampler())
     return w
