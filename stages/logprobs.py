@@ -179,6 +179,8 @@ def sequence_logprobs(
     an FSDP model's every forward is a collective, so every rank must run as many as the rank with the most rows."""
     from tqdm.auto import tqdm
 
+    if min_batches and prompt_cache is not None:  # a cached batch runs one forward, a padding batch two
+        raise ValueError("sequence_logprobs: min_batches with a prompt_cache is not supported")
     sums: list[float] = []
     per_token: list[list[float]] = []
     # Sort by length so each batch pads little, a prompt's completions side by side (they share it); results go

@@ -112,9 +112,12 @@ def disable_dropout(model) -> int:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) and m.p:
             m.p, n = 0.0, n + 1
-        rate = getattr(m, "attention_dropout", None)  # transformers' attention modules pass it to the kernel
-        if isinstance(rate, float) and rate:
-            m.attention_dropout, n = 0.0, n + 1
+        # rates that transformers' modules pass to a kernel or apply by hand: attention_dropout, dropout,
+        # activation_dropout, residual_dropout, layerdrop, ...
+        for name, rate in list(vars(m).items()):
+            if isinstance(rate, float) and rate and ("dropout" in name or "pdrop" in name or name == "layerdrop"):
+                setattr(m, name, 0.0)
+                n += 1
     return n
 
 

@@ -170,7 +170,7 @@ class Trainer:
         if up.micro_batch_size:
             micro = min(micro, up.micro_batch_size)
         # Ratios other than 1 need the "old" logprobs (several epochs or mini-batches): from the trainer itself.
-        old = self._old_logprobs(prompts, completions, micro) if up.num_ppo_epochs > 1 or up.num_mini_batches > 1 else None
+        old = self._old_logprobs(prompts, completions, micro, dist) if up.num_ppo_epochs > 1 or up.num_mini_batches > 1 else None
         stats: dict[str, list[float]] = {"loss": [], "grad_norm": [], "clip_frac": [], "entropy": [], "approx_kl": []}
         pids = batch["prompt_id"].to_list()
         gv_stats: list[dict] = []
@@ -222,12 +222,19 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def _old_logprobs(self, prompts, completions, micro: int) -> list[torch.Tensor]:
-        """Per-token logprobs of every completion under the current policy, before any step (TRL's convention)."""
+    def _old_logprobs(self, prompts, completions, micro: int, dist) -> list[torch.Tensor]:
+        """Per-token logprobs of every completion under the current policy, before any step (TRL's convention). With
+        several ranks every rank runs as many forwards as the rank with the most (one-token ones where it has fewer):
+        FSDP's every forward is a collective."""
         old: list[torch.Tensor] = []
-        for s in range(0, len(prompts), micro):
+        starts = range(0, len(prompts), micro)
+        most = int(max(dist.all_gather(len(starts)))) if dist.enabled else len(starts)  # before any forward
+        for s in starts:
             lp, _, _ = self._logp(prompts[s : s + micro], completions[s : s + micro], sync=True)
             old.extend(lp.float())
+        tok = self.tokenizer.eos_token_id or 0
+        for _ in range(most - len(starts)):
+            self._logp([[tok]], [[tok]], sync=True)
         return old
 
     def _accumulate(self, batches, prompts, completions, adv, old, rows: float, tokens: float, dist, gv) -> list[float]:

@@ -108,14 +108,15 @@ def test_one_round_over_two_ranks_equals_one_process(one_process, tmp_path, tiny
 
 def test_fsdp_policy_passes_with_uneven_ranks_finish(tmp_path, tiny_model_dir):
     """Every forward of an FSDP policy is a collective. With a bf16 engine (the default on GPUs) the policy's scoring
-    pass always runs: over 9 and 6 completions in batches of 2 it is 5 and 3 forwards, and the held-out evaluation's
-    over 3 and 2 prompts 2 and 1: the rank with fewer must pad, or both wait until the collective times out. Its
-    numbers are one process's."""
+    pass always runs: over 9 and 6 completions in batches of 2 it is 5 and 3 forwards, the held-out evaluation's
+    over 3 and 2 prompts 2 and 1, and with two epochs the update's pass of the "old" logprobs 5 and 3 micro-batches:
+    the rank with fewer must pad, or both wait until the collective times out. Its numbers are one process's."""
     def setup(d):
         d.mkdir()
         _round_dir(d, tiny_model_dir, "fsdp", held_out=5, batch_size=2)
         p = yaml.safe_load((d / "params.yaml").read_text())
         p["sample"]["dtype"] = "bfloat16"  # not the policy's own logprobs: the trainer's pass runs, in score and eval
+        p["update"].update(num_ppo_epochs=2, micro_batch_size=2)  # and the update's "old" logprobs: 5 and 3 forwards
         (d / "params.yaml").write_text(yaml.safe_dump(p))
         return d
     one = _run_round(setup(tmp_path / "one"), "out", 1, evaluate=True)
@@ -134,6 +135,29 @@ def test_fsdp_policy_passes_with_uneven_ranks_finish(tmp_path, tiny_model_dir):
     assert max(abs(a[k][1] - b[k][1]) for k in same) < 1e-4
     ea, eb = (json.loads((d / "eval.json").read_text()) for d in (one, two))
     assert ea["prompts"] == eb["prompts"] == 5 and math.isfinite(eb["kl"])
+
+
+def test_padding_batches_run_the_forwards_of_real_ones(tiny_model_dir):
+    """`sequence_logprobs(min_batches=)`: a rank with fewer rows (or none) runs as many model forwards as a real batch
+    would: two with shared prompts (the prompt, then the completions), one without."""
+    import torch
+
+    from stages.logprobs import PromptCache, sequence_logprobs
+    from stages.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir).eval()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    for share, per_batch in ((True, 2), (False, 1)):
+        calls.clear()
+        sequence_logprobs(model, [[5, 6]] * 3, [[7, 8]] * 3, 0, 2, share=share)
+        assert len(calls) == 2 * per_batch  # 3 rows in batches of 2
+        calls.clear()
+        sums, _ = sequence_logprobs(model, [], [], 0, 2, share=share, min_batches=3)
+        assert sums == [] and len(calls) == 3 * per_batch
+    with pytest.raises(ValueError, match="prompt_cache"):
+        sequence_logprobs(model, [[5]], [[7]], 0, 2, min_batches=2, prompt_cache=PromptCache(model, [[5]], 0, 2))
+    assert torch.is_grad_enabled()
 
 
 # ---------------------------------------------------------------- the flow over two ranks
