@@ -228,13 +228,12 @@ class Trainer:
         FSDP's every forward is a collective."""
         old: list[torch.Tensor] = []
         starts = range(0, len(prompts), micro)
-        most = int(max(dist.all_gather(len(starts)))) if dist.enabled else len(starts)  # before any forward
+        most = int(max(dist.all_gather(len(starts))))  # before any forward (one process: its own count)
         for s in starts:
             lp, _, _ = self._logp(prompts[s : s + micro], completions[s : s + micro], sync=True)
             old.extend(lp.float())
-        tok = self.tokenizer.eos_token_id or 0
         for _ in range(most - len(starts)):
-            self._logp([[tok]], [[tok]], sync=True)
+            self._padding_logp(sync=True)
         return old
 
     def _accumulate(self, batches, prompts, completions, adv, old, rows: float, tokens: float, dist, gv) -> list[float]:
@@ -275,10 +274,14 @@ class Trainer:
 
     def _zero_weight_backward(self, sync: bool) -> None:
         """A forward/backward that adds nothing to the gradient, for a rank with fewer micro-batches than the others."""
-        tok = self.tokenizer.eos_token_id or 0
-        logp, _, _ = self._logp([[tok]], [[tok]], sync=sync)
+        logp = self._padding_logp(sync)
         with self._sync(sync):
             (logp.sum() * 0.0).backward()
+
+    def _padding_logp(self, sync: bool) -> torch.Tensor:
+        """A one-token forward whose result counts for nothing: a rank's share of the others' collectives."""
+        tok = self.tokenizer.eos_token_id or 0
+        return self._logp([[tok]], [[tok]], sync=sync)[0]
 
     def _sync(self, sync: bool):
         """No gradient sync across ranks for all but a mini-batch's last backward (DDP no_sync / FSDP's switch)."""

@@ -60,7 +60,7 @@ def policy_logprobs_from_sampler(w: Warm) -> bool:
 def reference_for(w: Warm):
     """The model whose logprobs are the round's reference: the trainer's own policy while it still is the reference,
     bit for bit (a fresh run's first round): `score_samples` then copies the policy's logprobs, the KL is exactly 0
-    and the round skips the reference pass (2.8 of a 17.8 s step on 2 AVX2 cores; docs/design.md §7)."""
+    and the round skips the reference pass (3.1-4.6 s of a 21-27 s round on 2 AVX2 cores; docs/design.md §7)."""
     return w.trainer.model if w.policy_is_ref and w.trainer.round == 0 else w.ref
 
 
@@ -80,8 +80,8 @@ def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     t0 = time.perf_counter()
     local = samples.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples))) if w.dist.enabled else samples
     logp_policy = [float(sum(x)) for x in local["sampler_logprobs"]] if policy_logprobs_from_sampler(w) else None
-    out, stats = score_samples(local, w.rewards, w.trainer.model, reference_for(w), w.tokenizer, w.params.score, w.train_prompts,
-                               logp_policy, share_prompts=w.params.base.share_prompts,
+    out, stats = score_samples(local, w.rewards, w.trainer.model, reference_for(w), w.tokenizer, w.params.score,
+                               w.train_prompts, logp_policy, share_prompts=w.params.base.share_prompts,
                                steps=optimizer_steps(w.params, int(samples["policy_version"].max() or 0), w.total_rounds),
                                policy_batches=policy_pass_batches(w, local.height, logp_policy is None))
     if not w.dist.enabled:

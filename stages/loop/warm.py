@@ -82,7 +82,8 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     """Load everything a run keeps warm: the trainer (from `checkpoint`'s dirs when resuming, else the base), the
     reference, the rewards, and the sampler engine (started once on the reference weights; it gets the trainer's
     whenever they differ from the reference's: resuming, or a policy dir other than the reference). `with_eval`
-    also generates the reference policy's held-out completions once, for the in-training evaluations. With several ranks (`dist`) every rank loads its own copy and engine, on `device`."""
+    also generates the reference policy's held-out completions once, for the in-training evaluations. With several
+    ranks (`dist`) every rank loads its own copy and engine, on `device`."""
     from stages.loop.dist import SINGLE
     from stages.evaluate import generate_one, task_scores
     from stages.io import read_table
