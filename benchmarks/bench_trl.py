@@ -25,13 +25,20 @@ the chat template (TRL gets the already-templated prompt text), the reward (our 
 wrapped as a TRL reward function), K = num_generations, max_completion_length, temperature, top_p, learning
 rate, AdamW betas, constant schedule, max_grad_norm, beta (both put `-beta * sum_t (logp - logp_ref)` into the
 reward and use TRL's sequence-level ratio loss), one iteration per batch.
-Held-out: every arm's final policy goes through the same `python -m stages.evaluate` (48 held-out prompts,
+Held-out: every arm's final policy goes through the same `python -m stages.evaluate` (the 96 held-out prompts,
 greedy, reward, win-rate against the base model, KL).
 
 Per step: wall time, split into sampling, scoring (logprobs + rewards) and update, generated tokens/s; per arm:
 warm-up (load + engine start), peak RSS.
 
     python benchmarks/bench_trl.py [--steps 4] [--arms ours ours-bf16 trl trl-glibc trl-vllm trl-vllm-fp32] [--repeats 3]
+                                   [--seeds]
+
+Every arm is deterministic for a seed: without `--seeds` the repeats retrace one training trajectory (only the
+times vary), so the held-out reward is one draw per arm. With `--seeds`, repeat r trains every arm with
+`base.seed` + r (each round's prompts and every sampling seed; the held-out split is `data.split_seed`'s, the same
+for all), and the table adds each seed's held-out reward and the paired difference with its 95 % interval: whether
+"equal held-out reward" holds beyond the spread between trajectories.
 
 Writes benchmarks/results/trl.json and trl.md (the table the README shows). Needs the `bench` extra (trl).
 """
@@ -68,6 +75,11 @@ def peak_rss_gib() -> float:
 # ---------------------------------------------------------------- arm: ours (the Prefect flow)
 
 
+def seed_overrides(args) -> dict:
+    """`base.seed` of this repeat (`--seeds`), else nothing: the params file's."""
+    return {"base.seed": args.seed} if getattr(args, "seed", None) is not None else {}
+
+
 def run_ours(args, work: Path, extra: dict | None = None) -> dict:
     from machine import flow_workdir
 
@@ -89,6 +101,7 @@ def run_ours(args, work: Path, extra: dict | None = None) -> dict:
         "train.archive_dir": str(work / "archive"),
         "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
         "train.eval_every": 0,
+        **seed_overrides(args),
         **(extra or {}),
     }
     t0 = time.perf_counter()
@@ -133,7 +146,7 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
 
     from stages.params import load_params
 
-    params = load_params(args.params)
+    params = load_params(args.params, seed_overrides(args))
     configure_env(params.base.threads)
     import torch
     from datasets import Dataset
@@ -334,6 +347,62 @@ def aggregate(runs: list[dict], arms: list[str]) -> list[dict]:
     return rows
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (the paired interval over a few seeds)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """Between the table's rows, the next smaller df's (a wider interval); 1.96 past 30."""
+    return T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96
+
+
+def by_seed(runs: list[dict], key: str = "eval_reward") -> dict | None:
+    """With `--seeds`: each arm's `key` per seed, and for each (ours-like, TRL-like) pair the paired differences
+    over the seeds both evaluated: mean, sample std, the 95 % t interval (None for fewer than 2 seeds)."""
+    seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None})
+    if len(seeds) < 2:
+        return None
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    table = {a: {r["seed"]: r.get(key) for r in runs if r["arm"] == a and r.get("seed") is not None} for a in arms}
+    pairs = []
+    for o in (a for a in arms if a.startswith("ours")):
+        for t in (a for a in arms if a.startswith("trl")):
+            d = [table[o][s] - table[t][s] for s in seeds
+                 if table[o].get(s) is not None and table[t].get(s) is not None]
+            n = len(d)
+            mean = sum(d) / n if n else None
+            sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 if n > 1 else None
+            half = t975(n - 1) * sd / n**0.5 if n > 1 else None
+            pairs.append({"ours": o, "trl": t, "n": n, "diffs": d, "mean": mean, "sd": sd,
+                          "ci": [mean - half, mean + half] if half is not None else None,
+                          "ours_better": sum(x > 0 for x in d)})
+    return {"key": key, "seeds": seeds, "arms": table, "pairs": pairs}
+
+
+def seed_lines(runs: list[dict]) -> list[str]:
+    """The held-out reward and win-rate by training seed, and the paired differences (markdown)."""
+    rew = by_seed(runs, "eval_reward")
+    if rew is None:
+        return []
+    win = by_seed(runs, "eval_win_rate")
+    arms = list(rew["arms"])
+    lines = ["", f"Held-out reward by training seed (`--seeds`: repeat r trains every arm with base.seed + r; "
+             f"win-rate vs base in brackets; {len(rew['seeds'])} seeds):", "",
+             "| base.seed | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for s in rew["seeds"]:
+        cells = [f"{fmt(rew['arms'][a].get(s), '.3f')} ({fmt(win['arms'][a].get(s), '.3f')})" for a in arms]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    for name, res in (("held-out reward", rew), ("win-rate vs base", win)):
+        for p in res["pairs"]:
+            if not p["n"]:
+                continue
+            ci = f", 95 % interval [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]" if p["ci"] else ""
+            lines += ["", f"{p['ours']} - {p['trl']}, {name}: {p['mean']:+.3f} on average over {p['n']} seeds "
+                      f"(sd {fmt(p['sd'], '.3f')}{ci}; {p['ours']} higher on {p['ours_better']} of {p['n']})."]
+    return lines
+
+
 def fmt(x, spec=".1f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -353,7 +422,7 @@ def ratios(rows: list[dict], key: str) -> list[str]:
             for t in rows if t["arm"].startswith("trl")]
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def markdown(rows: list[dict], meta: dict, runs: list[dict] | None = None) -> str:
     ours = next((r for r in rows if r["arm"] == "ours" and r["ok"]), None)
     lines = [
         f"{meta['date']}, {meta['machine']}; {meta['steps']} steps of {meta['prompts']} prompts x K={meta['k']} x "
@@ -392,13 +461,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
     prec = [f"{r['arm']}: {r['precision']}" for r in rows if r.get("precision")]
     if prec:
         lines += ["", "Precision (fp32 master weights everywhere): " + "; ".join(prec) + "."]
-    lines += ["", "Training reward per step (sampled completions, before the step's update):"]
+    first = " (first repeat)" if meta.get("repeats", 1) > 1 else ""
+    lines += ["", f"Training reward per step{first} (sampled completions, before the step's update):"]
     for r in rows:
         if r.get("train_rewards"):
             lines.append(f"- {r['arm']}: " + ", ".join(fmt(x, ".3f") for x in r["train_rewards"])
                          + "; mean completion length " + ", ".join(fmt(x, ".1f") for x in r.get("mean_lengths") or []))
     if rows and rows[0].get("eval_ref_reward") is not None:
         lines += ["", f"Base model held-out reward: {rows[0]['eval_ref_reward']:.3f}."]
+    lines += seed_lines(runs or [])
     return "\n".join(lines) + "\n"
 
 
@@ -409,7 +480,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     ap.add_argument("--repeats", type=int, default=1, help="run the arms in turn this many times")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--seeds", action="store_true",
+                    help="repeat r trains every arm with base.seed + r (the held-out reward's spread across training "
+                         "trajectories); without it the repeats retrace one trajectory")
     ap.add_argument("--render", action="store_true", help="rewrite trl.md from the runs in trl.json (no run)")
+    ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -425,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
         saved = json.loads((Path(args.out) / "trl.json").read_text())
         arms = list(dict.fromkeys(r["arm"] for r in saved["runs"]))
         rows = aggregate(saved["runs"], arms)
-        md = markdown(rows, saved["meta"])
+        md = markdown(rows, saved["meta"], saved["runs"])
         write_json({**saved, "arms": rows}, Path(args.out) / "trl.json")
         write_text(md, Path(args.out) / "trl.md")
         print(md)
@@ -441,24 +516,28 @@ def main(argv: list[str] | None = None) -> None:
             raise PipelineError("trl is not installed; run `pip install -e '.[bench]'` (or `make bench-trl`)") from None
     params = load_params(args.params)
     runs: list[dict] = []
+    seed_args = (lambda r: ["--seed", str(params.base.seed + r)]) if args.seeds else None
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         for rep, arm, work, _ in alternate_arms(tmp, args.arms, args.repeats, __file__,
                                                 ["--steps", str(args.steps), "--params", args.params], f"{args.steps} steps",
-                                                glibc_arms=GLIBC_ARMS):
+                                                glibc_arms=GLIBC_ARMS,
+                                                repeat_args=seed_args):
             res = json.loads((work / "result.json").read_text()) if (work / "result.json").exists() else {"ok": False, "error": "worker crashed"}
             ev = evaluate(res["policy"], work, args.params) if res.get("ok") else {}
             row = summarize(arm, res, ev)
             row["repeat"] = rep
+            row["seed"] = params.base.seed + rep if args.seeds else None
             runs.append(row)
             print(f"    {json.dumps({k: v for k, v in row.items() if v is not None})}", flush=True)
     rows = aggregate(runs, args.arms)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(),
-            "steps": args.steps, "repeats": args.repeats, "prompts": params.train.prompts_per_round, "k": params.sample.k,
+            "steps": args.steps, "repeats": args.repeats, "seeds": args.seeds,
+            "prompts": params.train.prompts_per_round, "k": params.sample.k,
             "tokens": params.sample.max_completion_length, "lr": params.update.learning_rate, "beta": params.score.beta}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json({"meta": meta, "arms": rows, "runs": runs}, out / "trl.json")
-    md = markdown(rows, meta)
+    md = markdown(rows, meta, runs)
     write_text(md, out / "trl.md")
     print(md)
 

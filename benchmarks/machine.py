@@ -48,10 +48,11 @@ def flow_workdir(root, work) -> None:
 
 
 def alternate_arms(tmp, arms: list[str], repeats: int, script: str, args: list[str], unit: str,
-                   glibc_arms: tuple[str, ...] = ()):
+                   glibc_arms: tuple[str, ...] = (), repeat_args=None):
     """Run each arm's worker (`script --worker ARM --work DIR ARGS`) in its own process, the arms in turn,
     `repeats` times; yields (repeat, arm, work dir, exit code). Every worker gets the malloc the training command
-    preloads (`stages.runtime.malloc_env`), except `glibc_arms`, which get glibc's."""
+    preloads (`stages.runtime.malloc_env`), except `glibc_arms`, which get glibc's. `repeat_args(repeat)`: more
+    arguments for every arm of that repeat (e.g. its seed)."""
     import subprocess
     import sys
     import time
@@ -66,7 +67,8 @@ def alternate_arms(tmp, arms: list[str], repeats: int, script: str, args: list[s
             work = Path(tmp) / f"{arm}-{rep}"
             work.mkdir()
             print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{repeats}: {arm}: {unit} ...", flush=True)
-            cmd = [sys.executable, script, "--worker", arm, "--work", str(work), *args]
+            cmd = [sys.executable, script, "--worker", arm, "--work", str(work), *args,
+                   *(repeat_args(rep) if repeat_args else [])]
             # every arm with the malloc the training command preloads (tcmalloc where installed): like for like
             env = glibc if arm in glibc_arms else malloc_env()
             yield rep, arm, work, subprocess.run(cmd, cwd=root, env=env).returncode

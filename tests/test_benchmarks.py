@@ -201,3 +201,50 @@ def test_roofline_floor_is_each_phase_at_its_peak_plus_the_rest_as_measured():
     md = roofline.render(meta, rows, table)
     assert "**Floor at this machine's peaks: 7.50 s a round**" in md and "1.33x its floor" in md
     assert md.count("\n| ") == 8  # the header, six phases and the round
+
+
+def test_trl_seeds_pair_each_arms_held_out_reward_by_seed():
+    """`--seeds`: each seed's held-out reward side by side, and the paired difference's mean, sd and t interval."""
+    import statistics
+
+    rewards = {"ours": [0.60, 0.55, 0.58], "trl": [0.50, 0.57, 0.52]}
+    runs = [{"arm": arm, "ok": True, "seed": 42 + i, "eval_reward": x, "eval_win_rate": 0.5 + x / 10}
+            for i in range(3) for arm, xs in rewards.items() for x in [xs[i]]]
+    res = bench_trl.by_seed(runs)
+    assert res["seeds"] == [42, 43, 44] and res["arms"]["trl"] == {42: 0.50, 43: 0.57, 44: 0.52}
+    (pair,) = res["pairs"]
+    d = [a - b for a, b in zip(rewards["ours"], rewards["trl"])]
+    assert pair["diffs"] == pytest.approx(d) and pair["mean"] == pytest.approx(statistics.mean(d))
+    assert pair["sd"] == pytest.approx(statistics.stdev(d)) and pair["ours_better"] == 2
+    half = 4.303 * statistics.stdev(d) / 3**0.5  # t(0.975, 2 df)
+    assert pair["ci"] == pytest.approx([statistics.mean(d) - half, statistics.mean(d) + half])
+    md = "\n".join(bench_trl.seed_lines(runs))
+    assert "| 42 | 0.600 (0.560) | 0.500 (0.550) |" in md
+    assert f"ours - trl, held-out reward: {statistics.mean(d):+.3f} on average over 3 seeds" in md
+    assert "ours higher on 2 of 3" in md
+    # a seed one arm did not evaluate leaves the pair; one seed only (or no --seeds) adds nothing
+    runs[-1]["eval_reward"] = None
+    assert bench_trl.by_seed(runs)["pairs"][0]["n"] == 2
+    assert bench_trl.by_seed([{**r, "seed": None} for r in runs]) is None and bench_trl.seed_lines(runs[:2]) == []
+    assert bench_trl.t975(11) == 2.228 and bench_trl.t975(40) == 1.96
+
+
+def test_alternate_arms_gives_each_repeat_its_own_arguments(tmp_path):
+    """What `--seeds` rests on: every arm of repeat r gets `repeat_args(r)` (here its seed), the same arguments else."""
+    import json
+
+    from machine import alternate_arms
+
+    script = tmp_path / "bench" / "worker.py"
+    script.parent.mkdir()
+    script.write_text("import json, sys\nw = sys.argv[sys.argv.index('--work') + 1]\n"
+                      "open(w + '/argv.json', 'w').write(json.dumps(sys.argv[1:]))\n")
+    out = {}
+    for rep, arm, work, rc in alternate_arms(tmp_path, ["a", "b"], 2, str(script), ["--steps", "2"], "x",
+                                             repeat_args=lambda r: ["--seed", str(42 + r)]):
+        assert rc == 0
+        out[rep, arm] = json.loads((work / "argv.json").read_text())
+    assert out[1, "b"] == ["--worker", "b", "--work", str(tmp_path / "b-1"), "--steps", "2", "--seed", "43"]
+    assert [out[k][-1] for k in sorted(out)] == ["42", "42", "43", "43"]
+    assert bench_trl.seed_overrides(bench_trl.argparse.Namespace(seed=43)) == {"base.seed": 43}
+    assert bench_trl.seed_overrides(bench_trl.argparse.Namespace(seed=None)) == {}
