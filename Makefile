@@ -21,7 +21,7 @@ APT_GET ?= apt-get
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup repro test test-fast bench bench-trl bench-overhead bench-roofline bench-precision bench-baselines docs mutate coverage clean-venv
+.PHONY: setup repro test test-fast bench bench-trl bench-overhead bench-roofline bench-precision bench-baselines bench-learning docs mutate coverage clean-venv
 
 setup: $(STAMP)
 
@@ -90,6 +90,10 @@ bench-precision: setup
 
 bench-baselines: setup
 	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/sweep_baselines.py
+
+# the update against the paper's step by hand, and the samplers' draws against the policy's entropy (real model)
+bench-learning: setup
+	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/learning_checks.py
 
 # Mutation testing of the core math and bookkeeping (mutmut; not part of `make test`: it takes a while, see README)
 MUTATE_STAMP := $(VENV)/.mutate-installed

@@ -36,9 +36,11 @@ warm-up (load + engine start), peak RSS.
 
 Every arm is deterministic for a seed: without `--seeds` the repeats retrace one training trajectory (only the
 times vary), so the held-out reward is one draw per arm. With `--seeds`, repeat r trains every arm with
-`base.seed` + r (each round's prompts and every sampling seed; the held-out split is `data.split_seed`'s, the same
+`base.seed` + r (each round's prompts and every sampling seed; the held-out split is `prepare.split_seed`'s, the same
 for all), and the table adds each seed's held-out reward and the paired difference with its 95 % interval: whether
-"equal held-out reward" holds beyond the spread between trajectories.
+"equal held-out reward" holds beyond the spread between trajectories. (TRL's colocated vLLM engine, the `trl-vllm`
+arms, seeds its engine with the process index, not `seed` (trl 1.16 generation/vllm_generation.py): those arms'
+repeats vary their prompts and their torch seed only.)
 
 Writes benchmarks/results/trl.json and trl.md (the table the README shows). Needs the `bench` extra (trl).
 """
@@ -332,8 +334,10 @@ def aggregate(runs: list[dict], arms: list[str]) -> list[dict]:
         if not ok:
             rows.append(rs[0])
             continue
-        avg = {}
+        avg = {"seeds": sorted({r["seed"] for r in ok if r.get("seed") is not None}) or None}
         for k in ok[0]:
+            if k in ("seed", "repeat"):  # labels, not measurements
+                continue
             vals = [r[k] for r in ok if r.get(k) is not None]
             numeric = vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
             avg[k] = sum(vals) / len(vals) if numeric else next((r[k] for r in ok if r.get(k) is not None), None)
@@ -349,12 +353,13 @@ def aggregate(runs: list[dict], arms: list[str]) -> list[dict]:
 
 # two-sided 95 % quantiles of Student's t by degrees of freedom (the paired interval over a few seeds)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
 
 
 def t975(df: int) -> float:
-    """Between the table's rows, the next smaller df's (a wider interval); 1.96 past 30."""
-    return T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96
+    """Between the table's rows, the next smaller df's (a wider interval); the normal's 1.96 past 120 (t(120) is
+    1.980, t(inf) 1.960)."""
+    return T975[max(k for k in T975 if k <= df)] if df <= 120 else 1.96
 
 
 def by_seed(runs: list[dict], key: str = "eval_reward") -> dict | None:

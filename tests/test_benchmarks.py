@@ -208,8 +208,8 @@ def test_trl_seeds_pair_each_arms_held_out_reward_by_seed():
     import statistics
 
     rewards = {"ours": [0.60, 0.55, 0.58], "trl": [0.50, 0.57, 0.52]}
-    runs = [{"arm": arm, "ok": True, "seed": 42 + i, "eval_reward": x, "eval_win_rate": 0.5 + x / 10}
-            for i in range(3) for arm, xs in rewards.items() for x in [xs[i]]]
+    runs = [{"arm": arm, "ok": True, "seed": 42 + i, "eval_reward": x, "eval_win_rate": 0.5 + x / 10,
+             "step_wall_s": 1.0} for i in range(3) for arm, xs in rewards.items() for x in [xs[i]]]
     res = bench_trl.by_seed(runs)
     assert res["seeds"] == [42, 43, 44] and res["arms"]["trl"] == {42: 0.50, 43: 0.57, 44: 0.52}
     (pair,) = res["pairs"]
@@ -226,7 +226,9 @@ def test_trl_seeds_pair_each_arms_held_out_reward_by_seed():
     runs[-1]["eval_reward"] = None
     assert bench_trl.by_seed(runs)["pairs"][0]["n"] == 2
     assert bench_trl.by_seed([{**r, "seed": None} for r in runs]) is None and bench_trl.seed_lines(runs[:2]) == []
-    assert bench_trl.t975(11) == 2.228 and bench_trl.t975(40) == 1.96
+    assert bench_trl.t975(11) == 2.228 and bench_trl.t975(45) == 2.021 and bench_trl.t975(500) == 1.96
+    ours, trl = bench_trl.aggregate([{**r, "repeat": i} for i, r in enumerate(runs)], ["ours", "trl"])
+    assert ours["seeds"] == [42, 43, 44] and "seed" not in ours and "repeat" not in ours
 
 
 def test_alternate_arms_gives_each_repeat_its_own_arguments(tmp_path):

@@ -1,0 +1,211 @@
+"""The learning held to its definition on the real default model (what the held-out comparison with TRL leans on).
+
+1. **The update is the paper's step.** One `Trainer.step` (shared prompts, lean-memory layers, selective logprobs,
+   micro-batches, as the defaults run it; clipping off so the raw gradients compare) on K sampled completions of
+   default prompts with random advantages, against the step written out by hand on a plain transformers model:
+   each whole sequence forwarded alone, `log_softmax` of the completion's logits,
+   `loss = -mean_i(A_i * exp(logp_i - logp_i.detach()))`. Reports each tensor's relative gradient difference.
+2. **The samplers draw from the policy.** Completions of default prompts from the vLLM engine and from transformers'
+   `generate` (TRL's default sampler), at temperature 1: the mean over tokens of `NLL(sampled token) - entropy` is 0
+   for draws from the policy (reported with its standard error); the engine's logprobs against the trainer's; its
+   text against `decode(ids)`, and the reward of both texts.
+
+    python benchmarks/learning_checks.py [--prompts 8] [--vllm-prompts 64] [--hf-prompts 32]
+
+Needs models/base and data/prepared (`dvc repro prepare`). Writes benchmarks/results/learning_checks.json and .md.
+The tests hold the same properties on smaller cases (tests/test_update.py, tests/test_sample.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+RESULTS = ROOT / "benchmarks" / "results"
+MODEL = "models/base"
+SEED = 7  # the sampling seed of the checks (any)
+
+
+def _samples(sampler, tok, prompts, params, rounds: int):
+    import polars as pl
+
+    from stages.sample import generation_config, sample_prompts
+
+    return pl.concat([sample_prompts(sampler, tok, prompts, generation_config(params.sample), SEED, r, 0,
+                                     params.sample.max_model_len)[0] for r in range(rounds)])
+
+
+def sampler_check(backend: str, n_prompts: int) -> dict:
+    """Check 2 for one sampler (run in its own process: one engine each)."""
+    import torch
+
+    from stages.io import read_table
+    from stages.logprobs import token_logprobs
+    from stages.models import load_causal_lm, load_tokenizer
+    from stages.params import load_params
+    from stages.rewards import build_rewards, combine, compute_rewards
+    from stages.runtime import configure_env
+    from stages.sample import make_sampler
+
+    params = load_params(ROOT / "params.yaml", {"base.model_dir": MODEL, "sample.backend": backend})
+    configure_env(params.base.threads)
+    tok = load_tokenizer(MODEL)
+    train = read_table("data/prepared/train.parquet").head(n_prompts)
+    sampler = make_sampler(MODEL, params)
+    t0 = time.perf_counter()
+    df = _samples(sampler, tok, train, params, rounds=2)
+    seconds = time.perf_counter() - t0
+    sampler.close()
+    model = load_causal_lm(MODEL, "float32").eval()
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in df["prompt_text"]]
+    comps = [list(c) for c in df["completion_token_ids"]]
+    gaps, worst = [], 0.0
+    with torch.no_grad():
+        for s in range(0, len(comps), 16):
+            logp, mask, entropy = token_logprobs(model, prompts[s : s + 16], comps[s : s + 16], tok.pad_token_id,
+                                                 with_entropy=True)
+            gaps += (-logp - entropy)[mask].tolist()
+            for i, row in enumerate(df["sampler_logprobs"][s : s + 16]):
+                worst = max(worst, float((logp[i][mask[i]] - torch.tensor(list(row))).abs().max()))
+    mean = sum(gaps) / len(gaps)
+    se = math.sqrt(sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1) / len(gaps))
+    texts = df["completion"].to_list()
+    decoded = [tok.decode(c, skip_special_tokens=True) for c in comps]
+    rewards = build_rewards(params.score.rewards, device=torch.device("cpu"), batch_size=params.score.batch_size)
+    by_id = dict(zip(train["prompt_id"], train["prompt"]))
+    keys = list(zip(df["prompt_id"], df["sample_idx"]))
+    weights = {r.name: r.weight for r in rewards}
+
+    def mean_reward(completions):
+        scores = combine(compute_rewards(rewards, [by_id[p] for p in df["prompt_id"]], completions, keys), weights)
+        return float(scores.mean())
+
+    return {"backend": backend, "prompts": n_prompts, "completions": df.height, "tokens": len(gaps),
+            "sample_s": seconds, "nll_minus_entropy": mean, "se": se, "max_logprob_diff": worst,
+            "text_differs": sum(a != b for a, b in zip(texts, decoded)), "reward": mean_reward(texts),
+            "reward_of_decoded": mean_reward(decoded)}
+
+
+def update_check(n_prompts: int, k: int) -> dict:
+    """Check 1."""
+    import polars as pl
+    import torch
+
+    from stages.io import read_table
+    from stages.models import load_causal_lm
+    from stages.params import load_params
+    from stages.runtime import configure_env
+    from stages.sample import make_sampler
+    from stages.schemas import ADVANTAGES
+    from stages.update import Trainer, training_batch
+
+    params = load_params(ROOT / "params.yaml", {"base.model_dir": MODEL, "update.max_grad_norm": 0.0,
+                                                "sample.k": k, "sample.backend": "hf"})
+    configure_env(params.base.threads)
+    trainer = Trainer(MODEL, params, torch.device("cpu"))
+    tok = trainer.tokenizer
+    sampler = make_sampler(MODEL, params)
+    samples = _samples(sampler, tok, read_table("data/prepared/train.parquet").head(n_prompts), params, rounds=1)
+    sampler.close()
+    adv = torch.randn(samples.height, generator=torch.Generator().manual_seed(SEED)).tolist()
+    advantages = samples.select("prompt_id", "sample_idx").with_columns(
+        pl.lit(0.0).alias("rlhf_reward"), pl.lit(0.0).alias("baseline"), pl.Series("advantage", adv),
+        pl.lit(params.advantage.estimator).alias("estimator")).select(list(ADVANTAGES))
+    batch = training_batch(samples, advantages)
+    seen = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, a, kw: seen.append(
+        {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}))
+    t0 = time.perf_counter()
+    trainer.step(batch)
+    step_s = time.perf_counter() - t0
+    plain = load_causal_lm(MODEL, "float32")
+    plain.train()
+    for text, completion, a in zip(batch["prompt_text"], batch["completion_token_ids"], batch["advantage"]):
+        p, c = tok(text, add_special_tokens=False)["input_ids"], list(completion)
+        logits = plain(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c)[:, None]).sum()
+        (-(a * torch.exp(logp - logp.detach())) / batch.height).backward()
+    (got,) = seen
+    rel = sorted(((float((got[n] - q.grad).norm() / q.grad.norm().clamp(min=1e-30)), n)
+                  for n, q in plain.named_parameters()), reverse=True)
+    norm = lambda grads: math.sqrt(sum(float(g.norm() ** 2) for g in grads))  # noqa: E731
+    return {"prompts": n_prompts, "k": k, "completions": batch.height, "step_s": step_s, "tensors": len(rel),
+            "median_rel": rel[len(rel) // 2][0], "worst": rel[:3],
+            "trainer_norm": norm(got.values()), "textbook_norm": norm(q.grad for q in plain.parameters())}
+
+
+def markdown(res: dict) -> str:
+    from machine import describe
+
+    u = res["update"]
+    lines = [f"{res['date']}, {describe()}.", "",
+             f"**The update is the paper's step.** One `Trainer.step` on {u['completions']} completions ({u['prompts']} "
+             f"default prompts x K={u['k']}, random advantages), against the step written out by hand on a plain "
+             f"transformers model: relative gradient difference per tensor, median {u['median_rel']:.1e}, worst "
+             + ", ".join(f"{r:.1e} ({n})" for r, n in u["worst"])
+             + f" over {u['tensors']} tensors; gradient norm {u['trainer_norm']:.4f} against {u['textbook_norm']:.4f}.",
+             "", "**The samplers draw from the policy** (temperature 1; draws from the policy give NLL - H = 0 up to "
+             "its standard error):", "",
+             "| sampler | completions | tokens | NLL - entropy (nats a token) | max \\|logprob - trainer's\\| | "
+             "text != decode(ids) | reward (text / decoded) |",
+             "|---|---|---|---|---|---|---|"]
+    for s in res["samplers"]:
+        if "error" in s:
+            lines.append(f"| {s['backend']} | failed: {s['error']} ||||||")
+            continue
+        lines.append(f"| {s['backend']} | {s['completions']} | {s['tokens']} | {s['nll_minus_entropy']:+.3f} +- "
+                     f"{s['se']:.3f} | {s['max_logprob_diff']:.1e} | {s['text_differs']} | {s['reward']:.4f} / "
+                     f"{s['reward_of_decoded']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=8, help="default prompts of the update check (x K=4)")
+    ap.add_argument("--vllm-prompts", type=int, default=64, help="prompts of the vLLM sampler check (x K, 2 rounds)")
+    ap.add_argument("--hf-prompts", type=int, default=32, help="prompts of the transformers sampler check")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--worker", choices=["vllm", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(sampler_check(args.worker, args.n)), flush=True)
+        return
+
+    from stages.errors import PipelineError
+    from stages.io import write_json, write_text
+
+    for need in ("models/base/config.json", "data/prepared/train.parquet"):
+        if not (ROOT / need).exists():
+            raise PipelineError(f"{need} is missing; run `dvc repro prepare` first")
+    samplers = []
+    for backend, n in (("vllm", args.vllm_prompts), ("hf", args.hf_prompts)):
+        print(f"[{time.strftime('%H:%M:%S')}] sampler check: {backend}, {n} prompts ...", flush=True)
+        p = subprocess.run([sys.executable, __file__, "--worker", backend, "--n", str(n)], cwd=ROOT,
+                           capture_output=True, text=True)
+        last = (p.stdout.strip().splitlines() or [""])[-1]
+        samplers.append(json.loads(last) if p.returncode == 0 else
+                        {"backend": backend, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]})
+    print(f"[{time.strftime('%H:%M:%S')}] update check ...", flush=True)
+    res = {"date": time.strftime("%Y-%m-%d"), "update": update_check(args.prompts, 4), "samplers": samplers}
+    out = Path(args.out)
+    write_json(res, out / "learning_checks.json")
+    md = markdown(res)
+    write_text(md, out / "learning_checks.md")
+    print(md)
+
+
+if __name__ == "__main__":
+    import os
+
+    os.chdir(ROOT)
+    from stages.errors import run_cli
+
+    run_cli(main)
