@@ -521,17 +521,18 @@ def main(argv: list[str] | None = None) -> None:
             raise PipelineError("trl is not installed; run `pip install -e '.[bench]'` (or `make bench-trl`)") from None
     params = load_params(args.params)
     runs: list[dict] = []
-    seed_args = (lambda r: ["--seed", str(params.base.seed + r)]) if args.seeds else None
+    seed_of = (lambda r: params.base.seed + r) if args.seeds else (lambda r: None)  # repeat -> its base.seed
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         for rep, arm, work, _ in alternate_arms(tmp, args.arms, args.repeats, __file__,
                                                 ["--steps", str(args.steps), "--params", args.params], f"{args.steps} steps",
                                                 glibc_arms=GLIBC_ARMS,
-                                                repeat_args=seed_args):
+                                                repeat_args=(lambda r: ["--seed", str(seed_of(r))]) if args.seeds
+                                                else None):
             res = json.loads((work / "result.json").read_text()) if (work / "result.json").exists() else {"ok": False, "error": "worker crashed"}
             ev = evaluate(res["policy"], work, args.params) if res.get("ok") else {}
             row = summarize(arm, res, ev)
             row["repeat"] = rep
-            row["seed"] = params.base.seed + rep if args.seeds else None
+            row["seed"] = seed_of(rep)
             runs.append(row)
             print(f"    {json.dumps({k: v for k, v in row.items() if v is not None})}", flush=True)
     rows = aggregate(runs, args.arms)
