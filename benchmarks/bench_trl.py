@@ -32,7 +32,8 @@ Per step: wall time, split into sampling, scoring (logprobs + rewards) and updat
 warm-up (load + engine start), peak RSS.
 
     python benchmarks/bench_trl.py [--steps 4] [--arms ours ours-bf16 trl trl-glibc trl-vllm trl-vllm-fp32] [--repeats 3]
-                                   [--seeds]
+                                   [--seeds [--first-seed N]]
+    python benchmarks/bench_trl.py --render [--from DIR ...] --out DIR
 
 Every arm is deterministic for a seed: without `--seeds` the repeats retrace one training trajectory (only the
 times vary), so the held-out reward is one draw per arm. With `--seeds`, repeat r trains every arm with
@@ -40,7 +41,9 @@ times vary), so the held-out reward is one draw per arm. With `--seeds`, repeat 
 for all), and the table adds each seed's held-out reward and the paired difference with its 95 % interval: whether
 "equal held-out reward" holds beyond the spread between trajectories. (TRL's colocated vLLM engine, the `trl-vllm`
 arms, seeds its engine with the process index, not `seed` (trl 1.16 generation/vllm_generation.py): those arms'
-repeats vary their prompts and their torch seed only.)
+repeats vary their prompts and their torch seed only.) More seeds for a table that has some: run the next ones
+with `--first-seed` (repeat r then trains with N + r) into another folder, and `--render --from` both folders
+into one table (the task settings must agree; a seed may appear once per arm).
 
 Writes benchmarks/results/trl.json and trl.md (the table the README shows). Needs the `bench` extra (trl).
 """
@@ -392,7 +395,7 @@ def seed_lines(runs: list[dict]) -> list[str]:
         return []
     win = by_seed(runs, "eval_win_rate")
     arms = list(rew["arms"])
-    lines = ["", f"Held-out reward by training seed (`--seeds`: repeat r trains every arm with base.seed + r; "
+    lines = ["", f"Held-out reward by training seed (`--seeds`: each repeat trains every arm with its own base.seed; "
              f"win-rate vs base in brackets; {len(rew['seeds'])} seeds):", "",
              "| base.seed | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for s in rew["seeds"]:
@@ -406,6 +409,47 @@ def seed_lines(runs: list[dict]) -> list[str]:
             lines += ["", f"{p['ours']} - {p['trl']}, {name}: {p['mean']:+.3f} on average over {p['n']} seeds "
                       f"(sd {fmt(p['sd'], '.3f')}{ci}; {p['ours']} higher on {p['ours_better']} of {p['n']})."]
     return lines
+
+
+# what must agree for runs of several sittings to share a table (the date, machine line and repeats may differ)
+SAME_TASK = ("steps", "prompts", "k", "tokens", "lr", "beta")
+
+
+def merge_saved(dirs: list[Path]) -> dict:
+    """The runs of several folders' trl.json as one (`--render --from`): the task settings must agree and a
+    (seed, arm) pair may appear once; repeats are renumbered in order, the meta is the first folder's with each
+    sitting's date and machine listed."""
+    from stages.errors import PipelineError
+
+    saved = []
+    for d in dirs:
+        f = d / "trl.json"
+        if not f.exists():
+            raise PipelineError(f"{f} is missing; --from takes folders written by bench_trl.py --out")
+        saved.append(json.loads(f.read_text()))
+    if len(saved) == 1:
+        return saved[0]
+    meta0 = saved[0]["meta"]
+    for d, s in zip(dirs[1:], saved[1:]):
+        bad = [k for k in SAME_TASK if s["meta"].get(k) != meta0.get(k)]
+        if bad:
+            raise PipelineError(f"{d}/trl.json ran another task than {dirs[0]}/trl.json ({', '.join(bad)} differ); "
+                                "only runs of the same settings share a table")
+    runs, seen, offset = [], set(), 0
+    for d, s in zip(dirs, saved):
+        for r in s["runs"]:
+            key = (r.get("seed"), r["arm"])
+            if r.get("seed") is not None and key in seen:
+                raise PipelineError(f"{d}/trl.json: seed {key[0]} of arm {key[1]} is in an earlier folder too; "
+                                    "run the new sitting with --first-seed past the seeds you have")
+            seen.add(key)
+            runs.append({**r, "repeat": offset + r.get("repeat", 0)})
+        offset += s["meta"].get("repeats", 1)
+    sittings = [f"{s['meta'].get('date')}: {s['meta'].get('machine')}" for s in saved]
+    meta = {**meta0, "repeats": offset, "seeds": any(s["meta"].get("seeds") for s in saved),
+            "date": ", ".join(dict.fromkeys(s["meta"].get("date") for s in saved)),
+            "machine": "; ".join(dict.fromkeys(s["meta"].get("machine") for s in saved)), "sittings": sittings}
+    return {"meta": meta, "runs": runs}
 
 
 def fmt(x, spec=".1f") -> str:
@@ -488,7 +532,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", action="store_true",
                     help="repeat r trains every arm with base.seed + r (the held-out reward's spread across training "
                          "trajectories); without it the repeats retrace one trajectory")
+    ap.add_argument("--first-seed", type=int,
+                    help="with --seeds: repeat r trains with this + r instead of base.seed + r (more seeds for a "
+                         "table that has some: run the next ones, then --render --from both folders)")
     ap.add_argument("--render", action="store_true", help="rewrite trl.md from the runs in trl.json (no run)")
+    ap.add_argument("--from", dest="sources", nargs="+", metavar="DIR",
+                    help="with --render: the runs of these folders' trl.json together (e.g. seeds run at two "
+                         "sittings), written to --out")
     ap.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -501,11 +551,16 @@ def main(argv: list[str] | None = None) -> None:
     from stages.io import write_json, write_text
     from stages.params import load_params
 
+    if args.first_seed is not None and not args.seeds:
+        raise PipelineError("--first-seed needs --seeds (without it every repeat trains with base.seed)")
+    if args.sources and not args.render:
+        raise PipelineError("--from goes with --render (it renders saved runs; it runs nothing)")
     if args.render:
-        saved = json.loads((Path(args.out) / "trl.json").read_text())
+        saved = merge_saved([Path(d) for d in (args.sources or [args.out])])
         arms = list(dict.fromkeys(r["arm"] for r in saved["runs"]))
         rows = aggregate(saved["runs"], arms)
         md = markdown(rows, saved["meta"], saved["runs"])
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         write_json({**saved, "arms": rows}, Path(args.out) / "trl.json")
         write_text(md, Path(args.out) / "trl.md")
         print(md)
@@ -521,7 +576,8 @@ def main(argv: list[str] | None = None) -> None:
             raise PipelineError("trl is not installed; run `pip install -e '.[bench]'` (or `make bench-trl`)") from None
     params = load_params(args.params)
     runs: list[dict] = []
-    seed_of = (lambda r: params.base.seed + r) if args.seeds else (lambda r: None)  # repeat -> its base.seed
+    first = args.first_seed if args.first_seed is not None else params.base.seed
+    seed_of = (lambda r: first + r) if args.seeds else (lambda r: None)  # repeat -> its base.seed
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         for rep, arm, work, _ in alternate_arms(tmp, args.arms, args.repeats, __file__,
                                                 ["--steps", str(args.steps), "--params", args.params], f"{args.steps} steps",
