@@ -13,7 +13,8 @@
     python benchmarks/learning_checks.py [--prompts 8] [--vllm-prompts 64] [--hf-prompts 32]
 
 Needs models/base and data/prepared (`dvc repro prepare`). Writes benchmarks/results/learning_checks.json and .md.
-The tests hold the same properties on smaller cases (tests/test_update.py, tests/test_sample.py).
+The tests hold the same properties on smaller cases (tests/test_update.py, tests/test_sample.py), against the same
+oracles (benchmarks/oracles.py).
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def _samples(sampler, tok, prompts, params, rounds: int):
 def sampler_check(backend: str, n_prompts: int) -> dict:
     """Check 2 for one sampler (run in its own process: one engine each)."""
     import torch
+    from oracles import nll_minus_entropy
 
     from stages.io import read_table
-    from stages.logprobs import token_logprobs
     from stages.models import load_causal_lm, load_tokenizer
     from stages.params import load_params
     from stages.rewards import build_rewards, combine, compute_rewards
@@ -66,16 +67,9 @@ def sampler_check(backend: str, n_prompts: int) -> dict:
     model = load_causal_lm(MODEL, "float32").eval()
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in df["prompt_text"]]
     comps = [list(c) for c in df["completion_token_ids"]]
-    gaps, worst = [], 0.0
-    with torch.no_grad():
-        for s in range(0, len(comps), 16):
-            logp, mask, entropy = token_logprobs(model, prompts[s : s + 16], comps[s : s + 16], tok.pad_token_id,
-                                                 with_entropy=True)
-            gaps += (-logp - entropy)[mask].tolist()
-            for i, row in enumerate(df["sampler_logprobs"][s : s + 16]):
-                worst = max(worst, float((logp[i][mask[i]] - torch.tensor(list(row))).abs().max()))
-    mean = sum(gaps) / len(gaps)
-    se = math.sqrt(sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1) / len(gaps))
+    draws = nll_minus_entropy(model, prompts, comps, tok.pad_token_id)
+    worst = max(float((mine - torch.tensor(list(row))).abs().max())
+                for mine, row in zip(draws["logprobs"], df["sampler_logprobs"], strict=True))
     texts = df["completion"].to_list()
     decoded = [tok.decode(c, skip_special_tokens=True) for c in comps]
     rewards = build_rewards(params.score.rewards, device=torch.device("cpu"), batch_size=params.score.batch_size)
@@ -87,8 +81,8 @@ def sampler_check(backend: str, n_prompts: int) -> dict:
         scores = combine(compute_rewards(rewards, [by_id[p] for p in df["prompt_id"]], completions, keys), weights)
         return float(scores.mean())
 
-    return {"backend": backend, "prompts": n_prompts, "completions": df.height, "tokens": len(gaps),
-            "sample_s": seconds, "nll_minus_entropy": mean, "se": se, "max_logprob_diff": worst,
+    return {"backend": backend, "prompts": n_prompts, "completions": df.height, "tokens": draws["tokens"],
+            "sample_s": seconds, "nll_minus_entropy": draws["mean"], "se": draws["se"], "max_logprob_diff": worst,
             "text_differs": sum(a != b for a, b in zip(texts, decoded)), "reward": mean_reward(texts),
             "reward_of_decoded": mean_reward(decoded)}
 
@@ -97,6 +91,7 @@ def update_check(n_prompts: int, k: int) -> dict:
     """Check 1."""
     import polars as pl
     import torch
+    from oracles import textbook_rloo_backward
 
     from stages.io import read_table
     from stages.models import load_causal_lm
@@ -127,11 +122,7 @@ def update_check(n_prompts: int, k: int) -> dict:
     step_s = time.perf_counter() - t0
     plain = load_causal_lm(MODEL, "float32")
     plain.train()
-    for text, completion, a in zip(batch["prompt_text"], batch["completion_token_ids"], batch["advantage"]):
-        p, c = tok(text, add_special_tokens=False)["input_ids"], list(completion)
-        logits = plain(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1]
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c)[:, None]).sum()
-        (-(a * torch.exp(logp - logp.detach())) / batch.height).backward()
+    textbook_rloo_backward(plain, tok, batch["prompt_text"], batch["completion_token_ids"], batch["advantage"])
     (got,) = seen
     rel = sorted(((float((got[n] - q.grad).norm() / q.grad.norm().clamp(min=1e-30)), n)
                   for n, q in plain.named_parameters()), reverse=True)

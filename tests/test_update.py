@@ -16,13 +16,16 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_samples_table
+from conftest import REPO, make_samples_table
 from stages.errors import PipelineError
 from stages.io import write_table
 from stages.logprobs import sequence_logprobs
 from stages.params import parse_params
 from stages.schemas import ADVANTAGES, SAMPLES
 from stages.update import Trainer, lr_lambda, policy_loss, training_batch
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import oracles  # noqa: E402  (the learning's oracles, shared with benchmarks/learning_checks.py)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -571,17 +574,14 @@ def test_a_step_is_the_textbook_rloo_step(tiny_model_dir):
     trainer = Trainer(str(tiny_model_dir), params, CPU)
     grads = capture_grads(trainer)
     batch = make_batch(trainer, adv, rows)
-    trainer.step(batch)
+    stats = trainer.step(batch)
 
     plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    tok = trainer.tokenizer
-    for text, completion, a in zip(batch["prompt_text"], batch["completion_token_ids"], batch["advantage"]):
-        p, c = tok(text, add_special_tokens=False)["input_ids"], list(completion)
-        logits = plain(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1]
-        logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).sum()
-        (-(a * torch.exp(logp - logp.detach())) / len(rows)).backward()
+    oracles.textbook_rloo_backward(plain, trainer.tokenizer, batch["prompt_text"], batch["completion_token_ids"],
+                                   batch["advantage"])
     norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.5)
-    assert norm > 0.5  # the clip binds: its scale is part of what is compared
+    assert norm > 0.5  # the clip binds: its scale is part of what is compared...
+    assert stats["grad_norm"] == pytest.approx(float(norm), rel=1e-5)  # ...and the loss's own scale, which it hides
     (got,) = grads
     for n, q in plain.named_parameters():
         assert rel(got[n], q.grad) < 1e-5, n

@@ -1,0 +1,50 @@
+"""What the learning must be, written out once: the tests (tests/test_update.py, tests/test_sample.py) hold the
+trainer and the samplers to these on tiny cases, benchmarks/learning_checks.py on the real default model.
+
+- `textbook_rloo_backward`: the paper's REINFORCE step by hand on a plain transformers model (each whole sequence
+  forwarded alone, `log_softmax` of the completion's logits, `loss = -mean_i(A_i * exp(logp_i - logp_i.detach()))`),
+  none of the trainer's layout (shared prompts, lean-memory layers, micro-batches) in it.
+- `nll_minus_entropy`: whether completions are draws from a model at temperature 1 (the sampled tokens' mean NLL
+  equals the model's entropy at their positions, up to sampling noise).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def textbook_rloo_backward(model, tokenizer, prompt_texts, completions, advantages) -> None:
+    """Accumulates into `model`'s `.grad` the gradient of `-mean_i(A_i * exp(logp_i - logp_i.detach()))` over the
+    completions (token ids) of `prompt_texts` (chat-templated text); one sequence at a time, fp32 `log_softmax`."""
+    import torch
+
+    n = len(completions)
+    for text, completion, a in zip(prompt_texts, completions, advantages, strict=True):
+        p, c = tokenizer(text, add_special_tokens=False)["input_ids"], list(completion)
+        logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c)[:, None]).sum()
+        (-(a * torch.exp(logp - logp.detach())) / n).backward()
+
+
+def nll_minus_entropy(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                      chunk: int = 16) -> dict:
+    """At every sampled position the expected NLL of the drawn token is the entropy of the model's distribution
+    there, so over draws at temperature 1 the mean of `NLL - H` is 0 up to noise; a sampler that sharpens or
+    flattens the distribution (another temperature, a truncation, a mismatched model) moves it by many standard
+    errors. Returns {"mean", "se", "tokens", "logprobs"} (the last: each completion's token logprobs, for a
+    comparison with a sampler's own)."""
+    import torch
+
+    from stages.logprobs import token_logprobs
+
+    gaps: list[float] = []
+    logprobs = []
+    with torch.no_grad():
+        for s in range(0, len(completions), chunk):
+            logp, mask, entropy = token_logprobs(model, prompts[s : s + chunk], completions[s : s + chunk], pad_id,
+                                                 with_entropy=True)
+            gaps += (-logp - entropy)[mask].tolist()
+            logprobs += [logp[i][mask[i]] for i in range(logp.shape[0])]
+    mean = sum(gaps) / len(gaps)
+    se = math.sqrt(sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1) / len(gaps))
+    return {"mean": mean, "se": se, "tokens": len(gaps), "logprobs": logprobs}
