@@ -435,20 +435,24 @@ def merge_saved(dirs: list[Path]) -> dict:
         if bad:
             raise PipelineError(f"{d}/trl.json ran another task than {dirs[0]}/trl.json ({', '.join(bad)} differ); "
                                 "only runs of the same settings share a table")
+        if bool(s["meta"].get("seeds")) != bool(meta0.get("seeds")):
+            raise PipelineError(f"{d}/trl.json and {dirs[0]}/trl.json: one ran with --seeds, the other without (its "
+                                "repeats all train base.seed); join only folders run the same way")
     runs, seen, offset = [], set(), 0
     for d, s in zip(dirs, saved):
         for r in s["runs"]:
             key = (r.get("seed"), r["arm"])
-            if r.get("seed") is not None and key in seen:
-                raise PipelineError(f"{d}/trl.json: seed {key[0]} of arm {key[1]} is in an earlier folder too; "
-                                    "run the new sitting with --first-seed past the seeds you have")
-            seen.add(key)
+            if r.get("seed") is not None and r.get("ok") and key in seen:
+                raise PipelineError(f"{d}/trl.json: seed {key[0]} of arm {key[1]} ran twice in the folders given; "
+                                    "run a new sitting with --first-seed past the seeds you have")
+            if r.get("ok"):
+                seen.add(key)
             runs.append({**r, "repeat": offset + r.get("repeat", 0)})
-        offset += s["meta"].get("repeats", 1)
+        offset += max([s["meta"].get("repeats") or 0] + [r.get("repeat", 0) + 1 for r in s["runs"]])
     sittings = [f"{s['meta'].get('date')}: {s['meta'].get('machine')}" for s in saved]
     meta = {**meta0, "repeats": offset, "seeds": any(s["meta"].get("seeds") for s in saved),
-            "date": ", ".join(dict.fromkeys(s["meta"].get("date") for s in saved)),
-            "machine": "; ".join(dict.fromkeys(s["meta"].get("machine") for s in saved)), "sittings": sittings}
+            "date": ", ".join(dict.fromkeys(str(s["meta"].get("date")) for s in saved)),
+            "machine": "; ".join(dict.fromkeys(str(s["meta"].get("machine")) for s in saved)), "sittings": sittings}
     return {"meta": meta, "runs": runs}
 
 

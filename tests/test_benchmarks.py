@@ -262,11 +262,11 @@ def test_trl_render_from_two_sittings_pairs_all_their_seeds(tmp_path):
     meta = {"date": "d1", "machine": "m", "steps": 4, "repeats": 2, "seeds": True, "prompts": 8, "k": 4,
             "tokens": 32, "lr": 2e-5, "beta": 0.1}
 
-    def sitting(name, seeds, date, **over):
-        runs = [{"arm": a, "ok": True, "seed": s, "repeat": i, "eval_reward": 0.5 + (a == "ours") * 0.01 * s % 1,
+    def sitting(name, seed_list, date, **over):
+        runs = [{"arm": a, "ok": True, "seed": s, "repeat": i, "eval_reward": 0.5 + (a == "ours") * 0.01 * (s or 0) % 1,
                  "eval_win_rate": 0.5, "step_wall_s": 1.0 + (a == "trl"), "eval_kl": 0.1,
                  **dict.fromkeys(("sample_s", "score_s", "update_s", "gen_tokens_per_s", "warm_s", "peak_rss_gib")),
-                 } for i, s in enumerate(seeds)
+                 } for i, s in enumerate(seed_list)
                 for a in ("ours", "trl")]
         (tmp_path / name).mkdir()
         (tmp_path / name / "trl.json").write_text(json.dumps({"meta": {**meta, "date": date, **over}, "runs": runs}))
@@ -279,7 +279,9 @@ def test_trl_render_from_two_sittings_pairs_all_their_seeds(tmp_path):
     assert [r["repeat"] for r in saved["runs"] if r["arm"] == "ours"] == [0, 1, 2, 3]
     assert saved["meta"]["repeats"] == 4 and saved["meta"]["date"] == "d1, d2"
     assert "over 4 seeds" in (out / "trl.md").read_text() and saved["arms"][0]["seeds"] == [42, 43, 44, 45]
-    with pytest.raises(PipelineError, match="seed 44 of arm ours .* --first-seed"):
+    with pytest.raises(PipelineError, match="one ran with --seeds, the other without"):
+        bench_trl.main(["--render", "--from", str(a), str(sitting("u", [None], "d3", seeds=False)), "--out", str(out)])
+    with pytest.raises(PipelineError, match="seed 44 of arm ours ran twice .* --first-seed"):
         bench_trl.main(["--render", "--from", str(b), str(sitting("c", [44], "d3")), "--out", str(out)])
     with pytest.raises(PipelineError, match=r"another task .*\(k differ\)"):
         bench_trl.main(["--render", "--from", str(a), str(sitting("d", [46], "d3", k=8)), "--out", str(out)])

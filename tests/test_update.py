@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_samples_table
+from conftest import make_samples_table
 from stages.errors import PipelineError
 from stages.io import write_table
 from stages.logprobs import sequence_logprobs
@@ -24,10 +24,10 @@ from stages.params import parse_params
 from stages.schemas import ADVANTAGES, SAMPLES
 from stages.update import Trainer, lr_lambda, policy_loss, training_batch
 
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import oracles  # noqa: E402  (the learning's oracles, shared with benchmarks/learning_checks.py)
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 EPS = 0.2
 
