@@ -450,7 +450,7 @@ def merge_saved(dirs: list[Path]) -> dict:
             runs.append({**r, "repeat": offset + r.get("repeat", 0)})
         offset += max([s["meta"].get("repeats") or 0] + [r.get("repeat", 0) + 1 for r in s["runs"]])
     sittings = [f"{s['meta'].get('date')}: {s['meta'].get('machine')}" for s in saved]
-    meta = {**meta0, "repeats": offset, "seeds": any(s["meta"].get("seeds") for s in saved),
+    meta = {**meta0, "repeats": offset,  # "seeds": the same in every folder (checked above)
             "date": ", ".join(dict.fromkeys(str(s["meta"].get("date")) for s in saved)),
             "machine": "; ".join(dict.fromkeys(str(s["meta"].get("machine")) for s in saved)), "sittings": sittings}
     return {"meta": meta, "runs": runs}

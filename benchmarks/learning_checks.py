@@ -91,7 +91,7 @@ def update_check(n_prompts: int, k: int) -> dict:
     """Check 1."""
     import polars as pl
     import torch
-    from oracles import textbook_rloo_backward
+    from oracles import capture_grads, rel, textbook_rloo_backward
 
     from stages.io import read_table
     from stages.models import load_causal_lm
@@ -114,9 +114,7 @@ def update_check(n_prompts: int, k: int) -> dict:
         pl.lit(0.0).alias("rlhf_reward"), pl.lit(0.0).alias("baseline"), pl.Series("advantage", adv),
         pl.lit(params.advantage.estimator).alias("estimator")).select(list(ADVANTAGES))
     batch = training_batch(samples, advantages)
-    seen = []
-    trainer.optimizer.register_step_pre_hook(lambda opt, a, kw: seen.append(
-        {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}))
+    seen = capture_grads(trainer)
     t0 = time.perf_counter()
     trainer.step(batch)
     step_s = time.perf_counter() - t0
@@ -124,11 +122,10 @@ def update_check(n_prompts: int, k: int) -> dict:
     plain.train()
     textbook_rloo_backward(plain, tok, batch["prompt_text"], batch["completion_token_ids"], batch["advantage"])
     (got,) = seen
-    rel = sorted(((float((got[n] - q.grad).norm() / q.grad.norm().clamp(min=1e-30)), n)
-                  for n, q in plain.named_parameters()), reverse=True)
+    diffs = sorted(((rel(got[n], q.grad), n) for n, q in plain.named_parameters()), reverse=True)
     norm = lambda grads: math.sqrt(sum(float(g.norm() ** 2) for g in grads))  # noqa: E731
-    return {"prompts": n_prompts, "k": k, "completions": batch.height, "step_s": step_s, "tensors": len(rel),
-            "median_rel": rel[len(rel) // 2][0], "worst": rel[:3],
+    return {"prompts": n_prompts, "k": k, "completions": batch.height, "step_s": step_s, "tensors": len(diffs),
+            "median_rel": diffs[len(diffs) // 2][0], "worst": diffs[:3],
             "trainer_norm": norm(got.values()), "textbook_norm": norm(q.grad for q in plain.parameters())}
 
 

@@ -4,6 +4,8 @@ trainer and the samplers to these on tiny cases, benchmarks/learning_checks.py o
 - `textbook_rloo_backward`: the paper's REINFORCE step by hand on a plain transformers model (each whole sequence
   forwarded alone, `log_softmax` of the completion's logits, `loss = -mean_i(A_i * exp(logp_i - logp_i.detach()))`),
   none of the trainer's layout (shared prompts, lean-memory layers, micro-batches) in it.
+- `capture_grads`, `rel`: the trainer's gradients as each optimizer step sees them, and a tensor's relative distance,
+  to hold them to the textbook step's.
 - `nll_minus_entropy`: whether completions are draws from a model at temperature 1 (the sampled tokens' mean NLL
   equals the model's entropy at their positions, up to sampling noise).
 """
@@ -24,6 +26,23 @@ def textbook_rloo_backward(model, tokenizer, prompt_texts, completions, advantag
         logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : len(p) + len(c) - 1]
         logp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c)[:, None]).sum()
         (-(a * torch.exp(logp - logp.detach())) / n).backward()
+
+
+def capture_grads(trainer) -> list[dict]:
+    """The gradients seen by each optimizer step of a `stages.update.Trainer` (after accumulation and clipping), by
+    parameter name; the list fills as the trainer steps."""
+    seen: list[dict] = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(
+            {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        )
+    )
+    return seen
+
+
+def rel(a, b) -> float:
+    """|a - b| / |b| (Frobenius norms; b's floored at 1e-30)."""
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def nll_minus_entropy(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int,

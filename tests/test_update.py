@@ -27,6 +27,7 @@ from stages.update import Trainer, lr_lambda, policy_loss, training_batch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import oracles  # noqa: E402  (the learning's oracles, shared with benchmarks/learning_checks.py)
+from oracles import capture_grads, rel  # noqa: E402
 
 CPU = torch.device("cpu")
 EPS = 0.2
@@ -77,21 +78,6 @@ def batch_logprobs(model, tokenizer, batch: pl.DataFrame) -> list[float]:
 
 def weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def capture_grads(trainer: Trainer) -> list[dict[str, torch.Tensor]]:
-    """The gradients seen by each optimizer step (after accumulation and clipping)."""
-    seen: list[dict[str, torch.Tensor]] = []
-    trainer.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: seen.append(
-            {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        )
-    )
-    return seen
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 # --- policy_loss: pure math --------------------------------------------------------------------------------
