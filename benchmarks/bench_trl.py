@@ -43,9 +43,12 @@ for all), and the table adds each seed's held-out reward and the paired differen
 arms, seeds its engine with the process index, not `seed` (trl 1.16 generation/vllm_generation.py): those arms'
 repeats vary their prompts and their torch seed only.) More seeds for a table that has some: run the next ones
 with `--first-seed` (repeat r then trains with N + r) into another folder, and `--render --from` both folders
-into one table (the task settings must agree; a seed may appear once per arm).
+into a new one (the task settings must agree: steps, prompts, K, tokens, lr, beta, and the model, temperature and
+top_p where both folders record them; a seed may appear once per arm).
 
-Writes benchmarks/results/trl.json and trl.md (the table the README shows). Needs the `bench` extra (trl).
+Writes benchmarks/results/trl.json and trl.md (the table the README shows), after every run: a sitting stopped
+part-way (Ctrl-C, a crash) keeps the runs it finished, its table marked partial, and `--render --from` joins them
+with a later sitting's. Needs the `bench` extra (trl).
 """
 
 from __future__ import annotations
@@ -411,8 +414,10 @@ def seed_lines(runs: list[dict]) -> list[str]:
     return lines
 
 
-# what must agree for runs of several sittings to share a table (the date, machine line and repeats may differ)
+# what must agree for runs of several sittings to share a table (the date, machine line and repeats may differ);
+# SINCE_TASK: recorded since 2026-12-03, compared where both folders have them
 SAME_TASK = ("steps", "prompts", "k", "tokens", "lr", "beta")
+SINCE_TASK = ("model", "temperature", "top_p")
 
 
 def merge_saved(dirs: list[Path]) -> dict:
@@ -432,6 +437,7 @@ def merge_saved(dirs: list[Path]) -> dict:
     meta0 = saved[0]["meta"]
     for d, s in zip(dirs[1:], saved[1:]):
         bad = [k for k in SAME_TASK if s["meta"].get(k) != meta0.get(k)]
+        bad += [k for k in SINCE_TASK if k in s["meta"] and k in meta0 and s["meta"][k] != meta0[k]]
         if bad:
             raise PipelineError(f"{d}/trl.json ran another task than {dirs[0]}/trl.json ({', '.join(bad)} differ); "
                                 "only runs of the same settings share a table")
@@ -449,10 +455,17 @@ def merge_saved(dirs: list[Path]) -> dict:
                 seen.add(key)
             runs.append({**r, "repeat": offset + r.get("repeat", 0)})
         offset += max([s["meta"].get("repeats") or 0] + [r.get("repeat", 0) + 1 for r in s["runs"]])
-    sittings = [f"{s['meta'].get('date')}: {s['meta'].get('machine')}" for s in saved]
-    meta = {**meta0, "repeats": offset,  # "seeds": the same in every folder (checked above)
+    sittings = [x for s in saved  # a folder joined before brings its own sittings
+                for x in s["meta"].get("sittings") or [f"{s['meta'].get('date')}: {s['meta'].get('machine')}"]]
+    meta = {**{k: v for k, v in meta0.items() if k != "partial"}, "repeats": offset,  # "seeds": the same in all
             "date": ", ".join(dict.fromkeys(str(s["meta"].get("date")) for s in saved)),
             "machine": "; ".join(dict.fromkeys(str(s["meta"].get("machine")) for s in saved)), "sittings": sittings}
+    for k in SINCE_TASK:  # a setting only some folders recorded is not vouched for by the joined table
+        if any(k not in s["meta"] for s in saved):
+            meta.pop(k, None)
+    partial = [f"{d}: {s['meta']['partial']}" for d, s in zip(dirs, saved) if s["meta"].get("partial")]
+    if partial:
+        meta["partial"] = "; ".join(partial)
     return {"meta": meta, "runs": runs}
 
 
@@ -481,7 +494,9 @@ def markdown(rows: list[dict], meta: dict, runs: list[dict] | None = None) -> st
         f"{meta['date']}, {meta['machine']}; {meta['steps']} steps of {meta['prompts']} prompts x K={meta['k']} x "
         f"{meta['tokens']} tokens, lr {meta['lr']}, beta {meta['beta']}. Times in seconds, mean per step over "
         f"{meta.get('repeats', 1)} repeat(s) (the step's min-max over the repeats in brackets); held-out metrics: the "
-        "mean over the repeats whose final policy was evaluated (n in brackets).",
+        "mean over the repeats whose final policy was evaluated (n in brackets)."
+        + (f" Model {meta['model']}, temperature {meta['temperature']}, top_p {meta['top_p']}."
+           if all(k in meta for k in SINCE_TASK) else ""),
         "",
         "| arm | step (wall) | sampling | scoring | update | step / ours' step | generated tokens/s | warm-up | peak RSS GiB | held-out reward | win-rate vs base | KL |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -496,6 +511,11 @@ def markdown(rows: list[dict], meta: dict, runs: list[dict] | None = None) -> st
             f"{fmt(ratio, '.2f')}x | {fmt(r['gen_tokens_per_s'], '.0f')} | {fmt(r['warm_s'])} | {fmt(r['peak_rss_gib'], '.2f')} | "
             f"{fmt(r['eval_reward'], '.3f')}{evaluated(r)} | {fmt(r['eval_win_rate'], '.3f')} | {fmt(r['eval_kl'], '.3f')} |"
         )
+    if meta.get("partial"):
+        lines[1:1] = ["", f"**Partial: stopped part-way ({meta['partial']}); the table holds the runs it finished.**"]
+    if len(meta.get("sittings") or []) > 1:
+        lines[1:1] = ["", f"Joined from {len(meta['sittings'])} sittings: "
+                      + "; ".join(f"({i}) {x}" for i, x in enumerate(meta["sittings"], 1)) + "."]
     ok = [r for r in rows if r["ok"] and r.get("step_wall_s")]
     pairs = ratios(ok, "step_wall_s")
     if pairs:
@@ -552,7 +572,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from machine import alternate_arms, describe
     from stages.errors import PipelineError
-    from stages.io import write_json, write_text
     from stages.params import load_params
 
     if args.first_seed is not None and not args.seeds:
@@ -560,14 +579,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.sources and not args.render:
         raise PipelineError("--from goes with --render (it renders saved runs; it runs nothing)")
     if args.render:
-        saved = merge_saved([Path(d) for d in (args.sources or [args.out])])
-        arms = list(dict.fromkeys(r["arm"] for r in saved["runs"]))
-        rows = aggregate(saved["runs"], arms)
-        md = markdown(rows, saved["meta"], saved["runs"])
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json({**saved, "arms": rows}, Path(args.out) / "trl.json")
-        write_text(md, Path(args.out) / "trl.md")
-        print(md)
+        sources = [Path(d) for d in (args.sources or [args.out])]
+        if args.sources and len(sources) > 1 and Path(args.out).resolve() in {d.resolve() for d in sources}:
+            raise PipelineError(f"--out {args.out} is one of the --from folders: its own runs would be replaced by "
+                                "the joined ones; write the joined table to a new folder")
+        saved = merge_saved(sources)
+        print(save(Path(args.out), saved["meta"], saved["runs"], list(dict.fromkeys(r["arm"] for r in saved["runs"]))))
         return
 
     for need in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/eval.parquet"):
@@ -582,6 +599,12 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict] = []
     first = args.first_seed if args.first_seed is not None else params.base.seed
     seed_of = (lambda r: first + r) if args.seeds else (lambda r: None)  # repeat -> its base.seed
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(),
+            "steps": args.steps, "repeats": args.repeats, "seeds": args.seeds,
+            "prompts": params.train.prompts_per_round, "k": params.sample.k,
+            "tokens": params.sample.max_completion_length, "lr": params.update.learning_rate, "beta": params.score.beta,
+            "model": params.base.model, "temperature": params.sample.temperature, "top_p": params.sample.top_p}
+    out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         for rep, arm, work, _ in alternate_arms(tmp, args.arms, args.repeats, __file__,
                                                 ["--steps", str(args.steps), "--params", args.params], f"{args.steps} steps",
@@ -595,17 +618,22 @@ def main(argv: list[str] | None = None) -> None:
             row["seed"] = seed_of(rep)
             runs.append(row)
             print(f"    {json.dumps({k: v for k, v in row.items() if v is not None})}", flush=True)
-    rows = aggregate(runs, args.arms)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(),
-            "steps": args.steps, "repeats": args.repeats, "seeds": args.seeds,
-            "prompts": params.train.prompts_per_round, "k": params.sample.k,
-            "tokens": params.sample.max_completion_length, "lr": params.update.learning_rate, "beta": params.score.beta}
-    out = Path(args.out)
+            # saved after every run: a sitting stopped part-way (Ctrl-C, a crash, the session's end) keeps the runs
+            # it finished, marked partial; `--render` (with or without --from) turns them into a table
+            save(out, {**meta, "partial": f"{len(runs)} of {args.repeats * len(args.arms)} runs"}, runs, args.arms)
+    print(save(out, meta, runs, args.arms))
+
+
+def save(out: Path, meta: dict, runs: list[dict], arms: list[str]) -> str:
+    """trl.json (meta, per-arm rows, runs) and trl.md of `runs` into `out`, each written atomically; the table."""
+    from stages.io import write_json, write_text
+
+    rows = aggregate(runs, [a for a in arms if any(r["arm"] == a for r in runs)])
     out.mkdir(parents=True, exist_ok=True)
     write_json({"meta": meta, "arms": rows, "runs": runs}, out / "trl.json")
     md = markdown(rows, meta, runs)
     write_text(md, out / "trl.md")
-    print(md)
+    return md
 
 
 if __name__ == "__main__":

@@ -289,3 +289,57 @@ def test_trl_render_from_two_sittings_pairs_all_their_seeds(tmp_path):
         bench_trl.main(["--first-seed", "45", "--out", str(out)])
     with pytest.raises(PipelineError, match="--from goes with --render"):
         bench_trl.main(["--from", str(a), "--out", str(out)])
+    with pytest.raises(PipelineError, match="--out .* is one of the --from folders"):
+        bench_trl.main(["--render", "--from", str(a), str(b), "--out", str(a)])
+    # folders that record the model, temperature and top_p must agree on them too
+    e, f = sitting("e", [50], "d4", model="smollm2", temperature=1.0, top_p=1.0), sitting("f", [51], "d5", model="x")
+    with pytest.raises(PipelineError, match=r"another task .*\(model differ\)"):
+        bench_trl.main(["--render", "--from", str(e), str(f), "--out", str(out)])
+    bench_trl.main(["--render", "--from", str(out), str(e), "--out", str(tmp_path / "three")])  # a join joins again
+    three = json.loads((tmp_path / "three" / "trl.json").read_text())["meta"]
+    assert three["sittings"] == ["d1: m", "d2: m", "d4: m"] and "model" not in three  # only e recorded it
+    assert "Joined from 3 sittings: (1) d1: m; (2) d2: m; (3) d4: m." in (tmp_path / "three" / "trl.md").read_text()
+
+
+def test_trl_sitting_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeypatch):
+    """trl.json is saved after every run: a sitting interrupted in its third run keeps the two it finished (marked
+    partial), and `--render --from` joins them with another sitting."""
+    import json
+
+    import machine
+
+    for need in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/eval.parquet"):
+        (tmp_path / need).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / need).write_text("")
+    monkeypatch.setattr(bench_trl, "ROOT", tmp_path)
+    monkeypatch.setattr(machine, "describe", lambda: "m")
+    monkeypatch.setattr(bench_trl, "evaluate", lambda policy, work, params: {"reward": 0.5, "win_rate": 0.5, "kl": 0.1})
+    step = {"round_s": 1.0, "sample_s": 0.5, "score_s": 0.2, "update_s": 0.3, "tokens": 32, "reward": 0.4, "kl": 0.0}
+
+    def two_runs_then_stop(tmp, arms, repeats, script, args, unit, glibc_arms=(), repeat_args=None):
+        for i, arm in enumerate(["ours", "trl", "ours"]):
+            if i == 2:
+                raise KeyboardInterrupt  # Ctrl-C during the third run
+            work = Path(tmp) / f"{arm}-0"
+            work.mkdir()
+            (work / "result.json").write_text(json.dumps({"ok": True, "policy": "p", "steps": [step] * 4,
+                                                         "step_wall_s": 1.5, "warm_s": 2.0, "peak_rss_gib": 1.0}))
+            yield 0, arm, work, 0
+
+    monkeypatch.setattr(machine, "alternate_arms", two_runs_then_stop)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        bench_trl.main(["--steps", "4", "--repeats", "2", "--seeds", "--first-seed", "60", "--arms", "ours", "trl",
+                        "--out", str(out)])
+    saved = json.loads((out / "trl.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in saved["runs"]] == [("ours", 60), ("trl", 60)]
+    assert saved["meta"]["partial"] == "2 of 4 runs" and saved["meta"]["temperature"] == 1.0
+    assert "**Partial: stopped part-way (2 of 4 runs)" in (out / "trl.md").read_text()
+    other = tmp_path / "other"
+    other.mkdir()
+    runs = [{**r, "seed": 61} for r in saved["runs"]]
+    (other / "trl.json").write_text(json.dumps({"meta": {k: v for k, v in saved["meta"].items() if k != "partial"},
+                                                "runs": runs}))
+    bench_trl.main(["--render", "--from", str(out), str(other), "--out", str(tmp_path / "joined")])
+    joined = json.loads((tmp_path / "joined" / "trl.json").read_text())
+    assert joined["arms"][0]["seeds"] == [60, 61] and joined["meta"]["partial"] == f"{out}: 2 of 4 runs"
