@@ -362,10 +362,19 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
 
 
-def t975(df: int) -> float:
-    """Between the table's rows, the next smaller df's (a wider interval); the normal's 1.96 past 120 (t(120) is
-    1.980, t(inf) 1.960)."""
-    return T975[max(k for k in T975 if k <= df)] if df <= 120 else 1.96
+# one-sided 95 % quantiles (the non-inferiority bound and the two one-sided tests of equivalence)
+T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+       12: 1.782, 15: 1.753, 20: 1.725, 30: 1.697, 40: 1.684, 60: 1.671, 120: 1.658}
+
+
+def t975(df: int, table: dict = T975, normal: float = 1.96) -> float:
+    """Between the table's rows, the next smaller df's (a wider interval); the normal's quantile past 120 (t(120) is
+    1.980, t(inf) 1.960 for the two-sided 95 %)."""
+    return table[max(k for k in table if k <= df)] if df <= 120 else normal
+
+
+def t95(df: int) -> float:
+    return t975(df, T95, 1.645)
 
 
 def by_seed(runs: list[dict], key: str = "eval_reward") -> dict | None:
@@ -385,8 +394,13 @@ def by_seed(runs: list[dict], key: str = "eval_reward") -> dict | None:
             mean = sum(d) / n if n else None
             sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 if n > 1 else None
             half = t975(n - 1) * sd / n**0.5 if n > 1 else None
+            one = t95(n - 1) * sd / n**0.5 if n > 1 else None
             pairs.append({"ours": o, "trl": t, "n": n, "diffs": d, "mean": mean, "sd": sd,
                           "ci": [mean - half, mean + half] if half is not None else None,
+                          # ours - TRL >= worst at 95 % (one-sided); |ours - TRL| < margin by the two one-sided
+                          # tests at 5 % (TOST: the 90 % interval inside +-margin) for any margin above this
+                          "worst": mean - one if one is not None else None,
+                          "margin": abs(mean) + one if one is not None else None,
                           "ours_better": sum(x > 0 for x in d)})
     return {"key": key, "seeds": seeds, "arms": table, "pairs": pairs}
 
@@ -411,6 +425,12 @@ def seed_lines(runs: list[dict]) -> list[str]:
             ci = f", 95 % interval [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]" if p["ci"] else ""
             lines += ["", f"{p['ours']} - {p['trl']}, {name}: {p['mean']:+.3f} on average over {p['n']} seeds "
                       f"(sd {fmt(p['sd'], '.3f')}{ci}; {p['ours']} higher on {p['ours_better']} of {p['n']})."]
+            if p.get("margin") is not None:
+                w = p["worst"]
+                bound = f"at worst {-w:.3f} below" if w < 0 else f"at least {w:.3f} above"
+                lines[-1] += (f" At 95 % confidence {p['ours']} is {bound} {p['trl']} (one-sided), and the two are "
+                              f"equal within +-{p['margin']:.3f} (two one-sided tests at 5 %; a smaller margin needs "
+                              "more seeds).")
     return lines
 
 

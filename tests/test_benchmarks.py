@@ -218,7 +218,12 @@ def test_trl_seeds_pair_each_arms_held_out_reward_by_seed():
     assert pair["sd"] == pytest.approx(statistics.stdev(d)) and pair["ours_better"] == 2
     half = 4.303 * statistics.stdev(d) / 3**0.5  # t(0.975, 2 df)
     assert pair["ci"] == pytest.approx([statistics.mean(d) - half, statistics.mean(d) + half])
+    one = 2.920 * statistics.stdev(d) / 3**0.5  # t(0.95, 2 df): the 90 % interval's half, each one-sided test's
+    assert pair["worst"] == pytest.approx(statistics.mean(d) - one)
+    assert pair["margin"] == pytest.approx(abs(statistics.mean(d)) + one)
     md = "\n".join(bench_trl.seed_lines(runs))
+    assert (f"At 95 % confidence ours is at worst {one - statistics.mean(d):.3f} below trl (one-sided), and the two "
+            f"are equal within +-{abs(statistics.mean(d)) + one:.3f}") in md
     assert "| 42 | 0.600 (0.560) | 0.500 (0.550) |" in md
     assert f"ours - trl, held-out reward: {statistics.mean(d):+.3f} on average over 3 seeds" in md
     assert "ours higher on 2 of 3" in md
@@ -227,6 +232,7 @@ def test_trl_seeds_pair_each_arms_held_out_reward_by_seed():
     assert bench_trl.by_seed(runs)["pairs"][0]["n"] == 2
     assert bench_trl.by_seed([{**r, "seed": None} for r in runs]) is None and bench_trl.seed_lines(runs[:2]) == []
     assert bench_trl.t975(11) == 2.228 and bench_trl.t975(45) == 2.021 and bench_trl.t975(500) == 1.96
+    assert bench_trl.t95(11) == 1.812 and bench_trl.t95(45) == 1.684 and bench_trl.t95(500) == 1.645
     ours, trl = bench_trl.aggregate([{**r, "repeat": i} for i, r in enumerate(runs)], ["ours", "trl"])
     assert ours["seeds"] == [42, 43, 44] and "seed" not in ours and "repeat" not in ours
 
