@@ -67,6 +67,11 @@ class Trainer:
         if self.up.use_lora:
             from peft import LoraConfig, get_peft_model
 
+            if self.up.lora_dropout:  # applied as set, unlike TRL's disable_dropout (docs/design.md §7)
+                log.warning("update.lora_dropout %g: the update's logprobs are a noisy copy of the policy the engine "
+                            "samples and the KL is measured on (TRL's disable_dropout zeroes it); set it to 0 unless "
+                            "you mean it", self.up.lora_dropout)
+
             cfg = LoraConfig(
                 r=self.up.lora_r, lora_alpha=self.up.lora_alpha, lora_dropout=self.up.lora_dropout,
                 target_modules=list(self.up.lora_target_modules), task_type="CAUSAL_LM",

@@ -272,6 +272,22 @@ def lora_params(model_dir, **kw):
     return make_params(model_dir, use_lora=True, lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"], **kw)
 
 
+def test_lora_dropout_is_applied_as_set_with_a_warning(tiny_model_dir, caplog):
+    """TRL's disable_dropout zeroes LoRA's dropout; here an explicit `update.lora_dropout` stays, and the load says
+    what it costs (the update's logprobs a noisy copy of the sampled policy's); the default 0 says nothing."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="stages.update"):
+        trainer = Trainer(str(tiny_model_dir), lora_params(tiny_model_dir, lora_dropout=0.1), CPU)
+    assert "update.lora_dropout 0.1: the update's logprobs are a noisy copy" in caplog.text
+    rates = {m.p for n, m in trainer.model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n}
+    assert rates == {0.1}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stages.update"):
+        Trainer(str(tiny_model_dir), lora_params(tiny_model_dir), CPU)
+    assert "lora_dropout" not in caplog.text
+
+
 def test_lora_trains_only_the_adapters(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
