@@ -38,17 +38,20 @@ warm-up (load + engine start), peak RSS.
 Every arm is deterministic for a seed: without `--seeds` the repeats retrace one training trajectory (only the
 times vary), so the held-out reward is one draw per arm. With `--seeds`, repeat r trains every arm with
 `base.seed` + r (each round's prompts and every sampling seed; the held-out split is `prepare.split_seed`'s, the same
-for all), and the table adds each seed's held-out reward and the paired difference with its 95 % interval: whether
-"equal held-out reward" holds beyond the spread between trajectories. (TRL's colocated vLLM engine, the `trl-vllm`
+for all), and the table adds each seed's held-out reward and the paired difference with its 95 % interval, its
+one-sided 95 % lower bound (how far below TRL ours can be) and the equivalence margin the seeds support (the 90 %
+interval's reach: two one-sided tests at 5 % pass for a margin fixed beforehand above it): whether "equal held-out
+reward" holds beyond the spread between trajectories, and how tightly. (TRL's colocated vLLM engine, the `trl-vllm`
 arms, seeds its engine with the process index, not `seed` (trl 1.16 generation/vllm_generation.py): those arms'
 repeats vary their prompts and their torch seed only.) More seeds for a table that has some: run the next ones
 with `--first-seed` (repeat r then trains with N + r) into another folder, and `--render --from` both folders
 into a new one (the task settings must agree: steps, prompts, K, tokens, lr, beta, and the model, temperature and
 top_p where both folders record them; a seed may appear once per arm).
 
-Writes benchmarks/results/trl.json and trl.md (the table the README shows), after every run: a sitting stopped
-part-way (Ctrl-C, a crash) keeps the runs it finished, its table marked partial, and `--render --from` joins them
-with a later sitting's. Needs the `bench` extra (trl).
+Writes benchmarks/results/trl.json and trl.md (the table the README shows) when the sitting ends; after every run
+it saves the runs so far to trl.partial.json and trl.partial.md beside them (an earlier trl.json stays until then),
+so a sitting stopped part-way (Ctrl-C, a crash) keeps the runs it finished, and `--render --from` joins them with a
+later sitting's. A new sitting refuses an --out that holds such a partial file. Needs the `bench` extra (trl).
 """
 
 from __future__ import annotations
@@ -362,7 +365,7 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
 
 
-# one-sided 95 % quantiles (the non-inferiority bound and the two one-sided tests of equivalence)
+# one-sided 95 % quantiles (the lower bound and the two one-sided tests of equivalence); past 120 df the normal's
 T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
        12: 1.782, 15: 1.753, 20: 1.725, 30: 1.697, 40: 1.684, 60: 1.671, 120: 1.658}
 
@@ -379,7 +382,9 @@ def t95(df: int) -> float:
 
 def by_seed(runs: list[dict], key: str = "eval_reward") -> dict | None:
     """With `--seeds`: each arm's `key` per seed, and for each (ours-like, TRL-like) pair the paired differences
-    over the seeds both evaluated: mean, sample std, the 95 % t interval (None for fewer than 2 seeds)."""
+    over the seeds both evaluated: mean, sample std, the 95 % t interval, the one-sided 95 % lower bound (`worst`),
+    the 90 % interval and the equivalence margin it supports (`margin`: |mean| + its half-width; None for fewer than
+    2 seeds)."""
     seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None})
     if len(seeds) < 2:
         return None
@@ -397,9 +402,10 @@ def by_seed(runs: list[dict], key: str = "eval_reward") -> dict | None:
             one = t95(n - 1) * sd / n**0.5 if n > 1 else None
             pairs.append({"ours": o, "trl": t, "n": n, "diffs": d, "mean": mean, "sd": sd,
                           "ci": [mean - half, mean + half] if half is not None else None,
-                          # ours - TRL >= worst at 95 % (one-sided); |ours - TRL| < margin by the two one-sided
-                          # tests at 5 % (TOST: the 90 % interval inside +-margin) for any margin above this
+                          # ours - TRL >= worst at 95 % (one-sided); the 90 % interval lies within +-margin, so
+                          # two one-sided tests at 5 % (TOST) show equivalence for a margin fixed beforehand above it
                           "worst": mean - one if one is not None else None,
+                          "ci90": [mean - one, mean + one] if one is not None else None,
                           "margin": abs(mean) + one if one is not None else None,
                           "ours_better": sum(x > 0 for x in d)})
     return {"key": key, "seeds": seeds, "arms": table, "pairs": pairs}
@@ -425,67 +431,85 @@ def seed_lines(runs: list[dict]) -> list[str]:
             ci = f", 95 % interval [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]" if p["ci"] else ""
             lines += ["", f"{p['ours']} - {p['trl']}, {name}: {p['mean']:+.3f} on average over {p['n']} seeds "
                       f"(sd {fmt(p['sd'], '.3f')}{ci}; {p['ours']} higher on {p['ours_better']} of {p['n']})."]
-            if p.get("margin") is not None:
-                w = p["worst"]
+            if p.get("margin") is not None and p["sd"]:
+                w, (lo, hi) = p["worst"], p["ci90"]
                 bound = f"at worst {-w:.3f} below" if w < 0 else f"at least {w:.3f} above"
-                lines[-1] += (f" At 95 % confidence {p['ours']} is {bound} {p['trl']} (one-sided), and the two are "
-                              f"equal within +-{p['margin']:.3f} (two one-sided tests at 5 %; a smaller margin needs "
-                              "more seeds).")
+                lines[-1] += (f" One-sided, at 95 % confidence, {p['ours']} is {bound} {p['trl']}; the 90 % interval "
+                              f"[{lo:+.3f}, {hi:+.3f}] lies within +-{p['margin']:.3f}, so two one-sided tests at 5 % "
+                              f"show the two equal for any margin fixed beforehand above {p['margin']:.3f}.")
     return lines
 
 
 # what must agree for runs of several sittings to share a table (the date, machine line and repeats may differ);
-# SINCE_TASK: recorded since 2026-12-03, compared where both folders have them
+# SINCE_TASK: recorded since 2026-12-03, compared between the folders that have them
 SAME_TASK = ("steps", "prompts", "k", "tokens", "lr", "beta")
 SINCE_TASK = ("model", "temperature", "top_p")
+PARTIAL = "trl.partial.json"  # a sitting's runs so far; trl.json replaces it when the sitting ends
+
+
+def load_saved(d: Path) -> dict:
+    """A folder's runs: trl.json, or trl.partial.json where a sitting stopped part-way and wrote no trl.json."""
+    from stages.errors import PipelineError
+
+    full, part = d / "trl.json", d / PARTIAL
+    if full.exists() and part.exists():
+        raise PipelineError(f"{d} holds a finished trl.json and {PARTIAL} (a later sitting that stopped part-way); "
+                            f"move one of them to another folder and pass both folders to --from")
+    if not full.exists() and not part.exists():
+        raise PipelineError(f"{full} is missing; --from takes folders written by bench_trl.py --out")
+    return json.loads((full if full.exists() else part).read_text())
 
 
 def merge_saved(dirs: list[Path]) -> dict:
-    """The runs of several folders' trl.json as one (`--render --from`): the task settings must agree and a
-    (seed, arm) pair may appear once; repeats are renumbered in order, the meta is the first folder's with each
-    sitting's date and machine listed."""
+    """The runs of several folders' trl.json (or trl.partial.json) as one (`--render --from`): the task settings must
+    agree and a (seed, arm) pair may appear once; repeats are renumbered in order, the meta is the first folder's
+    with each sitting's date and machine listed (and those that stopped part-way)."""
     from stages.errors import PipelineError
 
-    saved = []
-    for d in dirs:
-        f = d / "trl.json"
-        if not f.exists():
-            raise PipelineError(f"{f} is missing; --from takes folders written by bench_trl.py --out")
-        saved.append(json.loads(f.read_text()))
+    saved = [load_saved(d) for d in dirs]
     if len(saved) == 1:
         return saved[0]
     meta0 = saved[0]["meta"]
     for d, s in zip(dirs[1:], saved[1:]):
         bad = [k for k in SAME_TASK if s["meta"].get(k) != meta0.get(k)]
-        bad += [k for k in SINCE_TASK if k in s["meta"] and k in meta0 and s["meta"][k] != meta0[k]]
         if bad:
-            raise PipelineError(f"{d}/trl.json ran another task than {dirs[0]}/trl.json ({', '.join(bad)} differ); "
+            raise PipelineError(f"{d} ran another task than {dirs[0]} ({', '.join(bad)} differ); "
                                 "only runs of the same settings share a table")
         if bool(s["meta"].get("seeds")) != bool(meta0.get("seeds")):
-            raise PipelineError(f"{d}/trl.json and {dirs[0]}/trl.json: one ran with --seeds, the other without (its "
+            raise PipelineError(f"{d} and {dirs[0]}: one ran with --seeds, the other without (its "
                                 "repeats all train base.seed); join only folders run the same way")
+    for k in SINCE_TASK:  # every folder that recorded it against every other that did
+        vals = {json.dumps(s["meta"][k]): d for d, s in zip(dirs, saved) if k in s["meta"]}
+        if len(vals) > 1:
+            raise PipelineError(f"{' and '.join(str(d) for d in vals.values())} ran another task ({k} differs: "
+                                f"{', '.join(vals)}); only runs of the same settings share a table")
     runs, seen, offset = [], set(), 0
+    sittings, stopped = [], []
     for d, s in zip(dirs, saved):
         for r in s["runs"]:
             key = (r.get("seed"), r["arm"])
             if r.get("seed") is not None and r.get("ok") and key in seen:
-                raise PipelineError(f"{d}/trl.json: seed {key[0]} of arm {key[1]} ran twice in the folders given; "
+                raise PipelineError(f"{d}: seed {key[0]} of arm {key[1]} ran twice in the folders given; "
                                     "run a new sitting with --first-seed past the seeds you have")
             if r.get("ok"):
                 seen.add(key)
             runs.append({**r, "repeat": offset + r.get("repeat", 0)})
         offset += max([s["meta"].get("repeats") or 0] + [r.get("repeat", 0) + 1 for r in s["runs"]])
-    sittings = [x for s in saved  # a folder joined before brings its own sittings
-                for x in s["meta"].get("sittings") or [f"{s['meta'].get('date')}: {s['meta'].get('machine')}"]]
-    meta = {**{k: v for k, v in meta0.items() if k != "partial"}, "repeats": offset,  # "seeds": the same in all
+        # a folder joined before brings its own sittings (and which of them stopped part-way), renumbered
+        own = s["meta"].get("sittings") or [f"{s['meta'].get('date')}: {s['meta'].get('machine')}"]
+        stopped += [{**x, "sitting": x["sitting"] + len(sittings)} for x in s["meta"].get("stopped") or []]
+        if s["meta"].get("partial"):
+            stopped.append({"sitting": len(sittings) + 1, "runs": s["meta"]["partial"]})
+        sittings += own
+    meta = {**{k: v for k, v in meta0.items() if k not in ("partial", "planned", "stopped")},
+            "repeats": offset,  # "seeds": the same in every folder (checked above)
             "date": ", ".join(dict.fromkeys(str(s["meta"].get("date")) for s in saved)),
             "machine": "; ".join(dict.fromkeys(str(s["meta"].get("machine")) for s in saved)), "sittings": sittings}
     for k in SINCE_TASK:  # a setting only some folders recorded is not vouched for by the joined table
         if any(k not in s["meta"] for s in saved):
             meta.pop(k, None)
-    partial = [f"{d}: {s['meta']['partial']}" for d, s in zip(dirs, saved) if s["meta"].get("partial")]
-    if partial:
-        meta["partial"] = "; ".join(partial)
+    if stopped:
+        meta["stopped"] = stopped
     return {"meta": meta, "runs": runs}
 
 
@@ -532,10 +556,13 @@ def markdown(rows: list[dict], meta: dict, runs: list[dict] | None = None) -> st
             f"{fmt(r['eval_reward'], '.3f')}{evaluated(r)} | {fmt(r['eval_win_rate'], '.3f')} | {fmt(r['eval_kl'], '.3f')} |"
         )
     if meta.get("partial"):
-        lines[1:1] = ["", f"**Partial: stopped part-way ({meta['partial']}); the table holds the runs it finished.**"]
+        lines[1:1] = ["", f"**Partial: the sitting stopped part-way, after {meta['partial']} (of "
+                      f"{meta.get('planned')} planned); the table holds the runs it finished.**"]
     if len(meta.get("sittings") or []) > 1:
         lines[1:1] = ["", f"Joined from {len(meta['sittings'])} sittings: "
-                      + "; ".join(f"({i}) {x}" for i, x in enumerate(meta["sittings"], 1)) + "."]
+                      + "; ".join(f"({i}) {x}" for i, x in enumerate(meta["sittings"], 1)) + "."
+                      + "".join(f" Sitting ({x['sitting']}) stopped part-way, after {x['runs']}; its finished runs "
+                                "are in the table." for x in meta.get("stopped") or [])]
     ok = [r for r in rows if r["ok"] and r.get("step_wall_s")]
     pairs = ratios(ok, "step_wall_s")
     if pairs:
@@ -604,7 +631,11 @@ def main(argv: list[str] | None = None) -> None:
             raise PipelineError(f"--out {args.out} is one of the --from folders: its own runs would be replaced by "
                                 "the joined ones; write the joined table to a new folder")
         saved = merge_saved(sources)
-        print(save(Path(args.out), saved["meta"], saved["runs"], list(dict.fromkeys(r["arm"] for r in saved["runs"]))))
+        out = Path(args.out)
+        # a stopped sitting's folder rendered in place stays partial: its trl.json is the finished sitting's to write
+        in_place = len(sources) == 1 and out.resolve() == sources[0].resolve() and not (out / "trl.json").exists()
+        print(save(out, saved["meta"], saved["runs"], list(dict.fromkeys(r["arm"] for r in saved["runs"])),
+                   PARTIAL if in_place else "trl.json"))
         return
 
     for need in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/eval.parquet"):
@@ -615,6 +646,10 @@ def main(argv: list[str] | None = None) -> None:
             import trl  # noqa: F401
         except ImportError:
             raise PipelineError("trl is not installed; run `pip install -e '.[bench]'` (or `make bench-trl`)") from None
+    if (Path(args.out) / PARTIAL).exists():
+        raise PipelineError(f"{Path(args.out) / PARTIAL} holds the runs of a sitting that stopped part-way; keep them "
+                            f"(`--render --from {args.out} NEW --out JOINED` after this sitting) by choosing another "
+                            "--out, or move the file away")
     params = load_params(args.params)
     runs: list[dict] = []
     first = args.first_seed if args.first_seed is not None else params.base.seed
@@ -638,21 +673,25 @@ def main(argv: list[str] | None = None) -> None:
             row["seed"] = seed_of(rep)
             runs.append(row)
             print(f"    {json.dumps({k: v for k, v in row.items() if v is not None})}", flush=True)
-            # saved after every run: a sitting stopped part-way (Ctrl-C, a crash, the session's end) keeps the runs
-            # it finished, marked partial; `--render` (with or without --from) turns them into a table
-            save(out, {**meta, "partial": f"{len(runs)} of {args.repeats * len(args.arms)} runs"}, runs, args.arms)
+            # saved after every run into trl.partial.json (+ .md), beside an earlier sitting's trl.json, which stays
+            # until this sitting ends: one stopped part-way (Ctrl-C, a crash, the session's end) keeps the runs it
+            # finished, and `--render` (with or without --from) turns them into a table
+            save(out, {**meta, "repeats": max(r["repeat"] for r in runs) + 1, "partial": f"{len(runs)} runs",
+                       "planned": f"{args.repeats} repeat(s) of {len(args.arms)} arm(s)"}, runs, args.arms, PARTIAL)
     print(save(out, meta, runs, args.arms))
+    for f in (out / PARTIAL, (out / PARTIAL).with_suffix(".md")):  # this sitting's own, now in trl.json
+        f.unlink(missing_ok=True)
 
 
-def save(out: Path, meta: dict, runs: list[dict], arms: list[str]) -> str:
-    """trl.json (meta, per-arm rows, runs) and trl.md of `runs` into `out`, each written atomically; the table."""
+def save(out: Path, meta: dict, runs: list[dict], arms: list[str], name: str = "trl.json") -> str:
+    """`name` (meta, per-arm rows, runs) and its .md table of `runs` into `out`, each written atomically; the table."""
     from stages.io import write_json, write_text
 
     rows = aggregate(runs, [a for a in arms if any(r["arm"] == a for r in runs)])
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"meta": meta, "arms": rows, "runs": runs}, out / "trl.json")
+    write_json({"meta": meta, "arms": rows, "runs": runs}, out / name)
     md = markdown(rows, meta, runs)
-    write_text(md, out / "trl.md")
+    write_text(md, (out / name).with_suffix(".md"))
     return md
 
 

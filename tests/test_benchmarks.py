@@ -222,8 +222,14 @@ def test_trl_seeds_pair_each_arms_held_out_reward_by_seed():
     assert pair["worst"] == pytest.approx(statistics.mean(d) - one)
     assert pair["margin"] == pytest.approx(abs(statistics.mean(d)) + one)
     md = "\n".join(bench_trl.seed_lines(runs))
-    assert (f"At 95 % confidence ours is at worst {one - statistics.mean(d):.3f} below trl (one-sided), and the two "
-            f"are equal within +-{abs(statistics.mean(d)) + one:.3f}") in md
+    m = statistics.mean(d)
+    assert (f"One-sided, at 95 % confidence, ours is at worst {one - m:.3f} below trl; the 90 % interval "
+            f"[{m - one:+.3f}, {m + one:+.3f}] lies within +-{m + one:.3f}") in md
+    ahead = [{**r, "eval_reward": r["eval_reward"] + (0.5 + 0.01 * r["seed"] % 3) * (r["arm"] == "ours")} for r in runs]
+    assert "ours is at least " in "\n".join(bench_trl.seed_lines(ahead))  # the bound above 0 reads the other way
+    same = [{**r, "eval_reward": 0.5 + 0.1 * (r["arm"] == "ours")} for r in runs]  # sd 0: no bound, no margin
+    (line,) = [x for x in bench_trl.seed_lines(same) if x.startswith("ours - trl, held-out reward")]
+    assert "sd 0.000" in line and "One-sided" not in line
     assert "| 42 | 0.600 (0.560) | 0.500 (0.550) |" in md
     assert f"ours - trl, held-out reward: {statistics.mean(d):+.3f} on average over 3 seeds" in md
     assert "ours higher on 2 of 3" in md
@@ -299,8 +305,11 @@ def test_trl_render_from_two_sittings_pairs_all_their_seeds(tmp_path):
         bench_trl.main(["--render", "--from", str(a), str(b), "--out", str(a)])
     # folders that record the model, temperature and top_p must agree on them too
     e, f = sitting("e", [50], "d4", model="smollm2", temperature=1.0, top_p=1.0), sitting("f", [51], "d5", model="x")
-    with pytest.raises(PipelineError, match=r"another task .*\(model differ\)"):
+    with pytest.raises(PipelineError, match=r"another task \(model differs"):
         bench_trl.main(["--render", "--from", str(e), str(f), "--out", str(out)])
+    old = sitting("old", [52], "d6")  # no model recorded: e and f are still compared with each other
+    with pytest.raises(PipelineError, match=r"ran another task \(model differs"):
+        bench_trl.main(["--render", "--from", str(old), str(e), str(f), "--out", str(out)])
     bench_trl.main(["--render", "--from", str(out), str(e), "--out", str(tmp_path / "three")])  # a join joins again
     three = json.loads((tmp_path / "three" / "trl.json").read_text())["meta"]
     assert three["sittings"] == ["d1: m", "d2: m", "d4: m"] and "model" not in three  # only e recorded it
@@ -308,11 +317,14 @@ def test_trl_render_from_two_sittings_pairs_all_their_seeds(tmp_path):
 
 
 def test_trl_sitting_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeypatch):
-    """trl.json is saved after every run: a sitting interrupted in its third run keeps the two it finished (marked
-    partial), and `--render --from` joins them with another sitting."""
+    """The runs so far are saved after every run to trl.partial.json, beside an earlier sitting's trl.json (left as
+    it was): a sitting interrupted in its third run keeps the two it finished, a new sitting will not write over
+    them, and `--render --from` joins them with another sitting's; a sitting that ends writes trl.json alone."""
     import json
 
     import machine
+
+    from stages.errors import PipelineError
 
     for need in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/eval.parquet"):
         (tmp_path / need).parent.mkdir(parents=True, exist_ok=True)
@@ -322,30 +334,51 @@ def test_trl_sitting_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeypa
     monkeypatch.setattr(bench_trl, "evaluate", lambda policy, work, params: {"reward": 0.5, "win_rate": 0.5, "kl": 0.1})
     step = {"round_s": 1.0, "sample_s": 0.5, "score_s": 0.2, "update_s": 0.3, "tokens": 32, "reward": 0.4, "kl": 0.0}
 
-    def two_runs_then_stop(tmp, arms, repeats, script, args, unit, glibc_arms=(), repeat_args=None):
-        for i, arm in enumerate(["ours", "trl", "ours"]):
-            if i == 2:
-                raise KeyboardInterrupt  # Ctrl-C during the third run
-            work = Path(tmp) / f"{arm}-0"
-            work.mkdir()
-            (work / "result.json").write_text(json.dumps({"ok": True, "policy": "p", "steps": [step] * 4,
-                                                         "step_wall_s": 1.5, "warm_s": 2.0, "peak_rss_gib": 1.0}))
-            yield 0, arm, work, 0
+    def runs_then(stop_at):
+        def gen(tmp, arms, repeats, script, args, unit, glibc_arms=(), repeat_args=None):
+            for i, (rep, arm) in enumerate((r, a) for r in range(repeats) for a in arms):
+                if i == stop_at:
+                    raise KeyboardInterrupt  # Ctrl-C during this run
+                work = Path(tmp) / f"{arm}-{rep}"
+                work.mkdir()
+                (work / "result.json").write_text(json.dumps({"ok": True, "policy": "p", "steps": [step] * 4,
+                                                             "step_wall_s": 1.5, "warm_s": 2.0, "peak_rss_gib": 1.0}))
+                yield rep, arm, work, 0
+        return gen
 
-    monkeypatch.setattr(machine, "alternate_arms", two_runs_then_stop)
     out = tmp_path / "stopped"
+    out.mkdir()
+    (out / "trl.json").write_text("an earlier sitting's")
+    monkeypatch.setattr(machine, "alternate_arms", runs_then(2))
+    sitting = ["--steps", "4", "--repeats", "2", "--seeds", "--first-seed", "60", "--arms", "ours", "trl"]
     with pytest.raises(KeyboardInterrupt):
-        bench_trl.main(["--steps", "4", "--repeats", "2", "--seeds", "--first-seed", "60", "--arms", "ours", "trl",
-                        "--out", str(out)])
-    saved = json.loads((out / "trl.json").read_text())
+        bench_trl.main([*sitting, "--out", str(out)])
+    assert (out / "trl.json").read_text() == "an earlier sitting's"  # stays until a sitting ends
+    saved = json.loads((out / "trl.partial.json").read_text())
     assert [(r["arm"], r["seed"]) for r in saved["runs"]] == [("ours", 60), ("trl", 60)]
-    assert saved["meta"]["partial"] == "2 of 4 runs" and saved["meta"]["temperature"] == 1.0
-    assert "**Partial: stopped part-way (2 of 4 runs)" in (out / "trl.md").read_text()
+    meta = saved["meta"]
+    assert meta["partial"] == "2 runs" and meta["repeats"] == 1 and meta["planned"] == "2 repeat(s) of 2 arm(s)"
+    assert meta["temperature"] == 1.0 and meta["model"] == load_params("params.yaml").base.model
+    assert "**Partial: the sitting stopped part-way, after 2 runs (of 2 repeat(s)" in (out / "trl.partial.md").read_text()
     other = tmp_path / "other"
     other.mkdir()
-    runs = [{**r, "seed": 61} for r in saved["runs"]]
-    (other / "trl.json").write_text(json.dumps({"meta": {k: v for k, v in saved["meta"].items() if k != "partial"},
-                                                "runs": runs}))
+    (other / "trl.json").write_text(json.dumps({"meta": {k: v for k, v in meta.items() if k not in ("partial", "planned")},
+                                                "runs": [{**r, "seed": 61} for r in saved["runs"]]}))
+    with pytest.raises(PipelineError, match="holds a finished trl.json and trl.partial.json"):
+        bench_trl.main(["--render", "--from", str(out), str(other), "--out", str(tmp_path / "joined")])
+    with pytest.raises(PipelineError, match="holds the runs of a sitting that stopped part-way"):
+        bench_trl.main([*sitting, "--out", str(out)])  # a new sitting would write over them
+    (out / "trl.json").unlink()
+    bench_trl.main(["--render", "--out", str(out)])  # in place: stays the partial file
+    assert not (out / "trl.json").exists() and json.loads((out / "trl.partial.json").read_text())["meta"] == meta
     bench_trl.main(["--render", "--from", str(out), str(other), "--out", str(tmp_path / "joined")])
     joined = json.loads((tmp_path / "joined" / "trl.json").read_text())
-    assert joined["arms"][0]["seeds"] == [60, 61] and joined["meta"]["partial"] == f"{out}: 2 of 4 runs"
+    assert joined["arms"][0]["seeds"] == [60, 61] and joined["meta"]["stopped"] == [{"sitting": 1, "runs": "2 runs"}]
+    assert "partial" not in joined["meta"] and joined["meta"]["repeats"] == 2
+    assert "Sitting (1) stopped part-way, after 2 runs" in (tmp_path / "joined" / "trl.md").read_text()
+    # a sitting that ends: trl.json, no partial file left, no partial marker
+    monkeypatch.setattr(machine, "alternate_arms", runs_then(None))
+    bench_trl.main([*sitting, "--out", str(tmp_path / "done")])
+    assert sorted(f.name for f in (tmp_path / "done").iterdir()) == ["trl.json", "trl.md"]
+    done = json.loads((tmp_path / "done" / "trl.json").read_text())
+    assert "partial" not in done["meta"] and done["meta"]["repeats"] == 2 and len(done["runs"]) == 4
