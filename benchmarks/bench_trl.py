@@ -556,8 +556,8 @@ def markdown(rows: list[dict], meta: dict, runs: list[dict] | None = None) -> st
             f"{fmt(r['eval_reward'], '.3f')}{evaluated(r)} | {fmt(r['eval_win_rate'], '.3f')} | {fmt(r['eval_kl'], '.3f')} |"
         )
     if meta.get("partial"):
-        lines[1:1] = ["", f"**Partial: the sitting stopped part-way, after {meta['partial']} (of "
-                      f"{meta.get('planned')} planned); the table holds the runs it finished.**"]
+        lines[1:1] = ["", f"**Partial: {meta['partial']} of {meta.get('planned')} planned (a sitting still "
+                      "running, or stopped part-way); the table holds the runs it finished.**"]
     if len(meta.get("sittings") or []) > 1:
         lines[1:1] = ["", f"Joined from {len(meta['sittings'])} sittings: "
                       + "; ".join(f"({i}) {x}" for i, x in enumerate(meta["sittings"], 1)) + "."

@@ -359,7 +359,7 @@ def test_trl_sitting_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeypa
     meta = saved["meta"]
     assert meta["partial"] == "2 runs" and meta["repeats"] == 1 and meta["planned"] == "2 repeat(s) of 2 arm(s)"
     assert meta["temperature"] == 1.0 and meta["model"] == load_params("params.yaml").base.model
-    assert "**Partial: the sitting stopped part-way, after 2 runs (of 2 repeat(s)" in (out / "trl.partial.md").read_text()
+    assert "**Partial: 2 runs of 2 repeat(s) of 2 arm(s) planned" in (out / "trl.partial.md").read_text()
     other = tmp_path / "other"
     other.mkdir()
     (other / "trl.json").write_text(json.dumps({"meta": {k: v for k, v in meta.items() if k not in ("partial", "planned")},
