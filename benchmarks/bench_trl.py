@@ -385,7 +385,8 @@ def by_seed(runs: list[dict], key: str = "eval_reward") -> dict | None:
     over the seeds both evaluated: mean, sample std, the 95 % t interval, the one-sided 95 % lower bound (`worst`),
     the 90 % interval and the equivalence margin it supports (`margin`: |mean| + its half-width; None for fewer than
     2 seeds)."""
-    seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None})
+    # a seed no arm has the number of (e.g. a sitting stopped in its first run of it) is not one of the table's
+    seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None and r.get(key) is not None})
     if len(seeds) < 2:
         return None
     arms = list(dict.fromkeys(r["arm"] for r in runs))

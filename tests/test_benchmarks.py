@@ -236,6 +236,8 @@ def test_trl_seeds_pair_each_arms_held_out_reward_by_seed():
     # a seed one arm did not evaluate leaves the pair; one seed only (or no --seeds) adds nothing
     runs[-1]["eval_reward"] = None
     assert bench_trl.by_seed(runs)["pairs"][0]["n"] == 2
+    stopped = [*runs, {"arm": "ours", "ok": False, "seed": 45, "eval_reward": None}]  # interrupted: not a seed
+    assert bench_trl.by_seed(stopped)["seeds"] == [42, 43, 44]
     assert bench_trl.by_seed([{**r, "seed": None} for r in runs]) is None and bench_trl.seed_lines(runs[:2]) == []
     assert bench_trl.t975(11) == 2.228 and bench_trl.t975(45) == 2.021 and bench_trl.t975(500) == 1.96
     assert bench_trl.t95(11) == 1.812 and bench_trl.t95(45) == 1.684 and bench_trl.t95(500) == 1.645
