@@ -5,7 +5,8 @@
     make_tiny_model(path)                     # LlamaForCausalLM, 2 layers, hidden 64, head_dim 64, tied embeddings
     make_tiny_model(path, vocab_size=512)     # pad the embedding matrix beyond the tokenizer's vocabulary
     make_tiny_tokenizer()                     # WordLevel PreTrainedTokenizerFast with <unk>/<pad>/<eos>/<bos>
-    LogRecords()                              # a logging handler that keeps every record (.records, .lines)
+    LogRecords()                              # a logging handler that keeps every record (.records, .lines;
+                                              # `with LogRecords().on(name) as seen:` attaches it)
 
 Fixtures: `tiny_model_dir` (session-scoped, saved once; treat it as read-only) and `tiny_model_factory`
 (returns `make_tiny_model`, for tests that need a variant in their own `tmp_path`).
@@ -21,6 +22,7 @@ attention rejects head_dim 16.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from pathlib import Path
@@ -44,6 +46,26 @@ class LogRecords(logging.Handler):
     @property
     def lines(self) -> list[str]:
         return [r.getMessage() for r in self.records]
+
+    @contextlib.contextmanager
+    def on(self, name: str, level: int = logging.WARNING):
+        """Attached to logger `name`, which is enabled at `level` while attached, whatever state earlier tests of
+        the process left (a full CI run once saw no record at all on vLLM's reload logger: a logger disabled by
+        some library's logging set-up, a raised level or `logging.disable` drops records before any handler);
+        the logger's state is restored after."""
+        logger = logging.getLogger(name)
+        disabled, own_level, off = logger.disabled, logger.level, logging.root.manager.disable
+        logger.disabled = False
+        logger.setLevel(level)
+        logging.disable(logging.NOTSET)
+        logger.addHandler(self)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+            logger.disabled = disabled
+            logger.setLevel(own_level)
+            logging.disable(off)
 
 
 # Words the tokenizer knows; anything else maps to <unk> (which is fine for length checks and generation).

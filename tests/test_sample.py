@@ -641,25 +641,13 @@ def check_engine_follows(sampler, trained, base_greedy, base_tok, update_prompts
 def test_only_the_rotary_layers_reload_warning_is_dropped():
     from stages.sample.vllm_backend import RELOAD_LOGGER, quiet_rotary_reload
 
-    logger, seen = logging.getLogger(RELOAD_LOGGER), LogRecords()
-    # the filter's behaviour, whatever logging state earlier tests of this process left (a full CI run once saw no
-    # record at all here: a logger disabled or raised by some library's logging set-up, not the filter)
-    state = (logger.disabled, logger.level, logging.root.manager.disable)
-    logger.disabled = False
-    logger.setLevel(logging.WARNING)
-    logging.disable(logging.NOTSET)
-    logger.addHandler(seen)
-    try:
+    logger = logging.getLogger(RELOAD_LOGGER)
+    with LogRecords().on(RELOAD_LOGGER) as seen:  # the filter's doing alone, whatever earlier tests left
         quiet_rotary_reload()
         quiet_rotary_reload()  # once per process, however many engines
         logger.warning("%s: Failed to load weights", "RotaryEmbedding")
         logger.warning("%s: Failed to load weights", "QKVParallelLinear")  # a real failure still prints
         logger.warning("%s: Delayed processing", "RotaryEmbedding")
-    finally:
-        logger.removeHandler(seen)
-        logger.disabled, _, _ = state
-        logger.setLevel(state[1])
-        logging.disable(state[2])
     assert seen.lines == ["QKVParallelLinear: Failed to load weights", "RotaryEmbedding: Delayed processing"]
     assert len(logger.filters) == 1
 
@@ -669,14 +657,12 @@ def test_vllm_update_weights_from_state_dict(vllm_sampler, ref_model, trained, b
                                              update_ids):
     from stages.sample.vllm_backend import RELOAD_LOGGER
 
-    seen = LogRecords()
-    logging.getLogger(RELOAD_LOGGER).addHandler(seen)
-    try:
-        vllm_sampler.update_weights(state_dict=trained[0].state_dict())
-        check_engine_follows(vllm_sampler, trained, base_greedy, base_tok, update_prompts, update_ids)
-    finally:
-        vllm_sampler.update_weights(state_dict=ref_model.state_dict())
-        logging.getLogger(RELOAD_LOGGER).removeHandler(seen)
+    with LogRecords().on(RELOAD_LOGGER) as seen:  # enabled: a disabled logger would pass the check below unseen
+        try:
+            vllm_sampler.update_weights(state_dict=trained[0].state_dict())
+            check_engine_follows(vllm_sampler, trained, base_greedy, base_tok, update_prompts, update_ids)
+        finally:
+            vllm_sampler.update_weights(state_dict=ref_model.state_dict())
     assert vllm_greedy(vllm_sampler, list(update_ids.values())) == base_greedy  # restored
     # the push said nothing alarming (vLLM warns `RotaryEmbedding: Failed to load weights` on some CPUs, harmless)
     assert not [m for m in seen.lines if "Failed to load" in m], seen.lines
