@@ -21,7 +21,7 @@ APT_GET ?= apt-get
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup repro test test-fast bench bench-trl bench-overhead bench-roofline bench-precision bench-baselines bench-learning docs mutate coverage clean-venv
+.PHONY: setup repro test test-fast bench bench-trl bench-overhead bench-roofline bench-precision bench-baselines bench-learning bench-trl-replay docs mutate coverage clean-venv
 
 setup: $(STAMP)
 
@@ -94,6 +94,10 @@ bench-baselines: setup
 # the update against the paper's step by hand, and the samplers' draws against the policy's entropy (real model)
 bench-learning: setup
 	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/learning_checks.py
+
+# ours and TRL's RLOOTrainer trained on the same samples: the same update? (benchmarks/trl_replay.py, ~6 min)
+bench-trl-replay: $(BENCH_STAMP)
+	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/trl_replay.py
 
 # Mutation testing of the core math and bookkeeping (mutmut; not part of `make test`: it takes a while, see README)
 MUTATE_STAMP := $(VENV)/.mutate-installed

@@ -151,6 +151,47 @@ def _precision(params) -> str:
 # ---------------------------------------------------------------- arm: TRL
 
 
+def trl_config(params, steps: int, output_dir: Path, bf16: bool = False, use_vllm: bool = False):
+    """TRL's RLOOConfig with the pipeline's task settings (one optimizer step a batch of prompts_per_round x K, the
+    same lr, betas, constant schedule, clipping, beta, lengths, temperature and top_p): what both the comparison
+    and benchmarks/trl_replay.py train TRL with."""
+    import torch
+    from trl import RLOOConfig
+
+    sp, tp, up = params.sample, params.train, params.update
+    return RLOOConfig(
+        output_dir=str(output_dir), per_device_train_batch_size=tp.prompts_per_round * sp.k,
+        gradient_accumulation_steps=1, num_generations=sp.k, max_completion_length=sp.max_completion_length,
+        temperature=sp.temperature, top_p=sp.top_p, learning_rate=up.learning_rate, adam_beta1=up.adam_beta1,
+        adam_beta2=up.adam_beta2, weight_decay=up.weight_decay, lr_scheduler_type="constant", warmup_steps=0,
+        max_grad_norm=up.max_grad_norm, beta=params.score.beta, num_iterations=1, max_steps=steps,
+        shuffle_dataset=False, seed=params.base.seed, logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=not torch.cuda.is_available(), bf16=bf16, dataloader_num_workers=0,
+        model_init_kwargs={"dtype": torch.float32},
+        use_vllm=use_vllm, vllm_mode="colocate", vllm_max_model_length=sp.max_model_len,
+        vllm_gpu_memory_utilization=sp.gpu_memory_utilization,
+    )
+
+
+def trl_reward(params, by_text: dict):
+    """The pipeline's reward functions (`score.rewards`, weighted) as one TRL reward function; `by_text` maps each
+    rendered prompt TRL passes to its prepared row (the prompt itself and any columns the rewards read)."""
+    import torch
+
+    from stages.rewards import build_rewards, combine, compute_rewards
+
+    rewards = build_rewards(params.score.rewards, device=torch.device("cpu"), batch_size=params.score.batch_size)
+
+    def reward_fn(prompts, completions, **kw):
+        rows = [by_text[p] for p in prompts]
+        keys = [(r["prompt_id"], i) for i, r in enumerate(rows)]
+        comps = compute_rewards(rewards, [r["prompt"] for r in rows], list(completions), keys)
+        return [float(x) for x in combine(comps, {r.name: r.weight for r in rewards})]
+
+    reward_fn.__name__ = "pipeline_reward"
+    return reward_fn
+
+
 def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -> dict:
     os.chdir(ROOT)
     from stages.runtime import configure_env
@@ -162,12 +203,11 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import RLOOConfig, RLOOTrainer
+    from trl import RLOOTrainer
 
     from stages.loop.resume import round_prompts
     from stages.io import read_table
     from stages.models import load_tokenizer
-    from stages.rewards import build_rewards, combine, compute_rewards
     from stages.runtime import fast_bf16, sampler_dtype
     from stages.sample import tokenize_prompts
     from stages.schemas import PROMPTS
@@ -195,27 +235,8 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
     mcfg["dtype"] = engine
     cfg_path.write_text(json.dumps(mcfg, indent=1))
     bf16 = up.bf16_autocast and fast_bf16()
-    rewards = build_rewards(params.score.rewards, device=torch.device("cpu"), batch_size=params.score.batch_size)
-
-    def reward_fn(prompts, completions, **kw):
-        rows = [by_text[p] for p in prompts]
-        keys = [(r["prompt_id"], i) for i, r in enumerate(rows)]
-        comps = compute_rewards(rewards, [r["prompt"] for r in rows], list(completions), keys)
-        return [float(x) for x in combine(comps, {r.name: r.weight for r in rewards})]
-
-    reward_fn.__name__ = "pipeline_reward"
-    cfg = RLOOConfig(
-        output_dir=str(work / "trl-out"), per_device_train_batch_size=tp.prompts_per_round * sp.k,
-        gradient_accumulation_steps=1, num_generations=sp.k, max_completion_length=sp.max_completion_length,
-        temperature=sp.temperature, top_p=sp.top_p, learning_rate=up.learning_rate, adam_beta1=up.adam_beta1,
-        adam_beta2=up.adam_beta2, weight_decay=up.weight_decay, lr_scheduler_type="constant", warmup_steps=0,
-        max_grad_norm=up.max_grad_norm, beta=params.score.beta, num_iterations=1, max_steps=args.steps,
-        shuffle_dataset=False, seed=params.base.seed, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=not torch.cuda.is_available(), bf16=bf16, dataloader_num_workers=0,
-        model_init_kwargs={"dtype": torch.float32},
-        use_vllm=use_vllm, vllm_mode="colocate", vllm_max_model_length=sp.max_model_len,
-        vllm_gpu_memory_utilization=sp.gpu_memory_utilization,
-    )
+    reward_fn = trl_reward(params, by_text)
+    cfg = trl_config(params, args.steps, work / "trl-out", bf16=bf16, use_vllm=use_vllm)
 
     timings: dict[str, list[float]] = {"gen": [], "gen_score": [], "step": []}
 

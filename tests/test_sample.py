@@ -311,6 +311,38 @@ def test_hf_tiny_greedy_k_copies(tiny_hf, tiny_prompts):
     assert comps[0::2] == comps[1::2]
 
 
+def _ancestral(model, prompts: list[list[int]], n: int, temperature: float, seed: int) -> list[list[int]]:
+    """Completions drawn token by token from softmax(logits / temperature) with torch.multinomial (no KV cache: the
+    plainest sampler there is)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            seq = list(p)
+            for _ in range(n):
+                z = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+                seq.append(int(torch.multinomial(torch.softmax(z / temperature, -1), 1, generator=g)))
+            out.append(seq[len(p):])
+    return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_fitted_temperature_finds_the_temperature_of_the_draws(tiny_model_dir, temperature):
+    """The oracle the samplers are held to (benchmarks/learning_checks.py): draws at temperature T give T back within
+    a few standard errors, and 1 lies many standard errors away for T = 0.6."""
+    model = load_causal_lm(tiny_model_dir, "float32").eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(8.0)  # logits with a spread like a real model's (sd ~1.4; the random ones ~0.2)
+    vocab = model.config.vocab_size
+    prompts = [[(7 * i + j) % (vocab - 3) + 3 for j in range(4)] for i in range(48)]
+    drawn = _ancestral(model, prompts, 10, temperature, seed=3)
+    fit = oracles.fitted_temperature(model, prompts, drawn, pad_id=0, passes=4)
+    assert fit["tokens"] == 480
+    assert abs(fit["temperature"] - temperature) < 4 * fit["se"], fit
+    if temperature != 1.0:
+        assert abs(fit["temperature"] - 1.0) > 6 * fit["se"], fit
+
+
 def test_hf_update_weights_from_path(tiny_model_dir, tiny_model_factory, tiny_prompts, tmp_path):
     from stages.sample.hf_backend import HFSampler
 
