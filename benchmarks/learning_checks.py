@@ -6,9 +6,11 @@
    each whole sequence forwarded alone, `log_softmax` of the completion's logits,
    `loss = -mean_i(A_i * exp(logp_i - logp_i.detach()))`. Reports each tensor's relative gradient difference.
 2. **The samplers draw from the policy.** Completions of default prompts from the vLLM engine and from transformers'
-   `generate` (TRL's default sampler), at temperature 1: the mean over tokens of `NLL(sampled token) - entropy` is 0
+   `generate` (the pipeline's `sample.backend: hf`, seeded Gumbel-max draws; TRL's arm samples with transformers'
+   own `generate(do_sample=True)`), at temperature 1: the mean over tokens of `NLL(sampled token) - entropy` is 0
    for draws from the policy (reported with its standard error), and the temperature fitted to the draws by maximum
-   likelihood under the fp32 model is 1 (with its standard error: about 0.003 here); the engine's logprobs against
+   likelihood under the fp32 model is 1 (with its standard error: about 0.003 here; at temperature 1 the same test
+   as NLL - H, read on the temperature scale); the engine's logprobs against
    the trainer's; its text against `decode(ids)`, and the reward of both texts.
 
     python benchmarks/learning_checks.py [--prompts 8] [--vllm-prompts 64] [--hf-prompts 32]
@@ -144,7 +146,7 @@ def markdown(res: dict) -> str:
              + f" over {u['tensors']} tensors; gradient norm {u['trainer_norm']:.4f} against {u['textbook_norm']:.4f}.",
              "", "**The samplers draw from the policy** (temperature 1; draws from the policy give NLL - H = 0 and "
              "a fitted temperature of 1 up to their standard errors; the fit, by maximum likelihood under the fp32 "
-             "model, is the sharper of the two):", "",
+             "model, is the same test read on the temperature scale):", "",
              "| sampler | completions | tokens | NLL - entropy (nats a token) | fitted temperature | "
              "max \\|logprob - trainer's\\| | text != decode(ids) | reward (text / decoded) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -9,8 +9,8 @@ trainer and the samplers to these on tiny cases, benchmarks/learning_checks.py o
 - `nll_minus_entropy`: whether completions are draws from a model at temperature 1 (the sampled tokens' mean NLL
   equals the model's entropy at their positions, up to sampling noise).
 - `fitted_temperature`: the temperature the completions were drawn at, by maximum likelihood under the model, with
-  its standard error: the sharper form of the same question (about 6x tighter than `nll_minus_entropy` on the same
-  draws of the default task).
+  its standard error: the same question as `nll_minus_entropy` (at temperature 1 the same test), answered on the
+  temperature scale (how far from 1 the draws' temperature can be).
 """
 
 from __future__ import annotations
@@ -76,15 +76,18 @@ def fitted_temperature(model, prompts: list[list[int]], completions: list[list[i
                        chunk: int = 16) -> dict:
     """The maximum-likelihood temperature T = 1/b of the draws under `model`: every completion token x at a position
     with logits z is taken as drawn from softmax(b z). Newton's method on b from b = 1, one forward pass over the
-    completions per step (`passes`; the score is sum(z_x - E_b[z]), the information sum(Var_b(z))). Returns
-    {"temperature", "se" (its standard error, from the information at the last pass's b), "tokens", "steps"}. Draws at
-    temperature 1 give 1 up to a few standard errors; a sampler that sharpens or flattens the distribution shifts
-    it (0.5 for temperature 0.5, when `passes` lets Newton get there)."""
+    completions per step (`passes`; the score is sum(z_x - E_b[z]), the information sum(Var_b(z))); a step that
+    would take b to 0 or below is halved until it does not. Returns {"temperature", "se", "tokens", "steps",
+    "last_step"}: `se` by the delta method from the information at the last pass's b (where the last Newton step
+    started), `last_step` that step's size in b (small: converged). Draws at temperature 1 give 1 up to a few
+    standard errors; a sampler that sharpens or flattens the distribution shifts it (0.5 for temperature 0.5, when
+    `passes` lets Newton get there). At b = 1 the score is minus the sum of `nll_minus_entropy`'s gaps: the same
+    test at temperature 1, its result read on the temperature scale."""
     import torch
 
     from stages.logprobs import completion_logits
 
-    b, info, tokens = 1.0, 0.0, 0
+    b, at, step, info, tokens = 1.0, 1.0, 0.0, 0.0, 0
     for _ in range(passes):
         score, info, tokens = 0.0, 0.0, 0
         with torch.no_grad():
@@ -98,5 +101,9 @@ def fitted_temperature(model, prompts: list[list[int]], completions: list[list[i
                 score += float((z.gather(-1, x[:, None])[:, 0] - ez).sum())
                 info += float(((p * z * z).sum(-1) - ez**2).sum())
                 tokens += int(x.numel())
-        b += score / info
-    return {"temperature": 1 / b, "se": 1 / math.sqrt(info) / b**2, "tokens": tokens, "steps": passes}
+        at, step = b, score / info
+        while b + step <= 0:
+            step /= 2
+        b += step
+    return {"temperature": 1 / b, "se": 1 / math.sqrt(info) / at**2, "tokens": tokens, "steps": passes,
+            "last_step": step}
