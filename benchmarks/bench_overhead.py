@@ -112,13 +112,11 @@ def main(argv: list[str] | None = None) -> None:
         (work / "result.json").write_text(json.dumps(res, indent=1))
         return
 
-    from machine import alternate_arms, describe
+    from machine import alternate_arms, describe, require_prepared
     from stages.errors import PipelineError
     from stages.io import write_json, write_text
 
-    for need in ("models/base/config.json", "data/prepared/train.parquet"):
-        if not (ROOT / need).exists():
-            raise PipelineError(f"{need} is missing; run `dvc repro prepare` first")
+    require_prepared(ROOT)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         for rep, arm, work, rc in alternate_arms(tmp, args.arms, args.repeats, __file__,

@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(args)
 
-    from machine import alternate_arms, describe
+    from machine import alternate_arms, describe, require_prepared
     from stages.errors import PipelineError
     from stages.params import load_params
 
@@ -660,9 +660,7 @@ def main(argv: list[str] | None = None) -> None:
                    PARTIAL if in_place else "trl.json"))
         return
 
-    for need in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/eval.parquet"):
-        if not (ROOT / need).exists():
-            raise PipelineError(f"{need} is missing; run `dvc repro prepare` first")
+    require_prepared(ROOT, eval_split=True)
     if any(a.startswith("trl") for a in args.arms):
         try:
             import trl  # noqa: F401

@@ -174,12 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(sampler_check(args.worker, args.n)), flush=True)
         return
 
-    from stages.errors import PipelineError
+    from machine import require_prepared
+
     from stages.io import write_json, write_text
 
-    for need in ("models/base/config.json", "data/prepared/train.parquet"):
-        if not (ROOT / need).exists():
-            raise PipelineError(f"{need} is missing; run `dvc repro prepare` first")
+    require_prepared(ROOT)
     samplers = []
     for backend, n in (("vllm", args.vllm_prompts), ("hf", args.hf_prompts)):
         print(f"[{time.strftime('%H:%M:%S')}] sampler check: {backend}, {n} prompts ...", flush=True)

@@ -31,6 +31,19 @@ def describe() -> str:
             f"malloc {os.path.basename(malloc) if malloc else 'glibc'}")
 
 
+def require_prepared(root, eval_split: bool = False) -> None:
+    """Stop in one line when the base model or the prepared split a benchmark reads is missing (with `eval_split`,
+    the held-out one too): `dvc repro prepare` writes them."""
+    from pathlib import Path
+
+    from stages.errors import PipelineError
+
+    needs = ["models/base/config.json", "data/prepared/train.parquet"]
+    for need in needs + (["data/prepared/eval.parquet"] if eval_split else []):
+        if not (Path(root) / need).exists():
+            raise PipelineError(f"{need} is missing; run `dvc repro prepare` first")
+
+
 def flow_workdir(root, work) -> None:
     """Run a benchmark's flow from `work`, not the repo: the flow writes metrics/train.json and plots/train.csv
     relative to the working directory, and those of the repo's own `dvc repro` must stay as they are.

@@ -281,16 +281,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    from machine import describe
+    from machine import describe, require_prepared
     from tqdm.auto import tqdm
 
-    from stages.errors import PipelineError
     from stages.io import read_table, write_table
     from stages.params import load_params
 
-    for need in ("models/base/config.json", "data/prepared/train.parquet", "data/prepared/eval.parquet"):
-        if not Path(need).exists():
-            raise PipelineError(f"{need} is missing; run `dvc repro prepare` first")
+    require_prepared(ROOT, eval_split=True)
     overrides = {"update.grad_variance": True, "train.rounds": args.rounds}
     base_params = load_params(args.params, overrides)
     key = run_key(base_params, args.rounds)

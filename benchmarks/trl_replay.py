@@ -168,14 +168,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run(Path(args.work), args.rounds)), flush=True)
         return
 
+    from machine import require_prepared
+
     from stages.errors import PipelineError
     from stages.io import write_json, write_text
 
     if args.rounds < 1:
         raise PipelineError("--rounds: at least 1")
-    for need in ("models/base/config.json", "data/prepared/train.parquet"):
-        if not (ROOT / need).exists():
-            raise PipelineError(f"{need} is missing; run `dvc repro prepare` first")
+    require_prepared(ROOT)
     try:
         import trl  # noqa: F401
     except ImportError as e:
