@@ -84,13 +84,14 @@ def run_trl(work: Path, rounds: int) -> dict:
                 texts.append(s["prompt_text"])
             by_text[s["prompt_text"]] = row[s["prompt_id"]]
             queue.setdefault((r, s["prompt_text"]), []).append(list(s["completion_token_ids"]))
-    step, advantages = [0], []
+    step, rows, advantages = [0], [], []
 
     class Replay(RLOOTrainer):
         def _generate(self, prompts):  # TRL's batch: each prompt K times in a row, the round's prompts in order
             prompt_ids, _, _ = self._tokenize_prompts(prompts)
             completion_ids = [queue[(step[0], p)].pop(0) for p in prompts]
             step[0] += 1
+            rows.append([[p, ids] for p, ids in zip(prompts, completion_ids, strict=True)])  # the advantages' keys
             return prompt_ids, completion_ids, self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
 
         def _generate_and_score_completions(self, inputs):
@@ -105,7 +106,24 @@ def run_trl(work: Path, rounds: int) -> dict:
     trainer.train()
     torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, work / "trl.pt")
     return {"grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
-            "advantages": advantages}
+            "advantages": advantages, "rows": rows}
+
+
+def advantage_gap(ours, trl_rows: list, trl_advantages: list[float]) -> float:
+    """The largest |ours - TRL| advantage of one step, each completion matched by (prompt text, token ids), not
+    by row position (equal completions of a prompt have equal rewards, so their order does not matter). Raises
+    when the two steps did not train on the same completions."""
+    def keyed(keys, values):
+        out: dict = {}
+        for (text, ids), v in zip(keys, values, strict=True):
+            out.setdefault((text, tuple(ids)), []).append(float(v))
+        return {k: sorted(v) for k, v in out.items()}
+
+    mine = keyed(zip(ours["prompt_text"], ours["completion_token_ids"], strict=True), ours["advantage"])
+    theirs = keyed(trl_rows, trl_advantages)
+    if mine.keys() != theirs.keys() or any(len(mine[k]) != len(theirs[k]) for k in mine):
+        raise RuntimeError("TRL's step did not train on ours' completions (the replay lost its pairing)")
+    return max(abs(a - b) for k in mine for a, b in zip(mine[k], theirs[k], strict=True))
 
 
 def compare(work: Path, rounds: int, ours: dict, trl: dict) -> dict:
@@ -128,8 +146,11 @@ def compare(work: Path, rounds: int, ours: dict, trl: dict) -> dict:
         dt += float(b.pow(2).sum())
         dot += float((a * b).sum())
         worst.append((float((a - b).norm() / a.norm().clamp(min=1e-30)), k))
-    adv = [max(abs(x - y) for x, y in zip(pl.read_parquet(work / f"advantages{r}.parquet")["advantage"], trl["advantages"][r],
-                                             strict=True)) for r in range(rounds)]
+    adv = [advantage_gap(pl.read_parquet(work / f"advantages{r}.parquet").join(
+        pl.read_parquet(work / f"samples{r}.parquet").select("prompt_id", "sample_idx", "prompt_text",
+                                                             "completion_token_ids"),
+        on=["prompt_id", "sample_idx"], how="inner", validate="1:1").to_dict(as_series=False),
+        trl["rows"][r], trl["advantages"][r]) for r in range(rounds)]
     return {"tensors": len(names), "missing": sorted(set(o) ^ set(t)), "rel_distance": math.sqrt(dd / do),
             "norm_ratio": math.sqrt(dt / do), "cosine": dot / math.sqrt(do * dt), "worst": sorted(worst)[-3:][::-1],
             "max_advantage_diff": adv, "grad_norms_ours": ours["grad_norms"], "grad_norms_trl": trl["grad_norms"]}

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import precision  # noqa: E402
 import roofline  # noqa: E402
 import sweep_baselines  # noqa: E402
+import trl_replay  # noqa: E402
 import tune  # noqa: E402
 
 from stages.params import load_params  # noqa: E402
@@ -384,3 +385,13 @@ def test_trl_sitting_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeypa
     assert sorted(f.name for f in (tmp_path / "done").iterdir()) == ["trl.json", "trl.md"]
     done = json.loads((tmp_path / "done" / "trl.json").read_text())
     assert "partial" not in done["meta"] and done["meta"]["repeats"] == 2 and len(done["runs"]) == 4
+
+
+def test_trl_replay_pairs_advantages_by_completion_not_by_row():
+    ours = {"prompt_text": ["a", "a", "b", "b"], "completion_token_ids": [[1], [2], [3], [3]],
+            "advantage": [0.5, -0.5, 0.0, 0.0]}
+    rows = [["b", [3]], ["a", [2]], ["b", [3]], ["a", [1]]]  # TRL's order differs: the same completions
+    assert trl_replay.advantage_gap(ours, rows, [0.0, -0.5 + 1e-6, 0.0, 0.5]) == pytest.approx(1e-6)
+    assert trl_replay.advantage_gap(ours, rows, [0.0, 0.5, 0.0, -0.5]) == pytest.approx(1.0)  # a wrong sign shows
+    with pytest.raises(RuntimeError, match="same completions|pairing"):
+        trl_replay.advantage_gap(ours, [["b", [3]], ["a", [2]], ["b", [4]], ["a", [1]]], [0.0] * 4)
