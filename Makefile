@@ -92,7 +92,7 @@ bench-baselines: setup
 	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/sweep_baselines.py
 
 # the update against the paper's step by hand, and the samplers' draws against the policy's entropy (real model)
-bench-learning: setup
+bench-learning: $(BENCH_STAMP)
 	source $(VENV)/bin/activate && dvc repro prepare && python benchmarks/learning_checks.py
 
 # ours and TRL's RLOOTrainer trained on the same samples: the same update? (benchmarks/trl_replay.py, ~6 min)

@@ -5,17 +5,19 @@
    default prompts with random advantages, against the step written out by hand on a plain transformers model:
    each whole sequence forwarded alone, `log_softmax` of the completion's logits,
    `loss = -mean_i(A_i * exp(logp_i - logp_i.detach()))`. Reports each tensor's relative gradient difference.
-2. **The samplers draw from the policy.** Completions of default prompts from the vLLM engine and from transformers'
-   `generate` (the pipeline's `sample.backend: hf`, seeded Gumbel-max draws; TRL's arm samples with transformers'
-   own `generate(do_sample=True)`), at temperature 1: the mean over tokens of `NLL(sampled token) - entropy` is 0
+2. **The samplers draw from the policy.** Completions of default prompts from the vLLM engine, from transformers'
+   `generate` (the pipeline's `sample.backend: hf`, seeded Gumbel-max draws) and from TRL's own sampling path (an
+   RLOOTrainer configured as the comparison's TRL arm: transformers' `generate(do_sample=True)` with TRL's
+   generation config), at temperature 1: the mean over tokens of `NLL(sampled token) - entropy` is 0
    for draws from the policy (reported with its standard error), and the temperature fitted to the draws by maximum
    likelihood under the fp32 model is 1 (with its standard error: about 0.003 here; at temperature 1 the same test
    as NLL - H, read on the temperature scale); the engine's logprobs against
    the trainer's; its text against `decode(ids)`, and the reward of both texts.
 
-    python benchmarks/learning_checks.py [--prompts 8] [--vllm-prompts 64] [--hf-prompts 32]
+    python benchmarks/learning_checks.py [--prompts 8] [--vllm-prompts 64] [--hf-prompts 32] [--trl-prompts 64]
 
-Needs models/base and data/prepared (`dvc repro prepare`). Writes benchmarks/results/learning_checks.json and .md.
+Needs models/base and data/prepared (`dvc repro prepare`), and the `bench` extra (trl) for the TRL sampler
+(`make bench-learning` installs it). Writes benchmarks/results/learning_checks.json and .md (~20 min on 2 AVX2 cores).
 The tests hold the same properties on smaller cases (tests/test_update.py, tests/test_sample.py), against the same
 oracles (benchmarks/oracles.py).
 """
@@ -46,8 +48,45 @@ def _samples(sampler, tok, prompts, params, rounds: int):
                                      params.sample.max_model_len)[0] for r in range(rounds)])
 
 
+def trl_samples(params, tok, prompts, rounds: int):
+    """Completions from TRL's own sampling path: an RLOOTrainer configured as the comparison configures it
+    (bench_trl.trl_config, transformers' `generate(do_sample=True)` with TRL's generation config), its
+    `_generate_single_turn` on each round's batches of prompts_per_round prompts x K, as its training step calls it.
+    TRL keeps no logprobs of its draws (`sampler_logprobs` is null)."""
+    import tempfile
+
+    import polars as pl
+    import torch
+    from bench_trl import trl_config
+    from datasets import Dataset
+    from trl import RLOOTrainer
+
+    from stages.sample import tokenize_prompts
+
+    torch.manual_seed(SEED)
+    rendered, _ = tokenize_prompts(tok, prompts)
+    k, per = params.sample.k, params.train.prompts_per_round
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = RLOOTrainer(model=MODEL, reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(prompts)],
+                              args=trl_config(params, 1, Path(tmp)), train_dataset=Dataset.from_dict({"prompt": rendered}),
+                              processing_class=tok)
+        rows = []
+        for _ in range(rounds):
+            for s in range(0, len(rendered), per):
+                batch = [(i, t) for i, t in enumerate(rendered[s : s + per], start=s) for _ in range(k)]
+                comps = trainer._generate_single_turn(*trainer._tokenize_prompts([t for _, t in batch]))
+                for j, ((i, text), ids) in enumerate(zip(batch, comps, strict=True)):
+                    rows.append({"prompt_id": prompts["prompt_id"][i], "sample_idx": j % k, "prompt_text": text,
+                                 "completion": tok.decode(ids, skip_special_tokens=True), "completion_token_ids": ids,
+                                 "sampler_logprobs": None})
+    return pl.DataFrame(rows, schema={"prompt_id": pl.String, "sample_idx": pl.Int32, "prompt_text": pl.String,
+                                      "completion": pl.String, "completion_token_ids": pl.List(pl.Int64),
+                                      "sampler_logprobs": pl.List(pl.Float64)})
+
+
 def sampler_check(backend: str, n_prompts: int) -> dict:
-    """Check 2 for one sampler (run in its own process: one engine each)."""
+    """Check 2 for one sampler (run in its own process: one engine each): `vllm`, `hf` (the pipeline's backends)
+    or `trl` (TRL's own generation path)."""
     import torch
     from oracles import fitted_temperature, nll_minus_entropy
 
@@ -58,22 +97,29 @@ def sampler_check(backend: str, n_prompts: int) -> dict:
     from stages.runtime import configure_env
     from stages.sample import make_sampler
 
-    params = load_params(ROOT / "params.yaml", {"base.model_dir": MODEL, "sample.backend": backend})
+    params = load_params(ROOT / "params.yaml", {"base.model_dir": MODEL, "sample.backend": "hf" if backend == "trl"
+                                                else backend})
     configure_env(params.base.threads)
     tok = load_tokenizer(MODEL)
     train = read_table("data/prepared/train.parquet").head(n_prompts)
-    sampler = make_sampler(MODEL, params)
     t0 = time.perf_counter()
-    df = _samples(sampler, tok, train, params, rounds=2)
-    seconds = time.perf_counter() - t0
-    sampler.close()
+    if backend == "trl":
+        df = trl_samples(params, tok, train, rounds=2)
+        seconds = time.perf_counter() - t0
+    else:
+        sampler = make_sampler(MODEL, params)
+        t0 = time.perf_counter()
+        df = _samples(sampler, tok, train, params, rounds=2)
+        seconds = time.perf_counter() - t0
+        sampler.close()
     model = load_causal_lm(MODEL, "float32").eval()
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in df["prompt_text"]]
     comps = [list(c) for c in df["completion_token_ids"]]
     draws = nll_minus_entropy(model, prompts, comps, tok.pad_token_id)
     fit = fitted_temperature(model, prompts, comps, tok.pad_token_id)
-    worst = max(float((mine - torch.tensor(list(row))).abs().max())
-                for mine, row in zip(draws["logprobs"], df["sampler_logprobs"], strict=True))
+    worst = None if backend == "trl" else max(
+        float((mine - torch.tensor(list(row))).abs().max())
+        for mine, row in zip(draws["logprobs"], df["sampler_logprobs"], strict=True))
     texts = df["completion"].to_list()
     decoded = [tok.decode(c, skip_special_tokens=True) for c in comps]
     rewards = build_rewards(params.score.rewards, device=torch.device("cpu"), batch_size=params.score.batch_size)
@@ -156,7 +202,8 @@ def markdown(res: dict) -> str:
             continue
         lines.append(f"| {s['backend']} | {s['completions']} | {s['tokens']} | {s['nll_minus_entropy']:+.3f} +- "
                      f"{s['se']:.3f} | {s['temperature']:.4f} +- {s['temperature_se']:.4f} | "
-                     f"{s['max_logprob_diff']:.1e} | {s['text_differs']} | {s['reward']:.4f} / "
+                     + ("- (keeps none)" if s["max_logprob_diff"] is None else f"{s['max_logprob_diff']:.1e}")
+                     + f" | {s['text_differs']} | {s['reward']:.4f} / "
                      f"{s['reward_of_decoded']:.4f} |")
     return "\n".join(lines) + "\n"
 
@@ -166,8 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=8, help="default prompts of the update check (x K=4)")
     ap.add_argument("--vllm-prompts", type=int, default=64, help="prompts of the vLLM sampler check (x K, 2 rounds)")
     ap.add_argument("--hf-prompts", type=int, default=32, help="prompts of the transformers sampler check")
+    ap.add_argument("--trl-prompts", type=int, default=64,
+                    help="prompts of TRL's own sampler check (0 = skip it; needs the bench extra)")
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--worker", choices=["vllm", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["vllm", "hf", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -180,7 +229,9 @@ def main(argv: list[str] | None = None) -> None:
 
     require_prepared(ROOT)
     samplers = []
-    for backend, n in (("vllm", args.vllm_prompts), ("hf", args.hf_prompts)):
+    for backend, n in (("vllm", args.vllm_prompts), ("hf", args.hf_prompts), ("trl", args.trl_prompts)):
+        if n <= 0:
+            continue
         print(f"[{time.strftime('%H:%M:%S')}] sampler check: {backend}, {n} prompts ...", flush=True)
         p = subprocess.run([sys.executable, __file__, "--worker", backend, "--n", str(n)], cwd=ROOT,
                            capture_output=True, text=True)
