@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = "models/base"
-SEED = 7  # the sampling seed of the checks (any)
+SEED = 7  # the seed of the pipeline samplers' draws and the update check's advantages (any); TRL's sampler seeds itself
 
 
 def _samples(sampler, tok, prompts, params, rounds: int):
@@ -49,39 +49,47 @@ def _samples(sampler, tok, prompts, params, rounds: int):
 
 
 def trl_samples(params, tok, prompts, rounds: int):
-    """Completions from TRL's own sampling path: an RLOOTrainer configured as the comparison configures it
-    (bench_trl.trl_config, transformers' `generate(do_sample=True)` with TRL's generation config), its
-    `_generate_single_turn` on each round's batches of prompts_per_round prompts x K, as its training step calls it.
-    TRL keeps no logprobs of its draws (`sampler_logprobs` is null)."""
+    """Completions from TRL's own sampling path: an RLOOTrainer configured as the comparison configures its TRL arm
+    (bench_trl.trl_config, bf16 autocast where the comparison turns it on), its model prepared by accelerate as
+    `train()` prepares it (so `generate` runs under that autocast), and `_generate_single_turn` on each round's
+    batches of prompts_per_round prompts x K, as its training step calls it: transformers' `generate(do_sample=True)`
+    with TRL's generation config. TRL seeds itself with `base.seed` (its `set_seed`), not SEED. Returns (samples,
+    seconds of sampling, bf16); TRL keeps no logprobs of its draws (`sampler_logprobs` is null) and the prompts'
+    token ids are TRL's own (`prompt_token_ids`)."""
     import tempfile
 
     import polars as pl
-    import torch
     from bench_trl import trl_config
     from datasets import Dataset
     from trl import RLOOTrainer
 
+    from stages.runtime import fast_bf16
     from stages.sample import tokenize_prompts
 
-    torch.manual_seed(SEED)
     rendered, _ = tokenize_prompts(tok, prompts)
     k, per = params.sample.k, params.train.prompts_per_round
+    bf16 = params.update.bf16_autocast and fast_bf16()  # as bench_trl's TRL arm
     with tempfile.TemporaryDirectory() as tmp:
         trainer = RLOOTrainer(model=MODEL, reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(prompts)],
-                              args=trl_config(params, 1, Path(tmp)), train_dataset=Dataset.from_dict({"prompt": rendered}),
-                              processing_class=tok)
+                              args=trl_config(params, 1, Path(tmp), bf16=bf16),
+                              train_dataset=Dataset.from_dict({"prompt": rendered}), processing_class=tok)
+        trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)
         rows = []
+        t0 = time.perf_counter()
         for _ in range(rounds):
             for s in range(0, len(rendered), per):
                 batch = [(i, t) for i, t in enumerate(rendered[s : s + per], start=s) for _ in range(k)]
-                comps = trainer._generate_single_turn(*trainer._tokenize_prompts([t for _, t in batch]))
-                for j, ((i, text), ids) in enumerate(zip(batch, comps, strict=True)):
+                prompt_ids, images, fields = trainer._tokenize_prompts([t for _, t in batch])
+                comps = trainer._generate_single_turn(prompt_ids, images, fields)
+                for j, ((i, text), p_ids, ids) in enumerate(zip(batch, prompt_ids, comps, strict=True)):
                     rows.append({"prompt_id": prompts["prompt_id"][i], "sample_idx": j % k, "prompt_text": text,
-                                 "completion": tok.decode(ids, skip_special_tokens=True), "completion_token_ids": ids,
-                                 "sampler_logprobs": None})
-    return pl.DataFrame(rows, schema={"prompt_id": pl.String, "sample_idx": pl.Int32, "prompt_text": pl.String,
-                                      "completion": pl.String, "completion_token_ids": pl.List(pl.Int64),
-                                      "sampler_logprobs": pl.List(pl.Float64)})
+                                 "prompt_token_ids": list(p_ids), "completion": tok.decode(ids, skip_special_tokens=True),
+                                 "completion_token_ids": ids, "sampler_logprobs": None})
+        seconds = time.perf_counter() - t0
+    schema = {"prompt_id": pl.String, "sample_idx": pl.Int32, "prompt_text": pl.String,
+              "prompt_token_ids": pl.List(pl.Int64), "completion": pl.String, "completion_token_ids": pl.List(pl.Int64),
+              "sampler_logprobs": pl.List(pl.Float64)}
+    return pl.DataFrame(rows, schema=schema), seconds, bf16
 
 
 def sampler_check(backend: str, n_prompts: int) -> dict:
@@ -102,10 +110,9 @@ def sampler_check(backend: str, n_prompts: int) -> dict:
     configure_env(params.base.threads)
     tok = load_tokenizer(MODEL)
     train = read_table("data/prepared/train.parquet").head(n_prompts)
-    t0 = time.perf_counter()
+    bf16 = False
     if backend == "trl":
-        df = trl_samples(params, tok, train, rounds=2)
-        seconds = time.perf_counter() - t0
+        df, seconds, bf16 = trl_samples(params, tok, train, rounds=2)
     else:
         sampler = make_sampler(MODEL, params)
         t0 = time.perf_counter()
@@ -113,7 +120,8 @@ def sampler_check(backend: str, n_prompts: int) -> dict:
         seconds = time.perf_counter() - t0
         sampler.close()
     model = load_causal_lm(MODEL, "float32").eval()
-    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in df["prompt_text"]]
+    prompts = (df["prompt_token_ids"].to_list() if "prompt_token_ids" in df.columns else
+               [tok(t, add_special_tokens=False)["input_ids"] for t in df["prompt_text"]])
     comps = [list(c) for c in df["completion_token_ids"]]
     draws = nll_minus_entropy(model, prompts, comps, tok.pad_token_id)
     fit = fitted_temperature(model, prompts, comps, tok.pad_token_id)
@@ -133,7 +141,7 @@ def sampler_check(backend: str, n_prompts: int) -> dict:
 
     return {"backend": backend, "prompts": n_prompts, "completions": df.height, "tokens": draws["tokens"],
             "sample_s": seconds, "nll_minus_entropy": draws["mean"], "se": draws["se"], "max_logprob_diff": worst,
-            "temperature": fit["temperature"], "temperature_se": fit["se"],
+            "temperature": fit["temperature"], "temperature_se": fit["se"], "bf16_autocast": bf16,
             "text_differs": sum(a != b for a, b in zip(texts, decoded)), "reward": mean_reward(texts),
             "reward_of_decoded": mean_reward(decoded)}
 
@@ -200,7 +208,7 @@ def markdown(res: dict) -> str:
         if "error" in s:
             lines.append(f"| {s['backend']} | failed: {s['error']} |||||||")
             continue
-        lines.append(f"| {s['backend']} | {s['completions']} | {s['tokens']} | {s['nll_minus_entropy']:+.3f} +- "
+        lines.append(f"| {s['backend']}{' (bf16 autocast)' if s.get('bf16_autocast') else ''} | {s['completions']} | {s['tokens']} | {s['nll_minus_entropy']:+.3f} +- "
                      f"{s['se']:.3f} | {s['temperature']:.4f} +- {s['temperature_se']:.4f} | "
                      + ("- (keeps none)" if s["max_logprob_diff"] is None else f"{s['max_logprob_diff']:.1e}")
                      + f" | {s['text_differs']} | {s['reward']:.4f} / "

@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise PipelineError(f"{side} side failed: {(p.stderr.strip().splitlines() or ['?'])[-1][:300]}")
             res[side] = json.loads(p.stdout.strip().splitlines()[-1])
         res["compare"] = compare(Path(tmp), args.rounds, res["ours"], res["trl"])
-    res["trl"].pop("advantages", None)
+    for bulky in ("advantages", "rows"):  # compared above; the JSON keeps the comparison, not every completion
+        res["trl"].pop(bulky, None)
     out = Path(args.out)
     write_json(res, out / "trl_replay.json")
     md = markdown(res)
