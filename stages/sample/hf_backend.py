@@ -7,7 +7,11 @@ Seeds per prompt, not per batch: sampling is the Gumbel-max trick over temperatu
 one `torch.Generator` per completion seeded from (prompt seed, k), and `generate` then takes the argmax. A
 completion thus depends on its prompt's seed alone, not on which prompts share its batch or its process (the
 property a round split over several ranks needs; docs/design.md §8). The draw is exact: argmax(logits/T + G),
-G ~ Gumbel(0, 1), is a sample of softmax(logits/T) (https://arxiv.org/abs/1411.0030, §2).
+G ~ Gumbel(0, 1), is a sample of softmax(logits/T) (https://arxiv.org/abs/1411.0030, §2). The noise is drawn on
+the model's device (CPU and CUDA generators give different streams for a seed: a completion depends on its prompt's
+seed and the device kind, the same for every rank of a run). Drawn on the CPU for a CUDA model, it held an H200's
+sampling of the default round at 2.4-3.4 s instead of 1.0 s, and of 512 completions x 128 tokens at minutes instead
+of 4.3-4.7 s (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ class SeededSampling:
 
     def __init__(self, temperature: float, top_p: float, seeds: list[int]):
         self.temperature, self.top_p = temperature, top_p
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.seeds = seeds
+        self.generators: list[torch.Generator] | None = None  # on the logits' device, made at the first step
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logits = scores.float() / self.temperature  # (rows, V)
@@ -34,9 +39,13 @@ class SeededSampling:
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the smallest prefix reaching top_p
             logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-        u = torch.stack([torch.rand(logits.shape[-1], generator=g, dtype=torch.float64) for g in self.generators])
+        dev = logits.device
+        if self.generators is None:
+            self.generators = [torch.Generator(device=dev).manual_seed(s) for s in self.seeds]
+        u = torch.stack([torch.rand(logits.shape[-1], generator=g, dtype=torch.float64, device=dev)
+                         for g in self.generators])
         gumbel = -torch.log(-torch.log(u.clamp(min=1e-300)))
-        return logits + gumbel.to(logits.device, logits.dtype)
+        return logits + gumbel.to(logits.dtype)
 
 
 class HFSampler:
@@ -90,8 +99,11 @@ class HFSampler:
                 tokenizer=self.tokenizer if cfg.stop else None,
             )
             new = out.sequences[:, width:]  # (B*K, T)
-            logits = torch.stack(out.logits, dim=1).float()  # (B*K, T, V), raw
-            logp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            # the raw logits' logprob of each drawn token, a step at a time: an fp32 copy of every step's logits at
+            # once is B*K x T x V x 4 bytes (13 GB for 512 rows x 128 tokens of a 49k vocabulary)
+            logp = torch.stack([torch.log_softmax(step.float(), -1).gather(-1, new[:, t, None]).squeeze(-1)
+                                for t, step in enumerate(out.logits)], dim=1).cpu()
+            new = new.cpu()  # one copy, not one sync per row below
             for i in range(len(batch)):
                 group = []
                 for j in range(cfg.k):
