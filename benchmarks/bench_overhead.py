@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         (work / "result.json").write_text(json.dumps(res, indent=1))
         return
 
-    from machine import alternate_arms, describe, require_prepared
+    from machine import alternate_arms, describe, params_name, require_prepared
     from stages.errors import PipelineError
     from stages.io import write_json, write_text
 
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         }
     bare = per_arm.get("bare")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(),
-            "rounds": args.rounds, "repeats": args.repeats}
-    lines = [f"{meta['date']}, {meta['machine']}; {args.rounds} rounds x {args.repeats} repeat(s), default params.yaml. "
+            "rounds": args.rounds, "repeats": args.repeats, "params": args.params}
+    lines = [f"{meta['date']}, {meta['machine']}; {args.rounds} rounds x {args.repeats} repeat(s), {params_name(args.params)}. "
              "Seconds per round (mean).", "",
              "| arm | per round (wall) | overhead vs bare | sampling | update | checkpoint write | update waited for it | warm-up |",
              "|---|---|---|---|---|---|---|---|"]

@@ -31,6 +31,15 @@ def describe() -> str:
             f"malloc {os.path.basename(malloc) if malloc else 'glibc'}")
 
 
+def params_name(path: str) -> str:
+    """How a benchmark's table names its parameters: `default params.yaml`, or the file the run was given (a table
+    from `--params other.yaml` must not claim the defaults)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return "default params.yaml" if (root / path).resolve() == (root / "params.yaml").resolve() else f"params {path}"
+
+
 def require_prepared(root, eval_split: bool = False) -> None:
     """Stop in one line when the base model or the prepared split a benchmark reads is missing (with `eval_split`,
     the held-out one too): `dvc repro prepare` writes them."""

@@ -100,9 +100,11 @@ def floor_s(meta: dict, rows: list[dict], table: list) -> dict:
 
 def render(meta: dict, rows: list[dict], table: list) -> str:
     """The roofline's Markdown from what roofline.json holds (`--render` rewrites it without measuring again)."""
+    from machine import params_name
+
     peaks, best, total = meta["peaks_gflops"], meta["vllm_rate_by_batch"], meta["round_s"]
     last = rows[1:] or rows
-    lines = [f"{meta['date']}, {meta['machine']}; default params.yaml, {len(last)} warm round(s) after the first "
+    lines = [f"{meta['date']}, {meta['machine']}; {params_name(meta.get('params', 'params.yaml'))}, {len(last)} warm round(s) after the first "
              f"(means). Matmul peak measured in the same run: fp32 {peaks['float32']:.0f}, bf16 "
              f"{peaks['bfloat16']:.0f} GFLOP/s; vLLM tokens/s by batch (sequences): "
              + ", ".join(f"{k}: {v:.0f}" for k, v in best.items()) + ".", "",
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                   mean("writes (checkpoint + manifest)"),
                   f"{(ckpt_bytes + state_bytes) / 1e9 / mean('writes (checkpoint + manifest)'):.2f} GB/s", "-"))
     total = sum(r[3] for r in table)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "rounds": args.rounds,
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "rounds": args.rounds, "params": args.params,
             "peaks_gflops": peaks, "vllm_rate_by_batch": best, "round_s": total}
     md = render(meta, rows, table)
     out = Path(args.out)

@@ -395,3 +395,19 @@ def test_trl_replay_pairs_advantages_by_completion_not_by_row():
     assert trl_replay.advantage_gap(ours, rows, [0.0, 0.5, 0.0, -0.5]) == pytest.approx(1.0)  # a wrong sign shows
     with pytest.raises(RuntimeError, match="same completions|pairing"):
         trl_replay.advantage_gap(ours, [["b", [3]], ["a", [2]], ["b", [4]], ["a", [1]]], [0.0] * 4)
+
+
+def test_a_table_names_the_params_file_a_run_was_given(tmp_path):
+    import machine
+
+    root = Path(__file__).resolve().parents[1]
+    assert machine.params_name("params.yaml") == "default params.yaml"
+    assert machine.params_name(str(root / "params.yaml")) == "default params.yaml"
+    other = tmp_path / "gpu.yaml"
+    assert machine.params_name(str(other)) == f"params {other}"
+    import json
+
+    saved = json.loads((root / "benchmarks" / "results" / "epyc-zen5" / "roofline.json").read_text())
+    assert "default params.yaml" in roofline.render(saved["meta"], saved["rounds"], saved["table"])
+    md = roofline.render(saved["meta"] | {"params": str(other)}, saved["rounds"], saved["table"])
+    assert f"params {other}" in md and "default params.yaml" not in md
