@@ -37,7 +37,7 @@ def params_name(path: str) -> str:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    return "default params.yaml" if (root / path).resolve() == (root / "params.yaml").resolve() else f"params {path}"
+    return "default params.yaml" if Path(path).resolve() == (root / "params.yaml").resolve() else f"params {path}"
 
 
 def require_prepared(root, eval_split: bool = False) -> None:

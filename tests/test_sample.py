@@ -712,3 +712,21 @@ def test_vllm_update_weights_from_path(vllm_sampler, base_model_dir, trained, ba
     finally:
         vllm_sampler.update_weights(path=str(base_model_dir))
     assert vllm_greedy(vllm_sampler, list(update_ids.values())) == base_greedy  # restored
+
+
+def test_seeded_sampling_noise_is_each_rows_own_generator_stream_on_the_logits_device():
+    """The Gumbel noise of row r at step t is draw t of `torch.Generator(device).manual_seed(seed_r)` in float64, on
+    the logits' device (on the CPU: the stream it had when the noise was always drawn there, so CPU draws are the
+    same as before the noise moved to the model's device)."""
+    from stages.sample.hf_backend import SeededSampling
+
+    vocab, seeds = 50, [7, 123456789, 2**62 + 5]
+    logits = torch.randn(len(seeds), vocab, generator=torch.Generator().manual_seed(0))
+    proc = SeededSampling(temperature=0.7, top_p=1.0, seeds=seeds)
+    gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    for _ in range(3):  # each call is the next decoding step: the streams advance
+        out = proc(None, logits.clone())
+        u = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in gens])
+        expected = logits / 0.7 + (-torch.log(-torch.log(u.clamp(min=1e-300)))).float()
+        assert torch.equal(out, expected)
+    assert all(g.device == logits.device for g in proc.generators)

@@ -8,10 +8,11 @@ one `torch.Generator` per completion seeded from (prompt seed, k), and `generate
 completion thus depends on its prompt's seed alone, not on which prompts share its batch or its process (the
 property a round split over several ranks needs; docs/design.md §8). The draw is exact: argmax(logits/T + G),
 G ~ Gumbel(0, 1), is a sample of softmax(logits/T) (https://arxiv.org/abs/1411.0030, §2). The noise is drawn on
-the model's device (CPU and CUDA generators give different streams for a seed: a completion depends on its prompt's
-seed and the device kind, the same for every rank of a run). Drawn on the CPU for a CUDA model, it held an H200's
-sampling of the default round at 2.4-3.4 s instead of 1.0 s, and of 512 completions x 128 tokens at minutes instead
-of 4.3-4.7 s (docs/design.md §7).
+the model's device (CPU and CUDA generators give different streams for a seed, and CUDA's depends on the GPU model:
+a completion depends on its prompt's seed and the device, the same for every rank of a run on one kind of device).
+Drawn on the CPU for a CUDA model, it held an H200's sampling of the default round at 2.4-3.4 s instead of 1.0 s,
+and 6 rounds of 512 completions x 128 tokens did not finish in 5 minutes (4.3-4.7 s of sampling a round after the
+fix; docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ class HFSampler:
                 tokenizer=self.tokenizer if cfg.stop else None,
             )
             new = out.sequences[:, width:]  # (B*K, T)
-            # the raw logits' logprob of each drawn token, a step at a time: an fp32 copy of every step's logits at
-            # once is B*K x T x V x 4 bytes (13 GB for 512 rows x 128 tokens of a 49k vocabulary)
+            # the raw logits' logprob of each drawn token, a step at a time: stacking the steps made two more fp32
+            # copies of every step's logits beside generate's own (B*K x T x V x 4 bytes each: 13 GB at 512 rows x
+            # 128 tokens of a 49k vocabulary)
             logp = torch.stack([torch.log_softmax(step.float(), -1).gather(-1, new[:, t, None]).squeeze(-1)
                                 for t, step in enumerate(out.logits)], dim=1).cpu()
             new = new.cpu()  # one copy, not one sync per row below
