@@ -189,13 +189,19 @@ def test_precision_defaults_follow_the_params_resolution(monkeypatch):
         with_({"dtype": "bfloat16"}, {"policy_logprobs": "sampler"}))
 
 
-def test_roofline_floor_is_each_phase_at_its_peak_plus_the_rest_as_measured():
+def _roofline_run() -> tuple[dict, list, list]:
+    """A roofline.json's (meta, rows, table), made up: three rounds, six phases."""
     meta = {"date": "d", "machine": "m", "round_s": 10.0, "peaks_gflops": {"float32": 100.0, "bfloat16": 400.0},
             "vllm_rate_by_batch": {"32": 200.0, "64": 250.0}}
     rows = [{"fwd_flops": 9e12, "generated": 9999}] + [{"fwd_flops": 4e11, "generated": 500}] * 2  # round 1: left out
     table = [["sample", "float32", "", 3.0, "", ""], ["reward", "-", "", 0.5, "", ""],
              ["policy logprobs", "-", "skipped", 0.0, "-", "-"], ["reference logprobs", "bfloat16", "", 1.5, "", ""],
              ["update", "bfloat16", "", 4.0, "", ""], ["weight sync", "float32", "", 1.0, "", ""]]
+    return meta, rows, table
+
+
+def test_roofline_floor_is_each_phase_at_its_peak_plus_the_rest_as_measured():
+    meta, rows, table = _roofline_run()
     f = roofline.floor_s(meta, rows, table)
     assert f["by_phase"] == pytest.approx({"sample": 2.0, "reference logprobs": 1.0, "update": 3.0})
     assert f["compute"] == pytest.approx(6.0) and f["rest"] == pytest.approx(1.5) and f["round"] == pytest.approx(7.5)
@@ -405,9 +411,7 @@ def test_a_table_names_the_params_file_a_run_was_given(tmp_path):
     assert machine.params_name(str(root / "params.yaml")) == "default params.yaml"
     other = tmp_path / "gpu.yaml"
     assert machine.params_name(str(other)) == f"params {other}"
-    import json
-
-    saved = json.loads((root / "benchmarks" / "results" / "epyc-zen5" / "roofline.json").read_text())
-    assert "default params.yaml" in roofline.render(saved["meta"], saved["rounds"], saved["table"])
-    md = roofline.render(saved["meta"] | {"params": str(other)}, saved["rounds"], saved["table"])
+    meta, rows, table = _roofline_run()  # made up, not a measured results file (a new run may rewrite one)
+    assert "default params.yaml" in roofline.render(meta, rows, table)  # a roofline.json from before "params"
+    md = roofline.render(meta | {"params": str(other)}, rows, table)
     assert f"params {other}" in md and "default params.yaml" not in md
