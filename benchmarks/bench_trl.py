@@ -266,8 +266,11 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
     warm = time.perf_counter() - t_warm
     t0 = time.perf_counter()
     trainer.train()
-    wall = time.perf_counter() - t0
+    t_save = time.perf_counter()
+    # the trained policy on disk counts as ours' final checkpoint does (model only: ours' also holds the optimizer)
     trainer.save_model(str(work / "policy"))
+    save_s = time.perf_counter() - t_save
+    wall = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "reward" in h]
     steps = []
     for i, step_s in enumerate(timings["step"]):
@@ -279,7 +282,7 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
     # TRL scores the KL's passes under accelerate's autocast (bf16 when bf16 is on)
     kl = "bf16 autocast" if bf16 else "float32"
     return {"policy": str(work / "policy"), "steps": steps, "warm_s": warm, "step_wall_s": wall / args.steps,
-            "process_wall_s": wall + warm,
+            "process_wall_s": wall + warm, "final_save_s": save_s,
             "precision": f"update bf16 autocast {bf16}, sampler {engine}, KL: both passes {kl}"}
 
 
@@ -327,6 +330,7 @@ def summarize(arm: str, res: dict, ev: dict) -> dict:
         "arm": arm, "ok": res.get("ok", False), "error": res.get("error"), "steps": n,
         "step_wall_s": res.get("step_wall_s"), "round_s": mean("round_s"), "sample_s": mean("sample_s"),
         "score_s": mean("score_s"), "update_s": mean("update_s"), "warm_s": res.get("warm_s"),
+        "final_save_s": res.get("final_save_s"),
         "gen_tokens_per_s": tokens / sum(s["sample_s"] for s in steps) if n and tokens else None,
         "tokens_per_step_s": tokens / (res["step_wall_s"] * n) if n and tokens else None,
         "peak_rss_gib": res.get("peak_rss_gib"),
@@ -343,7 +347,7 @@ def summarize(arm: str, res: dict, ev: dict) -> dict:
 def steady_step(run: dict) -> float | None:
     """The mean step from the third on, on the same wall-clock basis as `step_wall_s`: the steps' own clocks (ours:
     the flow's round; TRL: its training step) plus the run's share per step of what those clocks leave out (ours: the
-    MLflow run's start and the final checkpoint; TRL: almost nothing). The first two steps also grow the process to
+    MLflow run's start and the final checkpoint; TRL: its final `save_model`). The first two steps also grow the process to
     its peak memory (the update's activations, gradients and AdamW's state), which a VM can make slow
     (benchmarks/README.md)."""
     clocks = [p.get("round_s") for p in run.get("step_phases") or []]
@@ -560,7 +564,12 @@ def markdown(rows: list[dict], meta: dict, runs: list[dict] | None = None) -> st
         f"{meta['date']}, {meta['machine']}; {meta['steps']} steps of {meta['prompts']} prompts x K={meta['k']} x "
         f"{meta['tokens']} tokens, lr {meta['lr']}, beta {meta['beta']}. Times in seconds, mean per step over "
         f"{meta.get('repeats', 1)} repeat(s) (the step's min-max over the repeats in brackets); held-out metrics: the "
-        "mean over the repeats whose final policy was evaluated (n in brackets)."
+        "mean over the repeats whose final policy was evaluated (n in brackets). Step (wall): from the end of the "
+        "warm-up until the trained policy is on disk, over the steps (ours: the flow's rounds, its MLflow run and its "
+        "final checkpoint; TRL: `train()` and its final `save_model`"
+        + (f", {trl_save:.1f} s" if (trl_save := next((r.get("final_save_s") for r in rows if r.get("arm") == "trl"
+                                                         and r.get("final_save_s") is not None), None)) else "")
+        + ")."
         + (f" Model {meta['model']}, temperature {meta['temperature']}, top_p {meta['top_p']}."
            if all(k in meta for k in SINCE_TASK) else ""),
         "",

@@ -78,7 +78,7 @@ def test_trl_table_has_ratios_and_says_why_an_arm_failed():
           "steps": [{"round_s": 9.0, "sample_s": 2.0, "score_s": 3.0, "update_s": 4.0, "tokens": 64, "reward": 0.3,
                      "kl": 0.0, "mean_length": 16.0}] * 2}
     ours = bench_trl.summarize("ours", ok, {"reward": 0.5, "ref_reward": 0.4, "win_rate": 0.6, "kl": 0.1})
-    trl = bench_trl.summarize("trl", {**ok, "step_wall_s": 25.0}, {"reward": 0.45, "ref_reward": 0.4, "win_rate": 0.55, "kl": 0.2})
+    trl = bench_trl.summarize("trl", {**ok, "step_wall_s": 25.0, "final_save_s": 1.25}, {"reward": 0.45, "ref_reward": 0.4, "win_rate": 0.55, "kl": 0.2})
     bad = bench_trl.summarize("trl-vllm", {"ok": False, "error": "AttributeError: x (at a.py:1 f -> b.py:2 g)"}, {})
     assert ours["gen_tokens_per_s"] == pytest.approx(128 / 4.0)
     md = bench_trl.markdown([ours, trl, bad], {"date": "d", "machine": "m", "steps": 2, "prompts": 8, "k": 4,
@@ -86,6 +86,8 @@ def test_trl_table_has_ratios_and_says_why_an_arm_failed():
     assert "| ours | 10.0 |" in md and "1.00x" in md and "2.50x" in md
     assert "TRL's step time over ours: trl / ours 2.50x." in md and "ours: 9.0, 9.0" in md
     assert "| trl-vllm | failed: AttributeError: x (at a.py:1 f -> b.py:2 g) |" in md
+    # TRL's final save counts in its step (wall) as ours' final checkpoint does in ours', and the table says how long
+    assert "its final `save_model`, 1.2 s)." in md
 
 
 def test_tune_grid_is_every_combination_with_yaml_values():
