@@ -45,8 +45,12 @@ def completion_logits(model, prompts, completions, pad_id: int):
     device = next(model.parameters()).device
     input_ids, attention, position_ids, targets, mask = pad_batch(prompts, completions, pad_id, device)
     C = targets.shape[1]
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, logits_to_keep=C + 1)
-    return out.logits[:, :-1, :], targets, mask
+    P = input_ids.shape[1] - C
+    # columns [P - 1, P + C - 1) only, as one contiguous (B, C, V) tensor (a slice of C + 1 kept columns was copied
+    # again where the logprobs flatten it)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                logits_to_keep=torch.arange(P - 1, P + C - 1, device=device))
+    return out.logits, targets, mask
 
 
 def token_logprobs(model, prompts, completions, pad_id: int, with_entropy: bool = False):
@@ -240,10 +244,16 @@ def shared_prompt_logprobs(model, prompts, completions, pad_id: int, with_entrop
     c_pos = plen.unsqueeze(-1) + torch.arange(C).unsqueeze(0)
     att = torch.cat([p_att, c_att], dim=-1)
     c_ids, att, c_pos, mask = c_ids.to(device), att.to(device), c_pos.to(device), mask.to(device)
-    logits = model(input_ids=c_ids, attention_mask=att, position_ids=c_pos, past_key_values=cache,
-                   use_cache=False, logits_to_keep=C).logits  # (B, C, V): position t predicts token t + 1
-    logits = torch.cat([first_logits.unsqueeze(1), logits[:, :-1, :]], dim=1)  # (B, C, V)
-    return _masked(logits, c_ids, mask, with_entropy)
+    # column t predicts token t + 1: the lm_head runs on columns [0, C - 1) only (the last one would predict past the
+    # completion), and the first token's logprob comes from the prompt's logits, each scored where it lies: no
+    # (B, C, V) concatenation of the two, which copied every logit again and, in the backward, its gradient too
+    # (2 x 100 MB for an update's 32 completions of 32 tokens; docs/design.md §7)
+    logits = model(input_ids=c_ids, attention_mask=att, position_ids=c_pos, past_key_values=cache, use_cache=False,
+                   logits_to_keep=torch.arange(C - 1, device=device)).logits  # (B, C - 1, V)
+    first, first_ent = selective_logprobs(first_logits.unsqueeze(1), c_ids[:, :1], with_entropy)
+    rest, rest_ent = selective_logprobs(logits, c_ids[:, 1:], with_entropy)
+    entropy = torch.cat([first_ent, rest_ent], dim=1) * mask if with_entropy else None
+    return torch.cat([first, rest], dim=1) * mask, mask, entropy
 
 
 def _left_padded(prompts: list[tuple], pad_id: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

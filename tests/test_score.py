@@ -301,6 +301,20 @@ def test_sequence_logprobs_match_direct_forward_for_any_batch_size(models):
             assert len(got) == len(c)
             assert got == pytest.approx(want, abs=1e-4), bs
     assert sums[1] == 0.0 and per_token[1] == []
+    # the lm_head runs only on the columns that predict a completion token: on the prompts' cache, one column after
+    # each distinct prompt, then C - 1 per row (the last column would predict past the completion); C in the plain layout
+    rows: list[int] = []
+    hook = policy.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:-1].numel()))
+    C = max(len(c) for c in completions)
+    try:
+        sequence_logprobs(policy, prompts, completions, tok.pad_token_id, batch_size=16)
+        assert rows == [len(prompts), len(prompts) * (C - 1)]
+        rows.clear()
+        sums, _ = sequence_logprobs(policy, prompts, completions, tok.pad_token_id, batch_size=16, share=False)
+        assert rows == [len(prompts) * C]
+        assert sums == pytest.approx([e[0] for e in expected], abs=1e-4)
+    finally:
+        hook.remove()
     # the empty completion alone in its batch
     assert sequence_logprobs(policy, [prompts[1]], [[]], tok.pad_token_id) == ([0.0], [[]])
     # a prompt cache made once (the held-out evaluation's reference): only the completions run; same numbers, for
