@@ -141,10 +141,10 @@ def run_ours(args, work: Path, extra: dict | None = None) -> dict:
 def _precision(params) -> str:
     from precision import defaults
 
-    from stages.runtime import fast_bf16, sampler_dtype
+    from stages.runtime import sampler_dtype, update_autocast
 
     policy, ref = defaults(params)  # e.g. ("fp32 engine", "bf16 pass"): what benchmarks/precision.py measures
-    return (f"update bf16 autocast {params.update.bf16_autocast and fast_bf16()}, sampler "
+    return (f"update bf16 autocast {update_autocast(params.update.bf16_autocast)}, sampler "
             f"{sampler_dtype(params.sample.dtype)}, KL: policy logprobs the {policy}'s, reference the {ref}")
 
 
@@ -208,7 +208,7 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
     from stages.loop.resume import round_prompts
     from stages.io import read_table
     from stages.models import load_tokenizer
-    from stages.runtime import fast_bf16, sampler_dtype
+    from stages.runtime import sampler_dtype, update_autocast
     from stages.sample import tokenize_prompts
     from stages.schemas import PROMPTS
 
@@ -234,7 +234,7 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
     mcfg = json.loads(cfg_path.read_text())
     mcfg["dtype"] = engine
     cfg_path.write_text(json.dumps(mcfg, indent=1))
-    bf16 = up.bf16_autocast and fast_bf16()
+    bf16 = update_autocast(up.bf16_autocast)
     reward_fn = trl_reward(params, by_text)
     cfg = trl_config(params, args.steps, work / "trl-out", bf16=bf16, use_vllm=use_vllm)
 

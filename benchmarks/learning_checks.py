@@ -63,12 +63,12 @@ def trl_samples(params, tok, prompts, rounds: int):
     from datasets import Dataset
     from trl import RLOOTrainer
 
-    from stages.runtime import fast_bf16
+    from stages.runtime import update_autocast
     from stages.sample import tokenize_prompts
 
     rendered, _ = tokenize_prompts(tok, prompts)
     k, per = params.sample.k, params.train.prompts_per_round
-    bf16 = params.update.bf16_autocast and fast_bf16()  # as bench_trl's TRL arm
+    bf16 = update_autocast(params.update.bf16_autocast)  # as bench_trl's TRL arm
     with tempfile.TemporaryDirectory() as tmp:
         trainer = RLOOTrainer(model=MODEL, reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(prompts)],
                               args=trl_config(params, 1, Path(tmp), bf16=bf16),

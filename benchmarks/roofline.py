@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.loop.writer import manifest_for, round_write, write_artifact
     from stages.params import load_params
     from stages.rewards import combine, compute_rewards
-    from stages.runtime import configure_env, fast_bf16, sampler_dtype
+    from stages.runtime import configure_env, sampler_dtype, update_autocast
     from stages.runtime import score_dtype as resolve_score_dtype
     from stages.schemas import ADVANTAGES, SAMPLES, SCORES
     from stages.score import completion_inputs, reward_inputs
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     w = load_warm(params, args.rounds)
     nonemb, head = model_sizes(w.trainer.model)
     sample_dtype = sampler_dtype(params.sample.dtype)
-    update_dtype = "bfloat16" if params.update.bf16_autocast and fast_bf16() else "float32"
+    update_dtype = "bfloat16" if update_autocast(params.update.bf16_autocast) else "float32"
     score_dtype = resolve_score_dtype(params.score.dtype)
     share = params.base.share_prompts
     skip_policy = steps.policy_logprobs_from_sampler(w)

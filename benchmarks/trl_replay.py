@@ -69,7 +69,7 @@ def run_trl(work: Path, rounds: int) -> dict:
     from stages.io import read_table
     from stages.models import load_tokenizer
     from stages.params import load_params
-    from stages.runtime import configure_env, fast_bf16
+    from stages.runtime import configure_env, update_autocast
     from stages.schemas import PROMPTS
 
     params = load_params(ROOT / "params.yaml")
@@ -99,7 +99,7 @@ def run_trl(work: Path, rounds: int) -> dict:
             advantages.append(out["advantages"].tolist())
             return out
 
-    bf16 = params.update.bf16_autocast and fast_bf16()  # as the comparison runs TRL: ours' update precision
+    bf16 = update_autocast(params.update.bf16_autocast)  # as the comparison runs TRL: ours' update precision
     trainer = Replay(model=params.base.model_dir, reward_funcs=[trl_reward(params, by_text)],
                      args=trl_config(params, rounds, work / "trl-out", bf16=bf16),
                      train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tok)

@@ -153,6 +153,13 @@ def fast_bf16() -> bool:
     return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def update_autocast(bf16_autocast: bool) -> bool:
+    """`update.bf16_autocast` as it applies here: bf16 autocast in the update's forward/backward where bf16 is native
+    (fp32 master weights), fp32 elsewhere (emulated bf16 is slower than fp32). The trainer and every benchmark that
+    runs TRL in ours' precision decide it here."""
+    return bool(bf16_autocast) and fast_bf16()
+
+
 def score_dtype(dtype: str) -> str:
     """`score.dtype: auto` -> bfloat16 (autocast) where bf16 is native, float32 elsewhere. On the default task's trained
     policy the reference pass in bf16 puts 0.17 nats of |error| into a sequence's KL (mean; the policy's logprobs from

@@ -51,7 +51,7 @@ class Trainer:
                  dist=None):
         from stages.loop.dist import SINGLE
         from stages.models import disable_dropout, load_causal_lm, load_tokenizer, own_memory
-        from stages.runtime import fast_bf16
+        from stages.runtime import update_autocast
 
         self.params = params
         self.up = params.update
@@ -83,7 +83,7 @@ class Trainer:
             fused = fuse_layers(self.model)
             log.debug("update.fused_layers: %d norm/MLP modules with the lean-memory backward", fused)
         self.model.train()
-        self.autocast = self.up.bf16_autocast and fast_bf16()
+        self.autocast = update_autocast(self.up.bf16_autocast)
         lm = LogprobModel(self.model, self.tokenizer.pad_token_id, params.base.share_prompts,
                           "bfloat16" if self.autocast else "float32")
         self.forward_model = self._wrap(lm)  # DDP / FSDP over the ranks; the LogprobModel itself in one process

@@ -67,6 +67,16 @@ def test_auto_score_dtype_is_bf16_exactly_where_it_is_native():
     assert score_dtype("float32") == "float32" and score_dtype("bfloat16") == "bfloat16"
 
 
+def test_update_autocast_is_asked_for_and_native(monkeypatch):
+    from stages import runtime
+
+    assert repo_params().update.bf16_autocast  # the default this pins
+    for native in (True, False):
+        monkeypatch.setattr(runtime, "fast_bf16", lambda native=native: native)
+        assert runtime.update_autocast(True) is native
+        assert runtime.update_autocast(False) is False
+
+
 def test_fp32_scoring_path_kl_equals_a_plain_fp32_pass(tiny_round):
     params, tok, samples, policy, ref, _ = tiny_round
     assert params.base.share_prompts  # the default this test pins
