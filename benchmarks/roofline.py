@@ -60,10 +60,11 @@ def model_sizes(model) -> tuple[int, int]:
 
 
 def forward_flops(prompts, completions, nonemb: int, head: int, share: bool) -> float:
-    """Matmul FLOPs of one forward pass over the round (shared prompts counted once when `share`)."""
+    """Matmul FLOPs of one forward pass over the round (shared prompts counted once when `share`): the lm_head at
+    each completion token's predicting position only, as `stages.logprobs` runs it (padding not counted)."""
     prompt_tokens = sum(len(p) for p in {tuple(p) for p in prompts}) if share else sum(len(p) for p in prompts)
-    tokens = prompt_tokens + sum(len(c) for c in completions)
-    return 2.0 * (nonemb * tokens + head * sum(len(c) + 1 for c in completions))
+    completion_tokens = sum(len(c) for c in completions)
+    return 2.0 * (nonemb * (prompt_tokens + completion_tokens) + head * completion_tokens)
 
 
 def vllm_best_rate(w, prompts_df, params) -> dict:

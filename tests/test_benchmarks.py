@@ -73,6 +73,13 @@ def test_sweep_resume_key_is_the_budget_only():
     assert sweep_baselines.run_key(load_params("params.yaml", {"update.grad_variance": True, "update.learning_rate": 1e-4}), 3) != key
 
 
+def test_roofline_counts_each_token_once_and_the_lm_head_at_completion_tokens_only():
+    prompts, completions = [[1, 2, 3], [1, 2, 3], [4, 5]], [[7, 8], [9], []]
+    # shared: the two distinct prompts (5 tokens) + 3 completion tokens through the body; the lm_head at 3 positions
+    assert roofline.forward_flops(prompts, completions, 10, 100, share=True) == 2.0 * (10 * 8 + 100 * 3)
+    assert roofline.forward_flops(prompts, completions, 10, 100, share=False) == 2.0 * (10 * 11 + 100 * 3)
+
+
 def test_trl_table_has_ratios_and_says_why_an_arm_failed():
     ok = {"ok": True, "warm_s": 3.0, "step_wall_s": 10.0, "precision": "p", "peak_rss_gib": 1.0,
           "steps": [{"round_s": 9.0, "sample_s": 2.0, "score_s": 3.0, "update_s": 4.0, "tokens": 64, "reward": 0.3,
