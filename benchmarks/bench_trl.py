@@ -509,6 +509,13 @@ def merge_saved(dirs: list[Path]) -> dict:
         if len(vals) > 1:
             raise PipelineError(f"{' and '.join(str(d) for d in vals.values())} ran another task ({k} differs: "
                                 f"{', '.join(vals)}); only runs of the same settings share a table")
+    # TRL's step (wall) holds its final save from 2026-12-04 on (`final_save_s`): one table, one definition
+    counted = {d: any("final_save_s" in r for r in s["runs"] if r["arm"].startswith("trl") and r.get("ok"))
+               for d, s in zip(dirs, saved) if any(r["arm"].startswith("trl") and r.get("ok") for r in s["runs"])}
+    if len(set(counted.values())) > 1:
+        raise PipelineError(f"{' and '.join(str(d) for d, c in counted.items() if c)} count TRL's final save in its step "
+                            f"time, {' and '.join(str(d) for d, c in counted.items() if not c)} do not (sittings before "
+                            "2026-12-04's bench_trl); join only folders measured the same way")
     runs, seen, offset = [], set(), 0
     sittings, stopped = [], []
     for d, s in zip(dirs, saved):
@@ -558,18 +565,24 @@ def ratios(rows: list[dict], key: str) -> list[str]:
             for t in rows if t["arm"].startswith("trl")]
 
 
+def step_definition(rows: list[dict]) -> str:
+    """What the step (wall) column counts. TRL's final `save_model` is in it from the sitting that recorded
+    `final_save_s` on (2026-12-04, benchmarks/results/epyc-zen5-b/ on); older trl.json files left it out."""
+    saves = [(r["arm"], r["final_save_s"]) for r in rows if r.get("arm", "").startswith("trl")
+             and r.get("final_save_s") is not None]
+    trl = ("`train()` and its final `save_model` (" + ", ".join(f"{a} {x:.1f} s" for a, x in saves) + ")" if saves
+           else "`train()` only, its final save not counted (a sitting before that was measured)")
+    return ("Step (wall): from the end of the warm-up until the trained policy is on disk, over the steps (ours: the "
+            f"flow's rounds, its MLflow run and its final checkpoint; TRL: {trl}).")
+
+
 def markdown(rows: list[dict], meta: dict, runs: list[dict] | None = None) -> str:
     ours = next((r for r in rows if r["arm"] == "ours" and r["ok"]), None)
     lines = [
         f"{meta['date']}, {meta['machine']}; {meta['steps']} steps of {meta['prompts']} prompts x K={meta['k']} x "
         f"{meta['tokens']} tokens, lr {meta['lr']}, beta {meta['beta']}. Times in seconds, mean per step over "
         f"{meta.get('repeats', 1)} repeat(s) (the step's min-max over the repeats in brackets); held-out metrics: the "
-        "mean over the repeats whose final policy was evaluated (n in brackets). Step (wall): from the end of the "
-        "warm-up until the trained policy is on disk, over the steps (ours: the flow's rounds, its MLflow run and its "
-        "final checkpoint; TRL: `train()` and its final `save_model`"
-        + (f", {trl_save:.1f} s" if (trl_save := next((r.get("final_save_s") for r in rows if r.get("arm") == "trl"
-                                                         and r.get("final_save_s") is not None), None)) else "")
-        + ")."
+        "mean over the repeats whose final policy was evaluated (n in brackets). " + step_definition(rows)
         + (f" Model {meta['model']}, temperature {meta['temperature']}, top_p {meta['top_p']}."
            if all(k in meta for k in SINCE_TASK) else ""),
         "",

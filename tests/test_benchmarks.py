@@ -94,7 +94,7 @@ def test_trl_table_has_ratios_and_says_why_an_arm_failed():
     assert "TRL's step time over ours: trl / ours 2.50x." in md and "ours: 9.0, 9.0" in md
     assert "| trl-vllm | failed: AttributeError: x (at a.py:1 f -> b.py:2 g) |" in md
     # TRL's final save counts in its step (wall) as ours' final checkpoint does in ours', and the table says how long
-    assert "its final `save_model`, 1.2 s)." in md
+    assert "TRL: `train()` and its final `save_model` (trl 1.2 s))." in md
 
 
 def test_tune_grid_is_every_combination_with_yaml_values():
@@ -332,6 +332,16 @@ def test_trl_render_from_two_sittings_pairs_all_their_seeds(tmp_path):
     three = json.loads((tmp_path / "three" / "trl.json").read_text())["meta"]
     assert three["sittings"] == ["d1: m", "d2: m", "d4: m"] and "model" not in three  # only e recorded it
     assert "Joined from 3 sittings: (1) d1: m; (2) d2: m; (3) d4: m." in (tmp_path / "three" / "trl.md").read_text()
+    # TRL's step time holds its final save from 2026-12-04's sittings on: folders of both kinds do not share a table
+    saved_g = sitting("g", [60], "d7")
+    g = json.loads((saved_g / "trl.json").read_text())
+    for r in g["runs"]:
+        if r["arm"] == "trl":
+            r["final_save_s"] = 2.5
+    (saved_g / "trl.json").write_text(json.dumps(g))
+    with pytest.raises(PipelineError, match=r"g count TRL's final save in its step time, .*a do not"):
+        bench_trl.main(["--render", "--from", str(a), str(saved_g), "--out", str(out)])
+    assert "TRL: `train()` only, its final save not counted" in (tmp_path / "three" / "trl.md").read_text()
 
 
 def test_trl_sitting_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeypatch):

@@ -336,18 +336,29 @@ def test_sequence_logprobs_match_direct_forward_for_any_batch_size(models):
         sequence_logprobs(plain_policy, prompts, completions, tok.pad_token_id, prompt_cache=cache)
 
 
+def test_the_plain_layout_needs_a_prompt_token(models):
+    """Column P - 1 predicts the first completion token: prompts that are all empty are an error, not a wrapped index."""
+    from stages.logprobs import completion_logits
+
+    tok, policy, *_ = models
+    with pytest.raises(ValueError, match="every prompt is empty"):
+        completion_logits(policy, [[]], [[5, 6]], tok.pad_token_id)
+    logits, targets, mask = completion_logits(policy, [[7]], [[5, 6]], tok.pad_token_id)
+    assert logits.shape[:2] == (1, 2) and logits.is_contiguous() and targets.tolist() == [[5, 6]]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_selective_logprobs_equal_the_full_log_softmax_and_its_gradient(dtype, monkeypatch):
     """The blockwise fp32 logprob of each target (what every logprob pass uses) equals log_softmax(logits.float())
     gathered, its entropy the full one, and its gradient the full one's, in the logits' dtype; with blocks of 4 rows
-    for 6 x 5 positions (the last block partial), on a non-contiguous view as `completion_logits` passes it. With
+    for 6 x 5 positions (the last block partial), on a non-contiguous view (a caller's slice of wider logits). With
     and without the entropy, the logprobs are the same to the bit."""
     import stages.logprobs as lp_mod
 
     monkeypatch.setattr(lp_mod, "_block_rows", lambda vocab, device: 4)
     gen = torch.Generator().manual_seed(0)
     leaf = (torch.randn(6, 6, 300, generator=gen) * 4).to(dtype).requires_grad_()
-    logits = leaf[:, :-1, :]  # non-contiguous, as the plain layout's logits are
+    logits = leaf[:, :-1, :]  # non-contiguous
     targets = torch.randint(0, 300, (6, 5), generator=gen)
     weights = torch.randn(6, 5, generator=gen)
     logp, ent = lp_mod.selective_logprobs(logits, targets, with_entropy=True)
