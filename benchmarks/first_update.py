@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer.optimizer.step = timed_step
     lines = [f"{time.strftime('%Y-%m-%d')}, {describe()}; {rows} rows x {params.sample.max_completion_length} tokens, "
-             f"bf16 autocast {params.update.bf16_autocast}", "", "| update | seconds | optimizer step | the rest |",
+             f"bf16 autocast {trainer.autocast}", "", "| update | seconds | optimizer step | the rest |",
              "|---|---|---|---|"]
     for i in range(args.steps):
         before = len(opt_s)
