@@ -510,8 +510,8 @@ def merge_saved(dirs: list[Path]) -> dict:
             raise PipelineError(f"{' and '.join(str(d) for d in vals.values())} ran another task ({k} differs: "
                                 f"{', '.join(vals)}); only runs of the same settings share a table")
     # TRL's step (wall) holds its final save from 2026-12-04 on (`final_save_s`): one table, one definition
-    counted = {d: any("final_save_s" in r for r in s["runs"] if r["arm"].startswith("trl") and r.get("ok"))
-               for d, s in zip(dirs, saved) if any(r["arm"].startswith("trl") and r.get("ok") for r in s["runs"])}
+    trl_runs = {d: [r for r in s["runs"] if r["arm"].startswith("trl") and r.get("ok")] for d, s in zip(dirs, saved)}
+    counted = {d: any("final_save_s" in r for r in rs) for d, rs in trl_runs.items() if rs}
     if len(set(counted.values())) > 1:
         raise PipelineError(f"{' and '.join(str(d) for d, c in counted.items() if c)} count TRL's final save in its step "
                             f"time, {' and '.join(str(d) for d, c in counted.items() if not c)} do not (sittings before "
