@@ -128,6 +128,28 @@ def test_editing_a_shared_module_marks_its_stages_changed(repro):
     assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
 
 
+def test_a_failed_prepare_leaves_its_outputs(repro):
+    """prepare's outs persist: DVC does not delete the model and the prepared prompts before the stage runs, so a
+    prompts file without its column fails with one line and leaves them as they were (and re-running does not
+    convert the model again)."""
+    _, proj, env, _ = repro
+    dvc = str(BIN / "dvc")
+    prompts = proj / "data" / "prompts" / "tiny.jsonl"
+    kept = [proj / "data" / "prepared" / "train.parquet", proj / "data" / "prepared" / "eval.parquet",
+            proj / "models" / "base" / "config.json"]
+    before = {p: p.read_bytes() for p in kept}
+    original = prompts.read_text()
+    try:
+        prompts.write_text(original.replace('"prompt"', '"text"'))
+        out = run([dvc, "repro", "prepare"], proj, env, check=False)
+        assert out.returncode != 0
+        assert "no `prompt` column" in out.stdout + out.stderr
+        assert {p: p.read_bytes() for p in kept if p.exists()} == before
+    finally:
+        prompts.write_text(original)
+    assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
+
+
 def test_exp_run_with_two_ranks(repro):
     """`dvc exp run -S train.nproc_per_node=2` runs the train stage under torchrun (here: one more round, 2 ranks)."""
     _, proj, env, _ = repro
