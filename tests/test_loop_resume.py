@@ -109,7 +109,10 @@ def test_a_damaged_round_after_the_checkpoint_is_refused_with_the_ways_out_and_n
     msg = one_line(exc)
     assert "round=0003/samples.parquet has 7 bytes" in msg and "round 4 is damaged" in msg
     assert "re-do it from the checkpoint at round 2 by removing round=0003 and the round dirs after it" in msg
-    assert f"dvc checkout {tp.rounds_dir}" in msg and RESTART in msg
+    # only the damaged file, from DVC's cache (--force: a damaged copy is in the way); never the whole rounds dir,
+    # whose checkout would put back what DVC last recorded and remove later rounds it never cached
+    assert f"restore it with `dvc checkout --force {round_dir(tp.rounds_dir, 3) / 'samples.parquet'}`" in msg
+    assert f"dvc checkout {tp.rounds_dir} " not in msg and RESTART in msg
     assert (round_dir(tp.rounds_dir, 4) / "notes.txt").read_text() == "mine"
     (round_dir(tp.rounds_dir, 0) / "samples.parquet").write_bytes(b"damaged")  # before the checkpoint: no re-do
     with pytest.raises(PipelineError, match="round 1 is damaged") as exc:
@@ -187,8 +190,9 @@ def test_a_deleted_round_is_not_repaired_from_the_checkpoint(params):
     write_round(tp, 1)
     write_checkpoint(tp, 3, manifest=write_round(tp, 2, manifest=False))
     shutil.rmtree(round_dir(tp.rounds_dir, 2))
-    with pytest.raises(PipelineError, match=r"round 3 is damaged; restore it with `dvc checkout"):
+    with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
+    assert f"round 3 is damaged; restore it with `dvc checkout {round_dir(tp.rounds_dir, 2)}` (DVC's copy" in one_line(exc)
     assert not round_dir(tp.rounds_dir, 2).exists()
 
 
@@ -253,8 +257,11 @@ def test_a_gap_in_the_manifests_is_refused(params):
     write_round(tp, 0)
     write_round(tp, 1, manifest=False)
     write_round(tp, 2)
-    with pytest.raises(PipelineError, match=r"round 2 has no manifest but later rounds do"):
+    with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
+    assert "round 2 has no manifest but later rounds do" in one_line(exc)
+    assert f"restore it with `dvc checkout {round_dir(tp.rounds_dir, 1) / MANIFEST}` (DVC's copy" in one_line(exc)
+    assert RESTART in one_line(exc)
 
 
 @pytest.mark.parametrize("damage", ["missing", "size", "checksum"])
@@ -276,8 +283,9 @@ def test_each_kind_of_damage_is_named_with_the_fix(params, damage):
         problem = "does not match the checksum its manifest recorded"
     with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
-    assert str(exc.value) == (f"{path} {problem}: round 2 is damaged; restore it with `dvc checkout "
-                              f"{round_dir(tp.rounds_dir, 1).parent}` (when DVC cached this run) or start over: {RESTART}")
+    force = "" if damage == "missing" else "--force "  # DVC replaces a file it has not cached only when forced
+    assert str(exc.value) == (f"{path} {problem}: round 2 is damaged; restore it with `dvc checkout {force}{path}` "
+                              f"(DVC's copy, when DVC cached this round) or start over: {RESTART}")
 
 
 def test_a_manifest_in_another_round_s_dir_or_unreadable_is_refused_with_the_fix(params):
@@ -287,7 +295,7 @@ def test_a_manifest_in_another_round_s_dir_or_unreadable_is_refused_with_the_fix
     write_checkpoint(tp, 2)
     wrong = round_dir(tp.rounds_dir, 1) / MANIFEST
     wrong.write_text((round_dir(tp.rounds_dir, 0) / MANIFEST).read_text())  # round 1's manifest copied over round 2's
-    fix = f"restore the round (`dvc checkout`) or start over: {RESTART}"
+    fix = f"restore it with `dvc checkout --force {wrong}` (DVC's copy, when DVC cached this round) or start over: {RESTART}"
     with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
     assert str(exc.value) == f"{wrong}: manifest says round 0 in the dir of round 1; {fix}"

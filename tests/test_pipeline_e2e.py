@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import polars as pl
 import pytest
@@ -148,6 +149,23 @@ def test_a_failed_prepare_leaves_its_outputs(repro):
     finally:
         prompts.write_text(original)
     assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
+
+
+def test_a_damaged_round_is_restored_by_the_command_its_error_gives(repro):
+    """The resume's advice for a damaged artifact is a granular `dvc checkout --force <file>`: run as printed, it
+    puts back exactly that file from DVC's cache, and the run then finds every round intact."""
+    _, proj, env, _ = repro
+    target = proj / "data" / "rounds" / "round=0000" / "advantages.parquet"
+    good = target.read_bytes()
+    target.write_bytes(good[:100])
+    out = run([str(BIN / "python"), "-m", "flows.train"], proj, env, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    fix = re.search(r"restore it with `(dvc checkout [^`]+)`", out.stderr)
+    assert fix and "round 1 is damaged" in out.stderr, out.stderr[-2000:]
+    assert fix.group(1) == f"dvc checkout --force {target.relative_to(proj)}"
+    run([str(BIN / "dvc"), *fix.group(1).split()[1:]], proj, env)
+    assert target.read_bytes() == good
+    assert json.loads(run([str(BIN / "dvc"), "status", "--json"], proj, env).stdout) == {}
 
 
 def test_exp_run_with_two_ranks(repro):

@@ -117,9 +117,18 @@ def file_record(path: Path, rows: int | None = None) -> dict:
     return rec | ({"rows": rows} if rows is not None else {})
 
 
+def checkout_fix(path: Path) -> str:
+    """How to get one file or round dir back from DVC's cache without touching anything else: a granular `dvc
+    checkout` of exactly that path (`--force` where a damaged copy is in the way: DVC will not replace a file it has
+    not cached otherwise). A checkout of the whole rounds dir would put back the rounds DVC last recorded and remove
+    later ones it never cached. Whatever comes back is checked against its manifest at the next start."""
+    force = "--force " if path.exists() else ""
+    return f"restore it with `dvc checkout {force}{path}` (DVC's copy, when DVC cached this round)"
+
+
 def read_manifest(path: Path) -> dict:
     """A manifest, checked for the keys a resume relies on; one-line PipelineError otherwise."""
-    fix = f"restore the round (`dvc checkout`) or start over: {RESTART}"
+    fix = f"{checkout_fix(path)} or start over: {RESTART}"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -133,17 +142,17 @@ def read_manifest(path: Path) -> dict:
     return data
 
 
-def round_damage(d: Path, manifest: dict) -> str | None:
+def round_damage(d: Path, manifest: dict) -> tuple[Path, str] | None:
     """The first artifact of a complete round that is not there with the size and checksum its manifest recorded,
-    as `<path> <what is wrong>`; None when the round is intact."""
+    as (its path, what is wrong); None when the round is intact."""
     for name, rec in manifest["artifacts"].items():
         path = d / name
         if not path.is_file():
-            return f"{path} is missing"
+            return path, "is missing"
         if path.stat().st_size != rec.get("bytes"):
-            return f"{path} has {path.stat().st_size} bytes, its manifest recorded {rec.get('bytes')}"
+            return path, f"has {path.stat().st_size} bytes, its manifest recorded {rec.get('bytes')}"
         if file_record(path)["sha256"] != rec.get("sha256"):
-            return f"{path} does not match the checksum its manifest recorded"
+            return path, "does not match the checksum its manifest recorded"
     return None
 
 
@@ -154,12 +163,13 @@ def verify_round(d: Path, manifest: dict, checkpoint_round: int | None = None) -
     it)."""
     damage = round_damage(d, manifest)
     if damage:
+        path, problem = damage
         r, c = manifest["round"], checkpoint_round
         start = f"the checkpoint at round {c}" if c is not None else "the base model (no checkpoint yet)"
         redo = (f", re-do it from {start} by removing {d.name} and the round dirs after it,"
                 if c is None or r >= c else "")
-        raise PipelineError(f"{damage}: round {r + 1} is damaged; restore it with `dvc checkout {d.parent}` (when DVC "
-                            f"cached this run){redo} or start over: {RESTART}")
+        raise PipelineError(f"{path} {problem}: round {r + 1} is damaged; {checkout_fix(path if d.is_dir() else d)}"
+                            f"{redo} or start over: {RESTART}")
 
 
 # ---------------------------------------------------------------- the plan
@@ -234,8 +244,10 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     while n in manifests:
         n += 1
     if any(r > n for r in manifests):
+        missing = round_dir(tp.rounds_dir, n) / MANIFEST
+        missing = missing if missing.parent.is_dir() else missing.parent
         raise PipelineError(f"{round_dir(tp.rounds_dir, n)}: round {n + 1} has no manifest but later rounds do; the state "
-                            f"is inconsistent; start over: {RESTART}")
+                            f"is inconsistent; {checkout_fix(missing)} or start over: {RESTART}")
     c = meta["round"] if meta else 0
     plan = ResumePlan(identity, c, checkpoint=meta)
     if c == n + 1 and (meta.get("manifest") or {}).get("round") == n:
