@@ -108,8 +108,10 @@ def test_corrupt_or_missing_state_and_bad_metadata_are_one_line_errors(tiny_mode
     with pytest.raises(PipelineError, match=r"train.state_dir: .* is missing: .* not there"):
         load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
     (tmp_path / "policy" / checkpoint.META).write_text("{garbage")
-    with pytest.raises(PipelineError, match=r"checkpoint.json: unreadable checkpoint metadata"):
+    with pytest.raises(PipelineError, match=r"checkpoint.json: unreadable checkpoint metadata") as exc:
         checkpoint.read_meta(tmp_path / "policy")
+    # the granular restore of that file (a damaged copy is in the way: --force), not of the whole dir
+    assert f"`dvc checkout --force {tmp_path / 'policy' / checkpoint.META}`" in str(exc.value)
     (tmp_path / "policy" / checkpoint.META).unlink()
     with pytest.raises(PipelineError, match="not empty but holds no checkpoint.json"):
         checkpoint.read_meta(tmp_path / "policy")
