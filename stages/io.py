@@ -56,6 +56,24 @@ def write_table(df: pl.DataFrame, dest: str | Path, schema: Schema | None = None
     return Path(dest)
 
 
+def _bad_json_line(path: Path) -> str | None:
+    """Where a JSONL file that polars refused first goes wrong (polars names a character, not the line): the first
+    non-blank line that is not a JSON object, as `line N: <why>`; None when every line parses."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                return f"line {n}: {exc.msg if hasattr(exc, 'msg') else exc} (column {getattr(exc, 'colno', '?')})"
+            if not isinstance(row, dict):
+                return f"line {n}: a JSON {type(row).__name__}, not an object ({{\"prompt\": ...}})"
+    return None
+
+
 def read_table(path: str | Path, schema: Schema | None = None) -> pl.DataFrame:
     """Read a Parquet (or JSONL/CSV) table and validate it against `schema`."""
     path = Path(path)
@@ -79,7 +97,9 @@ def read_table(path: str | Path, schema: Schema | None = None) -> pl.DataFrame:
         raise
     except Exception as exc:  # polars raises many types for corrupt files
         first = next(iter(str(exc).strip().splitlines()), "")
-        raise PipelineError(f"{path}: cannot be read ({type(exc).__name__}: {first})") from None
+        where = _bad_json_line(path) if path.suffix in (".jsonl", ".ndjson") else None
+        raise PipelineError(f"{path}: cannot be read ({type(exc).__name__}: {first})"
+                            + (f"; {where}" if where else "")) from None
     if schema is not None:
         problem = check(df.schema, schema, str(path))
         if problem:

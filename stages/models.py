@@ -18,12 +18,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def check_model_dir(path: str | Path, field: str = "base.model",
-                    fix: str = "run `python -m stages.prepare` or fix the path") -> Path:
+def check_model_dir(path: str | Path, field: str = "base.model", fix: str | None = None) -> Path:
     """A local transformers model dir (has config.json), else a PipelineError naming `field` (and `fix` when the dir
-    does not exist)."""
+    does not exist; by default: `python -m stages.prepare` for the dir it writes, `base.model_dir`, else the path:
+    prepare makes no other model, and nothing is downloaded)."""
     path = Path(path)
     if not path.is_dir():
+        fix = fix or ("run `python -m stages.prepare` (it writes this dir from base.model) or fix the path"
+                      if field == "base.model_dir" else "fix the path (a local transformers model directory; nothing "
+                      "is downloaded)")
         raise PipelineError(f"{field}: model directory {path} does not exist; {fix}")
     if not (path / "config.json").is_file():
         raise PipelineError(f"{field}: {path} has no config.json; point it at a transformers model directory")

@@ -141,9 +141,9 @@ def split_prompts(table, eval_size: int, seed: int):
     ids = [prompt_id(p) for p in table] if isinstance(table, list) else table["prompt_id"].to_list()
     n = len(ids)
     if eval_size >= n:
-        raise PipelineError(
-            f"prepare.eval_size: {eval_size} held-out prompts leave none to train on ({n} prompts); lower it"
-        )
+        fix = (f"lower it below {n} or add prompts to prepare.prompts" if n > 1 else
+               "add prompts to prepare.prompts (at least one is held out and one trained on)")
+        raise PipelineError(f"prepare.eval_size: {eval_size} held-out prompts leave none to train on ({n} prompts); {fix}")
     order = sorted(range(n), key=lambda i: hashlib.sha1(f"{seed}:{ids[i]}".encode()).hexdigest())
     if isinstance(table, list):
         return [table[i] for i in order[eval_size:]], [table[i] for i in order[:eval_size]]

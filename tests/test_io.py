@@ -218,6 +218,19 @@ def test_read_corrupt_jsonl(tmp_path):
     assert one_line(exc).startswith(f"{path}: cannot be read")
 
 
+@pytest.mark.parametrize("lines, where", [
+    (['{"prompt": "a"}', "", '{"prompt": "b"}', '{"prompt: "c"}'], "line 4: Expecting ':' delimiter (column 12)"),
+    (['{"prompt": "a"}', '["b"]'], 'line 2: a JSON list, not an object ({"prompt": ...})'),
+])
+def test_a_corrupt_jsonl_line_is_named(tmp_path, lines, where):
+    """polars names a character offset, not the line: the error adds the first line that is not a JSON object."""
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(PipelineError) as exc:
+        read_table(path)
+    assert one_line(exc).startswith(f"{path}: cannot be read (") and one_line(exc).endswith(f"; {where}")
+
+
 @pytest.mark.parametrize("name, content", [("p.jsonl", ""), ("p.jsonl", "\n \n"), ("p.csv", "")])
 def test_an_empty_text_table_says_so_with_the_fix(tmp_path, name, content):
     path = tmp_path / name

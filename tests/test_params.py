@@ -368,7 +368,7 @@ def test_cli_bad_value(tmp_path, data):
     ({"name": "s", "function": "vadr"}, ("reward `s`: unknown function `vadr`",)),
     ({"name": "s", "function": "length", "kwargs": {"min_wrds": 3}}, ("unknown kwarg `min_wrds`", "min_words")),
     ({"name": "s", "function": "nosuch_module_xyz:f"}, ("cannot import module `nosuch_module_xyz`",)),
-    ({"name": "s", "model": "no/such/rm"}, ("score.rewards[s].model", "no/such/rm")),
+    ({"name": "s", "model": "no/such/rm"}, ("score.rewards[s].model", "no/such/rm", "fix the path")),
 ])
 def test_cli_checks_the_rewards_as_a_run_would(tmp_path, data, reward, parts):
     data["score"]["rewards"] = [reward]

@@ -281,7 +281,22 @@ def test_missing_base_model(tmp_path):
         prepare(params, tmp_path / "out")
     msg = str(exc.value)
     assert msg.startswith("base.model:") and str(missing) in msg and "does not exist" in msg
+    assert "fix the path" in msg and "stages.prepare" not in msg  # not the command that just failed
     assert not (tmp_path / "out").exists() and not Path(params.base.model_dir).exists()
+
+
+@pytest.mark.parametrize("field, hint", [("base.model_dir", "run `python -m stages.prepare`"),
+                                         ("score.rewards[rm].model", "fix the path"),
+                                         ("score.ref_model", "fix the path")])
+def test_a_missing_model_dir_names_the_fix_for_its_field(tmp_path, field, hint):
+    """Only base.model_dir is written by prepare; any other model dir is the user's path (nothing is downloaded)."""
+    from stages.models import check_model_dir
+
+    with pytest.raises(PipelineError) as exc:
+        check_model_dir(tmp_path / "absent", field)
+    msg = str(exc.value)
+    assert msg.startswith(f"{field}: model directory ") and hint in msg
+    assert ("stages.prepare" in msg) == (field == "base.model_dir")
 
 
 def test_base_model_without_config(tmp_path):
@@ -341,9 +356,14 @@ def test_missing_prompts_file(tmp_path, tiny_model_dir):
 
 def test_eval_size_too_big_in_prepare(tmp_path, tiny_model_dir):
     params = params_for(tmp_path, tiny_model_dir, write_csv(tmp_path / "p.csv", PROMPT_TEXTS[:3]), eval_size=3)
-    with pytest.raises(PipelineError, match=r"^prepare.eval_size: 3 held-out prompts leave none to train on \(3 prompts\)"):
+    with pytest.raises(PipelineError, match=r"^prepare.eval_size: 3 held-out prompts leave none to train on \(3 prompts\); "
+                       r"lower it below 3 or add prompts to prepare.prompts$"):
         prepare(params, tmp_path / "out")
     assert not Path(params.base.model_dir).exists()  # checked before the model is copied
+    # one prompt: eval_size cannot go lower than 1, so the fix is more prompts
+    params = params_for(tmp_path, tiny_model_dir, write_csv(tmp_path / "p1.csv", PROMPT_TEXTS[:1]), eval_size=1)
+    with pytest.raises(PipelineError, match=r"\(1 prompts\); add prompts to prepare.prompts \(at least one is held out"):
+        prepare(params, tmp_path / "out")
 
 
 def test_prompts_file_without_prompt_column(tmp_path, tiny_model_dir):
