@@ -112,7 +112,29 @@ class Reward:
             raise
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [""])[0]
-            raise PipelineError(f"reward `{self.name}` ({self.source}) raised {type(exc).__name__}: {first}") from exc
+            raise PipelineError(f"reward `{self.name}` ({self.source}) raised {type(exc).__name__}: {first}"
+                                f"{_raised_at(exc)}") from exc
+
+
+def _raised_at(exc: BaseException) -> str:
+    """Where a reward function's exception came from, for its one-line error (no traceback is printed for bad
+    input): the deepest frame of the traceback outside the installed packages and Python's own library, i.e. the
+    user's code (else the deepest frame), as ` (at path:line in function)`, the path relative to the working dir."""
+    import sysconfig
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)[1:]  # [0] is __call__ above
+    if not frames:
+        return ""
+    libs = {str(Path(p).resolve()) for k in ("stdlib", "platstdlib", "purelib", "platlib") if (p := sysconfig.get_path(k))}
+    own = [f for f in frames if not any(str(Path(f.filename).resolve()).startswith(lib) for lib in libs)]
+    f = (own or frames)[-1]
+    path = Path(f.filename)
+    try:
+        path = path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
+    return f" (at {path}:{f.lineno} in {f.name})"
 
 
 # --- built-in functions ------------------------------------------------------------------------------------

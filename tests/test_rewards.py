@@ -4,6 +4,7 @@ a user's module:function, output checks and the weighted sum. Nothing is downloa
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 
 import numpy as np
@@ -261,6 +262,10 @@ def user_module(tmp_path, monkeypatch):
             return [float(len(c)) for c in cs]
 
         NOT_A_FUNCTION = 3
+
+        def in_a_library(prompts, completions):
+            import json
+            return [json.loads(c) for c in completions]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     return "my_rewards_t"
@@ -290,11 +295,23 @@ def test_user_function_errors(user_module):
         build_reward(RewardSpec(name="u", function=f"{user_module}:positional", kwargs={"x": 1}))
 
 
-def test_raising_function_names_reward_and_first_line(user_module):
+def test_raising_function_names_reward_first_line_and_where(user_module, monkeypatch):
+    """One line (no traceback for a reward's error), with where in the user's code it was raised: the deepest frame
+    outside Python's library and the installed packages, relative to the working dir."""
+    import importlib
+
+    monkeypatch.chdir(importlib.import_module(user_module).__file__.rpartition("/")[0])  # the file as imported
     reward = build_reward(RewardSpec(name="boom", function=f"{user_module}:boom"))
     with pytest.raises(PipelineError) as exc:
         reward(["p"], ["c"])
-    assert str(exc.value) == f"reward `boom` (function {user_module}:boom) raised ValueError: bad row 3"
+    assert str(exc.value) == (f"reward `boom` (function {user_module}:boom) raised ValueError: bad row 3 "
+                              f"(at {user_module}.py:9 in boom)")
+    reward = build_reward(RewardSpec(name="lib", function=f"{user_module}:in_a_library"))
+    with pytest.raises(PipelineError) as exc:
+        reward(["p"], ["{"])
+    assert str(exc.value).startswith(f"reward `lib` (function {user_module}:in_a_library) raised JSONDecodeError: ")
+    # the user's line, not json's (its list comprehension is a frame of its own before Python 3.12)
+    assert re.search(rf" \(at {user_module}\.py:21 in (<listcomp>|in_a_library)\)$", str(exc.value)), str(exc.value)
 
 
 # --- checks and combination --------------------------------------------------------------------------------
