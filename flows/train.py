@@ -174,7 +174,13 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
                 logger.info("metrics/train.json and plots/train.csv are this run's already: nothing loaded or written")
                 return current
 
-    # 2. what stays warm
+    # 2. what stays warm; first what the load would refuse that the user names (a reward that cannot be built, a
+    # column it needs, the reference dir), checked in a moment instead of after the models and the engine load
+    from stages.loop.warm import check_inputs
+
+    check_inputs(params)
+    if dist.main:
+        logger.info("loading what stays warm for the run: the trainer, the reference, the rewards and the sampler")
     t0 = time.perf_counter()
     w = load_warm(params, total, plan.checkpoint, with_eval=bool(tp.eval_every) and start < total, dist=dist,
                   device=device)

@@ -220,7 +220,11 @@ def test_a_bad_new_setting_fails_before_the_finished_run_is_moved_aside(copy, ch
     change(params)
     (proj / "bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     before = files_of(proj)
-    one_line_error(run([PY, "-m", "flows.train", "--params", "bad.yaml"], proj, env, check=False), named)
+    proc = run([PY, "-m", "flows.train", "--params", "bad.yaml"], proj, env, check=False)
+    one_line_error(proc, named)
+    # refused before any model or the engine loads (`check_inputs`), not after; the judge fails in round 1
+    loading = "loading what stays warm" in proc.stdout + proc.stderr
+    assert loading == (named == "reward `judge`"), (proc.stdout + proc.stderr)[-3000:]
     assert files_of(proj) == before and not (proj / "data" / "archive").exists()
     outputs = [(proj / f).read_bytes() for f in ("metrics/train.json", "plots/train.csv")]
     out = run([PY, "-m", "flows.train"], proj, env)  # the old params: the same run, still complete
