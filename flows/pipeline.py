@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     from flows.api import prefect_api
 
     ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description="Run the whole pipeline as one flow.")
-    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--params", default="params.yaml", help="the parameters file (default: %(default)s)")
     ap.add_argument("--more-rounds", type=int, default=0, help="raise train.rounds by N and train N more rounds")
     args = ap.parse_args(argv)
     with prefect_api():

@@ -25,10 +25,10 @@ from flows.train import train_flow  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n")[0])
-    parser.add_argument("--name", default="rloo-serve")
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--name", default="rloo-serve", help="the deployment's name in Prefect")
     parser.add_argument("--cron", default="0 2 * * *", help="schedule (UTC); '' for manual runs only")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="the parameters file (default: %(default)s)")
     args = parser.parse_args(argv)
     from flows.api import prefect_api
 

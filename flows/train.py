@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.loop.resume import check_total, plan_resume, restore_interrupted
 
     parser = argparse.ArgumentParser(prog="python -m flows.train", description="Run the RLOO training flow.")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="the parameters file (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=None, help="train this many rounds in all (default: train.rounds)")
     parser.add_argument("--restart", action="store_true",
                         help="start over: move the current run (rounds, checkpoint, state) to train.archive_dir first")

@@ -151,9 +151,20 @@ class _NoTracebackForBadInput(logging.Filter):
         bad_input = record.exc_info and isinstance(record.exc_info[1], PipelineError)
         if failed and _TELLS_BAD_INPUT and (bad_input or "PipelineError" in record.getMessage()):
             return False  # Prefect's lines name the exception's type: "... exception PipelineError: <message>"
+        if _TELLS_BAD_INPUT and _ctrl_c(record):
+            return False  # the command's one `interrupted:` line says it; the Crashed state is still recorded
         if bad_input:
             record.exc_info, record.exc_text = None, None
         return True
+
+
+def _ctrl_c(record: logging.LogRecord) -> bool:
+    """Prefect's task and flow lines for a Ctrl-C ("Crash detected! Execution was aborted by an interrupt signal.",
+    or naming KeyboardInterrupt; "Finished in state Crashed(...)")."""
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        return True
+    msg = record.getMessage()
+    return ("Crash detected" in msg or "Crashed" in msg) and ("interrupt signal" in msg or "KeyboardInterrupt" in msg)
 
 
 def quiet_bad_input_tracebacks(*loggers: str) -> None:

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.schemas import PROMPTS
 
     parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description="Policy vs reference on held-out prompts.")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="the parameters file (default: %(default)s)")
     parser.add_argument("--prompts", default="data/prepared/eval.parquet")
     parser.add_argument("--policy", default=None,
                         help="policy checkpoint, or any transformers model dir (default: train.checkpoint_dir)")

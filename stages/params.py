@@ -72,7 +72,7 @@ class PrepareParams(_Section):
 
 class SampleParams(_Section):
     backend: BackendName = F("auto", "sampling engine: auto (vLLM when it imports), or a backend by name")
-    k: int = F(4, "completions per prompt (TRL: num_generations)", ge=1)
+    k: int = F(4, "completions per prompt (TRL: num_generations); >= 2 for the group estimators, >= 1 otherwise")
     max_completion_length: int = F(32, "generated tokens per completion, at most", ge=1)
     temperature: float = F(1.0, "sampling temperature", gt=0)
     top_p: float = F(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass", gt=0, le=1)
@@ -225,6 +225,9 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
+        if self.sample.k < 1 and self.advantage.estimator not in GROUP_ESTIMATORS:  # checked here, not by the field:
+            # with a group estimator (the default) the one message below says the bound that applies, 2
+            raise ValueError(f"sample.k: must be >= 1 (got {self.sample.k})")
         if self.advantage.estimator in GROUP_ESTIMATORS and self.sample.k < 2:
             # K=1 makes the leave-one-out baseline 0/0: silent all-zero advantages. Reject it.
             raise ValueError(

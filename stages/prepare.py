@@ -316,7 +316,7 @@ def prepare(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="the parameters file (default: %(default)s)")
     parser.add_argument("--out-dir", default=str(PREPARED_DIR))
     args = parser.parse_args(argv)
     params = load_params(args.params)

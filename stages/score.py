@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.schemas import PROMPTS, SAMPLES
 
     parser = argparse.ArgumentParser(prog="python -m stages.score", description="Rewards, KL and rlhf_reward.")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="the parameters file (default: %(default)s)")
     parser.add_argument("--samples", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompts", default=None, help="prompts table for raw prompts/extra columns")

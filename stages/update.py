@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.schemas import ADVANTAGES, SAMPLES
 
     parser = argparse.ArgumentParser(prog="python -m stages.update", description="One RLOO policy update.")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="the parameters file (default: %(default)s)")
     parser.add_argument("--samples", required=True)
     parser.add_argument("--advantages", required=True)
     parser.add_argument("--policy", default=None, help="checkpoint to continue from (default: the base model)")

@@ -170,7 +170,6 @@ def test_list_field_rejects_a_string(data):
         ("update", "learning_rate", float("nan"), "greater than 0"),
         ("sample", "top_p", 1.5, "less than or equal to 1"),
         ("sample", "temperature", 0, "greater than 0"),
-        ("sample", "k", 0, "greater than or equal to 1"),
         ("advantage", "alpha", 1.0, "less than 1"),
         ("base", "threads", -1, "greater than or equal to 0"),
         ("prepare", "eval_size", 0, "greater than or equal to 1"),
@@ -204,6 +203,15 @@ def test_k1_rejected_for_leave_one_out(data, estimator):
     msg = error_of(data)
     assert msg.startswith("p.yaml: sample.k: must be >= 2")
     assert f"advantage.estimator={estimator}" in msg and "reinforce" in msg
+
+
+@pytest.mark.parametrize("estimator, k, bound", [("rloo", 0, ">= 2 for advantage.estimator=rloo (got 0)"),
+                                                 ("grpo", -1, ">= 2 for advantage.estimator=grpo (got -1)"),
+                                                 ("ema", 0, ">= 1 (got 0)")])
+def test_k_below_one_names_the_bound_that_applies(data, estimator, k, bound):
+    """One message with the bound of the estimator in use: k = 0 with rloo says 2 at once (not 1, then 2)."""
+    data["sample"]["k"], data["advantage"]["estimator"] = k, estimator
+    assert error_of(data).startswith(f"p.yaml: sample.k: must be {bound}")
 
 
 @pytest.mark.parametrize("estimator", ["reinforce", "batch_mean", "moving_average", "ema"])

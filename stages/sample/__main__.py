@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.schemas import PROMPTS, SAMPLES
 
     parser = argparse.ArgumentParser(prog="python -m stages.sample", description="K completions per prompt.")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="the parameters file (default: %(default)s)")
     parser.add_argument("--prompts", default="data/prepared/train.parquet", help="prompts Parquet (schema PROMPTS)")
     parser.add_argument("--out", default="samples.parquet")
     parser.add_argument("--model", default=None, help="model dir (default: base.model_dir)")
