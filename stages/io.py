@@ -56,21 +56,28 @@ def write_table(df: pl.DataFrame, dest: str | Path, schema: Schema | None = None
     return Path(dest)
 
 
-def _bad_json_line(path: Path) -> str | None:
+def _bad_json_line(path: Path, max_lines: int = 1_000_000) -> str | None:
     """Where a JSONL file that polars refused first goes wrong (polars names a character, not the line): the first
-    non-blank line that is not a JSON object, as `line N: <why>`; None when every line parses."""
+    non-blank line that is not a JSON object, as `line N: <why>` (undecodable bytes included); None when the first
+    `max_lines` lines parse, or the file cannot be read again. Never raises: it only adds to an error."""
     import json
 
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                return f"line {n}: {exc.msg if hasattr(exc, 'msg') else exc} (column {getattr(exc, 'colno', '?')})"
-            if not isinstance(row, dict):
-                return f"line {n}: a JSON {type(row).__name__}, not an object ({{\"prompt\": ...}})"
+    try:
+        with open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                if n > max_lines:
+                    return None
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                    why = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+                    return f"line {n}: {why.splitlines()[0][:200] if why else type(exc).__name__}"
+                if not isinstance(row, dict):
+                    return f"line {n}: a JSON {type(row).__name__}, not an object ({{\"prompt\": ...}})"
+    except Exception:
+        return None
     return None
 
 

@@ -251,20 +251,49 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def prepare_model(params: Params) -> Path:
-    """Write `base.model_dir` from the embedded GGUF or a user's model dir; skipped when up to date."""
+def _conversion_id() -> str:
+    """What the built-in model's conversion depends on besides the GGUF file: this code and transformers' version
+    (a change to either converts again; the output is a DVC `persist` output, which DVC no longer deletes first)."""
+    import inspect
+
+    import transformers
+
+    code = inspect.getsource(convert_gguf).encode()
+    return f"transformers {transformers.__version__}, convert {hashlib.sha1(code).hexdigest()[:12]}"
+
+
+def _files_of(d: Path) -> list:
+    """Each file of a written model dir but its marker, with size and mtime: a file edited, truncated or replaced
+    since (a `dvc checkout` copy too) no longer matches, and the dir is written again."""
+    return sorted([str(f.relative_to(d)), f.stat().st_size, f.stat().st_mtime_ns]
+                  for f in d.rglob("*") if f.is_file() and f.name != "prepare.json")
+
+
+def _up_to_date(dest: Path, source_id: str) -> bool:
+    try:
+        marker = json.loads((dest / "prepare.json").read_text())
+        return marker.get("source") == source_id and marker.get("files") == _files_of(dest)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def prepare_model(params: Params, check=None) -> Path:
+    """Write `base.model_dir` from the embedded GGUF or a user's model dir; skipped when up to date (the same source,
+    conversion and files as written). `check(model_dir)`, e.g. the prompts' lengths under its tokenizer, runs on the
+    new dir before it replaces the old one: when it fails, the old model stays, beside the old prepared prompts."""
     dest = Path(params.base.model_dir)
     if params.base.model == BUILTIN_MODEL:
         source = gguf_path()
-        source_id = f"gguf:{source.name}:{source.stat().st_size}"
+        source_id = f"gguf:{source.name}:{source.stat().st_size}; {_conversion_id()}"
     else:
         source = check_model_dir(params.base.model, "base.model")
         # path + a fingerprint of the files, so a model re-saved in place is copied again
         files = sorted((str(f.relative_to(source)), f.stat().st_size, f.stat().st_mtime_ns) for f in source.rglob("*") if f.is_file())
         source_id = f"dir:{source.resolve()}:{hashlib.sha1(repr(files).encode()).hexdigest()[:12]}"
-    marker = dest / "prepare.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("source") == source_id:
+    if _up_to_date(dest, source_id):
         log.info("base model %s is up to date (%s)", dest, source_id)
+        if check is not None:
+            check(dest)
         return dest
     tmp = staging_dir(dest)
     try:
@@ -275,12 +304,14 @@ def prepare_model(params: Params) -> Path:
             log.info("copying model %s -> %s", source, dest)
             shutil.copytree(source, tmp, dirs_exist_ok=True)
         load_tokenizer(tmp, "base.model", shown=source)  # fail here, not in a later stage, and keep models/base
-        write_json({"source": source_id}, tmp / "prepare.json")
+        if check is not None:
+            check(tmp)
         umask = os.umask(0)
         os.umask(umask)
         for f in tmp.rglob("*"):  # save_pretrained writes 0600 files
             f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        replace_dir(tmp, dest)
+        write_json({"source": source_id, "files": _files_of(tmp)}, tmp / "prepare.json")
+        replace_dir(tmp, dest)  # a rename: the files keep the sizes and mtimes recorded
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -299,11 +330,16 @@ def prepare(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
         log.warning("prepare.prompts: %d duplicate prompt(s) dropped (%d kept)", dropped, table.height)
     train, held_out = split_prompts(table, params.prepare.eval_size, params.prepare.split_seed)
 
-    model_dir = prepare_model(params)
-    tokenizer = load_tokenizer(model_dir)
     train_df = prompts_frame(train, params.prepare.system_prompt)
     eval_df = prompts_frame(held_out, params.prepare.system_prompt)
-    longest = max(check_prompt_lengths(df, tokenizer, params.prepare.max_prompt_tokens) for df in (train_df, eval_df))
+    lengths: list[int] = []
+
+    def fits(model_dir: Path) -> None:  # under the new model's tokenizer, before it replaces the old model
+        tokenizer = load_tokenizer(model_dir)
+        lengths.extend(check_prompt_lengths(df, tokenizer, params.prepare.max_prompt_tokens) for df in (train_df, eval_df))
+
+    prepare_model(params, fits)
+    longest = max(lengths)
 
     write_table(train_df, out_dir / "train.parquet", PROMPTS)
     write_table(eval_df, out_dir / "eval.parquet", PROMPTS)

@@ -118,23 +118,37 @@ class Reward:
 
 def _raised_at(exc: BaseException) -> str:
     """Where a reward function's exception came from, for its one-line error (no traceback is printed for bad
-    input): the deepest frame of the traceback outside the installed packages and Python's own library, i.e. the
-    user's code (else the deepest frame), as ` (at path:line in function)`, the path relative to the working dir."""
-    import sysconfig
-    import traceback
-
-    frames = traceback.extract_tb(exc.__traceback__)[1:]  # [0] is __call__ above
-    if not frames:
-        return ""
-    libs = {str(Path(p).resolve()) for k in ("stdlib", "platstdlib", "purelib", "platlib") if (p := sysconfig.get_path(k))}
-    own = [f for f in frames if not any(str(Path(f.filename).resolve()).startswith(lib) for lib in libs)]
-    f = (own or frames)[-1]
-    path = Path(f.filename)
+    input): the deepest frame of the traceback outside this module, the installed packages and Python's own library,
+    i.e. the user's code (else the deepest frame outside this module: a packaged reward's own line), as
+    ` (at path:line in function)`, the path relative to the working dir; a comprehension's frame is named by the
+    function around it. Never raises: without a place the line just ends."""
     try:
-        path = path.resolve().relative_to(Path.cwd().resolve())
-    except ValueError:
-        pass
-    return f" (at {path}:{f.lineno} in {f.name})"
+        import site
+        import sysconfig
+        import traceback
+
+        here = Path(__file__).resolve()
+        dirs = {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+        dirs |= set(site.getsitepackages()) | {site.getusersitepackages()}
+        libs = [Path(d).resolve() for d in dirs if d]
+        frames = [(f, Path(f.filename).resolve()) for f in traceback.extract_tb(exc.__traceback__)]
+        frames = [(f, p) for f, p in frames if p != here]
+        if not frames:
+            return ""
+        own = [i for i, (_, p) in enumerate(frames) if not any(p.is_relative_to(lib) for lib in libs)]
+        i = own[-1] if own else len(frames) - 1
+        f, path = frames[i]
+        name = f.name
+        while name in ("<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>") and i and frames[i - 1][1] == path:
+            i -= 1
+            name = frames[i][0].name
+        try:
+            path = path.relative_to(Path.cwd().resolve())
+        except ValueError:
+            pass
+        return f" (at {path}:{f.lineno} in {name})"
+    except Exception:
+        return ""
 
 
 # --- built-in functions ------------------------------------------------------------------------------------

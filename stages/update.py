@@ -421,7 +421,7 @@ def load_trainer(params, device, policy_dir: str | Path | None = None, state_dir
     meta = checkpoint.read_meta(policy_dir, field) if policy_dir is not None else None
     if meta is None:
         return Trainer(params.base.model_dir, params, device, total_rounds, dist=dist), None
-    base_id = base_identity(load_config(params.base.model_dir))
+    base_id = base_identity(load_config(params.base.model_dir, "base.model_dir"))
     if meta.get("base_id") != base_id:
         raise PipelineError(f"{field}: {policy_dir} is a checkpoint of a different base model ({meta.get('base_id')} vs "
                             f"{base_id}); point {field} elsewhere or move it away")

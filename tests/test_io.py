@@ -221,14 +221,17 @@ def test_read_corrupt_jsonl(tmp_path):
 @pytest.mark.parametrize("lines, where", [
     (['{"prompt": "a"}', "", '{"prompt": "b"}', '{"prompt: "c"}'], "line 4: Expecting ':' delimiter (column 12)"),
     (['{"prompt": "a"}', '["b"]'], 'line 2: a JSON list, not an object ({"prompt": ...})'),
+    (['{"prompt": "a"}', '{"prompt": "\udcff"}'], "line 2: 'utf-8' codec can't decode byte 0xff in position 12"),
+    (['{"prompt": "a"}', "[" * 100_000], "line 2: maximum recursion depth exceeded"),  # not a traceback
 ])
 def test_a_corrupt_jsonl_line_is_named(tmp_path, lines, where):
     """polars names a character offset, not the line: the error adds the first line that is not a JSON object."""
     path = tmp_path / "p.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))  # \udcff: the byte 0xff
     with pytest.raises(PipelineError) as exc:
         read_table(path)
-    assert one_line(exc).startswith(f"{path}: cannot be read (") and one_line(exc).endswith(f"; {where}")
+    msg = one_line(exc)
+    assert msg.startswith(f"{path}: cannot be read (") and f"; {where}" in msg, msg
 
 
 @pytest.mark.parametrize("name, content", [("p.jsonl", ""), ("p.jsonl", "\n \n"), ("p.csv", "")])

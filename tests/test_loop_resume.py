@@ -112,7 +112,8 @@ def test_a_damaged_round_after_the_checkpoint_is_refused_with_the_ways_out_and_n
     # only the damaged file, from DVC's cache (--force: a damaged copy is in the way); never the whole rounds dir,
     # whose checkout would put back what DVC last recorded and remove later rounds it never cached
     assert f"restore it with `dvc checkout --force {round_dir(tp.rounds_dir, 3) / 'samples.parquet'}`" in msg
-    assert f"dvc checkout {tp.rounds_dir} " not in msg and RESTART in msg
+    assert f"dvc checkout {tp.rounds_dir}`" not in msg and f"dvc checkout --force {tp.rounds_dir}`" not in msg
+    assert RESTART in msg
     assert (round_dir(tp.rounds_dir, 4) / "notes.txt").read_text() == "mine"
     (round_dir(tp.rounds_dir, 0) / "samples.parquet").write_bytes(b"damaged")  # before the checkpoint: no re-do
     with pytest.raises(PipelineError, match="round 1 is damaged") as exc:
@@ -216,7 +217,9 @@ def test_a_checkpoint_older_than_the_rounds_that_wrote_one_is_refused(params):
     with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
     assert "round 4 wrote a checkpoint, but the checkpoint is at round 1" in one_line(exc)  # the last of rounds 2-4
-    assert f"dvc checkout {tp.checkpoint_dir}" in str(exc.value)
+    # the checkpoint dir holds another (uncached) checkpoint: DVC replaces it only with --force
+    assert f"restore it with `dvc checkout --force {tp.checkpoint_dir}` (DVC's copy, when DVC cached that checkpoint)" \
+        in str(exc.value)
 
 
 @pytest.mark.parametrize("content,phrase", [("{}", "manifest lacks round, identity, artifacts, metrics"),

@@ -131,8 +131,7 @@ def test_editing_a_shared_module_marks_its_stages_changed(repro):
 
 def test_a_failed_prepare_leaves_its_outputs(repro):
     """prepare's outs persist: DVC does not delete the model and the prepared prompts before the stage runs, so a
-    prompts file without its column fails with one line and leaves them as they were (and re-running does not
-    convert the model again)."""
+    prompts file without its column fails with one line and leaves them as they were."""
     _, proj, env, _ = repro
     dvc = str(BIN / "dvc")
     prompts = proj / "data" / "prompts" / "tiny.jsonl"
@@ -156,15 +155,22 @@ def test_a_damaged_round_is_restored_by_the_command_its_error_gives(repro):
     puts back exactly that file from DVC's cache, and the run then finds every round intact."""
     _, proj, env, _ = repro
     target = proj / "data" / "rounds" / "round=0000" / "advantages.parquet"
+    uncached = proj / "data" / "rounds" / "round=0001" / "notes.txt"  # stands for what DVC never cached
     good = target.read_bytes()
-    target.write_bytes(good[:100])
-    out = run([str(BIN / "python"), "-m", "flows.train"], proj, env, check=False)
-    assert out.returncode == 2, out.stderr[-2000:]
-    fix = re.search(r"restore it with `(dvc checkout [^`]+)`", out.stderr)
-    assert fix and "round 1 is damaged" in out.stderr, out.stderr[-2000:]
-    assert fix.group(1) == f"dvc checkout --force {target.relative_to(proj)}"
-    run([str(BIN / "dvc"), *fix.group(1).split()[1:]], proj, env)
-    assert target.read_bytes() == good
+    try:
+        target.write_bytes(good[:100])
+        uncached.write_text("mine")
+        out = run([str(BIN / "python"), "-m", "flows.train"], proj, env, check=False)
+        assert out.returncode == 2, out.stderr[-2000:]
+        fix = re.search(r"restore it with `(dvc checkout [^`]+)`", out.stderr)
+        assert fix and "round 1 is damaged" in out.stderr, out.stderr[-2000:]
+        assert fix.group(1) == f"dvc checkout --force {target.relative_to(proj)}"
+        run([str(BIN / "dvc"), *fix.group(1).split()[1:]], proj, env)
+        assert target.read_bytes() == good
+        assert uncached.read_text() == "mine"  # `dvc checkout --force data/rounds` would have deleted it
+    finally:
+        target.write_bytes(good)
+        uncached.unlink(missing_ok=True)
     assert json.loads(run([str(BIN / "dvc"), "status", "--json"], proj, env).stdout) == {}
 
 

@@ -249,6 +249,34 @@ def test_prepare_model_is_skipped_when_up_to_date(tmp_path, tiny_model_dir, tiny
     assert json.loads((dest / "prepare.json").read_text())["source"].startswith(f"dir:{other.resolve()}:")
 
 
+def test_prepare_model_rewrites_a_damaged_copy(tmp_path, tiny_model_dir):
+    """base.model_dir is a DVC `persist` output (not deleted before prepare runs): a file of it changed since it was
+    written (truncated, edited, restored as a copy) is not up to date, so prepare writes the dir again."""
+    params = params_for(tmp_path, tiny_model_dir, "unused.csv")
+    dest = prepare_model(params)
+    weights = dest / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    prepare_model(params)
+    assert weights.read_bytes() == good
+
+
+def test_a_failing_check_keeps_the_old_model(tmp_path, tiny_model_dir, tiny_model_factory):
+    """`check` (prepare's prompt lengths under the new tokenizer) runs before the new model replaces the old one."""
+    dest = prepare_model(params_for(tmp_path, tiny_model_dir, "unused.csv"))
+    before = (dest / "model.safetensors").read_bytes()
+    other = tiny_model_factory(tmp_path / "other", seed=1)
+
+    def refuse(model_dir):
+        assert model_dir != dest  # the staged copy
+        raise PipelineError("prepare.max_prompt_tokens: too long")
+
+    with pytest.raises(PipelineError, match="too long"):
+        prepare_model(params_for(tmp_path, other, "unused.csv"), refuse)
+    assert (dest / "model.safetensors").read_bytes() == before
+    assert [p.name for p in dest.parent.iterdir()] == ["base"]  # no staging dir left behind
+
+
 def test_prepare_model_recopies_a_changed_source(tmp_path, tiny_model_factory):
     src = tiny_model_factory(tmp_path / "user_model", seed=0)
     params = params_for(tmp_path, src, "unused.csv")

@@ -310,8 +310,25 @@ def test_raising_function_names_reward_first_line_and_where(user_module, monkeyp
     with pytest.raises(PipelineError) as exc:
         reward(["p"], ["{"])
     assert str(exc.value).startswith(f"reward `lib` (function {user_module}:in_a_library) raised JSONDecodeError: ")
-    # the user's line, not json's (its list comprehension is a frame of its own before Python 3.12)
-    assert re.search(rf" \(at {user_module}\.py:21 in (<listcomp>|in_a_library)\)$", str(exc.value)), str(exc.value)
+    # the user's line, not json's, named by its function (a list comprehension is a frame of its own before 3.12)
+    assert str(exc.value).endswith(f" (at {user_module}.py:21 in in_a_library)"), str(exc.value)
+
+
+def test_a_packaged_reward_s_error_points_at_its_package_not_the_pipeline(tmp_path, monkeypatch):
+    """A reward from an installed package (TRL's, say) has no user frame: the line points at the package's own
+    line, never at this pipeline's wrapper around the call."""
+    import site
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "pkg_reward_t.py").write_text("def score(completions, **kwargs):\n    return [c['content'] for c in completions]\n")
+    monkeypatch.syspath_prepend(str(lib))
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(lib)])
+    reward = build_reward(RewardSpec(name="pkg", function="pkg_reward_t:score"))
+    with pytest.raises(PipelineError) as exc:
+        reward(["p"], ["text"])
+    assert "stages/rewards.py" not in str(exc.value) and "raised TypeError" in str(exc.value)
+    assert re.search(r"\(at \S*pkg_reward_t\.py:2 in (score|<listcomp>)\)$", str(exc.value)), str(exc.value)
 
 
 # --- checks and combination --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -117,13 +118,14 @@ def file_record(path: Path, rows: int | None = None) -> dict:
     return rec | ({"rows": rows} if rows is not None else {})
 
 
-def checkout_fix(path: Path) -> str:
-    """How to get one file or round dir back from DVC's cache without touching anything else: a granular `dvc
-    checkout` of exactly that path (`--force` where a damaged copy is in the way: DVC will not replace a file it has
-    not cached otherwise). A checkout of the whole rounds dir would put back the rounds DVC last recorded and remove
-    later ones it never cached. Whatever comes back is checked against its manifest at the next start."""
+def checkout_fix(path: str | Path, what: str = "this round") -> str:
+    """How to get one file, round dir or checkpoint back from DVC's cache without touching anything else: a granular
+    `dvc checkout` of exactly that path (`--force` where a damaged or other copy is in the way: DVC will not replace
+    what it has not cached otherwise). A checkout of the whole rounds dir would put back the rounds DVC last recorded
+    and remove later ones it never cached. Whatever comes back is checked against its manifest at the next start."""
+    path = Path(path)
     force = "--force " if path.exists() else ""
-    return f"restore it with `dvc checkout {force}{path}` (DVC's copy, when DVC cached this round)"
+    return f"restore it with `dvc checkout {force}{shlex.quote(str(path))}` (DVC's copy, when DVC cached {what})"
 
 
 def read_manifest(path: Path) -> dict:
@@ -261,7 +263,7 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     if lost:
         where = "is missing" if meta is None else f"is at round {c}"
         raise PipelineError(f"{tp.checkpoint_dir}: round {lost[-1] + 1} wrote a checkpoint, but the checkpoint {where}; "
-                            f"restore it (`dvc checkout {tp.checkpoint_dir}`) or start over: {RESTART}")
+                            f"{checkout_fix(tp.checkpoint_dir, 'that checkpoint')} or start over: {RESTART}")
     for r in range(n):  # every complete round is intact, or the run stops and says how to get it back (the round
         # whose manifest is repaired too: a kill between the two writes leaves its artifacts, a deleted dir does not)
         verify_round(round_dir(tp.rounds_dir, r), manifests[r], checkpoint_round=c if meta else None)

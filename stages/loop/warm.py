@@ -52,8 +52,9 @@ def eval_subset(heldout: pl.DataFrame, n: int) -> pl.DataFrame:
 
 def check_inputs(params) -> None:
     """What `load_warm` would refuse and the user names, without loading a model: the rewards (a built-in's kwargs, a
-    function importable with its kwargs, a reward model dir) and the reference dir. For a check before the ranks
-    start (`flows.train` with several processes): one line there, not one per rank."""
+    function importable with its kwargs, a reward model dir) and the reference dir. `flows.train` runs it before
+    the warm load (a bad reward fails in a moment, not after the models and the engine load) and, with several
+    processes, once before the ranks start: one line there, not one per rank."""
     from stages.io import read_table
     from stages.models import check_model_dir
     from stages.rewards import check_specs
