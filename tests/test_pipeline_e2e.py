@@ -150,6 +150,24 @@ def test_a_failed_prepare_leaves_its_outputs(repro):
     assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
 
 
+def test_a_changed_prompts_file_does_not_rebuild_the_model(repro):
+    """models/base persists across prepare's runs and is written again only when it is not the one prepare recorded
+    (files, source, conversion): a new prompt re-runs prepare under `dvc repro` without copying the model again."""
+    _, proj, env, _ = repro
+    dvc = str(BIN / "dvc")
+    prompts = proj / "data" / "prompts" / "tiny.jsonl"
+    original = prompts.read_text()
+    try:
+        prompts.write_text(original + json.dumps({"prompt": "one more prompt to learn from"}) + "\n")
+        out = run([dvc, "repro", "prepare"], proj, env)
+        assert "Running stage 'prepare'" in out.stdout
+        assert "is up to date" in out.stdout + out.stderr and "copying model" not in out.stdout + out.stderr
+    finally:
+        prompts.write_text(original)
+        run([dvc, "repro", "prepare"], proj, env)  # back to the recorded prompts (the same files, so the same hashes)
+    assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
+
+
 def test_a_damaged_round_is_restored_by_the_command_its_error_gives(repro):
     """The resume's advice for a damaged artifact is a granular `dvc checkout --force <file>`: run as printed, it
     puts back exactly that file from DVC's cache, and the run then finds every round intact."""
