@@ -197,6 +197,9 @@ def test_a_removed_checkpoint_and_an_emptied_manifest_are_refused_without_deleti
 @pytest.mark.parametrize("change, named", [
     (lambda p: p["score"]["rewards"][0].update(function="no_such_module:score"), "no_such_module"),
     (lambda p: p["score"].update(ref_model="models/nonexistent"), "score.ref_model"),
+    # a prompt that cannot fit the engine with its completion: said before the engine starts (max_model_len is not
+    # part of the run's identity: a third round of the same run meets it)
+    (lambda p: (p["sample"].update(max_model_len=16), p["train"].update(rounds=3)), "sample.max_model_len: prompt"),
     # a column a reward names that the prompts lack: known when the run loads, not only at round 1's scoring
     (lambda p: p["score"]["rewards"].append({"name": "qa", "function": "needs_answer:score", "weight": 1.0}),
      "'needs_answer:score' needs `answer`, which the prompts table lacks"),

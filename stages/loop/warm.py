@@ -51,13 +51,16 @@ def eval_subset(heldout: pl.DataFrame, n: int) -> pl.DataFrame:
 
 
 def check_inputs(params) -> None:
-    """What `load_warm` would refuse and the user names, without loading a model: the rewards (a built-in's kwargs, a
-    function importable with its kwargs, a reward model dir) and the reference dir. `flows.train` runs it before
-    the warm load (a bad reward fails in a moment, not after the models and the engine load) and, with several
-    processes, once before the ranks start: one line there, not one per rank."""
+    """What `load_warm` or a round would refuse and the user names, without loading a model: the rewards (a
+    built-in's kwargs, a function importable with its kwargs, a reward model dir), the reference dir, and every
+    prepared prompt fitting `sample.max_model_len` with its completion (else the engine would start first and the
+    round that draws the prompt would stop). `flows.train` runs it before the warm load (a bad setting fails in a
+    moment, not after the models and the engine load) and, with several processes, once before the ranks start: one
+    line there, not one per rank."""
     from stages.io import read_table
-    from stages.models import check_model_dir
+    from stages.models import check_model_dir, load_tokenizer
     from stages.rewards import check_specs
+    from stages.sample import check_prompt_fit, tokenize_prompts
     from stages.schemas import PROMPTS
     from stages.score import extra_columns
 
@@ -65,7 +68,17 @@ def check_inputs(params) -> None:
         check_model_dir(params.score.ref_model, "score.ref_model")
     # the columns rewards name, where the prepared table is there (load_warm reports a missing one in one line)
     prepared = Path(PREPARED_TRAIN).is_file()
-    check_specs(params.score.rewards, extra_columns(read_table(PREPARED_TRAIN, PROMPTS)) if prepared else None)
+    train = read_table(PREPARED_TRAIN, PROMPTS) if prepared else None
+    check_specs(params.score.rewards, extra_columns(train) if prepared else None)
+    if prepared and train.height and Path(params.base.model_dir, "config.json").is_file():
+        tokenizer = load_tokenizer(params.base.model_dir, "base.model_dir")
+        tables = [(train, params.sample.max_completion_length)]
+        if Path(PREPARED_EVAL).is_file():
+            held_out = read_table(PREPARED_EVAL, PROMPTS)
+            if held_out.height:
+                tables.append((held_out, params.evaluate.max_completion_length))
+        for table, max_tokens in tables:
+            check_prompt_fit(table, tokenize_prompts(tokenizer, table)[1], params.sample.max_model_len, max_tokens)
 
 
 def warn_small_split(per_round: int, n: int) -> bool:
