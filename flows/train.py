@@ -175,13 +175,14 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
                 return current
 
     # 2. what stays warm; first what the load would refuse that the user names (a reward that cannot be built, a
-    # column it needs, the reference dir), checked in a moment instead of after the models and the engine load
+    # column it needs, the reference dir, a prompt too long for the engine), checked in a moment instead of after the
+    # models and the engine load (its imports are the load's own: counted in the warm start)
     from stages.loop.warm import check_inputs
 
+    t0 = time.perf_counter()
     check_inputs(params)
     if dist.main:
         logger.info("loading what stays warm for the run: the trainer, the reference, the rewards and the sampler")
-    t0 = time.perf_counter()
     w = load_warm(params, total, plan.checkpoint, with_eval=bool(tp.eval_every) and start < total, dist=dist,
                   device=device)
     w.adv_state = plan.adv_state  # the carried baseline (ema, moving_average)
