@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from stages.errors import PipelineError
+from stages.errors import RESTART, PipelineError, checkout_fix
 
 log = logging.getLogger(__name__)
 
@@ -258,12 +258,11 @@ def read_meta(policy_dir: str | Path, field: str = "train.checkpoint_dir") -> di
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise PipelineError(f"{path}: unreadable checkpoint metadata ({type(exc).__name__}); restore it (`dvc checkout "
-                            f"--force {path}`: DVC's copy, when DVC cached this checkpoint) or start over: "
-                            "python -m flows.train --restart") from None
+        raise PipelineError(f"{path}: unreadable checkpoint metadata ({type(exc).__name__}); "
+                            f"{checkout_fix(path, 'this checkpoint')} or start over: {RESTART}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("round"), int):
-        raise PipelineError(f"{path}: not a format-{FORMAT} checkpoint; restore it (`dvc checkout --force {path}`: "
-                            "DVC's copy, when DVC cached this checkpoint) or start over: python -m flows.train --restart")
+        raise PipelineError(f"{path}: not a format-{FORMAT} checkpoint; {checkout_fix(path, 'this checkpoint')} or "
+                            f"start over: {RESTART}")
     return meta
 
 

@@ -12,8 +12,10 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -22,6 +24,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 RANK_REPORTS_ENV = "RLOO_RANK_REPORTS"
 INTERRUPTED = ("interrupted: what was complete is kept (every artifact is written whole or not at all); run the "
                "command again (without --restart) to continue")
+
+
+RESTART = "python -m flows.train --restart"  # how to start a run over (docs/design.md §6)
 
 
 class PipelineError(Exception):
@@ -173,3 +178,13 @@ def quiet_bad_input_tracebacks(*loggers: str) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoTracebackForBadInput) for f in logger.filters):
             logger.addFilter(_NoTracebackForBadInput())
+
+
+def checkout_fix(path: str | Path, what: str = "this round") -> str:
+    """How to get one file, round dir or checkpoint back from DVC's cache without touching anything else: a granular
+    `dvc checkout` of exactly that path (`--force` where a damaged or other copy is in the way: DVC will not replace
+    what it has not cached otherwise). A checkout of the whole rounds dir would put back the rounds DVC last recorded
+    and remove later ones it never cached. Whatever comes back is checked against its manifest at the next start."""
+    path = Path(path)
+    force = "--force " if path.exists() else ""
+    return f"restore it with `dvc checkout {force}{shlex.quote(str(path))}` (DVC's copy, when DVC cached {what})"

@@ -262,11 +262,11 @@ def _conversion_id() -> str:
     return f"transformers {transformers.__version__}, convert {hashlib.sha1(code).hexdigest()[:12]}"
 
 
-def _files_of(d: Path) -> list:
-    """Each file of a written model dir but its marker, with size and mtime: a file edited, truncated or replaced
-    since (a `dvc checkout` copy too) no longer matches, and the dir is written again."""
+def _files_of(d: Path, marker: str | None = "prepare.json") -> list:
+    """Each file of a model dir but `marker`, with size and mtime: a file edited, truncated or replaced since (a `dvc
+    checkout` copy too) no longer matches, so a written dir is written again and a source dir copied again."""
     return sorted([str(f.relative_to(d)), f.stat().st_size, f.stat().st_mtime_ns]
-                  for f in d.rglob("*") if f.is_file() and f.name != "prepare.json")
+                  for f in d.rglob("*") if f.is_file() and f.name != marker)
 
 
 def _up_to_date(dest: Path, source_id: str) -> bool:
@@ -288,8 +288,8 @@ def prepare_model(params: Params, check=None) -> Path:
     else:
         source = check_model_dir(params.base.model, "base.model")
         # path + a fingerprint of the files, so a model re-saved in place is copied again
-        files = sorted((str(f.relative_to(source)), f.stat().st_size, f.stat().st_mtime_ns) for f in source.rglob("*") if f.is_file())
-        source_id = f"dir:{source.resolve()}:{hashlib.sha1(repr(files).encode()).hexdigest()[:12]}"
+        fingerprint = hashlib.sha1(repr(_files_of(source, marker=None)).encode()).hexdigest()[:12]
+        source_id = f"dir:{source.resolve()}:{fingerprint}"
     if _up_to_date(dest, source_id):
         log.info("base model %s is up to date (%s)", dest, source_id)
         if check is not None:

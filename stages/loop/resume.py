@@ -30,7 +30,6 @@ import itertools
 import json
 import logging
 import re
-import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.errors import PipelineError
+from stages.errors import RESTART, PipelineError, checkout_fix  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,6 @@ MANIFEST = "manifest.json"
 ROUND_DIR = re.compile(r"^round=(\d{4,})$")
 ARTIFACTS = ("samples", "scores", "advantages")
 ROUND_FILES = (*(f"{a}.parquet" for a in ARTIFACTS), MANIFEST)  # all a round writes in its dir
-RESTART = "python -m flows.train --restart"
 STAGE_RUN = "stages.update"  # the `source` an update-stage checkpoint records (stages/update.py), and the run it counts as
 _REQUIRED = {"round": int, "identity": str, "artifacts": dict, "metrics": dict}
 
@@ -116,16 +114,6 @@ def file_record(path: Path, rows: int | None = None) -> dict:
             h.update(block)
     rec = {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
     return rec | ({"rows": rows} if rows is not None else {})
-
-
-def checkout_fix(path: str | Path, what: str = "this round") -> str:
-    """How to get one file, round dir or checkpoint back from DVC's cache without touching anything else: a granular
-    `dvc checkout` of exactly that path (`--force` where a damaged or other copy is in the way: DVC will not replace
-    what it has not cached otherwise). A checkout of the whole rounds dir would put back the rounds DVC last recorded
-    and remove later ones it never cached. Whatever comes back is checked against its manifest at the next start."""
-    path = Path(path)
-    force = "--force " if path.exists() else ""
-    return f"restore it with `dvc checkout {force}{shlex.quote(str(path))}` (DVC's copy, when DVC cached {what})"
 
 
 def read_manifest(path: Path) -> dict:
