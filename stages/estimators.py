@@ -34,7 +34,7 @@ class RoundContext:
 
     reward: pl.Expr
     group: str
-    params: Any  # AdvantageParams (alpha, window, epsilon)
+    params: Any  # AdvantageParams: an estimator reads only the fields it names in `Estimator.reads`
     state: dict[str, Any]
 
 
@@ -47,6 +47,7 @@ class Estimator:
     summary: str  # one line: the baseline of completion k
     group: bool  # the baseline comes from the prompt's own completions: needs k >= 2
     exprs: Callable[[RoundContext], Exprs]
+    reads: tuple[str, ...] = ()  # the `advantage` fields it uses: only these count in the run identity with it
 
 
 def _rloo(c: RoundContext) -> Exprs:
@@ -74,10 +75,10 @@ ESTIMATORS: dict[str, Estimator] = {
         Estimator("reinforce", "none: 0", False, lambda c: (pl.lit(0.0), None)),
         Estimator("batch_mean", "mean reward of the round", False, lambda c: (c.reward.mean(), None)),
         Estimator("moving_average", "mean of every reward so far (or of the last `window` rounds), this round included",
-                  False, _moving_average),
+                  False, _moving_average, reads=("window",)),
         Estimator("ema", "b <- alpha * b + (1 - alpha) * mean(this round), started at the first round's mean", False,
-                  lambda c: (pl.lit(c.state["ema"]), None)),
-        Estimator("grpo", "group mean; the advantage is divided by the group std (unbiased) + epsilon", True, _grpo),
+                  lambda c: (pl.lit(c.state["ema"]), None), reads=("alpha",)),
+        Estimator("grpo", "group mean; the advantage is divided by the group std (unbiased) + epsilon", True, _grpo, reads=("epsilon",)),
     ]
 }
 GROUP_ESTIMATORS = tuple(n for n, e in ESTIMATORS.items() if e.group)

@@ -8,7 +8,9 @@ values, raised as `PipelineError` (exit code 2 through `run_cli`).
 
 Run identity (docs/design.md §5): a field marked `identity=False` below (output locations, the round count,
 evaluation, logging, and performance knobs that leave the math unchanged) can change between invocations of one
-training run; any other field changing starts a new run. `Params.identity()` is that hash.
+training run, as can a field of `CONDITIONAL_IDENTITY` that the configuration does not read (an ema decay with the
+rloo estimator, LoRA's rank without LoRA); any other field changing starts a new run. `Params.identity()` is that
+hash.
 
     python -m stages.params [params.yaml]        # validate a params file and print it resolved
     python -m stages.params --markdown            # the table of every field (docs/params.md)
@@ -245,8 +247,13 @@ class Params(_Section):
         return _digest(data)
 
     def identity(self) -> str:
-        """The run identity: the hash of every field not marked `identity=False` (see the module docstring)."""
+        """The run identity: the hash of every field not marked `identity=False` (see the module docstring); a field
+        of `CONDITIONAL_IDENTITY` that this configuration does not read is hashed at its default."""
         data = self.model_dump(mode="json")
+        for key, (counts, _) in CONDITIONAL_IDENTITY.items():
+            if not counts(self):
+                section, name = key.split(".")
+                data[section][name] = _default_json(section, name)
         return _digest({s: {k: v for k, v in data[s].items() if _in_identity(s, k)} for s in data})
 
     def flat(self) -> dict[str, Any]:
@@ -260,6 +267,32 @@ class Params(_Section):
 
 def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _default_json(section: str, key: str) -> Any:
+    model = _submodel(Params.model_fields[section].annotation)
+    return model().model_dump(mode="json")[key]
+
+
+def _estimator_reads(name: str) -> tuple[Any, str]:
+    users = [e for e, spec in ESTIMATORS.items() if name in spec.reads]
+    return (lambda p: p.advantage.estimator in users), "only with advantage.estimator " + " or ".join(users)
+
+
+def _with_lora() -> tuple[Any, str]:
+    return (lambda p: p.update.use_lora), "only with update.use_lora"
+
+
+# Fields that count in the run identity only where the configuration reads them (docs/design.md §5): an ema decay
+# beside the rloo estimator, LoRA's rank without LoRA, or the gradient-variance diagnostic (it changes only how the
+# round's completions are split into micro-batches, like update.micro_batch_size: the same gradient to float
+# rounding) change no training, so changing them must not start a new run. Elsewhere such a field is hashed at its
+# default, not dropped: a run made before this table keeps its identity and resumes.
+CONDITIONAL_IDENTITY: dict[str, tuple[Any, str]] = {
+    **{f"advantage.{n}": _estimator_reads(n) for n in ("alpha", "window", "epsilon")},
+    **{f"update.{n}": _with_lora() for n in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")},
+    "update.grad_variance": ((lambda p: False), "no: a diagnostic (the same gradient to float rounding)"),
+}
 
 
 def _in_identity(section: str, key: str) -> bool:
@@ -399,7 +432,8 @@ def _type_name(ann: Any) -> str:
 def markdown_table() -> str:
     lines = ["| field | type | default | run identity | description |", "|---|---|---|---|---|"]
     for key, typ, default, ident, doc in field_rows():
-        lines.append(f"| `{key}` | {typ.replace('|', '&#124;')} | `{default}` | {'yes' if ident else 'no'} | {doc.replace('|', '&#124;')} |")
+        ident_text = CONDITIONAL_IDENTITY[key][1] if key in CONDITIONAL_IDENTITY else "yes" if ident else "no"
+        lines.append(f"| `{key}` | {typ.replace('|', '&#124;')} | `{default}` | {ident_text} | {doc.replace('|', '&#124;')} |")
     return "\n".join(lines) + "\n"
 
 

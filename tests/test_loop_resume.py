@@ -428,6 +428,31 @@ def test_identity_ignores_outputs_rounds_and_speed_knobs_but_not_the_training():
         assert repo_params(**change).identity() != base, change
 
 
+def test_identity_ignores_a_field_the_configuration_does_not_read_and_keeps_earlier_runs_identity():
+    from stages.params import _digest, _in_identity
+
+    params = repo_params()
+    base = params.identity()
+    # a run made before fields became conditional resumes: the default configuration hashes as it did
+    data = params.model_dump(mode="json")
+    assert base == _digest({s: {k: v for k, v in data[s].items() if _in_identity(s, k)} for s in data})
+    assert params.advantage.estimator == "rloo" and not params.update.use_lora
+    for inert in ({"advantage": {"alpha": 0.5}}, {"advantage": {"window": 3}}, {"advantage": {"epsilon": 0.1}},
+                  {"update": {"lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj"]}},
+                  {"update": {"grad_variance": True}}):
+        assert repo_params(**inert).identity() == base, inert
+    # where the configuration reads the field, it is the training's: a change is a new run
+    for estimator, field, value in (("ema", "alpha", 0.5), ("moving_average", "window", 3), ("grpo", "epsilon", 0.1)):
+        chosen = repo_params(advantage={"estimator": estimator}).identity()
+        assert chosen != base
+        assert repo_params(advantage={"estimator": estimator, field: value}).identity() != chosen, field
+        other = next(f for f in ("alpha", "window", "epsilon") if f != field)
+        assert repo_params(advantage={"estimator": estimator, other: {"alpha": 0.5, "window": 3, "epsilon": 0.1}[other]}
+                           ).identity() == chosen, (estimator, other)
+    lora = repo_params(update={"use_lora": True}).identity()
+    assert lora != base and repo_params(update={"use_lora": True, "lora_r": 4}).identity() != lora
+
+
 @pytest.mark.parametrize("field,value,phrase", [
     ("rounds_dir", "data", "holds prepare.prompts"),
     ("rounds_dir", ".", "is the working directory or above it"),
