@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import time
 import uuid
@@ -266,16 +267,21 @@ def read_meta(policy_dir: str | Path, field: str = "train.checkpoint_dir") -> di
     return meta
 
 
-def load_state(state_dir: str | Path, meta: dict, device: Any = "cpu") -> dict:
-    """The resume state paired with `meta`, loaded without running code (weights_only)."""
+def load_state(state_dir: str | Path, meta: dict, device: Any = "cpu", archive_dir: str | Path | None = None) -> dict:
+    """The resume state paired with `meta`, loaded without running code (weights_only). When it is missing but a run
+    moved to `archive_dir` holds it (a `dvc checkout` brought back a checkpoint whose run was archived since), the
+    error says where and how to copy it back."""
     import torch
 
     path = state_file(state_dir, meta["checkpoint_id"])
     if not path.is_file():
+        copies = sorted(Path(archive_dir).glob(f"*/*/{path.name}"), reverse=True) if archive_dir else []
+        fix = (f"a run moved to the archive holds it: copy it back with `cp {shlex.quote(str(copies[0]))} "
+               f"{shlex.quote(str(path))}` and run again, or start over: {RESTART}" if copies else
+               f"start over with: {RESTART}")
         raise PipelineError(
             f"train.state_dir: {path} is missing: the optimizer/RNG state of the checkpoint at round {meta['round']} is "
-            "not there (it is kept out of the DVC cache, so a `dvc pull` or `dvc checkout` does not bring it); "
-            "start over with: python -m flows.train --restart")
+            f"not there (it is kept out of the DVC cache, so a `dvc pull` or `dvc checkout` does not bring it); {fix}")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:

@@ -428,7 +428,7 @@ def load_trainer(params, device, policy_dir: str | Path | None = None, state_dir
     if meta.get("lora") != params.update.use_lora:
         raise PipelineError(f"{field}: {policy_dir} was trained with update.use_lora={meta.get('lora')}; set it back or "
                             "start over: python -m flows.train --restart")
-    state = checkpoint.load_state(state_dir or params.train.state_dir, meta, device)
+    state = checkpoint.load_state(state_dir or params.train.state_dir, meta, device, params.train.archive_dir)
     # full fine-tuning: the weights are the checkpoint dir itself; LoRA: the base plus the adapter in the state
     if params.update.use_lora:
         trainer = Trainer(params.base.model_dir, params, device, total_rounds, dist=dist)

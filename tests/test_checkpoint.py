@@ -105,8 +105,17 @@ def test_corrupt_or_missing_state_and_bad_metadata_are_one_line_errors(tiny_mode
     with pytest.raises(PipelineError, match="refused or unreadable trainer state"):
         load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
     path.unlink()
-    with pytest.raises(PipelineError, match=r"train.state_dir: .* is missing: .* not there"):
+    with pytest.raises(PipelineError, match=r"train.state_dir: .* is missing: .* not there") as exc:
         load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
+    assert "start over with: python -m flows.train --restart" in str(exc.value)
+    # the checkpoint came back (a `dvc checkout`) after its run was moved to the archive: the state is there
+    archived = tmp_path / "archive" / "20261205-003800-674409c332225635" / "state" / path.name
+    archived.parent.mkdir(parents=True)
+    archived.write_bytes(b"state")
+    meta = checkpoint.read_meta(tmp_path / "policy")
+    with pytest.raises(PipelineError, match="a run moved to the archive holds it") as exc:
+        checkpoint.load_state(tmp_path / "state", meta, archive_dir=tmp_path / "archive")
+    assert f"`cp {archived} {path}` and run again" in str(exc.value)
     (tmp_path / "policy" / checkpoint.META).write_text("{garbage")
     with pytest.raises(PipelineError, match=r"checkpoint.json: unreadable checkpoint metadata") as exc:
         checkpoint.read_meta(tmp_path / "policy")
