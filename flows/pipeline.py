@@ -46,19 +46,58 @@ STAGES = ("prepare", "train", "evaluate", "report")
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
+# DVC's own locks: a file another dvc command of this checkout is using (`rwlock`), or the repo lock
+_DVC_BUSY = re.compile(r"^ERROR: .*(is busy, it is being blocked by|Unable to acquire lock)")
+DVC_RETRY_S = 5.0
+
+
 def _dvc(*args: str) -> subprocess.CompletedProcess:
+    """A dvc command. A deployment's run that finds DVC's lock held (a `dvc repro` typed in a shell, which takes the
+    run lock only while its train stage runs) waits for it as it waits for the run lock, up to `deployment_wait_s`;
+    DVC refuses such a command before it runs any stage, so trying again is safe."""
+    from stages.loop.lock import deployment_wait_s
+
     exe = Path(sys.executable).with_name("dvc")
     cmd = [str(exe) if exe.exists() else "dvc", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    deadline, waiting = None, False
+    while True:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        busy = proc.returncode and _dvc_busy(proc.stderr or proc.stdout)
+        if not busy:
+            break
+        if deadline is None:
+            deadline = time.monotonic() + deployment_wait_s()
+        if time.monotonic() + DVC_RETRY_S > deadline:
+            break
+        if not waiting:
+            waiting = True
+            get_run_logger().info("waiting for DVC's lock: %s", busy)
+        time.sleep(DVC_RETRY_S)
     if proc.returncode:
         raise PipelineError(f"`dvc {' '.join(args)}` failed: {_why(proc.stderr or proc.stdout)}")
     return proc
 
 
+def _dvc_busy(output: str) -> str | None:
+    """DVC's lock message with what holds it (`(PID 123): dvc repro`, on the line after DVC's `ERROR:`), or None."""
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if _DVC_BUSY.match(ln):
+            holder = lines[i + 1] if i + 1 < len(lines) and lines[i + 1].startswith("(PID") else ""
+            return f"{ln.removeprefix('ERROR: ')} {holder}".strip()
+    return None
+
+
 def _why(output: str) -> str:
     """The reason in a failed `dvc repro`'s output: the stage's own `error: ...` line (a bad input), else the last
     line of its traceback (a bug), then DVC's summary line (`ERROR: failed to reproduce ...`) in brackets."""
-    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    busy = _dvc_busy(output)
+    if busy:  # DVC's own lock: say who holds it, and that its rwlock file is not to be removed while that runs
+        return (f"{busy}: another dvc command of this checkout holds it; run again once it has finished (a scheduled "
+                f"run waits for it up to RLOO_LOCK_WAIT_S)")
+    # a stage killed mid-progress-bar leaves the bar's last frame without a newline: DVC's line follows on the same one
+    lines = [part.strip() for ln in output.strip().splitlines() for part in re.split(r"(?=ERROR: )", ln)]
+    lines = [ln for ln in lines if ln]
     dvc = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "?")
     ours = next((ln for ln in reversed(lines) if ln.startswith("error:")), None)
     bug = next((ln for ln in reversed(lines) if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*", ln)

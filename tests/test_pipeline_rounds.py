@@ -5,6 +5,7 @@ itself runs against a real Prefect server in the slow tests (tests/test_deployme
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,15 @@ def test_a_failed_run_leaves_an_edit_made_during_it(tmp_path, monkeypatch, caplo
      "ERROR: failed to reproduce 'evaluate': exited with 1\n",
      "IsADirectoryError: [Errno 21] metrics/eval.json (ERROR: failed to reproduce 'evaluate': exited with 1)"),
     ("ERROR: unexpected error - lock held\n", "ERROR: unexpected error - lock held"),
+    # a stage killed while its progress bar was drawn: DVC's line follows the bar's last frame on the same line
+    ("logp ref:   0%|          | 0/2 [00:00<?, ?it/s]ERROR: failed to reproduce 'train': exited with -9\n",
+     "ERROR: failed to reproduce 'train': exited with -9"),
+    # DVC's own lock: who holds it, not only DVC's first line
+    ("ERROR: '/w/metrics/eval.json' is busy, it is being blocked by:\n  (PID 77): dvc repro -f train evaluate\n\n"
+     "If there are no processes with such PIDs, you can manually remove '.dvc/tmp/rwlock' and try again.\n",
+     "'/w/metrics/eval.json' is busy, it is being blocked by: (PID 77): dvc repro -f train evaluate: another dvc "
+     "command of this checkout holds it; run again once it has finished (a scheduled run waits for it up to "
+     "RLOO_LOCK_WAIT_S)"),
 ])
 def test_a_failed_stage_says_its_own_reason(output, why):
     """The pipeline's error carries the stage's own `error:` line or its traceback's last line, not only DVC's
@@ -99,3 +109,45 @@ def test_a_failed_stage_says_its_own_reason(output, why):
     from flows.pipeline import _why
 
     assert _why(output) == why
+
+
+def test_a_scheduled_run_waits_for_dvcs_lock_held_by_a_shell_dvc_command(tmp_path, monkeypatch):
+    """A `dvc repro` typed in a shell holds DVC's rwlock on its stage's files (the run lock only while its train stage
+    runs): a deployment's run waits for it as it waits for the run lock, and a command at a terminal fails at once,
+    naming the holder. Real DVC on a real repo; the holder is a live process recorded in DVC's rwlock file."""
+    import json
+    import subprocess
+    import sys
+    import threading
+
+    import flows.pipeline as pipeline
+
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run([dvc, "init", "-q"], check=True)
+    Path("dvc.yaml").write_text("stages:\n  make:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"write": {str(tmp_path / "out.txt"): {"pid": holder.pid, "cmd": "dvc repro -f make"}}, "read": {}}
+        Path(".dvc/tmp").mkdir(exist_ok=True)
+        Path(".dvc/tmp/rwlock").write_text(json.dumps(lock))
+        logs = []
+        class Logger:  # what the flow run's logger is told
+            def info(self, msg, *args):
+                logs.append(msg % args)
+
+        monkeypatch.setattr(pipeline, "get_run_logger", Logger)
+        monkeypatch.setattr(pipeline, "DVC_RETRY_S", 0.3)
+        monkeypatch.setattr("stages.loop.lock.deployment_wait_s", lambda: 0.0)  # a command typed at a terminal
+        with pytest.raises(PipelineError, match=rf"is busy, it is being blocked by: \(PID {holder.pid}\): dvc repro -f "
+                           r"make: another dvc command of this checkout holds it"):
+            pipeline._dvc("repro", "make")
+        assert not Path("out.txt").exists()
+        monkeypatch.setattr("stages.loop.lock.deployment_wait_s", lambda: 60.0)  # a deployment's run
+        threading.Timer(2.0, lambda: (holder.kill(), holder.wait())).start()  # reaped: no pid left
+        proc = pipeline._dvc("repro", "make")  # waits until the holder is gone (DVC drops a dead PID's entry)
+        assert Path("out.txt").read_text().strip() == "hi" and "Running stage 'make'" in proc.stdout
+        assert len(logs) == 1 and logs[0].startswith("waiting for DVC's lock: ") and f"(PID {holder.pid})" in logs[0]
+    finally:
+        holder.kill()
