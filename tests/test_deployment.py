@@ -92,13 +92,15 @@ def rounds_of(proj) -> list[dict]:
 
 def test_the_scheduled_pipeline(tmp_path, tiny_model_dir, prefect_server):
     proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 2, "train.eval_every": 0})
-    env = run_env(tmp_path, PREFECT_API_URL=prefect_server, RLOO_PIPELINE_DIR=str(proj))
+    env = run_env(tmp_path, PREFECT_API_URL=prefect_server)
     prefect, dvc = str(BIN / "prefect"), str(BIN / "dvc")
     run([prefect, "work-pool", "create", "rloo-process", "--type", "process"], proj, env)
     run([prefect, "--no-prompt", "deploy", "--name", "nightly", "--name", "train-now"], proj, env)
     dep = json.loads(run([prefect, "deployment", "inspect", "rloo-pipeline/nightly", "--output", "json"], proj, env).stdout)
     assert dep["concurrency_limit"] == 1 or (dep.get("global_concurrency_limit") or {}).get("limit") == 1
     assert any(s["schedule"].get("cron") == "0 2 * * *" for s in dep["schedules"])
+    # the checkout it was deployed from is where the workers run it (no environment variable to forget)
+    assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(proj.resolve())}}]
 
     # 1. the first run: every stage, 2 rounds, the held-out metrics as an artifact
     info, _ = run_deployment(proj, env)
