@@ -146,8 +146,10 @@ def raise_rounds(path: Path, by: int) -> tuple[int, int]:
 
 
 def plan_rounds(params, more_rounds: int, rounds_per_new_prompt: float) -> tuple[int, list[str]]:
-    """How many rounds to add: `more_rounds`, plus, when every round is done and prompts were added since the last
-    one, enough to train on each new prompt once."""
+    """How many rounds to add to train.rounds: `more_rounds`, plus, when every round is done and prompts were added
+    since the last one, enough to train on each new prompt once. When more rounds of this run are complete than
+    train.rounds says (a `python -m flows.train --rounds N` run), it first catches up with them: `more_rounds` means
+    that many beyond what is trained, and a scheduled run does not fail on "N rounds asked, but more complete"."""
     from stages.io import read_table
     from stages.loop.resume import new_prompts, scan_rounds, split_record
     from stages.loop.warm import PREPARED_TRAIN
@@ -156,7 +158,8 @@ def plan_rounds(params, more_rounds: int, rounds_per_new_prompt: float) -> tuple
     added: list[str] = []
     if done and Path(PREPARED_TRAIN).is_file():
         added = new_prompts(done[-1][1], split_record(read_table(PREPARED_TRAIN)))
-    extra = more_rounds
+    ours = [m for _, m in done if m.get("identity") == params.identity()]  # another run's rounds will be archived
+    extra = more_rounds + max(0, len(ours) - params.train.rounds)
     if added and len(done) >= params.train.rounds:
         extra += math.ceil(len(added) * rounds_per_new_prompt / params.train.prompts_per_round)
     return extra, added

@@ -151,3 +151,22 @@ def test_a_scheduled_run_waits_for_dvcs_lock_held_by_a_shell_dvc_command(tmp_pat
         assert len(logs) == 1 and logs[0].startswith("waiting for DVC's lock: ") and f"(PID {holder.pid})" in logs[0]
     finally:
         holder.kill()
+
+
+def test_a_scheduled_run_catches_up_with_rounds_trained_beyond_train_rounds(tmp_path, monkeypatch):
+    """`python -m flows.train --rounds 6` trained past params.yaml's train.rounds (4): a scheduled run then raises
+    train.rounds to the rounds complete (plus `more_rounds`) instead of failing every night with "4 rounds asked, but 6
+    complete"; rounds of another run (the configuration changed) do not count, they are archived."""
+    from conftest import repo_params
+    from test_loop_resume import write_round
+
+    from flows.pipeline import plan_rounds
+
+    monkeypatch.chdir(tmp_path)
+    params = repo_params(train={"rounds": 4})
+    for r in range(6):
+        write_round(params.train, r, params.identity())
+    assert plan_rounds(params, 0, 1.0) == (2, [])
+    assert plan_rounds(params, 3, 1.0) == (5, [])
+    other = repo_params(train={"rounds": 4}, base={"seed": 123})
+    assert other.identity() != params.identity() and plan_rounds(other, 1, 1.0) == (1, [])

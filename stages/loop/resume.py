@@ -270,8 +270,9 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
 def check_total(plan: ResumePlan, total: int, field: str = "train.rounds") -> None:
     """A run asked for fewer rounds than it has already completed: nothing to train, and nothing true to report."""
     if plan.superseded is None and plan.start > total:
+        where = " (params.yaml, or `-S train.rounds=N` in a dvc exp run)" if field == "train.rounds" else ""
         raise PipelineError(f"{field}: {total} rounds asked, but {plan.start} rounds of this run are already complete; "
-                            f"ask for {plan.start} or more (more continue the run), or start over: {RESTART}")
+                            f"ask for {plan.start} or more{where} (more continue the run), or start over: {RESTART}")
 
 
 def _written_by_a_round(name: str) -> bool:
