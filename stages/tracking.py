@@ -38,6 +38,26 @@ def _prefect_flow_run_id() -> str | None:
         return None
 
 
+TOPOLOGY_TAGS = ("world_size", "backend", "strategy")
+
+
+def _update_resumed(run, latest: dict, params) -> None:
+    """A resumed run's tags say the latest invocation: a tag it does not have (no DVC experiment now, one process
+    after several) is removed, not left from an earlier one. MLflow params cannot change once logged: a field that
+    changed since (the fields outside the run identity, e.g. `train.rounds`) gets the tag `latest.<field>`."""
+    import mlflow
+
+    client, run_id, tags = mlflow.MlflowClient(), run.info.run_id, run.data.tags
+    for key in [k for k, v in latest.items() if not v and k in tags] + [
+            k for k in TOPOLOGY_TAGS if k not in latest and k in tags]:
+        client.delete_tag(run_id, key)
+    logged = run.data.params
+    now = {k: str(v)[:500] for k, v in params.flat().items()}
+    changed = {f"latest.{k}": v for k, v in now.items() if k in logged and (logged[k] != v or f"latest.{k}" in tags)}
+    if changed:
+        mlflow.set_tags(changed)
+
+
 def start_run(params, identity: str, resume_id: str | None = None, topology: dict | None = None):
     """Start (or re-open) the MLflow run of this training run; `topology` (world size, backend, strategy) becomes
     tags of the run (rank 0 alone logs)."""
@@ -56,6 +76,7 @@ def start_run(params, identity: str, resume_id: str | None = None, topology: dic
                       "dvc_stage": os.environ.get("DVC_STAGE"), "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
                       **{k: str(v) for k, v in (topology or {}).items() if v is not None}}
             mlflow.set_tags({k: v for k, v in latest.items() if v})
+            _update_resumed(_run, latest, params)
             log.info("MLflow: resumed run %s", resume_id)
             return _run
         except Exception as exc:

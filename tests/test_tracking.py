@@ -44,9 +44,24 @@ def test_steps_params_tags_and_a_resumed_run(store, monkeypatch):
     # the resumed training run re-opens the same MLflow run and goes on at the next step; its tags name the latest
     # invocation
     monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "22222222-2222-4222-8222-222222222222")
-    again = tracking.start_run(params, "ident", resume_id=run_id)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
+    more = repo_params(train={"rounds": params.train.rounds + 5})  # more rounds: the same run
+    again = tracking.start_run(more, "ident", resume_id=run_id)
     assert again.info.run_id == run_id
-    assert store.get_run(run_id).data.tags["prefect_flow_run_id"].startswith("2222")
+    tags = store.get_run(run_id).data.tags
+    assert tags["prefect_flow_run_id"].startswith("2222") and tags["dvc_experiment"] == "exp-1"
+    # one process now, not two: no stale world_size; the changed field beside its (immutable) first value
+    assert "world_size" not in tags and "backend" not in tags
+    assert tags["latest.train.rounds"] == str(params.train.rounds + 5)
+    assert store.get_run(run_id).data.params["train.rounds"] == str(params.train.rounds)
+    assert not [k for k in tags if k.startswith("latest.") and k != "latest.train.rounds"]
+    import mlflow
+
+    mlflow.end_run()  # the invocation ends (finish_run's own end, without its artifacts)
+    monkeypatch.delenv("DVC_EXP_NAME")  # not an experiment any more: the tag goes; back to the first value
+    tracking.start_run(params, "ident", resume_id=run_id)
+    tags = store.get_run(run_id).data.tags
+    assert "dvc_experiment" not in tags and tags["latest.train.rounds"] == str(params.train.rounds)
     tracking.log_round({"reward": 0.3}, step=3)
     tracking.finish_run({"reward": 0.3}, [{"reward": 0.1}, {"reward": 0.2}, {"reward": 0.3}])
     r = store.get_run(run_id)
