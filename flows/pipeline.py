@@ -27,6 +27,7 @@ from overlapping; the training stage's own flow run (`rloo-train`) shows the rou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -197,20 +198,26 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
                 logger.info("nothing changed: no stage ran")
                 return summary
         original = path.read_text()
-        rounds = None
+        rounds, steps = None, []
         try:
-            steps = [_stage(path, "prepare")]
+            steps.append(_stage(path, "prepare"))
             params = load_params(path)
             extra, added = plan_rounds(params, more_rounds, rounds_per_new_prompt)
             if extra:
                 rounds = raise_rounds(path, extra)
                 logger.info("train.rounds %d -> %d (%d new prompt(s), more_rounds=%d)", *rounds, len(added), more_rounds)
             steps += [_stage(path, stage) for stage in STAGES[1:]]
-        except BaseException:
+        except BaseException as exc:
             try:
                 _put_back(path, original, rounds, logger)
-            except Exception as exc:  # the run's own failure is the one to report
-                logger.warning("could not put params.yaml back: %s", exc)
+            except Exception as put_back_exc:  # the run's own failure is the one to report
+                logger.warning("could not put params.yaml back: %s", put_back_exc)
+            with contextlib.suppress(Exception):  # a failed run leaves its artifact too
+                reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+                create_markdown_artifact(
+                    f"### Failed\n\n- stages run before: {', '.join(s['stage'] for s in steps if s['ran']) or 'none'}\n"
+                    f"- reason: {reason}\n- params.yaml: put back (train.rounds keeps the rounds that completed)\n",
+                    key="rloo-pipeline-run", description="what this run did")
             raise
         summary = {"noop": False, "changed": changed, "new_prompts": len(added), "rounds": rounds,
                    "stages": steps, "seconds": time.perf_counter() - t0}

@@ -61,7 +61,7 @@ def prefect_server(tmp_path):
             proc.kill()
 
 
-def run_deployment(proj, env, *params: str) -> tuple[dict, float]:
+def run_deployment(proj, env, *params: str, state: str = "COMPLETED") -> tuple[dict, float]:
     """Start a run of rloo-pipeline/nightly now and let a worker take it; (its flow run, seconds)."""
     prefect = str(BIN / "prefect")
     args = [a for p in params for a in ("--param", p)]
@@ -76,7 +76,7 @@ def run_deployment(proj, env, *params: str) -> tuple[dict, float]:
         if worker.poll() is None:
             worker.kill()
     info = json.loads(run([prefect, "flow-run", "inspect", flow_run_id, "--output", "json"], proj, env).stdout)
-    assert info["state"]["type"] == "COMPLETED", out[-6000:]
+    assert info["state"]["type"] == state, out[-6000:]
     return info, time.time() - t0
 
 
@@ -140,6 +140,18 @@ def test_the_scheduled_pipeline(tmp_path, tiny_model_dir, prefect_server):
     run_deployment(proj, env, "more_rounds=1")
     assert len(rounds_of(proj)) == n_rounds + 1
     assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
+
+    # 5. a run that fails (a reward module that does not import): its artifact says why, the rounds and params stay
+    good = (proj / "params.yaml").read_text()
+    data = yaml.safe_load(good)
+    data["score"]["rewards"] = [{"name": "mine", "function": "no_such_module:reward"}]
+    (proj / "params.yaml").write_text(yaml.safe_dump(data))
+    bad_text = (proj / "params.yaml").read_text()
+    run_deployment(proj, env, "more_rounds=1", state="FAILED")
+    assert len(rounds_of(proj)) == n_rounds + 1 and (proj / "params.yaml").read_text() == bad_text
+    failed = json.dumps(artifact(proj, env, "rloo-pipeline-run"))
+    assert "Failed" in failed and "no_such_module" in failed, failed[:2000]
+    (proj / "params.yaml").write_text(good)
 
     # The scheduler created upcoming cron runs (this is what sqlalchemy 2.1 silently breaks).
     deadline = time.time() + 60
