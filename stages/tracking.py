@@ -90,7 +90,9 @@ def start_run(params, identity: str, resume_id: str | None = None, topology: dic
         "estimator": params.advantage.estimator,
         **{k: str(v) for k, v in (topology or {}).items() if v is not None},
     }
-    _run = mlflow.start_run(run_name=f"rloo-{params.advantage.estimator}-{identity[:6]}", tags={k: v for k, v in tags.items() if v})
+    # named as users tell runs apart: the DVC experiment when there is one, the estimator, the identity's start
+    name = "-".join(p for p in (os.environ.get("DVC_EXP_NAME"), params.advantage.estimator, identity[:8]) if p)
+    _run = mlflow.start_run(run_name=name, tags={k: v for k, v in tags.items() if v})
     flat = params.flat()
     mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
     log.info("MLflow: run %s in %s", _run.info.run_id, mlflow.get_tracking_uri())

@@ -41,6 +41,7 @@ def test_steps_params_tags_and_a_resumed_run(store, monkeypatch):
     assert r.data.params["update.learning_rate"] == str(params.update.learning_rate)
     assert r.data.tags["identity"] == "ident" and r.data.tags["world_size"] == "2" and "strategy" not in r.data.tags
     assert r.data.tags["prefect_flow_run_id"].startswith("1111")
+    assert r.info.run_name == f"{params.advantage.estimator}-ident"  # not "rloo-rloo-..."
     # the resumed training run re-opens the same MLflow run and goes on at the next step; its tags name the latest
     # invocation
     monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "22222222-2222-4222-8222-222222222222")
