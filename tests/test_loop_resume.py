@@ -613,6 +613,29 @@ def test_moving_a_run_aside_says_why_how_many_rounds_and_where(params, caplog, r
         f"{why}: the previous run (1 complete rounds) was moved to {dest}; delete it when you no longer need it"]
 
 
+def test_going_back_to_an_archived_configuration_says_where_its_run_is(params, caplog):
+    """Back to a configuration whose run was archived earlier: a new run starts (the warm load took the base model),
+    and the log names the earlier run and the moves that would continue it instead."""
+    from stages.loop.resume import PENDING, archive_run
+
+    tp = params.train
+    write_round(tp, 0, identity=params.identity())
+    write_round(tp, 1, identity=params.identity())
+    first = archive_run(params, {"identity": params.identity(), "rounds": 2, "restart": False}).dest
+    (first / PENDING).unlink()  # the run after it completed a round: the archive is final
+    write_round(tp, 0, identity="other")
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        archive_run(params, {"identity": "other", "rounds": 1, "restart": False})
+    said = [r.getMessage() for r in caplog.records if "an earlier run of this configuration" in r.getMessage()]
+    assert len(said) == 1 and f"(2 complete rounds) is in {first}" in said[0], said
+    assert f"`mv {first / 'rounds'} {tp.rounds_dir}" in said[0]
+    caplog.clear()
+    write_round(tp, 0, identity="third")
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):  # --restart: said nothing of the kind
+        archive_run(params, {"identity": "third", "rounds": 1, "restart": True})
+    assert not [r for r in caplog.records if "earlier run" in r.getMessage()]
+
+
 def test_a_training_split_smaller_than_a_round_is_said_once_at_load(caplog):
     from stages.loop.warm import warn_small_split
 

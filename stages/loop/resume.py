@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -350,7 +351,26 @@ def archive_run(params, superseded: dict) -> Archived | None:
     why = "--restart" if superseded.get("restart") else "the configuration changed"
     log.warning("%s: the previous run (%d complete rounds) was moved to %s; delete it when you no longer need it",
                 why, superseded["rounds"], dest)
+    if not superseded.get("restart"):
+        _say_archived_twin(params, dest)
     return Archived(dest, made, tuple(parts))
+
+
+def _say_archived_twin(params, just_moved: Path) -> None:
+    """Going back to a configuration whose run was archived earlier starts a new run of it (the warm load, done before
+    the move, loaded the base model): say where the earlier one is and how to continue it instead."""
+    identity = params.identity()
+    for d in sorted(Path(params.train.archive_dir).glob(f"*-{identity[:16]}*"), reverse=True):
+        if d == just_moved or (d / PENDING).exists() or not (d / "rounds").is_dir():
+            continue
+        rounds = len(list((d / "rounds").glob(f"round=*/{MANIFEST}")))
+        names = {"rounds": params.train.rounds_dir, "policy": params.train.checkpoint_dir, "state": params.train.state_dir}
+        back = "; ".join(f"mv {shlex.quote(str(d / k))} {shlex.quote(v)}" for k, v in names.items() if (d / k).exists())
+        log.warning("an earlier run of this configuration (%d complete rounds) is in %s; this one starts over. To "
+                    "continue that one instead: stop this run, move %s, %s and %s aside, then `%s`", rounds, d,
+                    *names.values(), back)
+        return
+
 
 
 def restore_run(params, archived: Archived, killed: bool = False) -> bool:
