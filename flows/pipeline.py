@@ -159,7 +159,8 @@ def plan_rounds(params, more_rounds: int, rounds_per_new_prompt: float) -> tuple
     added: list[str] = []
     if done and Path(PREPARED_TRAIN).is_file():
         added = new_prompts(done[-1][1], split_record(read_table(PREPARED_TRAIN)))
-    ours = [m for _, m in done if m.get("identity") == params.identity()]  # another run's rounds will be archived
+    mine = {params.identity(), *params.identity_aliases()}
+    ours = [m for _, m in done if m.get("identity") in mine]  # another run's rounds will be archived
     extra = more_rounds + max(0, len(ours) - params.train.rounds)
     if added and len(done) >= params.train.rounds:
         extra += math.ceil(len(added) * rounds_per_new_prompt / params.train.prompts_per_round)

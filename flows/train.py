@@ -162,7 +162,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     if start >= total:
         logger.info("all %d rounds already complete", total)
         if not plan.replay and plan.superseded is None:
-            current = dist.broadcast(_current_outputs(identity, total, plan.done) if dist.main else None)
+            current = dist.broadcast(_current_outputs({identity, *params.identity_aliases()}, total, plan.done) if dist.main else None)
             if current is not None:  # nothing to train and nothing to write: no model loads, no file or MLflow change
                 if dist.main and plan.done:
                     from stages.io import read_table
@@ -300,7 +300,7 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
         raise
 
 
-def _current_outputs(identity: str, total: int, done: list[dict]) -> dict | None:
+def _current_outputs(identity: str | set[str], total: int, done: list[dict]) -> dict | None:
     """metrics/train.json when this very run wrote it over `total` rounds (its identity, and the MLflow run of its
     last round: an archived run of the same settings has another), else None. The file is written last
     (`write_run_outputs`), so plots/train.csv is as current."""
@@ -311,7 +311,8 @@ def _current_outputs(identity: str, total: int, done: list[dict]) -> dict | None
     except (OSError, ValueError):
         return None
     run_id = done[-1].get("mlflow_run_id") if done else None
-    mine = (isinstance(summary, dict) and summary.get("identity") == identity and summary.get("rounds") == total
+    ids = {identity} if isinstance(identity, str) else identity  # with the ones an earlier version gave this run
+    mine = (isinstance(summary, dict) and summary.get("identity") in ids and summary.get("rounds") == total
             and run_id is not None and summary.get("mlflow_run_id") == run_id)
     return summary if mine else None
 

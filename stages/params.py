@@ -256,6 +256,14 @@ class Params(_Section):
                 data[section][name] = _default_json(section, name)
         return _digest({s: {k: v for k, v in data[s].items() if _in_identity(s, k)} for s in data})
 
+    def identity_aliases(self) -> set[str]:
+        """Identities an earlier version gave this same run: before `CONDITIONAL_IDENTITY`, a field the configuration
+        does not read was hashed with its value (e.g. a run with `update.grad_variance: true`). A run on disk under
+        one of them is this run (it resumes; its new rounds carry `identity()`)."""
+        data = self.model_dump(mode="json")
+        legacy = _digest({s: {k: v for k, v in data[s].items() if _in_identity(s, k)} for s in data})
+        return {legacy} - {self.identity()}
+
     def flat(self) -> dict[str, Any]:
         """`section.field` -> value, for MLflow params."""
         out: dict[str, Any] = {}
@@ -287,7 +295,8 @@ def _with_lora() -> tuple[Any, str]:
 # beside the rloo estimator, LoRA's rank without LoRA, or the gradient-variance diagnostic (it changes only how the
 # round's completions are split into micro-batches, like update.micro_batch_size: the same gradient to float
 # rounding) change no training, so changing them must not start a new run. Elsewhere such a field is hashed at its
-# default, not dropped: a run made before this table keeps its identity and resumes.
+# default, not dropped: a run made before this table with the defaults keeps its identity, and one made with such a
+# field set resumes through `Params.identity_aliases`.
 CONDITIONAL_IDENTITY: dict[str, tuple[Any, str]] = {
     **{f"advantage.{n}": _estimator_reads(n) for n in ("alpha", "window", "epsilon")},
     **{f"update.{n}": _with_lora() for n in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")},

@@ -451,6 +451,29 @@ def test_identity_ignores_a_field_the_configuration_does_not_read_and_keeps_earl
                            ).identity() == chosen, (estimator, other)
     lora = repo_params(update={"use_lora": True}).identity()
     assert lora != base and repo_params(update={"use_lora": True, "lora_r": 4}).identity() != lora
+    assert params.identity_aliases() == set()  # the default: nothing changed
+
+
+def test_a_run_an_earlier_version_named_by_a_field_it_does_not_read_resumes(tmp_path, monkeypatch):
+    """Before CONDITIONAL_IDENTITY a run with `update.grad_variance: true` (or ema's alpha beside rloo) had an identity
+    of its own; that run resumes under the new identity, its old rounds and checkpoint beside the new rounds."""
+    from stages.params import _digest, _in_identity
+
+    monkeypatch.chdir(tmp_path)
+    params = repo_params(update={"grad_variance": True}, advantage={"alpha": 0.5})
+    data = params.model_dump(mode="json")
+    legacy = _digest({s: {k: v for k, v in data[s].items() if _in_identity(s, k)} for s in data})
+    assert legacy != params.identity() and params.identity_aliases() == {legacy}
+    tp = params.train
+    for r in range(2):
+        write_round(tp, r, legacy, ckpt=r == 1)
+    write_checkpoint(tp, 2, legacy)
+    plan = plan_resume(params, params.identity())
+    assert plan.superseded is None and plan.start == 2 and plan.checkpoint["round"] == 2
+    write_round(tp, 2, params.identity(), ckpt=False)  # its next round, under the new identity: still one run
+    assert plan_resume(params, params.identity()).start == 3
+    other = repo_params(update={"grad_variance": True}, advantage={"alpha": 0.5}, base={"seed": 9})
+    assert plan_resume(other, other.identity()).superseded is not None  # another configuration is another run
 
 
 @pytest.mark.parametrize("field,value,phrase", [

@@ -211,11 +211,16 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
         n = sum(1 for d in Path(tp.rounds_dir).glob("round=*") if d.is_dir() and ROUND_DIR.match(d.name))
         return ResumePlan(identity, 0, superseded={"identity": "unreadable", "rounds": n, "restart": True})
     manifests = {r: m for r, (_, m) in rounds.items() if m is not None}
+    aliases = params.identity_aliases() if identity == params.identity() else set()
+
+    def same_run(i: str) -> str:  # an identity an earlier version gave this run (Params.identity_aliases) is this run's
+        return identity if i in aliases else i
+
     # a checkpoint of `python -m stages.update` run on its own is another run's (no run identity, or its source)
     ckpt_run = None
     if meta:
-        ckpt_run = STAGE_RUN if meta.get("source") == STAGE_RUN else (meta.get("identity") or STAGE_RUN)
-    round_ids = {m["identity"] for m in manifests.values()}
+        ckpt_run = STAGE_RUN if meta.get("source") == STAGE_RUN else same_run(meta.get("identity") or STAGE_RUN)
+    round_ids = {same_run(m["identity"]) for m in manifests.values()}
     ids = round_ids | ({ckpt_run} if meta else set())
     if restart or (ids and identity not in ids):
         other = sorted(ids - {identity}) or [identity]
@@ -271,7 +276,7 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
 def check_total(plan: ResumePlan, total: int, field: str = "train.rounds") -> None:
     """A run asked for fewer rounds than it has already completed: nothing to train, and nothing true to report."""
     if plan.superseded is None and plan.start > total:
-        where = " (params.yaml, or `-S train.rounds=N` in a dvc exp run)" if field == "train.rounds" else ""
+        where = " (params.yaml, or `-S train.rounds=N` in a dvc exp run)" if field.startswith("train.rounds") else ""
         raise PipelineError(f"{field}: {total} rounds asked, but {plan.start} rounds of this run are already complete; "
                             f"ask for {plan.start} or more{where} (more continue the run), or start over: {RESTART}")
 
