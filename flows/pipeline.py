@@ -47,15 +47,17 @@ STAGES = ("prepare", "train", "evaluate", "report")
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
-# DVC's own locks: a file another dvc command of this checkout is using (`rwlock`), or the repo lock
-_DVC_BUSY = re.compile(r"^ERROR: .*(is busy, it is being blocked by|Unable to acquire lock)")
+# DVC's lock on a stage's files (`rwlock`), which another dvc command of this checkout holds. (Not its repo lock,
+# "Unable to acquire lock": DVC gives that up while a stage's command runs and takes it back after, so that error can
+# come after a stage ran, and running the command again would run the stage again.)
+_DVC_BUSY = re.compile(r"^ERROR: .*is busy, it is being blocked by")
 DVC_RETRY_S = 5.0
 
 
 def _dvc(*args: str) -> subprocess.CompletedProcess:
-    """A dvc command. A deployment's run that finds DVC's lock held (a `dvc repro` typed in a shell, which takes the
-    run lock only while its train stage runs) waits for it as it waits for the run lock, up to `deployment_wait_s`;
-    DVC refuses such a command before it runs any stage, so trying again is safe."""
+    """A dvc command. A deployment's run that finds a stage's files locked by DVC (a `dvc repro` typed in a shell, which
+    takes the run lock only while its train stage runs) waits for them as it waits for the run lock, up to
+    `deployment_wait_s`; DVC refuses such a command before it runs the stage, so trying again is safe."""
     from stages.loop.lock import deployment_wait_s
 
     exe = Path(sys.executable).with_name("dvc")
@@ -63,7 +65,8 @@ def _dvc(*args: str) -> subprocess.CompletedProcess:
     deadline, waiting = None, False
     while True:
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        busy = proc.returncode and _dvc_busy(proc.stderr or proc.stdout)
+        # refused before any stage ran (DVC takes a stage's rwlock before running it): safe to run again
+        busy = proc.returncode and "Running stage" not in proc.stdout and _dvc_busy(proc.stderr or proc.stdout)
         if not busy:
             break
         if deadline is None:
@@ -187,43 +190,51 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
     from stages.loop.resume import restore_interrupted
 
     t0 = time.perf_counter()
-    with run_lock("scheduled pipeline", wait_s=deployment_wait_s()):  # a scheduled run queues behind the holder
-        restore_interrupted(load_params(path))  # a run killed in round 1: put back before the rounds are counted
-        changed = status_task()
-        if not changed and more_rounds == 0:
-            extra, added = plan_rounds(load_params(path), 0, rounds_per_new_prompt)
-            if not extra:
-                summary = {"noop": True, "changed": [], "seconds": time.perf_counter() - t0}
-                create_markdown_artifact("### Nothing to do\n\nDVC sees every stage up to date and no prompts were "
-                                         "added: no stage ran.", key="rloo-pipeline-run", description="what this run did")
-                logger.info("nothing changed: no stage ran")
-                return summary
-        original = path.read_text()
-        rounds, steps = None, []
-        try:
-            steps.append(_stage(path, "prepare"))
-            params = load_params(path)
-            extra, added = plan_rounds(params, more_rounds, rounds_per_new_prompt)
-            if extra:
-                rounds = raise_rounds(path, extra)
-                logger.info("train.rounds %d -> %d (%d new prompt(s), more_rounds=%d)", *rounds, len(added), more_rounds)
-            steps += [_stage(path, stage) for stage in STAGES[1:]]
-        except BaseException as exc:
+    steps: list[dict] = []
+    put_back = "as the run found it"
+    try:
+        with run_lock("scheduled pipeline", wait_s=deployment_wait_s()):  # a scheduled run queues behind the holder
+            restore_interrupted(load_params(path))  # a run killed in round 1: put back before the rounds are counted
+            changed = status_task()
+            if not changed and more_rounds == 0:
+                extra, added = plan_rounds(load_params(path), 0, rounds_per_new_prompt)
+                if not extra:
+                    summary = {"noop": True, "changed": [], "seconds": time.perf_counter() - t0}
+                    create_markdown_artifact("### Nothing to do\n\nDVC sees every stage up to date and no prompts "
+                                             "were added: no stage ran.", key="rloo-pipeline-run",
+                                             description="what this run did")
+                    logger.info("nothing changed: no stage ran")
+                    return summary
+            original = path.read_text()
+            rounds = None
             try:
-                _put_back(path, original, rounds, logger)
-            except Exception as put_back_exc:  # the run's own failure is the one to report
-                logger.warning("could not put params.yaml back: %s", put_back_exc)
-            with contextlib.suppress(Exception):  # a failed run leaves its artifact too
-                reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
-                create_markdown_artifact(
-                    f"### Failed\n\n- stages run before: {', '.join(s['stage'] for s in steps if s['ran']) or 'none'}\n"
-                    f"- reason: {reason}\n- params.yaml: put back (train.rounds keeps the rounds that completed)\n",
-                    key="rloo-pipeline-run", description="what this run did")
-            raise
-        summary = {"noop": False, "changed": changed, "new_prompts": len(added), "rounds": rounds,
-                   "stages": steps, "seconds": time.perf_counter() - t0}
-        _artifacts(summary)
-        return summary
+                steps.append(_stage(path, "prepare"))
+                params = load_params(path)
+                extra, added = plan_rounds(params, more_rounds, rounds_per_new_prompt)
+                if extra:
+                    rounds = raise_rounds(path, extra)
+                    logger.info("train.rounds %d -> %d (%d new prompt(s), more_rounds=%d)", *rounds, len(added),
+                                more_rounds)
+                steps += [_stage(path, stage) for stage in STAGES[1:]]
+            except BaseException:
+                try:
+                    put_back = _put_back(path, original, rounds, logger)
+                except Exception as exc:  # the run's own failure is the one to report
+                    put_back = f"could not be put back ({exc})"
+                    logger.warning("could not put params.yaml back: %s", exc)
+                raise
+            summary = {"noop": False, "changed": changed, "new_prompts": len(added), "rounds": rounds,
+                       "stages": steps, "seconds": time.perf_counter() - t0}
+            _artifacts(summary)
+            return summary
+    except BaseException as exc:  # a failed run leaves its artifact too (the lock's wait, DVC, a stage)
+        with contextlib.suppress(Exception):
+            reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+            ran = ", ".join(s["stage"] for s in steps if s["ran"]) or "none"
+            create_markdown_artifact(f"### Failed\n\n- stages run before it failed: {ran}\n- reason: {reason}\n"
+                                     f"- params.yaml: {put_back}\n", key="rloo-pipeline-run",
+                                     description="what this run did")
+        raise
 
 
 def _stage(path: Path, stage: str) -> dict:
@@ -238,19 +249,19 @@ def _stage(path: Path, stage: str) -> dict:
     return done
 
 
-def _put_back(path: Path, original: str, rounds: tuple[int, int] | None, logger) -> None:
+def _put_back(path: Path, original: str, rounds: tuple[int, int] | None, logger) -> str:
     """After a failed run: params.yaml as the run found it, except that train.rounds keeps the rounds that did complete
     (the next run resumes after them; putting back fewer would refuse every later run). A file someone edited during
-    the run is left as it is."""
+    the run is left as it is. Returns what it did, in words (the failed run's artifact says it)."""
     from stages.io import write_text
 
     text = path.read_text()
     if text == original:
-        return
+        return "as the run found it"
     if rounds is None or text != _with_rounds(original, rounds[1]):
         logger.warning("params.yaml was edited during the failed run: left as it is (train.rounds there: %s)",
                        _rounds_line(text)[0] if re.search(r"(?m)^train:", text) else "?")
-        return
+        return "edited during the run: left as it is"
     import yaml
 
     from stages.loop.resume import MANIFEST, ROUND_DIR
@@ -265,6 +276,8 @@ def _put_back(path: Path, original: str, rounds: tuple[int, int] | None, logger)
     if keep > rounds[0]:
         logger.warning("train.rounds kept at %d, not put back to %d: %d rounds are complete (the next run resumes)",
                        keep, rounds[0], done)
+        return f"put back, except train.rounds kept at {keep} ({done} rounds are complete)"
+    return "put back as the run found it"
 
 
 def _with_rounds(text: str, rounds: int) -> str:

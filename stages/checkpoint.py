@@ -276,8 +276,9 @@ def load_state(state_dir: str | Path, meta: dict, device: Any = "cpu", archive_d
     path = state_file(state_dir, meta["checkpoint_id"])
     if not path.is_file():
         copies = sorted(Path(archive_dir).glob(f"*/*/{path.name}"), reverse=True) if archive_dir else []
-        fix = (f"a run moved to the archive holds it: copy it back with `cp {shlex.quote(str(copies[0]))} "
-               f"{shlex.quote(str(path))}` and run again, or start over: {RESTART}" if copies else
+        fix = (f"a run moved to the archive holds it: copy it back with `mkdir -p {shlex.quote(str(path.parent))} && "
+               f"cp {shlex.quote(str(copies[0]))} {shlex.quote(str(path))}` and run again, or start over: {RESTART}"
+               if copies else
                f"start over with: {RESTART}")
         raise PipelineError(
             f"train.state_dir: {path} is missing: the optimizer/RNG state of the checkpoint at round {meta['round']} is "

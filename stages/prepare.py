@@ -288,7 +288,8 @@ def prepare_model(params: Params, check=None) -> Path:
     else:
         source = check_model_dir(params.base.model, "base.model")
         # path + a fingerprint of the files, so a model re-saved in place is copied again
-        fingerprint = hashlib.sha1(repr(_files_of(source, marker=None)).encode()).hexdigest()[:12]
+        # tuples: the repr earlier versions hashed, so a model dir prepared by them is not copied again
+        fingerprint = hashlib.sha1(repr([tuple(f) for f in _files_of(source, marker=None)]).encode()).hexdigest()[:12]
         source_id = f"dir:{source.resolve()}:{fingerprint}"
     if _up_to_date(dest, source_id):
         log.info("base model %s is up to date (%s)", dest, source_id)

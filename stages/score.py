@@ -218,10 +218,12 @@ def score_stats(out: pl.DataFrame, rows_in: int, components: list[str], t_reward
 
 
 def _trl_named(out: pl.DataFrame, components: list[str]) -> dict:
-    """The same round under the names TRL's RLOOTrainer logs, for dashboards built on them: each reward's mean and
-    std (`rewards/<name>/mean`, `/std`, over the rows it applied to, n - 1), the share of prompts whose completions all
-    scored the same (`frac_reward_zero_std`: no learning signal from them; over prompts with >= 2 completions), and
-    `kl/per_token`, the sequence KL over the completion tokens (the unit of TRL's `kl`; ours, `kl`, is per sequence)."""
+    """The same round under the names TRL's RLOOTrainer (1.16) logs, for dashboards built on them: each reward's mean
+    and std (`rewards/<name>/mean`, `/std`, over the rows it applied to, n - 1), the share of prompts whose completions'
+    KL-penalised rewards (`rlhf_reward`, what the advantages come from) are all equal (`frac_reward_zero_std`: no
+    learning signal from them; over prompts with >= 2 completions), and `kl/per_token`, TRL's `kl`: the log-ratio of
+    the policy to the reference summed over the completion tokens and divided by their number (ours, `kl`, is per
+    sequence, or per token and row with score.kl_level: token)."""
     def nan_if_none(v) -> float:
         return float("nan") if v is None else float(v)
 
@@ -230,11 +232,12 @@ def _trl_named(out: pl.DataFrame, components: list[str]) -> dict:
         col = out[f"score/{c}"].drop_nulls()
         stats[f"rewards/{c}/mean"] = nan_if_none(col.mean())
         stats[f"rewards/{c}/std"] = nan_if_none(col.std(ddof=1)) if col.len() > 1 else float("nan")
-    groups = out.group_by("prompt_id").agg(pl.len().alias("n"), pl.col("score").std(ddof=1).alias("std"))
+    groups = out.group_by("prompt_id").agg(pl.len().alias("n"), pl.col("rlhf_reward").std(ddof=1).alias("std"))
     groups = groups.filter(pl.col("n") > 1)
-    stats["frac_reward_zero_std"] = float((groups["std"].abs() < 1e-8).mean()) if groups.height else float("nan")
+    stats["frac_reward_zero_std"] = float((groups["std"].abs() <= 1e-8).mean()) if groups.height else float("nan")
     tokens = out["num_tokens"].sum() if out.height else 0
-    stats["kl/per_token"] = float(out["kl"].sum() / tokens) if tokens else float("nan")
+    log_ratio = (out["logp_policy"] - out["logp_ref"]).sum() if out.height else 0.0
+    stats["kl/per_token"] = float(log_ratio / tokens) if tokens else float("nan")
     return stats
 
 

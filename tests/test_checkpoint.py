@@ -115,7 +115,7 @@ def test_corrupt_or_missing_state_and_bad_metadata_are_one_line_errors(tiny_mode
     meta = checkpoint.read_meta(tmp_path / "policy")
     with pytest.raises(PipelineError, match="a run moved to the archive holds it") as exc:
         checkpoint.load_state(tmp_path / "state", meta, archive_dir=tmp_path / "archive")
-    assert f"`cp {archived} {path}` and run again" in str(exc.value)
+    assert f"`mkdir -p {path.parent} && cp {archived} {path}` and run again" in str(exc.value)
     (tmp_path / "policy" / checkpoint.META).write_text("{garbage")
     with pytest.raises(PipelineError, match=r"checkpoint.json: unreadable checkpoint metadata") as exc:
         checkpoint.read_meta(tmp_path / "policy")

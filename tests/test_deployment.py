@@ -141,7 +141,8 @@ def test_the_scheduled_pipeline(tmp_path, tiny_model_dir, prefect_server):
     assert len(rounds_of(proj)) == n_rounds + 1
     assert json.loads(run([dvc, "status", "--json"], proj, env).stdout) == {}
 
-    # 5. a run that fails (a reward module that does not import): its artifact says why, the rounds and params stay
+    # 5. a run that fails (a reward module that does not import; prepare up to date): its artifact says why, the rounds
+    # and params stay
     good = (proj / "params.yaml").read_text()
     data = yaml.safe_load(good)
     data["score"]["rewards"] = [{"name": "mine", "function": "no_such_module:reward"}]
@@ -151,6 +152,7 @@ def test_the_scheduled_pipeline(tmp_path, tiny_model_dir, prefect_server):
     assert len(rounds_of(proj)) == n_rounds + 1 and (proj / "params.yaml").read_text() == bad_text
     failed = json.dumps(artifact(proj, env, "rloo-pipeline-run"))
     assert "Failed" in failed and "no_such_module" in failed, failed[:2000]
+    assert "stages run before it failed: none" in failed and "params.yaml: put back as the run found it" in failed
     (proj / "params.yaml").write_text(good)
 
     # The scheduler created upcoming cron runs (this is what sqlalchemy 2.1 silently breaks).

@@ -64,8 +64,11 @@ def test_a_failed_run_puts_params_back_but_keeps_the_rounds_it_completed(tmp_pat
     path.write_text(PARAMS)
     _rounds_done(tmp_path, done)
     rounds = raise_rounds(path, 4)
-    _put_back(path, PARAMS, rounds, logging.getLogger("t"))
+    said = _put_back(path, PARAMS, rounds, logging.getLogger("t"))
     assert path.read_text() == PARAMS.replace("  rounds: 12 ", f"  rounds: {kept} ")
+    # what the failed run's artifact says
+    assert said == ("put back as the run found it" if kept == 12 else
+                    f"put back, except train.rounds kept at {kept} ({done} rounds are complete)")
 
 
 def test_a_failed_run_leaves_an_edit_made_during_it(tmp_path, monkeypatch, caplog):
@@ -77,10 +80,10 @@ def test_a_failed_run_leaves_an_edit_made_during_it(tmp_path, monkeypatch, caplo
     rounds = raise_rounds(path, 4)
     edited = path.read_text().replace("seed: 42", "seed: 7")
     path.write_text(edited)
-    _put_back(path, PARAMS, rounds, logging.getLogger("t"))
+    assert _put_back(path, PARAMS, rounds, logging.getLogger("t")) == "edited during the run: left as it is"
     assert path.read_text() == edited and "edited during the failed run: left as it is (train.rounds there: 16)" in caplog.text
     path.write_text(PARAMS)
-    _put_back(path, PARAMS, None, logging.getLogger("t"))  # nothing changed: nothing written
+    assert _put_back(path, PARAMS, None, logging.getLogger("t")) == "as the run found it"  # nothing written
     assert path.read_text() == PARAMS
 
 

@@ -463,3 +463,18 @@ def test_gguf_model_file_permissions(smollm2_dir):
     os.umask(mask)
     for f in path.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f"{f.name}: {oct(f.stat().st_mode)}"
+
+
+def test_a_source_dirs_fingerprint_is_the_one_earlier_versions_recorded(tmp_path):
+    """A model dir prepared by an earlier version is not copied again: the file list hashed for a source dir is
+    the (relpath, size, mtime) tuples that version hashed, whatever `_files_of` returns."""
+    from stages.prepare import _files_of
+
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "w.bin").write_bytes(b"1234")
+    (tmp_path / "prepare.json").write_text("{}")  # a source dir's own file of that name counts too
+    earlier = sorted((str(f.relative_to(tmp_path)), f.stat().st_size, f.stat().st_mtime_ns)
+                     for f in tmp_path.rglob("*") if f.is_file())
+    assert repr([tuple(f) for f in _files_of(tmp_path, marker=None)]) == repr(earlier)
+    assert len(_files_of(tmp_path)) == 2  # a written dir's list leaves its marker out

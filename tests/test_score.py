@@ -412,19 +412,23 @@ def test_on_invalid_error_names_reward_and_first_key(models, tmp_path, monkeypat
 def test_score_stats_by_hand():
     """The round's reward statistics (TRL's names) of a scores table: means, the sample std (n - 1), the dropped
     rows, a component's mean over the rows it applied to, and nan for a component that never applied."""
-    out = pl.DataFrame({"prompt_id": ["p", "p", "q"], "num_tokens": [2, 3, 5],
-                        "score": [1.0, 2.0, 4.0], "rlhf_reward": [0.5, 1.0, 2.0], "kl": [0.1, 0.2, 0.3],
+    out = pl.DataFrame({"prompt_id": ["p", "p", "q"], "num_tokens": [2, 3, 5], "logp_policy": [-1.0, -2.0, -3.0],
+                        "logp_ref": [-1.5, -2.0, -3.1], "score": [1.0, 2.0, 4.0], "rlhf_reward": [0.5, 1.0, 2.0],
+                        "kl": [0.1, 0.2, 0.3],
                         "score/a": [1.0, None, 3.0], "score/b": pl.Series([None, None, None], dtype=pl.Float64)})
     got = score_stats(out, 5, ["a", "b"], 0.25, 1.5)
     assert set(got) == {"reward", "reward_std", "rlhf_reward", "kl", "score/dropped", "time/reward_s",
                         "time/logprobs_s", "rewards/a", "rewards/b", "rewards/a/mean", "rewards/a/std",
                         "rewards/b/mean", "rewards/b/std", "frac_reward_zero_std", "kl/per_token"}
     # TRL's names: a reward's mean and (n - 1) std over the rows it applied to; prompts of >= 2 completions whose
-    # scores are all equal (p: 1 and 2, not); the KL per completion token
+    # KL-penalised rewards are all equal (p: 0.5 and 1.0, not); the policy/reference log-ratio per completion token
+    # (TRL's first-order `kl`: (0.5 + 0 + 0.1) / 10 tokens, whatever the `kl` column's level)
     assert got["rewards/a/mean"] == 2.0 and got["rewards/a/std"] == pytest.approx(math.sqrt(2))
     assert math.isnan(got["rewards/b/mean"]) and math.isnan(got["rewards/b/std"])
     assert got["frac_reward_zero_std"] == 0.0 and got["kl/per_token"] == pytest.approx(0.6 / 10)
-    same = out.with_columns(pl.Series("score", [3.0, 3.0, 4.0]), pl.Series("prompt_id", ["p", "p", "p"]))
+    assert score_stats(out.with_columns(pl.col("kl") / pl.col("num_tokens")), 3, [], 0, 0)["kl/per_token"] == \
+        pytest.approx(0.06)  # kl_level: token changes `kl`, not this
+    same = out.with_columns(pl.Series("rlhf_reward", [3.0, 3.0, 4.0]), pl.Series("prompt_id", ["p", "p", "p"]))
     assert score_stats(same, 3, [], 0.0, 0.0)["frac_reward_zero_std"] == 0.0  # 3, 3, 4: one group, not flat
     assert score_stats(same.head(2), 2, [], 0.0, 0.0)["frac_reward_zero_std"] == 1.0
     assert math.isnan(score_stats(out.tail(1), 1, [], 0.0, 0.0)["frac_reward_zero_std"])  # no group of 2
