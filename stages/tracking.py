@@ -76,7 +76,10 @@ def start_run(params, identity: str, resume_id: str | None = None, topology: dic
                       "dvc_stage": os.environ.get("DVC_STAGE"), "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
                       **{k: str(v) for k, v in (topology or {}).items() if v is not None}}
             mlflow.set_tags({k: v for k, v in latest.items() if v})
-            _update_resumed(_run, latest, params)
+            try:  # tags are bookkeeping: a failure here must not start a second MLflow run for this one
+                _update_resumed(_run, latest, params)
+            except Exception as exc:
+                log.warning("MLflow: could not update the resumed run's tags (%s)", exc)
             log.info("MLflow: resumed run %s", resume_id)
             return _run
         except Exception as exc:
