@@ -254,15 +254,13 @@ class Params(_Section):
             if not counts(self):
                 section, name = key.split(".")
                 data[section][name] = _default_json(section, name)
-        return _digest({s: {k: v for k, v in data[s].items() if _in_identity(s, k)} for s in data})
+        return _identity_digest(data)
 
     def identity_aliases(self) -> set[str]:
         """Identities an earlier version gave this same run: before `CONDITIONAL_IDENTITY`, a field the configuration
         does not read was hashed with its value (e.g. a run with `update.grad_variance: true`). A run on disk under
         one of them is this run (it resumes; its new rounds carry `identity()`)."""
-        data = self.model_dump(mode="json")
-        legacy = _digest({s: {k: v for k, v in data[s].items() if _in_identity(s, k)} for s in data})
-        return {legacy} - {self.identity()}
+        return {_identity_digest(self.model_dump(mode="json"))} - {self.identity()}
 
     def flat(self) -> dict[str, Any]:
         """`section.field` -> value, for MLflow params."""
@@ -275,6 +273,11 @@ class Params(_Section):
 
 def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _identity_digest(data: dict) -> str:
+    """The hash of a dumped configuration's identity fields."""
+    return _digest({s: {k: v for k, v in data[s].items() if _in_identity(s, k)} for s in data})
 
 
 def _default_json(section: str, key: str) -> Any:

@@ -369,11 +369,11 @@ def _say_archived_twin(params, just_moved: Path) -> None:
         if d == just_moved or (d / PENDING).exists() or not (d / "rounds").is_dir():
             continue
         rounds = len(list((d / "rounds").glob(f"round=*/{MANIFEST}")))
-        names = {"rounds": params.train.rounds_dir, "policy": params.train.checkpoint_dir, "state": params.train.state_dir}
-        back = "; ".join(f"mv {shlex.quote(str(d / k))} {shlex.quote(v)}" for k, v in names.items() if (d / k).exists())
+        places = _places(params)  # the parts archive_run moved, by name
+        back = "; ".join(f"mv {shlex.quote(str(d / k))} {shlex.quote(str(v))}" for k, v in places.items() if (d / k).exists())
         log.warning("an earlier run of this configuration (%d complete rounds) is in %s; this one starts over. To "
                     "continue that one instead: stop this run, move %s, %s and %s aside, then `%s`", rounds, d,
-                    *names.values(), back)
+                    *places.values(), back)
         return
 
 
