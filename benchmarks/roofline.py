@@ -23,7 +23,9 @@ Writes benchmarks/results/roofline.json and roofline.md. Needs `dvc repro prepar
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -172,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     skip_policy = steps.policy_logprobs_from_sampler(w)
     rows = []
     work = Path(tempfile.mkdtemp(prefix="roofline-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # ~1.6 GB of checkpoints; kept only while this runs
     tp = params.train.model_copy(update={"checkpoint_dir": str(work / "policy"), "state_dir": str(work / "state")})
     wparams = params.model_copy(update={"train": tp})
     try:

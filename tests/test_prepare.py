@@ -406,15 +406,13 @@ def test_prompts_file_without_prompt_column(tmp_path, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-    """base.model = smollm2 through prepare_model, i.e. convert_gguf(gguf_path(), <staging dir>) + marker."""
-    try:
-        gguf_path()
-    except PipelineError as exc:
-        pytest.skip(str(exc))
-    tmp = tmp_path_factory.mktemp("smollm2")
-    params = params_for(tmp, "smollm2", "unused.jsonl")
-    return prepare_model(params), params
+def smollm2_dir(base_model_dir, tmp_path_factory):
+    """base.model = smollm2 through prepare_model, i.e. convert_gguf(gguf_path(), <staging dir>) + marker: the
+    session's converted base model (conftest), with this module's params.yaml-based params pointing at it (one
+    conversion and one 0.5 GB copy per suite, not two)."""
+    params = params_for(tmp_path_factory.mktemp("smollm2"), "smollm2", "unused.jsonl")
+    params = params.model_copy(update={"base": params.base.model_copy(update={"model_dir": str(base_model_dir)})})
+    return base_model_dir, params
 
 
 @pytest.mark.slow
