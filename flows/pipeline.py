@@ -200,9 +200,8 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
                 extra, added = plan_rounds(load_params(path), 0, rounds_per_new_prompt)
                 if not extra:
                     summary = {"noop": True, "changed": [], "seconds": time.perf_counter() - t0}
-                    create_markdown_artifact("### Nothing to do\n\nDVC sees every stage up to date and no prompts "
-                                             "were added: no stage ran.", key="rloo-pipeline-run",
-                                             description="what this run did")
+                    _run_artifact("### Nothing to do\n\nDVC sees every stage up to date and no prompts were "
+                                  "added: no stage ran.")
                     logger.info("nothing changed: no stage ran")
                     return summary
             original = path.read_text()
@@ -231,9 +230,8 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
         with contextlib.suppress(Exception):
             reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
             ran = ", ".join(s["stage"] for s in steps if s["ran"]) or "none"
-            create_markdown_artifact(f"### Failed\n\n- stages run before it failed: {ran}\n- reason: {reason}\n"
-                                     f"- params.yaml: {put_back}\n", key="rloo-pipeline-run",
-                                     description="what this run did")
+            _run_artifact(f"### Failed\n\n- stages run before it failed: {ran}\n- reason: {reason}\n"
+                          f"- params.yaml: {put_back}\n")
         raise
 
 
@@ -285,13 +283,18 @@ def _with_rounds(text: str, rounds: int) -> str:
     return text[: m.start(2)] + str(rounds) + text[m.end(2):]
 
 
+def _run_artifact(markdown: str) -> None:
+    """The `rloo-pipeline-run` artifact every scheduled run leaves: nothing to do, what it did, or why it failed."""
+    create_markdown_artifact(markdown, key="rloo-pipeline-run", description="what this run did")
+
+
 def _artifacts(summary: dict) -> None:
     ran = [s["stage"] for s in summary["stages"] if s["ran"]]
     lines = ["### What this run did", "", f"- stages run: {', '.join(ran) or 'none'}",
              f"- prompts added since the last round: {summary['new_prompts']}"]
     if summary["rounds"]:
         lines.append(f"- train.rounds: {summary['rounds'][0]} -> {summary['rounds'][1]}")
-    create_markdown_artifact("\n".join(lines) + "\n", key="rloo-pipeline-run", description="what this run did")
+    _run_artifact("\n".join(lines) + "\n")
     metrics = Path("metrics/eval.json")
     if metrics.is_file():
         ev = json.loads(metrics.read_text())

@@ -300,9 +300,10 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
         raise
 
 
-def _current_outputs(identity: str | set[str], total: int, done: list[dict]) -> dict | None:
-    """metrics/train.json when this very run wrote it over `total` rounds (its identity, and the MLflow run of its
-    last round: an archived run of the same settings has another), else None. The file is written last
+def _current_outputs(identities: set[str], total: int, done: list[dict]) -> dict | None:
+    """metrics/train.json when this very run wrote it over `total` rounds (one of its identities, with the ones an
+    earlier version gave it, and the MLflow run of its last round: an archived run of the same settings has another),
+    else None. The file is written last
     (`write_run_outputs`), so plots/train.csv is as current."""
     from stages.loop.writer import METRICS_FILE
 
@@ -311,8 +312,7 @@ def _current_outputs(identity: str | set[str], total: int, done: list[dict]) -> 
     except (OSError, ValueError):
         return None
     run_id = done[-1].get("mlflow_run_id") if done else None
-    ids = {identity} if isinstance(identity, str) else identity  # with the ones an earlier version gave this run
-    mine = (isinstance(summary, dict) and summary.get("identity") in ids and summary.get("rounds") == total
+    mine = (isinstance(summary, dict) and summary.get("identity") in identities and summary.get("rounds") == total
             and run_id is not None and summary.get("mlflow_run_id") == run_id)
     return summary if mine else None
 

@@ -23,8 +23,6 @@ from stages.params import parse_params
 from stages.prepare import (
     check_prompt_lengths,
     clean_prompts,
-    convert_gguf,  # noqa: F401  (exercised through prepare_model in the slow tests)
-    gguf_path,
     prepare,
     prepare_model,
     prompt_id,
