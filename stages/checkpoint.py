@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from stages.errors import RESTART, PipelineError, checkout_fix
+from stages.errors import RESTART, PipelineError, checkout_fix, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,7 @@ def state_file(state_dir: str | Path, checkpoint_id: str) -> Path:
 
 def _disk_error(exc: BaseException, path: Path) -> PipelineError | None:
     """A one-line error for a full disk (or quota), else None. torch.save reports it as a RuntimeError."""
-    text = str(exc)
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    full = full or (isinstance(exc, RuntimeError) and ("file write failed" in text or "No space left" in text))
+    full = disk_full(exc) is not None or (isinstance(exc, RuntimeError) and "file write failed" in str(exc))
     if not full:
         return None
     free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free / 2**30

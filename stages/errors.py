@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import logging
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,13 +91,58 @@ def bad_input_exits() -> Iterator[None]:
         if not _report_to_launcher("interrupted", ""):
             print(INTERRUPTED, file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    except Exception:
+    except Exception as exc:
         if peer_reported():  # a rank whose collective broke because another rank stopped: that rank's line says why
             _report_to_launcher("peer", "")
             sys.exit(1)
-        raise
+        full = disk_full_message(exc)
+        if full is None:
+            raise
+        if not _report_to_launcher("error", full):  # a full disk is not a bug: one line, as for bad input
+            print(f"error: {full}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     finally:
         _TELLS_BAD_INPUT = outer
+
+
+_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")  # strerror of ENOSPC, EDQUOT
+
+
+def disk_full(exc: BaseException | None) -> BaseException | None:
+    """The exception in `exc`'s chain that says the disk (or the user's quota) is full, else None: an OSError with
+    ENOSPC or EDQUOT, or one whose text says so (polars' ComputeError "... underlying IO error: No space left on
+    device (os error 28)", safetensors' SafetensorError "... I/O error: No space left on device")."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        if any(t in str(exc) for t in _FULL_TEXTS):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def disk_full_message(exc: BaseException, path: str | Path | None = None) -> str | None:
+    """One line for a full disk anywhere in `exc`'s chain (the file being written where known: `path`, or the
+    OSError's own; the space left on its filesystem; what to do), else None. Every artifact is written to a temporary
+    file and renamed (stages.io): the files of the completed rounds are whole, and the command continues from them
+    once there is space."""
+    cause = disk_full(exc)
+    if cause is None:
+        return None
+    where = path or getattr(cause, "filename", None)
+    text = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    text = (text.splitlines() or [type(cause).__name__])[0][:200]
+    free = ""
+    if where:
+        d = Path(where).absolute().parent
+        while not d.exists() and d != d.parent:
+            d = d.parent
+        with contextlib.suppress(OSError):
+            free = f", {shutil.disk_usage(d).free / 2**30:.2f} GiB free there"
+    return (f"disk full{f' writing {where}' if where else ''}: {text}{free}; what was complete is kept: free some "
+            "space (`du -sh data/archive/*` shows superseded runs, `dvc gc -w` old cache entries) and run the "
+            "command again")
 
 
 def peer_reported() -> bool:
@@ -142,8 +189,8 @@ _TELLS_BAD_INPUT = False  # inside `bad_input_exits`: a PipelineError will be to
 
 
 class _NoTracebackForBadInput(logging.Filter):
-    """Keeps a log record but drops its traceback when the exception is a PipelineError (bad input, not a bug). Drops
-    a failure record altogether where its outcome is told once elsewhere: for a PipelineError inside
+    """Keeps a log record but drops its traceback when the exception is a PipelineError (bad input, not a bug) or a
+    full disk. Drops a failure record altogether where its outcome is told once elsewhere: for either inside
     `bad_input_exits` (a command's one `error:` line says it; Prefect's task and flow failure lines would repeat it
     four times: the flow run's Failed state still records it), and under `python -m flows.train`'s launch once
     another rank has reported bad input or a Ctrl-C (the failure here, a broken collective, follows from it, and the
@@ -153,8 +200,10 @@ class _NoTracebackForBadInput(logging.Filter):
         failed = record.levelno >= logging.ERROR or "in state Failed" in str(record.msg)
         if failed and peer_reported():
             return False
-        bad_input = record.exc_info and isinstance(record.exc_info[1], PipelineError)
-        if failed and _TELLS_BAD_INPUT and (bad_input or "PipelineError" in record.getMessage()):
+        bad_input = record.exc_info and (isinstance(record.exc_info[1], PipelineError)
+                                         or disk_full(record.exc_info[1]) is not None)
+        told = ("PipelineError",) + _FULL_TEXTS
+        if failed and _TELLS_BAD_INPUT and (bad_input or any(t in record.getMessage() for t in told)):
             return False  # Prefect's lines name the exception's type: "... exception PipelineError: <message>"
         if _TELLS_BAD_INPUT and _ctrl_c(record):
             return False  # the command's one `interrupted:` line says it; the Crashed state is still recorded

@@ -18,7 +18,7 @@ from typing import Any
 
 import polars as pl
 
-from stages.errors import PipelineError
+from stages.errors import PipelineError, disk_full_message
 from stages.schemas import Schema, check, conform
 
 
@@ -28,20 +28,30 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `dest`; on success rename it to `dest`, on error delete it."""
+    """Yield a temporary path beside `dest`; on success rename it to `dest`, on error delete it. A full disk becomes
+    a one-line PipelineError naming `dest` (the earlier `dest` is untouched)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp_path, dest)
+    except Exception as exc:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)  # first: the space it took counts in the message
+        full = disk_full_message(exc, dest)
+        if full is not None:
+            raise PipelineError(full) from None
+        raise
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def write_table(df: pl.DataFrame, dest: str | Path, schema: Schema | None = None) -> Path:

@@ -283,6 +283,41 @@ def test_cli_carries_ema_state(tmp_path):
     assert pl.read_parquet(tmp_path / "a1.parquet")["baseline"].to_list() == pytest.approx([expected] * 6)
 
 
+
+def test_cli_on_a_full_disk_is_one_line_and_keeps_the_earlier_output(tmp_path):
+    """A real full filesystem (a 256 KiB tmpfs in a private mount namespace, filled up): the command ends with one
+    `error: disk full ...` line and exit code 2, no traceback, the earlier output as it was and no temporary file left.
+    Where this machine cannot make a mount namespace, test_runtime's in-process tests still cover the message."""
+    import shutil
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no private mount namespace here (unshare -rm); the in-process tests cover the message")
+    src, full, keep = tmp_path / "scores.parquet", tmp_path / "full", tmp_path / "kept.parquet"
+    random_scores(num_prompts=400, k=4, drop=0.0, seed=5).write_parquet(src)  # ~10 KB of advantages to write
+    full.mkdir()
+    earlier = grid([[1.0, 2.0]])
+    earlier.write_parquet(tmp_path / "earlier.parquet")
+    script = f"""
+set -u
+mount -t tmpfs -o size=256k tmpfs {full}
+cp {tmp_path / "earlier.parquet"} {full}/adv.parquet
+dd if=/dev/zero of={full}/fill bs=4k 2>/dev/null
+{sys.executable} -m stages.advantage --scores {src} --out {full}/adv.parquet --estimator rloo \
+    --state-out {full}/s.json 2>{tmp_path}/err.txt
+echo $? > {tmp_path}/rc.txt
+ls -A {full} > {tmp_path}/ls.txt
+cp {full}/adv.parquet {keep}
+"""
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    err = (tmp_path / "err.txt").read_text().strip().splitlines()
+    assert (tmp_path / "rc.txt").read_text().strip() == "2", err
+    assert len(err) == 1 and err[0].startswith(f"error: disk full writing {full}/"), err
+    assert "No space left on device" in err[0] and " GiB free there; " in err[0] and "run the command again" in err[0]
+    assert sorted((tmp_path / "ls.txt").read_text().split()) == ["adv.parquet", "fill"]  # no temporary file left
+    assert pl.read_parquet(keep).equals(earlier)
+
 BAD_INPUTS = {
     "missing_column": (lambda: grid([[1.0, 2.0]]).drop("rlhf_reward"), "rlhf_reward"),
     "duplicate_key": (lambda: scores(["a", "a", "b", "b"], [0, 1, 0, 0], [1.0, 2.0, 3.0, 4.0]), "duplicate"),

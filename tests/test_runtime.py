@@ -154,6 +154,50 @@ def test_prefect_failure_lines_of_bad_input_are_dropped_only_where_the_error_lin
         ("Finished in state Completed()", False)]
 
 
+def test_a_full_disk_is_told_in_one_line_whatever_library_hit_it(capsys):
+    """A full disk, as the OS, polars (its text, polars 1.x) and safetensors report it, or raised from deeper down (a
+    background write's failure re-raised), ends a command with one `error: disk full` line and exit code 2; other
+    errors (a bug, a missing file) stay tracebacks. test_advantage fills a real filesystem through a stage's CLI."""
+    import errno
+
+    from polars.exceptions import ComputeError
+
+    from stages.errors import bad_input_exits, disk_full, disk_full_message
+
+    os_full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "data/rounds/round=0003/samples.parquet")
+    polars_full = ComputeError("parquet: File out of specification: underlying IO error: No space left on device "
+                               "(os error 28)")
+    safetensors_full = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def writer_full():
+        try:
+            raise os_full
+        except OSError as exc:
+            raise RuntimeError("the round's write failed") from exc
+
+    for fail in (os_full, polars_full, safetensors_full, writer_full):
+        with pytest.raises(SystemExit) as exit_, bad_input_exits():
+            fail() if callable(fail) else _raise(fail)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: disk full") and "No space left on device" in err[0], err
+        assert "du -sh data/archive/*" in err[0] and "run the command again" in err[0]
+    assert disk_full_message(os_full).startswith("disk full writing data/rounds/round=0003/samples.parquet: No space "
+                                                 "left on device, ")
+    assert " GiB free there; " in disk_full_message(os_full)
+    for bug in (ValueError("a bug"), OSError(errno.ENOENT, "No such file or directory", "x.parquet")):
+        assert disk_full(bug) is None and disk_full_message(bug) is None
+        with pytest.raises(type(bug)), bad_input_exits():
+            raise bug
+    quota = OSError(errno.EDQUOT, "Disk quota exceeded", "models/policy/model.safetensors")
+    assert disk_full_message(quota).startswith("disk full writing models/policy/model.safetensors: Disk quota "
+                                               "exceeded, ")
+
+
+def _raise(exc: BaseException):
+    raise exc
+
+
 @pytest.mark.parametrize("end, code, prelude", [
     ("", 0, ""), ("sys.exit(3)", 3, ""), ("raise PipelineError('x: bad')", 2, ""),
     # a Python without the private exit APIs exit_now uses: Python's own exit path, the same outcome
