@@ -4,6 +4,7 @@ logp difference against another reference), the metrics of a table, and the poli
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import polars as pl
@@ -246,6 +247,7 @@ def test_task_scores_give_rewards_the_prompts_columns_and_name_a_bad_row(setup, 
                                               "def g(prompts, completions, **kw):\n"
                                               "    return [float(p == 'b') for p in prompts]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "bad_reward_t", raising=False)
     by_prompt = build_rewards([RewardSpec(name="p", function="bad_reward_t:g")])
     assert task_scores(df, by_prompt, qs).tolist() == [0.0, 1.0]  # the user's raw prompt of each row, by prompt_id
     bad = build_rewards([RewardSpec(name="b", function="bad_reward_t:f")])

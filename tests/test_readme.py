@@ -26,6 +26,7 @@ def heredoc(marker: str, name: str) -> str:
 def test_the_readme_reward_functions(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(heredoc("PY", "my_rewards.py"))
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
     length = build_reward(RewardSpec(name="len", function="my_rewards:reward_len"))
     assert length(["q", "q"], ["x" * 20, "x" * 5], completion_ids=[[1], [2]]) == [0, -15]
     acc = build_reward(RewardSpec(name="acc", function="my_rewards:accuracy"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import textwrap
 
 import numpy as np
@@ -268,6 +269,7 @@ def user_module(tmp_path, monkeypatch):
             return [json.loads(c) for c in completions]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_rewards_t", raising=False)  # this test's file, not an earlier test's (gone)
     return "my_rewards_t"
 
 
@@ -323,6 +325,7 @@ def test_a_packaged_reward_s_error_points_at_its_package_not_the_pipeline(tmp_pa
     lib.mkdir()
     (lib / "pkg_reward_t.py").write_text("def score(completions, **kwargs):\n    return [c['content'] for c in completions]\n")
     monkeypatch.syspath_prepend(str(lib))
+    monkeypatch.delitem(sys.modules, "pkg_reward_t", raising=False)
     monkeypatch.setattr(site, "getsitepackages", lambda: [str(lib)])
     reward = build_reward(RewardSpec(name="pkg", function="pkg_reward_t:score"))
     with pytest.raises(PipelineError) as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import textwrap
 
 import numpy as np
@@ -51,6 +52,7 @@ TRL_STYLE = textwrap.dedent('''
 def mod(tmp_path, monkeypatch):
     (tmp_path / "trl_style.py").write_text(TRL_STYLE)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "trl_style", raising=False)  # this test's file, not an earlier test's (gone)
     return "trl_style"
 
 
