@@ -303,8 +303,7 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
 def _current_outputs(identities: set[str], total: int, done: list[dict]) -> dict | None:
     """metrics/train.json when this very run wrote it over `total` rounds (one of its identities, with the ones an
     earlier version gave it, and the MLflow run of its last round: an archived run of the same settings has another),
-    else None. The file is written last
-    (`write_run_outputs`), so plots/train.csv is as current."""
+    else None. The file is written last (`write_run_outputs`), so plots/train.csv is as current."""
     from stages.loop.writer import METRICS_FILE
 
     try:
