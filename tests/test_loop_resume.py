@@ -149,8 +149,16 @@ def test_fewer_rounds_than_completed_are_refused_but_not_for_another_run(params)
     plan = plan_resume(params, ID)
     check_total(plan, 3)  # all done: fine
     check_total(plan, 5)  # more to train: fine
-    with pytest.raises(PipelineError, match=r"^--rounds: 2 rounds asked, but 3 rounds of this run are already complete"):
-        check_total(plan, 2, "--rounds")
+    with pytest.raises(PipelineError) as exc:
+        check_total(plan, 2, "--rounds")  # a command-line flag: no params.yaml hint
+    assert str(exc.value) == ("--rounds: 2 rounds asked, but 3 rounds of this run are already complete; ask for 3 or "
+                              f"more (more continue the run), or start over: {RESTART}")
+    for field in ("train.rounds", "train.rounds (or --rounds)"):  # set in params.yaml: where to change it
+        with pytest.raises(PipelineError) as exc:
+            check_total(plan, 2, field) if field != "train.rounds" else check_total(plan, 2)
+        assert str(exc.value) == (f"{field}: 2 rounds asked, but 3 rounds of this run are already complete; ask for 3 "
+                                  "or more (params.yaml, or `-S train.rounds=N` in a dvc exp run) (more continue the "
+                                  f"run), or start over: {RESTART}")
     check_total(plan_resume(params, "run-b"), 1)  # another identity starts over: its rounds are not this run's
 
 

@@ -432,6 +432,14 @@ def test_score_stats_by_hand():
     assert score_stats(same, 3, [], 0.0, 0.0)["frac_reward_zero_std"] == 0.0  # 3, 3, 4: one group, not flat
     assert score_stats(same.head(2), 2, [], 0.0, 0.0)["frac_reward_zero_std"] == 1.0
     assert math.isnan(score_stats(out.tail(1), 1, [], 0.0, 0.0)["frac_reward_zero_std"])  # no group of 2
+    # by prompt: p flat (3, 3), q not (1, 2): half the prompts; a reward that applied to one row has no std
+    two = out.vstack(out.tail(1).with_columns(pl.Series("rlhf_reward", [1.0]))).with_columns(
+        pl.Series("rlhf_reward", [3.0, 3.0, 2.0, 1.0]))
+    assert score_stats(two, 4, [], 0.0, 0.0)["frac_reward_zero_std"] == 0.5
+    one = score_stats(out.with_columns(pl.Series("score/a", [None, None, 3.0])), 3, ["a"], 0.0, 0.0)
+    assert one["rewards/a/mean"] == 3.0 and math.isnan(one["rewards/a/std"])
+    empty = score_stats(out.clear(), 0, [], 0.0, 0.0)  # no rows: no tokens, no KL per token
+    assert math.isnan(empty["kl/per_token"]) and math.isnan(empty["frac_reward_zero_std"])
     assert got["reward"] == pytest.approx(7 / 3) and got["reward_std"] == pytest.approx(math.sqrt(7 / 3))
     assert got["rlhf_reward"] == pytest.approx(3.5 / 3) and got["kl"] == pytest.approx(0.2)
     assert (got["score/dropped"], got["time/reward_s"], got["time/logprobs_s"]) == (2, 0.25, 1.5)
