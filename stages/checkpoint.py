@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from stages.errors import RESTART, PipelineError, checkout_fix, disk_full
+from stages.errors import RESTART, PipelineError, checkout_fix, disk_full, free_gib
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,9 @@ def _disk_error(exc: BaseException, path: Path) -> PipelineError | None:
     full = disk_full(exc) is not None or (isinstance(exc, RuntimeError) and "file write failed" in str(exc))
     if not full:
         return None
-    free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free / 2**30
-    return PipelineError(f"{path}: disk full while writing the checkpoint ({free:.2f} GiB free); the previous checkpoint "
-                         "is intact: free some space (e.g. `dvc gc`, old data/archive runs) and re-run to resume")
+    return PipelineError(f"{path}: disk full while writing the checkpoint ({free_gib(path) or '?'} GiB free); the "
+                         "previous checkpoint is intact: free some space (`du -sh data/archive/*` shows superseded "
+                         "runs, `dvc gc -w` old cache entries) and run the command again to resume")
 
 
 def save(trainer, policy_dir: str | Path, state_dir: str | Path, meta: dict[str, Any], rng: dict | None = None,

@@ -122,6 +122,18 @@ def disk_full(exc: BaseException | None) -> BaseException | None:
     return None
 
 
+def free_gib(path: str | Path) -> str:
+    """The space left on the filesystem that `path` is (or would be) written to, in GiB with two decimals ("" where
+    that cannot be read): the nearest existing directory above it counts."""
+    d = Path(path).absolute().parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        return f"{shutil.disk_usage(d).free / 2**30:.2f}"
+    except OSError:
+        return ""
+
+
 def disk_full_message(exc: BaseException, path: str | Path | None = None) -> str | None:
     """One line for a full disk anywhere in `exc`'s chain (the file being written where known: `path`, or the
     OSError's own; the space left on its filesystem; what to do), else None. Every artifact is written to a temporary
@@ -133,13 +145,8 @@ def disk_full_message(exc: BaseException, path: str | Path | None = None) -> str
     where = path or getattr(cause, "filename", None)
     text = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
     text = (text.splitlines() or [type(cause).__name__])[0][:200]
-    free = ""
-    if where:
-        d = Path(where).absolute().parent
-        while not d.exists() and d != d.parent:
-            d = d.parent
-        with contextlib.suppress(OSError):
-            free = f", {shutil.disk_usage(d).free / 2**30:.2f} GiB free there"
+    free = free_gib(where) if where else ""
+    free = f", {free} GiB free there" if free else ""
     return (f"disk full{f' writing {where}' if where else ''}: {text}{free}; what was complete is kept: free some "
             "space (`du -sh data/archive/*` shows superseded runs, `dvc gc -w` old cache entries) and run the "
             "command again")
@@ -186,6 +193,7 @@ def read_rank_reports(where: str) -> dict[int, dict[str, str]]:
 
 
 _TELLS_BAD_INPUT = False  # inside `bad_input_exits`: a PipelineError will be told in its one `error:` line
+_TOLD_TEXTS = ("PipelineError",) + _FULL_TEXTS  # in a failure record's message: told by that one line
 
 
 class _NoTracebackForBadInput(logging.Filter):
@@ -202,8 +210,7 @@ class _NoTracebackForBadInput(logging.Filter):
             return False
         bad_input = record.exc_info and (isinstance(record.exc_info[1], PipelineError)
                                          or disk_full(record.exc_info[1]) is not None)
-        told = ("PipelineError",) + _FULL_TEXTS
-        if failed and _TELLS_BAD_INPUT and (bad_input or any(t in record.getMessage() for t in told)):
+        if failed and _TELLS_BAD_INPUT and (bad_input or any(t in record.getMessage() for t in _TOLD_TEXTS)):
             return False  # Prefect's lines name the exception's type: "... exception PipelineError: <message>"
         if _TELLS_BAD_INPUT and _ctrl_c(record):
             return False  # the command's one `interrupted:` line says it; the Crashed state is still recorded

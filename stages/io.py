@@ -42,16 +42,13 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp_path, dest)
-    except Exception as exc:
+    except BaseException as exc:  # a Ctrl-C too: no temporary file is left behind
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)  # first: the space it took counts in the message
         full = disk_full_message(exc, dest)
         if full is not None:
             raise PipelineError(full) from None
         raise
-    finally:
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
 
 
 def write_table(df: pl.DataFrame, dest: str | Path, schema: Schema | None = None) -> Path:

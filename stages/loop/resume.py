@@ -46,7 +46,8 @@ MANIFEST = "manifest.json"
 ROUND_DIR = re.compile(r"^round=(\d{4,})$")
 ARTIFACTS = ("samples", "scores", "advantages")
 ROUND_FILES = (*(f"{a}.parquet" for a in ARTIFACTS), MANIFEST)  # all a round writes in its dir
-STAGE_RUN = "stages.update"  # the `source` an update-stage checkpoint records (stages/update.py), and the run it counts as
+# the `source` an update-stage checkpoint records (stages/update.py), and the run it counts as
+STAGE_RUN = "stages.update"
 _REQUIRED = {"round": int, "identity": str, "artifacts": dict, "metrics": dict}
 
 
@@ -100,8 +101,8 @@ def report_untrained(logger, last_manifest: dict, split: dict, total: int) -> No
     added = new_prompts(last_manifest, split)
     if added:
         logger.info("%d prompt(s) were added to the train split since round %d; raise train.rounds past %d to train on "
-                    "them (they come first), or let a scheduled pipeline run do it", len(added), last_manifest["round"] + 1,
-                    total)
+                    "them (they come first), or let a scheduled pipeline run do it", len(added),
+                    last_manifest["round"] + 1, total)
 
 
 # ---------------------------------------------------------------- artifacts and manifests
@@ -129,7 +130,8 @@ def read_manifest(path: Path) -> dict:
         raise PipelineError(f"{path}: manifest lacks {', '.join(bad)}; {fix}")
     expected = ROUND_DIR.match(path.parent.name)
     if expected and int(expected.group(1)) != data["round"]:
-        raise PipelineError(f"{path}: manifest says round {data['round']} in the dir of round {int(expected.group(1))}; {fix}")
+        raise PipelineError(f"{path}: manifest says round {data['round']} in the dir of round "
+                            f"{int(expected.group(1))}; {fix}")
     return data
 
 
@@ -234,16 +236,16 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
             where = f"{tp.checkpoint_dir}: the checkpoint is of another run than the rounds in {tp.rounds_dir}"
         else:
             where = f"{tp.rounds_dir}: the rounds are of another run than the checkpoint in {tp.checkpoint_dir}"
-        raise PipelineError(f"{where} (identities {sorted(ids)}); the state is inconsistent; start over (the old rounds "
-                            f"are moved to {tp.archive_dir}): {RESTART}")
+        raise PipelineError(f"{where} (identities {sorted(ids)}); the state is inconsistent; start over (the old "
+                            f"rounds are moved to {tp.archive_dir}): {RESTART}")
     n = 0
     while n in manifests:
         n += 1
     if any(r > n for r in manifests):
         missing = round_dir(tp.rounds_dir, n) / MANIFEST
         missing = missing if missing.parent.is_dir() else missing.parent
-        raise PipelineError(f"{round_dir(tp.rounds_dir, n)}: round {n + 1} has no manifest but later rounds do; the state "
-                            f"is inconsistent; {checkout_fix(missing)} or start over: {RESTART}")
+        raise PipelineError(f"{round_dir(tp.rounds_dir, n)}: round {n + 1} has no manifest but later rounds do; the "
+                            f"state is inconsistent; {checkout_fix(missing)} or start over: {RESTART}")
     c = meta["round"] if meta else 0
     plan = ResumePlan(identity, c, checkpoint=meta)
     if c == n + 1 and (meta.get("manifest") or {}).get("round") == n:
@@ -256,8 +258,8 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     lost = [r for r in range(c, n) if manifests[r].get("checkpoint")]
     if lost:
         where = "is missing" if meta is None else f"is at round {c}"
-        raise PipelineError(f"{tp.checkpoint_dir}: round {lost[-1] + 1} wrote a checkpoint, but the checkpoint {where}; "
-                            f"{checkout_fix(tp.checkpoint_dir, 'that checkpoint')} or start over: {RESTART}")
+        raise PipelineError(f"{tp.checkpoint_dir}: round {lost[-1] + 1} wrote a checkpoint, but the checkpoint "
+                            f"{where}; {checkout_fix(tp.checkpoint_dir, 'that checkpoint')} or start over: {RESTART}")
     for r in range(n):  # every complete round is intact, or the run stops and says how to get it back (the round
         # whose manifest is repaired too: a kill between the two writes leaves its artifacts, a deleted dir does not)
         verify_round(round_dir(tp.rounds_dir, r), manifests[r], checkpoint_round=c if meta else None)
@@ -268,8 +270,8 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     for d in plan.stale:
         foreign = sorted(p.name for p in d.iterdir() if not _written_by_a_round(p.name))
         if foreign:
-            raise PipelineError(f"{d / foreign[0]}: this round is re-done and its dir removed, but the pipeline did not "
-                                f"write this file; move it out of {tp.rounds_dir} and run again")
+            raise PipelineError(f"{d / foreign[0]}: this round is re-done and its dir removed, but the pipeline did "
+                                f"not write this file; move it out of {tp.rounds_dir} and run again")
     return plan
 
 
@@ -347,7 +349,8 @@ def archive_run(params, superseded: dict) -> Archived | None:
             break
         except FileExistsError:
             pass
-    # the marker first: a run killed from here until it completes a round is undone at the next start (restore_interrupted);
+    # the marker first: a run killed from here until it completes a round is undone at the next start
+    # (restore_interrupted);
     # where the parts came from, resolved, so that a start in another checkout sharing the archive dir leaves it be
     write_json({"made": [str(p) for p in made], "parts": list(parts),
                 "from": _origin(params)}, dest / PENDING)
@@ -370,7 +373,8 @@ def _say_archived_twin(params, just_moved: Path) -> None:
             continue
         rounds = len(list((d / "rounds").glob(f"round=*/{MANIFEST}")))
         places = _places(params)  # the parts archive_run moved, by name
-        back = "; ".join(f"mv {shlex.quote(str(d / k))} {shlex.quote(str(v))}" for k, v in places.items() if (d / k).exists())
+        back = "; ".join(f"mv {shlex.quote(str(d / k))} {shlex.quote(str(v))}"
+                         for k, v in places.items() if (d / k).exists())
         log.warning("an earlier run of this configuration (%d complete rounds) is in %s; this one starts over. To "
                     "continue that one instead: stop this run, move %s, %s and %s aside, then `%s`", rounds, d,
                     *places.values(), back)
