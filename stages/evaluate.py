@@ -63,7 +63,7 @@ def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame) -> np.ndarray:
 
     keys = list(zip(df["prompt_id"], df["sample_idx"]))
     texts, columns = reward_inputs(df, prompts)
-    comps = compute_rewards(rewards, texts, df["completion"].to_list(), keys, None, **columns)
+    comps = compute_rewards(rewards, texts, df["completion"].to_list(), keys, **columns)  # TRL's extras at step 0
     return combine(comps, {r.name: r.weight for r in rewards})
 
 

@@ -231,13 +231,13 @@ def _trl_named(out: pl.DataFrame, components: list[str]) -> dict:
     for c in components:
         col = out[f"score/{c}"].drop_nulls()
         stats[f"rewards/{c}/mean"] = nan_if_none(col.mean())
-        stats[f"rewards/{c}/std"] = nan_if_none(col.std(ddof=1)) if col.len() > 1 else float("nan")
+        stats[f"rewards/{c}/std"] = nan_if_none(col.std(ddof=1))  # polars: None for fewer than 2 values
     groups = out.group_by("prompt_id").agg(pl.len().alias("n"), pl.col("rlhf_reward").std(ddof=1).alias("std"))
     groups = groups.filter(pl.col("n") > 1)
-    stats["frac_reward_zero_std"] = float((groups["std"].abs() <= 1e-8).mean()) if groups.height else float("nan")
-    tokens = out["num_tokens"].sum() if out.height else 0
-    log_ratio = (out["logp_policy"] - out["logp_ref"]).sum() if out.height else 0.0
-    stats["kl/per_token"] = float(log_ratio / tokens) if tokens else float("nan")
+    # TRL's torch.isclose(std, 0): |std| <= 1e-8; polars' mean of no groups is None
+    stats["frac_reward_zero_std"] = nan_if_none((groups["std"].abs() <= 1e-8).mean())
+    tokens = out["num_tokens"].sum()  # 0 for no rows
+    stats["kl/per_token"] = float((out["logp_policy"] - out["logp_ref"]).sum() / tokens) if tokens else float("nan")
     return stats
 
 

@@ -242,7 +242,11 @@ def test_a_broken_manifest_is_refused(params, content, phrase):
         plan_resume(params, ID)
     assert phrase in one_line(exc) and str(round_dir(tp.rounds_dir, 1) / MANIFEST) in str(exc.value)
     assert RESTART in one_line(exc)  # the way out it names works: the run moves aside as it is
-    assert plan_resume(params, ID, restart=True).superseded == {"identity": "unreadable", "rounds": 2, "restart": True}
+    (Path(tp.rounds_dir) / "round=0007").write_text("not a dir")  # neither counts as a round of the run moved aside
+    (Path(tp.rounds_dir) / "round=notes").mkdir()
+    plan = plan_resume(params, ID, restart=True)
+    assert (plan.identity, plan.start) == (ID, 0)  # the new run: this configuration, from round 1
+    assert plan.superseded == {"identity": "unreadable", "rounds": 2, "restart": True}
     write_json({"format": checkpoint.FORMAT}, f"{tp.checkpoint_dir}/{checkpoint.META}")  # an unreadable checkpoint too
     assert plan_resume(params, ID, restart=True).superseded["identity"] == "unreadable"
 
@@ -273,6 +277,10 @@ def test_a_gap_in_the_manifests_is_refused(params):
     assert "round 2 has no manifest but later rounds do" in one_line(exc)
     assert f"restore it with `dvc checkout {round_dir(tp.rounds_dir, 1) / MANIFEST}` (DVC's copy" in one_line(exc)
     assert RESTART in one_line(exc)
+    shutil.rmtree(round_dir(tp.rounds_dir, 1))  # the whole round dir gone: the checkout names the dir
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert f"restore it with `dvc checkout {round_dir(tp.rounds_dir, 1)}` (DVC's copy" in one_line(exc)
 
 
 @pytest.mark.parametrize("damage", ["missing", "size", "checksum"])
@@ -401,6 +409,19 @@ def test_the_two_runs_error_names_the_odd_side(params):
     assert one_line(exc).startswith(f"{tp.rounds_dir}: the rounds are of another run than the checkpoint in")
 
 
+def test_the_round_the_checkpoint_resumes_at_is_re_done_when_damaged(params):
+    tp = params.train
+    write_round(tp, 0, ckpt=False)
+    write_round(tp, 1, ckpt=True)
+    write_round(tp, 2, ckpt=False)  # round 3: right after the checkpoint (which is at round 2)
+    write_checkpoint(tp, 2)
+    (round_dir(tp.rounds_dir, 2) / "samples.parquet").write_bytes(b"damaged")
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert "round 3 is damaged" in one_line(exc)
+    assert "re-do it from the checkpoint at round 2 by removing round=0002 and the round dirs after it" in one_line(exc)
+
+
 def test_a_damaged_round_without_a_checkpoint_is_re_done_from_the_base_model(params):
     tp = params.train
     write_round(tp, 0, ckpt=False)
@@ -480,6 +501,7 @@ def test_a_run_an_earlier_version_named_by_a_field_it_does_not_read_resumes(tmp_
     assert plan.superseded is None and plan.start == 2 and plan.checkpoint["round"] == 2
     write_round(tp, 2, params.identity(), ckpt=False)  # its next round, under the new identity: still one run
     assert plan_resume(params, params.identity()).start == 3
+    assert plan_resume(params, "run-b").superseded is not None  # the aliases are those of the identity asked for only
     other = repo_params(update={"grad_variance": True}, advantage={"alpha": 0.5}, base={"seed": 9})
     assert plan_resume(other, other.identity()).superseded is not None  # another configuration is another run
 
@@ -540,6 +562,8 @@ def test_prompts_added_come_before_the_never_trained_prompts_of_the_old_split():
     third = round_prompts(grown, 2, 2, 7, history, added)["prompt_id"].to_list()
     fourth = round_prompts(grown, 3, 2, 7, history + [third], added)["prompt_id"].to_list()
     assert set(third) < added and set(fourth) & added == added - set(third)  # all three first, then the old split
+    # among the added, the order is sha1("seed:-2:id"), the same in every version (resumes replay it)
+    assert third == sorted(added, key=lambda p: hashlib.sha1(f"7:-2:{p}".encode()).hexdigest())[:2]
     assert round_prompts(grown, 2, 2, 7, history)["prompt_id"].to_list() == (
         round_prompts(grown, 2, 2, 7, history, frozenset())["prompt_id"].to_list())
 
@@ -848,3 +872,192 @@ def test_a_marker_of_other_output_dirs_is_left_alone_and_a_failed_move_back_is_n
     with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
         assert not resume.restore_interrupted(params)
     assert f"{marker}: could not move the previous run back ([Errno 28] No space left on device)" in caplog.text
+
+
+def _archived_at(monkeypatch, when):
+    """archive_run's clock set to `when` (its dir names sort by time)."""
+    from stages.loop import resume
+
+    real = resume.time.strftime
+    monkeypatch.setattr(resume.time, "strftime", lambda fmt, *a: when if fmt == "%Y%m%d-%H%M%S" else real(fmt, *a))
+
+
+def test_the_archived_run_named_is_the_newest_final_one_with_rounds(params, tmp_path, monkeypatch, caplog):
+    """Three archives of this configuration: the newest still has its marker (its run may move back), the next holds
+    no rounds; the one named is the third, with the whole message and the moves that bring each of its parts back."""
+    from stages.loop import resume
+
+    tp, me = params.train, params.identity()
+    _archived_at(monkeypatch, "20261201-100000")
+    for r in range(3):
+        write_round(tp, r, identity=me)
+    write_checkpoint(tp, 3, identity=me)
+    chosen = resume.archive_run(params, {"identity": me, "rounds": 3}).dest
+    resume.keep_archived(resume.Archived(chosen))
+    _archived_at(monkeypatch, "20261201-110000")
+    (tmp_path / tp.state_dir).mkdir(parents=True)
+    (tmp_path / tp.state_dir / "state-x.pt").write_bytes(b"s")
+    no_rounds = resume.archive_run(params, {"identity": me, "rounds": 0}).dest
+    resume.keep_archived(resume.Archived(no_rounds))
+    _archived_at(monkeypatch, "20261201-120000")
+    write_round(tp, 0, identity=me)
+    pending = resume.archive_run(params, {"identity": me, "rounds": 1}).dest  # keeps its marker
+    _archived_at(monkeypatch, "20261201-130000")
+    write_round(tp, 0, identity="other")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        resume.archive_run(params, {"identity": "other", "rounds": 1})
+    assert sorted(p.name for p in Path(tp.archive_dir).iterdir() if me[:16] in p.name) == [
+        chosen.name, no_rounds.name, pending.name]
+    back = (f"mv {chosen / 'rounds'} {tp.rounds_dir}; mv {chosen / 'policy'} {tp.checkpoint_dir}")
+    assert caplog.records[-1].getMessage() == (
+        f"an earlier run of this configuration (3 complete rounds) is in {chosen}; this one starts over. To continue "
+        f"that one instead: stop this run, move {tp.rounds_dir}, {tp.checkpoint_dir} and {tp.state_dir} aside, then "
+        f"`{back}`")
+
+
+def test_an_archive_marker_records_the_resolved_output_dirs(params, tmp_path):
+    from stages.loop.resume import PENDING, archive_run
+
+    tp = params.train
+    write_round(tp, 0, identity="old")
+    info = json.loads((archive_run(params, {"identity": "old", "rounds": 1}).dest / PENDING).read_text())
+    assert info["from"] == {"rounds": str(tmp_path / tp.rounds_dir), "policy": str(tmp_path / tp.checkpoint_dir),
+                            "state": str(tmp_path / tp.state_dir)}
+    assert info["parts"] == ["rounds"] and info["made"] == [str(Path(tp.archive_dir))]
+
+
+def test_a_failure_after_the_first_completed_round_leaves_the_previous_run_archived_quietly(params, tmp_path,
+                                                                                             caplog):
+    """The flow drops the marker once round 1's manifest is on disk (keep_archived) and still calls restore_run when
+    it fails later: no error, no move, no warning; keep_archived twice is harmless too."""
+    from stages.loop.resume import PENDING, archive_run, keep_archived, restore_run
+
+    tp = params.train
+    write_round(tp, 0, identity="old")
+    moved = archive_run(params, {"identity": "old", "rounds": 1})
+    write_round(tp, 0, identity="new")
+    keep_archived(moved)
+    keep_archived(moved)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        assert restore_run(params, moved) is False
+    assert not caplog.records and not (moved.dest / PENDING).exists()
+    assert (moved.dest / "rounds" / "round=0000" / MANIFEST).is_file()
+
+
+@pytest.mark.parametrize("leftover", ["a file where the state dir goes", "a dir in rounds/ that is not a round",
+                                      "a file in rounds/", "a round dir in the checkpoint dir",
+                                      "a file of yours in a partial round", "a stray .tmp file in a partial round"])
+def test_a_failed_run_that_left_anything_but_a_partial_round_keeps_the_previous_run_archived(params, tmp_path, caplog,
+                                                                                             leftover):
+    """Only a partial round made of what a round writes is removed to put the old run back; anything else stays,
+    and so does the old run, with the whole warning."""
+    from stages.loop.resume import PENDING, archive_run, restore_run
+
+    tp = params.train
+    write_round(tp, 0, identity="old")  # the old run had rounds only: the policy and state dirs are the new run's
+    moved = archive_run(params, {"identity": "old", "rounds": 1})
+    partial = round_dir(tp.rounds_dir, 0)
+    write_table(pl.DataFrame({"prompt_id": ["new"]}), partial / "samples.parquet")
+    if leftover == "a file where the state dir goes":
+        (Path(tp.state_dir)).parent.mkdir(parents=True, exist_ok=True)
+        (blocked := Path(tp.state_dir)).write_text("mine")
+    elif leftover == "a dir in rounds/ that is not a round":
+        (blocked := Path(tp.rounds_dir) / "plots").mkdir()
+        (blocked / "a.png").write_bytes(b"png")
+    elif leftover == "a file in rounds/":
+        (blocked := Path(tp.rounds_dir) / "notes.txt").write_text("mine")
+    elif leftover == "a round dir in the checkpoint dir":
+        (blocked := Path(tp.checkpoint_dir) / "round=0000").mkdir(parents=True)
+        (blocked / "samples.parquet").write_bytes(b"x")
+    elif leftover == "a file of yours in a partial round":
+        (partial / "notes.txt").write_text("mine")
+        blocked = partial
+    else:
+        (partial / "scores.tmp").write_bytes(b"x")  # not a round's temporary file (those are .<name>.<random>.tmp)
+        blocked = partial
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        assert restore_run(params, moved) is False
+    assert caplog.records[-1].getMessage() == (
+        f"{blocked}: this run left more than a partial round, so the previous run stays in {moved.dest}; move its "
+        "rounds/, policy/ and state/ back by hand if you want it")
+    assert blocked.exists() and (partial / "samples.parquet").is_file() and not (moved.dest / PENDING).exists()
+    assert (moved.dest / "rounds" / "round=0000" / MANIFEST).is_file()
+
+
+def test_a_previous_run_moves_back_where_its_output_dirs_parents_are_gone(params, tmp_path):
+    """The parent dirs of an output dir went after the move (say, you removed out/): the previous run still moves
+    back, the parents made again."""
+    from stages.loop.resume import archive_run, restore_run
+
+    params = repo_params(train={"checkpoint_dir": "out/models/policy", "state_dir": "out/models/state"})
+    tp = params.train
+    write_round(tp, 0, identity="old")
+    write_checkpoint(tp, 1, identity="old")
+    before = _snapshot(tmp_path)
+    moved = archive_run(params, {"identity": "old", "rounds": 1})
+    shutil.rmtree(tmp_path / "out")
+    assert restore_run(params, moved) is True
+    assert _snapshot(tmp_path) == before
+
+
+def test_interrupted_moves_are_undone_newest_first_and_past_another_checkout_s(params, tmp_path, monkeypatch,
+                                                                               caplog):
+    """Two runs killed in turn, each after moving the one before aside (the second killed after its first round):
+    undone newest first, the second is the run and the first stays archived. A newer marker of another checkout is
+    skipped, not the end of the search."""
+    from stages.loop import resume
+
+    tp = params.train
+    assert resume.restore_interrupted(params) is False  # no archive dir at all
+    _archived_at(monkeypatch, "20261201-100000")
+    write_round(tp, 0, identity="first")
+    older = resume.archive_run(params, {"identity": "first", "rounds": 1})
+    _archived_at(monkeypatch, "20261201-110000")
+    write_round(tp, 0, identity="second")  # completed round 1, killed before its marker went
+    newer = resume.archive_run(params, {"identity": "second", "rounds": 1})
+    _archived_at(monkeypatch, "20261201-120000")
+    write_round(tp, 0, identity="elsewhere")
+    foreign = resume.archive_run(params, {"identity": "elsewhere", "rounds": 1})
+    marker = foreign.dest / resume.PENDING
+    info = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**info, "from": {k: f"/elsewhere/{k}" for k in info["from"]}}))
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        assert resume.restore_interrupted(params) is True
+    assert json.loads((tmp_path / tp.rounds_dir / "round=0000" / MANIFEST).read_text())["identity"] == "second"
+    assert (older.dest / "rounds" / "round=0000" / MANIFEST).is_file() and not (older.dest / resume.PENDING).exists()
+    assert not newer.dest.exists() and marker.is_file()
+    assert resume.restore_interrupted(params) is False  # done once
+
+
+def test_a_killed_run_s_own_state_keeps_the_previous_run_archived_and_a_failed_move_back_is_one_warning(
+        params, tmp_path, monkeypatch, caplog):
+    """The marker lists the parts that moved: a trainer state the killed run wrote where the previous run had none is
+    the killed run's own, and keeps the previous run archived. Where the move back fails, the warning is whole and
+    names the marker."""
+    from stages.loop import resume
+
+    tp = params.train
+    write_round(tp, 0, identity="old")
+    moved = resume.archive_run(params, {"identity": "old", "rounds": 1})
+    marker = moved.dest / resume.PENDING
+    info = json.loads(marker.read_text())
+    (tmp_path / tp.state_dir).mkdir(parents=True)
+    (tmp_path / tp.state_dir / "state-new.pt").write_bytes(b"s")  # the killed run's: in the way of no part moved
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        assert resume.restore_interrupted(params) is False
+    assert "state-new.pt: this run left more than a partial round" in caplog.text and moved.dest.is_dir()
+    marker.write_text(json.dumps(info))
+    (tmp_path / tp.state_dir / "state-new.pt").unlink()
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(resume.shutil, "move", disk_full)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        assert resume.restore_interrupted(params) is False
+    assert caplog.records[-1].getMessage() == (
+        f"{marker}: could not move the previous run back ([Errno 28] No space left on device); move its rounds/, "
+        "policy/ and state/ back by hand, then delete this file")

@@ -243,6 +243,7 @@ def curriculum(completions, trainer_state, log_metric, log_extra, **kwargs):
     progress = trainer_state.global_step / trainer_state.max_steps
     log_metric("progress", progress)
     log_extra("chars", [len(c) for c in completions])
+    log_extra("mixed", [1 if i % 2 == 0 else 0.5 for i in range(len(completions))])  # ints and floats: a float column
     return [progress] * len(completions)
 """
 
@@ -257,8 +258,11 @@ def test_trl_extra_arguments_reach_a_reward_function(models, tmp_path, monkeypat
     out, stats = score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp, steps=(3, 12))
     assert out["score/cur"].to_list() == [0.25] * samples.height and stats["log/progress"] == 0.25
     assert out["extra/chars"].to_list() == [len(c) for c in samples["completion"]]
+    assert out["extra/mixed"].to_list() == [1.0 if i % 2 == 0 else 0.5 for i in range(samples.height)]
     params = parse_params(repo_params_data(train={"rounds": 6}, update={"num_mini_batches": 2}))
     assert optimizer_steps(params, 2) == (4, 12) and optimizer_steps(params, 2, 10) == (4, 20)  # --rounds 10
+    params = parse_params(repo_params_data(train={"rounds": 6}, update={"num_mini_batches": 2, "num_ppo_epochs": 3}))
+    assert optimizer_steps(params, 2) == (12, 36)  # 2 mini-batches x 3 epochs a round
 
 
 def test_completions_no_reward_applies_to_are_counted_in_a_warning(models, tmp_path, monkeypatch, caplog):
@@ -272,7 +276,8 @@ def test_completions_no_reward_applies_to_are_counted_in_a_warning(models, tmp_p
     sp = score_params([{"name": "n", "function": f"{mod}:none"}])
     with caplog.at_level(logging.WARNING, logger="stages.score"):
         out, _ = score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp)
-    assert f"{samples.height} of {samples.height} completions got None from every reward" in caplog.text
+    assert caplog.records[-1].getMessage() == (f"{samples.height} of {samples.height} completions got None from every "
+                                               "reward: their score is 0; make some reward apply to them")
     assert out["score"].to_list() == [0.0] * samples.height
 
 
@@ -608,13 +613,22 @@ def test_reward_inputs_join_the_prompts_columns_by_prompt_id(models):
     # plain-text prompts: no chat turns; no prompts table: the rendered prompt and the ids only
     texts, inputs = reward_inputs(samples, prompts.with_columns(conversational=pl.lit(False)))
     assert set(inputs) == {"completion_ids", "answer"}
+    # a table of the user's own: a prompt without raw text falls back to the rendered one; a plain prompt beside a
+    # chat one may have no turns (None, not parsed); no row marked conversational (null counts as not): no turns
+    mixed = prompts.with_columns(prompt=pl.Series([None, "raw zero"]), messages=pl.Series([json.dumps(turns), None]))
+    texts, inputs = reward_inputs(samples, mixed)
+    assert texts == ["raw zero", "raw zero", samples["prompt_text"][2]] and inputs["messages"] == [None, None, turns]
+    unmarked = prompts.with_columns(conversational=pl.Series([None, None], dtype=pl.Boolean), messages=pl.lit(None))
+    assert set(reward_inputs(samples, unmarked)[1]) == {"completion_ids", "answer"}
     assert reward_inputs(samples, None) == (samples["prompt_text"].to_list(),
                                             {"completion_ids": samples["completion_token_ids"].to_list()})
     other = make_samples_table(tok, [("p9", 0, "<t>nine", "d", "stop")])
     with pytest.raises(PipelineError, match=r"no row for prompt_id p9 .*pass the table the samples were drawn from"):
         reward_inputs(pl.concat([samples, other]), prompts)
-    with pytest.raises(PipelineError, match="prompt_id p0 appears more than once"):
+    with pytest.raises(PipelineError) as exc:
         reward_inputs(samples, pl.concat([prompts, prompts.tail(1).with_columns(answer=pl.lit("x"))]))
+    assert str(exc.value) == ("prompts table: prompt_id p0 appears more than once; use the table python -m "
+                              "stages.prepare wrote (one row per prompt)")
     for name in ("completion_ids", "completions", "trainer_state"):
         with pytest.raises(PipelineError, match=f"column `{name}` has the name of a reward function's own argument"):
             reward_inputs(samples, prompts.with_columns(pl.lit("x").alias(name)))

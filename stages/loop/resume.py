@@ -247,9 +247,9 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
         raise PipelineError(f"{round_dir(tp.rounds_dir, n)}: round {n + 1} has no manifest but later rounds do; the "
                             f"state is inconsistent; {checkout_fix(missing)} or start over: {RESTART}")
     c = meta["round"] if meta else 0
-    plan = ResumePlan(identity, c, checkpoint=meta)
+    repair = None
     if c == n + 1 and (meta.get("manifest") or {}).get("round") == n:
-        plan.repair = meta["manifest"]  # killed between the checkpoint and the manifest of round n (= c - 1)
+        repair = meta["manifest"]  # killed between the checkpoint and the manifest of round n (= c - 1)
         manifests[n] = meta["manifest"]
         n = c
     elif c > n:
@@ -263,10 +263,10 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     for r in range(n):  # every complete round is intact, or the run stops and says how to get it back (the round
         # whose manifest is repaired too: a kill between the two writes leaves its artifacts, a deleted dir does not)
         verify_round(round_dir(tp.rounds_dir, r), manifests[r], checkpoint_round=c if meta else None)
-    plan.start = n
-    plan.done = [manifests[r] for r in range(n)]
-    plan.replay = plan.done[c:]  # the complete rounds after the checkpoint: their updates are applied again
-    plan.stale = sorted(d for r, (d, _) in rounds.items() if r >= n)  # partial rounds (no manifest): re-done
+    done = [manifests[r] for r in range(n)]
+    # replay: the complete rounds after the checkpoint, applied again; stale: the partial rounds (no manifest), re-done
+    plan = ResumePlan(identity, n, done, meta, replay=done[c:], repair=repair,
+                      stale=sorted(d for r, (d, _) in rounds.items() if r >= n))
     for d in plan.stale:
         foreign = sorted(p.name for p in d.iterdir() if not _written_by_a_round(p.name))
         if foreign:
@@ -360,16 +360,17 @@ def archive_run(params, superseded: dict) -> Archived | None:
     log.warning("%s: the previous run (%d complete rounds) was moved to %s; delete it when you no longer need it",
                 why, superseded["rounds"], dest)
     if not superseded.get("restart"):
-        _say_archived_twin(params, dest)
+        _say_archived_twin(params)
     return Archived(dest, made, tuple(parts))
 
 
-def _say_archived_twin(params, just_moved: Path) -> None:
+def _say_archived_twin(params) -> None:
     """Going back to a configuration whose run was archived earlier starts a new run of it (the warm load, done before
-    the move, loaded the base model): say where the earlier one is and how to continue it instead."""
+    the move, loaded the base model): say where the earlier one is (the newest with rounds) and how to continue it
+    instead. An archive with a marker is not final (its run may move back; the run just moved aside has one)."""
     identity = params.identity()
     for d in sorted(Path(params.train.archive_dir).glob(f"*-{identity[:16]}*"), reverse=True):
-        if d == just_moved or (d / PENDING).exists() or not (d / "rounds").is_dir():
+        if (d / PENDING).exists() or not (d / "rounds").is_dir():
             continue
         rounds = len(list((d / "rounds").glob(f"round=*/{MANIFEST}")))
         places = _places(params)  # the parts archive_run moved, by name
@@ -461,7 +462,7 @@ def restore_interrupted(params) -> bool:
     root = Path(params.train.archive_dir)
     here = _origin(params)
     moved = False
-    for marker in sorted(root.glob(f"*/{PENDING}"), reverse=True) if root.is_dir() else ():  # newest first
+    for marker in sorted(root.glob(f"*/{PENDING}"), reverse=True):  # newest first (none where root is missing)
         try:
             info = read_json(marker)
             archived = Archived(marker.parent, tuple(Path(p) for p in info["made"]), tuple(info["parts"]))
