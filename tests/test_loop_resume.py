@@ -683,7 +683,7 @@ def test_going_back_to_an_archived_configuration_says_where_its_run_is(params, c
         archive_run(params, {"identity": "other", "rounds": 1, "restart": False})
     said = [r.getMessage() for r in caplog.records if "an earlier run of this configuration" in r.getMessage()]
     assert len(said) == 1 and f"(2 complete rounds) is in {first}" in said[0], said
-    assert f"`mv {first / 'rounds'} {tp.rounds_dir}" in said[0]
+    assert f"`python -m stages.restore {first}`" in said[0]
     caplog.clear()
     write_round(tp, 0, identity="third")
     with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):  # --restart: said nothing of the kind
@@ -703,7 +703,9 @@ def test_a_training_split_smaller_than_a_round_is_said_once_at_load(caplog):
 
 
 def _snapshot(tmp_path):
-    return {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    """Every file under tmp_path and its bytes (not the run lock's file: a command's, not the run's)."""
+    return {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*"))
+            if p.is_file() and p.relative_to(tmp_path).parts[0] != ".rloo"}
 
 
 def test_a_run_that_stops_before_completing_a_round_puts_the_previous_run_back(params, tmp_path, caplog):
@@ -883,11 +885,16 @@ def _archived_at(monkeypatch, when):
 
 
 def test_the_archived_run_named_is_the_newest_final_one_with_rounds(params, tmp_path, monkeypatch, caplog):
-    """Three archives of this configuration: the newest still has its marker (its run may move back), the next holds
-    no rounds; the one named is the third, with the whole message and the moves that bring each of its parts back."""
+    """Four archives of this configuration: the newest still has its marker (its run may move back), the next holds
+    no rounds; the one named is the third, not the older fourth, with the whole message and the command that brings
+    it back."""
     from stages.loop import resume
 
     tp, me = params.train, params.identity()
+    assert len(me) == 16  # what an archive's name holds of it
+    _archived_at(monkeypatch, "20261201-090000")  # an older final one: not named
+    write_round(tp, 0, identity=me)
+    resume.keep_archived(older := resume.archive_run(params, {"identity": me, "rounds": 1}))
     _archived_at(monkeypatch, "20261201-100000")
     for r in range(3):
         write_round(tp, r, identity=me)
@@ -907,13 +914,12 @@ def test_the_archived_run_named_is_the_newest_final_one_with_rounds(params, tmp_
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
         resume.archive_run(params, {"identity": "other", "rounds": 1})
-    assert sorted(p.name for p in Path(tp.archive_dir).iterdir() if me[:16] in p.name) == [
-        chosen.name, no_rounds.name, pending.name]
-    back = (f"mv {chosen / 'rounds'} {tp.rounds_dir}; mv {chosen / 'policy'} {tp.checkpoint_dir}")
+    assert sorted(p.name for p in Path(tp.archive_dir).iterdir() if me in p.name) == [
+        older.dest.name, chosen.name, no_rounds.name, pending.name]
     assert caplog.records[-1].getMessage() == (
         f"an earlier run of this configuration (3 complete rounds) is in {chosen}; this one starts over. To continue "
-        f"that one instead: stop this run, move {tp.rounds_dir}, {tp.checkpoint_dir} and {tp.state_dir} aside, then "
-        f"`{back}`")
+        f"that one instead: stop this run, then `python -m stages.restore {chosen}` (it moves this one aside) and run "
+        "again")
 
 
 def test_an_archive_marker_records_the_resolved_output_dirs(params, tmp_path):
@@ -1061,3 +1067,137 @@ def test_a_killed_run_s_own_state_keeps_the_previous_run_archived_and_a_failed_m
     assert caplog.records[-1].getMessage() == (
         f"{marker}: could not move the previous run back ([Errno 28] No space left on device); move its rounds/, "
         "policy/ and state/ back by hand, then delete this file")
+
+
+# ---------------------------------------------------------------- python -m stages.restore: an archived run back
+
+
+def _two_runs(params, tmp_path):
+    """An archived run of this configuration (2 rounds, its checkpoint and trainer state) and another configuration's
+    run in the output dirs; returns the archive's dir and a snapshot of each run's files, by their path in place."""
+    from stages.loop.resume import archive_run, keep_archived
+
+    tp, me = params.train, params.identity()
+    for r in range(2):
+        write_round(tp, r, identity=me)
+    write_checkpoint(tp, 2, identity=me)
+    (tmp_path / tp.state_dir).mkdir(parents=True)
+    (tmp_path / tp.state_dir / "state-c2.pt").write_bytes(b"mine")
+    mine = _snapshot(tmp_path)
+    moved = archive_run(params, {"identity": me, "rounds": 2})
+    keep_archived(moved)
+    write_round(tp, 0, identity="other")
+    write_checkpoint(tp, 1, identity="other")
+    other = {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith(tp.archive_dir)}
+    return moved.dest, mine, other
+
+
+def test_an_archived_run_is_swapped_back_in_and_resumes(params, tmp_path, caplog):
+    from stages.loop.resume import PENDING
+    from stages.restore import restore_archived
+
+    tp = params.train
+    src, mine, other = _two_runs(params, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        rounds, aside = restore_archived(params, src)
+    assert rounds == 2 and not src.exists() and not (aside / PENDING).exists()  # the other run's archive is final
+    assert f"restoring {src}: the previous run (1 complete rounds) was moved to {aside}" in caplog.text
+    assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith(tp.archive_dir)} == mine
+    parts = {tp.rounds_dir: "rounds", tp.checkpoint_dir: "policy"}  # the other run, whole, in its archive
+    assert {str(p.relative_to(aside)): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == {
+        f"{name}/{k[len(d) + 1:]}": v for k, v in other.items() for d, name in parts.items() if k.startswith(d + "/")}
+    plan = plan_resume(params, params.identity())
+    assert plan.superseded is None and plan.start == 2 and plan.checkpoint["round"] == 2
+    with pytest.raises(PipelineError, match="a run of another configuration"):  # that one is not this params' run
+        restore_archived(params, aside)
+
+
+def test_restoring_into_empty_output_dirs_moves_nothing_aside(params, tmp_path):
+    from stages.restore import restore_archived
+
+    tp = params.train
+    src, mine, other = _two_runs(params, tmp_path)
+    for d in (tp.rounds_dir, tp.checkpoint_dir):
+        shutil.rmtree(tmp_path / d)
+    (tmp_path / tp.checkpoint_dir).mkdir()  # an empty dir: nothing to keep, and out of the way
+    assert restore_archived(params, src) == (2, None)
+    assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith(tp.archive_dir)} == mine
+
+
+@pytest.mark.parametrize("case", ["missing", "no rounds", "pending", "another configuration", "damaged"])
+def test_restore_refuses_what_is_not_a_final_archived_run_of_this_configuration_and_changes_nothing(params, tmp_path,
+                                                                                                     case):
+    from stages.loop.resume import PENDING
+    from stages.restore import restore_archived
+
+    src, _, _ = _two_runs(params, tmp_path)
+    if case == "missing":
+        src = src.with_name("20990101-000000-nothing")
+        phrase = "not an archived run (no rounds/ in it); `ls data/archive` lists the runs moved aside"
+    elif case == "no rounds":
+        shutil.rmtree(src / "rounds")
+        phrase = "not an archived run (no rounds/ in it)"
+    elif case == "pending":
+        write_json({"made": [], "parts": ["rounds"], "from": {"rounds": "/elsewhere/rounds"}}, src / PENDING)
+        phrase = "this archive is not final: the run that moved it aside has not completed a round"
+    elif case == "another configuration":
+        params = repo_params(base={"seed": 99})
+        phrase = f"a run of another configuration (identity {repo_params().identity()}) than params.yaml (identity " \
+                 f"{params.identity()}); put params.yaml back to the settings that run trained with"
+    else:
+        (src / "rounds" / "round=0001" / MANIFEST).write_text("{garbage")
+        phrase = "unreadable manifest"
+    before = _snapshot(tmp_path)
+    with pytest.raises(PipelineError) as exc:
+        restore_archived(params, src)
+    assert phrase in one_line(exc)
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_restore_killed_before_the_archived_run_moved_is_undone_by_the_next_start(params, tmp_path, monkeypatch):
+    """Killed after the run in place moved aside and before any part of the archived one moved: the next start
+    (restore_interrupted) puts the run that was in place back; the archived run is where it was."""
+    from stages.loop import resume
+    from stages.restore import restore_archived
+
+    src, _, _ = _two_runs(params, tmp_path)
+    before = _snapshot(tmp_path)
+    real = shutil.move
+
+    def killed_at_the_archived_run(a, b):
+        if Path(a).parent == src:
+            raise SystemExit("killed")
+        return real(a, b)
+
+    monkeypatch.setattr(shutil, "move", killed_at_the_archived_run)
+    with pytest.raises(SystemExit):
+        restore_archived(params, src)
+    monkeypatch.setattr(shutil, "move", real)
+    assert resume.restore_interrupted(params)
+    assert _snapshot(tmp_path) == before
+
+
+def test_restore_cli(params, tmp_path):
+    """`python -m stages.restore DIR`: one line saying what moved and how to continue; bad input one line, exit 2."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    src, _, _ = _two_runs(params, tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params_data()))
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "stages.restore", *a], cwd=tmp_path, env=env,
+                                    capture_output=True, text=True)
+    bad = run("data/archive/nothing")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "error: data/archive/nothing: not an archived run (no rounds/ in it); `ls data/archive` lists the runs moved "
+        "aside, named <time>-<identity>")
+    ok = run(str(src))
+    assert ok.returncode == 0, ok.stderr
+    aside = next(p for p in (tmp_path / params.train.archive_dir).iterdir())
+    assert ok.stdout.strip() == (f"restored {src} (2 complete rounds); the run that was there is in "
+                                 f"{Path(params.train.archive_dir) / aside.name}. Continue it with "
+                                 "`python -m flows.train` or `dvc repro`")

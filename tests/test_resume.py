@@ -109,14 +109,14 @@ def test_sigkill_mid_round_resumes_to_the_uninterrupted_run(tmp_path, tiny_model
     assert not list((proj / "models").glob(".policy.tmp-*"))
 
 
-def test_changed_configuration_moves_the_old_run_aside(tmp_path, tiny_model_dir):
+def test_changed_configuration_moves_the_old_run_aside_and_restore_brings_it_back(tmp_path, tiny_model_dir):
     proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 1, "train.eval_every": 0})
     env = run_env(tmp_path)
     run([PY, "-m", "stages.prepare"], proj, env)
     run([PY, "-m", "flows.train"], proj, env)
     old = pl.read_parquet(proj / "data" / "rounds" / "round=0000" / "samples.parquet")
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["advantage"]["estimator"] = "batch_mean"
+    old_estimator, params["advantage"]["estimator"] = params["advantage"]["estimator"], "batch_mean"
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     out = run([PY, "-m", "flows.train"], proj, env)
     assert "configuration changed" in out.stdout + out.stderr
@@ -127,6 +127,20 @@ def test_changed_configuration_moves_the_old_run_aside(tmp_path, tiny_model_dir)
     assert kept.equals(old)
     assert (archived / "policy" / "checkpoint.json").is_file() and list((archived / "state").glob("state-*.pt"))
     assert not (archived / ".pending-restore.json").exists()  # the new run completed: the archive is for good
+    # back to the first configuration: `python -m stages.restore` swaps its run back in, and it continues
+    params["advantage"]["estimator"] = old_estimator
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run([PY, "-m", "stages.restore", str(archived.relative_to(proj))], proj, env)
+    assert "(1 complete rounds); the run that was there is in data/archive/" in out.stdout
+    out = run([PY, "-m", "flows.train", "--rounds", "2"], proj, env)
+    assert "configuration changed" not in out.stdout + out.stderr  # resumed, not started over
+    assert pl.read_parquet(proj / "data" / "rounds" / "round=0000" / "samples.parquet").equals(old)
+    m = json.loads((proj / "data" / "rounds" / "round=0001" / "manifest.json").read_text())
+    assert m["round"] == 1 and m["identity"] == json.loads(
+        (proj / "data" / "rounds" / "round=0000" / "manifest.json").read_text())["identity"]
+    (aside,) = (proj / "data" / "archive").iterdir()  # the batch_mean run, whole
+    assert pl.read_parquet(aside / "rounds" / "round=0000" / "advantages.parquet")["estimator"].unique().to_list() == [
+        "batch_mean"]
 
 
 def test_rounds_after_an_older_checkpoint_are_replayed_to_the_uninterrupted_run(tmp_path, tiny_model_dir):

@@ -333,7 +333,9 @@ def _origin(params) -> dict[str, str]:
 
 def archive_run(params, superseded: dict) -> Archived | None:
     """Move the rounds, checkpoint and trainer state of another run into `train.archive_dir/<time>-<identity>/`, with
-    a marker (`PENDING`: what moves from where) that `restore_run` or `keep_archived` removes."""
+    a marker (`PENDING`: what moves from where) that `restore_run` or `keep_archived` removes. `superseded`: the run's
+    "identity" and complete "rounds", whether it moves for "restart", and the "why" the log gives (default: the
+    configuration changed, or --restart)."""
     from stages.io import write_json
 
     tp = params.train
@@ -356,7 +358,7 @@ def archive_run(params, superseded: dict) -> Archived | None:
                 "from": _origin(params)}, dest / PENDING)
     for name, p in parts.items():
         shutil.move(str(p), str(dest / name))
-    why = "--restart" if superseded.get("restart") else "the configuration changed"
+    why = superseded.get("why") or ("--restart" if superseded.get("restart") else "the configuration changed")
     log.warning("%s: the previous run (%d complete rounds) was moved to %s; delete it when you no longer need it",
                 why, superseded["rounds"], dest)
     if not superseded.get("restart"):
@@ -369,16 +371,13 @@ def _say_archived_twin(params) -> None:
     the move, loaded the base model): say where the earlier one is (the newest with rounds) and how to continue it
     instead. An archive with a marker is not final (its run may move back; the run just moved aside has one)."""
     identity = params.identity()
-    for d in sorted(Path(params.train.archive_dir).glob(f"*-{identity[:16]}*"), reverse=True):
+    for d in sorted(Path(params.train.archive_dir).glob(f"*-{identity}*"), reverse=True):  # 16 characters, whole
         if (d / PENDING).exists() or not (d / "rounds").is_dir():
             continue
         rounds = len(list((d / "rounds").glob(f"round=*/{MANIFEST}")))
-        places = _places(params)  # the parts archive_run moved, by name
-        back = "; ".join(f"mv {shlex.quote(str(d / k))} {shlex.quote(str(v))}"
-                         for k, v in places.items() if (d / k).exists())
         log.warning("an earlier run of this configuration (%d complete rounds) is in %s; this one starts over. To "
-                    "continue that one instead: stop this run, move %s, %s and %s aside, then `%s`", rounds, d,
-                    *places.values(), back)
+                    "continue that one instead: stop this run, then `python -m stages.restore %s` (it moves this one "
+                    "aside) and run again", rounds, d, shlex.quote(str(d)))
         return
 
 
