@@ -76,6 +76,8 @@ RULES = [
     ("plan_resume", lambda m, p: "r >= n" in p, "after the loop n is not a key, so r >= n and r > n agree"),
     ("plan_resume", lambda m, p: "ckpt_run = None" in m,
      "read only where the checkpoint is there (ids then has two members and the rounds have one), which sets it"),
+    ("_trl_named", lambda m, p: '(pl.col("n") > 1)' in m and '(pl.col("n") >= 1)' in p,
+     "a one-completion prompt's std is null, and the mean skips nulls"),
     ("_trl_named", lambda m, p: "<= 1e-8" in m and "< 1e-8" in p,
      "TRL's isclose(std, 0) tolerance: a prompt's reward std of exactly 1e-8 does not occur"),
     ("reward_inputs", lambda m, p: 'how="left"' in m and 'how="left"' not in p,
