@@ -45,7 +45,7 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
     except BaseException as exc:  # a Ctrl-C too: no temporary file is left behind
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)  # first: the space it took counts in the message
-        full = disk_full_message(exc, dest)
+        full = disk_full_message(exc, dest) if isinstance(exc, Exception) else None  # Ctrl-C stays Ctrl-C
         if full is not None:
             raise PipelineError(full) from None
         raise

@@ -5,8 +5,9 @@ A configuration change (or `--restart`) moves the run in the output dirs to `tra
 the log. This command swaps it back in: the run now in the output dirs is archived as a configuration change would
 archive it, the archived one's rounds, checkpoint and trainer state move back into `train.rounds_dir`,
 `train.checkpoint_dir` and `train.state_dir`, and the next `python -m flows.train` (or `dvc repro`) resumes it after
-its last complete round. It refuses, changing nothing, a dir that holds no run, an archive that is not final, and a
-run of another configuration than the params file's (docs/design.md §6).
+its last complete round. It refuses, changing nothing, a dir that is or holds an output dir, a dir that holds no
+run or no complete round, an archive that is not final, a damaged run, and a run of another configuration than the
+params file's; a move that fails midway is undone (docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -28,18 +29,29 @@ def _at(params, src: Path):
     return params.model_copy(update={"train": train})
 
 
+FIELDS = {"rounds": "train.rounds_dir", "policy": "train.checkpoint_dir", "state": "train.state_dir"}
+
+
 def restore_archived(params, src: str | Path, params_path: str = "params.yaml") -> tuple[int, Path | None]:
     """Swap the archived run in `src` into the output dirs of `params` (under the checkout's run lock). Returns the
     archived run's complete rounds and where the run that was in place went (None: the output dirs were empty)."""
-    import shutil
-
     from stages.loop.lock import run_lock
-    from stages.loop.resume import PENDING, _places, archive_run, keep_archived, plan_resume, restore_interrupted
+    from stages.loop.resume import PENDING, _places, archive_run, plan_resume, restore_interrupted
 
-    src = Path(src)
+    src, places = Path(src), _places(params)
     with run_lock("restore of an archived run"):
-        restore_interrupted(params)  # as every start does: a run killed in round 1 puts the one it moved back first
-        parts = [k for k in _places(params) if (src / k).exists()] if src.is_dir() else []
+        # as every start does: a run killed in round 1 puts the one it moved aside back first (src itself, maybe)
+        if restore_interrupted(params) and not src.exists():
+            rounds = sum(1 for _ in places["rounds"].glob("round=*/manifest.json"))
+            log.warning("%s: its run was already moved back into the output dirs by the step above", src)
+            return rounds, None
+        root = src.resolve()
+        for name, place in places.items():
+            p = place.resolve()
+            if p == root or root in p.parents or p in root.parents:
+                raise PipelineError(f"{src}: overlaps {FIELDS[name]} ({place}), an output dir; name the dir of an "
+                                    f"archived run, in {params.train.archive_dir}")
+        parts = [k for k in places if (src / k).exists()] if src.is_dir() else []
         if "rounds" not in parts:
             raise PipelineError(f"{src}: not an archived run (no rounds/ in it); `ls {params.train.archive_dir}` lists "
                                 "the runs moved aside, named <time>-<identity>")
@@ -48,32 +60,60 @@ def restore_archived(params, src: str | Path, params_path: str = "params.yaml") 
                                 f"round, and its next start in the checkout it names in {PENDING} moves it back; run "
                                 "that checkout once (or delete the file if that checkout is gone), then restore")
         identity = params.identity()
-        plan = plan_resume(_at(params, src), identity)  # reads only: a damaged run is refused here, as at a start
+        try:
+            plan = plan_resume(_at(params, src), identity)  # reads only: what a start would refuse, refused here
+        except PipelineError as e:  # its advice is for a run in place (dvc checkout, --restart): not for an archive
+            raise PipelineError(f"{src}: this archived run cannot be continued: {str(e).split('; ')[0]}; put that "
+                                "back from a copy of the archive, or leave the archive be") from None
         if plan.superseded is not None:
             raise PipelineError(f"{src}: a run of another configuration (identity {plan.superseded['identity']}) than "
                                 f"{params_path} (identity {identity}); put {params_path} back to the settings that "
                                 "run trained with (its MLflow run records them), then restore")
-        rounds = len(plan.done)
-        current = sum(1 for _ in Path(params.train.rounds_dir).glob("round=*/manifest.json"))
+        if not plan.done:
+            raise PipelineError(f"{src}: this archived run has no complete round: there is nothing to continue; "
+                                "start the run afresh")
+        current = sum(1 for _ in places["rounds"].glob("round=*/manifest.json"))
         moved = archive_run(params, {"identity": _identity_in_place(params), "rounds": current, "restart": True,
                                      "why": f"restoring {src}"})
-        # the marker of the run just moved stays until the archived one is in place: a kill before that moves it back
-        # at the next start; a kill after, with the archived one's rounds in place, leaves it archived (restore_run)
-        for name in ("state", "policy", "rounds"):  # the rounds last: with them in place the swap counts as done
+        _swap_in(params, src, parts, moved)
+        try:
+            src.rmdir()
+        except OSError:
+            log.warning("%s: left in place, it holds files that are not the run's", src)
+    return len(plan.done), moved.dest if moved is not None else None
+
+
+def _swap_in(params, src: Path, parts: list[str], moved) -> None:
+    """Move the archived run's `parts` from `src` into the output dirs, the rounds last. The marker of the run
+    `moved` aside stays until then: a kill before the rounds moved puts that run back at the next start, a kill after
+    leaves the swap done (restore_run sees a completed round). Anything that fails here moves what moved back to
+    `src`, and that run back in place, before the error goes on."""
+    import shutil
+
+    from stages.loop.resume import _places, keep_archived, restore_run
+
+    places, done = _places(params), []
+    try:
+        for name in ("state", "policy", "rounds"):
             if name in parts:
-                dest = _places(params)[name]
+                dest = places[name]
                 if dest.exists():
                     dest.rmdir()  # empty (a part that held something moved aside above)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 log.info("moving %s to %s", src / name, dest)
                 shutil.move(str(src / name), str(dest))
-        if moved is not None:
-            keep_archived(moved)
+                done.append(name)
+    except BaseException:
         try:
-            src.rmdir()
-        except OSError:
-            log.warning("%s: left in place, it holds files that are not the run's", src)
-    return rounds, moved.dest if moved is not None else None
+            for name in reversed(done):
+                shutil.move(str(places[name]), str(src / name))
+            if moved is not None:
+                restore_run(params, moved)
+        except Exception as e:  # the first failure is the one to report
+            log.warning("could not undo the restore (%s): the parts moved so far are %s, from %s", e, done, src)
+        raise
+    if moved is not None:
+        keep_archived(moved)
 
 
 def _identity_in_place(params) -> str:
@@ -102,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     rounds, aside = restore_archived(params, args.archived, args.params)
     where = f"; the run that was there is in {aside}" if aside is not None else ""
-    print(f"restored {args.archived} ({rounds} complete rounds){where}. Continue it with `python -m flows.train"
-          f"{'' if args.params == 'params.yaml' else ' --params ' + shlex.quote(args.params)}` or `dvc repro`")
+    how = ("`python -m flows.train` or `dvc repro`" if args.params == "params.yaml" else  # dvc repro: params.yaml's
+           f"`python -m flows.train --params {shlex.quote(args.params)}`")
+    print(f"restored {args.archived} ({rounds} complete rounds){where}. Continue it with {how}")
 
 
 if __name__ == "__main__":

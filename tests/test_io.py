@@ -320,6 +320,20 @@ def test_atomic_path_cleans_up_on_error(tmp_path):
     assert tmp_files(tmp_path) == []
 
 
+def test_atomic_path_leaves_no_temporary_file_on_ctrl_c_and_keeps_it_a_ctrl_c(tmp_path):
+    """Ctrl-C while handling a full disk is still a Ctrl-C (exit 130, not the disk-full line), and the temporary file
+    goes as on any error."""
+    dest = tmp_path / "out.txt"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(dest) as tmp:
+            tmp.write_text("half")
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:
+                raise KeyboardInterrupt from None
+    assert not dest.exists() and tmp_files(tmp_path) == []
+
+
 def test_overwrite_replaces(tmp_path):
     dest = tmp_path / "s.parquet"
     write_table(samples_frame(2), dest, SAMPLES)

@@ -1124,7 +1124,8 @@ def test_restoring_into_empty_output_dirs_moves_nothing_aside(params, tmp_path):
     assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith(tp.archive_dir)} == mine
 
 
-@pytest.mark.parametrize("case", ["missing", "no rounds", "pending", "another configuration", "damaged"])
+@pytest.mark.parametrize("case", ["missing", "no rounds", "pending", "another configuration", "damaged",
+                                  "no complete round", "an output dir"])
 def test_restore_refuses_what_is_not_a_final_archived_run_of_this_configuration_and_changes_nothing(params, tmp_path,
                                                                                                      case):
     from stages.loop.resume import PENDING
@@ -1144,36 +1145,77 @@ def test_restore_refuses_what_is_not_a_final_archived_run_of_this_configuration_
         params = repo_params(base={"seed": 99})
         phrase = f"a run of another configuration (identity {repo_params().identity()}) than params.yaml (identity " \
                  f"{params.identity()}); put params.yaml back to the settings that run trained with"
-    else:
+    elif case == "damaged":
         (src / "rounds" / "round=0001" / MANIFEST).write_text("{garbage")
-        phrase = "unreadable manifest"
+        phrase = (f"this archived run cannot be continued: {src / 'rounds' / 'round=0001' / MANIFEST}: unreadable "
+                  "manifest (JSONDecodeError); put that back from a copy of the archive, or leave the archive be")
+    elif case == "no complete round":
+        shutil.rmtree(src / "policy")
+        for m in (src / "rounds").glob(f"*/{MANIFEST}"):
+            m.unlink()
+        phrase = "this archived run has no complete round: there is nothing to continue"
+    else:
+        src = Path(params.train.rounds_dir).parent  # `data`: it holds rounds/ (the run in place) and the archives
+        phrase = "data: overlaps train.rounds_dir (data/rounds), an output dir; name the dir of an archived run"
     before = _snapshot(tmp_path)
     with pytest.raises(PipelineError) as exc:
         restore_archived(params, src)
-    assert phrase in one_line(exc)
+    assert phrase in one_line(exc) and "dvc checkout" not in str(exc.value)
     assert _snapshot(tmp_path) == before
 
 
 def test_a_restore_killed_before_the_archived_run_moved_is_undone_by_the_next_start(params, tmp_path, monkeypatch):
-    """Killed after the run in place moved aside and before any part of the archived one moved: the next start
-    (restore_interrupted) puts the run that was in place back; the archived run is where it was."""
+    """Killed (no handler runs) after the run in place moved aside and before any part of the archived one moved:
+    the next start (restore_interrupted) puts the run that was in place back; the archived run is where it was."""
+    from stages import restore
     from stages.loop import resume
+
+    src, _, _ = _two_runs(params, tmp_path)
+    before = _snapshot(tmp_path)
+
+    def killed(*a):
+        raise SystemExit("killed")  # in place of the moves and their undo: a kill -9 runs neither
+
+    monkeypatch.setattr(restore, "_swap_in", killed)
+    with pytest.raises(SystemExit):
+        restore.restore_archived(params, src)
+    assert not (tmp_path / params.train.rounds_dir).exists()  # the run in place is archived, with its marker
+    assert resume.restore_interrupted(params)
+    assert _snapshot(tmp_path) == before
+
+
+def test_restoring_a_pending_archive_of_this_checkout_finds_it_already_back(params, tmp_path, caplog):
+    """The archive's marker is this checkout's (its replacement was killed in round 1): the start-up step every
+    command runs first moves it back, and the restore says so instead of refusing a dir that is gone."""
+    from stages.loop.resume import archive_run
+    from stages.restore import restore_archived
+
+    write_round(params.train, 0, identity=params.identity())
+    before = _snapshot(tmp_path)
+    src = archive_run(params, {"identity": params.identity(), "rounds": 1}).dest
+    with caplog.at_level(logging.WARNING, logger="stages.restore"):
+        assert restore_archived(params, src) == (1, None)
+    assert f"{src}: its run was already moved back into the output dirs" in caplog.text
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_restore_that_fails_midway_puts_both_runs_back(params, tmp_path, monkeypatch):
+    """A move that fails (a permission, a full disk on another filesystem) after the archived run's state and policy
+    moved: they go back to the archive, the run that was in place comes back, and the error goes on."""
     from stages.restore import restore_archived
 
     src, _, _ = _two_runs(params, tmp_path)
     before = _snapshot(tmp_path)
     real = shutil.move
 
-    def killed_at_the_archived_run(a, b):
-        if Path(a).parent == src:
-            raise SystemExit("killed")
+    def fails_at_the_rounds(a, b):
+        if Path(a) == src / "rounds":
+            raise PermissionError(13, "Permission denied", a)
         return real(a, b)
 
-    monkeypatch.setattr(shutil, "move", killed_at_the_archived_run)
-    with pytest.raises(SystemExit):
+    monkeypatch.setattr(shutil, "move", fails_at_the_rounds)
+    with pytest.raises(PermissionError):
         restore_archived(params, src)
-    monkeypatch.setattr(shutil, "move", real)
-    assert resume.restore_interrupted(params)
     assert _snapshot(tmp_path) == before
 
 
@@ -1195,9 +1237,10 @@ def test_restore_cli(params, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
         "error: data/archive/nothing: not an archived run (no rounds/ in it); `ls data/archive` lists the runs moved "
         "aside, named <time>-<identity>")
-    ok = run(str(src))
+    (tmp_path / "params.yaml").rename(tmp_path / "mine.yaml")  # another params file: `dvc repro` would not read it
+    ok = run(str(src), "--params", "mine.yaml")
     assert ok.returncode == 0, ok.stderr
     aside = next(p for p in (tmp_path / params.train.archive_dir).iterdir())
     assert ok.stdout.strip() == (f"restored {src} (2 complete rounds); the run that was there is in "
                                  f"{Path(params.train.archive_dir) / aside.name}. Continue it with "
-                                 "`python -m flows.train` or `dvc repro`")
+                                 "`python -m flows.train --params mine.yaml`")
