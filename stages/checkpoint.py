@@ -37,7 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from stages.errors import RESTART, PipelineError, checkout_fix, disk_full, free_gib
+from stages.errors import FREE_SPACE, RESTART, PipelineError, checkout_fix, disk_full, free_gib
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,7 @@ def _disk_error(exc: BaseException, path: Path) -> PipelineError | None:
     if not full:
         return None
     return PipelineError(f"{path}: disk full while writing the checkpoint ({free_gib(path) or '?'} GiB free); the "
-                         "previous checkpoint is intact: free some space (`du -sh data/archive/*` shows superseded "
-                         "runs, `dvc gc -w` old cache entries) and run the command again to resume")
+                         f"previous checkpoint is intact: {FREE_SPACE} to resume")
 
 
 def save(trainer, policy_dir: str | Path, state_dir: str | Path, meta: dict[str, Any], rng: dict | None = None,

@@ -122,6 +122,10 @@ def disk_full(exc: BaseException | None) -> BaseException | None:
     return None
 
 
+FREE_SPACE = ("free some space (`du -sh data/archive/*` shows superseded runs, `dvc gc -w` old cache entries) and run "
+              "the command again")  # what every full-disk error advises
+
+
 def free_gib(path: str | Path) -> str:
     """The space left on the filesystem that `path` is (or would be) written to, in GiB with two decimals ("" where
     that cannot be read): the nearest existing directory above it counts."""
@@ -147,9 +151,7 @@ def disk_full_message(exc: BaseException, path: str | Path | None = None) -> str
     text = (text.splitlines() or [type(cause).__name__])[0][:200]
     free = free_gib(where) if where else ""
     free = f", {free} GiB free there" if free else ""
-    return (f"disk full{f' writing {where}' if where else ''}: {text}{free}; what was complete is kept: free some "
-            "space (`du -sh data/archive/*` shows superseded runs, `dvc gc -w` old cache entries) and run the "
-            "command again")
+    return f"disk full{f' writing {where}' if where else ''}: {text}{free}; what was complete is kept: {FREE_SPACE}"
 
 
 def peer_reported() -> bool:

@@ -140,6 +140,11 @@ def write_text(text: str, dest: str | Path) -> Path:
     return Path(dest)
 
 
+# what reading a small JSON record (a marker, a manifest) and taking its fields raises when it is damaged or
+# unreadable: read_json's PipelineError, OSError, UnicodeDecodeError (a ValueError), a missing key, a wrong type
+UNREADABLE = (PipelineError, OSError, ValueError, KeyError, TypeError)
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():

@@ -7,7 +7,8 @@ archive it, the archived one's rounds, checkpoint and trainer state move back in
 `train.checkpoint_dir` and `train.state_dir`, and the next `python -m flows.train` (or `dvc repro`) resumes it after
 its last complete round. It refuses, changing nothing, a dir that is or holds an output dir, a dir that holds no
 run or no complete round, an archive that is not final, a damaged run, and a run of another configuration than the
-params file's; a move that fails midway is undone (docs/design.md §6).
+params file's; a move that fails midway is undone, and a restore killed midway is finished by the next start
+(docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -29,27 +30,26 @@ def _at(params, src: Path):
     return params.model_copy(update={"train": train})
 
 
-FIELDS = {"rounds": "train.rounds_dir", "policy": "train.checkpoint_dir", "state": "train.state_dir"}
-
-
 def restore_archived(params, src: str | Path, params_path: str = "params.yaml") -> tuple[int, Path | None]:
     """Swap the archived run in `src` into the output dirs of `params` (under the checkout's run lock). Returns the
     archived run's complete rounds and where the run that was in place went (None: the output dirs were empty)."""
+    from stages.io import write_json
     from stages.loop.lock import run_lock
-    from stages.loop.resume import PENDING, _places, archive_run, plan_resume, restore_interrupted
+    from stages.loop.resume import (PART_FIELDS, PENDING, RESTORING, archive_run, complete_rounds, dirs_origin,
+                                    finish_restore, output_dirs, plan_resume, restore_interrupted)
 
-    src, places = Path(src), _places(params)
+    src, places = Path(src), output_dirs(params)
     with run_lock("restore of an archived run"):
-        # as every start does: a run killed in round 1 puts the one it moved aside back first (src itself, maybe)
+        # as every start does: a run killed in round 1 puts the one it moved aside back first (src itself, maybe),
+        # and a restore killed midway is finished (src's, maybe)
         if restore_interrupted(params) and not src.exists():
-            rounds = sum(1 for _ in places["rounds"].glob("round=*/manifest.json"))
             log.warning("%s: its run was already moved back into the output dirs by the step above", src)
-            return rounds, None
+            return len(complete_rounds(places["rounds"])), None
         root = src.resolve()
         for name, place in places.items():
             p = place.resolve()
             if p == root or root in p.parents or p in root.parents:
-                raise PipelineError(f"{src}: overlaps {FIELDS[name]} ({place}), an output dir; name the dir of an "
+                raise PipelineError(f"{src}: overlaps {PART_FIELDS[name]} ({place}), an output dir; name the dir of an "
                                     f"archived run, in {params.train.archive_dir}")
         parts = [k for k in places if (src / k).exists()] if src.is_dir() else []
         if "rounds" not in parts:
@@ -59,6 +59,9 @@ def restore_archived(params, src: str | Path, params_path: str = "params.yaml") 
             raise PipelineError(f"{src}: this archive is not final: the run that moved it aside has not completed a "
                                 f"round, and its next start in the checkout it names in {PENDING} moves it back; run "
                                 "that checkout once (or delete the file if that checkout is gone), then restore")
+        if (src / RESTORING).exists():  # this checkout's was finished above: another checkout's
+            raise PipelineError(f"{src}: a restore of this archive into the output dirs {RESTORING} names (another "
+                                "checkout's) was killed midway; the next start in that checkout finishes it")
         identity = params.identity()
         try:
             plan = plan_resume(_at(params, src), identity)  # reads only: what a start would refuse, refused here
@@ -72,36 +75,29 @@ def restore_archived(params, src: str | Path, params_path: str = "params.yaml") 
         if not plan.done:
             raise PipelineError(f"{src}: this archived run has no complete round: there is nothing to continue; "
                                 "start the run afresh")
-        current = sum(1 for _ in places["rounds"].glob("round=*/manifest.json"))
-        moved = archive_run(params, {"identity": _identity_in_place(params), "rounds": current, "restart": True,
-                                     "why": f"restoring {src}"})
-        _swap_in(params, src, parts, moved)
-        try:
-            src.rmdir()
-        except OSError:
-            log.warning("%s: left in place, it holds files that are not the run's", src)
+        moved = archive_run(params, {"identity": _identity_in_place(params), "restart": True, "why": f"restoring {src}",
+                                     "rounds": len(complete_rounds(places["rounds"]))})
+        # from here a kill (no handler runs) is finished by the next start: finish_killed_restores
+        write_json({"from": dirs_origin(params), "parts": parts, "aside": str(moved.dest) if moved else None},
+                   src / RESTORING)
+        _swap_in(places, src, parts, params, moved)
+        finish_restore(src, moved)
     return len(plan.done), moved.dest if moved is not None else None
 
 
-def _swap_in(params, src: Path, parts: list[str], moved) -> None:
-    """Move the archived run's `parts` from `src` into the output dirs, the rounds last. The marker of the run
-    `moved` aside stays until then: a kill before the rounds moved puts that run back at the next start, a kill after
-    leaves the swap done (restore_run sees a completed round). Anything that fails here moves what moved back to
-    `src`, and that run back in place, before the error goes on."""
+def _swap_in(places: dict[str, Path], src: Path, parts: list[str], params, moved) -> None:
+    """Move the archived run's `parts` from `src` into the output dirs `places`, the rounds last. Anything that fails
+    here moves what moved back to `src`, and the run `moved` aside back in place, before the error goes on (the
+    restore's marker goes once that is done: an undo that fails leaves it, and the next start finishes the restore)."""
     import shutil
 
-    from stages.loop.resume import _places, keep_archived, restore_run
+    from stages.loop.resume import RESTORING, move_in, restore_run
 
-    places, done = _places(params), []
+    done = []
     try:
         for name in ("state", "policy", "rounds"):
             if name in parts:
-                dest = places[name]
-                if dest.exists():
-                    dest.rmdir()  # empty (a part that held something moved aside above)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                log.info("moving %s to %s", src / name, dest)
-                shutil.move(str(src / name), str(dest))
+                move_in(src, name, places[name])
                 done.append(name)
     except BaseException:
         try:
@@ -109,24 +105,24 @@ def _swap_in(params, src: Path, parts: list[str], moved) -> None:
                 shutil.move(str(places[name]), str(src / name))
             if moved is not None:
                 restore_run(params, moved)
+            (src / RESTORING).unlink()
         except Exception as e:  # the first failure is the one to report
             log.warning("could not undo the restore (%s): the parts moved so far are %s, from %s", e, done, src)
         raise
-    if moved is not None:
-        keep_archived(moved)
 
 
 def _identity_in_place(params) -> str:
     """The identity the run in the output dirs recorded (its first manifest, else its checkpoint), for its archive's
     name; "unknown" when neither is readable."""
     from stages import checkpoint
-    from stages.io import read_json
+    from stages.io import UNREADABLE, read_json
+    from stages.loop.resume import complete_rounds
 
     tp = params.train
-    for path in (*sorted(Path(tp.rounds_dir).glob("round=*/manifest.json")), Path(tp.checkpoint_dir) / checkpoint.META):
+    for path in (*complete_rounds(tp.rounds_dir), Path(tp.checkpoint_dir) / checkpoint.META):
         try:
             return str(read_json(path)["identity"] or "unknown")
-        except (PipelineError, OSError, ValueError, KeyError, TypeError):
+        except UNREADABLE:
             continue
     return "unknown"
 

@@ -1164,23 +1164,149 @@ def test_restore_refuses_what_is_not_a_final_archived_run_of_this_configuration_
     assert _snapshot(tmp_path) == before
 
 
-def test_a_restore_killed_before_the_archived_run_moved_is_undone_by_the_next_start(params, tmp_path, monkeypatch):
-    """Killed (no handler runs) after the run in place moved aside and before any part of the archived one moved:
-    the next start (restore_interrupted) puts the run that was in place back; the archived run is where it was."""
-    from stages import restore
+def test_a_restore_killed_before_its_marker_is_undone_by_the_next_start(params, tmp_path, monkeypatch):
+    """Killed (no handler runs) after the run in place moved aside and before the restore's own marker: the next
+    start (restore_interrupted) puts the run that was in place back; the archived run is where it was."""
+    from stages import io, restore
     from stages.loop import resume
 
     src, _, _ = _two_runs(params, tmp_path)
     before = _snapshot(tmp_path)
+    real = io.write_json
 
-    def killed(*a):
-        raise SystemExit("killed")  # in place of the moves and their undo: a kill -9 runs neither
+    def killed(obj, dest):
+        if Path(dest).name == resume.RESTORING:
+            raise SystemExit("killed")  # a kill -9 runs no handler: nothing after this point happens
+        return real(obj, dest)
 
-    monkeypatch.setattr(restore, "_swap_in", killed)
+    monkeypatch.setattr(io, "write_json", killed)
     with pytest.raises(SystemExit):
         restore.restore_archived(params, src)
     assert not (tmp_path / params.train.rounds_dir).exists()  # the run in place is archived, with its marker
     assert resume.restore_interrupted(params)
+    assert _snapshot(tmp_path) == before
+
+
+def _kill_swap_after(monkeypatch, moves: int):
+    """`_swap_in` killed outright after its first `moves` moves (no undo: a kill -9 runs no handler)."""
+    from stages import restore
+    from stages.loop import resume
+
+    def killed(places, src, parts, params, moved):
+        for name in [n for n in ("state", "policy", "rounds") if n in parts][:moves]:
+            resume.move_in(src, name, places[name])
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(restore, "_swap_in", killed)
+
+
+@pytest.mark.parametrize("moves", [0, 1, 2])
+def test_a_restore_killed_midway_is_finished_by_the_next_start(params, tmp_path, monkeypatch, caplog, moves):
+    """Killed after its marker, before the first move, between two moves or before the rounds (the last): the next
+    start finishes the swap, as the restore would have left it: the archived run in place, whole, the other run a
+    final archive, no marker left anywhere; `python -m stages.restore` of the same dir then says it is back."""
+    from stages import restore
+    from stages.loop import resume
+
+    tp = params.train
+    src, mine, other = _two_runs(params, tmp_path)
+    _kill_swap_after(monkeypatch, moves)
+    with pytest.raises(SystemExit):
+        restore.restore_archived(params, src)
+    assert (src / resume.RESTORING).exists()
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="stages.restore"):
+        assert resume.restore_interrupted(params)
+    aside = next(d for d in Path(tp.archive_dir).iterdir())
+    assert f"a restore of {src} was killed midway: finished, the archived run is in the output dirs and the run " \
+           f"that was there in {aside}" in caplog.text
+    assert not src.exists() and not list(Path(tp.archive_dir).glob("*/.*.json"))  # no marker: every archive final
+    assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith(tp.archive_dir)} == mine
+    assert len(resume.complete_rounds(aside / "rounds")) == 1 and len(_snapshot(tmp_path)) == len(mine) + len(other)
+    assert plan_resume(params, params.identity()).start == 2
+    assert not resume.restore_interrupted(params)  # done once
+
+
+def test_running_a_killed_restore_again_finds_it_finished(params, tmp_path, monkeypatch, caplog):
+    """The same `python -m stages.restore DIR` again after the kill: its start-up step finishes the swap, and the
+    command says so instead of refusing a dir that is gone."""
+    from stages import restore
+
+    tp = params.train
+    src, mine, _ = _two_runs(params, tmp_path)
+    _kill_swap_after(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        restore.restore_archived(params, src)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="stages.restore"):
+        assert restore.restore_archived(params, src) == (2, None)
+    assert f"{src}: its run was already moved back into the output dirs" in caplog.text
+    assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith(tp.archive_dir)} == mine
+
+
+def test_a_killed_restore_that_cannot_be_finished_stops_the_start_and_says_what_to_move(params, tmp_path,
+                                                                                        monkeypatch):
+    """Something of yours in an output dir the killed restore had not reached yet: the start stops with one line
+    naming the marker, the dir and each move left, and moves nothing."""
+    from stages import restore
+    from stages.loop import resume
+
+    tp = params.train
+    src, _, _ = _two_runs(params, tmp_path)
+    _kill_swap_after(monkeypatch, 1)  # the state moved; the policy and the rounds did not
+    with pytest.raises(SystemExit):
+        restore.restore_archived(params, src)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / tp.checkpoint_dir).mkdir(parents=True)
+    (tmp_path / tp.checkpoint_dir / "notes.txt").write_text("mine")
+    before = _snapshot(tmp_path)
+    with pytest.raises(PipelineError) as exc:
+        resume.restore_interrupted(params)
+    assert one_line(exc) == (
+        f"{src / resume.RESTORING}: a restore of {src} was killed midway and {tp.checkpoint_dir} is no longer empty; "
+        f"finish it by hand (move {src / 'policy'} to {tp.checkpoint_dir} once that holds nothing you need, and each "
+        f"other part left in {src} to its output dir: rounds/ to train.rounds_dir, policy/ to train.checkpoint_dir, "
+        "state/ to train.state_dir), then delete this file")
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_damaged_restore_marker_still_finishes_the_restore(params, tmp_path, monkeypatch):
+    """The restore's marker unreadable (it is written atomically: damaged by hand): every part still in the archived
+    run's dir moves in, and the run moved aside, whose own marker is still there, stays archived (a round in place)."""
+    from stages import restore
+    from stages.loop import resume
+
+    tp = params.train
+    src, mine, _ = _two_runs(params, tmp_path)
+    _kill_swap_after(monkeypatch, 0)
+    with pytest.raises(SystemExit):
+        restore.restore_archived(params, src)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    (src / resume.RESTORING).write_text("{garbage")
+    assert resume.restore_interrupted(params)
+    assert not src.exists() and not list(Path(tp.archive_dir).glob("*/.*.json"))
+    assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith(tp.archive_dir)} == mine
+
+
+def test_another_checkouts_killed_restore_is_left_to_it_and_its_archive_refused(params, tmp_path):
+    """A restore marker that names other output dirs (another checkout sharing the archive dir): a start here leaves
+    it be, and restoring that dir here is refused until that checkout has finished it."""
+    from stages.loop import resume
+    from stages.restore import restore_archived
+
+    src, _, _ = _two_runs(params, tmp_path)
+    write_json({"from": {"rounds": "/elsewhere/rounds"}, "parts": ["rounds"], "aside": None}, src / resume.RESTORING)
+    before = _snapshot(tmp_path)
+    assert not resume.restore_interrupted(params)
+    assert _snapshot(tmp_path) == before
+    with pytest.raises(PipelineError) as exc:
+        restore_archived(params, src)
+    assert one_line(exc) == (f"{src}: a restore of this archive into the output dirs {resume.RESTORING} names "
+                             "(another checkout's) was killed midway; the next start in that checkout finishes it")
     assert _snapshot(tmp_path) == before
 
 

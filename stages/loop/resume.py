@@ -55,6 +55,11 @@ def round_dir(rounds_dir: str | Path, r: int) -> Path:
     return Path(rounds_dir) / f"round={r:04d}"
 
 
+def complete_rounds(rounds_dir: str | Path) -> list[Path]:
+    """The manifests of the complete rounds in `rounds_dir`, in round order (none where it is missing)."""
+    return sorted(Path(rounds_dir).glob(f"round=*/{MANIFEST}"))
+
+
 def round_prompts(train: pl.DataFrame, r: int, per_round: int, seed: int,
                   history: list[list[str]] | None = None, added: frozenset[str] = frozenset()) -> pl.DataFrame:
     """Prompts of round r: the least recently trained ones first (never trained first of all), ties in a seeded order
@@ -308,6 +313,7 @@ def apply_plan(plan: ResumePlan, params) -> Archived | None:
 
 
 PENDING = ".pending-restore.json"  # in an archive dir until the run that moved it there completes (or fails)
+RESTORING = ".restoring.json"  # in an archived run's dir while stages/restore.py moves it back into the output dirs
 
 
 @dataclass(frozen=True)
@@ -321,14 +327,18 @@ class Archived:
     parts: tuple[str, ...] = ("rounds", "policy", "state")
 
 
-def _places(params) -> dict[str, Path]:
+PART_FIELDS = {"rounds": "train.rounds_dir", "policy": "train.checkpoint_dir", "state": "train.state_dir"}
+
+
+def output_dirs(params) -> dict[str, Path]:
+    """A run's parts by name (rounds, policy, state) and the output dirs that hold them."""
     tp = params.train
     return {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
 
 
-def _origin(params) -> dict[str, str]:
+def dirs_origin(params) -> dict[str, str]:
     """The output dirs, resolved: what a marker records, and what a start compares it with."""
-    return {k: str(p.resolve()) for k, p in _places(params).items()}
+    return {k: str(p.resolve()) for k, p in output_dirs(params).items()}
 
 
 def archive_run(params, superseded: dict) -> Archived | None:
@@ -339,7 +349,7 @@ def archive_run(params, superseded: dict) -> Archived | None:
     from stages.io import write_json
 
     tp = params.train
-    parts = {k: p for k, p in _places(params).items() if p.exists() and (not p.is_dir() or any(p.iterdir()))}
+    parts = {k: p for k, p in output_dirs(params).items() if p.exists() and (not p.is_dir() or any(p.iterdir()))}
     if not parts:
         return None
     made = tuple(p for p in (Path(tp.archive_dir), *Path(tp.archive_dir).parents) if not p.exists())
@@ -352,10 +362,10 @@ def archive_run(params, superseded: dict) -> Archived | None:
         except FileExistsError:
             pass
     # the marker first: a run killed from here until it completes a round is undone at the next start
-    # (restore_interrupted);
-    # where the parts came from, resolved, so that a start in another checkout sharing the archive dir leaves it be
+    # (restore_interrupted). It records where the parts came from, resolved, so that a start in another checkout
+    # sharing the archive dir leaves it be
     write_json({"made": [str(p) for p in made], "parts": list(parts),
-                "from": _origin(params)}, dest / PENDING)
+                "from": dirs_origin(params)}, dest / PENDING)
     for name, p in parts.items():
         shutil.move(str(p), str(dest / name))
     why = superseded.get("why") or ("--restart" if superseded.get("restart") else "the configuration changed")
@@ -372,9 +382,9 @@ def _say_archived_twin(params) -> None:
     instead. An archive with a marker is not final (its run may move back; the run just moved aside has one)."""
     identity = params.identity()
     for d in sorted(Path(params.train.archive_dir).glob(f"*-{identity}*"), reverse=True):  # 16 characters, whole
-        if (d / PENDING).exists() or not (d / "rounds").is_dir():
+        if (d / PENDING).exists() or (d / RESTORING).exists() or not (d / "rounds").is_dir():
             continue
-        rounds = len(list((d / "rounds").glob(f"round=*/{MANIFEST}")))
+        rounds = len(complete_rounds(d / "rounds"))
         log.warning("an earlier run of this configuration (%d complete rounds) is in %s; this one starts over. To "
                     "continue that one instead: stop this run, then `python -m stages.restore %s` (it moves this one "
                     "aside) and run again", rounds, d, shlex.quote(str(d)))
@@ -396,7 +406,7 @@ def restore_run(params, archived: Archived, killed: bool = False) -> bool:
     decided. Returns whether it moved back."""
     dest = archived.dest
     # the places this run may have written: each part that moved, and each place the old run had nothing in
-    places = {k: p for k, p in _places(params).items() if k not in archived.parts or (dest / k).exists()}
+    places = {k: p for k, p in output_dirs(params).items() if k not in archived.parts or (dest / k).exists()}
     back = [name for name in places if (dest / name).exists()]
     if "rounds" in places and any((d / MANIFEST).exists() for d in places["rounds"].glob("round=*")):
         (dest / PENDING).unlink(missing_ok=True)
@@ -450,23 +460,24 @@ def keep_archived(archived: Archived) -> None:
 def restore_interrupted(params) -> bool:
     """Finish what `restore_run` would have done for a run killed outright (kill -9, power loss, a torchrun rank
     stopped by its launcher) after it moved another run aside and before it completed: `archive_run`'s marker is
-    still in that archive dir. Called under the run lock before `plan_resume` by every start; a marker whose run
-    completed a round is dropped, one written for other output dirs (another checkout sharing the archive dir) is
-    left alone. A move that fails is a warning naming the marker (at each start, until you have moved the run back
-    and deleted the marker). Returns whether a run moved back."""
+    still in that archive dir. A `python -m stages.restore` killed while it moved an archived run into place is
+    finished first (`finish_killed_restores`). Called under the run lock before `plan_resume` by every start; a
+    marker whose run completed a round is dropped, one written for other output dirs (another checkout sharing the
+    archive dir) is left alone. A move that fails is a warning naming the marker (at each start, until you have moved
+    the run back and deleted the marker). Returns whether a run moved back (or a restore was finished)."""
     from stages import checkpoint
-    from stages.io import read_json
+    from stages.io import UNREADABLE, read_json
 
     checkpoint.put_back_moved_aside(params.train.checkpoint_dir)  # a checkpoint write killed mid-rename
+    moved = finish_killed_restores(params)  # first: it makes the archive of the run it moved aside final
     root = Path(params.train.archive_dir)
-    here = _origin(params)
-    moved = False
+    here = dirs_origin(params)
     for marker in sorted(root.glob(f"*/{PENDING}"), reverse=True):  # newest first (none where root is missing)
         try:
             info = read_json(marker)
             archived = Archived(marker.parent, tuple(Path(p) for p in info["made"]), tuple(info["parts"]))
             origin = info["from"]
-        except (PipelineError, OSError, ValueError, KeyError, TypeError):
+        except UNREADABLE:
             archived, origin = Archived(marker.parent), here  # damaged: it still moves back (every part), here
         if origin != here:
             continue  # another checkout's (or another params file's) run: its own next start puts it back
@@ -476,3 +487,60 @@ def restore_interrupted(params) -> bool:
             log.warning("%s: could not move the previous run back (%s); move its rounds/, policy/ and state/ back by "
                         "hand, then delete this file", marker, e)
     return moved
+
+
+def move_in(src: Path, name: str, dest: Path) -> None:
+    """Move the archived run's part `name` from `src` to its output dir `dest` (missing, or an empty dir)."""
+    if dest.exists():
+        dest.rmdir()  # empty (a part that held something moved aside first)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log.info("moving %s to %s", src / name, dest)
+    shutil.move(str(src / name), str(dest))
+
+
+def finish_restore(src: Path, moved) -> None:
+    """The swap is whole: the run moved aside is a final archive, the restore's marker goes, and `src` with it."""
+    if moved is not None:
+        keep_archived(moved)
+    (src / RESTORING).unlink(missing_ok=True)
+    try:
+        src.rmdir()
+    except OSError:
+        log.warning("%s: left in place, it holds files that are not the run's", src)
+
+
+def finish_killed_restores(params) -> bool:
+    """Finish each restore of this checkout that was killed outright (kill -9, power loss) while it moved an archived
+    run into the output dirs: its marker (`RESTORING`, written once the run in place was archived) is still in the
+    archived run's dir. The parts still there move into their output dirs and the run moved aside becomes a final
+    archive, as the restore would have left them. An output dir that is no longer empty stops the start with one
+    line saying what to move by hand. Called first by every start (`restore_interrupted`); returns whether one was
+    finished."""
+    from stages.io import UNREADABLE, read_json
+
+    here, places, finished = dirs_origin(params), output_dirs(params), False
+    for marker in sorted(Path(params.train.archive_dir).glob(f"*/{RESTORING}")):
+        src = marker.parent
+        try:
+            info = read_json(marker)
+            origin, parts, aside = info["from"], list(info["parts"]), info["aside"]
+        except UNREADABLE:
+            origin, parts, aside = here, list(places), None  # damaged: every part still there moves, here
+        if origin != here:
+            continue  # another checkout's (or another params file's): its own next start finishes it
+        for name in ("state", "policy", "rounds"):
+            if name not in parts or not (src / name).exists():
+                continue  # moved before the kill
+            dest = places[name]
+            if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+                raise PipelineError(
+                    f"{marker}: a restore of {src} was killed midway and {dest} is no longer empty; finish it by hand "
+                    f"(move {src / name} to {dest} once that holds nothing you need, and each other part left in "
+                    f"{src} to its output dir: {', '.join(f'{k}/ to {v}' for k, v in PART_FIELDS.items())}), then "
+                    "delete this file")
+            move_in(src, name, dest)
+        finish_restore(src, Archived(Path(aside)) if aside else None)
+        log.warning("a restore of %s was killed midway: finished, the archived run is in the output dirs%s", src,
+                    f" and the run that was there in {aside}" if aside else "")
+        finished = True
+    return finished
