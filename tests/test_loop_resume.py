@@ -1187,8 +1187,9 @@ def test_a_restore_killed_before_its_marker_is_undone_by_the_next_start(params, 
     assert _snapshot(tmp_path) == before
 
 
-def _kill_swap_after(monkeypatch, moves: int):
-    """`_swap_in` killed outright after its first `moves` moves (no undo: a kill -9 runs no handler)."""
+def _restore_killed_after(monkeypatch, params, src: Path, moves: int) -> None:
+    """`restore_archived(params, src)` killed outright after the first `moves` moves of its swap (a kill -9 runs no
+    handler: no undo)."""
     from stages import restore
     from stages.loop import resume
 
@@ -1197,25 +1198,23 @@ def _kill_swap_after(monkeypatch, moves: int):
             resume.move_in(src, name, places[name])
         raise SystemExit("killed")
 
-    monkeypatch.setattr(restore, "_swap_in", killed)
+    with monkeypatch.context() as m:
+        m.setattr(restore, "_swap_in", killed)
+        with pytest.raises(SystemExit):
+            restore.restore_archived(params, src)
 
 
 @pytest.mark.parametrize("moves", [0, 1, 2])
 def test_a_restore_killed_midway_is_finished_by_the_next_start(params, tmp_path, monkeypatch, caplog, moves):
     """Killed after its marker, before the first move, between two moves or before the rounds (the last): the next
     start finishes the swap, as the restore would have left it: the archived run in place, whole, the other run a
-    final archive, no marker left anywhere; `python -m stages.restore` of the same dir then says it is back."""
-    from stages import restore
+    final archive, no marker left anywhere, once."""
     from stages.loop import resume
 
     tp = params.train
     src, mine, other = _two_runs(params, tmp_path)
-    _kill_swap_after(monkeypatch, moves)
-    with pytest.raises(SystemExit):
-        restore.restore_archived(params, src)
+    _restore_killed_after(monkeypatch, params, src, moves)
     assert (src / resume.RESTORING).exists()
-    monkeypatch.undo()
-    monkeypatch.chdir(tmp_path)
     with caplog.at_level(logging.WARNING, logger="stages.restore"):
         assert resume.restore_interrupted(params)
     aside = next(d for d in Path(tp.archive_dir).iterdir())
@@ -1235,11 +1234,7 @@ def test_running_a_killed_restore_again_finds_it_finished(params, tmp_path, monk
 
     tp = params.train
     src, mine, _ = _two_runs(params, tmp_path)
-    _kill_swap_after(monkeypatch, 2)
-    with pytest.raises(SystemExit):
-        restore.restore_archived(params, src)
-    monkeypatch.undo()
-    monkeypatch.chdir(tmp_path)
+    _restore_killed_after(monkeypatch, params, src, 2)
     with caplog.at_level(logging.WARNING, logger="stages.restore"):
         assert restore.restore_archived(params, src) == (2, None)
     assert f"{src}: its run was already moved back into the output dirs" in caplog.text
@@ -1250,16 +1245,11 @@ def test_a_killed_restore_that_cannot_be_finished_stops_the_start_and_says_what_
                                                                                         monkeypatch):
     """Something of yours in an output dir the killed restore had not reached yet: the start stops with one line
     naming the marker, the dir and each move left, and moves nothing."""
-    from stages import restore
     from stages.loop import resume
 
     tp = params.train
     src, _, _ = _two_runs(params, tmp_path)
-    _kill_swap_after(monkeypatch, 1)  # the state moved; the policy and the rounds did not
-    with pytest.raises(SystemExit):
-        restore.restore_archived(params, src)
-    monkeypatch.undo()
-    monkeypatch.chdir(tmp_path)
+    _restore_killed_after(monkeypatch, params, src, 1)  # the state moved; the policy and the rounds did not
     (tmp_path / tp.checkpoint_dir).mkdir(parents=True)
     (tmp_path / tp.checkpoint_dir / "notes.txt").write_text("mine")
     before = _snapshot(tmp_path)
@@ -1276,16 +1266,11 @@ def test_a_killed_restore_that_cannot_be_finished_stops_the_start_and_says_what_
 def test_a_damaged_restore_marker_still_finishes_the_restore(params, tmp_path, monkeypatch):
     """The restore's marker unreadable (it is written atomically: damaged by hand): every part still in the archived
     run's dir moves in, and the run moved aside, whose own marker is still there, stays archived (a round in place)."""
-    from stages import restore
     from stages.loop import resume
 
     tp = params.train
     src, mine, _ = _two_runs(params, tmp_path)
-    _kill_swap_after(monkeypatch, 0)
-    with pytest.raises(SystemExit):
-        restore.restore_archived(params, src)
-    monkeypatch.undo()
-    monkeypatch.chdir(tmp_path)
+    _restore_killed_after(monkeypatch, params, src, 0)
     (src / resume.RESTORING).write_text("{garbage")
     assert resume.restore_interrupted(params)
     assert not src.exists() and not list(Path(tp.archive_dir).glob("*/.*.json"))
