@@ -194,8 +194,8 @@ class TrainParams(_Section):
                             "vLLM, transformers and evaluate load", identity=False)
     state_dir: str = F("models/trainer_state", "optimizer, scheduler and RNG state for an exact resume (kept out of "
                        "the DVC cache)", identity=False)
-    archive_dir: str = F("data/archive", "where a run superseded by a configuration change is moved (never deleted)",
-                         identity=False)
+    archive_dir: str = F("data/archive", "where a run superseded by a configuration change is moved (never deleted): "
+                         "on the output dirs' filesystem (the move is a rename)", identity=False)
     async_checkpoint: bool = F(True, "write each round's checkpoint and manifest in a background thread while the "
                                "next round samples and scores; false = in line", identity=False)
     nproc_per_node: int = F(1, "processes (ranks) of one run on this node: > 1 makes `python -m flows.train` (and the "

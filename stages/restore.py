@@ -36,13 +36,17 @@ def restore_archived(params, src: str | Path, params_path: str = "params.yaml") 
     from stages.io import write_json
     from stages.loop.lock import run_lock
     from stages.loop.resume import (PART_FIELDS, PENDING, RESTORING, archive_run, complete_rounds, dirs_origin,
-                                    finish_restore, output_dirs, plan_resume, restore_interrupted)
+                                    finish_killed_restores, finish_restore, one_filesystem, output_dirs, plan_resume,
+                                    restore_interrupted)
 
     src, places = Path(src), output_dirs(params)
     with run_lock("restore of an archived run"):
-        # as every start does: a run killed in round 1 puts the one it moved aside back first (src itself, maybe),
-        # and a restore killed midway is finished (src's, maybe)
-        if restore_interrupted(params) and not src.exists():
+        # as every start does: a restore killed midway is finished (src's, maybe), and a run killed in round 1 puts
+        # the one it moved aside back (src's, maybe: then its rounds are gone from it)
+        finished = [d.resolve() for d in finish_killed_restores(params)]
+        pending = (src / PENDING).exists()
+        restore_interrupted(params)
+        if src.resolve() in finished or (pending and not (src / PENDING).exists() and not (src / "rounds").exists()):
             log.warning("%s: its run was already moved back into the output dirs by the step above", src)
             return len(complete_rounds(places["rounds"])), None
         root = src.resolve()
@@ -59,9 +63,12 @@ def restore_archived(params, src: str | Path, params_path: str = "params.yaml") 
             raise PipelineError(f"{src}: this archive is not final: the run that moved it aside has not completed a "
                                 f"round, and its next start in the checkout it names in {PENDING} moves it back; run "
                                 "that checkout once (or delete the file if that checkout is gone), then restore")
-        if (src / RESTORING).exists():  # this checkout's was finished above: another checkout's
-            raise PipelineError(f"{src}: a restore of this archive into the output dirs {RESTORING} names (another "
-                                "checkout's) was killed midway; the next start in that checkout finishes it")
+        if (src / RESTORING).exists():  # one of these output dirs was finished above: other output dirs'
+            raise PipelineError(f"{src}: a restore of this archive into other output dirs (the ones its {RESTORING} "
+                                "names: another checkout's or another params file's) was killed midway; the next "
+                                "start with those output dirs finishes it (if they are gone, delete that file)")
+        one_filesystem({k: places[k] for k in parts}, src, "the archived run",
+                       "move it (mv) to that filesystem, or set the output dirs there, then restore")
         identity = params.identity()
         try:
             plan = plan_resume(_at(params, src), identity)  # reads only: what a start would refuse, refused here
@@ -87,11 +94,10 @@ def restore_archived(params, src: str | Path, params_path: str = "params.yaml") 
 
 def _swap_in(places: dict[str, Path], src: Path, parts: list[str], params, moved) -> None:
     """Move the archived run's `parts` from `src` into the output dirs `places`, the rounds last. Anything that fails
-    here moves what moved back to `src`, and the run `moved` aside back in place, before the error goes on (the
-    restore's marker goes once that is done: an undo that fails leaves it, and the next start finishes the restore)."""
-    import shutil
-
-    from stages.loop.resume import RESTORING, move_in, restore_run
+    here moves what moved back to `src`, drops the restore's marker and puts the run `moved` aside back in place,
+    before the error goes on (an undo that fails before the marker went leaves it: the next start finishes the
+    restore)."""
+    from stages.loop.resume import RESTORING, move_in, rename_part, restore_run
 
     done = []
     try:
@@ -102,10 +108,11 @@ def _swap_in(places: dict[str, Path], src: Path, parts: list[str], params, moved
     except BaseException:
         try:
             for name in reversed(done):
-                shutil.move(str(places[name]), str(src / name))
+                rename_part(places[name], src / name)
+            # the archived run whole again: from here the move-aside's own marker undoes a kill (restore_interrupted)
+            (src / RESTORING).unlink()
             if moved is not None:
                 restore_run(params, moved)
-            (src / RESTORING).unlink()
         except Exception as e:  # the first failure is the one to report
             log.warning("could not undo the restore (%s): the parts moved so far are %s, from %s", e, done, src)
         raise

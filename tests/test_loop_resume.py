@@ -829,7 +829,7 @@ def test_a_kill_in_the_middle_of_the_move_is_undone_too(params, tmp_path, monkey
     write_round(tp, 0, identity="old")
     write_checkpoint(tp, 1, identity="old")
     before = _snapshot(tmp_path)
-    real, calls = shutil.move, []
+    real, calls = resume.rename_part, []
 
     def killed_at_the_second_move(src, dst):
         calls.append(src)
@@ -837,10 +837,10 @@ def test_a_kill_in_the_middle_of_the_move_is_undone_too(params, tmp_path, monkey
             raise SystemExit("killed")
         return real(src, dst)
 
-    monkeypatch.setattr(resume.shutil, "move", killed_at_the_second_move)
+    monkeypatch.setattr(resume, "rename_part", killed_at_the_second_move)
     with pytest.raises(SystemExit):
         resume.archive_run(params, {"identity": "old", "rounds": 1})
-    monkeypatch.setattr(resume.shutil, "move", real)
+    monkeypatch.setattr(resume, "rename_part", real)
     assert not (tmp_path / tp.rounds_dir).exists() and (tmp_path / tp.checkpoint_dir).is_dir()  # half moved
     assert resume.restore_interrupted(params)
     assert _snapshot(tmp_path) == before and not (tmp_path / tp.archive_dir).exists()
@@ -870,7 +870,7 @@ def test_a_marker_of_other_output_dirs_is_left_alone_and_a_failed_move_back_is_n
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(resume.shutil, "move", disk_full)
+    monkeypatch.setattr(resume, "rename_part", disk_full)
     with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
         assert not resume.restore_interrupted(params)
     assert f"{marker}: could not move the previous run back ([Errno 28] No space left on device)" in caplog.text
@@ -1060,7 +1060,7 @@ def test_a_killed_run_s_own_state_keeps_the_previous_run_archived_and_a_failed_m
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(resume.shutil, "move", disk_full)
+    monkeypatch.setattr(resume, "rename_part", disk_full)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
         assert resume.restore_interrupted(params) is False
@@ -1215,7 +1215,7 @@ def test_a_restore_killed_midway_is_finished_by_the_next_start(params, tmp_path,
     src, mine, other = _two_runs(params, tmp_path)
     _restore_killed_after(monkeypatch, params, src, moves)
     assert (src / resume.RESTORING).exists()
-    with caplog.at_level(logging.WARNING, logger="stages.restore"):
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
         assert resume.restore_interrupted(params)
     aside = next(d for d in Path(tp.archive_dir).iterdir())
     assert f"a restore of {src} was killed midway: finished, the archived run is in the output dirs and the run " \
@@ -1225,6 +1225,21 @@ def test_a_restore_killed_midway_is_finished_by_the_next_start(params, tmp_path,
     assert len(resume.complete_rounds(aside / "rounds")) == 1 and len(_snapshot(tmp_path)) == len(mine) + len(other)
     assert plan_resume(params, params.identity()).start == 2
     assert not resume.restore_interrupted(params)  # done once
+
+
+def test_a_killed_restore_into_empty_output_dirs_is_finished_too(params, tmp_path, monkeypatch, caplog):
+    """Nothing was in place (no run moved aside: the marker's `aside` is null): the parts left move in, nothing else."""
+    from stages.loop import resume
+
+    tp = params.train
+    src, mine, _ = _two_runs(params, tmp_path)
+    for d in (tp.rounds_dir, tp.checkpoint_dir):
+        shutil.rmtree(tmp_path / d)
+    _restore_killed_after(monkeypatch, params, src, 1)
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        assert resume.restore_interrupted(params)
+    assert f"a restore of {src} was killed midway: finished, the archived run is in the output dirs\n" in caplog.text
+    assert _snapshot(tmp_path) == mine and not src.exists()
 
 
 def test_running_a_killed_restore_again_finds_it_finished(params, tmp_path, monkeypatch, caplog):
@@ -1241,45 +1256,69 @@ def test_running_a_killed_restore_again_finds_it_finished(params, tmp_path, monk
     assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith(tp.archive_dir)} == mine
 
 
-def test_a_killed_restore_that_cannot_be_finished_stops_the_start_and_says_what_to_move(params, tmp_path,
-                                                                                        monkeypatch):
-    """Something of yours in an output dir the killed restore had not reached yet: the start stops with one line
-    naming the marker, the dir and each move left, and moves nothing."""
-    from stages.loop import resume
-
-    tp = params.train
-    src, _, _ = _two_runs(params, tmp_path)
-    _restore_killed_after(monkeypatch, params, src, 1)  # the state moved; the policy and the rounds did not
-    (tmp_path / tp.checkpoint_dir).mkdir(parents=True)
-    (tmp_path / tp.checkpoint_dir / "notes.txt").write_text("mine")
-    before = _snapshot(tmp_path)
-    with pytest.raises(PipelineError) as exc:
-        resume.restore_interrupted(params)
-    assert one_line(exc) == (
-        f"{src / resume.RESTORING}: a restore of {src} was killed midway and {tp.checkpoint_dir} is no longer empty; "
-        f"finish it by hand (move {src / 'policy'} to {tp.checkpoint_dir} once that holds nothing you need, and each "
-        f"other part left in {src} to its output dir: rounds/ to train.rounds_dir, policy/ to train.checkpoint_dir, "
-        "state/ to train.state_dir), then delete this file")
-    assert _snapshot(tmp_path) == before
-
-
-def test_a_damaged_restore_marker_still_finishes_the_restore(params, tmp_path, monkeypatch):
-    """The restore's marker unreadable (it is written atomically: damaged by hand): every part still in the archived
-    run's dir moves in, and the run moved aside, whose own marker is still there, stays archived (a round in place)."""
-    from stages.loop import resume
+def test_a_restore_of_another_dir_after_a_killed_one_checks_its_own_dir(params, tmp_path, monkeypatch):
+    """The start-up step finishes the killed restore of one dir; the dir named (a typo here) is still checked as its
+    own: refused, not reported as moved back."""
+    from stages import restore
 
     tp = params.train
     src, mine, _ = _two_runs(params, tmp_path)
     _restore_killed_after(monkeypatch, params, src, 0)
-    (src / resume.RESTORING).write_text("{garbage")
-    assert resume.restore_interrupted(params)
-    assert not src.exists() and not list(Path(tp.archive_dir).glob("*/.*.json"))
+    with pytest.raises(PipelineError, match="20990101-000000-typo: not an archived run"):
+        restore.restore_archived(params, src.with_name("20990101-000000-typo"))
+    assert not src.exists()  # finished all the same
     assert {k: v for k, v in _snapshot(tmp_path).items() if not k.startswith(tp.archive_dir)} == mine
+
+
+@pytest.mark.parametrize("blocked", ["state", "policy", "rounds"])
+def test_a_killed_restore_that_cannot_be_finished_stops_the_start_and_moves_nothing(params, tmp_path, monkeypatch,
+                                                                                    blocked):
+    """Something of yours in an output dir the killed restore had not reached yet (any of them: each is checked
+    before the first moves): the start stops with one line naming the marker, the dir and every move left, and
+    moves nothing."""
+    from stages.loop import resume
+
+    src, _, _ = _two_runs(params, tmp_path)
+    _restore_killed_after(monkeypatch, params, src, 0)
+    (src / "state").mkdir(exist_ok=True)  # the archived run has all three parts
+    (src / "state" / "state-c2.pt").write_bytes(b"mine")
+    place = tmp_path / resume.output_dirs(params)[blocked]
+    place.mkdir(parents=True, exist_ok=True)
+    (place / "notes.txt").write_text("yours")
+    before = _snapshot(tmp_path)
+    with pytest.raises(PipelineError) as exc:
+        resume.restore_interrupted(params)
+    dirs = resume.output_dirs(params)
+    moves = ", ".join(f"{src / n} to {dirs[n]}" for n in ("state", "policy", "rounds"))
+    assert one_line(exc) == (f"{src / resume.RESTORING}: a restore of {src} was killed midway and {dirs[blocked]} is "
+                             f"no longer empty; finish it by hand (move {moves} once that holds nothing you need), "
+                             "then delete this file")
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["{garbage", '{"from": {}, "parts": "rounds", "aside": null}',
+                                    '{"from": {}, "parts": ["rounds"], "aside": 3}'])
+def test_a_damaged_restore_marker_stops_the_start_and_moves_nothing(params, tmp_path, monkeypatch, damage):
+    """The restore's marker unreadable or not one this version writes (it is written atomically: damaged by hand):
+    whose it is cannot be known, so the start stops with one line saying what to move, and moves nothing."""
+    from stages.loop import resume
+
+    src, _, _ = _two_runs(params, tmp_path)
+    _restore_killed_after(monkeypatch, params, src, 1)
+    (src / resume.RESTORING).write_text(damage)
+    before = _snapshot(tmp_path)
+    with pytest.raises(PipelineError) as exc:
+        resume.restore_interrupted(params)
+    assert one_line(exc) == (
+        f"{src / resume.RESTORING}: unreadable; it marks a restore of {src} that was killed midway: move each part left "
+        f"in {src} to the output dir of the checkout that ran it (rounds/ to train.rounds_dir, policy/ to "
+        "train.checkpoint_dir, state/ to train.state_dir), then delete this file")
+    assert _snapshot(tmp_path) == before
 
 
 def test_another_checkouts_killed_restore_is_left_to_it_and_its_archive_refused(params, tmp_path):
     """A restore marker that names other output dirs (another checkout sharing the archive dir): a start here leaves
-    it be, and restoring that dir here is refused until that checkout has finished it."""
+    it be, and restoring that dir here is refused until a start with those dirs has finished it."""
     from stages.loop import resume
     from stages.restore import restore_archived
 
@@ -1290,8 +1329,10 @@ def test_another_checkouts_killed_restore_is_left_to_it_and_its_archive_refused(
     assert _snapshot(tmp_path) == before
     with pytest.raises(PipelineError) as exc:
         restore_archived(params, src)
-    assert one_line(exc) == (f"{src}: a restore of this archive into the output dirs {resume.RESTORING} names "
-                             "(another checkout's) was killed midway; the next start in that checkout finishes it")
+    assert one_line(exc) == (f"{src}: a restore of this archive into other output dirs (the ones its "
+                             f"{resume.RESTORING} names: another checkout's or another params file's) was killed "
+                             "midway; the next start with those output dirs finishes it (if they are gone, delete "
+                             "that file)")
     assert _snapshot(tmp_path) == before
 
 
@@ -1310,24 +1351,65 @@ def test_restoring_a_pending_archive_of_this_checkout_finds_it_already_back(para
     assert _snapshot(tmp_path) == before
 
 
-def test_a_restore_that_fails_midway_puts_both_runs_back(params, tmp_path, monkeypatch):
-    """A move that fails (a permission, a full disk on another filesystem) after the archived run's state and policy
-    moved: they go back to the archive, the run that was in place comes back, and the error goes on."""
-    from stages.restore import restore_archived
+@pytest.mark.parametrize("kill_in_undo", [False, True])
+def test_a_restore_that_fails_midway_puts_both_runs_back(params, tmp_path, monkeypatch, kill_in_undo):
+    """A move that fails (a permission) after the archived run's state and policy moved: they go back to the archive,
+    the restore's marker goes, the run that was in place comes back, and the error goes on. Killed in the undo right
+    after the archived run is whole again: the next start puts the run that was in place back (its own marker)."""
+    from stages import restore
+    from stages.loop import resume
 
     src, _, _ = _two_runs(params, tmp_path)
     before = _snapshot(tmp_path)
-    real = shutil.move
+    real = resume.rename_part
 
     def fails_at_the_rounds(a, b):
         if Path(a) == src / "rounds":
             raise PermissionError(13, "Permission denied", a)
         return real(a, b)
 
-    monkeypatch.setattr(shutil, "move", fails_at_the_rounds)
-    with pytest.raises(PermissionError):
-        restore_archived(params, src)
+    def killed(*a):
+        raise SystemExit("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(resume, "rename_part", fails_at_the_rounds)
+        if kill_in_undo:
+            m.setattr(resume, "restore_run", killed)
+        with pytest.raises(SystemExit if kill_in_undo else PermissionError):
+            restore.restore_archived(params, src)
+    assert not (src / resume.RESTORING).exists()
+    if kill_in_undo:
+        assert resume.restore_interrupted(params)
     assert _snapshot(tmp_path) == before
+
+
+def test_moving_a_run_between_filesystems_is_refused_before_anything_moves(params, tmp_path, monkeypatch):
+    """The archive dir on another filesystem than an output dir: a rename cannot cross, and a copy could be left half
+    done, so moving a run aside (and restoring one) stops with one line first, nothing moved or made."""
+    from stages.loop import resume
+    from stages.restore import restore_archived
+
+    tp = params.train
+    src, _, _ = _two_runs(params, tmp_path)
+    before = _snapshot(tmp_path)
+    real = resume._filesystem
+    monkeypatch.setattr(resume, "_filesystem", lambda p: -1 if "archive" in str(p) else real(p))
+    with pytest.raises(PipelineError) as planned:  # at the plan, before the warm load
+        plan_resume(params, params.identity())
+    with pytest.raises(PipelineError) as exc:
+        resume.archive_run(params, {"identity": "other", "rounds": 1})
+    assert one_line(planned) == one_line(exc) == (f"train.archive_dir ({tp.archive_dir}) and train.rounds_dir ({tp.rounds_dir}) are on "
+                             "different filesystems: a run moves between them by renames, which cannot cross "
+                             "filesystems (a copy could be left half done by a kill or a full disk); set "
+                             "train.archive_dir to a dir on the filesystem of the output dirs")
+    for d in (tp.rounds_dir, tp.checkpoint_dir):
+        shutil.rmtree(tmp_path / d)  # nothing in place to move aside: the restore checks its own moves
+    with pytest.raises(PipelineError, match=f"^the archived run \\({src}\\) and train.rounds_dir .* are on different "
+                                            "filesystems: .*; move it \\(mv\\) to that filesystem, or set the output "
+                                            "dirs there, then restore$"):
+        restore_archived(params, src)
+    assert {k: v for k, v in _snapshot(tmp_path).items() if k.startswith(tp.archive_dir)} == {
+        k: v for k, v in before.items() if k.startswith(tp.archive_dir)}
 
 
 def test_restore_cli(params, tmp_path):

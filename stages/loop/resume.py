@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import re
 import shlex
 import shutil
@@ -216,7 +217,7 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
             raise
         # --restart is the way out these errors name: the run moves aside as it is, unreadable parts included
         n = sum(1 for d in Path(tp.rounds_dir).glob("round=*") if d.is_dir() and ROUND_DIR.match(d.name))
-        return ResumePlan(identity, 0, superseded={"identity": "unreadable", "rounds": n, "restart": True})
+        return _moving_aside(params, identity, {"identity": "unreadable", "rounds": n, "restart": True})
     manifests = {r: m for r, (_, m) in rounds.items() if m is not None}
     aliases = params.identity_aliases() if identity == params.identity() else set()
 
@@ -232,8 +233,8 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     if restart or (ids and identity not in ids):
         other = sorted(ids - {identity}) or [identity]
         # the superseded run moves aside whole (apply_plan -> archive_run): no round dir is stale
-        return ResumePlan(identity, 0, superseded={"identity": ",".join(other), "rounds": len(manifests),
-                                                   "restart": restart})
+        return _moving_aside(params, identity, {"identity": ",".join(other), "rounds": len(manifests),
+                                                "restart": restart})
     if len(ids) > 1:
         if len(round_ids) > 1:
             where = f"{tp.rounds_dir}: holds rounds of more than one run"
@@ -278,6 +279,13 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
             raise PipelineError(f"{d / foreign[0]}: this round is re-done and its dir removed, but the pipeline did "
                                 f"not write this file; move it out of {tp.rounds_dir} and run again")
     return plan
+
+
+def _moving_aside(params, identity: str, superseded: dict) -> ResumePlan:
+    """A plan that starts over and moves the run in place aside (`superseded`), once the move is known to be
+    possible: refused here, before the warm load, rather than in `archive_run` after it."""
+    one_filesystem(_in_place(params), Path(params.train.archive_dir), "train.archive_dir", ARCHIVE_FIX)
+    return ResumePlan(identity, 0, superseded=superseded)
 
 
 def check_total(plan: ResumePlan, total: int, field: str = "train.rounds") -> None:
@@ -336,9 +344,48 @@ def output_dirs(params) -> dict[str, Path]:
     return {"rounds": Path(tp.rounds_dir), "policy": Path(tp.checkpoint_dir), "state": Path(tp.state_dir)}
 
 
+def _in_place(params) -> dict[str, Path]:
+    """The output dirs that hold something (a file where a dir goes counts): the parts a move aside takes."""
+    return {k: p for k, p in output_dirs(params).items() if p.exists() and (not p.is_dir() or any(p.iterdir()))}
+
+
 def dirs_origin(params) -> dict[str, str]:
     """The output dirs, resolved: what a marker records, and what a start compares it with."""
     return {k: str(p.resolve()) for k, p in output_dirs(params).items()}
+
+
+def rename_part(src: Path, dest: Path) -> None:
+    """Move a run's part (a dir, or a file where one was) by a rename: atomic, so a kill leaves it in one place or
+    the other, never half in each, and a full disk cannot stop it halfway (`one_filesystem` checks first)."""
+    os.rename(src, dest)
+
+
+def _filesystem(path: Path) -> int | None:
+    """The filesystem (st_dev) that `path` is on, or would be made on: its nearest existing dir's (a symbolic link's
+    own: a rename moves the link, in the dir it lies in)."""
+    p = Path(path).absolute()
+    if p.is_symlink():
+        p = p.parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return p.stat().st_dev
+    except OSError:
+        return None
+
+
+ARCHIVE_FIX = "set train.archive_dir to a dir on the filesystem of the output dirs"
+
+
+def one_filesystem(parts: dict[str, Path], other: Path, what: str, fix: str) -> None:
+    """Stop, before anything moves, where a part's output dir (`parts`: name -> dir) and `other` (`what`: how the
+    error names it) are on different filesystems: a rename cannot cross them, and a copy instead would leave half a
+    run in each place when killed or out of space (docs/design.md §6)."""
+    for name, place in parts.items():
+        if _filesystem(place) != _filesystem(other):
+            raise PipelineError(f"{what} ({other}) and {PART_FIELDS[name]} ({place}) are on different filesystems: a "
+                                "run moves between them by renames, which cannot cross filesystems (a copy could be "
+                                f"left half done by a kill or a full disk); {fix}")
 
 
 def archive_run(params, superseded: dict) -> Archived | None:
@@ -349,9 +396,10 @@ def archive_run(params, superseded: dict) -> Archived | None:
     from stages.io import write_json
 
     tp = params.train
-    parts = {k: p for k, p in output_dirs(params).items() if p.exists() and (not p.is_dir() or any(p.iterdir()))}
+    parts = _in_place(params)
     if not parts:
         return None
+    one_filesystem(parts, Path(tp.archive_dir), "train.archive_dir", ARCHIVE_FIX)
     made = tuple(p for p in (Path(tp.archive_dir), *Path(tp.archive_dir).parents) if not p.exists())
     stem = Path(tp.archive_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{superseded['identity'][:16]}"
     for n in itertools.count():  # runs moved aside in the same second get their own dirs (mkdir: the atomic claim)
@@ -367,7 +415,7 @@ def archive_run(params, superseded: dict) -> Archived | None:
     write_json({"made": [str(p) for p in made], "parts": list(parts),
                 "from": dirs_origin(params)}, dest / PENDING)
     for name, p in parts.items():
-        shutil.move(str(p), str(dest / name))
+        rename_part(p, dest / name)
     why = superseded.get("why") or ("--restart" if superseded.get("restart") else "the configuration changed")
     log.warning("%s: the previous run (%d complete rounds) was moved to %s; delete it when you no longer need it",
                 why, superseded["rounds"], dest)
@@ -433,7 +481,7 @@ def restore_run(params, archived: Archived, killed: bool = False) -> bool:
         if places[name].exists():
             places[name].rmdir()  # empty: made by this run after the move
         places[name].parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(dest / name), str(places[name]))
+        rename_part(dest / name, places[name])
     (dest / PENDING).unlink(missing_ok=True)
     try:
         dest.rmdir()
@@ -469,7 +517,7 @@ def restore_interrupted(params) -> bool:
     from stages.io import UNREADABLE, read_json
 
     checkpoint.put_back_moved_aside(params.train.checkpoint_dir)  # a checkpoint write killed mid-rename
-    moved = finish_killed_restores(params)  # first: it makes the archive of the run it moved aside final
+    moved = bool(finish_killed_restores(params))  # first: it makes the archive of the run it moved aside final
     root = Path(params.train.archive_dir)
     here = dirs_origin(params)
     for marker in sorted(root.glob(f"*/{PENDING}"), reverse=True):  # newest first (none where root is missing)
@@ -495,52 +543,67 @@ def move_in(src: Path, name: str, dest: Path) -> None:
         dest.rmdir()  # empty (a part that held something moved aside first)
     dest.parent.mkdir(parents=True, exist_ok=True)
     log.info("moving %s to %s", src / name, dest)
-    shutil.move(str(src / name), str(dest))
+    rename_part(src / name, dest)
 
 
-def finish_restore(src: Path, moved) -> None:
-    """The swap is whole: the run moved aside is a final archive, the restore's marker goes, and `src` with it."""
+def finish_restore(src: Path, moved: Archived | None) -> None:
+    """The swap is whole: the run moved aside is a final archive, the restore's marker goes (and a temporary file of
+    it that a kill mid-write left), and `src` with them."""
     if moved is not None:
         keep_archived(moved)
     (src / RESTORING).unlink(missing_ok=True)
+    for tmp in src.glob(f".{RESTORING}.*.tmp"):  # stages.io.atomic_path's name for it
+        tmp.unlink()
     try:
         src.rmdir()
     except OSError:
         log.warning("%s: left in place, it holds files that are not the run's", src)
 
 
-def finish_killed_restores(params) -> bool:
-    """Finish each restore of this checkout that was killed outright (kill -9, power loss) while it moved an archived
-    run into the output dirs: its marker (`RESTORING`, written once the run in place was archived) is still in the
-    archived run's dir. The parts still there move into their output dirs and the run moved aside becomes a final
-    archive, as the restore would have left them. An output dir that is no longer empty stops the start with one
-    line saying what to move by hand. Called first by every start (`restore_interrupted`); returns whether one was
-    finished."""
+def _restore_record(marker: Path) -> dict | None:
+    """A restore's marker, checked: {"from": {part: dir}, "parts": [part names], "aside": dir or None}; None when it
+    cannot be read or is not one this version writes."""
     from stages.io import UNREADABLE, read_json
 
-    here, places, finished = dirs_origin(params), output_dirs(params), False
+    try:
+        info = read_json(marker)
+        ok = (isinstance(info["from"], dict) and isinstance(info["parts"], list)
+              and set(info["parts"]) <= set(PART_FIELDS) and isinstance(info["aside"], (str, type(None))))
+    except UNREADABLE:
+        return None
+    return info if ok else None
+
+
+def finish_killed_restores(params) -> list[Path]:
+    """Finish each restore of these output dirs that was killed outright (kill -9, power loss) while it moved an
+    archived run into them: its marker (`RESTORING`, written once the run in place was archived, so the output dirs
+    were empty then) is still in the archived run's dir. The parts still there move into their output dirs and the
+    run moved aside becomes a final archive, as the restore would have left them. An output dir that is no longer
+    empty, or a marker that cannot be read, stops the start with one line saying what to move by hand, before
+    anything moves. Called first by every start (`restore_interrupted`); returns the archived runs' dirs it finished."""
+    here, places, finished = dirs_origin(params), output_dirs(params), []
+    by_hand = ", ".join(f"{k}/ to {v}" for k, v in PART_FIELDS.items())
     for marker in sorted(Path(params.train.archive_dir).glob(f"*/{RESTORING}")):
-        src = marker.parent
-        try:
-            info = read_json(marker)
-            origin, parts, aside = info["from"], list(info["parts"]), info["aside"]
-        except UNREADABLE:
-            origin, parts, aside = here, list(places), None  # damaged: every part still there moves, here
-        if origin != here:
+        src, info = marker.parent, _restore_record(marker)
+        if info is None:
+            raise PipelineError(f"{marker}: unreadable; it marks a restore of {src} that was killed midway: move each "
+                                f"part left in {src} to the output dir of the checkout that ran it ({by_hand}), then "
+                                "delete this file")
+        if info["from"] != here:
             continue  # another checkout's (or another params file's): its own next start finishes it
-        for name in ("state", "policy", "rounds"):
-            if name not in parts or not (src / name).exists():
-                continue  # moved before the kill
-            dest = places[name]
-            if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-                raise PipelineError(
-                    f"{marker}: a restore of {src} was killed midway and {dest} is no longer empty; finish it by hand "
-                    f"(move {src / name} to {dest} once that holds nothing you need, and each other part left in "
-                    f"{src} to its output dir: {', '.join(f'{k}/ to {v}' for k, v in PART_FIELDS.items())}), then "
-                    "delete this file")
-            move_in(src, name, dest)
-        finish_restore(src, Archived(Path(aside)) if aside else None)
+        left = [n for n in ("state", "policy", "rounds") if n in info["parts"] and (src / n).exists()]
+        blocked = [str(places[n]) for n in left if places[n].exists()
+                   and (not places[n].is_dir() or any(places[n].iterdir()))]
+        if blocked:
+            moves = ", ".join(f"{src / n} to {places[n]}" for n in left)
+            raise PipelineError(f"{marker}: a restore of {src} was killed midway and {', '.join(blocked)} "
+                                f"{'is' if len(blocked) == 1 else 'are'} no longer empty; finish it by hand (move "
+                                f"{moves} once {'that holds' if len(blocked) == 1 else 'those hold'} nothing you "
+                                "need), then delete this file")
+        for name in left:
+            move_in(src, name, places[name])
+        finish_restore(src, Archived(Path(info["aside"])) if info["aside"] else None)
         log.warning("a restore of %s was killed midway: finished, the archived run is in the output dirs%s", src,
-                    f" and the run that was there in {aside}" if aside else "")
-        finished = True
+                    f" and the run that was there in {info['aside']}" if info["aside"] else "")
+        finished.append(src)
     return finished
