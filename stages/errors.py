@@ -242,7 +242,56 @@ def checkout_fix(path: str | Path, what: str = "this round") -> str:
     """How to get one file, round dir or checkpoint back from DVC's cache without touching anything else: a granular
     `dvc checkout` of exactly that path (`--force` where a damaged or other copy is in the way: DVC will not replace
     what it has not cached otherwise). A checkout of the whole rounds dir would put back the rounds DVC last recorded
-    and remove later ones it never cached. Whatever comes back is checked against its manifest at the next start."""
+    and remove later ones it never cached. Whatever comes back is checked against its manifest at the next start.
+    Where DVC's records show it has no copy (a round trained by `python -m flows.train` after the last `dvc repro` or
+    `dvc commit`), that checkout would only delete the file: the advice says so instead (`dvc_copy`)."""
     path = Path(path)
+    if dvc_copy(path) is False:
+        return (f"DVC has no copy of {what} (`dvc checkout` would delete {shlex.quote(str(path))}, not restore it: "
+                "dvc.lock does not record it, or its cache entry is gone): put it back from a copy of yours")
     force = "--force " if path.exists() else ""
     return f"restore it with `dvc checkout {force}{shlex.quote(str(path))}` (DVC's copy, when DVC cached {what})"
+
+
+DVC_CACHE = Path(".dvc") / "cache" / "files" / "md5"  # DVC 3's default cache, from the repo root
+
+
+def dvc_copy(path: str | Path) -> bool | None:
+    """Whether DVC's cache holds a copy of `path` (a file, or every file of a dir) for `dvc checkout` to put back,
+    from the repo's records alone (read, never run): the output of dvc.lock that holds `path`, its cached dir
+    listing and the cached files. None where that cannot be told: no dvc.lock here, no output holds `path`, a cache
+    dir set in the DVC config, a record in a form this does not know."""
+    import yaml
+
+    lock, config = Path("dvc.lock"), Path(".dvc") / "config"
+    try:
+        rel = Path(os.path.relpath(Path(path).absolute(), Path.cwd())).as_posix()
+        if rel.startswith("../") or not lock.is_file():
+            return None
+        for cfg in (config, config.with_name("config.local")):  # [cache] dir = ...: a cache elsewhere
+            if cfg.is_file() and "[cache]" in cfg.read_text() and "dir" in cfg.read_text().split("[cache]", 1)[1]:
+                return None
+        outs = [o for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values()
+                for o in stage.get("outs", [])]
+    except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError):
+        return None
+    for out in outs:
+        where, digest = str(out.get("path", "")), str(out.get("md5", ""))
+        if not where or not (rel == where or rel.startswith(where.rstrip("/") + "/")) or not digest:
+            continue
+        def cached(d: str) -> bool:
+            return (DVC_CACHE / d[:2] / d[2:]).is_file()
+
+        if not digest.endswith(".dir"):
+            return rel == where and cached(digest)
+        if not cached(digest):
+            return False
+        try:
+            listing = json.loads((DVC_CACHE / digest[:2] / digest[2:]).read_text())
+            inner = "" if rel == where else rel[len(where.rstrip("/")) + 1:]
+            files = [e["md5"] for e in listing if not inner or e["relpath"] == inner
+                     or e["relpath"].startswith(inner.rstrip("/") + "/")]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return bool(files) and all(cached(str(f)) for f in files)
+    return None

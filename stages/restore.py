@@ -145,9 +145,19 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     rounds, aside = restore_archived(params, args.archived, args.params)
     where = f"; the run that was there is in {aside}" if aside is not None else ""
-    how = ("`python -m flows.train` or `dvc repro`" if args.params == "params.yaml" else  # dvc repro: params.yaml's
-           f"`python -m flows.train --params {shlex.quote(args.params)}`")
-    print(f"restored {args.archived} ({rounds} complete rounds){where}. Continue it with {how}")
+    print(f"restored {args.archived} ({rounds} complete rounds){where}. "
+          f"{_how_to_continue(args.params, rounds, params.train.rounds)}")
+
+
+def _how_to_continue(params_path: str, rounds: int, total: int) -> str:
+    """The command that continues a run of `rounds` complete rounds when the params file asks for `total` (`dvc
+    repro` only with params.yaml, which is the file it reads)."""
+    train = "python -m flows.train" + (f" --params {shlex.quote(params_path)}" if params_path != "params.yaml" else "")
+    if rounds < total:
+        return f"Continue it with `{train}`" + (" or `dvc repro`" if params_path == "params.yaml" else "")
+    raise_it = " or raise train.rounds in params.yaml and `dvc repro`" if params_path == "params.yaml" else ""
+    return (f"It has {rounds} rounds and train.rounds asks for {total}: train more with `{train} --rounds N` (N > "
+            f"{rounds}){raise_it}")
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def test_fewer_rounds_than_completed_are_refused_but_not_for_another_run(params)
         with pytest.raises(PipelineError) as exc:
             check_total(plan, 2, field) if field != "train.rounds" else check_total(plan, 2)
         assert str(exc.value) == (f"{field}: 2 rounds asked, but 3 rounds of this run are already complete; ask for 3 "
-                                  "or more (params.yaml, or `-S train.rounds=N` in a dvc exp run) (more continue the "
+                                  "or more (train.rounds in params.yaml, `--rounds N` on the command line, or "
+                                  "`-S train.rounds=N` in a dvc exp run) (more continue the "
                                   f"run), or start over: {RESTART}")
     check_total(plan_resume(params, "run-b"), 1)  # another identity starts over: its rounds are not this run's
 
@@ -256,6 +257,22 @@ def test_checkpoint_ahead_of_the_rounds_is_refused(params):
     write_round(tp, 0)
     write_checkpoint(tp, 3)
     with pytest.raises(PipelineError, match=r"the checkpoint is at round 3 but only 1 rounds are complete"):
+        plan_resume(params, ID)
+
+
+def test_a_checkpoint_whose_rounds_dir_holds_no_round_says_where_the_rounds_went(params):
+    """A changed train.rounds_dir (or rounds deleted): the checkpoint is this run's, its rounds are not where the
+    params say: the error says to put the setting back before it offers to start over (which would archive the
+    checkpoint without its rounds)."""
+    tp = params.train
+    write_checkpoint(tp, 28)
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert one_line(exc) == (f"{tp.checkpoint_dir}: the checkpoint is at round 28, but {tp.rounds_dir} holds no round "
+                             "of its run: if train.rounds_dir changed, put it back to the dir that holds them (or move "
+                             f"them to {tp.rounds_dir}); if they were deleted, start over: {RESTART}")
+    round_dir(tp.rounds_dir, 0).mkdir(parents=True)  # a partial round: rounds were here, so the general line
+    with pytest.raises(PipelineError, match="the checkpoint is at round 28 but only 0 rounds are complete"):
         plan_resume(params, ID)
 
 
@@ -1437,3 +1454,18 @@ def test_restore_cli(params, tmp_path):
     assert ok.stdout.strip() == (f"restored {src} (2 complete rounds); the run that was there is in "
                                  f"{Path(params.train.archive_dir) / aside.name}. Continue it with "
                                  "`python -m flows.train --params mine.yaml`")
+
+
+def test_the_restore_says_how_to_continue_even_past_train_rounds():
+    """Fewer rounds than the params file asks: the plain command (and `dvc repro` for params.yaml, the file it reads);
+    as many or more: `--rounds N` with N past them (a plain start would refuse or have nothing to train)."""
+    from stages.restore import _how_to_continue
+
+    assert _how_to_continue("params.yaml", 2, 12) == "Continue it with `python -m flows.train` or `dvc repro`"
+    assert _how_to_continue("my params.yaml", 2, 12) == "Continue it with `python -m flows.train --params 'my params.yaml'`"
+    assert _how_to_continue("params.yaml", 22, 12) == (
+        "It has 22 rounds and train.rounds asks for 12: train more with `python -m flows.train --rounds N` (N > 22) or "
+        "raise train.rounds in params.yaml and `dvc repro`")
+    assert _how_to_continue("mine.yaml", 12, 12) == (
+        "It has 12 rounds and train.rounds asks for 12: train more with `python -m flows.train --params mine.yaml "
+        "--rounds N` (N > 12)")

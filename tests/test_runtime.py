@@ -229,3 +229,43 @@ run_cli(main)
     assert (tmp_path / "handler").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"
     assert (tmp_path / "log").read_text() == "logged\n"
     assert ("error: x: bad" in out.stderr) == (code == 2)
+
+
+def test_the_dvc_checkout_advice_is_given_only_where_dvc_has_a_copy(tmp_path, monkeypatch):
+    """A real `dvc repro` records a rounds dir; a round trained after it (by `python -m flows.train`) is not in DVC's
+    records, and `dvc checkout --force` of it deletes it: the advice says DVC has no copy there instead. Where the
+    records cannot tell (no dvc.lock, an output DVC does not know), the usual advice."""
+    import shutil
+
+    from stages.errors import checkout_fix, dvc_copy
+
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    monkeypatch.chdir(tmp_path)
+    assert dvc_copy("data/rounds/round=0000") is None  # no dvc.lock
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run([dvc, "init", "-q"], check=True)
+    write = "import pathlib as p; d = p.Path('data/rounds/round=0000'); d.mkdir(parents=True); " \
+            "(d / 'samples.parquet').write_text('a'); (d / 'manifest.json').write_text('{}')"
+    subprocess.run([dvc, "stage", "add", "-q", "-n", "train", "-o", "data/rounds", f'{sys.executable} -c "{write}"'],
+                   check=True)
+    subprocess.run([dvc, "repro", "-q"], check=True, capture_output=True)
+    later = Path("data/rounds/round=0001/samples.parquet")
+    later.parent.mkdir()
+    later.write_text("trained after the last dvc repro")
+    assert dvc_copy("data/rounds/round=0000/samples.parquet") is True
+    assert dvc_copy(Path("data/rounds/round=0000").absolute()) is True
+    assert dvc_copy("data/rounds") is True
+    assert dvc_copy(later) is False and dvc_copy(later.parent) is False
+    assert dvc_copy("models/policy") is None  # no output of dvc.lock holds it
+    assert checkout_fix("data/rounds/round=0000/samples.parquet") == (
+        "restore it with `dvc checkout --force data/rounds/round=0000/samples.parquet` (DVC's copy, when DVC cached "
+        "this round)")
+    assert checkout_fix(later) == (
+        "DVC has no copy of this round (`dvc checkout` would delete data/rounds/round=0001/samples.parquet, not "
+        "restore it: dvc.lock does not record it, or its cache entry is gone): put it back from a copy of yours")
+    subprocess.run([dvc, "checkout", "--force", str(later)], check=True, capture_output=True)
+    assert not later.exists()  # what the advice says DVC would do
+    shutil.rmtree(".dvc/cache")  # `dvc gc` of everything, say: dvc.lock's record alone is no copy
+    assert dvc_copy("data/rounds/round=0000/samples.parquet") is False
+    Path(".dvc/config").write_text("[cache]\n    dir = /elsewhere/cache\n")
+    assert dvc_copy("data/rounds/round=0000/samples.parquet") is None  # a cache elsewhere: cannot tell

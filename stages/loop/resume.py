@@ -258,6 +258,10 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
         repair = meta["manifest"]  # killed between the checkpoint and the manifest of round n (= c - 1)
         manifests[n] = meta["manifest"]
         n = c
+    elif c > n and not rounds:  # no round dir at all: the rounds are elsewhere (a changed train.rounds_dir) or gone
+        raise PipelineError(f"{tp.checkpoint_dir}: the checkpoint is at round {c}, but {tp.rounds_dir} holds no round "
+                            "of its run: if train.rounds_dir changed, put it back to the dir that holds them (or move "
+                            f"them to {tp.rounds_dir}); if they were deleted, start over: {RESTART}")
     elif c > n:
         raise PipelineError(f"{tp.checkpoint_dir}: the checkpoint is at round {c} but only {n} rounds are complete in "
                             f"{tp.rounds_dir}; the state is inconsistent; start over: {RESTART}")
@@ -291,7 +295,8 @@ def _moving_aside(params, identity: str, superseded: dict) -> ResumePlan:
 def check_total(plan: ResumePlan, total: int, field: str = "train.rounds") -> None:
     """A run asked for fewer rounds than it has already completed: nothing to train, and nothing true to report."""
     if plan.superseded is None and plan.start > total:
-        where = " (params.yaml, or `-S train.rounds=N` in a dvc exp run)" if field.startswith("train.rounds") else ""
+        where = (" (train.rounds in params.yaml, `--rounds N` on the command line, or `-S train.rounds=N` in a dvc exp "
+                 "run)" if field.startswith("train.rounds") else "")
         raise PipelineError(f"{field}: {total} rounds asked, but {plan.start} rounds of this run are already complete; "
                             f"ask for {plan.start} or more{where} (more continue the run), or start over: {RESTART}")
 
