@@ -236,9 +236,10 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
 
             checkpoint.save(w.trainer, tp.checkpoint_dir, tp.state_dir, {"identity": identity, "manifest": plan.done[-1]},
                             gathered=gathered)
-        logger.info("replayed the updates of rounds %d-%d from their artifacts (the checkpoint was at round %d) and "
-                    "saved the checkpoint at round %d, in %.1f s", plan.replay[0]["round"] + 1,
-                    plan.replay[-1]["round"] + 1, plan.replay[0]["round"], start, time.perf_counter() - t1)
+        first, last = plan.replay[0]["round"] + 1, plan.replay[-1]["round"] + 1
+        logger.info("replayed the update%s from %s artifacts (the checkpoint was at round %d) and saved the checkpoint "
+                    "at round %d, in %.1f s", f" of round {first}" if first == last else f"s of rounds {first}-{last}",
+                    "its" if first == last else "their", first - 1, start, time.perf_counter() - t1)
 
     # 3. the rounds
     history = [m["metrics"] for m in plan.done]
@@ -279,8 +280,9 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             writer.submit(write)
             tracking.log_round(metrics, step=r + 1, samples=samples, scores=scores, advantages=advs, n=params.mlflow.log_completions)
             create_markdown_artifact(_round_markdown(r, total, metrics), key="rloo-round", description=f"round {r + 1}")
-            logger.info("round %d/%d: reward %.3f, kl %.4f, loss %.4f, %.1f s (sample %.1f, update %.1f)", r + 1, total,
-                        metrics["reward"], metrics["kl"], metrics["loss"], metrics["time/round_s"],
+            # not the loss: with one epoch its ratio is 1, and the loss of a zero-mean advantage (rloo, grpo) is 0
+            logger.info("round %d/%d: reward %.3f, kl %.4f, grad norm %.3f, %.1f s (sample %.1f, update %.1f)", r + 1,
+                        total, metrics["reward"], metrics["kl"], metrics["grad_norm"], metrics["time/round_s"],
                         metrics["time/sample_s"], metrics["time/update_s"])
         writer.close()
         # 4. the run's outputs
@@ -289,6 +291,7 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             summary = write_run_outputs(history, total, identity, warm_s, time.perf_counter() - t0, total - start,
                                         time.perf_counter() - t_rounds, run.info.run_id if run else None) | topology
             tracking.finish_run(summary, history)
+            _say_where(logger, params, total, total - start, run.info.run_id if run else None)
         dist.barrier()  # the others end once rank 0 has written everything
         return summary
     except BaseException:
@@ -314,6 +317,18 @@ def _current_outputs(identities: set[str], total: int, done: list[dict]) -> dict
     mine = (isinstance(summary, dict) and summary.get("identity") in identities and summary.get("rounds") == total
             and run_id is not None and summary.get("mlflow_run_id") == run_id)
     return summary if mine else None
+
+
+def _say_where(logger, params: Params, total: int, trained: int, run_id: str | None) -> None:
+    """The run's last line: what it trained and where each output is (the rounds, the policy, the metrics, MLflow)."""
+    import mlflow
+
+    from stages.loop.writer import METRICS_FILE, PLOTS_FILE
+
+    tp = params.train
+    logger.info("done: %d rounds (%d trained now); rounds in %s, the policy in %s, metrics in %s and %s%s", total,
+                trained, tp.rounds_dir, tp.checkpoint_dir, METRICS_FILE, PLOTS_FILE,
+                f"; MLflow run {run_id} in {mlflow.get_tracking_uri()}" if run_id else "")
 
 
 def _then(first, second):

@@ -28,10 +28,17 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-import polars as pl
+from stages.errors import bad_input_exits, run_cli
+from stages.runtime import preload_malloc
 
-from stages.errors import run_cli
+# the command re-executes itself once with tcmalloc preloaded (RLOO_MALLOC), as training does: its vLLM engine asks
+# for it (docs/design.md §7); before numpy, polars and torch load
+if __name__ == "__main__":
+    with bad_input_exits():
+        preload_malloc()
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -291,12 +291,13 @@ def test_a_gap_in_the_manifests_is_refused(params):
     write_round(tp, 2)
     with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
-    assert "round 2 has no manifest but later rounds do" in one_line(exc)
+    assert "round 2 has no manifest but later rounds are complete" in one_line(exc)
     assert f"restore it with `dvc checkout {round_dir(tp.rounds_dir, 1) / MANIFEST}` (DVC's copy" in one_line(exc)
     assert RESTART in one_line(exc)
     shutil.rmtree(round_dir(tp.rounds_dir, 1))  # the whole round dir gone: the checkout names the dir
     with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
+    assert "round 2 is missing but later rounds are complete" in one_line(exc)
     assert f"restore it with `dvc checkout {round_dir(tp.rounds_dir, 1)}` (DVC's copy" in one_line(exc)
 
 

@@ -162,8 +162,11 @@ def test_rounds_after_an_older_checkpoint_are_replayed_to_the_uninterrupted_run(
 
     out = run([PY, "-m", "flows.train"], proj, env)
     log = out.stdout + out.stderr
-    assert "replayed the updates of rounds 3-3 from their artifacts (the checkpoint was at round 2)" in log, log[-3000:]
+    assert "replayed the update of round 3 from its artifacts (the checkpoint was at round 2)" in log, log[-3000:]
     assert "resuming after round 3 of 4" in log
+    assert "round 4/4: reward " in log and ", grad norm " in log
+    assert "done: 4 rounds (1 trained now); rounds in data/rounds, the policy in models/policy, metrics in " \
+           "metrics/train.json and plots/train.csv; MLflow run " in log
     assert (rounds / "round=0002" / "samples.parquet").read_bytes() == round3  # replayed, not re-sampled
     for r in range(4):
         a = pl.read_parquet(rounds / f"round={r:04d}" / "samples.parquet")

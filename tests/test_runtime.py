@@ -100,9 +100,12 @@ def test_auto_uses_the_installed_tcmalloc_or_glibc(tmp_path):
         assert after["preload"].split(":")[0] == found
 
 
-def test_a_bad_setting_is_one_line_from_the_training_command(tmp_path):
+@pytest.mark.parametrize("command", ["flows.train", "stages.evaluate", "flows.serve"])
+def test_a_bad_setting_is_one_line_from_each_command_that_preloads(tmp_path, command):
+    """The training, evaluation (its vLLM engine asks for tcmalloc too) and serving commands preload the library
+    first thing: a bad setting is their one line, before anything else runs."""
     env = {**os.environ, MALLOC_ENV: str(tmp_path / "missing.so")}
-    proc = subprocess.run([sys.executable, "-m", "flows.train"], cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", command], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: RLOO_MALLOC: {tmp_path / 'missing.so'} is not a file; set it "

@@ -250,7 +250,8 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     if any(r > n for r in manifests):
         missing = round_dir(tp.rounds_dir, n) / MANIFEST
         missing = missing if missing.parent.is_dir() else missing.parent
-        raise PipelineError(f"{round_dir(tp.rounds_dir, n)}: round {n + 1} has no manifest but later rounds do; the "
+        gap = "has no manifest" if missing.name == MANIFEST else "is missing"
+        raise PipelineError(f"{round_dir(tp.rounds_dir, n)}: round {n + 1} {gap} but later rounds are complete; the "
                             f"state is inconsistent; {checkout_fix(missing)} or start over: {RESTART}")
     c = meta["round"] if meta else 0
     repair = None
