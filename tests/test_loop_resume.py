@@ -59,7 +59,7 @@ def test_fresh_start(params):
     assert plan.start == 0 and plan.checkpoint is None and plan.superseded is None and plan.adv_state is None
 
 
-def test_continue_after_the_checkpoint(params):
+def test_continue_after_the_checkpoint(params, caplog):
     tp = params.train
     ms = [write_round(tp, r) for r in range(3)]
     write_checkpoint(tp, 3)
@@ -73,7 +73,10 @@ def test_continue_after_the_checkpoint(params):
     (tp_dir := round_dir(tp.rounds_dir, 0).parent / "notes.txt").write_text("mine")
     (round_dir(tp.rounds_dir, 0).parent / "plots").mkdir()  # not a round dir either
     assert plan_resume(params, ID).stale == plan.stale
-    apply_plan(plan, params)
+    with caplog.at_level(logging.INFO, logger="stages.loop.resume"):
+        apply_plan(plan, params)
+    assert f"removed {round_dir(tp.rounds_dir, 3)}, the partial round 4 an interrupted run left (only files a round " \
+           "writes): it is re-done" in caplog.text
     assert not round_dir(tp.rounds_dir, 3).exists() and round_dir(tp.rounds_dir, 2).is_dir()
     assert tp_dir.read_text() == "mine"  # not a round dir: never touched
 

@@ -323,6 +323,8 @@ def apply_plan(plan: ResumePlan, params) -> Archived | None:
         log.info("repaired the manifest of round %d from its checkpoint", plan.repair["round"] + 1)
     for d in plan.stale:
         shutil.rmtree(d)
+        log.info("removed %s, the partial round %d an interrupted run left (only files a round writes): it is re-done",
+                 d, int(ROUND_DIR.match(d.name).group(1)) + 1)
     return None
 
 
