@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -244,54 +245,98 @@ def checkout_fix(path: str | Path, what: str = "this round") -> str:
     what it has not cached otherwise). A checkout of the whole rounds dir would put back the rounds DVC last recorded
     and remove later ones it never cached. Whatever comes back is checked against its manifest at the next start.
     Where DVC's records show it has no copy (a round trained by `python -m flows.train` after the last `dvc repro` or
-    `dvc commit`), that checkout would only delete the file: the advice says so instead (`dvc_copy`)."""
+    `dvc commit`), that checkout would only delete the file: the advice says so instead, or names `dvc pull` where
+    the copy is recorded but only a remote can have it (`dvc_copy`)."""
     path = Path(path)
-    if dvc_copy(path) is False:
-        return (f"DVC has no copy of {what} (`dvc checkout` would delete {shlex.quote(str(path))}, not restore it: "
-                "dvc.lock does not record it, or its cache entry is gone): put it back from a copy of yours")
+    quoted = shlex.quote(str(path))
+    copy = dvc_copy(path)
+    if copy == "recorded" and _dvc_config().get("remote"):
+        return f"restore it with `dvc pull {quoted}` (DVC's copy on its remote, when it was pushed)"
+    if copy in ("recorded", "absent"):
+        return (f"DVC has no copy of {what} (dvc.lock does not record it, or its cache entry is gone), so `dvc "
+                f"checkout` {'would delete it instead of restoring it' if path.exists() else 'cannot restore it'}: put "
+                "it back from a copy of yours")
     force = "--force " if path.exists() else ""
-    return f"restore it with `dvc checkout {force}{shlex.quote(str(path))}` (DVC's copy, when DVC cached {what})"
+    return f"restore it with `dvc checkout {force}{quoted}` (DVC's copy, when DVC cached {what})"
+
+
+def _dvc_config() -> dict[str, str]:
+    """The DVC settings of this repo that `dvc_copy` needs, from its config files and the user's and system's (read as
+    text: section and key, no code run): "cache" (a cache dir or a named cache set anywhere) and "remote" (a default
+    remote). Unreadable files are skipped."""
+    home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    found: dict[str, str] = {}
+    for cfg in (Path("/etc/xdg/dvc/config"), home / "dvc" / "config", Path(".dvc/config"), Path(".dvc/config.local")):
+        try:
+            lines = cfg.read_text().splitlines() if cfg.is_file() else []
+        except (OSError, ValueError):
+            continue
+        section = ""
+        for line in lines:
+            line = line.strip()
+            if line.startswith("[") and line.endswith("]"):
+                section = line.strip("[]'\" ").split()[0].lower()
+            elif "=" in line and not line.startswith(("#", ";")):
+                key = line.split("=", 1)[0].strip().lower()
+                if section == "cache" and key in ("dir", "local"):
+                    found["cache"] = line
+                elif section == "core" and key == "remote":
+                    found["remote"] = line
+    return found
 
 
 DVC_CACHE = Path(".dvc") / "cache" / "files" / "md5"  # DVC 3's default cache, from the repo root
 
 
-def dvc_copy(path: str | Path) -> bool | None:
-    """Whether DVC's cache holds a copy of `path` (a file, or every file of a dir) for `dvc checkout` to put back,
-    from the repo's records alone (read, never run): the output of dvc.lock that holds `path`, its cached dir
-    listing and the cached files. None where that cannot be told: no dvc.lock here, no output holds `path`, a cache
-    dir set in the DVC config, a record in a form this does not know."""
+def dvc_copy(path: str | Path) -> str | None:
+    """What DVC holds of `path` (a file, or every file of a dir) for `dvc checkout` to put back, from this repo's
+    records alone (read, never run): the output of dvc.lock that holds `path`, its cached dir listing and the cached
+    files. "cached": all there; "recorded": dvc.lock records it, the cache lacks some of it; "absent": the output is
+    DVC's, `path` is not in its record, or the record is of another version of the round (its manifest differs from
+    the one on disk). None where that cannot be told: not run from a DVC repo's root, no output holds `path`, a cache
+    set elsewhere, a record this does not know (DVC 2's), anything unreadable. Never raises: it only adds to an
+    error."""
+    try:
+        return _dvc_copy(Path(path))
+    except Exception:
+        return None
+
+
+def _dvc_copy(path: Path) -> str | None:
     import yaml
 
-    lock, config = Path("dvc.lock"), Path(".dvc") / "config"
-    try:
-        rel = Path(os.path.relpath(Path(path).absolute(), Path.cwd())).as_posix()
-        if rel.startswith("../") or not lock.is_file():
-            return None
-        for cfg in (config, config.with_name("config.local")):  # [cache] dir = ...: a cache elsewhere
-            if cfg.is_file() and "[cache]" in cfg.read_text() and "dir" in cfg.read_text().split("[cache]", 1)[1]:
-                return None
-        outs = [o for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values()
-                for o in stage.get("outs", [])]
-    except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError):
+    rel = Path(os.path.relpath(path.absolute(), Path.cwd())).as_posix()
+    if rel.startswith("../") or not Path(".dvc").is_dir() or not Path("dvc.lock").is_file() or "cache" in _dvc_config():
         return None
-    for out in outs:
-        where, digest = str(out.get("path", "")), str(out.get("md5", ""))
-        if not where or not (rel == where or rel.startswith(where.rstrip("/") + "/")) or not digest:
-            continue
-        def cached(d: str) -> bool:
-            return (DVC_CACHE / d[:2] / d[2:]).is_file()
-
-        if not digest.endswith(".dir"):
-            return rel == where and cached(digest)
-        if not cached(digest):
-            return False
-        try:
-            listing = json.loads((DVC_CACHE / digest[:2] / digest[2:]).read_text())
-            inner = "" if rel == where else rel[len(where.rstrip("/")) + 1:]
-            files = [e["md5"] for e in listing if not inner or e["relpath"] == inner
-                     or e["relpath"].startswith(inner.rstrip("/") + "/")]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
-        return bool(files) and all(cached(str(f)) for f in files)
+    lock = yaml.safe_load(Path("dvc.lock").read_text())
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            where, digest = str(out["path"]).rstrip("/"), str(out.get("md5", ""))
+            if rel != where and not rel.startswith(where + "/"):
+                continue
+            if out.get("hash") != "md5" or not digest:  # DVC 2's record (another cache layout) or no hash
+                return None
+            if not digest.endswith(".dir"):
+                return ("cached" if _cached(digest) else "recorded") if rel == where else None
+            if not _cached(digest):
+                return "recorded"
+            listing = {e["relpath"]: e["md5"] for e in json.loads(_cache_file(digest).read_text())}
+            inner = "" if rel == where else rel[len(where) + 1:]
+            files = [m for r, m in listing.items() if not inner or r == inner or r.startswith(inner + "/")]
+            round_dir = inner.split("/")[0]
+            manifest = Path(where) / round_dir / "manifest.json"
+            if inner and round_dir.startswith("round=") and manifest.is_file() and listing.get(
+                    f"{round_dir}/manifest.json") != hashlib.md5(manifest.read_bytes()).hexdigest():
+                return "absent"  # DVC's copy of this round dir is another run's, or an older one
+            if not files:
+                return "absent"
+            return "cached" if all(_cached(m) for m in files) else "recorded"
     return None
+
+
+def _cache_file(digest: str) -> Path:
+    return DVC_CACHE / digest[:2] / digest[2:]
+
+
+def _cached(digest: str) -> bool:
+    return _cache_file(digest).is_file()

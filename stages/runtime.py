@@ -60,8 +60,8 @@ def preload_malloc() -> None:
     Measured on the default task (2-core AMD EPYC, AVX512-BF16): 5.3M -> 1.8M page faults, kernel time 17 -> 9 s
     per 4 rounds, a round 8.6 -> 6.9 s (the update 3.5-4.3 -> 2.4-2.6 s), peak RSS 7.5 -> 7.3 GiB
     (docs/design.md §7). vLLM's CPU backend asks for the same (its "libtcmalloc is not found in LD_PRELOAD").
-    Called first thing by the training and serving commands; a no-op where `malloc_env` has nothing to add and in
-    the re-executed process itself."""
+    Called first thing by the training, evaluation and serving commands; a no-op where `malloc_env` has nothing to
+    add and in the re-executed process itself."""
     env = None if os.environ.get(_MALLOC_DONE) else malloc_env()
     if env is None:
         return

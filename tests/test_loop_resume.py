@@ -277,6 +277,10 @@ def test_a_checkpoint_whose_rounds_dir_holds_no_round_says_where_the_rounds_went
     round_dir(tp.rounds_dir, 0).mkdir(parents=True)  # a partial round: rounds were here, so the general line
     with pytest.raises(PipelineError, match="the checkpoint is at round 28 but only 0 rounds are complete"):
         plan_resume(params, ID)
+    shutil.rmtree(tp.rounds_dir)
+    write_checkpoint(tp, 1, manifest={"round": 0})  # a checkpoint at round 1 carries its round's manifest
+    with pytest.raises(PipelineError, match="the checkpoint is at round 1, but data/rounds holds no round of its run"):
+        plan_resume(params, ID)  # not repaired from it: there is no round dir to repair
 
 
 def test_rounds_of_two_runs_are_refused(params):

@@ -235,40 +235,66 @@ run_cli(main)
 
 
 def test_the_dvc_checkout_advice_is_given_only_where_dvc_has_a_copy(tmp_path, monkeypatch):
-    """A real `dvc repro` records a rounds dir; a round trained after it (by `python -m flows.train`) is not in DVC's
-    records, and `dvc checkout --force` of it deletes it: the advice says DVC has no copy there instead. Where the
-    records cannot tell (no dvc.lock, an output DVC does not know), the usual advice."""
+    """A real `dvc repro` records a rounds dir and a file; a round trained after it (by `python -m flows.train`) is not
+    in DVC's records, and `dvc checkout --force` of it deletes it: the advice says DVC has no copy there instead, and
+    so for a round whose manifest is not the one DVC recorded (another run's round of the same number). A recorded
+    copy whose cache entry is gone: `dvc pull` where a remote is set. Where the records cannot tell, the usual
+    advice."""
     import shutil
 
     from stages.errors import checkout_fix, dvc_copy
 
     dvc = str(Path(sys.executable).with_name("dvc"))
     monkeypatch.chdir(tmp_path)
-    assert dvc_copy("data/rounds/round=0000") is None  # no dvc.lock
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home"))  # not the user's own DVC settings
+    assert dvc_copy("data/rounds/round=0000") is None  # no DVC repo here
     subprocess.run(["git", "init", "-q"], check=True)
     subprocess.run([dvc, "init", "-q"], check=True)
-    write = "import pathlib as p; d = p.Path('data/rounds/round=0000'); d.mkdir(parents=True); " \
-            "(d / 'samples.parquet').write_text('a'); (d / 'manifest.json').write_text('{}')"
-    subprocess.run([dvc, "stage", "add", "-q", "-n", "train", "-o", "data/rounds", f'{sys.executable} -c "{write}"'],
-                   check=True)
+    write = ("import pathlib as p; d = p.Path('data/rounds/round=0000'); d.mkdir(parents=True); "
+             "(d / 'samples.parquet').write_text('a'); (d / 'manifest.json').write_text('{}'); "
+             "p.Path('data/eval.json').write_text('{}')")
+    subprocess.run([dvc, "stage", "add", "-q", "-n", "train", "-o", "data/rounds", "-o", "data/eval.json",
+                    f'{sys.executable} -c "{write}"'], check=True)
     subprocess.run([dvc, "repro", "-q"], check=True, capture_output=True)
     later = Path("data/rounds/round=0001/samples.parquet")
     later.parent.mkdir()
     later.write_text("trained after the last dvc repro")
-    assert dvc_copy("data/rounds/round=0000/samples.parquet") is True
-    assert dvc_copy(Path("data/rounds/round=0000").absolute()) is True
-    assert dvc_copy("data/rounds") is True
-    assert dvc_copy(later) is False and dvc_copy(later.parent) is False
-    assert dvc_copy("models/policy") is None  # no output of dvc.lock holds it
+    Path("data/rounds2").mkdir()  # a dir whose name only starts like the output's
+    assert dvc_copy("data/rounds/round=0000/samples.parquet") == "cached"
+    assert dvc_copy(Path("data/rounds/round=0000").absolute()) == "cached"
+    assert dvc_copy("data/rounds") == dvc_copy("data/rounds/") == dvc_copy("data/eval.json") == "cached"
+    assert dvc_copy(later) == dvc_copy(later.parent) == "absent"
+    assert dvc_copy("data/rounds2/x") is None and dvc_copy("models/policy") is None  # no output holds them
     assert checkout_fix("data/rounds/round=0000/samples.parquet") == (
         "restore it with `dvc checkout --force data/rounds/round=0000/samples.parquet` (DVC's copy, when DVC cached "
         "this round)")
     assert checkout_fix(later) == (
-        "DVC has no copy of this round (`dvc checkout` would delete data/rounds/round=0001/samples.parquet, not "
-        "restore it: dvc.lock does not record it, or its cache entry is gone): put it back from a copy of yours")
+        "DVC has no copy of this round (dvc.lock does not record it, or its cache entry is gone), so `dvc checkout` "
+        "would delete it instead of restoring it: put it back from a copy of yours")
     subprocess.run([dvc, "checkout", "--force", str(later)], check=True, capture_output=True)
     assert not later.exists()  # what the advice says DVC would do
+    assert checkout_fix(later).endswith("so `dvc checkout` cannot restore it: put it back from a copy of yours")
+    manifest = Path("data/rounds/round=0000/manifest.json")
+    manifest.write_text('{"identity": "another run"}')  # round 1 of a run trained since: DVC's round 1 is not it
+    assert dvc_copy("data/rounds/round=0000/samples.parquet") == "absent"
+    manifest.write_text("{}")
+    monkeypatch.chdir(tmp_path / "data")  # not the repo's root: DVC's paths are relative to it
+    assert dvc_copy("rounds/round=0000/samples.parquet") is None
+    monkeypatch.chdir(tmp_path)
+    Path("data/eval.json").unlink()
+    next(p for p in Path(".dvc/cache/files/md5").rglob("*") if p.is_file() and p.read_text() == "a").unlink()
+    assert dvc_copy("data/rounds/round=0000") == dvc_copy("data/rounds/round=0000/samples.parquet") == "recorded"
+    assert dvc_copy("data/rounds/round=0000/manifest.json") == "cached"  # that file's entry is still there
+    assert checkout_fix("data/eval.json", "that file").startswith("restore it with `dvc checkout data/eval.json`")
+    assert checkout_fix("data/rounds/round=0000/samples.parquet").startswith("DVC has no copy of this round")
+    subprocess.run([dvc, "remote", "add", "-q", "-d", "store", str(tmp_path / "store")], check=True)
+    assert checkout_fix("data/rounds/round=0000/samples.parquet") == (
+        "restore it with `dvc pull data/rounds/round=0000/samples.parquet` (DVC's copy on its remote, when it was "
+        "pushed)")
     shutil.rmtree(".dvc/cache")  # `dvc gc` of everything, say: dvc.lock's record alone is no copy
-    assert dvc_copy("data/rounds/round=0000/samples.parquet") is False
-    Path(".dvc/config").write_text("[cache]\n    dir = /elsewhere/cache\n")
+    assert dvc_copy("data/eval.json") == "recorded"
+    Path(".dvc/config.local").write_text("[cache]\n    dir = /elsewhere/cache\n")
     assert dvc_copy("data/rounds/round=0000/samples.parquet") is None  # a cache elsewhere: cannot tell
+    Path(".dvc/config.local").unlink()
+    Path("dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    outs: [data/rounds]\n")  # edited by hand
+    assert dvc_copy("data/rounds/round=0000") is None

@@ -126,18 +126,20 @@ def file_record(path: Path, rows: int | None = None) -> dict:
 
 def read_manifest(path: Path) -> dict:
     """A manifest, checked for the keys a resume relies on; one-line PipelineError otherwise."""
-    fix = f"{checkout_fix(path)} or start over: {RESTART}"
+    def fix() -> str:  # only for an error: it reads DVC's records
+        return f"{checkout_fix(path)} or start over: {RESTART}"
+
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise PipelineError(f"{path}: unreadable manifest ({type(exc).__name__}); {fix}") from None
+        raise PipelineError(f"{path}: unreadable manifest ({type(exc).__name__}); {fix()}") from None
     bad = [k for k, t in _REQUIRED.items() if not isinstance(data, dict) or not isinstance(data.get(k), t)]
     if bad:
-        raise PipelineError(f"{path}: manifest lacks {', '.join(bad)}; {fix}")
+        raise PipelineError(f"{path}: manifest lacks {', '.join(bad)}; {fix()}")
     expected = ROUND_DIR.match(path.parent.name)
     if expected and int(expected.group(1)) != data["round"]:
         raise PipelineError(f"{path}: manifest says round {data['round']} in the dir of round "
-                            f"{int(expected.group(1))}; {fix}")
+                            f"{int(expected.group(1))}; {fix()}")
     return data
 
 
@@ -255,7 +257,7 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
                             f"state is inconsistent; {checkout_fix(missing)} or start over: {RESTART}")
     c = meta["round"] if meta else 0
     repair = None
-    if c == n + 1 and (meta.get("manifest") or {}).get("round") == n:
+    if c == n + 1 and rounds and (meta.get("manifest") or {}).get("round") == n:
         repair = meta["manifest"]  # killed between the checkpoint and the manifest of round n (= c - 1)
         manifests[n] = meta["manifest"]
         n = c
