@@ -283,6 +283,23 @@ def test_a_checkpoint_whose_rounds_dir_holds_no_round_says_where_the_rounds_went
         plan_resume(params, ID)  # not repaired from it: there is no round dir to repair
 
 
+def test_a_checkpoint_moved_aside_without_rounds_is_said(params, caplog):
+    """--restart over a checkpoint whose rounds are elsewhere: the log says the run moved aside had a checkpoint at
+    round N, not only "0 complete rounds"; an unreadable one is not guessed at."""
+    from stages.loop.resume import archive_run
+
+    tp = params.train
+    write_checkpoint(tp, 28)
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        moved = archive_run(params, {"identity": ID, "rounds": 0, "restart": True})
+    assert f"--restart: the previous run (0 complete rounds, a checkpoint at round 28) was moved to {moved.dest}" \
+        in caplog.text
+    write_json({"format": "unknown"}, f"{tp.checkpoint_dir}/{checkpoint.META}")
+    with caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        moved = archive_run(params, {"identity": ID, "rounds": 0, "restart": True})
+    assert f"--restart: the previous run (0 complete rounds) was moved to {moved.dest}" in caplog.text
+
+
 def test_rounds_of_two_runs_are_refused(params):
     tp = params.train
     write_round(tp, 0)

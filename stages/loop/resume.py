@@ -427,11 +427,24 @@ def archive_run(params, superseded: dict) -> Archived | None:
     for name, p in parts.items():
         rename_part(p, dest / name)
     why = superseded.get("why") or ("--restart" if superseded.get("restart") else "the configuration changed")
-    log.warning("%s: the previous run (%d complete rounds) was moved to %s; delete it when you no longer need it",
-                why, superseded["rounds"], dest)
+    log.warning("%s: the previous run (%d complete rounds%s) was moved to %s; delete it when you no longer need it",
+                why, superseded["rounds"], _checkpoint_alone(dest) if not superseded["rounds"] else "", dest)
     if not superseded.get("restart"):
         _say_archived_twin(params)
     return Archived(dest, made, tuple(parts))
+
+
+def _checkpoint_alone(dest: Path) -> str:
+    """", a checkpoint at round N" where a run moved aside without complete rounds had one (its rounds were elsewhere,
+    or gone), else ""."""
+    from stages import checkpoint
+    from stages.io import UNREADABLE
+
+    try:
+        meta = checkpoint.read_meta(dest / "policy")
+        return f", a checkpoint at round {int(meta['round'])}" if meta else ""
+    except UNREADABLE:
+        return ""
 
 
 def _say_archived_twin(params) -> None:
