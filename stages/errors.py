@@ -251,7 +251,8 @@ def checkout_fix(path: str | Path, what: str = "this round") -> str:
     quoted = shlex.quote(str(path))
     copy = dvc_copy(path)
     if copy == "recorded" and _dvc_config().get("remote"):
-        return f"restore it with `dvc pull {quoted}` (DVC's copy on its remote, when it was pushed)"
+        force = "--force " if path.exists() else ""  # the damaged copy in the way: pull asks, or refuses, otherwise
+        return f"restore it with `dvc pull {force}{quoted}` (DVC's copy on its remote, when it was pushed)"
     if copy in ("recorded", "absent"):
         return (f"DVC has no copy of {what} (dvc.lock does not record it, or its cache entry is gone), so `dvc "
                 f"checkout` {'would delete it instead of restoring it' if path.exists() else 'cannot restore it'}: put "
@@ -264,9 +265,12 @@ def _dvc_config() -> dict[str, str]:
     """The DVC settings of this repo that `dvc_copy` needs, from its config files and the user's and system's (read as
     text: section and key, no code run): "cache" (a cache dir or a named cache set anywhere) and "remote" (a default
     remote). Unreadable files are skipped."""
-    home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    try:
+        user = [Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "dvc" / "config"]
+    except (RuntimeError, KeyError):  # no home dir to be found
+        user = []
     found: dict[str, str] = {}
-    for cfg in (Path("/etc/xdg/dvc/config"), home / "dvc" / "config", Path(".dvc/config"), Path(".dvc/config.local")):
+    for cfg in (Path("/etc/xdg/dvc/config"), *user, Path(".dvc/config"), Path(".dvc/config.local")):
         try:
             lines = cfg.read_text().splitlines() if cfg.is_file() else []
         except (OSError, ValueError):
@@ -274,8 +278,9 @@ def _dvc_config() -> dict[str, str]:
         section = ""
         for line in lines:
             line = line.strip()
-            if line.startswith("[") and line.endswith("]"):
-                section = line.strip("[]'\" ").split()[0].lower()
+            head = line.split("#", 1)[0].split(";", 1)[0].strip()  # `[cache]  # a comment` is a header too
+            if head.startswith("[") and head.endswith("]"):
+                section = (head.strip("[]'\" ").split() or [""])[0].lower()
             elif "=" in line and not line.startswith(("#", ";")):
                 key = line.split("=", 1)[0].strip().lower()
                 if section == "cache" and key in ("dir", "local"):
@@ -294,8 +299,8 @@ def dvc_copy(path: str | Path) -> str | None:
     files. "cached": all there; "recorded": dvc.lock records it, the cache lacks some of it; "absent": the output is
     DVC's, `path` is not in its record, or the record is of another version of the round (its manifest differs from
     the one on disk). None where that cannot be told: not run from a DVC repo's root, no output holds `path`, a cache
-    set elsewhere, a record this does not know (DVC 2's), anything unreadable. Never raises: it only adds to an
-    error."""
+    set elsewhere, a record this does not know (DVC 2's), a dir output whose listing is not in the cache, anything
+    unreadable. Never raises: it only adds to an error."""
     try:
         return _dvc_copy(Path(path))
     except Exception:
@@ -319,19 +324,31 @@ def _dvc_copy(path: Path) -> str | None:
             if not digest.endswith(".dir"):
                 return ("cached" if _cached(digest) else "recorded") if rel == where else None
             if not _cached(digest):
-                return "recorded"
+                return None  # no listing: whether the record holds `path` (and which run's round) cannot be told
             listing = {e["relpath"]: e["md5"] for e in json.loads(_cache_file(digest).read_text())}
             inner = "" if rel == where else rel[len(where) + 1:]
             files = [m for r, m in listing.items() if not inner or r == inner or r.startswith(inner + "/")]
             round_dir = inner.split("/")[0]
-            manifest = Path(where) / round_dir / "manifest.json"
-            if inner and round_dir.startswith("round=") and manifest.is_file() and listing.get(
-                    f"{round_dir}/manifest.json") != hashlib.md5(manifest.read_bytes()).hexdigest():
+            if inner and round_dir.startswith("round=") and _other_round(Path(where) / round_dir, inner, listing):
                 return "absent"  # DVC's copy of this round dir is another run's, or an older one
             if not files:
                 return "absent"
             return "cached" if all(_cached(m) for m in files) else "recorded"
     return None
+
+
+def _other_round(d: Path, inner: str, listing: dict[str, str]) -> bool:
+    """Is DVC's record of round dir `d` another round than the one on disk: its manifest (a whole, readable one; not
+    the file asked about, which may be the damaged one) differs from the recorded one?"""
+    manifest = d / "manifest.json"
+    if inner == f"{d.name}/manifest.json" or not manifest.is_file():
+        return False
+    data = manifest.read_bytes()
+    try:
+        json.loads(data)
+    except ValueError:
+        return False  # damaged itself: no evidence either way
+    return listing.get(f"{d.name}/manifest.json") != hashlib.md5(data).hexdigest()
 
 
 def _cache_file(digest: str) -> Path:

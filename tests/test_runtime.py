@@ -277,6 +277,9 @@ def test_the_dvc_checkout_advice_is_given_only_where_dvc_has_a_copy(tmp_path, mo
     manifest = Path("data/rounds/round=0000/manifest.json")
     manifest.write_text('{"identity": "another run"}')  # round 1 of a run trained since: DVC's round 1 is not it
     assert dvc_copy("data/rounds/round=0000/samples.parquet") == "absent"
+    assert dvc_copy(manifest) == "cached"  # the manifest asked about may be the damaged one: it is no evidence
+    manifest.write_text('{"rou')  # damaged: DVC's copy is the one to put back
+    assert dvc_copy(manifest) == dvc_copy("data/rounds/round=0000/samples.parquet") == "cached"
     manifest.write_text("{}")
     monkeypatch.chdir(tmp_path / "data")  # not the repo's root: DVC's paths are relative to it
     assert dvc_copy("rounds/round=0000/samples.parquet") is None
@@ -289,12 +292,17 @@ def test_the_dvc_checkout_advice_is_given_only_where_dvc_has_a_copy(tmp_path, mo
     assert checkout_fix("data/rounds/round=0000/samples.parquet").startswith("DVC has no copy of this round")
     subprocess.run([dvc, "remote", "add", "-q", "-d", "store", str(tmp_path / "store")], check=True)
     assert checkout_fix("data/rounds/round=0000/samples.parquet") == (
-        "restore it with `dvc pull data/rounds/round=0000/samples.parquet` (DVC's copy on its remote, when it was "
-        "pushed)")
-    shutil.rmtree(".dvc/cache")  # `dvc gc` of everything, say: dvc.lock's record alone is no copy
-    assert dvc_copy("data/eval.json") == "recorded"
-    Path(".dvc/config.local").write_text("[cache]\n    dir = /elsewhere/cache\n")
-    assert dvc_copy("data/rounds/round=0000/samples.parquet") is None  # a cache elsewhere: cannot tell
+        "restore it with `dvc pull --force data/rounds/round=0000/samples.parquet` (DVC's copy on its remote, when it "
+        "was pushed)")
+    shutil.rmtree(".dvc/cache")  # a fresh clone, or `dvc gc` of everything: dvc.lock's record alone
+    assert dvc_copy("data/eval.json") == "recorded"  # a file output: the record is that file
+    assert dvc_copy("data/rounds/round=0000/samples.parquet") is None  # no listing: which files, which run, unknown
+    assert dvc_copy(later) is None
+    Path(".dvc/config").write_text("[core]\n    remote = store\n[ ]\n['remote \"store\"']\n    url = /x#y\n")
+    assert checkout_fix("data/eval.json", "that file") == (  # nothing in the way (deleted above): no --force
+        "restore it with `dvc pull data/eval.json` (DVC's copy on its remote, when it was pushed)")
+    Path(".dvc/config.local").write_text("[cache]  # on the NAS\n    dir = /elsewhere/cache\n")
+    assert dvc_copy("data/eval.json") is None  # a cache elsewhere: cannot tell
     Path(".dvc/config.local").unlink()
     Path("dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    outs: [data/rounds]\n")  # edited by hand
     assert dvc_copy("data/rounds/round=0000") is None
