@@ -249,15 +249,15 @@ def checkout_fix(path: str | Path, what: str = "this round") -> str:
     the copy is recorded but only a remote can have it (`dvc_copy`)."""
     path = Path(path)
     quoted = shlex.quote(str(path))
-    copy = dvc_copy(path)
-    if copy == "recorded" and _dvc_config().get("remote"):
-        force = "--force " if path.exists() else ""  # the damaged copy in the way: pull asks, or refuses, otherwise
+    config = _dvc_config()
+    copy = dvc_copy(path, config)
+    force = "--force " if path.exists() else ""  # the damaged copy in the way: DVC asks, or refuses, otherwise
+    if copy == "recorded" and config.get("remote"):
         return f"restore it with `dvc pull {force}{quoted}` (DVC's copy on its remote, when it was pushed)"
     if copy in ("recorded", "absent"):
         return (f"DVC has no copy of {what} (dvc.lock does not record it, or its cache entry is gone), so `dvc "
                 f"checkout` {'would delete it instead of restoring it' if path.exists() else 'cannot restore it'}: put "
                 "it back from a copy of yours")
-    force = "--force " if path.exists() else ""
     return f"restore it with `dvc checkout {force}{quoted}` (DVC's copy, when DVC cached {what})"
 
 
@@ -291,27 +291,28 @@ def _dvc_config() -> dict[str, str]:
 
 
 DVC_CACHE = Path(".dvc") / "cache" / "files" / "md5"  # DVC 3's default cache, from the repo root
+MANIFEST = "manifest.json"  # a round is complete when it exists (stages.loop.resume, which reads and writes it)
 
 
-def dvc_copy(path: str | Path) -> str | None:
+def dvc_copy(path: str | Path, config: dict[str, str] | None = None) -> str | None:
     """What DVC holds of `path` (a file, or every file of a dir) for `dvc checkout` to put back, from this repo's
     records alone (read, never run): the output of dvc.lock that holds `path`, its cached dir listing and the cached
     files. "cached": all there; "recorded": dvc.lock records it, the cache lacks some of it; "absent": the output is
     DVC's, `path` is not in its record, or the record is of another version of the round (its manifest differs from
     the one on disk). None where that cannot be told: not run from a DVC repo's root, no output holds `path`, a cache
     set elsewhere, a record this does not know (DVC 2's), a dir output whose listing is not in the cache, anything
-    unreadable. Never raises: it only adds to an error."""
+    unreadable. `config`: `_dvc_config()` where the caller has read it. Never raises: it only adds to an error."""
     try:
-        return _dvc_copy(Path(path))
+        return _dvc_copy(Path(path), _dvc_config() if config is None else config)
     except Exception:
         return None
 
 
-def _dvc_copy(path: Path) -> str | None:
+def _dvc_copy(path: Path, config: dict[str, str]) -> str | None:
     import yaml
 
     rel = Path(os.path.relpath(path.absolute(), Path.cwd())).as_posix()
-    if rel.startswith("../") or not Path(".dvc").is_dir() or not Path("dvc.lock").is_file() or "cache" in _dvc_config():
+    if rel.startswith("../") or not Path(".dvc").is_dir() or not Path("dvc.lock").is_file() or "cache" in config:
         return None
     lock = yaml.safe_load(Path("dvc.lock").read_text())
     for stage in lock["stages"].values():
@@ -340,15 +341,15 @@ def _dvc_copy(path: Path) -> str | None:
 def _other_round(d: Path, inner: str, listing: dict[str, str]) -> bool:
     """Is DVC's record of round dir `d` another round than the one on disk: its manifest (a whole, readable one; not
     the file asked about, which may be the damaged one) differs from the recorded one?"""
-    manifest = d / "manifest.json"
-    if inner == f"{d.name}/manifest.json" or not manifest.is_file():
+    manifest = d / MANIFEST
+    if inner == f"{d.name}/{MANIFEST}" or not manifest.is_file():
         return False
     data = manifest.read_bytes()
     try:
         json.loads(data)
     except ValueError:
         return False  # damaged itself: no evidence either way
-    return listing.get(f"{d.name}/manifest.json") != hashlib.md5(data).hexdigest()
+    return listing.get(f"{d.name}/{MANIFEST}") != hashlib.md5(data).hexdigest()
 
 
 def _cache_file(digest: str) -> Path:

@@ -97,11 +97,11 @@ def _swap_in(places: dict[str, Path], src: Path, parts: list[str], params, moved
     here moves what moved back to `src`, drops the restore's marker and puts the run `moved` aside back in place,
     before the error goes on (an undo that fails before the marker went leaves it: the next start finishes the
     restore)."""
-    from stages.loop.resume import RESTORING, move_in, rename_part, restore_run
+    from stages.loop.resume import RESTORING, SWAP_ORDER, move_in, rename_part, restore_run
 
     done = []
     try:
-        for name in ("state", "policy", "rounds"):
+        for name in SWAP_ORDER:
             if name in parts:
                 move_in(src, name, places[name])
                 done.append(name)

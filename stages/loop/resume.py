@@ -39,12 +39,12 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.errors import RESTART, PipelineError, checkout_fix  # noqa: F401  (re-exported)
+from stages.errors import MANIFEST, RESTART, PipelineError, checkout_fix  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 ROUND_DIR = re.compile(r"^round=(\d{4,})$")
+SWAP_ORDER = ("state", "policy", "rounds")  # a restore moves the parts in this order, the rounds (what counts) last
 ARTIFACTS = ("samples", "scores", "advantages")
 ROUND_FILES = (*(f"{a}.parquet" for a in ARTIFACTS), MANIFEST)  # all a round writes in its dir
 # the `source` an update-stage checkpoint records (stages/update.py), and the run it counts as
@@ -501,10 +501,7 @@ def restore_run(params, archived: Archived, killed: bool = False) -> bool:
     for d in partial:
         shutil.rmtree(d)
     for name in back:
-        if places[name].exists():
-            places[name].rmdir()  # empty: made by this run after the move
-        places[name].parent.mkdir(parents=True, exist_ok=True)
-        rename_part(dest / name, places[name])
+        move_in(dest, name, places[name])  # an output dir there is empty: made by this run after the move
     (dest / PENDING).unlink(missing_ok=True)
     try:
         dest.rmdir()
@@ -614,7 +611,7 @@ def finish_killed_restores(params) -> list[Path]:
                                 "delete this file")
         if info["from"] != here:
             continue  # another checkout's (or another params file's): its own next start finishes it
-        left = [n for n in ("state", "policy", "rounds") if n in info["parts"] and (src / n).exists()]
+        left = [n for n in SWAP_ORDER if n in info["parts"] and (src / n).exists()]
         blocked = [str(places[n]) for n in left if places[n].exists()
                    and (not places[n].is_dir() or any(places[n].iterdir()))]
         if blocked:
