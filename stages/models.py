@@ -108,20 +108,45 @@ def own_memory(model) -> None:
 def disable_dropout(model) -> int:
     """Every dropout of `model` set to 0, as TRL's `disable_dropout` (its RLOO default): the trainer's policy is
     then the function the engine samples and the scoring passes compute, and its update's logprobs are not noisy.
-    The modules' rates change, not the config (a saved checkpoint keeps the model's own). Returns how many."""
+    The modules' rates change, not the model's config (a saved checkpoint keeps the model's own): a submodule that
+    reads a rate from its config at run time (Falcon's `hidden_dropout`, Persimmon's and GPT-Neo's
+    `attention_dropout`) gets a copy of that config with the rates at 0. Returns how many rates it zeroed."""
     import torch
 
     n = 0
+    copies: dict[int, object] = {}  # id of a config with rates -> its copy without (one per config object)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) and m.p:
             m.p, n = 0.0, n + 1
         # rates that transformers' modules pass to a kernel or apply by hand: attention_dropout, dropout,
         # activation_dropout, residual_dropout, layerdrop, ...
         for name, rate in list(vars(m).items()):
-            if isinstance(rate, float) and rate and ("dropout" in name or "pdrop" in name or name == "layerdrop"):
+            if _is_rate(name, rate):
                 setattr(m, name, 0.0)
                 n += 1
+        cfg = vars(m).get("config")
+        if m is model or not hasattr(cfg, "to_dict"):
+            continue  # the model's own config is what a checkpoint saves and what `same_weights` compares
+        if id(cfg) not in copies:
+            rates = [name for name, rate in vars(cfg).items() if _is_rate(name, rate)]
+            copies[id(cfg)] = _without(cfg, rates) if rates else cfg
+            n += len(rates)
+        m.config = copies[id(cfg)]
     return n
+
+
+def _is_rate(name: str, value) -> bool:
+    return isinstance(value, float) and value != 0.0 and ("dropout" in name or "pdrop" in name or name == "layerdrop")
+
+
+def _without(cfg, rates: list[str]):
+    """A shallow copy of config `cfg` with the fields `rates` at 0 (the original stays as it is)."""
+    import copy
+
+    out = copy.copy(cfg)
+    for name in rates:
+        setattr(out, name, 0.0)
+    return out
 
 
 # what two loads of one model dir may differ in without computing another function

@@ -561,6 +561,36 @@ def test_the_policy_trains_without_dropout(tiny_model_dir, tmp_path):
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # with the 0.5 dropout on, two passes differ
 
 
+@pytest.mark.parametrize("arch", ["falcon", "persimmon"])
+def test_no_dropout_where_a_layer_reads_its_rate_from_the_config(arch, tmp_path):
+    """Falcon's decoder layer applies `config.hidden_dropout` and Persimmon's attention `config.attention_dropout`
+    at run time (no module holds the rate): those layers get a copy of the config without the rates, while the model's
+    own config, which a checkpoint saves and `same_weights` compares, keeps them."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stages.models import disable_dropout, same_weights
+
+    rates = {"falcon": {"hidden_dropout": 0.5, "attention_dropout": 0.5},
+             "persimmon": {"attention_dropout": 0.5, "hidden_dropout": 0.5}}[arch]
+    cfg = AutoConfig.for_model(arch, vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, **rates)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).train()
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # the rates apply: two passes differ
+        assert disable_dropout(model) >= len(rates)
+        torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert all(getattr(model.config, k) == v for k, v in rates.items())  # the model's own config keeps them
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert all(saved[k] == v for k, v in rates.items())
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert same_weights(model, again)  # the policy before its first update is still its reference
+
+
 def test_a_step_is_the_textbook_rloo_step(tiny_model_dir):
     """End to end, one round's update (shared prompts, the lean-memory layers, the selective logprobs, micro-batches
     of mixed prompts and lengths, clipping, fused AdamW) against the paper's step written out by hand on a plain
