@@ -2,11 +2,14 @@
 (default params.yaml: prompts_per_round x K rows, max_completion_length tokens) timed whole and split into the
 forward/backward passes and the optimizer step, in one process with the trainer kept warm as the flow keeps it.
 
-    python benchmarks/first_update.py [--steps 4] [--with-engine]   # needs models/base and data/prepared (dvc repro prepare)
+    python benchmarks/first_update.py [--steps 4] [--with-engine] [-S update.micro_batch_size=32 ...]
+                                # needs models/base and data/prepared (dvc repro prepare)
     python benchmarks/first_update.py --engine-phases   # later updates alone, then with the engine started in the
                                 # process, after a generation, its NUMA policy reset, GC frozen, the engine closed
 
-Prints a table (seconds per update); the README's Benchmarks section quotes it.
+`-S section.field=value` sets a parameter as `dvc exp run -S` does (the value read as YAML), e.g. to time the
+update with another micro-batch size. Prints a table (seconds per update, peak RSS); the README's Benchmarks section
+quotes it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="after 2 warm updates, time 3 updates per state: alone; the engine started (and generated); "
                          "after a further generation; vLLM's NUMA policy reset; Python's GC frozen; the engine closed; "
                          "twice more alone")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="set a parameter for this run (params.yaml stays as it is), e.g. -S update.micro_batch_size=32")
     args = ap.parse_args(argv)
 
     import polars as pl
@@ -47,7 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     from stages.runtime import configure_env
     from stages.update import Trainer
 
-    params = load_params(ROOT / "params.yaml")
+    import yaml
+
+    overrides = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            sys.exit(f"error: -S {item}: expected SECTION.FIELD=VALUE, e.g. -S update.micro_batch_size=32")
+        overrides[key] = yaml.safe_load(value)
+    params = load_params(ROOT / "params.yaml", overrides)
     configure_env(params.base.threads)
     model_dir = ROOT / params.base.model_dir
     if not (model_dir / "config.json").is_file():
@@ -92,15 +106,21 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer.optimizer.step = timed_step
     lines = [f"{time.strftime('%Y-%m-%d')}, {describe()}; {rows} rows x {params.sample.max_completion_length} tokens, "
-             f"bf16 autocast {trainer.autocast}", "", "| update | seconds | optimizer step | the rest |",
+             f"bf16 autocast {trainer.autocast}" + "".join(f", {item}" for item in args.set), "", "| update | seconds | optimizer step | the rest |",
              "|---|---|---|---|"]
+    times: list[float] = []
     for i in range(args.steps):
         before = len(opt_s)
         t = time.perf_counter()
         trainer.step(batch)
         total = time.perf_counter() - t
+        times.append(total)
         opt = sum(opt_s[before:])
         lines.append(f"| {i + 1} | {total:.2f} | {opt:.2f} | {total - opt:.2f} |")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    later = times[2:] or times
+    lines += ["", f"mean of updates {3 if times[2:] else 1}-{len(times)}: {sum(later) / len(later):.2f} s; "
+              f"peak RSS {peak:.2f} GiB"]
     print("\n".join(lines))
 
 
