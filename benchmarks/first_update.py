@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> None:
                          "after a further generation; vLLM's NUMA policy reset; Python's GC frozen; the engine closed; "
                          "twice more alone")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                    help="set a parameter for this run (params.yaml stays as it is), e.g. -S update.micro_batch_size=32")
+                    help="set a parameter for this run (params.yaml stays as is), e.g. -S update.micro_batch_size=32")
     args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error("--steps: at least 1")
 
     import polars as pl
     import torch
@@ -60,7 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         key, eq, value = item.partition("=")
         if not eq or "." not in key:
             sys.exit(f"error: -S {item}: expected SECTION.FIELD=VALUE, e.g. -S update.micro_batch_size=32")
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            sys.exit(f"error: -S {item}: the value is not valid YAML; quote it, e.g. -S 'sample.stop=[\"END\"]'")
     params = load_params(ROOT / "params.yaml", overrides)
     configure_env(params.base.threads)
     model_dir = ROOT / params.base.model_dir
@@ -106,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer.optimizer.step = timed_step
     lines = [f"{time.strftime('%Y-%m-%d')}, {describe()}; {rows} rows x {params.sample.max_completion_length} tokens, "
-             f"bf16 autocast {trainer.autocast}" + "".join(f", {item}" for item in args.set), "", "| update | seconds | optimizer step | the rest |",
-             "|---|---|---|---|"]
+             f"bf16 autocast {trainer.autocast}" + "".join(f", {item}" for item in args.set), "",
+             "| update | seconds | optimizer step | the rest |", "|---|---|---|---|"]
     times: list[float] = []
     for i in range(args.steps):
         before = len(opt_s)

@@ -110,7 +110,9 @@ def disable_dropout(model) -> int:
     then the function the engine samples and the scoring passes compute, and its update's logprobs are not noisy.
     The modules' rates change, not the model's config (a saved checkpoint keeps the model's own): a submodule that
     reads a rate from its config at run time (Falcon's `hidden_dropout`, Persimmon's and GPT-Neo's
-    `attention_dropout`) gets a copy of that config with the rates at 0. Returns how many rates it zeroed."""
+    `attention_dropout`) gets a copy of that config with the rates at 0. The copy is taken now: a run-time switch
+    (`use_cache`, the attention implementation) set on the model's config later does not reach those submodules,
+    so set them first. Returns how many rates it zeroed."""
     import torch
 
     n = 0

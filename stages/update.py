@@ -59,11 +59,11 @@ class Trainer:
         self.dist = dist or SINGLE
         self.tokenizer = load_tokenizer(model_dir, field)
         self.model = load_causal_lm(model_dir, "float32", device, field)
+        self.model.config.use_cache = False  # before disable_dropout, whose config copies keep what is set by then
         if disable_dropout(self.model):  # before LoRA: update.lora_dropout stays as set
             log.info("update: the policy's dropout is off (as TRL's disable_dropout)")
         if not self.up.use_lora:  # LoRA never writes the base weights: the file's pages can stay
             own_memory(self.model)  # not the file's copy-on-write pages: the first optimizer step would fault them in
-        self.model.config.use_cache = False
         if self.up.use_lora:
             from peft import LoraConfig, get_peft_model
 

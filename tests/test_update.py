@@ -555,6 +555,10 @@ def test_the_policy_trains_without_dropout(tiny_model_dir, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg | {"attention_dropout": 0.5}))
     trainer = Trainer(str(d), make_params(d), CPU)
     assert trainer.model.training and trainer.model.config.attention_dropout == 0.5  # the config stays the model's
+    # the layers' config copy without the rate, taken after the trainer's run-time switches
+    inner = [m.config for m in trainer.model.modules() if getattr(m, "config", None) is not trainer.model.config
+             and hasattr(getattr(m, "config", None), "to_dict")]
+    assert inner and all(c.attention_dropout == 0.0 and c.use_cache is False for c in inner)
     batch = make_batch(trainer, [1.0], ROWS[:1])
     with torch.no_grad():
         a, b = (batch_logprobs(trainer.model, trainer.tokenizer, batch) for _ in range(2))

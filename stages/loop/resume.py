@@ -500,7 +500,7 @@ def restore_run(params, archived: Archived, killed: bool = False) -> bool:
         return False
     for d in partial:
         shutil.rmtree(d)
-    for name in back:
+    for name in sorted(back, key=SWAP_ORDER.index):  # the rounds last, as a restore moves them
         move_in(dest, name, places[name])  # an output dir there is empty: made by this run after the move
     (dest / PENDING).unlink(missing_ok=True)
     try:
