@@ -81,7 +81,8 @@ class SampleParams(_Section):
     stop: list[str] = F(list, "extra stop strings (EOS always stops)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = F(
         "auto", "sampler dtype: auto = fp32 on CPUs (its logprobs are the policy's own, so the policy scoring pass is "
-        "skipped), bf16 on GPUs")
+        "skipped), bf16 on GPUs; on CPUs with AMX, bfloat16 sampled a round in 2.2 instead of 4.7 s and added a 0.9 s "
+        "bf16 policy pass (README, Results)")
     batch_size: int = F(32, "prompts per generate() call (hf backend)", identity=False, ge=1)
     gpu_memory_utilization: float = F(0.3, "vLLM on CUDA: fraction of GPU memory for weights + KV cache", identity=False, gt=0, le=1)
     tensor_parallel_size: int = F(1, "vLLM: GPUs to shard the model over", identity=False, ge=1)
@@ -152,7 +153,8 @@ class UpdateParams(_Section):
     num_mini_batches: int = F(1, "optimizer steps per epoch over the round's batch", ge=1)
     gradient_accumulation_steps: int = F(1, "micro-batches per mini-batch", ge=1)
     micro_batch_size: int = F(16, "at most this many completions per forward/backward (0 = no cap): bounds memory, "
-                              "the gradient is the same (accumulated)", identity=False, ge=0)
+                              "the gradient is the same (accumulated); on CPUs with AMX, 32 (the default round in "
+                              "one) took 8-14 % off the update for +0.12-0.24 GiB", identity=False, ge=0)
     num_ppo_epochs: int = F(1, "epochs over the round's batch; > 1 uses the clipped importance ratio", ge=1)
     cliprange: float = F(0.2, "PPO-style clip of the importance ratio", gt=0)
     loss_aggregation: Literal["sequence", "token"] = F("sequence", "sequence: -mean(A * sum_t logp) (the paper) | token: per-token mean")
