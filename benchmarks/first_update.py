@@ -7,9 +7,9 @@ forward/backward passes and the optimizer step, in one process with the trainer 
     python benchmarks/first_update.py --engine-phases   # later updates alone, then with the engine started in the
                                 # process, after a generation, its NUMA policy reset, GC frozen, the engine closed
 
-`-S section.field=value` sets a parameter as `dvc exp run -S` does (the value read as YAML), e.g. to time the
-update with another micro-batch size. Prints a table (seconds per update, peak RSS); the README's Benchmarks section
-quotes it.
+`-S section.field=value` sets a parameter as `dvc exp run -S` does (the value read as YAML, as tune.py reads it),
+e.g. to time the update with another micro-batch size. Prints a table (seconds per update, peak RSS); the README's
+Benchmarks section quotes it.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.update import Trainer
 
     import yaml
+    from tune import yaml_scalar
 
     overrides = {}
     for item in args.set:
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         if not eq or "." not in key:
             sys.exit(f"error: -S {item}: expected SECTION.FIELD=VALUE, e.g. -S update.micro_batch_size=32")
         try:
-            overrides[key] = yaml.safe_load(value)
+            overrides[key] = yaml_scalar(value)
         except yaml.YAMLError:
             sys.exit(f"error: -S {item}: the value is not valid YAML; quote it, e.g. -S 'sample.stop=[\"END\"]'")
     params = load_params(ROOT / "params.yaml", overrides)

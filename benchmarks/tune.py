@@ -37,7 +37,7 @@ def parse_grid(items: list[str]) -> list[dict]:
             groups.append([])
         else:
             key, _, values = item.partition("=")
-            groups[-1].append([(key, _scalar(v)) for v in values.split(",")])
+            groups[-1].append([(key, yaml_scalar(v)) for v in values.split(",")])
     for axes in groups:
         settings += [dict(combo) for combo in itertools.product(*axes) if dict(combo) not in settings]
     return settings
@@ -50,8 +50,9 @@ def setting_key(params, rounds: int, eval_every: int) -> str:
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:10]
 
 
-def _scalar(text: str):
-    """A YAML scalar, with `1e-5` read as the number (YAML 1.1 wants `1.0e-5`)."""
+def yaml_scalar(text: str):
+    """A YAML scalar, with `1e-5` read as the number (YAML 1.1 wants `1.0e-5`): a `-S` value as the benchmarks read it
+    (also benchmarks/first_update.py). A value that is not YAML raises yaml.YAMLError."""
     import yaml
 
     value = yaml.safe_load(text)
