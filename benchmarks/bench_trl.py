@@ -5,7 +5,8 @@ Arms (each in its own subprocess, so peak memory is its own; run in turn, `--rep
   (params.yaml's `update.save_every`, and at the end), exactly as `dvc repro` runs it, rounds_dir/checkpoint_dir/
   MLflow redirected to a temp dir.
 - `ours-bf16`: the same with a bf16 engine whose own logprobs are the policy's (`sample.dtype: bfloat16`,
-  `score.policy_logprobs: sampler`): the KL in TRL's precision class instead of the default's smaller error.
+  `score.policy_logprobs: sampler`): no policy pass, the KL in TRL's precision class instead of the default's
+  smaller error (on CPUs without AMX: fp32 engine; with AMX the default is a bf16 engine and a bf16 policy pass).
 - `trl`: `trl.RLOOTrainer` with its default generation (transformers `generate`).
 - `trl-glibc`: the same with glibc's malloc, as TRL's users run it; every other arm gets the malloc the training
   command preloads (tcmalloc where installed, `stages.runtime.malloc_env`), so `trl` is like for like.

@@ -4,9 +4,10 @@ logprobs, held against fp32 for both, on the same completions.
 The main job's trained policy (`train.checkpoint_dir`, so `dvc repro` first) samples K completions of held-out
 prompts with the fp32 engine, as a round does. Then on exactly those completions:
 
-- policy logprobs from: the fp32 engine's own (the sampler's, what `score.policy_logprobs: auto` reuses on CPUs), a
-  bf16 engine's (vLLM prompt logprobs of the same tokens: what `sample.dtype: bfloat16` with
-  `score.policy_logprobs: sampler` gives), a trainer pass in fp32, a trainer pass in bf16 autocast;
+- policy logprobs from: the fp32 engine's own (the sampler's, what `score.policy_logprobs: auto` reuses on CPUs
+  without AMX), a bf16 engine's (vLLM prompt logprobs of the same tokens: what `sample.dtype: bfloat16` with
+  `score.policy_logprobs: sampler` gives), a trainer pass in fp32, a trainer pass in bf16 autocast (the default
+  with a bf16 engine: on CPUs with AMX and on GPUs);
 - reference logprobs from a pass in fp32 or in bf16 autocast (`score.dtype`).
 
 Each combination's KL (`logp_policy - logp_ref` per sequence, `score.kl_level`) against the fp32/fp32 one: mean and

@@ -25,7 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -80,9 +80,9 @@ class SampleParams(_Section):
     top_p: float = F(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass", gt=0, le=1)
     stop: list[str] = F(list, "extra stop strings (EOS always stops)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = F(
-        "auto", "sampler dtype: auto = fp32 on CPUs (its logprobs are the policy's own, so the policy scoring pass is "
-        "skipped), bf16 on GPUs; on CPUs with AMX, bfloat16 sampled a round in 2.2 instead of 4.7 s and added a 0.9 s "
-        "bf16 policy pass (README, Results)")
+        "auto", "sampler dtype: auto = bf16 on GPUs and on CPUs with AMX (there it sampled a round in 2.2 instead of "
+        "4.7 s and added a 0.9 s bf16 policy pass), fp32 on other CPUs (its logprobs are the policy's own, so the "
+        "policy scoring pass is skipped)")
     batch_size: int = F(32, "prompts per generate() call (hf backend)", identity=False, ge=1)
     gpu_memory_utilization: float = F(0.3, "vLLM on CUDA: fraction of GPU memory for weights + KV cache", identity=False, gt=0, le=1)
     tensor_parallel_size: int = F(1, "vLLM: GPUs to shard the model over", identity=False, ge=1)
@@ -152,9 +152,10 @@ class UpdateParams(_Section):
     max_grad_norm: float = F(1.0, "gradient clipping by global norm; 0 = off", ge=0)
     num_mini_batches: int = F(1, "optimizer steps per epoch over the round's batch", ge=1)
     gradient_accumulation_steps: int = F(1, "micro-batches per mini-batch", ge=1)
-    micro_batch_size: int = F(16, "at most this many completions per forward/backward (0 = no cap): bounds memory, "
-                              "the gradient is the same (accumulated); on CPUs with AMX, 32 (the default round in "
-                              "one) took 8-14 % off the update for +0.12-0.24 GiB", identity=False, ge=0)
+    micro_batch_size: Annotated[int, Field(ge=0)] | Literal["auto"] = F(
+        "auto", "at most this many completions per forward/backward (0 = no cap): bounds memory, the gradient is the "
+        "same (accumulated); auto = 32 on CPUs with AMX (the default round in one: 8-14 % off the update for "
+        "+0.12-0.24 GiB), 16 elsewhere", identity=False)
     num_ppo_epochs: int = F(1, "epochs over the round's batch; > 1 uses the clipped importance ratio", ge=1)
     cliprange: float = F(0.2, "PPO-style clip of the importance ratio", gt=0)
     loss_aggregation: Literal["sequence", "token"] = F("sequence", "sequence: -mean(A * sum_t logp) (the paper) | token: per-token mean")
@@ -345,7 +346,18 @@ def check_output_dirs(p: Params) -> None:
 
 
 def _format_error(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
+    # a field of several types (`update.micro_batch_size: int >= 0 | "auto"`) fails once per type, each error's
+    # location ending in the type's tag: one error for the field, the types' messages joined
+    errors: list[dict] = []
+    for e in exc.errors():
+        loc = e["loc"]
+        if len(loc) > 2 and isinstance(loc[-1], str) and _model_at(loc[:-1]) is None and _model_at(loc[:-2]):
+            loc = loc[:-1]
+            if errors and errors[-1]["loc"] == loc:
+                errors[-1] = {**errors[-1], "msg": f"{errors[-1]['msg']}, or {e['msg']}"}
+                continue
+        errors.append({**e, "loc": loc})
+    err = errors[0]
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
@@ -357,7 +369,7 @@ def _format_error(exc: ValidationError, source: str) -> str:
     got = err.get("input")
     got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
     where = f"`{loc}`: " if loc else ""
-    more = f" [+{exc.error_count() - 1} more]" if exc.error_count() > 1 else ""
+    more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
     return f"{source}: {where}{msg}{got_txt}{more}"
 
 
@@ -438,6 +450,13 @@ def field_rows() -> list[tuple[str, str, str, bool, str]]:
 
 
 def _type_name(ann: Any) -> str:
+    import typing
+
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is typing.Union and any(typing.get_origin(a) is Annotated for a in args):
+        return " | ".join(_type_name(a) for a in args)  # `int >= 0 | Literal["auto"]`: "int | one of ['auto']"
+    if typing.get_origin(ann) is Annotated:
+        return _type_name(args[0])
     text = getattr(ann, "__name__", None) if not getattr(ann, "__args__", None) else None
     text = re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", text or str(ann))  # typing.X, __main__.X -> X
     return text.replace("Literal", "one of ")

@@ -36,6 +36,7 @@ import torch
 
 from stages.errors import PipelineError, run_cli
 from stages.logprobs import LogprobModel
+from stages.runtime import micro_batch_size
 from stages.loss import _GradVariance, _micro_batches, lr_lambda, policy_loss, training_batch  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,9 @@ class Trainer:
         n = len(prompts)
         sizes = [n // up.num_mini_batches + (1 if i < n % up.num_mini_batches else 0) for i in range(up.num_mini_batches)]
         micro = math.ceil(max(sizes) / up.gradient_accumulation_steps) or 1
-        if up.micro_batch_size:
-            micro = min(micro, up.micro_batch_size)
+        cap = micro_batch_size(up.micro_batch_size)
+        if cap:
+            micro = min(micro, cap)
         # Ratios other than 1 need the "old" logprobs (several epochs or mini-batches): from the trainer itself.
         old = self._old_logprobs(prompts, completions, micro, dist) if up.num_ppo_epochs > 1 or up.num_mini_batches > 1 else None
         stats: dict[str, list[float]] = {"loss": [], "grad_norm": [], "clip_frac": [], "entropy": [], "approx_kl": []}

@@ -26,7 +26,7 @@ import yaml
 from project import PROMPTS, PY, make_project, run, run_env, tiny_params
 from test_resume import SLOW_REWARD
 
-from stages.runtime import find_malloc, score_dtype
+from stages.runtime import find_malloc, sampler_dtype, score_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(PY).parent
@@ -221,7 +221,8 @@ def test_the_flow_over_two_ranks_writes_one_runs_artifacts_and_resumes_after_a_r
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
     found = find_malloc("auto")  # the command preloaded tcmalloc where installed, and the ranks inherited it
     assert runs[0].data.tags["malloc"] == (Path(found).resolve().name if found else "glibc")
-    assert runs[0].data.tags["score_dtype"] == score_dtype("auto") and runs[0].data.tags["sample_dtype"] == "float32"
+    assert runs[0].data.tags["score_dtype"] == score_dtype("auto")
+    assert runs[0].data.tags["sample_dtype"] == sampler_dtype("auto")  # bf16 on CPUs with AMX, else fp32
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "reward")) == [1, 2]
 
     # Round 3: rank 1 sleeps in its scoring and is killed; the run stops, torchrun says which rank died.

@@ -263,6 +263,28 @@ def test_several_errors_reported_as_one_line_with_count(data):
     assert "[+1 more]" in msg
 
 
+@pytest.mark.parametrize("bad, why", [(-1, "greater than or equal to 0"), ("all", "valid integer"),
+                                      (1.5, "fractional")])
+def test_a_field_of_two_types_gets_one_error_naming_both(data, bad, why):
+    data["update"]["micro_batch_size"] = bad  # an integer >= 0 or "auto"
+    msg = error_of(data)
+    assert "`update.micro_batch_size`:" in msg and why in msg and "or Input should be 'auto'" in msg
+    assert "more]" not in msg and "constrained-int" not in msg and "\n" not in msg
+
+
+def test_micro_batch_size_auto_resolves_by_cpu_kind(monkeypatch):
+    import torch
+
+    from stages import runtime
+
+    assert load_params(PARAMS_YAML).update.micro_batch_size == "auto"  # the default this pins
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for amx, want in ((True, 32), (False, 16)):
+        monkeypatch.setattr(runtime, "amx_bf16", lambda amx=amx: amx)
+        assert runtime.micro_batch_size("auto") == want and runtime.micro_batch_size(8) == 8
+    assert runtime.micro_batch_size(0) == 0  # no cap
+
+
 def test_not_a_mapping():
     msg = error_of([1, 2])
     assert "expected a mapping" in msg

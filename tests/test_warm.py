@@ -58,10 +58,13 @@ def _ref_passes(monkeypatch, w) -> list:
     return calls
 
 
-def test_the_first_round_of_a_fresh_run_has_kl_zero_without_a_reference_pass(project, monkeypatch):
+@pytest.mark.parametrize("sample_dtype", ["float32", "bfloat16"])  # the policy's logprobs: the sampler's / a pass
+def test_the_first_round_of_a_fresh_run_has_kl_zero_without_a_reference_pass(project, monkeypatch, sample_dtype):
     from stages.loop import steps
+    from stages.logprobs import sequence_logprobs
+    from stages.runtime import score_dtype
 
-    w = _warm(project())
+    w = _warm(project(**{"sample.dtype": sample_dtype}))
     try:
         assert w.policy_is_ref  # the trainer was loaded from the reference's weights
         calls = _ref_passes(monkeypatch, w)
@@ -70,13 +73,15 @@ def test_the_first_round_of_a_fresh_run_has_kl_zero_without_a_reference_pass(pro
         assert True not in calls  # no reference pass in round 1
         assert scores["kl"].to_list() == [0.0] * scores.height
         assert scores["logp_ref"].to_list() == scores["logp_policy"].to_list()
-        # the skipped pass would have given the same numbers to fp32 rounding: the policy is the reference
-        with torch.no_grad():
-            from stages.score import completion_inputs
+        # the skipped pass would have given the same numbers to rounding: the policy is the reference (an fp32
+        # sampler's logprobs are the fp32 pass's; a bf16 sampler's are replaced by a policy pass in score.dtype)
+        from stages.score import completion_inputs
 
-            p, c = completion_inputs(samples, w.tokenizer)
-            lp, *_ = token_logprobs(w.ref, p, c, w.tokenizer.pad_token_id)
-        assert lp.sum(-1).tolist() == pytest.approx(scores["logp_policy"].to_list(), abs=1e-3)
+        p, c = completion_inputs(samples, w.tokenizer)
+        dtype = "float32" if w.sampler.exact_logprobs else score_dtype(w.params.score.dtype)
+        assert w.sampler.exact_logprobs == (sample_dtype == "float32")
+        lp, _ = sequence_logprobs(w.ref, p, c, w.tokenizer.pad_token_id, w.params.score.batch_size, dtype=dtype)
+        assert lp == pytest.approx(scores["logp_policy"].to_list(), abs=1e-3)
 
         adv, _, _ = steps.advantage_round(w, scores)
         steps.update_round(w, samples, adv)
@@ -94,7 +99,8 @@ def test_a_policy_from_another_dir_than_the_reference_samples_from_round_one(pro
     from stages.score import completion_inputs
 
     ref_dir = tiny_model_factory(tmp_path / "reference", seed=1)  # same shapes, other weights
-    w = _warm(project(**{"score.ref_model": str(ref_dir)}))
+    # an fp32 sampler: its logprobs are the policy's own to 1e-3, so they say which weights it holds
+    w = _warm(project(**{"score.ref_model": str(ref_dir), "sample.dtype": "float32"}))
     try:
         assert not w.policy_is_ref
         calls = _ref_passes(monkeypatch, w)
