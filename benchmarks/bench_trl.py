@@ -280,8 +280,10 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
                       "tokens": timings["tokens"][i], "reward": logs[i].get("reward") if i < len(logs) else None,
                       "kl": logs[i].get("kl") if i < len(logs) else None,
                       "mean_length": logs[i].get("completions/mean_length") if i < len(logs) else None})
-    # TRL scores the KL's passes under accelerate's autocast (bf16 when bf16 is on)
+    # TRL scores the KL's passes under accelerate's autocast (bf16 when bf16 is on); without vLLM it samples with the
+    # policy's own `generate` (fp32 weights, under the same autocast), so the engine's dtype does not apply to it
     kl = "bf16 autocast" if bf16 else "float32"
+    engine = engine if use_vllm else f"the policy's generate ({kl})"
     return {"policy": str(work / "policy"), "steps": steps, "warm_s": warm, "step_wall_s": wall / args.steps,
             "process_wall_s": wall + warm, "final_save_s": save_s,
             "precision": f"update bf16 autocast {bf16}, sampler {engine}, KL: both passes {kl}"}
