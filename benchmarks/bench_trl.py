@@ -146,7 +146,8 @@ def _precision(params) -> str:
 
     policy, ref = defaults(params)  # e.g. ("fp32 engine", "bf16 pass"): what benchmarks/precision.py measures
     return (f"update bf16 autocast {update_autocast(params.update.bf16_autocast)}, sampler "
-            f"{sampler_dtype(params.sample.dtype)}, KL: policy logprobs the {policy}'s, reference the {ref}")
+            f"{sampler_dtype(params.sample.dtype, params.score)}, KL: policy logprobs the {policy}'s, "
+            f"reference the {ref}")
 
 
 # ---------------------------------------------------------------- arm: TRL
@@ -228,7 +229,7 @@ def run_trl(args, work: Path, use_vllm: bool, engine_dtype: str | None = None) -
     # Same precision as ours: fp32 master weights, bf16 autocast in the update where bf16 is native
     # (update.bf16_autocast), the sampler in sample.dtype. TRL's colocated vLLM takes its dtype from the model's
     # config, so TRL gets a copy of the base model dir whose config names the sampler's dtype.
-    engine = engine_dtype or sampler_dtype(sp.dtype)
+    engine = engine_dtype or sampler_dtype(sp.dtype, params.score)
     model_dir = work / "base-model"
     shutil.copytree(params.base.model_dir, model_dir)
     cfg_path = model_dir / "config.json"

@@ -2,7 +2,7 @@
 logprobs, held against fp32 for both, on the same completions.
 
 The main job's trained policy (`train.checkpoint_dir`, so `dvc repro` first) samples K completions of held-out
-prompts with the fp32 engine, as a round does. Then on exactly those completions:
+prompts with the fp32 engine, as a round does on CPUs without AMX. Then on exactly those completions:
 
 - policy logprobs from: the fp32 engine's own (the sampler's, what `score.policy_logprobs: auto` reuses on CPUs
   without AMX), a bf16 engine's (vLLM prompt logprobs of the same tokens: what `sample.dtype: bfloat16` with
@@ -165,7 +165,7 @@ def defaults(params) -> tuple[str, str]:
     from stages.loop.steps import sampler_logprobs_are_policys
     from stages.runtime import sampler_dtype, score_dtype
 
-    sampler = sampler_dtype(params.sample.dtype)
+    sampler = sampler_dtype(params.sample.dtype, params.score)
     from_sampler = sampler_logprobs_are_policys(params.score.policy_logprobs, sampler == "float32")
     passes = "fp32 pass" if score_dtype(params.score.dtype) == "float32" else "bf16 pass"
     policy = ("fp32 engine" if sampler == "float32" else "bf16 engine") if from_sampler else passes

@@ -131,7 +131,8 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
         restore_run,
     )
     from stages.loop.warm import load_warm
-    from stages.runtime import configure_env, find_malloc, malloc_in_use, sampler_dtype, score_dtype
+    from stages.runtime import (configure_env, find_malloc, malloc_in_use, micro_batch_size, sampler_dtype, score_dtype,
+                                update_autocast)
 
     configure_env(params.base.threads)
     dist, device = init_distributed(params.base.device, params.train.dist_timeout_s)
@@ -141,7 +142,10 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
     topology = {"world_size": dist.world_size, "backend": dist.backend, "malloc": malloc,
                 "strategy": params.update.strategy if dist.enabled else None,
                 # what the `auto` dtypes resolved to on this machine (docs/design.md §7)
-                "sample_dtype": sampler_dtype(params.sample.dtype), "score_dtype": score_dtype(params.score.dtype)}
+                "sample_dtype": sampler_dtype(params.sample.dtype, params.score),
+                "score_dtype": score_dtype(params.score.dtype),
+                "micro_batch_size": micro_batch_size(params.update.micro_batch_size,
+                                                     update_autocast(params.update.bf16_autocast))}
     installed = find_malloc()
     if malloc == "glibc" and installed and dist.main:  # e.g. a flow run spawned by a Prefect worker
         logger.warning("%s is installed but not preloaded in this process: rounds run ~20 %% slower with glibc's "

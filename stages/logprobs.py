@@ -249,7 +249,7 @@ def shared_prompt_logprobs(model, prompts, completions, pad_id: int, with_entrop
     # column t predicts token t + 1: the lm_head runs on columns [0, C - 1) only (the last one would predict past the
     # completion), and the first token's logprob comes from the prompt's logits, each scored where it lies: no
     # (B, C, V) concatenation of the two, which copied every logit again and, in the backward, its gradient too
-    # (50 MB each in bf16 for the default micro-batch of 16 completions of 32 tokens; docs/design.md §7)
+    # (50 MB each in bf16 for a micro-batch of 16 completions of 32 tokens; docs/design.md §7)
     logits = model(input_ids=c_ids, attention_mask=att, position_ids=c_pos, past_key_values=cache, use_cache=False,
                    logits_to_keep=torch.arange(C - 1, device=device)).logits  # (B, C - 1, V)
     first, first_ent = selective_logprobs(first_logits.unsqueeze(1), c_ids[:, :1], with_entropy)

@@ -82,7 +82,7 @@ class SampleParams(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = F(
         "auto", "sampler dtype: auto = bf16 on GPUs and on CPUs with AMX (there it sampled a round in 2.2 instead of "
         "4.7 s and added a 0.9 s bf16 policy pass), fp32 on other CPUs (its logprobs are the policy's own, so the "
-        "policy scoring pass is skipped)")
+        "policy scoring pass is skipped) and on AMX when score.dtype is float32 or score.policy_logprobs sampler")
     batch_size: int = F(32, "prompts per generate() call (hf backend)", identity=False, ge=1)
     gpu_memory_utilization: float = F(0.3, "vLLM on CUDA: fraction of GPU memory for weights + KV cache", identity=False, gt=0, le=1)
     tensor_parallel_size: int = F(1, "vLLM: GPUs to shard the model over", identity=False, ge=1)
@@ -154,8 +154,8 @@ class UpdateParams(_Section):
     gradient_accumulation_steps: int = F(1, "micro-batches per mini-batch", ge=1)
     micro_batch_size: Annotated[int, Field(ge=0)] | Literal["auto"] = F(
         "auto", "at most this many completions per forward/backward (0 = no cap): bounds memory, the gradient is the "
-        "same (accumulated); auto = 32 on CPUs with AMX (the default round in one: 8-14 % off the update for "
-        "+0.12-0.24 GiB), 16 elsewhere", identity=False)
+        "same (accumulated); auto = 32 on CPUs with AMX with update.bf16_autocast (the default round in one: 8-14 % "
+        "off the update for +0.12-0.24 GiB), 16 elsewhere", identity=False)
     num_ppo_epochs: int = F(1, "epochs over the round's batch; > 1 uses the clipped importance ratio", ge=1)
     cliprange: float = F(0.2, "PPO-style clip of the importance ratio", gt=0)
     loss_aggregation: Literal["sequence", "token"] = F("sequence", "sequence: -mean(A * sum_t logp) (the paper) | token: per-token mean")

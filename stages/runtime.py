@@ -149,8 +149,7 @@ def fast_bf16() -> bool:
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or amx_bf16())
 
 
 def update_autocast(bf16_autocast: bool) -> bool:
@@ -178,20 +177,24 @@ def amx_bf16() -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def micro_batch_size(setting: int | str) -> int:
-    """`update.micro_batch_size: auto` -> 32 on CPUs with AMX, 16 elsewhere (0 = no cap). On AMX the bf16 matmuls are
-    a third of the update and larger GEMMs run them faster: the default round (32 completions) in one forward/backward
-    took 8-14 % off the update for +0.12-0.24 GiB of peak RSS (2-core Xeon, `benchmarks/first_update.py -S
-    update.micro_batch_size=32`); elsewhere 16 keeps the peak RSS under TRL's (docs/design.md §7)."""
+def micro_batch_size(setting: int | str, bf16_autocast: bool = True) -> int:
+    """`update.micro_batch_size: auto` -> 32 on CPUs with AMX where the update runs in bf16 autocast, 16 elsewhere
+    (0 = no cap). On AMX the bf16 matmuls are a third of the update and larger GEMMs run them faster: the default
+    round (32 completions) in one forward/backward took 8-14 % off the update for +0.12-0.24 GiB of peak RSS (2-core
+    Xeon, `benchmarks/first_update.py -S update.micro_batch_size=32`); elsewhere 16 keeps the peak RSS under TRL's
+    (docs/design.md §7)."""
     import torch
 
     if setting != "auto":
         return int(setting)
-    return 32 if not torch.cuda.is_available() and amx_bf16() else 16
+    return 32 if bf16_autocast and not torch.cuda.is_available() and amx_bf16() else 16
 
 
-def sampler_dtype(dtype: str) -> str:
-    """`sample.dtype: auto` -> bfloat16 on GPUs and on CPUs with AMX, float32 on other CPUs. An fp32 engine's logprobs
+def sampler_dtype(dtype: str, score=None) -> str:
+    """`sample.dtype: auto` -> bfloat16 on GPUs and on CPUs with AMX, float32 on other CPUs; also float32 on AMX when
+    `score` (the score params) asks for an fp32 KL (`score.dtype` resolving to float32: the fp32 engine's logprobs
+    need no pass, a bf16 engine would need an fp32 one) or for the sampler's own logprobs (`score.policy_logprobs:
+    sampler`: exact ones, as before AMX counted). An fp32 engine's logprobs
     are the policy's own, so the policy's scoring pass is skipped: on AVX512-BF16 without AMX that costs as much as
     the bf16 engine's speed gains (fp32 sampling 2.46 s + no pass vs bf16 sampling 1.58 s + a 0.80 s bf16 pass per
     round, measured) and gives exact policy logprobs (a smaller KL error); on AMX the bf16 engine samples a round in
@@ -204,4 +207,6 @@ def sampler_dtype(dtype: str) -> str:
         return dtype
     if torch.cuda.is_available():
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if score is not None and (score.policy_logprobs == "sampler" or score_dtype(score.dtype) == "float32"):
+        return "float32"
     return "bfloat16" if amx_bf16() else "float32"

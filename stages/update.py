@@ -173,7 +173,7 @@ class Trainer:
         n = len(prompts)
         sizes = [n // up.num_mini_batches + (1 if i < n % up.num_mini_batches else 0) for i in range(up.num_mini_batches)]
         micro = math.ceil(max(sizes) / up.gradient_accumulation_steps) or 1
-        cap = micro_batch_size(up.micro_batch_size)
+        cap = micro_batch_size(up.micro_batch_size, self.autocast)
         if cap:
             micro = min(micro, cap)
         # Ratios other than 1 need the "old" logprobs (several epochs or mini-batches): from the trainer itself.

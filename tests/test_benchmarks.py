@@ -188,7 +188,9 @@ def test_precision_defaults_follow_the_params_resolution(monkeypatch):
         "sample": params.sample.model_copy(update=sample), "score": params.score.model_copy(update=score)})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(runtime, "amx_bf16", lambda: True)  # AMX: a bf16 engine, so a bf16 policy pass
+    monkeypatch.setattr(runtime, "fast_bf16", lambda: True)
     assert precision.defaults(params) == ("bf16 pass", "bf16 pass")
+    assert precision.defaults(with_({}, {"dtype": "float32"})) == ("fp32 engine", "fp32 pass")  # an fp32 KL: no pass
     monkeypatch.setattr(runtime, "amx_bf16", lambda: False)
     for native, ref in ((True, "bf16 pass"), (False, "fp32 pass")):
         monkeypatch.setattr(runtime, "fast_bf16", lambda native=native: native)

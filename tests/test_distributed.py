@@ -26,7 +26,8 @@ import yaml
 from project import PROMPTS, PY, make_project, run, run_env, tiny_params
 from test_resume import SLOW_REWARD
 
-from stages.runtime import find_malloc, sampler_dtype, score_dtype
+from stages.params import load_params
+from stages.runtime import find_malloc, micro_batch_size, sampler_dtype, score_dtype, update_autocast
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(PY).parent
@@ -222,7 +223,11 @@ def test_the_flow_over_two_ranks_writes_one_runs_artifacts_and_resumes_after_a_r
     found = find_malloc("auto")  # the command preloaded tcmalloc where installed, and the ranks inherited it
     assert runs[0].data.tags["malloc"] == (Path(found).resolve().name if found else "glibc")
     assert runs[0].data.tags["score_dtype"] == score_dtype("auto")
-    assert runs[0].data.tags["sample_dtype"] == sampler_dtype("auto")  # bf16 on CPUs with AMX, else fp32
+    params = load_params(proj / "params.yaml")  # `auto`: bf16 on CPUs with AMX (with this score.dtype), else fp32
+    assert runs[0].data.tags["sample_dtype"] == sampler_dtype("auto", params.score)
+    up = params.update  # and what `update.micro_batch_size: auto` resolved to
+    resolved = micro_batch_size(up.micro_batch_size, update_autocast(up.bf16_autocast))
+    assert runs[0].data.tags["micro_batch_size"] == str(resolved)
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "reward")) == [1, 2]
 
     # Round 3: rank 1 sleeps in its scoring and is killed; the run stops, torchrun says which rank died.

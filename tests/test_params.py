@@ -282,6 +282,7 @@ def test_micro_batch_size_auto_resolves_by_cpu_kind(monkeypatch):
     for amx, want in ((True, 32), (False, 16)):
         monkeypatch.setattr(runtime, "amx_bf16", lambda amx=amx: amx)
         assert runtime.micro_batch_size("auto") == want and runtime.micro_batch_size(8) == 8
+        assert runtime.micro_batch_size("auto", bf16_autocast=False) == 16  # an fp32 update: the AMX reason is gone
     assert runtime.micro_batch_size(0) == 0  # no cap
 
 

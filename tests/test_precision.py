@@ -75,11 +75,16 @@ def test_auto_sampler_dtype_is_bf16_on_gpus_and_cpus_with_amx(monkeypatch):
     from stages import runtime
 
     assert repo_params().sample.dtype == "auto"  # the default this pins
+    score = repo_params().score
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for amx, want in ((True, "bfloat16"), (False, "float32")):  # AVX512-BF16 without AMX: fp32 (its logprobs reused)
         monkeypatch.setattr(runtime, "amx_bf16", lambda amx=amx: amx)
-        assert runtime.sampler_dtype("auto") == want
+        assert runtime.sampler_dtype("auto") == runtime.sampler_dtype("auto", score) == want
         assert runtime.sampler_dtype("float32") == "float32" and runtime.sampler_dtype("bfloat16") == "bfloat16"
+        # on AMX too: an fp32 KL, or the sampler's own logprobs asked for, keep the fp32 engine (no fp32 policy pass)
+        for change in ({"dtype": "float32"}, {"policy_logprobs": "sampler"}):
+            assert runtime.sampler_dtype("auto", score.model_copy(update=change)) == "float32"
+            assert runtime.sampler_dtype("bfloat16", score.model_copy(update=change)) == "bfloat16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for native, want in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda native=native: native)

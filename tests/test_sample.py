@@ -284,6 +284,24 @@ def test_hf_tiny_samples(tiny_hf, tiny_prompts, tiny_model_dir):
     assert tiny_hf.exact_logprobs
 
 
+def test_make_sampler_resolves_auto_with_the_score_params(tiny_model_dir, monkeypatch):
+    """`sample.dtype: auto` on a CPU with AMX: a bf16 engine (a bf16 policy pass replaces its logprobs), but an fp32
+    one where the KL is asked in fp32 or from the sampler's own logprobs (make_sampler resolves it, the backends get
+    the dtype)."""
+    from stages import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "amx_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "fast_bf16", lambda: True)
+    for score, exact in (({}, False), ({"dtype": "float32"}, True), ({"policy_logprobs": "sampler"}, True)):
+        params = repo_params(sample={"dtype": "auto"}, score=score)
+        sampler = make_sampler(str(tiny_model_dir), params, backend="hf")
+        try:
+            assert sampler.exact_logprobs is exact and sampler.params.dtype == ("float32" if exact else "bfloat16")
+        finally:
+            sampler.close()
+
+
 def test_hf_tiny_seeds(tiny_hf, tiny_prompts):
     first = completions_of(tiny_sample(tiny_hf, tiny_prompts)[0])
     assert completions_of(tiny_sample(tiny_hf, tiny_prompts)[0]) == first  # same round: same seeds, same samples

@@ -115,7 +115,11 @@ def make_sampler(model_dir: str, params, backend: str | None = None, device=None
         elif why:
             raise PipelineError(f"sample.backend: vllm cannot run this model here: {why}; set sample.backend: hf "
                                 "(or auto, which falls back to it)")
-    return BACKENDS[backend].load()(model_dir, params.sample, seed=params.base.seed, device=device or "cpu")
+    from stages.runtime import sampler_dtype
+
+    # `auto` resolved with the score params in view (an fp32 KL keeps the fp32 engine on AMX), docs/design.md §7
+    sample = params.sample.model_copy(update={"dtype": sampler_dtype(params.sample.dtype, params.score)})
+    return BACKENDS[backend].load()(model_dir, sample, seed=params.base.seed, device=device or "cpu")
 
 
 def tokenize_prompts(tokenizer, prompts: pl.DataFrame) -> tuple[list[str], list[list[int]]]:
