@@ -219,7 +219,7 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
     good (a later start does not take it for one to put back, even if you delete this run's rounds by hand)."""
     from stages import tracking
     from stages.evaluate import flat_metrics
-    from stages.loop.resume import keep_archived, new_prompts, report_untrained, split_record
+    from stages.loop.resume import keep_archived, new_prompts, report_resolution_change, report_untrained, split_record
     from stages.loop.writer import RoundWriter, manifest_for, round_write, write_run_outputs
 
     tp, start = params.train, plan.start
@@ -252,6 +252,8 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
     added = frozenset(new_prompts(plan.done[-1], split)) if plan.done else frozenset()  # they come first
     if start >= total and plan.done:
         report_untrained(logger, plan.done[-1], split, total)
+    elif plan.done and dist.main:
+        report_resolution_change(logger, plan.done[-1], topology)
     writer = RoundWriter(tp.async_checkpoint and dist.main)
     t_rounds = time.perf_counter()
     try:

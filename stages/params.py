@@ -351,7 +351,7 @@ def _format_error(exc: ValidationError, source: str) -> str:
     errors: list[dict] = []
     for e in exc.errors():
         loc = e["loc"]
-        if len(loc) > 2 and isinstance(loc[-1], str) and _model_at(loc[:-1]) is None and _model_at(loc[:-2]):
+        if len(loc) > 2 and isinstance(loc[-1], str) and _is_union_field(loc[:-1]):
             loc = loc[:-1]
             if errors and errors[-1]["loc"] == loc:
                 errors[-1] = {**errors[-1], "msg": f"{errors[-1]['msg']}, or {e['msg']}"}
@@ -371,6 +371,15 @@ def _format_error(exc: ValidationError, source: str) -> str:
     where = f"`{loc}`: " if loc else ""
     more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
     return f"{source}: {where}{msg}{got_txt}{more}"
+
+
+def _is_union_field(loc: tuple) -> bool:
+    """The field at `loc` is declared with several types (pydantic then tags each type's error with the type)."""
+    import typing
+
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(str(loc[-1])) if model is not None else None
+    return field is not None and typing.get_origin(field.annotation) is typing.Union
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

@@ -651,6 +651,27 @@ def test_untrained_prompts_are_reported_with_the_round_and_the_fix():
     assert len(log.lines) == 1  # nothing added: nothing said
 
 
+def test_a_resume_whose_auto_settings_resolve_otherwise_is_warned_with_the_fix():
+    from stages.loop.resume import report_resolution_change
+
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def warning(self, fmt, *args):
+            self.lines.append(fmt % args)
+
+    log = Log()
+    last = {"round": 3, "sample_dtype": "float32", "score_dtype": "bfloat16", "micro_batch_size": 16}
+    now = {"sample_dtype": "bfloat16", "score_dtype": "bfloat16", "micro_batch_size": 16, "world_size": 1}
+    assert report_resolution_change(log, last, now) == ["sample_dtype"]
+    assert log.lines == ["resuming after round 4: sample.dtype resolves to bfloat16 here, it was float32 for the "
+                         "rounds so far (`auto` follows the machine's kind, docs/design.md §7); set sample.dtype to "
+                         "float32 to keep it"]
+    assert report_resolution_change(log, last, last) == [] and len(log.lines) == 1  # the same: nothing said
+    assert report_resolution_change(log, {"round": 3}, now) == []  # a manifest from before these were recorded
+
+
 def test_archive_dirs_are_named_by_time_and_identity_and_never_shared(params, tmp_path, monkeypatch):
     from stages.loop import resume
 

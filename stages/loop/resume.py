@@ -111,6 +111,24 @@ def report_untrained(logger, last_manifest: dict, split: dict, total: int) -> No
                     last_manifest["round"] + 1, total)
 
 
+AUTO_RESOLVED = {"sample_dtype": "sample.dtype", "score_dtype": "score.dtype",
+                 "micro_batch_size": "update.micro_batch_size"}
+
+
+def report_resolution_change(logger, last_manifest: dict, topology: dict) -> list[str]:
+    """Warn when a resumed run's `auto` settings resolve otherwise than when its last complete round ran (another kind
+    of machine, or a release that changed a default: the identity hashes `auto`, not what it gave); the fields that
+    changed."""
+    changed = [k for k in AUTO_RESOLVED if k in last_manifest and k in topology
+               and str(last_manifest[k]) != str(topology[k])]
+    for k in changed:
+        logger.warning("resuming after round %d: %s resolves to %s here, it was %s for the rounds so far (`auto` "
+                       "follows the machine's kind, docs/design.md §7); set %s to %s to keep it",
+                       last_manifest["round"] + 1, AUTO_RESOLVED[k], topology[k], last_manifest[k], AUTO_RESOLVED[k],
+                       last_manifest[k])
+    return changed
+
+
 # ---------------------------------------------------------------- artifacts and manifests
 
 
