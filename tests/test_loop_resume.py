@@ -632,17 +632,22 @@ def test_new_prompts_are_those_missing_from_the_last_rounds_split():
     assert new_prompts({"round": 4}, grown) == []  # a manifest from before splits were recorded: nothing is "new"
 
 
+class _Log:
+    """A logger that keeps its lines (info and warning alike)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def info(self, fmt, *args):
+        self.lines.append(fmt % args)
+
+    warning = info
+
+
 def test_untrained_prompts_are_reported_with_the_round_and_the_fix():
     from stages.loop.resume import report_untrained, split_record
 
-    class Log:
-        def __init__(self):
-            self.lines = []
-
-        def info(self, fmt, *args):
-            self.lines.append(fmt % args)
-
-    log = Log()
+    log = _Log()
     last = {"round": 4, "train_split": split_record(pl.DataFrame({"prompt_id": ["p0"]}))}
     report_untrained(log, last, split_record(pl.DataFrame({"prompt_id": ["p0", "n0", "n1"]})), 5)
     assert log.lines == ["2 prompt(s) were added to the train split since round 5; raise train.rounds past 5 to "
@@ -654,14 +659,7 @@ def test_untrained_prompts_are_reported_with_the_round_and_the_fix():
 def test_a_resume_whose_auto_settings_resolve_otherwise_is_warned_with_the_fix():
     from stages.loop.resume import report_resolution_change
 
-    class Log:
-        def __init__(self):
-            self.lines = []
-
-        def warning(self, fmt, *args):
-            self.lines.append(fmt % args)
-
-    log = Log()
+    log = _Log()
     last = {"round": 3, "sample_dtype": "float32", "score_dtype": "bfloat16", "micro_batch_size": 16}
     now = {"sample_dtype": "bfloat16", "score_dtype": "bfloat16", "micro_batch_size": 16, "world_size": 1}
     assert report_resolution_change(log, last, now) == ["sample_dtype"]
