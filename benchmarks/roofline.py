@@ -7,8 +7,11 @@ For each phase of a round of the default task (params.yaml), run warm with the l
 | sample | generated tokens; 2 x params FLOPs per processed token | tokens/s | vLLM's best tokens/s on this CPU (measured here, batch sweep) |
 | reward | completions | completions/s | - |
 | policy / reference logprobs | 2 x (non-embedding params x tokens + lm_head x completion tokens) | GFLOP/s | matmul peak in the pass's dtype |
-| update | 3 x the forward FLOPs (forward + backward) | GFLOP/s | matmul peak in the autocast dtype |
+| update | 3 x the forward FLOPs (forward + backward; see below) | GFLOP/s | matmul peak in the autocast dtype |
 | weight sync, writes | bytes moved | GB/s | - |
+
+Where the update's forward gives the KL its policy logprobs (`score.policy_logprobs`: update/auto), the policy
+row is that forward (timed inside the score step) and the update row its backward (2 x the forward FLOPs).
 
 The matmul peak is measured in the same run (the best of a few GEMM shapes the model uses, all cores). Phases are
 timed one by one (the flow runs them in this order too); the writes are the round's three Parquet artifacts, its
@@ -82,6 +85,12 @@ def vllm_best_rate(w, prompts_df, params) -> dict:
     return out
 
 
+def update_passes(forward_at_scoring: bool) -> int:
+    """The update's work in forwards: forward + backward (~2 forwards), or the backward alone where its forward ran
+    at scoring time, as the policy's logprobs (`score.policy_logprobs`: update/auto)."""
+    return 2 if forward_at_scoring else 3
+
+
 def floor_s(meta: dict, rows: list[dict], table: list) -> dict:
     """The round at this machine's peaks: each compute phase's work at 100 % of the peak it is held to (sampling at
     vLLM's best tokens/s, the logprob passes and the update at the matmul peak of their dtype), the other phases as
@@ -96,7 +105,8 @@ def floor_s(meta: dict, rows: list[dict], table: list) -> dict:
     for name in ("policy logprobs", "reference logprobs", "update"):
         row = by_name[name]
         if row[1] in peaks:
-            floor[name] = (3 if name == "update" else 1) * fwd / (peaks[row[1]] * 1e9)
+            passes = update_passes(meta.get("update_forward_at_scoring", False)) if name == "update" else 1
+            floor[name] = passes * fwd / (peaks[row[1]] * 1e9)
     rest = sum(r[3] for r in table if r[0] not in floor)
     return {"compute": sum(floor.values()), "rest": rest, "round": sum(floor.values()) + rest, "by_phase": floor}
 
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     score_dtype = resolve_score_dtype(params.score.dtype)
     share = params.base.share_prompts
     skip_policy = steps.policy_logprobs_from_sampler(w)
-    rows = []
+    rows, ahead_rounds = [], 0
     work = Path(tempfile.mkdtemp(prefix="roofline-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # ~1.6 GB of checkpoints; kept only while this runs
     tp = params.train.model_copy(update={"checkpoint_dir": str(work / "policy"), "state_dir": str(work / "state")})
@@ -192,14 +202,20 @@ def main(argv: list[str] | None = None) -> None:
             combine(compute_rewards(w.rewards, texts, samples["completion"].to_list(), keys, None, **columns),
                     {x.name: x.weight for x in w.rewards})
             t["reward"] = time.perf_counter() - t0
+            # the update's forward gives the policy's logprobs (score.policy_logprobs: auto/update): no policy
+            # pass; the reference pass batches as that forward (the whole round), as the flow's does
+            ahead = not skip_policy and steps.policy_logprobs_from_update(w, samples.height)
+            ahead_rounds += ahead
             t0 = time.perf_counter()
-            if not skip_policy:  # the flow skips it when the sampler's logprobs are the policy's own (fp32)
+            if not skip_policy and not ahead:  # the flow skips it when the sampler's logprobs are the policy's (fp32)
                 sequence_logprobs(w.trainer.model, p_ids, c_ids, pad, bs, share=share, dtype=score_dtype)
             t["policy logprobs"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            sequence_logprobs(w.ref, p_ids, c_ids, pad, bs, share=share, dtype=score_dtype)
+            sequence_logprobs(w.ref, p_ids, c_ids, pad, samples.height if ahead else bs, share=share, dtype=score_dtype)
             t["reference logprobs"] = time.perf_counter() - t0
-            scores, _ = steps.score_round(w, samples)  # the step itself, for the advantages (not timed here)
+            scores, sc = steps.score_round(w, samples)  # the step itself, for the advantages (not timed here)
+            if ahead:  # the update's forward, run inside it and kept for the update: the update is then its backward
+                t["policy logprobs"] = sc["time/policy_forward_s"]
             advs, w.adv_state, _ = steps.advantage_round(w, scores)
             u = steps.update_round(w, samples, advs)
             t["update"] = u["time/update_s"]
@@ -234,13 +250,15 @@ def main(argv: list[str] | None = None) -> None:
          f"{100 * gen / mean('sample') / best_rate:.0f} % of vLLM's best ({best_rate:.0f} tokens/s)"),
         ("reward", "-", f"{n_compl:.0f} completions", mean("reward"), f"{n_compl / mean('reward'):.0f} /s", "-"),
     ]
+    ahead = ahead_rounds == args.rounds
+    notes = {"policy logprobs": " (the update's forward)", "update": " (its backward)"} if ahead else {}
     for name, dtype, flops in (("policy logprobs", score_dtype, fwd), ("reference logprobs", score_dtype, fwd),
-                               ("update", update_dtype, 3 * fwd)):
+                               ("update", update_dtype, update_passes(ahead) * fwd)):
         if name == "policy logprobs" and skip_policy:
             table.append((name, "-", "skipped: the fp32 sampler's logprobs are the policy's", 0.0, "-", "-"))
             continue
         rate = flops / mean(name) / 1e9
-        table.append((name, dtype, f"{flops / 1e12:.2f} TFLOP", mean(name), f"{rate:.0f} GFLOP/s",
+        table.append((name, dtype, f"{flops / 1e12:.2f} TFLOP{notes.get(name, '')}", mean(name), f"{rate:.0f} GFLOP/s",
                       f"{100 * rate / peaks[dtype]:.0f} % of {dtype} peak ({peaks[dtype]:.0f})"))
     sync_bytes = sum(v.numel() * 2 for v in w.trainer.model.state_dict().values()) if sample_dtype != "float32" else 0
     table.append(("weight sync", sample_dtype, f"{sync_bytes / 1e9:.2f} GB" if sync_bytes else "-", mean("weight sync"),
@@ -251,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{(ckpt_bytes + state_bytes) / 1e9 / mean('writes (checkpoint + manifest)'):.2f} GB/s", "-"))
     total = sum(r[3] for r in table)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "rounds": args.rounds, "params": args.params,
-            "peaks_gflops": peaks, "vllm_rate_by_batch": best, "round_s": total}
+            "peaks_gflops": peaks, "vllm_rate_by_batch": best, "round_s": total, "update_forward_at_scoring": ahead}
     md = render(meta, rows, table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

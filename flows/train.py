@@ -223,6 +223,7 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
     from stages.loop.writer import RoundWriter, manifest_for, round_write, write_run_outputs
 
     tp, start = params.train, plan.start
+    topology = topology | {"policy_logprobs": steps.policy_logprobs_source(w)}  # resolved with the warm trainer
     warm_s = time.perf_counter() - t0
     logger.info("warm resources ready in %.1f s (sampler: %s, ranks: %d)", warm_s, w.sampler.name, dist.world_size)
     run = None

@@ -119,8 +119,11 @@ class ScoreParams(_Section):
     batch_size: int = F(16, "completions per forward pass (logprobs and reward models)", identity=False, ge=1)
     on_invalid: Literal["error", "drop"] = F("error", "a NaN/inf reward stops the run (error) or its row is dropped and counted (drop)")
     ref_model: str | None = F(None, "reference policy dir; null = base.model_dir")
-    policy_logprobs: Literal["auto", "trainer", "sampler"] = F(
-        "auto", "logp_policy from a trainer forward pass, or the sampler's own logprobs; auto = sampler when it runs fp32")
+    policy_logprobs: Literal["auto", "trainer", "sampler", "update"] = F(
+        "auto", "logp_policy from a trainer forward pass, the sampler's own logprobs, or the update's own forward (run "
+        "at scoring time and kept for the backward: one pass less a round; needs one process and the round in one "
+        "micro-batch of one epoch, in the KL's precision); auto = sampler when it runs fp32, else update where it can "
+        "be, else trainer (docs/design.md §7)")
     dtype: Literal["auto", "float32", "bfloat16"] = F(
         "auto", "precision of the policy/reference logprob passes that make the KL: auto = bfloat16 (autocast) where "
         "bf16 is native (2.4-2.8x faster; 0.17 nats |error| per sequence with an fp32 sampler's policy logprobs, 0.26 "

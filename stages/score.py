@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import polars as pl
@@ -115,15 +116,20 @@ def score_samples(
     tokenizer,
     score_params,
     prompts: pl.DataFrame | None = None,
-    logp_policy: list[float] | None = None,
+    logp_policy: list[float] | Callable[[], list[float]] | None = None,
     share_prompts: bool = True,
     steps: tuple[int, int] = (0, 0),
     policy_batches: int = 0,
+    batch_size: int = 0,
 ) -> tuple[pl.DataFrame, dict]:
     """The score stage's computation. `ref` may be the same object as `policy` (then kl = 0 exactly);
-    `logp_policy` may be passed when the caller already has it; `share_prompts`: base.share_prompts; `steps`:
+    `logp_policy` may be passed when the caller already has it, or a function that computes it (called after the
+    reference pass); `share_prompts`: base.share_prompts; `steps`:
     (optimizer steps before this round, of the whole run) for TRL's `trainer_state` (see `optimizer_steps`);
-    `policy_batches`: the least batches the policy pass runs (a sharded policy, `sequence_logprobs`' min_batches)."""
+    `policy_batches`: the least batches the policy pass runs (a sharded policy, `sequence_logprobs`' min_batches);
+    `batch_size`: completions per logprob batch, default `score.batch_size` (the flow passes the update's
+    micro-batch when `logp_policy` came from it: a bf16 pass's logprobs depend on the batch's padding, and the
+    KL's two passes must batch alike for their rounding to cancel, docs/design.md §7)."""
     from stages.rewards import TrlExtras, combine, compute_rewards, first_invalid, invalid
 
     t0 = time.perf_counter()
@@ -153,14 +159,19 @@ def score_samples(
     t1 = time.perf_counter()
     prompt_ids, completion_ids = completion_inputs(samples, tokenizer)
     pad = tokenizer.pad_token_id
-    bs = score_params.batch_size
+    bs = batch_size or score_params.batch_size
     opts = dict(share=share_prompts, dtype=score_dtype(score_params.dtype))
+    logp_ref = None
+    if callable(logp_policy):  # a forward kept for the update: after the reference pass, whose memory is then free
+        if ref is not policy:
+            logp_ref, _ = sequence_logprobs(ref, prompt_ids, completion_ids, pad, bs, progress="logp ref", **opts)
+        logp_policy = logp_policy()
     if logp_policy is None:
         logp_policy, _ = sequence_logprobs(policy, prompt_ids, completion_ids, pad, bs, progress="logp policy",
                                            min_batches=policy_batches, **opts)
     if ref is policy:
         logp_ref = list(logp_policy)
-    else:
+    elif logp_ref is None:
         logp_ref, _ = sequence_logprobs(ref, prompt_ids, completion_ids, pad, bs, progress="logp ref", **opts)
     t_logp = time.perf_counter() - t1
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -43,6 +44,21 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- the trainer
+
+
+@dataclasses.dataclass
+class _Ahead:
+    """The update's forward of a round's rows, run at scoring time (`Trainer.forward_ahead`)."""
+
+    keys: list[tuple]  # (prompt_id, sample_idx) of each row, in order
+    round: int  # the trainer's completed updates when it ran: the weights it saw
+    logp: torch.Tensor
+    mask: torch.Tensor
+    ent: torch.Tensor
+
+    def serves(self, batch: pl.DataFrame, round: int) -> bool:
+        """Whether this forward is the one `step` would run on `batch` now: its rows, its order, its weights."""
+        return round == self.round and list(zip(batch["prompt_id"], batch["sample_idx"])) == self.keys
 
 
 class Trainer:
@@ -103,6 +119,7 @@ class Trainer:
         )
         self.round = 0  # completed updates
         self.base_id = base_identity(self.model)
+        self._ahead: _Ahead | None = None  # the update's forward run at scoring time (`forward_ahead`)
 
     def _wrap(self, lm: LogprobModel):
         """DDP (replicated weights, gradients all-reduced) or FSDP2 (`fully_shard`: weights, gradients and optimizer
@@ -172,10 +189,11 @@ class Trainer:
         adv = torch.tensor(batch["advantage"].to_list(), dtype=torch.float32, device=self.device)
         n = len(prompts)
         sizes = [n // up.num_mini_batches + (1 if i < n % up.num_mini_batches else 0) for i in range(up.num_mini_batches)]
-        micro = math.ceil(max(sizes) / up.gradient_accumulation_steps) or 1
-        cap = micro_batch_size(up.micro_batch_size, self.autocast)
-        if cap:
-            micro = min(micro, cap)
+        micro = self._micro_size(max(sizes))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not ahead.serves(batch, self.round):
+            log.debug("update: the forward run at scoring time was for other rows; running the update's own")
+            ahead = None
         # Ratios other than 1 need the "old" logprobs (several epochs or mini-batches): from the trainer itself.
         old = self._old_logprobs(prompts, completions, micro, dist) if up.num_ppo_epochs > 1 or up.num_mini_batches > 1 else None
         stats: dict[str, list[float]] = {"loss": [], "grad_norm": [], "clip_frac": [], "entropy": [], "approx_kl": []}
@@ -201,7 +219,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 gv = _GradVariance(self.model) if up.grad_variance else None
                 sums = self._accumulate(batches + [None] * (n_micro - len(batches)), prompts, completions, adv, old,
-                                        rows, tokens, dist, gv)
+                                        rows, tokens, dist, gv, ahead)
                 loss, ent, clip_num, clip_den, kl, tok = dist.all_reduce_sum(sums)
                 stats["loss"].append(loss)
                 stats["entropy"].append(ent / max(tok, 1))
@@ -243,11 +261,13 @@ class Trainer:
             self._padding_logp(sync=True)
         return old
 
-    def _accumulate(self, batches, prompts, completions, adv, old, rows: float, tokens: float, dist, gv) -> list[float]:
+    def _accumulate(self, batches, prompts, completions, adv, old, rows: float, tokens: float, dist, gv,
+                    ahead: _Ahead | None = None) -> list[float]:
         """Forward + backward of one mini-batch's micro-batches (None: a zero-weight one, to match the other ranks'
         count); gradients accumulate, each micro-batch weighted by its share of the mini-batch loss over all ranks
         (rows, or tokens for token aggregation), so they sum to the mini-batch gradient. Returns this rank's sums of
-        (share-weighted loss, entropy, clip numerator, clip denominator, approx-KL, tokens)."""
+        (share-weighted loss, entropy, clip numerator, clip denominator, approx-KL, tokens). `ahead`: the forward of
+        the whole batch, run at scoring time (`forward_ahead`): the one micro-batch of all rows uses it."""
         up = self.up
         sums = [0.0] * 6
         for j, idx in enumerate(batches):
@@ -255,7 +275,11 @@ class Trainer:
             if idx is None:
                 self._zero_weight_backward(sync=last)
                 continue
-            logp, mask, ent = self._logp([prompts[i] for i in idx], [completions[i] for i in idx], True, sync=last)
+            if ahead is not None and idx == list(range(len(prompts))):
+                logp, mask, ent = ahead.logp, ahead.mask, ahead.ent
+                ahead = None
+            else:
+                logp, mask, ent = self._logp([prompts[i] for i in idx], [completions[i] for i in idx], True, sync=last)
             if old is None:
                 old_lp = logp.detach()
             else:
@@ -278,6 +302,55 @@ class Trainer:
             sums = [sums[0] + loss.item() * share, sums[1] + float(ent.sum()), sums[2] + float(clip) * clip_w,
                     sums[3] + clip_w, sums[4] + float(0.5 * ((logp.detach() - old_lp) ** 2 * mask).sum()), sums[5] + n_tok]
         return sums
+
+    def _micro_size(self, rows: int) -> int:
+        """Rows per micro-batch for a mini-batch of `rows`: split into `gradient_accumulation_steps`, at most
+        `micro_batch_size` (its `auto` resolved for this device)."""
+        micro = math.ceil(rows / self.up.gradient_accumulation_steps) or 1
+        cap = micro_batch_size(self.up.micro_batch_size, self.autocast)
+        return min(micro, cap) if cap else micro
+
+    def scoring_forward_refusal(self, score, rows: int) -> str | None:
+        """Why the update's forward cannot give the round's policy logprobs at scoring time (`forward_ahead`) under
+        the score params `score`, or None when it can: in the KL's precision (`score.dtype` resolving to the
+        update's), in one process, one epoch of one mini-batch, all `rows` in one micro-batch. That forward is then
+        the update's own, of the same weights, and the KL's separate policy pass is not run (docs/design.md §7)."""
+        from stages.runtime import score_dtype
+
+        up, mine = self.up, "bfloat16" if self.autocast else "float32"
+        for cause, setting in (
+                (score_dtype(score.dtype) != mine, f"score.dtype resolves to {score_dtype(score.dtype)} and the "
+                                                   f"update runs in {mine} (update.bf16_autocast)"),
+                (self.dist.enabled, "the round is split over processes (train.nproc_per_node > 1)"),
+                (up.num_ppo_epochs > 1, f"update.num_ppo_epochs is {up.num_ppo_epochs}"),
+                (up.num_mini_batches > 1, f"update.num_mini_batches is {up.num_mini_batches}"),
+                (up.grad_variance, "update.grad_variance runs one micro-batch per prompt")):
+            if cause:
+                return setting
+        micro = self._micro_size(rows)
+        if micro < rows:
+            return (f"the round's {rows} completions take micro-batches of {micro} (update.micro_batch_size "
+                    f"{up.micro_batch_size}, update.gradient_accumulation_steps {up.gradient_accumulation_steps})")
+        return None
+
+    def forward_ahead(self, batch: pl.DataFrame) -> list[float]:
+        """The update's forward of the round's completions, run when they are scored: each completion's summed
+        logprob under the current policy (no gradient), in the update's precision; the forward (its autograd graph)
+        is kept for the next `step`, which then runs only the loss and the backward. `step` checks that it trains on
+        these rows in this order with these weights, and otherwise runs its own forward. The caller checks
+        `scoring_forward_refusal` first."""
+        from stages.score import completion_inputs
+
+        self._ahead = None  # a forward kept from an earlier call is dropped (its activations freed) before this one
+        prompts, completions = completion_inputs(batch, self.tokenizer)
+        with torch.enable_grad():
+            logp, mask, ent = self._logp(prompts, completions, True)
+        self._ahead = _Ahead(list(zip(batch["prompt_id"], batch["sample_idx"])), self.round, logp, mask, ent)
+        return (logp.detach() * mask).double().sum(1).tolist()
+
+    def drop_ahead(self) -> None:
+        """Forget a forward kept by `forward_ahead` (a round that failed after scoring: its activations are freed)."""
+        self._ahead = None
 
     def _zero_weight_backward(self, sync: bool) -> None:
         """A forward/backward that adds nothing to the gradient, for a rank with fewer micro-batches than the others."""
@@ -360,6 +433,7 @@ class Trainer:
         return state
 
     def load_resume_state(self, state: dict) -> None:
+        self._ahead = None
         if self.up.use_lora:
             self.model.load_state_dict(state["adapter"], strict=False)
         if self.sharded:

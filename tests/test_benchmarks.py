@@ -224,6 +224,14 @@ def test_roofline_floor_is_each_phase_at_its_peak_plus_the_rest_as_measured():
     assert md.count("\n| ") == 8  # the header, six phases and the round
 
 
+def test_roofline_floor_of_an_update_whose_forward_ran_at_scoring_is_its_backward():
+    meta, rows, table = _roofline_run()
+    table[2] = ["policy logprobs", "bfloat16", "", 1.2, "", ""]  # the update's forward, run for the KL
+    f = roofline.floor_s(meta | {"update_forward_at_scoring": True}, rows, table)
+    assert f["by_phase"] == pytest.approx({"sample": 2.0, "policy logprobs": 1.0, "reference logprobs": 1.0,
+                                           "update": 2.0})
+
+
 def test_trl_seeds_pair_each_arms_held_out_reward_by_seed():
     """`--seeds`: each seed's held-out reward side by side, and the paired difference's mean, sd and t interval."""
     import statistics

@@ -228,6 +228,9 @@ def test_the_flow_over_two_ranks_writes_one_runs_artifacts_and_resumes_after_a_r
     up = params.update  # and what `update.micro_batch_size: auto` resolved to
     resolved = micro_batch_size(up.micro_batch_size, update_autocast(up.bf16_autocast))
     assert runs[0].data.tags["micro_batch_size"] == str(resolved)
+    # over two ranks the update's forward never gives the KL its policy logprobs: the engine's, or a trainer pass
+    exact = sampler_dtype("auto", params.score) == "float32"
+    assert runs[0].data.tags["policy_logprobs"] == ("sampler" if exact else "trainer")
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "reward")) == [1, 2]
 
     # Round 3: rank 1 sleeps in its scoring and is killed; the run stops, torchrun says which rank died.

@@ -1,7 +1,8 @@
 """The training flow (flows/train.py) in the fast suite: a tiny project trained for one round, then resumed for a
 second. The resumed round must start from the first round's carried baseline (`ema`), which is checked against the
-rounds' own scores, not against another run. The transformers sampler keeps it fast; vLLM, the SIGKILL resume and
-`dvc repro` are covered by the slow tests (tests/test_resume.py, tests/test_pipeline_e2e.py)."""
+rounds' own scores, not against another run. A bf16 engine: the update's own forward gives the KL its policy
+logprobs. The transformers sampler keeps it fast; vLLM, the SIGKILL resume and `dvc repro` are covered by the slow
+tests (tests/test_resume.py, tests/test_pipeline_e2e.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ ALPHA = 0.5
 def test_a_resumed_run_carries_the_baseline_into_its_next_round(tmp_path, tiny_model_dir):
     proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 1, "train.eval_every": 0,
                                                      "advantage.estimator": "ema", "advantage.alpha": ALPHA,
-                                                     "sample.backend": "hf"})
+                                                     "sample.backend": "hf", "sample.dtype": "bfloat16"})
     env = run_env(tmp_path)
     run([PY, "-m", "stages.prepare"], proj, env)
     run([PY, "-m", "flows.train"], proj, env)
@@ -32,3 +33,9 @@ def test_a_resumed_run_carries_the_baseline_into_its_next_round(tmp_path, tiny_m
     # the second round's advantages used that baseline: reward - ema after round 2's update of it
     adv = pl.read_parquet(rounds / "round=0001" / "advantages.parquet")
     assert adv["baseline"].to_list() == pytest.approx([state["ema"]] * adv.height, abs=1e-6)
+    # a bf16 engine's logprobs are not the policy's: both rounds took them from the update's own forward (one
+    # micro-batch here), recorded as resolved; round 2's KL is a real one (the policy moved)
+    manifests = [json.loads((rounds / f"round={r:04d}" / "manifest.json").read_text()) for r in (0, 1)]
+    assert [m["policy_logprobs"] for m in manifests] == ["update", "update"]
+    kl = pl.read_parquet(rounds / "round=0001" / "scores.parquet")["kl"]
+    assert kl.abs().max() > 0

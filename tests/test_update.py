@@ -628,3 +628,76 @@ def test_a_step_is_the_textbook_rloo_step(tiny_model_dir):
     for n, q in plain.named_parameters():  # AdamW's first step is ~lr * sign(g): an element whose |g| is at the
         # rounding's level may step either way on another CPU, so the weights are held to lr / 100
         torch.testing.assert_close(mine[n].detach(), q.detach(), rtol=1e-5, atol=1e-5, msg=n)
+
+
+# --- the update's forward run at scoring time (score.policy_logprobs: update / auto) ----------------------------
+
+
+def _counting_logp(trainer: Trainer) -> list:
+    """Record every forward the trainer runs (`Trainer._logp`)."""
+    calls, real = [], trainer._logp
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+    trainer._logp = spy
+    return calls
+
+
+def test_a_forward_kept_from_scoring_makes_the_same_step_without_running_again(tiny_model_dir):
+    """forward_ahead at scoring time, then step: the step runs no forward of its own and ends on the same weights,
+    to the bit, as a trainer that ran its own; the logprobs it gave are the policy's (a pass over the same rows)."""
+    kept, plain = (Trainer(str(tiny_model_dir), make_params(tiny_model_dir), CPU) for _ in range(2))
+    batch = make_batch(kept, [1.0, -0.5, 0.3, 2.0])
+    fp32_kl = kept.params.score.model_copy(update={"dtype": "float32"})  # the update's precision here
+    assert kept.scoring_forward_refusal(fp32_kl, batch.height) is None
+    calls = _counting_logp(kept)
+    logp = kept.forward_ahead(batch)
+    prompts = [kept.tokenizer(t, add_special_tokens=False)["input_ids"] for t in batch["prompt_text"]]
+    completions = [list(c) for c in batch["completion_token_ids"]]
+    passed, _ = sequence_logprobs(kept.model, prompts, completions, kept.tokenizer.pad_token_id, batch.height)
+    assert logp == pytest.approx(passed, abs=1e-5) and any(abs(x) > 0.1 for x in logp)
+    assert calls == [4]
+    stats_kept, stats_plain = kept.step(batch), plain.step(batch)
+    assert calls == [4]  # the step ran no forward: it took the kept one
+    a, b = weights(kept.model), weights(plain.model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert stats_kept["loss"] == stats_plain["loss"] and stats_kept["entropy"] == stats_plain["entropy"]
+    assert kept._ahead is None  # used once: the next step runs its own forward
+    kept.step(batch)
+    assert calls == [4, 4]
+
+
+def test_a_kept_forward_of_other_rows_or_older_weights_is_not_used(tiny_model_dir):
+    """A row dropped after scoring (score.on_invalid: drop), or a step taken since the forward: step runs its own
+    forward and makes the step a trainer without the kept one makes."""
+    kept, plain = (Trainer(str(tiny_model_dir), make_params(tiny_model_dir), CPU) for _ in range(2))
+    calls = _counting_logp(kept)
+    kept.forward_ahead(make_batch(kept, [0.0] * 4))
+    fewer = make_batch(kept, [1.0, -0.5, 0.3], ROWS[:3])
+    kept.step(fewer), plain.step(fewer)
+    assert calls == [4, 3]
+    a, b = weights(kept.model), weights(plain.model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    batch = make_batch(kept, [0.5, -1.0, 0.2, 1.0])
+    kept.forward_ahead(batch)
+    kept.round -= 1  # as if the weights it saw were an update older
+    kept.step(batch)
+    assert calls == [4, 3, 4, 4]
+
+
+@pytest.mark.parametrize("update,score_dtype,expected", [
+    ({}, "float32", None),
+    ({"micro_batch_size": 0}, "float32", None),
+    ({"num_ppo_epochs": 2}, "float32", "update.num_ppo_epochs is 2"),
+    ({"num_mini_batches": 2}, "float32", "update.num_mini_batches is 2"),
+    ({"gradient_accumulation_steps": 2}, "float32", "micro-batches of 2"),
+    ({"micro_batch_size": 3}, "float32", "micro-batches of 3 (update.micro_batch_size 3"),
+    ({"grad_variance": True}, "float32", "update.grad_variance"),
+    ({}, "bfloat16", "score.dtype resolves to bfloat16 and the update runs in float32"),
+])
+def test_when_the_update_s_forward_can_be_the_kl_s_policy_pass(tiny_model_dir, update, score_dtype, expected):
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir, **update), CPU)
+    score = trainer.params.score.model_copy(update={"dtype": score_dtype})
+    why = trainer.scoring_forward_refusal(score, 4)
+    assert why == expected if expected is None else expected in why

@@ -143,3 +143,83 @@ def test_same_weights_is_one_function_not_one_dir(tiny_model_dir, tiny_model_fac
     assert c.state_dict().keys() == a.state_dict().keys()
     assert not same_weights(a, c)
     assert not same_weights(a, load_causal_lm(tiny_model_factory(tmp_path / "other", seed=1)))
+
+
+def _passes(monkeypatch, w) -> list:
+    """Record every logprob pass the score stage runs: (which model, its batch size)."""
+    import stages.score
+
+    calls, real = [], stages.score.sequence_logprobs
+
+    def spy(model, prompts, completions, pad, batch_size=16, *args, **kwargs):
+        calls.append(("ref" if model is w.ref else "policy", batch_size))
+        return real(model, prompts, completions, pad, batch_size, *args, **kwargs)
+    monkeypatch.setattr(stages.score, "sequence_logprobs", spy)
+    return calls
+
+
+def _forwards(w) -> list:
+    """Record every forward the trainer runs (the update's, and any run for scoring)."""
+    calls, real = [], w.trainer._logp
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+    w.trainer._logp = spy
+    return calls
+
+
+def test_the_update_s_own_forward_gives_the_kl_its_policy_logprobs(project, monkeypatch):
+    """A bf16 engine's logprobs are not the policy's; with the round in one micro-batch the update's forward, run
+    at scoring time and kept for the update, gives them: no policy pass, the reference pass batched as that forward
+    (a bf16 pass's logprobs depend on the batch's padding), one forward a round in all, and the advantages those of a
+    separate policy pass to the README's tolerance."""
+    from stages.loop import steps
+    from stages.logprobs import sequence_logprobs
+    from stages.runtime import score_dtype
+    from stages.score import completion_inputs
+
+    w = _warm(project(**{"sample.dtype": "bfloat16"}))
+    try:
+        assert not w.sampler.exact_logprobs
+        passes, forwards = _passes(monkeypatch, w), _forwards(w)
+        samples = _round(w, 0)
+        n = samples.height
+        assert steps.policy_logprobs_from_update(w, n) and steps.policy_logprobs_source(w) == "update"
+        scores, stats = steps.score_round(w, samples)
+        assert passes == [] and forwards == [n]  # round 1: the policy is the reference, the kept forward is both
+        assert scores["kl"].to_list() == [0.0] * n and stats["time/policy_forward_s"] > 0
+        adv, w.adv_state, _ = steps.advantage_round(w, scores)
+        steps.update_round(w, samples, adv)
+        assert forwards == [n]  # the update took the kept forward
+
+        samples = _round(w, 1)
+        kept = w.params
+        w.params = kept.model_copy(update={"score": kept.score.model_copy(update={"policy_logprobs": "trainer"})})
+        scores_sep, _ = steps.score_round(w, samples)
+        adv_sep, _, _ = steps.advantage_round(w, scores_sep)
+        w.params = kept
+        del passes[:]
+        scores, _ = steps.score_round(w, samples)
+        assert passes == [("ref", n)] and forwards == [n, n]
+        p, c = completion_inputs(samples, w.tokenizer)
+        dtype = score_dtype(w.params.score.dtype)
+        same_batch, _ = sequence_logprobs(w.trainer.model, p, c, w.tokenizer.pad_token_id, n, dtype=dtype)
+        assert scores["logp_policy"].to_list() == pytest.approx(same_batch, abs=1e-4)
+        diff = (scores["logp_policy"] - scores_sep["logp_policy"]).abs()
+        assert diff.mean() < 0.3  # the README's KL tolerance (tests/test_precision.py)
+        adv, w.adv_state, _ = steps.advantage_round(w, scores)
+        assert (adv["advantage"] - adv_sep["advantage"]).abs().max() < 0.1
+        steps.update_round(w, samples, adv)
+        assert forwards == [n, n]
+    finally:
+        w.sampler.close()
+
+
+def test_an_explicit_update_forward_that_cannot_be_is_refused_before_loading_the_rest(project):
+    from stages.errors import PipelineError
+
+    params = project(**{"score.policy_logprobs": "update", "update.gradient_accumulation_steps": 2})
+    with pytest.raises(PipelineError, match=r"score.policy_logprobs: update needs .* micro-batches of .*"
+                                            r"update.gradient_accumulation_steps 2\); set it to auto"):
+        _warm(params)

@@ -112,7 +112,7 @@ def report_untrained(logger, last_manifest: dict, split: dict, total: int) -> No
 
 
 AUTO_RESOLVED = {"sample_dtype": "sample.dtype", "score_dtype": "score.dtype",
-                 "micro_batch_size": "update.micro_batch_size"}
+                 "micro_batch_size": "update.micro_batch_size", "policy_logprobs": "score.policy_logprobs"}
 
 
 def report_resolution_change(logger, last_manifest: dict, topology: dict) -> list[str]:

@@ -57,6 +57,24 @@ def policy_logprobs_from_sampler(w: Warm) -> bool:
     return sampler_logprobs_are_policys(w.params.score.policy_logprobs, w.sampler.exact_logprobs)
 
 
+def policy_logprobs_from_update(w: Warm, rows: int) -> bool:
+    """`score.policy_logprobs` `update` or `auto` (when the sampler's are not the policy's): the round's policy
+    logprobs come from the update's own forward, run at scoring time and kept for the update (`Trainer.forward_ahead`,
+    one pass less a round), where that forward is the pass the KL would run (`Trainer.scoring_forward_refusal`).
+    `load_warm` has refused an explicit `update` that cannot be."""
+    return (w.params.score.policy_logprobs in ("auto", "update")
+            and w.trainer.scoring_forward_refusal(w.params.score, rows) is None)
+
+
+def policy_logprobs_source(w: Warm) -> str:
+    """What `score.policy_logprobs` resolves to for this run's rounds (the flow's MLflow tag and manifests):
+    `sampler`, `update` or `trainer`."""
+    if policy_logprobs_from_sampler(w):
+        return "sampler"
+    rows = len(w.dist.shard(w.params.train.prompts_per_round)) * w.params.sample.k
+    return "update" if policy_logprobs_from_update(w, rows) else "trainer"
+
+
 def reference_for(w: Warm):
     """The model whose logprobs are the round's reference: the trainer's own policy while it still is the reference,
     bit for bit (a fresh run's first round): `score_samples` then copies the policy's logprobs, the KL is exactly 0
@@ -80,10 +98,24 @@ def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     t0 = time.perf_counter()
     local = samples.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples))) if w.dist.enabled else samples
     logp_policy = [float(sum(x)) for x in local["sampler_logprobs"]] if policy_logprobs_from_sampler(w) else None
+    ahead_s: list[float] = []
+
+    def update_forward() -> list[float]:  # the policy's logprobs from the update's own forward (kept for it)
+        t1 = time.perf_counter()
+        out = w.trainer.forward_ahead(local)
+        ahead_s.append(time.perf_counter() - t1)
+        return out
+
+    w.trainer.drop_ahead()
+    ahead = logp_policy is None and policy_logprobs_from_update(w, local.height)
     out, stats = score_samples(local, w.rewards, w.trainer.model, reference_for(w), w.tokenizer, w.params.score,
-                               w.train_prompts, logp_policy, share_prompts=w.params.base.share_prompts,
+                               w.train_prompts, update_forward if ahead else logp_policy,
+                               share_prompts=w.params.base.share_prompts,
                                steps=optimizer_steps(w.params, int(samples["policy_version"].max() or 0), w.total_rounds),
-                               policy_batches=policy_pass_batches(w, local.height, logp_policy is None))
+                               policy_batches=policy_pass_batches(w, local.height, logp_policy is None),
+                               batch_size=local.height if ahead else 0)
+    if ahead_s:  # (counted in time/logprobs_s)
+        stats["time/policy_forward_s"] = ahead_s[0]
     if not w.dist.enabled:
         return out, stats
     out = w.dist.gather_rows(out, samples["prompt_id"].unique(maintain_order=True).to_list())

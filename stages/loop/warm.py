@@ -99,6 +99,7 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     also generates the reference policy's held-out completions once, for the in-training evaluations. With several
     ranks (`dist`) every rank loads its own copy and engine, on `device`."""
     from stages.loop.dist import SINGLE
+    from stages.errors import PipelineError
     from stages.evaluate import generate_one, task_scores
     from stages.io import read_table
     from stages.logprobs import PromptCache
@@ -122,6 +123,11 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     tp = params.train
     trainer, _ = load_trainer(params, device, tp.checkpoint_dir if checkpoint else None, tp.state_dir, total_rounds,
                               dist=dist)
+    if params.score.policy_logprobs == "update":
+        rows = tp.prompts_per_round * params.sample.k
+        if (why := trainer.scoring_forward_refusal(params.score, rows)) is not None:
+            raise PipelineError(f"score.policy_logprobs: update needs the update's forward to be the KL's policy pass, "
+                                f"but {why}; set it to auto (a separate pass where needed) or trainer")
     ref_dir = params.score.ref_model or params.base.model_dir
     ref_field = "score.ref_model" if params.score.ref_model else "base.model_dir"
     ref = load_causal_lm(ref_dir, "float32", device, ref_field).eval()
