@@ -131,8 +131,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
         restore_run,
     )
     from stages.loop.warm import load_warm
-    from stages.runtime import (configure_env, find_malloc, malloc_in_use, micro_batch_size, sampler_dtype, score_dtype,
-                                update_autocast)
+    from stages.runtime import configure_env, find_malloc, malloc_in_use, sampler_dtype, score_dtype
 
     configure_env(params.base.threads)
     dist, device = init_distributed(params.base.device, params.train.dist_timeout_s)
@@ -143,9 +142,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
                 "strategy": params.update.strategy if dist.enabled else None,
                 # what the `auto` dtypes resolved to on this machine (docs/design.md §7)
                 "sample_dtype": sampler_dtype(params.sample.dtype, params.score),
-                "score_dtype": score_dtype(params.score.dtype),
-                "micro_batch_size": micro_batch_size(params.update.micro_batch_size,
-                                                     update_autocast(params.update.bf16_autocast))}
+                "score_dtype": score_dtype(params.score.dtype)}
     installed = find_malloc()
     if malloc == "glibc" and installed and dist.main:  # e.g. a flow run spawned by a Prefect worker
         logger.warning("%s is installed but not preloaded in this process: rounds run ~20 %% slower with glibc's "
@@ -223,7 +220,8 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
     from stages.loop.writer import RoundWriter, manifest_for, round_write, write_run_outputs
 
     tp, start = params.train, plan.start
-    topology = topology | {"policy_logprobs": steps.policy_logprobs_source(w)}  # resolved with the warm trainer
+    # resolved by the warm trainer: the micro-batch cap (`auto` by CPU kind) and where the policy's logprobs come from
+    topology = topology | {"micro_batch_size": w.trainer.micro_cap, "policy_logprobs": steps.policy_logprobs_source(w)}
     warm_s = time.perf_counter() - t0
     logger.info("warm resources ready in %.1f s (sampler: %s, ranks: %d)", warm_s, w.sampler.name, dist.world_size)
     run = None

@@ -190,6 +190,15 @@ def micro_batch_size(setting: int | str, bf16_autocast: bool = True) -> int:
     return 32 if bf16_autocast and not torch.cuda.is_available() and amx_bf16() else 16
 
 
+def backend_dtype(dtype: str) -> str:
+    """A sampler backend's dtype, which `make_sampler` resolved from `sample.dtype` (`sampler_dtype`, with the score
+    params in view) before building it: an unresolved `auto` here is a bug in the caller, not a setting."""
+    if dtype == "auto":
+        raise ValueError("sample.dtype `auto` reached a sampler backend unresolved: build samplers with "
+                         "stages.sample.make_sampler, which resolves it with the score params")
+    return dtype
+
+
 def sampler_dtype(dtype: str, score=None) -> str:
     """`sample.dtype: auto` -> bfloat16 on GPUs and on CPUs with AMX, float32 on other CPUs; also float32 on AMX when
     `score` (the score params) asks for an fp32 KL (`score.dtype` resolving to float32: the fp32 engine's logprobs

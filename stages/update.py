@@ -101,6 +101,7 @@ class Trainer:
             log.debug("update.fused_layers: %d norm/MLP modules with the lean-memory backward", fused)
         self.model.train()
         self.autocast = update_autocast(self.up.bf16_autocast)
+        self.micro_cap = micro_batch_size(self.up.micro_batch_size, self.autocast)  # `auto` resolved once, here
         lm = LogprobModel(self.model, self.tokenizer.pad_token_id, params.base.share_prompts,
                           "bfloat16" if self.autocast else "float32")
         self.forward_model = self._wrap(lm)  # DDP / FSDP over the ranks; the LogprobModel itself in one process
@@ -307,8 +308,7 @@ class Trainer:
         """Rows per micro-batch for a mini-batch of `rows`: split into `gradient_accumulation_steps`, at most
         `micro_batch_size` (its `auto` resolved for this device)."""
         micro = math.ceil(rows / self.up.gradient_accumulation_steps) or 1
-        cap = micro_batch_size(self.up.micro_batch_size, self.autocast)
-        return min(micro, cap) if cap else micro
+        return min(micro, self.micro_cap) if self.micro_cap else micro
 
     def scoring_forward_refusal(self, score, rows: int) -> str | None:
         """Why the update's forward cannot give the round's policy logprobs at scoring time (`forward_ahead`) under

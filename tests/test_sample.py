@@ -302,6 +302,14 @@ def test_make_sampler_resolves_auto_with_the_score_params(tiny_model_dir, monkey
             sampler.close()
 
 
+def test_a_backend_refuses_an_unresolved_auto_dtype(tiny_model_dir):
+    """Only make_sampler resolves `auto` (it reads the score params); a backend given it would guess without them."""
+    from stages.sample.hf_backend import HFSampler
+
+    with pytest.raises(ValueError, match="sample.dtype `auto` reached a sampler backend unresolved: .*make_sampler"):
+        HFSampler(str(tiny_model_dir), repo_params(sample={"dtype": "auto"}).sample)
+
+
 def test_hf_tiny_seeds(tiny_hf, tiny_prompts):
     first = completions_of(tiny_sample(tiny_hf, tiny_prompts)[0])
     assert completions_of(tiny_sample(tiny_hf, tiny_prompts)[0]) == first  # same round: same seeds, same samples

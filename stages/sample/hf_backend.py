@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.models import load_causal_lm, load_tokenizer
-from stages.runtime import sampler_dtype
+from stages.runtime import backend_dtype
 from stages.sample import Completion, GenerationConfig
 
 
@@ -56,7 +56,7 @@ class HFSampler:
         self.params = sample_params
         self.device = torch.device(device)
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_causal_lm(model_dir, sampler_dtype(sample_params.dtype), self.device).eval()
+        self.model = load_causal_lm(model_dir, backend_dtype(sample_params.dtype), self.device).eval()
         self.eos_ids = self._eos_ids()
         self.exact_logprobs = self.model.dtype == torch.float32
 

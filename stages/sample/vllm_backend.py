@@ -135,10 +135,10 @@ class VLLMSampler:
         import torch
         from vllm import LLM
 
-        from stages.runtime import sampler_dtype
+        from stages.runtime import backend_dtype
 
         self.params = sample_params
-        dtype = sampler_dtype(sample_params.dtype)
+        dtype = backend_dtype(sample_params.dtype)
         ranks = _world_size()
         if ranks > 1 and sample_params.tensor_parallel_size > 1:
             from stages.errors import PipelineError
