@@ -6,7 +6,8 @@ Arms (each in its own subprocess, so peak memory is its own; run in turn, `--rep
   MLflow redirected to a temp dir.
 - `ours-bf16`: the same with a bf16 engine whose own logprobs are the policy's (`sample.dtype: bfloat16`,
   `score.policy_logprobs: sampler`): no policy pass, the KL in TRL's precision class instead of the default's
-  smaller error (on CPUs without AMX: fp32 engine; with AMX the default is a bf16 engine and a bf16 policy pass).
+  smaller error (on CPUs without AMX: fp32 engine; with AMX the default is a bf16 engine, whose policy logprobs
+  come from the update's own bf16 forward, run in the score step: `score.policy_logprobs: auto`).
 - `trl`: `trl.RLOOTrainer` with its default generation (transformers `generate`).
 - `trl-glibc`: the same with glibc's malloc, as TRL's users run it; every other arm gets the malloc the training
   command preloads (tcmalloc where installed, `stages.runtime.malloc_env`), so `trl` is like for like.
@@ -142,12 +143,19 @@ def run_ours(args, work: Path, extra: dict | None = None) -> dict:
 def _precision(params) -> str:
     from precision import defaults
 
-    from stages.runtime import sampler_dtype, update_autocast
+    from stages.runtime import micro_batch_size, sampler_dtype, update_autocast
+    from stages.update import scoring_forward_refusal
 
     policy, ref = defaults(params)  # e.g. ("fp32 engine", "bf16 pass"): what benchmarks/precision.py measures
+    up, autocast = params.update, update_autocast(params.update.bf16_autocast)
+    rows = params.train.prompts_per_round * params.sample.k
+    if ("engine" not in policy and params.score.policy_logprobs in ("auto", "update") and scoring_forward_refusal(
+            up, params.score, rows, autocast, micro_batch_size(up.micro_batch_size, autocast), False) is None):
+        source = f"the update's own forward ({policy.split()[0]}, run in the score step)"
+    else:
+        source = f"the {policy}'s"
     return (f"update bf16 autocast {update_autocast(params.update.bf16_autocast)}, sampler "
-            f"{sampler_dtype(params.sample.dtype, params.score)}, KL: policy logprobs the {policy}'s, "
-            f"reference the {ref}")
+            f"{sampler_dtype(params.sample.dtype, params.score)}, KL: policy logprobs {source}, reference the {ref}")
 
 
 # ---------------------------------------------------------------- arm: TRL

@@ -205,6 +205,7 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
                 logger.warning("could not move the previous run back from %s: %s", archived.dest, e)
         raise
     finally:
+        w.trainer.drop_ahead()  # a forward kept by a score step whose update never ran: its activations freed
         w.sampler.close()
     return summary
 

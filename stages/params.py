@@ -116,7 +116,8 @@ class ScoreParams(_Section):
     beta: float = F(0.02, "KL coefficient: rlhf_reward = score - beta * kl", ge=0)
     kl_level: Literal["sequence", "token"] = F("sequence", "sequence: kl summed over the completion's tokens | token: mean per token")
     missing_eos_penalty: float | None = F(None, "subtracted from rlhf_reward when a completion hit the length limit (TRL)", ge=0)
-    batch_size: int = F(16, "completions per forward pass (logprobs and reward models)", identity=False, ge=1)
+    batch_size: int = F(16, "completions per forward pass (logprobs and reward models; the reference pass takes the "
+                        "whole round where the update's forward gives the policy's logprobs)", identity=False, ge=1)
     on_invalid: Literal["error", "drop"] = F("error", "a NaN/inf reward stops the run (error) or its row is dropped and counted (drop)")
     ref_model: str | None = F(None, "reference policy dir; null = base.model_dir")
     policy_logprobs: Literal["auto", "trainer", "sampler", "update"] = F(

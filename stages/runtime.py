@@ -201,14 +201,14 @@ def backend_dtype(dtype: str) -> str:
 
 def sampler_dtype(dtype: str, score=None) -> str:
     """`sample.dtype: auto` -> bfloat16 on GPUs and on CPUs with AMX, float32 on other CPUs; also float32 on AMX when
-    `score` (the score params) asks for an fp32 KL (`score.dtype` resolving to float32: the fp32 engine's logprobs
-    need no pass, a bf16 engine would need an fp32 one) or for the sampler's own logprobs (`score.policy_logprobs:
-    sampler`: exact ones, as before AMX counted). An fp32 engine's logprobs are the policy's own, so the policy's
-    scoring pass is skipped: on AVX512-BF16 without AMX that costs as much as the bf16 engine's speed gains (fp32
-    sampling 2.46 s + no pass vs bf16 sampling 1.58 s + a 0.80 s bf16 pass per round, measured) and gives exact
-    policy logprobs (a smaller KL error); on AMX the bf16 engine samples a round in 2.2 instead of 4.7 s and the bf16
-    pass costs 0.9 s (none where the update's forward gives the policy's logprobs, `score.policy_logprobs`), so bf16
-    saves ~1.5 s a round for a KL error of TRL's class (both passes bf16: 0.26 against 0.17 nats per sequence, a
+    `score` (the score params) asks for an fp32 KL (`score.dtype` resolving to float32: the fp32 engine's logprobs need
+    no pass, a bf16 engine would need an fp32 one) or for the sampler's own logprobs (`score.policy_logprobs: sampler`:
+    exact ones, as before AMX counted). An fp32 engine's logprobs are the policy's own, so the policy's scoring pass is
+    skipped: on AVX512-BF16 without AMX that costs as much as the bf16 engine's speed gains (fp32 sampling 2.46 s + no
+    pass vs bf16 sampling 1.58 s + a 0.80 s bf16 pass per round, measured) and gives exact policy logprobs (a smaller KL
+    error); on AMX the bf16 engine samples a round in 2.2 instead of 4.7 s and the bf16 pass costs 0.9 s, so bf16 saves
+    ~1.5 s a round (~2.5 s where the update's own forward gives the policy's logprobs instead of that pass,
+    `score.policy_logprobs`) for a KL error of TRL's class (both passes bf16: 0.26 against 0.17 nats per sequence, a
     smaller mean-KL bias); AVX2: bf16 is emulated, fp32 is faster anyway. docs/design.md §7."""
     import torch
 

@@ -50,15 +50,21 @@ log = logging.getLogger(__name__)
 class _Ahead:
     """The update's forward of a round's rows, run at scoring time (`Trainer.forward_ahead`)."""
 
-    keys: list[tuple]  # (prompt_id, sample_idx) of each row, in order
+    rows: list[tuple]  # (prompt_id, sample_idx, prompt text, completion token ids) of each row, in order
     round: int  # the trainer's completed updates when it ran: the weights it saw
     logp: torch.Tensor
     mask: torch.Tensor
     ent: torch.Tensor
 
+    @staticmethod
+    def rows_of(batch: pl.DataFrame) -> list[tuple]:
+        return list(zip(batch["prompt_id"], batch["sample_idx"], batch["prompt_text"],
+                        map(tuple, batch["completion_token_ids"].to_list())))
+
     def serves(self, batch: pl.DataFrame, round: int) -> bool:
-        """Whether this forward is the one `step` would run on `batch` now: its rows, its order, its weights."""
-        return round == self.round and list(zip(batch["prompt_id"], batch["sample_idx"])) == self.keys
+        """Whether this forward is the one `step` would run on `batch` now: its rows (their keys, prompts and
+        completions: a prompt comes back in later rounds), in its order, at its weights."""
+        return round == self.round and self.rows_of(batch) == self.rows
 
 
 class Trainer:
@@ -311,27 +317,9 @@ class Trainer:
         return min(micro, self.micro_cap) if self.micro_cap else micro
 
     def scoring_forward_refusal(self, score, rows: int) -> str | None:
-        """Why the update's forward cannot give the round's policy logprobs at scoring time (`forward_ahead`) under
-        the score params `score`, or None when it can: in the KL's precision (`score.dtype` resolving to the
-        update's), in one process, one epoch of one mini-batch, all `rows` in one micro-batch. That forward is then
-        the update's own, of the same weights, and the KL's separate policy pass is not run (docs/design.md §7)."""
-        from stages.runtime import score_dtype
-
-        up, mine = self.up, "bfloat16" if self.autocast else "float32"
-        for cause, setting in (
-                (score_dtype(score.dtype) != mine, f"score.dtype resolves to {score_dtype(score.dtype)} and the "
-                                                   f"update runs in {mine} (update.bf16_autocast)"),
-                (self.dist.enabled, "the round is split over processes (train.nproc_per_node > 1)"),
-                (up.num_ppo_epochs > 1, f"update.num_ppo_epochs is {up.num_ppo_epochs}"),
-                (up.num_mini_batches > 1, f"update.num_mini_batches is {up.num_mini_batches}"),
-                (up.grad_variance, "update.grad_variance runs one micro-batch per prompt")):
-            if cause:
-                return setting
-        micro = self._micro_size(rows)
-        if micro < rows:
-            return (f"the round's {rows} completions take micro-batches of {micro} (update.micro_batch_size "
-                    f"{up.micro_batch_size}, update.gradient_accumulation_steps {up.gradient_accumulation_steps})")
-        return None
+        """Why this trainer's forward cannot give the round's policy logprobs at scoring time (`forward_ahead`) under
+        the score params `score`, or None when it can (`scoring_forward_refusal`, the module's function)."""
+        return scoring_forward_refusal(self.up, score, rows, self.autocast, self.micro_cap, self.dist.enabled)
 
     def forward_ahead(self, batch: pl.DataFrame) -> list[float]:
         """The update's forward of the round's completions, run when they are scored: each completion's summed
@@ -345,11 +333,12 @@ class Trainer:
         prompts, completions = completion_inputs(batch, self.tokenizer)
         with torch.enable_grad():
             logp, mask, ent = self._logp(prompts, completions, True)
-        self._ahead = _Ahead(list(zip(batch["prompt_id"], batch["sample_idx"])), self.round, logp, mask, ent)
+        self._ahead = _Ahead(_Ahead.rows_of(batch), self.round, logp, mask, ent)
         return (logp.detach() * mask).double().sum(1).tolist()
 
     def drop_ahead(self) -> None:
-        """Forget a forward kept by `forward_ahead` (a round that failed after scoring: its activations are freed)."""
+        """Forget a forward kept by `forward_ahead`, freeing its activations (the next score step calls it first; the
+        flow also when a run ends, e.g. failing between its score and update steps)."""
         self._ahead = None
 
     def _zero_weight_backward(self, sync: bool) -> None:
@@ -466,6 +455,32 @@ class Trainer:
         else:
             self.model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
+
+
+def scoring_forward_refusal(up, score, rows: int, autocast: bool, micro_cap: int, distributed: bool) -> str | None:
+    """Why the update's forward (update params `up`, bf16 `autocast`, the resolved `micro_cap`) cannot give a round
+    of `rows` completions its policy logprobs at scoring time under the score params `score`, or None when it can:
+    in the KL's precision (`score.dtype` resolving to the update's), in one process, one epoch of one mini-batch,
+    all rows in one micro-batch. That forward is then the update's own, of the same weights, and the KL's separate
+    policy pass is not run (docs/design.md §7)."""
+    from stages.runtime import score_dtype
+
+    mine = "bfloat16" if autocast else "float32"
+    for cause, setting in (
+            (score_dtype(score.dtype) != mine, f"score.dtype resolves to {score_dtype(score.dtype)} and the update "
+                                               f"runs in {mine} (update.bf16_autocast)"),
+            (distributed, "the round is split over processes (train.nproc_per_node > 1)"),
+            (up.num_ppo_epochs > 1, f"update.num_ppo_epochs is {up.num_ppo_epochs}"),
+            (up.num_mini_batches > 1, f"update.num_mini_batches is {up.num_mini_batches}"),
+            (up.grad_variance, "update.grad_variance runs one micro-batch per prompt")):
+        if cause:
+            return setting
+    micro = math.ceil(rows / up.gradient_accumulation_steps) or 1
+    micro = min(micro, micro_cap) if micro_cap else micro
+    if micro < rows:
+        return (f"the round's {rows} completions take micro-batches of {micro} (update.micro_batch_size "
+                f"{up.micro_batch_size}, update.gradient_accumulation_steps {up.gradient_accumulation_steps})")
+    return None
 
 
 def _py_rng_to_lists(state: tuple) -> list:

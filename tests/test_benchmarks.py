@@ -201,6 +201,13 @@ def test_precision_defaults_follow_the_params_resolution(monkeypatch):
         assert precision.defaults(with_({}, {"dtype": "float32"})) == ("fp32 engine", "fp32 pass")
     assert "policy logprobs the bf16 engine's, reference the fp32 pass" in bench_trl._precision(
         with_({"dtype": "bfloat16"}, {"policy_logprobs": "sampler"}))
+    # a bf16 engine on a CPU with AMX: the update's own forward gives them, where the round is one micro-batch
+    monkeypatch.setattr(runtime, "amx_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "fast_bf16", lambda: True)
+    assert ("policy logprobs the update's own forward (bf16, run in the score step), reference the bf16 pass"
+            in bench_trl._precision(params))
+    up = params.update.model_copy(update={"micro_batch_size": 8})
+    assert "policy logprobs the bf16 pass's" in bench_trl._precision(params.model_copy(update={"update": up}))
 
 
 def _roofline_run() -> tuple[dict, list, list]:

@@ -668,6 +668,13 @@ def test_a_resume_whose_auto_settings_resolve_otherwise_is_warned_with_the_fix()
                          "float32 to keep it"]
     assert report_resolution_change(log, last, last) == [] and len(log.lines) == 1  # the same: nothing said
     assert report_resolution_change(log, {"round": 3}, now) == []  # a manifest from before these were recorded
+    # where the KL's policy logprobs come from: no advice to set the field (it is part of the run identity, and what
+    # it resolves to follows the engine's dtype and the update's micro-batches)
+    assert report_resolution_change(log, {"round": 3, "policy_logprobs": "trainer"}, {"policy_logprobs": "update"}) \
+        == ["policy_logprobs"]
+    assert log.lines[-1] == ("resuming after round 4: the KL's policy logprobs come from the update here, from "
+                             "the trainer for the rounds so far (score.policy_logprobs: auto follows the engine's "
+                             "dtype and the update's micro-batches, docs/design.md §7)")
 
 
 def test_archive_dirs_are_named_by_time_and_identity_and_never_shared(params, tmp_path, monkeypatch):

@@ -160,7 +160,8 @@ def test_real_model_kl_precision(base_model_dir, vllm_sampler):
     assert np.abs(default - want).mean() < TOL_SEQ, np.abs(default - want).mean()
     assert abs(default.mean() - want.mean()) < TOL_MEAN, (default.mean(), want.mean())
     # the default on CPUs with AMX and on GPUs (`sample.dtype: auto` is bf16 there, so the policy's logprobs come from
-    # a bf16 trainer pass; TRL's choice): both passes in bf16 autocast, within the same tolerance
+    # a bf16 forward, the update's own, and the reference pass batches the round as it does; TRL's choice): both
+    # passes in bf16 autocast over one batch (these 12 completions), within the same tolerance
     bf16 = (np.array(sequence_logprobs(policy, p, c, pad, dtype="bfloat16")[0])
             - np.array(sequence_logprobs(ref, p, c, pad, dtype="bfloat16")[0]))
     print(f"KL |error| per sequence: fp32 policy + {params.score.dtype} reference {np.abs(default - want).mean():.3f}, "

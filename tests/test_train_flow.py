@@ -33,8 +33,9 @@ def test_a_resumed_run_carries_the_baseline_into_its_next_round(tmp_path, tiny_m
     # the second round's advantages used that baseline: reward - ema after round 2's update of it
     adv = pl.read_parquet(rounds / "round=0001" / "advantages.parquet")
     assert adv["baseline"].to_list() == pytest.approx([state["ema"]] * adv.height, abs=1e-6)
-    # a bf16 engine's logprobs are not the policy's: both rounds took them from the update's own forward (one
-    # micro-batch here), recorded as resolved; round 2's KL is a real one (the policy moved)
+    # a bf16 engine's logprobs are not the policy's: the run resolved to taking them from the update's own forward
+    # (one micro-batch here; that the forward is then run once a round is counted in tests/test_warm.py); round 2's
+    # KL is a real one (the policy moved)
     manifests = [json.loads((rounds / f"round={r:04d}" / "manifest.json").read_text()) for r in (0, 1)]
     assert [m["policy_logprobs"] for m in manifests] == ["update", "update"]
     kl = pl.read_parquet(rounds / "round=0001" / "scores.parquet")["kl"]

@@ -669,8 +669,8 @@ def test_a_forward_kept_from_scoring_makes_the_same_step_without_running_again(t
 
 
 def test_a_kept_forward_of_other_rows_or_older_weights_is_not_used(tiny_model_dir):
-    """A row dropped after scoring (score.on_invalid: drop), or a step taken since the forward: step runs its own
-    forward and makes the step a trainer without the kept one makes."""
+    """A row dropped after scoring (score.on_invalid: drop), a step taken since the forward, or the same keys with
+    other completions: step runs its own forward and makes the step a trainer without the kept one makes."""
     kept, plain = (Trainer(str(tiny_model_dir), make_params(tiny_model_dir), CPU) for _ in range(2))
     calls = _counting_logp(kept)
     kept.forward_ahead(make_batch(kept, [0.0] * 4))
@@ -684,6 +684,11 @@ def test_a_kept_forward_of_other_rows_or_older_weights_is_not_used(tiny_model_di
     kept.round -= 1  # as if the weights it saw were an update older
     kept.step(batch)
     assert calls == [4, 3, 4, 4]
+    # the same keys with other completions (a prompt sampled again in a later round)
+    again = [(pid, k, prompt, "an other completion entirely", fin) for pid, k, prompt, _, fin in ROWS]
+    kept.forward_ahead(make_batch(kept, [0.0] * 4, again))
+    kept.step(batch)
+    assert calls == [4, 3, 4, 4, 4, 4]
 
 
 @pytest.mark.parametrize("update,score_dtype,expected", [

@@ -74,13 +74,17 @@ def test_the_first_round_of_a_fresh_run_has_kl_zero_without_a_reference_pass(pro
         assert scores["kl"].to_list() == [0.0] * scores.height
         assert scores["logp_ref"].to_list() == scores["logp_policy"].to_list()
         # the skipped pass would have given the same numbers to rounding: the policy is the reference (an fp32
-        # sampler's logprobs are the fp32 pass's; a bf16 sampler's are replaced by a policy pass in score.dtype)
+        # sampler's logprobs are the fp32 pass's; a bf16 sampler's are replaced by the update's own forward in
+        # score.dtype, the whole round in one batch: a bf16 pass's logprobs depend on the batch's padding)
         from stages.score import completion_inputs
 
         p, c = completion_inputs(samples, w.tokenizer)
         dtype = "float32" if w.sampler.exact_logprobs else score_dtype(w.params.score.dtype)
         assert w.sampler.exact_logprobs == (sample_dtype == "float32")
-        lp, _ = sequence_logprobs(w.ref, p, c, w.tokenizer.pad_token_id, w.params.score.batch_size, dtype=dtype)
+        whole = steps.policy_logprobs_source(w) == "update"
+        assert whole == (sample_dtype == "bfloat16")
+        batch = samples.height if whole else w.params.score.batch_size
+        lp, _ = sequence_logprobs(w.ref, p, c, w.tokenizer.pad_token_id, batch, dtype=dtype)
         assert lp == pytest.approx(scores["logp_policy"].to_list(), abs=1e-3)
 
         adv, _, _ = steps.advantage_round(w, scores)

@@ -122,6 +122,12 @@ def report_resolution_change(logger, last_manifest: dict, topology: dict) -> lis
     changed = [k for k in AUTO_RESOLVED if k in last_manifest and k in topology
                and str(last_manifest[k]) != str(topology[k])]
     for k in changed:
+        if k == "policy_logprobs":  # decided by the engine's dtype and the update's batching, not by this field alone
+            logger.warning("resuming after round %d: the KL's policy logprobs come from the %s here, from the %s for "
+                           "the rounds so far (score.policy_logprobs: %s follows the engine's dtype and the update's "
+                           "micro-batches, docs/design.md §7)", last_manifest["round"] + 1, topology[k],
+                           last_manifest[k], "auto")
+            continue
         logger.warning("resuming after round %d: %s resolves to %s here, it was %s for the rounds so far (`auto` "
                        "follows the machine's kind, docs/design.md §7); set %s to %s to keep it",
                        last_manifest["round"] + 1, AUTO_RESOLVED[k], topology[k], last_manifest[k], AUTO_RESOLVED[k],

@@ -98,9 +98,9 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     whenever they differ from the reference's: resuming, or a policy dir other than the reference). `with_eval`
     also generates the reference policy's held-out completions once, for the in-training evaluations. With several
     ranks (`dist`) every rank loads its own copy and engine, on `device`."""
-    from stages.loop.dist import SINGLE
     from stages.errors import PipelineError
     from stages.evaluate import generate_one, task_scores
+    from stages.loop.dist import SINGLE
     from stages.io import read_table
     from stages.logprobs import PromptCache
     from stages.models import load_causal_lm, load_tokenizer, same_weights
