@@ -62,8 +62,7 @@ def run_bare(args) -> dict:
             scores, sc = score_round(w, samples)
             advs, w.adv_state, _ = advantage_round(w, scores)
             u = update_round(w, samples, advs)
-            rounds.append({"round_s": time.perf_counter() - tr, "sample_s": s["time/sample_s"],
-                           "update_s": u["time/update_s"], "reward": sc["reward"]})
+            rounds.append(_round_record(time.perf_counter() - tr, {**s, **sc, **u}))
         round_wall = (time.perf_counter() - t1) / args.rounds
     finally:
         w.sampler.close()
@@ -73,6 +72,7 @@ def run_bare(args) -> dict:
 def run_flow(args, work: Path, save_every: int | None, async_checkpoint: bool = True) -> dict:
     from machine import flow_workdir
 
+    from flows.api import prefect_api, start_server
     from flows.train import train_flow
 
     params = str(Path(ROOT / args.params).resolve())
@@ -81,15 +81,38 @@ def run_flow(args, work: Path, save_every: int | None, async_checkpoint: bool = 
                  "train.state_dir": str(work / "state"), "train.archive_dir": str(work / "archive"),
                  "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "train.eval_every": 0,
                  "train.async_checkpoint": async_checkpoint} | ({"update.save_every": save_every} if save_every else {})
-    summary = train_flow(params_path=params, rounds=args.rounds, overrides=overrides)
+    server = start_server()
+    with prefect_api(started=server):  # the temporary server `python -m flows.train` (what `dvc repro` runs) starts
+        cpu0 = _cpu_s(server[0].pid) if server else 0.0
+        summary = train_flow(params_path=params, rounds=args.rounds, overrides=overrides)
+        server_cpu = _cpu_s(server[0].pid) - cpu0 if server else 0.0
     rounds = []
     for r in range(args.rounds):
         man = json.loads((work / "rounds" / f"round={r:04d}" / "manifest.json").read_text())
         m = man["metrics"]
-        rounds.append({"round_s": m["time/round_s"], "sample_s": m["time/sample_s"], "update_s": m["time/update_s"],
-                       "checkpoint_s": man.get("checkpoint_s", 0.0), "checkpoint_wait_s": m.get("time/checkpoint_wait_s", 0.0),
-                       "reward": m["reward"]})
-    return {"warm_s": summary["warm_start_s"], "round_wall_s": summary["rounds_wall_s"] / args.rounds, "rounds": rounds}
+        rounds.append(_round_record(m["time/round_s"], m) | {
+            "checkpoint_s": man.get("checkpoint_s", 0.0), "checkpoint_cpu_s": man.get("checkpoint_cpu_s", 0.0),
+            "checkpoint_wait_s": m.get("time/checkpoint_wait_s", 0.0)})
+    return {"warm_s": summary["warm_start_s"], "round_wall_s": summary["rounds_wall_s"] / args.rounds, "rounds": rounds,
+            "server_cpu_s": server_cpu / args.rounds}
+
+
+def _round_record(round_s: float, stats: dict) -> dict:
+    """A round's wall time split into its phases (as the flow's metrics time them) and the rest: task calls, Parquet
+    writes, the advantages, conversions."""
+    rec = {"round_s": round_s, "sample_s": stats["time/sample_s"],
+           "score_s": stats["time/logprobs_s"] + stats["time/reward_s"],
+           "update_s": stats["time/update_s"] + stats.get("time/weight_sync_s", 0.0), "reward": stats["reward"]}
+    return rec | {"rest_s": round_s - rec["sample_s"] - rec["score_s"] - rec["update_s"]}
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,10 +155,10 @@ def main(argv: list[str] | None = None) -> None:
         rounds = [x for r in rs for x in r["rounds"]]
         per_arm[arm] = {
             "round_wall_s": sum(r["round_wall_s"] for r in rs) / len(rs),
-            "sample_s": sum(x["sample_s"] for x in rounds) / len(rounds),
-            "update_s": sum(x["update_s"] for x in rounds) / len(rounds),
-            "checkpoint_s": sum(x.get("checkpoint_s", 0.0) for x in rounds) / len(rounds),
-            "checkpoint_wait_s": sum(x.get("checkpoint_wait_s", 0.0) for x in rounds) / len(rounds),
+            **{k: sum(x.get(k, 0.0) for x in rounds) / len(rounds) for k in
+               ("round_s", "sample_s", "score_s", "update_s", "rest_s", "checkpoint_s", "checkpoint_cpu_s",
+                "checkpoint_wait_s")},
+            "server_cpu_s": sum(r.get("server_cpu_s", 0.0) for r in rs) / len(rs),
             "warm_s": sum(r["warm_s"] for r in rs) / len(rs),
             "rewards": [x["reward"] for x in rs[0]["rounds"]],
         }
@@ -144,13 +167,22 @@ def main(argv: list[str] | None = None) -> None:
             "rounds": args.rounds, "repeats": args.repeats, "params": args.params}
     lines = [f"{meta['date']}, {meta['machine']}; {args.rounds} rounds x {args.repeats} repeat(s), {params_name(args.params)}. "
              "Seconds per round (mean).", "",
-             "| arm | per round (wall) | overhead vs bare | sampling | update | checkpoint write | update waited for it | warm-up |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| arm | per round (wall) | overhead vs bare | sampling | scoring | update + sync | rest of the round | "
+             "after the rounds | checkpoint write (wall / CPU) | update waited for it | Prefect server CPU | warm-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, a in per_arm.items():
         over = f"{100 * (a['round_wall_s'] / bare['round_wall_s'] - 1):+.1f} %" if bare and arm != "bare" else "-"
         a["overhead_pct"] = None if over == "-" else 100 * (a["round_wall_s"] / bare["round_wall_s"] - 1)
-        lines.append(f"| {arm} | {a['round_wall_s']:.2f} | {over} | {a['sample_s']:.2f} | {a['update_s']:.2f} | "
-                     f"{a['checkpoint_s']:.2f} | {a['checkpoint_wait_s']:.2f} | {a['warm_s']:.1f} |")
+        lines.append(f"| {arm} | {a['round_wall_s']:.2f} | {over} | {a['sample_s']:.2f} | {a['score_s']:.2f} | "
+                     f"{a['update_s']:.2f} | {a['rest_s']:.2f} | {a['round_wall_s'] - a['round_s']:.2f} | "
+                     f"{a['checkpoint_s']:.2f} / {a['checkpoint_cpu_s']:.2f} | {a['checkpoint_wait_s']:.2f} | "
+                     f"{a['server_cpu_s']:.2f} | {a['warm_s']:.1f} |")
+    lines += ["", "Per round: the phases as the flow's metrics time them (`time/sample_s`; `time/logprobs_s` + "
+              "`time/reward_s`; `time/update_s` + `time/weight_sync_s`); the rest of the round (task calls, Parquet "
+              "writes, the advantages); after the rounds: the wall time per round outside the rounds (MLflow and "
+              "Prefect logging between rounds, the wait for the last checkpoint); the checkpoint's wall and CPU "
+              "seconds in its writer thread; the Prefect server's CPU seconds during the flow (warm-up included), "
+              "per round."]
     md = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,14 @@ STARTUP_TIMEOUT_S = 180
 _KEEP: list = []  # a busy 2-core machine has taken > 20 s
 
 
-def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
+SERVER_NICE = 19  # the server's work (recording task runs from events, storing logs) waits for idle cores
+
+
+def _server_child(parent: int) -> None:  # runs in the child between fork and exec
+    # Its CPU (~0.2 s a round of the default task, on AMX) would otherwise stall a training thread on a 2-core
+    # machine; the flow never waits on it within a round but for one artifact (docs/design.md §3).
+    with contextlib.suppress(OSError):
+        os.nice(SERVER_NICE)
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -73,7 +80,7 @@ def start_server(home: str | Path | None = None) -> tuple[subprocess.Popen, str]
     # its own session: a Ctrl-C at the terminal (SIGINT to the foreground process group) stops the flow, which then
     # reports its crashed state to this server; a server stopped with it made that report retry for a minute and end
     # in a traceback
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(_die_with_parent, os.getpid()), stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(_server_child, os.getpid()), stdin=subprocess.DEVNULL, start_new_session=True)
     # Stopped after Prefect's own exit hooks have sent their last logs and events (atexit runs after them); a
     # server stopped earlier makes those hooks retry for about a minute.
     atexit.register(_stop, proc)

@@ -53,6 +53,34 @@ def test_save_and_resume_continue_identically(tiny_model_dir, tmp_path, use_lora
     assert not (tmp_path / "policy" / checkpoint.STATE_MARK).exists()
 
 
+def test_state_file_is_written_without_crc_and_the_option_is_restored(tiny_model_dir, tmp_path):
+    """The state's zip records carry no CRC-32 (torch.load never checks it; computing it was most of the write's CPU):
+    the file still loads to the same optimizer state, and torch's process-wide option is as it was, error or not."""
+    import zipfile
+
+    import torch.serialization as ts
+
+    trainer, _ = load_trainer(make_params(tiny_model_dir), CPU)
+    trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    before = ts.get_crc32_options()
+    try:
+        ts.set_crc32_options(True)
+        meta = save(trainer, tmp_path)
+        assert ts.get_crc32_options() is True
+        path = checkpoint.state_file(tmp_path / "state", meta["checkpoint_id"])
+        records = zipfile.ZipFile(path).infolist()
+        assert records and all(r.CRC == 0 for r in records)
+        got = torch.load(path, weights_only=True)["optimizer"]["state"]
+        for k, v in trainer.optimizer.state_dict()["state"].items():
+            assert torch.equal(got[k]["exp_avg"], v["exp_avg"]) and torch.equal(got[k]["exp_avg_sq"], v["exp_avg_sq"])
+        with pytest.raises(RuntimeError, match="boom"), checkpoint._no_crc32():
+            assert ts.get_crc32_options() is False
+            raise RuntimeError("boom")
+        assert ts.get_crc32_options() is True
+    finally:
+        ts.set_crc32_options(before)
+
+
 def test_saved_lora_policy_loads_as_the_trained_model(tiny_model_dir, tmp_path):
     """What vLLM and evaluate load (a plain model dir) gives the trainer's logits; the base weights did not move."""
     from transformers import AutoModelForCausalLM

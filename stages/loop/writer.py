@@ -64,10 +64,10 @@ def round_write(trainer, params, manifest: dict, manifest_path: Path, save: bool
     def write() -> None:
         m = dict(manifest, checkpoint=save)
         if save:
-            tc = time.perf_counter()
+            tc, cpu = time.perf_counter(), time.thread_time()
             checkpoint.save(trainer, tp.checkpoint_dir, tp.state_dir,
                             {"identity": manifest["identity"], "manifest": m}, rng=rng, gathered=gathered)
-            m["checkpoint_s"] = time.perf_counter() - tc
+            m["checkpoint_s"], m["checkpoint_cpu_s"] = time.perf_counter() - tc, time.thread_time() - cpu
         write_json(m, manifest_path)
 
     return write
