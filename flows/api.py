@@ -30,11 +30,16 @@ _KEEP: list = []  # a busy 2-core machine has taken > 20 s
 SERVER_NICE = 19  # the server's work (recording task runs from events, storing logs) waits for idle cores
 
 
-def _server_child(parent: int) -> None:  # runs in the child between fork and exec
-    # Its CPU (~0.2 s a round of the default task, on AMX) would otherwise stall a training thread on a 2-core
-    # machine; the flow never waits on it within a round but for one artifact (docs/design.md §3).
+def _server_child(parent: int) -> None:  # runs in the child between fork and exec, after its setsid
+    # Its CPU (0.3-0.4 s a round of the default task, on AMX) would otherwise stall a training thread on a 2-core
+    # machine; the flow never waits on it within a round but for one artifact (docs/design.md §3). In its own
+    # session it is its own autogroup where the kernel groups by session (Linux's sched_autogroup), and a process's
+    # nice only ranks it within its group: the group's nice is set too, else it shares the cores with the training
+    # process half and half whenever it has work.
     with contextlib.suppress(OSError):
         os.nice(SERVER_NICE)
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
+        f.write(str(SERVER_NICE))
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:

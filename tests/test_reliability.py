@@ -101,6 +101,9 @@ def test_a_second_run_in_the_checkout_is_refused_at_once(copy):
         assert children, "the flow runs against its own temporary Prefect server"
         # at the lowest priority: its work (recording task runs from events) takes cores the round leaves idle
         assert [c.nice() for c in children] == [19] * len(children)
+        for c in children:  # and its session's autogroup too, where the kernel groups by session
+            group = Path(f"/proc/{c.pid}/autogroup")
+            assert not group.exists() or group.read_text().split()[-1] == "19", group.read_text()
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
         gone, alive = psutil.wait_procs(children, timeout=15)
