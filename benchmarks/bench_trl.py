@@ -143,19 +143,18 @@ def run_ours(args, work: Path, extra: dict | None = None) -> dict:
 def _precision(params) -> str:
     from precision import defaults
 
+    from stages.loop.steps import resolve_policy_logprobs
     from stages.runtime import micro_batch_size, sampler_dtype, update_autocast
-    from stages.update import scoring_forward_refusal
 
     policy, ref = defaults(params)  # e.g. ("fp32 engine", "bf16 pass"): what benchmarks/precision.py measures
-    up, autocast = params.update, update_autocast(params.update.bf16_autocast)
+    autocast, sampler = update_autocast(params.update.bf16_autocast), sampler_dtype(params.sample.dtype, params.score)
     rows = params.train.prompts_per_round * params.sample.k
-    if ("engine" not in policy and params.score.policy_logprobs in ("auto", "update") and scoring_forward_refusal(
-            up, params.score, rows, autocast, micro_batch_size(up.micro_batch_size, autocast), False) is None):
+    if resolve_policy_logprobs(params, rows, sampler == "float32", autocast,
+                               micro_batch_size(params.update.micro_batch_size, autocast), False) == "update":
         source = f"the update's own forward ({policy.split()[0]}, run in the score step)"
     else:
         source = f"the {policy}'s"
-    return (f"update bf16 autocast {update_autocast(params.update.bf16_autocast)}, sampler "
-            f"{sampler_dtype(params.sample.dtype, params.score)}, KL: policy logprobs {source}, reference the {ref}")
+    return (f"update bf16 autocast {autocast}, sampler {sampler}, KL: policy logprobs {source}, reference the {ref}")
 
 
 # ---------------------------------------------------------------- arm: TRL

@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     update_dtype = "bfloat16" if update_autocast(params.update.bf16_autocast) else "float32"
     score_dtype = resolve_score_dtype(params.score.dtype)
     share = params.base.share_prompts
-    skip_policy = steps.policy_logprobs_from_sampler(w)
-    rows, ahead_rounds = [], 0
+    rows, ahead_rounds, sampler_rounds = [], 0, 0
     work = Path(tempfile.mkdtemp(prefix="roofline-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # ~1.6 GB of checkpoints; kept only while this runs
     tp = params.train.model_copy(update={"checkpoint_dir": str(work / "policy"), "state_dir": str(work / "state")})
@@ -204,10 +203,11 @@ def main(argv: list[str] | None = None) -> None:
             t["reward"] = time.perf_counter() - t0
             # the update's forward gives the policy's logprobs (score.policy_logprobs: auto/update): no policy
             # pass; the reference pass batches as that forward (the whole round), as the flow's does
-            ahead = not skip_policy and steps.policy_logprobs_from_update(w, samples.height)
-            ahead_rounds += ahead
+            source = steps.policy_logprobs_for(w, samples.height)
+            ahead = source == "update"
+            ahead_rounds, sampler_rounds = ahead_rounds + ahead, sampler_rounds + (source == "sampler")
             t0 = time.perf_counter()
-            if not skip_policy and not ahead:  # the flow skips it when the sampler's logprobs are the policy's (fp32)
+            if source == "trainer":  # the flow skips it when the sampler's logprobs are the policy's (fp32)
                 sequence_logprobs(w.trainer.model, p_ids, c_ids, pad, bs, share=share, dtype=score_dtype)
             t["policy logprobs"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = {"policy logprobs": " (the update's forward)", "update": " (its backward)"} if ahead else {}
     for name, dtype, flops in (("policy logprobs", score_dtype, fwd), ("reference logprobs", score_dtype, fwd),
                                ("update", update_dtype, update_passes(ahead) * fwd)):
-        if name == "policy logprobs" and skip_policy:
+        if name == "policy logprobs" and sampler_rounds == args.rounds:
             table.append((name, "-", "skipped: the fp32 sampler's logprobs are the policy's", 0.0, "-", "-"))
             continue
         rate = flops / mean(name) / 1e9

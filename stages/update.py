@@ -196,7 +196,7 @@ class Trainer:
         adv = torch.tensor(batch["advantage"].to_list(), dtype=torch.float32, device=self.device)
         n = len(prompts)
         sizes = [n // up.num_mini_batches + (1 if i < n % up.num_mini_batches else 0) for i in range(up.num_mini_batches)]
-        micro = self._micro_size(max(sizes))
+        micro = micro_rows(max(sizes), self.up.gradient_accumulation_steps, self.micro_cap)
         ahead, self._ahead = self._ahead, None
         if ahead is not None and not ahead.serves(batch, self.round):
             log.debug("update: the forward run at scoring time was for other rows; running the update's own")
@@ -309,12 +309,6 @@ class Trainer:
             sums = [sums[0] + loss.item() * share, sums[1] + float(ent.sum()), sums[2] + float(clip) * clip_w,
                     sums[3] + clip_w, sums[4] + float(0.5 * ((logp.detach() - old_lp) ** 2 * mask).sum()), sums[5] + n_tok]
         return sums
-
-    def _micro_size(self, rows: int) -> int:
-        """Rows per micro-batch for a mini-batch of `rows`: split into `gradient_accumulation_steps`, at most
-        `micro_batch_size` (its `auto` resolved for this device)."""
-        micro = math.ceil(rows / self.up.gradient_accumulation_steps) or 1
-        return min(micro, self.micro_cap) if self.micro_cap else micro
 
     def scoring_forward_refusal(self, score, rows: int) -> str | None:
         """Why this trainer's forward cannot give the round's policy logprobs at scoring time (`forward_ahead`) under
@@ -457,6 +451,14 @@ class Trainer:
         self.tokenizer.save_pretrained(out_dir)
 
 
+def micro_rows(rows: int, accumulation_steps: int, micro_cap: int) -> int:
+    """Rows per micro-batch for a mini-batch of `rows`: split into `accumulation_steps`
+    (update.gradient_accumulation_steps), at most `micro_cap` (update.micro_batch_size, its `auto` resolved for the
+    device; 0: no cap)."""
+    micro = math.ceil(rows / accumulation_steps) or 1
+    return min(micro, micro_cap) if micro_cap else micro
+
+
 def scoring_forward_refusal(up, score, rows: int, autocast: bool, micro_cap: int, distributed: bool) -> str | None:
     """Why the update's forward (update params `up`, bf16 `autocast`, the resolved `micro_cap`) cannot give a round
     of `rows` completions its policy logprobs at scoring time under the score params `score`, or None when it can:
@@ -475,8 +477,7 @@ def scoring_forward_refusal(up, score, rows: int, autocast: bool, micro_cap: int
             (up.grad_variance, "update.grad_variance runs one micro-batch per prompt")):
         if cause:
             return setting
-    micro = math.ceil(rows / up.gradient_accumulation_steps) or 1
-    micro = min(micro, micro_cap) if micro_cap else micro
+    micro = micro_rows(rows, up.gradient_accumulation_steps, micro_cap)
     if micro < rows:
         return (f"the round's {rows} completions take micro-batches of {micro} (update.micro_batch_size "
                 f"{up.micro_batch_size}, update.gradient_accumulation_steps {up.gradient_accumulation_steps})")

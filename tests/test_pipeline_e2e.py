@@ -21,13 +21,17 @@ K, PER_ROUND, ROUNDS = 3, 3, 2
 def repro(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("e2e")
     proj = make_project(root, tiny_model_dir)
-    env = run_env(root)
+    (root / "tmp").mkdir()
+    env = run_env(root, TMPDIR=str(root / "tmp"))  # what the commands leave in the temp dir is seen
     out = run([str(BIN / "dvc"), "repro"], proj, env)
     return root, proj, env, out
 
 
 def test_every_round_has_valid_artifacts(repro):
-    _, proj, _, out = repro
+    root, proj, _, out = repro
+    # the vLLM engines of train and evaluate, closed, took their torch.distributed rendezvous files with them
+    # (vllm_dist_<uuid> in the temp dir; only a killed process leaves its own)
+    assert "vllm" in out.stdout + out.stderr and not list((root / "tmp").glob("vllm_dist_*"))
     for stage in ("prepare", "train", "evaluate", "report"):
         assert f"Running stage '{stage}'" in out.stdout
     rounds = sorted((proj / "data" / "rounds").glob("round=*"))

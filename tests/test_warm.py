@@ -189,7 +189,7 @@ def test_the_update_s_own_forward_gives_the_kl_its_policy_logprobs(project, monk
         passes, forwards = _passes(monkeypatch, w), _forwards(w)
         samples = _round(w, 0)
         n = samples.height
-        assert steps.policy_logprobs_from_update(w, n) and steps.policy_logprobs_source(w) == "update"
+        assert steps.policy_logprobs_for(w, n) == steps.policy_logprobs_source(w) == "update"
         scores, stats = steps.score_round(w, samples)
         assert passes == [] and forwards == [n]  # round 1: the policy is the reference, the kept forward is both
         assert scores["kl"].to_list() == [0.0] * n and stats["time/policy_forward_s"] > 0

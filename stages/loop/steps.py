@@ -53,26 +53,35 @@ def sampler_logprobs_are_policys(choice: str, sampler_exact: bool) -> bool:
     return choice == "sampler" or (choice == "auto" and sampler_exact)
 
 
-def policy_logprobs_from_sampler(w: Warm) -> bool:
-    return sampler_logprobs_are_policys(w.params.score.policy_logprobs, w.sampler.exact_logprobs)
+def resolve_policy_logprobs(params, rows: int, sampler_exact: bool, autocast: bool, micro_cap: int,
+                            distributed: bool) -> str:
+    """Where a round's policy logprobs (the KL's) come from under `score.policy_logprobs`, for a round of `rows`
+    completions on this rank: `sampler` (the engine's own, when they are the fp32 policy's, `sampler_exact`, or
+    the user says so), `update` (the update's forward, run at scoring time and kept for the update,
+    `Trainer.forward_ahead`: one pass less a round, where that forward is the pass the KL would run,
+    `scoring_forward_refusal`; for `update` or `auto`) or `trainer` (a separate pass). The one decision the flow,
+    its MLflow tag and the benchmarks share; `load_warm` has refused an explicit `update` that cannot be."""
+    from stages.update import scoring_forward_refusal
+
+    choice = params.score.policy_logprobs
+    if sampler_logprobs_are_policys(choice, sampler_exact):
+        return "sampler"
+    if choice in ("auto", "update") and scoring_forward_refusal(params.update, params.score, rows, autocast, micro_cap,
+                                                                distributed) is None:
+        return "update"
+    return "trainer"
 
 
-def policy_logprobs_from_update(w: Warm, rows: int) -> bool:
-    """`score.policy_logprobs` `update` or `auto` (when the sampler's are not the policy's): the round's policy
-    logprobs come from the update's own forward, run at scoring time and kept for the update (`Trainer.forward_ahead`,
-    one pass less a round), where that forward is the pass the KL would run (`Trainer.scoring_forward_refusal`).
-    `load_warm` has refused an explicit `update` that cannot be."""
-    return (w.params.score.policy_logprobs in ("auto", "update")
-            and w.trainer.scoring_forward_refusal(w.params.score, rows) is None)
+def policy_logprobs_for(w: Warm, rows: int) -> str:
+    """`resolve_policy_logprobs` for the warm run's sampler and trainer, for a round of `rows` completions here."""
+    return resolve_policy_logprobs(w.params, rows, w.sampler.exact_logprobs, w.trainer.autocast, w.trainer.micro_cap,
+                                   w.dist.enabled)
 
 
 def policy_logprobs_source(w: Warm) -> str:
     """What `score.policy_logprobs` resolves to for this run's rounds (the flow's MLflow tag and manifests):
     `sampler`, `update` or `trainer`."""
-    if policy_logprobs_from_sampler(w):
-        return "sampler"
-    rows = len(w.dist.shard(w.params.train.prompts_per_round)) * w.params.sample.k
-    return "update" if policy_logprobs_from_update(w, rows) else "trainer"
+    return policy_logprobs_for(w, len(w.dist.shard(w.params.train.prompts_per_round)) * w.params.sample.k)
 
 
 def reference_for(w: Warm):
@@ -97,7 +106,8 @@ def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
 
     t0 = time.perf_counter()
     local = samples.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples))) if w.dist.enabled else samples
-    logp_policy = [float(sum(x)) for x in local["sampler_logprobs"]] if policy_logprobs_from_sampler(w) else None
+    source = policy_logprobs_for(w, local.height)
+    logp_policy = [float(sum(x)) for x in local["sampler_logprobs"]] if source == "sampler" else None
     ahead_s: list[float] = []
 
     def update_forward() -> list[float]:  # the policy's logprobs from the update's own forward (kept for it)
@@ -107,13 +117,12 @@ def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
         return out
 
     w.trainer.drop_ahead()
-    ahead = logp_policy is None and policy_logprobs_from_update(w, local.height)
     out, stats = score_samples(local, w.rewards, w.trainer.model, reference_for(w), w.tokenizer, w.params.score,
-                               w.train_prompts, update_forward if ahead else logp_policy,
+                               w.train_prompts, update_forward if source == "update" else logp_policy,
                                share_prompts=w.params.base.share_prompts,
                                steps=optimizer_steps(w.params, int(samples["policy_version"].max() or 0), w.total_rounds),
-                               policy_batches=policy_pass_batches(w, local.height, logp_policy is None),
-                               batch_size=local.height if ahead else 0)
+                               policy_batches=policy_pass_batches(w, local.height, source == "trainer"),
+                               batch_size=local.height if source == "update" else 0)
     if ahead_s:  # (counted in time/logprobs_s)
         stats["time/policy_forward_s"] = ahead_s[0]
     if not w.dist.enabled:
