@@ -13,7 +13,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
 import functools
+import logging
 import os
 import signal
 import socket
@@ -24,22 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 STARTUP_TIMEOUT_S = 180
-_KEEP: list = []  # a busy 2-core machine has taken > 20 s
-
-
 SERVER_NICE = 19  # the server's work (recording task runs from events, storing logs) waits for idle cores
+_KEEP: list = []  # a busy 2-core machine has taken > 20 s
+log = logging.getLogger(__name__)
 
 
-def _server_child(parent: int) -> None:  # runs in the child between fork and exec, after its setsid
-    # Its CPU (0.3-0.4 s a round of the default task, on AMX) would otherwise stall a training thread on a 2-core
-    # machine; the flow never waits on it within a round but for one artifact (docs/design.md §3). In its own
-    # session it is its own autogroup where the kernel groups by session (Linux's sched_autogroup), and a process's
-    # nice only ranks it within its group: the group's nice is set too, else it shares the cores with the training
-    # process half and half whenever it has work.
-    with contextlib.suppress(OSError):
-        os.nice(SERVER_NICE)
-    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
-        f.write(str(SERVER_NICE))
+def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -85,7 +77,7 @@ def start_server(home: str | Path | None = None) -> tuple[subprocess.Popen, str]
     # its own session: a Ctrl-C at the terminal (SIGINT to the foreground process group) stops the flow, which then
     # reports its crashed state to this server; a server stopped with it made that report retry for a minute and end
     # in a traceback
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(_server_child, os.getpid()), stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(_die_with_parent, os.getpid()), stdin=subprocess.DEVNULL, start_new_session=True)
     # Stopped after Prefect's own exit hooks have sent their last logs and events (atexit runs after them); a
     # server stopped earlier makes those hooks retry for about a minute.
     atexit.register(_stop, proc)
@@ -111,11 +103,44 @@ def prefect_api(home: str | Path | None = None, started: tuple[subprocess.Popen,
             _stop(proc)
             raise RuntimeError(f"the temporary Prefect server did not answer within {STARTUP_TIMEOUT_S} s")
         time.sleep(0.2)
+    yield_cores(proc.pid)
     # For the rest of the process, not just the block: Prefect's exit hooks still talk to the API. (The context
     # manager is kept referenced: a collected one would restore the old settings.)
     _KEEP.append(temporary_settings(updates={PREFECT_API_URL: url}))
     _KEEP[-1].__enter__()
     yield url
+
+
+def yield_cores(pid: int) -> None:
+    """Lower the running server `pid` to nice 19, every thread of it and its scheduling group: its CPU (0.3-0.4 s a
+    round of the default task, on AMX) would otherwise stall a training thread on a 2-core machine, and the flow
+    never waits on it within a round but for one artifact (docs/design.md §3). Done once it answers, so that it boots
+    at full speed. It runs in its own session, and where the kernel groups by session (Linux's `sched_autogroup`) a
+    thread's nice only ranks it within its group: the group's nice is set too (at most once per 100 ms system-wide
+    without CAP_SYS_ADMIN: retried), else it shares the cores half and half with the training process whenever it
+    has work. Where neither can be set, it says so and the run goes on."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                os.setpriority(os.PRIO_PROCESS, int(tid), SERVER_NICE)
+    except OSError:  # no /proc (macOS): the process, as far as the OS goes
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, pid, SERVER_NICE)
+    group = Path(f"/proc/{pid}/autogroup")
+    for _ in range(20):
+        try:
+            group.write_text(str(SERVER_NICE))
+            return
+        except FileNotFoundError:  # no autogroups here: the threads' nice is what counts
+            return
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:
+                log.warning("could not lower the temporary Prefect server's scheduling group to nice %d (%s); it "
+                            "may take CPU from the training rounds", SERVER_NICE, exc)
+                return
+            time.sleep(0.11)
+    log.warning("could not lower the temporary Prefect server's scheduling group to nice %d (the kernel kept "
+                "refusing: EAGAIN); it may take CPU from the training rounds", SERVER_NICE)
 
 
 def _stop(proc: subprocess.Popen) -> None:

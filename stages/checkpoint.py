@@ -32,6 +32,7 @@ import os
 import re
 import shlex
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -104,22 +105,28 @@ def save(trainer, policy_dir: str | Path, state_dir: str | Path, meta: dict[str,
     return full_meta
 
 
+_CRC_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _no_crc32():
     """`torch.save` without the CRC-32 of each record: `torch.load` never checks it (a flipped byte in a tensor loads
     as is), and computing it cost 0.65 s of CPU per 1.08 GB state file on the AMX Xeon, on the cores the training
-    uses (docs/design.md §6). The option is process-wide; it is restored after the save."""
+    uses (docs/design.md §6). The option is process-wide (torch reads it when a save opens its file): it is restored
+    after the save, and saves under it take turns, so overlapping ones cannot restore it in the wrong order. Another
+    thread's `torch.save` meanwhile also goes without the CRC, which nothing reading it would miss."""
     import torch.serialization as ts
 
     if not hasattr(ts, "set_crc32_options"):  # torch < 2.6 always computes it
         yield
         return
-    before = ts.get_crc32_options()
-    ts.set_crc32_options(False)
-    try:
-        yield
-    finally:
-        ts.set_crc32_options(before)
+    with _CRC_LOCK:
+        before = ts.get_crc32_options()
+        ts.set_crc32_options(False)
+        try:
+            yield
+        finally:
+            ts.set_crc32_options(before)
 
 
 class DirectFile:

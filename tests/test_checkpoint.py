@@ -60,6 +60,8 @@ def test_state_file_is_written_without_crc_and_the_option_is_restored(tiny_model
 
     import torch.serialization as ts
 
+    if not hasattr(ts, "set_crc32_options"):
+        pytest.skip("torch < 2.6 has no CRC-32 option (the CPU install pins 2.13)")
     trainer, _ = load_trainer(make_params(tiny_model_dir), CPU)
     trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
     before = ts.get_crc32_options()

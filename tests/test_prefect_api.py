@@ -1,0 +1,68 @@
+"""flows.api: the temporary Prefect server yields the cores to the training once it answers: every thread of it at
+nice 19 and, where the kernel groups by session (sched_autogroup), its session's group too (docs/design.md §3)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from flows import api
+
+TWO_THREADS = "import threading, time; threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); time.sleep(60)"
+
+
+def test_yield_cores_lowers_every_thread_and_the_sessions_group():
+    proc = subprocess.Popen([sys.executable, "-c", TWO_THREADS], start_new_session=True)  # as start_server does
+    try:
+        p = psutil.Process(proc.pid)
+        deadline = time.time() + 30
+        while p.num_threads() < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert p.num_threads() == 2
+        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in p.threads()} == {0}
+        api.yield_cores(proc.pid)
+        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in p.threads()} == {api.SERVER_NICE} == {19}
+        group = Path(f"/proc/{proc.pid}/autogroup")
+        if group.exists():  # its own session: its own group, lowered too; this process's group is not touched
+            assert group.read_text().split()[-1] == "19"
+            assert Path("/proc/self/autogroup").read_text().split()[-1] != "19"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_yield_cores_retries_the_group_while_the_kernel_says_eagain(monkeypatch, caplog):
+    """Without CAP_SYS_ADMIN the kernel takes one autogroup change per 100 ms system-wide and answers EAGAIN
+    otherwise: the write is tried again, and only a lasting refusal is a warning (the run goes on)."""
+    calls = []
+
+    def busy_twice(self, data, *a, **k):
+        calls.append((self.name, data))
+        if len(calls) < 3:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return len(data)
+
+    def always_busy(self, data, *a, **k):
+        calls.append((self.name, data))
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # never this test's own process
+    try:
+        monkeypatch.setattr(api.time, "sleep", lambda s: None)
+        monkeypatch.setattr(Path, "write_text", busy_twice)
+        api.yield_cores(child.pid)
+        assert calls == [("autogroup", "19")] * 3 and "could not lower" not in caplog.text
+
+        calls.clear()
+        monkeypatch.setattr(Path, "write_text", always_busy)
+        api.yield_cores(child.pid)
+        assert len(calls) == 20 and "could not lower the temporary Prefect server's scheduling group" in caplog.text
+    finally:
+        child.kill()
+        child.wait()
