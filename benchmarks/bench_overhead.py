@@ -107,11 +107,13 @@ def _round_record(round_s: float, stats: dict) -> dict:
 
 
 def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far (Linux /proc; 0 elsewhere)."""
+    """User + system CPU seconds of process `pid` so far (0 where it is gone)."""
+    import psutil
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except psutil.Error:
         return 0.0
 
 

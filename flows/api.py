@@ -127,6 +127,7 @@ def yield_cores(pid: int) -> None:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, pid, SERVER_NICE)
     group = Path(f"/proc/{pid}/autogroup")
+    why = "the kernel kept refusing: EAGAIN"
     for _ in range(20):
         try:
             group.write_text(str(SERVER_NICE))
@@ -135,12 +136,11 @@ def yield_cores(pid: int) -> None:
             return
         except OSError as exc:
             if exc.errno != errno.EAGAIN:
-                log.warning("could not lower the temporary Prefect server's scheduling group to nice %d (%s); it "
-                            "may take CPU from the training rounds", SERVER_NICE, exc)
-                return
+                why = str(exc)
+                break
             time.sleep(0.11)
-    log.warning("could not lower the temporary Prefect server's scheduling group to nice %d (the kernel kept "
-                "refusing: EAGAIN); it may take CPU from the training rounds", SERVER_NICE)
+    log.warning("could not lower the temporary Prefect server's scheduling group to nice %d (%s); it may take CPU "
+                "from the training rounds", SERVER_NICE, why)
 
 
 def _stop(proc: subprocess.Popen) -> None:
