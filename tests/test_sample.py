@@ -210,6 +210,48 @@ def test_vllm_generate_turns_torch_compile_off_only_for_an_eager_engine(eager):
     assert seen == [eager] and torch._dynamo.config.disable is False
 
 
+@pytest.mark.skipif(not vllm_available(), reason="vLLM's CPU norm kernels need vLLM (installed by make setup)")
+def test_cpu_norm_kernels_compute_vllms_norms_and_leave_what_they_cannot_to_the_native_ones(monkeypatch):
+    """The compiled RMSNorms registered for the CPU engine (`cpu_norm_kernels`) against vLLM's native ones and an
+    exact float64 norm: the same residual to the bit, the output as close to the exact one as the native's; the
+    arguments they do not take (a weight of another dtype, strided rows) go to the native one."""
+    import torch
+    from vllm import ir
+
+    from stages.sample.vllm_backend import CPU_NORM_PROVIDER, cpu_norm_kernels
+
+    want = {"ir_op_priority": {"rms_norm": [CPU_NORM_PROVIDER], "fused_add_rms_norm": [CPU_NORM_PROVIDER]}}
+    assert cpu_norm_kernels() == want and cpu_norm_kernels() == want  # registered once, then found
+    add, norm = ir.ops.fused_add_rms_norm, ir.ops.rms_norm
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        x = (3 * torch.randn(64, 576, generator=gen)).to(dtype)
+        res = torch.randn(64, 576, generator=gen).to(dtype)
+        w = (0.5 + torch.rand(576, generator=gen)).to(dtype)
+        native = add.impls["native"].impl_fn(x.clone(), res.clone(), w, 1e-5)
+        kernel = add.impls[CPU_NORM_PROVIDER].impl_fn(x.clone(), res.clone(), w, 1e-5)
+        assert torch.equal(kernel[1], native[1])  # residual = x + residual, rounded to the dtype once
+        s = x.double() + res.double()
+        exact = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+        torch.testing.assert_close(kernel[0].double(), exact, rtol=tol, atol=tol)
+        assert (kernel[0].double() - exact).abs().mean() <= 1.25 * (native[0].double() - exact).abs().mean()
+        one = norm.impls[CPU_NORM_PROVIDER].impl_fn(x, w, 1e-5)
+        xs = x.double()
+        torch.testing.assert_close(one.double(), xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double(),
+                                   rtol=tol, atol=tol)
+    fit = add.impls[CPU_NORM_PROVIDER].supports_args
+    x, res, w = torch.randn(4, 64), torch.randn(4, 64), torch.ones(64)
+    assert fit(x, res, w, 1e-5) and not fit(x, res, w.bfloat16(), 1e-5) and not fit(x, res, None, 1e-5)
+    assert not fit(torch.randn(64, 4).t(), res, w, 1e-5) and not fit(x, res, w, 1e-5, 32)
+    with add.set_priority([CPU_NORM_PROVIDER, "native"]):  # a bf16 weight on fp32 rows: the native norm runs it
+        got = add(x.clone(), res.clone(), w.bfloat16(), 1e-5)
+    torch.testing.assert_close(got[0], add.impls["native"].impl_fn(x, res, w.bfloat16(), 1e-5)[0])
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False)
+    assert cpu_norm_kernels() == {}  # a GPU engine keeps vLLM's own (compiled) norms
+
+
 def test_kv_block_size_auto_and_checked():
     from stages.errors import PipelineError
     from stages.sample.vllm_backend import kv_block_size
@@ -547,6 +589,12 @@ def test_vllm_samples(vllm_sampler, vllm_samples, base_tok, base_eos, review_pro
     # sample.block_size auto: 32-token blocks, so a prompt's K completions share its prefill (CPU vLLM's own 128 is
     # longer than these prompts: no block would fill, and each completion re-ran the prompt)
     assert cache.block_size == 32 and cache.enable_prefix_caching
+    from vllm import ir
+
+    from stages.sample.vllm_backend import CPU_NORM_PROVIDER
+
+    # the engine's norms run the compiled CPU kernels (test_vllm_logprobs_match_transformers holds their numbers)
+    assert ir.ops.rms_norm.get_priority() == ir.ops.fused_add_rms_norm.get_priority() == [CPU_NORM_PROVIDER, "native"]
     check_samples(vllm_samples, review_prompts, base_tok, K, MAX_TOKENS, base_eos)
     per_prompt = vllm_samples.group_by("prompt_id").agg(pl.col("completion_token_ids").n_unique().alias("distinct"))
     assert per_prompt["distinct"].min() > 1  # K samples at temperature 1, not K copies

@@ -1,0 +1,113 @@
+"""vLLM's RMSNorms on the CPU: its compiled kernels (the default, `stages.sample.vllm_backend.cpu_norm_kernels`)
+against its native torch ones, sampling rounds alternated in one process on the warm engine of the default task.
+
+Each round samples the round's prompts (params.yaml: prompts_per_round x K completions) with one of the two, in turn
+(the first round of each warms up and is left out), and the engine's logprobs of its own samples are held against an
+fp32 trainer pass over them (the engine is not updated in between: it samples the base policy): the mean |error| per
+sequence, so that a faster norm that loses precision shows.
+
+    python benchmarks/vllm_norms.py [--rounds 8] [--out benchmarks/results/vllm_norms]
+
+Writes OUT.json and OUT.md (medians, each round's time, the machine). Needs `dvc repro prepare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from stages.runtime import preload_malloc
+
+    if argv is None:  # with the malloc the training command runs with (tcmalloc where installed)
+        preload_malloc()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--rounds", type=int, default=8, help="timed rounds per arm (after one warm-up round each)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_norms"))
+    args = ap.parse_args(argv)
+
+    from machine import describe, require_prepared
+
+    require_prepared(ROOT)
+    import numpy as np
+
+    from stages.io import write_json, write_text
+    from stages.logprobs import sequence_logprobs
+    from stages.loop import steps
+    from stages.loop.resume import round_prompts
+    from stages.loop.warm import load_warm
+    from stages.params import load_params
+    from stages.runtime import configure_env
+    from stages.sample.vllm_backend import CPU_NORM_PROVIDER
+    from stages.score import completion_inputs
+
+    params = load_params(args.params)
+    configure_env(params.base.threads)
+    w = load_warm(params, 2 * (args.rounds + 1))
+    if getattr(w.sampler, "name", "") != "vllm":
+        sys.exit("vllm_norms: the sampler is not vLLM here (sample.backend resolved to another)")
+    from vllm import ir
+
+    ops = (ir.ops.rms_norm, ir.ops.fused_add_rms_norm)
+    if any(op.get_priority()[:1] != [CPU_NORM_PROVIDER] for op in ops):
+        sys.exit(f"vllm_norms: the engine does not run the compiled norms ({[op.get_priority() for op in ops]}): "
+                 "not a CPU engine, or not an in-process eager one")
+
+    def native():
+        stack = contextlib.ExitStack()
+        for op in ops:
+            stack.enter_context(op.set_priority(["native"]))
+        return stack
+
+    arms = {"kernel": contextlib.nullcontext, "native": native}
+    rows = {a: [] for a in arms}
+    try:
+        for r in range(2 * (args.rounds + 1)):
+            arm = ("kernel", "native")[r % 2]
+            prompts = round_prompts(w.train_prompts, r, params.train.prompts_per_round, params.base.seed)
+            with arms[arm]():
+                t0 = time.perf_counter()
+                samples, _ = steps.sample_round(w, r, prompts)
+                secs = time.perf_counter() - t0
+            p_ids, c_ids = completion_inputs(samples, w.tokenizer)
+            exact, _ = sequence_logprobs(w.trainer.model, p_ids, c_ids, w.tokenizer.pad_token_id, len(c_ids),
+                                         dtype="float32")
+            engine = np.array([sum(x) for x in samples["sampler_logprobs"]])
+            err = float(np.abs(engine - np.asarray(exact)).mean())
+            print(f"round {r} {arm}: sampling {secs:.2f} s, engine logprobs vs an fp32 pass: {err:.3f} nats per "
+                  "sequence", flush=True)
+            if r >= 2:
+                rows[arm].append({"round": r, "sampling_s": secs, "logprob_abs_err": err})
+    finally:
+        w.sampler.close()
+
+    med = {a: {k: statistics.median(x[k] for x in v) for k in ("sampling_s", "logprob_abs_err")}
+           for a, v in rows.items()}
+    machine = describe()
+    result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "sample_dtype": str(w.sampler.dtype),
+              "medians": med, "rounds": rows}
+    write_json(result, Path(args.out + ".json"))
+    lines = [f"{result['date']}, {machine}; vLLM engine {str(w.sampler.dtype).removeprefix('torch.')}, "
+             f"{params.train.prompts_per_round} prompts x K={params.sample.k} x {params.sample.max_completion_length} "
+             f"tokens a round, {args.rounds} rounds per arm alternated in one process (first of each left out).", "",
+             "| RMSNorm | sampling s (median) | rounds | engine logprob vs fp32 pass, mean \\|error\\| per sequence |",
+             "|---|---|---|---|"]
+    for a, v in rows.items():
+        lines.append(f"| {a} | {med[a]['sampling_s']:.2f} | {', '.join('%.2f' % x['sampling_s'] for x in v)} | "
+                     f"{med[a]['logprob_abs_err']:.3f} |")
+    lines += ["", f"kernel / native: {med['kernel']['sampling_s'] / med['native']['sampling_s']:.2f}x the time"]
+    write_text("\n".join(lines) + "\n", Path(args.out + ".md"))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
