@@ -135,7 +135,7 @@ def cpu_norm_kernels() -> dict:
     ships as `torch.ops._C.fused_add_rms_norm`. This registers that kernel as a provider (`rloo_cpu`, for the
     arguments it takes: a weight of the input's dtype, contiguous rows) and puts it first in the engine's priority;
     vLLM appends its native one, which runs the rest. Measured on the default round (docs/design.md §7): sampling
-    2.18 against 2.52 s. The provider lives in this process, so only an in-process engine can use it (the caller
+    2.32 against 2.66 s. The provider lives in this process, so only an in-process engine can use it (the caller
     checks); where the CPU build lacks the kernels, or the platform is not the CPU, nothing changes."""
     import torch
     from vllm.platforms import current_platform
