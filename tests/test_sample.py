@@ -210,11 +210,26 @@ def test_vllm_generate_turns_torch_compile_off_only_for_an_eager_engine(eager):
     assert seen == [eager] and torch._dynamo.config.disable is False
 
 
-@pytest.mark.skipif(not vllm_available(), reason="vLLM's CPU norm kernels need vLLM (installed by make setup)")
+def cpu_norm_kernels_here() -> bool:
+    """vLLM imports, its platform is the CPU and its build ships the compiled norms."""
+    if not vllm_available():
+        return False
+    import torch
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    current_platform.import_kernels()
+    return hasattr(torch.ops._C, "fused_add_rms_norm")
+
+
 def test_cpu_norm_kernels_compute_vllms_norms_and_leave_what_they_cannot_to_the_native_ones(monkeypatch):
     """The compiled RMSNorms registered for the CPU engine (`cpu_norm_kernels`) against vLLM's native ones and an
-    exact float64 norm: the same residual to the bit, the output as close to the exact one as the native's; the
-    arguments they do not take (a weight of another dtype, strided rows) go to the native one."""
+    exact float64 norm: the same residual to the bit, each output as close to the exact one as the native's; the
+    arguments they do not take (a weight of another dtype, strided rows, a row that is not whole vectors) go to the
+    native one."""
+    if not cpu_norm_kernels_here():
+        pytest.skip("vLLM's compiled CPU norms: vLLM's CPU build (installed by make setup on a CPU machine)")
     import torch
     from vllm import ir
 
@@ -224,32 +239,66 @@ def test_cpu_norm_kernels_compute_vllms_norms_and_leave_what_they_cannot_to_the_
     assert cpu_norm_kernels() == want and cpu_norm_kernels() == want  # registered once, then found
     add, norm = ir.ops.fused_add_rms_norm, ir.ops.rms_norm
     gen = torch.Generator().manual_seed(0)
+
+    def exact_norm(v, w):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+
+    def err(y, want):
+        return (y.double() - want).abs().mean()
+
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
         x = (3 * torch.randn(64, 576, generator=gen)).to(dtype)
         res = torch.randn(64, 576, generator=gen).to(dtype)
         w = (0.5 + torch.rand(576, generator=gen)).to(dtype)
         native = add.impls["native"].impl_fn(x.clone(), res.clone(), w, 1e-5)
-        kernel = add.impls[CPU_NORM_PROVIDER].impl_fn(x.clone(), res.clone(), w, 1e-5)
+        with add.set_priority([CPU_NORM_PROVIDER, "native"]):  # vLLM's layers call it in place, as here
+            kernel = add.maybe_inplace(x.clone(), res.clone(), w, 1e-5)
         assert torch.equal(kernel[1], native[1])  # residual = x + residual, rounded to the dtype once
-        s = x.double() + res.double()
-        exact = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+        exact = exact_norm(x.double() + res.double(), w)
         torch.testing.assert_close(kernel[0].double(), exact, rtol=tol, atol=tol)
-        assert (kernel[0].double() - exact).abs().mean() <= 1.25 * (native[0].double() - exact).abs().mean()
-        one = norm.impls[CPU_NORM_PROVIDER].impl_fn(x, w, 1e-5)
-        xs = x.double()
-        torch.testing.assert_close(one.double(), xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double(),
-                                   rtol=tol, atol=tol)
+        assert err(kernel[0], exact) <= 1.25 * err(native[0], exact)
+        exact = exact_norm(x.double(), w)
+        with norm.set_priority([CPU_NORM_PROVIDER, "native"]):
+            one = norm(x, w, 1e-5)
+        torch.testing.assert_close(one.double(), exact, rtol=tol, atol=tol)
+        assert err(one, exact) <= 1.25 * err(norm.impls["native"].impl_fn(x, w, 1e-5), exact)
     fit = add.impls[CPU_NORM_PROVIDER].supports_args
     x, res, w = torch.randn(4, 64), torch.randn(4, 64), torch.ones(64)
     assert fit(x, res, w, 1e-5) and not fit(x, res, w.bfloat16(), 1e-5) and not fit(x, res, None, 1e-5)
     assert not fit(torch.randn(64, 4).t(), res, w, 1e-5) and not fit(x, res, w, 1e-5, 32)
-    with add.set_priority([CPU_NORM_PROVIDER, "native"]):  # a bf16 weight on fp32 rows: the native norm runs it
-        got = add(x.clone(), res.clone(), w.bfloat16(), 1e-5)
-    torch.testing.assert_close(got[0], add.impls["native"].impl_fn(x, res, w.bfloat16(), 1e-5)[0])
+    for args in ((x, res, w.bfloat16()), (x[:, :36], res[:, :36], w[:36])):  # the kernel would refuse a 36-wide row
+        args = tuple(a.contiguous() for a in args)
+        assert not fit(*args, 1e-5)
+        with add.set_priority([CPU_NORM_PROVIDER, "native"]):  # so the native norm runs it
+            got = add(*(a.clone() for a in args), 1e-5)
+        torch.testing.assert_close(got[0], add.impls["native"].impl_fn(*args, 1e-5)[0])
     from vllm.platforms import current_platform
 
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False)
     assert cpu_norm_kernels() == {}  # a GPU engine keeps vLLM's own (compiled) norms
+
+
+@pytest.mark.parametrize("engine, wanted", [({}, True), ({"enforce_eager": False}, False),
+                                            ({"tensor_parallel_size": 2}, False)])
+def test_only_an_in_process_eager_cpu_engine_asks_for_the_compiled_norms(monkeypatch, engine, wanted):
+    """The engine kwargs VLLMSampler passes, with a stand-in for vLLM's LLM: the norms' priority for an eager engine
+    in this process; none for a compiled one (inductor fuses the native norms) or one whose workers are other
+    processes (they cannot see the provider)."""
+    if not cpu_norm_kernels_here():
+        pytest.skip("vLLM's compiled CPU norms: vLLM's CPU build (installed by make setup on a CPU machine)")
+    import vllm
+
+    from stages.sample.vllm_backend import CPU_NORM_PROVIDER, VLLMSampler
+
+    seen = {}
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    VLLMSampler("unused", fp32_params(**engine).sample)
+    assert seen["model"] == "unused" and seen["enforce_eager"] == engine.get("enforce_eager", True)
+    if wanted:
+        assert seen["ir_op_priority"] == {"rms_norm": [CPU_NORM_PROVIDER], "fused_add_rms_norm": [CPU_NORM_PROVIDER]}
+    else:
+        assert "ir_op_priority" not in seen
 
 
 def test_kv_block_size_auto_and_checked():
@@ -594,6 +643,8 @@ def test_vllm_samples(vllm_sampler, vllm_samples, base_tok, base_eos, review_pro
     from stages.sample.vllm_backend import CPU_NORM_PROVIDER
 
     # the engine's norms run the compiled CPU kernels (test_vllm_logprobs_match_transformers holds their numbers)
+    priority = vllm_sampler.llm.llm_engine.vllm_config.kernel_config.ir_op_priority
+    assert priority.rms_norm == priority.fused_add_rms_norm == [CPU_NORM_PROVIDER, "native"]
     assert ir.ops.rms_norm.get_priority() == ir.ops.fused_add_rms_norm.get_priority() == [CPU_NORM_PROVIDER, "native"]
     check_samples(vllm_samples, review_prompts, base_tok, K, MAX_TOKENS, base_eos)
     per_prompt = vllm_samples.group_by("prompt_id").agg(pl.col("completion_token_ids").n_unique().alias("distinct"))

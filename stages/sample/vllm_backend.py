@@ -104,11 +104,15 @@ CPU_NORM_PROVIDER = "rloo_cpu"
 
 
 def _norm_args_fit(x, weight, epsilon, variance_size=None) -> bool:
-    return variance_size is None and weight is not None and weight.dtype == x.dtype and x.is_contiguous()
+    # the kernels' own checks stop the engine on a row that is not whole vectors (`hidden_size % VEC_ELEM_NUM`: 8 or
+    # 16 by the CPU's build): 16 keeps every build's; anything else runs the native norm
+    return (variance_size is None and weight is not None and weight.dtype == x.dtype and x.is_contiguous()
+            and weight.is_contiguous() and weight.shape == x.shape[-1:] and x.shape[-1] % 16 == 0)
 
 
 def _add_norm_args_fit(x, x_residual, weight, epsilon, variance_size=None) -> bool:
-    return _norm_args_fit(x, weight, epsilon, variance_size) and x_residual.is_contiguous()
+    return (_norm_args_fit(x, weight, epsilon, variance_size) and x_residual.is_contiguous()
+            and x_residual.shape == x.shape)
 
 
 def _cpu_rms_norm(x, weight, epsilon, variance_size=None):
@@ -136,7 +140,8 @@ def cpu_norm_kernels() -> dict:
     arguments it takes: a weight of the input's dtype, contiguous rows) and puts it first in the engine's priority;
     vLLM appends its native one, which runs the rest. Measured on the default round (docs/design.md §7): sampling
     2.32 against 2.66 s. The provider lives in this process, so only an in-process engine can use it (the caller
-    checks); where the CPU build lacks the kernels, or the platform is not the CPU, nothing changes."""
+    checks); where the CPU build lacks the kernels, or the platform is not the CPU, nothing changes. vLLM installs an
+    engine's priority for the whole process when the engine starts: the last engine started sets it for all."""
     import torch
     from vllm.platforms import current_platform
 
@@ -153,14 +158,15 @@ def cpu_norm_kernels() -> dict:
     ops = getattr(torch.ops, "_C", None)
     if not (hasattr(ops, "rms_norm") and hasattr(ops, "fused_add_rms_norm")):
         return {}
+    # torch infers the ops' schemas from real annotations (this module's are strings)
+    tensor, maybe = torch.Tensor, torch.Tensor | None
     if CPU_NORM_PROVIDER not in ir.ops.rms_norm.impls:
-        # torch infers the ops' schemas from real annotations (this module's are strings)
-        tensor, maybe = torch.Tensor, torch.Tensor | None
         _cpu_rms_norm.__annotations__ = {"x": tensor, "weight": maybe, "epsilon": float, "variance_size": int | None,
                                          "return": tensor}
+        ir.ops.rms_norm.register_impl(CPU_NORM_PROVIDER, supports_args=_norm_args_fit, supported=True)(_cpu_rms_norm)
+    if CPU_NORM_PROVIDER not in ir.ops.fused_add_rms_norm.impls:
         _cpu_add_rms_norm.__annotations__ = {"x": tensor, "x_residual": tensor, "weight": maybe, "epsilon": float,
                                              "variance_size": int | None, "return": tuple[tensor, tensor]}
-        ir.ops.rms_norm.register_impl(CPU_NORM_PROVIDER, supports_args=_norm_args_fit, supported=True)(_cpu_rms_norm)
         ir.ops.fused_add_rms_norm.register_impl(CPU_NORM_PROVIDER, supports_args=_add_norm_args_fit, supported=True,
                                                 inplace=True)(_cpu_add_rms_norm)
     return {"ir_op_priority": {"rms_norm": [CPU_NORM_PROVIDER], "fused_add_rms_norm": [CPU_NORM_PROVIDER]}}
