@@ -1,14 +1,16 @@
 """vLLM's RMSNorms on the CPU: its compiled kernels (the default, `stages.sample.vllm_backend.cpu_norm_kernels`)
-against its native torch ones, sampling rounds alternated in one process on the warm engine of the default task.
+against its native torch ones, on the warm engine of the default task, in pairs in one process.
 
-Each round samples the round's prompts (params.yaml: prompts_per_round x K completions) with one of the two, in turn
-(the first round of each warms up and is left out), and the engine's logprobs of its own samples are held against an
-fp32 trainer pass over them (the engine is not updated in between: it samples the base policy): the mean |error| per
-sequence, so that a faster norm that loses precision shows.
+Each pair samples one round's prompts (params.yaml: prompts_per_round x K completions, the round's seeds) with both,
+the order alternating from pair to pair, the prefix cache emptied before each (as a weight push empties it in a
+run); the first pair warms up and is left out. The engine's logprobs of its own samples are held against an fp32
+trainer pass over them (the engine is not updated in between: it samples the base policy): the mean |error| per
+sequence, so that a faster norm that loses precision shows. Both arms draw with the same seeds on the same prompts,
+but their samples differ where the rounding tips a draw.
 
     python benchmarks/vllm_norms.py [--rounds 8] [--out benchmarks/results/vllm_norms]
 
-Writes OUT.json and OUT.md (medians, each round's time, the machine). Needs `dvc repro prepare`.
+Writes OUT.json and OUT.md (medians, each pair's times, the machine). Needs `dvc repro prepare`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         preload_malloc()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--rounds", type=int, default=8, help="timed rounds per arm (after one warm-up round each)")
+    ap.add_argument("--rounds", type=int, default=8, help="timed pairs of rounds (after one warm-up pair)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_norms"))
     args = ap.parse_args(argv)
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params)
     configure_env(params.base.threads)
-    w = load_warm(params, 2 * (args.rounds + 1))
+    w = load_warm(params, args.rounds + 1)
     if getattr(w.sampler, "name", "") != "vllm":
         sys.exit("vllm_norms: the sampler is not vLLM here (sample.backend resolved to another)")
     from vllm import ir
@@ -71,40 +73,44 @@ def main(argv: list[str] | None = None) -> None:
     arms = {"kernel": contextlib.nullcontext, "native": native}
     rows = {a: [] for a in arms}
     try:
-        for r in range(2 * (args.rounds + 1)):
-            arm = ("kernel", "native")[r % 2]
-            prompts = round_prompts(w.train_prompts, r, params.train.prompts_per_round, params.base.seed)
-            with arms[arm]():
-                t0 = time.perf_counter()
-                samples, _ = steps.sample_round(w, r, prompts)
-                secs = time.perf_counter() - t0
-            p_ids, c_ids = completion_inputs(samples, w.tokenizer)
-            exact, _ = sequence_logprobs(w.trainer.model, p_ids, c_ids, w.tokenizer.pad_token_id, len(c_ids),
-                                         dtype="float32")
-            engine = np.array([sum(x) for x in samples["sampler_logprobs"]])
-            err = float(np.abs(engine - np.asarray(exact)).mean())
-            print(f"round {r} {arm}: sampling {secs:.2f} s, engine logprobs vs an fp32 pass: {err:.3f} nats per "
-                  "sequence", flush=True)
-            if r >= 2:
-                rows[arm].append({"round": r, "sampling_s": secs, "logprob_abs_err": err})
+        for pair in range(args.rounds + 1):
+            prompts = round_prompts(w.train_prompts, pair, params.train.prompts_per_round, params.base.seed)
+            for arm in ("kernel", "native") if pair % 2 == 0 else ("native", "kernel"):
+                w.sampler.llm.reset_prefix_cache()  # else the second arm would reuse the first's prompt blocks
+                with arms[arm]():
+                    t0 = time.perf_counter()
+                    samples, _ = steps.sample_round(w, pair, prompts)
+                    secs = time.perf_counter() - t0
+                p_ids, c_ids = completion_inputs(samples, w.tokenizer)
+                exact, _ = sequence_logprobs(w.trainer.model, p_ids, c_ids, w.tokenizer.pad_token_id, len(c_ids),
+                                             dtype="float32")
+                engine = np.array([sum(x) for x in samples["sampler_logprobs"]])
+                err = float(np.abs(engine - np.asarray(exact)).mean())
+                print(f"pair {pair} {arm}: sampling {secs:.2f} s, engine logprobs vs an fp32 pass: {err:.3f} nats "
+                      "per sequence", flush=True)
+                if pair >= 1:
+                    rows[arm].append({"pair": pair, "sampling_s": secs, "logprob_abs_err": err})
     finally:
         w.sampler.close()
 
     med = {a: {k: statistics.median(x[k] for x in v) for k in ("sampling_s", "logprob_abs_err")}
            for a, v in rows.items()}
     machine = describe()
+    ratio = statistics.median(k["sampling_s"] / n["sampling_s"] for k, n in zip(rows["kernel"], rows["native"]))
     result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "sample_dtype": str(w.sampler.dtype),
-              "medians": med, "rounds": rows}
+              "medians": med, "kernel_over_native_median_of_pairs": ratio, "pairs": rows}
     write_json(result, Path(args.out + ".json"))
     lines = [f"{result['date']}, {machine}; vLLM engine {str(w.sampler.dtype).removeprefix('torch.')}, "
              f"{params.train.prompts_per_round} prompts x K={params.sample.k} x {params.sample.max_completion_length} "
-             f"tokens a round, {args.rounds} rounds per arm alternated in one process (first of each left out).", "",
-             "| RMSNorm | sampling s (median) | rounds | engine logprob vs fp32 pass, mean \\|error\\| per sequence |",
+             f"tokens a round; {args.rounds} pairs, each round's prompts and seeds sampled with both norms, the order "
+             "alternating, the prefix cache emptied before each (a warm-up pair left out).", "",
+             "| RMSNorm | sampling s (median) | each pair | engine logprob vs fp32 pass, mean \\|error\\| a sequence "
+             "(median; each pair) |",
              "|---|---|---|---|"]
     for a, v in rows.items():
         lines.append(f"| {a} | {med[a]['sampling_s']:.2f} | {', '.join('%.2f' % x['sampling_s'] for x in v)} | "
-                     f"{med[a]['logprob_abs_err']:.3f} |")
-    lines += ["", f"kernel / native: {med['kernel']['sampling_s'] / med['native']['sampling_s']:.2f}x the time"]
+                     f"{med[a]['logprob_abs_err']:.3f} ({', '.join('%.2f' % x['logprob_abs_err'] for x in v)}) |")
+    lines += ["", f"kernel / native, the median of the pairs' ratios: {ratio:.2f}x the time"]
     write_text("\n".join(lines) + "\n", Path(args.out + ".md"))
     print("\n".join(lines))
 
