@@ -75,9 +75,12 @@ def load_causal_lm_config_check(path: str | Path, field: str = "base.model"):
 
 
 def load_causal_lm(path: str | Path, dtype: str = "float32", device: Any = "cpu", field: str = "base.model"):
-    """Load a causal LM for training/scoring; errors name `field` when the dir is not a causal LM."""
+    """Load a causal LM for training/scoring, with eager attention (grouped-query heads without K/V copies where
+    the model runs Llama's: `stages.attention`); errors name `field` when the dir is not a causal LM."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from stages.attention import use_grouped_attention
 
     load_causal_lm_config_check(path, field)
     try:
@@ -87,6 +90,7 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", device: Any = "cpu"
         )
     except Exception as exc:
         raise PipelineError(f"{field}: cannot load a causal LM from {path} ({_first_line(exc)})") from None
+    use_grouped_attention(model)  # eager's arithmetic without copying K and V per query head (stages.attention)
     return model.to(device)
 
 

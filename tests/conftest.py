@@ -111,6 +111,7 @@ def make_tiny_model(
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
     num_attention_heads: int = 1,
+    num_key_value_heads: int | None = None,
     intermediate_size: int = 128,
     chat_template: str | None = TINY_CHAT_TEMPLATE,
     tie_word_embeddings: bool = True,
@@ -121,7 +122,7 @@ def make_tiny_model(
     """Save a tiny Llama causal LM (fp32 safetensors) plus its tokenizer to `path`; returns `path`.
 
     `vocab_size` defaults to the tokenizer's size; a larger value pads the embedding matrix (as real models do).
-    head_dim = hidden_size / num_attention_heads (64 by default); num_key_value_heads = num_attention_heads.
+    head_dim = hidden_size / num_attention_heads (64 by default); num_key_value_heads defaults to num_attention_heads.
     `cls` defaults to LlamaForCausalLM (pass e.g. LlamaForSequenceClassification for a reward model).
     """
     import torch
@@ -139,7 +140,7 @@ def make_tiny_model(
         hidden_size=hidden_size,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads or num_attention_heads,
         head_dim=hidden_size // num_attention_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
