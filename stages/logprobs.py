@@ -285,8 +285,22 @@ def _prompt_pass(model, prompts: list[tuple], pad_id: int, device):
     first_logits, cache, p_att = _forward_prompts(model, uniq, pad_id, max(len(p) for p in uniq), device)
     rows = torch.as_tensor(row_prompt, dtype=torch.long)
     on_device = rows.to(device)
-    cache.batch_select_indices(on_device)  # (U, ...) -> (B, ...): each row its prompt's keys and values
+    _select_rows(cache, on_device)  # (U, ...) -> (B, ...): each row its prompt's keys and values
     return first_logits[on_device], cache, p_att[rows]
+
+
+def _select_rows(cache, rows: torch.Tensor) -> None:
+    """`cache.batch_select_indices(rows)`, with `index_select` for transformers' dynamic layers: the same rows, and
+    in the update's backward an `index_add` instead of advanced indexing's `index_put` with accumulation, which on
+    the CPU sorts the indices first (SmolLM2-135M's default round, a prompt's keys or values to its 4 completions'
+    rows: ~1 ms a layer and tensor against ~0.1 ms; docs/design.md §7)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    for layer in cache.layers:
+        if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.get_seq_length() > 0:
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+        else:
+            layer.batch_select_indices(rows)
 
 
 class PromptCache:
@@ -330,5 +344,6 @@ class PromptCache:
         except KeyError:
             raise ValueError("a prompt that the prompt cache was not made for") from None
         on_device = rows.to(self.first_logits.device)
-        cache = self._cache_cls([(k[on_device], v[on_device]) for k, v in self.layers], config=self.model.config)
+        cache = self._cache_cls([(k.index_select(0, on_device), v.index_select(0, on_device)) for k, v in self.layers],
+                                config=self.model.config)
         return self.first_logits[on_device], cache, self.p_att[rows]
