@@ -78,9 +78,10 @@ class _SwiGLU(torch.autograd.Function):
             del act
             dup = dact * silu
             dgate = dact * up
-            del dact, silu
-            dgate = dgate * (sig * (1 + gate * (1 - sig)))  # d silu(g) / dg = s + g s (1 - s)
-            del sig
+            del dact
+            # d silu(g) / dg = s (1 + g (1 - s)) = s + silu(g) (1 - s): one addcmul (one rounding) instead of four ops
+            dgate.mul_(torch.addcmul(sig, silu, 1 - sig))
+            del sig, silu
             x2 = cast(x.reshape(-1, x.shape[-1]))
             g2, u2 = dgate.reshape(-1, dgate.shape[-1]), dup.reshape(-1, dup.shape[-1])
             dx = None
