@@ -10,13 +10,16 @@ and autograd saves K and V once instead of 3x. Measured by `python benchmarks/at
 (medians; the pairs' ratio 0.95x), the reference's and the policy's sequence logprobs the same to the bit.
 
 `use_grouped_attention` installs it (as the attention implementation `rloo_grouped`, with eager's masks) on a model
-whose every attention module runs Llama's eager code; any other model (Gemma's soft-capping, gpt-oss's sinks, ...)
-keeps its own eager attention. Models saved from it save "eager" in their config.
+whose every attention module runs Llama's eager code and none of whose modules branches on the implementation's name;
+any other model (Gemma's soft-capping, gpt-oss's sinks, DeepSeek-V3.2's sparse attention, ...) keeps its own eager
+attention. transformers does not save the implementation in a model's config: a policy saved from such a model loads
+in vLLM or another process as any other.
 """
 
 from __future__ import annotations
 
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -61,9 +64,23 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, eager_mask)
 
 
+def _names_an_implementation(code) -> bool:
+    """`code` (with its nested functions) holds the string "eager" or "sdpa": a forward that branches on the
+    implementation's name (DeepSeek-V3.2's sparse attention builds its top-k mask only `if
+    self.config._attn_implementation in ("eager", "sdpa")`), which another name would send down another path."""
+    for c in code.co_consts:
+        items = c if isinstance(c, tuple) else (c,)
+        if any(isinstance(x, str) and x in ("eager", "sdpa") for x in items):
+            return True
+        if isinstance(c, types.CodeType) and _names_an_implementation(c):
+            return True
+    return False
+
+
 def _runs_llama_eager(model) -> bool:
-    """Every attention module of `model` (a module with `num_key_value_groups`) is defined next to an
-    `eager_attention_forward` with Llama's code, and there is at least one."""
+    """Every module of `model` that dispatches through transformers' attention interface is an attention module
+    (with `num_key_value_groups`) defined next to an `eager_attention_forward` with Llama's code, no module's forward
+    branches on the implementation's name, and there is at least one attention module."""
     from transformers.models.llama import modeling_llama
 
     ref = modeling_llama.eager_attention_forward.__code__
@@ -71,10 +88,14 @@ def _runs_llama_eager(model) -> bool:
         ref.co_code, ref.co_names, ref.co_consts, ref.co_varnames)
     found = False
     for m in model.modules():
-        if not hasattr(m, "num_key_value_groups"):
+        code = getattr(type(m).forward, "__code__", None)
+        if code is not None and _names_an_implementation(code):
+            return False
+        dispatches = code is not None and "get_interface" in code.co_names
+        if not (dispatches or hasattr(m, "num_key_value_groups")):
             continue
         eager = getattr(sys.modules.get(type(m).__module__), "eager_attention_forward", None)
-        if not hasattr(eager, "__code__") or not same(eager.__code__):
+        if not hasattr(m, "num_key_value_groups") or not hasattr(eager, "__code__") or not same(eager.__code__):
             return False
         found = True
     return found

@@ -134,13 +134,23 @@ def test_only_models_running_llamas_eager_attention_get_it():
     assert use_grouped_attention(Qwen2ForCausalLM(Qwen2Config(**small)))  # Qwen2 copies Llama's eager attention
     gemma = Gemma2ForCausalLM(Gemma2Config(**small))  # soft-capped scores: another eager function
     assert not use_grouped_attention(gemma) and gemma.config._attn_implementation == "eager"
+    # DeepSeek-V3.2's sparse attention builds its top-k mask only under the names "eager" and "sdpa"
+    from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+    sparse = DeepseekV32ForCausalLM(DeepseekV32Config(
+        vocab_size=50, hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, index_topk=3, index_n_heads=2, index_head_dim=16,
+        attn_implementation="eager"))
+    assert not use_grouped_attention(sparse) and sparse.config._attn_implementation == "eager"
     sdpa = tiny(attn_implementation="sdpa")
     assert not use_grouped_attention(sdpa) and sdpa.config._attn_implementation == "sdpa"
     no_attention = torch.nn.Linear(2, 2)
     assert not use_grouped_attention(no_attention)
 
 
-def test_load_causal_lm_installs_it_and_a_saved_model_says_eager(tiny_model_factory, tmp_path):
+def test_load_causal_lm_installs_it_and_a_saved_config_does_not_name_it(tiny_model_factory, tmp_path):
     from stages.models import load_causal_lm
 
     d = tiny_model_factory(tmp_path / "m", num_attention_heads=4, num_key_value_heads=2)
@@ -152,3 +162,24 @@ def test_load_causal_lm_installs_it_and_a_saved_model_says_eager(tiny_model_fact
     assert NAME not in json.dumps(saved)  # another process (vLLM, a user's transformers) loads it as usual
     again = load_causal_lm(tmp_path / "saved")
     assert again.config._attn_implementation == NAME
+
+
+def test_sliding_window_model_and_cached_decoding_match_eager():
+    """Mistral with a window shorter than the sequence (the window lives in eager's mask), and greedy decoding one
+    token at a time on a cache (a query of one position against all keys)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    eager = MistralForCausalLM(MistralConfig(**{**CONFIG, "sliding_window": 4})).eval()
+    grouped = copy.deepcopy(eager)
+    assert use_grouped_attention(grouped)
+    ids, att = batch()
+    with torch.no_grad():
+        a = eager(input_ids=ids, attention_mask=att).logits
+        b = grouped(input_ids=ids, attention_mask=att).logits
+    assert (a - b).abs().max() <= 1e-5
+    e, g = tiny(), tiny()
+    assert use_grouped_attention(g)
+    out = [m.generate(ids[1:], attention_mask=att[1:], max_new_tokens=6, do_sample=False, pad_token_id=0)
+           for m in (e, g)]
+    assert out[0].shape == (2, 15) and torch.equal(out[0], out[1])
