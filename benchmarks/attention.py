@@ -14,7 +14,6 @@ Writes OUT.json and OUT.md (medians, each pair's times, the machine). Needs `dvc
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,32 +24,16 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stages.runtime import preload_malloc
+    from machine import describe, paired_setup
 
-    if argv is None:  # with the malloc the training command runs with (tcmalloc where installed)
-        preload_malloc()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--rounds", type=int, default=6, help="timed pairs of rounds (after one warm-up pair)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "attention"))
-    args = ap.parse_args(argv)
-
-    from machine import describe, require_prepared
-
-    require_prepared(ROOT)
+    args, params, w = paired_setup(__doc__, "attention", 6, argv)
     from stages.attention import NAME
     from stages.io import write_json, write_text
     from stages.logprobs import sequence_logprobs
     from stages.loop import steps
     from stages.loop.resume import round_prompts
-    from stages.loop.warm import load_warm
-    from stages.params import load_params
-    from stages.runtime import configure_env
     from stages.score import completion_inputs, score_dtype
 
-    params = load_params(args.params)
-    configure_env(params.base.threads)
-    w = load_warm(params, args.rounds + 1)
     models = (w.trainer.model, w.ref)
     if any(m.config._attn_implementation != NAME for m in models):
         sys.exit("attention: the models do not run the grouped attention (not Llama's eager attention code)")

@@ -94,3 +94,31 @@ def alternate_arms(tmp, arms: list[str], repeats: int, script: str, args: list[s
             # every arm with the malloc the training command preloads (tcmalloc where installed): like for like
             env = glibc if arm in glibc_arms else malloc_env()
             yield rep, arm, work, subprocess.run(cmd, cwd=root, env=env).returncode
+
+
+def paired_setup(doc: str, name: str, rounds: int, argv: list[str] | None):
+    """The start of an in-process paired benchmark (vllm_norms.py, attention.py): the malloc the training command
+    runs with (re-executing the script under it when started from the shell), its command line (`--params`,
+    `--rounds`: timed pairs after one warm-up pair, `--out`, default benchmarks/results/NAME), the prepared inputs,
+    and the warm run for `rounds + 1` rounds. Returns (args, params, warm)."""
+    import argparse
+    from pathlib import Path
+
+    from stages.runtime import preload_malloc
+
+    if argv is None:  # with the malloc the training command runs with (tcmalloc where installed)
+        preload_malloc()
+    root = Path(__file__).resolve().parents[1]
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--rounds", type=int, default=rounds, help="timed pairs of rounds (after one warm-up pair)")
+    ap.add_argument("--out", default=str(root / "benchmarks" / "results" / name))
+    args = ap.parse_args(argv)
+    require_prepared(root)
+    from stages.loop.warm import load_warm
+    from stages.params import load_params
+    from stages.runtime import configure_env
+
+    params = load_params(args.params)
+    configure_env(params.base.threads)
+    return args, params, load_warm(params, args.rounds + 1)

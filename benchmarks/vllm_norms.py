@@ -15,7 +15,6 @@ Writes OUT.json and OUT.md (medians, each pair's times, the machine). Needs `dvc
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -27,34 +26,18 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stages.runtime import preload_malloc
+    from machine import describe, paired_setup
 
-    if argv is None:  # with the malloc the training command runs with (tcmalloc where installed)
-        preload_malloc()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--rounds", type=int, default=8, help="timed pairs of rounds (after one warm-up pair)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vllm_norms"))
-    args = ap.parse_args(argv)
-
-    from machine import describe, require_prepared
-
-    require_prepared(ROOT)
+    args, params, w = paired_setup(__doc__, "vllm_norms", 8, argv)
     import numpy as np
 
     from stages.io import write_json, write_text
     from stages.logprobs import sequence_logprobs
     from stages.loop import steps
     from stages.loop.resume import round_prompts
-    from stages.loop.warm import load_warm
-    from stages.params import load_params
-    from stages.runtime import configure_env
     from stages.sample.vllm_backend import CPU_NORM_PROVIDER
     from stages.score import completion_inputs
 
-    params = load_params(args.params)
-    configure_env(params.base.threads)
-    w = load_warm(params, args.rounds + 1)
     if getattr(w.sampler, "name", "") != "vllm":
         sys.exit("vllm_norms: the sampler is not vLLM here (sample.backend resolved to another)")
     from vllm import ir
