@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(m.config._attn_implementation != NAME for m in models):
         sys.exit("attention: the models do not run the grouped attention (not Llama's eager attention code)")
     impl = {"grouped": NAME, "eager": "eager"}
+    dtype = score_dtype(params.score.dtype)
 
     def use(arm: str) -> None:
         for m in models:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
                     for arm in impl:
                         use(arm)
                         got[arm], _ = sequence_logprobs(model, p_ids, c_ids, w.tokenizer.pad_token_id, len(c_ids),
-                                                        dtype=score_dtype(params.score.dtype))
+                                                        dtype=dtype)
                     diffs[name] = max(abs(a - b) for a, b in zip(got["grouped"], got["eager"]))
                 print(f"sequence logprobs, grouped vs eager, max |diff|: {diffs}", flush=True)
             for arm in ("grouped", "eager") if pair % 2 == 0 else ("eager", "grouped"):
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     med = {a: {k: statistics.median(x[k] for x in v) for k in keys} for a, v in rows.items()}
     ratio = statistics.median(g["both_s"] / e["both_s"] for g, e in zip(rows["grouped"], rows["eager"]))
     machine = describe()
-    result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "score_dtype": score_dtype(params.score.dtype),
+    result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "score_dtype": dtype,
               "medians": med, "grouped_over_eager_median_of_pairs": ratio, "logprob_max_abs_diff": diffs,
               "pairs": rows}
     write_json(result, Path(args.out + ".json"))

@@ -83,9 +83,9 @@ def _runs_llama_eager(model) -> bool:
     branches on the implementation's name, and there is at least one attention module."""
     from transformers.models.llama import modeling_llama
 
+    from stages.models import same_code
+
     ref = modeling_llama.eager_attention_forward.__code__
-    same = lambda c: (c.co_code, c.co_names, c.co_consts, c.co_varnames) == (  # noqa: E731
-        ref.co_code, ref.co_names, ref.co_consts, ref.co_varnames)
     found = False
     for m in model.modules():
         code = getattr(type(m).forward, "__code__", None)
@@ -95,7 +95,7 @@ def _runs_llama_eager(model) -> bool:
         if not (dispatches or hasattr(m, "num_key_value_groups")):
             continue
         eager = getattr(sys.modules.get(type(m).__module__), "eager_attention_forward", None)
-        if not hasattr(m, "num_key_value_groups") or not hasattr(eager, "__code__") or not same(eager.__code__):
+        if not (hasattr(m, "num_key_value_groups") and hasattr(eager, "__code__") and same_code(eager.__code__, ref)):
             return False
         found = True
     return found

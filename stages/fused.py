@@ -113,9 +113,10 @@ def _same_code(cls, reference) -> bool:
     SmolLM3, Granite, ... share Llama's): the same bytecode, names and constants, so the same computation on the
     same attributes. A class that scales, clamps or drops out anywhere in its forward (Falcon-H1's or SeedOss's
     MLP, Gemma's `(1 + weight)` norm) has other code and runs as it is."""
-    a, b = getattr(cls.forward, "__code__", None), reference.forward.__code__
-    return a is not None and (a.co_code, a.co_names, a.co_consts, a.co_varnames) == (
-        b.co_code, b.co_names, b.co_consts, b.co_varnames)
+    from stages.models import same_code
+
+    a = getattr(cls.forward, "__code__", None)
+    return a is not None and same_code(a, reference.forward.__code__)
 
 
 def _is_llama_norm(module) -> bool:

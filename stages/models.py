@@ -160,6 +160,13 @@ _CONFIG_RUN_STATE = ("_name_or_path", "_model_name_or_path", "use_cache", "trans
                      "torch_dtype", "output_attentions", "output_hidden_states", "return_dict")
 
 
+def same_code(a, b) -> bool:
+    """Two code objects with the same bytecode, names, constants and variable names: the same computation on the
+    same attributes. transformers copies a module's code between models; `stages.fused` and `stages.attention`
+    recognise Llama's this way."""
+    return (a.co_code, a.co_names, a.co_consts, a.co_varnames) == (b.co_code, b.co_names, b.co_consts, b.co_varnames)
+
+
 def same_weights(a, b) -> bool:
     """Whether two models are one function: the same config (but for run-time switches such as `use_cache` and
     where it was loaded from) and the same weights, tensor for tensor: names, dtypes, shapes and values.
