@@ -96,11 +96,11 @@ def alternate_arms(tmp, arms: list[str], repeats: int, script: str, args: list[s
             yield rep, arm, work, subprocess.run(cmd, cwd=root, env=env).returncode
 
 
-def paired_setup(doc: str, name: str, rounds: int, argv: list[str] | None):
+def paired_setup(doc: str, name: str, rounds: int, argv: list[str] | None, options: dict | None = None):
     """The start of an in-process paired benchmark (vllm_norms.py, attention.py): the malloc the training command
     runs with (re-executing the script under it when started from the shell), its command line (`--params`,
-    `--rounds`: timed pairs after one warm-up pair, `--out`, default benchmarks/results/NAME), the prepared inputs,
-    and the warm run for `rounds + 1` rounds. Returns (args, params, warm)."""
+    `--rounds`: timed pairs after one warm-up pair, `--out`, default benchmarks/results/NAME, and `options`: {flag:
+    argparse kwargs}), the prepared inputs, and the warm run for `rounds + 1` rounds. Returns (args, params, warm)."""
     import argparse
     from pathlib import Path
 
@@ -113,6 +113,8 @@ def paired_setup(doc: str, name: str, rounds: int, argv: list[str] | None):
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--rounds", type=int, default=rounds, help="timed pairs of rounds (after one warm-up pair)")
     ap.add_argument("--out", default=str(root / "benchmarks" / "results" / name))
+    for flag, kwargs in (options or {}).items():
+        ap.add_argument(flag, **kwargs)
     args = ap.parse_args(argv)
     require_prepared(root)
     from stages.loop.warm import load_warm

@@ -1,14 +1,19 @@
-"""vLLM's RMSNorms on the CPU: its compiled kernels (the default, `stages.sample.vllm_backend.cpu_norm_kernels`)
-against its native torch ones, on the warm engine of the default task, in pairs in one process.
+"""vLLM on the CPU, one of this project's changes to its engine against vLLM's own, on the warm engine of the default
+task, in pairs in one process (`--change`):
+
+- `norms`: its RMSNorms through its compiled kernels (the default, `stages.sample.vllm_backend.cpu_norm_kernels`)
+  against its native torch ones;
+- `sampler`: its sampler's draw by inverting the softmax's running sum (the default,
+  `stages.sample.vllm_backend.inverse_cdf_draw`) against its own Gumbel noise per vocabulary entry.
 
 Each pair samples one round's prompts (params.yaml: prompts_per_round x K completions, the round's seeds) with both,
 the order alternating from pair to pair, the prefix cache emptied before each (as a weight push empties it in a
 run); the first pair warms up and is left out. The engine's logprobs of its own samples are held against an fp32
 trainer pass over them (the engine is not updated in between: it samples the base policy): the mean |error| per
 sequence, so that a faster norm that loses precision shows. Both arms draw with the same seeds on the same prompts,
-but their samples differ where the rounding tips a draw.
+but their samples differ where the rounding tips a draw (norms) or are other draws (sampler).
 
-    python benchmarks/vllm_norms.py [--rounds 8] [--out benchmarks/results/vllm_norms]
+    python benchmarks/vllm_norms.py [--change norms|sampler] [--rounds 8] [--out benchmarks/results/vllm_norms]
 
 Writes OUT.json and OUT.md (medians, each pair's times, the machine). Needs `dvc repro prepare`.
 """
@@ -28,7 +33,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 def main(argv: list[str] | None = None) -> None:
     from machine import describe, paired_setup
 
-    args, params, w = paired_setup(__doc__, "vllm_norms", 8, argv)
+    args, params, w = paired_setup(__doc__, "vllm_norms", 8, argv, {"--change": dict(choices=("norms", "sampler"),
+                                                                                      default="norms")})
     import numpy as np
 
     from stages.io import write_json, write_text
@@ -43,9 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     from vllm import ir
 
     ops = (ir.ops.rms_norm, ir.ops.fused_add_rms_norm)
-    if any(op.get_priority()[:1] != [CPU_NORM_PROVIDER] for op in ops):
+    if args.change == "norms" and any(op.get_priority()[:1] != [CPU_NORM_PROVIDER] for op in ops):
         sys.exit(f"vllm_norms: the engine does not run the compiled norms ({[op.get_priority() for op in ops]}): "
                  "not a CPU engine, or not an in-process eager one")
+    if args.change == "sampler" and not w.sampler.inverse_cdf:
+        sys.exit("vllm_norms: the engine does not draw with inverse_cdf_draw: not a CPU engine, or not an in-process one")
 
     def native():
         stack = contextlib.ExitStack()
@@ -53,12 +61,23 @@ def main(argv: list[str] | None = None) -> None:
             stack.enter_context(op.set_priority(["native"]))
         return stack
 
-    arms = {"kernel": contextlib.nullcontext, "native": native}
+    @contextlib.contextmanager
+    def gumbel():
+        tks = w.sampler.llm.llm_engine.model_executor.driver_worker.worker.model_runner.sampler.topk_topp_sampler
+        ours, tks.forward = tks.forward, tks.forward_cpu
+        try:
+            yield
+        finally:
+            tks.forward = ours
+
+    arms = ({"kernel": contextlib.nullcontext, "native": native} if args.change == "norms"
+            else {"inverse_cdf": contextlib.nullcontext, "gumbel": gumbel})
+    new, old = arms
     rows = {a: [] for a in arms}
     try:
         for pair in range(args.rounds + 1):
             prompts = round_prompts(w.train_prompts, pair, params.train.prompts_per_round, params.base.seed)
-            for arm in ("kernel", "native") if pair % 2 == 0 else ("native", "kernel"):
+            for arm in (new, old) if pair % 2 == 0 else (old, new):
                 w.sampler.llm.reset_prefix_cache()  # else the second arm would reuse the first's prompt blocks
                 with arms[arm]():
                     t0 = time.perf_counter()
@@ -79,21 +98,21 @@ def main(argv: list[str] | None = None) -> None:
     med = {a: {k: statistics.median(x[k] for x in v) for k in ("sampling_s", "logprob_abs_err")}
            for a, v in rows.items()}
     machine = describe()
-    ratio = statistics.median(k["sampling_s"] / n["sampling_s"] for k, n in zip(rows["kernel"], rows["native"]))
+    ratio = statistics.median(k["sampling_s"] / n["sampling_s"] for k, n in zip(rows[new], rows[old]))
     result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "sample_dtype": str(w.sampler.dtype),
-              "medians": med, "kernel_over_native_median_of_pairs": ratio, "pairs": rows}
+              "change": args.change, "medians": med, f"{new}_over_{old}_median_of_pairs": ratio, "pairs": rows}
     write_json(result, Path(args.out + ".json"))
     lines = [f"{result['date']}, {machine}; vLLM engine {str(w.sampler.dtype).removeprefix('torch.')}, "
              f"{params.train.prompts_per_round} prompts x K={params.sample.k} x {params.sample.max_completion_length} "
-             f"tokens a round; {args.rounds} pairs, each round's prompts and seeds sampled with both norms, the order "
-             "alternating, the prefix cache emptied before each (a warm-up pair left out).", "",
-             "| RMSNorm | sampling s (median) | each pair | engine logprob vs fp32 pass, mean \\|error\\| a sequence "
-             "(median; each pair) |",
+             f"tokens a round; {args.rounds} pairs, each round's prompts and seeds sampled with both ({args.change}), "
+             "the order alternating, the prefix cache emptied before each (a warm-up pair left out).", "",
+             f"| {'RMSNorm' if args.change == 'norms' else 'draw'} | sampling s (median) | each pair | engine logprob vs "
+             "fp32 pass, mean \\|error\\| a sequence (median; each pair) |",
              "|---|---|---|---|"]
     for a, v in rows.items():
         lines.append(f"| {a} | {med[a]['sampling_s']:.2f} | {', '.join('%.2f' % x['sampling_s'] for x in v)} | "
                      f"{med[a]['logprob_abs_err']:.3f} ({', '.join('%.2f' % x['logprob_abs_err'] for x in v)}) |")
-    lines += ["", f"kernel / native, the median of the pairs' ratios: {ratio:.2f}x the time"]
+    lines += ["", f"{new} / {old}, the median of the pairs' ratios: {ratio:.2f}x the time"]
     write_text("\n".join(lines) + "\n", Path(args.out + ".md"))
     print("\n".join(lines))
 

@@ -278,6 +278,60 @@ def test_cpu_norm_kernels_compute_vllms_norms_and_leave_what_they_cannot_to_the_
     assert cpu_norm_kernels() == {}  # a GPU engine keeps vLLM's own (compiled) norms
 
 
+def test_inverse_cdf_draws_follow_the_softmax_and_never_a_masked_token():
+    """`inverse_cdf_draw` (the CPU engine's draw): frequencies of 200k draws against the exact softmax (chi-square,
+    a flat and a peaked row), masked tokens (-inf, as top-k/top-p leave them) never drawn, wherever they are, and a
+    draw at the very top of the total (its product rounded up to it) goes to the last token with mass."""
+    import torch
+
+    from stages.sample.vllm_backend import inverse_cdf_draw
+
+    gen = torch.Generator().manual_seed(0)
+    n, v = 200_000, 300
+    for scale in (0.5, 4.0):
+        logits = (scale * torch.randn(1, v, generator=gen)).expand(n, v).contiguous()
+        u = torch.rand(n, 1, dtype=torch.float64, generator=gen)
+        counts = torch.bincount(inverse_cdf_draw(logits, {}, u), minlength=v).double()
+        p = torch.softmax(logits[0].double(), -1)
+        chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
+        assert chi2 < v + 5 * (2 * v) ** 0.5, (scale, chi2)  # mean v - 1, sd sqrt(2 (v - 1))
+        wrong = inverse_cdf_draw(logits, {}, u.roll(1, 0))  # other draws: other tokens (the draw is used)
+        assert (wrong != inverse_cdf_draw(logits, {}, u)).any()
+    masked = torch.randn(3, 8, generator=gen)
+    masked[0, :5] = masked[1, 5:] = masked[2, ::2] = float("-inf")
+    u = torch.tensor([[0.0], [0.5], [1.0]], dtype=torch.float64)  # 1.0: beyond any real draw, the rounding case
+    for draws in (u, torch.rand(3, 1, dtype=torch.float64, generator=gen)):
+        got = inverse_cdf_draw(masked, {}, draws)
+        assert torch.isfinite(masked[torch.arange(3), got]).all(), got
+    got = inverse_cdf_draw(masked, {}, u).tolist()
+    assert got[0] == 5 and got[2] == 7  # u = 0: the first token with mass; u = 1: the last
+
+
+def test_inverse_cdf_draw_takes_each_seeded_rows_draw_from_its_own_generator():
+    """A row with its own generator (a seeded vLLM request) draws the same token whatever the other rows are and
+    whether they have generators; rows without one draw from torch's global generator."""
+    import torch
+
+    from stages.sample.vllm_backend import inverse_cdf_draw
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+
+    def gens(*seeds):
+        return {i: torch.Generator().manual_seed(s) for i, s in seeds}
+
+    alone = inverse_cdf_draw(logits[2:3], gens((0, 7)))
+    for others in ({}, dict(enumerate([3, 4, 5, 6]))):
+        torch.manual_seed(len(others))
+        both = inverse_cdf_draw(logits, gens((2, 7), *((i, s) for i, s in others.items() if i != 2)))
+        assert both[2] == alone[0]
+    draws = [inverse_cdf_draw(logits, gens((0, s)))[0].item() for s in range(40)]
+    assert len(set(draws)) > 1  # the seed is used
+    torch.manual_seed(3)
+    first = inverse_cdf_draw(logits, {})
+    torch.manual_seed(3)
+    assert torch.equal(inverse_cdf_draw(logits, {}), first)
+
+
 @pytest.mark.parametrize("engine, wanted", [({}, True), ({"enforce_eager": False}, False),
                                             ({"tensor_parallel_size": 2}, False)])
 def test_only_an_in_process_eager_cpu_engine_asks_for_the_compiled_norms(monkeypatch, engine, wanted):
@@ -646,6 +700,10 @@ def test_vllm_samples(vllm_sampler, vllm_samples, base_tok, base_eos, review_pro
     priority = vllm_sampler.llm.llm_engine.vllm_config.kernel_config.ir_op_priority
     assert priority.rms_norm == priority.fused_add_rms_norm == [CPU_NORM_PROVIDER, "native"]
     assert ir.ops.rms_norm.get_priority() == ir.ops.fused_add_rms_norm.get_priority() == [CPU_NORM_PROVIDER, "native"]
+    # its sampler draws by inverting the softmax's running sum (test_vllm_seeds and _are_draws_from_the_policy hold
+    # its draws), not with vLLM's noise per vocabulary entry
+    tks = vllm_sampler.llm.llm_engine.model_executor.driver_worker.worker.model_runner.sampler.topk_topp_sampler
+    assert vllm_sampler.inverse_cdf and tks.forward != tks.forward_cpu
     check_samples(vllm_samples, review_prompts, base_tok, K, MAX_TOKENS, base_eos)
     per_prompt = vllm_samples.group_by("prompt_id").agg(pl.col("completion_token_ids").n_unique().alias("distinct"))
     assert per_prompt["distinct"].min() > 1  # K samples at temperature 1, not K copies

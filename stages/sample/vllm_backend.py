@@ -173,6 +173,52 @@ def cpu_norm_kernels() -> dict:
     return {"ir_op_priority": {"rms_norm": [CPU_NORM_PROVIDER], "fused_add_rms_norm": [CPU_NORM_PROVIDER]}}
 
 
+def inverse_cdf_draw(logits, generators: dict, u=None):
+    """One token per row of `logits` drawn from softmax(logits) by inverting its cumulative sum with one uniform draw
+    per row: from the row's own generator where `generators` has one ({row: torch.Generator}, vLLM's seeded
+    requests), else from torch's global one (`u`, a (rows, 1) float64 tensor in [0, 1), replaces the draws in tests).
+
+    Exact up to float64 rounding of the running sum of the fp32 `exp(logits - max)` (a masked token, -inf, has no
+    mass and is never drawn). vLLM's CPU sampler draws one Gumbel noise per vocabulary entry instead
+    (`fused_gumbel_argmax`): 4.7 ms a decoding step of 32 rows of a 49k vocabulary on 2 AMX cores against 1.6 ms here
+    (docs/design.md §7). Each row's draw depends on its own generator alone, as vLLM's does, so a prompt's completions
+    still depend on its seed alone (§4)."""
+    import torch
+
+    x = logits.float()
+    e = (x - x.amax(-1, keepdim=True)).exp_()
+    c = e.cumsum(-1, dtype=torch.float64)
+    if u is None:
+        u = torch.rand(x.shape[0], 1, dtype=torch.float64, device=x.device)
+        for i, gen in generators.items():
+            u[i] = torch.rand(1, dtype=torch.float64, device=x.device, generator=gen)
+    idx = torch.searchsorted(c, u * c[:, -1:], right=True)  # the first token whose running sum passes the draw
+    over = idx >= x.shape[-1]  # the draw times the total rounded up to the total: the last token with mass
+    if bool(over.any()):
+        last = x.shape[-1] - 1 - (e.flip(-1) > 0).to(torch.uint8).argmax(-1, keepdim=True)
+        idx = torch.where(over, last, idx)
+    return idx.squeeze(1)
+
+
+def _inverse_cdf_sampler(worker) -> bool:
+    """Runs on the worker: vLLM's CPU top-k/top-p sampler draws with `inverse_cdf_draw` instead of its per-entry Gumbel
+    noise (its top-k/top-p masks as they are). Only where vLLM chose its CPU path and returns no processed logprobs
+    (this engine asks for raw ones); True when it did."""
+    sampler = getattr(getattr(worker, "model_runner", None), "sampler", None)
+    tks = getattr(sampler, "topk_topp_sampler", None)
+    if tks is None or getattr(tks, "forward_cpu", None) is None or tks.forward != tks.forward_cpu:
+        return False
+    if getattr(tks, "use_fp64_gumbel", False) or str(getattr(tks, "logprobs_mode", "")).startswith("processed"):
+        return False
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    def forward(logits, generators, k, p):
+        return inverse_cdf_draw(apply_top_k_top_p(logits, k, p), generators), None
+
+    tks.forward = forward
+    return True
+
+
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
@@ -251,6 +297,9 @@ class VLLMSampler:
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**kwargs)
         quiet_rotary_reload()
+        # the CPU sampler's draw without a noise per vocabulary entry (its workers must be this process: the function
+        # is handed over as an object)
+        self.inverse_cdf = bool(self.in_process and cpu and self.llm.collective_rpc(_inverse_cdf_sampler)[0])
         # fp32 engine logprobs are the policy's own (raw, before temperature): the flow may reuse them
         self.exact_logprobs = dtype == "float32"
 
