@@ -100,7 +100,8 @@ def paired_setup(doc: str, name: str, rounds: int, argv: list[str] | None, optio
     """The start of an in-process paired benchmark (vllm_norms.py, attention.py): the malloc the training command
     runs with (re-executing the script under it when started from the shell), its command line (`--params`,
     `--rounds`: timed pairs after one warm-up pair, `--out`, default benchmarks/results/NAME, and `options`: {flag:
-    argparse kwargs}), the prepared inputs, and the warm run for `rounds + 1` rounds. Returns (args, params, warm)."""
+    argparse kwargs; NAME may name them: "vllm_{change}"), the prepared inputs, and the warm run for `rounds + 1`
+    rounds. Returns (args, params, warm)."""
     import argparse
     from pathlib import Path
 
@@ -112,10 +113,11 @@ def paired_setup(doc: str, name: str, rounds: int, argv: list[str] | None, optio
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--rounds", type=int, default=rounds, help="timed pairs of rounds (after one warm-up pair)")
-    ap.add_argument("--out", default=str(root / "benchmarks" / "results" / name))
+    ap.add_argument("--out", help=f"default benchmarks/results/{name}")
     for flag, kwargs in (options or {}).items():
         ap.add_argument(flag, **kwargs)
     args = ap.parse_args(argv)
+    args.out = args.out or str(root / "benchmarks" / "results" / name.format(**vars(args)))
     require_prepared(root)
     from stages.loop.warm import load_warm
     from stages.params import load_params

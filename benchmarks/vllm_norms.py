@@ -13,7 +13,7 @@ trainer pass over them (the engine is not updated in between: it samples the bas
 sequence, so that a faster norm that loses precision shows. Both arms draw with the same seeds on the same prompts,
 but their samples differ where the rounding tips a draw (norms) or are other draws (sampler).
 
-    python benchmarks/vllm_norms.py [--change norms|sampler] [--rounds 8] [--out benchmarks/results/vllm_norms]
+    python benchmarks/vllm_norms.py [--change norms|sampler] [--rounds 8] [--out benchmarks/results/vllm_CHANGE]
 
 Writes OUT.json and OUT.md (medians, each pair's times, the machine). Needs `dvc repro prepare`.
 """
@@ -33,8 +33,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 def main(argv: list[str] | None = None) -> None:
     from machine import describe, paired_setup
 
-    args, params, w = paired_setup(__doc__, "vllm_norms", 8, argv, {"--change": dict(choices=("norms", "sampler"),
-                                                                                      default="norms")})
+    args, params, w = paired_setup(__doc__, "vllm_{change}", 8, argv, {"--change": dict(choices=("norms", "sampler"),
+                                                                                        default="norms")})
     import numpy as np
 
     from stages.io import write_json, write_text

@@ -287,16 +287,21 @@ def test_inverse_cdf_draws_follow_the_softmax_and_never_a_masked_token():
     from stages.sample.vllm_backend import inverse_cdf_draw
 
     gen = torch.Generator().manual_seed(0)
-    n, v = 200_000, 300
+    n, v = 50_000, 300
     for scale in (0.5, 4.0):
         logits = (scale * torch.randn(1, v, generator=gen)).expand(n, v).contiguous()
         u = torch.rand(n, 1, dtype=torch.float64, generator=gen)
-        counts = torch.bincount(inverse_cdf_draw(logits, {}, u), minlength=v).double()
-        p = torch.softmax(logits[0].double(), -1)
-        chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
-        assert chi2 < v + 5 * (2 * v) ** 0.5, (scale, chi2)  # mean v - 1, sd sqrt(2 (v - 1))
-        wrong = inverse_cdf_draw(logits, {}, u.roll(1, 0))  # other draws: other tokens (the draw is used)
-        assert (wrong != inverse_cdf_draw(logits, {}, u)).any()
+        drawn = inverse_cdf_draw(logits, {}, u)
+        counts = torch.bincount(drawn, minlength=v).double()
+        expected = n * torch.softmax(logits[0].double(), -1)
+        big = expected >= 5  # the tokens expected fewer than 5 times pooled into one cell (chi-square's rule)
+        pooled = [] if big.all() else [~big]
+        observed = torch.cat([counts[big]] + [counts[m].sum().reshape(1) for m in pooled])
+        wanted = torch.cat([expected[big]] + [expected[m].sum().reshape(1) for m in pooled])
+        df = observed.numel() - 1
+        chi2 = float(((observed - wanted) ** 2 / wanted).sum())
+        assert chi2 < df + 5 * (2 * df) ** 0.5, (scale, chi2, df)  # mean df, sd sqrt(2 df)
+        assert (inverse_cdf_draw(logits, {}, u.roll(1, 0)) != drawn).any()  # other draws, other tokens
     masked = torch.randn(3, 8, generator=gen)
     masked[0, :5] = masked[1, 5:] = masked[2, ::2] = float("-inf")
     u = torch.tensor([[0.0], [0.5], [1.0]], dtype=torch.float64)  # 1.0: beyond any real draw, the rounding case
@@ -330,6 +335,43 @@ def test_inverse_cdf_draw_takes_each_seeded_rows_draw_from_its_own_generator():
     first = inverse_cdf_draw(logits, {})
     torch.manual_seed(3)
     assert torch.equal(inverse_cdf_draw(logits, {}), first)
+
+
+def test_the_inverse_cdf_draw_replaces_only_vllms_cpu_draw_of_raw_logprobs():
+    """`_inverse_cdf_sampler` on a stand-in worker around vLLM's own sampler: installed where vLLM chose its CPU draw
+    (once), refused for another draw (native, GPU), processed logprobs, fp64 Gumbel noise, or a runner without
+    vLLM's top-k/top-p sampler; installed, its draws are `inverse_cdf_draw`'s, greedy rows stay greedy."""
+    if not vllm_available():
+        pytest.skip("vLLM does not import here")
+    import types
+
+    import torch
+    from vllm.v1.sample.sampler import Sampler
+
+    from stages.sample.vllm_backend import _inverse_cdf_sampler, inverse_cdf_draw
+
+    def worker(sampler):
+        return types.SimpleNamespace(model_runner=types.SimpleNamespace(sampler=sampler))
+
+    def cpu_sampler(**kwargs):
+        s = Sampler(**kwargs)
+        s.topk_topp_sampler.forward = s.topk_topp_sampler.forward_cpu  # as vLLM picks it on a CPU
+        return s
+
+    s = cpu_sampler()
+    assert _inverse_cdf_sampler(worker(s)) and not _inverse_cdf_sampler(worker(s))  # once
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    gens = {i: torch.Generator().manual_seed(i) for i in range(3)}
+    got, processed = s.topk_topp_sampler(logits.clone(), gens, None, None)
+    gens = {i: torch.Generator().manual_seed(i) for i in range(3)}
+    assert processed is None and torch.equal(got, inverse_cdf_draw(logits, gens))
+    native = Sampler()
+    native.topk_topp_sampler.forward = native.topk_topp_sampler.forward_native
+    for refused in (native, cpu_sampler(logprobs_mode="processed_logprobs"), cpu_sampler(use_fp64_gumbel=True),
+                    types.SimpleNamespace()):
+        before = getattr(getattr(refused, "topk_topp_sampler", None), "forward", None)
+        assert not _inverse_cdf_sampler(worker(refused))
+        assert getattr(getattr(refused, "topk_topp_sampler", None), "forward", None) == before
 
 
 @pytest.mark.parametrize("engine, wanted", [({}, True), ({"enforce_eager": False}, False),

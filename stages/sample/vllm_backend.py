@@ -188,8 +188,9 @@ def inverse_cdf_draw(logits, generators: dict, u=None):
     x = logits.float()
     e = (x - x.amax(-1, keepdim=True)).exp_()
     c = e.cumsum(-1, dtype=torch.float64)
-    if u is None:
-        u = torch.rand(x.shape[0], 1, dtype=torch.float64, device=x.device)
+    if u is None:  # (every row seeded, as this pipeline's requests are: torch's global generator is left alone)
+        rows = x.shape[0]
+        u = (torch.empty if len(generators) == rows else torch.rand)(rows, 1, dtype=torch.float64, device=x.device)
         for i, gen in generators.items():
             u[i] = torch.rand(1, dtype=torch.float64, device=x.device, generator=gen)
     idx = torch.searchsorted(c, u * c[:, -1:], right=True)  # the first token whose running sum passes the draw
