@@ -17,7 +17,7 @@ The matmul peak is measured in the same run (the best of a few GEMM shapes the m
 timed one by one (the flow runs them in this order too); the writes are the round's three Parquet artifacts, its
 manifest and a checkpoint.
 
-    python benchmarks/roofline.py [--rounds 3] [--params params.yaml] [--out DIR]
+    python benchmarks/roofline.py [--rounds 4] [--params params.yaml] [--out DIR]
     python benchmarks/roofline.py --render [--out DIR]     # rewrite DIR/roofline.md from DIR/roofline.json
 
 Writes benchmarks/results/roofline.json and roofline.md. Needs `dvc repro prepare` (models/base, data/prepared).
@@ -38,6 +38,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 RESULTS = ROOT / "benchmarks" / "results"
 
+
+# the rounds left out of the table: the first pays the one-time costs (the first update, the engine's first calls),
+# the second still grows the process into new memory (AdamW's moments take what the first forward's activations
+# used; benchmarks/results/xeon-amx-draw/first_rounds.txt)
+SETTLE = 2
+
+
+def settled(meta: dict, rows: list) -> list:
+    """The rounds the table is the mean of: those after the first `settle_rounds` (1 in files written before
+    2026-12-06), or all where there are no more."""
+    return rows[meta.get("settle_rounds", 1):] or rows
 
 def matmul_peak(dtype_name: str, seconds: float = 2.0) -> float:
     """Best GFLOP/s of torch.matmul over a few shapes of this model's GEMMs (tokens x 576 x 1536, ...)."""
@@ -96,7 +107,7 @@ def floor_s(meta: dict, rows: list[dict], table: list) -> dict:
     vLLM's best tokens/s, the logprob passes and the update at the matmul peak of their dtype), the other phases as
     measured. Where this floor is above a target, no tuning of kernels reaches it; only less work or a lower precision
     does."""
-    last = rows[1:] or rows
+    last = settled(meta, rows)
     fwd = sum(x["fwd_flops"] for x in last) / len(last)
     gen = sum(x["generated"] for x in last) / len(last)
     peaks, best = meta["peaks_gflops"], max(meta["vllm_rate_by_batch"].values())
@@ -116,8 +127,10 @@ def render(meta: dict, rows: list[dict], table: list) -> str:
     from machine import params_name
 
     peaks, best, total = meta["peaks_gflops"], meta["vllm_rate_by_batch"], meta["round_s"]
-    last = rows[1:] or rows
-    lines = [f"{meta['date']}, {meta['machine']}; {params_name(meta.get('params', 'params.yaml'))}, {len(last)} warm round(s) after the first "
+    last = settled(meta, rows)
+    settle = len(rows) - len(last)
+    after = "the first" if settle <= 1 else f"the first {settle}"
+    lines = [f"{meta['date']}, {meta['machine']}; {params_name(meta.get('params', 'params.yaml'))}, {len(last)} warm round(s) after {after} "
              f"(means). Matmul peak measured in the same run: fp32 {peaks['float32']:.0f}, bf16 "
              f"{peaks['bfloat16']:.0f} GFLOP/s; vLLM tokens/s by batch (sequences): "
              + ", ".join(f"{k}: {v:.0f}" for k, v in best.items()) + ".", "",
@@ -140,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         preload_malloc()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=SETTLE + 2, help=f"rounds run; the table is the mean of those after the first {SETTLE}")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--render", action="store_true", help="rewrite roofline.md from --out's roofline.json, no run")
     args = ap.parse_args(argv)
@@ -237,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         best = vllm_best_rate(w, w.train_prompts, params)
     finally:
         w.sampler.close()
-    last = rows[1:] or rows  # the first round pays one-time costs (see the README); the table uses the later rounds
+    last = settled({"settle_rounds": SETTLE}, rows)  # the first rounds pay one-time costs; the table uses the later
     mean = lambda k: sum(x["times"][k] for x in last) / len(last)  # noqa: E731
     fwd = sum(x["fwd_flops"] for x in last) / len(last)
     gen = sum(x["generated"] for x in last) / len(last)
@@ -269,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{(ckpt_bytes + state_bytes) / 1e9 / mean('writes (checkpoint + manifest)'):.2f} GB/s", "-"))
     total = sum(r[3] for r in table)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "rounds": args.rounds, "params": args.params,
+            "settle_rounds": SETTLE,
             "peaks_gflops": peaks, "vllm_rate_by_batch": best, "round_s": total, "update_forward_at_scoring": ahead}
     md = render(meta, rows, table)
     out = Path(args.out)

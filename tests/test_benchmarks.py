@@ -231,6 +231,18 @@ def test_roofline_floor_is_each_phase_at_its_peak_plus_the_rest_as_measured():
     assert md.count("\n| ") == 8  # the header, six phases and the round
 
 
+def test_roofline_leaves_out_the_rounds_its_file_says_settle():
+    """A run that leaves out its first two rounds (the second still grows into new memory) takes the floor's work
+    from the rest and says so; a file from before (no `settle_rounds`) left out the first only."""
+    meta, rows, table = _roofline_run()
+    rows = rows[:1] + [{"fwd_flops": 9e12, "generated": 9999}] + rows[1:]  # round 2 is left out as well
+    two = meta | {"settle_rounds": 2}
+    assert roofline.settled(two, rows) == rows[2:] and roofline.settled(meta, rows) == rows[1:]
+    assert roofline.floor_s(two, rows, table) == roofline.floor_s(meta, rows[1:], table)
+    assert "2 warm round(s) after the first 2 (means)" in roofline.render(two, rows, table)
+    assert "3 warm round(s) after the first (means)" in roofline.render(meta, rows, table)
+
+
 def test_roofline_floor_of_an_update_whose_forward_ran_at_scoring_is_its_backward():
     meta, rows, table = _roofline_run()
     table[2] = ["policy logprobs", "bfloat16", "", 1.2, "", ""]  # the update's forward, run for the KL
