@@ -99,9 +99,9 @@ def alternate_arms(tmp, arms: list[str], repeats: int, script: str, args: list[s
 def paired_setup(doc: str, name: str, rounds: int, argv: list[str] | None, options: dict | None = None):
     """The start of an in-process paired benchmark (vllm_norms.py, attention.py): the malloc the training command
     runs with (re-executing the script under it when started from the shell), its command line (`--params`,
-    `--rounds`: timed pairs after one warm-up pair, `--out`, default benchmarks/results/NAME, and `options`: {flag:
-    argparse kwargs; NAME may name them: "vllm_{change}"), the prepared inputs, and the warm run for `rounds + 1`
-    rounds. Returns (args, params, warm)."""
+    `--rounds`: timed pairs after one warm-up pair, `--out`, default benchmarks/results/NAME, and `options`, a dict
+    of flag -> argparse kwargs, whose values NAME may use: "vllm_{change}"), the prepared inputs, and the warm run for
+    `rounds + 1` rounds. Returns (args, params, warm)."""
     import argparse
     from pathlib import Path
 

@@ -46,8 +46,8 @@ SETTLE = 2
 
 
 def settled(meta: dict, rows: list) -> list:
-    """The rounds the table is the mean of: those after the first `settle_rounds` (1 in files written before
-    2026-12-06), or all where there are no more."""
+    """The rounds the table is the mean of: those after the first `settle_rounds` (1 in files without it, written
+    before this change), or all where there are no more."""
     return rows[meta.get("settle_rounds", 1):] or rows
 
 def matmul_peak(dtype_name: str, seconds: float = 2.0) -> float:
@@ -129,8 +129,9 @@ def render(meta: dict, rows: list[dict], table: list) -> str:
     peaks, best, total = meta["peaks_gflops"], meta["vllm_rate_by_batch"], meta["round_s"]
     last = settled(meta, rows)
     settle = len(rows) - len(last)
-    after = "the first" if settle <= 1 else f"the first {settle}"
-    lines = [f"{meta['date']}, {meta['machine']}; {params_name(meta.get('params', 'params.yaml'))}, {len(last)} warm round(s) after {after} "
+    what = (f"{len(last)} round(s), none left out" if not settle else
+            f"{len(last)} warm round(s) after the first" + (f" {settle}" if settle > 1 else ""))
+    lines = [f"{meta['date']}, {meta['machine']}; {params_name(meta.get('params', 'params.yaml'))}, {what} "
              f"(means). Matmul peak measured in the same run: fp32 {peaks['float32']:.0f}, bf16 "
              f"{peaks['bfloat16']:.0f} GFLOP/s; vLLM tokens/s by batch (sequences): "
              + ", ".join(f"{k}: {v:.0f}" for k, v in best.items()) + ".", "",
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         preload_malloc()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--rounds", type=int, default=SETTLE + 2, help=f"rounds run; the table is the mean of those after the first {SETTLE}")
+    ap.add_argument("--rounds", type=int, default=SETTLE + 2,
+                    help=f"rounds run (more than {SETTLE}); the table is the mean of those after the first {SETTLE}")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--render", action="store_true", help="rewrite roofline.md from --out's roofline.json, no run")
     args = ap.parse_args(argv)
@@ -168,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         write_text(md, Path(args.out) / "roofline.md")
         print(md)
         return
+    if args.rounds <= SETTLE:
+        ap.error(f"--rounds: {args.rounds} leaves no round to measure; use more than {SETTLE} (the first {SETTLE} are "
+                 "left out of the table)")
 
     from machine import describe
 

@@ -1,5 +1,6 @@
-"""vLLM on the CPU, one of this project's changes to its engine against vLLM's own, on the warm engine of the default
-task, in pairs in one process (`--change`):
+"""vLLM on the CPU: one of this project's changes to its engine against vLLM's own, in pairs on a warm engine.
+
+On the default task's warm engine, in one process (`--change`):
 
 - `norms`: its RMSNorms through its compiled kernels (the default, `stages.sample.vllm_backend.cpu_norm_kernels`)
   against its native torch ones;

@@ -241,6 +241,9 @@ def test_roofline_leaves_out_the_rounds_its_file_says_settle():
     assert roofline.floor_s(two, rows, table) == roofline.floor_s(meta, rows[1:], table)
     assert "2 warm round(s) after the first 2 (means)" in roofline.render(two, rows, table)
     assert "3 warm round(s) after the first (means)" in roofline.render(meta, rows, table)
+    assert "1 round(s), none left out (means)" in roofline.render(meta, rows[:1], table)  # a one-round file
+    with pytest.raises(SystemExit):  # a run that would leave nothing to measure
+        roofline.main(["--rounds", "2", "--out", "unused"])
 
 
 def test_roofline_floor_of_an_update_whose_forward_ran_at_scoring_is_its_backward():
