@@ -379,22 +379,34 @@ def test_the_inverse_cdf_draw_replaces_only_vllms_cpu_draw_of_raw_logprobs():
 def test_only_an_in_process_eager_cpu_engine_asks_for_the_compiled_norms(monkeypatch, engine, wanted):
     """The engine kwargs VLLMSampler passes, with a stand-in for vLLM's LLM: the norms' priority for an eager engine
     in this process; none for a compiled one (inductor fuses the native norms) or one whose workers are other
-    processes (they cannot see the provider)."""
+    processes (they cannot see the provider). An engine in this process, compiled or not, is asked to draw with
+    `inverse_cdf_draw`; one whose workers are other processes is not asked."""
     if not cpu_norm_kernels_here():
         pytest.skip("vLLM's compiled CPU norms: vLLM's CPU build (installed by make setup on a CPU machine)")
     import vllm
 
-    from stages.sample.vllm_backend import CPU_NORM_PROVIDER, VLLMSampler
+    from stages.sample.vllm_backend import CPU_NORM_PROVIDER, VLLMSampler, _inverse_cdf_sampler
 
-    seen = {}
-    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: seen.update(kwargs))
+    seen, asked = {}, []
+
+    class Engine:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def collective_rpc(self, fn):
+            asked.append(fn)
+            return [True]
+
+    monkeypatch.setattr(vllm, "LLM", Engine)
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    VLLMSampler("unused", fp32_params(**engine).sample)
+    sampler = VLLMSampler("unused", fp32_params(**engine).sample)
     assert seen["model"] == "unused" and seen["enforce_eager"] == engine.get("enforce_eager", True)
     if wanted:
         assert seen["ir_op_priority"] == {"rms_norm": [CPU_NORM_PROVIDER], "fused_add_rms_norm": [CPU_NORM_PROVIDER]}
     else:
         assert "ir_op_priority" not in seen
+    in_process = engine.get("tensor_parallel_size", 1) == 1
+    assert asked == ([_inverse_cdf_sampler] if in_process else []) and sampler.inverse_cdf == in_process
 
 
 def test_kv_block_size_auto_and_checked():
