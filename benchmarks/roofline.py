@@ -50,6 +50,7 @@ def settled(meta: dict, rows: list) -> list:
     before this change), or all where there are no more."""
     return rows[meta.get("settle_rounds", 1):] or rows
 
+
 def matmul_peak(dtype_name: str, seconds: float = 2.0) -> float:
     """Best GFLOP/s of torch.matmul over a few shapes of this model's GEMMs (tokens x 576 x 1536, ...)."""
     import torch

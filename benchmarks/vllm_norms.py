@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from stages.logprobs import sequence_logprobs
     from stages.loop import steps
     from stages.loop.resume import round_prompts
-    from stages.sample.vllm_backend import CPU_NORM_PROVIDER
+    from stages.sample.vllm_backend import CPU_NORM_PROVIDER, topk_topp_sampler
     from stages.score import completion_inputs
 
     if getattr(w.sampler, "name", "") != "vllm":
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     @contextlib.contextmanager
     def gumbel():
-        tks = w.sampler.llm.llm_engine.model_executor.driver_worker.worker.model_runner.sampler.topk_topp_sampler
+        tks = w.sampler.llm.collective_rpc(topk_topp_sampler)[0]  # (the engine is in this process: the object itself)
         ours, tks.forward = tks.forward, tks.forward_cpu
         try:
             yield

@@ -279,7 +279,7 @@ def test_cpu_norm_kernels_compute_vllms_norms_and_leave_what_they_cannot_to_the_
 
 
 def test_inverse_cdf_draws_follow_the_softmax_and_never_a_masked_token():
-    """`inverse_cdf_draw` (the CPU engine's draw): frequencies of 200k draws against the exact softmax (chi-square,
+    """`inverse_cdf_draw` (the CPU engine's draw): frequencies of 50k draws against the exact softmax (chi-square,
     a flat and a peaked row), masked tokens (-inf, as top-k/top-p leave them) never drawn, wherever they are, and a
     draw at the very top of the total (its product rounded up to it) goes to the last token with mass."""
     import torch

@@ -201,12 +201,17 @@ def inverse_cdf_draw(logits, generators: dict, u=None):
     return idx.squeeze(1)
 
 
+def topk_topp_sampler(worker):
+    """Runs on the worker: the engine's top-k/top-p sampler module, whose `forward` draws the tokens (None where the
+    runner has none)."""
+    return getattr(getattr(getattr(worker, "model_runner", None), "sampler", None), "topk_topp_sampler", None)
+
+
 def _inverse_cdf_sampler(worker) -> bool:
     """Runs on the worker: vLLM's CPU top-k/top-p sampler draws with `inverse_cdf_draw` instead of its per-entry Gumbel
     noise (its top-k/top-p masks as they are). Only where vLLM chose its CPU path and returns no processed logprobs
     (this engine asks for raw ones); True when it did."""
-    sampler = getattr(getattr(worker, "model_runner", None), "sampler", None)
-    tks = getattr(sampler, "topk_topp_sampler", None)
+    tks = topk_topp_sampler(worker)
     if tks is None or getattr(tks, "forward_cpu", None) is None or tks.forward != tks.forward_cpu:
         return False
     if getattr(tks, "use_fp64_gumbel", False) or str(getattr(tks, "logprobs_mode", "")).startswith("processed"):
