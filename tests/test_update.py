@@ -189,6 +189,42 @@ def test_zero_advantages_leave_weights_unchanged(tiny_model_dir):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_adamw_state_allocated_at_load_steps_as_the_lazy_one(tiny_model_dir):
+    """A fresh run's trainer (load_trainer) holds AdamW's zeros from the start; its steps, weights and optimizer
+    state are bit for bit those of a trainer whose AdamW made them in its first step (docs/design.md §7)."""
+    from stages.update import load_trainer
+
+    params = make_params(tiny_model_dir)
+    eager, meta = load_trainer(params, CPU)
+    lazy = Trainer(str(tiny_model_dir), params, CPU)
+    assert meta is None and not lazy.optimizer.state
+    trainable = [p for p in eager.model.parameters() if p.requires_grad]
+    assert set(eager.optimizer.state) == set(trainable)
+    assert all(float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+               for st in eager.optimizer.state.values())
+    assert not eager.allocate_optimizer_state()  # once: a state already there (a resumed run's) is never replaced
+    for advantages in ([1.0, -0.5, 0.3, 2.0], [-1.0, 0.5, 0.2, 0.1]):
+        for t in (eager, lazy):
+            t.step(make_batch(t, advantages))
+    assert all(torch.equal(a, b) for a, b in zip(weights(eager.model).values(), weights(lazy.model).values()))
+    es, ls = eager.optimizer.state_dict()["state"], lazy.optimizer.state_dict()["state"]
+    assert es.keys() == ls.keys()
+    for i in es:
+        assert es[i].keys() == ls[i].keys()
+        for k in es[i]:
+            assert es[i][k].dtype == ls[i][k].dtype and es[i][k].device == ls[i][k].device, (i, k)
+            assert torch.equal(es[i][k], ls[i][k]), (i, k)
+
+
+def test_the_gradients_are_freed_once_the_optimizer_took_them(tiny_model_dir):
+    """No gradient outlives its step: the next round's forward reuses their memory (docs/design.md §7)."""
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir, num_mini_batches=2), CPU)
+    grads = capture_grads(trainer)
+    trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    assert len(grads) == 2 and all(g for g in grads)  # each step saw its gradients
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
 def _accumulated(model_dir, gas, aggregation):
     trainer = Trainer(str(model_dir), make_params(model_dir, gradient_accumulation_steps=gas, max_grad_norm=0.0,
                                                   loss_aggregation=aggregation), CPU)
