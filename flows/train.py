@@ -290,8 +290,6 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             logger.info("round %d/%d: reward %.3f, kl %.4f, grad norm %.3f, %.1f s (sample %.1f, update %.1f)", r + 1,
                         total, metrics["reward"], metrics["kl"], metrics["grad_norm"], metrics["time/round_s"],
                         metrics["time/sample_s"], metrics["time/update_s"])
-        if dist.main:  # the reward curve's plot while the last checkpoint is still being written
-            tracking.log_curve(history)
         writer.close()
         # 4. the run's outputs
         summary = {}

@@ -39,7 +39,6 @@ def _prefect_flow_run_id() -> str | None:
 
 
 TOPOLOGY_TAGS = ("world_size", "backend", "strategy")
-_curve_logged = False
 
 
 def _update_resumed(run, latest: dict, params) -> None:
@@ -62,13 +61,12 @@ def _update_resumed(run, latest: dict, params) -> None:
 def start_run(params, identity: str, resume_id: str | None = None, topology: dict | None = None):
     """Start (or re-open) the MLflow run of this training run; `topology` (world size, backend, strategy) becomes
     tags of the run (rank 0 alone logs)."""
-    global _run, _curve_logged
+    global _run
     import mlflow
 
     os.environ.setdefault("MLFLOW_TRACKING_URI", params.mlflow.tracking_uri)
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    _curve_logged = False
     mlflow.set_experiment(params.mlflow.experiment)
     if resume_id:
         try:
@@ -129,28 +127,17 @@ def log_round(metrics: dict, step: int, samples=None, scores=None, advantages=No
         mlflow.log_dict({"round": step, "completions": table.to_dicts()}, f"completions/round_{step:04d}.json")
 
 
-def log_curve(history: list[dict]) -> None:
-    """The reward-curve plot and the history table, once per run: the flow logs them while the last checkpoint
-    is still being written; `finish_run` logs them where nobody did."""
-    global _curve_logged
-
-    if _run is None or _curve_logged or not history:
-        return
-    try:
-        _log_curve(history)
-        _curve_logged = True
-    except Exception as exc:  # a plot must never fail a finished run
-        log.warning("MLflow: could not log the reward curve (%s)", exc)
-
-
 def finish_run(summary: dict | None, history: list[dict], failed: bool = False) -> None:
     global _run
     import mlflow
 
     if _run is None:
         return
-    if not failed:
-        log_curve(history)
+    try:
+        if history and not failed:
+            _log_curve(history)
+    except Exception as exc:  # a plot must never fail a finished run
+        log.warning("MLflow: could not log the reward curve (%s)", exc)
     mlflow.end_run(status="FAILED" if failed else "FINISHED")
     _run = None
 

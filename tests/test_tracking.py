@@ -79,23 +79,3 @@ def test_an_unknown_run_id_starts_a_new_run(store):
     assert run.info.run_id != "0" * 32
     tracking.finish_run(None, [])
     assert store.get_run(run.info.run_id).info.status == "FINISHED"
-
-
-def test_the_curve_logged_before_the_end_is_logged_once(store, monkeypatch):
-    """The flow logs the reward curve while its last checkpoint is written, then finishes the run: the plot and the
-    history table once, the run FINISHED after them; a new run logs its own curve again."""
-    calls = []
-    real = tracking._log_curve
-    monkeypatch.setattr(tracking, "_log_curve", lambda history: calls.append(len(history)) or real(history))
-    history = [{"reward": 0.1, "kl": 0.0}, {"reward": 0.2, "kl": 0.1}]
-    run_id = tracking.start_run(repo_params(), "ident").info.run_id
-    tracking.log_curve(history)
-    assert store.get_run(run_id).info.status == "RUNNING"
-    tracking.finish_run({"reward": 0.2}, history)
-    assert calls == [2]
-    assert store.get_run(run_id).info.status == "FINISHED"
-    assert sorted(a.path for a in store.list_artifacts(run_id)) == ["history.json", "plots"]
-    assert [a.path for a in store.list_artifacts(run_id, "plots")] == ["plots/reward_curve.png"]
-    tracking.start_run(repo_params(), "other")
-    tracking.finish_run({"reward": 0.3}, history[:1])  # nobody logged it: finish_run does
-    assert calls == [2, 1]
