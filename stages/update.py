@@ -360,20 +360,25 @@ class Trainer:
         return self.forward_model.no_sync()
 
     def allocate_optimizer_state(self) -> bool:
-        """AdamW's moments allocated now, at load, as a resumed run's are loaded then (docs/design.md §7): the zeros
-        (and step 0) its first step would make, in the same dtypes and places. Left lazy, the first update took the
-        memory the next round's kept forward had used, and that forward faulted in ~1 GiB anew (0.3-1.2 s on a VM).
-        Only for a fresh fused or single-tensor AdamW without amsgrad (FSDP's sharded one stays lazy); whether it
+        """AdamW's state created now, at load, as a resumed run's is loaded then (docs/design.md §7): the step 0 and
+        zero moments its first step would make, in the same dtypes and places (torch's `_init_group`). Left lazy,
+        the first update faulted in those 1.08 GB (~260k pages) inside the round, and the next round's kept forward
+        grew the process again (round 2 0.3-1.0 s slower here). The state is the lazy one wherever every trainable
+        parameter gets a gradient in the first step (a full fine-tune, LoRA's adapters); one that never did would
+        carry a state at step 0. Any AdamW without amsgrad, except FSDP's sharded one (left lazy); whether it
         allocated."""
         opt = self.optimizer
         if opt.state or self.sharded or not isinstance(opt, torch.optim.AdamW) or any(
                 g["amsgrad"] for g in opt.param_groups):
             return False
-        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # AdamW's own choice
+        # AdamW's own choice (torch.optim.optimizer._get_scalar_dtype): fp32 when fused, else fp64 under an fp64 default
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         for group in opt.param_groups:
             for p in group["params"]:
-                step = (torch.zeros((), dtype=torch.float32, device=p.device) if group["fused"] or group["capturable"]
-                        else torch.tensor(0.0, dtype=scalar))
+                if group["fused"] or group["capturable"]:
+                    step = torch.zeros((), dtype=torch.float32 if group["fused"] else scalar, device=p.device)
+                else:
+                    step = torch.tensor(0.0, dtype=scalar, device="cpu")
                 opt.state[p] = {"step": step,
                                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}

@@ -189,15 +189,22 @@ def test_zero_advantages_leave_weights_unchanged(tiny_model_dir):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_adamw_state_allocated_at_load_steps_as_the_lazy_one(tiny_model_dir):
+@pytest.mark.parametrize("setup", ["full", "weight_decay", "lora"])
+def test_adamw_state_allocated_at_load_steps_as_the_lazy_one(tiny_model_dir, setup):
     """A fresh run's trainer (load_trainer) holds AdamW's zeros from the start; its steps, weights and optimizer
-    state are bit for bit those of a trainer whose AdamW made them in its first step (docs/design.md §7)."""
+    state are bit for bit those of a trainer whose AdamW made them in its first step (docs/design.md §7): full
+    fine-tuning, with weight decay, and LoRA (only the adapters trainable)."""
     from stages.update import load_trainer
 
-    params = make_params(tiny_model_dir)
+    params = {"full": lambda: make_params(tiny_model_dir),
+              "weight_decay": lambda: make_params(tiny_model_dir, weight_decay=0.1),
+              "lora": lambda: lora_params(tiny_model_dir)}[setup]()
+    torch.manual_seed(0)  # LoRA's adapters start random: the same start for both
     eager, meta = load_trainer(params, CPU)
+    torch.manual_seed(0)
     lazy = Trainer(str(tiny_model_dir), params, CPU)
     assert meta is None and not lazy.optimizer.state
+    assert all(torch.equal(a, b) for a, b in zip(weights(eager.model).values(), weights(lazy.model).values()))
     trainable = [p for p in eager.model.parameters() if p.requires_grad]
     assert set(eager.optimizer.state) == set(trainable)
     assert all(float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
