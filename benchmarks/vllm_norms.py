@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                 w.sampler.llm.reset_prefix_cache()  # else the second arm would reuse the first's prompt blocks
                 with arms[arm]():
                     t0 = time.perf_counter()
-                    samples, _ = steps.sample_round(w, pair, prompts)
+                    samples, _ = steps.sample_round(w, pair, prompts, logprobs=True)  # compared below
                     secs = time.perf_counter() - t0
                 p_ids, c_ids = completion_inputs(samples, w.tokenizer)
                 exact, _ = sequence_logprobs(w.trainer.model, p_ids, c_ids, w.tokenizer.pad_token_id, len(c_ids),

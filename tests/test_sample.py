@@ -312,6 +312,33 @@ def test_inverse_cdf_draws_follow_the_softmax_and_never_a_masked_token():
     assert got[0] == 5 and got[2] == 7  # u = 0: the first token with mass; u = 1: the last
 
 
+def test_the_two_level_search_draws_what_one_running_sum_draws():
+    """`inverse_cdf_draw` finds the draw's block from the blocks' sums, then its token inside the block: the tokens
+    one float64 running sum over the whole row gives, for flat and peaked rows, masked tokens, a short last block,
+    and draws at 0 and next to 1."""
+    import torch
+
+    from stages.sample.vllm_backend import CDF_BLOCK, inverse_cdf_draw
+
+    def one_running_sum(logits, u):
+        x = logits.float()
+        e = (x - x.amax(-1, keepdim=True)).exp_()
+        c = e.cumsum(-1, dtype=torch.float64)
+        return torch.searchsorted(c, u * c[:, -1:], right=True).clamp_(max=x.shape[-1] - 1).squeeze(1)
+
+    gen = torch.Generator().manual_seed(0)
+    for v in (CDF_BLOCK * 4, CDF_BLOCK * 4 + 37, 49):
+        for scale in (0.5, 3.0, 12.0):
+            logits = scale * torch.randn(400, v, generator=gen)
+            logits[::3, : v // 2] = float("-inf")
+            logits[1::3, torch.randperm(v, generator=gen)[: v // 3]] = float("-inf")
+            u = torch.rand(400, 1, dtype=torch.float64, generator=gen)
+            u[0], u[1], u[2] = 0.0, 1 - 2**-40, 0.5
+            got = inverse_cdf_draw(logits, {}, u)
+            assert torch.equal(got, one_running_sum(logits, u)), (v, scale)
+            assert torch.isfinite(logits[torch.arange(400), got]).all()
+
+
 def test_inverse_cdf_draw_takes_each_seeded_rows_draw_from_its_own_generator():
     """A row with its own generator (a seeded vLLM request) draws the same token whatever the other rows are and
     whether they have generators; rows without one draw from torch's global generator."""

@@ -81,6 +81,22 @@ def test_a_prompts_completions_depend_on_its_seed_alone(backend):
     assert len({tuple(c.token_ids) for c in together[0]}) > 1  # the K completions of a prompt differ
 
 
+def test_without_logprobs_the_same_completions(backend):
+    """`GenerationConfig.logprobs=False` (a training round that does not use the engine's logprobs): the same tokens
+    and texts; a backend may skip the logprobs (vLLM does: its per-token log-softmax and rank) or return them."""
+    from dataclasses import replace
+
+    sampler, _, ids = backend
+    with_lp = sampler.generate(ids, CFG, SEEDS)
+    without = sampler.generate(ids, replace(CFG, logprobs=False), SEEDS)
+    pairs = [(a, b) for ga, gb in zip(with_lp, without, strict=True) for a, b in zip(ga, gb, strict=True)]
+    assert all(a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason for a, b in pairs)
+    assert all(b.logprobs is None or b.logprobs == a.logprobs for a, b in pairs)
+    if sampler.name.startswith("vllm"):
+        assert all(b.logprobs is None for _, b in pairs)
+    assert all(a.logprobs is not None and len(a.logprobs) == len(a.token_ids) for a, _ in pairs)
+
+
 def test_new_weights_are_visible_in_the_next_generation(backend, tiny_model_dir):
     sampler, tok, ids = backend
     greedy = GenerationConfig(k=1, max_tokens=6, greedy=True)

@@ -68,7 +68,11 @@ def test_the_first_round_of_a_fresh_run_has_kl_zero_without_a_reference_pass(pro
     try:
         assert w.policy_is_ref  # the trainer was loaded from the reference's weights
         calls = _ref_passes(monkeypatch, w)
+        asked, generate = [], w.sampler.generate  # the round asks the engine for logprobs only where it uses them
+        monkeypatch.setattr(w.sampler, "generate", lambda ids, cfg, seeds: asked.append(cfg.logprobs) or
+                            generate(ids, cfg, seeds))
         samples = _round(w, 0)
+        assert asked == [sample_dtype == "float32"] == [steps.round_uses_sampler_logprobs(w)]
         scores, _ = steps.score_round(w, samples)
         assert True not in calls  # no reference pass in round 1
         assert scores["kl"].to_list() == [0.0] * scores.height

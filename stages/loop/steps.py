@@ -29,15 +29,19 @@ def my_prompt_ids(w: Warm, table: pl.DataFrame) -> set[str]:
     return {order[i] for i in w.dist.shard(len(order))}
 
 
-def sample_round(w: Warm, r: int, prompts: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+def sample_round(w: Warm, r: int, prompts: pl.DataFrame, logprobs: bool | None = None) -> tuple[pl.DataFrame, dict]:
+    """The round's K completions per prompt. `logprobs`: ask the engine for each token's logprob; by default only
+    where the round uses them (`round_uses_sampler_logprobs`), else `sampler_logprobs` is null."""
     from stages.sample import generation_config, sample_prompts, sample_stats
     from stages.schemas import SAMPLES
 
     sp, t0 = w.params.sample, time.perf_counter()
     local = prompts[w.dist.shard(prompts.height)]
+    if logprobs is None:
+        logprobs = round_uses_sampler_logprobs(w)
     if local.height:
-        df, stats = sample_prompts(w.sampler, w.tokenizer, local, generation_config(sp), w.params.base.seed, r, r,
-                                   sp.max_model_len)
+        df, stats = sample_prompts(w.sampler, w.tokenizer, local, generation_config(sp, logprobs=logprobs),
+                                   w.params.base.seed, r, r, sp.max_model_len)
     else:  # more ranks than prompts: this one samples nothing this round
         df, stats = pl.DataFrame(schema=SAMPLES), {}
     if not w.dist.enabled:
@@ -51,6 +55,14 @@ def sampler_logprobs_are_policys(choice: str, sampler_exact: bool) -> bool:
     policy's own, `sampler_exact`; measured 1.6e-4 nats max per 40-token sequence against the fp32 trainer,
     docs/design.md §7)."""
     return choice == "sampler" or (choice == "auto" and sampler_exact)
+
+
+def round_uses_sampler_logprobs(w: Warm) -> bool:
+    """Whether a training round reads the engine's logprobs: as the KL's policy logprobs (`score.policy_logprobs`
+    resolving to `sampler`, whatever the round's size). Where it does not (a bf16 engine: the update's forward or a
+    trainer pass gives them), the round does not ask for them: -0.13 s of 1.40 s a round's sampling takes on the 2-core
+    Xeon with AMX, the same tokens (docs/design.md §7)."""
+    return sampler_logprobs_are_policys(w.params.score.policy_logprobs, w.sampler.exact_logprobs)
 
 
 def resolve_policy_logprobs(params, rows: int, sampler_exact: bool, autocast: bool, micro_cap: int,
@@ -107,6 +119,11 @@ def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     t0 = time.perf_counter()
     local = samples.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples))) if w.dist.enabled else samples
     source = policy_logprobs_for(w, local.height)
+    if source == "sampler" and local["sampler_logprobs"].null_count():
+        from stages.errors import PipelineError
+
+        raise PipelineError("score.policy_logprobs: the round's policy logprobs are the sampler's, but its samples "
+                            "were drawn without them (sample_round(logprobs=False)); sample the round with logprobs")
     logp_policy = [float(sum(x)) for x in local["sampler_logprobs"]] if source == "sampler" else None
     ahead_s: list[float] = []
 

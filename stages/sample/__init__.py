@@ -16,7 +16,11 @@ Choices:
 - `completion_token_ids` include the EOS token when the model stopped on it (its logprob is part of the
   sequence logprob the update trains on); `completion` text excludes it.
 - `sampler_logprobs` are the engine's raw logprobs (before temperature), kept for diagnostics; the
-  update recomputes "old" logprobs with the trainer itself (docs/design.md §7).
+  update recomputes "old" logprobs with the trainer itself (docs/design.md §7). A training round asks for them only
+  where it uses them (`GenerationConfig.logprobs`, `stages.loop.steps.sample_round`): an fp32 engine's, or
+  `score.policy_logprobs: sampler`. A bf16 engine's are off the policy's by ~0.3 nats a sequence and unused, so its
+  rounds' rows hold null there; vLLM then skips the log-softmax and rank it computes per token (9 % of a round's
+  sampling on the 2-core Xeon with AMX).
 
 Run: `python -m stages.sample --prompts data/prepared/train.parquet --out samples.parquet [--model DIR]`.
 """
@@ -42,7 +46,7 @@ log = logging.getLogger(__name__)
 class Completion:
     text: str
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[float] | None  # None: not asked for (`GenerationConfig.logprobs`) and skipped by the backend
     finish_reason: str  # "stop" | "length"
 
 
@@ -54,12 +58,15 @@ class GenerationConfig:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     greedy: bool = False
+    # each sampled token's logprob; False lets a backend skip them (vLLM does: its per-token log-softmax and rank)
+    logprobs: bool = True
 
 
 class Sampler(Protocol):
     """What the loop needs from a sampling engine; every backend in `BACKENDS` implements it and passes the shared
     contract test (tests/test_sampler_contract.py): K rows per prompt, logprobs aligned with the tokens, a prompt's
-    completions fixed by its seed alone, and new weights visible in the next generation."""
+    completions fixed by its seed alone (with or without logprobs), and new weights visible in the next
+    generation."""
 
     name: str
     exact_logprobs: bool  # its logprobs are the fp32 policy's own (then the flow may skip the policy scoring pass)
@@ -73,10 +80,12 @@ class Sampler(Protocol):
     def close(self) -> None: ...
 
 
-def generation_config(sample_params, *, k: int | None = None, max_tokens: int | None = None, greedy: bool = False) -> GenerationConfig:
+def generation_config(sample_params, *, k: int | None = None, max_tokens: int | None = None, greedy: bool = False,
+                      logprobs: bool = True) -> GenerationConfig:
     """The one place a GenerationConfig is built from `sample` params (training rounds, evaluation, the CLI)."""
     sp = sample_params
-    return GenerationConfig(k or sp.k, max_tokens or sp.max_completion_length, sp.temperature, sp.top_p, list(sp.stop), greedy)
+    return GenerationConfig(k or sp.k, max_tokens or sp.max_completion_length, sp.temperature, sp.top_p, list(sp.stop),
+                            greedy, logprobs)
 
 
 def prompt_seed(seed: int, round_idx: int, prompt_id: str) -> int:

@@ -173,30 +173,50 @@ def cpu_norm_kernels() -> dict:
     return {"ir_op_priority": {"rms_norm": [CPU_NORM_PROVIDER], "fused_add_rms_norm": [CPU_NORM_PROVIDER]}}
 
 
+CDF_BLOCK = 256  # tokens a block of `inverse_cdf_draw`'s two-level search (~sqrt of a 49k vocabulary)
+
+
 def inverse_cdf_draw(logits, generators: dict, u=None):
     """One token per row of `logits` drawn from softmax(logits) by inverting its cumulative sum with one uniform draw
     per row: from the row's own generator where `generators` has one ({row: torch.Generator}, vLLM's seeded
     requests), else from torch's global one (`u`, a (rows, 1) float64 tensor in [0, 1), replaces the draws in tests).
 
     Exact up to float64 rounding of the running sum of the fp32 `exp(logits - max)` (a masked token, -inf, has no
-    mass and is never drawn). vLLM's CPU sampler draws one Gumbel noise per vocabulary entry instead
-    (`fused_gumbel_argmax`): 4.7 ms a decoding step of 32 rows of a 49k vocabulary on 2 AMX cores against 1.6 ms here
-    (docs/design.md §7). Each row's draw depends on its own generator alone, as vLLM's does, so a prompt's completions
-    still depend on its seed alone (§4)."""
+    mass and is never drawn). The sum runs in two levels: the float64 sums of blocks of `CDF_BLOCK` tokens and their
+    running sum find the draw's block, then the running sum inside that block alone finds its token; one float64
+    running sum over the whole vocabulary took 5x as long (7.0 against 1.3 ms for 32 rows of a 49k vocabulary on 2
+    AMX cores; the same tokens in 9600 draws, docs/design.md §7). vLLM's CPU sampler draws one Gumbel noise per
+    vocabulary entry instead (`fused_gumbel_argmax`): 4.7 ms a decoding step there. Each row's draw depends on its
+    own generator alone, as vLLM's does, so a prompt's completions still depend on its seed alone (§4)."""
     import torch
 
     x = logits.float()
     e = (x - x.amax(-1, keepdim=True)).exp_()
-    c = e.cumsum(-1, dtype=torch.float64)
+    rows, v = e.shape
     if u is None:  # (every row seeded, as this pipeline's requests are: torch's global generator is left alone)
-        rows = x.shape[0]
         u = (torch.empty if len(generators) == rows else torch.rand)(rows, 1, dtype=torch.float64, device=x.device)
         for i, gen in generators.items():
             u[i] = torch.rand(1, dtype=torch.float64, device=x.device, generator=gen)
-    idx = torch.searchsorted(c, u * c[:, -1:], right=True)  # the first token whose running sum passes the draw
-    over = idx >= x.shape[-1]  # the draw times the total rounded up to the total: the last token with mass
+    bs, full = CDF_BLOCK, v // CDF_BLOCK
+    sums = [e[:, : full * bs].view(rows, full, bs).sum(-1, dtype=torch.float64)] if full else []
+    if v > full * bs:
+        sums.append(e[:, full * bs :].sum(-1, keepdim=True, dtype=torch.float64))
+    cs = torch.cat(sums, 1).cumsum(-1)
+    target = u * cs[:, -1:]
+    block = torch.searchsorted(cs, target, right=True)  # the first block whose running sum passes the draw
+    over = block >= cs.shape[1]  # the draw times the total rounded up to the total: the last token with mass
+    block.clamp_(max=cs.shape[1] - 1)
+    before = torch.where(block > 0, cs.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    cols = block * bs + torch.arange(bs, device=x.device)
+    inside = cols < v  # the last block may be short
+    part = torch.where(inside, e.gather(1, cols.clamp(max=v - 1)), torch.zeros((), dtype=e.dtype, device=x.device))
+    j = torch.searchsorted(part.cumsum(-1, dtype=torch.float64), target - before, right=True)
+    short = j >= bs  # the block's running sum rounded below its sum: its last token with mass
+    if bool(short.any()):
+        j = torch.where(short, bs - 1 - (part.flip(-1) > 0).to(torch.uint8).argmax(-1, keepdim=True), j)
+    idx = block * bs + j
     if bool(over.any()):
-        last = x.shape[-1] - 1 - (e.flip(-1) > 0).to(torch.uint8).argmax(-1, keepdim=True)
+        last = v - 1 - (e.flip(-1) > 0).to(torch.uint8).argmax(-1, keepdim=True)
         idx = torch.where(over, last, idx)
     return idx.squeeze(1)
 
@@ -320,7 +340,7 @@ class VLLMSampler:
                 max_tokens=cfg.max_tokens,
                 stop=list(cfg.stop) or None,
                 seed=s,
-                logprobs=0,  # the sampled token's own logprob
+                logprobs=0 if cfg.logprobs else None,  # the sampled token's own logprob, where asked for
             )
             for s in seeds
         ]
@@ -331,7 +351,9 @@ class VLLMSampler:
             group = []
             for o in out.outputs:
                 token_ids = list(o.token_ids)
-                logprobs = [float(step[t].logprob) for step, t in zip(o.logprobs or [], token_ids)]
+                logprobs = None
+                if cfg.logprobs:
+                    logprobs = [float(step[t].logprob) for step, t in zip(o.logprobs or [], token_ids)]
                 group.append(Completion(o.text, token_ids, logprobs, "length" if o.finish_reason == "length" else "stop"))
             groups.append(group)
         return groups
