@@ -55,11 +55,15 @@ def win_rate(policy_scores: np.ndarray, ref_scores: np.ndarray) -> float:
     return float(wins.mean())
 
 
-def generate_one(sampler, tokenizer, prompts: pl.DataFrame, params, seed: int, policy_version: int) -> pl.DataFrame:
+def generate_one(sampler, tokenizer, prompts: pl.DataFrame, params, seed: int, policy_version: int,
+                 logprobs: bool = True) -> pl.DataFrame:
+    """One completion per held-out prompt. `logprobs`: ask the engine for them (only the policy's, and only from an
+    engine whose logprobs are exact, replace a pass: `evaluate_policy`'s `sampler_exact`)."""
     from stages.sample import generation_config, sample_prompts
 
     ev = params.evaluate
-    cfg = generation_config(params.sample, k=1, max_tokens=ev.max_completion_length, greedy=ev.greedy)
+    cfg = generation_config(params.sample, k=1, max_tokens=ev.max_completion_length, greedy=ev.greedy,
+                            logprobs=logprobs)
     df, _ = sample_prompts(sampler, tokenizer, prompts, cfg, seed, -1, policy_version, params.sample.max_model_len)
     return df
 
@@ -250,10 +254,10 @@ def main(argv: list[str] | None = None) -> None:
     rewards = build_rewards(params.score.rewards, device=device, batch_size=params.score.batch_size)
     sampler = make_sampler(str(ref_dir), params)
     try:
-        ref_samples = generate_one(sampler, tokenizer, prompts, params, params.base.seed, 0)
-        sampler.update_weights(state_dict=policy.state_dict())
-        policy_samples = generate_one(sampler, tokenizer, prompts, params, params.base.seed, version)
         exact = sampler.exact_logprobs
+        ref_samples = generate_one(sampler, tokenizer, prompts, params, params.base.seed, 0, logprobs=False)
+        sampler.update_weights(state_dict=policy.state_dict())
+        policy_samples = generate_one(sampler, tokenizer, prompts, params, params.base.seed, version, logprobs=exact)
     finally:
         sampler.close()
     ref_scores = task_scores(ref_samples, rewards, prompts)

@@ -231,3 +231,26 @@ def test_an_explicit_update_forward_that_cannot_be_is_refused_before_loading_the
     with pytest.raises(PipelineError, match=r"score.policy_logprobs: update needs .* micro-batches of .*"
                                             r"update.gradient_accumulation_steps 2\); set it to auto"):
         _warm(params)
+
+
+@pytest.mark.parametrize("sample_dtype", ["float32", "bfloat16"])
+def test_held_out_sampling_asks_for_logprobs_only_where_they_replace_a_pass(project, monkeypatch, sample_dtype):
+    """The in-training evaluation: the reference's held-out completions (made at load) never need the engine's
+    logprobs; the policy's need them where they are exact (an fp32 engine's replace its logprob pass)."""
+    from stages.loop import steps
+    from stages.loop.warm import load_warm
+    from stages.sample.hf_backend import HFSampler
+
+    asked, generate = [], HFSampler.generate
+    monkeypatch.setattr(HFSampler, "generate", lambda self, ids, cfg, seeds: asked.append((cfg.k, cfg.logprobs)) or
+                        generate(self, ids, cfg, seeds))
+    params = project(**{"sample.dtype": sample_dtype, "train.eval_every": 1})
+    w = load_warm(params, 2, with_eval=True)
+    try:
+        metrics = steps.evaluate_round(w, 0)
+        exact = sample_dtype == "float32"
+        assert w.sampler.exact_logprobs == exact
+        assert asked == [(1, False), (1, exact)]
+        assert metrics["kl"] == pytest.approx(0.0, abs=1e-3)  # the untrained policy is the reference
+    finally:
+        w.sampler.close()

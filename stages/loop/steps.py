@@ -196,7 +196,8 @@ def evaluate_round(w: Warm, version: int) -> dict:
     ref_samples, ref_scores = w.ref_eval
     batches = policy_pass_batches(w, w.eval_prompts.height, not w.sampler.exact_logprobs)  # one completion a prompt
     if w.eval_prompts.height:
-        pol = generate_one(w.sampler, w.tokenizer, w.eval_prompts, p, p.base.seed, version)
+        pol = generate_one(w.sampler, w.tokenizer, w.eval_prompts, p, p.base.seed, version,
+                           logprobs=w.sampler.exact_logprobs)
         table, _ = evaluate_policy(pol, ref_samples, ref_scores, w.rewards, w.trainer.model, w.ref, w.tokenizer,
                                    w.eval_prompts, p.score.batch_size, sampler_exact=w.sampler.exact_logprobs,
                                    ref_prompt_cache=w.ref_eval_cache, policy_batches=batches)

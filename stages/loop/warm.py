@@ -138,7 +138,7 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
              total_rounds=total_rounds,
              eval_order=all_eval["prompt_id"].to_list() if with_eval else [])
     if with_eval and eval_prompts.height:
-        ref_samples = generate_one(sampler, tokenizer, eval_prompts, params, params.base.seed, 0)
+        ref_samples = generate_one(sampler, tokenizer, eval_prompts, params, params.base.seed, 0, logprobs=False)
         w.ref_eval = (ref_samples, task_scores(ref_samples, rewards, eval_prompts))
         # every evaluation scores new completions of these prompts under this reference: its prompt pass, once
         try:
