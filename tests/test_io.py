@@ -382,3 +382,19 @@ def test_written_files_have_normal_permissions(tmp_path):
         assert mode_of(f) == expected, f"{f.name}: {oct(mode_of(f))}"
         if current_umask() & 0o044 == 0:
             assert mode_of(f) != 0o600  # not mkstemp's private mode
+
+
+def test_a_round_sampled_without_logprobs_round_trips_with_null_sampler_logprobs(tmp_path):
+    """A training round that does not use the engine's logprobs (a bf16 engine) asks for none: the samples table holds
+    null there, and it writes and reads back under the contract (`stages.loop.steps.sample_round`)."""
+    from stages.sample import Completion
+    from stages.sample import samples_frame as build
+
+    prompts = pl.DataFrame({"prompt_id": ["a", "b"]})
+    groups = [[Completion("x y", [5, 6], None, "stop"), Completion("z", [7], None, "length")]] * 2
+    df = build(prompts, ["<a>", "<b>"], groups, 3)
+    path = tmp_path / "samples.parquet"
+    write_table(df, path, SAMPLES)
+    back = read_table(path, SAMPLES)
+    assert back["sampler_logprobs"].null_count() == 4 and back["sampler_logprobs"].dtype == pl.List(pl.Float32)
+    assert back["completion_token_ids"].to_list() == [[5, 6], [7], [5, 6], [7]]
