@@ -85,10 +85,12 @@ def forward_flops(prompts, completions, nonemb: int, head: int, share: bool) -> 
 
 
 def vllm_best_rate(w, prompts_df, params) -> dict:
-    """vLLM's generated tokens/s at growing batch sizes (same prompts, K completions), to find its best here."""
+    """vLLM's generated tokens/s at growing batch sizes (same prompts, K completions), to find its best here; with
+    logprobs asked for exactly where the rounds ask for them (`steps.round_uses_sampler_logprobs`)."""
+    from stages.loop.steps import round_uses_sampler_logprobs
     from stages.sample import generation_config, sample_prompts
 
-    cfg = generation_config(params.sample)
+    cfg = generation_config(params.sample, logprobs=round_uses_sampler_logprobs(w))
     out = {}
     for n in (8, 16, 32, 64):
         batch = prompts_df.head(n)

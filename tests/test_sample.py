@@ -337,6 +337,13 @@ def test_the_two_level_search_draws_what_one_running_sum_draws():
             got = inverse_cdf_draw(logits, {}, u)
             assert torch.equal(got, one_running_sum(logits, u)), (v, scale)
             assert torch.isfinite(logits[torch.arange(400), got]).all()
+    # a block whose running sum ends below its sum (1 + 255 x 2^-54 added one by one stays 1): a draw between the two
+    # takes the block's last token with mass, never a masked one
+    row = torch.full((2, 2 * CDF_BLOCK), float("-inf"))
+    row[:, 0], row[:, 1:CDF_BLOCK] = 0.0, -54 * math.log(2)
+    row[1, 200:CDF_BLOCK] = float("-inf")
+    u = torch.full((2, 1), 1 - 1e-14, dtype=torch.float64)
+    assert inverse_cdf_draw(row, {}, u).tolist() == [CDF_BLOCK - 1, 199]
 
 
 def test_inverse_cdf_draw_takes_each_seeded_rows_draw_from_its_own_generator():

@@ -58,6 +58,25 @@ def _ref_passes(monkeypatch, w) -> list:
     return calls
 
 
+@pytest.mark.parametrize("choice", ["auto", "sampler", "update", "trainer"])
+@pytest.mark.parametrize("exact", [True, False])  # an fp32 engine's logprobs are the policy's own; a bf16 one's not
+def test_a_round_asks_the_engine_for_logprobs_exactly_where_its_kl_reads_them(choice, exact):
+    """`round_uses_sampler_logprobs` (what `sample_round` asks for) against `resolve_policy_logprobs` (what the round's
+    scoring then reads), for every `score.policy_logprobs` and both kinds of engine, at any round size."""
+    from types import SimpleNamespace
+
+    from conftest import repo_params
+    from stages.loop import steps
+
+    params = repo_params(score={"policy_logprobs": choice})
+    w = SimpleNamespace(params=params, sampler=SimpleNamespace(exact_logprobs=exact))
+    asks = steps.round_uses_sampler_logprobs(w)
+    assert asks == (choice == "sampler" or (choice == "auto" and exact))
+    for rows in (1, 32, 512):
+        reads = steps.resolve_policy_logprobs(params, rows, exact, True, 32, False) == "sampler"
+        assert reads == asks
+
+
 @pytest.mark.parametrize("sample_dtype", ["float32", "bfloat16"])  # the policy's logprobs: the sampler's / a pass
 def test_the_first_round_of_a_fresh_run_has_kl_zero_without_a_reference_pass(project, monkeypatch, sample_dtype):
     from stages.loop import steps

@@ -59,8 +59,9 @@ def sampler_logprobs_are_policys(choice: str, sampler_exact: bool) -> bool:
 
 def round_uses_sampler_logprobs(w: Warm) -> bool:
     """Whether a training round reads the engine's logprobs: as the KL's policy logprobs (`score.policy_logprobs`
-    resolving to `sampler`, whatever the round's size). Where it does not (a bf16 engine: the update's forward or a
-    trainer pass gives them), the round does not ask for them: -0.13 s of 1.40 s a round's sampling takes on the 2-core
+    resolving to `sampler`, whatever the round's size: `auto` with an fp32 engine, or asked for). Where it does not
+    (`auto` with a bf16 engine, `update`, `trainer`: the update's forward or a trainer pass gives them), the round
+    does not ask for them: -0.12 s of the 1.40 s a round's sampling takes on the 2-core
     Xeon with AMX, the same tokens (docs/design.md §7)."""
     return sampler_logprobs_are_policys(w.params.score.policy_logprobs, w.sampler.exact_logprobs)
 
@@ -119,7 +120,7 @@ def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     t0 = time.perf_counter()
     local = samples.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples))) if w.dist.enabled else samples
     source = policy_logprobs_for(w, local.height)
-    if source == "sampler" and local["sampler_logprobs"].null_count():
+    if source == "sampler" and samples["sampler_logprobs"].null_count():  # the whole round's: every rank alike
         from stages.errors import PipelineError
 
         raise PipelineError("score.policy_logprobs: the round's policy logprobs are the sampler's, but its samples "

@@ -17,10 +17,11 @@ Choices:
   sequence logprob the update trains on); `completion` text excludes it.
 - `sampler_logprobs` are the engine's raw logprobs (before temperature), kept for diagnostics; the
   update recomputes "old" logprobs with the trainer itself (docs/design.md §7). A training round asks for them only
-  where it uses them (`GenerationConfig.logprobs`, `stages.loop.steps.sample_round`): an fp32 engine's, or
-  `score.policy_logprobs: sampler`. A bf16 engine's are off the policy's by ~0.3 nats a sequence and unused, so its
-  rounds' rows hold null there; vLLM then skips the log-softmax and rank it computes per token (9 % of a round's
-  sampling on the 2-core Xeon with AMX).
+  where it uses them (`GenerationConfig.logprobs`, `stages.loop.steps.sample_round`): where `score.policy_logprobs`
+  resolves to `sampler` (`auto` with an fp32 engine, or asked for). Elsewhere (e.g. `auto` with a bf16 engine, whose
+  logprobs are off the policy's by ~0.3 nats a sequence) vLLM skips the log-softmax and rank it computes per token
+  (8-9 % of a round's sampling on the 2-core Xeon with AMX) and the rounds' rows hold null there (transformers'
+  backend returns them anyway).
 
 Run: `python -m stages.sample --prompts data/prepared/train.parquet --out samples.parquet [--model DIR]`.
 """
