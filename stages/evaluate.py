@@ -57,8 +57,9 @@ def win_rate(policy_scores: np.ndarray, ref_scores: np.ndarray) -> float:
 
 def generate_one(sampler, tokenizer, prompts: pl.DataFrame, params, seed: int, policy_version: int,
                  logprobs: bool = True) -> pl.DataFrame:
-    """One completion per held-out prompt. `logprobs`: ask the engine for them (only the policy's, and only from an
-    engine whose logprobs are exact, replace a pass: `evaluate_policy`'s `sampler_exact`)."""
+    """One completion per held-out prompt. `logprobs`: ask the engine for each token's logprob; they are used only
+    for the policy's completions from an engine whose logprobs are exact, where they replace its logprob pass
+    (`evaluate_policy`'s `sampler_exact`)."""
     from stages.sample import generation_config, sample_prompts
 
     ev = params.evaluate

@@ -61,8 +61,8 @@ def round_uses_sampler_logprobs(w: Warm) -> bool:
     """Whether a training round reads the engine's logprobs: as the KL's policy logprobs (`score.policy_logprobs`
     resolving to `sampler`, whatever the round's size: `auto` with an fp32 engine, or asked for). Where it does not
     (`auto` with a bf16 engine, `update`, `trainer`: the update's forward or a trainer pass gives them), the round
-    does not ask for them: -0.12 s of the 1.40 s a round's sampling takes on the 2-core
-    Xeon with AMX, the same tokens (docs/design.md §7)."""
+    does not ask for them: -0.12 s of the 1.40 s a round's sampling takes on the 2-core Xeon with AMX, the same
+    tokens (docs/design.md §7)."""
     return sampler_logprobs_are_policys(w.params.score.policy_logprobs, w.sampler.exact_logprobs)
 
 
