@@ -3,7 +3,10 @@
 Arms (each in its own subprocess, so peak memory is its own; run in turn, `--repeats` alternates them):
 - `ours`: the real Prefect flow (`flows.train.train_flow`) with its Parquet artifacts, MLflow run and checkpoints
   (params.yaml's `update.save_every`, and at the end), exactly as `dvc repro` runs it, rounds_dir/checkpoint_dir/
-  MLflow redirected to a temp dir.
+  MLflow redirected to a temp dir (a new MLflow database each run, as a first run finds). Before the flow, as
+  `python -m flows.train` does while its Prefect server boots, its modules are imported and the MLflow store
+  opened (`preload_flow_modules`): like TRL's trainer construction, outside the timed steps, inside the process's
+  wall.
 - `ours-bf16`: the same with a bf16 engine whose own logprobs are the policy's (`sample.dtype: bfloat16`,
   `score.policy_logprobs: sampler`): no policy pass, the KL in TRL's precision class instead of the default's
   smaller error (on CPUs without AMX: fp32 engine; with AMX the default is a bf16 engine, whose policy logprobs
@@ -104,7 +107,7 @@ def run_ours(args, work: Path, extra: dict | None = None) -> dict:
     # start-up timeout (its default 20 s is too short for a busy 2-core machine: the arm failed with it on an
     # AVX2-only EPYC)
     configure_env(load_params(params_path).base.threads)
-    from flows.train import train_flow
+    from flows.train import preload_flow_modules, train_flow
 
     flow_workdir(ROOT, work)
     overrides = {
@@ -118,6 +121,7 @@ def run_ours(args, work: Path, extra: dict | None = None) -> dict:
         **(extra or {}),
     }
     t0 = time.perf_counter()
+    preload_flow_modules(load_params(params_path, overrides))  # as the command does before its flow
     summary = train_flow(params_path=params_path, rounds=args.steps, overrides=overrides)
     wall = time.perf_counter() - t0
     steps = []

@@ -290,13 +290,15 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             logger.info("round %d/%d: reward %.3f, kl %.4f, grad norm %.3f, %.1f s (sample %.1f, update %.1f)", r + 1,
                         total, metrics["reward"], metrics["kl"], metrics["grad_norm"], metrics["time/round_s"],
                         metrics["time/sample_s"], metrics["time/update_s"])
+        if dist.main:
+            tracking.log_curve(history)  # while the writer thread writes the last checkpoint
         writer.close()
         # 4. the run's outputs
         summary = {}
         if dist.main:
             summary = write_run_outputs(history, total, identity, warm_s, time.perf_counter() - t0, total - start,
                                         time.perf_counter() - t_rounds, run.info.run_id if run else None) | topology
-            tracking.finish_run(summary, history)
+            tracking.finish_run(summary, [])  # its curve is logged above
             _say_where(logger, params, total, total - start, run.info.run_id if run else None)
         dist.barrier()  # the others end once rank 0 has written everything
         return summary
@@ -392,9 +394,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def preload_flow_modules(params: Params) -> None:
-    """Import what the flow's warm start needs (torch, transformers, MLflow, vLLM unless the sampler is hf) while
-    the temporary Prefect server boots: ~13 s of imports and ~8 s of boot on the 2-core AVX2 EPYC, side by side
-    instead of one after the other (docs/design.md §7)."""
+    """Import what the flow's warm start needs (torch, transformers, MLflow, vLLM unless the sampler is hf) and open
+    the MLflow store while the temporary Prefect server boots: ~13 s of imports and ~8 s of boot on the 2-core AVX2
+    EPYC, side by side instead of one after the other (docs/design.md §7). A store that does not open here (e.g. a
+    tracking server that does not answer) is left to `tracking.start_run`, which reports it as before."""
     import importlib.util
 
     import mlflow  # noqa: F401
@@ -403,6 +406,12 @@ def preload_flow_modules(params: Params) -> None:
 
     if params.sample.backend != "hf" and importlib.util.find_spec("vllm") is not None:
         import vllm  # noqa: F401
+    from stages import tracking
+
+    try:
+        tracking.open_store(params)
+    except Exception as exc:  # start_run opens it again and fails the run in its usual place, with its usual error
+        logging.getLogger(__name__).debug("MLflow store not opened ahead of the run: %s", exc)
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:

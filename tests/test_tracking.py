@@ -79,3 +79,43 @@ def test_an_unknown_run_id_starts_a_new_run(store):
     assert run.info.run_id != "0" * 32
     tracking.finish_run(None, [])
     assert store.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_the_store_the_command_opens_ahead_is_the_one_its_run_logs_to(store, tmp_path, monkeypatch):
+    """`python -m flows.train` opens the store while its Prefect server boots (`preload_flow_modules`): the database
+    and the experiment exist before the flow, and the run's start reuses them. A store that does not open there is
+    left to `start_run`, which fails the run with the store's own error, as before."""
+    from flows.train import preload_flow_modules
+
+    params = repo_params(sample={"backend": "hf"})  # not vLLM's import, which this test does not need
+    assert store.get_experiment_by_name(params.mlflow.experiment) is None
+    preload_flow_modules(params)
+    exp = store.get_experiment_by_name(params.mlflow.experiment)
+    assert exp is not None
+    run = tracking.start_run(params, "ident")
+    assert run.info.experiment_id == exp.experiment_id
+    tracking.finish_run(None, [])
+    assert [r.info.run_id for r in store.search_runs([exp.experiment_id])] == [run.info.run_id]
+    # a store that cannot open (its directory is a file): the preload says nothing, the run's start fails
+    import mlflow
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/a-file/mlflow.db")
+    preload_flow_modules(params)
+    with pytest.raises(Exception):
+        tracking.start_run(params, "ident")
+    assert mlflow.active_run() is None
+
+
+def test_the_curve_is_logged_while_the_run_is_open_and_the_end_adds_nothing(store):
+    """The flow logs the reward curve while its last checkpoint is written, then ends the run with no history."""
+    params = repo_params()
+    tracking.log_curve([{"reward": 0.1}])  # no run: nothing, no error
+    run_id = tracking.start_run(params, "ident").info.run_id
+    history = [{"reward": 0.1, "kl": 0.0}, {"reward": 0.3, "kl": 0.01}]
+    tracking.log_curve(history)
+    tracking.finish_run({"reward": 0.3}, [])
+    r = store.get_run(run_id)
+    assert r.info.status == "FINISHED"
+    assert sorted(a.path for a in store.list_artifacts(run_id)) == ["history.json", "plots"]
+    assert [a.path for a in store.list_artifacts(run_id, "plots")] == ["plots/reward_curve.png"]
