@@ -396,8 +396,8 @@ def main(argv: list[str] | None = None) -> None:
 def preload_flow_modules(params: Params) -> None:
     """Import what the flow's warm start needs (torch, transformers, MLflow, vLLM unless the sampler is hf) and open
     the MLflow store while the temporary Prefect server boots: ~13 s of imports and ~8 s of boot on the 2-core AVX2
-    EPYC, side by side instead of one after the other (docs/design.md §7). A store that does not open here (e.g. a
-    tracking server that does not answer) is left to `tracking.start_run`, which reports it as before."""
+    EPYC, side by side instead of one after the other (docs/design.md §7). A store that does not open (a bad URI, a
+    tracking server that does not answer) stops the command here, in one line, before any model loads."""
     import importlib.util
 
     import mlflow  # noqa: F401
@@ -408,10 +408,15 @@ def preload_flow_modules(params: Params) -> None:
         import vllm  # noqa: F401
     from stages import tracking
 
+    # where the URI comes from, before open_store puts params.yaml's into the environment
+    field = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
     try:
         tracking.open_store(params)
-    except Exception as exc:  # start_run opens it again and fails the run in its usual place, with its usual error
-        logging.getLogger(__name__).debug("MLflow store not opened ahead of the run: %s", exc)
+    except Exception as exc:
+        why = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise PipelineError(f"{field}: the MLflow store {uri} did not open ({type(exc).__name__}: {why}); fix the URI "
+                            "or start its tracking server") from exc
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:

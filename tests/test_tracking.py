@@ -83,8 +83,8 @@ def test_an_unknown_run_id_starts_a_new_run(store):
 
 def test_the_store_the_command_opens_ahead_is_the_one_its_run_logs_to(store, tmp_path, monkeypatch):
     """`python -m flows.train` opens the store while its Prefect server boots (`preload_flow_modules`): the database
-    and the experiment exist before the flow, and the run's start reuses them. A store that does not open there is
-    left to `start_run`, which fails the run with the store's own error, as before."""
+    and the experiment exist before the flow, and the run's start reuses them. A store that does not open stops the
+    command there, in one line naming where the URI came from."""
     from flows.train import preload_flow_modules
 
     params = repo_params(sample={"backend": "hf"})  # not vLLM's import, which this test does not need
@@ -96,15 +96,20 @@ def test_the_store_the_command_opens_ahead_is_the_one_its_run_logs_to(store, tmp
     assert run.info.experiment_id == exp.experiment_id
     tracking.finish_run(None, [])
     assert [r.info.run_id for r in store.search_runs([exp.experiment_id])] == [run.info.run_id]
-    # a store that cannot open (its directory is a file): the preload says nothing, the run's start fails
-    import mlflow
+    # a store that cannot open (its directory is a file)
+    from stages.errors import PipelineError
 
     (tmp_path / "a-file").write_text("")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/a-file/mlflow.db")
-    preload_flow_modules(params)
-    with pytest.raises(Exception):
-        tracking.start_run(params, "ident")
-    assert mlflow.active_run() is None
+    bad = f"sqlite:///{tmp_path}/a-file/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", bad)
+    with pytest.raises(PipelineError) as e:
+        preload_flow_modules(params)
+    msg = str(e.value)
+    assert msg.startswith(f"MLFLOW_TRACKING_URI: the MLflow store {bad} did not open (") and "\n" not in msg
+    assert msg.endswith("fix the URI or start its tracking server")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # from params.yaml's field: the message names that field
+    with pytest.raises(PipelineError, match="^mlflow.tracking_uri: the MLflow store sqlite:///"):
+        preload_flow_modules(repo_params(sample={"backend": "hf"}, mlflow={"tracking_uri": bad}))
 
 
 def test_the_curve_is_logged_while_the_run_is_open_and_the_end_adds_nothing(store):
