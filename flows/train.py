@@ -290,15 +290,13 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             logger.info("round %d/%d: reward %.3f, kl %.4f, grad norm %.3f, %.1f s (sample %.1f, update %.1f)", r + 1,
                         total, metrics["reward"], metrics["kl"], metrics["grad_norm"], metrics["time/round_s"],
                         metrics["time/sample_s"], metrics["time/update_s"])
-        if dist.main:
-            tracking.log_curve(history)  # while the writer thread writes the last checkpoint
         writer.close()
         # 4. the run's outputs
         summary = {}
         if dist.main:
             summary = write_run_outputs(history, total, identity, warm_s, time.perf_counter() - t0, total - start,
                                         time.perf_counter() - t_rounds, run.info.run_id if run else None) | topology
-            tracking.finish_run(summary, [])  # its curve is logged above
+            tracking.finish_run(summary, history)
             _say_where(logger, params, total, total - start, run.info.run_id if run else None)
         dist.barrier()  # the others end once rank 0 has written everything
         return summary
@@ -388,16 +386,18 @@ def main(argv: list[str] | None = None) -> None:
         plan = plan_resume(params, params.identity(), args.restart)  # an inconsistent or damaged run: one line, now
         check_total(plan, total, total_field)
         server = start_server()  # a temporary Prefect server boots on the other core while this process imports
-        preload_flow_modules(params)
+        preload_flow_modules(params, open_store=plan.start < total)  # a run with nothing to train may touch no store
         with prefect_api(started=server):
             train_flow(params_path=args.params, rounds=args.rounds, restart=args.restart)
 
 
-def preload_flow_modules(params: Params) -> None:
-    """Import what the flow's warm start needs (torch, transformers, MLflow, vLLM unless the sampler is hf) and open
-    the MLflow store while the temporary Prefect server boots: ~13 s of imports and ~8 s of boot on the 2-core AVX2
-    EPYC, side by side instead of one after the other (docs/design.md §7). A store that does not open (a bad URI, a
-    tracking server that does not answer) stops the command here, in one line, before any model loads."""
+def preload_flow_modules(params: Params, open_store: bool = True) -> None:
+    """Import what the flow's warm start needs (torch, transformers, MLflow, vLLM unless the sampler is hf) and, with
+    `open_store` (the command passes whether any round is left to train), open the MLflow store and experiment while
+    the temporary Prefect server boots: ~13 s of imports and ~8 s of boot on the 2-core AVX2 EPYC, side by side
+    instead of one after the other (docs/design.md §7). A store or experiment that does not open (a bad URI, a
+    tracking server that does not answer, a deleted experiment) stops the command here, in one line, before any
+    model loads."""
     import importlib.util
 
     import mlflow  # noqa: F401
@@ -406,6 +406,8 @@ def preload_flow_modules(params: Params) -> None:
 
     if params.sample.backend != "hf" and importlib.util.find_spec("vllm") is not None:
         import vllm  # noqa: F401
+    if not open_store:
+        return
     from stages import tracking
 
     # where the URI comes from, before open_store puts params.yaml's into the environment
@@ -413,10 +415,18 @@ def preload_flow_modules(params: Params) -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
     try:
         tracking.open_store(params)
+    except tracking.StoreError as exc:
+        why = f"{type(exc.__cause__ or exc).__name__}: {_first_line(exc)}"
+        raise PipelineError(f"{field}: the MLflow store {uri} did not open ({why}); fix the URI or start its "
+                            "tracking server") from exc
     except Exception as exc:
-        why = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise PipelineError(f"{field}: the MLflow store {uri} did not open ({type(exc).__name__}: {why}); fix the URI "
-                            "or start its tracking server") from exc
+        why = f"{type(exc).__name__}: {_first_line(exc)}"
+        raise PipelineError(f"mlflow.experiment: {params.mlflow.experiment!r} could not be set in the MLflow store "
+                            f"{uri} ({why}); name another experiment, or restore it if it was deleted") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:

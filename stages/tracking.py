@@ -58,17 +58,26 @@ def _update_resumed(run, latest: dict, params) -> None:
         mlflow.set_tags(changed)
 
 
+class StoreError(Exception):
+    """The tracking store itself did not open (a bad URI, a server that does not answer), as opposed to the
+    experiment (e.g. a deleted one of that name)."""
+
+
 def open_store(params) -> None:
     """Open the run's tracking store and experiment (`MLFLOW_TRACKING_URI`, else `mlflow.tracking_uri`), creating
-    them on a first run. MLflow keeps the store for the rest of the process, so `start_run` after this one costs
-    little: `python -m flows.train` calls it while its temporary Prefect server boots, where a core is idle
-    (docs/design.md §7). The first open imports MLflow's SQL store (~0.6 s on the 2-core Xeon with AMX) and builds a
-    new database through MLflow's schema migrations (~1.1 s)."""
+    them on a first run; `StoreError` when the store does not open. MLflow keeps the store for the rest of the
+    process, so `start_run` after this one costs little: `python -m flows.train` calls it while its temporary
+    Prefect server boots, where a core is idle (docs/design.md §7: 1.4-1.5 s for a new sqlite database on the 2-core
+    Xeon with AMX, MLflow's SQL store imported and its schema migrations run)."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_TRACKING_URI", params.mlflow.tracking_uri)
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        mlflow.MlflowClient().get_experiment_by_name(params.mlflow.experiment)  # the store opens (or is created) here
+    except Exception as exc:
+        raise StoreError(str(exc)) from exc
     mlflow.set_experiment(params.mlflow.experiment)
 
 
@@ -144,22 +153,13 @@ def finish_run(summary: dict | None, history: list[dict], failed: bool = False) 
 
     if _run is None:
         return
-    if history and not failed:
-        log_curve(history)
-    mlflow.end_run(status="FAILED" if failed else "FINISHED")
-    _run = None
-
-
-def log_curve(history: list[dict]) -> None:
-    """The run's reward/KL curve (plots/reward_curve.png) and its history table (history.json) as artifacts of the
-    run. The flow logs them while its last checkpoint is written (then ends the run with `finish_run(summary, [])`):
-    the plot is ~0.3 s of CPU beside a write that waits on the disk."""
-    if _run is None:
-        return
     try:
-        _log_curve(history)
+        if history and not failed:
+            _log_curve(history)
     except Exception as exc:  # a plot must never fail a finished run
         log.warning("MLflow: could not log the reward curve (%s)", exc)
+    mlflow.end_run(status="FAILED" if failed else "FINISHED")
+    _run = None
 
 
 def _log_curve(history: list[dict]) -> None:

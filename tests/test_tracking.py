@@ -38,6 +38,7 @@ def test_steps_params_tags_and_a_resumed_run(store, monkeypatch):
     tracking.finish_run(None, [{"reward": 0.1}, {"reward": 0.2}], failed=True)  # killed: FAILED
     r = store.get_run(run_id)
     assert r.info.status == "FAILED"
+    assert [a.path for a in store.list_artifacts(run_id)] == ["completions"]  # no curve for a failed run
     assert r.data.params["update.learning_rate"] == str(params.update.learning_rate)
     assert r.data.tags["identity"] == "ident" and r.data.tags["world_size"] == "2" and "strategy" not in r.data.tags
     assert r.data.tags["prefect_flow_run_id"].startswith("1111")
@@ -67,6 +68,8 @@ def test_steps_params_tags_and_a_resumed_run(store, monkeypatch):
     tracking.finish_run({"reward": 0.3}, [{"reward": 0.1}, {"reward": 0.2}, {"reward": 0.3}])
     r = store.get_run(run_id)
     assert r.info.status == "FINISHED"
+    assert sorted(a.path for a in store.list_artifacts(run_id)) == ["completions", "history.json", "plots"]
+    assert [a.path for a in store.list_artifacts(run_id, "plots")] == ["plots/reward_curve.png"]
     hist = sorted((m.step, m.value) for m in store.get_metric_history(run_id, "reward"))
     assert hist == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert [a.path for a in store.list_artifacts(run_id, "completions")] == ["completions/round_0001.json"]
@@ -83,11 +86,12 @@ def test_an_unknown_run_id_starts_a_new_run(store):
 
 def test_the_store_the_command_opens_ahead_is_the_one_its_run_logs_to(store, tmp_path, monkeypatch):
     """`python -m flows.train` opens the store while its Prefect server boots (`preload_flow_modules`): the database
-    and the experiment exist before the flow, and the run's start reuses them. A store that does not open stops the
-    command there, in one line naming where the URI came from."""
+    and the experiment exist before the flow, and the run's start reuses them; with nothing left to train it opens
+    none. A store or experiment that does not open stops the command there, in one line naming the field to fix."""
     from flows.train import preload_flow_modules
 
     params = repo_params(sample={"backend": "hf"})  # not vLLM's import, which this test does not need
+    preload_flow_modules(params, open_store=False)
     assert store.get_experiment_by_name(params.mlflow.experiment) is None
     preload_flow_modules(params)
     exp = store.get_experiment_by_name(params.mlflow.experiment)
@@ -110,17 +114,11 @@ def test_the_store_the_command_opens_ahead_is_the_one_its_run_logs_to(store, tmp
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # from params.yaml's field: the message names that field
     with pytest.raises(PipelineError, match="^mlflow.tracking_uri: the MLflow store sqlite:///"):
         preload_flow_modules(repo_params(sample={"backend": "hf"}, mlflow={"tracking_uri": bad}))
-
-
-def test_the_curve_is_logged_while_the_run_is_open_and_the_end_adds_nothing(store):
-    """The flow logs the reward curve while its last checkpoint is written, then ends the run with no history."""
-    params = repo_params()
-    tracking.log_curve([{"reward": 0.1}])  # no run: nothing, no error
-    run_id = tracking.start_run(params, "ident").info.run_id
-    history = [{"reward": 0.1, "kl": 0.0}, {"reward": 0.3, "kl": 0.01}]
-    tracking.log_curve(history)
-    tracking.finish_run({"reward": 0.3}, [])
-    r = store.get_run(run_id)
-    assert r.info.status == "FINISHED"
-    assert sorted(a.path for a in store.list_artifacts(run_id)) == ["history.json", "plots"]
-    assert [a.path for a in store.list_artifacts(run_id, "plots")] == ["plots/reward_curve.png"]
+    # the store opens but its experiment cannot be set (deleted): the message names the experiment, not the URI
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    store.delete_experiment(exp.experiment_id)
+    with pytest.raises(PipelineError) as e:
+        preload_flow_modules(params)
+    msg = str(e.value)
+    assert msg.startswith(f"mlflow.experiment: {params.mlflow.experiment!r} could not be set in the MLflow store ")
+    assert msg.endswith("name another experiment, or restore it if it was deleted") and "\n" not in msg
