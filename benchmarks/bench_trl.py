@@ -5,8 +5,8 @@ Arms (each in its own subprocess, so peak memory is its own; run in turn, `--rep
   (params.yaml's `update.save_every`, and at the end), exactly as `dvc repro` runs it, rounds_dir/checkpoint_dir/
   MLflow redirected to a temp dir (a new MLflow database each run, as a first run finds). Before the flow, as
   `python -m flows.train` does while its Prefect server boots, its modules are imported and the MLflow store
-  opened (`preload_flow_modules`): like TRL's trainer construction, outside the timed steps, inside the process's
-  wall.
+  opened (`preload_flow_modules`): in neither the timed steps nor the warm-up column (TRL's arm logs to no
+  tracker; its trainer's construction is in its warm-up column).
 - `ours-bf16`: the same with a bf16 engine whose own logprobs are the policy's (`sample.dtype: bfloat16`,
   `score.policy_logprobs: sampler`): no policy pass, the KL in TRL's precision class instead of the default's
   smaller error (on CPUs without AMX: fp32 engine; with AMX the default is a bf16 engine, whose policy logprobs
