@@ -409,24 +409,19 @@ def preload_flow_modules(params: Params, open_store: bool = True) -> None:
     if not open_store:
         return
     from stages import tracking
+    from stages.models import _first_line
 
-    # where the URI comes from, before open_store puts params.yaml's into the environment
-    field = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+    field, uri = tracking.store_uri(params)  # before open_store puts params.yaml's into the environment
     try:
         tracking.open_store(params)
     except tracking.StoreError as exc:
-        why = f"{type(exc.__cause__ or exc).__name__}: {_first_line(exc)}"
+        why = _first_line(exc.__cause__ or exc)[:300]
         raise PipelineError(f"{field}: the MLflow store {uri} did not open ({why}); fix the URI or start its "
                             "tracking server") from exc
     except Exception as exc:
-        why = f"{type(exc).__name__}: {_first_line(exc)}"
         raise PipelineError(f"mlflow.experiment: {params.mlflow.experiment!r} could not be set in the MLflow store "
-                            f"{uri} ({why}); name another experiment, or restore it if it was deleted") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]
+                            f"{uri} ({_first_line(exc)[:300]}); name another experiment, or restore it if it was "
+                            "deleted") from exc
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:

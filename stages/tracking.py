@@ -63,6 +63,14 @@ class StoreError(Exception):
     experiment (e.g. a deleted one of that name)."""
 
 
+def store_uri(params) -> tuple[str, str]:
+    """Where the run's tracking store is: (the setting that names it, its URI). `MLFLOW_TRACKING_URI`, when set,
+    wins over `mlflow.tracking_uri`."""
+    if "MLFLOW_TRACKING_URI" in os.environ:
+        return "MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"]
+    return "mlflow.tracking_uri", params.mlflow.tracking_uri
+
+
 def open_store(params) -> None:
     """Open the run's tracking store and experiment (`MLFLOW_TRACKING_URI`, else `mlflow.tracking_uri`), creating
     them on a first run; `StoreError` when the store does not open. MLflow keeps the store for the rest of the
@@ -71,8 +79,9 @@ def open_store(params) -> None:
     Xeon with AMX, MLflow's SQL store imported and its schema migrations run)."""
     import mlflow
 
-    os.environ.setdefault("MLFLOW_TRACKING_URI", params.mlflow.tracking_uri)
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    _, uri = store_uri(params)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         mlflow.MlflowClient().get_experiment_by_name(params.mlflow.experiment)  # the store opens (or is created) here

@@ -122,3 +122,6 @@ def test_the_store_the_command_opens_ahead_is_the_one_its_run_logs_to(store, tmp
     msg = str(e.value)
     assert msg.startswith(f"mlflow.experiment: {params.mlflow.experiment!r} could not be set in the MLflow store ")
     assert msg.endswith("name another experiment, or restore it if it was deleted") and "\n" not in msg
+    # set but empty, the variable still wins (as MLflow reads it): the message names it, not params.yaml's field
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    assert tracking.store_uri(params) == ("MLFLOW_TRACKING_URI", "")
