@@ -16,6 +16,11 @@ own forward is transformers' Llama code (`_same_code`: Llama, Mistral, Qwen2/3, 
 whose parts fit: RMSNorm `weight * x * rsqrt(mean(x^2) + eps)`; an MLP of bias-free `gate_proj`, `up_proj`,
 `down_proj` linears with SiLU. Any other module, e.g. Gemma's `(1 + weight)` norm, Falcon-H1's scaled MLP, a GELU
 MLP or a LoRA-wrapped projection, runs as it is.
+
+On the CPU (`fuse_layers(keep_casts=True)`, the Trainer's choice there) the MLP also keeps its weights' bf16 casts
+under autocast from the forward for the backward, one cast per weight and optimizer step (`kept_casts`), where the
+backward cast them again at every call: a bf16 copy of the MLP weights more at the backward for fewer passes over
+memory, the same numbers to the bit.
 """
 
 from __future__ import annotations
@@ -55,7 +60,12 @@ class _RMSNorm(torch.autograd.Function):
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down):
+    def forward(ctx, x, w_gate, w_up, w_down, casts=None):
+        # `casts`: the three weights already in autocast's dtype (`kept_casts`): the input is cast once for both
+        # matmuls and the bf16 tensors are what the backward keeps, so it casts nothing again; the same matmuls
+        if casts is not None:
+            x = x.to(casts[0].dtype)
+            w_gate, w_up, w_down = casts
         gate = F.linear(x, w_gate)
         up = F.linear(x, w_up)
         ctx.save_for_backward(x, gate, up, w_gate, w_up, w_down)
@@ -64,8 +74,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, gate, up, w_gate, w_up, w_down = ctx.saved_tensors
-        # the matmuls in the forward's dtype, the gate's: under autocast bf16 copies of the three weights (made again
-        # here), otherwise no copy (`.to` of a tensor already in that dtype is the tensor itself)
+        # the matmuls in the forward's dtype, the gate's: under autocast without `casts` bf16 copies of the three
+        # weights (made again here), otherwise no copy (`.to` of a tensor already in that dtype is the tensor itself)
         dtype = gate.dtype
         cast = lambda t: t.to(dtype)  # noqa: E731
         with torch.autocast(x.device.type, enabled=False):
@@ -89,15 +99,52 @@ class _SwiGLU(torch.autograd.Function):
                 dx = (g2.mm(cast(w_gate)) + u2.mm(cast(w_up))).view(*x.shape[:-1], x.shape[-1])
             dw_gate = g2.t().mm(x2) if ctx.needs_input_grad[1] else None
             dw_up = u2.t().mm(x2) if ctx.needs_input_grad[2] else None
-        return dx, dw_gate, dw_up, dw_down
+        return dx, dw_gate, dw_up, dw_down, None
 
 
 def rms_norm(x, weight, eps: float):
     return _RMSNorm.apply(x, weight, eps)
 
 
-def swiglu_mlp(x, w_gate, w_up, w_down):
-    return _SwiGLU.apply(x, w_gate, w_up, w_down)
+def swiglu_mlp(x, w_gate, w_up, w_down, casts=None):
+    return _SwiGLU.apply(x, w_gate, w_up, w_down, casts)
+
+
+def _autocast_dtype(x) -> torch.dtype | None:
+    """The dtype autocast would run a matmul of `x` in, where that is a cast (None: autocast off, or `x` in it or in
+    float64, which autocast leaves alone)."""
+    dev = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
+        return None
+    dtype = torch.get_autocast_dtype(dev)
+    return None if dtype == x.dtype else dtype
+
+
+def kept_casts(module, x) -> tuple | None:
+    """The MLP's three weights in autocast's dtype, cast once while they do not change, for a module swapped with
+    `keep_casts` (a CPU trainer): None where there is nothing to keep (no autocast, no gradient). A forward runs the
+    MLP twice (the shared-prompt layout's prompt pass and completion pass), and without these its backward cast the
+    three weights again per call: on the CPU, where a cast is a pass over memory, 3 casts of the MLP's weights a
+    round become 1 (docs/design.md §7). Valid while the weights are the same tensors at the same version (an
+    optimizer step or a load writes them in place, which moves it); `drop_kept_casts` frees them after each step."""
+    if not getattr(module, "_keep_casts", False) or not torch.is_grad_enabled():
+        return None
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return None
+    weights = (module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight)
+    held = module.__dict__.get("_casts")
+    if held is not None and held[0] == dtype and all(w is h and w._version == v for w, (h, v) in zip(weights, held[1])):
+        return held[2]
+    casts = tuple(w.detach().to(dtype) for w in weights)
+    module._casts = (dtype, tuple((w, w._version) for w in weights), casts)
+    return casts
+
+
+def drop_kept_casts(model) -> None:
+    """Free the casts `kept_casts` holds (the backward that used them keeps its own references until it is done)."""
+    for module in model.modules():
+        module.__dict__.pop("_casts", None)
 
 
 def _norm_forward(self, hidden_states):
@@ -105,7 +152,7 @@ def _norm_forward(self, hidden_states):
 
 
 def _mlp_forward(self, x):
-    return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+    return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, kept_casts(self, x))
 
 
 def _same_code(cls, reference) -> bool:
@@ -138,8 +185,10 @@ def _is_swiglu(module) -> bool:
     return silu and all(type(p) is torch.nn.Linear and p.bias is None for p in parts)
 
 
-def fuse_layers(model) -> int:
-    """Swap in the lean-memory forward on every recognised norm and MLP of `model`, in place; the number swapped."""
+def fuse_layers(model, keep_casts: bool = False) -> int:
+    """Swap in the lean-memory forward on every recognised norm and MLP of `model`, in place; the number swapped.
+    `keep_casts`: the MLPs keep their weights' autocast casts from the forward for the backward (`kept_casts`): the
+    Trainer's choice on the CPU, with whole weights in one process (not FSDP's shards)."""
     n = 0
     for module in model.modules():
         if _is_llama_norm(module):
@@ -147,5 +196,6 @@ def fuse_layers(model) -> int:
             n += 1
         elif _is_swiglu(module):
             module.forward = types.MethodType(_mlp_forward, module)
+            module._keep_casts = keep_casts
             n += 1
     return n

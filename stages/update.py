@@ -103,7 +103,10 @@ class Trainer:
         if self.up.fused_layers:  # after peft: a LoRA-wrapped projection is not fused (its module runs as it is)
             from stages.fused import fuse_layers
 
-            fused = fuse_layers(self.model)
+            # on the CPU the MLPs keep their bf16 weight casts from the forward for the backward (a cast is a pass
+            # over memory there; on a GPU it is not worth the memory); FSDP's per-layer whole weights are not kept
+            keep = device.type == "cpu" and not (self.dist.enabled and self.up.strategy == "fsdp")
+            fused = fuse_layers(self.model, keep_casts=keep)
             log.debug("update.fused_layers: %d norm/MLP modules with the lean-memory backward", fused)
         self.model.train()
         self.autocast = update_autocast(self.up.bf16_autocast)
@@ -395,6 +398,10 @@ class Trainer:
             raise PipelineError(f"update: gradient norm is {gn.item()} at round {self.round + 1}; no step taken; lower update.learning_rate")
         self.optimizer.step()
         self.scheduler.step()
+        if self.up.fused_layers:
+            from stages.fused import drop_kept_casts
+
+            drop_kept_casts(self.model)
         return float(gn)
 
     # -- what a checkpoint holds (stages.checkpoint owns the files)

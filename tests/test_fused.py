@@ -167,3 +167,84 @@ def test_trainer_step_is_the_same_with_and_without_fused_layers(tiny_model_dir):
     for n in g0:
         assert rel(g1[n], g0[n]) < 1e-5, n
     assert s1["loss"] == pytest.approx(s0["loss"], rel=1e-6)
+
+
+def _mlps(model):
+    return [m for m in model.modules() if hasattr(m, "_keep_casts")]
+
+
+def test_kept_casts_are_the_same_step_with_fewer_casts():
+    """`keep_casts` (a CPU trainer's choice): the MLPs' bf16 weight casts made once while the weights do not change,
+    and the backward's matmuls on them: the same logits and gradients to the bit as casting again, new casts once a
+    weight is written in place, none kept without autocast or without a gradient, and freed by `drop_kept_casts`."""
+    from stages.fused import drop_kept_casts
+
+    torch.manual_seed(0)
+    base = tiny()
+    recast, kept = copy.deepcopy(base), copy.deepcopy(base)
+    fuse_layers(recast)
+    fuse_layers(kept, keep_casts=True)
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    lr, gr = loss_and_grads(recast, ids, autocast=True)
+    lk, gk = loss_and_grads(kept, ids, autocast=True)
+    assert torch.equal(lr, lk)
+    for n in gr:
+        assert gk[n].dtype == torch.float32 and torch.equal(gk[n], gr[n]), n
+    assert not any("_casts" in m.__dict__ for m in _mlps(recast))
+    mlp = _mlps(kept)[0]
+    held = mlp._casts[2]
+    assert [t.dtype for t in held] == [torch.bfloat16] * 3
+    assert torch.equal(held[0], mlp.gate_proj.weight.detach().bfloat16())
+    loss_and_grads(kept, ids, autocast=True)  # the weights did not change: the same casts, not new ones
+    assert all(a is b for a, b in zip(mlp._casts[2], held))
+    with torch.no_grad():
+        mlp.up_proj.weight.mul_(2.0)  # an optimizer step or a load writes in place: the version moves
+    loss_and_grads(kept, ids, autocast=True)
+    assert all(a is not b for a, b in zip(mlp._casts[2], held))
+    assert torch.equal(mlp._casts[2][1], mlp.up_proj.weight.detach().bfloat16())
+    drop_kept_casts(kept)
+    assert not any("_casts" in m.__dict__ for m in _mlps(kept))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        kept(input_ids=ids)
+    loss_and_grads(kept, ids, autocast=False)
+    assert not any("_casts" in m.__dict__ for m in _mlps(kept))  # nothing to keep: no gradient, or no cast
+
+
+def test_a_cpu_trainer_keeps_the_casts_for_its_backward_and_frees_them_after_its_step(tiny_model_dir, monkeypatch):
+    from test_update import make_batch, make_params
+
+    import stages.runtime
+    from stages.update import Trainer
+
+    monkeypatch.setattr(stages.runtime, "update_autocast", bool)  # bf16 autocast on any CPU (where it is emulated too)
+    params = make_params(tiny_model_dir, micro_batch_size=2, bf16_autocast=True)
+    trainer = Trainer(str(tiny_model_dir), params, torch.device("cpu"))
+    assert trainer.autocast and params.update.fused_layers
+    mlps = _mlps(trainer.model)
+    assert mlps and all(m._keep_casts for m in mlps)
+    shapes = {tuple(p.shape) for m in mlps for p in m.parameters()}
+    made = []
+    real = torch.Tensor.to
+
+    def count(t, *args, **kwargs):  # the MLP weights' casts to bf16 made in Python (autocast's own are not seen)
+        out = real(t, *args, **kwargs)
+        if out.dtype == torch.bfloat16 and t.dtype == torch.float32 and tuple(t.shape) in shapes:
+            made.append(tuple(t.shape))
+        return out
+
+    def step_casts():
+        del made[:]
+        monkeypatch.setattr(torch.Tensor, "to", count)
+        try:
+            trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))  # two micro-batches, one optimizer step
+        finally:
+            monkeypatch.setattr(torch.Tensor, "to", real)
+        return len(made)
+
+    assert step_casts() == 3 * len(mlps)  # once per weight for the step's two forwards and backwards
+    assert not any("_casts" in m.__dict__ for m in mlps)  # freed after the optimizer step
+    for m in mlps:
+        m._keep_casts = False
+    # without: each MLP call's backward casts the three weights again, two calls a micro-batch (the shared-prompt
+    # layout's prompt pass and completion pass)
+    assert step_casts() == 2 * 2 * 3 * len(mlps)
