@@ -130,6 +130,7 @@ def run_ours(args, work: Path, extra: dict | None = None) -> dict:
         steps.append({
             "round_s": m["time/round_s"], "sample_s": m["time/sample_s"],
             "score_s": m.get("time/logprobs_s", 0.0) + m.get("time/reward_s", 0.0),
+            # the push of the previous step's weights, made as this one samples (the last step's is never made)
             "update_s": m["time/update_s"] + m.get("time/weight_sync_s", 0.0),
             "tokens": m["sample/generated_tokens"],
             "reward": m["reward"], "kl": m["kl"], "mean_length": m.get("completions/mean_length"),

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             advs, w.adv_state, _ = steps.advantage_round(w, scores)
             u = steps.update_round(w, samples, advs)
             t["update"] = u["time/update_s"]
-            t["weight sync"] = u["time/weight_sync_s"]
+            t["weight sync"] = steps.sync_sampler(w)  # (else the next round's sampling pushes them, untimed here)
             t0 = time.perf_counter()
             d = work / f"round={r:04d}"
             recs = {f"{n}.parquet": write_artifact(df, d, n, sch) for n, df, sch in

@@ -79,6 +79,7 @@ def reset(w, params, rounds: int, base_sd: dict):
     w.trainer = Trainer(params.base.model_dir, params, w.device, total_rounds=rounds)
     w.params, w.adv_state = params, None
     w.sampler.update_weights(state_dict=base_sd)
+    w.sampler_behind = False  # the engine has the new trainer's weights: the base's
     w.policy_is_ref = same_weights(w.trainer.model, w.ref)  # round 1 without a reference pass, as in the flow
 
 

@@ -109,6 +109,34 @@ def own_memory(model) -> None:
                 p.data = p.data.clone()
 
 
+def with_bf16_linears(model):
+    """A second module tree over `model`'s own tensors whose `nn.Linear` weights are bf16 copies (an lm_head tied to
+    the embedding gets its own): for a fixed model's passes under bf16 autocast, which otherwise cast every linear
+    weight at every pass, on the CPU a pass over memory (SmolLM2-135M's reference pass on 2 AMX cores: ~0.06 of ~0.7
+    s, docs/design.md §7). The same numbers to the bit under autocast (it casts to exactly these); the norms,
+    embeddings and biases are `model`'s own fp32 tensors, shared. Costs a bf16 copy of the linear weights. Only for
+    inference of a model whose weights do not change (the reference): the copies are made once."""
+    import copy
+
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    own = {id(m.weight) for m in linears}
+    elsewhere = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear)
+                 for p in m.parameters(recurse=False)}  # e.g. the embedding an lm_head is tied to
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:  # shared, not copied
+        memo[id(t)] = t
+    for w in {id(m.weight): m.weight for m in linears}.values():
+        if id(w) not in elsewhere:
+            memo[id(w)] = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+    view = copy.deepcopy(model, memo)
+    for m in view.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.dtype != torch.bfloat16 and id(m.weight) in own:
+            m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)  # untied here
+    return view.eval()
+
+
 def disable_dropout(model) -> int:
     """Every dropout of `model` set to 0, as TRL's `disable_dropout` (its RLOO default): the trainer's policy is
     then the function the engine samples and the scoring passes compute, and its update's logprobs are not noisy.

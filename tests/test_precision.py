@@ -170,3 +170,34 @@ def test_real_model_kl_precision(base_model_dir, vllm_sampler):
     assert np.abs(bf16 - want).mean() < TOL_SEQ, np.abs(bf16 - want).mean()
     assert abs(bf16.mean() - want.mean()) < TOL_MEAN, (bf16.mean(), want.mean())
     assert pl.Series(want).abs().mean() > 0.01  # a KL that the check can see
+
+
+def test_the_references_bf16_view_gives_its_numbers_to_the_bit_and_shares_the_rest():
+    """`models.with_bf16_linears` (the rounds' bf16 reference pass on a CPU): bf16 copies of the linear weights (a
+    tied lm_head its own), the norms and the embedding the model's own tensors, the model itself untouched, and
+    under bf16 autocast the same logprobs as the model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.models import with_bf16_linears
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                         tie_word_embeddings=True)).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    view = with_bf16_linears(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied, still fp32, the same values
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: torch.float32 for n in before}
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    linears = [m for m in view.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 7 + 1 and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert torch.equal(view.lm_head.weight, model.lm_head.weight.detach().bfloat16())
+    assert view.model.embed_tokens.weight is model.model.embed_tokens.weight
+    assert view.model.norm.weight is model.model.norm.weight
+    prompts, completions = [[5, 6, 7], [8, 9], [5, 6, 7]], [[10, 11, 12], [13], [14, 15]]
+    a, _ = sequence_logprobs(model, prompts, completions, 0, 3, dtype="bfloat16")
+    b, _ = sequence_logprobs(view, prompts, completions, 0, 3, dtype="bfloat16")
+    assert a == b
+    fp32, _ = sequence_logprobs(model, prompts, completions, 0, 3, dtype="float32")
+    assert fp32 != a  # (the bf16 pass is another computation: the comparison above can fail)

@@ -45,14 +45,19 @@ def _round(w, r):
     return samples
 
 
+def _is_ref(w, model) -> bool:
+    """`model` is the reference: itself, or its bf16 view (`Warm.ref_bf16`), which the rounds' bf16 pass runs."""
+    return model is w.ref or (w.ref_bf16 is not None and model is w.ref_bf16)
+
+
 def _ref_passes(monkeypatch, w) -> list:
-    """Record every logprob pass the score stage runs on the reference model."""
+    """Record every logprob pass the score stage runs on the reference model (or its bf16 view, `Warm.ref_bf16`)."""
     import stages.score
 
     calls, real = [], stages.score.sequence_logprobs
 
     def spy(model, *args, **kwargs):
-        calls.append(model is w.ref)
+        calls.append(_is_ref(w, model))
         return real(model, *args, **kwargs)
     monkeypatch.setattr(stages.score, "sequence_logprobs", spy)
     return calls
@@ -116,6 +121,12 @@ def test_the_first_round_of_a_fresh_run_has_kl_zero_without_a_reference_pass(pro
         scores, _ = steps.score_round(w, samples)
         assert True in calls  # round 2: the policy has moved, the reference pass runs
         assert any(k != 0.0 for k in scores["kl"].to_list())
+        # on its bf16 view where the run keeps one (bf16 scoring on a CPU): the reference's own numbers, to the bit
+        assert (w.ref_bf16 is not None) == (score_dtype(w.params.score.dtype) == "bfloat16")
+        p, c = completion_inputs(samples, w.tokenizer)
+        ref_lp, _ = sequence_logprobs(w.ref, p, c, w.tokenizer.pad_token_id, batch,
+                                      dtype=score_dtype(w.params.score.dtype))
+        assert scores["logp_ref"].to_list() == ref_lp
     finally:
         w.sampler.close()
 
@@ -179,7 +190,7 @@ def _passes(monkeypatch, w) -> list:
     calls, real = [], stages.score.sequence_logprobs
 
     def spy(model, prompts, completions, pad, batch_size=16, *args, **kwargs):
-        calls.append(("ref" if model is w.ref else "policy", batch_size))
+        calls.append(("ref" if _is_ref(w, model) else "policy", batch_size))
         return real(model, prompts, completions, pad, batch_size, *args, **kwargs)
     monkeypatch.setattr(stages.score, "sequence_logprobs", spy)
     return calls
@@ -271,5 +282,46 @@ def test_held_out_sampling_asks_for_logprobs_only_where_they_replace_a_pass(proj
         assert w.sampler.exact_logprobs == exact
         assert asked == [(1, False), (1, exact)]
         assert metrics["kl"] == pytest.approx(0.0, abs=1e-3)  # the untrained policy is the reference
+    finally:
+        w.sampler.close()
+
+
+def test_the_engine_gets_each_updates_weights_before_it_next_generates_and_not_after_the_last(project, monkeypatch):
+    """`update_round` leaves the push to the engine's next use (`steps.sync_sampler`): one push per update, made by
+    an evaluation or the next round's sampling (which reports its time), none where the engine already has the
+    weights, and none for a last update that nothing generates after; what the engine then holds is the trainer's."""
+    import torch
+
+    from stages.loop import steps
+    from stages.loop.warm import load_warm
+
+    w = load_warm(project(**{"train.eval_every": 1}), 3, with_eval=True)
+    try:
+        pushes, real = [], w.sampler.update_weights
+        monkeypatch.setattr(w.sampler, "update_weights", lambda **kw: pushes.append(1) or real(**kw))
+
+        def update(samples):
+            scores, _ = steps.score_round(w, samples)
+            adv, w.adv_state, _ = steps.advantage_round(w, scores)
+            steps.update_round(w, samples, adv)
+
+        update(_round(w, 0))
+        assert pushes == [] and w.sampler_behind  # the update itself pushes nothing
+        steps.evaluate_round(w, 1)  # the policy's held-out completions: from the updated weights
+        assert pushes == [1] and not w.sampler_behind
+        trained = {k: v.detach() for k, v in w.trainer.state_dict_for_sampler().items()}
+        held = w.sampler.model.state_dict()
+        assert all(torch.equal(held[k], v.to(held[k].dtype)) for k, v in trained.items())
+        from stages.loop.resume import round_prompts
+
+        samples, stats = steps.sample_round(w, 1, round_prompts(w.train_prompts, 1, w.params.train.prompts_per_round,
+                                                                w.params.base.seed))
+        assert pushes == [1] and stats["time/weight_sync_s"] == 0.0  # the engine had them already
+        update(samples)
+        samples, stats = steps.sample_round(w, 2, round_prompts(w.train_prompts, 2, w.params.train.prompts_per_round,
+                                                                w.params.base.seed))
+        assert pushes == [1, 1] and stats["time/weight_sync_s"] > 0.0  # the next round's sampling pushed, and timed it
+        update(samples)
+        assert pushes == [1, 1] and w.sampler_behind  # the run's last update: nothing generates after it
     finally:
         w.sampler.close()

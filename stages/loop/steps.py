@@ -35,6 +35,7 @@ def sample_round(w: Warm, r: int, prompts: pl.DataFrame, logprobs: bool | None =
     from stages.sample import generation_config, sample_prompts, sample_stats
     from stages.schemas import SAMPLES
 
+    sync_s = sync_sampler(w)
     sp, t0 = w.params.sample, time.perf_counter()
     local = prompts[w.dist.shard(prompts.height)]
     if logprobs is None:
@@ -44,10 +45,23 @@ def sample_round(w: Warm, r: int, prompts: pl.DataFrame, logprobs: bool | None =
                                    w.params.base.seed, r, r, sp.max_model_len)
     else:  # more ranks than prompts: this one samples nothing this round
         df, stats = pl.DataFrame(schema=SAMPLES), {}
-    if not w.dist.enabled:
-        return df, stats
-    df = w.dist.gather_rows(df, prompts["prompt_id"].to_list())
-    return df, sample_stats(df, time.perf_counter() - t0)
+    if w.dist.enabled:
+        df = w.dist.gather_rows(df, prompts["prompt_id"].to_list())
+        stats = sample_stats(df, time.perf_counter() - t0)
+    return df, stats | {"time/weight_sync_s": sync_s}
+
+
+def sync_sampler(w: Warm) -> float:
+    """Push the trainer's weights into the running engine if it has updated since the engine last got them (no
+    restart, no disk); the seconds it took, 0 when there was nothing to push. Every use of the engine calls it
+    first, so each update's weights are pushed once, before they are sampled from, and a run's last update is not
+    pushed when nothing generates after it (docs/design.md §3)."""
+    if not w.sampler_behind:
+        return 0.0
+    t0 = time.perf_counter()
+    w.sampler.update_weights(state_dict=w.trainer.state_dict_for_sampler())
+    w.sampler_behind = False
+    return time.perf_counter() - t0
 
 
 def sampler_logprobs_are_policys(choice: str, sampler_exact: bool) -> bool:
@@ -100,8 +114,11 @@ def policy_logprobs_source(w: Warm) -> str:
 def reference_for(w: Warm):
     """The model whose logprobs are the round's reference: the trainer's own policy while it still is the reference,
     bit for bit (a fresh run's first round): `score_samples` then copies the policy's logprobs, the KL is exactly 0
-    and the round skips the reference pass (3.1-4.6 s of a 21-27 s round on 2 AVX2 cores; docs/design.md §7)."""
-    return w.trainer.model if w.policy_is_ref and w.trainer.round == 0 else w.ref
+    and the round skips the reference pass (3.1-4.6 s of a 21-27 s round on 2 AVX2 cores; docs/design.md §7).
+    Otherwise the reference, as its bf16 view where the run keeps one (`Warm.ref_bf16`: the same numbers)."""
+    if w.policy_is_ref and w.trainer.round == 0:
+        return w.trainer.model
+    return w.ref if w.ref_bf16 is None else w.ref_bf16
 
 
 def policy_pass_batches(w: Warm, rows: int, runs: bool) -> int:
@@ -160,19 +177,16 @@ def advantage_round(w: Warm, scores: pl.DataFrame, source: str = "scores") -> tu
 
 
 def update_round(w: Warm, samples: pl.DataFrame, advantages: pl.DataFrame) -> dict:
-    """One policy update (each rank on its share of the rows), then the new weights pushed into the running sampler
-    (no restart, no disk)."""
+    """One policy update (each rank on its share of the rows). The new weights reach the running engine before its
+    next use (`sync_sampler`: the next round's sampling or an evaluation, which times the push)."""
     from stages.update import training_batch
 
     batch = training_batch(samples, advantages)
     if w.dist.enabled:
         batch = batch.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples)))
     w.policy_is_ref = False  # from the first optimizer step on (even one that then fails) it is not
-    stats = w.trainer.step(batch, w.dist)
-    t0 = time.perf_counter()
-    w.sampler.update_weights(state_dict=w.trainer.state_dict_for_sampler())
-    stats["time/weight_sync_s"] = time.perf_counter() - t0
-    return stats
+    w.sampler_behind = True  # (likewise: pushing unchanged weights costs a push, not a wrong sample)
+    return w.trainer.step(batch, w.dist)
 
 
 def replay_round(w: Warm, d: Path) -> dict:
@@ -195,6 +209,7 @@ def evaluate_round(w: Warm, version: int) -> dict:
     if w.ref_eval is None:
         raise RuntimeError("load_warm(with_eval=True) prepares the reference's held-out completions")
     ref_samples, ref_scores = w.ref_eval
+    sync_sampler(w)  # the policy's held-out completions come from the engine
     batches = policy_pass_batches(w, w.eval_prompts.height, not w.sampler.exact_logprobs)  # one completion a prompt
     if w.eval_prompts.height:
         pol = generate_one(w.sampler, w.tokenizer, w.eval_prompts, p, p.base.seed, version,

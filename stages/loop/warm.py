@@ -36,6 +36,9 @@ class Warm:
     adv_state: dict | None = None  # the advantage estimator's carried state (stages.advantage)
     ref_eval: tuple | None = None  # (ref_samples, ref_scores) on the held-out prompts, fixed for the run
     ref_eval_cache: Any = None  # stages.logprobs.PromptCache: the reference's keys/values of those prompts (fp32)
+    # the reference with bf16 copies of its linear weights, for the rounds' bf16 reference pass on a CPU (each pass
+    # cast every weight again there; models.with_bf16_linears); None: the rounds use `ref` itself
+    ref_bf16: Any = None
     dist: Any = None  # stages.loop.dist.Dist: this process's rank in the run (one process: SINGLE)
     eval_order: list = field(default_factory=list)  # every held-out prompt id, in order (eval_prompts: this rank's)
     timings: dict = field(default_factory=dict)
@@ -43,6 +46,10 @@ class Warm:
     # the trainer's weights were the reference's, bit for bit, when loaded (a fresh run from the reference's
     # weights): until its first update the round's KL is 0 without a reference pass (`steps.reference_for`)
     policy_is_ref: bool = False
+    # the trainer has updated since the engine last got its weights: `steps.sync_sampler` pushes them before the
+    # engine's next use (a round's sampling, an evaluation), so a run's last update is pushed only if something
+    # generates after it
+    sampler_behind: bool = False
 
 
 def eval_subset(heldout: pl.DataFrame, n: int) -> pl.DataFrame:
@@ -103,10 +110,10 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     from stages.loop.dist import SINGLE
     from stages.io import read_table
     from stages.logprobs import PromptCache
-    from stages.models import load_causal_lm, load_tokenizer, same_weights
+    from stages.models import load_causal_lm, load_tokenizer, same_weights, with_bf16_linears
     from stages.rewards import build_rewards, check_columns
     from stages.score import extra_columns
-    from stages.runtime import setup_torch
+    from stages.runtime import score_dtype, setup_torch
     from stages.sample import make_sampler
     from stages.schemas import PROMPTS
     from stages.score import completion_inputs
@@ -137,6 +144,8 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     w = Warm(params, device, sampler, trainer, ref, rewards, tokenizer, train_prompts, eval_prompts, dist=dist,
              total_rounds=total_rounds,
              eval_order=all_eval["prompt_id"].to_list() if with_eval else [])
+    if device.type == "cpu" and score_dtype(params.score.dtype) == "bfloat16":
+        w.ref_bf16 = with_bf16_linears(ref)  # +a bf16 copy of its linear weights (0.27 GB for SmolLM2-135M)
     if with_eval and eval_prompts.height:
         ref_samples = generate_one(sampler, tokenizer, eval_prompts, params, params.base.seed, 0, logprobs=False)
         w.ref_eval = (ref_samples, task_scores(ref_samples, rewards, eval_prompts))
