@@ -125,8 +125,9 @@ def kept_casts(module, x) -> tuple | None:
     `keep_casts` (a CPU trainer): None where there is nothing to keep (no autocast, no gradient). A forward runs the
     MLP twice (the shared-prompt layout's prompt pass and completion pass), and without these its backward cast the
     three weights again per call: on the CPU, where a cast is a pass over memory, 3 casts of the MLP's weights a
-    round become 1 (docs/design.md §7). Valid while the weights are the same tensors at the same version (an
-    optimizer step or a load writes them in place, which moves it); `drop_kept_casts` frees them after each step."""
+    round become 1 (docs/design.md §7). Valid while the weights are the same tensors, at the same version and
+    storage (an optimizer step or `load_state_dict` writes them in place, which moves the version; `.data = ...` or
+    `Module.to` gives new storage); the Trainer drops them (`drop_kept_casts`) before each optimizer step."""
     if not getattr(module, "_keep_casts", False) or not torch.is_grad_enabled():
         return None
     dtype = _autocast_dtype(x)
@@ -134,10 +135,11 @@ def kept_casts(module, x) -> tuple | None:
         return None
     weights = (module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight)
     held = module.__dict__.get("_casts")
-    if held is not None and held[0] == dtype and all(w is h and w._version == v for w, (h, v) in zip(weights, held[1])):
-        return held[2]
+    state = tuple((w._version, w.data_ptr()) for w in weights)
+    if held is not None and held[0] == dtype and held[2] == state and all(a is b for a, b in zip(weights, held[1])):
+        return held[3]
     casts = tuple(w.detach().to(dtype) for w in weights)
-    module._casts = (dtype, tuple((w, w._version) for w in weights), casts)
+    module._casts = (dtype, weights, state, casts)
     return casts
 
 

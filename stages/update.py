@@ -396,12 +396,12 @@ class Trainer:
             gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         if not torch.isfinite(gn):
             raise PipelineError(f"update: gradient norm is {gn.item()} at round {self.round + 1}; no step taken; lower update.learning_rate")
-        self.optimizer.step()
-        self.scheduler.step()
-        if self.up.fused_layers:
+        if self.up.fused_layers:  # the MLPs' casts of the weights the step now changes: freed before its peak
             from stages.fused import drop_kept_casts
 
             drop_kept_casts(self.model)
+        self.optimizer.step()
+        self.scheduler.step()
         return float(gn)
 
     # -- what a checkpoint holds (stages.checkpoint owns the files)

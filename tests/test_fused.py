@@ -176,7 +176,8 @@ def _mlps(model):
 def test_kept_casts_are_the_same_step_with_fewer_casts():
     """`keep_casts` (a CPU trainer's choice): the MLPs' bf16 weight casts made once while the weights do not change,
     and the backward's matmuls on them: the same logits and gradients to the bit as casting again, new casts once a
-    weight is written in place, none kept without autocast or without a gradient, and freed by `drop_kept_casts`."""
+    weight is written in place or given new storage, none kept without autocast or without a gradient, and freed by
+    `drop_kept_casts`."""
     from stages.fused import drop_kept_casts
 
     torch.manual_seed(0)
@@ -192,16 +193,22 @@ def test_kept_casts_are_the_same_step_with_fewer_casts():
         assert gk[n].dtype == torch.float32 and torch.equal(gk[n], gr[n]), n
     assert not any("_casts" in m.__dict__ for m in _mlps(recast))
     mlp = _mlps(kept)[0]
-    held = mlp._casts[2]
+    held = mlp._casts[3]
     assert [t.dtype for t in held] == [torch.bfloat16] * 3
     assert torch.equal(held[0], mlp.gate_proj.weight.detach().bfloat16())
     loss_and_grads(kept, ids, autocast=True)  # the weights did not change: the same casts, not new ones
-    assert all(a is b for a, b in zip(mlp._casts[2], held))
+    assert all(a is b for a, b in zip(mlp._casts[3], held))
     with torch.no_grad():
         mlp.up_proj.weight.mul_(2.0)  # an optimizer step or a load writes in place: the version moves
     loss_and_grads(kept, ids, autocast=True)
-    assert all(a is not b for a, b in zip(mlp._casts[2], held))
-    assert torch.equal(mlp._casts[2][1], mlp.up_proj.weight.detach().bfloat16())
+    assert all(a is not b for a, b in zip(mlp._casts[3], held))
+    assert torch.equal(mlp._casts[3][1], mlp.up_proj.weight.detach().bfloat16())
+    held = mlp._casts[3]
+    with torch.no_grad():
+        mlp.down_proj.weight.data = mlp.down_proj.weight.data * 0.5  # new storage, the version counter not moved
+    loss_and_grads(kept, ids, autocast=True)
+    assert all(a is not b for a, b in zip(mlp._casts[3], held))
+    assert torch.equal(mlp._casts[3][2], mlp.down_proj.weight.detach().bfloat16())
     drop_kept_casts(kept)
     assert not any("_casts" in m.__dict__ for m in _mlps(kept))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -210,7 +217,7 @@ def test_kept_casts_are_the_same_step_with_fewer_casts():
     assert not any("_casts" in m.__dict__ for m in _mlps(kept))  # nothing to keep: no gradient, or no cast
 
 
-def test_a_cpu_trainer_keeps_the_casts_for_its_backward_and_frees_them_after_its_step(tiny_model_dir, monkeypatch):
+def test_a_cpu_trainer_keeps_the_casts_for_its_backward_and_frees_them_before_its_step(tiny_model_dir, monkeypatch):
     from test_update import make_batch, make_params
 
     import stages.runtime
@@ -241,8 +248,10 @@ def test_a_cpu_trainer_keeps_the_casts_for_its_backward_and_frees_them_after_its
             monkeypatch.setattr(torch.Tensor, "to", real)
         return len(made)
 
+    held_at_step = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: held_at_step.append(any("_casts" in m.__dict__ for m in mlps)))
     assert step_casts() == 3 * len(mlps)  # once per weight for the step's two forwards and backwards
-    assert not any("_casts" in m.__dict__ for m in mlps)  # freed after the optimizer step
+    assert held_at_step == [False]  # freed before the optimizer step (whose peak they would add to)
     for m in mlps:
         m._keep_casts = False
     # without: each MLP call's backward casts the three weights again, two calls a micro-batch (the shared-prompt
