@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     from stages.loop.resume import round_prompts
     from stages.score import completion_inputs, score_dtype
 
-    models = (w.trainer.model, w.ref)
+    # the rounds' reference pass runs on the reference's bf16 view where the run keeps one (steps.scoring_reference)
+    models = (w.trainer.model, w.ref, *((w.ref_bf16,) if w.ref_bf16 is not None else ()))
     if any(m.config._attn_implementation != NAME for m in models):
         sys.exit("attention: the models do not run the grouped attention (not Llama's eager attention code)")
     impl = {"grouped": NAME, "eager": "eager"}
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             samples, _ = steps.sample_round(w, pair, prompts)
             if pair == 0:
                 p_ids, c_ids = completion_inputs(samples, w.tokenizer)
-                for name, model in (("reference", w.ref), ("policy", w.trainer.model)):
+                for name, model in (("reference", steps.scoring_reference(w)), ("policy", w.trainer.model)):
                     got = {}
                     for arm in impl:
                         use(arm)
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                 advs, w.adv_state, _ = steps.advantage_round(w, scores)
                 t0 = time.perf_counter()
                 steps.update_round(w, samples, advs)
+                steps.sync_sampler(w)  # the push, timed with the update as before it moved to the engine's next use
                 t_update = time.perf_counter() - t0
                 print(f"pair {pair} {arm}: scoring {t_score:.2f} s, update {t_update:.2f} s", flush=True)
                 if pair >= 1:

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from stages.io import write_json, write_text
     from stages.loop.resume import round_prompts
-    from stages.loop.steps import advantage_round, sample_round, score_round, update_round
+    from stages.loop.steps import advantage_round, sample_round, score_round, sync_sampler, update_round
     from stages.loop.warm import load_warm
     from stages.params import load_params
     from stages.runtime import configure_env
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         advs, w.adv_state, _ = advantage_round(w, scores)
         ph["advantage_s"], t1 = time.perf_counter() - t1, time.perf_counter()
         update_round(w, samples, advs)
+        sync_sampler(w)  # the push, timed with the update (else the next round's sampling makes it)
         sync()
         ph["update_s"] = time.perf_counter() - t1
         ph["round_s"] = time.perf_counter() - t0

@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
                 sequence_logprobs(w.trainer.model, p_ids, c_ids, pad, bs, share=share, dtype=score_dtype)
             t["policy logprobs"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            sequence_logprobs(w.ref, p_ids, c_ids, pad, samples.height if ahead else bs, share=share, dtype=score_dtype)
+            ref = steps.scoring_reference(w)  # the model the rounds' reference pass runs (its bf16 view on a CPU)
+            sequence_logprobs(ref, p_ids, c_ids, pad, samples.height if ahead else bs, share=share, dtype=score_dtype)
             t["reference logprobs"] = time.perf_counter() - t0
             scores, sc = steps.score_round(w, samples)  # the step itself, for the advantages (not timed here)
             if ahead:  # the update's forward, run inside it and kept for the update: the update is then its backward

@@ -46,7 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from stages.estimators import ESTIMATORS as _TABLE  # noqa: E402
 from stages.loop.resume import round_prompts  # noqa: E402
-from stages.loop.steps import advantage_round, sample_round, score_round, update_round  # noqa: E402
+from stages.loop.steps import advantage_round, sample_round, score_round, sync_sampler, update_round  # noqa: E402
 from stages.loop.warm import load_warm  # noqa: E402
 
 # the article's set first (RLOO against the classic baselines), then the rest of the table
@@ -105,6 +105,7 @@ def one_run(w, params, rounds: int, base_sd: dict, base_eval: dict, key: str, ba
         scores, sc_stats = score_round(w, samples)
         advs, w.adv_state, a_stats = advantage_round(w, scores)
         u = update_round(w, samples, advs)
+        sync_sampler(w)  # the push, in the round's time (else the evaluation or the next round's sampling makes it)
         seconds = time.perf_counter() - t0
         ev = evaluate(w, r + 1) if (r + 1) % eval_every == 0 or r + 1 == rounds else {}
         rows.append({

@@ -8,9 +8,9 @@ The story of a run (each step of a round is a Prefect task, all in this one proc
    reward models (`stages.loop.warm`);
 3. per round: sample K completions per prompt -> score them (rewards, KL to the reference) -> advantages (the
    leave-one-out baseline, or the configured estimator) -> update (REINFORCE step(s); the new weights go into the
-   running engine) -> every `train.eval_every` rounds an evaluation on held-out prompts; each step's Parquet
-   artifact is written as it is produced, then the checkpoint and the round's manifest, in a background thread
-   that the next update waits for;
+   running engine before it next generates) -> every `train.eval_every` rounds an evaluation on held-out prompts; each
+   step's Parquet artifact is written as it is produced, then the checkpoint and the round's manifest, in a background
+   thread that the next update waits for;
 4. write metrics/train.json and plots/train.csv, close the MLflow run.
 
 Run: `python -m flows.train [--params params.yaml] [--rounds N] [--restart]` (what the DVC stage `train` runs).
@@ -270,6 +270,9 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             metrics = {**s_stats, **sc_stats, **u_stats, **{k: a_stats[k] for k in
                        ("advantage_std", "advantage_mean", "baseline_mean", "singleton_groups")}}
             if tp.eval_every and (r + 1) % tp.eval_every == 0:
+                # the evaluation samples from this update's weights: pushed now and counted in this round's push time
+                # (the next round's sampling then has none to push)
+                metrics["time/weight_sync_s"] = metrics.get("time/weight_sync_s", 0.0) + steps.sync_sampler(w)
                 metrics |= flat_metrics(call(evaluate_task)(w, r + 1), "eval/")
             metrics["time/round_s"] = time.perf_counter() - tr
             save = (r + 1) % params.update.save_every == 0 or r + 1 == total

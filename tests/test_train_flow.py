@@ -40,3 +40,19 @@ def test_a_resumed_run_carries_the_baseline_into_its_next_round(tmp_path, tiny_m
     assert [m["policy_logprobs"] for m in manifests] == ["update", "update"]
     kl = pl.read_parquet(rounds / "round=0001" / "scores.parquet")["kl"]
     assert kl.abs().max() > 0
+    # the engine gets each update's weights at its next use, and the round that makes the push times it: none in a
+    # fresh run's first round; the resumed run's weights as its first round samples
+    assert [m["metrics"]["time/weight_sync_s"] > 0 for m in manifests] == [False, True]
+
+
+def test_an_evaluating_round_pushes_its_update_before_its_evaluation_and_times_it(tmp_path, tiny_model_dir):
+    proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 2, "train.eval_every": 1, "sample.backend": "hf"})
+    env = run_env(tmp_path)
+    run([PY, "-m", "stages.prepare"], proj, env)
+    run([PY, "-m", "flows.train"], proj, env)
+    rounds = proj / "data" / "rounds"
+    metrics = [json.loads((rounds / f"round={r:04d}" / "manifest.json").read_text())["metrics"] for r in range(2)]
+    assert all("eval/reward" in m for m in metrics)
+    # a fresh run's first round samples from the weights the engine started with, so the push it reports is its own
+    # update's, made for its evaluation; so is the second's (its sampling had the weights the evaluation pushed)
+    assert all(m["time/weight_sync_s"] > 0 for m in metrics)

@@ -325,3 +325,34 @@ def test_the_engine_gets_each_updates_weights_before_it_next_generates_and_not_a
         assert pushes == [1, 1] and w.sampler_behind  # the run's last update: nothing generates after it
     finally:
         w.sampler.close()
+
+
+def test_a_bf16_reference_pass_runs_on_the_references_bf16_view_with_its_numbers(project, monkeypatch):
+    """`score.dtype: bfloat16` on a CPU (any CPU): the rounds' reference pass runs on the reference's bf16 view
+    (`Warm.ref_bf16`) and gives the reference's own bf16 logprobs to the bit; under float32 params the same warm run's
+    pass is the reference itself (the view's bf16 weights would not do for an fp32 pass)."""
+    import stages.score
+    from stages.loop import steps
+    from stages.logprobs import sequence_logprobs
+    from stages.score import completion_inputs
+
+    w = _warm(project(**{"score.dtype": "bfloat16", "sample.dtype": "float32"}))
+    try:
+        assert w.ref_bf16 is not None and w.sampler.exact_logprobs  # (the policy's logprobs: the sampler's)
+        samples = _round(w, 0)
+        scores, _ = steps.score_round(w, samples)
+        adv, w.adv_state, _ = steps.advantage_round(w, scores)
+        steps.update_round(w, samples, adv)
+        samples = _round(w, 1)
+        used, real = [], stages.score.sequence_logprobs
+        monkeypatch.setattr(stages.score, "sequence_logprobs", lambda model, *a, **k: used.append(model) or
+                            real(model, *a, **k))
+        scores, _ = steps.score_round(w, samples)
+        assert len(used) == 1 and used[0] is w.ref_bf16
+        p, c = completion_inputs(samples, w.tokenizer)
+        own, _ = sequence_logprobs(w.ref, p, c, w.tokenizer.pad_token_id, w.params.score.batch_size, dtype="bfloat16")
+        assert scores["logp_ref"].to_list() == own
+        w.params = w.params.model_copy(update={"score": w.params.score.model_copy(update={"dtype": "float32"})})
+        assert steps.scoring_reference(w) is w.ref
+    finally:
+        w.sampler.close()

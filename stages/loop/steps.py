@@ -6,7 +6,7 @@ complete round's update from its artifacts when a run resumes from an older chec
     samples, s = sample_round(w, r, prompts)          # K completions per prompt, from the running engine
     scores, sc = score_round(w, samples)              # rewards, logp under policy and reference, KL, rlhf_reward
     advs, state, a = advantage_round(w, scores)       # the estimator's baseline (w.adv_state carries over)
-    u = update_round(w, samples, advs)                # REINFORCE step(s), then the weights pushed into the engine
+    u = update_round(w, samples, advs)                # REINFORCE step(s); the engine gets the weights at its next use
 
 With several ranks (`w.dist`, docs/design.md §8) each step works on this rank's share of the round's prompts (all K
 completions of a prompt on one rank) and returns the whole round's table, gathered in the order one process makes
@@ -115,10 +115,20 @@ def reference_for(w: Warm):
     """The model whose logprobs are the round's reference: the trainer's own policy while it still is the reference,
     bit for bit (a fresh run's first round): `score_samples` then copies the policy's logprobs, the KL is exactly 0
     and the round skips the reference pass (3.1-4.6 s of a 21-27 s round on 2 AVX2 cores; docs/design.md §7).
-    Otherwise the reference, as its bf16 view where the run keeps one (`Warm.ref_bf16`: the same numbers)."""
+    Otherwise `scoring_reference`."""
     if w.policy_is_ref and w.trainer.round == 0:
         return w.trainer.model
-    return w.ref if w.ref_bf16 is None else w.ref_bf16
+    return scoring_reference(w)
+
+
+def scoring_reference(w: Warm):
+    """The reference as a round's reference pass runs it: its bf16 view where the run keeps one (`Warm.ref_bf16`:
+    the same numbers) and the pass is bf16 under the current params, else the reference itself."""
+    from stages.runtime import score_dtype
+
+    if w.ref_bf16 is not None and score_dtype(w.params.score.dtype) == "bfloat16":
+        return w.ref_bf16
+    return w.ref
 
 
 def policy_pass_batches(w: Warm, rows: int, runs: bool) -> int:

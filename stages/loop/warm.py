@@ -1,8 +1,8 @@
 """What a training run keeps warm: loaded once, used by every round (docs/design.md §3).
 
 A round never starts the sampling engine or reads a model from disk: the engine, the policy with its optimizer,
-the reference and the reward models live in a `Warm` for the whole run, and new weights go into the running
-engine after each update (`update_round`).
+the reference and the reward models live in a `Warm` for the whole run, and each update's weights go into the
+running engine before it next generates (`steps.sync_sampler`).
 """
 
 from __future__ import annotations
@@ -159,8 +159,7 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
         w.ref_eval = (None, None)  # more ranks than held-out prompts: this one evaluates none
     # the engine started on the reference's weights (the held-out baseline above is the reference's completions);
     # it samples the policy's from round 1 on: a resumed trainer's, or a fresh one from another dir than the
-    # reference (`base.model_dir` vs `score.ref_model`)
+    # reference (`base.model_dir` vs `score.ref_model`), pushed at its first use (after any replayed rounds)
     w.policy_is_ref = checkpoint is None and same_weights(trainer.model, ref)  # a copy of it in another dir too
-    if not w.policy_is_ref:
-        sampler.update_weights(state_dict=trainer.state_dict_for_sampler())
+    w.sampler_behind = not w.policy_is_ref
     return w
