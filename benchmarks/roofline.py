@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             advs, w.adv_state, _ = steps.advantage_round(w, scores)
             u = steps.update_round(w, samples, advs)
             t["update"] = u["time/update_s"]
-            t["weight sync"] = steps.sync_sampler(w)  # (else the next round's sampling pushes them, untimed here)
+            t["weight sync"] = steps.sync_sampler(w)  # (else the next round's sampling pushes them, in its time)
             t0 = time.perf_counter()
             d = work / f"round={r:04d}"
             recs = {f"{n}.parquet": write_artifact(df, d, n, sch) for n, df, sch in
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"round": r + 1, "times": t, "fwd_flops": fwd, "generated": gen,
                          "completions": samples.height, "tokens": sum(len(p) + len(c) for p, c in zip(p_ids, c_ids))})
             print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()), flush=True)
-        best = vllm_best_rate(w, w.train_prompts, params)
+        best = vllm_best_rate(w, w.train_prompts, params)  # (the engine has the last update's weights: synced above)
     finally:
         w.sampler.close()
     last = settled({"settle_rounds": SETTLE}, rows)  # the first rounds pay one-time costs; the table uses the later

@@ -3,7 +3,7 @@ advantage, loss, clipping, AdamW step) move the weights exactly as TRL's step do
 
 The comparison of held-out rewards (benchmarks/bench_trl.py) mixes two sources of difference: each arm's sampler
 draws its own completions, and each arm's training step. This check takes the sampler out: the flow's warm loop
-runs `--rounds` rounds of the default task (vLLM sampling, scoring, advantages, update, weight push), saving each
+runs `--rounds` rounds of the default task (the weight push, vLLM sampling, scoring, advantages, update), saving each
 round's samples; then TRL's RLOOTrainer, configured as the comparison configures it (bench_trl.trl_config), trains
 for as many steps with its generation replaced by those very completions (token ids, in the same order). Reported:
 each step's advantages against ours, the gradient norms before clipping, and the final weights' change from the

@@ -53,9 +53,10 @@ def sample_round(w: Warm, r: int, prompts: pl.DataFrame, logprobs: bool | None =
 
 def sync_sampler(w: Warm) -> float:
     """Push the trainer's weights into the running engine if it has updated since the engine last got them (no
-    restart, no disk); the seconds it took, 0 when there was nothing to push. Every use of the engine calls it
-    first, so each update's weights are pushed once, before they are sampled from, and a run's last update is not
-    pushed when nothing generates after it (docs/design.md §3)."""
+    restart, no disk); the seconds it took, 0 when there was nothing to push. Every use of the engine after the
+    warm-up calls it first (`load_warm`'s own held-out baseline is the reference's completions, on purpose), so each
+    update's weights are pushed once, before they are sampled from, and a run's last update is not pushed when
+    nothing generates after it (docs/design.md §3)."""
     if not w.sampler_behind:
         return 0.0
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""vLLM sampler: one engine per run, new weights pushed in place after each update.
+"""vLLM sampler: one engine per run, new weights pushed in place (before it samples from them: `steps.sync_sampler`).
 
 In-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set by `configure_vllm_env`): on this CPU it
 starts in ~5 s instead of a worker process, and weights can be handed over as tensors
