@@ -120,20 +120,15 @@ def with_bf16_linears(model):
 
     import torch
 
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    own = {id(m.weight) for m in linears}
-    elsewhere = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear)
-                 for p in m.parameters(recurse=False)}  # e.g. the embedding an lm_head is tied to
-    memo: dict[int, Any] = {}
-    for t in [*model.parameters(), *model.buffers()]:  # shared, not copied
-        memo[id(t)] = t
-    for w in {id(m.weight): m.weight for m in linears}.values():
-        if id(w) not in elsewhere:
-            memo[id(w)] = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}  # shared, not copied
     view = copy.deepcopy(model, memo)
+    copies: dict[int, Any] = {}  # one bf16 copy per weight, however many linears share it
     for m in view.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.dtype != torch.bfloat16 and id(m.weight) in own:
-            m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)  # untied here
+        if isinstance(m, torch.nn.Linear):  # (a weight tied to an embedding: untied here, the view's own)
+            w = m.weight
+            if id(w) not in copies:
+                copies[id(w)] = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+            m.weight = copies[id(w)]
     return view.eval()
 
 
