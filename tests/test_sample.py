@@ -971,6 +971,87 @@ def test_vllm_update_weights_from_state_dict(vllm_sampler, ref_model, trained, b
     assert not [m for m in seen.lines if "Failed to load" in m], seen.lines
 
 
+def _engine_params(sampler) -> dict[str, torch.Tensor]:
+    """Copies of the in-process engine's parameters (its linears' are empty: they live pre-packed in the kernels)."""
+    def read(worker):
+        return {n: p.detach().clone() for n, p in worker.model_runner.model.named_parameters()}
+
+    return sampler.llm.collective_rpc(read)[0]
+
+
+@pytest.mark.slow
+def test_vllm_direct_push_leaves_the_engine_as_vllms_reload_does(vllm_sampler, ref_model, trained, base_greedy,
+                                                                  base_tok, update_prompts, update_ids):
+    """The in-process CPU engine's push (`_direct_reload`: new packed linears, the rest copied in place) against
+    vLLM's own `reload_weights` of the same weights: the same seeded samples and logprobs to the bit and the same
+    parameters; the direct path is the one taken."""
+    assert vllm_sampler.direct
+    got = {}
+    try:
+        for direct in (True, False):
+            vllm_sampler.direct = direct
+            vllm_sampler.update_weights(state_dict=trained[0].state_dict())
+            assert vllm_sampler.direct == direct  # the direct push did not fall back
+            got[direct] = (run_sample(vllm_sampler, base_tok, update_prompts, k=2, max_tokens=8),
+                           _engine_params(vllm_sampler))
+    finally:
+        vllm_sampler.direct = True
+        vllm_sampler.update_weights(state_dict=ref_model.state_dict())
+    (samples_d, params_d), (samples_r, params_r) = got[True], got[False]
+    assert samples_d.equals(samples_r)
+    assert samples_d["sampler_logprobs"].to_list() == samples_r["sampler_logprobs"].to_list()
+    assert params_d.keys() == params_r.keys() and all(torch.equal(params_d[n], params_r[n]) for n in params_d)
+    assert vllm_greedy(vllm_sampler, list(update_ids.values())) == base_greedy
+
+
+@pytest.mark.slow
+def test_vllm_direct_push_changes_nothing_when_it_cannot_place_a_weight(vllm_sampler, trained, base_greedy, update_ids):
+    """A state dict the direct push cannot place whole (a weight missing, one of another shape, a name the engine
+    does not have) is refused before anything is written: the engine still decodes as the base model."""
+    from stages.sample.vllm_backend import _direct_reload
+
+    sd = {k: v.detach() for k, v in trained[0].state_dict().items()}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    missing = {k: v for k, v in sd.items() if k != q}
+    reshaped = sd | {q: sd[q][:-1]}
+    extra = sd | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(sd[q].shape[0])}
+    for bad in (missing, reshaped, extra):
+        assert vllm_sampler.llm.collective_rpc(_direct_reload, args=(bad,)) == [False]
+    assert vllm_greedy(vllm_sampler, list(update_ids.values())) == base_greedy
+
+
+@pytest.mark.slow
+def test_vllm_direct_push_that_fails_part_way_falls_back_to_vllms_reload(vllm_sampler, ref_model, trained, base_greedy,
+                                                                          base_tok, update_prompts, update_ids,
+                                                                          monkeypatch, caplog):
+    """An error inside the direct push (after some weights went in) is said once, and the same push goes through
+    vLLM's reload instead, which writes every weight: the engine follows the trainer; later pushes take that path."""
+    import stages.sample.vllm_backend as vb
+
+    real = vb._direct_reload
+
+    def half_then_fail(worker, weights):
+        model = worker.model_runner.model
+        with torch.inference_mode():
+            model.model.norm.weight.data.copy_(weights["model.norm.weight"])  # a weight in, then a failure
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(vb, "_direct_reload", half_then_fail)
+    try:
+        with caplog.at_level(logging.WARNING, logger=vb.log.name):
+            vllm_sampler.update_weights(state_dict=trained[0].state_dict())
+        assert not vllm_sampler.direct
+        said = [r.getMessage() for r in caplog.records if "direct weight push failed" in r.getMessage()]
+        assert said == ["the direct weight push failed (RuntimeError: simulated); pushing through vLLM's "
+                        "reload_weights from now on"]
+        check_engine_follows(vllm_sampler, trained, base_greedy, base_tok, update_prompts, update_ids)
+    finally:
+        monkeypatch.setattr(vb, "_direct_reload", real)
+        vllm_sampler.update_weights(state_dict=ref_model.state_dict())
+        vllm_sampler.direct = True
+    assert vllm_greedy(vllm_sampler, list(update_ids.values())) == base_greedy
+
+
 @pytest.mark.slow
 def test_vllm_update_weights_from_path(vllm_sampler, base_model_dir, trained, base_greedy, base_tok, update_prompts,
                                        update_ids, tmp_path):

@@ -1,8 +1,9 @@
 """vLLM sampler: one engine per run, new weights pushed in place (before it samples from them: `steps.sync_sampler`).
 
 In-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set by `configure_vllm_env`): on this CPU it
-starts in ~5 s instead of a worker process, and weights can be handed over as tensors
-(`collective_rpc("reload_weights", weights_iterator=...)`, ~0.3 s for 135M) without touching disk.
+starts in ~5 s instead of a worker process, and weights can be handed over as tensors without touching disk:
+straight into the linears' packed kernels where the engine is eager and on a CPU (`_direct_reload`, ~0.12 s for
+135M), else through `collective_rpc("reload_weights", weights_iterator=...)` (~0.25 s).
 In multiprocess mode (e.g. `sample.tensor_parallel_size > 1`, where the engine's workers are other processes)
 the same state dict goes through a temporary safetensors directory (`weights_path=`) that the workers read. After every reload the prefix cache is reset (KV computed under the old weights would
 be reused otherwise) and, for tied embeddings, the lm_head's pre-packed CPU GEMM weight is rebuilt
@@ -32,6 +33,60 @@ def _refresh_lm_head(worker) -> bool:
     if getattr(model.config, "tie_word_embeddings", False) and embed is not None and lm_head.weight is not embed.weight:
         lm_head.weight = embed.weight
     method.process_weights_after_loading(lm_head)
+    return True
+
+
+def _direct_reload(worker, weights: dict) -> bool:
+    """Runs on the worker of an eager in-process engine on a CPU: the trainer's `weights` (transformers' names, any
+    float dtype) written into the engine without vLLM's layerwise reload, which rebuilds every layer's parameters
+    before loading them (its linears hold only their pre-packed GEMM weights) and costs ~0.1 s of Python a push of
+    SmolLM2-135M. Each linear gets a new weight in the engine's dtype, its stacked parts (`packed_modules_mapping`:
+    q/k/v, gate/up) copied into place with the cast in the copy, and is packed by vLLM's own dispatch, as at load;
+    every other parameter is copied in place. False, having changed nothing, where the model is not laid out as this
+    expects (a name or shape it cannot place, a bias, a quantized or non-CPU linear): the caller reloads the usual
+    way. The same engine weights to the bit as `reload_weights` (tests/test_sample.py; docs/design.md §7)."""
+    import torch
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    model = worker.model_runner.model
+    packed = getattr(model, "packed_modules_mapping", None) or {}
+    linears, used = [], set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LinearBase):
+            continue
+        plain = isinstance(getattr(mod, "quant_method", None), UnquantizedLinearMethod) and hasattr(mod, "cpu_linear")
+        if not plain or getattr(mod, "bias", None) is not None or getattr(mod, "_cpu_skip_gemm_dispatch", False):
+            return False
+        prefix, _, leaf = name.rpartition(".")
+        parts = [f"{prefix}.{p}.weight" if prefix else f"{p}.weight" for p in packed.get(leaf, [leaf])]
+        shape = (getattr(mod, "output_size_per_partition", -1), getattr(mod, "input_size_per_partition", -1))
+        if (any(p not in weights or weights[p].dim() != 2 or weights[p].shape[1] != shape[1] for p in parts)
+                or sum(weights[p].shape[0] for p in parts) != shape[0]):
+            return False
+        linears.append((mod, parts, shape))
+        used.update(parts)
+    params = dict(model.named_parameters())
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    others = []
+    for n, t in weights.items():
+        if n in used or (tied and n == "lm_head.weight" and n not in params):
+            continue
+        p = params.get(n)
+        if p is None or p.shape != t.shape:
+            return False
+        others.append((p, t))
+    with torch.inference_mode():
+        for p, t in others:
+            p.data.copy_(t)
+        for mod, parts, shape in linears:
+            w = torch.empty(shape, dtype=mod.weight.dtype)
+            row = 0
+            for p in parts:
+                w[row : row + weights[p].shape[0]].copy_(weights[p])
+                row += weights[p].shape[0]
+            mod.weight = torch.nn.Parameter(w, requires_grad=False)
+            dispatch_cpu_unquantized_gemm(mod, remove_weight=True)
     return True
 
 
@@ -326,6 +381,8 @@ class VLLMSampler:
         # the CPU sampler's draw without a noise per vocabulary entry (its workers must be this process: the function
         # is handed over as an object)
         self.inverse_cdf = bool(self.in_process and cpu and self.llm.collective_rpc(_inverse_cdf_sampler)[0])
+        # weights pushed straight into the engine's linears (`_direct_reload`), where its layout allows
+        self.direct = self.in_process and cpu and sample_params.enforce_eager
         # fp32 engine logprobs are the policy's own (raw, before temperature): the flow may reuse them
         self.exact_logprobs = dtype == "float32"
 
@@ -372,8 +429,9 @@ class VLLMSampler:
 
     def update_weights(self, state_dict=None, path: str | None = None) -> None:
         if state_dict is not None and self.in_process:
-            weights = [(name, t.detach().to(self.dtype)) for name, t in state_dict.items()]
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            if not self._direct_push(state_dict):
+                weights = [(name, t.detach().to(self.dtype)) for name, t in state_dict.items()]
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         elif state_dict is not None:  # the workers are other processes: hand the weights over through a file
             with weights_dir(state_dict) as tmp:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp})
@@ -386,6 +444,23 @@ class VLLMSampler:
         except Exception as exc:  # multiprocess mode without VLLM_ALLOW_INSECURE_SERIALIZATION=1
             log.warning("could not refresh the lm_head after reload (%s); logits may use stale weights", exc)
         self.llm.reset_prefix_cache()
+
+    def _direct_push(self, state_dict) -> bool:
+        """`_direct_reload` where it applies (an eager in-process engine on a CPU; a compiled engine's graphs may hold
+        the old packed weights): True when it pushed the weights. A failure part-way leaves the engine mixed, so the
+        caller's full reload follows, and later pushes take that path (said once)."""
+        if not self.direct:
+            return False
+        try:
+            weights = {k: v.detach() for k, v in state_dict.items()}
+            done = bool(self.llm.collective_rpc(_direct_reload, args=(weights,))[0])
+        except Exception as exc:
+            log.warning("the direct weight push failed (%s: %s); pushing through vLLM's reload_weights from now on",
+                        type(exc).__name__, exc)
+            done = False
+        if not done:
+            self.direct = False
+        return done
 
     def close(self) -> None:
         import gc
