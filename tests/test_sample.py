@@ -1007,46 +1007,69 @@ def test_vllm_direct_push_leaves_the_engine_as_vllms_reload_does(vllm_sampler, r
 @pytest.mark.slow
 def test_vllm_direct_push_changes_nothing_when_it_cannot_place_a_weight(vllm_sampler, trained, base_greedy, update_ids):
     """A state dict the direct push cannot place whole (a weight missing, one of another shape, a name the engine
-    does not have) is refused before anything is written: the engine still decodes as the base model."""
+    does not have, an engine parameter it lacks) is refused with the reason before anything is written: the engine
+    still decodes as the base model."""
     from stages.sample.vllm_backend import _direct_reload
 
     sd = {k: v.detach() for k, v in trained[0].state_dict().items()}
-    q = "model.layers.0.self_attn.q_proj.weight"
-    missing = {k: v for k, v in sd.items() if k != q}
-    reshaped = sd | {q: sd[q][:-1]}
-    extra = sd | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(sd[q].shape[0])}
-    for bad in (missing, reshaped, extra):
-        assert vllm_sampler.llm.collective_rpc(_direct_reload, args=(bad,)) == [False]
+    q, norm = "model.layers.0.self_attn.q_proj.weight", "model.layers.3.input_layernorm.weight"
+    no_q = "no weight model.layers.0.self_attn.q_proj.weight of shape (576, 576) for model.layers.0.self_attn.qkv_proj"
+    cases = [
+        (no_q, {k: v for k, v in sd.items() if k != q}),
+        (no_q, sd | {q: sd[q][:-1]}),
+        ("the engine has no parameter model.layers.0.self_attn.q_proj.bias of shape (576,)",
+         sd | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(sd[q].shape[0])}),
+        (f"the state dict lacks {norm}", {k: v for k, v in sd.items() if k != norm}),
+    ]
+    for why, bad in cases:
+        assert vllm_sampler.llm.collective_rpc(_direct_reload, args=(bad,)) == [why]
     assert vllm_greedy(vllm_sampler, list(update_ids.values())) == base_greedy
 
 
 @pytest.mark.slow
-def test_vllm_direct_push_that_fails_part_way_falls_back_to_vllms_reload(vllm_sampler, ref_model, trained, base_greedy,
-                                                                          base_tok, update_prompts, update_ids,
-                                                                          monkeypatch, caplog):
-    """An error inside the direct push (after some weights went in) is said once, and the same push goes through
-    vLLM's reload instead, which writes every weight: the engine follows the trainer; later pushes take that path."""
+@pytest.mark.parametrize("failure", ["error", "unpacked"])
+def test_vllm_direct_push_that_fails_part_way_falls_back_to_vllms_reload(failure, vllm_sampler, ref_model, trained,
+                                                                          base_greedy, base_tok, update_prompts,
+                                                                          update_ids, monkeypatch, caplog):
+    """A failure inside the direct push after some weights went in (an error; vLLM keeping a linear's plain weight,
+    as where oneDNN cannot pack it, which would break its reload: that layer is put back as it was) is said once, and
+    the same push goes through vLLM's reload instead, which writes every weight: the engine follows the trainer;
+    later pushes take that path."""
+    import vllm.model_executor.layers.utils as vllm_utils
+
     import stages.sample.vllm_backend as vb
 
-    real = vb._direct_reload
+    if failure == "error":
+        def half_then_fail(worker, weights):
+            model = worker.model_runner.model
+            with torch.inference_mode():
+                model.model.norm.weight.data.copy_(weights["model.norm.weight"])  # a weight in, then a failure
+            raise RuntimeError("simulated")
 
-    def half_then_fail(worker, weights):
-        model = worker.model_runner.model
-        with torch.inference_mode():
-            model.model.norm.weight.data.copy_(weights["model.norm.weight"])  # a weight in, then a failure
-        raise RuntimeError("simulated")
+        monkeypatch.setattr(vb, "_direct_reload", half_then_fail)
+        want = ("the direct weight push failed (RuntimeError: simulated); pushing through vLLM's reload_weights "
+                "from now on")
+    else:
+        real_dispatch, calls = vllm_utils.dispatch_cpu_unquantized_gemm, []
 
-    monkeypatch.setattr(vb, "_direct_reload", half_then_fail)
+        def keeps_the_fifth(layer, remove_weight):
+            calls.append(1)
+            if len(calls) == 5:  # as vLLM's own fallback does: torch's linear on the plain weight
+                layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
+                return
+            real_dispatch(layer, remove_weight)
+
+        monkeypatch.setattr(vllm_utils, "dispatch_cpu_unquantized_gemm", keeps_the_fifth)
+        want = ("the direct weight push failed (RuntimeError: vLLM did not pack the new weight of QKVParallelLinear); "
+                "pushing through vLLM's reload_weights from now on")
     try:
         with caplog.at_level(logging.WARNING, logger=vb.log.name):
             vllm_sampler.update_weights(state_dict=trained[0].state_dict())
         assert not vllm_sampler.direct
-        said = [r.getMessage() for r in caplog.records if "direct weight push failed" in r.getMessage()]
-        assert said == ["the direct weight push failed (RuntimeError: simulated); pushing through vLLM's "
-                        "reload_weights from now on"]
+        assert [r.getMessage() for r in caplog.records if "direct weight push failed" in r.getMessage()] == [want]
         check_engine_follows(vllm_sampler, trained, base_greedy, base_tok, update_prompts, update_ids)
     finally:
-        monkeypatch.setattr(vb, "_direct_reload", real)
+        monkeypatch.undo()
         vllm_sampler.update_weights(state_dict=ref_model.state_dict())
         vllm_sampler.direct = True
     assert vllm_greedy(vllm_sampler, list(update_ids.values())) == base_greedy

@@ -36,36 +36,45 @@ def _refresh_lm_head(worker) -> bool:
     return True
 
 
-def _direct_reload(worker, weights: dict) -> bool:
+def _direct_reload(worker, weights: dict) -> str | None:
     """Runs on the worker of an eager in-process engine on a CPU: the trainer's `weights` (transformers' names, any
     float dtype) written into the engine without vLLM's layerwise reload, which rebuilds every layer's parameters
-    before loading them (its linears hold only their pre-packed GEMM weights) and costs ~0.1 s of Python a push of
-    SmolLM2-135M. Each linear gets a new weight in the engine's dtype, its stacked parts (`packed_modules_mapping`:
-    q/k/v, gate/up) copied into place with the cast in the copy, and is packed by vLLM's own dispatch, as at load;
-    every other parameter is copied in place. False, having changed nothing, where the model is not laid out as this
-    expects (a name or shape it cannot place, a bias, a quantized or non-CPU linear): the caller reloads the usual
-    way. The same engine weights to the bit as `reload_weights` (tests/test_sample.py; docs/design.md §7)."""
+    before loading them (its linears hold only their pre-packed GEMM weights). Each linear gets a new weight in the
+    engine's dtype, its stacked parts (`packed_modules_mapping`: q/k/v, gate/up) copied into place with the cast in
+    the copy, and is packed by vLLM's own dispatch, as at load; every other parameter is copied in place (a tied
+    lm_head is re-packed by `_refresh_lm_head` after it). Returns None when done, else why not, having changed
+    nothing: a model not laid out as this expects (a weight it cannot place or an engine parameter the state dict
+    lacks, a bias, a quantized or unpacked linear, logits from another module than an `lm_head`); the caller then
+    reloads the usual way. The same engine weights to the bit as `reload_weights` (tests/test_sample.py;
+    docs/design.md §7)."""
     import torch
     from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
     model = worker.model_runner.model
+    if not isinstance(getattr(model, "lm_head", None), ParallelLMHead):  # e.g. Gemma2: logits from embed_tokens,
+        return "the model has no lm_head module"  # whose own packed copy only vLLM's reload rebuilds
     packed = getattr(model, "packed_modules_mapping", None) or {}
-    linears, used = [], set()
+    linears, used, linear_params = [], set(), set()
     for name, mod in model.named_modules():
         if not isinstance(mod, LinearBase):
             continue
         plain = isinstance(getattr(mod, "quant_method", None), UnquantizedLinearMethod) and hasattr(mod, "cpu_linear")
         if not plain or getattr(mod, "bias", None) is not None or getattr(mod, "_cpu_skip_gemm_dispatch", False):
-            return False
+            return f"{name} is not a plain CPU linear without a bias"
         prefix, _, leaf = name.rpartition(".")
         parts = [f"{prefix}.{p}.weight" if prefix else f"{p}.weight" for p in packed.get(leaf, [leaf])]
         shape = (getattr(mod, "output_size_per_partition", -1), getattr(mod, "input_size_per_partition", -1))
-        if (any(p not in weights or weights[p].dim() != 2 or weights[p].shape[1] != shape[1] for p in parts)
-                or sum(weights[p].shape[0] for p in parts) != shape[0]):
-            return False
+        rows = list(getattr(mod, "output_partition_sizes", [shape[0]]))
+        if len(rows) != len(parts) or sum(rows) != shape[0]:
+            return f"{name} stacks {len(rows)} parts, not {len(parts)}"
+        for part, n in zip(parts, rows):
+            if part not in weights or tuple(weights[part].shape) != (n, shape[1]):
+                return f"no weight {part} of shape ({n}, {shape[1]}) for {name}"
         linears.append((mod, parts, shape))
         used.update(parts)
+        linear_params.add(f"{name}.weight")
     params = dict(model.named_parameters())
     tied = getattr(model.config, "tie_word_embeddings", False)
     others = []
@@ -74,8 +83,12 @@ def _direct_reload(worker, weights: dict) -> bool:
             continue
         p = params.get(n)
         if p is None or p.shape != t.shape:
-            return False
+            return f"the engine has no parameter {n} of shape {tuple(t.shape)}"
         others.append((p, t))
+    missing = set(params) - linear_params - {n for n in weights if n in params}
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        return f"the state dict lacks {sorted(missing)[0]}{more}"
     with torch.inference_mode():
         for p, t in others:
             p.data.copy_(t)
@@ -85,9 +98,16 @@ def _direct_reload(worker, weights: dict) -> bool:
             for p in parts:
                 w[row : row + weights[p].shape[0]].copy_(weights[p])
                 row += weights[p].shape[0]
-            mod.weight = torch.nn.Parameter(w, requires_grad=False)
-            dispatch_cpu_unquantized_gemm(mod, remove_weight=True)
-    return True
+            old = mod.weight, mod.cpu_linear
+            try:
+                mod.weight = torch.nn.Parameter(w, requires_grad=False)
+                dispatch_cpu_unquantized_gemm(mod, remove_weight=True)
+                if mod.weight.shape != old[0].shape:  # packing failed and vLLM kept the plain weight (torch's linear)
+                    raise RuntimeError(f"vLLM did not pack the new weight of {type(mod).__name__}")
+            except BaseException:  # the layer as it was, so that vLLM's reload that follows can rebuild it
+                mod.weight, mod.cpu_linear = old
+                raise
+    return None
 
 
 @contextlib.contextmanager
@@ -446,21 +466,22 @@ class VLLMSampler:
         self.llm.reset_prefix_cache()
 
     def _direct_push(self, state_dict) -> bool:
-        """`_direct_reload` where it applies (an eager in-process engine on a CPU; a compiled engine's graphs may hold
-        the old packed weights): True when it pushed the weights. A failure part-way leaves the engine mixed, so the
-        caller's full reload follows, and later pushes take that path (said once)."""
+        """`_direct_reload` where it applies (an eager in-process engine on a CPU, the engines it is tested on): True
+        when it pushed the weights. Where it refuses (nothing written) or fails part-way (the engine left mixed), the
+        caller's full `reload_weights` follows, this push and every later one; said once."""
         if not self.direct:
             return False
         try:
-            weights = {k: v.detach() for k, v in state_dict.items()}
-            done = bool(self.llm.collective_rpc(_direct_reload, args=(weights,))[0])
+            why = self.llm.collective_rpc(_direct_reload, args=({k: v.detach() for k, v in state_dict.items()},))[0]
         except Exception as exc:
             log.warning("the direct weight push failed (%s: %s); pushing through vLLM's reload_weights from now on",
                         type(exc).__name__, exc)
-            done = False
-        if not done:
-            self.direct = False
-        return done
+            why = "failed"
+        else:
+            if why is not None:
+                log.info("weights are pushed through vLLM's reload_weights (~2x the time of the direct push): %s", why)
+        self.direct = why is None
+        return self.direct
 
     def close(self) -> None:
         import gc
