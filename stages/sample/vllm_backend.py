@@ -41,8 +41,10 @@ def _direct_reload(worker, weights: dict) -> str | None:
     float dtype) written into the engine without vLLM's layerwise reload, which rebuilds every layer's parameters
     before loading them (its linears hold only their pre-packed GEMM weights). Each linear gets a new weight in the
     engine's dtype, its stacked parts (`packed_modules_mapping`: q/k/v, gate/up) copied into place with the cast in
-    the copy, and is packed by vLLM's own dispatch, as at load; every other parameter is copied in place (a tied
-    lm_head is re-packed by `_refresh_lm_head` after it). Returns None when done, else why not, having changed
+    the copy, and is packed by vLLM's own dispatch, as at load; every other parameter is copied in place, as vLLM's
+    loaders write it (an embedding's padding rows past the vocabulary zeroed; a tied lm_head's weight into the
+    embedding, in the state dict's order, skipped where it is the embedding's tensor), and `_refresh_lm_head`
+    re-packs the lm_head after it. Returns None when done, else why not, having changed
     nothing: a model not laid out as this expects (a weight it cannot place or an engine parameter the state dict
     lacks, a bias, a quantized or unpacked linear, logits from another module than an `lm_head`); the caller then
     reloads the usual way. The same engine weights to the bit as `reload_weights` (tests/test_sample.py;
@@ -50,7 +52,7 @@ def _direct_reload(worker, weights: dict) -> str | None:
     import torch
     from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
     model = worker.model_runner.model
     if not isinstance(getattr(model, "lm_head", None), ParallelLMHead):  # e.g. Gemma2: logits from embed_tokens,
@@ -76,13 +78,24 @@ def _direct_reload(worker, weights: dict) -> str | None:
         used.update(parts)
         linear_params.add(f"{name}.weight")
     params = dict(model.named_parameters())
-    tied = getattr(model.config, "tie_word_embeddings", False)
+    # an embedding's rows are the vocabulary padded to a multiple of 64 (its loader copies the rows and zeroes the rest)
+    vocab = {f"{name}.weight" for name, mod in model.named_modules() if isinstance(mod, VocabParallelEmbedding)
+             and getattr(mod, "tp_size", 1) == 1}
+    # a tied lm_head is the embedding's parameter (named once): its weight goes there, in the state dict's order as
+    # vLLM's reload and transformers' load_state_dict write it, and is skipped where it is the embedding's tensor
+    tied = None if "lm_head.weight" in params else next((n for n, q in params.items() if q is model.lm_head.weight),
+                                                         None)
     others = []
     for n, t in weights.items():
-        if n in used or (tied and n == "lm_head.weight" and n not in params):
+        if n in used:
             continue
-        p = params.get(n)
-        if p is None or p.shape != t.shape:
+        dest = tied if n == "lm_head.weight" and tied else n
+        if dest != n and dest in weights and _same_tensor(weights[dest], t):
+            continue
+        p = params.get(dest)
+        padded = (dest in vocab and p is not None and p.dim() == t.dim() == 2 and p.shape[1] == t.shape[1]
+                  and p.shape[0] >= t.shape[0])
+        if p is None or (p.shape != t.shape and not padded):
             return f"the engine has no parameter {n} of shape {tuple(t.shape)}"
         others.append((p, t))
     missing = set(params) - linear_params - {n for n in weights if n in params}
@@ -91,7 +104,11 @@ def _direct_reload(worker, weights: dict) -> str | None:
         return f"the state dict lacks {sorted(missing)[0]}{more}"
     with torch.inference_mode():
         for p, t in others:
-            p.data.copy_(t)
+            if p.shape == t.shape:
+                p.data.copy_(t)
+            else:  # the vocabulary's padding rows zeroed, as vLLM's loader does
+                p.data[: t.shape[0]].copy_(t)
+                p.data[t.shape[0] :].zero_()
         for mod, parts, shape in linears:
             w = torch.empty(shape, dtype=mod.weight.dtype)
             row = 0
@@ -108,6 +125,12 @@ def _direct_reload(worker, weights: dict) -> str | None:
                 mod.weight, mod.cpu_linear = old
                 raise
     return None
+
+
+def _same_tensor(a, b) -> bool:
+    """`a` and `b` are views of the same memory with the same layout (a tied weight handed over under two names)."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            and a.device == b.device)
 
 
 @contextlib.contextmanager
