@@ -1017,9 +1017,12 @@ def test_vllm_direct_push_changes_nothing_when_it_cannot_place_a_weight(vllm_sam
     cases = [
         (no_q, {k: v for k, v in sd.items() if k != q}),
         (no_q, sd | {q: sd[q][:-1]}),
-        ("the engine has no parameter model.layers.0.self_attn.q_proj.bias of shape (576,)",
+        ("the engine has no parameter model.layers.0.self_attn.q_proj.bias",
          sd | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(sd[q].shape[0])}),
         (f"the state dict lacks {norm}", {k: v for k, v in sd.items() if k != norm}),
+        # a vocabulary of another size than the engine's (vLLM's loader refuses it too)
+        ("model.embed_tokens.weight is not a (49152, 576) embedding vLLM's loader copies as it is",
+         sd | {"model.embed_tokens.weight": sd["model.embed_tokens.weight"][:-1]}),
     ]
     for why, bad in cases:
         assert vllm_sampler.llm.collective_rpc(_direct_reload, args=(bad,)) == [why]

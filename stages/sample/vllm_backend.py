@@ -42,17 +42,18 @@ def _direct_reload(worker, weights: dict) -> str | None:
     before loading them (its linears hold only their pre-packed GEMM weights). Each linear gets a new weight in the
     engine's dtype, its stacked parts (`packed_modules_mapping`: q/k/v, gate/up) copied into place with the cast in
     the copy, and is packed by vLLM's own dispatch, as at load; every other parameter is copied in place, as vLLM's
-    loaders write it (an embedding's padding rows past the vocabulary zeroed; a tied lm_head's weight into the
-    embedding, in the state dict's order, skipped where it is the embedding's tensor), and `_refresh_lm_head`
-    re-packs the lm_head after it. Returns None when done, else why not, having changed
-    nothing: a model not laid out as this expects (a weight it cannot place or an engine parameter the state dict
-    lacks, a bias, a quantized or unpacked linear, logits from another module than an `lm_head`); the caller then
-    reloads the usual way. The same engine weights to the bit as `reload_weights` (tests/test_sample.py;
-    docs/design.md §7)."""
+    loaders write it (only where its loader is a plain copy: an embedding's padding rows past the vocabulary zeroed;
+    a tied lm_head's weight into the embedding after the embedding's own, skipped where it is the embedding's
+    tensor), and `_refresh_lm_head` re-packs the lm_head after it. Returns None when done, else why not, having
+    changed nothing: a model not laid out as this expects (a weight it cannot place or an engine parameter the state
+    dict lacks, a bias, a quantized or unpacked linear, a loader that is more than a copy, logits from another module
+    than an `lm_head`); the caller then reloads the usual way. The same engine weights to the bit as
+    `reload_weights` (tests/test_sample.py; docs/design.md §7)."""
     import torch
     from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
     model = worker.model_runner.model
     if not isinstance(getattr(model, "lm_head", None), ParallelLMHead):  # e.g. Gemma2: logits from embed_tokens,
@@ -78,26 +79,35 @@ def _direct_reload(worker, weights: dict) -> str | None:
         used.update(parts)
         linear_params.add(f"{name}.weight")
     params = dict(model.named_parameters())
-    # an embedding's rows are the vocabulary padded to a multiple of 64 (its loader copies the rows and zeroes the rest)
-    vocab = {f"{name}.weight" for name, mod in model.named_modules() if isinstance(mod, VocabParallelEmbedding)
+    # an embedding's rows: the vocabulary (its loader takes exactly that many), padded to a multiple of 64 (zeroed)
+    vocab = {f"{name}.weight": mod for name, mod in model.named_modules() if isinstance(mod, VocabParallelEmbedding)
              and getattr(mod, "tp_size", 1) == 1}
-    # a tied lm_head is the embedding's parameter (named once): its weight goes there, in the state dict's order as
-    # vLLM's reload and transformers' load_state_dict write it, and is skipped where it is the embedding's tensor
-    tied = None if "lm_head.weight" in params else next((n for n, q in params.items() if q is model.lm_head.weight),
-                                                         None)
-    others = []
+    # a tied lm_head is the embedding's parameter (named once): its weight goes there after the embedding's, as vLLM's
+    # reload leaves it, and not at all where it is the embedding's own tensor (the trainer's)
+    head = getattr(model.lm_head, "weight", None)
+    tied = None if "lm_head.weight" in params else next((n for n, q in params.items() if q is head), None)
+    others, last = [], []
     for n, t in weights.items():
         if n in used:
             continue
         dest = tied if n == "lm_head.weight" and tied else n
-        if dest != n and dest in weights and _same_tensor(weights[dest], t):
-            continue
+        if dest != n and dest in weights:
+            if _same_tensor(weights[dest], t):
+                continue
+            if not any(p is params[dest] for p, _ in others):
+                return f"the tied {n} comes before {dest} with other values"
         p = params.get(dest)
-        padded = (dest in vocab and p is not None and p.dim() == t.dim() == 2 and p.shape[1] == t.shape[1]
-                  and p.shape[0] >= t.shape[0])
-        if p is None or (p.shape != t.shape and not padded):
-            return f"the engine has no parameter {n} of shape {tuple(t.shape)}"
-        others.append((p, t))
+        if p is None:
+            return f"the engine has no parameter {n}"
+        loader = getattr(getattr(p, "weight_loader", None), "__func__", getattr(p, "weight_loader", None))
+        if dest in vocab:
+            rows = vocab[dest].org_vocab_size
+            if loader is not VocabParallelEmbedding.weight_loader or tuple(t.shape) != (rows, p.shape[1]):
+                return f"{n} is not a ({rows}, {p.shape[1]}) embedding vLLM's loader copies as it is"
+        elif p.shape != t.shape or loader not in (None, default_weight_loader):
+            return f"the engine has no parameter {n} of shape {tuple(t.shape)} that its loader copies as it is"
+        (last if dest != n else others).append((p, t))
+    others += last
     missing = set(params) - linear_params - {n for n in weights if n in params}
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
