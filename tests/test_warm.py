@@ -327,6 +327,40 @@ def test_the_engine_gets_each_updates_weights_before_it_next_generates_and_not_a
         w.sampler.close()
 
 
+def test_a_sampling_retried_after_its_push_reports_the_push(project, monkeypatch):
+    """The flow retries a round's sampling once (`flows.train.sample_task`). Where the first try pushed the update's
+    weights and then failed, the retry finds the engine up to date: it reports the first try's push, not 0, and
+    pushes nothing again; the round after reports its own push only."""
+    from stages.loop import steps
+    from stages.loop.resume import round_prompts
+
+    w = _warm(project())
+    try:
+        samples = _round(w, 0)
+        scores, _ = steps.score_round(w, samples)
+        adv, w.adv_state, _ = steps.advantage_round(w, scores)
+        steps.update_round(w, samples, adv)
+        pushes, real_push, real_generate = [], w.sampler.update_weights, w.sampler.generate
+        monkeypatch.setattr(w.sampler, "update_weights", lambda **kw: pushes.append(1) or real_push(**kw))
+
+        def broken(*args, **kwargs):
+            monkeypatch.setattr(w.sampler, "generate", real_generate)  # fails once
+            raise RuntimeError("transient")
+
+        monkeypatch.setattr(w.sampler, "generate", broken)
+        prompts = round_prompts(w.train_prompts, 1, w.params.train.prompts_per_round, w.params.base.seed)
+        with pytest.raises(RuntimeError, match="transient"):
+            steps.sample_round(w, 1, prompts)
+        assert pushes == [1] and not w.sampler_behind and w.unreported_push_s > 0
+        pushed_s = w.unreported_push_s
+        _, stats = steps.sample_round(w, 1, prompts)  # the retry
+        assert pushes == [1] and stats["time/weight_sync_s"] == pushed_s and w.unreported_push_s == 0.0
+        _, stats = steps.sample_round(w, 2, prompts)  # nothing new to push, nothing left to report
+        assert pushes == [1] and stats["time/weight_sync_s"] == 0.0
+    finally:
+        w.sampler.close()
+
+
 def test_a_bf16_reference_pass_runs_on_the_references_bf16_view_with_its_numbers(project, monkeypatch):
     """`score.dtype: bfloat16` on a CPU (any CPU): the rounds' reference pass runs on the reference's bf16 view
     (`Warm.ref_bf16`) and gives the reference's own bf16 logprobs to the bit; under float32 params the same warm run's
