@@ -60,7 +60,11 @@ def _direct_reload(worker, weights: dict) -> str | None:
         return "the model has no lm_head module"  # whose own packed copy only vLLM's reload rebuilds
     packed = getattr(model, "packed_modules_mapping", None) or {}
     linears, used, linear_params = [], set(), set()
+    # an embedding's rows: the vocabulary (its loader takes exactly that many), padded to a multiple of 64 (zeroed)
+    vocab: dict = {}
     for name, mod in model.named_modules():
+        if isinstance(mod, VocabParallelEmbedding) and getattr(mod, "tp_size", 1) == 1:
+            vocab[f"{name}.weight"] = mod
         if not isinstance(mod, LinearBase):
             continue
         plain = isinstance(getattr(mod, "quant_method", None), UnquantizedLinearMethod) and hasattr(mod, "cpu_linear")
@@ -79,9 +83,6 @@ def _direct_reload(worker, weights: dict) -> str | None:
         used.update(parts)
         linear_params.add(f"{name}.weight")
     params = dict(model.named_parameters())
-    # an embedding's rows: the vocabulary (its loader takes exactly that many), padded to a multiple of 64 (zeroed)
-    vocab = {f"{name}.weight": mod for name, mod in model.named_modules() if isinstance(mod, VocabParallelEmbedding)
-             and getattr(mod, "tp_size", 1) == 1}
     # a tied lm_head is the embedding's parameter (named once): its weight goes there after the embedding's, as vLLM's
     # reload leaves it, and not at all where it is the embedding's own tensor (the trainer's)
     head = getattr(model.lm_head, "weight", None)
@@ -99,7 +100,8 @@ def _direct_reload(worker, weights: dict) -> str | None:
         p = params.get(dest)
         if p is None:
             return f"the engine has no parameter {n}"
-        loader = getattr(getattr(p, "weight_loader", None), "__func__", getattr(p, "weight_loader", None))
+        loader = getattr(p, "weight_loader", None)
+        loader = getattr(loader, "__func__", loader)  # a bound method's function
         if dest in vocab:
             rows = vocab[dest].org_vocab_size
             if loader is not VocabParallelEmbedding.weight_loader or tuple(t.shape) != (rows, p.shape[1]):
