@@ -202,10 +202,9 @@ def vllm_sampler(base_model_dir):
     """The session's one in-process vLLM engine (fp32) on `base_model_dir`; closed at the end of the session.
 
     vLLM start-up is slow (~5-20 s here) and each engine holds its own KV cache, so every test shares this
-    one. A test that pushes other weights into it (`update_weights`) must push the base weights back.
-    vLLM's parallel state is process-wide: an engine that another module starts and frees afterwards (the sampler
-    contract's, on the tiny model) leaves this one unusable, so the modules that use this one (test_precision,
-    test_sample) run before test_sampler_contract, as pytest orders files by name.
+    one. A test that pushes other weights into it (`update_weights`) must push the base weights back. Another
+    engine may open and close beside it (vLLM's parallel state, process-wide, goes with the last engine open:
+    `vllm_backend._shared_state_goes_with_the_last_engine`).
     """
     from stages.sample import make_sampler, vllm_available
 

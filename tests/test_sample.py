@@ -1030,6 +1030,20 @@ def test_vllm_direct_push_changes_nothing_when_it_cannot_place_a_weight(vllm_sam
 
 
 @pytest.mark.slow
+def test_an_engine_closed_beside_another_leaves_the_other_working(vllm_sampler, tiny_model_dir, base_greedy,
+                                                                   update_ids):
+    """vLLM's parallel groups are global to the process and an in-process engine's shutdown tears them down: the
+    engine still open then failed at its next generate ("pipeline model parallel group is not initialized"). Now
+    they go with the last engine open, and the other decodes as before."""
+    from stages.sample import make_sampler
+
+    other = make_sampler(str(tiny_model_dir), fp32_params(), backend="vllm")
+    assert len(vllm_greedy(other, [[1, 2, 3]])[0]) > 0
+    other.close()
+    assert vllm_greedy(vllm_sampler, list(update_ids.values())) == base_greedy
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["error", "unpacked"])
 def test_vllm_direct_push_that_fails_part_way_falls_back_to_vllms_reload(failure, vllm_sampler, ref_model, trained,
                                                                           base_greedy, base_tok, update_prompts,

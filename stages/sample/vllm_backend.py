@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import weakref
 
 from stages.sample import Completion, GenerationConfig, configure_vllm_env
 
@@ -382,6 +383,34 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+# this process's in-process engines (`VLLMSampler.in_process`), for `_shared_state_goes_with_the_last_engine`
+_IN_PROCESS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shared_state_goes_with_the_last_engine() -> None:
+    """An in-process engine's shutdown (`EngineCore.shutdown`) tears down this process's vLLM parallel groups
+    (`cleanup_dist_env_and_memory`), which are global: another in-process engine still open then failed at its next
+    generate ("pipeline model parallel group is not initialized"). Wrapped once per process, so that an engine that
+    closes while another is open frees only its memory, and the groups go with the last one (docs/design.md §7)."""
+    import gc
+
+    import vllm.v1.engine.core as core
+
+    real = getattr(core, "cleanup_dist_env_and_memory", None)
+    if real is None or getattr(real, "keeps_open_engines", False):
+        return
+
+    def cleanup(*args, **kwargs):
+        if any(getattr(s, "llm", None) is not None for s in _IN_PROCESS):
+            gc.unfreeze()  # as vLLM's does, without the teardown
+            gc.collect()
+            return None
+        return real(*args, **kwargs)
+
+    cleanup.keeps_open_engines = True
+    core.cleanup_dist_env_and_memory = cleanup
+
+
 class VLLMSampler:
     name = "vllm"
 
@@ -432,6 +461,9 @@ class VLLMSampler:
             # torch.distributed group torchrun set up instead of starting workers (docs/design.md §8)
             kwargs["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**kwargs)
+        if self.in_process:
+            _shared_state_goes_with_the_last_engine()
+            _IN_PROCESS.add(self)
         quiet_rotary_reload()
         # the CPU sampler's draw without a noise per vocabulary entry (its workers must be this process: the function
         # is handed over as an object)
@@ -521,5 +553,6 @@ class VLLMSampler:
     def close(self) -> None:
         import gc
 
-        del self.llm
+        llm, self.llm = self.llm, None  # (closed: `_shared_state_goes_with_the_last_engine` counts it out)
+        del llm
         gc.collect()
