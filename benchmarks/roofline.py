@@ -17,6 +17,12 @@ The matmul peak is measured in the same run (the best of a few GEMM shapes the m
 timed one by one (the flow runs them in this order too); the writes are the round's three Parquet artifacts, its
 manifest and a checkpoint.
 
+Why a torch pass is where it is: on a CPU one more round runs after the timed ones with each torch pass (policy
+logprobs, reference logprobs, update) under torch.profiler, and a second table splits its time into its matmuls
+(`aten::mm`/`addmm`/`bmm`/`baddbmm`, their FLOPs from the recorded shapes: the rate they reach at the pass's own
+shapes), the other ops (casts, elementwise, softmax, the optimizer; the largest named) and the Python between ops.
+The profiler adds a few microseconds an op, so that round is not in the means.
+
     python benchmarks/roofline.py [--rounds 4] [--params params.yaml] [--out DIR]
     python benchmarks/roofline.py --render [--out DIR]     # rewrite DIR/roofline.md from DIR/roofline.json
 
@@ -105,6 +111,70 @@ def update_passes(forward_at_scoring: bool) -> int:
     return 2 if forward_at_scoring else 3
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def matmul_flops(op: str, shapes: list) -> float:
+    """FLOPs of one call of a matmul op from its inputs' shapes (torch.profiler's `record_shapes`): 2 m k n, times
+    the batch for the batched ones; `addmm`/`baddbmm` take the added term first."""
+    a, b = shapes[1:3] if op in ("aten::addmm", "aten::baddbmm") else shapes[:2]
+    batch = a[0] if len(a) == 3 else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def op_breakdown(prof, wall_s: float, top: int = 3) -> dict:
+    """A profiled pass's time by kind (`prof`: a finished torch.profiler.profile with record_shapes): its matmuls'
+    seconds, calls and FLOPs; every other op's seconds and calls, the `top` largest named; and the wall time outside
+    any op (the Python between them). Self CPU times, so nested ops count once (a custom autograd Function's own
+    Python is one of the other ops)."""
+    mm_s = mm_flops = other_s = 0.0
+    mm_calls = other_calls = 0
+    others: dict[str, list] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        self_s = e.self_cpu_time_total / 1e6
+        if e.key in MATMULS:
+            mm_s, mm_calls = mm_s + self_s, mm_calls + e.count
+            mm_flops += e.count * matmul_flops(e.key, e.input_shapes)
+        else:
+            other_s, other_calls = other_s + self_s, other_calls + e.count
+            agg = others.setdefault(e.key, [0.0, 0])
+            agg[0], agg[1] = agg[0] + self_s, agg[1] + e.count
+    largest = sorted(others.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"wall_s": wall_s, "matmul_s": mm_s, "matmul_calls": mm_calls, "matmul_flops": mm_flops,
+            "other_s": other_s, "other_calls": other_calls, "outside_s": max(wall_s - mm_s - other_s, 0.0),
+            "largest_other": [[k, v[0], v[1]] for k, v in largest]}
+
+
+def profiled(fn) -> tuple[object, dict]:
+    """`fn()` under torch.profiler (CPU ops, their shapes): its result and `op_breakdown`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        out = fn()
+        wall = time.perf_counter() - t0
+    return out, op_breakdown(prof, wall)
+
+
+def render_breakdown(meta: dict, breakdown: dict) -> list[str]:
+    """The roofline's second table: where each profiled torch pass's time goes."""
+    peaks = meta["peaks_gflops"]
+    lines = ["", "Where the torch passes' time goes (one more round, each pass under torch.profiler, which slows each "
+             "op a little; not in the means above):", "",
+             "| pass | dtype | seconds | matmuls | their rate at the pass's shapes | other ops | largest other ops | "
+             "between ops (Python) |", "|---|---|---|---|---|---|---|---|"]
+    for name, b in breakdown.items():
+        wall, dtype = b["wall_s"], b["dtype"]
+        rate = b["matmul_flops"] / b["matmul_s"] / 1e9 if b["matmul_s"] else 0.0
+        share = f" ({100 * rate / peaks[dtype]:.0f} % of {dtype} peak)" if dtype in peaks else ""
+        largest = ", ".join(f"{k.removeprefix('aten::')} {s:.2f} s" for k, s, _ in b["largest_other"])
+        lines.append(f"| {name} | {dtype} | {wall:.2f} | {b['matmul_s']:.2f} s ({100 * b['matmul_s'] / wall:.0f} %), "
+                     f"{b['matmul_calls']} calls | {rate:.0f} GFLOP/s{share} | {b['other_s']:.2f} s "
+                     f"({100 * b['other_s'] / wall:.0f} %), {b['other_calls']} calls | {largest} | "
+                     f"{b['outside_s']:.2f} s ({100 * b['outside_s'] / wall:.0f} %) |")
+    return lines
+
+
 def floor_s(meta: dict, rows: list[dict], table: list) -> dict:
     """The round at this machine's peaks: each compute phase's work at 100 % of the peak it is held to (sampling at
     vLLM's best tokens/s, the logprob passes and the update at the matmul peak of their dtype), the other phases as
@@ -125,8 +195,9 @@ def floor_s(meta: dict, rows: list[dict], table: list) -> dict:
     return {"compute": sum(floor.values()), "rest": rest, "round": sum(floor.values()) + rest, "by_phase": floor}
 
 
-def render(meta: dict, rows: list[dict], table: list) -> str:
-    """The roofline's Markdown from what roofline.json holds (`--render` rewrites it without measuring again)."""
+def render(meta: dict, rows: list[dict], table: list, breakdown: dict | None = None) -> str:
+    """The roofline's Markdown from what roofline.json holds (`--render` rewrites it without measuring again); the
+    passes' `breakdown` where it was profiled (files from before it have none)."""
     from machine import params_name
 
     peaks, best, total = meta["peaks_gflops"], meta["vllm_rate_by_batch"], meta["round_s"]
@@ -147,6 +218,8 @@ def render(meta: dict, rows: list[dict], table: list) -> str:
               + f" s at 100 % of their peaks, {f['rest']:.2f} s of the other phases as measured); the measured round "
               f"is {total / f['round']:.2f}x its floor. {f['compute']:.2f} s of compute at peak is the least a round "
               "of this work and precision takes here."]
+    if breakdown:
+        lines += render_breakdown(meta, breakdown)
     return "\n".join(lines) + "\n"
 
 
@@ -169,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         from stages.io import write_text
 
         data = json.loads((Path(args.out) / "roofline.json").read_text())
-        md = render(data["meta"], data["rounds"], data["table"])
+        md = render(data["meta"], data["rounds"], data["table"], data.get("breakdown"))
         write_text(md, Path(args.out) / "roofline.md")
         print(md)
         return
@@ -196,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_env(params.base.threads)
     peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
     print(f"matmul peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
-    w = load_warm(params, args.rounds)
+    w = load_warm(params, args.rounds + 1)  # the timed rounds, then one profiled (on a CPU)
     nonemb, head = model_sizes(w.trainer.model)
     sample_dtype = sampler_dtype(params.sample.dtype, params.score)
     update_dtype = "bfloat16" if update_autocast(params.update.bf16_autocast) else "float32"
@@ -256,6 +329,27 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"round": r + 1, "times": t, "fwd_flops": fwd, "generated": gen,
                          "completions": samples.height, "tokens": sum(len(p) + len(c) for p, c in zip(p_ids, c_ids))})
             print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()), flush=True)
+        breakdown = {}
+        if w.device.type == "cpu":  # one more round, its torch passes profiled (CPU ops: not a GPU's kernels)
+            r = args.rounds
+            prompts = round_prompts(w.train_prompts, r, params.train.prompts_per_round, params.base.seed)
+            samples, _ = steps.sample_round(w, r, prompts)
+            p_ids, c_ids = completion_inputs(samples, w.tokenizer)
+            scores, _ = steps.score_round(w, samples)
+            advs, w.adv_state, _ = steps.advantage_round(w, scores)
+            source = steps.policy_logprobs_for(w, samples.height)
+            if source == "update":  # the forward the update then uses (it replaces the score step's)
+                _, breakdown["policy logprobs"] = profiled(lambda: w.trainer.forward_ahead(samples))
+            elif source == "trainer":
+                _, breakdown["policy logprobs"] = profiled(lambda: sequence_logprobs(
+                    w.trainer.model, p_ids, c_ids, pad, bs, share=share, dtype=score_dtype))
+            _, breakdown["reference logprobs"] = profiled(lambda: sequence_logprobs(
+                steps.scoring_reference(w), p_ids, c_ids, pad, samples.height if source == "update" else bs,
+                share=share, dtype=score_dtype))
+            _, breakdown["update"] = profiled(lambda: steps.update_round(w, samples, advs))
+            for name in breakdown:
+                breakdown[name]["dtype"] = update_dtype if name == "update" else score_dtype
+            steps.sync_sampler(w)
         best = vllm_best_rate(w, w.train_prompts, params)  # (the engine has the last update's weights: synced above)
     finally:
         w.sampler.close()
@@ -293,10 +387,10 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "rounds": args.rounds, "params": args.params,
             "settle_rounds": SETTLE,
             "peaks_gflops": peaks, "vllm_rate_by_batch": best, "round_s": total, "update_forward_at_scoring": ahead}
-    md = render(meta, rows, table)
+    md = render(meta, rows, table, breakdown)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"meta": meta, "rounds": rows, "table": table}, out / "roofline.json")
+    write_json({"meta": meta, "rounds": rows, "table": table, "breakdown": breakdown}, out / "roofline.json")
     write_text(md, out / "roofline.md")
     print(md)
 

@@ -254,6 +254,34 @@ def test_roofline_floor_of_an_update_whose_forward_ran_at_scoring_is_its_backwar
                                            "update": 2.0})
 
 
+def test_roofline_splits_a_profiled_pass_into_its_matmuls_and_the_rest():
+    """`profiled`: the matmul ops' FLOPs from their recorded shapes (mm, addmm, bmm, baddbmm), their seconds apart
+    from every other op's, and the second table says each pass's matmul rate against the peak of its dtype."""
+    import torch
+
+    a, b, x, y = torch.randn(64, 32), torch.randn(32, 16), torch.randn(4, 8, 5), torch.randn(4, 5, 3)
+
+    def work():
+        torch.bmm(x, y)
+        torch.addmm(torch.zeros(16), a, b)
+        torch.baddbmm(torch.zeros(4, 8, 3), x, y)
+        return (a @ b + 1).relu().sum()
+
+    out, got = roofline.profiled(work)
+    assert torch.equal(out, (a @ b + 1).relu().sum())  # the pass's own result
+    assert got["matmul_calls"] == 4 and got["matmul_flops"] == 2 * (2 * 64 * 32 * 16) + 2 * (2 * 4 * 8 * 5 * 3)
+    largest = {k for k, _, _ in got["largest_other"]}
+    assert got["other_calls"] >= 3 and len(largest) == 3 and not largest & set(roofline.MATMULS)
+    assert 0 < got["matmul_s"] + got["other_s"] <= got["wall_s"] + 1e-3 and got["outside_s"] >= 0
+    meta, rows, table = _roofline_run()
+    pass_ = {"wall_s": 2.0, "matmul_s": 0.5, "matmul_calls": 10, "matmul_flops": 1e11, "other_s": 1.0,
+             "other_calls": 99, "outside_s": 0.5, "largest_other": [["aten::copy_", 0.4, 50]], "dtype": "bfloat16"}
+    md = roofline.render(meta, rows, table, {"reference logprobs": pass_})
+    assert ("| reference logprobs | bfloat16 | 2.00 | 0.50 s (25 %), 10 calls | 200 GFLOP/s (50 % of bfloat16 peak) | "
+            "1.00 s (50 %), 99 calls | copy_ 0.40 s | 0.50 s (25 %) |") in md
+    assert "Where the torch passes' time goes" not in roofline.render(meta, rows, table)  # a file from before
+
+
 def test_trl_seeds_pair_each_arms_held_out_reward_by_seed():
     """`--seeds`: each seed's held-out reward side by side, and the paired difference's mean, sd and t interval."""
     import statistics
