@@ -121,8 +121,11 @@ def check_state(state: Any, source: str = "state") -> dict[str, Any]:
     return {**new_state(), **state}
 
 
-def validate_scores(df: pl.DataFrame, estimator: str, source: str = "scores") -> pl.DataFrame:
-    """Raise PipelineError (one line) for input the estimators cannot handle; return the group sizes.
+def validate_scores(df: pl.DataFrame, estimator: str, source: str = "scores",
+                    singletons_ok: bool = False) -> pl.DataFrame:
+    """Raise PipelineError (one line) for input the estimators cannot handle; return the group sizes. A group
+    estimator refuses a table whose every prompt has one completion (k = 1: no baseline), unless `singletons_ok`
+    (the flow's rounds, sampled with k >= 2 and thinned by `score.on_invalid: drop`: each then gets advantage 0).
 
     The one group-by (`prompt_id` -> rows `n`, distinct `sample_idx` `u`) finds duplicates (u < n) 3x
     faster than hashing both key columns, and its sizes feed the stats.
@@ -147,20 +150,23 @@ def validate_scores(df: pl.DataFrame, estimator: str, source: str = "scores") ->
     if (sizes["u"] < sizes["n"]).any():
         pid, idx = keys.filter(keys.is_duplicated()).row(0)  # the slow, exact search only on the error path
         raise PipelineError(f"{source}: duplicate (prompt_id, sample_idx) = ({pid!r}, {idx}); keys must be unique")
-    if estimator in GROUP_ESTIMATORS and sizes.height == df.height:
+    if estimator in GROUP_ESTIMATORS and sizes.height == df.height and not singletons_ok:
         raise PipelineError(
-            f"{source}: every prompt has one completion (k < 2 for {estimator}): the group baseline is undefined; "
-            f"sample k >= 2 per prompt or pick {'|'.join(OTHER_ESTIMATORS)}"
+            f"{source}: every prompt has one completion (k < 2 for {estimator}, or the others dropped by "
+            f"score.on_invalid: drop): the group baseline is undefined; sample k >= 2 per prompt or pick "
+            f"{'|'.join(OTHER_ESTIMATORS)}"
         )
     return sizes
 
 
 def compute_advantages(
-    df: pl.DataFrame, params: AdvantageParams, state: dict[str, Any] | None = None, source: str = "scores"
+    df: pl.DataFrame, params: AdvantageParams, state: dict[str, Any] | None = None, source: str = "scores",
+    singletons_ok: bool = False,
 ) -> tuple[pl.DataFrame, dict[str, Any], dict[str, Any]]:
-    """One round: (scores, params, carried state) -> (ADVANTAGES table, next state, stats)."""
+    """One round: (scores, params, carried state) -> (ADVANTAGES table, next state, stats). `singletons_ok`: see
+    `validate_scores`."""
     est = params.estimator
-    sizes = validate_scores(df, est, source)
+    sizes = validate_scores(df, est, source, singletons_ok)
     state = check_state(state)
     df = df.select(*KEYS, pl.col(REWARD).cast(pl.Float64))
     r, g = pl.col(REWARD), "prompt_id"

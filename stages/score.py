@@ -201,6 +201,15 @@ def score_samples(
     return out, stats | {f"log/{name}": float(np.mean(v)) for name, v in extras.metrics.items() if v}
 
 
+def check_not_all_dropped(out: pl.DataFrame, rows_in: int) -> None:
+    """A round (or stage input) of `rows_in` completions that `score.on_invalid: drop` left none of stops here with
+    that cause: the advantages and the update would only say that their input is empty."""
+    if rows_in and not out.height:
+        raise PipelineError(f"score.on_invalid: drop dropped all {rows_in} completions (every reward was NaN or inf); "
+                            "nothing is left to train on: fix the reward functions in score.rewards, or set "
+                            "score.on_invalid: error to stop at the first bad one with its name")
+
+
 def optimizer_steps(params, round_index: int, total_rounds: int = 0) -> tuple[int, int]:
     """(optimizer steps before round `round_index` (0-based), of the whole run of `total_rounds` rounds, default
     train.rounds): TRL's trainer_state.global_step and max_steps, for rewards shaped by training progress."""
@@ -298,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.prompts is None and MISSING_COLUMN in str(exc):  # the columns come from the prompts table
             raise PipelineError(f"{exc}; here: pass the prompts table with --prompts data/prepared/train.parquet") from None
         raise
+    check_not_all_dropped(out, samples.height)
     write_table(out, args.out, SCORES)
     log.info("wrote %s: reward %.3f, kl %.4f, %d rows", args.out, stats["reward"], stats["kl"], out.height)
 

@@ -143,6 +143,14 @@ def test_group_of_one_gets_zero_and_is_counted():
     assert out.filter(prompt_id="b")["baseline"].item() == 9.0
     assert out.filter(prompt_id="a")["advantage"].to_list() == pytest.approx([-3.0, -1.5, 4.5])  # own n = 3
     assert out.filter(prompt_id="c")["advantage"].to_list() == pytest.approx([2.0, -2.0])  # own n = 2
+    # a round that `score.on_invalid: drop` left one completion a prompt (the flow's, sampled with k >= 2): every
+    # completion gets advantage 0, as the singletons above do, where a table given to the stage is refused
+    one_each = scores(["a", "b", "c"], [0, 1, 0], [1.0, 2.0, 3.0])
+    for est in ("rloo", "grpo"):
+        out, _, stats = compute_advantages(one_each, AdvantageParams(estimator=est), None, singletons_ok=True)
+        assert out["advantage"].to_list() == [0.0, 0.0, 0.0] and stats["singleton_groups"] == 3
+        with pytest.raises(PipelineError, match="every prompt has one completion"):
+            compute_advantages(one_each, AdvantageParams(estimator=est), None)
 
 
 def test_loo_expression_handles_huge_offset():
@@ -339,8 +347,9 @@ BAD_MESSAGES = {
                    "fix the rewards or set score.on_invalid: drop",
     "inf_reward": "s.parquet: column `rlhf_reward` is -inf at prompt_id='b' sample_idx=1 (1 row(s) null/NaN/inf); "
                   "fix the rewards or set score.on_invalid: drop",
-    "all_singletons": "s.parquet: every prompt has one completion (k < 2 for rloo): the group baseline is undefined; "
-                      "sample k >= 2 per prompt or pick reinforce|batch_mean|moving_average|ema",
+    "all_singletons": "s.parquet: every prompt has one completion (k < 2 for rloo, or the others dropped by "
+                      "score.on_invalid: drop): the group baseline is undefined; sample k >= 2 per prompt or pick "
+                      "reinforce|batch_mean|moving_average|ema",
     "empty": "s.parquet: no rows; run the score stage first or pass a non-empty scores table",
 }
 

@@ -361,6 +361,40 @@ def test_a_sampling_retried_after_its_push_reports_the_push(project, monkeypatch
         w.sampler.close()
 
 
+def test_a_round_thinned_by_on_invalid_drop_trains_or_stops_naming_the_drop(project, monkeypatch, tmp_path):
+    """`score.on_invalid: drop` with k = 2: a reward that is NaN for every second completion leaves each prompt one,
+    and the round's advantages are 0 (as a partly thinned round's singletons), not the stage's "k < 2" refusal; a
+    reward NaN for all stops at the score step, naming the drop (not "no rows; run the score stage first")."""
+    from stages.errors import PipelineError
+    from stages.loop import steps
+    from stages.params import RewardSpec
+    from stages.rewards import build_rewards
+
+    (tmp_path / "thinning_rewards.py").write_text(
+        "def half_nan(completions, **kw):\n"
+        "    return [float('nan') if i % 2 else 1.0 for i, _ in enumerate(completions)]\n"
+        "def all_nan(completions, **kw):\n"
+        "    return [float('nan')] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    params = project(**{"sample.k": 2, "score.on_invalid": "drop"})
+    score = params.score.model_copy(update={"rewards": [RewardSpec(name="h", function="thinning_rewards:half_nan")]})
+    w = _warm(params.model_copy(update={"score": score}))
+    try:
+        samples = _round(w, 0)
+        scores, stats = steps.score_round(w, samples)
+        prompts = samples["prompt_id"].n_unique()
+        assert stats["score/dropped"] == prompts and scores["prompt_id"].n_unique() == scores.height == prompts
+        adv, _, a_stats = steps.advantage_round(w, scores)
+        assert adv["advantage"].to_list() == [0.0] * prompts and a_stats["singleton_groups"] == prompts
+        steps.update_round(w, samples, adv)
+        w.rewards = build_rewards([RewardSpec(name="h", function="thinning_rewards:all_nan")])
+        with pytest.raises(PipelineError, match=rf"^score.on_invalid: drop dropped all {samples.height} completions "
+                                                r"\(every reward was NaN or inf\); nothing is left to train on"):
+            steps.score_round(w, _round(w, 1))
+    finally:
+        w.sampler.close()
+
+
 def test_a_bf16_reference_pass_runs_on_the_references_bf16_view_with_its_numbers(project, monkeypatch):
     """`score.dtype: bfloat16` on a CPU (any CPU): the rounds' reference pass runs on the reference's bf16 view
     (`Warm.ref_bf16`) and gives the reference's own bf16 logprobs to the bit; under float32 params the same warm run's

@@ -147,7 +147,7 @@ def policy_pass_batches(w: Warm, rows: int, runs: bool) -> int:
 
 
 def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
-    from stages.score import optimizer_steps, score_samples, score_stats
+    from stages.score import check_not_all_dropped, optimizer_steps, score_samples, score_stats
 
     t0 = time.perf_counter()
     local = samples.filter(pl.col("prompt_id").is_in(my_prompt_ids(w, samples))) if w.dist.enabled else samples
@@ -176,8 +176,10 @@ def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
     if ahead_s:  # (counted in time/logprobs_s)
         stats["time/policy_forward_s"] = ahead_s[0]
     if not w.dist.enabled:
+        check_not_all_dropped(out, samples.height)
         return out, stats
     out = w.dist.gather_rows(out, samples["prompt_id"].unique(maintain_order=True).to_list())
+    check_not_all_dropped(out, samples.height)  # the whole round's: every rank alike
     components = [r.name for r in w.rewards]
     full = score_stats(out, samples.height, components, stats["time/reward_s"], time.perf_counter() - t0)
     return out, full | {k: v for k, v in stats.items() if k not in full}  # a reward's log_metric: this rank's mean
@@ -188,7 +190,9 @@ def advantage_round(w: Warm, scores: pl.DataFrame, source: str = "scores") -> tu
     rank computes them over the whole round, so batch-level estimators see what one process sees."""
     from stages.advantage import compute_advantages
 
-    return compute_advantages(scores, w.params.advantage, w.adv_state, source=source)
+    # the params hold sample.k >= 2 for the group estimators, so a round whose every prompt has one completion left is
+    # one that `score.on_invalid: drop` thinned: each gets advantage 0, as a partly thinned round's singletons do
+    return compute_advantages(scores, w.params.advantage, w.adv_state, source=source, singletons_ok=True)
 
 
 def update_round(w: Warm, samples: pl.DataFrame, advantages: pl.DataFrame) -> dict:
