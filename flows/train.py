@@ -227,7 +227,11 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
     logger.info("warm resources ready in %.1f s (sampler: %s, ranks: %d)", warm_s, w.sampler.name, dist.world_size)
     run = None
     if dist.main:
-        run = tracking.start_run(params, identity, resume_id=plan.done[-1].get("mlflow_run_id") if plan.done else None,
+        # the run's params as this invocation runs them: `--rounds N` is its train.rounds (a resumed run's tag
+        # `latest.train.rounds`, a new run's param)
+        ran = params if params.train.rounds == total else params.model_copy(
+            update={"train": params.train.model_copy(update={"rounds": total})})
+        run = tracking.start_run(ran, identity, resume_id=plan.done[-1].get("mlflow_run_id") if plan.done else None,
                                  topology=topology)
         tracking.log_metric_dict({"time/warm_start_s": warm_s}, step=start)
     if plan.replay:  # complete rounds after an older checkpoint (update.save_every > 1): their updates, again

@@ -590,6 +590,21 @@ def _check_out(out: str | Path, policy: str | Path | None, field: str) -> None:
                         "to continue it")
 
 
+def _policy_arg(policy: str | None, base_dir: str) -> str | None:
+    """`--policy` as `load_trainer` takes it: None (the base model) for base.model_dir itself; a model dir this
+    pipeline did not write (no checkpoint.json) is refused with how to start from it."""
+    from stages import checkpoint
+
+    if policy is None or (Path(policy) / checkpoint.META).is_file():
+        return policy
+    if Path(policy).resolve() == Path(base_dir).resolve():
+        return None
+    if (Path(policy) / "config.json").is_file():
+        raise PipelineError(f"--policy: {policy} is a model dir, not a checkpoint this pipeline wrote; to update it "
+                            f"from its own weights set base.model_dir: {policy} and leave --policy out")
+    return policy  # (load_trainer says what else is wrong with it)
+
+
 def main(argv: list[str] | None = None) -> None:
     from stages.io import read_table
     from stages.params import load_params
@@ -600,7 +615,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="the parameters file (default: %(default)s)")
     parser.add_argument("--samples", required=True)
     parser.add_argument("--advantages", required=True)
-    parser.add_argument("--policy", default=None, help="checkpoint to continue from (default: the base model)")
+    parser.add_argument("--policy", default=None, help="a checkpoint of this stage or of a run to continue from "
+                        "(default, or base.model_dir itself: the base model)")
     parser.add_argument("--out", default=None, help="checkpoint dir to write (default: train.checkpoint_dir)")
     parser.add_argument("--state-dir", default=None, help="trainer state dir, read and written (default: train.state_dir)")
     args = parser.parse_args(argv)
@@ -608,13 +624,14 @@ def main(argv: list[str] | None = None) -> None:
     from stages import checkpoint
 
     params = load_params(args.params)
+    policy = _policy_arg(args.policy, params.base.model_dir)
     out = args.out or params.train.checkpoint_dir
-    _check_out(out, args.policy, "--out" if args.out else "train.checkpoint_dir")
+    _check_out(out, policy, "--out" if args.out else "train.checkpoint_dir")
     configure_env(params.base.threads)
     device = setup_torch(params.base.device, params.base.threads, params.base.seed)
     batch = training_batch(read_table(args.samples, SAMPLES), read_table(args.advantages, ADVANTAGES))
     state_dir = args.state_dir or params.train.state_dir
-    trainer, meta = load_trainer(params, device, args.policy, state_dir, field="--policy")
+    trainer, meta = load_trainer(params, device, policy, state_dir, field="--policy")
     stats = trainer.step(batch)
     # no run identity: a flow finding it takes it for another run's (stages/loop/resume.py), never for its own
     checkpoint.save(trainer, out, state_dir, {"identity": None, "source": "stages.update"})

@@ -24,6 +24,11 @@ def test_a_resumed_run_carries_the_baseline_into_its_next_round(tmp_path, tiny_m
     run([PY, "-m", "flows.train"], proj, env)
     out = run([PY, "-m", "flows.train", "--rounds", "2"], proj, env)
     assert "resuming after round 1 of 2" in out.stdout + out.stderr
+    import mlflow
+
+    runs = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(["1"])  # the project's experiment
+    assert len(runs) == 1 and runs[0].data.params["train.rounds"] == "1"  # (a run's params do not change)
+    assert runs[0].data.tags["latest.train.rounds"] == "2"  # `--rounds 2`, not params.yaml's 1
 
     rounds = proj / "data" / "rounds"
     means = [pl.read_parquet(rounds / f"round={r:04d}" / "scores.parquet")["rlhf_reward"].mean() for r in (0, 1)]

@@ -436,6 +436,24 @@ def test_cli_writes_a_checkpoint_transformers_loads(tiny_model_dir, tmp_path):
     assert cont.returncode == 0, cont.stderr
     assert checkpoint.read_meta(out)["round"] == 2
 
+    # `--policy` naming base.model_dir is the default start, the base model; another model dir (no checkpoint.json)
+    # is refused with how to start from it, touching nothing
+    fresh = [sys.executable, "-m", "stages.update", "--params", str(params), "--samples", str(s), "--advantages", str(a),
+             "--out", str(tmp_path / "from_base"), "--state-dir", str(tmp_path / "state2")]
+    base_run = subprocess.run(fresh + ["--policy", str(tiny_model_dir)], cwd=REPO, capture_output=True, text=True,
+                              env=env)
+    assert base_run.returncode == 0, base_run.stderr
+    assert checkpoint.read_meta(tmp_path / "from_base")["round"] == 1
+    import shutil
+
+    sft = shutil.copytree(tiny_model_dir, tmp_path / "sft")
+    other = subprocess.run(fresh + ["--policy", str(sft), "--out", str(tmp_path / "from_sft")], cwd=REPO,
+                           capture_output=True, text=True, env=env)
+    assert other.returncode == 2 and other.stderr.strip().splitlines()[-1] == (
+        f"error: --policy: {sft} is a model dir, not a checkpoint this pipeline wrote; to update it from its own "
+        f"weights set base.model_dir: {sft} and leave --policy out"), other.stderr
+    assert not (tmp_path / "from_sft").exists()
+
 
 
 def test_the_stage_never_writes_into_a_training_run_s_checkpoint(tmp_path):
