@@ -117,6 +117,11 @@ def read_table(path: str | Path, schema: Schema | None = None) -> pl.DataFrame:
     if schema is not None:
         problem = check(df.schema, schema, str(path))
         if problem:
+            from stages.schemas import PROMPTS
+
+            if schema is PROMPTS and "missing column" in problem:  # e.g. a raw prompts file given to a stage
+                problem += ("; a stage takes the prepared prompts: python -m stages.prepare (dvc repro prepare) writes "
+                            "data/prepared/train.parquet and eval.parquet from your prompts file")
             raise PipelineError(problem)
         df = conform(df, schema)
     return df

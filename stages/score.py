@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         from stages.rewards import MISSING_COLUMN
 
         if args.prompts is None and MISSING_COLUMN in str(exc):  # the columns come from the prompts table
-            raise PipelineError(f"{exc}; here: pass the prompts table with --prompts data/prepared/train.parquet") from None
+            raise PipelineError(f"{exc}; here: pass the prompts table the samples came from with --prompts "
+                                "(data/prepared/train.parquet, or eval.parquet for held-out samples)") from None
         raise
     check_not_all_dropped(out, samples.height)
     write_table(out, args.out, SCORES)

@@ -149,6 +149,20 @@ def test_read_missing_column(tmp_path):
         read_table(path, SAMPLES)
     msg = one_line(exc)
     assert msg.startswith(f"{path}: ") and "missing column" in msg and "finish_reason" in msg
+    assert "stages.prepare" not in msg  # (only a prompts table gets that hint)
+
+
+def test_a_raw_prompts_file_given_for_a_prepared_table_says_how_to_prepare_it(tmp_path):
+    from stages.schemas import PROMPTS
+
+    path = tmp_path / "my_prompts.jsonl"
+    path.write_text('{"prompt": "tell me a story"}\n')
+    with pytest.raises(PipelineError) as exc:
+        read_table(path, PROMPTS)
+    msg = one_line(exc)
+    assert msg.startswith(f"{path}: missing column(s)") and msg.endswith(
+        "; a stage takes the prepared prompts: python -m stages.prepare (dvc repro prepare) writes "
+        "data/prepared/train.parquet and eval.parquet from your prompts file")
 
 
 def test_read_wrong_type_column(tmp_path):

@@ -539,7 +539,8 @@ def test_cli_without_prompts_says_to_pass_them_when_a_reward_needs_a_column(tiny
     line = proc.stderr.strip().splitlines()[-1]  # after the stage's INFO lines
     assert line.startswith("error: ") and "Traceback" not in proc.stderr
     assert "needs the reference column `answer`" in line and line.endswith(
-        "here: pass the prompts table with --prompts data/prepared/train.parquet")
+        "here: pass the prompts table the samples came from with --prompts (data/prepared/train.parquet, or "
+        "eval.parquet for held-out samples)")
     assert not out.exists()
 
 
