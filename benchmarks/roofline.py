@@ -241,7 +241,10 @@ def main(argv: list[str] | None = None) -> None:
 
         from stages.io import write_text
 
-        data = json.loads((Path(args.out) / "roofline.json").read_text())
+        src = Path(args.out) / "roofline.json"
+        if not src.is_file():
+            ap.error(f"--render: no {src}; run the benchmark with --out {args.out} first")
+        data = json.loads(src.read_text())
         md = render(data["meta"], data["rounds"], data["table"], data.get("breakdown"))
         write_text(md, Path(args.out) / "roofline.md")
         print(md)

@@ -244,6 +244,8 @@ def test_roofline_leaves_out_the_rounds_its_file_says_settle():
     assert "1 round(s), none left out (means)" in roofline.render(meta, rows[:1], table)  # a one-round file
     with pytest.raises(SystemExit):  # a run that would leave nothing to measure
         roofline.main(["--rounds", "2", "--out", "unused"])
+    with pytest.raises(SystemExit):  # nothing to render (a usage error, not a traceback)
+        roofline.main(["--render", "--out", "no-such-dir"])
 
 
 def test_roofline_floor_of_an_update_whose_forward_ran_at_scoring_is_its_backward():
