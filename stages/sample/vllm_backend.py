@@ -387,28 +387,54 @@ def _world_size() -> int:
 _IN_PROCESS: weakref.WeakSet = weakref.WeakSet()
 
 
+def _engine_core(llm):
+    """The `EngineCore` of an in-process `LLM` (its client's), or None where vLLM lays it out otherwise."""
+    return getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "engine_core", None)
+
+
 def _shared_state_goes_with_the_last_engine() -> None:
-    """An in-process engine's shutdown (`EngineCore.shutdown`) tears down this process's vLLM parallel groups
-    (`cleanup_dist_env_and_memory`), which are global: another in-process engine still open then failed at its next
-    generate ("pipeline model parallel group is not initialized"). Wrapped once per process, so that an engine that
-    closes while another is open frees only its memory, and the groups go with the last one (docs/design.md §7)."""
+    """An in-process engine's shutdown (`EngineCore.shutdown`, on `close` or when its client is collected or the
+    interpreter exits) tears down this process's vLLM parallel groups (`cleanup_dist_env_and_memory`), which are
+    global: another in-process engine still open then failed at its next generate ("pipeline model parallel group is
+    not initialized"). Wrapped once per process, before the first engine starts (its client binds `shutdown` then):
+    while another engine is open, a shutting-down one frees only its own memory (the garbage, and the accelerator's
+    cached blocks on a GPU), and the groups go with the last one (docs/design.md §7)."""
     import gc
 
     import vllm.v1.engine.core as core
 
-    real = getattr(core, "cleanup_dist_env_and_memory", None)
-    if real is None or getattr(real, "keeps_open_engines", False):
+    real_cleanup, real_shutdown = getattr(core, "cleanup_dist_env_and_memory", None), core.EngineCore.shutdown
+    if real_cleanup is None or getattr(real_cleanup, "keeps_open_engines", False):
         return
+    closing: list = []  # the cores whose shutdown is running
+
+    def shutdown(self, *args, **kwargs):
+        closing.append(self)
+        try:
+            return real_shutdown(self, *args, **kwargs)
+        finally:
+            closing.remove(self)
 
     def cleanup(*args, **kwargs):
-        if any(getattr(s, "llm", None) is not None for s in _IN_PROCESS):
-            gc.unfreeze()  # as vLLM's does, without the teardown
-            gc.collect()
-            return None
-        return real(*args, **kwargs)
+        def still_open(sampler) -> bool:
+            core_ = sampler.core() if getattr(sampler, "llm", None) is not None else None
+            return core_ is not None and not any(core_ is c for c in closing)
+
+        if not any(still_open(s) for s in list(_IN_PROCESS)):
+            return real_cleanup(*args, **kwargs)
+        gc.unfreeze()  # as vLLM's does, without the teardown
+        gc.collect()
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            import torch
+
+            torch.accelerator.empty_cache()
+        return None
 
     cleanup.keeps_open_engines = True
     core.cleanup_dist_env_and_memory = cleanup
+    core.EngineCore.shutdown = shutdown
 
 
 class VLLMSampler:
@@ -460,9 +486,12 @@ class VLLMSampler:
             # one engine per training rank, in the rank's own process (TRL's colocate mode): vLLM joins the
             # torch.distributed group torchrun set up instead of starting workers (docs/design.md §8)
             kwargs["distributed_executor_backend"] = "external_launcher"
-        self.llm = LLM(**kwargs)
         if self.in_process:
             _shared_state_goes_with_the_last_engine()
+        self.llm = LLM(**kwargs)
+        core = _engine_core(self.llm)
+        self.core = weakref.ref(core) if core is not None else (lambda: None)
+        if self.in_process:
             _IN_PROCESS.add(self)
         quiet_rotary_reload()
         # the CPU sampler's draw without a noise per vocabulary entry (its workers must be this process: the function
