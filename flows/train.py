@@ -67,7 +67,11 @@ def sample_task(w: Warm, r: int, prompts: pl.DataFrame, d: Path) -> tuple[pl.Dat
     from stages.schemas import SAMPLES
 
     df, stats = steps.sample_round(w, r, prompts)
-    return df, stats, write_artifact(df, d, "samples", SAMPLES) if w.dist.main else None
+    try:
+        return df, stats, write_artifact(df, d, "samples", SAMPLES) if w.dist.main else None
+    except BaseException:  # the retry samples again from the weights this try pushed: it reports their push
+        w.unreported_push_s += stats["time/weight_sync_s"]
+        raise
 
 
 @task(name="score", **_TASK)

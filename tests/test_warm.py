@@ -327,10 +327,10 @@ def test_the_engine_gets_each_updates_weights_before_it_next_generates_and_not_a
         w.sampler.close()
 
 
-def test_a_sampling_retried_after_its_push_reports_the_push(project, monkeypatch):
+def test_a_sampling_retried_after_its_push_reports_the_push(project, monkeypatch, tmp_path):
     """The flow retries a round's sampling once (`flows.train.sample_task`). Where the first try pushed the update's
-    weights and then failed, the retry finds the engine up to date: it reports the first try's push, not 0, and
-    pushes nothing again; the round after reports its own push only."""
+    weights and then failed (sampling, or writing its samples), the retry finds the engine up to date: it reports the
+    first try's push, not 0, and pushes nothing again; the round after reports its own push only."""
     from stages.loop import steps
     from stages.loop.resume import round_prompts
 
@@ -355,8 +355,28 @@ def test_a_sampling_retried_after_its_push_reports_the_push(project, monkeypatch
         pushed_s = w.unreported_push_s
         _, stats = steps.sample_round(w, 1, prompts)  # the retry
         assert pushes == [1] and stats["time/weight_sync_s"] == pushed_s and w.unreported_push_s == 0.0
-        _, stats = steps.sample_round(w, 2, prompts)  # nothing new to push, nothing left to report
+        samples, stats = steps.sample_round(w, 2, prompts)  # nothing new to push, nothing left to report
         assert pushes == [1] and stats["time/weight_sync_s"] == 0.0
+        # the flow's task: a try that pushed and sampled but could not write its samples leaves the push to its retry
+        import stages.loop.writer
+        from flows.train import sample_task
+
+        scores, _ = steps.score_round(w, samples)
+        adv, w.adv_state, _ = steps.advantage_round(w, scores)
+        steps.update_round(w, samples, adv)
+        real_write = stages.loop.writer.write_artifact
+
+        def full_disk(*args, **kwargs):
+            monkeypatch.setattr(stages.loop.writer, "write_artifact", real_write)  # fails once
+            raise OSError("No space left on device")
+
+        monkeypatch.setattr(stages.loop.writer, "write_artifact", full_disk)
+        with pytest.raises(OSError):
+            sample_task.fn(w, 3, prompts, tmp_path / "round=0003")
+        assert pushes == [1, 1] and w.unreported_push_s > 0
+        pushed_s = w.unreported_push_s
+        _, stats, record = sample_task.fn(w, 3, prompts, tmp_path / "round=0003")  # the retry
+        assert pushes == [1, 1] and stats["time/weight_sync_s"] == pushed_s and record is not None
     finally:
         w.sampler.close()
 
@@ -389,7 +409,7 @@ def test_a_round_thinned_by_on_invalid_drop_trains_or_stops_naming_the_drop(proj
         steps.update_round(w, samples, adv)
         w.rewards = build_rewards([RewardSpec(name="h", function="thinning_rewards:all_nan")])
         with pytest.raises(PipelineError, match=rf"^score.on_invalid: drop dropped all {samples.height} completions "
-                                                r"\(every reward was NaN or inf\); nothing is left to train on"):
+                                                r"\(each had a NaN or inf reward\); nothing is left to train on"):
             steps.score_round(w, _round(w, 1))
     finally:
         w.sampler.close()

@@ -190,9 +190,11 @@ def advantage_round(w: Warm, scores: pl.DataFrame, source: str = "scores") -> tu
     rank computes them over the whole round, so batch-level estimators see what one process sees."""
     from stages.advantage import compute_advantages
 
-    # the params hold sample.k >= 2 for the group estimators, so a round whose every prompt has one completion left is
-    # one that `score.on_invalid: drop` thinned: each gets advantage 0, as a partly thinned round's singletons do
-    return compute_advantages(scores, w.params.advantage, w.adv_state, source=source, singletons_ok=True)
+    # the params hold sample.k >= 2 for the group estimators, so under `score.on_invalid: drop` a round whose every
+    # prompt has one completion left is one the drop thinned: each gets advantage 0, as a partly thinned round's
+    # singletons do (otherwise such a round is refused, as the stage refuses it)
+    return compute_advantages(scores, w.params.advantage, w.adv_state, source=source,
+                              singletons_ok=w.params.score.on_invalid == "drop")
 
 
 def update_round(w: Warm, samples: pl.DataFrame, advantages: pl.DataFrame) -> dict:
