@@ -205,8 +205,8 @@ def check_not_all_dropped(out: pl.DataFrame, rows_in: int) -> None:
     """A round (or stage input) of `rows_in` completions that `score.on_invalid: drop` left none of stops here with
     that cause: the advantages and the update would only say that their input is empty."""
     if rows_in and not out.height:
-        raise PipelineError(f"score.on_invalid: drop dropped all {rows_in} completions (every reward was NaN or inf); "
-                            "nothing is left to train on: fix the reward functions in score.rewards, or set "
+        raise PipelineError(f"score.on_invalid: drop dropped all {rows_in} completions (each had a NaN or inf "
+                            "reward); nothing is left to train on: fix the reward functions in score.rewards, or set "
                             "score.on_invalid: error to stop at the first bad one with its name")
 
 

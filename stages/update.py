@@ -590,9 +590,11 @@ def _check_out(out: str | Path, policy: str | Path | None, field: str) -> None:
                         "to continue it")
 
 
-def _policy_arg(policy: str | None, base_dir: str) -> str | None:
+def _policy_arg(policy: str | None, base_dir: str, out: str) -> str | None:
     """`--policy` as `load_trainer` takes it: None (the base model) for base.model_dir itself; a model dir this
-    pipeline did not write (no checkpoint.json) is refused with how to start from it."""
+    pipeline did not write (no checkpoint.json) is refused with how to start from it, and so is a dir that does not
+    exist or is empty (a mistyped path would train from the base model), except `out` itself: `--policy D --out D`
+    starts D from the base model and then continues it."""
     from stages import checkpoint
 
     if policy is None or (Path(policy) / checkpoint.META).is_file():
@@ -602,6 +604,9 @@ def _policy_arg(policy: str | None, base_dir: str) -> str | None:
     if (Path(policy) / "config.json").is_file():
         raise PipelineError(f"--policy: {policy} is a model dir, not a checkpoint this pipeline wrote; to update it "
                             f"from its own weights set base.model_dir: {policy} and leave --policy out")
+    if Path(policy).resolve() != Path(out).resolve() and not (Path(policy).is_dir() and any(Path(policy).iterdir())):
+        raise PipelineError(f"--policy: {policy} holds no checkpoint (it does not exist or is empty); pass the dir "
+                            "a run or this stage wrote, or leave --policy out to start from base.model_dir")
     return policy  # (load_trainer says what else is wrong with it)
 
 
@@ -624,8 +629,8 @@ def main(argv: list[str] | None = None) -> None:
     from stages import checkpoint
 
     params = load_params(args.params)
-    policy = _policy_arg(args.policy, params.base.model_dir)
     out = args.out or params.train.checkpoint_dir
+    policy = _policy_arg(args.policy, params.base.model_dir, out)
     _check_out(out, policy, "--out" if args.out else "train.checkpoint_dir")
     configure_env(params.base.threads)
     device = setup_torch(params.base.device, params.base.threads, params.base.seed)

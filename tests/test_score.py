@@ -544,6 +544,30 @@ def test_cli_without_prompts_says_to_pass_them_when_a_reward_needs_a_column(tiny
     assert not out.exists()
 
 
+def test_cli_that_drops_every_completion_stops_and_writes_nothing(tiny_model_dir, tmp_path):
+    """`score.on_invalid: drop` with a reward NaN for every completion: the stage stops naming the drop (not an
+    empty table for the advantage stage to refuse as "no rows; run the score stage first")."""
+    tok = load_tokenizer(tiny_model_dir)
+    src, out = tmp_path / "samples.parquet", tmp_path / "scores.parquet"
+    write_table(make_samples(tok), src, SAMPLES)
+    (tmp_path / "all_nan_rewards.py").write_text(
+        "def nan(completions, **kw):\n    return [float('nan')] * len(completions)\n")
+    params = cli_params(tmp_path, tiny_model_dir)
+    data = yaml.safe_load(params.read_text())
+    data["score"].update(rewards=[{"name": "n", "function": "all_nan_rewards:nan"}], on_invalid="drop")
+    params.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "stages.score", "--params", str(params), "--samples", str(src),
+                           "--out", str(out), "--policy", str(tiny_model_dir)], cwd=REPO, capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: score.on_invalid: drop dropped all {len(ROWS)} completions (each had a NaN or inf reward); nothing is "
+        "left to train on: fix the reward functions in score.rewards, or set score.on_invalid: error to stop at the "
+        "first bad one with its name")
+    assert not out.exists()
+
+
 def test_on_invalid_drop_with_several_invalid_components(models, tmp_path, monkeypatch):
     """Two components invalid on different rows: both rows go, the others keep their exact weighted scores."""
     tok, policy, ref, _, _ = models

@@ -453,6 +453,11 @@ def test_cli_writes_a_checkpoint_transformers_loads(tiny_model_dir, tmp_path):
         f"error: --policy: {sft} is a model dir, not a checkpoint this pipeline wrote; to update it from its own "
         f"weights set base.model_dir: {sft} and leave --policy out"), other.stderr
     assert not (tmp_path / "from_sft").exists()
+    typo = subprocess.run(fresh + ["--policy", str(tmp_path / "polcy"), "--out", str(tmp_path / "from_typo")],
+                          cwd=REPO, capture_output=True, text=True, env=env)
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines()[-1].startswith(
+        f"error: --policy: {tmp_path / 'polcy'} holds no checkpoint (it does not exist or is empty)"), typo.stderr
+    assert not (tmp_path / "from_typo").exists()
 
 
 
