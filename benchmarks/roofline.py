@@ -125,8 +125,8 @@ def matmul_flops(op: str, shapes: list) -> float:
 def op_breakdown(prof, wall_s: float, top: int = 3) -> dict:
     """A profiled pass's time by kind (`prof`: a finished torch.profiler.profile with record_shapes): its matmuls'
     seconds, calls and FLOPs; every other op's seconds and calls, the `top` largest named; and the wall time outside
-    any op (the Python between them). Self CPU times, so nested ops count once (a custom autograd Function's own
-    Python is one of the other ops)."""
+    any op (the Python between them). Self CPU times, so nested ops' seconds count once (a custom autograd
+    Function's own Python is one of the other ops); the calls are the profiler's events, nested ones included."""
     mm_s = mm_flops = other_s = 0.0
     mm_calls = other_calls = 0
     others: dict[str, list] = {}
