@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -1035,7 +1036,7 @@ def test_an_engine_closed_beside_another_leaves_the_other_working(vllm_sampler, 
     """vLLM's parallel groups are global to the process and an in-process engine's shutdown tears them down: the
     engine still open then failed at its next generate ("pipeline model parallel group is not initialized"). Now
     they go with the last engine open, and the other decodes as before (with one engine, or the last, vLLM's own
-    teardown runs, at `close` or at exit: checked ad hoc)."""
+    teardown runs, at `close` or at exit: the test below)."""
     from stages.sample import make_sampler
 
     from vllm.distributed import parallel_state
@@ -1047,6 +1048,37 @@ def test_an_engine_closed_beside_another_leaves_the_other_working(vllm_sampler, 
     assert core() is None  # the closed engine shut down and is freed (not kept open by the wrapper)
     assert parallel_state._PP is not None  # the groups stay for the engine still open
     assert vllm_greedy(vllm_sampler, list(update_ids.values())) == base_greedy
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+def check():  # registered first: runs after the engines' finalizers
+    from vllm.distributed import parallel_state
+    print("groups at exit:", "torn down" if parallel_state._PP is None else "kept", flush=True)
+atexit.register(check)
+from stages.params import Params
+from stages.sample import make_sampler
+params = Params.model_validate({"base": {"model_dir": sys.argv[1]}, "sample": {"dtype": "float32"},
+                                "score": {"rewards": [{"name": "l", "function": "length"}]}})
+kept = make_sampler(sys.argv[1], params, backend="vllm")
+if sys.argv[2] == "two":
+    make_sampler(sys.argv[1], params, backend="vllm").close()
+print("leaving one engine open", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engines", ["one", "two"])
+def test_the_last_engine_open_at_exit_still_tears_vllms_groups_down(engines, tiny_model_dir, tmp_path):
+    """An engine never closed shuts down at exit: as the last one (alone, or after another closed beside it) it tears
+    vLLM's process-wide groups down as vLLM does; the wrapper that keeps them for engines still open must not count
+    an engine that is itself shutting down."""
+    script = tmp_path / "exit_engine.py"
+    script.write_text(EXIT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_model_dir), engines], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-2:] == ["leaving one engine open", "groups at exit: torn down"], proc.stdout
 
 
 @pytest.mark.slow
