@@ -66,11 +66,16 @@ def sample_task(w: Warm, r: int, prompts: pl.DataFrame, d: Path) -> tuple[pl.Dat
     from stages.loop.writer import write_artifact
     from stages.schemas import SAMPLES
 
-    df, stats = steps.sample_round(w, r, prompts)
+    # The update's weights go into the engine here, before the try's sampling: a try that fails after the push
+    # (sampling, or writing its samples) leaves the push's seconds to the retry, which finds the engine up to date
+    # and reports them instead of its own 0 (docs/design.md §3)
+    push_s, w.unreported_push_s = w.unreported_push_s + steps.sync_sampler(w), 0.0
     try:
+        df, stats = steps.sample_round(w, r, prompts)  # nothing left to push
+        stats["time/weight_sync_s"] += push_s
         return df, stats, write_artifact(df, d, "samples", SAMPLES) if w.dist.main else None
-    except BaseException:  # the retry samples again from the weights this try pushed: it reports their push
-        w.unreported_push_s += stats["time/weight_sync_s"]
+    except BaseException:
+        w.unreported_push_s = push_s
         raise
 
 

@@ -331,52 +331,46 @@ def test_a_sampling_retried_after_its_push_reports_the_push(project, monkeypatch
     """The flow retries a round's sampling once (`flows.train.sample_task`). Where the first try pushed the update's
     weights and then failed (sampling, or writing its samples), the retry finds the engine up to date: it reports the
     first try's push, not 0, and pushes nothing again; the round after reports its own push only."""
+    import stages.loop.writer
+    from flows.train import sample_task
     from stages.loop import steps
     from stages.loop.resume import round_prompts
 
     w = _warm(project())
     try:
-        samples = _round(w, 0)
-        scores, _ = steps.score_round(w, samples)
-        adv, w.adv_state, _ = steps.advantage_round(w, scores)
-        steps.update_round(w, samples, adv)
+        prompts = round_prompts(w.train_prompts, 1, w.params.train.prompts_per_round, w.params.base.seed)
         pushes, real_push, real_generate = [], w.sampler.update_weights, w.sampler.generate
+        real_write = stages.loop.writer.write_artifact
         monkeypatch.setattr(w.sampler, "update_weights", lambda **kw: pushes.append(1) or real_push(**kw))
 
-        def broken(*args, **kwargs):
+        def update(samples):
+            scores, _ = steps.score_round(w, samples)
+            adv, w.adv_state, _ = steps.advantage_round(w, scores)
+            steps.update_round(w, samples, adv)
+
+        def broken_generate(*args, **kwargs):
             monkeypatch.setattr(w.sampler, "generate", real_generate)  # fails once
             raise RuntimeError("transient")
-
-        monkeypatch.setattr(w.sampler, "generate", broken)
-        prompts = round_prompts(w.train_prompts, 1, w.params.train.prompts_per_round, w.params.base.seed)
-        with pytest.raises(RuntimeError, match="transient"):
-            steps.sample_round(w, 1, prompts)
-        assert pushes == [1] and not w.sampler_behind and w.unreported_push_s > 0
-        pushed_s = w.unreported_push_s
-        _, stats = steps.sample_round(w, 1, prompts)  # the retry
-        assert pushes == [1] and stats["time/weight_sync_s"] == pushed_s and w.unreported_push_s == 0.0
-        samples, stats = steps.sample_round(w, 2, prompts)  # nothing new to push, nothing left to report
-        assert pushes == [1] and stats["time/weight_sync_s"] == 0.0
-        # the flow's task: a try that pushed and sampled but could not write its samples leaves the push to its retry
-        import stages.loop.writer
-        from flows.train import sample_task
-
-        scores, _ = steps.score_round(w, samples)
-        adv, w.adv_state, _ = steps.advantage_round(w, scores)
-        steps.update_round(w, samples, adv)
-        real_write = stages.loop.writer.write_artifact
 
         def full_disk(*args, **kwargs):
             monkeypatch.setattr(stages.loop.writer, "write_artifact", real_write)  # fails once
             raise OSError("No space left on device")
 
-        monkeypatch.setattr(stages.loop.writer, "write_artifact", full_disk)
-        with pytest.raises(OSError):
-            sample_task.fn(w, 3, prompts, tmp_path / "round=0003")
-        assert pushes == [1, 1] and w.unreported_push_s > 0
-        pushed_s = w.unreported_push_s
-        _, stats, record = sample_task.fn(w, 3, prompts, tmp_path / "round=0003")  # the retry
-        assert pushes == [1, 1] and stats["time/weight_sync_s"] == pushed_s and record is not None
+        update(_round(w, 0))
+        for r, (obj, name, broken, error) in enumerate([(w.sampler, "generate", broken_generate, RuntimeError),
+                                                        (stages.loop.writer, "write_artifact", full_disk, OSError)]):
+            d = tmp_path / f"round={r:04d}"
+            monkeypatch.setattr(obj, name, broken)
+            with pytest.raises(error):
+                sample_task.fn(w, 1, prompts, d)
+            assert pushes == [1] * (r + 1) and not w.sampler_behind and w.unreported_push_s > 0, name
+            pushed_s = w.unreported_push_s
+            samples, stats, record = sample_task.fn(w, 1, prompts, d)  # the retry
+            assert pushes == [1] * (r + 1) and stats["time/weight_sync_s"] == pushed_s and record is not None, name
+            assert w.unreported_push_s == 0.0
+            _, stats, _ = sample_task.fn(w, 2, prompts, d)  # nothing new to push, nothing left to report
+            assert pushes == [1] * (r + 1) and stats["time/weight_sync_s"] == 0.0, name
+            update(samples)
     finally:
         w.sampler.close()
 

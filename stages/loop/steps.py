@@ -35,23 +35,19 @@ def sample_round(w: Warm, r: int, prompts: pl.DataFrame, logprobs: bool | None =
     from stages.sample import generation_config, sample_prompts, sample_stats
     from stages.schemas import SAMPLES
 
-    sync_s, w.unreported_push_s = w.unreported_push_s + sync_sampler(w), 0.0
+    sync_s = sync_sampler(w)
     sp, t0 = w.params.sample, time.perf_counter()
     local = prompts[w.dist.shard(prompts.height)]
     if logprobs is None:
         logprobs = round_uses_sampler_logprobs(w)
-    try:
-        if local.height:
-            df, stats = sample_prompts(w.sampler, w.tokenizer, local, generation_config(sp, logprobs=logprobs),
-                                       w.params.base.seed, r, r, sp.max_model_len)
-        else:  # more ranks than prompts: this one samples nothing this round
-            df, stats = pl.DataFrame(schema=SAMPLES), {}
-        if w.dist.enabled:
-            df = w.dist.gather_rows(df, prompts["prompt_id"].to_list())
-            stats = sample_stats(df, time.perf_counter() - t0)
-    except BaseException:
-        w.unreported_push_s = sync_s  # the push was made: the round's retry reports it (the engine has the weights)
-        raise
+    if local.height:
+        df, stats = sample_prompts(w.sampler, w.tokenizer, local, generation_config(sp, logprobs=logprobs),
+                                   w.params.base.seed, r, r, sp.max_model_len)
+    else:  # more ranks than prompts: this one samples nothing this round
+        df, stats = pl.DataFrame(schema=SAMPLES), {}
+    if w.dist.enabled:
+        df = w.dist.gather_rows(df, prompts["prompt_id"].to_list())
+        stats = sample_stats(df, time.perf_counter() - t0)
     return df, stats | {"time/weight_sync_s": sync_s}
 
 

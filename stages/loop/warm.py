@@ -50,8 +50,8 @@ class Warm:
     # engine's next use (a round's sampling, an evaluation), so a run's last update is pushed only if something
     # generates after it
     sampler_behind: bool = False
-    # the seconds of a push made by a round's sampling that then failed (`steps.sample_round`): the flow's retry of
-    # the sampling finds the engine up to date and reports these instead of its own 0
+    # the seconds of a push made by a try of the flow's sampling task that then failed (`flows.train.sample_task`):
+    # its retry finds the engine up to date and reports these instead of its own 0
     unreported_push_s: float = 0.0
 
 
