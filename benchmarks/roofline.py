@@ -145,6 +145,27 @@ def op_breakdown(prof, wall_s: float, top: int = 3) -> dict:
             "largest_other": [[k, v[0], v[1]] for k, v in largest]}
 
 
+def logprob_passes(w, samples, source: str, batch_size: int, score_dtype) -> dict:
+    """The round's logprob passes outside the update, as the flow's score step runs them, by name, each a call that
+    the timed rounds time and the profiled round profiles: the policy's own pass where its logprobs come from the
+    trainer (`score.policy_logprobs`), and the reference's (its bf16 view on a CPU), batched as the update's forward
+    (the whole round) where that forward gives the policy's logprobs, else by `score.batch_size`."""
+    from stages.logprobs import sequence_logprobs
+    from stages.loop import steps
+    from stages.score import completion_inputs
+
+    p_ids, c_ids = completion_inputs(samples, w.tokenizer)
+    pad, share = w.tokenizer.pad_token_id, w.params.base.share_prompts
+    passes = {}
+    if source == "trainer":
+        passes["policy logprobs"] = lambda: sequence_logprobs(w.trainer.model, p_ids, c_ids, pad, batch_size,
+                                                              share=share, dtype=score_dtype)
+    passes["reference logprobs"] = lambda: sequence_logprobs(
+        steps.scoring_reference(w), p_ids, c_ids, pad, samples.height if source == "update" else batch_size,
+        share=share, dtype=score_dtype)
+    return passes
+
+
 def profiled(fn) -> tuple[object, dict]:
     """`fn()` under torch.profiler (CPU ops, their shapes): its result and `op_breakdown`."""
     from torch.profiler import ProfilerActivity, profile
@@ -256,7 +277,6 @@ def main(argv: list[str] | None = None) -> None:
     from machine import describe
 
     from stages.io import write_json, write_text
-    from stages.logprobs import sequence_logprobs
     from stages.loop import steps
     from stages.loop.resume import round_prompts
     from stages.loop.warm import load_warm
@@ -291,7 +311,6 @@ def main(argv: list[str] | None = None) -> None:
             samples, s_stats = steps.sample_round(w, r, prompts)
             t["sample"] = time.perf_counter() - t0
             p_ids, c_ids = completion_inputs(samples, w.tokenizer)
-            pad, bs = w.tokenizer.pad_token_id, params.score.batch_size
             t0 = time.perf_counter()
             keys = list(zip(samples["prompt_id"], samples["sample_idx"]))
             texts, columns = reward_inputs(samples, w.train_prompts)
@@ -303,14 +322,11 @@ def main(argv: list[str] | None = None) -> None:
             source = steps.policy_logprobs_for(w, samples.height)
             ahead = source == "update"
             ahead_rounds, sampler_rounds = ahead_rounds + ahead, sampler_rounds + (source == "sampler")
-            t0 = time.perf_counter()
-            if source == "trainer":  # the flow skips it when the sampler's logprobs are the policy's (fp32)
-                sequence_logprobs(w.trainer.model, p_ids, c_ids, pad, bs, share=share, dtype=score_dtype)
-            t["policy logprobs"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ref = steps.scoring_reference(w)  # the model the rounds' reference pass runs (its bf16 view on a CPU)
-            sequence_logprobs(ref, p_ids, c_ids, pad, samples.height if ahead else bs, share=share, dtype=score_dtype)
-            t["reference logprobs"] = time.perf_counter() - t0
+            t["policy logprobs"] = 0.0  # the flow skips it when the sampler's logprobs are the policy's (fp32)
+            for name, run in logprob_passes(w, samples, source, params.score.batch_size, score_dtype).items():
+                t0 = time.perf_counter()
+                run()
+                t[name] = time.perf_counter() - t0
             scores, sc = steps.score_round(w, samples)  # the step itself, for the advantages (not timed here)
             if ahead:  # the update's forward, run inside it and kept for the update: the update is then its backward
                 t["policy logprobs"] = sc["time/policy_forward_s"]
@@ -337,18 +353,13 @@ def main(argv: list[str] | None = None) -> None:
             r = args.rounds
             prompts = round_prompts(w.train_prompts, r, params.train.prompts_per_round, params.base.seed)
             samples, _ = steps.sample_round(w, r, prompts)
-            p_ids, c_ids = completion_inputs(samples, w.tokenizer)
             scores, _ = steps.score_round(w, samples)
             advs, w.adv_state, _ = steps.advantage_round(w, scores)
             source = steps.policy_logprobs_for(w, samples.height)
             if source == "update":  # the forward the update then uses (it replaces the score step's)
                 _, breakdown["policy logprobs"] = profiled(lambda: w.trainer.forward_ahead(samples))
-            elif source == "trainer":
-                _, breakdown["policy logprobs"] = profiled(lambda: sequence_logprobs(
-                    w.trainer.model, p_ids, c_ids, pad, bs, share=share, dtype=score_dtype))
-            _, breakdown["reference logprobs"] = profiled(lambda: sequence_logprobs(
-                steps.scoring_reference(w), p_ids, c_ids, pad, samples.height if source == "update" else bs,
-                share=share, dtype=score_dtype))
+            for name, run in logprob_passes(w, samples, source, params.score.batch_size, score_dtype).items():
+                _, breakdown[name] = profiled(run)
             _, breakdown["update"] = profiled(lambda: steps.update_round(w, samples, advs))
             for name in breakdown:
                 breakdown[name]["dtype"] = update_dtype if name == "update" else score_dtype

@@ -171,11 +171,11 @@ def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
                                batch_size=local.height if source == "update" else 0)
     if ahead_s:  # (counted in time/logprobs_s)
         stats["time/policy_forward_s"] = ahead_s[0]
+    if w.dist.enabled:
+        out = w.dist.gather_rows(out, samples["prompt_id"].unique(maintain_order=True).to_list())
+    check_not_all_dropped(out, samples.height)  # the whole round's (after the gather): every rank alike
     if not w.dist.enabled:
-        check_not_all_dropped(out, samples.height)
         return out, stats
-    out = w.dist.gather_rows(out, samples["prompt_id"].unique(maintain_order=True).to_list())
-    check_not_all_dropped(out, samples.height)  # the whole round's: every rank alike
     components = [r.name for r in w.rewards]
     full = score_stats(out, samples.height, components, stats["time/reward_s"], time.perf_counter() - t0)
     return out, full | {k: v for k, v in stats.items() if k not in full}  # a reward's log_metric: this rank's mean
