@@ -18,8 +18,19 @@ from conftest import repo_params, repo_params_data
 from stages import checkpoint
 from stages.errors import PipelineError
 from stages.io import write_json, write_table
-from stages.loop.resume import MANIFEST, RESTART, apply_plan, file_record, plan_resume, round_dir, round_prompts
-from stages.loop.writer import manifest_for
+from stages.loop.resume import (
+    MANIFEST,
+    RESTART,
+    SEAL,
+    apply_plan,
+    file_record,
+    plan_resume,
+    read_manifest,
+    round_dir,
+    round_prompts,
+    seal_manifest,
+)
+from stages.loop.writer import manifest_for, round_write
 from stages.params import parse_params
 
 ID = "run-a"
@@ -180,7 +191,8 @@ def test_manifest_repaired_from_the_checkpoint(params, caplog):
     with caplog.at_level(logging.INFO, logger="stages.loop.resume"):
         apply_plan(plan, params)
     assert "repaired the manifest of round 3 from its checkpoint" in [r.getMessage() for r in caplog.records]
-    assert json.loads((round_dir(tp.rounds_dir, 2) / MANIFEST).read_text()) == lost
+    repaired = json.loads((round_dir(tp.rounds_dir, 2) / MANIFEST).read_text())
+    assert repaired == seal_manifest(lost) and repaired[SEAL]  # sealed as the round would have written it
     assert plan_resume(params, ID).start == 3 and plan_resume(params, ID).repair is None
 
 
@@ -364,6 +376,31 @@ def test_a_manifest_in_another_round_s_dir_or_unreadable_is_refused_with_the_fix
     with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
     assert str(exc.value) == f"{wrong}: unreadable manifest (JSONDecodeError); {fix}"
+
+
+def test_a_manifest_changed_since_its_round_wrote_it_is_refused_with_the_fix(params, tmp_path):
+    """The flow seals each manifest with the checksum of its own content: its metrics, carried baseline and prompt
+    schedule feed the rounds after it, so one edited (or damaged) since its round wrote it stops the resume, naming
+    it and the fix; a manifest from before seals (none) is read as it is."""
+    tp = params.train
+    write_round(tp, 0)
+    m = write_round(tp, 1, manifest=False) | {"prompt_ids": ("p1", "p2"), "note": tmp_path}  # JSON's list, str
+    write_checkpoint(tp, 2)
+    path = round_dir(tp.rounds_dir, 1) / MANIFEST
+    trainer = type("T", (), {"rng_state": lambda self: {}})()
+    round_write(trainer, params, m, path, save=False)()  # the flow's write of a round's manifest (no checkpoint)
+    written = read_manifest(path)
+    assert written[SEAL] and written["prompt_ids"] == ["p1", "p2"] and plan_resume(params, ID).done[-1] == written
+    for key, value in (("advantage_state", {"estimator": "ema", "ema": 0.5}), ("metrics", {"reward": 9.0})):
+        path.write_text(json.dumps(written | {key: value}, indent=2))  # an edit by hand
+        with pytest.raises(PipelineError) as exc:
+            plan_resume(params, ID)
+        assert one_line(exc) == (f"{path}: the manifest was changed since its round wrote it (its content does not "
+                                 f"match its {SEAL}); a resume would carry the changed metrics and state on; restore "
+                                 f"it with `dvc checkout --force {path}` (DVC's copy, when DVC cached this round) or "
+                                 f"start over: {RESTART}")
+    path.write_text(json.dumps({k: v for k, v in written.items() if k != SEAL}))  # from before seals
+    assert plan_resume(params, ID).start == 2
 
 
 def test_file_record_is_size_and_sha256_and_rows_only_when_given(tmp_path):

@@ -50,6 +50,7 @@ ROUND_FILES = (*(f"{a}.parquet" for a in ARTIFACTS), MANIFEST)  # all a round wr
 # the `source` an update-stage checkpoint records (stages/update.py), and the run it counts as
 STAGE_RUN = "stages.update"
 _REQUIRED = {"round": int, "identity": str, "artifacts": dict, "metrics": dict}
+SEAL = "manifest_sha256"  # a manifest's checksum of its own content (`seal_manifest`)
 
 
 def round_dir(rounds_dir: str | Path, r: int) -> Path:
@@ -148,8 +149,25 @@ def file_record(path: Path, rows: int | None = None) -> dict:
     return rec | ({"rows": rows} if rows is not None else {})
 
 
+def _content_sha256(manifest: dict) -> str:
+    """SHA-256 of a manifest's content as JSON reads it back (its seal left out): keys sorted, compact."""
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """The manifest with `manifest_sha256`, the checksum of the rest of it: the artifacts' checksums are in the
+    manifest, and this covers the manifest itself (its metrics, carried baseline state and prompt schedule feed the
+    rounds after it), so a resume notices a manifest edited or damaged since its round wrote it (`read_manifest`).
+    Taken over the manifest as JSON writes and reads it back, so the values JSON changes (a tuple, a Path) count
+    as they will be read."""
+    body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != SEAL}, default=str))
+    return body | {SEAL: _content_sha256(body)}
+
+
 def read_manifest(path: Path) -> dict:
-    """A manifest, checked for the keys a resume relies on; one-line PipelineError otherwise."""
+    """A manifest, checked for the keys a resume relies on and against its seal where it has one (a manifest from
+    before seals has none); one-line PipelineError otherwise."""
     def fix() -> str:  # only for an error: it reads DVC's records
         return f"{checkout_fix(path)} or start over: {RESTART}"
 
@@ -160,6 +178,9 @@ def read_manifest(path: Path) -> dict:
     bad = [k for k, t in _REQUIRED.items() if not isinstance(data, dict) or not isinstance(data.get(k), t)]
     if bad:
         raise PipelineError(f"{path}: manifest lacks {', '.join(bad)}; {fix()}")
+    if SEAL in data and data[SEAL] != _content_sha256(data):
+        raise PipelineError(f"{path}: the manifest was changed since its round wrote it (its content does not match "
+                            f"its {SEAL}); a resume would carry the changed metrics and state on; {fix()}")
     expected = ROUND_DIR.match(path.parent.name)
     if expected and int(expected.group(1)) != data["round"]:
         raise PipelineError(f"{path}: manifest says round {data['round']} in the dir of round "
@@ -345,7 +366,7 @@ def apply_plan(plan: ResumePlan, params) -> Archived | None:
     if plan.superseded is not None:
         return archive_run(params, plan.superseded)
     if plan.repair is not None:
-        write_json(plan.repair, round_dir(tp.rounds_dir, plan.repair["round"]) / MANIFEST)
+        write_json(seal_manifest(plan.repair), round_dir(tp.rounds_dir, plan.repair["round"]) / MANIFEST)
         log.info("repaired the manifest of round %d from its checkpoint", plan.repair["round"] + 1)
     for d in plan.stale:
         shutil.rmtree(d)

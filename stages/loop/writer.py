@@ -19,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.loop.resume import file_record
+from stages.loop.resume import file_record, seal_manifest
 
 METRICS_FILE = "metrics/train.json"
 PLOTS_FILE = "plots/train.csv"
@@ -68,7 +68,7 @@ def round_write(trainer, params, manifest: dict, manifest_path: Path, save: bool
             checkpoint.save(trainer, tp.checkpoint_dir, tp.state_dir,
                             {"identity": manifest["identity"], "manifest": m}, rng=rng, gathered=gathered)
             m["checkpoint_s"], m["checkpoint_cpu_s"] = time.perf_counter() - tc, time.thread_time() - cpu
-        write_json(m, manifest_path)
+        write_json(seal_manifest(m), manifest_path)
 
     return write
 
