@@ -89,7 +89,7 @@ def prefect_api(home: str | Path | None = None, started: tuple[subprocess.Popen,
                 ) -> Iterator[str | None]:
     """Yield the API URL in use; start a temporary local server when none is configured (its database in `home`:
     PREFECT_HOME, or .prefect in the working directory), or wait for the one `start_server` started."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
@@ -106,7 +106,10 @@ def prefect_api(home: str | Path | None = None, started: tuple[subprocess.Popen,
     yield_cores(proc.pid)
     # For the rest of the process, not just the block: Prefect's exit hooks still talk to the API. (The context
     # manager is kept referenced: a collected one would restore the old settings.)
-    _KEEP.append(temporary_settings(updates={PREFECT_API_URL: url}))
+    # No flow-run heartbeats to a server that ends with this process: nothing watches them, and a flow run's end
+    # waits up to a second for its heartbeat thread (Prefect's default sends one every 180 s for a crash detection
+    # that a server of its own, e.g. a deployment's, does keep)
+    _KEEP.append(temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
     _KEEP[-1].__enter__()
     yield url
 

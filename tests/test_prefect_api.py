@@ -79,3 +79,27 @@ def test_yield_cores_retries_the_group_while_the_kernel_says_eagain(monkeypatch,
     finally:
         child.kill()
         child.wait()
+
+
+HEARTBEATS = """
+import sys
+from flows.api import prefect_api
+from prefect.settings import get_current_settings
+with prefect_api(home=sys.argv[1]) as url:
+    settings = get_current_settings()
+    print(url == settings.api.url, settings.flows.heartbeat_frequency)
+"""
+
+
+def test_flow_runs_send_no_heartbeats_to_the_temporary_server_only(tmp_path):
+    """Against the temporary server (it ends with the process; nothing watches its runs' heartbeats) a flow run
+    sends none, so its end does not wait up to a second for the heartbeat thread; against a configured server
+    (a deployment's) Prefect's default stays."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    cmd = [sys.executable, "-c", HEARTBEATS, str(tmp_path / "home")]
+    ours = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
+    assert ours.stdout.split() == ["True", "None"], ours.stderr[-2000:]
+    configured = subprocess.run(cmd, env=env | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}, capture_output=True,
+                                text=True, timeout=120, cwd=Path(__file__).parents[1])
+    same_url, frequency = configured.stdout.split()
+    assert same_url == "True" and frequency.isdigit(), configured.stderr[-2000:]  # Prefect's default (180 s in 3.7)
