@@ -14,7 +14,10 @@ Arms (each in its own subprocess, run in turn; `--repeats` alternates them):
 Per round: wall time of the loop over the rounds divided by the rounds (the flow's `rounds_wall_s`: its
 Prefect task calls, Parquet writes, manifests, MLflow logging and checkpoints all count, the wait for the last
 checkpoint included; the warm-up and the MLflow run's start do not, nor do they for `bare`), and the
-checkpoint's own time from the manifests. The flow arms run from their temp dir (metrics/train.json of the
+checkpoint's own time from the manifests. The wait for the run's last checkpoint (the trained policy and its
+optimizer state, ~1.6 GB of the default) is once per run, like the warm-up, and no round overlaps it; so the table
+also gives the flow's rounds without it (`rounds_wall_s - last_write_wait_s`), whose overhead is the one that more
+rounds do not thin out. The flow arms run from their temp dir (metrics/train.json of the
 repo is not touched).
 
     python benchmarks/bench_overhead.py [--rounds 8] [--repeats 1] [--arms bare flow ...]
@@ -94,7 +97,7 @@ def run_flow(args, work: Path, save_every: int | None, async_checkpoint: bool = 
             "checkpoint_s": man.get("checkpoint_s", 0.0), "checkpoint_cpu_s": man.get("checkpoint_cpu_s", 0.0),
             "checkpoint_wait_s": m.get("time/checkpoint_wait_s", 0.0)})
     return {"warm_s": summary["warm_start_s"], "round_wall_s": summary["rounds_wall_s"] / args.rounds, "rounds": rounds,
-            "server_cpu_s": server_cpu / args.rounds}
+            "server_cpu_s": server_cpu / args.rounds, "last_write_wait_s": summary["last_write_wait_s"]}
 
 
 def _round_record(round_s: float, stats: dict) -> dict:
@@ -115,6 +118,56 @@ def _cpu_s(pid: int) -> float:
         return t.user + t.system
     except psutil.Error:
         return 0.0
+
+
+def summarize(runs: list[dict], arms: list[str], rounds: int) -> dict:
+    """Each arm's means over its repeats (the per-round figures over all its rounds), with its overhead against
+    `bare` where that arm ran: per round, and per round less the wait for the run's last checkpoint."""
+    per_arm = {}
+    for arm in arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        xs = [x for r in rs for x in r["rounds"]]
+        a = per_arm[arm] = {
+            "round_wall_s": sum(r["round_wall_s"] for r in rs) / len(rs),
+            **{k: sum(x.get(k, 0.0) for x in xs) / len(xs) for k in
+               ("round_s", "sample_s", "score_s", "update_s", "rest_s", "checkpoint_s", "checkpoint_cpu_s",
+                "checkpoint_wait_s")},
+            "server_cpu_s": sum(r.get("server_cpu_s", 0.0) for r in rs) / len(rs),
+            "last_write_wait_s": sum(r.get("last_write_wait_s", 0.0) for r in rs) / len(rs),
+            "warm_s": sum(r["warm_s"] for r in rs) / len(rs),
+            "rewards": [x["reward"] for x in rs[0]["rounds"]],
+        }
+        a["round_wall_less_last_s"] = a["round_wall_s"] - a["last_write_wait_s"] / rounds
+    bare = per_arm.get("bare")
+    for arm, a in per_arm.items():
+        a["overhead_pct"], a["overhead_less_last_pct"] = (
+            100 * (a[k] / bare["round_wall_s"] - 1) if bare and arm != "bare" else None
+            for k in ("round_wall_s", "round_wall_less_last_s"))
+    return per_arm
+
+
+def render(meta: dict, per_arm: dict, params: str) -> str:
+    """overhead.md: one row per arm (`summarize`)."""
+    pct = lambda v: f"{v:+.1f} %" if v is not None else "-"  # noqa: E731
+    lines = [f"{meta['date']}, {meta['machine']}; {meta['rounds']} rounds x {meta['repeats']} repeat(s), {params}. "
+             "Seconds per round (mean).", "",
+             "| arm | per round (wall) | overhead vs bare | per round less the run's last checkpoint | overhead vs bare "
+             "| sampling | scoring | update + sync | rest of the round | after the rounds | checkpoint write (wall / CPU) | "
+             "update waited for it | Prefect server CPU | warm-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, a in per_arm.items():
+        lines.append(f"| {arm} | {a['round_wall_s']:.2f} | {pct(a['overhead_pct'])} | {a['round_wall_less_last_s']:.2f} "
+                     f"| {pct(a['overhead_less_last_pct'])} | {a['sample_s']:.2f} | {a['score_s']:.2f} | "
+                     f"{a['update_s']:.2f} | {a['rest_s']:.2f} | {a['round_wall_s'] - a['round_s']:.2f} | "
+                     f"{a['checkpoint_s']:.2f} / {a['checkpoint_cpu_s']:.2f} | {a['checkpoint_wait_s']:.2f} | "
+                     f"{a['server_cpu_s']:.2f} | {a['warm_s']:.1f} |")
+    lines += ["", "Per round: the phases as the flow's metrics time them (`time/sample_s`; `time/logprobs_s` + "
+              "`time/reward_s`; `time/update_s` + `time/weight_sync_s`); the rest of the round (task calls, Parquet "
+              "writes, the advantages); after the rounds: the wall time per round outside the rounds (MLflow and "
+              "Prefect logging between rounds, the wait for the run's last checkpoint, which the fourth column leaves "
+              "out: once per run, like the warm-up); the checkpoint's wall and CPU seconds in its writer thread; the "
+              "Prefect server's CPU seconds during the flow (warm-up included), per round."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,41 +204,10 @@ def main(argv: list[str] | None = None) -> None:
             res = json.loads((work / "result.json").read_text())
             runs.append({"arm": arm, "repeat": rep, **res})
             print(f"    {arm}: {res['round_wall_s']:.2f} s per round (warm-up {res['warm_s']:.1f} s)", flush=True)
-    per_arm = {}
-    for arm in args.arms:
-        rs = [r for r in runs if r["arm"] == arm]
-        rounds = [x for r in rs for x in r["rounds"]]
-        per_arm[arm] = {
-            "round_wall_s": sum(r["round_wall_s"] for r in rs) / len(rs),
-            **{k: sum(x.get(k, 0.0) for x in rounds) / len(rounds) for k in
-               ("round_s", "sample_s", "score_s", "update_s", "rest_s", "checkpoint_s", "checkpoint_cpu_s",
-                "checkpoint_wait_s")},
-            "server_cpu_s": sum(r.get("server_cpu_s", 0.0) for r in rs) / len(rs),
-            "warm_s": sum(r["warm_s"] for r in rs) / len(rs),
-            "rewards": [x["reward"] for x in rs[0]["rounds"]],
-        }
-    bare = per_arm.get("bare")
+    per_arm = summarize(runs, args.arms, args.rounds)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(),
             "rounds": args.rounds, "repeats": args.repeats, "params": args.params}
-    lines = [f"{meta['date']}, {meta['machine']}; {args.rounds} rounds x {args.repeats} repeat(s), {params_name(args.params)}. "
-             "Seconds per round (mean).", "",
-             "| arm | per round (wall) | overhead vs bare | sampling | scoring | update + sync | rest of the round | "
-             "after the rounds | checkpoint write (wall / CPU) | update waited for it | Prefect server CPU | warm-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for arm, a in per_arm.items():
-        over = f"{100 * (a['round_wall_s'] / bare['round_wall_s'] - 1):+.1f} %" if bare and arm != "bare" else "-"
-        a["overhead_pct"] = None if over == "-" else 100 * (a["round_wall_s"] / bare["round_wall_s"] - 1)
-        lines.append(f"| {arm} | {a['round_wall_s']:.2f} | {over} | {a['sample_s']:.2f} | {a['score_s']:.2f} | "
-                     f"{a['update_s']:.2f} | {a['rest_s']:.2f} | {a['round_wall_s'] - a['round_s']:.2f} | "
-                     f"{a['checkpoint_s']:.2f} / {a['checkpoint_cpu_s']:.2f} | {a['checkpoint_wait_s']:.2f} | "
-                     f"{a['server_cpu_s']:.2f} | {a['warm_s']:.1f} |")
-    lines += ["", "Per round: the phases as the flow's metrics time them (`time/sample_s`; `time/logprobs_s` + "
-              "`time/reward_s`; `time/update_s` + `time/weight_sync_s`); the rest of the round (task calls, Parquet "
-              "writes, the advantages); after the rounds: the wall time per round outside the rounds (MLflow and "
-              "Prefect logging between rounds, the wait for the last checkpoint); the checkpoint's wall and CPU "
-              "seconds in its writer thread; the Prefect server's CPU seconds during the flow (warm-up included), "
-              "per round."]
-    md = "\n".join(lines) + "\n"
+    md = render(meta, per_arm, params_name(args.params))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json({"meta": meta, "arms": per_arm, "runs": runs}, out / "overhead.json")

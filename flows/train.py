@@ -306,12 +306,13 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             logger.info("round %d/%d: reward %.3f, kl %.4f, grad norm %.3f, %.1f s (sample %.1f, update %.1f)", r + 1,
                         total, metrics["reward"], metrics["kl"], metrics["grad_norm"], metrics["time/round_s"],
                         metrics["time/sample_s"], metrics["time/update_s"])
-        writer.close()
+        last_wait_s = writer.close()
         # 4. the run's outputs
         summary = {}
         if dist.main:
             summary = write_run_outputs(history, total, identity, warm_s, time.perf_counter() - t0, total - start,
-                                        time.perf_counter() - t_rounds, run.info.run_id if run else None) | topology
+                                        time.perf_counter() - t_rounds, run.info.run_id if run else None,
+                                        last_wait_s) | topology
             tracking.finish_run(summary, history)
             _say_where(logger, params, total, total - start, run.info.run_id if run else None)
         dist.barrier()  # the others end once rank 0 has written everything

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_overhead  # noqa: E402
 import bench_trl  # noqa: E402
 import mutation_report  # noqa: E402
 import numpy as np  # noqa: E402
@@ -499,3 +500,29 @@ def test_a_table_names_the_params_file_a_run_was_given(tmp_path):
     assert "default params.yaml" in roofline.render(meta, rows, table)  # a roofline.json from before "params"
     md = roofline.render(meta | {"params": str(other)}, rows, table)
     assert f"params {other}" in md and "default params.yaml" not in md
+
+
+def test_overhead_is_against_the_bare_loop_with_and_without_the_run_s_last_checkpoint():
+    """bench_overhead: each arm's means over its repeats; the flow's overhead per round, and per round less the wait
+    for the run's last checkpoint (once per run, like the warm-up: more rounds thin it out)."""
+    def rnd(round_s, **kw):
+        return {"round_s": round_s, "sample_s": 1.0, "score_s": 1.0, "update_s": 2.0, "rest_s": round_s - 4.0,
+                "reward": 0.5, **kw}
+
+    runs = [{"arm": "bare", "repeat": r, "round_wall_s": 4.0 + 0.2 * r, "warm_s": 10.0,
+             "rounds": [rnd(4.0 + 0.2 * r)] * 4} for r in range(2)]
+    runs += [{"arm": "flow", "repeat": r, "round_wall_s": 5.0 + 0.2 * r, "warm_s": 11.0, "server_cpu_s": 0.2,
+              "last_write_wait_s": 2.0 + r, "rounds": [rnd(4.3 + 0.2 * r, checkpoint_s=0.5)] * 4} for r in range(2)]
+    arms = bench_overhead.summarize(runs, ["bare", "flow"], rounds=4)
+    bare, flow = arms["bare"], arms["flow"]
+    assert bare["round_wall_s"] == pytest.approx(4.1) and bare["overhead_pct"] is None
+    assert flow["round_wall_s"] == pytest.approx(5.1) and flow["last_write_wait_s"] == pytest.approx(2.5)
+    assert flow["round_wall_less_last_s"] == pytest.approx(5.1 - 2.5 / 4)
+    assert flow["overhead_pct"] == pytest.approx(100 * (5.1 / 4.1 - 1))
+    assert flow["overhead_less_last_pct"] == pytest.approx(100 * ((5.1 - 0.625) / 4.1 - 1))
+    meta = {"date": "2026-12-07", "machine": "2 CPU cores", "rounds": 4, "repeats": 2}
+    md = bench_overhead.render(meta, arms, "default params.yaml")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    assert rows["bare"].startswith("| bare | 4.10 | - | 4.10 | - | 1.00 |")
+    assert rows["flow"].startswith("| flow | 5.10 | +24.4 % | 4.47 | +9.1 % | 1.00 |")
+    assert "4 rounds x 2 repeat(s), default params.yaml" in md

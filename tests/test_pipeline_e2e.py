@@ -57,6 +57,9 @@ def test_metrics_plots_and_report(repro):
     _, proj, env, _ = repro
     train = json.loads((proj / "metrics" / "train.json").read_text())
     assert train["rounds"] == ROUNDS and "reward" in train and "kl" in train
+    # the loop's wall time holds the rounds and the wait for the run's last checkpoint, which the file gives apart
+    assert 0.0 < train["last_write_wait_s"] < train["rounds_wall_s"] < train["wall_s"]
+    assert train["rounds_wall_s"] - train["last_write_wait_s"] >= ROUNDS * train["seconds_per_round"] * 0.99
     ev = json.loads((proj / "metrics" / "eval.json").read_text())
     assert {"reward", "ref_reward", "win_rate", "kl", "mean_length"} <= set(ev)
     assert 0.0 <= ev["win_rate"] <= 1.0 and ev["prompts"] == 4

@@ -114,9 +114,10 @@ class RoundWriter:
             fut.result()
         return time.perf_counter() - t0
 
-    def close(self) -> None:
+    def close(self) -> float:
+        """Wait for the pending write and stop the thread; the seconds spent waiting."""
         try:
-            self.wait()
+            return self.wait()
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
@@ -130,19 +131,21 @@ PLOT_COLUMNS = ["reward", "reward_std", "kl", "rlhf_reward", "loss", "entropy", 
 
 
 def write_run_outputs(history: list[dict], total: int, identity: str, warm_s: float, wall_s: float, rounds_run: int,
-                      rounds_wall_s: float, mlflow_run_id: str | None = None) -> dict:
+                      rounds_wall_s: float, mlflow_run_id: str | None = None, last_write_wait_s: float = 0.0) -> dict:
     """metrics/train.json (last round + run facts) and plots/train.csv (one row per round).
 
     `seconds_per_round` is the rounds' own time; `wall_s` is this invocation from the start of the warm-up;
     `rounds_wall_s` is the loop over the rounds with their checkpoints, Parquet, MLflow and Prefect, and the wait
-    for the last checkpoint (not the warm-up, nor the MLflow run's start)."""
+    for the last checkpoint (not the warm-up, nor the MLflow run's start); `last_write_wait_s` is that wait alone, the
+    run's last checkpoint, which no round overlaps (its share of `rounds_wall_s` shrinks as rounds are added)."""
     from stages.io import atomic_path, write_json
 
     last = history[-1] if history else {}
     summary = {k: last[k] for k in SUMMARY_KEYS if k in last}
     summary |= {"rounds": total, "identity": identity, "mlflow_run_id": mlflow_run_id,
                 "seconds_per_round": sum(h["time/round_s"] for h in history) / max(len(history), 1),
-                "warm_start_s": warm_s, "wall_s": wall_s, "rounds_run": rounds_run, "rounds_wall_s": rounds_wall_s}
+                "warm_start_s": warm_s, "wall_s": wall_s, "rounds_run": rounds_run, "rounds_wall_s": rounds_wall_s,
+                "last_write_wait_s": last_write_wait_s}
     gv = [h for h in history if h.get("grad/variance") is not None]
     if gv:  # update.grad_variance: the run's means, so `dvc exp show` compares estimators on them
         var = sum(h["grad/variance"] for h in gv) / len(gv)
