@@ -145,16 +145,16 @@ def op_breakdown(prof, wall_s: float, top: int = 3) -> dict:
             "largest_other": [[k, v[0], v[1]] for k, v in largest]}
 
 
-def logprob_passes(w, samples, source: str, batch_size: int, score_dtype) -> dict:
+def logprob_passes(w, samples, inputs: tuple, source: str, batch_size: int, score_dtype) -> dict:
     """The round's logprob passes outside the update, as the flow's score step runs them, by name, each a call that
     the timed rounds time and the profiled round profiles: the policy's own pass where its logprobs come from the
     trainer (`score.policy_logprobs`), and the reference's (its bf16 view on a CPU), batched as the update's forward
-    (the whole round) where that forward gives the policy's logprobs, else by `score.batch_size`."""
+    (the whole round) where that forward gives the policy's logprobs, else by `score.batch_size`. `inputs`: the
+    round's (prompt ids, completion ids), `stages.score.completion_inputs`."""
     from stages.logprobs import sequence_logprobs
     from stages.loop import steps
-    from stages.score import completion_inputs
 
-    p_ids, c_ids = completion_inputs(samples, w.tokenizer)
+    p_ids, c_ids = inputs
     pad, share = w.tokenizer.pad_token_id, w.params.base.share_prompts
     passes = {}
     if source == "trainer":
@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
             ahead = source == "update"
             ahead_rounds, sampler_rounds = ahead_rounds + ahead, sampler_rounds + (source == "sampler")
             t["policy logprobs"] = 0.0  # the flow skips it when the sampler's logprobs are the policy's (fp32)
-            for name, run in logprob_passes(w, samples, source, params.score.batch_size, score_dtype).items():
+            for name, run in logprob_passes(w, samples, (p_ids, c_ids), source, params.score.batch_size,
+                                            score_dtype).items():
                 t0 = time.perf_counter()
                 run()
                 t[name] = time.perf_counter() - t0
@@ -358,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
             source = steps.policy_logprobs_for(w, samples.height)
             if source == "update":  # the forward the update then uses (it replaces the score step's)
                 _, breakdown["policy logprobs"] = profiled(lambda: w.trainer.forward_ahead(samples))
-            for name, run in logprob_passes(w, samples, source, params.score.batch_size, score_dtype).items():
+            inputs = completion_inputs(samples, w.tokenizer)
+            for name, run in logprob_passes(w, samples, inputs, source, params.score.batch_size, score_dtype).items():
                 _, breakdown[name] = profiled(run)
             _, breakdown["update"] = profiled(lambda: steps.update_round(w, samples, advs))
             for name in breakdown:

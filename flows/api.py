@@ -106,9 +106,10 @@ def prefect_api(home: str | Path | None = None, started: tuple[subprocess.Popen,
     yield_cores(proc.pid)
     # For the rest of the process, not just the block: Prefect's exit hooks still talk to the API. (The context
     # manager is kept referenced: a collected one would restore the old settings.)
-    # No flow-run heartbeats to a server that ends with this process: nothing watches them, and a flow run's end
-    # waits up to a second for its heartbeat thread (Prefect's default sends one every 180 s for a crash detection
-    # that a server of its own, e.g. a deployment's, does keep)
+    # No heartbeats from flow runs in this process (`python -m flows.train`'s) to a server that ends with it:
+    # nothing watches them, and a flow run's end waits up to a second for its heartbeat thread. (Prefect's default
+    # sends one every 180 s, for a crash detection that a server of the user's keeps; the runs `flows.serve` spawns
+    # get that default too: Prefect leaves an unset setting out of a spawned run's environment.)
     _KEEP.append(temporary_settings(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
     _KEEP[-1].__enter__()
     yield url

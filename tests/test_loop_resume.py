@@ -396,8 +396,7 @@ def test_a_manifest_changed_since_its_round_wrote_it_is_refused_with_the_fix(par
         with pytest.raises(PipelineError) as exc:
             plan_resume(params, ID)
         assert one_line(exc) == (f"{path}: the manifest was changed since its round wrote it (its content does not "
-                                 f"match its {SEAL}); a resume would carry the changed metrics and state on; restore "
-                                 f"it with `dvc checkout --force {path}` (DVC's copy, when DVC cached this round) or "
+                                 f"match its {SEAL}); restore it with `dvc checkout --force {path}` (DVC's copy, when DVC cached this round) or "
                                  f"start over: {RESTART}")
     path.write_text(json.dumps({k: v for k, v in written.items() if k != SEAL}))  # from before seals
     assert plan_resume(params, ID).start == 2

@@ -52,3 +52,14 @@ def test_disabled_writes_in_line():
     w.submit(lambda: done.append(threading.current_thread().name))
     assert done == [threading.current_thread().name]
     w.close()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_close_gives_the_wait_for_the_last_write(enabled):
+    """What metrics/train.json reports as `last_write_wait_s`: in the background, the caller's wait for the last
+    write; in line, that write's own time (the caller made it)."""
+    w = RoundWriter(enabled=enabled)
+    w.submit(lambda: time.sleep(0.05))
+    w.submit(lambda: time.sleep(0.4))
+    waited = w.close()
+    assert waited > 0.3  # the last write (0.4 s), not the first (0.05 s), nor none

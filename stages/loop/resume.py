@@ -149,9 +149,12 @@ def file_record(path: Path, rows: int | None = None) -> dict:
     return rec | ({"rows": rows} if rows is not None else {})
 
 
-def _content_sha256(manifest: dict) -> str:
-    """SHA-256 of a manifest's content as JSON reads it back (its seal left out): keys sorted, compact."""
-    body = {k: v for k, v in manifest.items() if k != SEAL}
+def _unsealed(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != SEAL}
+
+
+def _content_sha256(body: dict) -> str:
+    """SHA-256 of a manifest's content as JSON reads it back (without its seal): keys sorted, compact."""
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -161,8 +164,15 @@ def seal_manifest(manifest: dict) -> dict:
     rounds after it), so a resume notices a manifest edited or damaged since its round wrote it (`read_manifest`).
     Taken over the manifest as JSON writes and reads it back, so the values JSON changes (a tuple, a Path) count
     as they will be read."""
-    body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != SEAL}, default=str))
+    body = json.loads(json.dumps(_unsealed(manifest), default=str))
     return body | {SEAL: _content_sha256(body)}
+
+
+def write_manifest(manifest: dict, path: Path) -> None:
+    """Write a round's manifest, sealed (`seal_manifest`), atomically: the mark of a complete round."""
+    from stages.io import write_json
+
+    write_json(seal_manifest(manifest), path)
 
 
 def read_manifest(path: Path) -> dict:
@@ -178,9 +188,9 @@ def read_manifest(path: Path) -> dict:
     bad = [k for k, t in _REQUIRED.items() if not isinstance(data, dict) or not isinstance(data.get(k), t)]
     if bad:
         raise PipelineError(f"{path}: manifest lacks {', '.join(bad)}; {fix()}")
-    if SEAL in data and data[SEAL] != _content_sha256(data):
+    if SEAL in data and data[SEAL] != _content_sha256(_unsealed(data)):
         raise PipelineError(f"{path}: the manifest was changed since its round wrote it (its content does not match "
-                            f"its {SEAL}); a resume would carry the changed metrics and state on; {fix()}")
+                            f"its {SEAL}); {fix()}")
     expected = ROUND_DIR.match(path.parent.name)
     if expected and int(expected.group(1)) != data["round"]:
         raise PipelineError(f"{path}: manifest says round {data['round']} in the dir of round "
@@ -358,7 +368,6 @@ def apply_plan(plan: ResumePlan, params) -> Archived | None:
     """Move a superseded run aside, repair a manifest, remove stale round dirs and staging dirs. Under the lock.
     Returns where a superseded run went (for `restore_run`), else None."""
     from stages import checkpoint
-    from stages.io import write_json
 
     tp = params.train
     checkpoint.clean_orphan_states(tp.checkpoint_dir, tp.state_dir)  # reads the staging dirs' marks: first
@@ -366,7 +375,7 @@ def apply_plan(plan: ResumePlan, params) -> Archived | None:
     if plan.superseded is not None:
         return archive_run(params, plan.superseded)
     if plan.repair is not None:
-        write_json(seal_manifest(plan.repair), round_dir(tp.rounds_dir, plan.repair["round"]) / MANIFEST)
+        write_manifest(plan.repair, round_dir(tp.rounds_dir, plan.repair["round"]) / MANIFEST)
         log.info("repaired the manifest of round %d from its checkpoint", plan.repair["round"] + 1)
     for d in plan.stale:
         shutil.rmtree(d)

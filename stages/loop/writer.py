@@ -19,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.loop.resume import file_record, seal_manifest
+from stages.loop.resume import file_record, write_manifest
 
 METRICS_FILE = "metrics/train.json"
 PLOTS_FILE = "plots/train.csv"
@@ -56,7 +56,6 @@ def round_write(trainer, params, manifest: dict, manifest_path: Path, save: bool
     the caller's thread; the weights and optimizer state are read in the writer's thread, which is safe because the
     flow waits for it before the next update changes them (a sharded trainer's state comes `gathered` instead)."""
     from stages import checkpoint
-    from stages.io import write_json
 
     rng = trainer.rng_state()
     tp = params.train
@@ -68,7 +67,7 @@ def round_write(trainer, params, manifest: dict, manifest_path: Path, save: bool
             checkpoint.save(trainer, tp.checkpoint_dir, tp.state_dir,
                             {"identity": manifest["identity"], "manifest": m}, rng=rng, gathered=gathered)
             m["checkpoint_s"], m["checkpoint_cpu_s"] = time.perf_counter() - tc, time.thread_time() - cpu
-        write_json(seal_manifest(m), manifest_path)
+        write_manifest(m, manifest_path)
 
     return write
 
@@ -98,11 +97,14 @@ class RoundWriter:
 
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="round-writer", initializer=_lower_priority) if enabled else None
         self.pending = None
+        self.inline_s = 0.0  # the last write made in the caller (enabled=False): all of it was waited for
 
     def submit(self, fn: Callable[[], None]) -> None:
         self.wait()
         if self.pool is None:
+            t0 = time.perf_counter()
             fn()
+            self.inline_s = time.perf_counter() - t0
         else:
             self.pending = self.pool.submit(fn)
 
@@ -115,9 +117,10 @@ class RoundWriter:
         return time.perf_counter() - t0
 
     def close(self) -> float:
-        """Wait for the pending write and stop the thread; the seconds spent waiting."""
+        """Wait for the pending write and stop the thread; the seconds the caller waited for the last write (with
+        `enabled=False`, that write's own seconds: it was made in the caller)."""
         try:
-            return self.wait()
+            return self.wait() if self.pool is not None else self.inline_s
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
