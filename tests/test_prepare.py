@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -474,3 +475,44 @@ def test_a_source_dirs_fingerprint_is_the_one_earlier_versions_recorded(tmp_path
                      for f in tmp_path.rglob("*") if f.is_file())
     assert repr([tuple(f) for f in _files_of(tmp_path, marker=None)]) == repr(earlier)
     assert len(_files_of(tmp_path)) == 2  # a written dir's list leaves its marker out
+
+
+def test_prepared_tables_record_what_they_are_made_from_and_a_changed_setting_is_refused(tmp_path, tiny_model_dir,
+                                                                                        monkeypatch):
+    """The prepared tables carry what made them (the prompts' content, every other prepare.* setting) in their
+    Parquet metadata; the flow's input check refuses them, in one line naming the change and the fix, when the params
+    name other prompts or settings (a run would train on prompts prepare.* no longer describes), and a table from
+    before the record passes."""
+    from stages.loop import warm
+    from stages.prepare import PREPARED_KEY, check_prepared
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPT_TEXTS)
+    params = params_for(tmp_path, tiny_model_dir, prompts)
+    out = tmp_path / "data" / "prepared"
+    prepare(params, out)
+    table = out / "train.parquet"
+    for name in ("train.parquet", "eval.parquet"):
+        record = json.loads(pl.read_parquet_metadata(out / name)[PREPARED_KEY])
+        assert record["eval_size"] == 3 and record["system_prompt"] is None and len(record["prompts_sha256"]) == 64
+    check_prepared(params, table)
+    check_prepared(params_for(tmp_path, tiny_model_dir, f"{tmp_path}/./prompts.jsonl"), table)  # the same file
+    with pytest.raises(PipelineError) as exc:
+        check_prepared(params_for(tmp_path, tiny_model_dir, prompts, eval_size=4, system_prompt="be brief"), table)
+    assert str(exc.value) == (
+        f"{table}: prepared from other prompts or settings than these params name: prepare.eval_size (3 then, 4 now), "
+        "prepare.system_prompt (None then, 'be brief' now); prepare again first: `python -m stages.prepare --params "
+        "<this params file>` (`dvc repro` does it)")
+    write_jsonl(prompts, PROMPT_TEXTS[:-1])  # the same path, other prompts
+    with pytest.raises(PipelineError, match=re.escape(f"prepare.prompts ({prompts}: its content)")):
+        check_prepared(params, table)
+    with pytest.raises(PipelineError, match=r"^prepare.prompts: .*nope.jsonl not found"):  # a typo: named as such
+        check_prepared(params_for(tmp_path, tiny_model_dir, tmp_path / "nope.jsonl"), table)
+    # the flow's check before it loads anything (and before it moves another run aside), from the repo's paths
+    (tmp_path / "data" / "prepared").rename(tmp_path / "prepared")
+    (tmp_path / "data" / "prepared").mkdir()
+    pl.read_parquet(tmp_path / "prepared" / "train.parquet").write_parquet(tmp_path / "data" / "prepared" / "train.parquet")
+    monkeypatch.chdir(tmp_path)
+    warm.check_inputs(params)  # prepared before the record (no metadata): not checked
+    (tmp_path / "prepared" / "train.parquet").replace(tmp_path / "data" / "prepared" / "train.parquet")
+    with pytest.raises(PipelineError, match=r"prepare.prompts \("):
+        warm.check_inputs(params)

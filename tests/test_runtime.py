@@ -255,6 +255,15 @@ def test_the_dvc_checkout_advice_is_given_only_where_dvc_has_a_copy(tmp_path, mo
              "p.Path('data/eval.json').write_text('{}')")
     subprocess.run([dvc, "stage", "add", "-q", "-n", "train", "-o", "data/rounds", "-o", "data/eval.json",
                     f'{sys.executable} -c "{write}"'], check=True)
+    before = Path("data/rounds/round=0000/manifest.json")  # a round trained before any `dvc repro`: no dvc.lock
+    before.parent.mkdir(parents=True)
+    before.write_text("{}")
+    assert dvc_copy(before) == "absent" and checkout_fix(before).startswith("DVC has no copy of this round")
+    subprocess.run([dvc, "checkout", "--force", str(before)], capture_output=True)
+    assert not before.exists()  # what the advice says DVC would do (the checkout it used to advise)
+    Path("data/rounds.dvc").write_text("outs:\n- path: rounds\n")  # a `dvc add data/rounds`: its record is not read
+    assert dvc_copy("data/rounds/round=0000/manifest.json") is None
+    Path("data/rounds.dvc").unlink()
     subprocess.run([dvc, "repro", "-q"], check=True, capture_output=True)
     later = Path("data/rounds/round=0001/samples.parquet")
     later.parent.mkdir()
@@ -264,7 +273,7 @@ def test_the_dvc_checkout_advice_is_given_only_where_dvc_has_a_copy(tmp_path, mo
     assert dvc_copy(Path("data/rounds/round=0000").absolute()) == "cached"
     assert dvc_copy("data/rounds") == dvc_copy("data/rounds/") == dvc_copy("data/eval.json") == "cached"
     assert dvc_copy(later) == dvc_copy(later.parent) == "absent"
-    assert dvc_copy("data/rounds2/x") is None and dvc_copy("models/policy") is None  # no output holds them
+    assert dvc_copy("data/rounds2/x") == dvc_copy("models/policy") == "absent"  # no output holds them
     assert checkout_fix("data/rounds/round=0000/samples.parquet") == (
         "restore it with `dvc checkout --force data/rounds/round=0000/samples.parquet` (DVC's copy, when DVC cached "
         "this round)")

@@ -62,13 +62,14 @@ def eval_subset(heldout: pl.DataFrame, n: int) -> pl.DataFrame:
 
 def check_inputs(params) -> None:
     """What `load_warm` or a round would refuse and the user names, without loading a model: the rewards (a
-    built-in's kwargs, a function importable with its kwargs, a reward model dir), the reference dir, and every
-    prepared prompt fitting `sample.max_model_len` with its completion (else the engine would start first and the
+    built-in's kwargs, a function importable with its kwargs, a reward model dir), the reference dir, the prepared
+    tables made from what `prepare.*` names now (`stages.prepare.check_prepared`), and every prepared prompt fitting `sample.max_model_len` with its completion (else the engine would start first and the
     round that draws the prompt would stop). `flows.train` runs it before the warm load (a bad setting fails in a
     moment, not after the models and the engine load) and, with several processes, once before the ranks start: one
     line there, not one per rank."""
     from stages.io import read_table
     from stages.models import check_model_dir, load_tokenizer
+    from stages.prepare import check_prepared
     from stages.rewards import check_specs
     from stages.sample import check_prompt_fit, tokenize_prompts
     from stages.schemas import PROMPTS
@@ -76,8 +77,11 @@ def check_inputs(params) -> None:
 
     if params.score.ref_model:
         check_model_dir(params.score.ref_model, "score.ref_model")
-    # the columns rewards name, where the prepared table is there (load_warm reports a missing one in one line)
+    # the columns rewards name, where the prepared table is there (load_warm reports a missing one in one line),
+    # made from what prepare.* names now
     prepared = Path(PREPARED_TRAIN).is_file()
+    if prepared:
+        check_prepared(params, PREPARED_TRAIN)
     train = read_table(PREPARED_TRAIN, PROMPTS) if prepared else None
     check_specs(params.score.rewards, extra_columns(train) if prepared else None)
     if prepared and train.height and Path(params.base.model_dir, "config.json").is_file():
