@@ -268,6 +268,23 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
     elif plan.done and dist.main:
         report_resolution_change(logger, plan.done[-1], topology)
     writer = RoundWriter(tp.async_checkpoint and dist.main)
+    unlogged: list[tuple] = []  # a round whose manifest may not be on disk yet: MLflow gets it once it is
+
+    def log_complete() -> None:  # (a round killed before its manifest is re-done: MLflow would have it twice)
+        while unlogged:
+            m, step, *tables = unlogged.pop(0)
+            tracking.log_round(m, step=step, samples=tables[0], scores=tables[1], advantages=tables[2],
+                               n=params.mlflow.log_completions)
+
+    def settled(wait) -> float:  # the pending write's round is complete once it is on disk; a failed one never is
+        try:
+            waited = wait()
+        except BaseException:
+            unlogged.clear()
+            raise
+        log_complete()
+        return waited
+
     t_rounds = time.perf_counter()
     try:
         for r in range(start, total):
@@ -277,7 +294,7 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             samples, s_stats, s_rec = call(sample_task)(w, r, prompts, d)
             scores, sc_stats, sc_rec = call(score_task)(w, samples, d)
             advs, new_state, a_stats, a_rec = call(advantage_task)(w, scores, d)
-            wait_s = writer.wait()  # the previous round's checkpoint is on disk before the weights change
+            wait_s = settled(writer.wait)  # the previous round's checkpoint is on disk before the weights change
             u_stats = call(update_task)(w, samples, advs) | {"time/checkpoint_wait_s": wait_s}
             w.adv_state = new_state
             metrics = {**s_stats, **sc_stats, **u_stats, **{k: a_stats[k] for k in
@@ -300,13 +317,15 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             if archived is not None and r == start:  # the manifest first: until it is on disk a crash moves it back
                 write = _then(write, lambda: keep_archived(archived))
             writer.submit(write)
-            tracking.log_round(metrics, step=r + 1, samples=samples, scores=scores, advantages=advs, n=params.mlflow.log_completions)
+            unlogged.append((metrics, r + 1, samples, scores, advs))
+            if writer.pool is None:  # written in line: complete now
+                log_complete()
             create_markdown_artifact(_round_markdown(r, total, metrics), key="rloo-round", description=f"round {r + 1}")
             # not the loss: with one epoch its ratio is 1, and the loss of a zero-mean advantage (rloo, grpo) is 0
             logger.info("round %d/%d: reward %.3f, kl %.4f, grad norm %.3f, %.1f s (sample %.1f, update %.1f)", r + 1,
                         total, metrics["reward"], metrics["kl"], metrics["grad_norm"], metrics["time/round_s"],
                         metrics["time/sample_s"], metrics["time/update_s"])
-        last_wait_s = writer.close()
+        last_wait_s = settled(writer.close)
         # 4. the run's outputs
         summary = {}
         if dist.main:
@@ -319,7 +338,7 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
         return summary
     except BaseException:
         try:
-            writer.close()  # the completed rounds' checkpoint and manifest still reach the disk
+            settled(writer.close)  # the completed rounds' checkpoint and manifest still reach the disk
         finally:
             if dist.main:
                 tracking.finish_run(None, history, failed=True)
@@ -363,10 +382,7 @@ def _then(first, second):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from flows.api import prefect_api, start_server
-    from stages.loop.dist import init_distributed, launched_by_torchrun
-    from stages.loop.lock import run_lock
-    from stages.loop.resume import check_total, plan_resume, restore_interrupted
+    from stages.errors import params_file_named
 
     parser = argparse.ArgumentParser(prog="python -m flows.train", description="Run the RLOO training flow.")
     parser.add_argument("--params", default="params.yaml", help="the parameters file (default: %(default)s)")
@@ -374,6 +390,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restart", action="store_true",
                         help="start over: move the current run (rounds, checkpoint, state) to train.archive_dir first")
     args = parser.parse_args(argv)
+    with params_file_named(args.params):  # its advice (start over with --restart, ...) names this params file
+        _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> None:
+    from flows.api import prefect_api, start_server
+    from stages.loop.dist import init_distributed, launched_by_torchrun
+    from stages.loop.lock import run_lock
+    from stages.loop.resume import check_total, plan_resume, restore_interrupted
+
     if args.rounds is not None and args.rounds < 1:
         raise PipelineError(f"--rounds: must be >= 1 (got {args.rounds}); omit it to train train.rounds rounds")
     params = load_params(args.params)  # fail fast, before Prefect starts

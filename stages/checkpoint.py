@@ -38,7 +38,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from stages.errors import FREE_SPACE, RESTART, PipelineError, checkout_fix, disk_full, free_gib
+from stages.errors import FREE_SPACE, PipelineError, checkout_fix, disk_full, free_gib, restart_command
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +282,10 @@ def read_meta(policy_dir: str | Path, field: str = "train.checkpoint_dir") -> di
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{path}: unreadable checkpoint metadata ({type(exc).__name__}); "
-                            f"{checkout_fix(path, 'this checkpoint')} or start over: {RESTART}") from None
+                            f"{checkout_fix(path, 'this checkpoint')} or start over: {restart_command()}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("round"), int):
         raise PipelineError(f"{path}: not a format-{FORMAT} checkpoint; {checkout_fix(path, 'this checkpoint')} or "
-                            f"start over: {RESTART}")
+                            f"start over: {restart_command()}")
     return meta
 
 
@@ -299,9 +299,9 @@ def load_state(state_dir: str | Path, meta: dict, device: Any = "cpu", archive_d
     if not path.is_file():
         copies = sorted(Path(archive_dir).glob(f"*/*/{path.name}"), reverse=True) if archive_dir else []
         fix = (f"a run moved to the archive holds it: copy it back with `mkdir -p {shlex.quote(str(path.parent))} && "
-               f"cp {shlex.quote(str(copies[0]))} {shlex.quote(str(path))}` and run again, or start over: {RESTART}"
-               if copies else
-               f"start over with: {RESTART}")
+               f"cp {shlex.quote(str(copies[0]))} {shlex.quote(str(path))}` and run again, or start over: "
+               f"{restart_command()}" if copies else
+               f"start over with: {restart_command()}")
         raise PipelineError(
             f"train.state_dir: {path} is missing: the optimizer/RNG state of the checkpoint at round {meta['round']} is "
             f"not there (it is kept out of the DVC cache, so a `dvc pull` or `dvc checkout` does not bring it); {fix}")
@@ -310,7 +310,7 @@ def load_state(state_dir: str | Path, meta: dict, device: Any = "cpu", archive_d
     except Exception as exc:
         first = next(iter(str(exc).strip().splitlines()), "")[:160]
         raise PipelineError(f"{path}: refused or unreadable trainer state ({type(exc).__name__}: {first}); it is loaded "
-                            "without running code; start over with: python -m flows.train --restart") from None
+                            f"without running code; start over with: {restart_command()}") from None
 
 
 def put_back_moved_aside(policy_dir: str | Path) -> bool:

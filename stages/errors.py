@@ -29,7 +29,29 @@ INTERRUPTED = ("interrupted: what was complete is kept (every artifact is writte
                "command again (without --restart) to continue")
 
 
-RESTART = "python -m flows.train --restart"  # how to start a run over (docs/design.md §6)
+RESTART = "python -m flows.train --restart"  # how to start a run over (docs/design.md §6), with params.yaml
+_PARAMS_FILE = ["params.yaml"]  # the params file of the command running (`params_file_named`)
+
+
+@contextlib.contextmanager
+def params_file_named(path: str):
+    """While a command runs with `--params path`, the advice it gives names that file (`restart_command`,
+    `params_file`): followed to the letter, a bare `--restart` would archive the run and start over with params.yaml's
+    settings."""
+    _PARAMS_FILE.append(path)
+    try:
+        yield
+    finally:
+        _PARAMS_FILE.pop()
+
+
+def params_file() -> str:
+    return _PARAMS_FILE[-1]
+
+
+def restart_command() -> str:
+    """How to start this run over: `RESTART`, with the command's `--params` where it is not params.yaml."""
+    return RESTART + (f" --params {shlex.quote(params_file())}" if params_file() != "params.yaml" else "")
 
 
 class PipelineError(Exception):

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import repo_params, repo_params_data
 from stages import checkpoint
-from stages.errors import PipelineError
+from stages.errors import PipelineError, params_file_named
 from stages.io import write_json, write_table
 from stages.loop.resume import (
     MANIFEST,
@@ -175,6 +175,14 @@ def test_fewer_rounds_than_completed_are_refused_but_not_for_another_run(params)
                                   "`-S train.rounds=N` in a dvc exp run) (more continue the "
                                   f"run), or start over: {RESTART}")
     check_total(plan_resume(params, "run-b"), 1)  # another identity starts over: its rounds are not this run's
+    with params_file_named("runs/my params.yaml"), pytest.raises(PipelineError) as exc:  # `--params` given: named
+        check_total(plan, 2)
+    assert str(exc.value).endswith("(train.rounds in runs/my params.yaml, `--rounds N` on the command line, or `-S "
+                                   "train.rounds=N` in a dvc exp run) (more continue the run), or start over: python "
+                                   "-m flows.train --restart --params 'runs/my params.yaml'")
+    with pytest.raises(PipelineError) as exc:  # and after the command: params.yaml again
+        check_total(plan, 2)
+    assert str(exc.value).endswith(f"or start over: {RESTART}") and "train.rounds in params.yaml" in str(exc.value)
 
 
 def test_manifest_repaired_from_the_checkpoint(params, caplog):

@@ -319,3 +319,6 @@ def test_rounds_must_be_positive_and_not_below_the_completed_ones(copy):
     one_line_error(run([PY, "-m", "flows.train", "--rounds", "1"], proj, env, check=False),
                    f"--rounds: 1 rounds asked, but {ROUNDS} rounds of this run are already complete")
     assert (proj / "metrics" / "train.json").read_bytes() == before
+    shutil.copy(proj / "params.yaml", proj / "mine.yaml")  # the same run from another params file: its advice names it
+    one_line_error(run([PY, "-m", "flows.train", "--params", "mine.yaml", "--rounds", "1"], proj, env, check=False),
+                   "or start over: python -m flows.train --restart --params mine.yaml")

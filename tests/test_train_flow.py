@@ -61,3 +61,28 @@ def test_an_evaluating_round_pushes_its_update_before_its_evaluation_and_times_i
     # a fresh run's first round samples from the weights the engine started with, so the push it reports is its own
     # update's, made for its evaluation; so is the second's (its sampling had the weights the evaluation pushed)
     assert all(m["time/weight_sync_s"] > 0 for m in metrics)
+
+
+def test_mlflow_gets_a_round_once_its_manifest_is_on_disk(tmp_path, tiny_model_dir):
+    """A round is complete when its manifest is on disk, and only then does MLflow get its metrics: a round whose
+    write failed (or that was killed before it) is re-done at the next start, and MLflow would hold it twice. Here
+    the second round's checkpoint cannot be written (its state dir's parent is a file): MLflow has the first round
+    only, the run FAILED; with the state dir free, the next start re-does round 2 and MLflow has each step once."""
+    import mlflow
+
+    proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 2, "train.eval_every": 0, "sample.backend": "hf",
+                                                     "update.save_every": 2, "train.state_dir": "blocked/state"})
+    env = run_env(tmp_path)
+    run([PY, "-m", "stages.prepare"], proj, env)
+    (proj / "blocked").write_text("a file where the state dir's parent would be")
+    failed = run([PY, "-m", "flows.train"], proj, env, check=False)
+    assert failed.returncode != 0 and not (proj / "data" / "rounds" / "round=0001" / "manifest.json").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (first,) = client.search_runs(["1"])
+    assert first.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "reward")] == [1]
+    (proj / "blocked").unlink()
+    run([PY, "-m", "flows.train"], proj, env)
+    (again,) = client.search_runs(["1"])  # the same MLflow run, resumed
+    assert again.info.run_id == first.info.run_id
+    assert sorted(m.step for m in client.get_metric_history(again.info.run_id, "reward")) == [1, 2]

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.errors import MANIFEST, RESTART, PipelineError, checkout_fix  # noqa: F401  (re-exported)
+from stages.errors import RESTART  # noqa: F401  (re-exported)
+from stages.errors import MANIFEST, PipelineError, checkout_fix, params_file, restart_command
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def read_manifest(path: Path) -> dict:
     """A manifest, checked for the keys a resume relies on and against its seal where it has one (a manifest from
     before seals has none); one-line PipelineError otherwise."""
     def fix() -> str:  # only for an error: it reads DVC's records
-        return f"{checkout_fix(path)} or start over: {RESTART}"
+        return f"{checkout_fix(path)} or start over: {restart_command()}"
 
     try:
         data = json.loads(path.read_text())
@@ -225,7 +226,7 @@ def verify_round(d: Path, manifest: dict, checkpoint_round: int | None = None) -
         redo = (f", re-do it from {start} by removing {d.name} and the round dirs after it,"
                 if c is None or r >= c else "")
         raise PipelineError(f"{path} {problem}: round {r + 1} is damaged; {checkout_fix(path if d.is_dir() else d)}"
-                            f"{redo} or start over: {RESTART}")
+                            f"{redo} or start over: {restart_command()}")
 
 
 # ---------------------------------------------------------------- the plan
@@ -300,7 +301,7 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
         else:
             where = f"{tp.rounds_dir}: the rounds are of another run than the checkpoint in {tp.checkpoint_dir}"
         raise PipelineError(f"{where} (identities {sorted(ids)}); the state is inconsistent; start over (the old "
-                            f"rounds are moved to {tp.archive_dir}): {RESTART}")
+                            f"rounds are moved to {tp.archive_dir}): {restart_command()}")
     n = 0
     while n in manifests:
         n += 1
@@ -309,7 +310,7 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
         missing = missing if missing.parent.is_dir() else missing.parent
         gap = "has no manifest" if missing.name == MANIFEST else "is missing"
         raise PipelineError(f"{round_dir(tp.rounds_dir, n)}: round {n + 1} {gap} but later rounds are complete; the "
-                            f"state is inconsistent; {checkout_fix(missing)} or start over: {RESTART}")
+                            f"state is inconsistent; {checkout_fix(missing)} or start over: {restart_command()}")
     c = meta["round"] if meta else 0
     repair = None
     if c == n + 1 and rounds and (meta.get("manifest") or {}).get("round") == n:
@@ -319,15 +320,16 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     elif c > n and not rounds:  # no round dir at all: the rounds are elsewhere (a changed train.rounds_dir) or gone
         raise PipelineError(f"{tp.checkpoint_dir}: the checkpoint is at round {c}, but {tp.rounds_dir} holds no round "
                             "of its run: if train.rounds_dir changed, put it back to the dir that holds them (or move "
-                            f"them to {tp.rounds_dir}); if they were deleted, start over: {RESTART}")
+                            f"them to {tp.rounds_dir}); if they were deleted, start over: {restart_command()}")
     elif c > n:
         raise PipelineError(f"{tp.checkpoint_dir}: the checkpoint is at round {c} but only {n} rounds are complete in "
-                            f"{tp.rounds_dir}; the state is inconsistent; start over: {RESTART}")
+                            f"{tp.rounds_dir}; the state is inconsistent; start over: {restart_command()}")
     lost = [r for r in range(c, n) if manifests[r].get("checkpoint")]
     if lost:
         where = "is missing" if meta is None else f"is at round {c}"
         raise PipelineError(f"{tp.checkpoint_dir}: round {lost[-1] + 1} wrote a checkpoint, but the checkpoint "
-                            f"{where}; {checkout_fix(tp.checkpoint_dir, 'that checkpoint')} or start over: {RESTART}")
+                            f"{where}; {checkout_fix(tp.checkpoint_dir, 'that checkpoint')} or start over: "
+                            f"{restart_command()}")
     for r in range(n):  # every complete round is intact, or the run stops and says how to get it back (the round
         # whose manifest is repaired too: a kill between the two writes leaves its artifacts, a deleted dir does not)
         verify_round(round_dir(tp.rounds_dir, r), manifests[r], checkpoint_round=c if meta else None)
@@ -353,10 +355,11 @@ def _moving_aside(params, identity: str, superseded: dict) -> ResumePlan:
 def check_total(plan: ResumePlan, total: int, field: str = "train.rounds") -> None:
     """A run asked for fewer rounds than it has already completed: nothing to train, and nothing true to report."""
     if plan.superseded is None and plan.start > total:
-        where = (" (train.rounds in params.yaml, `--rounds N` on the command line, or `-S train.rounds=N` in a dvc exp "
-                 "run)" if field.startswith("train.rounds") else "")
+        where = (f" (train.rounds in {params_file()}, `--rounds N` on the command line, or `-S train.rounds=N` in a "
+                 "dvc exp run)" if field.startswith("train.rounds") else "")
         raise PipelineError(f"{field}: {total} rounds asked, but {plan.start} rounds of this run are already complete; "
-                            f"ask for {plan.start} or more{where} (more continue the run), or start over: {RESTART}")
+                            f"ask for {plan.start} or more{where} (more continue the run), or start over: "
+                            f"{restart_command()}")
 
 
 def _written_by_a_round(name: str) -> bool:
