@@ -118,12 +118,13 @@ def _round_markdown(r: int, rounds: int, m: dict) -> str:
 def train_flow(params_path: str = "params.yaml", rounds: int | None = None, overrides: dict | None = None,
                restart: bool = False) -> dict:
     """RLOO training: `rounds` rounds of sample -> score -> advantage -> update, resources kept warm."""
-    from stages.errors import quiet_bad_input_tracebacks
+    from stages.errors import params_file_named, quiet_bad_input_tracebacks
     from stages.loop.lock import deployment_wait_s, run_lock
 
     quiet_bad_input_tracebacks()
     load_params(params_path, overrides)  # a bad file fails now, not after waiting for the lock
-    with run_lock("training run", wait_s=deployment_wait_s()):  # a scheduled run queues behind the holder
+    # a scheduled run queues behind the lock's holder; a served or deployed run's advice names its params file too
+    with params_file_named(params_path), run_lock("training run", wait_s=deployment_wait_s()):
         params = load_params(params_path, overrides)  # as it is once the lock is ours (the holder may have raised
         return run_training(params, rounds or params.train.rounds, restart)  # train.rounds or changed it)
 
@@ -243,6 +244,10 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
         run = tracking.start_run(ran, identity, resume_id=plan.done[-1].get("mlflow_run_id") if plan.done else None,
                                  topology=topology)
         tracking.log_metric_dict({"time/warm_start_s": warm_s}, step=start)
+        filled = tracking.log_missing_rounds(plan.done)
+        if filled:
+            logger.info("MLflow: logged %d complete round%s that the run stopped before logging (from %s)", len(filled),
+                        "" if len(filled) == 1 else "s", "its manifest" if len(filled) == 1 else "their manifests")
     if plan.replay:  # complete rounds after an older checkpoint (update.save_every > 1): their updates, again
         t1 = time.perf_counter()
         for m in plan.replay:
@@ -268,22 +273,28 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
     elif plan.done and dist.main:
         report_resolution_change(logger, plan.done[-1], topology)
     writer = RoundWriter(tp.async_checkpoint and dist.main)
-    unlogged: list[tuple] = []  # a round whose manifest may not be on disk yet: MLflow gets it once it is
+    # A round reaches MLflow once its manifest is on disk (a round killed before that is re-done at the next start:
+    # MLflow would have it twice): `unlogged` are rounds submitted to the writer, `complete` those whose write it
+    # confirmed, logged after the next round's submit (outside the rounds' timing, while that write runs). A stop
+    # between a manifest and its logging leaves a gap that the next start fills from the manifests.
+    unlogged: list[tuple] = []
+    complete: list[tuple] = []
 
-    def log_complete() -> None:  # (a round killed before its manifest is re-done: MLflow would have it twice)
-        while unlogged:
-            m, step, *tables = unlogged.pop(0)
-            tracking.log_round(m, step=step, samples=tables[0], scores=tables[1], advantages=tables[2],
-                               n=params.mlflow.log_completions)
-
-    def settled(wait) -> float:  # the pending write's round is complete once it is on disk; a failed one never is
+    def settled(wait) -> float:
         try:
             waited = wait()
-        except BaseException:
+        except BaseException:  # a failed write's round is not complete (a stopped wait's may be: filled later)
             unlogged.clear()
             raise
-        log_complete()
+        complete.extend(unlogged)
+        unlogged.clear()
         return waited
+
+    def log_complete() -> None:
+        while complete:
+            m, step, *tables = complete.pop(0)
+            tracking.log_round(m, step=step, samples=tables[0], scores=tables[1], advantages=tables[2],
+                               n=params.mlflow.log_completions)
 
     t_rounds = time.perf_counter()
     try:
@@ -319,13 +330,15 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             writer.submit(write)
             unlogged.append((metrics, r + 1, samples, scores, advs))
             if writer.pool is None:  # written in line: complete now
-                log_complete()
+                settled(lambda: 0.0)
+            log_complete()
             create_markdown_artifact(_round_markdown(r, total, metrics), key="rloo-round", description=f"round {r + 1}")
             # not the loss: with one epoch its ratio is 1, and the loss of a zero-mean advantage (rloo, grpo) is 0
             logger.info("round %d/%d: reward %.3f, kl %.4f, grad norm %.3f, %.1f s (sample %.1f, update %.1f)", r + 1,
                         total, metrics["reward"], metrics["kl"], metrics["grad_norm"], metrics["time/round_s"],
                         metrics["time/sample_s"], metrics["time/update_s"])
         last_wait_s = settled(writer.close)
+        log_complete()
         # 4. the run's outputs
         summary = {}
         if dist.main:
@@ -339,6 +352,7 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
     except BaseException:
         try:
             settled(writer.close)  # the completed rounds' checkpoint and manifest still reach the disk
+            log_complete()
         finally:
             if dist.main:
                 tracking.finish_run(None, history, failed=True)

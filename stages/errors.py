@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import errno
 import hashlib
 import json
@@ -30,23 +31,23 @@ INTERRUPTED = ("interrupted: what was complete is kept (every artifact is writte
 
 
 RESTART = "python -m flows.train --restart"  # how to start a run over (docs/design.md §6), with params.yaml
-_PARAMS_FILE = ["params.yaml"]  # the params file of the command running (`params_file_named`)
+_PARAMS_FILE = contextvars.ContextVar("rloo_params_file", default="params.yaml")  # `params_file_named`
 
 
 @contextlib.contextmanager
 def params_file_named(path: str):
-    """While a command runs with `--params path`, the advice it gives names that file (`restart_command`,
-    `params_file`): followed to the letter, a bare `--restart` would archive the run and start over with params.yaml's
-    settings."""
-    _PARAMS_FILE.append(path)
+    """While a command (or a flow run) runs with `--params path`, the advice it gives names that file
+    (`restart_command`, `params_file`): followed to the letter, a bare `--restart` would archive the run and start over
+    with params.yaml's settings."""
+    token = _PARAMS_FILE.set(str(path))
     try:
         yield
     finally:
-        _PARAMS_FILE.pop()
+        _PARAMS_FILE.reset(token)
 
 
 def params_file() -> str:
-    return _PARAMS_FILE[-1]
+    return _PARAMS_FILE.get()
 
 
 def restart_command() -> str:
@@ -358,11 +359,13 @@ def _dvc_copy(path: Path, config: dict[str, str]) -> str | None:
             if not files:
                 return "absent"
             return "cached" if all(_cached(m) for m in files) else "recorded"
-    # no stage's record holds it (no dvc.lock at all: `python -m flows.train` alone); DVC has none unless a `dvc add`
-    # of it or of a dir above it has its own .dvc file (whose record this does not read)
+    # no stage's record here holds it (no dvc.lock at all: `python -m flows.train` alone); DVC has none unless a `dvc
+    # add` of it or of a dir above it has its own .dvc file, or a dir above it has stages of its own (records this
+    # does not read)
     parts = Path(rel).parts
     added = any(Path(*parts[:i]).with_name(parts[i - 1] + ".dvc").is_file() for i in range(1, len(parts) + 1))
-    return None if added else "absent"
+    nested = any((Path(*parts[:i]) / name).is_file() for i in range(1, len(parts)) for name in ("dvc.yaml", "dvc.lock"))
+    return None if added or nested else "absent"
 
 
 def _other_round(d: Path, inner: str, listing: dict[str, str]) -> bool:

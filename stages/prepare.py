@@ -342,30 +342,72 @@ def _prompts_source(params: Params) -> Path:
     return path
 
 
+# prepare.* settings that do not change the tables (a limit only checked): a table stays good when they change
+_CHECK_ONLY = {"max_prompt_tokens"}
+
+
 def prepared_record(params: Params) -> dict:
     """What the prepared tables are made from, written into their Parquet metadata (`PREPARED_KEY`): the prompts
-    source's content and every other `prepare.*` setting (the path is left out: the same file named another way is
-    the same source)."""
-    return {"prompts_sha256": source_sha256(_prompts_source(params)),
-            **params.prepare.model_dump(mode="json", exclude={"prompts"})}
+    source (as named, its content's SHA-256, and for a file its size and mtime, so that an untouched file is not read
+    again at each start) and every other `prepare.*` setting that shapes the tables."""
+    path = _prompts_source(params)
+    st = path.stat()
+    return {"prompts": str(path), "prompts_sha256": source_sha256(path),
+            **({"prompts_bytes": st.st_size, "prompts_mtime_ns": st.st_mtime_ns} if path.is_file() else {}),
+            **params.prepare.model_dump(mode="json", exclude={"prompts", *_CHECK_ONLY})}
 
 
-def check_prepared(params: Params, table: str | Path) -> None:
-    """A prepared table made from what `params` name now, else one line naming what changed and the fix: a run would
-    otherwise train on prompts that `prepare.*` no longer describe, under a run identity that says they do (`dvc
-    repro` prepares again first; `python -m flows.train` alone did not). A table from before the record (2026-12-07)
-    is not checked."""
-    meta = pl.read_parquet_metadata(table).get(PREPARED_KEY)
-    if meta is None:
+def prepare_command() -> str:
+    from stages.errors import params_file
+
+    return "python -m stages.prepare" + (f" --params {params_file()}" if params_file() != "params.yaml" else "")
+
+
+def _record_of(table: Path) -> dict | None:
+    from stages.models import _first_line
+
+    try:
+        meta = pl.read_parquet_metadata(table).get(PREPARED_KEY)
+        return None if meta is None else json.loads(meta)
+    except Exception as exc:
+        raise PipelineError(f"{table}: cannot be read ({_first_line(exc)[:200]}); prepare again: "
+                            f"{prepare_command()}") from None
+
+
+def _same_source(path: Path, was: dict) -> bool:
+    if path.is_file():
+        st = path.stat()
+        if (st.st_size, st.st_mtime_ns) == (was.get("prompts_bytes"), was.get("prompts_mtime_ns")):
+            return True  # untouched since the prepare: not read again
+    return source_sha256(path) == was.get("prompts_sha256")
+
+
+def check_prepared(params: Params, tables: list[str | Path]) -> None:
+    """The prepared tables (those of `tables` that exist) made by one prepare, from what `params` name now, else one
+    line naming what differs and the fix: a run would otherwise train on prompts that `prepare.*` no longer describe,
+    under a run identity that says they do (`dvc repro` prepares again first; `python -m flows.train` alone did not).
+    A prompts source that is not here under the name recorded (a checkout with the prepared tables only) cannot be
+    checked: a warning. Tables from before the record (2026-12-07) are not checked."""
+    records = {Path(t): _record_of(Path(t)) for t in tables if Path(t).is_file()}
+    if not any(records.values()):
         return
-    was, now = json.loads(meta), prepared_record(params)
-    changed = [k for k in now if was.get(k) != now[k]]
+    (first, was), *others = records.items()
+    for table, record in others:
+        if record != was:  # e.g. a prepare stopped between its two writes, or one table checked out alone
+            raise PipelineError(f"{table} and {first} come from different prepares; prepare again: "
+                                f"{prepare_command()}")
+    settings = params.prepare.model_dump(mode="json", exclude={"prompts", *_CHECK_ONLY})
+    changed = [f"prepare.{k} ({was[k]!r} then, {v!r} now)" for k, v in settings.items() if k in was and was[k] != v]
+    path = Path(params.prepare.prompts)
+    if not path.exists():
+        if str(path) != was.get("prompts"):
+            _prompts_source(params)  # another source named, and it is not there: say so
+        log.warning("prepare.prompts: %s is not here, so the prepared tables cannot be checked against it", path)
+    elif not _same_source(path, was):
+        changed.insert(0, f"prepare.prompts ({path}: its content)")
     if changed:
-        what = ", ".join(f"prepare.prompts ({params.prepare.prompts}: its content)" if k == "prompts_sha256" else
-                         f"prepare.{k} ({was.get(k)!r} then, {now[k]!r} now)" for k in changed)
-        raise PipelineError(f"{table}: prepared from other prompts or settings than these params name: {what}; "
-                            "prepare again first: `python -m stages.prepare --params <this params file>` (`dvc repro` "
-                            "does it)")
+        raise PipelineError(f"{first}: prepared from other prompts or settings than these params name: "
+                            f"{', '.join(changed)}; prepare again first: {prepare_command()} (`dvc repro` does it)")
 
 
 def prepare(params: Params, out_dir: Path = PREPARED_DIR) -> dict:

@@ -140,6 +140,21 @@ def log_metric_dict(metrics: dict, step: int) -> None:
     mlflow.log_metrics(clean, step=step)
 
 
+def log_missing_rounds(manifests: list[dict]) -> list[int]:
+    """The complete rounds (`manifests`) whose metrics the resumed MLflow run lacks, logged now from their manifests:
+    a run stopped between a round's manifest and its logging (the flow logs a round once its manifest is on disk);
+    their steps. A round's completions table is not logged again."""
+    import mlflow
+
+    if _run is None or not manifests:
+        return []
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(_run.info.run_id, "reward")}
+    missing = [m for m in manifests if m["round"] + 1 not in logged]
+    for m in missing:
+        log_metric_dict(m["metrics"], step=m["round"] + 1)
+    return [m["round"] + 1 for m in missing]
+
+
 def log_round(metrics: dict, step: int, samples=None, scores=None, advantages=None, n: int = 16) -> None:
     import mlflow
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from stages.errors import PipelineError, run_cli
+from stages.errors import PipelineError, restart_command, run_cli
 from stages.logprobs import LogprobModel
 from stages.runtime import micro_batch_size
 from stages.loss import _GradVariance, _micro_batches, lr_lambda, policy_loss, training_batch  # noqa: F401
@@ -557,7 +557,7 @@ def load_trainer(params, device, policy_dir: str | Path | None = None, state_dir
                             f"{base_id}); point {field} elsewhere or move it away")
     if meta.get("lora") != params.update.use_lora:
         raise PipelineError(f"{field}: {policy_dir} was trained with update.use_lora={meta.get('lora')}; set it back or "
-                            "start over: python -m flows.train --restart")
+                            f"start over: {restart_command()}")
     state = checkpoint.load_state(state_dir or params.train.state_dir, meta, device, params.train.archive_dir)
     # full fine-tuning: the weights are the checkpoint dir itself; LoRA: the base plus the adapter in the state
     if params.update.use_lora:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -478,11 +479,13 @@ def test_a_source_dirs_fingerprint_is_the_one_earlier_versions_recorded(tmp_path
 
 
 def test_prepared_tables_record_what_they_are_made_from_and_a_changed_setting_is_refused(tmp_path, tiny_model_dir,
-                                                                                        monkeypatch):
-    """The prepared tables carry what made them (the prompts' content, every other prepare.* setting) in their
-    Parquet metadata; the flow's input check refuses them, in one line naming the change and the fix, when the params
-    name other prompts or settings (a run would train on prompts prepare.* no longer describes), and a table from
-    before the record passes."""
+                                                                                        monkeypatch, caplog):
+    """The prepared tables carry what made them (the prompts' content, every prepare.* setting that shapes them) in
+    their Parquet metadata; the flow's input check refuses them, in one line naming the change and the fix, when the
+    params name other prompts or settings (a run would train on prompts prepare.* no longer describes), or when the
+    two tables come from different prepares; a table from before the record passes, and so does a checkout without
+    the prompts file under its recorded name (with a warning)."""
+    from stages.errors import params_file_named
     from stages.loop import warm
     from stages.prepare import PREPARED_KEY, check_prepared
 
@@ -490,29 +493,42 @@ def test_prepared_tables_record_what_they_are_made_from_and_a_changed_setting_is
     params = params_for(tmp_path, tiny_model_dir, prompts)
     out = tmp_path / "data" / "prepared"
     prepare(params, out)
-    table = out / "train.parquet"
-    for name in ("train.parquet", "eval.parquet"):
-        record = json.loads(pl.read_parquet_metadata(out / name)[PREPARED_KEY])
+    tables = [out / "train.parquet", out / "eval.parquet"]
+    for table in tables:
+        record = json.loads(pl.read_parquet_metadata(table)[PREPARED_KEY])
         assert record["eval_size"] == 3 and record["system_prompt"] is None and len(record["prompts_sha256"]) == 64
-    check_prepared(params, table)
-    check_prepared(params_for(tmp_path, tiny_model_dir, f"{tmp_path}/./prompts.jsonl"), table)  # the same file
+        assert "max_prompt_tokens" not in record  # a limit, checked at prepare: the tables do not depend on it
+    check_prepared(params, tables)
+    check_prepared(params_for(tmp_path, tiny_model_dir, f"{tmp_path}/./prompts.jsonl"), tables)  # the same file
+    check_prepared(params_for(tmp_path, tiny_model_dir, prompts, max_prompt_tokens=64), tables)
+    changed = params_for(tmp_path, tiny_model_dir, prompts, eval_size=4, system_prompt="be brief")
     with pytest.raises(PipelineError) as exc:
-        check_prepared(params_for(tmp_path, tiny_model_dir, prompts, eval_size=4, system_prompt="be brief"), table)
+        check_prepared(changed, tables)
     assert str(exc.value) == (
-        f"{table}: prepared from other prompts or settings than these params name: prepare.eval_size (3 then, 4 now), "
-        "prepare.system_prompt (None then, 'be brief' now); prepare again first: `python -m stages.prepare --params "
-        "<this params file>` (`dvc repro` does it)")
+        f"{tables[0]}: prepared from other prompts or settings than these params name: prepare.eval_size (3 then, 4 "
+        "now), prepare.system_prompt (None then, 'be brief' now); prepare again first: python -m stages.prepare "
+        "(`dvc repro` does it)")
+    with params_file_named("mine.yaml"), pytest.raises(PipelineError, match=r"python -m stages.prepare --params mine"):
+        check_prepared(changed, tables)
     write_jsonl(prompts, PROMPT_TEXTS[:-1])  # the same path, other prompts
     with pytest.raises(PipelineError, match=re.escape(f"prepare.prompts ({prompts}: its content)")):
-        check_prepared(params, table)
+        check_prepared(params, tables)
     with pytest.raises(PipelineError, match=r"^prepare.prompts: .*nope.jsonl not found"):  # a typo: named as such
-        check_prepared(params_for(tmp_path, tiny_model_dir, tmp_path / "nope.jsonl"), table)
+        check_prepared(params_for(tmp_path, tiny_model_dir, tmp_path / "nope.jsonl"), tables)
+    prompts.unlink()  # a checkout with the prepared tables only: nothing to check them against
+    with caplog.at_level(logging.WARNING, logger="stages.prepare"):
+        check_prepared(params, tables)
+    assert "cannot be checked against it" in caplog.text
+    write_jsonl(prompts, PROMPT_TEXTS)
     # the flow's check before it loads anything (and before it moves another run aside), from the repo's paths
-    (tmp_path / "data" / "prepared").rename(tmp_path / "prepared")
-    (tmp_path / "data" / "prepared").mkdir()
-    pl.read_parquet(tmp_path / "prepared" / "train.parquet").write_parquet(tmp_path / "data" / "prepared" / "train.parquet")
     monkeypatch.chdir(tmp_path)
-    warm.check_inputs(params)  # prepared before the record (no metadata): not checked
-    (tmp_path / "prepared" / "train.parquet").replace(tmp_path / "data" / "prepared" / "train.parquet")
-    with pytest.raises(PipelineError, match=r"prepare.prompts \("):
+    warm.check_inputs(params)
+    (out / "eval.parquet").write_bytes(b"PAR1 cut short")  # damaged: one line, not polars' traceback
+    with pytest.raises(PipelineError, match=r"eval.parquet: cannot be read \(.*\); prepare again: python -m "):
         warm.check_inputs(params)
+    pl.read_parquet(tables[0]).write_parquet(out / "eval.parquet")  # no record: another prepare than train's
+    with pytest.raises(PipelineError, match=r"eval.parquet and data/prepared/train.parquet come from different "):
+        warm.check_inputs(params)
+    for table in tables:
+        pl.read_parquet(table).write_parquet(table)  # both from before the record: not checked
+    warm.check_inputs(params)

@@ -264,6 +264,9 @@ def test_the_dvc_checkout_advice_is_given_only_where_dvc_has_a_copy(tmp_path, mo
     Path("data/rounds.dvc").write_text("outs:\n- path: rounds\n")  # a `dvc add data/rounds`: its record is not read
     assert dvc_copy("data/rounds/round=0000/manifest.json") is None
     Path("data/rounds.dvc").unlink()
+    Path("data/dvc.yaml").write_text("stages: {}\n")  # stages of a dir above it, with records of their own
+    assert dvc_copy("data/rounds/round=0000/manifest.json") is None
+    Path("data/dvc.yaml").unlink()
     subprocess.run([dvc, "repro", "-q"], check=True, capture_output=True)
     later = Path("data/rounds/round=0001/samples.parquet")
     later.parent.mkdir()

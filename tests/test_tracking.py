@@ -77,6 +77,22 @@ def test_steps_params_tags_and_a_resumed_run(store, monkeypatch):
     assert exp.name == params.mlflow.experiment and len(store.search_runs([exp.experiment_id])) == 1
 
 
+def test_a_resumed_run_logs_the_complete_rounds_it_lacks_from_their_manifests(store):
+    """A run stopped between a round's manifest and its MLflow logging (the flow logs a round once its manifest is on
+    disk): the next start logs the rounds the MLflow run lacks, from their manifests, and none twice."""
+    run = tracking.start_run(repo_params(), "ident")
+    tracking.log_round({"reward": 0.1, "kl": 0.0}, step=1)
+    tracking.finish_run(None, [], failed=True)
+    manifests = [{"round": r, "metrics": {"reward": 0.1 * (r + 1), "kl": 0.01 * r, "note": "x"}} for r in range(3)]
+    tracking.start_run(repo_params(), "ident", resume_id=run.info.run_id)
+    assert tracking.log_missing_rounds(manifests) == [2, 3]
+    assert tracking.log_missing_rounds(manifests) == []
+    tracking.finish_run(None, [])
+    history = store.get_metric_history(run.info.run_id, "reward")
+    assert sorted((m.step, round(m.value, 6)) for m in history) == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert [m.step for m in store.get_metric_history(run.info.run_id, "kl")] == [1, 2, 3]
+
+
 def test_an_unknown_run_id_starts_a_new_run(store):
     run = tracking.start_run(repo_params(), "ident", resume_id="0" * 32)
     assert run.info.run_id != "0" * 32

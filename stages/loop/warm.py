@@ -80,8 +80,7 @@ def check_inputs(params) -> None:
     # the columns rewards name, where the prepared table is there (load_warm reports a missing one in one line),
     # made from what prepare.* names now
     prepared = Path(PREPARED_TRAIN).is_file()
-    if prepared:
-        check_prepared(params, PREPARED_TRAIN)
+    check_prepared(params, [PREPARED_TRAIN, PREPARED_EVAL])
     train = read_table(PREPARED_TRAIN, PROMPTS) if prepared else None
     check_specs(params.score.rewards, extra_columns(train) if prepared else None)
     if prepared and train.height and Path(params.base.model_dir, "config.json").is_file():
