@@ -348,12 +348,10 @@ _CHECK_ONLY = {"max_prompt_tokens"}
 
 def prepared_record(params: Params) -> dict:
     """What the prepared tables are made from, written into their Parquet metadata (`PREPARED_KEY`): the prompts
-    source (as named, its content's SHA-256, and for a file its size and mtime, so that an untouched file is not read
-    again at each start) and every other `prepare.*` setting that shapes the tables."""
+    source (as named, and its content's SHA-256) and every other `prepare.*` setting that shapes the tables. Nothing
+    else (no file time): the tables' bytes are a function of prepare's inputs, as DVC expects of an output."""
     path = _prompts_source(params)
-    st = path.stat()
     return {"prompts": str(path), "prompts_sha256": source_sha256(path),
-            **({"prompts_bytes": st.st_size, "prompts_mtime_ns": st.st_mtime_ns} if path.is_file() else {}),
             **params.prepare.model_dump(mode="json", exclude={"prompts", *_CHECK_ONLY})}
 
 
@@ -372,14 +370,6 @@ def _record_of(table: Path) -> dict | None:
     except Exception as exc:
         raise PipelineError(f"{table}: cannot be read ({_first_line(exc)[:200]}); prepare again: "
                             f"{prepare_command()}") from None
-
-
-def _same_source(path: Path, was: dict) -> bool:
-    if path.is_file():
-        st = path.stat()
-        if (st.st_size, st.st_mtime_ns) == (was.get("prompts_bytes"), was.get("prompts_mtime_ns")):
-            return True  # untouched since the prepare: not read again
-    return source_sha256(path) == was.get("prompts_sha256")
 
 
 def check_prepared(params: Params, tables: list[str | Path]) -> None:
@@ -403,7 +393,7 @@ def check_prepared(params: Params, tables: list[str | Path]) -> None:
         if str(path) != was.get("prompts"):
             _prompts_source(params)  # another source named, and it is not there: say so
         log.warning("prepare.prompts: %s is not here, so the prepared tables cannot be checked against it", path)
-    elif not _same_source(path, was):
+    elif source_sha256(path) != was.get("prompts_sha256"):
         changed.insert(0, f"prepare.prompts ({path}: its content)")
     if changed:
         raise PipelineError(f"{first}: prepared from other prompts or settings than these params name: "

@@ -498,6 +498,9 @@ def test_prepared_tables_record_what_they_are_made_from_and_a_changed_setting_is
         record = json.loads(pl.read_parquet_metadata(table)[PREPARED_KEY])
         assert record["eval_size"] == 3 and record["system_prompt"] is None and len(record["prompts_sha256"]) == 64
         assert "max_prompt_tokens" not in record  # a limit, checked at prepare: the tables do not depend on it
+    os.utime(prompts, ns=(1, 1))  # the same prompts, touched: the same tables, byte for byte (DVC hashes them)
+    prepare(params, tmp_path / "again")
+    assert [(tmp_path / "again" / t.name).read_bytes() for t in tables] == [t.read_bytes() for t in tables]
     check_prepared(params, tables)
     check_prepared(params_for(tmp_path, tiny_model_dir, f"{tmp_path}/./prompts.jsonl"), tables)  # the same file
     check_prepared(params_for(tmp_path, tiny_model_dir, prompts, max_prompt_tokens=64), tables)
