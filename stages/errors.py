@@ -50,9 +50,15 @@ def params_file() -> str:
     return _PARAMS_FILE.get()
 
 
+def with_params(command: str, path: str | None = None) -> str:
+    """`command` with `--params path` (default: this command's `params_file()`) where that is not params.yaml."""
+    path = params_file() if path is None else path
+    return command + (f" --params {shlex.quote(path)}" if path != "params.yaml" else "")
+
+
 def restart_command() -> str:
     """How to start this run over: `RESTART`, with the command's `--params` where it is not params.yaml."""
-    return RESTART + (f" --params {shlex.quote(params_file())}" if params_file() != "params.yaml" else "")
+    return with_params(RESTART)
 
 
 class PipelineError(Exception):

@@ -9,6 +9,7 @@ and fail with one line naming the file and the column.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -49,6 +50,15 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
         if full is not None:
             raise PipelineError(full) from None
         raise
+
+
+def hash_file(path: str | Path, h=None):
+    """`h` (a new SHA-256 by default) fed with the file's bytes, read in 1 MiB blocks; returned."""
+    h = hashlib.sha256() if h is None else h
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h
 
 
 def write_table(df: pl.DataFrame, dest: str | Path, schema: Schema | None = None,

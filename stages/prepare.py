@@ -37,7 +37,7 @@ from pathlib import Path
 import polars as pl
 
 from stages.errors import PipelineError, run_cli
-from stages.io import read_table, write_json, write_table
+from stages.io import hash_file, read_table, write_json, write_table
 from stages.models import check_model_dir, load_tokenizer, messages_for, render_prompt
 from stages.params import BUILTIN_MODEL, Params, load_params
 from stages.runtime import configure_env, replace_dir, staging_dir
@@ -328,9 +328,7 @@ def source_sha256(path: Path) -> str:
     for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
         if f != path:
             h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        hash_file(f, h)
     return h.hexdigest()
 
 
@@ -351,14 +349,17 @@ def prepared_record(params: Params) -> dict:
     source (as named, and its content's SHA-256) and every other `prepare.*` setting that shapes the tables. Nothing
     else (no file time): the tables' bytes are a function of prepare's inputs, as DVC expects of an output."""
     path = _prompts_source(params)
-    return {"prompts": str(path), "prompts_sha256": source_sha256(path),
-            **params.prepare.model_dump(mode="json", exclude={"prompts", *_CHECK_ONLY})}
+    return {"prompts": str(path), "prompts_sha256": source_sha256(path), **_shaping_settings(params)}
+
+
+def _shaping_settings(params: Params) -> dict:
+    return params.prepare.model_dump(mode="json", exclude={"prompts", *_CHECK_ONLY})
 
 
 def prepare_command() -> str:
-    from stages.errors import params_file
+    from stages.errors import with_params
 
-    return "python -m stages.prepare" + (f" --params {params_file()}" if params_file() != "params.yaml" else "")
+    return with_params("python -m stages.prepare")
 
 
 def _record_of(table: Path) -> dict | None:
@@ -386,8 +387,8 @@ def check_prepared(params: Params, tables: list[str | Path]) -> None:
         if record != was:  # e.g. a prepare stopped between its two writes, or one table checked out alone
             raise PipelineError(f"{table} and {first} come from different prepares; prepare again: "
                                 f"{prepare_command()}")
-    settings = params.prepare.model_dump(mode="json", exclude={"prompts", *_CHECK_ONLY})
-    changed = [f"prepare.{k} ({was[k]!r} then, {v!r} now)" for k, v in settings.items() if k in was and was[k] != v]
+    changed = [f"prepare.{k} ({was[k]!r} then, {v!r} now)" for k, v in _shaping_settings(params).items()
+               if k in was and was[k] != v]
     path = Path(params.prepare.prompts)
     if not path.exists():
         if str(path) != was.get("prompts"):

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 from pathlib import Path
 
-from stages.errors import PipelineError, run_cli
+from stages.errors import PipelineError, run_cli, with_params
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
 def _how_to_continue(params_path: str, rounds: int, total: int) -> str:
     """The command that continues a run of `rounds` complete rounds when the params file asks for `total` (`dvc
     repro` only with params.yaml, which is the file it reads)."""
-    train = "python -m flows.train" + (f" --params {shlex.quote(params_path)}" if params_path != "params.yaml" else "")
+    train = with_params("python -m flows.train", params_path)
     if rounds < total:
         return f"Continue it with `{train}`" + (" or `dvc repro`" if params_path == "params.yaml" else "")
     raise_it = " or raise train.rounds in params.yaml and `dvc repro`" if params_path == "params.yaml" else ""

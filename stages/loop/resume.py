@@ -142,11 +142,9 @@ def report_resolution_change(logger, last_manifest: dict, topology: dict) -> lis
 
 def file_record(path: Path, rows: int | None = None) -> dict:
     """Size and SHA-256 of an artifact (and its row count), as the manifest records it."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    rec = {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    from stages.io import hash_file
+
+    rec = {"bytes": path.stat().st_size, "sha256": hash_file(path).hexdigest()}
     return rec | ({"rows": rows} if rows is not None else {})
 
 
