@@ -6,7 +6,9 @@ experiment name (when run by DVC), Prefect flow-run id, run identity. Metrics: T
 `reward_std`, `kl`, `advantage_std`, `loss`, `grad_norm`, `entropy`, `completions/mean_length`,
 `completions/clipped_ratio`, `time/*_s`, `*/tokens_per_s`). Artifacts: a sample of each round's
 completions (`completions/round_NNNN.json`), and at the end the reward-curve plot and the history table.
-A resumed run re-opens the same MLflow run (its id is kept in each round's manifest).
+A resumed run re-opens the same MLflow run (its id is kept in each round's manifest). A run whose process died
+without ending its MLflow run (kill -9, a lost machine) left it RUNNING: the next start in the same dir, holding the
+run lock, marks it KILLED (`end_dead_runs`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
@@ -90,18 +93,71 @@ def open_store(params) -> None:
     mlflow.set_experiment(params.mlflow.experiment)
 
 
+def _where(params) -> dict:
+    """The tags that say which machine and which rounds dir an MLflow run trains in."""
+    return {"host": socket.gethostname(), "rounds_dir": str(Path(params.train.rounds_dir).resolve())}
+
+
+def end_dead_runs(params, keep: str | None = None) -> list[str]:
+    """Mark KILLED the MLflow runs of this experiment that a run on this machine and in this rounds dir left RUNNING,
+    except `keep`: their ids. Called by the start of a training run, which holds the run lock (stages/loop/lock.py):
+    no live run trains here, so a RUNNING run tagged with this host and dir had its process die without ending it
+    (kill -9 before its first round's manifest, whose id a resume would re-open). Runs from before these tags, and
+    those of other machines or dirs sharing the store, are left as they are."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(params.mlflow.experiment)
+    if exp is None:
+        return []
+    where = _where(params)
+    dead = [r.info.run_id for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'",
+                                                      max_results=1000)
+            if r.info.run_id != keep and all(r.data.tags.get(k) == v for k, v in where.items())]
+    for run_id in dead:
+        client.set_tag(run_id, "ended_as", "KILLED by a later start in the same dir: its process died without ending it")
+        client.set_terminated(run_id, status="KILLED")
+        log.warning("MLflow: run %s was left RUNNING by a process that died (kill -9 or a crash); marked it KILLED",
+                    run_id)
+    return dead
+
+
+def _unique_name(params, name: str) -> str:
+    """`name`, or `name-2`, `name-3`, ... where a run of this experiment has it (a `--restart` of the same
+    configuration, whose identity and so name are the archived run's)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(params.mlflow.experiment)
+    if exp is None or "'" in name:
+        return name
+    taken = {r.info.run_name for r in client.search_runs([exp.experiment_id], f"attributes.run_name LIKE '{name}%'",
+                                                         max_results=1000)}
+    n = 1
+    while (candidate := name if n == 1 else f"{name}-{n}") in taken:
+        n += 1
+    return candidate
+
+
 def start_run(params, identity: str, resume_id: str | None = None, topology: dict | None = None):
     """Start (or re-open) the MLflow run of this training run; `topology` (world size, backend, strategy) becomes
-    tags of the run (rank 0 alone logs)."""
+    tags of the run (rank 0 alone logs). Runs that died here without ending are marked KILLED first
+    (`end_dead_runs`)."""
     global _run
     import mlflow
 
     open_store(params)
+    try:  # bookkeeping: it must not stop a run
+        end_dead_runs(params, keep=resume_id)
+    except Exception as exc:
+        log.warning("MLflow: could not look for runs left RUNNING by a dead process (%s)", exc)
     if resume_id:
         try:
             _run = mlflow.start_run(run_id=resume_id)
             # the tags name the latest invocation (its commit, flow run, DVC stage), as on a new run
-            latest = {"git_commit": _git_commit(), "prefect_flow_run_id": _prefect_flow_run_id(),
+            # (and not the mark of a dead process's run: this one goes on)
+            latest = {"git_commit": _git_commit(), "prefect_flow_run_id": _prefect_flow_run_id(), **_where(params),
+                      "ended_as": None,
                       "dvc_stage": os.environ.get("DVC_STAGE"), "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
                       **{k: str(v) for k, v in (topology or {}).items() if v is not None}}
             mlflow.set_tags({k: v for k, v in latest.items() if v})
@@ -120,10 +176,15 @@ def start_run(params, identity: str, resume_id: str | None = None, topology: dic
         "prefect_flow_run_id": _prefect_flow_run_id(),
         "identity": identity,
         "estimator": params.advantage.estimator,
+        **_where(params),
         **{k: str(v) for k, v in (topology or {}).items() if v is not None},
     }
     # named as users tell runs apart: the DVC experiment when there is one, the estimator, the identity's start
     name = "-".join(p for p in (os.environ.get("DVC_EXP_NAME"), params.advantage.estimator, identity[:8]) if p)
+    try:
+        name = _unique_name(params, name)
+    except Exception as exc:  # a name is cosmetic
+        log.warning("MLflow: could not check the run name %s against the experiment's (%s)", name, exc)
     _run = mlflow.start_run(run_name=name, tags={k: v for k, v in tags.items() if v})
     flat = params.flat()
     mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})

@@ -141,3 +141,40 @@ def test_the_store_the_command_opens_ahead_is_the_one_its_run_logs_to(store, tmp
     # set but empty, the variable still wins (as MLflow reads it): the message names it, not params.yaml's field
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     assert tracking.store_uri(params) == ("MLFLOW_TRACKING_URI", "")
+
+
+def test_a_run_killed_before_its_first_manifest_is_marked_killed_by_the_next_start(store, tmp_path, monkeypatch):
+    """A process killed (-9) before its first round's manifest leaves its MLflow run RUNNING, and no manifest holds its
+    id for a resume to re-open: the next start in the same rounds dir on this machine (which holds the run lock) marks
+    it KILLED; a RUNNING run of another dir or machine is left alone, and the new run's name is not the dead one's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    monkeypatch.chdir(tmp_path)  # the rounds dir (relative in params.yaml) resolves here, in both processes
+    code = ("import os, signal; from conftest import repo_params; from stages import tracking; "
+            "tracking.start_run(repo_params(), 'ident'); os.kill(os.getpid(), signal.SIGKILL)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    params = repo_params()
+    exp = store.get_experiment_by_name(params.mlflow.experiment)
+    [dead] = store.search_runs([exp.experiment_id])
+    assert dead.info.status == "RUNNING" and dead.data.tags["rounds_dir"] == str(tmp_path / params.train.rounds_dir)
+    elsewhere = [store.create_run(exp.experiment_id, tags={**dead.data.tags, key: "other"}).info.run_id
+                 for key in ("rounds_dir", "host")]
+    run = tracking.start_run(params, "ident")
+    tracking.finish_run(None, [])
+    status = {r.info.run_id: r.info.status for r in store.search_runs([exp.experiment_id])}
+    assert status == {dead.info.run_id: "KILLED", run.info.run_id: "FINISHED",
+                      elsewhere[0]: "RUNNING", elsewhere[1]: "RUNNING"}
+    assert "died" in store.get_run(dead.info.run_id).data.tags["ended_as"]
+    assert run.info.run_name == f"{dead.info.run_name}-2"
+    # the dead run resumed after all (its rounds put back from an archive): it goes on, without the mark
+    tracking.start_run(params, "ident", resume_id=dead.info.run_id)
+    tracking.finish_run(None, [])
+    again = store.get_run(dead.info.run_id)
+    assert again.info.status == "FINISHED" and "ended_as" not in again.data.tags
