@@ -421,6 +421,24 @@ def parse_params(data: dict[str, Any], source: str = "params") -> Params:
         raise PipelineError(_format_error(exc, source)) from None
 
 
+def _yaml_where(exc, path: Path) -> str:
+    """Where PyYAML's error is, as a user reads it: 'line N: what' (1-based), and what it was inside. A key without
+    its ':' is reported by PyYAML on the next line (the key runs on as a multi-line text until that line's ':'):
+    that key's line is named instead."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    if mark is None:
+        return problem
+    line = mark.line + 1
+    if problem == "mapping values are not allowed here" and line > 1:
+        before = path.read_text().splitlines()[line - 2].strip().removeprefix("- ")
+        if before and not before.startswith("#") and ":" not in before:
+            return f"line {line - 1}: no ':' after the key {before.split()[0]!r}"
+    context, ctx = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    inside = f", {context} from line {ctx.line + 1}" if context and ctx is not None and ctx.line != mark.line else ""
+    return f"line {line}: {problem}{inside}"
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate a params file; `overrides` maps `section.field` to a value (like `-S`)."""
     path = Path(path)
@@ -429,8 +447,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise PipelineError(f"{path}: not valid YAML (line {None if line is None else line + 1}); fix the syntax") from None
+        raise PipelineError(f"{path}: not valid YAML ({_yaml_where(exc, path)}); fix the syntax") from None
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: expected a mapping of sections (base, prepare, ...), got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():

@@ -297,7 +297,22 @@ def test_invalid_yaml(tmp_path):
     with pytest.raises(PipelineError) as exc:
         load_params(path)
     msg = str(exc.value)
-    assert "\n" not in msg and str(path) in msg and "not valid YAML" in msg and "line" in msg
+    assert msg == (f"{path}: not valid YAML (line 4: expected ',' or ']', but got '<stream end>', "
+                   f"while parsing a flow sequence from line 3); fix the syntax")
+
+
+@pytest.mark.parametrize("text, where", [
+    # a key without its ':' runs on into the next line, where PyYAML sees the error: the key's line is named
+    ("base:\n  seed 1\n  model: smollm2\n", "line 2: no ':' after the key 'seed'"),
+    ("base:\n  seed: 1\n  model: a: b\n", "line 3: mapping values are not allowed here"),
+    ("base:\n\tseed: 1\n", "line 2: found character '\\t' that cannot start any token"),
+])
+def test_invalid_yaml_names_the_line_to_fix(tmp_path, text, where):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(PipelineError) as exc:
+        load_params(path)
+    assert str(exc.value) == f"{path}: not valid YAML ({where}); fix the syntax"
 
 
 def test_missing_file(tmp_path):

@@ -9,6 +9,8 @@ on a tiny prepared project with the transformers sampler.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from project import PY, make_project, run, run_env
@@ -261,6 +263,21 @@ def test_an_explicit_update_forward_that_cannot_be_is_refused_before_loading_the
     with pytest.raises(PipelineError, match=r"score.policy_logprobs: update needs .* micro-batches of .*"
                                             r"update.gradient_accumulation_steps 2\); set it to auto"):
         _warm(params)
+
+
+def test_a_missing_prepared_table_names_the_command_that_writes_it(project):
+    """Prepared data deleted (or never made by a `python -m flows.train` run alone): one line naming the prepare
+    command, not the generic 'run the stage that writes it'."""
+    from stages.errors import PipelineError
+
+    params = project()
+    Path("data/prepared/eval.parquet").unlink()
+    with pytest.raises(PipelineError) as e:
+        from stages.loop.warm import load_warm
+
+        load_warm(params, 2, with_eval=True)
+    assert str(e.value) == ("data/prepared/eval.parquet: not found; prepare the prompts first: "
+                            "python -m stages.prepare (`dvc repro` does it)")
 
 
 @pytest.mark.parametrize("sample_dtype", ["float32", "bfloat16"])

@@ -60,6 +60,18 @@ def eval_subset(heldout: pl.DataFrame, n: int) -> pl.DataFrame:
     return heldout.head(n) if n else heldout
 
 
+def read_prepared(path: str):
+    """A prepared prompts table, or one line naming the command that writes it (`stages.prepare`)."""
+    from stages.errors import PipelineError
+    from stages.io import read_table
+    from stages.prepare import prepare_command
+    from stages.schemas import PROMPTS
+
+    if not Path(path).is_file():
+        raise PipelineError(f"{path}: not found; prepare the prompts first: {prepare_command()} (`dvc repro` does it)")
+    return read_table(path, PROMPTS)
+
+
 def check_inputs(params) -> None:
     """What `load_warm` or a round would refuse and the user names, without loading a model: the rewards (a
     built-in's kwargs, a function importable with its kwargs, a reward model dir), the reference dir, the prepared
@@ -114,24 +126,22 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
     from stages.errors import PipelineError
     from stages.evaluate import generate_one, task_scores
     from stages.loop.dist import SINGLE
-    from stages.io import read_table
     from stages.logprobs import PromptCache
     from stages.models import load_causal_lm, load_tokenizer, same_weights, with_bf16_linears
     from stages.rewards import build_rewards, check_columns
     from stages.score import extra_columns
     from stages.runtime import score_dtype, setup_torch
     from stages.sample import make_sampler
-    from stages.schemas import PROMPTS
     from stages.score import completion_inputs
     from stages.update import load_trainer
 
     dist = dist or SINGLE
     device = setup_torch(device or params.base.device, params.base.threads, params.base.seed)
     tokenizer = load_tokenizer(params.base.model_dir, "base.model_dir")
-    train_prompts = read_table(PREPARED_TRAIN, PROMPTS)
+    train_prompts = read_prepared(PREPARED_TRAIN)
     if dist.main:  # said once, not once per rank
         warn_small_split(params.train.prompts_per_round, train_prompts.height)
-    all_eval = eval_subset(read_table(PREPARED_EVAL, PROMPTS), params.train.eval_prompts) if with_eval else None
+    all_eval = eval_subset(read_prepared(PREPARED_EVAL), params.train.eval_prompts) if with_eval else None
     eval_prompts = all_eval[dist.shard(all_eval.height)] if with_eval else None
     tp = params.train
     trainer, _ = load_trainer(params, device, tp.checkpoint_dir if checkpoint else None, tp.state_dir, total_rounds,
