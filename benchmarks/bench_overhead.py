@@ -148,8 +148,10 @@ def summarize(runs: list[dict], arms: list[str], rounds: int) -> dict:
 
 def render(meta: dict, per_arm: dict, params: str) -> str:
     """overhead.md: one row per arm (`summarize`)."""
+    from machine import stamp
+
     pct = lambda v: f"{v:+.1f} %" if v is not None else "-"  # noqa: E731
-    lines = [f"{meta['date']}, {meta['machine']}; {meta['rounds']} rounds x {meta['repeats']} repeat(s), {params}. "
+    lines = [f"{stamp(meta)}; {meta['rounds']} rounds x {meta['repeats']} repeat(s), {params}. "
              "Seconds per round (mean).", "",
              "| arm | per round (wall) | overhead vs bare | per round less the run's last checkpoint | overhead vs bare "
              "| sampling | scoring | update + sync | rest of the round | after the rounds | checkpoint write (wall / CPU) | "
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         (work / "result.json").write_text(json.dumps(res, indent=1))
         return
 
-    from machine import alternate_arms, describe, params_name, require_prepared
+    from machine import alternate_arms, code_version, describe, params_name, require_prepared
     from stages.errors import PipelineError
     from stages.io import write_json, write_text
 
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.append({"arm": arm, "repeat": rep, **res})
             print(f"    {arm}: {res['round_wall_s']:.2f} s per round (warm-up {res['warm_s']:.1f} s)", flush=True)
     per_arm = summarize(runs, args.arms, args.rounds)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(),
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "code": code_version(),
             "rounds": args.rounds, "repeats": args.repeats, "params": args.params}
     md = render(meta, per_arm, params_name(args.params))
     out = Path(args.out)

@@ -554,7 +554,8 @@ def merge_saved(dirs: list[Path]) -> dict:
     meta = {**{k: v for k, v in meta0.items() if k not in ("partial", "planned", "stopped")},
             "repeats": offset,  # "seeds": the same in every folder (checked above)
             "date": ", ".join(dict.fromkeys(str(s["meta"].get("date")) for s in saved)),
-            "machine": "; ".join(dict.fromkeys(str(s["meta"].get("machine")) for s in saved)), "sittings": sittings}
+            "machine": "; ".join(dict.fromkeys(str(s["meta"].get("machine")) for s in saved)), "sittings": sittings,
+            "code": ", ".join(dict.fromkeys(str(s["meta"]["code"]) for s in saved if s["meta"].get("code"))) or None}
     for k in SINCE_TASK:  # a setting only some folders recorded is not vouched for by the joined table
         if any(k not in s["meta"] for s in saved):
             meta.pop(k, None)
@@ -594,9 +595,11 @@ def step_definition(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict], meta: dict, runs: list[dict] | None = None) -> str:
+    from machine import stamp
+
     ours = next((r for r in rows if r["arm"] == "ours" and r["ok"]), None)
     lines = [
-        f"{meta['date']}, {meta['machine']}; {meta['steps']} steps of {meta['prompts']} prompts x K={meta['k']} x "
+        f"{stamp(meta)}; {meta['steps']} steps of {meta['prompts']} prompts x K={meta['k']} x "
         f"{meta['tokens']} tokens, lr {meta['lr']}, beta {meta['beta']}. Times in seconds, mean per step over "
         f"{meta.get('repeats', 1)} repeat(s) (the step's min-max over the repeats in brackets); held-out metrics: the "
         "mean over the repeats whose final policy was evaluated (n in brackets). " + step_definition(rows)
@@ -678,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(args)
 
-    from machine import alternate_arms, describe, require_prepared
+    from machine import alternate_arms, code_version, describe, require_prepared
     from stages.errors import PipelineError
     from stages.params import load_params
 
@@ -713,7 +716,7 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict] = []
     first = args.first_seed if args.first_seed is not None else params.base.seed
     seed_of = (lambda r: first + r) if args.seeds else (lambda r: None)  # repeat -> its base.seed
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(),
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "code": code_version(),
             "steps": args.steps, "repeats": args.repeats, "seeds": args.seeds,
             "prompts": params.train.prompts_per_round, "k": params.sample.k,
             "tokens": params.sample.max_completion_length, "lr": params.update.learning_rate, "beta": params.score.beta,

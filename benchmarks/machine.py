@@ -31,6 +31,32 @@ def describe() -> str:
             f"malloc {os.path.basename(malloc) if malloc else 'glibc'}")
 
 
+def code_version() -> str | None:
+    """The code a benchmark measured: this checkout's commit (7 hex digits), with `-dirty` where tracked files have
+    uncommitted changes; None outside a git checkout. Tables carry it (`stamp`): a figure names the commit it
+    measured, so a later change can be compared against it."""
+    import subprocess
+    from pathlib import Path
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), *args], capture_output=True,
+                                 text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=7", "HEAD")
+    if not commit:
+        return None
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def stamp(meta: dict) -> str:
+    """A table's first words: its date, machine and, where recorded (since 2026-12-07), the code it measured."""
+    return f"{meta['date']}, {meta['machine']}" + (f", code {meta['code']}" if meta.get("code") else "")
+
+
 def params_name(path: str) -> str:
     """How a benchmark's table names its parameters: `default params.yaml`, or the file the run was given (a table
     from `--params other.yaml` must not claim the defaults)."""

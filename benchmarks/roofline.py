@@ -219,14 +219,14 @@ def floor_s(meta: dict, rows: list[dict], table: list) -> dict:
 def render(meta: dict, rows: list[dict], table: list, breakdown: dict | None = None) -> str:
     """The roofline's Markdown from what roofline.json holds (`--render` rewrites it without measuring again); the
     passes' `breakdown` where it was profiled (files from before it have none)."""
-    from machine import params_name
+    from machine import params_name, stamp
 
     peaks, best, total = meta["peaks_gflops"], meta["vllm_rate_by_batch"], meta["round_s"]
     last = settled(meta, rows)
     settle = len(rows) - len(last)
     what = (f"{len(last)} round(s), none left out" if not settle else
             f"{len(last)} warm round(s) after the first" + (f" {settle}" if settle > 1 else ""))
-    lines = [f"{meta['date']}, {meta['machine']}; {params_name(meta.get('params', 'params.yaml'))}, {what} "
+    lines = [f"{stamp(meta)}; {params_name(meta.get('params', 'params.yaml'))}, {what} "
              f"(means). Matmul peak measured in the same run: fp32 {peaks['float32']:.0f}, bf16 "
              f"{peaks['bfloat16']:.0f} GFLOP/s; vLLM tokens/s by batch (sequences): "
              + ", ".join(f"{k}: {v:.0f}" for k, v in best.items()) + ".", "",
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--rounds: {args.rounds} leaves no round to measure; use more than {SETTLE} (the first {SETTLE} are "
                  "left out of the table)")
 
-    from machine import describe
+    from machine import code_version, describe
 
     from stages.io import write_json, write_text
     from stages.loop import steps
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
                   mean("writes (checkpoint + manifest)"),
                   f"{(ckpt_bytes + state_bytes) / 1e9 / mean('writes (checkpoint + manifest)'):.2f} GB/s", "-"))
     total = sum(r[3] for r in table)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "rounds": args.rounds, "params": args.params,
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "code": code_version(), "rounds": args.rounds, "params": args.params,
             "settle_rounds": SETTLE,
             "peaks_gflops": peaks, "vllm_rate_by_batch": best, "round_s": total, "update_forward_at_scoring": ahead}
     md = render(meta, rows, table, breakdown)

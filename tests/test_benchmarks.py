@@ -408,6 +408,23 @@ def test_trl_render_from_two_sittings_pairs_all_their_seeds(tmp_path):
     with pytest.raises(PipelineError, match=r"g count TRL's final save in its step time, .*a do not"):
         bench_trl.main(["--render", "--from", str(a), str(saved_g), "--out", str(out)])
     assert "TRL: `train()` only, its final save not counted" in (tmp_path / "three" / "trl.md").read_text()
+    # the code each sitting measured (recorded since 2026-12-07): in the header, joined; none where none recorded it
+    assert ", code " not in (tmp_path / "three" / "trl.md").read_text() and three.get("code") is None
+    h, i = sitting("h", [70], "d8", code="abc1234"), sitting("i", [71], "d9", code="def5678-dirty")
+    bench_trl.main(["--render", "--from", str(h), str(i), str(old), "--out", str(tmp_path / "coded")])
+    assert json.loads((tmp_path / "coded" / "trl.json").read_text())["meta"]["code"] == "abc1234, def5678-dirty"
+    assert (tmp_path / "coded" / "trl.md").read_text().startswith("d8, d9, d6, m, code abc1234, def5678-dirty; ")
+
+
+def test_code_version_names_the_checked_out_commit():
+    import subprocess
+
+    from machine import code_version
+
+    root = str(Path(__file__).resolve().parents[1])
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert head, "the tests run from a git checkout (CI clones one)"
+    assert code_version() in (head[:7], head[:7] + "-dirty")
 
 
 def test_trl_sitting_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeypatch):
