@@ -216,9 +216,23 @@ CPU_NORM_PROVIDER = "rloo_cpu"
 
 def _norm_args_fit(x, weight, epsilon, variance_size=None) -> bool:
     # the kernels' own checks stop the engine on a row that is not whole vectors (`hidden_size % VEC_ELEM_NUM`: 8 or
-    # 16 by the CPU's build): 16 keeps every build's; anything else runs the native norm
-    return (variance_size is None and weight is not None and weight.dtype == x.dtype and x.is_contiguous()
-            and weight.is_contiguous() and weight.shape == x.shape[-1:] and x.shape[-1] % 16 == 0)
+    # 16 by the CPU's build): 16 keeps every build's; anything else runs the native norm. fp32 rows, or bf16 where the
+    # CPU converts to bf16 itself (AVX512-BF16): elsewhere the kernel's emulated conversion truncates, so a third of
+    # a bf16 residual's elements came out one unit in the last place off the native's round-to-nearest (the norm's
+    # error 2.6x the native's; the 2-core Ice Lake Xeon, 2026-12-07)
+    return (variance_size is None and weight is not None and weight.dtype == x.dtype and _exact_dtype(x.dtype)
+            and x.is_contiguous() and weight.is_contiguous() and weight.shape == x.shape[-1:]
+            and x.shape[-1] % 16 == 0)
+
+
+def _exact_dtype(dtype) -> bool:
+    """Whether vLLM's CPU norm kernels round to `dtype` as torch does: fp32 always, bf16 where the CPU has
+    AVX512-BF16 (its conversion instruction rounds to nearest even), no other dtype."""
+    import torch
+
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def _add_norm_args_fit(x, x_residual, weight, epsilon, variance_size=None) -> bool:
