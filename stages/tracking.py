@@ -94,26 +94,38 @@ def open_store(params) -> None:
 
 
 def _where(params) -> dict:
-    """The tags that say which machine and which rounds dir an MLflow run trains in."""
-    return {"host": socket.gethostname(), "rounds_dir": str(Path(params.train.rounds_dir).resolve())}
+    """The tags that say where an MLflow run trains and who logs it: the machine, the rounds dir, the checkout
+    (`stages.loop.lock.checkout_id`) and the process (`process_key`)."""
+    from stages.loop.lock import checkout_id, process_key
+
+    where = {"host": socket.gethostname(), "rounds_dir": str(Path(params.train.rounds_dir).resolve()),
+             "checkout": checkout_id(), "owner": process_key()}
+    return {k: v for k, v in where.items() if v}
 
 
 def end_dead_runs(params, keep: str | None = None) -> list[str]:
-    """Mark KILLED the MLflow runs of this experiment that a run on this machine and in this rounds dir left RUNNING,
-    except `keep`: their ids. Called by the start of a training run, which holds the run lock (stages/loop/lock.py):
-    no live run trains here, so a RUNNING run tagged with this host and dir had its process die without ending it
-    (kill -9 before its first round's manifest, whose id a resume would re-open). Runs from before these tags, and
-    those of other machines or dirs sharing the store, are left as they are."""
+    """Mark KILLED the MLflow runs of this experiment that a run of this checkout, on this machine and in this rounds
+    dir, left RUNNING and whose process is gone, except `keep`: their ids. Called by the start of a training run,
+    which holds the checkout's run lock (stages/loop/lock.py), so such a run had its process die without ending it
+    (kill -9 before its first round's manifest, whose id a resume would re-open). A run whose logging process is
+    still alive (a rank that outlived the lock's holder) is left RUNNING, and so are runs from before these tags and
+    those of other checkouts, machines or dirs sharing the store."""
     import mlflow
 
+    from stages.loop.lock import process_alive
+
+    where = _where(params)
+    if "checkout" not in where:
+        return []
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(params.mlflow.experiment)
     if exp is None:
         return []
-    where = _where(params)
-    dead = [r.info.run_id for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'",
-                                                      max_results=1000)
-            if r.info.run_id != keep and all(r.data.tags.get(k) == v for k, v in where.items())]
+    found = client.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and tags.checkout = "
+                               f"'{where['checkout']}'", max_results=1000)
+    dead = [r.info.run_id for r in found
+            if r.info.run_id != keep and all(r.data.tags.get(k) == where[k] for k in ("host", "rounds_dir"))
+            and not process_alive(r.data.tags.get("owner", ""))]
     for run_id in dead:
         client.set_tag(run_id, "ended_as", "KILLED by a later start in the same dir: its process died without ending it")
         client.set_terminated(run_id, status="KILLED")

@@ -60,3 +60,20 @@ def test_only_a_deployment_s_run_waits(monkeypatch):
     monkeypatch.setenv("RLOO_LOCK_WAIT_S", "1h")
     with pytest.raises(PipelineError, match=r"^RLOO_LOCK_WAIT_S: '1h' is not a number of seconds"):
         deployment_wait_s()
+
+
+def test_checkout_id_is_made_once_and_a_process_key_names_a_live_process(tmp_path):
+    import os
+
+    from stages.loop.lock import checkout_id, process_alive, process_key
+
+    path = tmp_path / ".rloo" / "checkout-id"
+    first = checkout_id(path)
+    assert first and len(first) == 32 and checkout_id(path) == first  # made once, then read
+    (tmp_path / "file").write_text("")
+    assert checkout_id(tmp_path / "file" / "id") is None  # cannot be written: None, not an error
+    assert process_alive(process_key())
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = int(done.stdout)
+    assert not process_alive(process_key().replace(f":{os.getpid()}:", f":{gone}:"))
+    assert not process_alive("other-boot:1:1") and not process_alive("")

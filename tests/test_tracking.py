@@ -145,8 +145,9 @@ def test_the_store_the_command_opens_ahead_is_the_one_its_run_logs_to(store, tmp
 
 def test_a_run_killed_before_its_first_manifest_is_marked_killed_by_the_next_start(store, tmp_path, monkeypatch):
     """A process killed (-9) before its first round's manifest leaves its MLflow run RUNNING, and no manifest holds its
-    id for a resume to re-open: the next start in the same rounds dir on this machine (which holds the run lock) marks
-    it KILLED; a RUNNING run of another dir or machine is left alone, and the new run's name is not the dead one's."""
+    id for a resume to re-open: the next start in the same checkout and rounds dir on this machine (which holds the
+    run lock) marks it KILLED; a RUNNING run of another dir, machine or checkout, or whose process is alive, is left
+    alone, and the new run's name is not the dead one's."""
     import os
     import signal
     import subprocess
@@ -164,13 +165,18 @@ def test_a_run_killed_before_its_first_manifest_is_marked_killed_by_the_next_sta
     exp = store.get_experiment_by_name(params.mlflow.experiment)
     [dead] = store.search_runs([exp.experiment_id])
     assert dead.info.status == "RUNNING" and dead.data.tags["rounds_dir"] == str(tmp_path / params.train.rounds_dir)
-    elsewhere = [store.create_run(exp.experiment_id, tags={**dead.data.tags, key: "other"}).info.run_id
-                 for key in ("rounds_dir", "host")]
+    assert dead.data.tags["checkout"] == (tmp_path / ".rloo" / "checkout-id").read_text()
+    from stages.loop.lock import process_key
+
+    # RUNNING runs that are not this dead one's kind: another dir, machine or checkout, or a process still alive
+    # (e.g. a rank that outlived the lock's holder)
+    elsewhere = [store.create_run(exp.experiment_id, tags={**dead.data.tags, key: value}).info.run_id
+                 for key, value in (("rounds_dir", "other"), ("host", "other"), ("checkout", "other"),
+                                    ("owner", process_key()))]
     run = tracking.start_run(params, "ident")
     tracking.finish_run(None, [])
     status = {r.info.run_id: r.info.status for r in store.search_runs([exp.experiment_id])}
-    assert status == {dead.info.run_id: "KILLED", run.info.run_id: "FINISHED",
-                      elsewhere[0]: "RUNNING", elsewhere[1]: "RUNNING"}
+    assert status == {dead.info.run_id: "KILLED", run.info.run_id: "FINISHED", **dict.fromkeys(elsewhere, "RUNNING")}
     assert "died" in store.get_run(dead.info.run_id).data.tags["ended_as"]
     assert run.info.run_name == f"{dead.info.run_name}-2"
     # the dead run resumed after all (its rounds put back from an archive): it goes on, without the mark

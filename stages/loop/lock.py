@@ -70,6 +70,61 @@ def _inherited(path: Path) -> bool:
     return info.get("token") == token and info.get("pid") in _ancestors()
 
 
+def checkout_id(path: str | Path = LOCK_PATH.parent / "checkout-id") -> str | None:
+    """This checkout's own id: a random hex made once beside the run lock (`.rloo/checkout-id`, git-ignored), so two
+    checkouts that share a path and a host name (containers, cloned VMs) are told apart; None where it cannot be
+    read or written."""
+    path = Path(path)
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(uuid.uuid4().hex)
+        try:
+            os.link(tmp, path)  # the first writer's id wins; a second reads it
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def process_key(pid: int | None = None) -> str:
+    """`boot:pid:start` naming a process uniquely on this machine (Linux: the boot id and the process's start time in
+    clock ticks; elsewhere `?:pid:?`), for `process_alive`."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return f"?:{pid}:?"
+    return f"{boot}:{pid}:{start}"
+
+
+def process_alive(key: str) -> bool:
+    """Whether the process `process_key` named is still running on this machine (a key from another boot: no)."""
+    boot, _, rest = key.partition(":")
+    pid, _, start = rest.partition(":")
+    if not pid.isdigit():
+        return False
+    if boot == "?" or start == "?":  # no /proc: the pid alone
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+        return True
+    return process_key(int(pid)) == key
+
+
 WAIT_ENV = "RLOO_LOCK_WAIT_S"  # how long a scheduled (deployment) run waits for the lock; default 12 h
 
 
