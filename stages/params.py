@@ -423,20 +423,44 @@ def parse_params(data: dict[str, Any], source: str = "params") -> Params:
 
 def _yaml_where(exc, path: Path) -> str:
     """Where PyYAML's error is, as a user reads it: 'line N: what' (1-based), and what it was inside. A key without
-    its ':' is reported by PyYAML on the next line (the key runs on as a multi-line text until that line's ':'):
-    that key's line is named instead."""
+    its ':' is reported by PyYAML at the next key's ':' (the key runs on as a multi-line text until there): where
+    that ':' is its line's first and the line above it (blank and comment lines skipped) is at the same indent and
+    has none, that line is named instead."""
     mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or type(exc).__name__
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or type(exc).__name__
     if mark is None:
+        if isinstance(getattr(exc, "position", None), int) and isinstance(getattr(exc, "character", None), (int, str)):
+            # a ReaderError (a control character): its position counts characters of the decoded text
+            char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+            text = path.read_text(errors="replace")
+            return f"line {text[:exc.position].count(chr(10)) + 1}: {problem} ({char!r})"
         return problem
     line = mark.line + 1
-    if problem == "mapping values are not allowed here" and line > 1:
-        before = path.read_text().splitlines()[line - 2].strip().removeprefix("- ")
-        if before and not before.startswith("#") and ":" not in before:
-            return f"line {line - 1}: no ':' after the key {before.split()[0]!r}"
+    # (with a blank line after the key, PyYAML stops at the next key with another problem)
+    if problem in ("mapping values are not allowed here", "expected <block end>, but found '<block mapping start>'"):
+        lines = path.read_text(errors="replace").splitlines()
+        key = _keyless_line(lines, mark.line, mark.column)
+        if key is not None:
+            return f"line {key + 1}: no ':' after the key {lines[key].strip().removeprefix('- ').split()[0]!r}"
     context, ctx = getattr(exc, "context", None), getattr(exc, "context_mark", None)
     inside = f", {context} from line {ctx.line + 1}" if context and ctx is not None and ctx.line != mark.line else ""
     return f"line {line}: {problem}{inside}"
+
+
+def _keyless_line(lines: list[str], at: int, column: int) -> int | None:
+    """The index of the key line without its ':' that made PyYAML stop at `lines[at]`'s column `column`, or None."""
+    def indent(text: str) -> int:
+        stripped = text.lstrip(" ")
+        return len(text) - len(stripped) + (2 if stripped.startswith("- ") else 0)
+
+    if at >= len(lines) or ":" in lines[at][:column]:
+        return None
+    for i in range(at - 1, -1, -1):
+        text = lines[i].strip()
+        if not text or text.startswith("#"):
+            continue
+        return i if ":" not in text and indent(lines[i]) == indent(lines[at]) else None
+    return None
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
@@ -446,6 +470,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
         raise PipelineError(f"{path}: params file not found; run from the repo root or pass --params PATH")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 text (at byte offset {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path}: not valid YAML ({_yaml_where(exc, path)}); fix the syntax") from None
     if not isinstance(data, dict):

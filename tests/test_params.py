@@ -301,11 +301,27 @@ def test_invalid_yaml(tmp_path):
                    f"while parsing a flow sequence from line 3); fix the syntax")
 
 
+def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes("base:\n  model: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(PipelineError) as exc:
+        load_params(path)
+    assert str(exc.value) == f"{path}: not UTF-8 text (at byte offset 18); save it as UTF-8"
+
+
 @pytest.mark.parametrize("text, where", [
     # a key without its ':' runs on into the next line, where PyYAML sees the error: the key's line is named
     ("base:\n  seed 1\n  model: smollm2\n", "line 2: no ':' after the key 'seed'"),
+    ("base:\n  seed 1\n\n  # the model\n  model: smollm2\n", "line 2: no ':' after the key 'seed'"),
+    ("base:\r\n  seed 1\r\n  model: x\r\n", "line 2: no ':' after the key 'seed'"),
+    ("score:\n  rewards:\n    - name sentiment\n      function: vader\n", "line 3: no ':' after the key 'name'"),
+    # a real `a: b` on its line, whatever comes before it, is that line's
     ("base:\n  seed: 1\n  model: a: b\n", "line 3: mapping values are not allowed here"),
+    ("base:\n  desc: |\n    some text\n  model: a: b\n", "line 4: mapping values are not allowed here"),
+    ("score:\n  rewards:\n    - foo\n  model: a: b\n", "line 4: mapping values are not allowed here"),
+    ("x: [1,\n  2]\ny: a: b\n", "line 3: mapping values are not allowed here"),
     ("base:\n\tseed: 1\n", "line 2: found character '\\t' that cannot start any token"),
+    ("base:\n  seed: 1\x07\n", "line 2: special characters are not allowed ('\\x07')"),
 ])
 def test_invalid_yaml_names_the_line_to_fix(tmp_path, text, where):
     path = tmp_path / "bad.yaml"
