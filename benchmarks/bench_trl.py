@@ -555,7 +555,9 @@ def merge_saved(dirs: list[Path]) -> dict:
             "repeats": offset,  # "seeds": the same in every folder (checked above)
             "date": ", ".join(dict.fromkeys(str(s["meta"].get("date")) for s in saved)),
             "machine": "; ".join(dict.fromkeys(str(s["meta"].get("machine")) for s in saved)), "sittings": sittings,
-            "code": ", ".join(dict.fromkeys(str(s["meta"]["code"]) for s in saved if s["meta"].get("code"))) or None}
+            # each sitting's code, `?` for one that did not record it (before 2026-12-07); none where none did
+            "code": ", ".join(dict.fromkeys(str(s["meta"].get("code") or "?") for s in saved))
+            if any(s["meta"].get("code") for s in saved) else None}
     for k in SINCE_TASK:  # a setting only some folders recorded is not vouched for by the joined table
         if any(k not in s["meta"] for s in saved):
             meta.pop(k, None)

@@ -412,8 +412,8 @@ def test_trl_render_from_two_sittings_pairs_all_their_seeds(tmp_path):
     assert ", code " not in (tmp_path / "three" / "trl.md").read_text() and three.get("code") is None
     h, i = sitting("h", [70], "d8", code="abc1234"), sitting("i", [71], "d9", code="def5678-dirty")
     bench_trl.main(["--render", "--from", str(h), str(i), str(old), "--out", str(tmp_path / "coded")])
-    assert json.loads((tmp_path / "coded" / "trl.json").read_text())["meta"]["code"] == "abc1234, def5678-dirty"
-    assert (tmp_path / "coded" / "trl.md").read_text().startswith("d8, d9, d6, m, code abc1234, def5678-dirty; ")
+    assert json.loads((tmp_path / "coded" / "trl.json").read_text())["meta"]["code"] == "abc1234, def5678-dirty, ?"
+    assert (tmp_path / "coded" / "trl.md").read_text().startswith("d8, d9, d6, m, code abc1234, def5678-dirty, ?; ")
 
 
 def test_code_version_names_the_checked_out_commit():
@@ -422,9 +422,10 @@ def test_code_version_names_the_checked_out_commit():
     from machine import code_version
 
     root = str(Path(__file__).resolve().parents[1])
-    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", root, "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
     assert head, "the tests run from a git checkout (CI clones one)"
-    assert code_version() in (head[:7], head[:7] + "-dirty")
+    assert code_version() in (head, head + "-dirty")
 
 
 def test_trl_sitting_stopped_part_way_keeps_its_finished_runs(tmp_path, monkeypatch):
