@@ -423,43 +423,53 @@ def parse_params(data: dict[str, Any], source: str = "params") -> Params:
 
 def _yaml_where(exc, path: Path) -> str:
     """Where PyYAML's error is, as a user reads it: 'line N: what' (1-based), and what it was inside. A key without
-    its ':' is reported by PyYAML at the next key's ':' (the key runs on as a multi-line text until there): where
-    that ':' is its line's first and the line above it (blank and comment lines skipped) is at the same indent and
-    has none, that line is named instead."""
+    its ':' is named by its own line: PyYAML stops further on (at the next key's ':', or where the scan of that key
+    began, or at the next key after a blank line), so the key line is found from there (`_keyless_line`)."""
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or type(exc).__name__
     if mark is None:
         if isinstance(getattr(exc, "position", None), int) and isinstance(getattr(exc, "character", None), (int, str)):
             # a ReaderError (a control character): its position counts characters of the decoded text
             char = exc.character if isinstance(exc.character, str) else chr(exc.character)
-            text = path.read_text(errors="replace")
+            text = path.read_text(encoding="utf-8", errors="replace")
             return f"line {text[:exc.position].count(chr(10)) + 1}: {problem} ({char!r})"
         return problem
-    line = mark.line + 1
-    # (with a blank line after the key, PyYAML stops at the next key with another problem)
-    if problem in ("mapping values are not allowed here", "expected <block end>, but found '<block mapping start>'"):
-        lines = path.read_text(errors="replace").splitlines()
-        key = _keyless_line(lines, mark.line, mark.column)
-        if key is not None:
-            return f"line {key + 1}: no ':' after the key {lines[key].strip().removeprefix('- ').split()[0]!r}"
     context, ctx = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    key = None
+    if problem == "could not find expected ':'" and ctx is not None and ctx.line < len(lines):
+        key = ctx.line  # "while scanning a simple key" from the key's own line
+    elif problem in ("mapping values are not allowed here", "expected <block end>, but found '<block mapping start>'",
+                     "expected <block end>, but found '<block sequence start>'"):
+        key = _keyless_line(lines, mark.line, mark.column)
+    if key is not None and not _has_key_colon(lines[key]):
+        return f"line {key + 1}: no ':' after the key {lines[key].strip().removeprefix('- ').split()[0]!r}"
     inside = f", {context} from line {ctx.line + 1}" if context and ctx is not None and ctx.line != mark.line else ""
-    return f"line {line}: {problem}{inside}"
+    return f"line {mark.line + 1}: {problem}{inside}"
+
+
+def _has_key_colon(text: str) -> bool:
+    """Whether a YAML line has a key's ':' (followed by a space or the line's end), its comment left out."""
+    import re
+
+    return re.search(r":(\s|$)", re.split(r"(?:^|\s)#", text, maxsplit=1)[0]) is not None
 
 
 def _keyless_line(lines: list[str], at: int, column: int) -> int | None:
-    """The index of the key line without its ':' that made PyYAML stop at `lines[at]`'s column `column`, or None."""
+    """The index of the key line without its ':' that made PyYAML stop at `lines[at]`'s column `column` (the key runs
+    on as a multi-line text to there), or None: the line above `at` (blank and comment lines skipped), where the
+    ':' PyYAML stopped at is the first key ':' of its line and that line above has none, at no deeper indent."""
     def indent(text: str) -> int:
         stripped = text.lstrip(" ")
         return len(text) - len(stripped) + (2 if stripped.startswith("- ") else 0)
 
-    if at >= len(lines) or ":" in lines[at][:column]:
+    if at >= len(lines) or _has_key_colon(lines[at][:column]):
         return None
     for i in range(at - 1, -1, -1):
         text = lines[i].strip()
         if not text or text.startswith("#"):
             continue
-        return i if ":" not in text and indent(lines[i]) == indent(lines[at]) else None
+        return i if not _has_key_colon(lines[i]) and indent(lines[i]) <= indent(lines[at]) else None
     return None
 
 

@@ -301,6 +301,30 @@ def test_invalid_yaml(tmp_path):
                    f"while parsing a flow sequence from line 3); fix the syntax")
 
 
+def test_a_key_without_its_colon_is_named_by_its_own_line_anywhere_in_params_yaml(tmp_path):
+    """Each key of the shipped params.yaml with its ':' deleted, one at a time: the error names that key's line
+    (PyYAML stops further on, at the next key, in several ways). A key that then reads as another key's text (a
+    flow mapping's `kwargs {min_words: 8}`) is reported as an unknown field instead."""
+    import re
+
+    lines = PARAMS_YAML.read_text().splitlines()
+    keys = 0
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*(?:- )?)([A-Za-z_]\w*):(\s|$)", line)
+        if not m:
+            continue
+        keys += 1
+        path = tmp_path / f"line{i + 1}.yaml"
+        path.write_text("\n".join([*lines[:i], line[: m.end(2)] + line[m.end(2) + 1 :], *lines[i + 1 :]]) + "\n")
+        with pytest.raises(PipelineError) as exc:
+            load_params(path)
+        if "{" in line.split("#")[0]:  # a flow mapping on the line (not in its comment)
+            assert "unknown field" in str(exc.value)
+        else:
+            assert f"(line {i + 1}: no ':' after the key '{m.group(2)}')" in str(exc.value), str(exc.value)
+    assert keys > 80
+
+
 def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_bytes("base:\n  model: caf\xe9\n".encode("latin-1"))
