@@ -64,16 +64,24 @@ def test_only_a_deployment_s_run_waits(monkeypatch):
 
 def test_checkout_id_is_made_once_and_a_process_key_names_a_live_process(tmp_path):
     import os
+    from concurrent.futures import ThreadPoolExecutor
 
     from stages.loop.lock import checkout_id, process_alive, process_key
 
     path = tmp_path / ".rloo" / "checkout-id"
-    first = checkout_id(path)
-    assert first and len(first) == 32 and checkout_id(path) == first  # made once, then read
+    with ThreadPoolExecutor(8) as pool:  # made once, by whichever call comes first; the others read it
+        ids = set(pool.map(lambda _: checkout_id(path), range(16)))
+    assert len(ids) == 1 and len(ids.pop()) == 32 and os.listdir(path.parent) == ["checkout-id"]
     (tmp_path / "file").write_text("")
     assert checkout_id(tmp_path / "file" / "id") is None  # cannot be written: None, not an error
-    assert process_alive(process_key())
+    me = process_key()
+    assert process_alive(me)
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    gone = int(done.stdout)
-    assert not process_alive(process_key().replace(f":{os.getpid()}:", f":{gone}:"))
-    assert not process_alive("other-boot:1:1") and not process_alive("")
+    boot, ns, pid, start = me.split(":")
+    assert not process_alive(f"{boot}:{ns}:{int(done.stdout)}:{start}")  # gone
+    assert not process_alive(f"another-boot:{ns}:{pid}:{start}") and not process_alive("")
+    assert process_alive(f"{boot}:another-namespace:{pid}:{start}")  # another container's: cannot tell, so alive
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    time.sleep(1.0)  # it has exited and is not reaped yet
+    assert not process_alive(process_key(zombie.pid))
+    zombie.wait()

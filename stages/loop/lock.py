@@ -72,49 +72,63 @@ def _inherited(path: Path) -> bool:
 
 def checkout_id(path: str | Path = LOCK_PATH.parent / "checkout-id") -> str | None:
     """This checkout's own id: a random hex made once beside the run lock (`.rloo/checkout-id`, git-ignored), so two
-    checkouts that share a path and a host name (containers, cloned VMs) are told apart; None where it cannot be
-    read or written."""
+    checkouts that share a path and a host name (containers) are told apart; None where it cannot be read or written.
+    A copy of a checkout made with its `.rloo/` (an image built from a used checkout, a cloned VM) shares the id:
+    delete `.rloo/checkout-id` in the copy (docs/design.md §6)."""
     path = Path(path)
-    try:
-        return path.read_text().strip() or None
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return None
+    for _ in range(50):
+        try:
+            found = path.read_text().strip()
+        except FileNotFoundError:
+            found = None
+        except OSError:
+            return None
+        if found:
+            return found
+        if found is None and (made := _make_id(path)) is not None:
+            return made
+        time.sleep(0.02)  # another process created it and is writing its id
+    return None
+
+
+def _make_id(path: Path) -> str | None:
+    """Create `path` with a new id, unless it exists (None then, as on an error)."""
+    new = uuid.uuid4().hex
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(uuid.uuid4().hex)
-        try:
-            os.link(tmp, path)  # the first writer's id wins; a second reads it
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-        return path.read_text().strip() or None
-    except OSError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError:  # FileExistsError: another process's (read it), or not writable
         return None
+    try:
+        os.write(fd, new.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return new
 
 
 def process_key(pid: int | None = None) -> str:
-    """`boot:pid:start` naming a process uniquely on this machine (Linux: the boot id and the process's start time in
-    clock ticks; elsewhere `?:pid:?`), for `process_alive`."""
+    """`boot:pidns:pid:start` naming a process uniquely on this machine (Linux: the boot id, the pid namespace, and
+    the process's start time in clock ticks; elsewhere `?:?:pid:?`), for `process_alive`."""
     pid = os.getpid() if pid is None else pid
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        ns = os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
         start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
-        return f"?:{pid}:?"
-    return f"{boot}:{pid}:{start}"
+        return f"?:?:{pid}:?"
+    return f"{boot}:{ns}:{pid}:{start}"
 
 
 def process_alive(key: str) -> bool:
-    """Whether the process `process_key` named is still running on this machine (a key from another boot: no)."""
-    boot, _, rest = key.partition(":")
-    pid, _, start = rest.partition(":")
-    if not pid.isdigit():
+    """Whether the process `process_key` named may still be running: False only where this machine can tell it is
+    gone (another boot; the same pid namespace and no such process, or a zombie); a key from another pid namespace
+    (another container on this kernel) cannot be checked, so True."""
+    parts = key.split(":")
+    if len(parts) != 4 or not parts[2].isdigit():
         return False
-    if boot == "?" or start == "?":  # no /proc: the pid alone
+    boot, ns, pid, start = parts
+    if "?" in (boot, ns, start):  # no /proc: the pid alone
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
@@ -122,7 +136,16 @@ def process_alive(key: str) -> bool:
         except OSError:
             return True
         return True
-    return process_key(int(pid)) == key
+    here = process_key()
+    if boot != here.split(":")[0]:
+        return False  # the machine rebooted since
+    if ns != here.split(":")[1]:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and process_key(int(pid)) == key
 
 
 WAIT_ENV = "RLOO_LOCK_WAIT_S"  # how long a scheduled (deployment) run waits for the lock; default 12 h
