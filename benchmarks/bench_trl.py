@@ -546,7 +546,8 @@ def merge_saved(dirs: list[Path]) -> dict:
             runs.append({**r, "repeat": offset + r.get("repeat", 0)})
         offset += max([s["meta"].get("repeats") or 0] + [r.get("repeat", 0) + 1 for r in s["runs"]])
         # a folder joined before brings its own sittings (and which of them stopped part-way), renumbered
-        own = s["meta"].get("sittings") or [f"{s['meta'].get('date')}: {s['meta'].get('machine')}"]
+        code = f", code {s['meta']['code']}" if s["meta"].get("code") else ""
+        own = s["meta"].get("sittings") or [f"{s['meta'].get('date')}: {s['meta'].get('machine')}{code}"]
         stopped += [{**x, "sitting": x["sitting"] + len(sittings)} for x in s["meta"].get("stopped") or []]
         if s["meta"].get("partial"):
             stopped.append({"sitting": len(sittings) + 1, "runs": s["meta"]["partial"]})
@@ -555,9 +556,7 @@ def merge_saved(dirs: list[Path]) -> dict:
             "repeats": offset,  # "seeds": the same in every folder (checked above)
             "date": ", ".join(dict.fromkeys(str(s["meta"].get("date")) for s in saved)),
             "machine": "; ".join(dict.fromkeys(str(s["meta"].get("machine")) for s in saved)), "sittings": sittings,
-            # each sitting's code, `?` for one that did not record it (before 2026-12-07); none where none did
-            "code": ", ".join(dict.fromkeys(str(s["meta"].get("code") or "?") for s in saved))
-            if any(s["meta"].get("code") for s in saved) else None}
+            "code": None}  # each sitting's own, in its `sittings` line (recorded since 2026-12-07)
     for k in SINCE_TASK:  # a setting only some folders recorded is not vouched for by the joined table
         if any(k not in s["meta"] for s in saved):
             meta.pop(k, None)

@@ -412,8 +412,10 @@ def test_trl_render_from_two_sittings_pairs_all_their_seeds(tmp_path):
     assert ", code " not in (tmp_path / "three" / "trl.md").read_text() and three.get("code") is None
     h, i = sitting("h", [70], "d8", code="abc1234"), sitting("i", [71], "d9", code="def5678-dirty")
     bench_trl.main(["--render", "--from", str(h), str(i), str(old), "--out", str(tmp_path / "coded")])
-    assert json.loads((tmp_path / "coded" / "trl.json").read_text())["meta"]["code"] == "abc1234, def5678-dirty, ?"
-    assert (tmp_path / "coded" / "trl.md").read_text().startswith("d8, d9, d6, m, code abc1234, def5678-dirty, ?; ")
+    joined = json.loads((tmp_path / "coded" / "trl.json").read_text())["meta"]
+    assert joined["sittings"] == ["d8: m, code abc1234", "d9: m, code def5678-dirty", "d6: m"]  # each its own
+    text = (tmp_path / "coded" / "trl.md").read_text()
+    assert text.startswith("d8, d9, d6, m; ") and "(1) d8: m, code abc1234; (2) d9: m, code def5678-dirty; (3) d6: m." in text
 
 
 def test_code_version_names_the_checked_out_commit():
