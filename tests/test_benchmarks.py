@@ -415,7 +415,8 @@ def test_trl_render_from_two_sittings_pairs_all_their_seeds(tmp_path):
     joined = json.loads((tmp_path / "coded" / "trl.json").read_text())["meta"]
     assert joined["sittings"] == ["d8: m, code abc1234", "d9: m, code def5678-dirty", "d6: m"]  # each its own
     text = (tmp_path / "coded" / "trl.md").read_text()
-    assert text.startswith("d8, d9, d6, m; ") and "(1) d8: m, code abc1234; (2) d9: m, code def5678-dirty; (3) d6: m." in text
+    assert text.startswith("d8, d9, d6, m; ")
+    assert "(1) d8: m, code abc1234; (2) d9: m, code def5678-dirty; (3) d6: m." in text
 
 
 def test_code_version_names_the_checked_out_commit():
