@@ -103,22 +103,23 @@ def _where(params) -> dict:
     return {k: v for k, v in where.items() if v}
 
 
-def end_dead_runs(params, keep: str | None = None) -> list[str]:
+def end_dead_runs(params, keep: str | None = None, where: dict | None = None, exp=None) -> list[str]:
     """Mark KILLED the MLflow runs of this experiment that a run of this checkout, on this machine and in this rounds
     dir, left RUNNING and whose process is gone, except `keep`: their ids. Called by the start of a training run,
     which holds the checkout's run lock (stages/loop/lock.py), so such a run had its process die without ending it
     (kill -9 before its first round's manifest, whose id a resume would re-open). A run whose logging process is
     still alive (a rank that outlived the lock's holder) is left RUNNING, and so are runs from before these tags and
-    those of other checkouts, machines or dirs sharing the store."""
+    those of other checkouts, machines or dirs sharing the store. `where` and `exp`: this start's `_where` and the
+    experiment, when the caller has them."""
     import mlflow
 
     from stages.loop.lock import process_alive
 
-    where = _where(params)
+    where = where or _where(params)
     if "checkout" not in where:
         return []
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(params.mlflow.experiment)
+    exp = exp or client.get_experiment_by_name(params.mlflow.experiment)
     if exp is None:
         return []
     found = client.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and tags.checkout = "
@@ -134,13 +135,13 @@ def end_dead_runs(params, keep: str | None = None) -> list[str]:
     return dead
 
 
-def _unique_name(params, name: str) -> str:
-    """`name`, or `name-2`, `name-3`, ... where a run of this experiment has it (a `--restart` of the same
-    configuration, whose identity and so name are the archived run's)."""
+def _unique_name(params, name: str, exp=None) -> str:
+    """`name`, or `name-2`, `name-3`, ... where a run of this experiment (`exp`, looked up when not given) has it (a
+    `--restart` of the same configuration, whose identity and so name are the archived run's)."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(params.mlflow.experiment)
+    exp = exp or client.get_experiment_by_name(params.mlflow.experiment)
     if exp is None or "'" in name:
         return name
     taken = {r.info.run_name for r in client.search_runs([exp.experiment_id], f"attributes.run_name LIKE '{name}%'",
@@ -159,8 +160,11 @@ def start_run(params, identity: str, resume_id: str | None = None, topology: dic
     import mlflow
 
     open_store(params)
+    where = _where(params)  # once a start: it reads the checkout id and /proc
+    exp = None
     try:  # bookkeeping: it must not stop a run
-        end_dead_runs(params, keep=resume_id)
+        exp = mlflow.MlflowClient().get_experiment_by_name(params.mlflow.experiment)
+        end_dead_runs(params, keep=resume_id, where=where, exp=exp)
     except Exception as exc:
         log.warning("MLflow: could not look for runs left RUNNING by a dead process (%s)", exc)
     if resume_id:
@@ -168,7 +172,7 @@ def start_run(params, identity: str, resume_id: str | None = None, topology: dic
             _run = mlflow.start_run(run_id=resume_id)
             # the tags name the latest invocation (its commit, flow run, DVC stage), as on a new run
             # (and not the mark of a dead process's run: this one goes on)
-            latest = {"git_commit": _git_commit(), "prefect_flow_run_id": _prefect_flow_run_id(), **_where(params),
+            latest = {"git_commit": _git_commit(), "prefect_flow_run_id": _prefect_flow_run_id(), **where,
                       "ended_as": None,
                       "dvc_stage": os.environ.get("DVC_STAGE"), "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
                       **{k: str(v) for k, v in (topology or {}).items() if v is not None}}
@@ -188,13 +192,13 @@ def start_run(params, identity: str, resume_id: str | None = None, topology: dic
         "prefect_flow_run_id": _prefect_flow_run_id(),
         "identity": identity,
         "estimator": params.advantage.estimator,
-        **_where(params),
+        **where,
         **{k: str(v) for k, v in (topology or {}).items() if v is not None},
     }
     # named as users tell runs apart: the DVC experiment when there is one, the estimator, the identity's start
     name = "-".join(p for p in (os.environ.get("DVC_EXP_NAME"), params.advantage.estimator, identity[:8]) if p)
     try:
-        name = _unique_name(params, name)
+        name = _unique_name(params, name, exp)
     except Exception as exc:  # a name is cosmetic
         log.warning("MLflow: could not check the run name %s against the experiment's (%s)", name, exc)
     _run = mlflow.start_run(run_name=name, tags={k: v for k, v in tags.items() if v})

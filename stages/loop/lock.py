@@ -136,10 +136,10 @@ def process_alive(key: str) -> bool:
         except OSError:
             return True
         return True
-    here = process_key()
-    if boot != here.split(":")[0]:
+    here_boot, here_ns, *_ = process_key().split(":")
+    if boot != here_boot:
         return False  # the machine rebooted since
-    if ns != here.split(":")[1]:
+    if ns != here_ns:
         return True
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
