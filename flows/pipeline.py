@@ -9,8 +9,9 @@ one Prefect task each, with DVC's own change detection: `dvc repro --single-item
 `dvc repro` and a scheduled run do the same thing. What a run does:
 
 - nothing changed (no stage out of date, no new prompts, `more_rounds` 0): a reported no-op, in seconds;
-- prompts were added to the prompts file: prepare picks them up (the held-out split is stable under additions, so
-  no trained prompt becomes a held-out one) and, when the run's rounds are all done, `train.rounds` is raised by
+- prompts were added to the prompts file: prepare picks them up (no trained prompt becomes a held-out one; a new
+  prompt may take a held-out prompt's place, which then moves to training) and, when the run's rounds are all done,
+  `train.rounds` is raised by
   enough rounds to train on each new prompt once (`rounds_per_new_prompt`, they come first in the schedule);
   training continues from the last checkpoint;
 - params changed: training continues (more rounds) or starts clean (another run identity; the old run is moved to
@@ -18,8 +19,10 @@ one Prefect task each, with DVC's own change detection: `dvc repro --single-item
 - `more_rounds=N`: `train.rounds` is raised by N, and training continues for N more rounds.
 
 `train.rounds` is raised in params.yaml itself (one line rewritten in place, the file's comments kept), so the
-checkout says how far it has trained and DVC's lock file agrees; if the run fails, params.yaml is put back and the
-last good model, metrics and report stay where they were. The held-out metrics, what the run did, and the report's
+checkout says how far it has trained and DVC's lock file agrees; if the run fails, params.yaml is put back (but
+for the rounds that completed and those added for new prompts, `_put_back`) and the last good model, metrics and
+report stay where they were. A cancel or Ctrl-C stops the running stage's process group before the run lock is let go
+(`_run_stopping_with_us`). The held-out metrics, what the run did, and the report's
 tables become Prefect artifacts of the flow run. A deployment's `concurrency_limit: 1` and the run lock keep two runs
 from overlapping; the training stage's own flow run (`rloo-train`) shows the rounds as tasks.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -49,7 +53,7 @@ _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
 
 # DVC's lock on a stage's files (`rwlock`), which another dvc command of this checkout holds. (Not its repo lock,
 # "Unable to acquire lock": DVC gives that up while a stage's command runs and takes it back after, so that error can
-# come after a stage ran, and running the command again would run the stage again.)
+# come after a stage ran, and running the command again would run the stage again: `--wait-for-lock` waits for it.)
 _DVC_BUSY = re.compile(r"^ERROR: .*is busy, it is being blocked by")
 DVC_RETRY_S = 5.0
 
@@ -57,14 +61,16 @@ DVC_RETRY_S = 5.0
 def _dvc(*args: str) -> subprocess.CompletedProcess:
     """A dvc command. A deployment's run that finds a stage's files locked by DVC (a `dvc repro` typed in a shell, which
     takes the run lock only while its train stage runs) waits for them as it waits for the run lock, up to
-    `deployment_wait_s`; DVC refuses such a command before it runs the stage, so trying again is safe."""
+    `deployment_wait_s`; DVC refuses such a command before it runs the stage, so trying again is safe. DVC's repository
+    lock, which any dvc command holds for moments (and a `dvc repro` between its stages), is waited for
+    (`--wait-for-lock`): refused after DVC's 3 s, a train stage's hours could end in a failure to save its outputs."""
     from stages.loop.lock import deployment_wait_s
 
     exe = Path(sys.executable).with_name("dvc")
-    cmd = [str(exe) if exe.exists() else "dvc", *args]
+    cmd = [str(exe) if exe.exists() else "dvc", "--wait-for-lock", *args]
     deadline, waiting = None, False
     while True:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = _run_stopping_with_us(cmd, args[-1] if args[0] == "repro" else None)
         # refused before any stage ran (DVC takes a stage's rwlock before running it): safe to run again
         busy = proc.returncode and "Running stage" not in proc.stdout and _dvc_busy(proc.stderr or proc.stdout)
         if not busy:
@@ -80,6 +86,83 @@ def _dvc(*args: str) -> subprocess.CompletedProcess:
     if proc.returncode:
         raise PipelineError(f"`dvc {' '.join(args)}` failed: {_why(proc.stderr or proc.stdout)}")
     return proc
+
+
+STOP_GRACE_S = 20.0  # after a Ctrl-C or a cancel: how long a stage gets to end on its own (below Prefect's 30 s)
+# what the stages log (stages.errors.run_cli's format): passed on to this flow run's log, with the stage's name
+_STAGE_LOG = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ((?:stages|flows)[\w.]*): (.*)$")
+
+
+def _stage_env() -> dict[str, str]:
+    """The environment of a dvc command: dvc.yaml's `python -m ...` commands find this interpreter first on PATH (a
+    worker started as `.venv/bin/prefect worker start`, without the venv activated, would otherwise run the stages
+    with the system's python), and a training stage reports to this run's Prefect API (a temporary server of
+    `python -m flows.pipeline`) instead of starting a second server on the same database."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    with contextlib.suppress(Exception):
+        from prefect.settings import PREFECT_API_URL
+
+        if PREFECT_API_URL.value():
+            env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    return env
+
+
+def _run_stopping_with_us(cmd: list[str], stage: str | None) -> subprocess.CompletedProcess:
+    """Run `cmd` in a process group of its own and collect its output; the stages' log lines go to this flow run's
+    log as they come (`stage`: the name they get). When this process is stopped while it runs (a cancel, whose SIGTERM
+    Prefect raises here; a Ctrl-C), the whole group is stopped too, and waited for, before the stop goes on and the run
+    lock is released: DVC does not pass signals on to a stage, so a training stage would otherwise go on without the
+    lock, beside the next run (docs/design.md §9). The group gets SIGINT (a Ctrl-C: a training stage writes its
+    completed rounds and exits), then SIGKILL after `STOP_GRACE_S` (a kill never loses a completed round)."""
+    import threading
+
+    logger = None
+    with contextlib.suppress(Exception):
+        logger = get_run_logger()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=True, env=_stage_env())
+    out: list[str] = []
+    err: list[str] = []
+
+    def pump(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
+            m = _STAGE_LOG.match(line.rstrip("\n")) if logger is not None and stage else None
+            if m:
+                with contextlib.suppress(Exception):
+                    logger.log(getattr(logging, m.group(1)), "%s: %s", stage, m.group(3))
+
+    threads = [threading.Thread(target=pump, args=(proc.stdout, out), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        proc.wait()
+    except BaseException:
+        _stop_group(proc)
+        raise
+    finally:
+        for t in threads:
+            t.join(timeout=5)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "".join(err))
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop `proc`'s process group: SIGINT, then SIGKILL after `STOP_GRACE_S` (or at a second Ctrl-C); back once
+    `proc` has ended."""
+    import signal
+
+    for sig, wait_s in ((signal.SIGINT, STOP_GRACE_S), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            continue
+        except BaseException:  # another stop signal while waiting: kill at once
+            continue
 
 
 def _dvc_busy(output: str) -> str | None:
@@ -128,12 +211,20 @@ def stage_task(stage: str) -> dict:
 
 
 def _rounds_line(text: str) -> tuple[int, re.Match]:
-    """The `rounds:` line of params.yaml's `train:` section (the value and where it is)."""
-    section = re.search(r"(?m)^train:\s*$", text)
+    """The `rounds:` of params.yaml's `train:` section (the value and where it is): a `rounds: N` line of the block
+    under `train:` (a comment after `train:` allowed), or in a one-line `train: {..., rounds: N, ...}`."""
+    flow_map = re.compile(r"(?m)^train:[ \t]*\{(?:[^\n#{}]*?[,\s])?(rounds:[ \t]*)(\d+)[^\n#{}]*\}[ \t]*(?:#.*)?$")
+    flow_map = flow_map.search(text)
+    if flow_map:
+        return int(flow_map.group(2)), flow_map
+    section = re.search(r"(?m)^train:[ \t]*(?:#.*)?$", text)
     if section is None:
-        raise PipelineError("params.yaml: no `train:` section to raise train.rounds in; add `train: {rounds: N}`")
-    m = re.compile(r"(?m)^(\s+rounds:\s*)(\d+)").search(text, section.end())
-    nxt = re.compile(r"(?m)^\S").search(text, section.end())
+        raise PipelineError("params.yaml: no `train:` section to raise train.rounds in; add one with `rounds: N` "
+                            "under it (see params.yaml's own)")
+    child = re.compile(r"(?m)^([ \t]+)[^\s#]").search(text, section.end())  # the indent of the section's keys
+    indent = re.escape(child.group(1)) if child else "[ \t]+"
+    m = re.compile(rf"(?m)^({indent}rounds:[ \t]*)(\d+)[ \t]*(?:#.*)?$").search(text, section.end())
+    nxt = re.compile(r"(?m)^[^\s#]").search(text, section.end())
     if m is None or (nxt and m.start() > nxt.start()):
         raise PipelineError("params.yaml: `train.rounds` is not set; set it so a scheduled run can raise it")
     return int(m.group(2)), m
@@ -150,24 +241,35 @@ def raise_rounds(path: Path, by: int) -> tuple[int, int]:
 
 
 def plan_rounds(params, more_rounds: int, rounds_per_new_prompt: float) -> tuple[int, list[str]]:
-    """How many rounds to add to train.rounds: `more_rounds`, plus, when every round is done and prompts were added
-    since the last one, enough to train on each new prompt once. When more rounds of this run are complete than
-    train.rounds says (a `python -m flows.train --rounds N` run), it first catches up with them: `more_rounds` means
-    that many beyond what is trained, and a scheduled run does not fail on "N rounds asked, but more complete"."""
+    """How many rounds to add to train.rounds: `more_rounds`, plus, when every round of this run is done and prompts
+    were added since its last one, enough to train on each new prompt once. When more rounds of this run are complete
+    than train.rounds says (a `python -m flows.train --rounds N` run), it first catches up with them: `more_rounds`
+    means that many beyond what is trained, and a scheduled run does not fail on "N rounds asked, but more complete".
+    Rounds of another configuration (moved aside when this one trains) count for nothing: this run starts at round 0
+    with train.rounds as it is, over the whole split."""
     from stages.io import read_table
     from stages.loop.resume import new_prompts, scan_rounds, split_record
     from stages.loop.warm import PREPARED_TRAIN
 
     done = sorted((r, m) for r, (_, m) in scan_rounds(Path(params.train.rounds_dir)).items() if m is not None)
-    added: list[str] = []
-    if done and Path(PREPARED_TRAIN).is_file():
-        added = new_prompts(done[-1][1], split_record(read_table(PREPARED_TRAIN)))
     mine = {params.identity(), *params.identity_aliases()}
     ours = [m for _, m in done if m.get("identity") in mine]  # another run's rounds will be archived
+    added: list[str] = []
+    if ours and Path(PREPARED_TRAIN).is_file():
+        added = new_prompts(ours[-1], split_record(read_table(PREPARED_TRAIN)))
     extra = more_rounds + max(0, len(ours) - params.train.rounds)
-    if added and len(done) >= params.train.rounds:
+    if added and len(ours) >= params.train.rounds:
         extra += math.ceil(len(added) * rounds_per_new_prompt / params.train.prompts_per_round)
     return extra, added
+
+
+def check_arguments(more_rounds: int, rounds_per_new_prompt: float) -> None:
+    """The flow's own parameters (a deployment's, or `--more-rounds`): one-line PipelineError when out of range."""
+    if more_rounds < 0:
+        raise PipelineError(f"more_rounds: must be >= 0 (got {more_rounds})")
+    if not (math.isfinite(rounds_per_new_prompt) and rounds_per_new_prompt >= 0):
+        raise PipelineError(f"rounds_per_new_prompt: must be a number >= 0 (got {rounds_per_new_prompt}); 1 trains "
+                            "once on each new prompt, 0 adds no rounds for them")
 
 
 @flow(name="rloo-pipeline", log_prints=False)
@@ -179,9 +281,8 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
     from stages.params import load_params
 
     quiet_bad_input_tracebacks()
+    check_arguments(more_rounds, rounds_per_new_prompt)
     logger = get_run_logger()
-    if more_rounds < 0:
-        raise PipelineError(f"more_rounds: must be >= 0 (got {more_rounds})")
     path = Path(params_path)
     if not path.is_file() or path.resolve() != Path("params.yaml").resolve():
         # dvc.yaml's stages read ./params.yaml: raising train.rounds in another file would train from this one
@@ -217,7 +318,8 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
                 steps += [_stage(path, stage) for stage in STAGES[1:]]
             except BaseException:
                 try:
-                    put_back = _put_back(path, original, rounds, logger)
+                    owed = rounds[1] - rounds[0] - more_rounds if rounds else 0
+                    put_back = _put_back(path, original, rounds, logger, owed)
                 except Exception as exc:  # the run's own failure is the one to report
                     put_back = f"could not be put back ({exc})"
                     logger.warning("could not put params.yaml back: %s", exc)
@@ -247,10 +349,14 @@ def _stage(path: Path, stage: str) -> dict:
     return done
 
 
-def _put_back(path: Path, original: str, rounds: tuple[int, int] | None, logger) -> str:
+def _put_back(path: Path, original: str, rounds: tuple[int, int] | None, logger, owed: int = 0) -> str:
     """After a failed run: params.yaml as the run found it, except that train.rounds keeps the rounds that did complete
-    (the next run resumes after them; putting back fewer would refuse every later run). A file someone edited during
-    the run is left as it is. Returns what it did, in words (the failed run's artifact says it)."""
+    (the next run resumes after them; putting back fewer would refuse every later run) and the `owed` ones: rounds the
+    run added for prompts added to the split (and to catch up with rounds trained beyond train.rounds), which the next
+    run trains. It could not ask for them again: once a round has run, those prompts are in its recorded split and no
+    longer new, so a run that failed halfway through them would leave the rest untrained. Only `more_rounds` is put
+    back (asked again, it would count twice). A file someone edited during the run is left as it is. Returns what it
+    did, in words (the failed run's artifact says it)."""
     from stages.io import write_text
 
     text = path.read_text()
@@ -269,12 +375,13 @@ def _put_back(path: Path, original: str, rounds: tuple[int, int] | None, logger)
     rounds_dir = Path((yaml.safe_load(original).get("train") or {}).get("rounds_dir") or default)
     done = sum(1 for d in (rounds_dir.iterdir() if rounds_dir.is_dir() else ())
                if ROUND_DIR.match(d.name) and (d / MANIFEST).is_file())
-    keep = min(max(rounds[0], done), rounds[1])
+    keep = min(max(rounds[0] + owed, done), rounds[1])
     write_text(_with_rounds(original, keep), path)
     if keep > rounds[0]:
-        logger.warning("train.rounds kept at %d, not put back to %d: %d rounds are complete (the next run resumes)",
-                       keep, rounds[0], done)
-        return f"put back, except train.rounds kept at {keep} ({done} rounds are complete)"
+        why = f"{done} rounds are complete" + (f", {owed} were added for new prompts" if owed else "")
+        logger.warning("train.rounds kept at %d, not put back to %d: %s (the next run resumes and trains up to %d)",
+                       keep, rounds[0], why, keep)
+        return f"put back, except train.rounds kept at {keep} ({why})"
     return "put back as the run found it"
 
 

@@ -1,5 +1,10 @@
-"""Serve the training flow on a schedule from this process: the single-machine alternative to
-`prefect deploy` + a worker (see prefect.yaml).
+"""Serve the training flow alone on a schedule from this process, without `prefect deploy` or a worker.
+
+It trains `train.rounds` rounds on each run (resuming as `python -m flows.train` does), and nothing else: no
+prepare, evaluate or report, no `train.rounds` raised for new prompts, and DVC's `dvc.lock` is not updated (a
+`dvc repro` afterwards brings them up to date: its train stage finds the rounds done). The whole pipeline on a
+schedule is the `rloo-pipeline/nightly` deployment in prefect.yaml, with a worker (README: Scheduled training with
+Prefect).
 
     python -m flows.serve --cron "0 2 * * *"        # runs until stopped; trigger runs from the UI too
 

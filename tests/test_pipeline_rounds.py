@@ -173,3 +173,203 @@ def test_a_scheduled_run_catches_up_with_rounds_trained_beyond_train_rounds(tmp_
     assert plan_rounds(params, 3, 1.0) == (5, [])
     other = repo_params(train={"rounds": 4}, base={"seed": 123})
     assert other.identity() != params.identity() and plan_rounds(other, 1, 1.0) == (1, [])
+
+
+@pytest.mark.parametrize("text, rounds", [
+    ("train:   # the training loop\n  # how long\n  rounds: 7  # rounds\nsample:\n  k: 4\n", 7),
+    ("train: {rounds: 3}\n", 3),
+    ("train: {prompts_per_round: 8, rounds: 5}  # short\nsample: {k: 4}\n", 5),
+    ("train:\n  schedule:\n    rounds: 2\n  rounds: 9\n", 9),  # a nested `rounds:` is not train.rounds
+])
+def test_train_rounds_is_found_where_yaml_allows_it(tmp_path, text, rounds):
+    """A comment after `train:`, a one-line `train: {...}` (what the error for a missing section used to advise, and
+    then refused) and a deeper `rounds:` inside the section: the number raised is train.rounds, as YAML reads it."""
+    import yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert raise_rounds(path, 2) == (rounds, rounds + 2)
+    assert yaml.safe_load(path.read_text())["train"]["rounds"] == rounds + 2
+    assert path.read_text() == text.replace(f"rounds: {rounds}", f"rounds: {rounds + 2}", 1) or "schedule" in text
+
+
+def test_a_failed_run_keeps_the_rounds_it_added_for_new_prompts(tmp_path, monkeypatch, caplog):
+    """A run that raised train.rounds 12 -> 16 for new prompts and failed after round 13: those prompts are in round
+    13's recorded split, so no later run would see them as new and ask for their rounds again; train.rounds stays
+    at 16 (the next run trains up to it). What `more_rounds` added is put back: asked again, it would count twice."""
+    from flows.pipeline import _put_back
+
+    monkeypatch.chdir(tmp_path)
+    _rounds_done(tmp_path, 13)
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS)
+    rounds = raise_rounds(path, 4)
+    with caplog.at_level(logging.WARNING):
+        said = _put_back(path, PARAMS, rounds, logging.getLogger("t"), owed=4)
+    assert "rounds: 16 " in path.read_text() and "kept at 16" in said and "4 were added for new prompts" in said
+    path.write_text(PARAMS)
+    rounds = raise_rounds(path, 4)  # 1 round for new prompts, 3 of more_rounds: 12 + 1, and 13 are complete
+    assert "kept at 13" in _put_back(path, PARAMS, rounds, logging.getLogger("t"), owed=1)
+    assert "rounds: 13 " in path.read_text()
+
+
+def _split_rounds(params, ids_by_round, split):
+    """Complete rounds of `params`' run whose manifests record `split` as their train split."""
+    import polars as pl
+
+    from stages.loop.resume import MANIFEST, round_dir, split_record, write_manifest
+    from stages.loop.writer import manifest_for
+
+    for r, ids in enumerate(ids_by_round):
+        m = manifest_for(r, params.identity(), "h", {}, {"reward": 0.0}, {}, None)
+        m |= {"prompt_ids": ids, "train_split": split_record(pl.DataFrame({"prompt_id": split}))}
+        path = round_dir(params.train.rounds_dir, r) / MANIFEST
+        path.parent.mkdir(parents=True)
+        write_manifest(m, path)
+
+
+def test_new_prompts_add_rounds_only_to_the_run_they_continue(tmp_path, monkeypatch):
+    """Prompts added to the split after the last round: their rounds are added once every round of this run is done,
+    and not when the rounds in place are another configuration's (that run is moved aside, and this one starts at
+    round 0 over the whole split with train.rounds as it is)."""
+    import polars as pl
+    from conftest import repo_params
+
+    from flows.pipeline import plan_rounds
+    from stages.io import write_table
+    from stages.loop.warm import PREPARED_TRAIN
+
+    monkeypatch.chdir(tmp_path)
+    params = repo_params(train={"rounds": 2, "prompts_per_round": 2})
+    _split_rounds(params, [["a", "b"], ["c", "d"]], ["a", "b", "c", "d"])
+    write_table(pl.DataFrame({"prompt_id": ["a", "b", "c", "d", "e", "f", "g"]}), PREPARED_TRAIN)
+    assert plan_rounds(params, 0, 1.0) == (2, ["e", "f", "g"])  # ceil(3 / 2)
+    assert plan_rounds(params, 1, 2.0) == (4, ["e", "f", "g"])
+    more = repo_params(train={"rounds": 3, "prompts_per_round": 2})  # not every round is done: no rounds added
+    assert more.identity() == params.identity() and plan_rounds(more, 0, 1.0) == (0, ["e", "f", "g"])
+    other = repo_params(train={"rounds": 2, "prompts_per_round": 2}, base={"seed": 123})
+    assert other.identity() != params.identity() and plan_rounds(other, 0, 1.0) == (0, [])
+
+
+@pytest.mark.parametrize("more, per_prompt, field", [(-1, 1.0, "more_rounds"), (0, -0.5, "rounds_per_new_prompt"),
+                                                      (0, float("nan"), "rounds_per_new_prompt")])
+def test_the_flows_own_parameters_are_checked(more, per_prompt, field):
+    from flows.pipeline import check_arguments
+
+    with pytest.raises(PipelineError, match=rf"^{field}: must be"):
+        check_arguments(more, per_prompt)
+    check_arguments(0, 0.0)
+
+
+def test_dvcs_stages_run_with_this_interpreter_and_report_to_this_api(monkeypatch):
+    """dvc.yaml's `python -m ...` finds this process's interpreter first (a worker started without its venv on PATH
+    would run the stages with another python), and a training stage reports to the API this run uses."""
+    import os
+    import sys
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import _stage_env
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4999/api"}):
+        env = _stage_env()
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert env["PATH"].endswith("/usr/bin:/bin") and env["PREFECT_API_URL"] == "http://127.0.0.1:4999/api"
+
+
+# a stand-in for `dvc repro`: it ignores SIGINT while its stage runs, as DVC does, and waits for the stage
+_DVC_LIKE = """
+import signal, subprocess, sys
+stage = subprocess.Popen([sys.executable, "-c", sys.argv[1], *sys.argv[2:]])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.exit(stage.wait())
+"""
+# the stage: on SIGINT it writes what it completed and exits 130 (as `python -m flows.train` does), or ignores it
+_STAGE = """
+import os, signal, sys, time
+out, polite = sys.argv[1], sys.argv[2] == "polite"
+open(out + ".pid", "w").write(str(os.getpid()))
+def stop(*_):
+    open(out, "w").write("wrote its completed rounds")
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop if polite else signal.SIG_IGN)
+print("12:00:00 WARNING stages.loop.resume: the previous run was moved to data/archive/x", file=sys.stderr, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("polite", [True, False])
+def test_a_stopped_pipeline_stops_its_stage_before_it_lets_go(tmp_path, monkeypatch, caplog, polite):
+    """A cancel (Prefect raises SIGTERM as an exception in the flow) or a Ctrl-C while a stage runs: DVC passes no
+    signal on, so the stage's process group is stopped here, and waited for, before the exception goes on (and the
+    run lock is released): a training stage does not go on beside the next run. It gets SIGINT first (it writes its
+    completed rounds), SIGKILL when it does not end in time. Its log lines reach this flow run's log as they come."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import flows.pipeline as pipeline
+
+    class Stopped(BaseException):
+        pass
+
+    def cancel(*_):
+        raise Stopped()
+
+    monkeypatch.setattr(pipeline, "STOP_GRACE_S", 2.0)
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: logging.getLogger("flow-run"))
+    out = tmp_path / "stage.out"
+    old = signal.signal(signal.SIGALRM, cancel)
+    signal.alarm(3)
+    t0 = time.monotonic()
+    try:
+        with caplog.at_level(logging.INFO, logger="flow-run"), pytest.raises(Stopped):
+            pipeline._run_stopping_with_us([sys.executable, "-c", _DVC_LIKE, _STAGE, str(out),
+                                            "polite" if polite else "deaf"], "train")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    took = time.monotonic() - t0
+    pid = int(Path(f"{out}.pid").read_text())
+    gone = False
+    for _ in range(50):  # reaped by the stand-in, or by init once the stand-in is gone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            gone = True
+            break
+        time.sleep(0.1)
+    assert gone, "the stage outlived the pipeline's stop"
+    if polite:
+        assert out.read_text() == "wrote its completed rounds" and took < 3 + 2.0
+    else:
+        assert not out.exists() and took >= 3 + 2.0
+    assert "train: the previous run was moved to data/archive/x" in caplog.messages
+
+
+def test_a_dvc_command_waits_for_dvcs_repository_lock(tmp_path, monkeypatch):
+    """Any dvc command holds DVC's repository lock for moments, and a `dvc repro` between its stages (saving a train
+    stage's outputs to the cache): DVC gives up on it after 3 s, which could fail a scheduled run's stage after hours
+    of training. The pipeline's dvc commands wait for it. Real DVC; the lock held by another process for 5 s."""
+    import subprocess
+    import sys
+    import time
+
+    import flows.pipeline as pipeline
+
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], check=True)
+    Path("dvc.yaml").write_text("stages:\n  make:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, zc.lockfile; held = zc.lockfile.LockFile("
+                               "'.dvc/tmp/lock'); print('held', flush=True); time.sleep(5)"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        proc = pipeline._dvc("status", "--json")
+        assert proc.returncode == 0 and time.monotonic() - t0 > 3.5  # it waited past DVC's own 3 s
+    finally:
+        holder.kill()
