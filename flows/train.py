@@ -227,6 +227,7 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
     good (a later start does not take it for one to put back, even if you delete this run's rounds by hand)."""
     from stages import tracking
     from stages.evaluate import flat_metrics
+    from stages.loop.lock import LOCK_PATH, still_held
     from stages.loop.resume import keep_archived, new_prompts, report_resolution_change, report_untrained, split_record
     from stages.loop.writer import RoundWriter, manifest_for, round_write, write_run_outputs
 
@@ -299,6 +300,11 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
     t_rounds = time.perf_counter()
     try:
         for r in range(start, total):
+            if not still_held():
+                raise PipelineError(f"{LOCK_PATH}: the process that passed this run the checkout's run lock has ended "
+                                    f"(killed?), so the lock is free and another run could start beside this one; "
+                                    f"stopped before round {r + 1} (the rounds before it are complete): run again to "
+                                    "resume")
             tr, d = time.perf_counter(), round_dir(tp.rounds_dir, r)
             prompts = round_prompts(w.train_prompts, r, tp.prompts_per_round, params.base.seed, seen, added)
             seen.append(prompts["prompt_id"].to_list())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stages.errors import PipelineError
-from stages.loop.lock import deployment_wait_s, run_lock
+from stages.loop.lock import deployment_wait_s, run_lock, still_held
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,3 +85,48 @@ def test_checkout_id_is_made_once_and_a_process_key_names_a_live_process(tmp_pat
     time.sleep(1.0)  # it has exited and is not reaped yet
     assert not process_alive(process_key(zombie.pid))
     zombie.wait()
+
+
+_HOLDER = """
+import subprocess, sys, time
+from stages.loop.lock import run_lock
+with run_lock("scheduled pipeline", path=sys.argv[1]):
+    subprocess.Popen([sys.executable, "-c", sys.argv[2], sys.argv[1], sys.argv[3]])
+    time.sleep(60)
+"""
+_STAGE = """
+import sys, time
+from stages.loop.lock import still_held
+out = open(sys.argv[2], "a")
+for _ in range(200):
+    out.write(f"{still_held(sys.argv[1])}\\n")
+    out.flush()
+    time.sleep(0.05)
+"""
+
+
+def test_a_stage_notices_when_the_process_that_passed_it_the_lock_is_killed(tmp_path):
+    """A pipeline passes its run lock down to the stage it starts (dvc repro -> python -m flows.train). Killed with
+    kill -9, it lets the lock go while the stage goes on: `still_held` turns False for the stage, which stops at its
+    next round instead of writing beside the next run. A real holder, a real SIGKILL."""
+    import os
+    import signal
+
+    lock, seen = tmp_path / "run.lock", tmp_path / "seen.txt"
+    repo = str(Path(__file__).parents[1])
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock), _STAGE, str(seen)], cwd=repo,
+                              env={**os.environ, "PYTHONPATH": repo})
+    try:
+        for _ in range(200):
+            if seen.exists() and seen.read_text().count("True") >= 3:
+                break
+            time.sleep(0.05)
+        assert seen.read_text().split() and set(seen.read_text().split()) == {"True"}
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        time.sleep(1.0)
+        after = seen.read_text().split()
+        assert after[-1] == "False" and "False" in after
+    finally:
+        holder.kill()
+    assert still_held(lock)  # no lock passed down to this process: nothing to check

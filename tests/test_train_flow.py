@@ -86,3 +86,55 @@ def test_mlflow_gets_a_round_once_its_manifest_is_on_disk(tmp_path, tiny_model_d
     (again,) = client.search_runs(["1"])  # the same MLflow run, resumed
     assert again.info.run_id == first.info.run_id
     assert sorted(m.step for m in client.get_metric_history(again.info.run_id, "reward")) == [1, 2]
+
+
+_PIPELINE_LIKE = """
+import subprocess, sys, time
+from stages.loop.lock import run_lock
+with run_lock("scheduled pipeline"):
+    out = open("train.log", "w")
+    child = subprocess.Popen([sys.executable, "-m", "flows.train", "--rounds", "6"], stdout=out, stderr=out)
+    open("train.pid", "w").write(str(child.pid))
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_training_stage_stops_when_the_pipeline_that_passed_it_the_lock_is_killed(tmp_path, tiny_model_dir):
+    """A scheduled pipeline holds the run lock and passes it down to its training stage. Killed with kill -9, it lets
+    the lock go while the stage goes on; the stage stops at its next round, with one line saying why, instead of
+    writing beside the next run. The rounds it completed are kept and a run afterwards resumes after them."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 6, "train.eval_every": 0, "sample.backend": "hf"})
+    env = run_env(tmp_path)
+    run([PY, "-m", "stages.prepare"], proj, env)
+    holder = subprocess.Popen([PY, "-c", _PIPELINE_LIKE], cwd=proj, env=env)
+    rounds = proj / "data" / "rounds"
+    try:
+        deadline = time.monotonic() + 600
+        while not (rounds / "round=0000" / "manifest.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (rounds / "round=0000" / "manifest.json").exists()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        pid = int((proj / "train.pid").read_text())
+        while time.monotonic() < deadline:  # gone, or a zombie that no init reaps (a container's)
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.2)
+    finally:
+        holder.kill()
+    log = (proj / "train.log").read_text()
+    assert "error: .rloo/run.lock: the process that passed this run the checkout's run lock has ended" in log
+    done = sorted(p.parent.name for p in rounds.glob("round=*/manifest.json"))
+    assert 1 <= len(done) < 6
+    out = run([PY, "-m", "flows.train", "--rounds", str(len(done) + 1)], proj, env)
+    assert f"resuming after round {len(done)} of {len(done) + 1}" in out.stdout + out.stderr

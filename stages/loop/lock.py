@@ -70,6 +70,15 @@ def _inherited(path: Path) -> bool:
     return info.get("token") == token and info.get("pid") in _ancestors()
 
 
+def still_held(path: str | Path = LOCK_PATH) -> bool:
+    """Whether this process may go on with the run's files: it holds the lock, or the ancestor that passed it down is
+    still its ancestor and still names it in the lock file. A pipeline killed with kill -9 lets the lock go while the
+    training stage it started goes on (nothing is left to stop it): a round boundary is where such a stage notices
+    and stops, before a next run could start beside it (docs/design.md §9). True where no lock was passed down (a
+    flow called as a function, without the lock)."""
+    return bool(_held) or not os.environ.get(ENV) or _inherited(Path(path))
+
+
 def checkout_id(path: str | Path = LOCK_PATH.parent / "checkout-id") -> str | None:
     """This checkout's own id: a random hex made once beside the run lock (`.rloo/checkout-id`, git-ignored), so two
     checkouts that share a path and a host name (containers) are told apart; None where it cannot be read or written.
