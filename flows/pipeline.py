@@ -263,6 +263,29 @@ def plan_rounds(params, more_rounds: int, rounds_per_new_prompt: float) -> tuple
     return extra, added
 
 
+@contextlib.contextmanager
+def _to_run_log(run_logger):
+    """This process's own `stages.*` log records (a wait for the run lock, a run moved back from the archive) go to
+    the flow run's log while the flow runs: Prefect sends only its own loggers' records to its API, and a worker's
+    console is not where a user of the UI looks. Not propagated meanwhile: the run's logger prints them once."""
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with contextlib.suppress(Exception):
+                run_logger.log(record.levelno, "%s", record.getMessage())
+
+    target = logging.getLogger("stages")
+    handler, level, propagate = Forward(logging.INFO), target.level, target.propagate
+    target.addHandler(handler)
+    target.setLevel(logging.INFO)
+    target.propagate = False
+    try:
+        yield
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(level)
+        target.propagate = propagate
+
+
 def check_arguments(more_rounds: int, rounds_per_new_prompt: float) -> None:
     """The flow's own parameters (a deployment's, or `--more-rounds`): one-line PipelineError when out of range."""
     if more_rounds < 0:
@@ -294,7 +317,7 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
     steps: list[dict] = []
     put_back = "as the run found it"
     try:
-        with run_lock("scheduled pipeline", wait_s=deployment_wait_s()):  # a scheduled run queues behind the holder
+        with _to_run_log(logger), run_lock("scheduled pipeline", wait_s=deployment_wait_s()):  # queues behind the holder
             restore_interrupted(load_params(path))  # a run killed in round 1: put back before the rounds are counted
             changed = status_task()
             if not changed and more_rounds == 0:

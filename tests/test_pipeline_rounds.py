@@ -373,3 +373,23 @@ def test_a_dvc_command_waits_for_dvcs_repository_lock(tmp_path, monkeypatch):
         assert proc.returncode == 0 and time.monotonic() - t0 > 3.5  # it waited past DVC's own 3 s
     finally:
         holder.kill()
+
+
+def test_the_pipelines_own_stage_logs_reach_its_flow_run(caplog):
+    """In the pipeline's process, what `stages.*` log (the run lock's wait, a run moved back from the archive) goes to
+    the flow run's logger while the flow runs, once, and the logger is as it was afterwards."""
+    from flows.pipeline import _to_run_log
+
+    run_log = logging.getLogger("flow-run-log")
+    before = logging.getLogger("stages").level, logging.getLogger("stages").propagate
+    with caplog.at_level(logging.INFO):
+        with _to_run_log(run_log):
+            logging.getLogger("stages.loop.lock").warning("waiting for this checkout's lock")
+            logging.getLogger("stages.loop.resume").info("the previous run is back in place")
+        logging.getLogger("stages.loop.lock").warning("after the flow")
+    mine = [(r.name, r.getMessage()) for r in caplog.records]
+    assert mine[:2] == [("flow-run-log", "waiting for this checkout's lock"),
+                        ("flow-run-log", "the previous run is back in place")]
+    assert ("stages.loop.lock", "waiting for this checkout's lock") not in mine  # once, through the run's logger
+    assert mine[2:] == [("stages.loop.lock", "after the flow")]
+    assert (logging.getLogger("stages").level, logging.getLogger("stages").propagate) == before
