@@ -28,7 +28,7 @@ import logging
 import time
 from pathlib import Path
 
-from stages.errors import bad_input_exits, run_cli
+from stages.errors import PipelineError, bad_input_exits, run_cli
 from stages.runtime import preload_malloc
 
 # the command re-executes itself once with tcmalloc preloaded (RLOO_MALLOC), as training does: its vLLM engine asks
@@ -69,13 +69,20 @@ def generate_one(sampler, tokenizer, prompts: pl.DataFrame, params, seed: int, p
     return df
 
 
-def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame) -> np.ndarray:
-    from stages.rewards import combine, compute_rewards
+def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame, on_invalid: str = "error") -> np.ndarray:
+    """The task reward of each held-out completion. A reward's NaN/inf is handled as `score.on_invalid` says, as in
+    training: `error` stops with the row; `drop` leaves the score NaN, and `eval_metrics` leaves such prompts out."""
+    from stages.rewards import combine, compute_rewards, first_invalid
     from stages.score import reward_inputs
 
     keys = list(zip(df["prompt_id"], df["sample_idx"]))
     texts, columns = reward_inputs(df, prompts)
     comps = compute_rewards(rewards, texts, df["completion"].to_list(), keys, **columns)  # TRL's extras at step 0
+    for name, values in comps.items():
+        bad = first_invalid(values, keys)
+        if bad is not None and on_invalid == "error":
+            raise PipelineError(f"reward `{name}` gave NaN/inf for held-out prompt_id={bad[0]} in the evaluation; fix "
+                                "the reward or set score.on_invalid: drop to leave such prompts out of the metrics")
     return combine(comps, {r.name: r.weight for r in rewards})
 
 
@@ -92,16 +99,18 @@ def evaluate_policy(
     sampler_exact: bool = False,
     ref_prompt_cache=None,
     policy_batches: int = 0,
+    on_invalid: str = "error",
 ) -> tuple[pl.DataFrame, dict]:
     """Score the policy's completions, KL to the reference, and compare with the reference's completions.
     `sampler_exact`: the completions' sampler logprobs are the fp32 policy's own (docs/design.md §7), so the
     policy's logprob pass is skipped (greedy decoding: raw logprobs, no temperature). `ref_prompt_cache`: the
     reference's keys and values of these prompts (`stages.logprobs.PromptCache`, made once per run by the flow);
-    `policy_batches`: the least batches the policy pass runs (a sharded policy, `sequence_logprobs`' min_batches)."""
+    `policy_batches`: the least batches the policy pass runs (a sharded policy, `sequence_logprobs`' min_batches);
+    `on_invalid`: `score.on_invalid`, for a reward's NaN/inf (`task_scores`)."""
     from stages.logprobs import sequence_logprobs
     from stages.score import completion_inputs
 
-    scores = task_scores(policy_samples, rewards, prompts)
+    scores = task_scores(policy_samples, rewards, prompts, on_invalid)
     p_ids, c_ids = completion_inputs(policy_samples, tokenizer)
     pad = tokenizer.pad_token_id
     if sampler_exact:
@@ -165,8 +174,15 @@ def eval_metrics(table: pl.DataFrame) -> dict:
     """The held-out metrics of an evaluation table (policy and reference side by side, one row per prompt): point
     values, 95 % paired-bootstrap intervals of the reward gain and the win-rate, and the completions' diversity
     (distinct-2 over all of them, against the reference's: a policy that says one positive sentence to every prompt
-    is reward hacking, not learning)."""
+    is reward hacking, not learning). Prompts where either score is NaN/inf (a reward's, under `score.on_invalid:
+    drop`) are left out and counted (`dropped`); with none left it stops."""
     pol, ref = table["score"].to_numpy(), table["ref_score"].to_numpy()
+    ok = np.isfinite(pol) & np.isfinite(ref)
+    if not ok.all():
+        if not ok.any():
+            raise PipelineError(f"every one of the {table.height} held-out prompts has a NaN/inf reward for the policy "
+                                "or the reference: no metric to report; fix the reward")
+        return eval_metrics(table.filter(pl.Series(ok))) | {"dropped": int((~ok).sum())}
     d2, ref_d2 = distinct_n(table["completion"].to_list()), distinct_n(table["ref_completion"].fill_null("").to_list())
     return {
         "reward": float(pol.mean()),
@@ -195,7 +211,8 @@ def examples_markdown(table: pl.DataFrame, metrics: dict, n: int) -> str:
           for k, v in metrics.items()],
         "",
     ]
-    for row in table.sort("score", descending=True).head(n).iter_rows(named=True):
+    scored = table.filter(pl.col("score").is_finite() & pl.col("ref_score").is_finite())  # NaN: left out (drop)
+    for row in scored.sort("score", descending=True).head(n).iter_rows(named=True):
         lines += [
             f"## prompt `{row['prompt_id']}` (policy {row['score']:+.3f} vs reference {row['ref_score']:+.3f})",
             "",
@@ -261,9 +278,9 @@ def main(argv: list[str] | None = None) -> None:
         policy_samples = generate_one(sampler, tokenizer, prompts, params, params.base.seed, version, logprobs=exact)
     finally:
         sampler.close()
-    ref_scores = task_scores(ref_samples, rewards, prompts)
+    ref_scores = task_scores(ref_samples, rewards, prompts, params.score.on_invalid)
     table, metrics = evaluate_policy(policy_samples, ref_samples, ref_scores, rewards, policy, ref, tokenizer, prompts,
-                                     params.score.batch_size, sampler_exact=exact)
+                                     params.score.batch_size, sampler_exact=exact, on_invalid=params.score.on_invalid)
     metrics["policy_version"] = version
     metrics["time/evaluate_s"] = time.perf_counter() - t0
     write_table(table, Path(args.out_dir) / "eval.parquet")

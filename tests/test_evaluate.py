@@ -289,3 +289,35 @@ def test_the_stage_without_a_trained_policy_says_to_train_or_pass_policy(tmp_pat
                                             r"first \(`dvc repro train` or `python -m flows.train`\), or evaluate "
                                             r"another dir with --policy$"):
         main(["--params", str(tmp_path / "params.yaml"), "--prompts", str(tmp_path / "eval.parquet")])
+
+
+def test_a_nan_reward_in_the_evaluation_follows_score_on_invalid(tmp_path, monkeypatch, setup):
+    """A reward's NaN/inf on a held-out completion: `error` stops with the row, as in training; `drop` leaves that
+    prompt out of the metrics (counted as `dropped`), so metrics/eval.json stays strict JSON; no prompt left stops."""
+    from stages.errors import PipelineError
+    from stages.evaluate import task_scores
+
+    tok, _, _, _, _ = setup
+    df = make_samples_table(tok, [("e0", 0, "a prompt", "paris", "stop"), ("e1", 0, "b prompt", "rome", "stop")])
+    qs = pl.DataFrame({"prompt_id": ["e0", "e1"], "prompt": ["a", "b"], "messages": ["[]"] * 2})
+    (tmp_path / "nan_reward_t.py").write_text("def f(prompts, completions, **kw):\n"
+                                              "    return [float('nan') if c == 'rome' else 1.0 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "nan_reward_t", raising=False)
+    nan = build_rewards([RewardSpec(name="n", function="nan_reward_t:f")])
+    with pytest.raises(PipelineError, match=r"^reward `n` gave NaN/inf for held-out prompt_id=e1 in the evaluation; "
+                                            r"fix the reward or set score.on_invalid: drop"):
+        task_scores(df, nan, qs)
+    got = task_scores(df, nan, qs, on_invalid="drop")
+    assert got[0] == 1.0 and np.isnan(got[1])
+
+    t = pl.DataFrame({"score": [1.0, float("nan"), 0.5, 0.2], "ref_score": [0.0, 0.3, float("inf"), 0.4],
+                      "kl": [0.1, 0.2, 0.3, 0.4], "num_tokens": [10, 20, 30, 40], "ref_num_tokens": [5] * 4,
+                      "completion": ["a b", "c d", "e f", "g h"], "ref_completion": ["x y"] * 4,
+                      "prompt_id": list("abcd"), "prompt_text": ["p"] * 4})
+    m = eval_metrics(t)
+    assert m == eval_metrics(t[[0, 3]]) | {"dropped": 2} and m["prompts"] == 2
+    json.loads(json.dumps(m), parse_constant=lambda c: pytest.fail(f"{c} in the metrics"))
+    assert "nan" not in examples_markdown(t, m, 4).split("## prompt", 1)[1]  # the examples show scored prompts only
+    with pytest.raises(PipelineError, match="every one of the 2 held-out prompts has a NaN/inf reward"):
+        eval_metrics(t[[1, 2]])

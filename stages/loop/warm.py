@@ -164,7 +164,7 @@ def load_warm(params, total_rounds: int, checkpoint: dict | None = None, with_ev
         w.ref_bf16 = with_bf16_linears(ref)  # +a bf16 copy of its linear weights (0.27 GB for SmolLM2-135M)
     if with_eval and eval_prompts.height:
         ref_samples = generate_one(sampler, tokenizer, eval_prompts, params, params.base.seed, 0, logprobs=False)
-        w.ref_eval = (ref_samples, task_scores(ref_samples, rewards, eval_prompts))
+        w.ref_eval = (ref_samples, task_scores(ref_samples, rewards, eval_prompts, params.score.on_invalid))
         # every evaluation scores new completions of these prompts under this reference: its prompt pass, once
         try:
             w.ref_eval_cache = PromptCache(ref, completion_inputs(ref_samples, tokenizer)[0], tokenizer.pad_token_id,
