@@ -338,7 +338,8 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
                     rounds = raise_rounds(path, extra)
                     logger.info("train.rounds %d -> %d (%d new prompt(s), more_rounds=%d)", *rounds, len(added),
                                 more_rounds)
-                steps += [_stage(path, stage) for stage in STAGES[1:]]
+                for stage in STAGES[1:]:
+                    steps.append(_stage(path, stage))
             except BaseException:
                 try:
                     owed = rounds[1] - rounds[0] - more_rounds if rounds else 0
@@ -361,15 +362,44 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
 
 
 def _stage(path: Path, stage: str) -> dict:
-    """One stage; it stops the run when params.yaml changed while it ran (DVC records the params it reads after the
-    stage, so dvc.lock would claim values the stage did not run with)."""
+    """One stage; it stops the run when a param the stage reads changed in params.yaml while it ran (DVC records the
+    params it reads after the stage, so dvc.lock would claim values the stage did not run with). An edit to other
+    params or comments is left to the stages after it, which read the file as it is then."""
     seen = path.read_text()
     done = stage_task(stage)
-    if path.read_text() != seen:
-        raise PipelineError(f"params.yaml changed while the {stage} stage ran, so dvc.lock records values it did not "
-                            f"run with; edit params.yaml between runs, and run `dvc repro -f {stage}` (then `dvc "
-                            "repro`) to run it with the file as it is now")
+    now = path.read_text()
+    if now != seen:
+        changed = _changed_params(stage, seen, now)
+        if changed != []:
+            what = f"params.yaml: {', '.join(changed)}" if changed else "params.yaml"
+            raise PipelineError(f"{what} changed while the {stage} stage ran, so dvc.lock "
+                                f"records values it did not run with; edit params.yaml between runs, and run `dvc repro "
+                                f"-f {stage}` (then `dvc repro`) to run it with the file as it is now")
     return done
+
+
+def _changed_params(stage: str, before: str, after: str) -> list[str] | None:
+    """The params of `stage` (its `params:` in dvc.yaml and the `${...}` its definition interpolates) whose values
+    differ between two texts of params.yaml; None where that cannot be told (dvc.yaml or a text that does not parse,
+    a params entry of another file)."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(Path("dvc.yaml").read_text())["stages"][stage]
+        old, new = yaml.safe_load(before), yaml.safe_load(after)
+    except Exception:
+        return None
+    keys = [k for k in spec.get("params") or [] if isinstance(k, str)]
+    if len(keys) != len(spec.get("params") or []) or not isinstance(old, dict) or not isinstance(new, dict):
+        return None
+    keys += re.findall(r"\$\{\s*([\w.]+)\s*\}", json.dumps(spec))
+
+    def value(doc: dict, key: str):
+        for part in key.split("."):
+            doc = doc.get(part) if isinstance(doc, dict) else None
+        return doc
+
+    return sorted({k for k in keys if value(old, k) != value(new, k)})
 
 
 def _put_back(path: Path, original: str, rounds: tuple[int, int] | None, logger, owed: int = 0) -> str:

@@ -393,3 +393,33 @@ def test_the_pipelines_own_stage_logs_reach_its_flow_run(caplog):
     assert ("stages.loop.lock", "waiting for this checkout's lock") not in mine  # once, through the run's logger
     assert mine[2:] == [("stages.loop.lock", "after the flow")]
     assert (logging.getLogger("stages").level, logging.getLogger("stages").propagate) == before
+
+
+def test_an_edit_during_a_stage_stops_the_run_only_where_the_stage_reads_it(tmp_path, monkeypatch):
+    """params.yaml edited while a stage runs: DVC records the params the stage reads after it, so an edit to one of
+    those (its `params:` in dvc.yaml, or a `${...}` its definition uses) stops the run naming the key; an edit to
+    another stage's params, or to a comment, is left to the stages after it."""
+    import flows.pipeline as pipeline
+
+    monkeypatch.chdir(tmp_path)
+    Path("dvc.yaml").write_text("stages:\n  train:\n    cmd: python -m flows.train\n    deps:\n      - ${base.model_dir}\n"
+                                "    params: [train, base.seed]\n")
+    path = Path("params.yaml")
+    text = "base:\n  seed: 1\n  model_dir: m\ntrain:\n  rounds: 2  # rounds\nevaluate:\n  greedy: true\n"
+
+    def run_with_edit(old: str, new: str):
+        path.write_text(text)
+        monkeypatch.setattr(pipeline, "stage_task", lambda stage: (path.write_text(text.replace(old, new)),
+                                                                   {"stage": stage, "ran": True})[1])
+        return pipeline._stage(path, "train")
+
+    assert run_with_edit("greedy: true", "greedy: false") == {"stage": "train", "ran": True}
+    assert run_with_edit("# rounds", "# how many rounds")["ran"]
+    for old, new, key in [("rounds: 2", "rounds: 3", "train"), ("seed: 1", "seed: 2", "base.seed"),
+                          ("model_dir: m", "model_dir: n", "base.model_dir")]:
+        with pytest.raises(PipelineError, match=rf"^params.yaml: {key} changed while the train stage ran, so dvc.lock "
+                                                r"records values it did not run with; .*`dvc repro -f train`"):
+            run_with_edit(old, new)
+    Path("dvc.yaml").write_text("stages: [")  # what the stage reads cannot be told: any edit stops the run
+    with pytest.raises(PipelineError, match=r"^params.yaml changed while the train stage ran"):
+        run_with_edit("greedy: true", "greedy: false")
