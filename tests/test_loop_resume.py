@@ -1032,6 +1032,12 @@ def test_the_archived_run_named_is_the_newest_final_one_with_rounds(params, tmp_
         f"an earlier run of this configuration (3 complete rounds) is in {chosen}; this one starts over. To continue "
         f"that one instead: stop this run, then `python -m stages.restore {chosen}` (it moves this one aside) and run "
         "again")
+    from stages.errors import params_file_named
+
+    caplog.clear()  # a run of another params file: the restore it advises reads that file too
+    with params_file_named("exp/p.yaml"), caplog.at_level(logging.WARNING, logger="stages.loop.resume"):
+        resume._say_archived_twin(params)
+    assert f"`python -m stages.restore {chosen} --params exp/p.yaml`" in caplog.records[-1].getMessage()
 
 
 def test_an_archive_marker_records_the_resolved_output_dirs(params, tmp_path):

@@ -40,7 +40,7 @@ from pathlib import Path
 import polars as pl
 
 from stages.errors import RESTART  # noqa: F401  (re-exported)
-from stages.errors import MANIFEST, PipelineError, checkout_fix, params_file, restart_command
+from stages.errors import MANIFEST, PipelineError, checkout_fix, params_file, restart_command, with_params
 
 log = logging.getLogger(__name__)
 
@@ -512,8 +512,8 @@ def _say_archived_twin(params) -> None:
             continue
         rounds = len(complete_rounds(d / "rounds"))
         log.warning("an earlier run of this configuration (%d complete rounds) is in %s; this one starts over. To "
-                    "continue that one instead: stop this run, then `python -m stages.restore %s` (it moves this one "
-                    "aside) and run again", rounds, d, shlex.quote(str(d)))
+                    "continue that one instead: stop this run, then `%s` (it moves this one aside) and run again",
+                    rounds, d, with_params(f"python -m stages.restore {shlex.quote(str(d))}"))
         return
 
 
