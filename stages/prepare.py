@@ -176,7 +176,35 @@ def read_prompts_source(path: Path) -> pl.DataFrame:
     """The prompts file or a `datasets` save_to_disk directory, as a table (no `datasets` import needed)."""
     if path.is_dir():
         return read_saved_dataset(path)
-    return read_table(path)
+    df = read_table(path)
+    if path.suffix in (".jsonl", ".ndjson") and df.schema.get("prompt") == pl.String:
+        check_one_prompt_format(path, df)
+    return df
+
+
+def check_one_prompt_format(path: Path, df: pl.DataFrame) -> None:
+    """A JSONL file whose `prompt` is text on some lines and a list of messages on others: polars reads the column as
+    text, each list as its JSON, and every conversation would be trained on as that JSON string. Stop, naming the first
+    line of the rarer kind. (Only read line by line where some prompt could be such a list.)"""
+    if not df["prompt"].str.starts_with("[").any():
+        return
+    first: dict[str, int] = {}
+    counts = {"text": 0, "a list of messages": 0}
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            value = json.loads(line).get("prompt") if line.lstrip().startswith("{") else None
+            kind = "a list of messages" if isinstance(value, list) else "text" if isinstance(value, str) else None
+            if kind:
+                counts[kind] += 1
+                first.setdefault(kind, n)
+    if len(first) == 2:
+        rare = min(counts, key=lambda k: (counts[k], first[k]))
+        other = next(k for k in counts if k != rare)
+        raise PipelineError(f"{path} line {first[rare]}: `prompt` is {rare}, but on {counts[other]} other line(s) it is "
+                            f"{other} (line {first[other]}); give every line the same format: text, or TRL's "
+                            "conversational list of {role, content} messages")
 
 
 def read_saved_dataset(path: Path) -> pl.DataFrame:

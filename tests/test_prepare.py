@@ -535,3 +535,31 @@ def test_prepared_tables_record_what_they_are_made_from_and_a_changed_setting_is
     for table in tables:
         pl.read_parquet(table).write_parquet(table)  # both from before the record: not checked
     warm.check_inputs(params)
+
+
+def test_a_jsonl_file_mixing_text_and_chat_prompts_is_refused_naming_the_line(tmp_path):
+    """polars reads a `prompt` column that is text on some lines and a list of messages on others as text, each list
+    as its JSON: every conversation would have been trained on as a JSON string. Refused, naming the first line of
+    the rarer kind; a text file whose prompts start with '[' is text all the same."""
+    import json
+
+    from stages.errors import PipelineError
+    from stages.prepare import read_prompts_source
+
+    chat = [{"prompt": [{"role": "system", "content": "Answer."}, {"role": "user", "content": f"{i}+1?"}]}
+            for i in range(5)]
+    mostly_chat = tmp_path / "mostly_chat.jsonl"
+    mostly_chat.write_text("\n".join(json.dumps(r) for r in [*chat[:3], {"prompt": "What is 100+1?"}, *chat[3:]]) + "\n")
+    with pytest.raises(PipelineError, match=r"mostly_chat.jsonl line 4: `prompt` is text, but on 5 other line\(s\) it "
+                                            r"is a list of messages \(line 1\); give every line the same format"):
+        read_prompts_source(mostly_chat)
+    mostly_text = tmp_path / "mostly_text.jsonl"
+    mostly_text.write_text("\n".join(json.dumps(r) for r in [{"prompt": "a"}, {"prompt": "b"}, chat[0]]) + "\n\n")
+    with pytest.raises(PipelineError, match=r"mostly_text.jsonl line 3: `prompt` is a list of messages, but on 2 "):
+        read_prompts_source(mostly_text)
+    brackets = tmp_path / "brackets.jsonl"
+    brackets.write_text('{"prompt": "[x] is a checkbox"}\n{"prompt": "[{\\"role\\": 1}]"}\n')
+    assert read_prompts_source(brackets)["prompt"].to_list() == ["[x] is a checkbox", '[{"role": 1}]']
+    only_chat = tmp_path / "chat.jsonl"
+    only_chat.write_text("\n".join(json.dumps(r) for r in chat) + "\n")
+    assert read_prompts_source(only_chat).schema["prompt"] != pl.String
