@@ -78,7 +78,8 @@ class SampleParams(_Section):
     max_completion_length: int = F(32, "generated tokens per completion, at most", ge=1)
     temperature: float = F(1.0, "sampling temperature", gt=0)
     top_p: float = F(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass", gt=0, le=1)
-    stop: list[str] = F(list, "extra stop strings (EOS always stops)")
+    stop: list[str] = F(list, "extra stop strings (EOS always stops); a completion ends with the token that completed "
+                        "one, and its text, the tokens' decoding, includes it (as TRL's)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = F(
         "auto", "sampler dtype: auto = bf16 on GPUs and on CPUs with AMX (there it sampled a round in 2.2 instead of "
         "4.7 s and added a 0.9 s bf16 policy pass), fp32 on other CPUs (its logprobs are the policy's own, so the "

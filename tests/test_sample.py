@@ -848,6 +848,9 @@ def check_stop_string(df: pl.DataFrame, tokenizer, stop: str, max_tokens: int, e
         before_last = tokenizer.decode(ids[:-1], skip_special_tokens=True)
         assert stop not in before_last, f"tokens after the stop string: {where}"
         on_stop = stop in tokenizer.decode(ids, skip_special_tokens=True)
+        # the text is what the tokens say, stop string included (vLLM's own text drops it): the reward scores the
+        # completion the update trains on, whichever backend sampled it
+        assert row["completion"] == tokenizer.decode(ids, skip_special_tokens=True), where
         hits += on_stop
         want = "stop" if on_stop or ids[-1] in eos else "length"
         assert row["finish_reason"] == want, where

@@ -533,6 +533,10 @@ class VLLMSampler:
         ]
         with self._eager():
             outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sps, use_tqdm=True)
+        # With stop strings, vLLM's text ends before the stop string while its token ids keep the token that completed
+        # it: the text is then the ids' decoding, as the transformers backend's and TRL's are (the reward scores what
+        # the update trains on)
+        decode = self.llm.get_tokenizer().decode if cfg.stop else None
         groups = []
         for out in outs:
             group = []
@@ -541,7 +545,8 @@ class VLLMSampler:
                 logprobs = None
                 if cfg.logprobs:
                     logprobs = [float(step[t].logprob) for step, t in zip(o.logprobs or [], token_ids)]
-                group.append(Completion(o.text, token_ids, logprobs, "length" if o.finish_reason == "length" else "stop"))
+                text = decode(token_ids, skip_special_tokens=True) if decode else o.text
+                group.append(Completion(text, token_ids, logprobs, "length" if o.finish_reason == "length" else "stop"))
             groups.append(group)
         return groups
 
