@@ -52,8 +52,16 @@ def lr_lambda(warmup: int, total: int, schedule: str):
 
 
 def training_batch(samples: pl.DataFrame, advantages: pl.DataFrame) -> pl.DataFrame:
-    """Samples joined with their advantages; every advantage row must have its sample."""
+    """Samples joined with their advantages; every advantage row must have its sample, and no key may repeat in
+    either table (a repeated advantage row would train on its completion twice; a repeated sample, on one of two)."""
     keys = ["prompt_id", "sample_idx"]
+    for name, table in (("advantages", advantages), ("samples", samples)):
+        dup = table.select(keys).filter(table.select(keys).is_duplicated())
+        if dup.height:
+            pid, k = dup.row(0)
+            raise PipelineError(f"{name}: prompt_id={pid} sample_idx={k} appears more than once ({dup.height} rows with "
+                                f"a repeated key); each completion has one row: use the {name} file a stage wrote "
+                                "for this round, not files joined or concatenated")
     joined = advantages.select(*keys, "advantage").join(
         samples.select(*keys, "prompt_text", "completion_token_ids"), on=keys, how="left", maintain_order="left"
     )

@@ -390,6 +390,12 @@ def test_training_batch_joins_and_rejects_orphan_advantages(tiny_model_dir):
         training_batch(samples, orphan)
     assert str(exc.value) == ("advantages: prompt_id=p9 sample_idx=0 has no matching sample (2 rows); use the samples "
                               "file of the same round")
+    # a repeated key: in the advantages each copy would be trained on, in the samples one of two silently
+    twice = pl.concat([adv, adv.head(1)])
+    with pytest.raises(PipelineError, match=r"^advantages: prompt_id=p0 sample_idx=1 appears more than once \(2 rows "):
+        training_batch(samples, twice)
+    with pytest.raises(PipelineError, match=r"^samples: prompt_id=p0 sample_idx=0 appears more than once"):
+        training_batch(pl.concat([samples, samples.head(1)]), adv)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
