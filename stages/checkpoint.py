@@ -289,13 +289,19 @@ def read_meta(policy_dir: str | Path, field: str = "train.checkpoint_dir") -> di
     return meta
 
 
-def load_state(state_dir: str | Path, meta: dict, device: Any = "cpu", archive_dir: str | Path | None = None) -> dict:
+def load_state(state_dir: str | Path, meta: dict, device: Any = "cpu", archive_dir: str | Path | None = None,
+               field: str = "train.state_dir") -> dict:
     """The resume state paired with `meta`, loaded without running code (weights_only). When it is missing but a run
     moved to `archive_dir` holds it (a `dvc checkout` brought back a checkpoint whose run was archived since), the
-    error says where and how to copy it back."""
+    error says where and how to copy it back. `field`: what set `state_dir` (`--state-dir` for the update stage run
+    alone, whose checkpoints are not a training run's: the error then says to give the dir it wrote them with)."""
     import torch
 
     path = state_file(state_dir, meta["checkpoint_id"])
+    if not path.is_file() and (field == "--state-dir" or meta.get("source") == "stages.update"):
+        raise PipelineError(f"{field}: {path} is missing: the optimizer/RNG state of that checkpoint is not in "
+                            f"{state_dir}; give --state-dir the dir the checkpoint was written with (the stage's "
+                            "earlier --state-dir), or leave --policy out to start from the base model")
     if not path.is_file():
         copies = sorted(Path(archive_dir).glob(f"*/*/{path.name}"), reverse=True) if archive_dir else []
         fix = (f"a run moved to the archive holds it: copy it back with `mkdir -p {shlex.quote(str(path.parent))} && "

@@ -540,7 +540,8 @@ def base_identity(model) -> str:
 
 
 def load_trainer(params, device, policy_dir: str | Path | None = None, state_dir: str | Path | None = None,
-                 total_rounds: int | None = None, field: str = "train.checkpoint_dir", dist=None) -> tuple[Trainer, dict | None]:
+                 total_rounds: int | None = None, field: str = "train.checkpoint_dir", dist=None,
+                 state_field: str = "train.state_dir") -> tuple[Trainer, dict | None]:
     """A trainer on the base model, or restored from the checkpoint in `policy_dir` (+ its state in `state_dir`);
     returns it with the checkpoint's metadata (None when starting from the base)."""
     from stages import checkpoint
@@ -558,7 +559,8 @@ def load_trainer(params, device, policy_dir: str | Path | None = None, state_dir
     if meta.get("lora") != params.update.use_lora:
         raise PipelineError(f"{field}: {policy_dir} was trained with update.use_lora={meta.get('lora')}; set it back or "
                             f"start over: {restart_command()}")
-    state = checkpoint.load_state(state_dir or params.train.state_dir, meta, device, params.train.archive_dir)
+    state = checkpoint.load_state(state_dir or params.train.state_dir, meta, device, params.train.archive_dir,
+                                  state_field)
     # full fine-tuning: the weights are the checkpoint dir itself; LoRA: the base plus the adapter in the state
     if params.update.use_lora:
         trainer = Trainer(params.base.model_dir, params, device, total_rounds, dist=dist)
@@ -630,13 +632,19 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params)
     out = args.out or params.train.checkpoint_dir
+    if args.out and not args.state_dir and Path(args.out).resolve() != Path(params.train.checkpoint_dir).resolve():
+        # the state file (~1 GB for SmolLM2) would go into the training run's own state dir, and move with it
+        raise PipelineError(f"--state-dir: give --out {args.out} a trainer-state dir of its own (e.g. --state-dir "
+                            f"{Path(args.out).parent / (Path(args.out).name + '_state')}); the default, train.state_dir "
+                            f"({params.train.state_dir}), is the training run's")
     policy = _policy_arg(args.policy, params.base.model_dir, out)
     _check_out(out, policy, "--out" if args.out else "train.checkpoint_dir")
     configure_env(params.base.threads)
     device = setup_torch(params.base.device, params.base.threads, params.base.seed)
     batch = training_batch(read_table(args.samples, SAMPLES), read_table(args.advantages, ADVANTAGES))
     state_dir = args.state_dir or params.train.state_dir
-    trainer, meta = load_trainer(params, device, policy, state_dir, field="--policy")
+    trainer, meta = load_trainer(params, device, policy, state_dir, field="--policy",
+                                 state_field="--state-dir" if args.state_dir else "train.state_dir")
     stats = trainer.step(batch)
     # no run identity: a flow finding it takes it for another run's (stages/loop/resume.py), never for its own
     checkpoint.save(trainer, out, state_dir, {"identity": None, "source": "stages.update"})

@@ -441,6 +441,17 @@ def test_cli_writes_a_checkpoint_transformers_loads(tiny_model_dir, tmp_path):
     cont = subprocess.run(cmd + ["--policy", str(out)], cwd=REPO, capture_output=True, text=True, env=env)
     assert cont.returncode == 0, cont.stderr
     assert checkpoint.read_meta(out)["round"] == 2
+    # continued with another --state-dir: that option is named, with the fix for this stage (not a training run's)
+    wrong = subprocess.run(cmd[:-1] + [str(tmp_path / "state_other"), "--policy", str(out)], cwd=REPO,
+                           capture_output=True, text=True, env=env)
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1].startswith(
+        f"error: --state-dir: {tmp_path / 'state_other'}/state-"), wrong.stderr
+    assert "give --state-dir the dir the checkpoint was written with" in wrong.stderr and "--restart" not in wrong.stderr
+    # --out elsewhere without --state-dir: the state would land in the training run's train.state_dir
+    no_state = subprocess.run(cmd[:-2] + ["--policy", str(out)], cwd=REPO, capture_output=True, text=True, env=env)
+    assert no_state.returncode == 2 and no_state.stderr.strip().splitlines()[-1].startswith(
+        f"error: --state-dir: give --out {out} a trainer-state dir of its own"), no_state.stderr
+    assert checkpoint.read_meta(out)["round"] == 2
 
     # `--policy` naming base.model_dir is the default start, the base model; another model dir (no checkpoint.json)
     # is refused with how to start from it, touching nothing
