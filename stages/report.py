@@ -23,6 +23,7 @@ import argparse
 import base64
 import html
 import io
+import logging
 import re
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import polars as pl
 
 from stages.errors import PipelineError, run_cli
 
+log = logging.getLogger(__name__)
 COLUMNS = [("reward", "reward", ".4f"), ("reward_std", "reward_std", ".4f"), ("kl", "kl", ".4f"),
            ("loss", "loss", ".4f"), ("entropy", "entropy", ".4f"), ("advantage_std", "advantage_std", ".4f"),
            ("mean length", "completions/mean_length", ".1f"), ("seconds", "time/round_s", ".1f")]
@@ -87,6 +89,10 @@ def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str |
             verify_round(round_dir(rounds_dir, r), m, checkpoint_round=_checkpoint_round(checkpoint_dir))
             raise
     manifests = [complete[r] for r in sorted(complete)]
+    missing = sorted(set(range(max(complete) + 1)) - set(complete))
+    if missing:  # a training run refuses this state; the report shows what is there and says what is not
+        log.warning("%s: round(s) %s are missing or have no manifest, but later rounds are complete: the report "
+                    "leaves them out", rounds_dir, ", ".join(str(r + 1) for r in missing))
     last, last_dir = manifests[-1], round_dir(rounds_dir, manifests[-1]["round"])
     adv = read_table(last_dir / "advantages.parquet", ADVANTAGES)
     samples = read_table(last_dir / "samples.parquet", SAMPLES).select(*KEYS, "prompt_text", "completion")
@@ -100,6 +106,10 @@ def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str |
                          "best": g.row(0, named=True), "worst": g.row(-1, named=True)})
     estimator = (last.get("advantage_state") or {}).get("estimator") or (adv["estimator"][0] if adv.height else None)
     evm = read_json(eval_metrics) if Path(eval_metrics).is_file() else None
+    if evm is not None and evm.get("policy_version") not in (None, last["round"] + 1):
+        log.warning("%s evaluates policy version %s, but the last complete round in %s is %d: it is another run's "
+                    "evaluation or an earlier one (run `python -m stages.evaluate` for this run's)", eval_metrics,
+                    evm.get("policy_version"), rounds_dir, last["round"] + 1)
     eval_path, eval_examples = Path(eval_dir) / "eval.parquet", []
     if eval_path.is_file():
         t = read_table(eval_path, EVAL_COLUMNS)
@@ -113,6 +123,7 @@ def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str |
         "prompts per round": samples["prompt_id"].n_unique(),
         "total seconds": sum(m["metrics"].get("time/round_s", 0.0) for m in manifests),
         "finished at": last.get("finished_at"),
+        **({"missing rounds": ", ".join(str(r + 1) for r in missing)} if missing else {}),
     }
     rounds = [{"round": m["round"] + 1, **m["metrics"]} for m in manifests]
     return {"summary": summary, "rounds": rounds, "examples": examples, "eval": evm, "eval_examples": eval_examples}
@@ -218,7 +229,11 @@ def _blocks(data: dict, plots) -> list[tuple]:
         for name, key in (("win rate, 95 % CI", "win_rate"), ("reward gain, 95 % CI", "reward_gain")):
             if ev.get(f"{key}_ci95_low") is not None:
                 table.append([name, f"[{ev[f'{key}_ci95_low']:.3f}, {ev[f'{key}_ci95_high']:.3f}]", "–"])
-        b += [("p", f"Final evaluation of policy version {_fmt(ev.get('policy_version'))}."),
+        version, last = ev.get("policy_version"), data["summary"]["last round"]
+        which = (f"Final evaluation of policy version {_fmt(version)}." if version in (None, last) else
+                 f"Evaluation of policy version {_fmt(version)}, not of this run's last round ({last}): another run's "
+                 "evaluation, or an earlier one.")
+        b += [("p", which),
               ("table", ["metric", "policy", "reference"], table)]
     if data["eval_examples"]:
         b.append(("p", "Side by side on held-out prompts: the largest gains over the reference, then the largest losses."))

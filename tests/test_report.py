@@ -188,3 +188,27 @@ def test_eval_examples_are_the_best_and_the_worst_by_score_gap(tmp_path):
     data = build_data(tmp_path / "rounds", tmp_path / "eval", tmp_path / "none.json", n_examples=3)
     picked = [r["prompt_id"] for r in data["eval_examples"]]
     assert picked == ["e0", "e3", "e1"]  # the two largest gains, then the largest loss
+
+
+def test_a_missing_round_and_another_runs_evaluation_are_said(tmp_path, caplog):
+    """A rounds dir with a hole (a training run refuses it; the report is a view) and a metrics/eval.json whose
+    policy version is not this run's last round (another run's, or an earlier one): both are said, in the log and the
+    report, instead of a quiet "(N rounds)" and a "Final evaluation" of some other policy."""
+    import logging
+
+    for r in (0, 1, 3):
+        write_round(tmp_path / "rounds", r)
+    eval_dir, eval_json = write_eval(tmp_path)  # policy version 2
+    with caplog.at_level(logging.WARNING, logger="stages.report"):
+        _, md = run_report(tmp_path, eval_dir, eval_json)
+    assert "| missing rounds | 3 |" in md
+    assert "Evaluation of policy version 2, not of this run's last round (4): another run's evaluation" in md
+    assert "Final evaluation" not in md
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "round(s) 3 are missing or have no manifest" in said and "evaluates policy version 2" in said
+
+
+def test_the_final_evaluation_of_the_last_round_is_called_so(run_dir):
+    eval_dir, eval_json = write_eval(run_dir)  # policy version 2: rounds 1-2 complete
+    _, md = run_report(run_dir, eval_dir, eval_json)
+    assert "Final evaluation of policy version 2." in md and "missing rounds" not in md
