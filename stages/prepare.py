@@ -423,7 +423,10 @@ def check_prepared(params: Params, tables: list[str | Path]) -> None:
             _prompts_source(params)  # another source named, and it is not there: say so
         log.warning("prepare.prompts: %s is not here, so the prepared tables cannot be checked against it", path)
     elif source_sha256(path) != was.get("prompts_sha256"):
-        changed.insert(0, f"prepare.prompts ({path}: its content)")
+        then = was.get("prompts")
+        same = then is None or Path(then).resolve() == path.resolve()
+        changed.insert(0, f"prepare.prompts ({path}: its content)" if same else
+                       f"prepare.prompts ({then!r} then, {str(path)!r} now)")
     if changed:
         raise PipelineError(f"{first}: prepared from other prompts or settings than these params name: "
                             f"{', '.join(changed)}; prepare again first: {prepare_command()} (`dvc repro` does it)")

@@ -516,6 +516,10 @@ def test_prepared_tables_record_what_they_are_made_from_and_a_changed_setting_is
     write_jsonl(prompts, PROMPT_TEXTS[:-1])  # the same path, other prompts
     with pytest.raises(PipelineError, match=re.escape(f"prepare.prompts ({prompts}: its content)")):
         check_prepared(params, tables)
+    other = tmp_path / "other.jsonl"  # another file named: that is what differs, not the content of the one named
+    write_jsonl(other, PROMPT_TEXTS[:-2])
+    with pytest.raises(PipelineError, match=re.escape(f"prepare.prompts ({str(prompts)!r} then, {str(other)!r} now)")):
+        check_prepared(params_for(tmp_path, tiny_model_dir, other), tables)
     with pytest.raises(PipelineError, match=r"^prepare.prompts: .*nope.jsonl not found"):  # a typo: named as such
         check_prepared(params_for(tmp_path, tiny_model_dir, tmp_path / "nope.jsonl"), tables)
     prompts.unlink()  # a checkout with the prepared tables only: nothing to check them against
