@@ -100,13 +100,15 @@ def evaluate_policy(
     ref_prompt_cache=None,
     policy_batches: int = 0,
     on_invalid: str = "error",
-) -> tuple[pl.DataFrame, dict]:
+    with_metrics: bool = True,
+) -> tuple[pl.DataFrame, dict | None]:
     """Score the policy's completions, KL to the reference, and compare with the reference's completions.
     `sampler_exact`: the completions' sampler logprobs are the fp32 policy's own (docs/design.md §7), so the
     policy's logprob pass is skipped (greedy decoding: raw logprobs, no temperature). `ref_prompt_cache`: the
     reference's keys and values of these prompts (`stages.logprobs.PromptCache`, made once per run by the flow);
     `policy_batches`: the least batches the policy pass runs (a sharded policy, `sequence_logprobs`' min_batches);
-    `on_invalid`: `score.on_invalid`, for a reward's NaN/inf (`task_scores`)."""
+    `on_invalid`: `score.on_invalid`, for a reward's NaN/inf (`task_scores`); `with_metrics` False: the table only
+    (a rank's share of the held-out prompts, whose metrics come from the gathered table)."""
     from stages.logprobs import sequence_logprobs
     from stages.score import completion_inputs
 
@@ -135,7 +137,7 @@ def evaluate_policy(
         )
         .join(ref_by_id, on="prompt_id", how="left", maintain_order="left")
     )
-    return table, eval_metrics(table)
+    return table, eval_metrics(table) if with_metrics else None
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:

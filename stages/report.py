@@ -113,6 +113,7 @@ def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str |
     eval_path, eval_examples = Path(eval_dir) / "eval.parquet", []
     if eval_path.is_file():
         t = read_table(eval_path, EVAL_COLUMNS)
+        t = t.filter(pl.col("score").is_finite() & pl.col("ref_score").is_finite())  # NaN: dropped (score.on_invalid)
         rows = t.sort(pl.col("score") - pl.col("ref_score"), descending=True).rows(named=True)
         picks = rows[: (n_examples + 1) // 2] + rows[len(rows) - n_examples // 2 :] if len(rows) > n_examples else rows
         eval_examples = list({r["prompt_id"]: r for r in picks}.values())
@@ -225,6 +226,8 @@ def _blocks(data: dict, plots) -> list[tuple]:
                 ("distinct-2 (all completions)", "distinct_2", "ref_distinct_2", ".3f"),
                 ("win rate", "win_rate", None, ".3f"), ("reward gain", "reward_gain", None, "+.4f"),
                 ("KL to reference", "kl", None, ".4f"), ("prompts", "prompts", "prompts", "")]
+        if ev.get("dropped"):  # score.on_invalid: drop
+            spec.append(("prompts left out (NaN/inf reward)", "dropped", None, ""))
         table = [[n, _fmt(ev.get(p), f), _fmt(ev.get(r), f) if r else "–"] for n, p, r, f in spec]
         for name, key in (("win rate, 95 % CI", "win_rate"), ("reward gain, 95 % CI", "reward_gain")):
             if ev.get(f"{key}_ci95_low") is not None:

@@ -643,8 +643,14 @@ def main(argv: list[str] | None = None) -> None:
     device = setup_torch(params.base.device, params.base.threads, params.base.seed)
     batch = training_batch(read_table(args.samples, SAMPLES), read_table(args.advantages, ADVANTAGES))
     state_dir = args.state_dir or params.train.state_dir
-    trainer, meta = load_trainer(params, device, policy, state_dir, field="--policy",
-                                 state_field="--state-dir" if args.state_dir else "train.state_dir")
+    read_dir, read_field = state_dir, "--state-dir" if args.state_dir else "train.state_dir"
+    meta = checkpoint.read_meta(policy, "--policy") if policy else None
+    if (meta and meta.get("source") != "stages.update" and args.state_dir
+            and not checkpoint.state_file(state_dir, meta["checkpoint_id"]).is_file()):
+        # a training run's checkpoint, continued into this stage's own --out: its state is read from the run's
+        # train.state_dir, and the new one written to --state-dir (the run's files stay as they are)
+        read_dir, read_field = params.train.state_dir, "train.state_dir"
+    trainer, meta = load_trainer(params, device, policy, read_dir, field="--policy", state_field=read_field)
     stats = trainer.step(batch)
     # no run identity: a flow finding it takes it for another run's (stages/loop/resume.py), never for its own
     checkpoint.save(trainer, out, state_dir, {"identity": None, "source": "stages.update"})

@@ -3,6 +3,7 @@ round is refused."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -212,3 +213,16 @@ def test_the_final_evaluation_of_the_last_round_is_called_so(run_dir):
     eval_dir, eval_json = write_eval(run_dir)  # policy version 2: rounds 1-2 complete
     _, md = run_report(run_dir, eval_dir, eval_json)
     assert "Final evaluation of policy version 2." in md and "missing rounds" not in md
+
+
+def test_prompts_left_out_of_the_evaluation_are_not_its_examples(run_dir):
+    """score.on_invalid: drop leaves a held-out prompt with a NaN/inf reward out of the metrics: the report counts it
+    and does not show it as an example (a NaN sorts above every gap, so it headed 'the largest gains')."""
+    eval_dir, eval_json = write_eval(run_dir)
+    t = pl.read_parquet(eval_dir / "eval.parquet")
+    nan = t.head(1).with_columns(prompt_id=pl.lit("e2"), completion=pl.lit("POLICY-e2 nan"), score=float("nan"))
+    write_table(pl.concat([t, nan]), eval_dir / "eval.parquet")
+    write_json(json.loads(eval_json.read_text()) | {"dropped": 1}, eval_json)
+    page, md = run_report(run_dir, eval_dir, eval_json)
+    assert "POLICY-e2" not in page and "POLICY-e2" not in md and "POLICY-e0 lovely" in md
+    assert "| prompts left out (NaN/inf reward) | 1 |" in md

@@ -452,6 +452,31 @@ def test_cli_writes_a_checkpoint_transformers_loads(tiny_model_dir, tmp_path):
     assert no_state.returncode == 2 and no_state.stderr.strip().splitlines()[-1].startswith(
         f"error: --state-dir: give --out {out} a trainer-state dir of its own"), no_state.stderr
     assert checkpoint.read_meta(out)["round"] == 2
+    # a training run's checkpoint (its state in the run's train.state_dir) continued into this stage's own --out and
+    # --state-dir: the state is read from the run's dir, the new one written to --state-dir, the run's left as it was
+    import json
+    import shutil
+
+    run_ckpt, run_state = tmp_path / "run_policy", tmp_path / "run_state"
+    shutil.copytree(out, run_ckpt)
+    meta_run = {k: v for k, v in checkpoint.read_meta(out).items() if k != "source"} | {"identity": "a" * 16}
+    (run_ckpt / checkpoint.META).write_text(json.dumps(meta_run))
+    run_state.mkdir()
+    run_file = checkpoint.state_file(run_state, meta_run["checkpoint_id"])
+    shutil.copy(checkpoint.state_file(tmp_path / "state", meta_run["checkpoint_id"]), run_file)
+    run_params = tmp_path / "run_params.yaml"
+    run_params.write_text(yaml.safe_dump(make_params(tiny_model_dir).model_dump(mode="json")
+                                         | {"train": make_params(tiny_model_dir).train.model_dump(mode="json")
+                                            | {"state_dir": str(run_state), "checkpoint_dir": str(run_ckpt)}}))
+    before = run_file.read_bytes()
+    mine = subprocess.run([sys.executable, "-m", "stages.update", "--params", str(run_params), "--samples", str(s),
+                           "--advantages", str(a), "--policy", str(run_ckpt), "--out", str(tmp_path / "mine"),
+                           "--state-dir", str(tmp_path / "mine_state")], cwd=REPO, capture_output=True, text=True,
+                          env=env)
+    assert mine.returncode == 0, mine.stderr
+    assert checkpoint.read_meta(tmp_path / "mine")["round"] == 3
+    assert checkpoint.state_file(tmp_path / "mine_state", checkpoint.read_meta(tmp_path / "mine")["checkpoint_id"]).is_file()
+    assert sorted(run_state.iterdir()) == [run_file] and run_file.read_bytes() == before
 
     # `--policy` naming base.model_dir is the default start, the base model; another model dir (no checkpoint.json)
     # is refused with how to start from it, touching nothing
@@ -461,7 +486,6 @@ def test_cli_writes_a_checkpoint_transformers_loads(tiny_model_dir, tmp_path):
                               env=env)
     assert base_run.returncode == 0, base_run.stderr
     assert checkpoint.read_meta(tmp_path / "from_base")["round"] == 1
-    import shutil
 
     sft = shutil.copytree(tiny_model_dir, tmp_path / "sft")
     other = subprocess.run(fresh + ["--policy", str(sft), "--out", str(tmp_path / "from_sft")], cwd=REPO,

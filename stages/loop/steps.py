@@ -234,7 +234,7 @@ def evaluate_round(w: Warm, version: int) -> dict:
         table, _ = evaluate_policy(pol, ref_samples, ref_scores, w.rewards, w.trainer.model, w.ref, w.tokenizer,
                                    w.eval_prompts, p.score.batch_size, sampler_exact=w.sampler.exact_logprobs,
                                    ref_prompt_cache=w.ref_eval_cache, policy_batches=batches,
-                                   on_invalid=p.score.on_invalid)
+                                   on_invalid=p.score.on_invalid, with_metrics=False)
     else:
         table = None
         if batches:  # no held-out prompt here: this rank's share of the policy's collectives all the same
