@@ -88,7 +88,8 @@ def _dvc(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-STOP_GRACE_S = 20.0  # after a Ctrl-C or a cancel: how long a stage gets to end on its own (below Prefect's 30 s)
+STOP_GRACE_S = 15.0  # after a Ctrl-C or a cancel: how long a stage gets to end on its own (all of a stop stays
+# below Prefect's 30 s before it kills the flow run's process)
 # what the stages log (stages.errors.run_cli's format): passed on to this flow run's log, with the stage's name
 _STAGE_LOG = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ((?:stages|flows)[\w.]*): (.*)$")
 
@@ -143,26 +144,74 @@ def _run_stopping_with_us(cmd: list[str], stage: str | None) -> subprocess.Compl
         _stop_group(proc)
         raise
     finally:
+        deadline = time.monotonic() + 3.0  # the pipes end with the processes (a stopped stage's orphan holds them)
         for t in threads:
-            t.join(timeout=5)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "".join(err))
 
 
+def _descendants(pid: int) -> dict[int, str]:
+    """The processes below `pid` (its children, theirs, ...) by pid, each with its `process_key`: what a stop signals
+    besides the process group, whatever session they put themselves in (torchrun starts each rank in its own)."""
+    from stages.loop.lock import process_key
+
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if d.name.isdigit():
+            try:
+                children.setdefault(int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = process_key(child)
+            todo.append(child)
+    return found
+
+
+def _signal_all(proc: subprocess.Popen, known: dict[int, str], sig: int) -> None:
+    """`sig` to `proc`'s process group and to every process of `known` that is still the one recorded."""
+    from stages.loop.lock import process_key
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+    for pid, key in known.items():
+        if process_key(pid) == key:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop `proc`'s process group: SIGINT, then SIGKILL after `STOP_GRACE_S` (or at a second Ctrl-C); back once
-    `proc` has ended."""
+    """Stop `proc`, its process group and every process below it (`_descendants`): SIGINT, then SIGKILL after
+    `STOP_GRACE_S` (or at a second stop signal); back once `proc` has ended and the others are gone (up to 3 s
+    more: they are not this process's children to wait for)."""
     import signal
 
-    for sig, wait_s in ((signal.SIGINT, STOP_GRACE_S), (signal.SIGKILL, None)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            continue
-        except BaseException:  # another stop signal while waiting: kill at once
-            continue
+    known = _descendants(proc.pid)
+    _signal_all(proc, known, signal.SIGINT)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except BaseException:  # the grace ran out, or another stop signal came: kill at once
+        pass
+    known |= _descendants(proc.pid)
+    _signal_all(proc, known, signal.SIGKILL)
+    with contextlib.suppress(BaseException):
+        proc.wait(timeout=5)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and any(_running(pid, key) for pid, key in known.items()):
+        time.sleep(0.05)
+
+
+def _running(pid: int, key: str) -> bool:
+    """Whether the process `key` names is still there and not a zombie."""
+    from stages.loop.lock import process_key
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and process_key(pid) == key
 
 
 def _dvc_busy(output: str) -> str | None:
@@ -474,6 +523,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="params.yaml", help="the parameters file (default: %(default)s)")
     ap.add_argument("--more-rounds", type=int, default=0, help="raise train.rounds by N and train N more rounds")
     args = ap.parse_args(argv)
+    import signal
+
+    def hangup(*_):  # the terminal went away: stop as at a Ctrl-C (the stage's process group is stopped first)
+        raise KeyboardInterrupt("hangup")
+
+    signal.signal(signal.SIGHUP, hangup)
     with prefect_api():
         summary = pipeline_flow(params_path=args.params, more_rounds=args.more_rounds)
     print(json.dumps({k: v for k, v in summary.items() if k != "stages"}, default=str))
