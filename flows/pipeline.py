@@ -150,8 +150,8 @@ def _run_stopping_with_us(cmd: list[str], stage: str | None) -> subprocess.Compl
     return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), "".join(err))
 
 
-def _descendants(pid: int) -> dict[int, str]:
-    """The processes below `pid` (its children, theirs, ...) by pid, each with its `process_key`: what a stop signals
+def _descendants(*pids: int) -> dict[int, str]:
+    """The processes below `pids` (their children, theirs, ...) by pid, each with its `process_key`: what a stop kills
     besides the process group, whatever session they put themselves in (torchrun starts each rank in its own)."""
     from stages.loop.lock import process_key
 
@@ -162,7 +162,7 @@ def _descendants(pid: int) -> dict[int, str]:
                 children.setdefault(int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(d.name))
             except (OSError, IndexError, ValueError):
                 continue
-    found, todo = {}, [pid]
+    found, todo = {}, list(pids)
     while todo:
         for child in children.get(todo.pop(), []):
             found[child] = process_key(child)
@@ -170,37 +170,41 @@ def _descendants(pid: int) -> dict[int, str]:
     return found
 
 
-def _signal_all(proc: subprocess.Popen, known: dict[int, str], sig: int) -> None:
-    """`sig` to `proc`'s process group and to every process of `known` that is still the one recorded."""
-    from stages.loop.lock import process_key
-
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-    for pid, key in known.items():
-        if process_key(pid) == key:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-
-
 def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop `proc`, its process group and every process below it (`_descendants`): SIGINT, then SIGKILL after
-    `STOP_GRACE_S` (or at a second stop signal); back once `proc` has ended and the others are gone (up to 3 s
-    more: they are not this process's children to wait for)."""
+    """Stop `proc` and what it started: SIGINT to its process group (as a Ctrl-C at a terminal: once to each, and a
+    torchrun launcher passes it on to its ranks), then, after `STOP_GRACE_S`, SIGKILL to the group and to every
+    process found below it at the start of the stop or at the kill (`_descendants`; ranks in sessions of their own
+    would outlive a killed launcher), each only while it is still the process recorded. Back once `proc` has ended and
+    the others are gone (up to 3 s more: they are not this process's children to wait for). Stop signals are held
+    back meanwhile: a second Ctrl-C, a repeated cancel or a hangup's second SIGHUP must not cut the stop short (they
+    are delivered when it is done)."""
     import signal
 
-    known = _descendants(proc.pid)
-    _signal_all(proc, known, signal.SIGINT)
+    from stages.loop.lock import process_key
+
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
-        proc.wait(timeout=STOP_GRACE_S)
-    except BaseException:  # the grace ran out, or another stop signal came: kill at once
-        pass
-    known |= _descendants(proc.pid)
-    _signal_all(proc, known, signal.SIGKILL)
-    with contextlib.suppress(BaseException):
-        proc.wait(timeout=5)
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline and any(_running(pid, key) for pid, key in known.items()):
-        time.sleep(0.05)
+        known = _descendants(proc.pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_GRACE_S)
+        known |= _descendants(*known, *([proc.pid] if proc.returncode is None else []))
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for pid, key in known.items():
+            if process_key(pid) == key:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and any(_running(pid, key) for pid, key in known.items()):
+            time.sleep(0.05)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _running(pid: int, key: str) -> bool:
@@ -528,9 +532,14 @@ def main(argv: list[str] | None = None) -> None:
     def hangup(*_):  # the terminal went away: stop as at a Ctrl-C (the stage's process group is stopped first)
         raise KeyboardInterrupt("hangup")
 
-    signal.signal(signal.SIGHUP, hangup)
-    with prefect_api():
-        summary = pipeline_flow(params_path=args.params, more_rounds=args.more_rounds)
+    # (not under `nohup`, which leaves SIGHUP ignored on purpose)
+    before = signal.signal(signal.SIGHUP, hangup) if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL else None
+    try:
+        with prefect_api():
+            summary = pipeline_flow(params_path=args.params, more_rounds=args.more_rounds)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGHUP, before)
     print(json.dumps({k: v for k, v in summary.items() if k != "stages"}, default=str))
 
 

@@ -281,9 +281,11 @@ def test_dvcs_stages_run_with_this_interpreter_and_report_to_this_api(monkeypatc
 # a stand-in for `dvc repro`: it ignores SIGINT while its stage runs, as DVC does, and waits for the stage
 _DVC_LIKE = """
 import signal, subprocess, sys
-# the stage in a session of its own where asked: torchrun starts each rank so, out of the process group's reach
-stage = subprocess.Popen([sys.executable, "-c", sys.argv[1], *sys.argv[2:]], start_new_session=sys.argv[-1] == "own")
-signal.signal(signal.SIGINT, signal.SIG_IGN)
+# "own": a torchrun launcher's rank, in a session of its own (out of the process group's reach): the launcher passes
+# a SIGINT on to it; otherwise as DVC, which ignores SIGINT while its stage (in its group) runs
+own = sys.argv[-1] == "own"
+stage = subprocess.Popen([sys.executable, "-c", sys.argv[1], *sys.argv[2:]], start_new_session=own)
+signal.signal(signal.SIGINT, (lambda *_: stage.send_signal(signal.SIGINT)) if own else signal.SIG_IGN)
 sys.exit(stage.wait())
 """
 # the stage: on SIGINT it writes what it completed and exits 130 (as `python -m flows.train` does), or ignores it
@@ -292,7 +294,9 @@ import os, signal, sys, time
 out, polite = sys.argv[1], sys.argv[2] == "polite"
 open(out + ".pid", "w").write(str(os.getpid()))
 def stop(*_):
-    open(out, "w").write("wrote its completed rounds")
+    signal.signal(signal.SIGINT, lambda *_: open(out, "a").write(" and was interrupted again"))
+    time.sleep(0.5)  # its cleanup takes a while: a second SIGINT would cut it short
+    open(out, "a").write("wrote its completed rounds")
     sys.exit(130)
 signal.signal(signal.SIGINT, stop if polite else signal.SIG_IGN)
 print("12:00:00 WARNING stages.loop.resume: the previous run was moved to data/archive/x", file=sys.stderr, flush=True)
@@ -304,8 +308,9 @@ time.sleep(60)
 def test_a_stopped_pipeline_stops_its_stage_before_it_lets_go(tmp_path, monkeypatch, caplog, polite, session):
     """A cancel (Prefect raises SIGTERM as an exception in the flow) or a Ctrl-C while a stage runs: DVC passes no
     signal on, so the stage's process group is stopped here, and waited for, before the exception goes on (and the
-    run lock is released): a training stage does not go on beside the next run. It gets SIGINT first (it writes its
-    completed rounds), SIGKILL when it does not end in time. Its log lines reach this flow run's log as they come."""
+    run lock is released): a training stage does not go on beside the next run. It gets SIGINT first, once (it writes
+    its completed rounds), SIGKILL when it does not end in time, in its group or (a torchrun rank) in a session of its
+    own whose launcher is killed. Its log lines reach this flow run's log as they come."""
     import signal
     import sys
     import time
