@@ -180,7 +180,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
     are delivered when it is done)."""
     import signal
 
-    from stages.loop.lock import process_key
+    from stages.loop.lock import process_alive, process_key
 
     held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
@@ -201,21 +201,10 @@ def _stop_group(proc: subprocess.Popen) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
         deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline and any(_running(pid, key) for pid, key in known.items()):
+        while time.monotonic() < deadline and any(process_alive(key) for key in known.values()):
             time.sleep(0.05)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-def _running(pid: int, key: str) -> bool:
-    """Whether the process `key` names is still there and not a zombie."""
-    from stages.loop.lock import process_key
-
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z" and process_key(pid) == key
 
 
 def _dvc_busy(output: str) -> str | None:
