@@ -359,7 +359,8 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
     steps: list[dict] = []
     put_back = "as the run found it"
     try:
-        with _to_run_log(logger), run_lock("scheduled pipeline", wait_s=deployment_wait_s()):  # queues behind the holder
+        # a scheduled run queues behind the lock's holder
+        with _to_run_log(logger), run_lock("scheduled pipeline", wait_s=deployment_wait_s()):
             restore_interrupted(load_params(path))  # a run killed in round 1: put back before the rounds are counted
             changed = status_task()
             if not changed and more_rounds == 0:
@@ -414,9 +415,9 @@ def _stage(path: Path, stage: str) -> dict:
         changed = _changed_params(stage, seen, now)
         if changed != []:
             what = f"params.yaml: {', '.join(changed)}" if changed else "params.yaml"
-            raise PipelineError(f"{what} changed while the {stage} stage ran, so dvc.lock "
-                                f"records values it did not run with; edit params.yaml between runs, and run `dvc repro "
-                                f"-f {stage}` (then `dvc repro`) to run it with the file as it is now")
+            raise PipelineError(f"{what} changed while the {stage} stage ran, so dvc.lock records values it did not "
+                                f"run with; edit params.yaml between runs, and run `dvc repro -f {stage}` (then `dvc "
+                                "repro`) to run it with the file as it is now")
     return done
 
 
