@@ -34,7 +34,7 @@ from stages.errors import PipelineError, run_cli
 from stages.estimators import ESTIMATORS, GROUP_ESTIMATORS, OTHER_ESTIMATORS, RoundContext
 from stages.io import read_json, read_table, write_json, write_table
 from stages.params import DEFAULT_PARAMS, AdvantageParams, load_params
-from stages.schemas import ADVANTAGES, check
+from stages.schemas import ADVANTAGES, DIGEST, check
 
 if TYPE_CHECKING:  # torch is imported where used: the CLI writes from polars and starts 3 s faster without it
     import torch
@@ -168,7 +168,8 @@ def compute_advantages(
     est = params.estimator
     sizes = validate_scores(df, est, source, singletons_ok)
     state = check_state(state)
-    df = df.select(*KEYS, pl.col(REWARD).cast(pl.Float64))
+    digest = [DIGEST] if DIGEST in df.columns else []  # carried for the update's check (stages/schemas.py)
+    df = df.select(*KEYS, pl.col(REWARD).cast(pl.Float64), *digest)
     r, g = pl.col(REWARD), "prompt_id"
 
     round_sum, rows = float(df[REWARD].sum()), df.height
@@ -191,7 +192,7 @@ def compute_advantages(
     if params.normalize_advantages:
         a = pl.col("advantage")
         lf = lf.with_columns(advantage=(a - a.mean()) / (_std(a) + WHITEN_EPS))
-    out = lf.with_columns(estimator=pl.lit(est)).select(list(ADVANTAGES)).collect()
+    out = lf.with_columns(estimator=pl.lit(est)).select(*ADVANTAGES, *digest).collect()
 
     stats = out.select(
         advantage_mean=pl.col("advantage").mean(),

@@ -17,6 +17,7 @@ import polars as pl
 import torch
 
 from stages.errors import PipelineError
+from stages.schemas import DIGEST, sample_digest
 
 
 def policy_loss(logp, old_logp, mask, advantages, cliprange: float, aggregation: str = "sequence"):
@@ -62,7 +63,8 @@ def training_batch(samples: pl.DataFrame, advantages: pl.DataFrame) -> pl.DataFr
             raise PipelineError(f"{name}: prompt_id={pid} sample_idx={k} appears more than once ({dup.height} rows with "
                                 f"a repeated key); each completion has one row: use the {name} file a stage wrote "
                                 "for this round, not files joined or concatenated")
-    joined = advantages.select(*keys, "advantage").join(
+    digest = [DIGEST] if DIGEST in advantages.columns else []
+    joined = advantages.select(*keys, "advantage", *digest).join(
         samples.select(*keys, "prompt_text", "completion_token_ids"), on=keys, how="left", maintain_order="left"
     )
     missing = joined.filter(pl.col("prompt_text").is_null())
@@ -72,6 +74,16 @@ def training_batch(samples: pl.DataFrame, advantages: pl.DataFrame) -> pl.DataFr
             f"advantages: prompt_id={pid} sample_idx={k} has no matching sample ({missing.height} rows); "
             "use the samples file of the same round"
         )
+    if digest:
+        other = joined.filter(pl.col(DIGEST).is_not_null() & (pl.col(DIGEST) != sample_digest(joined)))
+        if other.height:
+            pid, k = other.row(0)[:2]
+            raise PipelineError(
+                f"advantages: prompt_id={pid} sample_idx={k} was scored on another completion than the samples "
+                f"file's ({other.height} of {joined.height} rows; `{DIGEST}` differs): score and advantage the "
+                "samples you train on, or use the samples file of the same round"
+            )
+        joined = joined.drop(DIGEST)
     return joined
 
 

@@ -8,6 +8,8 @@ Extra columns are allowed (e.g. one `score/<name>` column per reward component).
 
 from __future__ import annotations
 
+import hashlib
+
 import polars as pl
 
 Schema = dict[str, pl.DataType | type[pl.DataType]]
@@ -54,6 +56,25 @@ ADVANTAGES: Schema = {
     "advantage": pl.Float64,
     "estimator": pl.String,
 }
+
+# Optional in scores and advantages: which completion a row was computed from. `score` writes it from the samples,
+# `advantage` carries it, and the update refuses advantages whose digest differs from its samples' (scores of one
+# round's samples with advantages trained on another's: same keys, other completions). A table without it (an
+# earlier version's, or one a user built) is not checked.
+DIGEST = "sample_digest"
+
+
+def sample_digest(samples: pl.DataFrame) -> pl.Series:
+    """Per row, 16 hex digits of blake2b over the prompt text and the completion's token ids: stable across polars
+    versions (polars' own `hash` is not), ~2 us a row."""
+    def one(text: str, ids) -> str:
+        h = hashlib.blake2b(text.encode(), digest_size=8)
+        h.update(b"\0" + b",".join(str(i).encode() for i in ids))
+        return h.hexdigest()
+
+    return pl.Series(DIGEST, [one(t, ids) for t, ids in zip(samples["prompt_text"], samples["completion_token_ids"])],
+                     dtype=pl.String)
+
 
 # Float columns accept either width (a user may hand us float32 rewards); ints accept any int width.
 _FLOATS = {pl.Float32, pl.Float64}

@@ -35,7 +35,7 @@ import polars as pl
 from stages.errors import PipelineError, run_cli
 from stages.logprobs import sequence_logprobs
 from stages.runtime import score_dtype
-from stages.schemas import RESERVED_COLUMNS, SCORES
+from stages.schemas import RESERVED_COLUMNS, SCORES, sample_digest
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,7 @@ def score_samples(
         score_params.beta, score_params.kl_level, score_params.missing_eos_penalty,
     )
     out = samples.select("prompt_id", "sample_idx", "num_tokens", "finish_reason").with_columns(
+        sample_digest(samples),
         pl.Series("score", score),
         # a component that returned None for a row (does not apply) is null there
         *[pl.Series(f"score/{n}", np.ma.filled(v, np.nan)).fill_nan(None) if np.ma.is_masked(v) else

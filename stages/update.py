@@ -1,7 +1,8 @@
 """update: the REINFORCE (RLOO) policy step, optimizer state carried across rounds, checkpoints.
 
 Reads  the round's `samples.parquet` and `advantages.parquet` (joined on the keys; samples without an
-       advantage, e.g. dropped as invalid, are not trained on) and the policy (a checkpoint dir or the base).
+       advantage, e.g. dropped as invalid, are not trained on; a repeated key, or an advantage whose `sample_digest`
+       is not its sample's, is refused) and the policy (a checkpoint dir or the base).
 Writes a checkpoint (`train.checkpoint_dir`: the policy as a normal model directory, what vLLM reloads, and
        `train.state_dir`: optimizer, scheduler, RNG; the format is stages/checkpoint.py's).
 

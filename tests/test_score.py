@@ -28,7 +28,7 @@ from stages.logprobs import PromptCache, sequence_logprobs
 from stages.models import load_causal_lm, load_tokenizer
 from stages.params import RewardSpec, ScoreParams, parse_params
 from stages.rewards import build_rewards
-from stages.schemas import SAMPLES, SCORES
+from stages.schemas import SAMPLES, SCORES, sample_digest
 from stages.score import kl_and_reward, optimizer_steps, reward_inputs, score_samples, score_stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,6 +221,7 @@ def test_score_samples_with_a_different_ref_matches_direct_forward(models, kl_le
     expected = out["score"].to_numpy() - 0.05 * out["kl"].to_numpy() - 0.25 * truncated
     assert out["rlhf_reward"].to_list() == pytest.approx(expected.tolist(), abs=1e-12)
     assert stats["kl"] == pytest.approx(float(out["kl"].mean()))
+    assert out["sample_digest"].to_list() == sample_digest(samples).to_list()  # what the update checks
 
 
 def test_score_samples_passes_raw_prompts_and_extra_columns(models, tmp_path, monkeypatch):

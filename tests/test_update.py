@@ -398,6 +398,35 @@ def test_training_batch_joins_and_rejects_orphan_advantages(tiny_model_dir):
         training_batch(pl.concat([samples, samples.head(1)]), adv)
 
 
+def test_advantages_scored_on_other_completions_with_the_same_keys_are_refused(tiny_model_dir):
+    from stages.advantage import compute_advantages
+    from stages.models import load_tokenizer
+    from stages.params import AdvantageParams
+    from stages.schemas import DIGEST, sample_digest
+
+    samples = make_samples(load_tokenizer(tiny_model_dir))
+    # the score stage writes the digest from its samples; the advantage stage carries it
+    scores = make_advantages(samples, [0.0] * samples.height).with_columns(
+        pl.Series("rlhf_reward", [1.0, 2.0, 3.0, 5.0]), sample_digest(samples))
+    adv, _, _ = compute_advantages(scores, AdvantageParams(), None)
+    assert adv[DIGEST].to_list() == sample_digest(samples).to_list()
+    assert training_batch(samples, adv)["advantage"].to_list() == adv["advantage"].to_list()
+    assert DIGEST not in training_batch(samples, adv).columns
+    # another round's samples: the same keys, one completion differs
+    ids = samples["completion_token_ids"].to_list()
+    ids[2] = [*ids[2][:-1], ids[2][-1] + 1]
+    other = samples.with_columns(pl.Series("completion_token_ids", ids, dtype=pl.List(pl.Int32)))
+    with pytest.raises(PipelineError) as exc:
+        training_batch(other, adv)
+    pid, k = samples.row(2, named=True)["prompt_id"], samples.row(2, named=True)["sample_idx"]
+    assert str(exc.value) == (f"advantages: prompt_id={pid} sample_idx={k} was scored on another completion than the "
+                              f"samples file's (1 of 4 rows; `{DIGEST}` differs): score and advantage the samples you "
+                              "train on, or use the samples file of the same round")
+    # a table without the digest (an earlier version's, or built by hand) is not checked; a null digest neither
+    assert training_batch(other, adv.drop(DIGEST)).height == 4
+    assert training_batch(other, adv.with_columns(pl.lit(None, pl.String).alias(DIGEST))).height == 4
+
+
 # --- CLI ---------------------------------------------------------------------------------------------------
 
 
