@@ -72,17 +72,14 @@ def generate_one(sampler, tokenizer, prompts: pl.DataFrame, params, seed: int, p
 def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame, on_invalid: str = "error") -> np.ndarray:
     """The task reward of each held-out completion. A reward's NaN/inf is handled as `score.on_invalid` says, as in
     training: `error` stops with the row; `drop` leaves the score NaN, and `eval_metrics` leaves such prompts out."""
-    from stages.rewards import combine, compute_rewards, first_invalid
+    from stages.rewards import combine, compute_rewards, invalid_rows
     from stages.score import reward_inputs
 
     keys = list(zip(df["prompt_id"], df["sample_idx"]))
     texts, columns = reward_inputs(df, prompts)
     comps = compute_rewards(rewards, texts, df["completion"].to_list(), keys, **columns)  # TRL's extras at step 0
-    for name, values in comps.items():
-        bad = first_invalid(values, keys)
-        if bad is not None and on_invalid == "error":
-            raise PipelineError(f"reward `{name}` gave NaN/inf for held-out prompt_id={bad[0]} in the evaluation; fix "
-                                "the reward or set score.on_invalid: drop to leave such prompts out of the metrics")
+    invalid_rows(comps, keys, on_invalid, "held-out prompt_id={pid} in the evaluation",
+                 "leave such prompts out of the metrics")  # `drop`: combine's NaN marks them
     return combine(comps, {r.name: r.weight for r in rewards})
 
 

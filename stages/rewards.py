@@ -30,7 +30,7 @@ A `RewardSpec` names exactly one source:
 
 Outputs are checked once, the same way for every kind (`check_scores`): one number per completion, each
 a real number or None, as a masked array (None masked: "does not apply"). NaN/inf are not raised there:
-`first_invalid` finds them and the score stage applies `score.on_invalid` (error | drop).
+`invalid_rows` finds them and applies `score.on_invalid` (error | drop) for the score stage and the evaluation.
 """
 
 from __future__ import annotations
@@ -593,6 +593,23 @@ def first_invalid(values: np.ndarray, keys: Sequence[Key]) -> Key | None:
     """The key of the first NaN/inf value, or None when all are finite (or None)."""
     bad = np.flatnonzero(invalid(values))
     return tuple(keys[bad[0]]) if len(bad) else None
+
+
+def invalid_rows(components: Mapping[str, np.ndarray], keys: Sequence[Key], on_invalid: str, row: str,
+                 drop_does: str) -> np.ndarray:
+    """`score.on_invalid` over every component: rows any component gave NaN/inf. `error` stops at a component's first
+    such row, naming it (`row`, formatted with `pid` and `idx`); `drop` returns them (a bool mask) for the caller to
+    leave out. `drop_does` says what the drop would do here."""
+    rows = np.zeros(len(keys), dtype=bool)
+    for name, values in components.items():
+        bad = first_invalid(values, keys)
+        if bad is None:
+            continue
+        if on_invalid == "error":
+            raise PipelineError(f"reward `{name}` gave NaN/inf for {row.format(pid=bad[0], idx=bad[1])}; fix the "
+                                f"reward or set score.on_invalid: drop to {drop_does}")
+        rows |= invalid(values)
+    return rows
 
 
 def compute_rewards(rewards: Sequence[Reward], prompts: list[str], completions: list[str], keys: Sequence[Key],

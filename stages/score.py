@@ -130,7 +130,7 @@ def score_samples(
     `batch_size`: completions per logprob batch, default `score.batch_size` (the flow passes the update's
     micro-batch when `logp_policy` came from it: a bf16 pass's logprobs depend on the batch's padding, and the
     KL's two passes must batch alike for their rounding to cancel, docs/design.md §7)."""
-    from stages.rewards import TrlExtras, combine, compute_rewards, first_invalid, invalid
+    from stages.rewards import TrlExtras, combine, compute_rewards, invalid_rows
 
     t0 = time.perf_counter()
     keys = list(zip(samples["prompt_id"], samples["sample_idx"]))
@@ -139,17 +139,8 @@ def score_samples(
     components = compute_rewards(rewards, texts, samples["completion"].to_list(), keys, extras, **columns)
     t_reward = time.perf_counter() - t0
 
-    valid = np.ones(samples.height, dtype=bool)
-    for name, values in components.items():
-        bad = first_invalid(values, keys)
-        if bad is None:
-            continue
-        if score_params.on_invalid == "error":
-            raise PipelineError(
-                f"reward `{name}` gave NaN/inf for prompt_id={bad[0]} sample_idx={bad[1]}; fix the reward "
-                "or set score.on_invalid: drop to exclude such rows"
-            )
-        valid &= ~invalid(values)
+    valid = ~invalid_rows(components, keys, score_params.on_invalid, "prompt_id={pid} sample_idx={idx}",
+                          "exclude such rows")
     score = combine(components, {r.name: r.weight for r in rewards})
     unscored = int(np.logical_and.reduce([np.ma.getmaskarray(v) for v in components.values()]).sum())
     if unscored:  # TRL warns the same: a score of 0 that no reward gave
