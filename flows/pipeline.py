@@ -153,13 +153,13 @@ def _run_stopping_with_us(cmd: list[str], stage: str | None) -> subprocess.Compl
 def _descendants(*pids: int) -> dict[int, str]:
     """The processes below `pids` (their children, theirs, ...) by pid, each with its `process_key`: what a stop kills
     besides the process group, whatever session they put themselves in (torchrun starts each rank in its own)."""
-    from stages.loop.lock import process_key
+    from stages.loop.lock import proc_stat, process_key
 
     children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         if d.name.isdigit():
             try:
-                children.setdefault(int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(d.name))
+                children.setdefault(int(proc_stat(d.name)[1]), []).append(int(d.name))
             except (OSError, IndexError, ValueError):
                 continue
     found, todo = {}, list(pids)

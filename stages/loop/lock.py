@@ -29,15 +29,20 @@ ENV = "RLOO_RUN_LOCK"
 _held: list[str] = []  # tokens this process holds (re-entrant within a process)
 
 
+def proc_stat(pid: int | str) -> list[str]:
+    """The fields of Linux's `/proc/<pid>/stat` after the command name: [0] the state, [1] the parent pid, [19] the
+    start time in clock ticks. OSError where there is no such process (or no /proc)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _ancestors() -> set[int]:
     """PIDs of this process's ancestors (Linux /proc; empty elsewhere)."""
     pids, pid = set(), os.getpid()
     for _ in range(64):
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+            ppid = int(proc_stat(pid)[1])
+        except (OSError, IndexError, ValueError):
             break
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
         if ppid <= 1:
             break
         pids.add(ppid)
@@ -123,7 +128,7 @@ def process_key(pid: int | None = None) -> str:
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         ns = os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
-        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        start = proc_stat(pid)[19]
     except (OSError, IndexError):
         return f"?:?:{pid}:?"
     return f"{boot}:{ns}:{pid}:{start}"
@@ -151,7 +156,7 @@ def process_alive(key: str) -> bool:
     if ns != here_ns:
         return True
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = proc_stat(pid)[0]
     except (OSError, IndexError):
         return False
     return state != "Z" and process_key(int(pid)) == key
