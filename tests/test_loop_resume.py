@@ -29,6 +29,7 @@ from stages.loop.resume import (
     round_dir,
     round_prompts,
     seal_manifest,
+    write_manifest,
 )
 from stages.loop.writer import manifest_for, round_write
 from stages.params import parse_params
@@ -407,6 +408,16 @@ def test_a_manifest_changed_since_its_round_wrote_it_is_refused_with_the_fix(par
                                  f"match its {SEAL}); restore it with `dvc checkout --force {path}` (DVC's copy, when DVC cached this round) or "
                                  f"start over: {RESTART}")
     path.write_text(json.dumps({k: v for k, v in written.items() if k != SEAL}))  # from before seals
+    assert plan_resume(params, ID).start == 2
+    # ... but not after a sealed round: seals came in at one moment, so a later round's seal was deleted
+    first = round_dir(tp.rounds_dir, 0) / MANIFEST
+    write_manifest(json.loads(first.read_text()), first)
+    with pytest.raises(PipelineError) as exc:
+        plan_resume(params, ID)
+    assert one_line(exc) == (f"{path}: the manifest has no {SEAL} though round 0's before it has one: it was edited "
+                             f"since its round wrote it; restore it with `dvc checkout --force {path}` (DVC's copy, "
+                             f"when DVC cached this round) or start over: {RESTART}")
+    path.write_text(json.dumps(written))
     assert plan_resume(params, ID).start == 2
 
 

@@ -249,7 +249,9 @@ class ResumePlan:
 
 
 def scan_rounds(rounds_dir: Path) -> dict[int, tuple[Path, dict | None]]:
-    """round index -> (dir, manifest or None) for every `round=NNNN` dir."""
+    """round index -> (dir, manifest or None) for every `round=NNNN` dir. A manifest without a seal after a sealed
+    one is refused: seals came in on 2026-12-07, so a run's unsealed rounds come before its sealed ones, and a seal
+    missing later was deleted (the way past `read_manifest`'s check of an edited manifest)."""
     out = {}
     if rounds_dir.is_dir():
         for d in rounds_dir.iterdir():
@@ -257,6 +259,17 @@ def scan_rounds(rounds_dir: Path) -> dict[int, tuple[Path, dict | None]]:
             if m and d.is_dir():
                 mf = d / MANIFEST
                 out[int(m.group(1))] = (d, read_manifest(mf) if mf.is_file() else None)
+    sealed = None
+    for r in sorted(out):
+        d, manifest = out[r]
+        if manifest is None:
+            continue
+        if SEAL in manifest:
+            sealed = sealed or r
+        elif sealed is not None:
+            raise PipelineError(f"{d / MANIFEST}: the manifest has no {SEAL} though round {sealed}'s before it has "
+                                f"one: it was edited since its round wrote it; {checkout_fix(d / MANIFEST)} or start "
+                                f"over: {restart_command()}")
     return out
 
 
