@@ -58,6 +58,41 @@ _DVC_BUSY = re.compile(r"^ERROR: .*is busy, it is being blocked by")
 DVC_RETRY_S = 5.0
 
 
+DVC_LOCK = Path(".dvc/tmp/lock")  # DVC's repository lock (zc.lockfile: an flock, the holder's pid inside)
+
+
+def dvc_lock_holder() -> str | None:
+    """What holds DVC's repository lock now (`PID 123 (dvc repro)`), or None when it is free (or not DVC's default
+    flock: `core.hardlink_lock`). Tried with a shared flock, let go at once: a dvc that asks for it meanwhile
+    retries."""
+    import fcntl
+
+    try:
+        with DVC_LOCK.open("rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = f.read(32).decode(errors="replace").strip()
+            else:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                return None
+    except OSError:
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        args = [a.decode(errors="replace") for a in Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0") if a]
+        line = " ".join([Path(args[0]).name, *args[1:]])
+        return f"PID {pid} ({line if len(line) <= 80 else line[:77] + '...'})"
+    return f"PID {pid or '?'}"
+
+
+def _flow_log() -> logging.Logger:
+    """This flow run's logger; the module's outside a flow run (a direct call, a test)."""
+    try:
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger(__name__)
+
+
 def _dvc(*args: str) -> subprocess.CompletedProcess:
     """A dvc command. A deployment's run that finds a stage's files locked by DVC (a `dvc repro` typed in a shell, which
     takes the run lock only while its train stage runs) waits for them as it waits for the run lock, up to
@@ -70,6 +105,9 @@ def _dvc(*args: str) -> subprocess.CompletedProcess:
     cmd = [str(exe) if exe.exists() else "dvc", "--wait-for-lock", *args]
     deadline, waiting = None, False
     while True:
+        holder = dvc_lock_holder()
+        if holder:  # DVC waits for it in silence (its progress line is off without a terminal)
+            _flow_log().info("waiting for DVC's repository lock %s, held by %s", DVC_LOCK, holder)
         proc = _run_stopping_with_us(cmd, args[-1] if args[0] == "repro" else None)
         # refused before any stage ran (DVC takes a stage's rwlock before running it): safe to run again
         busy = proc.returncode and "Running stage" not in proc.stdout and _dvc_busy(proc.stderr or proc.stdout)

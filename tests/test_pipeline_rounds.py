@@ -355,7 +355,7 @@ def test_a_stopped_pipeline_stops_its_stage_before_it_lets_go(tmp_path, monkeypa
     assert "train: the previous run was moved to data/archive/x" in caplog.messages
 
 
-def test_a_dvc_command_waits_for_dvcs_repository_lock(tmp_path, monkeypatch):
+def test_a_dvc_command_waits_for_dvcs_repository_lock(tmp_path, monkeypatch, caplog):
     """Any dvc command holds DVC's repository lock for moments, and a `dvc repro` between its stages (saving a train
     stage's outputs to the cache): DVC gives up on it after 3 s, which could fail a scheduled run's stage after hours
     of training. The pipeline's dvc commands wait for it. Real DVC; the lock held by another process for 5 s."""
@@ -375,10 +375,18 @@ def test_a_dvc_command_waits_for_dvcs_repository_lock(tmp_path, monkeypatch):
     try:
         assert holder.stdout.readline().strip() == "held"
         t0 = time.monotonic()
-        proc = pipeline._dvc("status", "--json")
+        with caplog.at_level(logging.INFO, logger="flows.pipeline"):
+            proc = pipeline._dvc("status", "--json")
         assert proc.returncode == 0 and time.monotonic() - t0 > 3.5  # it waited past DVC's own 3 s
+        # and said so: DVC's own progress line is off without a terminal
+        said = [m for m in caplog.messages if m.startswith("waiting")]
+        assert len(said) == 1 and said[0].startswith(
+            f"waiting for DVC's repository lock .dvc/tmp/lock, held by PID {holder.pid} ({Path(sys.executable).name} "
+            "-c import sys, time, zc.lockfile;") and said[0].endswith("...)")  # the command cut at 80 characters
     finally:
         holder.kill()
+    assert pipeline.dvc_lock_holder() is None  # free again, and the probe did not take it
+    assert pipeline._dvc("status", "--json").returncode == 0
 
 
 def test_the_pipelines_own_stage_logs_reach_its_flow_run(caplog):
