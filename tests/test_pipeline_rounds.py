@@ -437,3 +437,38 @@ def test_an_edit_during_a_stage_stops_the_run_only_where_the_stage_reads_it(tmp_
     Path("dvc.yaml").write_text("stages: [")  # what the stage reads cannot be told: any edit stops the run
     with pytest.raises(PipelineError, match=r"^params.yaml changed while the train stage ran"):
         run_with_edit("greedy: true", "greedy: false")
+
+
+@pytest.mark.parametrize("nohup", [False, True])
+def test_a_hangup_stops_the_pipeline_as_a_ctrl_c_unless_under_nohup(monkeypatch, nohup):
+    """`python -m flows.pipeline` in a terminal that closes gets SIGHUP: it stops as at a Ctrl-C (its stage's process
+    group stopped first, by the KeyboardInterrupt's way out of `_run_stopping_with_us`); under `nohup`, which leaves
+    SIGHUP ignored on purpose, it goes on. The handler is put back afterwards either way. (The flow and its API are
+    stood in for: what is tested is main()'s handling of the signal.)"""
+    import contextlib
+    import os
+    import signal
+
+    import flows.api
+    import flows.pipeline as pipeline
+
+    seen = []
+
+    def flow(params_path, more_rounds):
+        os.kill(os.getpid(), signal.SIGHUP)  # the terminal closes while the flow runs
+        seen.append("went on")
+        return {"stages": []}
+
+    monkeypatch.setattr(flows.api, "prefect_api", contextlib.nullcontext)
+    monkeypatch.setattr(pipeline, "pipeline_flow", flow)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL)
+    try:
+        if nohup:
+            pipeline.main([])
+            assert seen == ["went on"] and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        else:
+            with pytest.raises(KeyboardInterrupt, match="hangup"):
+                pipeline.main([])
+            assert seen == [] and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
