@@ -251,8 +251,10 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
                         "" if len(filled) == 1 else "s", "its manifest" if len(filled) == 1 else "their manifests")
     if plan.replay:  # complete rounds after an older checkpoint (update.save_every > 1): their updates, again
         t1 = time.perf_counter()
-        for m in plan.replay:
+        for m in plan.replay:  # each under the schedule it ran under (a raised train.rounds plans the rounds after)
+            w.trainer.plan_schedule(m.get("total_rounds", total))  # (a manifest from before 2026-12-07 has none)
             steps.replay_round(w, round_dir(tp.rounds_dir, m["round"]))
+        w.trainer.plan_schedule(total)
         gathered = w.trainer.gathered_state()  # FSDP: every rank takes part
         if dist.main:  # the checkpoint catches up with the last complete round (its manifest is already written)
             from stages import checkpoint
@@ -328,8 +330,10 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             if not dist.main:
                 continue
             artifacts = {"samples.parquet": s_rec, "scores.parquet": sc_rec, "advantages.parquet": a_rec}
+            # total_rounds: the length whose schedule this round's update ran under (a resume's replay uses it)
             manifest = manifest_for(r, identity, params.hash(), artifacts, metrics, new_state,
-                                    run.info.run_id if run else None, topology | {"prompt_ids": seen[-1], "train_split": split})
+                                    run.info.run_id if run else None,
+                                    topology | {"prompt_ids": seen[-1], "train_split": split, "total_rounds": total})
             write = round_write(w.trainer, params, manifest, d / MANIFEST, save, gathered)
             if archived is not None and r == start:  # the manifest first: until it is on disk a crash moves it back
                 write = _then(write, lambda: keep_archived(archived))

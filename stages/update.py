@@ -467,13 +467,26 @@ class Trainer:
         # The learning rate of the next step from this run's schedule: the saved one was computed over the saved
         # run's length, and a run whose train.rounds was raised since would take its next step at the old schedule's
         # last rate (0 at the end of a linear decay). With the same length this is the saved rate, to the bit.
+        self._set_next_lr()
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        random.setstate(_py_rng_from_lists(state["rng"]["python"]))
+        self.round = state["round"]
+
+    def plan_schedule(self, rounds: int) -> None:
+        """The learning-rate schedule of a run of `rounds` rounds from the step the scheduler is at. A resume replays
+        each complete round after the checkpoint under the length that round ran under (its manifest's
+        `total_rounds`), then plans the rest over the run's new length (train.rounds raised since: the next steps
+        decay over the longer run, docs/design.md §6)."""
+        total_steps = rounds * self.up.num_ppo_epochs * self.up.num_mini_batches
+        fn = lr_lambda(self.up.warmup_steps, total_steps, self.up.lr_scheduler)
+        self.scheduler.lr_lambdas = [fn] * len(self.optimizer.param_groups)
+        self._set_next_lr()
+
+    def _set_next_lr(self) -> None:
         sched = self.scheduler
         for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
             group["lr"] = base * fn(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        random.setstate(_py_rng_from_lists(state["rng"]["python"]))
-        self.round = state["round"]
 
     def save_model(self, out_dir: Path, gathered: dict | None = None) -> None:
         """The policy as a normal model dir (merged weights for LoRA, the adapter in adapter/) + tokenizer."""

@@ -44,21 +44,22 @@ def _wait_for(path, proc, timeout=600):
         time.sleep(0.2)
 
 
-def _reference_run(proj, env, **update) -> None:
-    """The same run, uninterrupted, into other directories (outputs are not part of the run identity)."""
+def _reference_run(proj, env, *, run_it: bool = True, **update) -> None:
+    """The same run, uninterrupted, into other directories (outputs are not part of the run identity), `ref.yaml`."""
     ref_params = yaml.safe_load((proj / "params.yaml").read_text())
     ref_params["train"].update(rounds_dir="data/ref_rounds", checkpoint_dir="models/ref_policy",
                                state_dir="models/ref_state")
     ref_params["update"].update(update)
     (proj / "ref.yaml").write_text(yaml.safe_dump(ref_params))
-    run([PY, "-m", "flows.train", "--params", "ref.yaml"], proj, env)
+    if run_it:
+        run([PY, "-m", "flows.train", "--params", "ref.yaml"], proj, env)
 
 
-def _kill_inside(proj, env, reward_call: int, *wait_for) -> None:
+def _kill_inside(proj, env, reward_call: int, *wait_for, params: str = "params.yaml") -> None:
     """`python -m flows.train` SIGKILLed inside the scoring of the round whose reward call number `reward_call`
     sleeps, once `wait_for` paths exist. Its own process group, so the kill also takes whatever it started, as a
     killed job would lose them."""
-    proc = subprocess.Popen([PY, "-m", "flows.train"], cwd=proj, env={**env, "SLOW_REWARD_CALL": str(reward_call)},
+    proc = subprocess.Popen([PY, "-m", "flows.train", "--params", params], cwd=proj, env={**env, "SLOW_REWARD_CALL": str(reward_call)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         for path in wait_for:
@@ -146,29 +147,42 @@ def test_changed_configuration_moves_the_old_run_aside_and_restore_brings_it_bac
 def test_rounds_after_an_older_checkpoint_are_replayed_to_the_uninterrupted_run(tmp_path, tiny_model_dir):
     """`update.save_every: 2`, killed inside round 4: the checkpoint is at round 2 and round 3 is complete. The
     resume replays round 3's update from its artifacts (no sampling or scoring) and runs round 4, which samples
-    the uninterrupted run's completions (the replayed policy is the same), and ends with the same weights."""
+    the uninterrupted run's completions (the replayed policy is the same), and ends with the same weights. The
+    resume also raises the run to 5 rounds under a decaying learning rate: round 3 is replayed at the rate it ran
+    at (the 4-round schedule's), then rounds 4-5 decay over 5 rounds, as in the reference, whose checkpoint is at
+    round 3 when it is killed and raised the same way (before, the replay took the 5-round schedule's rate and the
+    weights parted)."""
     from safetensors.torch import load_file
 
     proj = slow_project(tmp_path, tiny_model_dir, **{"train.rounds": 4, "update.save_every": 2,
-                                                     "advantage.estimator": "ema"})
+                                                     "advantage.estimator": "ema", "update.lr_scheduler": "linear"})
     env = run_env(tmp_path)
     run([PY, "-m", "stages.prepare"], proj, env)
-    _reference_run(proj, env, save_every=1)
+    _reference_run(proj, env, save_every=1, run_it=False)
+    ref_rounds = proj / "data" / "ref_rounds"
+    _kill_inside(proj, env, 4, ref_rounds / "round=0003" / "samples.parquet", ref_rounds / "round=0002" / "manifest.json",
+                 params="ref.yaml")
+    assert json.loads((proj / "models" / "ref_policy" / "checkpoint.json").read_text())["round"] == 3
+    run([PY, "-m", "flows.train", "--params", "ref.yaml", "--rounds", "5"], proj, env)
     rounds = proj / "data" / "rounds"
     _kill_inside(proj, env, 4, rounds / "round=0003" / "samples.parquet", rounds / "round=0002" / "manifest.json")
     assert json.loads((proj / "models" / "policy" / "checkpoint.json").read_text())["round"] == 2
     assert not json.loads((rounds / "round=0002" / "manifest.json").read_text())["checkpoint"]
     round3 = (rounds / "round=0002" / "samples.parquet").read_bytes()
 
-    out = run([PY, "-m", "flows.train"], proj, env)
+    out = run([PY, "-m", "flows.train", "--rounds", "5"], proj, env)
     log = out.stdout + out.stderr
     assert "replayed the update of round 3 from its artifacts (the checkpoint was at round 2)" in log, log[-3000:]
-    assert "resuming after round 3 of 4" in log
-    assert "round 4/4: reward " in log and ", grad norm " in log
-    assert "done: 4 rounds (1 trained now); rounds in data/rounds, the policy in models/policy, metrics in " \
+    assert "resuming after round 3 of 5" in log
+    assert "round 4/5: reward " in log and ", grad norm " in log
+    assert "done: 5 rounds (2 trained now); rounds in data/rounds, the policy in models/policy, metrics in " \
            "metrics/train.json and plots/train.csv; MLflow run " in log
     assert (rounds / "round=0002" / "samples.parquet").read_bytes() == round3  # replayed, not re-sampled
-    for r in range(4):
+    lrs = [json.loads((rounds / f"round={r:04d}" / "manifest.json").read_text())["metrics"]["learning_rate"]
+           for r in range(5)]
+    assert lrs == [json.loads((ref_rounds / f"round={r:04d}" / "manifest.json").read_text())["metrics"][
+        "learning_rate"] for r in range(5)] and lrs[2] > lrs[3] > lrs[4] > 0
+    for r in range(5):
         a = pl.read_parquet(rounds / f"round={r:04d}" / "samples.parquet")
         b = pl.read_parquet(proj / "data" / "ref_rounds" / f"round={r:04d}" / "samples.parquet")
         assert a["completion_token_ids"].to_list() == b["completion_token_ids"].to_list(), f"round {r + 1} differs"
@@ -177,4 +191,4 @@ def test_rounds_after_an_older_checkpoint_are_replayed_to_the_uninterrupted_run(
     assert got.keys() == ref.keys()
     worst = max((got[k] - ref[k]).abs().max().item() for k in got)
     assert worst == 0.0, f"the replayed run's weights differ from the uninterrupted run's by up to {worst}"
-    assert json.loads((proj / "models" / "policy" / "checkpoint.json").read_text())["round"] == 4
+    assert json.loads((proj / "models" / "policy" / "checkpoint.json").read_text())["round"] == 5
