@@ -332,9 +332,21 @@ def put_back_moved_aside(policy_dir: str | Path) -> bool:
     return True
 
 
+def _staged_state_id(staging: Path) -> str:
+    """The id of the state file a staging dir's write wrote: its `.state-id` mark, or, once the write took the mark
+    away to move the dir into place, its checkpoint.json's (a kill between that and the rename left it there);
+    "" where it has neither."""
+    with contextlib.suppress(OSError):
+        return (staging / STATE_MARK).read_text().strip()
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return str(json.loads((staging / META).read_text()).get("checkpoint_id", ""))
+    return ""
+
+
 def clean_orphan_states(policy_dir: str | Path, state_dir: str | Path) -> list[Path]:
     """Remove the resume-state files this module's interrupted writes left (~1 GB each for the default model): the one
-    a write killed before its rename named in its staging dir (`.<name>.tmp-*/.state-id`), and the one the checkpoint
+    a write killed before its rename named in its staging dir (`.<name>.tmp-*/.state-id`, or that dir's
+    checkpoint.json once the mark is gone), and the one the checkpoint
     in place replaced (`replaces` in its checkpoint.json; a kill after the rename left it). Never the state the
     checkpoint in place pairs with, nor any other file (another run's, `python -m stages.update`'s). Call it under
     the run lock, after `put_back_moved_aside` and before `clean_staging`."""
@@ -343,8 +355,8 @@ def clean_orphan_states(policy_dir: str | Path, state_dir: str | Path) -> list[P
         meta = read_meta(policy_dir) if policy_dir.is_dir() else None
     except PipelineError:
         return []  # an unreadable checkpoint: the run's own check says what to do; nothing is removed
-    ids = [(m / STATE_MARK).read_text().strip() for m in policy_dir.parent.glob(f".{policy_dir.name}.tmp-*")
-           if (m / STATE_MARK).is_file()] if policy_dir.parent.is_dir() else []
+    ids = [_staged_state_id(m) for m in policy_dir.parent.glob(f".{policy_dir.name}.tmp-*")
+           ] if policy_dir.parent.is_dir() else []
     if meta is not None and meta.get("replaces"):
         ids.append(str(meta["replaces"]))
     keep = meta.get("checkpoint_id") if meta else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -240,6 +241,15 @@ def test_only_the_state_files_an_interrupted_write_left_are_removed(tmp_path):
                tmp_path / "policy" / "checkpoint.json")
     assert checkpoint.clean_orphan_states(tmp_path / "policy", state) == [names["c"]]
     assert sorted(p.name for p in state.iterdir()) == sorted([names["a"].name, names["d"].name, "notes.txt"])
+    # a write killed after it took its mark away to move its staging dir into place (between replace_dir's two
+    # renames): its checkpoint.json there names its state
+    shutil.rmtree(staging)
+    staging = tmp_path / ".policy.tmp-uvw"
+    staging.mkdir()
+    write_json({"format": checkpoint.FORMAT, "round": 2, "checkpoint_id": "d" * 12, "replaces": "a" * 12},
+               staging / "checkpoint.json")
+    assert checkpoint.clean_orphan_states(tmp_path / "policy", state) == [names["d"]]
+    assert sorted(p.name for p in state.iterdir()) == sorted([names["a"].name, "notes.txt"])
 
 
 # ---------------------------------------------------------------- the direct writer (O_DIRECT, fsync)
