@@ -573,6 +573,7 @@ def load_trainer(params, device, policy_dir: str | Path | None = None, state_dir
     if meta.get("lora") != params.update.use_lora:
         raise PipelineError(f"{field}: {policy_dir} was trained with update.use_lora={meta.get('lora')}; set it back or "
                             f"start over: {restart_command()}")
+    checkpoint.verify_model(policy_dir, meta, field)
     state = checkpoint.load_state(state_dir or params.train.state_dir, meta, device, params.train.archive_dir,
                                   state_field)
     # full fine-tuning: the weights are the checkpoint dir itself; LoRA: the base plus the adapter in the state

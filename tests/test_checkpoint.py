@@ -120,6 +120,8 @@ def test_a_state_whose_pickle_runs_code_is_refused(tiny_model_dir, tmp_path):
     state["optimizer"] = evil
     with open(path, "wb") as fh:  # what torch.save would write, with a payload that calls os.system on load
         torch.save(state, fh, pickle_module=pickle)
+    # the file as its checkpoint recorded it (its size), so it is torch.load that meets the payload
+    write_json(meta | {"state_bytes": path.stat().st_size}, tmp_path / "policy" / checkpoint.META)
     with pytest.raises(PipelineError) as exc:
         load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
     msg = str(exc.value)
@@ -132,7 +134,14 @@ def test_corrupt_or_missing_state_and_bad_metadata_are_one_line_errors(tiny_mode
     trainer, _ = load_trainer(params, CPU)
     meta = save(trainer, tmp_path)
     path = checkpoint.state_file(tmp_path / "state", meta["checkpoint_id"])
+    size = path.stat().st_size
+    assert meta["state_bytes"] == size
     path.write_bytes(b"not a torch file")
+    with pytest.raises(PipelineError) as exc:
+        load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
+    assert str(exc.value) == (f"{path}: has 16 bytes, the checkpoint at round 0 recorded {size}: damaged or replaced; "
+                              "start over with: python -m flows.train --restart")
+    path.write_bytes(b"x" * size)
     with pytest.raises(PipelineError, match="refused or unreadable trainer state"):
         load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
     path.unlink()
@@ -156,6 +165,37 @@ def test_corrupt_or_missing_state_and_bad_metadata_are_one_line_errors(tiny_mode
     with pytest.raises(PipelineError, match="not empty but holds no checkpoint.json"):
         checkpoint.read_meta(tmp_path / "policy")
     assert checkpoint.read_meta(tmp_path / "absent") is None
+
+
+def test_model_files_changed_since_the_checkpoint_are_refused(tiny_model_dir, tmp_path):
+    """checkpoint.json records each model file's size and CRC-32 as the save wrote it: one changed in place since
+    (here one weight, as a save_pretrained of other weights into the dir would) stops the resume with the file and
+    the fix, instead of resuming from weights the optimizer state and the rounds never saw."""
+    import zlib
+
+    params = make_params(tiny_model_dir)
+    trainer, _ = load_trainer(params, CPU)
+    trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    meta = save(trainer, tmp_path)
+    model = tmp_path / "policy" / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    assert meta["files"] == {"model.safetensors": {"bytes": len(data), "crc32": zlib.crc32(data)}}
+    assert load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")[1] == meta  # as written: loads
+    data[-4000] ^= 0x40  # one bit of one weight
+    model.write_bytes(bytes(data))
+    fix = (f"restore it with `dvc checkout --force {model}` (DVC's copy, when DVC cached this checkpoint) or start "
+           "over: python -m flows.train --restart")
+    with pytest.raises(PipelineError) as exc:
+        load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
+    assert str(exc.value) == (f"train.checkpoint_dir: {model} does not match the CRC-32 its checkpoint.json recorded: "
+                              f"changed since the checkpoint at round 1 was written; {fix}")
+    model.write_bytes(bytes(data[:-8]))
+    with pytest.raises(PipelineError, match=rf"{model} has {len(data) - 8} bytes, its checkpoint.json recorded "
+                                            rf"{len(data)}: changed since"):
+        load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
+    # a checkpoint from before the record: not checked
+    write_json({k: v for k, v in meta.items() if k != "files"}, tmp_path / "policy" / "checkpoint.json")
+    checkpoint.verify_model(tmp_path / "policy", checkpoint.read_meta(tmp_path / "policy"))
 
 
 def test_checkpoint_of_a_different_base_is_rejected(tiny_model_dir, tmp_path):
