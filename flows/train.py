@@ -482,7 +482,7 @@ def preload_flow_modules(params: Params, open_store: bool = True) -> None:
     try:
         tracking.open_store(params)
     except tracking.StoreError as exc:
-        why = _first_line(exc.__cause__ or exc)[:300]
+        why = _first_line(exc.__cause__)[:300] if exc.__cause__ else str(exc)  # (a StoreError of ours says it all)
         raise PipelineError(f"{field}: the MLflow store {uri} did not open ({why}); fix the URI or start its "
                             "tracking server") from exc
     except Exception as exc:

@@ -268,6 +268,16 @@ def quiet_bad_input_tracebacks(*loggers: str) -> None:
             logger.addFilter(_NoTracebackForBadInput())
 
 
+def queued_checkout(cwd: Path | None = None) -> Path | None:
+    """The checkout a queued DVC experiment (`dvc exp run --queue`, `--temp`) runs for, when this process runs in one:
+    DVC runs it in a copy of the git-tracked files, `<checkout>/.dvc/tmp/exps/<dir>/`, and deletes the copy after."""
+    parts = (cwd or Path.cwd()).resolve().parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return None
+
+
 def checkout_fix(path: str | Path, what: str = "this round") -> str:
     """How to get one file, round dir or checkpoint back from DVC's cache without touching anything else: a granular
     `dvc checkout` of exactly that path (`--force` where a damaged or other copy is in the way: DVC will not replace

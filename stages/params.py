@@ -368,7 +368,7 @@ def _format_error(exc: ValidationError, source: str) -> str:
     if err["type"] == "extra_forbidden":
         parent = _model_at(err["loc"][:-1])
         allowed = ", ".join(parent.model_fields) if parent else "see params.yaml"
-        return f"{source}: unknown field `{loc}`; allowed fields here: {allowed}"
+        return f"{source}: unknown field `{loc}`{_suggest(str(err['loc'][-1]), parent)}; allowed fields here: {allowed}"
     if err["type"] == "value_error" and msg.startswith(("sample.k", "score.", "train.")):
         return f"{source}: {msg}"
     got = err.get("input")
@@ -385,6 +385,28 @@ def _is_union_field(loc: tuple) -> bool:
     model = _model_at(loc[:-1])
     field = model.model_fields.get(str(loc[-1])) if model is not None else None
     return field is not None and typing.get_origin(field.annotation) is typing.Union
+
+
+# TRL's RLOOConfig/GRPOConfig names of fields this pipeline has under another name (an unknown field's message says so)
+TRL_NAMES = {
+    "num_generations": "sample.k", "rloo_k": "sample.k", "max_new_tokens": "sample.max_completion_length",
+    "beta": "score.beta", "kl_coef": "score.beta", "reward_weights": "score.rewards[].weight",
+    "reward_funcs": "score.rewards", "reward_model_path": "score.rewards[].model", "ref_model_path": "score.ref_model",
+    "max_prompt_length": "prepare.max_prompt_tokens", "num_iterations": "update.num_ppo_epochs",
+    "epsilon": "update.cliprange", "max_steps": "train.rounds", "seed": "base.seed", "normalize_advantages": "advantage.normalize_advantages",
+    "model_name_or_path": "base.model", "vllm_gpu_memory_utilization": "sample.gpu_memory_utilization",
+}
+
+
+def _suggest(name: str, parent) -> str:
+    """`; did you mean ...` for an unknown field: TRL's name of one of ours, or a near spelling of a field here."""
+    import difflib
+
+    fields = list(parent.model_fields) if parent else []
+    if name in TRL_NAMES and name not in fields:
+        return f" (TRL's `{name}` is `{TRL_NAMES[name]}` here)"
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.75)
+    return f"; did you mean `{close[0]}`?" if close else ""
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:

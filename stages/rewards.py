@@ -296,9 +296,14 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
+        from stages.errors import queued_checkout
+
+        queued = isinstance(exc, ModuleNotFoundError) and queued_checkout() is not None
         raise PipelineError(
             f"reward `{spec.name}`: cannot import module `{module_name}` of '{target}' ({type(exc).__name__}: {exc}); "
-            "make it importable from the repo root (a .py file or package there, or on PYTHONPATH)"
+            + ("this is a queued DVC experiment, which runs in a copy of the git-tracked files only: `git add` the "
+               "module (and commit it) before queuing" if queued else
+               "make it importable from the repo root (a .py file or package there, or on PYTHONPATH)")
         ) from exc
     fn = getattr(module, attr, None)
     if fn is None:

@@ -280,11 +280,14 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_table(args.prompts, PROMPTS) if args.prompts else None
     policy_dir = args.policy or params.base.model_dir
     ref_dir = args.ref or params.score.ref_model or params.base.model_dir
+    # the error names where the dir came from: the flag, or the params field it defaulted to
+    policy_field = "--policy" if args.policy else "base.model_dir"
+    ref_field = "--ref" if args.ref else "score.ref_model" if params.score.ref_model else "base.model_dir"
     rewards = build_rewards(params.score.rewards, device=device, batch_size=params.score.batch_size)
-    tokenizer = load_tokenizer(policy_dir, "--policy")
-    policy = load_causal_lm(policy_dir, "float32", device, "--policy").eval()
+    tokenizer = load_tokenizer(policy_dir, policy_field)
+    policy = load_causal_lm(policy_dir, "float32", device, policy_field).eval()
     same = str(policy_dir) == str(ref_dir)
-    ref = policy if same else load_causal_lm(ref_dir, "float32", device, "--ref").eval()
+    ref = policy if same else load_causal_lm(ref_dir, "float32", device, ref_field).eval()
     try:
         if prompts is None:
             log.warning("no --prompts: reward functions get the chat-formatted prompt_text, no extra columns and no "

@@ -68,10 +68,23 @@ class StoreError(Exception):
 
 def store_uri(params) -> tuple[str, str]:
     """Where the run's tracking store is: (the setting that names it, its URI). `MLFLOW_TRACKING_URI`, when set,
-    wins over `mlflow.tracking_uri`."""
+    wins over `mlflow.tracking_uri`. A relative local store (`sqlite:///mlflow.db`, `mlruns`) in a queued DVC
+    experiment is the checkout's: relative to the experiment's temporary copy it would go with the copy."""
     if "MLFLOW_TRACKING_URI" in os.environ:
-        return "MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"]
-    return "mlflow.tracking_uri", params.mlflow.tracking_uri
+        setting, uri = "MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        setting, uri = "mlflow.tracking_uri", params.mlflow.tracking_uri
+    from stages.errors import queued_checkout
+
+    home = queued_checkout()
+    if home is not None:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = f"sqlite:///{home / uri.removeprefix('sqlite:///')}"
+        elif uri.startswith("file:") and not uri.startswith("file:/"):
+            uri = (home / uri.removeprefix("file:")).as_uri()
+        elif "://" not in uri and not uri.startswith("file:") and not Path(uri).is_absolute():
+            uri = str(home / uri)
+    return setting, uri
 
 
 def open_store(params) -> None:
@@ -83,6 +96,7 @@ def open_store(params) -> None:
     import mlflow
 
     _, uri = store_uri(params)
+    _reachable(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -91,6 +105,23 @@ def open_store(params) -> None:
     except Exception as exc:
         raise StoreError(str(exc)) from exc
     mlflow.set_experiment(params.mlflow.experiment)
+
+
+def _reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """A tracking server's host and port take a connection, in `timeout_s`; `StoreError` otherwise. MLflow's own
+    client retries a refused connection for ~4 minutes (7 retries with backoff) before it fails; a server that
+    answers at all gets its retries as it is."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"no connection to {parts.hostname}:{parts.port or port} in {timeout_s:.0f} s: "
+                         f"{type(exc).__name__}: {exc}") from None
 
 
 def _where(params) -> dict:

@@ -132,6 +132,16 @@ def test_unknown_key_in_section_lists_allowed_fields(data):
     for field in UpdateParams.model_fields:
         assert field in msg
     assert "learning_rate" in msg.split("allowed fields here:")[1]
+    assert "unknown field `update.learnig_rate`; did you mean `learning_rate`?; allowed" in msg
+
+
+@pytest.mark.parametrize("section,name,ours", [("sample", "num_generations", "sample.k"), ("update", "beta", "score.beta"),
+                                               ("score", "reward_weights", "score.rewards[].weight"),
+                                               ("sample", "max_new_tokens", "sample.max_completion_length")])
+def test_trl_s_names_of_our_fields_say_ours(data, section, name, ours):
+    """A TRL user's RLOOConfig/GRPOConfig names: the message says what the field is called here."""
+    data[section][name] = 1
+    assert f"unknown field `{section}.{name}` (TRL's `{name}` is `{ours}` here); allowed fields here: " in error_of(data)
 
 
 def test_unknown_key_in_reward_spec(data):

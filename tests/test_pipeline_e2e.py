@@ -103,11 +103,15 @@ def test_exp_run_reruns_only_dependent_stages(repro):
 
 
 def test_queued_estimator_sweep_reports_gradient_variance(repro):
-    """The README's sweep recipe: queue estimator variants with the gradient variance on, run them, compare."""
+    """The README's sweep recipe: queue estimator variants with the gradient variance on, run them, compare. With the
+    default relative MLflow store (sqlite:///mlflow.db), the queued run's MLflow run lands in the checkout's store, not
+    in the temporary copy DVC runs it in and deletes."""
+    from mlflow import MlflowClient
+
     _, proj, env, _ = repro
     dvc = str(BIN / "dvc")
     run([dvc, "exp", "run", "--queue", "-n", "grpo-gv", "-S", "advantage.estimator=grpo",
-         "-S", "update.grad_variance=true"], proj, env)
+         "-S", "update.grad_variance=true", "-S", "mlflow.tracking_uri=sqlite:///mlflow.db"], proj, env)
     run([dvc, "exp", "run", "--run-all"], proj, env)
     shown = json.loads(run([dvc, "exp", "show", "--json"], proj, env).stdout)
     exps = [e for commit in shown for e in (commit.get("experiments") or [])
@@ -118,6 +122,8 @@ def test_queued_estimator_sweep_reports_gradient_variance(repro):
     assert train["grad_variance_mean"] > 0 and train["grad_snr"] is not None
     assert data["params"]["params.yaml"]["data"]["advantage"]["estimator"] == "grpo"
     assert "win_rate" in data["metrics"]["metrics/eval.json"]["data"]
+    got = MlflowClient(tracking_uri=f"sqlite:///{proj}/mlflow.db").get_run(train["mlflow_run_id"])
+    assert got.data.params["advantage.estimator"] == "grpo" and got.data.tags["dvc_experiment"] == "grpo-gv"
 
 
 def test_editing_a_shared_module_marks_its_stages_changed(repro):

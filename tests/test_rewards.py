@@ -284,6 +284,21 @@ def test_user_function_with_var_kwargs_gets_columns(user_module):
     assert reward(["p", "q"], ["x", "z"], answer=["x", "y"]) == [2.0, 0.0]
 
 
+def test_a_queued_dvc_experiment_is_told_to_git_add_its_reward_module(tmp_path, monkeypatch):
+    """DVC runs a queued experiment in a copy of the git-tracked files (.dvc/tmp/exps/...): a module not added to git
+    is not there, and "make it importable from the repo root" would send the user to a file that is there."""
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpq1"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    with pytest.raises(PipelineError) as exc:
+        build_reward(RewardSpec(name="u", function="not_added_mod:f"))
+    assert str(exc.value).endswith("this is a queued DVC experiment, which runs in a copy of the git-tracked files "
+                                   "only: `git add` the module (and commit it) before queuing")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match="make it importable from the repo root"):
+        build_reward(RewardSpec(name="u", function="not_added_mod:f"))
+
+
 def test_user_function_errors(user_module):
     with pytest.raises(PipelineError, match=r"reward `u`: cannot import module `no_such_mod` of 'no_such_mod:f'"):
         build_reward(RewardSpec(name="u", function="no_such_mod:f"))

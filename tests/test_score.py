@@ -510,6 +510,24 @@ def test_cli_writes_scores(tiny_model_dir, tmp_path):
     assert got["score"].to_list() == pytest.approx([min(len(r[3].split()) / 4, 1.0) for r in ROWS])
 
 
+def test_cli_names_the_field_a_missing_model_dir_came_from(tiny_model_dir, tmp_path):
+    """Without --ref the reference is score.ref_model (or base.model_dir): a missing one is named by that field, not
+    by a flag that was not given."""
+    src = tmp_path / "samples.parquet"
+    write_table(make_samples(load_tokenizer(tiny_model_dir)), src, SAMPLES)
+    params = cli_params(tmp_path, tiny_model_dir)
+    data = yaml.safe_load(params.read_text())
+    data["score"]["ref_model"] = str(tmp_path / "gone")
+    params.write_text(yaml.safe_dump(data))
+    proc = cli("--params", str(params), "--samples", str(src), "--out", str(tmp_path / "o.parquet"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: score.ref_model: model directory {tmp_path / 'gone'} does not exist"), proc.stderr
+    proc = cli("--params", str(params), "--samples", str(src), "--out", str(tmp_path / "o.parquet"),
+               "--ref", str(tmp_path / "other"))
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --ref: model directory {tmp_path / 'other'} "), \
+        proc.stderr
+
+
 def test_cli_bad_samples_exits_2_and_keeps_the_old_file(tiny_model_dir, tmp_path):
     tok = load_tokenizer(tiny_model_dir)
     src, out = tmp_path / "samples.parquet", tmp_path / "scores.parquet"

@@ -127,6 +127,21 @@ def test_the_store_the_command_opens_ahead_is_the_one_its_run_logs_to(store, tmp
     msg = str(e.value)
     assert msg.startswith(f"MLFLOW_TRACKING_URI: the MLflow store {bad} did not open (") and "\n" not in msg
     assert msg.endswith("fix the URI or start its tracking server")
+    # a tracking server that is not there: one line at once (MLflow's client retried for ~4 minutes first)
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(PipelineError) as e:
+        preload_flow_modules(params)
+    assert time.monotonic() - t0 < 60
+    assert str(e.value) == (f"MLFLOW_TRACKING_URI: the MLflow store http://127.0.0.1:{port} did not open (no connection "
+                            f"to 127.0.0.1:{port} in 5 s: ConnectionRefusedError: [Errno 111] Connection refused); fix "
+                            "the URI or start its tracking server")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # from params.yaml's field: the message names that field
     with pytest.raises(PipelineError, match="^mlflow.tracking_uri: the MLflow store sqlite:///"):
         preload_flow_modules(repo_params(sample={"backend": "hf"}, mlflow={"tracking_uri": bad}))
@@ -141,6 +156,34 @@ def test_the_store_the_command_opens_ahead_is_the_one_its_run_logs_to(store, tmp
     # set but empty, the variable still wins (as MLflow reads it): the message names it, not params.yaml's field
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     assert tracking.store_uri(params) == ("MLFLOW_TRACKING_URI", "")
+
+
+def test_a_queued_dvc_experiment_logs_to_the_checkouts_store(tmp_path, monkeypatch):
+    """DVC runs a queued experiment in a copy of the checkout under .dvc/tmp/exps/ and deletes the copy afterwards: a
+    relative local store (the default sqlite:///mlflow.db) is the checkout's, or every queued run's MLflow run would
+    be deleted with its copy; an absolute or remote one is left as it is, and so is any store outside a queue."""
+    from stages.errors import queued_checkout
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    copy.mkdir(parents=True)
+    home = (tmp_path / "repo").resolve()
+
+    def uri(value):
+        return tracking.store_uri(repo_params(sample={"backend": "hf"}, mlflow={"tracking_uri": value}))[1]
+
+    monkeypatch.chdir(copy)
+    assert queued_checkout() == home
+    assert uri("sqlite:///mlflow.db") == f"sqlite:///{home}/mlflow.db"
+    assert uri("sqlite:///runs/m.db") == f"sqlite:///{home}/runs/m.db"
+    assert uri("mlruns") == f"{home}/mlruns" and uri("file:./mlruns") == (home / "mlruns").as_uri()
+    for kept in ("sqlite:////srv/mlflow.db", "http://127.0.0.1:5000", "/srv/mlruns", "file:///srv/mlruns"):
+        assert uri(kept) == kept
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///m.db")  # the variable too
+    assert tracking.store_uri(repo_params()) == ("MLFLOW_TRACKING_URI", f"sqlite:///{home}/m.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path / "repo")
+    assert queued_checkout() is None and uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
 
 
 def test_a_run_killed_before_its_first_manifest_is_marked_killed_by_the_next_start(store, tmp_path, monkeypatch):
