@@ -69,6 +69,12 @@ def test_metrics_plots_and_report(repro):
     assert "data:image/png;base64," in html
     shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], proj, env)
     assert "win_rate" in shown.stdout and "reward" in shown.stdout
+    # `dvc plots show` draws dvc.yaml's plots, and plots/train.csv only through them (not once more on its own)
+    import yaml
+
+    declared = [next(iter(p)) for p in yaml.safe_load((proj / "dvc.yaml").read_text())["plots"]]
+    drawn = json.loads(run([str(BIN / "dvc"), "plots", "show", "--json"], proj, env).stdout)["data"]
+    assert sorted(drawn) == sorted(declared) and all(drawn[p] for p in declared), list(drawn)
 
 
 def test_mlflow_run_has_history_params_and_tags(repro):
