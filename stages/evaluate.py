@@ -283,9 +283,15 @@ def main(argv: list[str] | None = None) -> None:
     metrics["policy_version"] = version
     metrics["time/evaluate_s"] = time.perf_counter() - t0
     write_table(table, Path(args.out_dir) / "eval.parquet")
-    write_text(examples_markdown(table, metrics, params.evaluate.num_examples), args.examples)
+    examples = examples_markdown(table, metrics, params.evaluate.num_examples)
+    write_text(examples, args.examples)
     write_json(flat_metrics(metrics), args.metrics)
     log.info("eval: reward %.3f vs ref %.3f, win-rate %.2f, kl %.3f", metrics["reward"], metrics["ref_reward"], metrics["win_rate"], metrics["kl"])
+    run_id = ((meta or {}).get("manifest") or {}).get("mlflow_run_id")
+    if run_id:  # the training run's MLflow run gets the headline numbers too (a checkpoint of a training run only)
+        from stages import tracking
+
+        tracking.log_final_eval(params, run_id, flat_metrics(metrics), version, examples)
 
 
 if __name__ == "__main__":

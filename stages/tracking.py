@@ -279,6 +279,36 @@ def log_round(metrics: dict, step: int, samples=None, scores=None, advantages=No
         mlflow.log_dict({"round": step, "completions": table.to_dicts()}, f"completions/round_{step:04d}.json")
 
 
+def log_final_eval(params, run_id: str, metrics: dict, step: int, examples: str | None = None) -> bool:
+    """The evaluate stage's held-out metrics (metrics/eval.json's, `final_eval/<name>`, at `step` = the policy's
+    round) and its examples page (`final_eval/examples.md`) into the training run's MLflow run, finished or not, so
+    the run holds the headline numbers `dvc metrics show` gives. Bookkeeping: a store or run that is not there is a
+    warning, and False."""
+    import math
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    try:
+        open_store(params)
+        client = mlflow.MlflowClient()
+        client.get_run(run_id)
+        now = int(time.time() * 1000)
+        batch = [Metric(f"final_eval/{k}", float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        for i in range(0, len(batch), 1000):  # MLflow's batch limit
+            client.log_batch(run_id, metrics=batch[i:i + 1000])
+        if examples:
+            client.log_text(run_id, examples, "final_eval/examples.md")
+    except Exception as exc:
+        log.warning("MLflow: the evaluation was not logged to the training run %s (%s)", run_id,
+                    str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+        return False
+    log.info("MLflow: logged the evaluation to run %s as final_eval/*", run_id)
+    return True
+
+
 def finish_run(summary: dict | None, history: list[dict], failed: bool = False) -> None:
     global _run
     import mlflow

@@ -96,6 +96,13 @@ def test_mlflow_run_has_history_params_and_tags(repro):
     assert run_.data.tags.get("prefect_flow_run_id")
     arts = [a.path for a in client.list_artifacts(run_.info.run_id, "completions")]
     assert len(arts) == ROUNDS
+    # the evaluate stage's held-out numbers, as metrics/eval.json has them, at the step of the policy's round
+    _, proj, _, _ = repro
+    ev = json.loads((proj / "metrics" / "eval.json").read_text())
+    (win,) = client.get_metric_history(run_.info.run_id, "final_eval/win_rate")
+    assert win.value == pytest.approx(ev["win_rate"]) and win.step == ev["policy_version"] == ROUNDS
+    assert client.get_metric_history(run_.info.run_id, "final_eval/win_rate_ci95_low")
+    assert [a.path for a in client.list_artifacts(run_.info.run_id, "final_eval")] == ["final_eval/examples.md"]
 
 
 def test_exp_run_reruns_only_dependent_stages(repro):
