@@ -125,7 +125,7 @@ def bad_input_exits() -> Iterator[None]:
         if peer_reported():  # a rank whose collective broke because another rank stopped: that rank's line says why
             _report_to_launcher("peer", "")
             sys.exit(1)
-        full = disk_full_message(exc)
+        full = disk_full_message(exc) or not_writable_message(exc)
         if full is None:
             raise
         if not _report_to_launcher("error", full):  # a full disk is not a bug: one line, as for bad input
@@ -184,6 +184,31 @@ def disk_full_message(exc: BaseException, path: str | Path | None = None) -> str
     return f"disk full{f' writing {where}' if where else ''}: {text}{free}; what was complete is kept: {FREE_SPACE}"
 
 
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def not_writable(exc: BaseException | None) -> OSError | None:
+    """The OSError in `exc`'s chain that a file or dir's permissions or a read-only mount raised (EACCES, EPERM,
+    EROFS, with the path it names), else None: the machine's setup, not a bug."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, OSError) and exc.errno in _NOT_WRITABLE and exc.filename is not None:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def not_writable_message(exc: BaseException) -> str | None:
+    """One line for `not_writable`'s error (the path, the system's words, what to do), else None."""
+    cause = not_writable(exc)
+    if cause is None:
+        return None
+    where = f"{cause.filename} -> {cause.filename2}" if cause.filename2 else str(cause.filename)
+    return (f"{where}: {cause.strerror or type(cause).__name__}; what was complete is kept: make it writable (its "
+            "permissions, or a read-only mount) or point the params that name it at another dir, and run the command "
+            "again")
+
+
 def peer_reported() -> bool:
     """Under `python -m flows.train`'s launch: has another rank already left its bad input or Ctrl-C (so that what
     fails here now, a collective whose peer is gone, follows from it)?"""
@@ -225,7 +250,8 @@ def read_rank_reports(where: str) -> dict[int, dict[str, str]]:
 
 
 _TELLS_BAD_INPUT = False  # inside `bad_input_exits`: a PipelineError will be told in its one `error:` line
-_TOLD_TEXTS = ("PipelineError",) + _FULL_TEXTS  # in a failure record's message: told by that one line
+# in a failure record's message: told by that one line (a full disk, a path the command may not write)
+_TOLD_TEXTS = ("PipelineError",) + _FULL_TEXTS + ("Permission denied", "Read-only file system", "Operation not permitted")
 
 
 class _NoTracebackForBadInput(logging.Filter):
@@ -241,7 +267,8 @@ class _NoTracebackForBadInput(logging.Filter):
         if failed and peer_reported():
             return False
         bad_input = record.exc_info and (isinstance(record.exc_info[1], PipelineError)
-                                         or disk_full(record.exc_info[1]) is not None)
+                                         or disk_full(record.exc_info[1]) is not None
+                                         or not_writable(record.exc_info[1]) is not None)
         if failed and _TELLS_BAD_INPUT and (bad_input or any(t in record.getMessage() for t in _TOLD_TEXTS)):
             return False  # Prefect's lines name the exception's type: "... exception PipelineError: <message>"
         if _TELLS_BAD_INPUT and _ctrl_c(record):

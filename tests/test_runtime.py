@@ -197,6 +197,41 @@ def test_a_full_disk_is_told_in_one_line_whatever_library_hit_it(capsys):
                                                "exceeded, ")
 
 
+def test_a_path_the_command_may_not_write_is_told_in_one_line(capsys, tmp_path):
+    """A read-only mount or a dir's permissions (EROFS, EACCES, EPERM naming a path), raised where a stage writes or
+    from deeper down, ends a command with one `error:` line naming the path and exit code 2, not a traceback; an
+    error of that kind without a path (os.kill's), or a missing file, stays a traceback. (Permission bits do not
+    stop root, which these tests may run as: the errors are made here; the flow's rounds dir bind-mounted read-only
+    gave `OSError: [Errno 30] Read-only file system: 'advantages.parquet'` and two tracebacks before.)"""
+    import errno
+
+    from stages.errors import bad_input_exits, not_writable, not_writable_message
+
+    ro = OSError(errno.EROFS, os.strerror(errno.EROFS), "data/rounds/round=0002/advantages.parquet")
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), "models/policy", None, "models/.policy.old-x/d")
+
+    def wrapped():
+        try:
+            raise ro
+        except OSError as exc:
+            raise RuntimeError("the round's write failed") from exc
+
+    for fail, where in ((ro, "data/rounds/round=0002/advantages.parquet"), (wrapped, "data/rounds/round=0002/"
+                        "advantages.parquet"), (denied, "models/policy -> models/.policy.old-x/d")):
+        with pytest.raises(SystemExit) as exit_, bad_input_exits():
+            fail() if callable(fail) else _raise(fail)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {where}: "), err
+        assert err[0].endswith("what was complete is kept: make it writable (its permissions, or a read-only mount) "
+                               "or point the params that name it at another dir, and run the command again")
+    assert "Read-only file system" in not_writable_message(ro) and "Permission denied" in not_writable_message(denied)
+    for bug in (PermissionError(errno.EPERM, "Operation not permitted"), FileNotFoundError(2, "No such file", "x")):
+        assert not_writable(bug) is None
+        with pytest.raises(type(bug)), bad_input_exits():
+            raise bug
+
+
 def _raise(exc: BaseException):
     raise exc
 

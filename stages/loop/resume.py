@@ -392,7 +392,12 @@ def apply_plan(plan: ResumePlan, params) -> Archived | None:
         write_manifest(plan.repair, round_dir(tp.rounds_dir, plan.repair["round"]) / MANIFEST)
         log.info("repaired the manifest of round %d from its checkpoint", plan.repair["round"] + 1)
     for d in plan.stale:
-        shutil.rmtree(d)
+        try:
+            shutil.rmtree(d)
+        except OSError as exc:  # (a read-only mount, say: one line, stages.errors.not_writable_message)
+            if exc.filename and not Path(exc.filename).is_absolute():
+                exc.filename = str(d / exc.filename)  # rmtree names the file alone; a round dir is flat
+            raise
         log.info("removed %s, the partial round %d an interrupted run left (only files a round writes): it is re-done",
                  d, int(ROUND_DIR.match(d.name).group(1)) + 1)
     return None
