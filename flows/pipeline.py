@@ -380,7 +380,7 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
     """prepare -> train -> evaluate -> report, as `dvc repro` runs them; see the module docstring for what a
     scheduled run does in each case."""
     from stages.errors import quiet_bad_input_tracebacks
-    from stages.loop.lock import deployment_wait_s, run_lock
+    from stages.loop.lock import deployment_wait_s, locked_outputs, run_lock
     from stages.params import load_params
 
     quiet_bad_input_tracebacks()
@@ -398,7 +398,8 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
     put_back = "as the run found it"
     try:
         # a scheduled run queues behind the lock's holder
-        with _to_run_log(logger), run_lock("scheduled pipeline", wait_s=deployment_wait_s()):
+        with _to_run_log(logger), run_lock("scheduled pipeline", wait_s=deployment_wait_s(),
+                                           outputs=locked_outputs(load_params(path))):
             restore_interrupted(load_params(path))  # a run killed in round 1: put back before the rounds are counted
             changed = status_task()
             if not changed and more_rounds == 0:

@@ -119,12 +119,13 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
                restart: bool = False) -> dict:
     """RLOO training: `rounds` rounds of sample -> score -> advantage -> update, resources kept warm."""
     from stages.errors import params_file_named, quiet_bad_input_tracebacks
-    from stages.loop.lock import deployment_wait_s, run_lock
+    from stages.loop.lock import deployment_wait_s, locked_outputs, run_lock
 
     quiet_bad_input_tracebacks()
-    load_params(params_path, overrides)  # a bad file fails now, not after waiting for the lock
+    early = load_params(params_path, overrides)  # a bad file fails now, not after waiting for the lock
     # a scheduled run queues behind the lock's holder; a served or deployed run's advice names its params file too
-    with params_file_named(params_path), run_lock("training run", wait_s=deployment_wait_s()):
+    with params_file_named(params_path), run_lock("training run", wait_s=deployment_wait_s(),
+                                                  outputs=locked_outputs(early)):
         params = load_params(params_path, overrides)  # as it is once the lock is ours (the holder may have raised
         return run_training(params, rounds or params.train.rounds, restart)  # train.rounds or changed it)
 
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
 def _main(args: argparse.Namespace, argv: list[str] | None) -> None:
     from flows.api import prefect_api, start_server
     from stages.loop.dist import init_distributed, launched_by_torchrun
-    from stages.loop.lock import run_lock
+    from stages.loop.lock import locked_outputs, run_lock
     from stages.loop.resume import check_total, plan_resume, restore_interrupted
 
     if args.rounds is not None and args.rounds < 1:
@@ -430,7 +431,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> None:
     total, total_field = args.rounds or params.train.rounds, "--rounds" if args.rounds else "train.rounds"
     nproc = int(os.environ.get("RLOO_NPROC_PER_NODE") or params.train.nproc_per_node)  # a GPU deployment sets it
     if nproc > 1 and not launched_by_torchrun():
-        with run_lock("training run"):  # the ranks go on under this process's lock
+        with run_lock("training run", outputs=locked_outputs(params)):  # the ranks go on under this lock
             # what the ranks would refuse, once here: one line, not one per rank and torchrun's traceback
             from stages.loop.warm import check_inputs
 
@@ -448,7 +449,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
         run_training(params, total, args.restart)
         return
-    with run_lock("training run"):  # a second run fails here, in one line (the flow re-enters the lock)
+    # a second run (here, or in a checkout whose params name the same output dirs) fails here, in one line (the flow
+    # re-enters the lock)
+    with run_lock("training run", outputs=locked_outputs(params)):
         restore_interrupted(params)  # before the plan: a run killed outright in round 1 is undone first
         plan = plan_resume(params, params.identity(), args.restart)  # an inconsistent or damaged run: one line, now
         check_total(plan, total, total_field)

@@ -33,13 +33,13 @@ def restore_archived(params, src: str | Path, params_path: str = "params.yaml") 
     """Swap the archived run in `src` into the output dirs of `params` (under the checkout's run lock). Returns the
     archived run's complete rounds and where the run that was in place went (None: the output dirs were empty)."""
     from stages.io import write_json
-    from stages.loop.lock import run_lock
+    from stages.loop.lock import locked_outputs, run_lock
     from stages.loop.resume import (PART_FIELDS, PENDING, RESTORING, archive_run, complete_rounds, dirs_origin,
                                     finish_killed_restores, finish_restore, one_filesystem, output_dirs, plan_resume,
                                     restore_interrupted)
 
     src, places = Path(src), output_dirs(params)
-    with run_lock("restore of an archived run"):
+    with run_lock("restore of an archived run", outputs=locked_outputs(params)):
         # as every start does: a restore killed midway is finished (src's, maybe), and a run killed in round 1 puts
         # the one it moved aside back (src's, maybe: then its rounds are gone from it)
         finished = [d.resolve() for d in finish_killed_restores(params)]

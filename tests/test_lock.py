@@ -16,10 +16,11 @@ from stages.loop.lock import deployment_wait_s, run_lock, still_held
 REPO = Path(__file__).resolve().parents[1]
 
 
-def hold(path: Path, seconds: float) -> subprocess.Popen:
-    """Another process holding the lock at `path` for `seconds`; returned once it holds it."""
+def hold(path: Path, seconds: float, outputs: tuple = ()) -> subprocess.Popen:
+    """Another process holding the lock at `path` (and of `outputs`) for `seconds`; returned once it holds it."""
     code = (f"import time, sys; from stages.loop.lock import run_lock\n"
-            f"with run_lock('holder', {str(path)!r}):\n    print('held', flush=True); time.sleep({seconds})\n")
+            f"with run_lock('holder', {str(path)!r}, outputs={tuple(map(str, outputs))!r}):\n"
+            f"    print('held', flush=True); time.sleep({seconds})\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -39,6 +40,29 @@ def test_a_second_run_fails_at_once_naming_the_holder(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_run_in_another_checkout_with_the_same_output_dirs_is_refused(tmp_path):
+    """Two checkouts whose params name the same (absolute) output dirs: each holds its own checkout's lock, and the
+    output dirs' locks make the second run fail as a second run in one checkout does (before, both trained into the
+    same rounds and the run was lost). Other output dirs, or the same ones once the first run ended, go on."""
+    shared = tmp_path / "shared" / "rounds"
+    proc = hold(tmp_path / "a" / "run.lock", 30, outputs=(shared, tmp_path / "a" / "policy"))
+    try:
+        with pytest.raises(PipelineError) as exc:
+            with run_lock("second", tmp_path / "b" / "run.lock", outputs=(tmp_path / "b" / "policy", shared)):
+                pass
+        msg = str(exc.value)
+        assert msg.startswith(f"{shared.resolve()}: another run writes into this output dir: pid {proc.pid} (holder: ")
+        assert msg.endswith(f" in {REPO}; two checkouts whose params name the same output dirs take turns: wait for it "
+                            "to end or stop it, then re-run")
+        with run_lock("third", tmp_path / "c" / "run.lock", outputs=(tmp_path / "c" / "rounds",)) as info:
+            assert info["what"] == "third"
+    finally:
+        proc.kill()
+        proc.wait()
+    with run_lock("second", tmp_path / "b" / "run.lock", outputs=(tmp_path / "b" / "policy", shared)) as info:
+        assert info["what"] == "second"  # the first run's end (even a kill) let its locks go
 
 
 def test_a_waiting_run_takes_the_lock_when_the_holder_ends(tmp_path, caplog):

@@ -190,16 +190,70 @@ def _who(info: dict) -> str:
             if info else "another process")
 
 
+def locked_outputs(params) -> tuple[str, str]:
+    """The output dirs a run's lock covers beside the checkout's (`run_lock`'s `outputs`): its rounds and checkpoint."""
+    return params.train.rounds_dir, params.train.checkpoint_dir
+
+
+def output_lock_path(d: str | Path) -> Path:
+    """Where the lock of an output dir is: a file named by a hash of the dir's resolved path in this machine's temp
+    dir, so two checkouts whose params name the same dir (an absolute path) meet at one lock, and no file is added
+    beside the user's dirs. The same machine only: a dir shared over a network filesystem is not covered."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(Path(d).resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "rloo-locks" / f"{key}.lock"
+
+
+def _lock_outputs(outputs, deadline: float, info: dict) -> list[int]:
+    """flock each output dir's lock (`output_lock_path`) beside the checkout's, waiting until `deadline`; their fds.
+    PipelineError naming the dir and the other run when one is held."""
+    fds: list[int] = []
+    try:
+        for d in dict.fromkeys(str(Path(o).resolve()) for o in outputs):
+            lp = output_lock_path(d)
+            lp.parent.mkdir(mode=0o777, parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                lp.parent.chmod(0o1777)  # every user's runs meet here (sticky, as /tmp)
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o666)
+            fds.append(fd)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        other = _holder(lp)
+                        raise PipelineError(
+                            f"{d}: another run writes into this output dir: {_who(other)} in {other.get('cwd', '?')}; "
+                            "two checkouts whose params name the same output dirs take turns: wait for it to end or "
+                            "stop it, then re-run") from None
+                    time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({**info, "cwd": os.getcwd(), "dir": d}).encode(), 0)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 @contextlib.contextmanager
-def run_lock(what: str = "training run", path: str | Path = LOCK_PATH, wait_s: float = 0.0) -> Iterator[dict]:
+def run_lock(what: str = "training run", path: str | Path = LOCK_PATH, wait_s: float = 0.0,
+             outputs=()) -> Iterator[dict]:
     """Hold the checkout's run lock for the duration; PipelineError (one line) when another process holds it (after
-    waiting up to `wait_s` seconds for it to end)."""
+    waiting up to `wait_s` seconds for it to end). `outputs`: the run's output dirs (train.rounds_dir,
+    train.checkpoint_dir), locked too (`output_lock_path`): a run in another checkout whose params name the same dirs
+    is refused as a second run here is (both would write the same rounds). A process that inherits the lock (a
+    stage under the scheduled pipeline, a rank under torchrun's launcher) inherits those as well."""
     path = Path(path)
     if _held or _inherited(path):
         yield _holder(path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    out_fds: list[int] = []
     try:
         deadline, told = time.monotonic() + wait_s, False
         while True:
@@ -222,6 +276,7 @@ def run_lock(what: str = "training run", path: str | Path = LOCK_PATH, wait_s: f
         token = uuid.uuid4().hex
         info = {"pid": os.getpid(), "what": what, "cmd": _command()[:200], "token": token,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        out_fds = _lock_outputs(outputs, deadline, {k: v for k, v in info.items() if k != "token"})
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         old_env = os.environ.get(ENV)
@@ -237,4 +292,6 @@ def run_lock(what: str = "training run", path: str | Path = LOCK_PATH, wait_s: f
                 os.environ[ENV] = old_env
             os.ftruncate(fd, 0)
     finally:
+        for out_fd in out_fds:
+            os.close(out_fd)
         os.close(fd)  # closing the descriptor releases the flock
