@@ -252,9 +252,19 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
                         "" if len(filled) == 1 else "s", "its manifest" if len(filled) == 1 else "their manifests")
     if plan.replay:  # complete rounds after an older checkpoint (update.save_every > 1): their updates, again
         t1 = time.perf_counter()
+        if plan.rebuilt:
+            logger.warning("%s: the optimizer state of the checkpoint at round %d is not in %s (it is kept out of DVC's "
+                           "cache); rebuilding it: the updates of rounds 1-%d are replayed from the base model and their "
+                           "artifacts", tp.checkpoint_dir, plan.rebuilt["round"], tp.state_dir, start)
         for m in plan.replay:  # each under the schedule it ran under (a raised train.rounds plans the rounds after)
             w.trainer.plan_schedule(m.get("total_rounds", total))  # (a manifest from before 2026-12-07 has none)
             steps.replay_round(w, round_dir(tp.rounds_dir, m["round"]))
+            if plan.rebuilt and m["round"] + 1 == plan.rebuilt["round"] and not dist.enabled:
+                gap = steps.weights_gap(w.trainer, tp.checkpoint_dir)  # the replay against the weights it rebuilds
+                (logger.info if gap is not None and gap <= 1e-4 else logger.warning)(
+                    "the replayed policy at round %d differs from the checkpoint's weights by at most %s%s",
+                    m["round"] + 1, "?" if gap is None else f"{gap:.2e}",
+                    "" if gap is not None and gap <= 1e-4 else " (another machine's arithmetic, or a changed checkpoint)")
         w.trainer.plan_schedule(total)
         gathered = w.trainer.gathered_state()  # FSDP: every rank takes part
         if dist.main:  # the checkpoint catches up with the last complete round (its manifest is already written)
@@ -263,9 +273,11 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             checkpoint.save(w.trainer, tp.checkpoint_dir, tp.state_dir, {"identity": identity, "manifest": plan.done[-1]},
                             gathered=gathered)
         first, last = plan.replay[0]["round"] + 1, plan.replay[-1]["round"] + 1
-        logger.info("replayed the update%s from %s artifacts (the checkpoint was at round %d) and saved the checkpoint "
-                    "at round %d, in %.1f s", f" of round {first}" if first == last else f"s of rounds {first}-{last}",
-                    "its" if first == last else "their", first - 1, start, time.perf_counter() - t1)
+        logger.info("replayed the update%s from %s artifacts (%s) and saved the checkpoint at round %d, in %.1f s",
+                    f" of round {first}" if first == last else f"s of rounds {first}-{last}",
+                    "its" if first == last else "their",
+                    "from the base model" if plan.rebuilt else f"the checkpoint was at round {first - 1}", start,
+                    time.perf_counter() - t1)
 
     # 3. the rounds
     history = [m["metrics"] for m in plan.done]

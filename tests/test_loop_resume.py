@@ -54,10 +54,33 @@ def write_round(tp, r, identity=ID, *, manifest=True, ckpt=True, ema=None):
     return m
 
 
-def write_checkpoint(tp, rnd, identity=ID, manifest=None):
+def write_checkpoint(tp, rnd, identity=ID, manifest=None, state=False):
     meta = {"format": checkpoint.FORMAT, "checkpoint_id": f"c{rnd}", "round": rnd, "identity": identity,
             "base_id": "b", "lora": False, "manifest": manifest}
     write_json(meta, f"{tp.checkpoint_dir}/{checkpoint.META}")
+    if state:  # its optimizer state (a stand-in: the plan only looks for the file)
+        path = checkpoint.state_file(tp.state_dir, meta["checkpoint_id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"state")
+    return meta
+
+
+def test_a_checkpoint_without_its_optimizer_state_is_rebuilt_from_the_base(params):
+    """The state never enters DVC's cache (a clone that pulled the run has the checkpoint and the rounds): with every
+    round on disk the plan replays them all from the base model instead of refusing the run, whatever rounds wrote
+    checkpoints; the checkpoint it rebuilds is named."""
+    from stages.loop.resume import plan_resume
+
+    tp = params.train
+    ms = [write_round(tp, r, ckpt=r in (1, 3)) for r in range(4)]
+    meta = write_checkpoint(tp, 4, state=False)
+    plan = plan_resume(params, ID)
+    assert plan.start == 4 and plan.checkpoint is None and plan.rebuilt == meta
+    assert [m["round"] for m in plan.replay] == [0, 1, 2, 3] and plan.done == plan.replay
+    assert [m["round"] for m in ms] == [0, 1, 2, 3]
+    write_checkpoint(tp, 4, state=True)  # with its state: the usual plan
+    plan = plan_resume(params, ID)
+    assert plan.checkpoint["checkpoint_id"] == "c4" and plan.replay == [] and plan.rebuilt is None
 
 
 def one_line(exc) -> str:
@@ -74,7 +97,7 @@ def test_fresh_start(params):
 def test_continue_after_the_checkpoint(params, caplog):
     tp = params.train
     ms = [write_round(tp, r) for r in range(3)]
-    write_checkpoint(tp, 3)
+    write_checkpoint(tp, 3, state=True)
     round_dir(tp.rounds_dir, 3).mkdir()  # a partial round (killed mid-round): no manifest
     (round_dir(tp.rounds_dir, 3) / "samples.parquet").write_bytes(b"half")
     plan = plan_resume(params, ID)
@@ -100,7 +123,7 @@ def test_rounds_after_the_last_checkpoint_are_replayed(params):
     r2 = write_round(tp, 2, ckpt=False)  # update.save_every = 2: rounds 3 and 4 wrote no checkpoint
     r3 = write_round(tp, 3, ckpt=False, ema=0.25)
     write_round(tp, 4, manifest=False)  # killed during round 5
-    write_checkpoint(tp, 2)
+    write_checkpoint(tp, 2, state=True)
     plan = plan_resume(params, ID)
     assert plan.start == 4 and plan.replay == [r2, r3] and plan.done[2:] == [r2, r3]
     assert plan.adv_state["ema"] == 0.25  # round 5 starts from round 4's baseline
@@ -116,7 +139,7 @@ def test_a_damaged_round_after_the_checkpoint_is_refused_with_the_ways_out_and_n
     write_round(tp, 2, ckpt=False)
     write_round(tp, 3, ckpt=False)
     write_round(tp, 4, ckpt=False)
-    write_checkpoint(tp, 2)
+    write_checkpoint(tp, 2, state=True)
     (round_dir(tp.rounds_dir, 3) / "samples.parquet").write_bytes(b"damaged")
     (round_dir(tp.rounds_dir, 4) / "notes.txt").write_text("mine")
     with pytest.raises(PipelineError) as exc:
@@ -246,7 +269,7 @@ def test_a_checkpoint_older_than_the_rounds_that_wrote_one_is_refused(params):
     tp = params.train
     for r in range(4):
         write_round(tp, r)
-    write_checkpoint(tp, 1)
+    write_checkpoint(tp, 1, state=True)
     with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
     assert "round 4 wrote a checkpoint, but the checkpoint is at round 1" in one_line(exc)  # the last of rounds 2-4
@@ -593,7 +616,7 @@ def test_a_run_an_earlier_version_named_by_a_field_it_does_not_read_resumes(tmp_
     tp = params.train
     for r in range(2):
         write_round(tp, r, legacy, ckpt=r == 1)
-    write_checkpoint(tp, 2, legacy)
+    write_checkpoint(tp, 2, legacy, state=True)
     plan = plan_resume(params, params.identity())
     assert plan.superseded is None and plan.start == 2 and plan.checkpoint["round"] == 2
     write_round(tp, 2, params.identity(), ckpt=False)  # its next round, under the new identity: still one run

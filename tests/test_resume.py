@@ -192,3 +192,33 @@ def test_rounds_after_an_older_checkpoint_are_replayed_to_the_uninterrupted_run(
     worst = max((got[k] - ref[k]).abs().max().item() for k in got)
     assert worst == 0.0, f"the replayed run's weights differ from the uninterrupted run's by up to {worst}"
     assert json.loads((proj / "models" / "policy" / "checkpoint.json").read_text())["round"] == 5
+
+
+def test_a_missing_optimizer_state_is_rebuilt_from_the_base_and_the_rounds(tmp_path, tiny_model_dir):
+    """The optimizer state never enters DVC's cache: a clone that pulled a run (or a cleaned state dir) has the
+    checkpoint and every round but not the state. The next start replays every round's update from the base model
+    (instead of refusing the run), checks the replay against the checkpoint's weights, and goes on as the
+    uninterrupted run does: the same next round, the same weights."""
+    from safetensors.torch import load_file
+
+    proj = slow_project(tmp_path, tiny_model_dir, **{"train.rounds": 3, "update.save_every": 1})
+    env = run_env(tmp_path)
+    run([PY, "-m", "stages.prepare"], proj, env)
+    _reference_run(proj, env)
+    run([PY, "-m", "flows.train", "--rounds", "2"], proj, env)
+    for f in (proj / "models" / "trainer_state").iterdir():
+        f.unlink()
+    out = run([PY, "-m", "flows.train"], proj, env)
+    log = out.stdout + out.stderr
+    assert "the optimizer state of the checkpoint at round 2 is not in models/trainer_state" in log, log[-3000:]
+    assert "rebuilding it: the updates of rounds 1-2 are replayed from the base model and their artifacts" in log
+    assert "the replayed policy at round 2 differs from the checkpoint's weights by at most 0.00e+00" in log
+    assert "replayed the updates of rounds 1-2 from their artifacts (from the base model) and saved the checkpoint " \
+           "at round 2" in log
+    rounds, ref_rounds = proj / "data" / "rounds", proj / "data" / "ref_rounds"
+    a = pl.read_parquet(rounds / "round=0002" / "samples.parquet")["completion_token_ids"].to_list()
+    assert a == pl.read_parquet(ref_rounds / "round=0002" / "samples.parquet")["completion_token_ids"].to_list()
+    got = load_file(proj / "models" / "policy" / "model.safetensors")
+    ref = load_file(proj / "models" / "ref_policy" / "model.safetensors")
+    assert max((got[k] - ref[k]).abs().max().item() for k in got) == 0.0
+    assert len(list((proj / "models" / "trainer_state").glob("state-*.pt"))) == 1

@@ -241,6 +241,7 @@ class ResumePlan:
     repair: dict | None = None  # a manifest to rewrite from the checkpoint's copy
     stale: list[Path] = field(default_factory=list)  # partial round dirs (no manifest) to remove: re-done
     superseded: dict | None = None  # the other run to move aside: {"identity", "rounds"}
+    rebuilt: dict | None = None  # a checkpoint whose optimizer state is missing: the replay from the base replaces it
 
     @property
     def adv_state(self) -> dict | None:
@@ -335,7 +336,11 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     elif c > n:
         raise PipelineError(f"{tp.checkpoint_dir}: the checkpoint is at round {c} but only {n} rounds are complete in "
                             f"{tp.rounds_dir}; the state is inconsistent; start over: {restart_command()}")
-    lost = [r for r in range(c, n) if manifests[r].get("checkpoint")]
+    # the checkpoint's optimizer state is not there (it never enters DVC's cache: a clone that pulled the run, a
+    # cleaned state dir): with every round since the base on disk, their updates replayed from the base model rebuild
+    # it (docs/design.md §6), instead of the run having to start over
+    rebuild = meta is not None and not checkpoint.state_file(tp.state_dir, meta["checkpoint_id"]).is_file()
+    lost = [] if rebuild else [r for r in range(c, n) if manifests[r].get("checkpoint")]
     if lost:
         where = "is missing" if meta is None else f"is at round {c}"
         raise PipelineError(f"{tp.checkpoint_dir}: round {lost[-1] + 1} wrote a checkpoint, but the checkpoint "
@@ -346,8 +351,8 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
         verify_round(round_dir(tp.rounds_dir, r), manifests[r], checkpoint_round=c if meta else None)
     done = [manifests[r] for r in range(n)]
     # replay: the complete rounds after the checkpoint, applied again; stale: the partial rounds (no manifest), re-done
-    plan = ResumePlan(identity, n, done, meta, replay=done[c:], repair=repair,
-                      stale=sorted(d for r, (d, _) in rounds.items() if r >= n))
+    plan = ResumePlan(identity, n, done, None if rebuild else meta, replay=done[0 if rebuild else c:], repair=repair,
+                      stale=sorted(d for r, (d, _) in rounds.items() if r >= n), rebuilt=meta if rebuild else None)
     for d in plan.stale:
         foreign = sorted(p.name for p in d.iterdir() if not _written_by_a_round(p.name))
         if foreign:

@@ -217,6 +217,28 @@ def replay_round(w: Warm, d: Path) -> dict:
     return update_round(w, read_table(d / "samples.parquet", SAMPLES), read_table(d / "advantages.parquet", ADVANTAGES))
 
 
+def weights_gap(trainer, model_dir) -> float | None:
+    """The largest absolute difference between the trainer's weights and a model dir's safetensors files (the tensors
+    both have); None where they cannot be compared (LoRA's merged weights, no safetensors, no common tensor)."""
+    import torch
+    from safetensors import safe_open
+
+    if trainer.up.use_lora:
+        return None
+    mine = dict(trainer.model.named_parameters())
+    worst, seen = 0.0, 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                p = mine.get(name)
+                if p is None or tuple(p.shape) != tuple(st.get_slice(name).get_shape()):
+                    continue
+                with torch.no_grad():
+                    worst = max(worst, float((p.detach().float().cpu() - st.get_tensor(name).float()).abs().max()))
+                seen += 1
+    return worst if seen else None
+
+
 def evaluate_round(w: Warm, version: int) -> dict:
     """The current policy against the reference on the held-out prompts, with the warm engine and models (each rank
     on its share of them)."""
