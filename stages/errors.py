@@ -152,8 +152,8 @@ def disk_full(exc: BaseException | None) -> BaseException | None:
     return None
 
 
-FREE_SPACE = ("free some space (`du -sh data/archive/*` shows superseded runs, `dvc gc -w` old cache entries) and run "
-              "the command again")  # what every full-disk error advises
+FREE_SPACE = ("free some space (`du -sh data/archive/*` shows superseded runs, in train.archive_dir where you moved it; "
+              "`dvc gc -w` old cache entries) and run the command again")  # what every full-disk error advises
 
 
 def free_gib(path: str | Path) -> str:
