@@ -270,9 +270,12 @@ def log_round(metrics: dict, step: int, samples=None, scores=None, advantages=No
         return
     log_metric_dict(metrics, step)
     if n and samples is not None and advantages is not None:
+        # as TRL logs its completions: the prompt, the completion, each reward component, the advantage
+        parts = [c for c in scores.columns if c.startswith("score/")]
         table = (
-            samples.select("prompt_id", "sample_idx", "completion", "num_tokens")
-            .join(scores.select("prompt_id", "sample_idx", "score", "kl"), on=["prompt_id", "sample_idx"], how="left")
+            samples.select("prompt_id", "sample_idx", "prompt_text", "completion", "num_tokens")
+            .join(scores.select("prompt_id", "sample_idx", "score", *parts, "kl"), on=["prompt_id", "sample_idx"],
+                  how="left")
             .join(advantages.select("prompt_id", "sample_idx", "advantage"), on=["prompt_id", "sample_idx"], how="left")
             .head(n)
         )

@@ -3,6 +3,9 @@ a resumed training run re-opens the same MLflow run; a failed run is marked FAIL
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import polars as pl
 import pytest
 
@@ -21,8 +24,8 @@ def store(tmp_path, monkeypatch):
 
 def _round_tables():
     keys = {"prompt_id": ["a", "a"], "sample_idx": [0, 1]}
-    return (pl.DataFrame({**keys, "completion": ["x", "y"], "num_tokens": [1, 2]}),
-            pl.DataFrame({**keys, "score": [0.5, 0.25], "kl": [0.0, 0.1]}),
+    return (pl.DataFrame({**keys, "prompt_text": ["p", "p"], "completion": ["x", "y"], "num_tokens": [1, 2]}),
+            pl.DataFrame({**keys, "score": [0.5, 0.25], "score/len": [1.0, 0.5], "kl": [0.0, 0.1]}),
             pl.DataFrame({**keys, "advantage": [0.25, -0.25]}))
 
 
@@ -39,6 +42,11 @@ def test_steps_params_tags_and_a_resumed_run(store, monkeypatch):
     r = store.get_run(run_id)
     assert r.info.status == "FAILED"
     assert [a.path for a in store.list_artifacts(run_id)] == ["completions"]  # no curve for a failed run
+    # TRL's completions log: the prompt, the completion, each reward component, the advantage
+    logged = json.loads(Path(store.download_artifacts(run_id, "completions/round_0001.json")).read_text())
+    assert logged == {"round": 1, "completions": [{"prompt_id": "a", "sample_idx": 0, "prompt_text": "p",
+                      "completion": "x", "num_tokens": 1, "score": 0.5, "score/len": 1.0, "kl": 0.0,
+                      "advantage": 0.25}]}
     assert r.data.params["update.learning_rate"] == str(params.update.learning_rate)
     assert r.data.tags["identity"] == "ident" and r.data.tags["world_size"] == "2" and "strategy" not in r.data.tags
     assert r.data.tags["prefect_flow_run_id"].startswith("1111")
