@@ -20,6 +20,7 @@ Without a Prefect API (`PREFECT_API_URL`), the flow runs against a temporary loc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -169,6 +170,8 @@ def run_training(params: Params, total: int, restart: bool = False) -> dict:
             apply_plan(plan, params)
     plan = dist.broadcast(plan)
     start = plan.start
+    if plan.rebuilt and start >= total:  # nothing to train: no optimizer state needed, the checkpoint stays as it is
+        plan = dataclasses.replace(plan, replay=[])
     if start:
         logger.info("resuming after round %d of %d (run %s)", start, total, identity)
     if start >= total:
@@ -251,6 +254,8 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
             logger.info("MLflow: logged %d complete round%s that the run stopped before logging (from %s)", len(filled),
                         "" if len(filled) == 1 else "s", "its manifest" if len(filled) == 1 else "their manifests")
     if plan.replay:  # complete rounds after an older checkpoint (update.save_every > 1): their updates, again
+        from stages import checkpoint
+
         t1 = time.perf_counter()
         if plan.rebuilt:
             logger.warning("%s: the optimizer state of the checkpoint at round %d is not in %s (it is kept out of DVC's "
@@ -259,17 +264,23 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
         for m in plan.replay:  # each under the schedule it ran under (a raised train.rounds plans the rounds after)
             w.trainer.plan_schedule(m.get("total_rounds", total))  # (a manifest from before 2026-12-07 has none)
             steps.replay_round(w, round_dir(tp.rounds_dir, m["round"]))
-            if plan.rebuilt and m["round"] + 1 == plan.rebuilt["round"] and not dist.enabled:
-                gap = steps.weights_gap(w.trainer, tp.checkpoint_dir)  # the replay against the weights it rebuilds
-                (logger.info if gap is not None and gap <= 1e-4 else logger.warning)(
-                    "the replayed policy at round %d differs from the checkpoint's weights by at most %s%s",
-                    m["round"] + 1, "?" if gap is None else f"{gap:.2e}",
-                    "" if gap is not None and gap <= 1e-4 else " (another machine's arithmetic, or a changed checkpoint)")
+            if plan.rebuilt and m["round"] + 1 == plan.rebuilt["round"]:
+                # the replay gave the optimizer state; the weights stay the checkpoint's (another machine's arithmetic
+                # would have drifted them), verified first: the replay is compared with them, and goes on from them
+                if dist.enabled or params.update.use_lora:
+                    logger.info("the replayed policy at round %d is not compared with the checkpoint's weights (%s)",
+                                m["round"] + 1, "several ranks" if dist.enabled else "LoRA: merged weights")
+                else:
+                    checkpoint.verify_model(tp.checkpoint_dir, plan.rebuilt)
+                    gap = steps.keep_checkpoint_weights(w.trainer, tp.checkpoint_dir)
+                    (logger.info if gap <= 1e-4 else logger.warning)(
+                        "the replayed policy at round %d differs from the checkpoint's weights by at most %.2e; the "
+                        "checkpoint's weights are kept%s", m["round"] + 1, gap,
+                        "" if gap <= 1e-4 else " (the replay ran on another machine's arithmetic, or under settings "
+                        "that changed since: its optimizer state is approximate)")
         w.trainer.plan_schedule(total)
         gathered = w.trainer.gathered_state()  # FSDP: every rank takes part
         if dist.main:  # the checkpoint catches up with the last complete round (its manifest is already written)
-            from stages import checkpoint
-
             checkpoint.save(w.trainer, tp.checkpoint_dir, tp.state_dir, {"identity": identity, "manifest": plan.done[-1]},
                             gathered=gathered)
         first, last = plan.replay[0]["round"] + 1, plan.replay[-1]["round"] + 1

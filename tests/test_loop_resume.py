@@ -437,7 +437,7 @@ def test_a_manifest_changed_since_its_round_wrote_it_is_refused_with_the_fix(par
     write_manifest(json.loads(first.read_text()), first)
     with pytest.raises(PipelineError) as exc:
         plan_resume(params, ID)
-    assert one_line(exc) == (f"{path}: the manifest has no {SEAL} though round 0's before it has one: it was edited "
+    assert one_line(exc) == (f"{path}: the manifest has no {SEAL} though round 1's before it has one: it was edited "
                              f"since its round wrote it; restore it with `dvc checkout --force {path}` (DVC's copy, "
                              f"when DVC cached this round) or start over: {RESTART}")
     path.write_text(json.dumps(written))

@@ -212,7 +212,8 @@ def test_a_missing_optimizer_state_is_rebuilt_from_the_base_and_the_rounds(tmp_p
     log = out.stdout + out.stderr
     assert "the optimizer state of the checkpoint at round 2 is not in models/trainer_state" in log, log[-3000:]
     assert "rebuilding it: the updates of rounds 1-2 are replayed from the base model and their artifacts" in log
-    assert "the replayed policy at round 2 differs from the checkpoint's weights by at most 0.00e+00" in log
+    assert "the replayed policy at round 2 differs from the checkpoint's weights by at most 0.00e+00; the " \
+           "checkpoint's weights are kept" in log
     assert "replayed the updates of rounds 1-2 from their artifacts (from the base model) and saved the checkpoint " \
            "at round 2" in log
     rounds, ref_rounds = proj / "data" / "rounds", proj / "data" / "ref_rounds"
@@ -222,3 +223,11 @@ def test_a_missing_optimizer_state_is_rebuilt_from_the_base_and_the_rounds(tmp_p
     ref = load_file(proj / "models" / "ref_policy" / "model.safetensors")
     assert max((got[k] - ref[k]).abs().max().item() for k in got) == 0.0
     assert len(list((proj / "models" / "trainer_state").glob("state-*.pt"))) == 1
+    # all rounds complete, the state gone again: nothing to train, so nothing is replayed, loaded or written
+    before = (proj / "models" / "policy" / "checkpoint.json").read_bytes()
+    for f in (proj / "models" / "trainer_state").iterdir():
+        f.unlink()
+    out = run([PY, "-m", "flows.train"], proj, env)
+    log = out.stdout + out.stderr
+    assert "replayed" not in log and "nothing loaded or written" in log, log[-3000:]
+    assert (proj / "models" / "policy" / "checkpoint.json").read_bytes() == before

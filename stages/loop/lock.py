@@ -190,9 +190,10 @@ def _who(info: dict) -> str:
             if info else "another process")
 
 
-def locked_outputs(params) -> tuple[str, str]:
-    """The output dirs a run's lock covers beside the checkout's (`run_lock`'s `outputs`): its rounds and checkpoint."""
-    return params.train.rounds_dir, params.train.checkpoint_dir
+def locked_outputs(params) -> tuple[str, str, str]:
+    """The output dirs a run's lock covers beside the checkout's (`run_lock`'s `outputs`): its rounds, checkpoint and
+    optimizer state (a start cleans the state dir's strays and a new configuration moves it to the archive)."""
+    return params.train.rounds_dir, params.train.checkpoint_dir, params.train.state_dir
 
 
 def output_lock_path(d: str | Path) -> Path:
@@ -203,7 +204,9 @@ def output_lock_path(d: str | Path) -> Path:
     import tempfile
 
     key = hashlib.sha256(str(Path(d).resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "rloo-locks" / f"{key}.lock"
+    # /tmp itself, not $TMPDIR: a shell's and a worker's TMPDIR differ (macOS per-user dirs, SLURM jobs), and the
+    # locks would not meet
+    return (Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())) / "rloo-locks" / f"{key}.lock"
 
 
 def _lock_outputs(outputs, deadline: float, info: dict) -> list[int]:
@@ -216,22 +219,35 @@ def _lock_outputs(outputs, deadline: float, info: dict) -> list[int]:
             lp.parent.mkdir(mode=0o777, parents=True, exist_ok=True)
             with contextlib.suppress(OSError):
                 lp.parent.chmod(0o1777)  # every user's runs meet here (sticky, as /tmp)
-            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd, writable = os.open(lp, os.O_RDWR | os.O_CREAT, 0o666), True
+                with contextlib.suppress(OSError):
+                    os.fchmod(fd, 0o666)  # every user's run may take it (the umask cut the mode)
+            except PermissionError:  # another user's file (sticky dir, fs.protected_regular): flock needs no write
+                fd, writable = os.open(lp, os.O_RDONLY), False
             fds.append(fd)
+            told = False
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    other = _holder(lp)
                     if time.monotonic() >= deadline:
-                        other = _holder(lp)
                         raise PipelineError(
                             f"{d}: another run writes into this output dir: {_who(other)} in {other.get('cwd', '?')}; "
                             "two checkouts whose params name the same output dirs take turns: wait for it to end or "
                             "stop it, then re-run") from None
+                    if not told:
+                        import logging
+
+                        logging.getLogger(__name__).warning("waiting for the output dir %s: %s in %s", d, _who(other),
+                                                            other.get("cwd", "?"))
+                        told = True
                     time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({**info, "cwd": os.getcwd(), "dir": d}).encode(), 0)
+            if writable:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({**info, "cwd": os.getcwd(), "dir": d}).encode(), 0)
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -276,9 +292,9 @@ def run_lock(what: str = "training run", path: str | Path = LOCK_PATH, wait_s: f
         token = uuid.uuid4().hex
         info = {"pid": os.getpid(), "what": what, "cmd": _command()[:200], "token": token,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        out_fds = _lock_outputs(outputs, deadline, {k: v for k, v in info.items() if k != "token"})
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)  # first: a run refused meanwhile names this holder
+        out_fds = _lock_outputs(outputs, deadline, {k: v for k, v in info.items() if k != "token"})
         old_env = os.environ.get(ENV)
         os.environ[ENV] = token
         _held.append(token)

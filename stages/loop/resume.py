@@ -266,9 +266,9 @@ def scan_rounds(rounds_dir: Path) -> dict[int, tuple[Path, dict | None]]:
         if manifest is None:
             continue
         if SEAL in manifest:
-            sealed = sealed or r
+            sealed = r if sealed is None else sealed
         elif sealed is not None:
-            raise PipelineError(f"{d / MANIFEST}: the manifest has no {SEAL} though round {sealed}'s before it has "
+            raise PipelineError(f"{d / MANIFEST}: the manifest has no {SEAL} though round {sealed + 1}'s before it has "
                                 f"one: it was edited since its round wrote it; {checkout_fix(d / MANIFEST)} or start "
                                 f"over: {restart_command()}")
     return out
@@ -339,7 +339,9 @@ def plan_resume(params, identity: str, restart: bool = False) -> ResumePlan:
     # the checkpoint's optimizer state is not there (it never enters DVC's cache: a clone that pulled the run, a
     # cleaned state dir): with every round since the base on disk, their updates replayed from the base model rebuild
     # it (docs/design.md §6), instead of the run having to start over
-    rebuild = meta is not None and not checkpoint.state_file(tp.state_dir, meta["checkpoint_id"]).is_file()
+    # (not where a run moved to the archive holds that very state file: loading it says how to copy it back, exactly)
+    state = checkpoint.state_file(tp.state_dir, meta["checkpoint_id"]) if meta is not None else None
+    rebuild = state is not None and not state.is_file() and not any(Path(tp.archive_dir).glob(f"*/*/{state.name}"))
     lost = [] if rebuild else [r for r in range(c, n) if manifests[r].get("checkpoint")]
     if lost:
         where = "is missing" if meta is None else f"is at round {c}"
@@ -400,8 +402,8 @@ def apply_plan(plan: ResumePlan, params) -> Archived | None:
         try:
             shutil.rmtree(d)
         except OSError as exc:  # (a read-only mount, say: one line, stages.errors.not_writable_message)
-            if exc.filename and not Path(exc.filename).is_absolute():
-                exc.filename = str(d / exc.filename)  # rmtree names the file alone; a round dir is flat
+            if exc.filename and os.sep not in str(exc.filename):
+                exc.filename = str(d / exc.filename)  # rmtree names a file in the dir alone; a round dir is flat
             raise
         log.info("removed %s, the partial round %d an interrupted run left (only files a round writes): it is re-done",
                  d, int(ROUND_DIR.match(d.name).group(1)) + 1)

@@ -217,26 +217,41 @@ def replay_round(w: Warm, d: Path) -> dict:
     return update_round(w, read_table(d / "samples.parquet", SAMPLES), read_table(d / "advantages.parquet", ADVANTAGES))
 
 
-def weights_gap(trainer, model_dir) -> float | None:
-    """The largest absolute difference between the trainer's weights and a model dir's safetensors files (the tensors
-    both have); None where they cannot be compared (LoRA's merged weights, no safetensors, no common tensor)."""
+def keep_checkpoint_weights(trainer, model_dir) -> float:
+    """Put a model dir's weights (its safetensors files: a checkpoint's) into the trainer in place; returns the largest
+    absolute difference they had from the trainer's (the replay's). Every trainable tensor must be there."""
     import torch
     from safetensors import safe_open
 
-    if trainer.up.use_lora:
-        return None
     mine = dict(trainer.model.named_parameters())
-    worst, seen = 0.0, 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for name in st.keys():
-                p = mine.get(name)
-                if p is None or tuple(p.shape) != tuple(st.get_slice(name).get_shape()):
-                    continue
-                with torch.no_grad():
-                    worst = max(worst, float((p.detach().float().cpu() - st.get_tensor(name).float()).abs().max()))
-                seen += 1
-    return worst if seen else None
+    worst, seen = 0.0, set()
+    with torch.no_grad():
+        for f in sorted(Path(model_dir).glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                for name in st.keys():
+                    p = mine.get(name)
+                    if p is None or name in seen:
+                        continue
+                    t = st.get_tensor(name).to(p.device, p.dtype)
+                    if t.shape != p.shape:
+                        continue
+                    worst = max(worst, float((p.detach() - t).abs().max()) if p.numel() else 0.0)
+                    p.copy_(t)
+                    seen.add(name)
+    missed = [n for n, p in mine.items() if p.requires_grad and n not in seen and not _tied(trainer.model, n, seen)]
+    if missed:
+        from stages.errors import PipelineError
+
+        raise PipelineError(f"{model_dir}: the checkpoint's weights lack {missed[0]} ({len(missed)} tensors) that the "
+                            "trainer has; it is not this run's model: restore it or start over")
+    return worst
+
+
+def _tied(model, name: str, seen: set) -> bool:
+    """A parameter that is another one it was loaded as (tied input and output embeddings share one tensor)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    p = params.get(name)
+    return p is not None and any(params.get(o) is p for o in seen)
 
 
 def evaluate_round(w: Warm, version: int) -> dict:
