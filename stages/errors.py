@@ -204,8 +204,8 @@ def not_writable_message(exc: BaseException) -> str | None:
     if cause is None:
         return None
     where = f"{cause.filename} -> {cause.filename2}" if cause.filename2 else str(cause.filename)
-    return (f"{where}: {cause.strerror or type(cause).__name__}; what was complete is kept: make it writable (its "
-            "permissions, or a read-only mount) or point the params that name it at another dir, and run the command "
+    return (f"{where}: {cause.strerror or type(cause).__name__}; what was complete is kept: give this user access to "
+            "it (its permissions, or a read-only mount) or point the params that name it elsewhere, and run the command "
             "again")
 
 

@@ -298,7 +298,9 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
     except Exception as exc:
         from stages.errors import queued_checkout
 
-        queued = isinstance(exc, ModuleNotFoundError) and queued_checkout() is not None
+        # (the module itself missing: not a package it imports, which no `git add` brings)
+        queued = (isinstance(exc, ModuleNotFoundError) and exc.name == module_name.split(".")[0]
+                  and queued_checkout() is not None)
         raise PipelineError(
             f"reward `{spec.name}`: cannot import module `{module_name}` of '{target}' ({type(exc).__name__}: {exc}); "
             + ("this is a queued DVC experiment, which runs in a copy of the git-tracked files only: `git add` the "

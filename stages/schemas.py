@@ -65,15 +65,22 @@ DIGEST = "sample_digest"
 
 
 def sample_digest(samples: pl.DataFrame) -> pl.Series:
-    """Per row, 16 hex digits of blake2b over the prompt text and the completion's token ids: stable across polars
-    versions (polars' own `hash` is not), ~2 us a row."""
-    def one(text: str, ids) -> str:
-        h = hashlib.blake2b(text.encode(), digest_size=8)
-        h.update(b"\0" + b",".join(str(i).encode() for i in ids))
-        return h.hexdigest()
+    """Per row, 16 hex digits of BLAKE2b over the prompt text and the completion's token ids (as little-endian int32):
+    stable across polars versions (polars' own `hash` is not). The ids are hashed from one flat array, not per token
+    in Python: ~10 us a row of 512 tokens."""
+    import numpy as np
 
-    return pl.Series(DIGEST, [one(t, ids) for t, ids in zip(samples["prompt_text"], samples["completion_token_ids"])],
-                     dtype=pl.String)
+    ids = samples["completion_token_ids"]
+    lens = ids.list.len().fill_null(0).to_numpy()
+    flat = ids.explode().drop_nulls().cast(pl.Int32).to_numpy().astype("<i4", copy=False)
+    ends = np.cumsum(lens)
+    out = []
+    for text, end, n in zip(samples["prompt_text"], ends, lens):
+        h = hashlib.blake2b(text.encode(), digest_size=8)
+        h.update(b"\0")
+        h.update(flat[end - n:end].tobytes())
+        out.append(h.hexdigest())
+    return pl.Series(DIGEST, out, dtype=pl.String)
 
 
 # Float columns accept either width (a user may hand us float32 rewards); ints accept any int width.

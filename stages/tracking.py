@@ -101,16 +101,25 @@ def open_store(params) -> None:
     mlflow.set_tracking_uri(uri)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        mlflow.MlflowClient().get_experiment_by_name(params.mlflow.experiment)  # the store opens (or is created) here
+        exp = mlflow.MlflowClient().get_experiment_by_name(params.mlflow.experiment)  # the store opens (or is made) here
     except Exception as exc:
         raise StoreError(str(exc)) from exc
+    from stages.errors import queued_checkout
+
+    home = queued_checkout()
+    if exp is None and home is not None and "://" not in uri.removeprefix("sqlite://"):
+        # a queued DVC experiment that makes the experiment: a local store's default artifact root (./mlruns) would be
+        # in the copy DVC deletes, for this run and every later one of the experiment
+        mlflow.create_experiment(params.mlflow.experiment, artifact_location=(home / "mlruns").as_uri())
     mlflow.set_experiment(params.mlflow.experiment)
 
 
 def _reachable(uri: str, timeout_s: float = 5.0) -> None:
     """A tracking server's host and port take a connection, in `timeout_s`; `StoreError` otherwise. MLflow's own
     client retries a refused connection for ~4 minutes (7 retries with backoff) before it fails; a server that
-    answers at all gets its retries as it is."""
+    answers at all gets its retries as it is. Not probed through a proxy (the environment's HTTP(S)_PROXY applies
+    to this host): MLflow's requests go through it, and only it can say."""
+    import urllib.request
     from urllib.parse import urlsplit
 
     parts = urlsplit(uri)
@@ -118,9 +127,14 @@ def _reachable(uri: str, timeout_s: float = 5.0) -> None:
         return
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise StoreError(f"bad port in {uri} ({exc})") from None
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname):
+        return
+    try:
         socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"no connection to {parts.hostname}:{parts.port or port} in {timeout_s:.0f} s: "
+    except OSError as exc:
+        raise StoreError(f"no connection to {parts.hostname}:{port} in {timeout_s:.0f} s: "
                          f"{type(exc).__name__}: {exc}") from None
 
 

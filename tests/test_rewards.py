@@ -294,6 +294,9 @@ def test_a_queued_dvc_experiment_is_told_to_git_add_its_reward_module(tmp_path, 
         build_reward(RewardSpec(name="u", function="not_added_mod:f"))
     assert str(exc.value).endswith("this is a queued DVC experiment, which runs in a copy of the git-tracked files "
                                    "only: `git add` the module (and commit it) before queuing")
+    (copy / "needs_a_package.py").write_text("import not_installed_pkg\n\ndef f(completions, **kw):\n    return []\n")
+    with pytest.raises(PipelineError, match="make it importable from the repo root"):  # a package it imports: no git add
+        build_reward(RewardSpec(name="u", function="needs_a_package:f"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match="make it importable from the repo root"):
         build_reward(RewardSpec(name="u", function="not_added_mod:f"))

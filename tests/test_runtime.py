@@ -223,8 +223,8 @@ def test_a_path_the_command_may_not_write_is_told_in_one_line(capsys, tmp_path):
         assert exit_.value.code == 2
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {where}: "), err
-        assert err[0].endswith("what was complete is kept: make it writable (its permissions, or a read-only mount) "
-                               "or point the params that name it at another dir, and run the command again")
+        assert err[0].endswith("what was complete is kept: give this user access to it (its permissions, or a "
+                               "read-only mount) or point the params that name it elsewhere, and run the command again")
     assert "Read-only file system" in not_writable_message(ro) and "Permission denied" in not_writable_message(denied)
     for bug in (PermissionError(errno.EPERM, "Operation not permitted"), FileNotFoundError(2, "No such file", "x")):
         assert not_writable(bug) is None

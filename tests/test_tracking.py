@@ -190,6 +190,15 @@ def test_a_queued_dvc_experiment_logs_to_the_checkouts_store(tmp_path, monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///m.db")  # the variable too
     assert tracking.store_uri(repo_params()) == ("MLFLOW_TRACKING_URI", f"sqlite:///{home}/m.db")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # the store opens in the checkout, and the experiment it makes keeps its artifacts there too (MLflow's default,
+    # ./mlruns, would be in the copy)
+    params = repo_params(sample={"backend": "hf"}, mlflow={"tracking_uri": "sqlite:///mlflow.db", "experiment": "q"})
+    tracking.open_store(params)
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db").get_experiment_by_name("q")
+    assert exp.artifact_location == (home / "mlruns").as_uri() and not (copy / "mlflow.db").exists()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # (open_store set it)
     monkeypatch.chdir(tmp_path / "repo")
     assert queued_checkout() is None and uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
 
