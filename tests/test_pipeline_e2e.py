@@ -264,10 +264,13 @@ def test_push_to_a_remote_and_pull_into_another_clone(repro, tmp_path):
     assert (clone / "models" / "policy" / "model.safetensors").read_bytes() == (proj / "models" / "policy" / "model.safetensors").read_bytes()
     assert (clone / "reports" / "report.html").is_file() and (clone / "data" / "rounds" / "round=0000" / "manifest.json").is_file()
     # the clone has no optimizer state (never in DVC's cache): one more round rebuilds it from the base model and the
-    # pulled rounds, and continues the run
+    # pulled rounds (as many as the module's earlier tests left), and continues the run
     assert not (clone / "models" / "trainer_state").exists()
-    out = run([dvc, "exp", "run", "-S", f"train.rounds={ROUNDS + 1}"], clone, env)
+    done = json.loads((clone / "metrics" / "train.json").read_text())["rounds"]
+    out = run([dvc, "exp", "run", "-S", f"train.rounds={done + 1}", "-S", "train.nproc_per_node=1"], clone, env)
     log = out.stdout + out.stderr
-    assert f"rebuilding it: the updates of rounds 1-{ROUNDS} are replayed from the base model" in log, log[-3000:]
-    assert f"the replayed policy at round {ROUNDS} differs from the checkpoint's weights by at most 0.00e+00" in log
-    assert json.loads((clone / "data" / "rounds" / f"round={ROUNDS:04d}" / "manifest.json").read_text())["round"] == ROUNDS
+    assert f"rebuilding it: the updates of rounds 1-{done} are replayed from the base model" in log, log[-3000:]
+    gap = re.search(rf"the replayed policy at round {done} differs from the checkpoint's weights by at most (\S+); the "
+                    "checkpoint's weights are kept", log)
+    assert gap and float(gap.group(1)) <= 1e-4, log[-3000:]  # 0 where every round ran in one process
+    assert json.loads((clone / "data" / "rounds" / f"round={done:04d}" / "manifest.json").read_text())["round"] == done
