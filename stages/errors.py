@@ -142,11 +142,15 @@ def disk_full(exc: BaseException | None) -> BaseException | None:
     """The exception in `exc`'s chain that says the disk (or the user's quota) is full, else None: an OSError with
     ENOSPC or EDQUOT, or one whose text says so (polars' ComputeError "... underlying IO error: No space left on
     device (os error 28)", safetensors' SafetensorError "... I/O error: No space left on device")."""
+    return _in_chain(exc, lambda e: (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+                     or any(t in str(e) for t in _FULL_TEXTS))
+
+
+def _in_chain(exc: BaseException | None, says: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception in `exc`'s chain (its cause, else its context, 16 deep at most) for which `says` holds."""
     seen = 0
     while exc is not None and seen < 16:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return exc
-        if any(t in str(exc) for t in _FULL_TEXTS):
+        if says(exc):
             return exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
@@ -190,12 +194,7 @@ _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 def not_writable(exc: BaseException | None) -> OSError | None:
     """The OSError in `exc`'s chain that a file or dir's permissions or a read-only mount raised (EACCES, EPERM,
     EROFS, with the path it names), else None: the machine's setup, not a bug."""
-    seen = 0
-    while exc is not None and seen < 16:
-        if isinstance(exc, OSError) and exc.errno in _NOT_WRITABLE and exc.filename is not None:
-            return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
+    return _in_chain(exc, lambda e: isinstance(e, OSError) and e.errno in _NOT_WRITABLE and e.filename is not None)
 
 
 def not_writable_message(exc: BaseException) -> str | None:

@@ -32,6 +32,21 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_lock_dir(tmp_path_factory):
+    """The output dirs' locks (stages.loop.lock.output_lock_path) in this session's temporary dir, not in
+    /tmp/rloo-locks: one file per output dir a test used (~700), removed with the session's dir. Set in the
+    environment, so every process a test starts (a rank, a Prefect worker, `dvc repro`) meets the same locks."""
+    import os
+
+    if "RLOO_LOCK_DIR" in os.environ:
+        yield
+        return
+    os.environ["RLOO_LOCK_DIR"] = str(tmp_path_factory.mktemp("rloo-locks"))
+    yield
+    os.environ.pop("RLOO_LOCK_DIR", None)
+
 class LogRecords(logging.Handler):
     """Keeps every record it is handed, at any level: for tests of a logger's filters (caplog sits on the root
     logger, after a logger's own filters and only for records that propagate)."""

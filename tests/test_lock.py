@@ -65,6 +65,20 @@ def test_a_run_in_another_checkout_with_the_same_output_dirs_is_refused(tmp_path
         assert info["what"] == "second"  # the first run's end (even a kill) let its locks go
 
 
+def test_the_output_locks_are_where_rloo_lock_dir_says(tmp_path, monkeypatch):
+    """RLOO_LOCK_DIR (the test suite sets its own, tests/conftest.py) moves the output dirs' lock files; without it
+    they are in /tmp/rloo-locks, one per dir, named by a hash of its resolved path."""
+    from stages.loop.lock import output_lock_path
+
+    monkeypatch.setenv("RLOO_LOCK_DIR", str(tmp_path / "locks"))
+    with run_lock("run", tmp_path / "run.lock", outputs=(tmp_path / "rounds",)):
+        pass
+    assert [p.name for p in (tmp_path / "locks").iterdir()] == [output_lock_path(tmp_path / "rounds").name]
+    assert output_lock_path(tmp_path / "x" / ".." / "rounds") == output_lock_path(tmp_path / "rounds")
+    monkeypatch.delenv("RLOO_LOCK_DIR")
+    assert output_lock_path(tmp_path / "rounds").parent == Path("/tmp/rloo-locks")
+
+
 def test_a_waiting_run_takes_the_lock_when_the_holder_ends(tmp_path, caplog):
     proc = hold(tmp_path / "run.lock", 2)
     t0 = time.monotonic()

@@ -26,6 +26,7 @@ from stages.errors import PipelineError
 
 LOCK_PATH = Path(".rloo/run.lock")
 ENV = "RLOO_RUN_LOCK"
+LOCK_DIR_ENV = "RLOO_LOCK_DIR"  # where the output dirs' locks are, when not /tmp/rloo-locks (`output_lock_path`)
 _held: list[str] = []  # tokens this process holds (re-entrant within a process)
 
 
@@ -199,11 +200,14 @@ def locked_outputs(params) -> tuple[str, str, str]:
 def output_lock_path(d: str | Path) -> Path:
     """Where the lock of an output dir is: a file named by a hash of the dir's resolved path in this machine's temp
     dir, so two checkouts whose params name the same dir (an absolute path) meet at one lock, and no file is added
-    beside the user's dirs. The same machine only: a dir shared over a network filesystem is not covered."""
+    beside the user's dirs. The same machine only: a dir shared over a network filesystem is not covered.
+    `RLOO_LOCK_DIR` names another dir for them (the test suite's own, so that its ~700 lock files go with it)."""
     import hashlib
     import tempfile
 
     key = hashlib.sha256(str(Path(d).resolve()).encode()).hexdigest()[:16]
+    if os.environ.get(LOCK_DIR_ENV):  # every process that should meet another's lock must see the same value
+        return Path(os.environ[LOCK_DIR_ENV]) / f"{key}.lock"
     # /tmp itself, not $TMPDIR: a shell's and a worker's TMPDIR differ (macOS per-user dirs, SLURM jobs), and the
     # locks would not meet
     return (Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())) / "rloo-locks" / f"{key}.lock"

@@ -238,20 +238,13 @@ def keep_checkpoint_weights(trainer, model_dir) -> float:
                     worst = max(worst, float((p.detach() - t).abs().max()) if p.numel() else 0.0)
                     p.copy_(t)
                     seen.add(name)
-    missed = [n for n, p in mine.items() if p.requires_grad and n not in seen and not _tied(trainer.model, n, seen)]
+    missed = [n for n, p in mine.items() if p.requires_grad and n not in seen]
     if missed:
         from stages.errors import PipelineError
 
         raise PipelineError(f"{model_dir}: the checkpoint's weights lack {missed[0]} ({len(missed)} tensors) that the "
                             "trainer has; it is not this run's model: restore it or start over")
     return worst
-
-
-def _tied(model, name: str, seen: set) -> bool:
-    """A parameter that is another one it was loaded as (tied input and output embeddings share one tensor)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    p = params.get(name)
-    return p is not None and any(params.get(o) is p for o in seen)
 
 
 def evaluate_round(w: Warm, version: int) -> dict:
