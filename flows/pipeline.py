@@ -128,8 +128,10 @@ def _dvc(*args: str) -> subprocess.CompletedProcess:
 
 STOP_GRACE_S = 15.0  # after a Ctrl-C or a cancel: how long a stage gets to end on its own (all of a stop stays
 # below Prefect's 30 s before it kills the flow run's process)
-# what the stages log (stages.errors.run_cli's format): passed on to this flow run's log, with the stage's name
-_STAGE_LOG = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ((?:stages|flows)[\w.]*): (.*)$")
+# what the stages log: passed on to this flow run's log, with the stage's name. Two formats: stages.errors.run_cli's
+# (`12:00:00 WARNING stages.x: ...`), and Prefect's console one (`12:00:00.123 | WARNING | stages.x - ...`), which a
+# stage that imports Prefect before run_cli (`python -m flows.train`) logs in: Prefect's logging setup came first
+_STAGE_LOG = re.compile(r"^\d\d:\d\d:\d\d(?:\.\d+ \|)? (INFO|WARNING|ERROR)(?: +\|)? ((?:stages|flows)[\w.]*)(?::| -) (.*)$")
 
 
 def _stage_env() -> dict[str, str]:

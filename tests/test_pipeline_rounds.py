@@ -472,3 +472,32 @@ def test_a_hangup_stops_the_pipeline_as_a_ctrl_c_unless_under_nohup(monkeypatch,
             assert seen == [] and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+_LOGS = """
+import logging, sys
+if sys.argv[1] == "prefect":
+    import flows.train  # noqa: F401  what `python -m flows.train` imports before run_cli: Prefect's logging setup
+from stages.errors import run_cli
+def main(argv):
+    logging.getLogger("stages.loop.resume").warning("the previous run was moved to data/archive/x")
+    logging.getLogger("stages.loop.resume").info("removed data/rounds/round=0002 - the partial round 3")
+run_cli(main)
+"""
+
+
+@pytest.mark.parametrize("stage", ["prefect", "plain"])
+def test_the_stages_log_lines_are_recognised_in_the_format_they_come_in(stage):
+    """The lines a stage logs reach the pipeline's flow-run log (`_STAGE_LOG`), whichever logging setup came first:
+    run_cli's (a stage that does not import Prefect: evaluate, report) or Prefect's (`python -m flows.train`, where
+    run_cli's basicConfig does nothing; its lines, a run moved to the archive, never reached the log before)."""
+    import subprocess
+    import sys
+
+    from flows.pipeline import _STAGE_LOG
+
+    proc = subprocess.run([sys.executable, "-c", _LOGS, stage], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    found = [m.groups() for m in map(_STAGE_LOG.match, (proc.stderr + proc.stdout).splitlines()) if m]
+    assert found == [("WARNING", "stages.loop.resume", "the previous run was moved to data/archive/x"),
+                     ("INFO", "stages.loop.resume", "removed data/rounds/round=0002 - the partial round 3")]
