@@ -438,11 +438,21 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
             return summary
     except BaseException as exc:  # a failed run leaves its artifact too (the lock's wait, DVC, a stage)
         with contextlib.suppress(Exception):
-            reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
-            ran = ", ".join(s["stage"] for s in steps if s["ran"]) or "none"
-            _run_artifact(f"### Failed\n\n- stages run before it failed: {ran}\n- reason: {reason}\n"
-                          f"- params.yaml: {put_back}\n")
+            _run_artifact(_failure_note(exc, [s["stage"] for s in steps if s["ran"]], put_back))
         raise
+
+
+def _failure_note(exc: BaseException, ran: list[str], put_back: str) -> str:
+    """The `rloo-pipeline-run` artifact of a run that did not end well: "Stopped" for a cancel (Prefect raises its
+    SIGTERM as TerminationSignal, whose text is empty) or a Ctrl-C, "Failed" with the reason otherwise."""
+    from prefect.exceptions import TerminationSignal
+
+    heading, reason = "Failed", str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (KeyboardInterrupt, TerminationSignal)):
+        heading, reason = "Stopped", (f"{type(exc).__name__} (a cancel or Ctrl-C): the stage that ran was stopped, "
+                                      "its completed rounds kept")
+    return (f"### {heading}\n\n- stages run before it {heading.lower()}: {', '.join(ran) or 'none'}\n- reason: "
+            f"{reason}\n- params.yaml: {put_back}\n")
 
 
 def _stage(path: Path, stage: str) -> dict:

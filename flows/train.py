@@ -50,9 +50,11 @@ from stages.params import Params, load_params
 
 
 def _no_retry_on_bad_input(task, task_run, state) -> bool:
+    """A step is tried again once, except on bad input and on a broken pipe (the process that reads this one's output,
+    a scheduled pipeline, is gone: the run stops, and the next resumes after its completed rounds)."""
     try:
         state.result()
-    except PipelineError:
+    except (PipelineError, BrokenPipeError):
         return False
     except Exception:
         return True
@@ -120,15 +122,46 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
                restart: bool = False) -> dict:
     """RLOO training: `rounds` rounds of sample -> score -> advantage -> update, resources kept warm."""
     from stages.errors import params_file_named, quiet_bad_input_tracebacks
-    from stages.loop.lock import deployment_wait_s, locked_outputs, run_lock
+    from stages.loop.lock import deployment_wait_s, in_deployment, locked_outputs, run_lock
 
     quiet_bad_input_tracebacks()
     early = load_params(params_path, overrides)  # a bad file fails now, not after waiting for the lock
+    if in_deployment():
+        check_not_params_yaml_s_outputs(params_path, overrides, early)
     # a scheduled run queues behind the lock's holder; a served or deployed run's advice names its params file too
     with params_file_named(params_path), run_lock("training run", wait_s=deployment_wait_s(),
                                                   outputs=locked_outputs(early)):
         params = load_params(params_path, overrides)  # as it is once the lock is ours (the holder may have raised
         return run_training(params, rounds or params.train.rounds, restart)  # train.rounds or changed it)
+
+
+def check_not_params_yaml_s_outputs(params_path: str, overrides: dict | None, params: Params,
+                                    main: str | Path = "params.yaml") -> None:
+    """A deployment's run (`train-now`, a served flow) of another configuration than params.yaml's (another
+    `params_path`, or `overrides`) in params.yaml's output dirs is refused: it would move params.yaml's run, the one
+    `dvc repro` and the nightly pipeline continue, to the archive, and the next nightly would move it back and train
+    its own from round 0 (found 2026-12-07: both runs completed, nothing in Prefect said so). At a terminal the same
+    run goes on, as its warning says (the archive keeps both)."""
+    from stages.loop.lock import locked_outputs
+
+    main = Path(main)
+    if not main.is_file():
+        return
+    try:
+        ours = load_params(main)
+    except PipelineError:
+        return  # params.yaml's own error is for its own runs to report
+    if ours.identity() == params.identity():
+        return
+    names = ("train.rounds_dir", "train.checkpoint_dir", "train.state_dir")
+    shared = [n for n, a, b in zip(names, locked_outputs(params), locked_outputs(ours))
+              if Path(a).resolve() == Path(b).resolve()]
+    if shared:
+        what = f"{params_path}{' with overrides' if overrides else ''}"
+        raise PipelineError(f"params_path: {what} is another configuration than {main}'s in the same output dirs "
+                            f"({', '.join(shared)}): its run would move {main}'s run (the one `dvc repro` and the "
+                            f"scheduled pipeline continue) to the archive; give it its own {', '.join(shared)}, or "
+                            f"edit {main} itself to change the configuration of the scheduled runs")
 
 
 def run_training(params: Params, total: int, restart: bool = False) -> dict:

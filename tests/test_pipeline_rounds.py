@@ -501,3 +501,18 @@ def test_the_stages_log_lines_are_recognised_in_the_format_they_come_in(stage):
     found = [m.groups() for m in map(_STAGE_LOG.match, (proc.stderr + proc.stdout).splitlines()) if m]
     assert found == [("WARNING", "stages.loop.resume", "the previous run was moved to data/archive/x"),
                      ("INFO", "stages.loop.resume", "removed data/rounds/round=0002 - the partial round 3")]
+
+
+def test_a_cancelled_run_s_artifact_says_stopped_with_a_reason():
+    """A cancel reaches the flow as Prefect's TerminationSignal, whose text is empty: the artifact said "Failed" with
+    "reason: TerminationSignal: " and nothing after it."""
+    from prefect.exceptions import TerminationSignal
+
+    from flows.pipeline import _failure_note
+
+    note = _failure_note(TerminationSignal(15), ["prepare", "train"], "put back as the run found it")
+    assert note == ("### Stopped\n\n- stages run before it stopped: prepare, train\n- reason: TerminationSignal (a "
+                    "cancel or Ctrl-C): the stage that ran was stopped, its completed rounds kept\n- params.yaml: put "
+                    "back as the run found it\n")
+    assert _failure_note(PipelineError("train.rounds: bad"), [], "x").startswith(
+        "### Failed\n\n- stages run before it failed: none\n- reason: train.rounds: bad\n")

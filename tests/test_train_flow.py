@@ -138,3 +138,43 @@ def test_a_training_stage_stops_when_the_pipeline_that_passed_it_the_lock_is_kil
     assert 1 <= len(done) < 6
     out = run([PY, "-m", "flows.train", "--rounds", str(len(done) + 1)], proj, env)
     assert f"resuming after round {len(done)} of {len(done) + 1}" in out.stdout + out.stderr
+
+
+def test_a_deployment_run_of_another_configuration_in_params_yaml_s_dirs_is_refused(tmp_path, monkeypatch):
+    """`train-now` (or a served flow) with another params file or overrides, in params.yaml's output dirs, would move
+    the scheduled pipeline's run to the archive (and the next nightly would start its own over from round 0): a
+    deployment's run is refused in one line naming the shared dirs. The same configuration, other output dirs, or a
+    run at a terminal go on."""
+    import yaml
+    from conftest import repo_params_data
+
+    import flows.train as train
+    from stages.errors import PipelineError
+    from stages.params import load_params
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params_data()))
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(repo_params_data(sample={"k": 3})))
+    (tmp_path / "apart.yaml").write_text(yaml.safe_dump(repo_params_data(
+        sample={"k": 3}, train={"rounds_dir": "b/rounds", "checkpoint_dir": "b/policy", "state_dir": "b/state"})))
+    (tmp_path / "same.yaml").write_text(yaml.safe_dump(repo_params_data(train={"rounds": 99})))  # not identity
+
+    def check(path, overrides=None):
+        train.check_not_params_yaml_s_outputs(path, overrides, load_params(path, overrides))
+
+    with pytest.raises(PipelineError) as exc:
+        check("other.yaml")
+    assert str(exc.value) == (
+        "params_path: other.yaml is another configuration than params.yaml's in the same output dirs "
+        "(train.rounds_dir, train.checkpoint_dir, train.state_dir): its run would move params.yaml's run (the one "
+        "`dvc repro` and the scheduled pipeline continue) to the archive; give it its own train.rounds_dir, "
+        "train.checkpoint_dir, train.state_dir, or edit params.yaml itself to change the configuration of the "
+        "scheduled runs")
+    with pytest.raises(PipelineError, match=r"^params_path: params.yaml with overrides is another configuration"):
+        check("params.yaml", {"sample.k": 3})
+    for ok in ("apart.yaml", "same.yaml", "params.yaml"):
+        check(ok)
+    # the flow: only a deployment's run is checked (Prefect's runtime override stands in for one)
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "3f2a6c1e-0000-4000-8000-000000000000")
+    with pytest.raises(PipelineError, match=r"^params_path: other.yaml is another configuration"):
+        train.train_flow.fn(params_path="other.yaml")

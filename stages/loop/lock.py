@@ -166,17 +166,21 @@ def process_alive(key: str) -> bool:
 WAIT_ENV = "RLOO_LOCK_WAIT_S"  # how long a scheduled (deployment) run waits for the lock; default 12 h
 
 
+def in_deployment() -> bool:
+    """Is this a deployment's flow run (a schedule, `prefect deployment run`, a served flow's run)?"""
+    try:
+        from prefect.runtime import deployment
+
+        return deployment.id is not None
+    except Exception:  # no Prefect context
+        return False
+
+
 def deployment_wait_s() -> float:
     """Seconds a flow run waits for the lock: a deployment's run (a schedule, `prefect deployment run`) queues behind
     whatever holds the checkout (another deployment's run, a shell `dvc repro`), as one deployment's own runs queue
     behind each other; a command typed at a terminal fails at once, naming the holder."""
-    try:
-        from prefect.runtime import deployment
-
-        scheduled = deployment.id is not None
-    except Exception:  # no Prefect context
-        scheduled = False
-    if not scheduled:
+    if not in_deployment():
         return 0.0
     value = os.environ.get(WAIT_ENV, str(12 * 3600))
     try:
