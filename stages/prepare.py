@@ -94,7 +94,8 @@ def clean_prompts(df: pl.DataFrame, source: str) -> tuple[pl.DataFrame, int]:
     """The source's rows with a usable prompt, duplicates dropped (first kept), in file order: (table, dropped).
 
     The table has `prompt` (text: the prompt itself, or the last user turn of a conversation), `_messages` (the
-    turns, None for a text prompt) and every other column of the source."""
+    turns, None for a text prompt) and every other column of the source. A null or blank prompt, or a conversation
+    without a non-blank last user turn, is skipped and counted."""
     if "prompt" not in df.columns:
         raise PipelineError(f"{source}: no `prompt` column (columns: {df.columns}); add one with the user text, or TRL's "
                             "conversational format (a list of messages)")
@@ -111,7 +112,12 @@ def clean_prompts(df: pl.DataFrame, source: str) -> tuple[pl.DataFrame, int]:
                 empty += 1
                 continue
             msgs = _messages(value, source, i)
-            text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"]).strip()
+            # `prompt` is the last user turn: a conversation whose last user turn is blank, or that has none (a
+            # system message alone), has no prompt to answer
+            text = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "").strip()
+            if not text:
+                empty += 1
+                continue
             key = prompt_id(msgs)
         else:
             if value is None or not value.strip():

@@ -117,6 +117,20 @@ def test_empty_prompts_are_skipped_and_counted(caplog):
     assert "f.csv: 2 row(s) with an empty or null `prompt` skipped" in caplog.text
 
 
+def test_conversations_without_a_user_text_are_skipped_and_counted(caplog):
+    """A conversation whose last user turn is blank, or that has no user turn (a system message alone), has no prompt:
+    it was kept, with the system text or "" as `prompt`."""
+    def conv(*turns):
+        return [{"role": r, "content": c} for r, c in turns]
+
+    df = pl.DataFrame({"prompt": [conv(("user", "hi")), conv(("user", " ")), conv(("system", "x")), None,
+                                  conv(("system", "x"), ("user", "ok")), conv(("user", "a"), ("assistant", "b"))]})
+    with caplog.at_level("WARNING", logger="stages.prepare"):
+        table, dropped = clean_prompts(df, "f.jsonl")
+    assert table["prompt"].to_list() == ["hi", "ok", "a"] and dropped == 0
+    assert "f.jsonl: 3 row(s) with an empty or null `prompt` skipped" in caplog.text
+
+
 def test_split_is_a_seeded_partition():
     train, held = split_prompts(PROMPT_TEXTS, 4, seed=42)
     assert len(held) == 4 and len(train) == len(PROMPT_TEXTS) - 4
