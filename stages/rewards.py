@@ -298,9 +298,16 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
     except Exception as exc:
         from stages.errors import queued_checkout
 
-        # (the module itself missing: not a package it imports, which no `git add` brings)
-        queued = (isinstance(exc, ModuleNotFoundError) and exc.name == module_name.split(".")[0]
-                  and queued_checkout() is not None)
+        # the module itself missing (or a package on its path), not a package it imports, which no `git add` brings
+        parts = module_name.split(".")
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name in {".".join(parts[:i + 1]) for i in range(len(parts))}
+        if not missing:  # found, and it raised while being imported: its own line, and what it lacks
+            fix = (f"install `{exc.name.split('.')[0]}` in this environment (pip install ...), or remove that import"
+                   if isinstance(exc, ModuleNotFoundError) and exc.name else "fix the module")
+            raise PipelineError(f"reward `{spec.name}`: module `{module_name}` of '{target}' raised while it was "
+                                f"imported: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                                f"{_raised_at(exc)}; {fix}") from exc
+        queued = exc.name == parts[0] and queued_checkout() is not None
         raise PipelineError(
             f"reward `{spec.name}`: cannot import module `{module_name}` of '{target}' ({type(exc).__name__}: {exc}); "
             + ("this is a queued DVC experiment, which runs in a copy of the git-tracked files only: `git add` the "

@@ -295,11 +295,27 @@ def test_a_queued_dvc_experiment_is_told_to_git_add_its_reward_module(tmp_path, 
     assert str(exc.value).endswith("this is a queued DVC experiment, which runs in a copy of the git-tracked files "
                                    "only: `git add` the module (and commit it) before queuing")
     (copy / "needs_a_package.py").write_text("import not_installed_pkg\n\ndef f(completions, **kw):\n    return []\n")
-    with pytest.raises(PipelineError, match="make it importable from the repo root"):  # a package it imports: no git add
+    with pytest.raises(PipelineError) as exc:  # a package it imports: no git add, and it was found
         build_reward(RewardSpec(name="u", function="needs_a_package:f"))
+    assert str(exc.value) == ("reward `u`: module `needs_a_package` of 'needs_a_package:f' raised while it was imported: "
+                              "ModuleNotFoundError: No module named 'not_installed_pkg' (at needs_a_package.py:1 in "
+                              "<module>); install `not_installed_pkg` in this environment (pip install ...), or remove "
+                              "that import")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match="make it importable from the repo root"):
         build_reward(RewardSpec(name="u", function="not_added_mod:f"))
+
+
+def test_a_reward_module_that_raises_on_import_is_named_with_its_line(tmp_path, monkeypatch):
+    """Found, but it raised while being imported: its own line and exception, not "make it importable"."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "raises_on_import.py").write_text("import math\n\nX = 1 / 0\n\ndef f(completions, **kw):\n    return []\n")
+    with pytest.raises(PipelineError) as exc:
+        build_reward(RewardSpec(name="u", function="raises_on_import:f"))
+    assert str(exc.value) == ("reward `u`: module `raises_on_import` of 'raises_on_import:f' raised while it was "
+                              "imported: ZeroDivisionError: division by zero (at raises_on_import.py:3 in <module>); "
+                              "fix the module")
 
 
 def test_user_function_errors(user_module):
