@@ -656,7 +656,12 @@ def main(argv: list[str] | None = None) -> None:
     _check_out(out, policy, "--out" if args.out else "train.checkpoint_dir")
     configure_env(params.base.threads)
     device = setup_torch(params.base.device, params.base.threads, params.base.seed)
-    batch = training_batch(read_table(args.samples, SAMPLES), read_table(args.advantages, ADVANTAGES))
+    samples = read_table(args.samples, SAMPLES)
+    batch = training_batch(samples, read_table(args.advantages, ADVANTAGES))
+    if batch.height < samples.height:  # training_batch refused advantages without a sample, not the other way round
+        log.warning("%s: %d of %d samples have no advantage in %s and are not trained on (score.on_invalid: drop "
+                    "leaves a prompt's invalid rows out; otherwise pass the advantages of every sample)", args.samples,
+                    samples.height - batch.height, samples.height, args.advantages)
     state_dir = args.state_dir or params.train.state_dir
     read_dir, read_field = state_dir, "--state-dir" if args.state_dir else "train.state_dir"
     meta = checkpoint.read_meta(policy, "--policy") if policy else None

@@ -467,9 +467,15 @@ def test_cli_writes_a_checkpoint_transformers_loads(tiny_model_dir, tmp_path):
     assert again.returncode == 2 and last.startswith("error: --out: ") and "holds a checkpoint" in last, again.stderr
     assert f"--policy {out} to continue it" in last and "Traceback" not in again.stderr
     assert checkpoint.read_meta(out) == meta and checkpoint.state_file(tmp_path / "state", meta["checkpoint_id"]).is_file()
-    cont = subprocess.run(cmd + ["--policy", str(out)], cwd=REPO, capture_output=True, text=True, env=env)
+    # continued on the advantages of half the samples: trained on those, with a warning counting the others
+    half = tmp_path / "adv_half.parquet"
+    write_table(make_advantages(samples, [1.0, -1.0, 0.5, -0.5]).head(2), half, ADVANTAGES)
+    cont = subprocess.run([*cmd[:8], str(half), *cmd[9:], "--policy", str(out)], cwd=REPO, capture_output=True,
+                          text=True, env=env)
     assert cont.returncode == 0, cont.stderr
     assert checkpoint.read_meta(out)["round"] == 2
+    assert f"{s}: 2 of 4 samples have no advantage in {half} and are not trained on" in cont.stderr
+    assert "have no advantage" not in again.stderr + proc.stderr
     # continued with another --state-dir: that option is named, with the fix for this stage (not a training run's)
     wrong = subprocess.run(cmd[:-1] + [str(tmp_path / "state_other"), "--policy", str(out)], cwd=REPO,
                            capture_output=True, text=True, env=env)
