@@ -50,12 +50,17 @@ from stages.params import Params, load_params
 
 
 def _no_retry_on_bad_input(task, task_run, state) -> bool:
-    """A step is tried again once, except on bad input and on a broken pipe (the process that reads this one's output,
-    a scheduled pipeline, is gone: the run stops, and the next resumes after its completed rounds)."""
+    """A step is tried again once, except on bad input, on a broken pipe (the process that reads this one's output,
+    a scheduled pipeline, is gone: the run stops, and the next resumes after its completed rounds) and on a broken
+    collective (several ranks: a retry would wait for the same peer)."""
     try:
         state.result()
     except (PipelineError, BrokenPipeError):
         return False
+    except Exception as exc:
+        from stages.errors import dist_broken
+
+        return dist_broken(exc) is None  # a collective that timed out, or whose peer is gone: the group is broken
     except Exception:
         return True
     return True
@@ -612,6 +617,16 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         print(f"stopped by {signalled.name}: the ranks were stopped with it. What was complete is kept: run the "
               "command again to continue", file=sys.stderr)
         return 128 + int(signalled)
+    waited = sorted(rank for rank, r in told.items() if r["kind"] == "timeout")
+    if waited:  # a rank that never came to a collective (hung, or slower there) is the one the others waited for
+        late = sorted(set(range(nproc)) - set(waited))  # (a late rank stopped by the launcher may report "peer")
+        print(f"error: rank{'s' if len(waited) > 1 else ''} {', '.join(map(str, waited))} waited train.dist_timeout_s "
+              f"for the other ranks in a collective and gave up ({told[waited[0]]['message'][:200]}); "
+              f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late)) or '?'} never came to it (busy or hung "
+              "in a step of its own, e.g. a reward function: `py-spy dump --pid <pid>` on a hung rank shows where): "
+              "raise train.dist_timeout_s if that step is only slow there. The ranks were stopped; what was complete "
+              "is kept: run the command again to continue", file=sys.stderr)
+        return 1
     # the rank that failed first: killed by a signal of its own, then one that exited (perhaps its peer's victim),
     # last the ranks the launcher stopped itself (SIGTERM) or whose collective broke after another's report (peers)
     stopped = {rank for rank, f in failures.items() if f.exitcode == -signal.SIGTERM}
@@ -623,7 +638,7 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
 
     (rank, first), others = ranked[0], [f"rank {r} {how(f)}" for r, f in ranked[1:] if r not in peers | stopped]
     print(f"error: rank {rank} (local_rank: {first.local_rank}, pid {first.pid}) {how(first)}"
-          + (" (its traceback is above)" if first.exitcode > 0 else "")
+          + (" (its output above says why)" if first.exitcode > 0 else "")
           + (f"; also {', '.join(others)}" if others else "")
           + "; the other ranks were stopped. What was complete is kept: run the command again to continue",
           file=sys.stderr)

@@ -125,6 +125,9 @@ def bad_input_exits() -> Iterator[None]:
         if peer_reported():  # a rank whose collective broke because another rank stopped: that rank's line says why
             _report_to_launcher("peer", "")
             sys.exit(1)
+        timeout = dist_timeout(exc)
+        if timeout is not None and _report_to_launcher("timeout", str(timeout).strip()[:300]):
+            sys.exit(1)  # the launcher's line names the ranks that did not come (its traceback is above, from Prefect)
         full = disk_full_message(exc) or not_writable_message(exc)
         if full is None:
             raise
@@ -186,6 +189,24 @@ def disk_full_message(exc: BaseException, path: str | Path | None = None) -> str
     free = free_gib(where) if where else ""
     free = f", {free} GiB free there" if free else ""
     return f"disk full{f' writing {where}' if where else ''}: {text}{free}; what was complete is kept: {FREE_SPACE}"
+
+
+# what torch.distributed's backends raise (a RuntimeError) when a collective gives up waiting for a peer
+# (train.dist_timeout_s): gloo's "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv
+# operation to complete", NCCL's watchdog
+_DIST_TIMEOUT_TEXTS = ("Timed out waiting", "Watchdog caught collective operation timeout")
+# ... and when the peer is gone: a retry of the step cannot mend a broken group
+_DIST_BROKEN_TEXTS = _DIST_TIMEOUT_TEXTS + ("Connection closed by peer", "Connection reset by peer")
+
+
+def dist_timeout(exc: BaseException | None) -> BaseException | None:
+    """The exception in `exc`'s chain of a collective that timed out waiting for another rank, else None."""
+    return _in_chain(exc, lambda e: any(t in str(e) for t in _DIST_TIMEOUT_TEXTS))
+
+
+def dist_broken(exc: BaseException | None) -> BaseException | None:
+    """The exception in `exc`'s chain of a collective that timed out or whose peer is gone, else None."""
+    return _in_chain(exc, lambda e: any(t in str(e) for t in _DIST_BROKEN_TEXTS))
 
 
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)

@@ -326,6 +326,40 @@ def test_bad_input_that_one_rank_meets_at_run_time_is_one_line(tmp_path, tiny_mo
     assert not (proj / "data" / "rounds" / "round=0000" / "manifest.json").exists()
 
 
+RANK_ONE_HANGS = '''import os
+import time
+
+
+def score(prompts, completions, **kwargs):
+    """0 for every completion; rank 1 hangs on its first call (a reward service that never answers one process)."""
+    if os.environ.get("RANK") == "1":
+        time.sleep(600)
+    return [0.0] * len(completions)
+'''
+
+
+@pytest.mark.slow
+def test_a_rank_that_never_comes_to_a_collective_is_named(tmp_path, tiny_model_dir):
+    """Rank 1 hangs in a reward: rank 0 waits train.dist_timeout_s in the next collective and gives up. The line
+    names the rank that never came and the setting, not rank 0 "exited with code 1" as the failure, and the step is
+    not tried again (a retry would wait for the same peer)."""
+    proj, env = _flow_project(tmp_path, tiny_model_dir, **{"train.rounds": 1, "train.nproc_per_node": 2,
+                                                           "train.eval_every": 0, "train.dist_timeout_s": 10})
+    (proj / "rank_one_hangs.py").write_text(RANK_ONE_HANGS)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["score"]["rewards"].append({"name": "judge", "function": "rank_one_hangs:score", "weight": 1.0})
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    t0 = time.monotonic()
+    out = run([PY, "-m", "flows.train"], proj, env, check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert last.startswith("error: rank 0 waited train.dist_timeout_s for the other ranks in a collective and gave up "
+                           "(") and "Timed out waiting" in last, out.stderr[-3000:]
+    assert "; rank 1 never came to it (busy or hung in a step of its own" in last
+    assert "Retry 1/1" not in out.stderr and time.monotonic() - t0 < 300
+    assert not (proj / "data" / "rounds" / "round=0000" / "manifest.json").exists()
+
+
 @pytest.mark.slow
 def test_ctrl_c_with_several_ranks_is_one_line_and_the_run_resumes(tmp_path, tiny_model_dir):
     """Ctrl-C (SIGINT to the foreground process group: the launcher and both ranks) in round 2: one `interrupted:`
