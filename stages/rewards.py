@@ -416,29 +416,8 @@ class ModelReward:
         from transformers import AutoModelForSequenceClassification
 
         self.name, self.path, self.batch_size = name, path, batch_size
-        fix = "point `model` at a local transformers ...ForSequenceClassification directory with one output"
-        if not Path(path).is_dir():
-            raise PipelineError(f"reward `{name}`: model directory {path} does not exist; {fix}")
-        if template not in ("concat", "chat"):
-            raise PipelineError(f"reward `{name}`: kwargs.template must be 'concat' or 'chat' (got {template!r})")
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise PipelineError(f"reward `{name}`: kwargs.dtype must be float32, bfloat16 or float16 (got {dtype!r})")
-        if not isinstance(max_length, int) or max_length < 2:
-            raise PipelineError(f"reward `{name}`: kwargs.max_length must be an integer >= 2 (got {max_length!r})")
         field = f"reward `{name}`"
-        config = load_config(path, field)
-        archs = getattr(config, "architectures", None) or []
-        if not any(a.endswith("ForSequenceClassification") for a in archs):
-            what = f"a {archs[0]}" if archs else "a model without `architectures` in config.json"
-            raise PipelineError(f"reward `{name}`: {path} is {what}, not a sequence classifier; {fix}")
-        num_labels = config.num_labels
-        if label_index is None and num_labels != 1:
-            raise PipelineError(
-                f"reward `{name}`: {path} has num_labels={num_labels}, but a reward model has one scalar output "
-                "(num_labels == 1); use a reward model, or set kwargs.label_index to read one class logit"
-            )
-        if label_index is not None and not (isinstance(label_index, int) and 0 <= label_index < num_labels):
-            raise PipelineError(f"reward `{name}`: kwargs.label_index must be in 0..{num_labels - 1} (got {label_index!r})")
+        check_reward_model(name, path, template, label_index, dtype, max_length)
         self.label_index = label_index or 0
 
         tok = load_tokenizer(path, field)  # pad token = eos when missing
@@ -523,6 +502,34 @@ def build_reward(spec: RewardSpec, device: Any = "cpu", batch_size: int = 16) ->
     return Reward(spec.name, spec.weight, fn, source)
 
 
+def check_reward_model(name: str, path: str, template: str = "concat", label_index: int | None = None,
+                       dtype: str = "float32", max_length: int = 512) -> None:
+    """What a reward model's dir and kwargs must be, read from its config.json alone (no weights loaded): for the
+    score stage before it loads the model, and for `python -m stages.params`."""
+    fix = "point `model` at a local transformers ...ForSequenceClassification directory with one output"
+    if not Path(path).is_dir():
+        raise PipelineError(f"reward `{name}`: model directory {path} does not exist; {fix}")
+    if template not in ("concat", "chat"):
+        raise PipelineError(f"reward `{name}`: kwargs.template must be 'concat' or 'chat' (got {template!r})")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise PipelineError(f"reward `{name}`: kwargs.dtype must be float32, bfloat16 or float16 (got {dtype!r})")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise PipelineError(f"reward `{name}`: kwargs.max_length must be an integer >= 2 (got {max_length!r})")
+    config = load_config(path, f"reward `{name}`")
+    archs = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        what = f"a {archs[0]}" if archs else "a model without `architectures` in config.json"
+        raise PipelineError(f"reward `{name}`: {path} is {what}, not a sequence classifier; {fix}")
+    num_labels = config.num_labels
+    if label_index is None and num_labels != 1:
+        raise PipelineError(
+            f"reward `{name}`: {path} has num_labels={num_labels}, but a reward model has one scalar output "
+            "(num_labels == 1); use a reward model, or set kwargs.label_index to read one class logit"
+        )
+    if label_index is not None and not (isinstance(label_index, int) and 0 <= label_index < num_labels):
+        raise PipelineError(f"reward `{name}`: kwargs.label_index must be in 0..{num_labels - 1} (got {label_index!r})")
+
+
 def _model_kwargs(spec: RewardSpec) -> dict[str, Any]:
     allowed = ("max_length", "template", "label_index", "dtype")
     unknown = [k for k in spec.kwargs if k not in allowed]
@@ -533,14 +540,15 @@ def _model_kwargs(spec: RewardSpec) -> dict[str, Any]:
 
 def check_specs(specs: Sequence[RewardSpec], columns: Sequence[str] | None = None) -> None:
     """What `build_rewards` would refuse, without loading a model or logging: a built-in's kwargs, a user function
-    importable and callable with its kwargs, a reward model dir with a config (for `python -m stages.params`); with
+    importable and callable with its kwargs, a reward model dir whose config and kwargs the score stage accepts (for
+    `python -m stages.params`); with
     `columns` (the prompts table's extra columns), also a column a reward names that the table lacks."""
     from stages.models import check_model_dir
 
     for spec in specs:
         if spec.model is not None:
             check_model_dir(spec.model, f"score.rewards[{spec.name}].model")
-            _model_kwargs(spec)
+            check_reward_model(spec.name, spec.model, **_model_kwargs(spec))
             continue
         if spec.function in BUILTINS:
             reward = Reward(spec.name, spec.weight, _build_builtin(spec), f"built-in {spec.function}")

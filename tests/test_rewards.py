@@ -236,6 +236,22 @@ def test_missing_model_dir_rejected(tmp_path):
         build_reward(RewardSpec(name="rm", model=str(tmp_path / "nowhere")))
 
 
+def test_the_params_check_refuses_what_the_score_stage_would_refuse_of_a_reward_model(tmp_path, rm_dir):
+    """`python -m stages.params` (check_specs) reads a reward model's config: a 2-label classifier without
+    label_index, a causal LM, a template that is not one, passed it, and the run failed at its first scoring."""
+    from stages.rewards import check_specs
+
+    clf, lm = _save_model(tmp_path / "clf", num_labels=2), _save_model(tmp_path / "lm", cls=LlamaForCausalLM)
+    for spec, says in [(RewardSpec(name="clf", model=str(clf)), "has num_labels=2"),
+                       (RewardSpec(name="rm", model=str(lm)), "is a LlamaForCausalLM, not a sequence classifier"),
+                       (RewardSpec(name="rm", model=str(rm_dir), kwargs={"template": "chatml"}),
+                        "kwargs.template must be 'concat' or 'chat' (got 'chatml')")]:
+        with pytest.raises(PipelineError, match=re.escape(says)):
+            check_specs([spec])
+    check_specs([RewardSpec(name="clf", model=str(clf), kwargs={"label_index": 1}),
+                 RewardSpec(name="rm", model=str(rm_dir), kwargs={"template": "chat"})])
+
+
 def test_unknown_model_kwarg(rm_dir):
     with pytest.raises(PipelineError, match=r"unknown kwarg `max_len` for a reward model; allowed: max_length"):
         build_reward(RewardSpec(name="rm", model=str(rm_dir), kwargs={"max_len": 8}))
