@@ -134,6 +134,36 @@ STOP_GRACE_S = 15.0  # after a Ctrl-C or a cancel: how long a stage gets to end 
 _STAGE_LOG = re.compile(r"^\d\d:\d\d:\d\d(?:\.\d+ \|)? (INFO|WARNING|ERROR)(?: +\|)? ((?:stages|flows)[\w.]*)(?::| -) (.*)$")
 
 
+STAGE_TAG_ENV = "RLOO_PIPELINE_TAG"  # the tag a stage's own flow run (rloo-train) carries: which pipeline run ran it
+
+
+def stage_tag(pipeline_run_id) -> str:
+    return f"rloo-pipeline:{pipeline_run_id}"
+
+
+def crash_stage_runs(tag: str, reason: str) -> int:
+    """Mark Crashed the flow runs tagged `tag` (a stage's `rloo-train` run, under this pipeline run) that are still
+    Running or Pending: a stage killed outright (kill -9, or the SIGKILL after a stop's grace) cannot report its end,
+    and Prefect's server marks nothing crashed on its own, so the run stayed Running in the UI for good (found
+    2026-12-07). Called once the stage's processes are gone; returns how many were marked."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    live = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]), state=live))
+        for run in runs:
+            client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
+    return len(runs)
+
+
 def _stage_env() -> dict[str, str]:
     """The environment of a dvc command: dvc.yaml's `python -m ...` commands find this interpreter first on PATH (a
     worker started as `.venv/bin/prefect worker start`, without the venv activated, would otherwise run the stages
@@ -141,6 +171,11 @@ def _stage_env() -> dict[str, str]:
     `python -m flows.pipeline`) instead of starting a second server on the same database."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    with contextlib.suppress(Exception):
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            env[STAGE_TAG_ENV] = stage_tag(flow_run.id)  # `python -m flows.train` tags its flow run with it
     with contextlib.suppress(Exception):
         from prefect.settings import PREFECT_API_URL
 
@@ -439,6 +474,11 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
     except BaseException as exc:  # a failed run leaves its artifact too (the lock's wait, DVC, a stage)
         with contextlib.suppress(Exception):
             _run_artifact(_failure_note(exc, [s["stage"] for s in steps if s["ran"]], put_back))
+        with contextlib.suppress(Exception):
+            from prefect.runtime import flow_run
+
+            if flow_run.id and crash_stage_runs(stage_tag(flow_run.id), f"its pipeline run stopped: {type(exc).__name__}"):
+                logger.warning("the training stage's own flow run, which it could not end itself, is marked Crashed")
         raise
 
 

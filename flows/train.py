@@ -518,8 +518,19 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> None:
         check_total(plan, total, total_field)
         server = start_server()  # a temporary Prefect server boots on the other core while this process imports
         preload_flow_modules(params, open_store=plan.start < total)  # a run with nothing to train may touch no store
-        with prefect_api(started=server):
+        with prefect_api(started=server), _pipeline_tag():
             train_flow(params_path=args.params, rounds=args.rounds, restart=args.restart)
+
+
+def _pipeline_tag():
+    """Under the scheduled pipeline: the tag of the pipeline run that runs this stage, on this flow run (so that the
+    pipeline marks it Crashed if this process is killed before it can end it: `pipeline.crash_stage_runs`)."""
+    import contextlib
+
+    from prefect import tags
+
+    tag = os.environ.get("RLOO_PIPELINE_TAG")
+    return tags(tag) if tag else contextlib.nullcontext()
 
 
 def preload_flow_modules(params: Params, open_store: bool = True) -> None:

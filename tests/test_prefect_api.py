@@ -103,3 +103,47 @@ def test_flow_runs_send_no_heartbeats_to_the_temporary_server_only(tmp_path):
                                 text=True, timeout=120, cwd=Path(__file__).parents[1])
     same_url, frequency = configured.stdout.split()
     assert same_url == "True" and frequency.isdigit(), configured.stderr[-2000:]  # Prefect's default (180 s in 3.7)
+
+
+CRASH = """
+import sys
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.states import Running
+from flows.api import prefect_api
+from flows.pipeline import crash_stage_runs, stage_tag
+
+@flow(name="rloo-train")
+def stand_in():
+    pass
+
+with prefect_api(home=sys.argv[1]):
+    with get_client(sync_client=True) as client:
+        ours = client.create_flow_run(stand_in, tags=[stage_tag("abc")], state=Running())
+        other = client.create_flow_run(stand_in, tags=[stage_tag("other")], state=Running())
+        n = crash_stage_runs(stage_tag("abc"), "its pipeline run stopped: KeyboardInterrupt")
+        mine, theirs = client.read_flow_run(ours.id).state, client.read_flow_run(other.id).state
+        print(n, mine.type.value, theirs.type.value, repr(mine.message))
+"""
+
+
+def test_a_killed_stage_s_flow_run_is_marked_crashed_by_its_pipeline(tmp_path, monkeypatch):
+    """A training stage killed outright (kill -9) leaves its `rloo-train` flow run Running for good (Prefect's server
+    marks nothing crashed on its own): its pipeline run marks the runs tagged with its id Crashed, and no other.
+    `python -m flows.train` carries the tag from the pipeline's environment onto its flow run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    out = subprocess.run([sys.executable, "-c", CRASH, str(tmp_path / "home")], env=env, capture_output=True,
+                         text=True, timeout=180, cwd=Path(__file__).parents[1])
+    assert out.stdout.strip().split(maxsplit=3) == ["1", "CRASHED", "RUNNING", "'its pipeline run stopped: KeyboardInterrupt'"], \
+        out.stderr[-2000:]
+    from prefect.context import TagsContext
+
+    from flows.pipeline import STAGE_TAG_ENV, stage_tag
+    from flows.train import _pipeline_tag
+
+    monkeypatch.setenv(STAGE_TAG_ENV, stage_tag("abc"))
+    with _pipeline_tag():
+        assert stage_tag("abc") in TagsContext.get().current_tags
+    monkeypatch.delenv(STAGE_TAG_ENV)
+    with _pipeline_tag():
+        assert stage_tag("abc") not in TagsContext.get().current_tags
