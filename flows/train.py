@@ -67,6 +67,7 @@ def _no_retry_on_bad_input(task, task_run, state) -> bool:
 
 
 _TASK = dict(cache_policy=NO_CACHE, persist_result=False)
+SQL_POOL_LOGGER = "sqlalchemy.pool.impl.QueuePool"  # MLflow's SQL store's connection pool
 
 
 @task(name="sample", retries=1, retry_condition_fn=_no_retry_on_bad_input, **_TASK)
@@ -130,6 +131,9 @@ def train_flow(params_path: str = "params.yaml", rounds: int | None = None, over
     from stages.loop.lock import deployment_wait_s, in_deployment, locked_outputs, run_lock
 
     quiet_bad_input_tracebacks()
+    # several ranks: the launcher's SIGTERM (another rank failed) can land inside MLflow's sqlite store, whose pool
+    # then logs "Error closing cursor" with the whole chain; once another rank has reported, that is its echo
+    quiet_bad_input_tracebacks(SQL_POOL_LOGGER)
     early = load_params(params_path, overrides)  # a bad file fails now, not after waiting for the lock
     if in_deployment():
         check_not_params_yaml_s_outputs(params_path, overrides, early)

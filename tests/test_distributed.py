@@ -387,3 +387,25 @@ def test_ctrl_c_with_several_ranks_is_one_line_and_the_run_resumes(tmp_path, tin
     resumed = run([PY, "-m", "flows.train"], proj, env)
     assert "resuming after round 1" in resumed.stdout + resumed.stderr
     assert (proj / "data" / "rounds" / "round=0001" / "manifest.json").exists()
+
+
+def test_a_rank_s_echo_of_another_rank_s_failure_in_the_sql_pool_is_not_logged(tmp_path, monkeypatch):
+    """The launcher's SIGTERM (another rank failed) landing inside MLflow's sqlite store made its pool log "Error
+    closing cursor" with a three-part traceback beside the one `error:` line; once another rank has reported, the
+    pool's error records are dropped, and kept otherwise."""
+    import logging
+
+    from conftest import LogRecords
+
+    from flows.train import SQL_POOL_LOGGER
+    from stages.errors import RANK_REPORTS_ENV, quiet_bad_input_tracebacks
+
+    monkeypatch.setenv(RANK_REPORTS_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    quiet_bad_input_tracebacks(SQL_POOL_LOGGER)
+    seen = LogRecords()
+    with seen.on(SQL_POOL_LOGGER):
+        logging.getLogger(SQL_POOL_LOGGER).error("Error closing cursor (alone)")
+        (tmp_path / "rank-1.json").write_text('{"kind": "error", "message": "reward `r1` gave NaN"}')
+        logging.getLogger(SQL_POOL_LOGGER).error("Error closing cursor (after rank 1)")
+    assert seen.lines == ["Error closing cursor (alone)"]
