@@ -158,8 +158,9 @@ def check_not_params_yaml_s_outputs(params_path: str, overrides: dict | None, pa
         return
     try:
         ours = load_params(main)
-    except PipelineError:
-        return  # params.yaml's own error is for its own runs to report
+    except PipelineError as exc:  # its output dirs unknown: a run in them would archive the scheduled run
+        raise PipelineError(f"{main}: does not load ({str(exc)[:300]}), so whether {params_path} would train in its "
+                            f"output dirs cannot be told; fix {main} first") from exc
     if ours.identity() == params.identity():
         return
     names = ("train.rounds_dir", "train.checkpoint_dir", "train.state_dir")
@@ -570,6 +571,24 @@ def preload_flow_modules(params: Params, open_store: bool = True) -> None:
                             "deleted") from exc
 
 
+def timeout_line(told: dict[int, dict], nproc: int) -> str | None:
+    """The launcher's line when ranks reported a collective that timed out (`bad_input_exits`: gloo's "Timed out
+    waiting ...ms"), else None. The ranks that reported waited; one of the others never came to the collective (hung,
+    or slower there). Which one is known only where a single rank did not report: a rank that waited but was stopped
+    by the launcher before it could report looks the same as the late one."""
+    waited = sorted(rank for rank, r in told.items() if r["kind"] == "timeout")
+    if not waited:
+        return None
+    rest = sorted(set(range(nproc)) - set(waited))
+    late = (f"rank {rest[0]} never came to it" if len(rest) == 1 else
+            f"one of ranks {', '.join(map(str, rest))} never came to it (those that did not report waiting)")
+    return (f"error: rank{'s' if len(waited) > 1 else ''} {', '.join(map(str, waited))} waited train.dist_timeout_s "
+            f"for the other ranks in a collective and gave up ({told[waited[0]]['message'][:200]}); {late} (busy or "
+            "hung in a step of its own, e.g. a reward function: `py-spy dump --pid <pid>` on a hung rank shows where): "
+            "raise train.dist_timeout_s if that step is only slow there. The ranks were stopped; what was complete is "
+            "kept: run the command again to continue")
+
+
 def _torchrun(nproc: int, argv: list[str]) -> int:
     """`python -m flows.train` with train.nproc_per_node > 1: the same command over `nproc` ranks on this node, launched
     by torchrun's own launcher in this process (docs/design.md §8). The ranks leave a bad-input message or a Ctrl-C
@@ -632,15 +651,9 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         print(f"stopped by {signalled.name}: the ranks were stopped with it. What was complete is kept: run the "
               "command again to continue", file=sys.stderr)
         return 128 + int(signalled)
-    waited = sorted(rank for rank, r in told.items() if r["kind"] == "timeout")
-    if waited:  # a rank that never came to a collective (hung, or slower there) is the one the others waited for
-        late = sorted(set(range(nproc)) - set(waited))  # (a late rank stopped by the launcher may report "peer")
-        print(f"error: rank{'s' if len(waited) > 1 else ''} {', '.join(map(str, waited))} waited train.dist_timeout_s "
-              f"for the other ranks in a collective and gave up ({told[waited[0]]['message'][:200]}); "
-              f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late)) or '?'} never came to it (busy or hung "
-              "in a step of its own, e.g. a reward function: `py-spy dump --pid <pid>` on a hung rank shows where): "
-              "raise train.dist_timeout_s if that step is only slow there. The ranks were stopped; what was complete "
-              "is kept: run the command again to continue", file=sys.stderr)
+    line = timeout_line(told, nproc)
+    if line:
+        print(line, file=sys.stderr)
         return 1
     # the rank that failed first: killed by a signal of its own, then one that exited (perhaps its peer's victim),
     # last the ranks the launcher stopped itself (SIGTERM) or whose collective broke after another's report (peers)

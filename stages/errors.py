@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -122,12 +123,12 @@ def bad_input_exits() -> Iterator[None]:
             print(INTERRUPTED, file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:
+        timeout = dist_timeout(exc)  # first: every rank that waited says so, whichever reported first
+        if timeout is not None and _report_to_launcher("timeout", str(timeout).strip()[:300]):
+            sys.exit(1)  # the launcher's line names the ranks that waited (rank 0's traceback is above, from Prefect)
         if peer_reported():  # a rank whose collective broke because another rank stopped: that rank's line says why
             _report_to_launcher("peer", "")
             sys.exit(1)
-        timeout = dist_timeout(exc)
-        if timeout is not None and _report_to_launcher("timeout", str(timeout).strip()[:300]):
-            sys.exit(1)  # the launcher's line names the ranks that did not come (its traceback is above, from Prefect)
         full = disk_full_message(exc) or not_writable_message(exc)
         if full is None:
             raise
@@ -191,22 +192,35 @@ def disk_full_message(exc: BaseException, path: str | Path | None = None) -> str
     return f"disk full{f' writing {where}' if where else ''}: {text}{free}; what was complete is kept: {FREE_SPACE}"
 
 
-# what torch.distributed's backends raise (a RuntimeError) when a collective gives up waiting for a peer
-# (train.dist_timeout_s): gloo's "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv
-# operation to complete", NCCL's watchdog
-_DIST_TIMEOUT_TEXTS = ("Timed out waiting", "Watchdog caught collective operation timeout")
+# what gloo raises (a RuntimeError) when a collective gives up waiting for a peer (train.dist_timeout_s):
+# "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation to complete"; NCCL's
+# watchdog aborts the process instead (torch's default TORCH_NCCL_ASYNC_ERROR_HANDLING), which the launcher reports
+# as a rank killed by SIGABRT
+_DIST_TIMEOUT = re.compile(r"gloo.*Timed out waiting \d+ms for (send|recv) operation", re.S)
 # ... and when the peer is gone: a retry of the step cannot mend a broken group
-_DIST_BROKEN_TEXTS = _DIST_TIMEOUT_TEXTS + ("Connection closed by peer", "Connection reset by peer")
+_DIST_BROKEN = re.compile(r"gloo.*Connection (closed|reset) by peer", re.S)
+
+
+def _dist_on() -> bool:
+    """This process is in a torch.distributed group (several ranks)."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        return bool(dist and dist.is_available() and dist.is_initialized())
+    except Exception:
+        return False
 
 
 def dist_timeout(exc: BaseException | None) -> BaseException | None:
-    """The exception in `exc`'s chain of a collective that timed out waiting for another rank, else None."""
-    return _in_chain(exc, lambda e: any(t in str(e) for t in _DIST_TIMEOUT_TEXTS))
+    """The exception in `exc`'s chain of a gloo collective that timed out waiting for another rank, else None (and
+    None outside a process group: another library's "timed out waiting" is not one)."""
+    return _in_chain(exc, lambda e: bool(_DIST_TIMEOUT.search(str(e)))) if _dist_on() else None
 
 
 def dist_broken(exc: BaseException | None) -> BaseException | None:
-    """The exception in `exc`'s chain of a collective that timed out or whose peer is gone, else None."""
-    return _in_chain(exc, lambda e: any(t in str(e) for t in _DIST_BROKEN_TEXTS))
+    """The exception in `exc`'s chain of a gloo collective that timed out or whose peer is gone, else None."""
+    if not _dist_on():
+        return None
+    return _in_chain(exc, lambda e: bool(_DIST_TIMEOUT.search(str(e)) or _DIST_BROKEN.search(str(e))))
 
 
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)

@@ -298,20 +298,24 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
     except Exception as exc:
         from stages.errors import queued_checkout
 
-        # the module itself missing (or a package on its path), not a package it imports, which no `git add` brings
+        # the module itself missing (or a package on its path, or a module of the checkout it imports: a queued
+        # experiment's copy lacks what git does not track), not an installed package it imports
         parts = module_name.split(".")
-        missing = isinstance(exc, ModuleNotFoundError) and exc.name in {".".join(parts[:i + 1]) for i in range(len(parts))}
-        if not missing:  # found, and it raised while being imported: its own line, and what it lacks
+        home = queued_checkout()
+        top = (exc.name or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+        ours = bool(top) and (top == parts[0] or any((d / f"{top}.py").is_file() or (d / top).is_dir()
+                                                     for d in (Path.cwd(), home) if d is not None))
+        if not ours:  # found, and it raised while being imported: its own line, and what it lacks
             fix = (f"install `{exc.name.split('.')[0]}` in this environment (pip install ...), or remove that import"
                    if isinstance(exc, ModuleNotFoundError) and exc.name else "fix the module")
             raise PipelineError(f"reward `{spec.name}`: module `{module_name}` of '{target}' raised while it was "
                                 f"imported: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
                                 f"{_raised_at(exc)}; {fix}") from exc
-        queued = exc.name == parts[0] and queued_checkout() is not None
+        what = "the module" if top == parts[0] else f"the module and `{top}`, which it imports,"
         raise PipelineError(
             f"reward `{spec.name}`: cannot import module `{module_name}` of '{target}' ({type(exc).__name__}: {exc}); "
-            + ("this is a queued DVC experiment, which runs in a copy of the git-tracked files only: `git add` the "
-               "module (and commit it) before queuing" if queued else
+            + (f"this is a queued DVC experiment, which runs in a copy of the git-tracked files only: `git add` {what} "
+               "(and commit it) before queuing" if home is not None else
                "make it importable from the repo root (a .py file or package there, or on PYTHONPATH)")
         ) from exc
     fn = getattr(module, attr, None)

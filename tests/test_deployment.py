@@ -170,6 +170,21 @@ def test_the_scheduled_pipeline(tmp_path, tiny_model_dir, prefect_server):
     assert scheduled > 0
     print(f"no-op run: {seconds:.1f} s")
 
+    # 6. another configuration: the old run is moved to the archive, which the training stage logs in Prefect's console
+    # format (it imports Prefect before its logging setup): that line reaches the pipeline run's own log
+    data = yaml.safe_load(good)
+    data["sample"]["temperature"] = 0.9
+    (proj / "params.yaml").write_text(yaml.safe_dump(data))
+    info, _ = run_deployment(proj, env)
+    logs = run([prefect, "flow-run", "logs", info["id"]], proj, env).stdout
+    assert "train: the configuration changed: the previous run (" in logs, logs[-4000:]
+    assert len(list((proj / "data" / "archive").iterdir())) == 1
+    # its training stage's own flow run carries the pipeline run's tag (a kill -9 of the stage: the pipeline marks
+    # that run Crashed, pipeline.crash_stage_runs)
+    trains = json.loads(run([prefect, "flow-run", "ls", "--flow-name", "rloo-train", "--limit", "3", "--output", "json"],
+                            proj, env).stdout)
+    assert any(f"rloo-pipeline:{info['id']}" in t.get("tags", []) for t in trains), trains
+
 
 def test_a_pipeline_run_with_nothing_changed_is_a_no_op(tmp_path, tiny_model_dir):
     """The no-op decision itself, without a server: `python -m flows.pipeline` on an up-to-date project runs no stage."""

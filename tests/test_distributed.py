@@ -409,3 +409,49 @@ def test_a_rank_s_echo_of_another_rank_s_failure_in_the_sql_pool_is_not_logged(t
         (tmp_path / "rank-1.json").write_text('{"kind": "error", "message": "reward `r1` gave NaN"}')
         logging.getLogger(SQL_POOL_LOGGER).error("Error closing cursor (after rank 1)")
     assert seen.lines == ["Error closing cursor (alone)"]
+
+
+def test_the_launcher_names_the_ranks_that_waited_and_the_one_that_never_came():
+    """Ranks that timed out in a collective report it; with one rank left it is the late one, with several the line
+    says one of them is (a waiting rank stopped by the launcher before it reported looks the same)."""
+    from flows.train import timeout_line
+
+    gloo = "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv operation to complete"
+    assert timeout_line({1: {"kind": "error", "message": "x"}}, 2) is None
+    two = timeout_line({0: {"kind": "timeout", "message": gloo}}, 2)
+    assert two.startswith(f"error: rank 0 waited train.dist_timeout_s for the other ranks in a collective and gave up "
+                          f"({gloo}); rank 1 never came to it (busy or hung")
+    eight = timeout_line({r: {"kind": "timeout", "message": gloo} for r in range(8) if r != 5}, 8)
+    assert eight.startswith("error: ranks 0, 1, 2, 3, 4, 6, 7 waited") and "; rank 5 never came to it" in eight
+    three = timeout_line({0: {"kind": "timeout", "message": gloo}, 1: {"kind": "peer", "message": ""}}, 3)
+    assert "; one of ranks 1, 2 never came to it (those that did not report waiting)" in three
+
+
+def test_only_a_gloo_collective_in_a_process_group_counts_as_timed_out_or_broken(monkeypatch):
+    """vLLM's "Timed out waiting for engine core processes to start", an HTTP "Connection reset by peer": not a
+    collective; they keep their traceback and their retry. A broken pipe (the pipeline that read this process is
+    gone) is not retried either."""
+    import types
+
+    from flows.train import _no_retry_on_bad_input
+    from stages import errors
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 20000ms for send "
+                        "operation to complete")
+    closed = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]")
+    other = RuntimeError("Timed out waiting for engine core processes to start")
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert errors.dist_timeout(gloo) is None  # no process group here
+    monkeypatch.setattr(errors, "_dist_on", lambda: True)
+    assert errors.dist_timeout(gloo) is gloo and errors.dist_timeout(closed) is None
+    assert errors.dist_broken(closed) is closed and errors.dist_broken(gloo) is gloo
+    assert errors.dist_timeout(other) is None and errors.dist_broken(other) is None and errors.dist_broken(reset) is None
+
+    def state(exc):
+        def result():
+            raise exc
+        return types.SimpleNamespace(result=result)
+
+    retried = {name: _no_retry_on_bad_input(None, None, state(exc)) for name, exc in
+               [("gloo", gloo), ("closed", closed), ("other", other), ("reset", reset), ("pipe", BrokenPipeError(32, "x"))]}
+    assert retried == {"gloo": False, "closed": False, "other": True, "reset": True, "pipe": False}

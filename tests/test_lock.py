@@ -70,10 +70,15 @@ def test_the_output_locks_are_where_rloo_lock_dir_says(tmp_path, monkeypatch):
     they are in /tmp/rloo-locks, one per dir, named by a hash of its resolved path."""
     from stages.loop.lock import output_lock_path
 
+    (tmp_path / "locks").mkdir(mode=0o700)
+    monkeypatch.setenv("RLOO_LOCK_DIR", "locks")  # relative: two processes in other working dirs would not meet
+    with pytest.raises(PipelineError, match=r"^RLOO_LOCK_DIR: must be an absolute path \(got locks\)"):
+        output_lock_path(tmp_path / "rounds")
     monkeypatch.setenv("RLOO_LOCK_DIR", str(tmp_path / "locks"))
     with run_lock("run", tmp_path / "run.lock", outputs=(tmp_path / "rounds",)):
         pass
     assert [p.name for p in (tmp_path / "locks").iterdir()] == [output_lock_path(tmp_path / "rounds").name]
+    assert (tmp_path / "locks").stat().st_mode & 0o7777 == 0o700  # a dir of the user's is not made world-writable
     assert output_lock_path(tmp_path / "x" / ".." / "rounds") == output_lock_path(tmp_path / "rounds")
     monkeypatch.delenv("RLOO_LOCK_DIR")
     assert output_lock_path(tmp_path / "rounds").parent == Path("/tmp/rloo-locks")

@@ -317,6 +317,13 @@ def test_a_queued_dvc_experiment_is_told_to_git_add_its_reward_module(tmp_path, 
                               "ModuleNotFoundError: No module named 'not_installed_pkg' (at needs_a_package.py:1 in "
                               "<module>); install `not_installed_pkg` in this environment (pip install ...), or remove "
                               "that import")
+    # a module of the checkout's that the reward module imports, not added to git: in the checkout, not in the copy
+    (tmp_path / "reward_utils_t.py").write_text("X = 1\n")
+    (copy / "uses_a_helper.py").write_text("import reward_utils_t\n\ndef f(completions, **kw):\n    return []\n")
+    with pytest.raises(PipelineError) as exc:
+        build_reward(RewardSpec(name="u", function="uses_a_helper:f"))
+    assert str(exc.value).endswith("only: `git add` the module and `reward_utils_t`, which it imports, (and commit it) "
+                                   "before queuing"), str(exc.value)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match="make it importable from the repo root"):
         build_reward(RewardSpec(name="u", function="not_added_mod:f"))

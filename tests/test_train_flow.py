@@ -143,8 +143,8 @@ def test_a_training_stage_stops_when_the_pipeline_that_passed_it_the_lock_is_kil
 def test_a_deployment_run_of_another_configuration_in_params_yaml_s_dirs_is_refused(tmp_path, monkeypatch):
     """`train-now` (or a served flow) with another params file or overrides, in params.yaml's output dirs, would move
     the scheduled pipeline's run to the archive (and the next nightly would start its own over from round 0): a
-    deployment's run is refused in one line naming the shared dirs. The same configuration, other output dirs, or a
-    run at a terminal go on."""
+    deployment's run is refused in one line naming the shared dirs (and while params.yaml does not load). The same
+    configuration or other output dirs go on, and a run at a terminal is not checked."""
     import yaml
     from conftest import repo_params_data
 
@@ -174,7 +174,24 @@ def test_a_deployment_run_of_another_configuration_in_params_yaml_s_dirs_is_refu
         check("params.yaml", {"sample.k": 3})
     for ok in ("apart.yaml", "same.yaml", "params.yaml"):
         check(ok)
+    # relative output dirs against absolute ones: the same dirs
+    (tmp_path / "absolute.yaml").write_text(yaml.safe_dump(repo_params_data(
+        sample={"k": 3}, train={"rounds_dir": str(tmp_path / "data" / "rounds")})))
+    with pytest.raises(PipelineError, match=r"in the same output dirs \(train.rounds_dir, train.checkpoint_dir"):
+        check("absolute.yaml")
+    # params.yaml mid-edit (does not load): its dirs are unknown, so the run is refused, not let through
+    good = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(good.replace("sample:", "sample: [", 1))
+    with pytest.raises(PipelineError, match=r"^params.yaml: does not load \(.*\), so whether apart.yaml would train in "
+                                            r"its output dirs cannot be told; fix params.yaml first$"):
+        check("apart.yaml")
+    (tmp_path / "params.yaml").unlink()  # none at all: nothing to protect
+    check("other.yaml")
+    (tmp_path / "params.yaml").write_text(good)
     # the flow: only a deployment's run is checked (Prefect's runtime override stands in for one)
+    from stages.loop.lock import in_deployment
+
+    assert not in_deployment()  # a run at a terminal (`python -m flows.train --params other.yaml`) is not
     monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "3f2a6c1e-0000-4000-8000-000000000000")
     with pytest.raises(PipelineError, match=r"^params_path: other.yaml is another configuration"):
         train.train_flow.fn(params_path="other.yaml")

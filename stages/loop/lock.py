@@ -211,7 +211,11 @@ def output_lock_path(d: str | Path) -> Path:
 
     key = hashlib.sha256(str(Path(d).resolve()).encode()).hexdigest()[:16]
     if os.environ.get(LOCK_DIR_ENV):  # every process that should meet another's lock must see the same value
-        return Path(os.environ[LOCK_DIR_ENV]) / f"{key}.lock"
+        where = Path(os.environ[LOCK_DIR_ENV])
+        if not where.is_absolute():  # relative, two processes in other working dirs would not meet
+            raise PipelineError(f"{LOCK_DIR_ENV}: must be an absolute path (got {where}); set it to one, or unset it "
+                                "for /tmp/rloo-locks")
+        return where / f"{key}.lock"
     # /tmp itself, not $TMPDIR: a shell's and a worker's TMPDIR differ (macOS per-user dirs, SLURM jobs), and the
     # locks would not meet
     return (Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())) / "rloo-locks" / f"{key}.lock"
@@ -225,8 +229,9 @@ def _lock_outputs(outputs, deadline: float, info: dict) -> list[int]:
         for d in dict.fromkeys(str(Path(o).resolve()) for o in outputs):
             lp = output_lock_path(d)
             lp.parent.mkdir(mode=0o777, parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):
-                lp.parent.chmod(0o1777)  # every user's runs meet here (sticky, as /tmp)
+            if not os.environ.get(LOCK_DIR_ENV):  # a dir the user named keeps the mode they gave it
+                with contextlib.suppress(OSError):
+                    lp.parent.chmod(0o1777)  # every user's runs meet here (sticky, as /tmp)
             try:
                 fd, writable = os.open(lp, os.O_RDWR | os.O_CREAT, 0o666), True
                 with contextlib.suppress(OSError):
