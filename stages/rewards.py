@@ -442,7 +442,7 @@ class ModelReward:
         except Exception as exc:
             from stages.models import _first_line
 
-            raise PipelineError(f"reward `{name}`: cannot load {path} ({_first_line(exc)}); {fix}") from None
+            raise PipelineError(f"reward `{name}`: cannot load {path} ({_first_line(exc)}); {RM_FIX}") from None
         # The head reads the last non-pad token; without a pad id it refuses batches > 1.
         model.config.pad_token_id = tok.pad_token_id
         model.config.get_text_config().pad_token_id = tok.pad_token_id
@@ -506,11 +506,14 @@ def build_reward(spec: RewardSpec, device: Any = "cpu", batch_size: int = 16) ->
     return Reward(spec.name, spec.weight, fn, source)
 
 
+RM_FIX = "point `model` at a local transformers ...ForSequenceClassification directory with one output"
+
+
 def check_reward_model(name: str, path: str, template: str = "concat", label_index: int | None = None,
                        dtype: str = "float32", max_length: int = 512) -> None:
     """What a reward model's dir and kwargs must be, read from its config.json alone (no weights loaded): for the
     score stage before it loads the model, and for `python -m stages.params`."""
-    fix = "point `model` at a local transformers ...ForSequenceClassification directory with one output"
+    fix = RM_FIX
     if not Path(path).is_dir():
         raise PipelineError(f"reward `{name}`: model directory {path} does not exist; {fix}")
     if template not in ("concat", "chat"):

@@ -231,6 +231,14 @@ def test_causal_lm_rejected(tmp_path):
         build_reward(RewardSpec(name="rm", model=str(path)))
 
 
+def test_a_reward_model_whose_weights_do_not_load_is_one_line(tmp_path):
+    path = _save_model(tmp_path / "rm")
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PipelineError, match=r"^reward `rm`: cannot load .*rm \(.*\); point `model` at a local "
+                                            r"transformers ...ForSequenceClassification directory with one output$"):
+        build_reward(RewardSpec(name="rm", model=str(path)))
+
+
 def test_missing_model_dir_rejected(tmp_path):
     with pytest.raises(PipelineError, match=r"reward `rm`: model directory .*nowhere does not exist; point `model` at"):
         build_reward(RewardSpec(name="rm", model=str(tmp_path / "nowhere")))
