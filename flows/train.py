@@ -61,8 +61,6 @@ def _no_retry_on_bad_input(task, task_run, state) -> bool:
         from stages.errors import dist_broken
 
         return dist_broken(exc) is None  # a collective that timed out, or whose peer is gone: the group is broken
-    except Exception:
-        return True
     return True
 
 
