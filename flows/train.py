@@ -152,8 +152,8 @@ def check_not_params_yaml_s_outputs(params_path: str, overrides: dict | None, pa
     from stages.loop.lock import locked_outputs
 
     main = Path(main)
-    if not main.is_file():
-        return
+    if not main.is_file() or (not overrides and Path(params_path).resolve() == main.resolve()):
+        return  # no params.yaml, or params.yaml itself: the same configuration by construction
     try:
         ours = load_params(main)
     except PipelineError as exc:  # its output dirs unknown: a run in them would archive the scheduled run

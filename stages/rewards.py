@@ -306,8 +306,8 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
         ours = bool(top) and (top == parts[0] or any((d / f"{top}.py").is_file() or (d / top).is_dir()
                                                      for d in (Path.cwd(), home) if d is not None))
         if not ours:  # found, and it raised while being imported: its own line, and what it lacks
-            fix = (f"install `{exc.name.split('.')[0]}` in this environment (pip install ...), or remove that import"
-                   if isinstance(exc, ModuleNotFoundError) and exc.name else "fix the module")
+            fix = (f"install `{top}` in this environment (pip install ...), or remove that import" if top
+                   else "fix the module")
             raise PipelineError(f"reward `{spec.name}`: module `{module_name}` of '{target}' raised while it was "
                                 f"imported: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
                                 f"{_raised_at(exc)}; {fix}") from exc
@@ -513,9 +513,8 @@ def check_reward_model(name: str, path: str, template: str = "concat", label_ind
                        dtype: str = "float32", max_length: int = 512) -> None:
     """What a reward model's dir and kwargs must be, read from its config.json alone (no weights loaded): for the
     score stage before it loads the model, and for `python -m stages.params`."""
-    fix = RM_FIX
     if not Path(path).is_dir():
-        raise PipelineError(f"reward `{name}`: model directory {path} does not exist; {fix}")
+        raise PipelineError(f"reward `{name}`: model directory {path} does not exist; {RM_FIX}")
     if template not in ("concat", "chat"):
         raise PipelineError(f"reward `{name}`: kwargs.template must be 'concat' or 'chat' (got {template!r})")
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -526,7 +525,7 @@ def check_reward_model(name: str, path: str, template: str = "concat", label_ind
     archs = getattr(config, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         what = f"a {archs[0]}" if archs else "a model without `architectures` in config.json"
-        raise PipelineError(f"reward `{name}`: {path} is {what}, not a sequence classifier; {fix}")
+        raise PipelineError(f"reward `{name}`: {path} is {what}, not a sequence classifier; {RM_FIX}")
     num_labels = config.num_labels
     if label_index is None and num_labels != 1:
         raise PipelineError(

@@ -174,6 +174,12 @@ def test_a_deployment_run_of_another_configuration_in_params_yaml_s_dirs_is_refu
         check("params.yaml", {"sample.k": 3})
     for ok in ("apart.yaml", "same.yaml", "params.yaml"):
         check(ok)
+    # params.yaml itself, no overrides: the same configuration by construction, not read a second time
+    loaded = load_params("params.yaml")
+    with monkeypatch.context() as m:
+        m.setattr(train, "load_params", lambda *a, **k: pytest.fail(f"params.yaml read again: {a}"))
+        train.check_not_params_yaml_s_outputs("params.yaml", None, loaded)
+        train.check_not_params_yaml_s_outputs(str(tmp_path / "params.yaml"), {}, loaded)
     # relative output dirs against absolute ones: the same dirs
     (tmp_path / "absolute.yaml").write_text(yaml.safe_dump(repo_params_data(
         sample={"k": 3}, train={"rounds_dir": str(tmp_path / "data" / "rounds")})))
