@@ -9,8 +9,11 @@ baselines reinforce, batch_mean, moving_average, ema, plus grpo), each documente
 implemented twice and kept equal: in polars (`loo_baseline` / `rloo_polars`, what the stage writes, through the
 table's `rloo` entry) and in torch (`rloo_torch` / `rloo_torch_grouped`); the tests hold them equal to a loop.
 Groups may have unequal sizes (rows dropped as invalid upstream): each uses its own n.
-`normalize_advantages` whitens over the batch afterwards: `(A - mean(A)) / (std(A) + 1e-8)`, std
-unbiased (TRL); `baseline` is left as is. Every std is two-pass, sqrt(sum((x - mean)^2) / (n - ddof)),
+A row whose `rlhf_reward` is null is unscored (every reward returned None for it): as in TRL 1.16's RLOOTrainer it
+is left out of every baseline, mean and whitening, and gets advantage 0 (its `baseline` null).
+`normalize_advantages` whitens over the batch afterwards: `(A - mean(A)) / (std(A) + 1e-4)`, std
+unbiased, TRL's constant (1e-8 before 2026-12-08 blew float noise of a constant batch up to unit advantages);
+`baseline` is left as is. Every std is two-pass, sqrt(sum((x - mean)^2) / (n - ddof)),
 never E[x^2] - mean^2 (catastrophic cancellation when |mean| >> std).
 
 State: `moving_average` and `ema` carry a small JSON-able dict from round to round (`round_sums`,
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 KEYS = ["prompt_id", "sample_idx"]
 REWARD = "rlhf_reward"
 INPUT: dict[str, Any] = {"prompt_id": pl.String, "sample_idx": pl.Int32, REWARD: pl.Float64}
-WHITEN_EPS = 1e-8
+WHITEN_EPS = 1e-4  # TRL 1.16's
 
 
 # ---------------------------------------------------------------- leave-one-out, twice (pure)
@@ -139,18 +142,22 @@ def validate_scores(df: pl.DataFrame, estimator: str, source: str = "scores",
     null_key = keys.filter(pl.any_horizontal(pl.all().is_null()))
     if null_key.height:
         raise PipelineError(f"{source}: null key in row {null_key.row(0)}; every row needs prompt_id and sample_idx")
-    bad = df.filter(~pl.col(REWARD).is_finite().fill_null(False))
+    bad = df.filter(~pl.col(REWARD).is_finite().fill_null(True))  # null: unscored, not bad
     if bad.height:
         pid, idx, val = bad.select(*KEYS, REWARD).row(0)
         raise PipelineError(
             f"{source}: column `{REWARD}` is {val} at prompt_id={pid!r} sample_idx={idx} "
-            f"({bad.height} row(s) null/NaN/inf); fix the rewards or set score.on_invalid: drop"
+            f"({bad.height} row(s) NaN/inf); fix the rewards or set score.on_invalid: drop"
         )
-    sizes = df.group_by("prompt_id").agg(n=pl.len(), u=pl.col("sample_idx").n_unique())
+    sizes = df.group_by("prompt_id").agg(n=pl.len(), u=pl.col("sample_idx").n_unique(), scored=pl.col(REWARD).count())
     if (sizes["u"] < sizes["n"]).any():
         pid, idx = keys.filter(keys.is_duplicated()).row(0)  # the slow, exact search only on the error path
         raise PipelineError(f"{source}: duplicate (prompt_id, sample_idx) = ({pid!r}, {idx}); keys must be unique")
-    if estimator in GROUP_ESTIMATORS and sizes.height == df.height and not singletons_ok:
+    if not sizes["scored"].sum():
+        raise PipelineError(f"{source}: `{REWARD}` is null in all {df.height} rows (every reward returned None for "
+                            "every completion): nothing to learn from; make some reward apply to them")
+    sizes = sizes.filter(pl.col("scored") > 0).select("prompt_id", n=pl.col("scored"))  # the baselines' groups
+    if estimator in GROUP_ESTIMATORS and (sizes["n"] == 1).all() and not singletons_ok:
         raise PipelineError(
             f"{source}: every prompt has one completion (k < 2 for {estimator}, or the others dropped by "
             f"score.on_invalid: drop): the group baseline is undefined; sample k >= 2 per prompt or pick "
@@ -169,7 +176,10 @@ def compute_advantages(
     sizes = validate_scores(df, est, source, singletons_ok)
     state = check_state(state)
     digest = [DIGEST] if DIGEST in df.columns else []  # carried for the update's check (stages/schemas.py)
-    df = df.select(*KEYS, pl.col(REWARD).cast(pl.Float64), *digest)
+    df = df.select(*KEYS, pl.col(REWARD).cast(pl.Float64), *digest).with_row_index("_row")
+    unscored = df.filter(pl.col(REWARD).is_null())  # TRL 1.16: in no baseline, advantage 0
+    if unscored.height:
+        df = df.filter(pl.col(REWARD).is_not_null())
     r, g = pl.col(REWARD), "prompt_id"
 
     round_sum, rows = float(df[REWARD].sum()), df.height
@@ -192,7 +202,7 @@ def compute_advantages(
     if params.normalize_advantages:
         a = pl.col("advantage")
         lf = lf.with_columns(advantage=(a - a.mean()) / (_std(a) + WHITEN_EPS))
-    out = lf.with_columns(estimator=pl.lit(est)).select(*ADVANTAGES, *digest).collect()
+    out = lf.with_columns(estimator=pl.lit(est)).select("_row", *ADVANTAGES, *digest).collect()
 
     stats = out.select(
         advantage_mean=pl.col("advantage").mean(),
@@ -207,8 +217,13 @@ def compute_advantages(
         "groups": sizes.height,
         "singleton_groups": int((sizes["n"] == 1).sum()),
         "normalized": params.normalize_advantages,
+        "unscored": unscored.height,
     }
-    return out, nxt, stats
+    if unscored.height:  # back in the input's order
+        out = pl.concat([out, unscored.select(
+            "_row", *KEYS, REWARD, baseline=pl.lit(None, pl.Float64), advantage=pl.lit(0.0), estimator=pl.lit(est),
+            *digest)]).sort("_row")
+    return out.drop("_row"), nxt, stats
 
 
 # ---------------------------------------------------------------- CLI

@@ -71,7 +71,8 @@ def generate_one(sampler, tokenizer, prompts: pl.DataFrame, params, seed: int, p
 
 def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame, on_invalid: str = "error") -> np.ndarray:
     """The task reward of each held-out completion. A reward's NaN/inf is handled as `score.on_invalid` says, as in
-    training: `error` stops with the row; `drop` leaves the score NaN, and `eval_metrics` leaves such prompts out."""
+    training: `error` stops with the row; `drop` leaves the score NaN, and `eval_metrics` leaves such prompts out.
+    A completion that every reward returned None for is NaN too (unscored, `combine`), so its prompt is left out."""
     from stages.rewards import combine, compute_rewards, invalid_rows
     from stages.score import reward_inputs
 
@@ -80,7 +81,12 @@ def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame, on_invalid: st
     comps = compute_rewards(rewards, texts, df["completion"].to_list(), keys, **columns)  # TRL's extras at step 0
     invalid_rows(comps, keys, on_invalid, "held-out prompt_id={pid} in the evaluation",
                  "leave such prompts out of the metrics")  # `drop`: combine's NaN marks them
-    return combine(comps, {r.name: r.weight for r in rewards})
+    scores = combine(comps, {r.name: r.weight for r in rewards})
+    unscored = int(np.logical_and.reduce([np.ma.getmaskarray(v) for v in comps.values()]).sum())
+    if unscored:
+        log.warning("%d of %d held-out completions got None from every reward: their prompts are left out of the "
+                    "metrics; make some reward apply to them", unscored, df.height)
+    return scores
 
 
 def evaluate_policy(
@@ -179,8 +185,8 @@ def eval_metrics(table: pl.DataFrame) -> dict:
     ok = np.isfinite(pol) & np.isfinite(ref)
     if not ok.all():
         if not ok.any():
-            raise PipelineError(f"every one of the {table.height} held-out prompts has a NaN/inf reward for the policy "
-                                "or the reference: no metric to report; fix the reward")
+            raise PipelineError(f"every one of the {table.height} held-out prompts has a NaN/inf reward, or none, for "
+                                "the policy or the reference: no metric to report; fix the reward")
         return eval_metrics(table.filter(pl.Series(ok))) | {"dropped": int((~ok).sum())}
     d2, ref_d2 = distinct_n(table["completion"].to_list()), distinct_n(table["ref_completion"].fill_null("").to_list())
     return {

@@ -96,7 +96,8 @@ def build_data(rounds_dir: str | Path, eval_dir: str | Path, eval_metrics: str |
     last, last_dir = manifests[-1], round_dir(rounds_dir, manifests[-1]["round"])
     adv = read_table(last_dir / "advantages.parquet", ADVANTAGES)
     samples = read_table(last_dir / "samples.parquet", SAMPLES).select(*KEYS, "prompt_text", "completion")
-    joined = samples.join(adv.select(*KEYS, "advantage", "rlhf_reward"), on=list(KEYS))
+    joined = samples.join(adv.select(*KEYS, "advantage", "rlhf_reward"), on=list(KEYS)).filter(
+        pl.col("rlhf_reward").is_not_null())  # an unscored completion (no reward applied) is neither best nor worst
     spread = (joined.group_by("prompt_id").agg(s=pl.col("advantage").max() - pl.col("advantage").min())
               .sort(["s", "prompt_id"], descending=[True, False]).head(n_examples))
     examples = []
@@ -227,7 +228,7 @@ def _blocks(data: dict, plots) -> list[tuple]:
                 ("win rate", "win_rate", None, ".3f"), ("reward gain", "reward_gain", None, "+.4f"),
                 ("KL to reference", "kl", None, ".4f"), ("prompts", "prompts", "prompts", "")]
         if ev.get("dropped"):  # score.on_invalid: drop
-            spec.append(("prompts left out (NaN/inf reward)", "dropped", None, ""))
+            spec.append(("prompts left out (NaN/inf or no reward)", "dropped", None, ""))
         table = [[n, _fmt(ev.get(p), f), _fmt(ev.get(r), f) if r else "–"] for n, p, r, f in spec]
         for name, key in (("win rate, 95 % CI", "win_rate"), ("reward gain, 95 % CI", "reward_gain")):
             if ev.get(f"{key}_ci95_low") is not None:

@@ -658,7 +658,9 @@ def compute_rewards(rewards: Sequence[Reward], prompts: list[str], completions: 
 
 def combine(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
     """The task reward: score = sum_i w_i * r_i over the components; a component that returned None for a row is left
-    out of that row's sum (TRL); NaN in any component stays NaN."""
+    out of that row's sum (TRL); NaN in any component stays NaN. A row that every component returned None for is
+    NaN too: unscorable, as TRL 1.16's RLOOTrainer has it (the score stage writes it null, left out of its prompt's
+    baseline with advantage 0; the evaluation leaves its prompt out), not a reward of 0 that no reward gave."""
     if not components:
         raise ValueError("combine: no reward components")
     if set(components) != set(weights):
@@ -666,4 +668,5 @@ def combine(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) 
     total = np.zeros(len(next(iter(components.values()))), dtype=np.float64)
     for n, r in components.items():
         total += weights[n] * np.ma.filled(np.ma.asarray(r, dtype=np.float64), 0.0)
+    total[np.logical_and.reduce([np.ma.getmaskarray(r) for r in components.values()])] = np.nan
     return total

@@ -141,11 +141,12 @@ def score_samples(
 
     valid = ~invalid_rows(components, keys, score_params.on_invalid, "prompt_id={pid} sample_idx={idx}",
                           "exclude such rows")
-    score = combine(components, {r.name: r.weight for r in rewards})
-    unscored = int(np.logical_and.reduce([np.ma.getmaskarray(v) for v in components.values()]).sum())
-    if unscored:  # TRL warns the same: a score of 0 that no reward gave
-        log.warning("%d of %d completions got None from every reward: their score is 0; make some reward apply to them",
-                    unscored, samples.height)
+    score = combine(components, {r.name: r.weight for r in rewards})  # NaN where every reward returned None
+    unscored = np.logical_and.reduce([np.ma.getmaskarray(v) for v in components.values()])
+    if unscored.any():  # TRL 1.16 the same: left out of the baselines, advantage 0 (docs/design.md §2)
+        log.warning("%d of %d completions got None from every reward: unscored (score and rlhf_reward null, left out "
+                    "of their prompt's baseline, advantage 0); make some reward apply to them",
+                    int(unscored.sum()), samples.height)
 
     t1 = time.perf_counter()
     prompt_ids, completion_ids = completion_inputs(samples, tokenizer)
@@ -174,14 +175,14 @@ def score_samples(
     )
     out = samples.select("prompt_id", "sample_idx", "num_tokens", "finish_reason").with_columns(
         sample_digest(samples),
-        pl.Series("score", score),
+        _null_where("score", score, unscored),  # null: no reward applied
         # a component that returned None for a row (does not apply) is null there
         *[pl.Series(f"score/{n}", np.ma.filled(v, np.nan)).fill_nan(None) if np.ma.is_masked(v) else
           pl.Series(f"score/{n}", np.ma.getdata(v)) for n, v in components.items()],
         pl.Series("logp_policy", np.asarray(logp_policy, dtype=np.float64)),
         pl.Series("logp_ref", np.asarray(logp_ref, dtype=np.float64)),
         pl.Series("kl", kl),
-        pl.Series("rlhf_reward", rlhf),
+        _null_where("rlhf_reward", rlhf, unscored),
         *[pl.Series(f"extra/{c}", v, strict=False) for c, v in extras.extra.items()],  # TRL's log_extra
     )
     dropped = int((~valid).sum())
@@ -191,6 +192,12 @@ def score_samples(
     stats = score_stats(out, samples.height, list(components), t_reward, t_logp)
     # TRL's log_metric, under log/<name>: a user's name can never replace one of the round's own metrics
     return out, stats | {f"log/{name}": float(np.mean(v)) for name, v in extras.metrics.items() if v}
+
+
+def _null_where(name: str, values: np.ndarray, mask: np.ndarray) -> pl.Series:
+    """A float column, null where `mask` holds."""
+    col = pl.Series(name, np.asarray(values, dtype=np.float64))
+    return col.zip_with(pl.Series(~mask), pl.Series(name, [None] * len(col), dtype=pl.Float64))
 
 
 def check_not_all_dropped(out: pl.DataFrame, rows_in: int) -> None:
@@ -212,13 +219,15 @@ def optimizer_steps(params, round_index: int, total_rounds: int = 0) -> tuple[in
 
 def score_stats(out: pl.DataFrame, rows_in: int, components: list[str], t_reward: float, t_logp: float) -> dict:
     """A scores table's statistics (TRL's names); from the whole round's table when it was scored over several ranks.
-    Dropped rows (score.on_invalid: drop) are the input rows missing from `out`."""
+    Dropped rows (score.on_invalid: drop) are the input rows missing from `out`; unscored ones (null `score`: no
+    reward applied) are counted and left out of the reward's statistics, as TRL leaves them out."""
     n = out.height
-    score = out["score"].to_numpy() if n else np.array([])
+    score = out["score"].drop_nulls().to_numpy()  # unscored rows (no reward applied) are left out, as TRL does
     return {
-        "reward": float(score.mean()) if n else float("nan"),
-        "reward_std": float(np.std(score, ddof=1)) if n > 1 else 0.0,
-        "rlhf_reward": float(out["rlhf_reward"].mean()) if n else float("nan"),
+        "reward": float(score.mean()) if len(score) else float("nan"),
+        "reward_std": float(np.std(score, ddof=1)) if len(score) > 1 else 0.0,
+        "score/unscored": out["score"].null_count(),
+        "rlhf_reward": float("nan") if (m := out["rlhf_reward"].mean()) is None else float(m),  # None: no rows
         "kl": float(out["kl"].mean()) if n else float("nan"),
         "score/dropped": rows_in - n,
         "time/reward_s": t_reward,
@@ -244,7 +253,7 @@ def _trl_named(out: pl.DataFrame, components: list[str]) -> dict:
         col = out[f"score/{c}"].drop_nulls()
         stats[f"rewards/{c}/mean"] = nan_if_none(col.mean())
         stats[f"rewards/{c}/std"] = nan_if_none(col.std(ddof=1))  # polars: None for fewer than 2 values
-    groups = out.group_by("prompt_id").agg(pl.len().alias("n"), pl.col("rlhf_reward").std(ddof=1).alias("std"))
+    groups = out.group_by("prompt_id").agg(pl.col("rlhf_reward").count().alias("n"), pl.col("rlhf_reward").std(ddof=1).alias("std"))
     groups = groups.filter(pl.col("n") > 1)
     # TRL's torch.isclose(std, 0): |std| <= 1e-8; polars' mean of no groups is None
     stats["frac_reward_zero_std"] = nan_if_none((groups["std"].abs() <= 1e-8).mean())

@@ -4,6 +4,7 @@ logp difference against another reference), the metrics of a table, and the poli
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import numpy as np
@@ -319,5 +320,26 @@ def test_a_nan_reward_in_the_evaluation_follows_score_on_invalid(tmp_path, monke
     assert m == eval_metrics(t[[0, 3]]) | {"dropped": 2} and m["prompts"] == 2
     json.loads(json.dumps(m), parse_constant=lambda c: pytest.fail(f"{c} in the metrics"))
     assert "nan" not in examples_markdown(t, m, 4).split("## prompt", 1)[1]  # the examples show scored prompts only
-    with pytest.raises(PipelineError, match="every one of the 2 held-out prompts has a NaN/inf reward"):
+    with pytest.raises(PipelineError, match="every one of the 2 held-out prompts has a NaN/inf reward, or none, for"):
         eval_metrics(t[[1, 2]])
+
+
+def test_a_held_out_completion_no_reward_applies_to_is_left_out_not_scored_0(tmp_path, monkeypatch, setup, caplog):
+    """Every reward returned None for a held-out completion: its score is NaN (unscored, as in training), so
+    `eval_metrics` leaves its prompt out (`dropped`), under either `score.on_invalid`, with a warning counting it."""
+    from stages.evaluate import task_scores
+
+    tok, _, _, _, _ = setup
+    df = make_samples_table(tok, [("e0", 0, "a prompt", "paris", "stop"), ("e1", 0, "b prompt", "rome", "stop")])
+    qs = pl.DataFrame({"prompt_id": ["e0", "e1"], "prompt": ["a", "b"], "messages": ["[]"] * 2})
+    (tmp_path / "none_reward_t.py").write_text("def f(prompts, completions, **kw):\n"
+                                               "    return [None if c == 'rome' else 1.0 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "none_reward_t", raising=False)
+    rewards = build_rewards([RewardSpec(name="n", function="none_reward_t:f")])
+    for on_invalid in ("error", "drop"):
+        with caplog.at_level(logging.WARNING, logger="stages.evaluate"):
+            got = task_scores(df, rewards, qs, on_invalid=on_invalid)
+        assert got[0] == 1.0 and np.isnan(got[1])
+        assert caplog.records[-1].getMessage() == ("1 of 2 held-out completions got None from every reward: their "
+                                                   "prompts are left out of the metrics; make some reward apply to them")

@@ -225,4 +225,4 @@ def test_prompts_left_out_of_the_evaluation_are_not_its_examples(run_dir):
     write_json(json.loads(eval_json.read_text()) | {"dropped": 1}, eval_json)
     page, md = run_report(run_dir, eval_dir, eval_json)
     assert "POLICY-e2" not in page and "POLICY-e2" not in md and "POLICY-e0 lovely" in md
-    assert "| prompts left out (NaN/inf reward) | 1 |" in md
+    assert "| prompts left out (NaN/inf or no reward) | 1 |" in md

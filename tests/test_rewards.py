@@ -441,6 +441,10 @@ def test_combine_is_the_weighted_sum():
     np.testing.assert_allclose(got, want)
     assert got.dtype == np.float64
     assert np.isnan(combine({"a": np.array([np.nan, 1.0])}, {"a": 0.0})[0])  # NaN stays visible
+    # None (masked) is left out of a row's sum; a row no reward applied to is NaN (unscored, TRL 1.16), not 0
+    got = combine({"a": np.ma.masked_array([1.0, 2.0, 3.0], mask=[True, False, True]),
+                   "b": np.ma.masked_array([4.0, 5.0, 6.0], mask=[False, True, True])}, {"a": 1.0, "b": 0.5})
+    assert got[:2].tolist() == [2.0, 2.0] and np.isnan(got[2])
     with pytest.raises(ValueError):
         combine(parts, {"a": 1.0})
 

@@ -277,9 +277,11 @@ def test_completions_no_reward_applies_to_are_counted_in_a_warning(models, tmp_p
     sp = score_params([{"name": "n", "function": f"{mod}:none"}])
     with caplog.at_level(logging.WARNING, logger="stages.score"):
         out, _ = score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp)
-    assert caplog.records[-1].getMessage() == (f"{samples.height} of {samples.height} completions got None from every "
-                                               "reward: their score is 0; make some reward apply to them")
-    assert out["score"].to_list() == [0.0] * samples.height
+    assert caplog.records[-1].getMessage() == (
+        f"{samples.height} of {samples.height} completions got None from every reward: unscored (score and "
+        "rlhf_reward null, left out of their prompt's baseline, advantage 0); make some reward apply to them")
+    assert out["score"].to_list() == [None] * samples.height and out["rlhf_reward"].to_list() == [None] * samples.height
+    assert out["kl"].null_count() == 0  # the KL is still the completion's
 
 
 def test_sequence_logprobs_match_direct_forward_for_any_batch_size(models):
@@ -423,7 +425,7 @@ def test_score_stats_by_hand():
                         "kl": [0.1, 0.2, 0.3],
                         "score/a": [1.0, None, 3.0], "score/b": pl.Series([None, None, None], dtype=pl.Float64)})
     got = score_stats(out, 5, ["a", "b"], 0.25, 1.5)
-    assert set(got) == {"reward", "reward_std", "rlhf_reward", "kl", "score/dropped", "time/reward_s",
+    assert set(got) == {"reward", "reward_std", "rlhf_reward", "kl", "score/dropped", "score/unscored", "time/reward_s",
                         "time/logprobs_s", "rewards/a", "rewards/b", "rewards/a/mean", "rewards/a/std",
                         "rewards/b/mean", "rewards/b/std", "frac_reward_zero_std", "kl/per_token"}
     # TRL's names: a reward's mean and (n - 1) std over the rows it applied to; prompts of >= 2 completions whose
@@ -456,6 +458,15 @@ def test_score_stats_by_hand():
     none = score_stats(out.clear(), 4, ["a"], 0.0, 0.0)  # every row dropped: no means, no spread
     assert [math.isnan(none[k]) for k in ("reward", "rlhf_reward", "kl", "rewards/a")] == [True] * 4
     assert none["reward_std"] == 0.0 and none["score/dropped"] == 4
+    # unscored rows (null: no reward applied) are counted, and left out of the reward's mean and std, as TRL does
+    un = out.with_columns(pl.Series("score", [1.0, None, 4.0]), pl.Series("rlhf_reward", [0.5, None, 2.0]))
+    got = score_stats(un, 3, [], 0.0, 0.0)
+    assert (got["score/unscored"], got["reward"], got["rlhf_reward"]) == (1, 2.5, 1.25)
+    assert got["reward_std"] == pytest.approx(math.sqrt(4.5)) and got["kl"] == pytest.approx(0.2)
+    assert math.isnan(got["frac_reward_zero_std"])  # p's null is not a completion to compare: no prompt has 2
+    nulls = score_stats(un.with_columns(pl.Series("score", [None] * 3, pl.Float64),
+                                        pl.Series("rlhf_reward", [None] * 3, pl.Float64)), 3, [], 0.0, 0.0)
+    assert nulls["score/unscored"] == 3 and math.isnan(nulls["reward"]) and math.isnan(nulls["rlhf_reward"])
 
 
 def test_on_invalid_drop_drops_the_row_and_counts_it(models, tmp_path, monkeypatch, caplog):
