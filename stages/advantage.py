@@ -220,9 +220,9 @@ def compute_advantages(
         "unscored": unscored.height,
     }
     if unscored.height:  # back in the input's order
-        out = pl.concat([out, unscored.select(
-            "_row", *KEYS, REWARD, baseline=pl.lit(None, pl.Float64), advantage=pl.lit(0.0), estimator=pl.lit(est),
-            *digest)]).sort("_row")
+        out = pl.concat([out, unscored.with_columns(
+            baseline=pl.lit(None, pl.Float64), advantage=pl.lit(0.0), estimator=pl.lit(est)).select(out.columns)]
+        ).sort("_row")
     return out.drop("_row"), nxt, stats
 
 

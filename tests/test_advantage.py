@@ -260,7 +260,8 @@ def test_unscored_rows_are_left_out_of_the_baselines_with_advantage_0_as_trl_doe
     """A row whose rlhf_reward is null (every reward returned None): in no baseline, mean, state or whitening, its
     advantage 0 and baseline null (TRL 1.16's RLOOTrainer: NaN rewards, nan-aware baselines, nan_to_num); the
     others' advantages as if it were not there; the input's order kept."""
-    full = scores(["a", "a", "a", "b", "b"], [0, 1, 2, 0, 1], [None, 1.0, 3.0, 2.0, None])
+    full = scores(["a", "a", "a", "b", "b"], [0, 1, 2, 0, 1], [None, 1.0, 3.0, 2.0, None]).with_columns(
+        sample_digest=pl.Series(["d0", "d1", "d2", "d3", "d4"]))  # carried through, in its place
     alone = full.filter(pl.col("rlhf_reward").is_not_null())
     for norm in (False, True):
         p = AdvantageParams(estimator=estimator, normalize_advantages=norm)
@@ -269,7 +270,8 @@ def test_unscored_rows_are_left_out_of_the_baselines_with_advantage_0_as_trl_doe
         assert out.select("prompt_id", "sample_idx").rows() == full.select("prompt_id", "sample_idx").rows()
         assert out["advantage"].to_list() == [0.0, *want["advantage"].to_list(), 0.0]
         assert out["baseline"].to_list() == [None, *want["baseline"].to_list(), None]
-        assert out["rlhf_reward"].to_list() == full["rlhf_reward"].to_list()
+        assert out["rlhf_reward"].to_list() == full["rlhf_reward"].to_list() and out.columns == want.columns
+        assert out["sample_digest"].to_list() == full["sample_digest"].to_list()
         assert state == want_state and stats["unscored"] == 2 and stats["rows"] == 3
     if estimator == "rloo":  # the review's case: None, 1, 1 under one prompt gave -1, 0.5, 0.5 (the None as 0)
         out, _, _ = compute_advantages(scores(["p"] * 3, [0, 1, 2], [None, 1.0, 1.0]), AdvantageParams(), None)

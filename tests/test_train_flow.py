@@ -201,3 +201,33 @@ def test_a_deployment_run_of_another_configuration_in_params_yaml_s_dirs_is_refu
     monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "3f2a6c1e-0000-4000-8000-000000000000")
     with pytest.raises(PipelineError, match=r"^params_path: other.yaml is another configuration"):
         train.train_flow.fn(params_path="other.yaml")
+
+
+def test_completions_no_reward_applies_to_train_with_advantage_0_outside_the_baselines(tmp_path, tiny_model_dir):
+    """A user's reward that returns None for some completions, through the flow: those rows are unscored (null
+    score and rlhf_reward, counted in the round's metrics), advantage 0, and the others' leave-one-out baselines
+    are over their scored siblings alone (TRL 1.16); the update trains on the round as usual."""
+    proj = make_project(tmp_path, tiny_model_dir, **{
+        "train.rounds": 1, "train.eval_every": 0, "sample.backend": "hf",
+        "score.rewards": [{"name": "some", "function": "some_reward:f"}]})
+    (proj / "some_reward.py").write_text(
+        "def f(prompts, completions, **kw):\n"
+        "    return [None if i % 3 == 0 else float(len(c) % 7) for i, c in enumerate(completions)]\n")
+    env = run_env(tmp_path)
+    run([PY, "-m", "stages.prepare"], proj, env)
+    out = run([PY, "-m", "flows.train"], proj, env)
+    assert "got None from every reward: unscored" in out.stdout + out.stderr
+    rnd = proj / "data" / "rounds" / "round=0000"
+    scores = pl.read_parquet(rnd / "scores.parquet")
+    adv = pl.read_parquet(rnd / "advantages.parquet").join(scores.select("prompt_id", "sample_idx", "score"),
+                                                           on=["prompt_id", "sample_idx"])
+    unscored = adv.filter(pl.col("score").is_null())
+    assert unscored.height == scores["score"].null_count() > 0 and scores["rlhf_reward"].null_count() == unscored.height
+    assert unscored["advantage"].to_list() == [0.0] * unscored.height and unscored["baseline"].null_count() == unscored.height
+    for (pid,), g in adv.filter(pl.col("score").is_not_null()).group_by(["prompt_id"]):
+        r = g["rlhf_reward"].to_list()
+        want = [x - (sum(r) - x) / (len(r) - 1) if len(r) > 1 else 0.0 for x in r]  # over scored siblings only
+        assert g["advantage"].to_list() == pytest.approx(want, abs=1e-9), pid
+    manifest = json.loads((rnd / "manifest.json").read_text())
+    assert manifest["metrics"]["score/unscored"] == unscored.height
+    assert manifest["metrics"]["reward"] == pytest.approx(scores["score"].drop_nulls().mean(), abs=1e-9)
