@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,11 +118,21 @@ def check_state(state: Any, source: str = "state") -> dict[str, Any]:
     lists = ("round_sums", "round_counts", "round_means")
     if not isinstance(state, dict) or any(not isinstance(state.get(k), list) for k in lists):
         raise PipelineError(f"{source}: not an advantage state (needs lists {list(lists)}); {fix}")
-    if len({len(state[k]) for k in lists}) != 1 or not all(isinstance(c, int) and c > 0 for c in state["round_counts"]):
+    if len({len(state[k]) for k in lists}) != 1 or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in state["round_counts"]):
         raise PipelineError(f"{source}: round_sums/round_counts/round_means disagree; {fix}")
-    if state.get("ema") is not None and not isinstance(state["ema"], (int, float)):
-        raise PipelineError(f"{source}: `ema` must be a number or null, got {state['ema']!r}; {fix}")
+    for key in ("round_sums", "round_means"):
+        bad = [v for v in state[key] if not _finite_number(v)]
+        if bad:
+            raise PipelineError(f"{source}: `{key}` must hold finite numbers, got {bad[0]!r}; {fix}")
+    if state.get("ema") is not None and not _finite_number(state["ema"]):
+        raise PipelineError(f"{source}: `ema` must be a finite number or null, got {state['ema']!r}; {fix}")
     return {**new_state(), **state}
+
+
+def _finite_number(v: Any) -> bool:
+    """An int or float, not a bool (JSON's true is no baseline), and not NaN/inf (it would make every advantage NaN)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def validate_scores(df: pl.DataFrame, estimator: str, source: str = "scores",

@@ -1,6 +1,6 @@
 """The advantage estimators, in one table (docs/design.md §4): adding one is one entry here plus its test.
 
-Each `Estimator` says what its baseline is, in one line (the params table and the README read it from here),
+Each `Estimator` says what its baseline is, in one line (its `summary`; README's table of estimators is written by hand),
 whether the baseline comes from the prompt's own group (then it needs `sample.k >= 2`, and params reject
 k = 1 with a hint naming the others), and builds the polars expressions of one round. `r` is the row's
 `rlhf_reward`, a group is the completions of one prompt (`prompt_id`), n its size:

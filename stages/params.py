@@ -244,6 +244,11 @@ class Params(_Section):
                 f"sample.k: must be >= 2 for advantage.estimator={self.advantage.estimator} "
                 f"(got {self.sample.k}); raise sample.k or pick {'|'.join(OTHER_ESTIMATORS)}"
             )
+        rows = self.train.prompts_per_round * self.sample.k
+        if self.update.num_mini_batches > rows:  # the rest would be empty: steps the LR schedule counts, never taken
+            raise ValueError(f"update.num_mini_batches: must be <= the completions of a round, train.prompts_per_round "
+                             f"x sample.k = {rows} (got {self.update.num_mini_batches}); each mini-batch is one "
+                             "optimizer step")
         check_output_dirs(self)
         return self
 
@@ -293,6 +298,22 @@ def _default_json(section: str, key: str) -> Any:
     return model().model_dump(mode="json")[key]
 
 
+def _estimator_fields() -> tuple[str, ...]:
+    """The `advantage` fields the estimators' `reads` name, in their table's order; an entry that names no field of
+    `AdvantageParams` stops the import (a new estimator's setting is a field there, and in params.yaml)."""
+    names: dict[str, None] = {}
+    for e in ESTIMATORS.values():
+        for n in e.reads:
+            if n not in AdvantageParams.model_fields:
+                raise TypeError(f"estimator `{e.name}` reads advantage.{n}, which AdvantageParams lacks: add the field "
+                                f"(stages/params.py) with its params.yaml line, or fix `reads`")
+            names[n] = None
+    return tuple(names)
+
+
+READ_BY_ESTIMATORS = _estimator_fields()  # only these count in a run's identity, and only with an estimator reading it
+
+
 def _estimator_reads(name: str) -> tuple[Any, str]:
     users = [e for e, spec in ESTIMATORS.items() if name in spec.reads]
     return (lambda p: p.advantage.estimator in users), "only with advantage.estimator " + " or ".join(users)
@@ -309,7 +330,7 @@ def _with_lora() -> tuple[Any, str]:
 # default, not dropped: a run made before this table with the defaults keeps its identity, and one made with such a
 # field set resumes through `Params.identity_aliases`.
 CONDITIONAL_IDENTITY: dict[str, tuple[Any, str]] = {
-    **{f"advantage.{n}": _estimator_reads(n) for n in ("alpha", "window", "epsilon")},
+    **{f"advantage.{n}": _estimator_reads(n) for n in READ_BY_ESTIMATORS},
     **{f"update.{n}": _with_lora() for n in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")},
     "update.grad_variance": ((lambda p: False), "no: a diagnostic (the same gradient to float rounding)"),
 }

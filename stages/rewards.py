@@ -269,6 +269,19 @@ BUILTINS: dict[str, Callable[..., RewardFn]] = {
 }
 
 
+def _check_builtins() -> None:
+    """Each factory's first parameter is the reward's name (its kwargs follow): a factory written without it would
+    get the name as its first kwarg, silently (README "Extending")."""
+    for key, factory in BUILTINS.items():
+        first = next(iter(inspect.signature(factory).parameters), None)
+        if first != "name":
+            raise TypeError(f"built-in reward `{key}`: its factory's first parameter must be `name` (the reward's "
+                            f"name), then its kwargs; got {first!r}")
+
+
+_check_builtins()
+
+
 def _build_builtin(spec: RewardSpec) -> RewardFn:
     factory = BUILTINS[spec.function]
     params = list(inspect.signature(factory).parameters.values())[1:]  # after `name`
@@ -282,7 +295,26 @@ def _build_builtin(spec: RewardSpec) -> RewardFn:
     missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in spec.kwargs]
     if missing:
         raise PipelineError(f"reward `{spec.name}`: built-in `{spec.function}` needs kwargs.{missing[0]}")
+    _check_kwarg_types(spec, factory)
     return factory(spec.name, **spec.kwargs)
+
+
+def _check_kwarg_types(spec: RewardSpec, factory: Callable[..., RewardFn]) -> None:
+    """A built-in's kwargs against its factory's annotations, strictly (`normalize: "no"` is not a bool, `min_words:
+    true` not an int): YAML gives them typed, so a wrong type is a mistake to name, not a value to coerce."""
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    hints = typing.get_type_hints(factory)
+    for key, value in spec.kwargs.items():
+        try:
+            TypeAdapter(hints.get(key, Any)).validate_python(value, strict=True)
+        except ValidationError:
+            hint = hints[key]
+            want = hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")
+            raise PipelineError(f"reward `{spec.name}`: kwargs.{key} of built-in `{spec.function}` must be {want} "
+                                f"(got {value!r})") from None
 
 
 # --- user function -----------------------------------------------------------------------------------------

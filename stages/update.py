@@ -213,6 +213,7 @@ class Trainer:
         self._tokens = 0
         order = list(range(n))
         lr_used = self.scheduler.get_last_lr()[0]
+        empty = 0  # mini-batches without a row on any rank (the same count on every rank)
         for epoch in range(up.num_ppo_epochs):
             if epoch:
                 random.Random(self.params.base.seed + self.round * 1000 + epoch).shuffle(order)
@@ -225,7 +226,8 @@ class Trainer:
                 rows, tokens = dist.all_reduce_sum([len(mini), sum(len(completions[i]) for i in mini)])
                 batches = _micro_batches(mini, micro, pids if up.grad_variance else None)
                 n_micro = int(max(dist.all_gather(len(batches))))
-                if rows == 0:
+                if rows == 0:  # fewer rows than mini-batches (score.on_invalid: drop thinned the round)
+                    empty += 1
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
                 gv = _GradVariance(self.model) if up.grad_variance else None
@@ -244,6 +246,12 @@ class Trainer:
                 # update: the next round's kept forward reuses their 0.54 GB instead of growing the process
                 # (docs/design.md §7)
                 self.optimizer.zero_grad(set_to_none=True)
+        if empty:
+            rows_all = int(dist.all_reduce_sum([n])[0])
+            log.warning("update: %d of %d mini-batches of round %d were empty (%d completions for "
+                        "update.num_mini_batches=%d): no optimizer step for them, though the learning-rate schedule "
+                        "counts them; lower update.num_mini_batches", empty, up.num_ppo_epochs * up.num_mini_batches,
+                        self.round + 1, rows_all, up.num_mini_batches)
         self.round += 1
         seconds = time.perf_counter() - t0
         mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731

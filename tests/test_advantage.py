@@ -284,6 +284,20 @@ def test_state_is_small_json_and_validated():
     assert state["round_counts"] == [4] and state["ema"] == 3.0
     with pytest.raises(PipelineError, match="not an advantage state"):
         compute_advantages(grid(ROUNDS[1]), AdvantageParams(), {"ema": 1.0})
+    # a carried number that is not one (NaN made every advantage NaN with exit 0; a string a traceback; JSON's true
+    # a baseline of 1) is named in one line
+    from stages.advantage import check_state
+
+    for key, bad in (("ema", math.nan), ("ema", True), ("ema", "1"), ("round_sums", math.inf), ("round_sums", "x"),
+                     ("round_means", None), ("round_means", False)):
+        st = {**state, key: bad} if key == "ema" else {**state, key: [bad]}
+        with pytest.raises(PipelineError) as exc:
+            check_state(st, "st.json")
+        want = "be a finite number or null" if key == "ema" else "hold finite numbers"
+        assert str(exc.value).startswith(f"st.json: `{key}` must {want}, got {bad!r}; pass the state written"), key
+    with pytest.raises(PipelineError, match="disagree"):
+        check_state({**state, "round_counts": [True]})
+    assert check_state({**state, "ema": 2, "round_sums": [12]}) == {**state, "ema": 2, "round_sums": [12]}  # ints
 
 
 # ---------------------------------------------------------------- CLI
@@ -447,7 +461,7 @@ def test_round_stats_by_hand():
     ({"round_sums": [1.0], "round_counts": [1, 2], "round_means": [1.0]}, "round_sums/round_counts/round_means disagree"),
     ({"round_sums": [1.0], "round_counts": [0], "round_means": [1.0]}, "round_sums/round_counts/round_means disagree"),
     ({"round_sums": [1.0], "round_counts": ["4"], "round_means": [1.0]}, "round_sums/round_counts/round_means disagree"),
-    ({"round_sums": [1.0], "round_counts": [1], "round_means": [1.0], "ema": "0.5"}, "`ema` must be a number or null, got '0.5'"),
+    ({"round_sums": [1.0], "round_counts": [1], "round_means": [1.0], "ema": "0.5"}, "`ema` must be a finite number or null, got '0.5'"),
 ])
 def test_a_malformed_state_is_refused_and_says_how_to_fix_it(state, phrase):
     from stages.advantage import check_state

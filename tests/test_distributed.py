@@ -26,6 +26,7 @@ import yaml
 from project import PROMPTS, PY, make_project, run, run_env, tiny_params
 from test_resume import SLOW_REWARD
 
+from stages.estimators import ESTIMATORS
 from stages.params import load_params
 from stages.runtime import find_malloc, micro_batch_size, sampler_dtype, score_dtype, update_autocast
 
@@ -89,7 +90,7 @@ def test_one_round_over_two_ranks_equals_one_process(one_process, tmp_path, tiny
     assert (ra["logp_ref"] - rb["logp_ref"]).abs().max() < 1e-4  # the reference pass itself, over the ranks
     assert (ra["logp_ref"] - sa["logp_ref"]).abs().max() < 1e-3  # and what round 1 skipped: the same numbers
     names = sorted(p.stem for p in one_process.glob("adv_*.parquet"))
-    assert len(names) == 12  # 6 estimators, with and without whitening
+    assert len(names) == 2 * len(ESTIMATORS)  # every estimator, with and without whitening
     for name in names:
         x, y = pl.read_parquet(one_process / f"{name}.parquet"), pl.read_parquet(two / f"{name}.parquet")
         assert x.select("prompt_id", "sample_idx").equals(y.select("prompt_id", "sample_idx"))

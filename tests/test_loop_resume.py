@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -33,6 +36,8 @@ from stages.loop.resume import (
 )
 from stages.loop.writer import manifest_for, round_write
 from stages.params import parse_params
+
+REPO = Path(__file__).resolve().parents[1]
 
 ID = "run-a"
 
@@ -601,6 +606,43 @@ def test_identity_ignores_a_field_the_configuration_does_not_read_and_keeps_earl
     lora = repo_params(update={"use_lora": True}).identity()
     assert lora != base and repo_params(update={"use_lora": True, "lora_r": 4}).identity() != lora
     assert params.identity_aliases() == set()  # the default: nothing changed
+
+
+def test_a_new_estimator_s_own_setting_counts_only_with_it_and_a_read_of_no_field_stops_the_import():
+    """README "Extending": an estimator's `reads` names the advantage fields that count in its runs' identity, for a
+    new estimator and a new field too (the list was typed out as the three built-in fields: a new estimator's own
+    setting changed every run's identity); a `reads` naming no field of AdvantageParams stops the import in one
+    line, not at the first round with an AttributeError. A fresh interpreter: the table is read at import."""
+    code = """
+import sys
+import stages.estimators as est
+est.ESTIMATORS['max_others'] = est.Estimator('max_others', 'the best other completion', True,
+    lambda c: (c.reward.max().over(c.group), None), reads=(sys.argv[1],))
+try:
+    import stages.params as P
+except TypeError as exc:
+    print('TypeError:', exc); raise SystemExit(0)
+from conftest import repo_params
+f = sys.argv[1]
+a, b = {'alpha': (0.5, 0.9), 'normalize_advantages': (False, True)}[f]
+rloo = lambda v: repo_params(advantage={'estimator': 'rloo', f: v}).identity()
+new = lambda v: repo_params(advantage={'estimator': 'max_others', f: v}).identity()
+print(P.CONDITIONAL_IDENTITY['advantage.' + f][1], rloo(a) == rloo(b), new(a) == new(b))
+"""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    run = lambda field: subprocess.run([sys.executable, "-c", code, field], capture_output=True, text=True,  # noqa: E731
+                                       env=env, cwd=REPO, timeout=120)
+    got = run("alpha")
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "only with advantage.estimator ema or max_others True False"
+    # a field no built-in estimator reads (standing in for a new estimator's own setting): it counts only with it
+    got = run("normalize_advantages")
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "only with advantage.estimator max_others True False"
+    got = run("quantile")
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == ("TypeError: estimator `max_others` reads advantage.quantile, which AdvantageParams "
+                                  "lacks: add the field (stages/params.py) with its params.yaml line, or fix `reads`")
 
 
 def test_a_run_an_earlier_version_named_by_a_field_it_does_not_read_resumes(tmp_path, monkeypatch):

@@ -529,11 +529,13 @@ def test_cli_prints_the_markdown_table():
     (lambda d: d["score"]["rewards"][0].update(function="no_such_module:score"), "cannot import module `no_such_module`"),
     (lambda d: d["score"].update(ref_model="models/nonexistent"), "score.ref_model: model directory"),
 ])
-def test_the_warm_load_s_inputs_are_checked_without_loading(data, change, named):
+def test_the_warm_load_s_inputs_are_checked_without_loading(data, change, named, tmp_path, monkeypatch):
     """What the flow checks once before starting several ranks (`stages.loop.warm.check_inputs`): each a one-line
-    error naming the reward or field; the shipped params pass."""
+    error naming the reward or field; the shipped params pass. In an empty dir: the checkout's own data/prepared
+    (made by whatever task it last ran) is not this test's."""
     from stages.loop.warm import check_inputs
 
+    monkeypatch.chdir(tmp_path)
     check_inputs(parse_params(copy.deepcopy(data)))
     change(data)
     with pytest.raises(PipelineError, match=re.escape(named)):

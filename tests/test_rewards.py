@@ -51,7 +51,28 @@ def score(spec: dict, completions: list[str], prompts: list[str] | None = None, 
 
 
 def test_builtins_listed():
-    assert set(BUILTINS) == {"vader", "length", "regex", "keywords", "exact_match"}
+    assert set(BUILTINS) == {"vader", "length", "regex", "keywords", "exact_match"}  # a new built-in: add it here
+
+
+def test_a_built_in_s_kwargs_are_checked_against_its_factory_s_types(monkeypatch):
+    """YAML gives kwargs typed: a wrong type is named in one line (`normalize: "no"` counted as true before), and a
+    factory whose first parameter is not the reward's name stops the import (it got the name as a kwarg)."""
+    import stages.rewards as rewards
+
+    for function, kwargs, want in (
+            ("exact_match", {"normalize": "no"}, "kwargs.normalize of built-in `exact_match` must be bool (got 'no')"),
+            ("length", {"min_words": True}, "kwargs.min_words of built-in `length` must be int (got True)"),
+            ("length", {"max_words": 3.5}, "kwargs.max_words of built-in `length` must be int | None (got 3.5)"),
+            ("keywords", {"words": "film"}, "kwargs.words of built-in `keywords` must be list[str] (got 'film')")):
+        with pytest.raises(PipelineError) as exc:
+            build_rewards([RewardSpec(name="x", function=function, kwargs=kwargs)])
+        assert str(exc.value) == f"reward `x`: {want}"
+    for function, kwargs in (("length", {"max_words": None, "min_words": 2}), ("keywords", {"words": ["a"]}),
+                             ("exact_match", {"normalize": True, "column": "answer"}), ("regex", {"pattern": "a"})):
+        build_rewards([RewardSpec(name="x", function=function, kwargs=kwargs)])  # the right types pass
+    monkeypatch.setitem(BUILTINS, "contains", lambda word="film": None)
+    with pytest.raises(TypeError, match=r"^built-in reward `contains`: its factory's first parameter must be `name`"):
+        rewards._check_builtins()
 
 
 def test_vader_matches_the_analyzer():
@@ -88,8 +109,11 @@ def test_keywords():
     words = ["great", "Fun", "must see", "great"]  # the duplicate counts once
     texts = ["A GREAT, fun film.", "the greatest funfair", "Must  see? must see! Great fun", ""]
     assert score({"function": "keywords", "kwargs": {"words": words}}, texts) == pytest.approx([2 / 3, 0.0, 1.0, 0.0])
-    with pytest.raises(PipelineError, match=r"kwargs.words must be a non-empty list"):
+    with pytest.raises(PipelineError, match=r"kwargs.words of built-in `keywords` must be list\[str\] \(got 'great'\)"):
         score({"function": "keywords", "kwargs": {"words": "great"}}, texts)
+    for bad in ([], ["great", " "]):
+        with pytest.raises(PipelineError, match=r"kwargs.words must be a non-empty list"):
+            score({"function": "keywords", "kwargs": {"words": bad}}, texts)
 
 
 def test_exact_match():

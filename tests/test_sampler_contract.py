@@ -118,3 +118,15 @@ def test_new_weights_are_visible_in_the_next_generation(backend, tiny_model_dir)
         sampler.update_weights(state_dict=base.state_dict())
     again = sampler.generate(ids, greedy, SEEDS)
     assert [c.token_ids for grp in again for c in grp] == [c.token_ids for grp in before for c in grp]
+
+
+def test_a_backend_added_to_the_table_is_a_choice_of_the_sample_stage(monkeypatch, capsys):
+    """README "Extending": one `Backend` entry, and `python -m stages.sample --backend <name>` takes it as
+    `sample.backend` does (the choices were typed out as auto, vllm, hf)."""
+    from stages.sample.__main__ import main
+    from stages.sample.backends import BACKENDS
+
+    monkeypatch.setitem(BACKENDS, "hf_timed", BACKENDS["hf"])
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "--backend {auto,vllm,hf,hf_timed}" in capsys.readouterr().out

@@ -5,6 +5,7 @@ training_batch, and the CLI writing a checkpoint transformers loads (save/resume
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import subprocess
@@ -230,6 +231,22 @@ def test_the_gradients_are_freed_once_the_optimizer_took_them(tiny_model_dir):
     trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
     assert len(grads) == 2 and all(g for g in grads)  # each step saw its gradients
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_a_round_thinner_than_its_mini_batches_says_which_steps_it_did_not_take(tiny_model_dir, caplog):
+    """More mini-batches than a round's rows (score.on_invalid: drop thinned it): the empty ones take no step, and
+    a warning says so (the schedule still counts them); params refuse the setting where it is always so."""
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir, num_mini_batches=6), CPU)
+    grads = capture_grads(trainer)
+    with caplog.at_level(logging.WARNING, logger="stages.update"):
+        trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    assert len(grads) == 4  # one step a row
+    assert [r.getMessage() for r in caplog.records if r.name == "stages.update"] == [
+        "update: 2 of 6 mini-batches of round 1 were empty (4 completions for update.num_mini_batches=6): no "
+        "optimizer step for them, though the learning-rate schedule counts them; lower update.num_mini_batches"]
+    with pytest.raises(PipelineError, match=r"update.num_mini_batches: must be <= the completions of a round, "
+                                            r"train.prompts_per_round x sample.k = 32 \(got 33\); each mini-batch"):
+        make_params(tiny_model_dir, num_mini_batches=33)
 
 
 def _accumulated(model_dir, gas, aggregation):

@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", default="data/prepared/train.parquet", help="prompts Parquet (schema PROMPTS)")
     parser.add_argument("--out", default="samples.parquet")
     parser.add_argument("--model", default=None, help="model dir (default: base.model_dir)")
-    parser.add_argument("--backend", choices=["auto", "vllm", "hf"], default=None)
+    from stages.sample.backends import BACKENDS
+
+    parser.add_argument("--backend", choices=["auto", *BACKENDS], default=None,
+                        help="overrides sample.backend (auto: the first of the table that imports)")
     parser.add_argument("--round", type=int, default=0, help="round index (seeds)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     args = parser.parse_args(argv)
