@@ -52,15 +52,17 @@ from stages.params import Params, load_params
 def _no_retry_on_bad_input(task, task_run, state) -> bool:
     """A step is tried again once, except on bad input, on a broken pipe (the process that reads this one's output,
     a scheduled pipeline, is gone: the run stops, and the next resumes after its completed rounds) and on a broken
-    collective (several ranks: a retry would wait for the same peer)."""
+    collective (several ranks: a retry would wait for the same peer), nor on a file or dir this user may not write
+    (the machine's setup: a retry meets the same permissions)."""
     try:
         state.result()
     except (PipelineError, BrokenPipeError):
         return False
     except Exception as exc:
-        from stages.errors import dist_broken
+        from stages.errors import dist_broken, not_writable
 
-        return dist_broken(exc) is None  # a collective that timed out, or whose peer is gone: the group is broken
+        # a collective that timed out, or whose peer is gone (the group is broken); a permission or read-only mount
+        return dist_broken(exc) is None and not_writable(exc) is None
     return True
 
 
@@ -292,8 +294,11 @@ def _train(params: Params, total: int, dist, device, logger, call, w, plan, iden
         tracking.log_metric_dict({"time/warm_start_s": warm_s}, step=start)
         filled = tracking.log_missing_rounds(plan.done)
         if filled:
-            logger.info("MLflow: logged %d complete round%s that the run stopped before logging (from %s)", len(filled),
-                        "" if len(filled) == 1 else "s", "its manifest" if len(filled) == 1 else "their manifests")
+            resumed = run is not None and plan.done and run.info.run_id == plan.done[-1].get("mlflow_run_id")
+            why = ("that the run stopped before logging" if resumed or not plan.done[-1].get("mlflow_run_id") else
+                   "whose MLflow run is not in this store (a pulled or copied run)")
+            logger.info("MLflow: logged %d complete round%s %s (from %s)", len(filled), "" if len(filled) == 1 else "s",
+                        why, "its manifest" if len(filled) == 1 else "their manifests")
     if plan.replay:  # complete rounds after an older checkpoint (update.save_every > 1): their updates, again
         from stages import checkpoint
 

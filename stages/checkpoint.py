@@ -100,6 +100,7 @@ def save(trainer, policy_dir: str | Path, state_dir: str | Path, meta: dict[str,
             (tmp / STATE_MARK).unlink()
             for f in tmp.rglob("*"):
                 f.chmod(0o755 if f.is_dir() else 0o644)
+            _keep_what_is_not_ours(policy_dir, tmp)
             replace_dir(tmp, policy_dir)
         except (OSError, RuntimeError) as exc:
             new_state.unlink(missing_ok=True)
@@ -294,8 +295,10 @@ def read_meta(policy_dir: str | Path, field: str = "train.checkpoint_dir") -> di
         return None
     if not path.is_file():
         if any(Path(policy_dir).iterdir()):
-            raise PipelineError(f"{field}: {policy_dir} is not empty but holds no {META}; it is not a checkpoint this "
-                                "pipeline wrote: point the field elsewhere or move the directory away")
+            raise PipelineError(f"{field}: {policy_dir} is not empty but holds no {META}: not a checkpoint this "
+                                f"pipeline wrote, or one whose {META} was deleted. If it is not the pipeline's, point "
+                                f"the field elsewhere or move the directory away; if it is, "
+                                f"{checkout_fix(path, 'this checkpoint')} or start over: {restart_command()}")
         return None
     try:
         meta = json.loads(path.read_text())
@@ -354,15 +357,18 @@ def load_state(state_dir: str | Path, meta: dict, device: Any = "cpu", archive_d
         raise PipelineError(
             f"train.state_dir: {path} is missing: the optimizer/RNG state of the checkpoint at round {meta['round']} is "
             f"not there (it is kept out of the DVC cache, so a `dvc pull` or `dvc checkout` does not bring it); {fix}")
+    fix = (f"start over with: {restart_command()}" if field != "train.state_dir" or meta.get("source") == "stages.update"
+           else f"remove it and run again (the training run rebuilds it by replaying its rounds from the base model), "
+                f"or start over with: {restart_command()}")
     if meta.get("state_bytes") not in (None, path.stat().st_size):
         raise PipelineError(f"{path}: has {path.stat().st_size} bytes, the checkpoint at round {meta['round']} recorded "
-                            f"{meta['state_bytes']}: damaged or replaced; start over with: {restart_command()}")
+                            f"{meta['state_bytes']}: damaged or replaced; {fix}")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
         first = next(iter(str(exc).strip().splitlines()), "")[:160]
         raise PipelineError(f"{path}: refused or unreadable trainer state ({type(exc).__name__}: {first}); it is loaded "
-                            f"without running code; start over with: {restart_command()}") from None
+                            f"without running code; {fix}") from None
 
 
 def put_back_moved_aside(policy_dir: str | Path) -> bool:
@@ -418,21 +424,46 @@ def clean_orphan_states(policy_dir: str | Path, state_dir: str | Path) -> list[P
     return removed
 
 
+_KEPT_SAID: set[str] = set()
+
+
+def _keep_what_is_not_ours(policy_dir: Path, new: Path) -> None:
+    """Copy into the new checkpoint `new` what the old one in `policy_dir` holds and this write does not make (a
+    user's notes beside the weights): replacing the dir must not delete what the pipeline did not create. A copy,
+    not a move: a kill before the new dir is in place leaves the old dir, with the file, as it was."""
+    if not policy_dir.is_dir():
+        return
+    theirs = sorted(p for p in policy_dir.iterdir() if not (new / p.name).exists())
+    for p in theirs:
+        if p.is_dir() and not p.is_symlink():
+            shutil.copytree(p, new / p.name, symlinks=True)
+        else:
+            shutil.copy2(p, new / p.name, follow_symlinks=False)
+    said = [p.name for p in theirs if str(p) not in _KEPT_SAID]
+    if said:
+        _KEPT_SAID.update(str(policy_dir / n) for n in said)
+        log.warning("%s: kept %s in the new checkpoint: not the pipeline's files (each checkpoint write carries them "
+                    "over; move them out of train.checkpoint_dir to keep them apart)", policy_dir, ", ".join(said))
+
+
 def clean_staging(*dirs: str | Path) -> list[Path]:
     """Remove the staging dirs a killed writer left beside `dirs` (`.<name>.tmp-*`, `.<name>.old-*`) and stray
     temporary state files; only names this module creates. Call it under the run lock."""
-    removed = []
+    removed, left = [], []
     for d in map(Path, dirs):
         if not d.parent.is_dir():
             continue
         for pattern in (f".{d.name}.tmp-*", f".{d.name}.old-*"):
             for p in d.parent.glob(pattern):
                 shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+                (left if p.exists() else removed).append(p)
         if d.is_dir():
             for p in d.glob(".state-*.pt.tmp"):
                 p.unlink(missing_ok=True)
                 removed.append(p)
     if removed:
         log.info("removed %d staging file(s) left by an interrupted write: %s", len(removed), ", ".join(map(str, removed)))
+    if left:  # an immutable or foreign-owned file inside: said, not claimed removed
+        log.warning("could not remove %d staging dir(s) left by an interrupted or refused write: %s; remove them by "
+                    "hand (they hold a copy of a checkpoint)", len(left), ", ".join(map(str, left)))
     return removed

@@ -238,6 +238,10 @@ def not_writable_message(exc: BaseException) -> str | None:
     if cause is None:
         return None
     where = f"{cause.filename} -> {cause.filename2}" if cause.filename2 else str(cause.filename)
+    # a temporary name the pipeline was creating (`.x.tmp-abc`, `.state-x.pt.tmp`) is not there: its dir is what to fix
+    staged = Path(str(cause.filename))
+    if not cause.filename2 and staged.name.startswith(".") and "tmp" in staged.name and not staged.exists():
+        where = f"{staged.parent} (writing {staged.name} in it)"
     return (f"{where}: {cause.strerror or type(cause).__name__}; what was complete is kept: give this user access to "
             "it (its permissions, or a read-only mount) or point the params that name it elsewhere, and run the command "
             "again")

@@ -50,7 +50,8 @@ def F(default: Any = ..., doc: str = "", *, identity: bool = True, **kw: Any) ->
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # every float finite: `learning_rate: .inf` (YAML's infinity) passed `gt=0` and made the weights NaN
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BaseParams(_Section):

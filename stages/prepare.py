@@ -191,8 +191,9 @@ def read_prompts_source(path: Path) -> pl.DataFrame:
 def check_one_prompt_format(path: Path, df: pl.DataFrame) -> None:
     """A JSONL file whose `prompt` is text on some lines and a list of messages on others: polars reads the column as
     text, each list as its JSON, and every conversation would be trained on as that JSON string. Stop, naming the first
-    line of the rarer kind. (Only read line by line where some prompt could be such a list.)"""
-    if not df["prompt"].str.starts_with("[").any():
+    line of the rarer kind. A JSON number or boolean beside text (`{"prompt": 42}`) comes through as the text "42":
+    stopped too, naming its line. (Only read line by line where some prompt could be such a list or value.)"""
+    if not df["prompt"].str.contains(r"^(?:\[|-?[0-9][0-9.eE+-]*$|true$|false$)").any():
         return
     first: dict[str, int] = {}
     counts = {"text": 0, "a list of messages": 0}
@@ -201,6 +202,10 @@ def check_one_prompt_format(path: Path, df: pl.DataFrame) -> None:
             if not line.strip():
                 continue
             value = json.loads(line).get("prompt") if line.lstrip().startswith("{") else None
+            if isinstance(value, (bool, int, float)):
+                raise PipelineError(f"{path} line {n}: `prompt` is {json.dumps(value)}, a JSON "
+                                    f"{'boolean' if isinstance(value, bool) else 'number'}, not text; quote it "
+                                    f"(\"prompt\": \"{json.dumps(value)}\") or remove the line")
             kind = "a list of messages" if isinstance(value, list) else "text" if isinstance(value, str) else None
             if kind:
                 counts[kind] += 1

@@ -167,6 +167,10 @@ def score_samples(
         logp_ref, _ = sequence_logprobs(ref, prompt_ids, completion_ids, pad, bs, progress="logp ref", **opts)
     t_logp = time.perf_counter() - t1
 
+    _check_finite_logprobs(samples, logp_policy, "policy", "its weights are no longer finite numbers (a diverged "
+                           "update): lower update.learning_rate and start over (python -m flows.train --restart)")
+    _check_finite_logprobs(samples, logp_ref, "reference", "the reference model's weights are not finite numbers; "
+                           "check score.ref_model (or base.model_dir)")
     num_tokens = samples["num_tokens"].to_numpy()
     truncated = (samples["finish_reason"] == "length").to_numpy()
     kl, rlhf = kl_and_reward(
@@ -192,6 +196,17 @@ def score_samples(
     stats = score_stats(out, samples.height, list(components), t_reward, t_logp)
     # TRL's log_metric, under log/<name>: a user's name can never replace one of the round's own metrics
     return out, stats | {f"log/{name}": float(np.mean(v)) for name, v in extras.metrics.items() if v}
+
+
+def _check_finite_logprobs(samples: pl.DataFrame, logp, whose: str, fix: str) -> None:
+    """A NaN/inf logprob is the model's, not a reward's: stop here naming it (the advantage stage would otherwise
+    report `rlhf_reward` NaN and advise fixing the rewards)."""
+    values = np.asarray(logp, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        i = int(bad[0])
+        raise PipelineError(f"score: the {whose}'s logprob is {values[i]} for {bad.size} of {len(values)} completions "
+                            f"(first prompt_id={samples['prompt_id'][i]} sample_idx={samples['sample_idx'][i]}): {fix}")
 
 
 def _null_where(name: str, values: np.ndarray, mask: np.ndarray) -> pl.Series:

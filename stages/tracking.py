@@ -51,6 +51,12 @@ def _update_resumed(run, latest: dict, params) -> None:
     import mlflow
 
     client, run_id, tags = mlflow.MlflowClient(), run.info.run_id, run.data.tags
+    # every DVC experiment that ran this run, oldest first (`dvc_experiment` names only the latest: a search for the
+    # experiment that started the run found nothing once another continued it)
+    exp_name = latest.get("dvc_experiment")
+    ran = [e for e in (tags.get("dvc_experiments") or tags.get("dvc_experiment") or "").split(",") if e]
+    if exp_name and exp_name not in ran:
+        mlflow.set_tag("dvc_experiments", ",".join([*ran, exp_name])[-5000:])
     for key in [k for k, v in latest.items() if not v and k in tags] + [
             k for k in TOPOLOGY_TAGS if k not in latest and k in tags]:
         client.delete_tag(run_id, key)
@@ -234,6 +240,7 @@ def start_run(params, identity: str, resume_id: str | None = None, topology: dic
         "git_commit": _git_commit(),
         "dvc_stage": os.environ.get("DVC_STAGE"),
         "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
+        "dvc_experiments": os.environ.get("DVC_EXP_NAME"),
         "prefect_flow_run_id": _prefect_flow_run_id(),
         "identity": identity,
         "estimator": params.advantage.estimator,

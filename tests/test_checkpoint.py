@@ -5,6 +5,7 @@ errors, a full disk leaves the previous checkpoint intact, and staging dirs of a
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pickle
 import shutil
@@ -140,7 +141,8 @@ def test_corrupt_or_missing_state_and_bad_metadata_are_one_line_errors(tiny_mode
     with pytest.raises(PipelineError) as exc:
         load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
     assert str(exc.value) == (f"{path}: has 16 bytes, the checkpoint at round 0 recorded {size}: damaged or replaced; "
-                              "start over with: python -m flows.train --restart")
+                              "remove it and run again (the training run rebuilds it by replaying its rounds from "
+                              "the base model), or start over with: python -m flows.train --restart")
     path.write_bytes(b"x" * size)
     with pytest.raises(PipelineError, match="refused or unreadable trainer state"):
         load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
@@ -162,8 +164,13 @@ def test_corrupt_or_missing_state_and_bad_metadata_are_one_line_errors(tiny_mode
     # the granular restore of that file (a damaged copy is in the way: --force), not of the whole dir
     assert f"`dvc checkout --force {tmp_path / 'policy' / checkpoint.META}`" in str(exc.value)
     (tmp_path / "policy" / checkpoint.META).unlink()
-    with pytest.raises(PipelineError, match="not empty but holds no checkpoint.json"):
+    with pytest.raises(PipelineError, match="not empty but holds no checkpoint.json") as exc:
         checkpoint.read_meta(tmp_path / "policy")
+    # its own checkpoint whose checkpoint.json went: the way back is named too (moving the dir away led to "round N
+    # wrote a checkpoint, but the checkpoint is missing")
+    assert str(exc.value).endswith(f"if it is, restore it with `dvc checkout {tmp_path / 'policy' / checkpoint.META}` "
+                                   "(DVC's copy, when DVC cached this checkpoint) or start over: python -m flows.train "
+                                   "--restart")
     assert checkpoint.read_meta(tmp_path / "absent") is None
 
 
@@ -215,6 +222,26 @@ def test_a_new_checkpoint_replaces_the_old_pair(tiny_model_dir, tmp_path):
     assert first["checkpoint_id"] != second["checkpoint_id"] and second["round"] == 1
 
 
+def test_a_checkpoint_write_keeps_a_file_the_pipeline_did_not_write(tiny_model_dir, tmp_path, caplog):
+    """A user's file in train.checkpoint_dir was deleted by the next write (the old dir is replaced whole): it is
+    carried into each new checkpoint, said once."""
+    trainer, _ = load_trainer(make_params(tiny_model_dir), CPU)
+    save(trainer, tmp_path)
+    (tmp_path / "policy" / "NOTES.md").write_text("mine")
+    (tmp_path / "policy" / "evals").mkdir()
+    (tmp_path / "policy" / "evals" / "a.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="stages.checkpoint"):
+        for _ in range(2):
+            trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+            meta = save(trainer, tmp_path)
+    assert (tmp_path / "policy" / "NOTES.md").read_text() == "mine"
+    assert (tmp_path / "policy" / "evals" / "a.json").read_text() == "{}"
+    assert checkpoint.read_meta(tmp_path / "policy")["checkpoint_id"] == meta["checkpoint_id"] and meta["round"] == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'policy'}: kept NOTES.md, evals in the new checkpoint: not the pipeline's files (each checkpoint "
+        "write carries them over; move them out of train.checkpoint_dir to keep them apart)"]
+
+
 def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     trainer, _ = load_trainer(make_params(tiny_model_dir), CPU)
     first = save(trainer, tmp_path)
@@ -246,6 +273,17 @@ def test_clean_staging_removes_only_what_a_writer_leaves(tmp_path):
     removed = checkpoint.clean_staging(tmp_path / "policy", tmp_path / "state")
     assert len(removed) == 3
     assert all(p.exists() for p in keep)
+
+
+def test_a_staging_dir_that_cannot_be_removed_is_said_not_claimed_removed(tmp_path, monkeypatch, caplog):
+    stuck = tmp_path / ".policy.old-abc"
+    (stuck / "d").mkdir(parents=True)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda p, ignore_errors=False: None)  # an immutable file inside
+    with caplog.at_level(logging.INFO, logger="stages.checkpoint"):
+        assert checkpoint.clean_staging(tmp_path / "policy") == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"could not remove 1 staging dir(s) left by an interrupted or refused write: {stuck}; remove them by hand "
+        "(they hold a copy of a checkpoint)"]
 
 
 def test_a_write_killed_between_its_renames_puts_the_old_checkpoint_back(tmp_path):

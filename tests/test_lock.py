@@ -42,6 +42,15 @@ def test_a_second_run_fails_at_once_naming_the_holder(tmp_path):
         proc.wait()
 
 
+def test_a_directory_where_the_lock_file_goes_is_one_line(tmp_path):
+    (tmp_path / "run.lock").mkdir()
+    with pytest.raises(PipelineError) as exc:
+        with run_lock("run", tmp_path / "run.lock"):
+            pass
+    assert str(exc.value) == (f"{tmp_path / 'run.lock'}: is a directory, where this checkout's run lock is a file; "
+                              f"move it away (mv {tmp_path / 'run.lock'} {tmp_path / 'run.lock'}.dir) and re-run")
+
+
 def test_a_run_in_another_checkout_with_the_same_output_dirs_is_refused(tmp_path):
     """Two checkouts whose params name the same (absolute) output dirs: each holds its own checkout's lock, and the
     output dirs' locks make the second run fail as a second run in one checkout does (before, both trained into the

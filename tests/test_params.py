@@ -177,7 +177,7 @@ def test_list_field_rejects_a_string(data):
     [
         ("update", "learning_rate", -1, "greater than 0"),
         ("update", "learning_rate", 0, "greater than 0"),
-        ("update", "learning_rate", float("nan"), "greater than 0"),
+        ("update", "learning_rate", float("nan"), "a finite number"),
         ("sample", "top_p", 1.5, "less than or equal to 1"),
         ("sample", "temperature", 0, "greater than 0"),
         ("advantage", "alpha", 1.0, "less than 1"),
@@ -540,3 +540,24 @@ def test_the_warm_load_s_inputs_are_checked_without_loading(data, change, named,
     change(data)
     with pytest.raises(PipelineError, match=re.escape(named)):
         check_inputs(parse_params(data))
+
+
+def test_no_float_setting_takes_infinity(data):
+    """YAML's `.inf` passed `gt=0` (`update.learning_rate: .inf` made round 1's weights NaN and archived the run
+    before; `sample.temperature: .inf` trained on uniform noise with exit 0): every float field refuses it."""
+    import typing
+
+    from stages.params import Params, _submodel
+
+    checked = []
+    for section, field in Params.model_fields.items():
+        model = _submodel(field.annotation)
+        for name, f in getattr(model, "model_fields", {}).items():
+            if float not in (f.annotation, *typing.get_args(f.annotation)):
+                continue
+            for value in (float("inf"), float("-inf")):
+                bad = copy.deepcopy(data)
+                bad.setdefault(section, {})[name] = value
+                assert error_of(bad).startswith(f"p.yaml: `{section}.{name}`: Input should be a finite number"), name
+            checked.append(f"{section}.{name}")
+    assert {"update.learning_rate", "score.beta", "sample.temperature", "advantage.epsilon"} <= set(checked)

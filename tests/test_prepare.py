@@ -578,6 +578,17 @@ def test_a_jsonl_file_mixing_text_and_chat_prompts_is_refused_naming_the_line(tm
     brackets = tmp_path / "brackets.jsonl"
     brackets.write_text('{"prompt": "[x] is a checkbox"}\n{"prompt": "[{\\"role\\": 1}]"}\n')
     assert read_prompts_source(brackets)["prompt"].to_list() == ["[x] is a checkbox", '[{"role": 1}]']
+    # a JSON number or boolean beside text: polars made it the text "42" / "true", a prompt without a word
+    for value, kind in ((42, "number"), (-1.5, "number"), (True, "boolean")):
+        scalar = tmp_path / "scalar.jsonl"
+        scalar.write_text(f'{{"prompt": "Say hi."}}\n{{"prompt": {json.dumps(value)}}}\n')
+        with pytest.raises(PipelineError) as exc:
+            read_prompts_source(scalar)
+        assert str(exc.value) == (f'{scalar} line 2: `prompt` is {json.dumps(value)}, a JSON {kind}, not text; quote '
+                                  f'it ("prompt": "{json.dumps(value)}") or remove the line')
+    quoted = tmp_path / "quoted.jsonl"
+    quoted.write_text('{"prompt": "42"}\n{"prompt": "true"}\n{"prompt": "Say hi."}\n')  # text that looks like one
+    assert read_prompts_source(quoted)["prompt"].to_list() == ["42", "true", "Say hi."]
     only_chat = tmp_path / "chat.jsonl"
     only_chat.write_text("\n".join(json.dumps(r) for r in chat) + "\n")
     assert read_prompts_source(only_chat).schema["prompt"] != pl.String

@@ -226,6 +226,10 @@ def test_a_path_the_command_may_not_write_is_told_in_one_line(capsys, tmp_path):
         assert err[0].endswith("what was complete is kept: give this user access to it (its permissions, or a "
                                "read-only mount) or point the params that name it elsewhere, and run the command again")
     assert "Read-only file system" in not_writable_message(ro) and "Permission denied" in not_writable_message(denied)
+    # a temporary name the write was creating is not there to fix: its dir is named
+    staged = PermissionError(errno.EPERM, "Operation not permitted", str(tmp_path / ".policy.tmp-mjeu3ifh"))
+    assert not_writable_message(staged).startswith(f"{tmp_path} (writing .policy.tmp-mjeu3ifh in it): Operation not "
+                                                   "permitted; what was complete is kept")
     for bug in (PermissionError(errno.EPERM, "Operation not permitted"), FileNotFoundError(2, "No such file", "x")):
         assert not_writable(bug) is None
         with pytest.raises(type(bug)), bad_input_exits():

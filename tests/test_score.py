@@ -687,3 +687,24 @@ def test_reward_inputs_join_the_prompts_columns_by_prompt_id(models):
     for name in ("completion_ids", "completions", "trainer_state"):
         with pytest.raises(PipelineError, match=f"column `{name}` has the name of a reward function's own argument"):
             reward_inputs(samples, prompts.with_columns(pl.lit("x").alias(name)))
+
+
+def test_a_policy_with_nan_weights_is_named_not_the_rewards(models):
+    """A diverged update (NaN weights) gave `rlhf_reward` NaN, and the advantage stage then advised fixing the
+    rewards or dropping rows (every row); the score stage names the model and the fix."""
+    import copy
+
+    tok, policy, _, _, _ = models
+    sp = score_params([{"name": "v", "function": "vader"}])
+    samples = make_samples(tok)
+    broken = copy.deepcopy(policy)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    with pytest.raises(PipelineError) as exc:
+        score_samples(samples, build_rewards(sp.rewards), broken, policy, tok, sp)
+    assert str(exc.value) == (
+        f"score: the policy's logprob is nan for {samples.height} of {samples.height} completions (first prompt_id="
+        f"{samples['prompt_id'][0]} sample_idx={samples['sample_idx'][0]}): its weights are no longer finite numbers "
+        "(a diverged update): lower update.learning_rate and start over (python -m flows.train --restart)")
+    with pytest.raises(PipelineError, match=r"^score: the reference's logprob is nan .*check score.ref_model"):
+        score_samples(samples, build_rewards(sp.rewards), policy, broken, tok, sp)

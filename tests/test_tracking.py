@@ -68,10 +68,21 @@ def test_steps_params_tags_and_a_resumed_run(store, monkeypatch):
     import mlflow
 
     mlflow.end_run()  # the invocation ends (finish_run's own end, without its artifacts)
+    # another DVC experiment continues it: `dvc_experiment` names the latest, `dvc_experiments` every one, so the run
+    # is still found by the experiment that ran it first
+    assert tags["dvc_experiments"] == "exp-1"
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-2")
+    tracking.start_run(more, "ident", resume_id=run_id)
+    mlflow.end_run()
+    tags = store.get_run(run_id).data.tags
+    assert (tags["dvc_experiment"], tags["dvc_experiments"]) == ("exp-2", "exp-1,exp-2")
+    assert [r.info.run_id for r in store.search_runs([r.info.experiment_id],
+                                                     "tags.dvc_experiments LIKE '%exp-1%'")] == [run_id]
     monkeypatch.delenv("DVC_EXP_NAME")  # not an experiment any more: the tag goes; back to the first value
     tracking.start_run(params, "ident", resume_id=run_id)
     tags = store.get_run(run_id).data.tags
     assert "dvc_experiment" not in tags and tags["latest.train.rounds"] == str(params.train.rounds)
+    assert tags["dvc_experiments"] == "exp-1,exp-2"  # the history stays
     tracking.log_round({"reward": 0.3}, step=3)
     tracking.finish_run({"reward": 0.3}, [{"reward": 0.1}, {"reward": 0.2}, {"reward": 0.3}])
     r = store.get_run(run_id)

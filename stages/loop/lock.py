@@ -281,7 +281,11 @@ def run_lock(what: str = "training run", path: str | Path = LOCK_PATH, wait_s: f
         yield _holder(path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except IsADirectoryError:
+        raise PipelineError(f"{path}: is a directory, where this checkout's run lock is a file; move it away (mv {path} "
+                            f"{path}.dir) and re-run") from None
     out_fds: list[int] = []
     try:
         deadline, told = time.monotonic() + wait_s, False
