@@ -12,7 +12,7 @@ Groups may have unequal sizes (rows dropped as invalid upstream): each uses its 
 A row whose `rlhf_reward` is null is unscored (every reward returned None for it): as in TRL 1.16's RLOOTrainer it
 is left out of every baseline, mean and whitening, and gets advantage 0 (its `baseline` null).
 `normalize_advantages` whitens over the batch afterwards: `(A - mean(A)) / (std(A) + 1e-4)`, std
-unbiased, TRL's constant (1e-8 before 2026-12-08 blew float noise of a constant batch up to unit advantages);
+unbiased, TRL's constant (1e-8 before 2026-12-07 blew float noise of a constant batch up to unit advantages);
 `baseline` is left as is. Every std is two-pass, sqrt(sum((x - mean)^2) / (n - ddof)),
 never E[x^2] - mean^2 (catastrophic cancellation when |mean| >> std).
 
@@ -103,7 +103,7 @@ def rloo_torch_grouped(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torc
 
 def _std(x: pl.Expr, ddof: int = 1) -> pl.Expr:
     """Two-pass std over the whole column; 0 when there are fewer than ddof + 1 values."""
-    return (((x - x.mean()) ** 2).sum() / (pl.len() - ddof).clip(lower_bound=1)).sqrt()
+    return (((x - x.mean()) ** 2).sum() / (x.count() - ddof).clip(lower_bound=1)).sqrt()
 
 
 def new_state() -> dict[str, Any]:
@@ -164,17 +164,14 @@ def validate_scores(df: pl.DataFrame, estimator: str, source: str = "scores",
     if (sizes["u"] < sizes["n"]).any():
         pid, idx = keys.filter(keys.is_duplicated()).row(0)  # the slow, exact search only on the error path
         raise PipelineError(f"{source}: duplicate (prompt_id, sample_idx) = ({pid!r}, {idx}); keys must be unique")
-    if not sizes["scored"].sum():
-        raise PipelineError(f"{source}: `{REWARD}` is null in all {df.height} rows (every reward returned None for "
-                            "every completion): nothing to learn from; make some reward apply to them")
-    sizes = sizes.filter(pl.col("scored") > 0).select("prompt_id", n=pl.col("scored"))  # the baselines' groups
+    # the input's k, not what unscored rows leave: a group they thin to one gets advantage 0, as in TRL
     if estimator in GROUP_ESTIMATORS and (sizes["n"] == 1).all() and not singletons_ok:
         raise PipelineError(
             f"{source}: every prompt has one completion (k < 2 for {estimator}, or the others dropped by "
             f"score.on_invalid: drop): the group baseline is undefined; sample k >= 2 per prompt or pick "
             f"{'|'.join(OTHER_ESTIMATORS)}"
         )
-    return sizes
+    return sizes.filter(pl.col("scored") > 0).select("prompt_id", n=pl.col("scored"))  # the baselines' groups
 
 
 def compute_advantages(
@@ -192,6 +189,15 @@ def compute_advantages(
     if unscored.height:
         df = df.filter(pl.col(REWARD).is_not_null())
     r, g = pl.col(REWARD), "prompt_id"
+    if not df.height:  # every row unscored: TRL's advantages are all 0, and the round adds nothing to the history
+        log.warning("%s: every completion is unscored (no reward applied to any): advantage 0 for all %d",
+                    source, unscored.height)
+        out = unscored.with_columns(baseline=pl.lit(None, pl.Float64), advantage=pl.lit(0.0), estimator=pl.lit(est))
+        nan = float("nan")
+        stats = {"advantage_mean": 0.0, "advantage_std": 0.0, "baseline_mean": nan, "reward_mean": nan,
+                 "reward_std": nan, "estimator": est, "rows": 0, "groups": 0, "singleton_groups": 0,
+                 "normalized": params.normalize_advantages, "unscored": unscored.height}
+        return out.select(*ADVANTAGES, *digest), {**state, "estimator": est}, stats
 
     round_sum, rows = float(df[REWARD].sum()), df.height
     round_mean = round_sum / rows
@@ -212,7 +218,12 @@ def compute_advantages(
     lf = df.lazy().with_columns(baseline=baseline.cast(pl.Float64)).with_columns(advantage=advantage)
     if params.normalize_advantages:
         a = pl.col("advantage")
-        lf = lf.with_columns(advantage=(a - a.mean()) / (_std(a) + WHITEN_EPS))
+        if ESTIMATORS[est].group:  # a group of one has no baseline (TRL: NaN, left out of the whitening, then 0)
+            alone = pl.len().over(g) == 1
+            live = a.filter(~alone)
+            lf = lf.with_columns(advantage=pl.when(alone).then(0.0).otherwise((a - live.mean()) / (_std(live) + WHITEN_EPS)))
+        else:
+            lf = lf.with_columns(advantage=(a - a.mean()) / (_std(a) + WHITEN_EPS))
     out = lf.with_columns(estimator=pl.lit(est)).select("_row", *ADVANTAGES, *digest).collect()
 
     stats = out.select(

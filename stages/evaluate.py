@@ -69,10 +69,12 @@ def generate_one(sampler, tokenizer, prompts: pl.DataFrame, params, seed: int, p
     return df
 
 
-def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame, on_invalid: str = "error") -> np.ndarray:
+def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame, on_invalid: str = "error",
+                side: str = "") -> np.ndarray:
     """The task reward of each held-out completion. A reward's NaN/inf is handled as `score.on_invalid` says, as in
     training: `error` stops with the row; `drop` leaves the score NaN, and `eval_metrics` leaves such prompts out.
-    A completion that every reward returned None for is NaN too (unscored, `combine`), so its prompt is left out."""
+    A completion that every reward returned None for is NaN too (unscored, `combine`), so its prompt is left out;
+    `side` names whose completions they are in the warning ("the policy's", "the reference's")."""
     from stages.rewards import combine, compute_rewards, invalid_rows
     from stages.score import reward_inputs
 
@@ -84,8 +86,8 @@ def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame, on_invalid: st
     scores = combine(comps, {r.name: r.weight for r in rewards})
     unscored = int(np.logical_and.reduce([np.ma.getmaskarray(v) for v in comps.values()]).sum())
     if unscored:
-        log.warning("%d of %d held-out completions got None from every reward: their prompts are left out of the "
-                    "metrics; make some reward apply to them", unscored, df.height)
+        log.warning("%d of %d held-out completions%s got None from every reward: their prompts are left out of the "
+                    "metrics; make some reward apply to them", unscored, df.height, f" ({side})" if side else "")
     return scores
 
 
@@ -115,7 +117,7 @@ def evaluate_policy(
     from stages.logprobs import sequence_logprobs
     from stages.score import completion_inputs
 
-    scores = task_scores(policy_samples, rewards, prompts, on_invalid)
+    scores = task_scores(policy_samples, rewards, prompts, on_invalid, "the policy's")
     p_ids, c_ids = completion_inputs(policy_samples, tokenizer)
     pad = tokenizer.pad_token_id
     if sampler_exact:
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         policy_samples = generate_one(sampler, tokenizer, prompts, params, params.base.seed, version, logprobs=exact)
     finally:
         sampler.close()
-    ref_scores = task_scores(ref_samples, rewards, prompts, params.score.on_invalid)
+    ref_scores = task_scores(ref_samples, rewards, prompts, params.score.on_invalid, "the reference's")
     table, metrics = evaluate_policy(policy_samples, ref_samples, ref_scores, rewards, policy, ref, tokenizer, prompts,
                                      params.score.batch_size, sampler_exact=exact, on_invalid=params.score.on_invalid)
     metrics["policy_version"] = version

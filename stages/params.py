@@ -305,6 +305,9 @@ def _estimator_fields() -> tuple[str, ...]:
     names: dict[str, None] = {}
     for e in ESTIMATORS.values():
         for n in e.reads:
+            if n in ("estimator", "normalize_advantages"):  # read for every estimator: never conditional
+                raise TypeError(f"estimator `{e.name}` reads advantage.{n}, which every estimator's run reads (it "
+                                "counts in every run's identity): leave it out of `reads`")
             if n not in AdvantageParams.model_fields:
                 raise TypeError(f"estimator `{e.name}` reads advantage.{n}, which AdvantageParams lacks: add the field "
                                 f"(stages/params.py) with its params.yaml line, or fix `reads`")

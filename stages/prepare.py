@@ -193,7 +193,7 @@ def check_one_prompt_format(path: Path, df: pl.DataFrame) -> None:
     text, each list as its JSON, and every conversation would be trained on as that JSON string. Stop, naming the first
     line of the rarer kind. A JSON number or boolean beside text (`{"prompt": 42}`) comes through as the text "42":
     stopped too, naming its line. (Only read line by line where some prompt could be such a list or value.)"""
-    if not df["prompt"].str.contains(r"^(?:\[|-?[0-9][0-9.eE+-]*$|true$|false$)").any():
+    if not df["prompt"].str.contains(r"^(?:\[|\{|-?[0-9][0-9.eE+-]*$|true$|false$)").any():
         return
     first: dict[str, int] = {}
     counts = {"text": 0, "a list of messages": 0}
@@ -202,6 +202,9 @@ def check_one_prompt_format(path: Path, df: pl.DataFrame) -> None:
             if not line.strip():
                 continue
             value = json.loads(line).get("prompt") if line.lstrip().startswith("{") else None
+            if isinstance(value, dict):
+                raise PipelineError(f"{path} line {n}: `prompt` is a JSON object, not text or a list of messages; a "
+                                    "conversation is a list: wrap the message in [ ]")
             if isinstance(value, (bool, int, float)):
                 raise PipelineError(f"{path} line {n}: `prompt` is {json.dumps(value)}, a JSON "
                                     f"{'boolean' if isinstance(value, bool) else 'number'}, not text; quote it "

@@ -168,7 +168,9 @@ def score_samples(
     t_logp = time.perf_counter() - t1
 
     _check_finite_logprobs(samples, logp_policy, "policy", "its weights are no longer finite numbers (a diverged "
-                           "update): lower update.learning_rate and start over (python -m flows.train --restart)")
+                           "update): lower update.learning_rate and start over (python -m flows.train --restart)"
+                           if ref is not policy else  # the first round's policy is the base model itself
+                           "the model's weights are not finite numbers; check base.model_dir (or --policy)")
     _check_finite_logprobs(samples, logp_ref, "reference", "the reference model's weights are not finite numbers; "
                            "check score.ref_model (or base.model_dir)")
     num_tokens = samples["num_tokens"].to_numpy()

@@ -276,6 +276,30 @@ def test_unscored_rows_are_left_out_of_the_baselines_with_advantage_0_as_trl_doe
     if estimator == "rloo":  # the review's case: None, 1, 1 under one prompt gave -1, 0.5, 0.5 (the None as 0)
         out, _, _ = compute_advantages(scores(["p"] * 3, [0, 1, 2], [None, 1.0, 1.0]), AdvantageParams(), None)
         assert out["advantage"].to_list() == [0.0, 0.0, 0.0]
+    # unscored rows that leave every prompt one scored completion: the input's k is 2, so no "k < 2" refusal (it
+    # stopped the run); each gets advantage 0, as TRL's 0/0 -> NaN -> 0
+    thin = scores(["a", "a", "b", "b"], [0, 1, 0, 1], [1.0, None, 2.0, None])
+    out, _, _ = compute_advantages(thin, AdvantageParams(estimator=estimator), None)
+    if estimator in ("rloo", "grpo"):
+        assert out["advantage"].to_list() == [0.0] * 4
+    # a round no reward applied to at all: every advantage 0, the carried state as it was (it stopped the run, and
+    # every rerun at the same round, before)
+    none = scores(["a", "a", "b"], [0, 1, 0], [None, None, None])
+    before = compute_advantages(scores(["z", "z"], [0, 1], [1.0, 3.0]), AdvantageParams(estimator=estimator), None)[1]
+    out, state, stats = compute_advantages(none, AdvantageParams(estimator=estimator), before)
+    assert out["advantage"].to_list() == [0.0] * 3 and out["baseline"].null_count() == 3
+    assert state == {**before, "estimator": estimator} and (stats["unscored"], stats["rows"]) == (3, 0)
+
+
+def test_whitening_leaves_out_a_group_of_one_as_trl_does():
+    """rloo with a prompt that unscored rows left one completion: its advantage stays 0 and it is not in the
+    whitening's mean and std (TRL 1.16: its leave-one-out baseline is 0/0 = NaN, whitened with nanmean/nanstd, then 0)."""
+    df = scores(["a", "a", "b", "b", "c", "c"], [0, 1, 0, 1, 0, 1], [1.0, None, 2.0, 0.0, 5.0, 3.0])
+    out, _, _ = compute_advantages(df, AdvantageParams(estimator="rloo", normalize_advantages=True), None)
+    raw = torch.tensor([float("nan"), float("nan"), 2.0, -2.0, 2.0, -2.0], dtype=torch.float64)
+    kept = raw[~raw.isnan()]
+    trl = torch.nan_to_num((raw - kept.mean()) / (kept.std() + 1e-4), nan=0.0)  # rloo_trainer.py's steps
+    assert out["advantage"].to_list() == pytest.approx(trl.tolist(), abs=1e-12)
 
 
 def test_state_is_small_json_and_validated():
@@ -377,7 +401,6 @@ BAD_INPUTS = {
     "missing_column": (lambda: grid([[1.0, 2.0]]).drop("rlhf_reward"), "rlhf_reward"),
     "duplicate_key": (lambda: scores(["a", "a", "b", "b"], [0, 1, 0, 0], [1.0, 2.0, 3.0, 4.0]), "duplicate"),
     "nan_reward": (lambda: scores(["a", "a", "b", "b"], [0, 1, 0, 1], [1.0, 2.0, math.nan, 4.0]), "'b' sample_idx=0"),
-    "all_null": (lambda: scores(["a", "a", "b"], [0, 1, 0], [None, None, None]), "null in all 3 rows"),
     "inf_reward": (lambda: scores(["a", "a", "b", "b"], [0, 1, 0, 1], [1.0, 2.0, 3.0, -math.inf]), "'b' sample_idx=1"),
     "all_singletons": (lambda: scores(["a", "b", "c"], [0, 0, 0], [1.0, 2.0, 3.0]), "k < 2 for rloo"),
     "empty": (lambda: scores([], [], []), "no rows"),
@@ -390,8 +413,6 @@ BAD_MESSAGES = {
     "duplicate_key": "s.parquet: duplicate (prompt_id, sample_idx) = ('b', 0); keys must be unique",
     "nan_reward": "s.parquet: column `rlhf_reward` is nan at prompt_id='b' sample_idx=0 (1 row(s) NaN/inf); "
                   "fix the rewards or set score.on_invalid: drop",
-    "all_null": "s.parquet: `rlhf_reward` is null in all 3 rows (every reward returned None for every completion): "
-                "nothing to learn from; make some reward apply to them",
     "inf_reward": "s.parquet: column `rlhf_reward` is -inf at prompt_id='b' sample_idx=1 (1 row(s) NaN/inf); "
                   "fix the rewards or set score.on_invalid: drop",
     "all_singletons": "s.parquet: every prompt has one completion (k < 2 for rloo, or the others dropped by "

@@ -343,3 +343,6 @@ def test_a_held_out_completion_no_reward_applies_to_is_left_out_not_scored_0(tmp
         assert got[0] == 1.0 and np.isnan(got[1])
         assert caplog.records[-1].getMessage() == ("1 of 2 held-out completions got None from every reward: their "
                                                    "prompts are left out of the metrics; make some reward apply to them")
+    with caplog.at_level(logging.WARNING, logger="stages.evaluate"):
+        task_scores(df, rewards, qs, side="the reference's")  # the evaluation says whose they are
+    assert caplog.records[-1].getMessage().startswith("1 of 2 held-out completions (the reference's) got None")

@@ -608,11 +608,19 @@ def test_identity_ignores_a_field_the_configuration_does_not_read_and_keeps_earl
     assert params.identity_aliases() == set()  # the default: nothing changed
 
 
-def test_a_new_estimator_s_own_setting_counts_only_with_it_and_a_read_of_no_field_stops_the_import():
+def test_a_new_estimator_s_own_setting_counts_only_with_it_and_a_bad_read_stops_the_import(tmp_path):
     """README "Extending": an estimator's `reads` names the advantage fields that count in its runs' identity, for a
-    new estimator and a new field too (the list was typed out as the three built-in fields: a new estimator's own
-    setting changed every run's identity); a `reads` naming no field of AdvantageParams stops the import in one
-    line, not at the first round with an AttributeError. A fresh interpreter: the table is read at import."""
+    new estimator and its new field too (the list was typed out as the three built-in fields: a new estimator's own
+    setting changed every run's identity). A `reads` that names no field, or a field every estimator's run reads
+    (`normalize_advantages`: it would drop whitening from every other run's identity), stops the import in one line.
+    A copy of the code with the new field added, as a user extends it, in a fresh interpreter (the table is read at
+    import)."""
+    shutil.copytree(REPO / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    params_py = tmp_path / "stages" / "params.py"
+    anchor = '    normalize_advantages: bool = F(False, "whiten the advantages over the round\'s batch (TRL)")\n'
+    assert anchor in params_py.read_text()
+    params_py.write_text(params_py.read_text().replace(
+        anchor, anchor + '    quantile: float = F(0.5, "max_others: which quantile", gt=0, lt=1)\n'))
     code = """
 import sys
 import stages.estimators as est
@@ -623,26 +631,23 @@ try:
 except TypeError as exc:
     print('TypeError:', exc); raise SystemExit(0)
 from conftest import repo_params
-f = sys.argv[1]
-a, b = {'alpha': (0.5, 0.9), 'normalize_advantages': (False, True)}[f]
-rloo = lambda v: repo_params(advantage={'estimator': 'rloo', f: v}).identity()
-new = lambda v: repo_params(advantage={'estimator': 'max_others', f: v}).identity()
-print(P.CONDITIONAL_IDENTITY['advantage.' + f][1], rloo(a) == rloo(b), new(a) == new(b))
+ident = lambda e, v: repo_params(advantage={'estimator': e, 'quantile': v}).identity()
+print(P.CONDITIONAL_IDENTITY['advantage.quantile'][1], ident('rloo', 0.3) == ident('rloo', 0.7),
+      ident('max_others', 0.3) == ident('max_others', 0.7))
 """
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO / 'tests'}"}
     run = lambda field: subprocess.run([sys.executable, "-c", code, field], capture_output=True, text=True,  # noqa: E731
-                                       env=env, cwd=REPO, timeout=120)
-    got = run("alpha")
-    assert got.returncode == 0, got.stderr
-    assert got.stdout.strip() == "only with advantage.estimator ema or max_others True False"
-    # a field no built-in estimator reads (standing in for a new estimator's own setting): it counts only with it
-    got = run("normalize_advantages")
-    assert got.returncode == 0, got.stderr
-    assert got.stdout.strip() == "only with advantage.estimator max_others True False"
+                                       env=env, cwd=tmp_path, timeout=120)
     got = run("quantile")
     assert got.returncode == 0, got.stderr
-    assert got.stdout.strip() == ("TypeError: estimator `max_others` reads advantage.quantile, which AdvantageParams "
-                                  "lacks: add the field (stages/params.py) with its params.yaml line, or fix `reads`")
+    assert got.stdout.strip() == "only with advantage.estimator max_others True False"
+    for field, why in (("quantiles", "which AdvantageParams lacks: add the field (stages/params.py) with its "
+                                     "params.yaml line, or fix `reads`"),
+                       ("normalize_advantages", "which every estimator's run reads (it counts in every run's "
+                                                "identity): leave it out of `reads`")):
+        got = run(field)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout.strip() == f"TypeError: estimator `max_others` reads advantage.{field}, {why}"
 
 
 def test_a_run_an_earlier_version_named_by_a_field_it_does_not_read_resumes(tmp_path, monkeypatch):

@@ -586,6 +586,12 @@ def test_a_jsonl_file_mixing_text_and_chat_prompts_is_refused_naming_the_line(tm
             read_prompts_source(scalar)
         assert str(exc.value) == (f'{scalar} line 2: `prompt` is {json.dumps(value)}, a JSON {kind}, not text; quote '
                                   f'it ("prompt": "{json.dumps(value)}") or remove the line')
+    one_message = tmp_path / "one_message.jsonl"  # a forgotten [ ] around a conversation's one message
+    one_message.write_text('{"prompt": "hello"}\n{"prompt": {"role": "user", "content": "hi there"}}\n')
+    with pytest.raises(PipelineError) as exc:
+        read_prompts_source(one_message)
+    assert str(exc.value) == (f"{one_message} line 2: `prompt` is a JSON object, not text or a list of messages; a "
+                              "conversation is a list: wrap the message in [ ]")
     quoted = tmp_path / "quoted.jsonl"
     quoted.write_text('{"prompt": "42"}\n{"prompt": "true"}\n{"prompt": "Say hi."}\n')  # text that looks like one
     assert read_prompts_source(quoted)["prompt"].to_list() == ["42", "true", "Say hi."]

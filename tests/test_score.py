@@ -708,3 +708,7 @@ def test_a_policy_with_nan_weights_is_named_not_the_rewards(models):
         "(a diverged update): lower update.learning_rate and start over (python -m flows.train --restart)")
     with pytest.raises(PipelineError, match=r"^score: the reference's logprob is nan .*check score.ref_model"):
         score_samples(samples, build_rewards(sp.rewards), policy, broken, tok, sp)
+    # the first round (the policy is the reference: the base model itself): no update to blame
+    with pytest.raises(PipelineError, match=r"^score: the policy's logprob is nan .*: the model's weights are not finite "
+                                            r"numbers; check base.model_dir \(or --policy\)$"):
+        score_samples(samples, build_rewards(sp.rewards), broken, broken, tok, sp)
