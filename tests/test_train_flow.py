@@ -204,20 +204,26 @@ def test_a_deployment_run_of_another_configuration_in_params_yaml_s_dirs_is_refu
 
 
 def test_completions_no_reward_applies_to_train_with_advantage_0_outside_the_baselines(tmp_path, tiny_model_dir):
-    """A user's reward that returns None for some completions, through the flow: those rows are unscored (null
-    score and rlhf_reward, counted in the round's metrics), advantage 0, and the others' leave-one-out baselines
-    are over their scored siblings alone (TRL 1.16); the update trains on the round as usual."""
+    """A user's reward that returns None where it does not apply, through the flow: a first round where it applies
+    to no completion (it stopped the run, at that round on every rerun) trains on at advantage 0; in the next, the
+    rows it skipped are unscored (null score and rlhf_reward, counted in the round's metrics), advantage 0, and the
+    others' leave-one-out baselines are over their scored siblings alone (TRL 1.16)."""
     proj = make_project(tmp_path, tiny_model_dir, **{
-        "train.rounds": 1, "train.eval_every": 0, "sample.backend": "hf",
+        "train.rounds": 2, "train.eval_every": 0, "sample.backend": "hf",
         "score.rewards": [{"name": "some", "function": "some_reward:f"}]})
     (proj / "some_reward.py").write_text(
-        "def f(prompts, completions, **kw):\n"
+        "def f(prompts, completions, trainer_state, **kw):\n"
+        "    if trainer_state.global_step == 0:\n"
+        "        return [None] * len(completions)\n"
         "    return [None if i % 3 == 0 else float(len(c) % 7) for i, c in enumerate(completions)]\n")
     env = run_env(tmp_path)
     run([PY, "-m", "stages.prepare"], proj, env)
     out = run([PY, "-m", "flows.train"], proj, env)
-    assert "got None from every reward: unscored" in out.stdout + out.stderr
-    rnd = proj / "data" / "rounds" / "round=0000"
+    assert "every completion is unscored (no reward applied to any): advantage 0 for all" in out.stdout + out.stderr
+    rounds = proj / "data" / "rounds"
+    first = pl.read_parquet(rounds / "round=0000" / "advantages.parquet")
+    assert first["advantage"].to_list() == [0.0] * first.height and first["rlhf_reward"].null_count() == first.height
+    rnd = rounds / "round=0001"
     scores = pl.read_parquet(rnd / "scores.parquet")
     adv = pl.read_parquet(rnd / "advantages.parquet").join(scores.select("prompt_id", "sample_idx", "score"),
                                                            on=["prompt_id", "sample_idx"])
@@ -228,6 +234,7 @@ def test_completions_no_reward_applies_to_train_with_advantage_0_outside_the_bas
         r = g["rlhf_reward"].to_list()
         want = [x - (sum(r) - x) / (len(r) - 1) if len(r) > 1 else 0.0 for x in r]  # over scored siblings only
         assert g["advantage"].to_list() == pytest.approx(want, abs=1e-9), pid
-    manifest = json.loads((rnd / "manifest.json").read_text())
-    assert manifest["metrics"]["score/unscored"] == unscored.height
-    assert manifest["metrics"]["reward"] == pytest.approx(scores["score"].drop_nulls().mean(), abs=1e-9)
+    manifests = [json.loads((rounds / f"round={r:04d}" / "manifest.json").read_text()) for r in (0, 1)]
+    assert [m["metrics"]["score/unscored"] for m in manifests] == [first.height, unscored.height]
+    assert manifests[1]["metrics"]["reward"] == pytest.approx(scores["score"].drop_nulls().mean(), abs=1e-9)
+    assert manifests[1]["advantage_state"]["round_counts"] == [scores.height - unscored.height]  # round 1 added none
