@@ -292,20 +292,25 @@ def test_the_stage_without_a_trained_policy_says_to_train_or_pass_policy(tmp_pat
         main(["--params", str(tmp_path / "params.yaml"), "--prompts", str(tmp_path / "eval.parquet")])
 
 
+def _two_held_out(setup, tmp_path, monkeypatch, module: str, for_rome: str):
+    """Two held-out completions ('paris', 'rome') and a reward `n` that gives `for_rome` for 'rome', 1.0 else."""
+    tok, _, _, _, _ = setup
+    df = make_samples_table(tok, [("e0", 0, "a prompt", "paris", "stop"), ("e1", 0, "b prompt", "rome", "stop")])
+    qs = pl.DataFrame({"prompt_id": ["e0", "e1"], "prompt": ["a", "b"], "messages": ["[]"] * 2})
+    (tmp_path / f"{module}.py").write_text("def f(prompts, completions, **kw):\n"
+                                           f"    return [{for_rome} if c == 'rome' else 1.0 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    return df, qs, build_rewards([RewardSpec(name="n", function=f"{module}:f")])
+
+
 def test_a_nan_reward_in_the_evaluation_follows_score_on_invalid(tmp_path, monkeypatch, setup):
     """A reward's NaN/inf on a held-out completion: `error` stops with the row, as in training; `drop` leaves that
     prompt out of the metrics (counted as `dropped`), so metrics/eval.json stays strict JSON; no prompt left stops."""
     from stages.errors import PipelineError
     from stages.evaluate import task_scores
 
-    tok, _, _, _, _ = setup
-    df = make_samples_table(tok, [("e0", 0, "a prompt", "paris", "stop"), ("e1", 0, "b prompt", "rome", "stop")])
-    qs = pl.DataFrame({"prompt_id": ["e0", "e1"], "prompt": ["a", "b"], "messages": ["[]"] * 2})
-    (tmp_path / "nan_reward_t.py").write_text("def f(prompts, completions, **kw):\n"
-                                              "    return [float('nan') if c == 'rome' else 1.0 for c in completions]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "nan_reward_t", raising=False)
-    nan = build_rewards([RewardSpec(name="n", function="nan_reward_t:f")])
+    df, qs, nan = _two_held_out(setup, tmp_path, monkeypatch, "nan_reward_t", "float('nan')")
     with pytest.raises(PipelineError, match=r"^reward `n` gave NaN/inf for held-out prompt_id=e1 in the evaluation; "
                                             r"fix the reward or set score.on_invalid: drop"):
         task_scores(df, nan, qs)
@@ -329,14 +334,7 @@ def test_a_held_out_completion_no_reward_applies_to_is_left_out_not_scored_0(tmp
     `eval_metrics` leaves its prompt out (`dropped`), under either `score.on_invalid`, with a warning counting it."""
     from stages.evaluate import task_scores
 
-    tok, _, _, _, _ = setup
-    df = make_samples_table(tok, [("e0", 0, "a prompt", "paris", "stop"), ("e1", 0, "b prompt", "rome", "stop")])
-    qs = pl.DataFrame({"prompt_id": ["e0", "e1"], "prompt": ["a", "b"], "messages": ["[]"] * 2})
-    (tmp_path / "none_reward_t.py").write_text("def f(prompts, completions, **kw):\n"
-                                               "    return [None if c == 'rome' else 1.0 for c in completions]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "none_reward_t", raising=False)
-    rewards = build_rewards([RewardSpec(name="n", function="none_reward_t:f")])
+    df, qs, rewards = _two_held_out(setup, tmp_path, monkeypatch, "none_reward_t", "None")
     for on_invalid in ("error", "drop"):
         with caplog.at_level(logging.WARNING, logger="stages.evaluate"):
             got = task_scores(df, rewards, qs, on_invalid=on_invalid)
