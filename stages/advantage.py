@@ -185,19 +185,19 @@ def compute_advantages(
     state = check_state(state)
     digest = [DIGEST] if DIGEST in df.columns else []  # carried for the update's check (stages/schemas.py)
     df = df.select(*KEYS, pl.col(REWARD).cast(pl.Float64), *digest).with_row_index("_row")
-    unscored = df.filter(pl.col(REWARD).is_null())  # TRL 1.16: in no baseline, advantage 0
+    unscored = df.filter(pl.col(REWARD).is_null()).with_columns(  # TRL 1.16: in no baseline, advantage 0
+        baseline=pl.lit(None, pl.Float64), advantage=pl.lit(0.0), estimator=pl.lit(est))
     if unscored.height:
         df = df.filter(pl.col(REWARD).is_not_null())
     r, g = pl.col(REWARD), "prompt_id"
     if not df.height:  # every row unscored: TRL's advantages are all 0, and the round adds nothing to the history
         log.warning("%s: every completion is unscored (no reward applied to any): advantage 0 for all %d",
                     source, unscored.height)
-        out = unscored.with_columns(baseline=pl.lit(None, pl.Float64), advantage=pl.lit(0.0), estimator=pl.lit(est))
         nan = float("nan")
         stats = {"advantage_mean": 0.0, "advantage_std": 0.0, "baseline_mean": nan, "reward_mean": nan,
                  "reward_std": nan, "estimator": est, "rows": 0, "groups": 0, "singleton_groups": 0,
                  "normalized": params.normalize_advantages, "unscored": unscored.height}
-        return out.select(*ADVANTAGES, *digest), {**state, "estimator": est}, stats
+        return unscored.select(*ADVANTAGES, *digest), {**state, "estimator": est}, stats
 
     round_sum, rows = float(df[REWARD].sum()), df.height
     round_mean = round_sum / rows
@@ -242,9 +242,7 @@ def compute_advantages(
         "unscored": unscored.height,
     }
     if unscored.height:  # back in the input's order
-        out = pl.concat([out, unscored.with_columns(
-            baseline=pl.lit(None, pl.Float64), advantage=pl.lit(0.0), estimator=pl.lit(est)).select(out.columns)]
-        ).sort("_row")
+        out = pl.concat([out, unscored.select(out.columns)]).sort("_row")
     return out.drop("_row"), nxt, stats
 
 

@@ -75,7 +75,7 @@ def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame, on_invalid: st
     training: `error` stops with the row; `drop` leaves the score NaN, and `eval_metrics` leaves such prompts out.
     A completion that every reward returned None for is NaN too (unscored, `combine`), so its prompt is left out;
     `side` names whose completions they are in the warning ("the policy's", "the reference's")."""
-    from stages.rewards import combine, compute_rewards, invalid_rows
+    from stages.rewards import combine, compute_rewards, invalid_rows, unscored_rows
     from stages.score import reward_inputs
 
     keys = list(zip(df["prompt_id"], df["sample_idx"]))
@@ -84,7 +84,7 @@ def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame, on_invalid: st
     invalid_rows(comps, keys, on_invalid, "held-out prompt_id={pid} in the evaluation",
                  "leave such prompts out of the metrics")  # `drop`: combine's NaN marks them
     scores = combine(comps, {r.name: r.weight for r in rewards})
-    unscored = int(np.logical_and.reduce([np.ma.getmaskarray(v) for v in comps.values()]).sum())
+    unscored = int(unscored_rows(comps).sum())
     if unscored:
         log.warning("%d of %d held-out completions%s got None from every reward: their prompts are left out of the "
                     "metrics; make some reward apply to them", unscored, df.height, f" ({side})" if side else "")

@@ -700,5 +700,10 @@ def combine(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) 
     total = np.zeros(len(next(iter(components.values()))), dtype=np.float64)
     for n, r in components.items():
         total += weights[n] * np.ma.filled(np.ma.asarray(r, dtype=np.float64), 0.0)
-    total[np.logical_and.reduce([np.ma.getmaskarray(r) for r in components.values()])] = np.nan
+    total[unscored_rows(components)] = np.nan
     return total
+
+
+def unscored_rows(components: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The rows every component returned None for (masked in all): no reward applied to them (`combine`'s NaN)."""
+    return np.logical_and.reduce([np.ma.getmaskarray(r) for r in components.values()])

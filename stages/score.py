@@ -130,7 +130,7 @@ def score_samples(
     `batch_size`: completions per logprob batch, default `score.batch_size` (the flow passes the update's
     micro-batch when `logp_policy` came from it: a bf16 pass's logprobs depend on the batch's padding, and the
     KL's two passes must batch alike for their rounding to cancel, docs/design.md §7)."""
-    from stages.rewards import TrlExtras, combine, compute_rewards, invalid_rows
+    from stages.rewards import TrlExtras, combine, compute_rewards, invalid_rows, unscored_rows
 
     t0 = time.perf_counter()
     keys = list(zip(samples["prompt_id"], samples["sample_idx"]))
@@ -142,7 +142,7 @@ def score_samples(
     valid = ~invalid_rows(components, keys, score_params.on_invalid, "prompt_id={pid} sample_idx={idx}",
                           "exclude such rows")
     score = combine(components, {r.name: r.weight for r in rewards})  # NaN where every reward returned None
-    unscored = np.logical_and.reduce([np.ma.getmaskarray(v) for v in components.values()])
+    unscored = unscored_rows(components)
     if unscored.any():  # TRL 1.16 the same: left out of the baselines, advantage 0 (docs/design.md §2)
         log.warning("%d of %d completions got None from every reward: unscored (score and rlhf_reward null, left out "
                     "of their prompt's baseline, advantage 0); make some reward apply to them",
