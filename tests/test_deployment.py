@@ -86,6 +86,16 @@ def artifact(proj, env, key: str) -> dict:
     return data[0] if isinstance(data, list) else data
 
 
+def scheduled_runs(proj, env) -> int:
+    """How many flow runs the server holds in a Scheduled state."""
+    listed = run([str(BIN / "prefect"), "flow-run", "ls", "--state-type", "SCHEDULED", "--limit", "5", "--output",
+                  "json"], proj, env, check=False)
+    try:
+        return len(json.loads(listed.stdout or "[]"))
+    except json.JSONDecodeError:
+        return listed.stdout.count("nightly")
+
+
 def rounds_of(proj) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((proj / "data" / "rounds").glob("round=*/manifest.json"))]
 
@@ -101,6 +111,12 @@ def test_the_scheduled_pipeline(tmp_path, tiny_model_dir, prefect_server):
     assert any(s["schedule"].get("cron") == "0 2 * * *" for s in dep["schedules"])
     # the checkout it was deployed from is where the workers run it (no environment variable to forget)
     assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(proj.resolve())}}]
+    # The cron schedule is paused while this test starts its own runs: at 02:00 UTC a worker would take the nightly run
+    # as well, which the concurrency limit makes ours wait behind (pausing deletes the runs already scheduled). It is
+    # resumed at the end, where the scheduler must create the upcoming runs.
+    (cron,) = [s["id"] for s in dep["schedules"] if s["schedule"].get("cron") == "0 2 * * *"]
+    run([prefect, "deployment", "schedule", "pause", "rloo-pipeline/nightly", cron], proj, env)
+    assert scheduled_runs(proj, env) == 0
 
     # 1. the first run: every stage, 2 rounds, the held-out metrics as an artifact
     info, _ = run_deployment(proj, env)
@@ -155,19 +171,6 @@ def test_the_scheduled_pipeline(tmp_path, tiny_model_dir, prefect_server):
     assert "stages run before it failed: none" in failed and "params.yaml: put back as the run found it" in failed
     (proj / "params.yaml").write_text(good)
 
-    # The scheduler created upcoming cron runs (this is what sqlalchemy 2.1 silently breaks).
-    deadline = time.time() + 60
-    scheduled = 0
-    while time.time() < deadline and not scheduled:
-        listed = run([prefect, "flow-run", "ls", "--state-type", "SCHEDULED", "--limit", "5", "--output", "json"], proj,
-                     env, check=False)
-        try:
-            scheduled = len(json.loads(listed.stdout or "[]"))
-        except json.JSONDecodeError:
-            scheduled = listed.stdout.count("nightly")
-        if not scheduled:
-            time.sleep(2)
-    assert scheduled > 0
     print(f"no-op run: {seconds:.1f} s")
 
     # 6. another configuration: the old run is moved to the archive, which the training stage logs in Prefect's console
@@ -184,6 +187,14 @@ def test_the_scheduled_pipeline(tmp_path, tiny_model_dir, prefect_server):
     trains = json.loads(run([prefect, "flow-run", "ls", "--flow-name", "rloo-train", "--limit", "3", "--output", "json"],
                             proj, env).stdout)
     assert any(f"rloo-pipeline:{info['id']}" in t.get("tags", []) for t in trains), trains
+
+    # 7. the schedule resumed: the scheduler creates upcoming cron runs (this is what sqlalchemy 2.1 silently breaks;
+    # its loop runs every 60 s)
+    run([prefect, "deployment", "schedule", "resume", "rloo-pipeline/nightly", cron], proj, env)
+    deadline = time.time() + 180
+    while time.time() < deadline and not scheduled_runs(proj, env):
+        time.sleep(2)
+    assert scheduled_runs(proj, env) > 0
 
 
 def test_a_pipeline_run_with_nothing_changed_is_a_no_op(tmp_path, tiny_model_dir):
