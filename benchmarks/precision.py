@@ -166,7 +166,8 @@ def defaults(params) -> tuple[str, str]:
     from stages.runtime import sampler_dtype, score_dtype
 
     sampler = sampler_dtype(params.sample.dtype, params.score)
-    from_sampler = sampler_logprobs_are_policys(params.score.policy_logprobs, sampler == "float32")
+    from_sampler = sampler_logprobs_are_policys(params.score.policy_logprobs, sampler == "float32",
+                                                params.sample.temperature)
     passes = "fp32 pass" if score_dtype(params.score.dtype) == "float32" else "bf16 pass"
     policy = ("fp32 engine" if sampler == "float32" else "bf16 engine") if from_sampler else passes
     return policy, passes

@@ -91,6 +91,12 @@ def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame, on_invalid: st
     return scores
 
 
+def eval_temperature(params) -> float:
+    """The temperature of the held-out completions' distribution, which their KL is of: 1 with greedy decoding (the
+    raw logits' argmax), else `sample.temperature`."""
+    return 1.0 if params.evaluate.greedy else params.sample.temperature
+
+
 def evaluate_policy(
     policy_samples: pl.DataFrame,
     ref_samples: pl.DataFrame,
@@ -106,6 +112,7 @@ def evaluate_policy(
     policy_batches: int = 0,
     on_invalid: str = "error",
     with_metrics: bool = True,
+    temperature: float = 1.0,
 ) -> tuple[pl.DataFrame, dict | None]:
     """Score the policy's completions, KL to the reference, and compare with the reference's completions.
     `sampler_exact`: the completions' sampler logprobs are the fp32 policy's own (docs/design.md §7), so the
@@ -113,21 +120,24 @@ def evaluate_policy(
     reference's keys and values of these prompts (`stages.logprobs.PromptCache`, made once per run by the flow);
     `policy_batches`: the least batches the policy pass runs (a sharded policy, `sequence_logprobs`' min_batches);
     `on_invalid`: `score.on_invalid`, for a reward's NaN/inf (`task_scores`); `with_metrics` False: the table only
-    (a rank's share of the held-out prompts, whose metrics come from the gathered table)."""
+    (a rank's share of the held-out prompts, whose metrics come from the gathered table); `temperature`: of the
+    distribution the completions were drawn from, the KL's (`eval_temperature`; the sampler's raw logprobs are
+    used only at 1)."""
     from stages.logprobs import sequence_logprobs
     from stages.score import completion_inputs
 
     scores = task_scores(policy_samples, rewards, prompts, on_invalid, "the policy's")
     p_ids, c_ids = completion_inputs(policy_samples, tokenizer)
     pad = tokenizer.pad_token_id
-    if sampler_exact:
+    if sampler_exact and temperature == 1.0:
         logp_pol = [float(sum(x)) for x in policy_samples["sampler_logprobs"]]
     else:
         logp_pol, _ = sequence_logprobs(policy, p_ids, c_ids, pad, batch_size, progress="eval logp policy",
-                                        min_batches=policy_batches)
+                                        min_batches=policy_batches, temperature=temperature)
     logp_ref = list(logp_pol) if ref is policy else sequence_logprobs(ref, p_ids, c_ids, pad, batch_size,
                                                                       progress="eval logp ref",
-                                                                      prompt_cache=ref_prompt_cache)[0]
+                                                                      prompt_cache=ref_prompt_cache,
+                                                                      temperature=temperature)[0]
     kl = np.asarray(logp_pol) - np.asarray(logp_ref)
     ref_by_id = ref_samples.select(
         "prompt_id", ref_completion="completion", ref_num_tokens="num_tokens"
@@ -279,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     rewards = build_rewards(params.score.rewards, device=device, batch_size=params.score.batch_size)
     sampler = make_sampler(str(ref_dir), params)
     try:
-        exact = sampler.exact_logprobs
+        exact = sampler.exact_logprobs and eval_temperature(params) == 1.0
         ref_samples = generate_one(sampler, tokenizer, prompts, params, params.base.seed, 0, logprobs=False)
         sampler.update_weights(state_dict=policy.state_dict())
         policy_samples = generate_one(sampler, tokenizer, prompts, params, params.base.seed, version, logprobs=exact)
@@ -287,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         sampler.close()
     ref_scores = task_scores(ref_samples, rewards, prompts, params.score.on_invalid, "the reference's")
     table, metrics = evaluate_policy(policy_samples, ref_samples, ref_scores, rewards, policy, ref, tokenizer, prompts,
-                                     params.score.batch_size, sampler_exact=exact, on_invalid=params.score.on_invalid)
+                                     params.score.batch_size, sampler_exact=exact, on_invalid=params.score.on_invalid,
+                                     temperature=eval_temperature(params))
     metrics["policy_version"] = version
     metrics["time/evaluate_s"] = time.perf_counter() - t0
     write_table(table, Path(args.out_dir) / "eval.parquet")

@@ -55,17 +55,18 @@ def completion_logits(model, prompts, completions, pad_id: int):
     return out.logits, targets, mask
 
 
-def token_logprobs(model, prompts, completions, pad_id: int, with_entropy: bool = False):
+def token_logprobs(model, prompts, completions, pad_id: int, with_entropy: bool = False, temperature: float = 1.0):
     """Logprob of each completion token (B, C) (0 at padding) and the mask; differentiable when grad is on.
 
-    With `with_entropy`, also the entropy of the policy at each completion position (no gradient).
+    With `with_entropy`, also the entropy of the policy at each completion position (no gradient). `temperature`:
+    of the distribution the completions were sampled from (`selective_logprobs`).
     """
     logits, targets, mask = completion_logits(model, prompts, completions, pad_id)
-    return _masked(logits, targets, mask, with_entropy)
+    return _masked(logits, targets, mask, with_entropy, temperature)
 
 
-def _masked(logits, targets, mask, with_entropy: bool):
-    logp, entropy = selective_logprobs(logits, targets, with_entropy)
+def _masked(logits, targets, mask, with_entropy: bool, temperature: float = 1.0):
+    logp, entropy = selective_logprobs(logits, targets, with_entropy, temperature)
     return logp * mask, mask, entropy * mask if with_entropy else None
 
 
@@ -78,10 +79,11 @@ class _SelectiveLogprobs(torch.autograd.Function):
     the gradient written in the logits' dtype. The plain `log_softmax(logits.float()).gather(...)` keeps a (N, V)
     fp32 tensor for its backward and makes several more (N x 49k x 4 bytes: 200 MB for 32 completions of 32
     tokens); this keeps only the logits and N floats, and the fp32 blocks stay in cache (docs/design.md §7). On a
-    GPU a block is larger (fewer kernel launches)."""
+    GPU a block is larger (fewer kernel launches). `inv_t` (1 / temperature, 1.0 for none) scales each fp32 block
+    as it is read: the logits themselves are never copied scaled."""
 
     @staticmethod
-    def forward(ctx, logits, targets, with_entropy: bool):
+    def forward(ctx, logits, targets, with_entropy: bool, inv_t: float = 1.0):
         V = logits.shape[-1]
         flat, t = logits.reshape(-1, V), targets.reshape(-1)
         n = flat.shape[0]
@@ -90,6 +92,8 @@ class _SelectiveLogprobs(torch.autograd.Function):
         step = _block_rows(V, logits.device)
         for s in range(0, n, step):
             x = flat[s : s + step].float()
+            if inv_t != 1.0:
+                x = x.mul_(inv_t) if x.dtype != flat.dtype else x * inv_t  # .float() of bf16 logits is a copy
             if not with_entropy:
                 lse[s : s + step] = torch.logsumexp(x, dim=-1)
                 continue
@@ -101,8 +105,9 @@ class _SelectiveLogprobs(torch.autograd.Function):
             z = e.sum(-1)
             lse[s : s + step] = m.squeeze(-1) + z.log()
             ent[s : s + step] = lse[s : s + step] - e.mul_(x).sum(-1) / z
-        logp = flat.gather(1, t[:, None]).squeeze(1).float() - lse
+        logp = flat.gather(1, t[:, None]).squeeze(1).float() * inv_t - lse
         ctx.save_for_backward(logits, targets, lse)
+        ctx.inv_t = inv_t
         ent = ent.view(targets.shape) if with_entropy else ent
         ctx.mark_non_differentiable(ent)
         return logp.view(targets.shape), ent
@@ -116,10 +121,12 @@ class _SelectiveLogprobs(torch.autograd.Function):
         grad = torch.empty_like(flat)
         step = _block_rows(V, logits.device)
         for s in range(0, flat.shape[0], step):
-            p = torch.exp(flat[s : s + step].float() - lse[s : s + step, None])
-            p.mul_(-g[s : s + step, None]).scatter_add_(1, t[s : s + step, None], g[s : s + step, None])
+            # d/dx of x[t]/T - lse(x/T) is (onehot(t) - softmax(x/T)) / T
+            gs = g[s : s + step, None] * ctx.inv_t
+            p = torch.exp(flat[s : s + step].float() * ctx.inv_t - lse[s : s + step, None])
+            p.mul_(-gs).scatter_add_(1, t[s : s + step, None], gs)
             grad[s : s + step] = p
-        return grad.view_as(logits), None, None
+        return grad.view_as(logits), None, None, None
 
 
 def _block_rows(vocab: int, device: torch.device) -> int:
@@ -127,11 +134,16 @@ def _block_rows(vocab: int, device: torch.device) -> int:
     return max(1, ((1 << 26) if device.type == "cuda" else (1 << 20)) // vocab)
 
 
-def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
+def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
+                       temperature: float = 1.0):
     """(..., V) logits, (...) targets -> the fp32 logprob of each target (differentiable) and, with `with_entropy`,
-    the entropy at each position (no gradient; else None). Equal to `log_softmax(logits.float())` gathered, to float
-    rounding (tested); bf16 autocast logits lose 0.01-0.1 nats without the fp32."""
-    logp, ent = _SelectiveLogprobs.apply(logits, targets, with_entropy)
+    the entropy at each position (no gradient; else None). Equal to `log_softmax(logits.float() / temperature)`
+    gathered, to float rounding (tested); bf16 autocast logits lose 0.01-0.1 nats without the fp32. `temperature`:
+    `sample.temperature`, the distribution the completions were drawn from, which the KL and the loss are about (as
+    TRL divides the logits by it; docs/design.md §1)."""
+    if not temperature > 0:
+        raise ValueError(f"selective_logprobs: temperature must be > 0 (got {temperature})")
+    logp, ent = _SelectiveLogprobs.apply(logits, targets, with_entropy, 1.0 / temperature)
     return logp, ent if with_entropy else None
 
 
@@ -141,29 +153,31 @@ def _precision(model, dtype: str):
 
 
 def completion_logprobs(model, prompts, completions, pad_id: int, with_entropy: bool = False, share: bool = True,
-                        dtype: str = "float32", prompt_cache: PromptCache | None = None):
+                        dtype: str = "float32", prompt_cache: PromptCache | None = None, temperature: float = 1.0):
     """(B, C) logprobs, mask, entropy: the shared-prompt layout when `share` (always with a `prompt_cache`), in
-    `dtype` (bfloat16: autocast)."""
+    `dtype` (bfloat16: autocast), of the distribution at `temperature` (`selective_logprobs`)."""
     with _precision(model, dtype):
         if prompt_cache is not None:
             if prompt_cache.dtype != dtype:
                 raise ValueError(f"a prompt cache made in {prompt_cache.dtype} used for a {dtype} pass")
             if prompt_cache.model is not model:
                 raise ValueError("a prompt cache made from another model: its keys and values are that model's")
-            return shared_prompt_logprobs(model, prompts, completions, pad_id, with_entropy, prompt_cache)
-        fn = shared_prompt_logprobs if share else token_logprobs
-        return fn(model, prompts, completions, pad_id, with_entropy)
+            return shared_prompt_logprobs(model, prompts, completions, pad_id, with_entropy, prompt_cache, temperature)
+        if share:
+            return shared_prompt_logprobs(model, prompts, completions, pad_id, with_entropy, temperature=temperature)
+        return token_logprobs(model, prompts, completions, pad_id, with_entropy, temperature)
 
 
 class LogprobModel(torch.nn.Module):
     """A causal LM whose forward is `completion_logprobs`: one call per micro-batch, for DDP and FSDP to wrap."""
 
-    def __init__(self, model, pad_id: int, share: bool = True, dtype: str = "float32"):
+    def __init__(self, model, pad_id: int, share: bool = True, dtype: str = "float32", temperature: float = 1.0):
         super().__init__()
-        self.model, self.pad_id, self.share, self.dtype = model, pad_id, share, dtype
+        self.model, self.pad_id, self.share, self.dtype, self.temperature = model, pad_id, share, dtype, temperature
 
     def forward(self, prompts, completions, with_entropy: bool = False):
-        return completion_logprobs(self.model, prompts, completions, self.pad_id, with_entropy, self.share, self.dtype)
+        return completion_logprobs(self.model, prompts, completions, self.pad_id, with_entropy, self.share, self.dtype,
+                                   temperature=self.temperature)
 
 
 @torch.no_grad()
@@ -178,9 +192,11 @@ def sequence_logprobs(
     dtype: str = "float32",
     prompt_cache: PromptCache | None = None,
     min_batches: int = 0,
+    temperature: float = 1.0,
 ) -> tuple[list[float], list[list[float]]]:
     """Summed logprob per completion and the per-token lists, in batches, no gradient. `prompt_cache`: the model's
     keys and values of these prompts, computed earlier (`PromptCache`): only the completions are run.
+    `temperature`: of the distribution the completions were drawn from (`selective_logprobs`).
     `min_batches`: run at least this many batches, the missing ones on a one-token input whose result is dropped:
     an FSDP model's every forward is a collective, so every rank must run as many as the rank with the most rows."""
     from tqdm.auto import tqdm
@@ -201,7 +217,8 @@ def sequence_logprobs(
         for s in tqdm(starts, desc=progress, disable=progress is None or len(starts) < 2, leave=False):
             idx = order[s : s + batch_size]
             lp, mask, _ = completion_logprobs(model, [prompts[i] for i in idx], [completions[i] for i in idx], pad_id,
-                                              share=share, dtype=dtype, prompt_cache=prompt_cache)
+                                              share=share, dtype=dtype, prompt_cache=prompt_cache,
+                                              temperature=temperature)
             lp = lp.double()
             for row, m, i in zip(lp, mask, idx):
                 res_sum[i] = float(row.sum())
@@ -215,7 +232,7 @@ def sequence_logprobs(
 
 
 def shared_prompt_logprobs(model, prompts, completions, pad_id: int, with_entropy: bool = False,
-                           prompt_cache: PromptCache | None = None):
+                           prompt_cache: PromptCache | None = None, temperature: float = 1.0):
     """`token_logprobs` with each distinct prompt computed once and its KV cache shared by all its completions.
 
     A round has K completions per prompt, and the prompt is most of each sequence (~65 of ~97 tokens on the default
@@ -252,8 +269,8 @@ def shared_prompt_logprobs(model, prompts, completions, pad_id: int, with_entrop
     # (50 MB each in bf16 for a micro-batch of 16 completions of 32 tokens; docs/design.md §7)
     logits = model(input_ids=c_ids, attention_mask=att, position_ids=c_pos, past_key_values=cache, use_cache=False,
                    logits_to_keep=torch.arange(C - 1, device=device)).logits  # (B, C - 1, V)
-    first, first_ent = selective_logprobs(first_logits.unsqueeze(1), c_ids[:, :1], with_entropy)
-    rest, rest_ent = selective_logprobs(logits, c_ids[:, 1:], with_entropy)
+    first, first_ent = selective_logprobs(first_logits.unsqueeze(1), c_ids[:, :1], with_entropy, temperature)
+    rest, rest_ent = selective_logprobs(logits, c_ids[:, 1:], with_entropy, temperature)
     entropy = torch.cat([first_ent, rest_ent], dim=1) * mask if with_entropy else None
     return torch.cat([first, rest], dim=1) * mask, mask, entropy
 

@@ -77,7 +77,8 @@ class SampleParams(_Section):
     backend: BackendName = F("auto", "sampling engine: auto (vLLM when it imports), or a backend by name")
     k: int = F(4, "completions per prompt (TRL: num_generations); >= 2 for the group estimators, >= 1 otherwise")
     max_completion_length: int = F(32, "generated tokens per completion, at most", ge=1)
-    temperature: float = F(1.0, "sampling temperature", gt=0)
+    temperature: float = F(1.0, "sampling temperature; the KL's and the update's logprobs are of the logits divided "
+                           "by it, the distribution that sampled (as TRL)", gt=0)
     top_p: float = F(1.0, "nucleus sampling: keep the smallest set of tokens with this probability mass", gt=0, le=1)
     stop: list[str] = F(list, "extra stop strings (EOS always stops); a completion ends with the token that completed "
                         "one, and its text, the tokens' decoding, includes it (as TRL's)")
@@ -250,6 +251,11 @@ class Params(_Section):
             raise ValueError(f"update.num_mini_batches: must be <= the completions of a round, train.prompts_per_round "
                              f"x sample.k = {rows} (got {self.update.num_mini_batches}); each mini-batch is one "
                              "optimizer step")
+        if self.score.policy_logprobs == "sampler" and self.sample.temperature != 1.0:
+            # the engine's logprobs are of the raw logits; the KL and the loss are of the tempered ones (as TRL)
+            raise ValueError(f"score.policy_logprobs: sampler needs sample.temperature 1.0 (got "
+                             f"{self.sample.temperature}): the engine's logprobs are before temperature, the KL's are "
+                             "after; use auto")
         check_output_dirs(self)
         return self
 

@@ -121,6 +121,7 @@ def score_samples(
     steps: tuple[int, int] = (0, 0),
     policy_batches: int = 0,
     batch_size: int = 0,
+    temperature: float = 1.0,
 ) -> tuple[pl.DataFrame, dict]:
     """The score stage's computation. `ref` may be the same object as `policy` (then kl = 0 exactly);
     `logp_policy` may be passed when the caller already has it, or a function that computes it (called after the
@@ -129,7 +130,8 @@ def score_samples(
     `policy_batches`: the least batches the policy pass runs (a sharded policy, `sequence_logprobs`' min_batches);
     `batch_size`: completions per logprob batch, default `score.batch_size` (the flow passes the update's
     micro-batch when `logp_policy` came from it: a bf16 pass's logprobs depend on the batch's padding, and the
-    KL's two passes must batch alike for their rounding to cancel, docs/design.md §7)."""
+    KL's two passes must batch alike for their rounding to cancel, docs/design.md §7); `temperature`:
+    `sample.temperature`, the distribution both logprobs are of (as TRL, docs/design.md §1)."""
     from stages.rewards import TrlExtras, combine, compute_rewards, invalid_rows, unscored_rows
 
     t0 = time.perf_counter()
@@ -143,7 +145,7 @@ def score_samples(
                           "exclude such rows")
     score = combine(components, {r.name: r.weight for r in rewards})  # NaN where every reward returned None
     unscored = unscored_rows(components)
-    if unscored.any():  # TRL 1.16 the same: left out of the baselines, advantage 0 (docs/design.md §2)
+    if unscored.any():  # TRL 1.16 the same: left out of the baselines, advantage 0 (docs/design.md §1)
         log.warning("%d of %d completions got None from every reward: unscored (score and rlhf_reward null, left out "
                     "of their prompt's baseline, advantage 0); make some reward apply to them",
                     int(unscored.sum()), samples.height)
@@ -152,7 +154,7 @@ def score_samples(
     prompt_ids, completion_ids = completion_inputs(samples, tokenizer)
     pad = tokenizer.pad_token_id
     bs = batch_size or score_params.batch_size
-    opts = dict(share=share_prompts, dtype=score_dtype(score_params.dtype))
+    opts = dict(share=share_prompts, dtype=score_dtype(score_params.dtype), temperature=temperature)
     logp_ref = None
     if callable(logp_policy):  # a forward kept for the update: after the reference pass, whose memory is then free
         if ref is not policy:
@@ -321,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
                         "data/prepared/train.parquet for the same rewards as training")
         round_index = int(samples["policy_version"].max() or 0) if samples.height else 0  # updates so far
         out, stats = score_samples(samples, rewards, policy, ref, tokenizer, params.score, prompts,
-                                   share_prompts=params.base.share_prompts, steps=optimizer_steps(params, round_index))
+                                   share_prompts=params.base.share_prompts, steps=optimizer_steps(params, round_index),
+                                   temperature=params.sample.temperature)
     except PipelineError as exc:
         from stages.rewards import MISSING_COLUMN
 

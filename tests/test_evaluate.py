@@ -270,6 +270,13 @@ def test_exact_sampler_logprobs_replace_the_policy_pass_and_rewards_see_the_prom
                 for t, ids in zip(pol["prompt_text"], pol["completion_token_ids"])]
     assert table["logp_ref"].to_list() == pytest.approx(want_ref, abs=1e-4)
     assert table["kl"].to_list() == pytest.approx([s - r for s, r in zip(sampler, want_ref)], abs=1e-4)
+    # sampled at another temperature: the engine's raw logprobs are not the KL's, both passes are of logits / T
+    table, _ = evaluate_policy(pol, ref, np.zeros(3), exact, policy, other, tok, qs, sampler_exact=True,
+                               temperature=0.5)
+    want = [direct_logp(m_, tok(t, add_special_tokens=False)["input_ids"], list(ids), 0.5)[0]
+            for m_ in (policy, other) for t, ids in zip(pol["prompt_text"], pol["completion_token_ids"])]
+    assert table["logp_policy"].to_list() == pytest.approx(want[:3], abs=1e-4)
+    assert table["logp_ref"].to_list() == pytest.approx(want[3:], abs=1e-4)
 
 
 def test_the_stage_without_a_trained_policy_says_to_train_or_pass_policy(tmp_path):

@@ -51,23 +51,26 @@ def make_samples(tokenizer, rows=ROWS) -> pl.DataFrame:
     return make_samples_table(tokenizer, rows)
 
 
-def direct_logp(model, prompt_ids: list[int], completion_ids: list[int]) -> tuple[float, list[float]]:
-    """One unpadded forward pass over prompt + completion; sum of log_softmax at the completion tokens."""
+def direct_logp(model, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0
+                ) -> tuple[float, list[float]]:
+    """One unpadded forward pass over prompt + completion; sum of log_softmax(logits / temperature) at the
+    completion tokens."""
     if not completion_ids:
         return 0.0, []
     ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].double()
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
     P = len(prompt_ids)
     per_token = [float(logp[P - 1 + j, t]) for j, t in enumerate(completion_ids)]
     return sum(per_token), per_token
 
 
-def direct_for(model, tokenizer, samples: pl.DataFrame) -> list[float]:
+def direct_for(model, tokenizer, samples: pl.DataFrame, temperature: float = 1.0) -> list[float]:
     out = []
     for text, comp in zip(samples["prompt_text"], samples["completion_token_ids"]):
-        out.append(direct_logp(model, tokenizer(text, add_special_tokens=False)["input_ids"], list(comp))[0])
+        out.append(direct_logp(model, tokenizer(text, add_special_tokens=False)["input_ids"], list(comp),
+                               temperature)[0])
     return out
 
 
@@ -200,16 +203,20 @@ def test_score_samples_weights_and_kl_zero_when_ref_is_policy(models, tmp_path, 
     assert stats["rewards/chars"] == pytest.approx(float(np.mean(chars)))
 
 
-@pytest.mark.parametrize("kl_level", ["sequence", "token"])
-def test_score_samples_with_a_different_ref_matches_direct_forward(models, kl_level):
+@pytest.mark.parametrize("kl_level,temperature", [("sequence", 1.0), ("token", 1.0), ("sequence", 0.7)])
+def test_score_samples_with_a_different_ref_matches_direct_forward(models, kl_level, temperature):
+    """Both logprobs are of the distribution the completions were sampled from: the logits divided by
+    sample.temperature (as TRL), so the KL and the loss are about the policy that sampled."""
     tok, policy, ref, plain_policy, plain_ref = models
     sp = score_params([{"name": "length", "function": "length", "weight": 1.0}], beta=0.05, batch_size=4,
                       kl_level=kl_level, missing_eos_penalty=0.25)
     samples = make_samples(tok)
-    out, stats = score_samples(samples, build_rewards(sp.rewards), policy, ref, tok, sp)
+    out, stats = score_samples(samples, build_rewards(sp.rewards), policy, ref, tok, sp, temperature=temperature)
 
-    lp = direct_for(plain_policy, tok, samples)
-    lr = direct_for(plain_ref, tok, samples)
+    lp = direct_for(plain_policy, tok, samples, temperature)
+    lr = direct_for(plain_ref, tok, samples, temperature)
+    if temperature != 1.0:  # not the untempered ones
+        assert np.abs(np.asarray(lp) - np.asarray(direct_for(plain_policy, tok, samples))).max() > 0.1
     assert out["logp_policy"].to_list() == pytest.approx(lp, abs=1e-4)
     assert out["logp_ref"].to_list() == pytest.approx(lr, abs=1e-4)
     kl = out["logp_policy"].to_numpy() - out["logp_ref"].to_numpy()
@@ -355,12 +362,14 @@ def test_the_plain_layout_needs_a_prompt_token(models):
     assert logits.shape[:2] == (1, 2) and logits.is_contiguous() and targets.tolist() == [[5, 6]]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_selective_logprobs_equal_the_full_log_softmax_and_its_gradient(dtype, monkeypatch):
-    """The blockwise fp32 logprob of each target (what every logprob pass uses) equals log_softmax(logits.float())
-    gathered, its entropy the full one, and its gradient the full one's, in the logits' dtype; with blocks of 4 rows
-    for 6 x 5 positions (the last block partial), on a non-contiguous view (a caller's slice of wider logits). With
-    and without the entropy, the logprobs are the same to the bit."""
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.float32, 0.6),
+                                               (torch.bfloat16, 1.5)])
+def test_selective_logprobs_equal_the_full_log_softmax_and_its_gradient(dtype, temperature, monkeypatch):
+    """The blockwise fp32 logprob of each target (what every logprob pass uses) equals
+    log_softmax(logits.float() / temperature) gathered, its entropy the full one, and its gradient the full one's,
+    in the logits' dtype; with blocks of 4 rows for 6 x 5 positions (the last block partial), on a non-contiguous
+    view (a caller's slice of wider logits). With and without the entropy, the logprobs are the same to the bit;
+    the logits themselves are left as they were."""
     import stages.logprobs as lp_mod
 
     monkeypatch.setattr(lp_mod, "_block_rows", lambda vocab, device: 4)
@@ -369,18 +378,20 @@ def test_selective_logprobs_equal_the_full_log_softmax_and_its_gradient(dtype, m
     logits = leaf[:, :-1, :]  # non-contiguous
     targets = torch.randint(0, 300, (6, 5), generator=gen)
     weights = torch.randn(6, 5, generator=gen)
-    logp, ent = lp_mod.selective_logprobs(logits, targets, with_entropy=True)
+    before = logits.detach().clone()
+    logp, ent = lp_mod.selective_logprobs(logits, targets, with_entropy=True, temperature=temperature)
     assert logp.dtype == torch.float32 and not ent.requires_grad
+    assert torch.equal(logits.detach(), before)
     (logp * weights).sum().backward()
     got_grad, leaf.grad = leaf.grad, None
-    full = torch.log_softmax(logits.float(), dim=-1)
+    full = torch.log_softmax(logits.float() / temperature, dim=-1)
     want = full.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     (want * weights).sum().backward()
     assert torch.allclose(logp, want, atol=1e-5)
     assert torch.allclose(ent, -(full.exp() * full).sum(-1), atol=1e-4)
     assert got_grad.dtype == dtype and not got_grad[:, -1].any()
     assert torch.allclose(got_grad.float(), leaf.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
-    plain, none = lp_mod.selective_logprobs(logits, targets)
+    plain, none = lp_mod.selective_logprobs(logits, targets, temperature=temperature)
     assert none is None
     # the entropy's single exp pass leaves the logprobs (what the update trains on) the same to the bit
     assert torch.equal(plain, logp)

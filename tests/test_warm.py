@@ -15,6 +15,7 @@ import pytest
 import torch
 from project import PY, make_project, run, run_env
 
+from stages.errors import PipelineError
 from stages.logprobs import token_logprobs
 
 
@@ -67,18 +68,24 @@ def _ref_passes(monkeypatch, w) -> list:
 
 @pytest.mark.parametrize("choice", ["auto", "sampler", "update", "trainer"])
 @pytest.mark.parametrize("exact", [True, False])  # an fp32 engine's logprobs are the policy's own; a bf16 one's not
-def test_a_round_asks_the_engine_for_logprobs_exactly_where_its_kl_reads_them(choice, exact):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])  # the engine's logprobs are before temperature, the KL's after
+def test_a_round_asks_the_engine_for_logprobs_exactly_where_its_kl_reads_them(choice, exact, temperature):
     """`round_uses_sampler_logprobs` (what `sample_round` asks for) against `resolve_policy_logprobs` (what the round's
-    scoring then reads), for every `score.policy_logprobs` and both kinds of engine, at any round size."""
+    scoring then reads), for every `score.policy_logprobs` and both kinds of engine, at any round size; at a
+    temperature other than 1 `auto` never takes the engine's raw logprobs and params refuse `sampler`."""
     from types import SimpleNamespace
 
     from conftest import repo_params
     from stages.loop import steps
 
-    params = repo_params(score={"policy_logprobs": choice})
+    if choice == "sampler" and temperature != 1.0:
+        with pytest.raises(PipelineError, match="score.policy_logprobs: sampler needs sample.temperature 1.0"):
+            repo_params(score={"policy_logprobs": choice}, sample={"temperature": temperature})
+        return
+    params = repo_params(score={"policy_logprobs": choice}, sample={"temperature": temperature})
     w = SimpleNamespace(params=params, sampler=SimpleNamespace(exact_logprobs=exact))
     asks = steps.round_uses_sampler_logprobs(w)
-    assert asks == (choice == "sampler" or (choice == "auto" and exact))
+    assert asks == (choice == "sampler" or (choice == "auto" and exact and temperature == 1.0))
     for rows in (1, 32, 512):
         reads = steps.resolve_policy_logprobs(params, rows, exact, True, 32, False) == "sampler"
         assert reads == asks

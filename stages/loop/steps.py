@@ -65,11 +65,12 @@ def sync_sampler(w: Warm) -> float:
     return time.perf_counter() - t0
 
 
-def sampler_logprobs_are_policys(choice: str, sampler_exact: bool) -> bool:
+def sampler_logprobs_are_policys(choice: str, sampler_exact: bool, temperature: float = 1.0) -> bool:
     """`score.policy_logprobs` (`choice`): reuse the sampler's logprobs as logp_policy (auto: when they are the fp32
     policy's own, `sampler_exact`; measured 1.6e-4 nats max per 40-token sequence against the fp32 trainer,
-    docs/design.md §7)."""
-    return choice == "sampler" or (choice == "auto" and sampler_exact)
+    docs/design.md §7), and the KL is of the raw logits: `temperature` (`sample.temperature`) 1 (params refuse an
+    explicit `sampler` at another one)."""
+    return choice == "sampler" or (choice == "auto" and sampler_exact and temperature == 1.0)
 
 
 def round_uses_sampler_logprobs(w: Warm) -> bool:
@@ -78,7 +79,8 @@ def round_uses_sampler_logprobs(w: Warm) -> bool:
     (`auto` with a bf16 engine, `update`, `trainer`: the update's forward or a trainer pass gives them), the round
     does not ask for them: -0.12 s of the 1.40 s a round's sampling takes on the 2-core Xeon with AMX, the same
     tokens (docs/design.md §7)."""
-    return sampler_logprobs_are_policys(w.params.score.policy_logprobs, w.sampler.exact_logprobs)
+    return sampler_logprobs_are_policys(w.params.score.policy_logprobs, w.sampler.exact_logprobs,
+                                        w.params.sample.temperature)
 
 
 def resolve_policy_logprobs(params, rows: int, sampler_exact: bool, autocast: bool, micro_cap: int,
@@ -92,7 +94,7 @@ def resolve_policy_logprobs(params, rows: int, sampler_exact: bool, autocast: bo
     from stages.update import scoring_forward_refusal
 
     choice = params.score.policy_logprobs
-    if sampler_logprobs_are_policys(choice, sampler_exact):
+    if sampler_logprobs_are_policys(choice, sampler_exact, params.sample.temperature):
         return "sampler"
     if choice in ("auto", "update") and scoring_forward_refusal(params.update, params.score, rows, autocast, micro_cap,
                                                                 distributed) is None:
@@ -168,7 +170,8 @@ def score_round(w: Warm, samples: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
                                share_prompts=w.params.base.share_prompts,
                                steps=optimizer_steps(w.params, int(samples["policy_version"].max() or 0), w.total_rounds),
                                policy_batches=policy_pass_batches(w, local.height, source == "trainer"),
-                               batch_size=local.height if source == "update" else 0)
+                               batch_size=local.height if source == "update" else 0,
+                               temperature=w.params.sample.temperature)
     if ahead_s:  # (counted in time/logprobs_s)
         stats["time/policy_forward_s"] = ahead_s[0]
     if w.dist.enabled:
@@ -250,21 +253,22 @@ def keep_checkpoint_weights(trainer, model_dir) -> float:
 def evaluate_round(w: Warm, version: int) -> dict:
     """The current policy against the reference on the held-out prompts, with the warm engine and models (each rank
     on its share of them)."""
-    from stages.evaluate import eval_metrics, evaluate_policy, generate_one
+    from stages.evaluate import eval_metrics, eval_temperature, evaluate_policy, generate_one
 
     p = w.params
     if w.ref_eval is None:
         raise RuntimeError("load_warm(with_eval=True) prepares the reference's held-out completions")
     ref_samples, ref_scores = w.ref_eval
     sync_sampler(w)  # the policy's held-out completions come from the engine
-    batches = policy_pass_batches(w, w.eval_prompts.height, not w.sampler.exact_logprobs)  # one completion a prompt
+    temperature = eval_temperature(p)
+    exact = w.sampler.exact_logprobs and temperature == 1.0  # the engine's raw logprobs are the KL's
+    batches = policy_pass_batches(w, w.eval_prompts.height, not exact)  # one completion a prompt
     if w.eval_prompts.height:
-        pol = generate_one(w.sampler, w.tokenizer, w.eval_prompts, p, p.base.seed, version,
-                           logprobs=w.sampler.exact_logprobs)
+        pol = generate_one(w.sampler, w.tokenizer, w.eval_prompts, p, p.base.seed, version, logprobs=exact)
         table, _ = evaluate_policy(pol, ref_samples, ref_scores, w.rewards, w.trainer.model, w.ref, w.tokenizer,
-                                   w.eval_prompts, p.score.batch_size, sampler_exact=w.sampler.exact_logprobs,
+                                   w.eval_prompts, p.score.batch_size, sampler_exact=exact,
                                    ref_prompt_cache=w.ref_eval_cache, policy_batches=batches,
-                                   on_invalid=p.score.on_invalid, with_metrics=False)
+                                   on_invalid=p.score.on_invalid, with_metrics=False, temperature=temperature)
     else:
         table = None
         if batches:  # no held-out prompt here: this rank's share of the policy's collectives all the same
