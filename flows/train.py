@@ -488,6 +488,18 @@ def main(argv: list[str] | None = None) -> None:
         _main(args, argv)
 
 
+def nproc_per_node(params: Params) -> int:
+    """The processes of a training run: RLOO_NPROC_PER_NODE where set (a GPU deployment's), else
+    train.nproc_per_node."""
+    raw = os.environ.get("RLOO_NPROC_PER_NODE", "").strip()
+    if not raw:
+        return params.train.nproc_per_node
+    if not raw.isdigit() or int(raw) < 1:
+        raise PipelineError(f"RLOO_NPROC_PER_NODE: must be a whole number >= 1 (got {raw!r}); it overrides "
+                            "train.nproc_per_node: unset it or set the number of processes")
+    return int(raw)
+
+
 def _main(args: argparse.Namespace, argv: list[str] | None) -> None:
     from flows.api import prefect_api, start_server
     from stages.loop.dist import init_distributed, launched_by_torchrun
@@ -498,8 +510,11 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> None:
         raise PipelineError(f"--rounds: must be >= 1 (got {args.rounds}); omit it to train train.rounds rounds")
     params = load_params(args.params)  # fail fast, before Prefect starts
     total, total_field = args.rounds or params.train.rounds, "--rounds" if args.rounds else "train.rounds"
-    nproc = int(os.environ.get("RLOO_NPROC_PER_NODE") or params.train.nproc_per_node)  # a GPU deployment sets it
+    nproc = nproc_per_node(params)  # a GPU deployment sets RLOO_NPROC_PER_NODE
     if nproc > 1 and not launched_by_torchrun():
+        from stages.update import check_ranks
+
+        check_ranks(params, nproc)  # once here, not once per rank after each has loaded
         with run_lock("training run", outputs=locked_outputs(params)):  # the ranks go on under this lock
             # what the ranks would refuse, once here: one line, not one per rank and torchrun's traceback
             from stages.loop.warm import check_inputs

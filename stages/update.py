@@ -68,6 +68,30 @@ class _Ahead:
         return round == self.round and self.rows_of(batch) == self.rows
 
 
+def check_ranks(params, nproc: int, per_node: bool = True) -> None:
+    """What a run over `nproc` processes refuses, said by the launcher before any rank starts (`flows.train`) and by
+    each rank's trainer: the update settings that need one process and, for the `nproc` processes of one node
+    (`per_node`: the launcher's), the device (docs/design.md §8)."""
+    if nproc <= 1:
+        return
+    up = params.update
+    if up.grad_variance:
+        raise PipelineError("update.grad_variance: measured in one process only (it needs every prompt's gradient); "
+                            "turn it off or run with one process")
+    if up.strategy == "fsdp" and up.use_lora:
+        raise PipelineError("update.strategy: fsdp with update.use_lora is not supported; use ddp (the adapters "
+                            "are small enough to replicate)")
+    device = str(params.base.device)
+    if per_node and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PipelineError("base.device: cuda requested but torch sees no GPU; set base.device to auto or cpu")
+        if nproc > torch.cuda.device_count():
+            raise PipelineError(f"train.nproc_per_node: {nproc} processes, one per GPU, but torch sees "
+                                f"{torch.cuda.device_count()} GPU(s); lower it (or RLOO_NPROC_PER_NODE)")
+
+
 class Trainer:
     """The policy, its optimizer and scheduler, alive across rounds (in the flow) or one step (CLI)."""
 
@@ -113,7 +137,7 @@ class Trainer:
         self.autocast = update_autocast(self.up.bf16_autocast)
         self.micro_cap = micro_batch_size(self.up.micro_batch_size, self.autocast)  # `auto` resolved once, here
         lm = LogprobModel(self.model, self.tokenizer.pad_token_id, params.base.share_prompts,
-                          "bfloat16" if self.autocast else "float32")
+                          "bfloat16" if self.autocast else "float32", params.sample.temperature)
         self.forward_model = self._wrap(lm)  # DDP / FSDP over the ranks; the LogprobModel itself in one process
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         # fused AdamW: one kernel over all parameters, 10x faster than the foreach one on this CPU (0.07 vs 0.70 s per
@@ -138,15 +162,10 @@ class Trainer:
         self._fsdp = None
         if not self.dist.enabled:
             return lm
-        if self.up.grad_variance:
-            raise PipelineError("update.grad_variance: measured in one process only (it needs every prompt's gradient); "
-                                "turn it off or run with one process")
+        check_ranks(self.params, self.dist.world_size, per_node=False)
         if self.up.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            if self.up.use_lora:
-                raise PipelineError("update.strategy: fsdp with update.use_lora is not supported; use ddp (the adapters "
-                                    "are small enough to replicate)")
             for layer in self.model.model.layers:
                 fully_shard(layer)
             self._fsdp = fully_shard(self.model)

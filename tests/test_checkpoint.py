@@ -392,3 +392,34 @@ def test_the_checkpoints_model_dir_is_the_one_transformers_writes(tiny_model_dir
     assert sorted(p.name for p in plain.iterdir()) == sorted(p.name for p in ours.iterdir() if p.name != checkpoint.META)
     a, b = load_file(ours / "model.safetensors"), load_file(plain / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupted_state_write_leaves_no_state_file(tiny_model_dir, tmp_path, monkeypatch):
+    """A state write interrupted midway (Ctrl-C during torch.save) leaves no partial state-*.pt: it wrote to a
+    temporary file."""
+    trainer, _ = load_trainer(make_params(tiny_model_dir), CPU)
+
+    def interrupted(obj, f, *a, **k):
+        f.write(b"x" * 4096)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(trainer, tmp_path / "policy", tmp_path / "state", {"identity": "run-a"})
+    assert not list((tmp_path / "state").glob("state-*.pt"))
+
+
+def test_resume_with_lora_dropout_continues_identically(tiny_model_dir, tmp_path):
+    """With LoRA dropout (random draws in every step), a resumed trainer restores the torch RNG: its next step is
+    the uninterrupted one's."""
+    params = lora_params(tiny_model_dir, lora_dropout=0.3)
+    a, _ = load_trainer(params, CPU)
+    batch = make_batch(a, [1.0, -0.5, 0.3, 2.0])
+    a.step(batch)
+    checkpoint.save(a, tmp_path / "policy", tmp_path / "state", {"identity": "run-a"})
+    a.step(batch)
+    b, _ = load_trainer(params, CPU, tmp_path / "policy", tmp_path / "state")
+    b.step(batch)
+    wa, wb = weights(a.model), weights(b.model)
+    for n in wa:
+        torch.testing.assert_close(wb[n], wa[n], rtol=0, atol=1e-6, msg=n)

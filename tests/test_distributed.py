@@ -297,6 +297,28 @@ def test_a_bad_setting_with_several_ranks_is_one_line_before_torchrun(tmp_path, 
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.count("error: ") == 1 and "cannot import module `no_such_module`" in out.stderr
     assert "torch.distributed.run" not in out.stderr  # refused before the ranks start
+    # what the ranks' trainers refuse, and the device, are said here too (each rank took minutes to load before)
+    import torch
+
+    bad = {"update.grad_variance: measured in one process only": ("update", "grad_variance", True),
+           "update.strategy: fsdp with update.use_lora is not supported": ("update", "use_lora", True)}
+    if not torch.cuda.is_available():
+        bad["base.device: cuda requested but torch sees no GPU"] = ("base", "device", "cuda")
+    for said, (section, field, value) in bad.items():
+        one = yaml.safe_load((proj / "params.yaml").read_text())
+        one[section][field] = value
+        if field == "use_lora":
+            one["update"]["strategy"] = "fsdp"
+        (proj / "bad.yaml").write_text(yaml.safe_dump(one, sort_keys=False))
+        out = run([PY, "-m", "flows.train", "--params", "bad.yaml"], proj, env, check=False)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert out.stderr.count("error: ") == 1 and said in out.stderr, out.stderr[-3000:]
+        assert "torch.distributed.run" not in out.stderr
+    # the deployment's override of train.nproc_per_node: anything but a whole number >= 1 is one line
+    for value in ("abc", "0", "-1", "2.5"):
+        out = run([PY, "-m", "flows.train"], proj, {**env, "RLOO_NPROC_PER_NODE": value}, check=False)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert f"error: RLOO_NPROC_PER_NODE: must be a whole number >= 1 (got '{value}')" in out.stderr
 
 
 RANK_ONE_FAILS = '''import os

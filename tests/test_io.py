@@ -412,3 +412,21 @@ def test_a_round_sampled_without_logprobs_round_trips_with_null_sampler_logprobs
     back = read_table(path, SAMPLES)
     assert back["sampler_logprobs"].null_count() == 4 and back["sampler_logprobs"].dtype == pl.List(pl.Float32)
     assert back["completion_token_ids"].to_list() == [[5, 6], [7], [5, 6], [7]]
+
+
+def test_a_json_write_failing_midway_keeps_the_previous_file(tmp_path, monkeypatch):
+    """A JSON write that fails after writing part of the file (a full disk) leaves the previous file whole: it
+    wrote a temporary file."""
+    dest = tmp_path / "manifest.json"
+    write_json({"round": 1}, dest)
+    real = Path.write_text
+
+    def torn(self, data, *a, **k):
+        real(self, data[:5])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(Exception):
+        write_json({"round": 2}, dest)
+    monkeypatch.undo()
+    assert json.loads(dest.read_text()) == {"round": 1}

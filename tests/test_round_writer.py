@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -63,3 +64,22 @@ def test_close_gives_the_wait_for_the_last_write(enabled):
     w.submit(lambda: time.sleep(0.4))
     waited = w.close()
     assert waited > 0.3  # the last write (0.4 s), not the first (0.05 s), nor none
+
+
+def test_round_write_puts_the_checkpoint_before_the_manifest(tmp_path, monkeypatch):
+    """A round's manifest is written after its checkpoint: a process killed while the checkpoint is written leaves
+    no manifest saying `checkpoint: true` (which would stop the next start instead of a replay)."""
+    from stages import checkpoint
+    from stages.loop import writer
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the process dies while the checkpoint is written
+
+    monkeypatch.setattr(checkpoint, "save", killed)
+    trainer = SimpleNamespace(rng_state=lambda: {})
+    params = SimpleNamespace(train=SimpleNamespace(checkpoint_dir=tmp_path / "p", state_dir=tmp_path / "s"))
+    mf = tmp_path / "manifest.json"
+    fn = writer.round_write(trainer, params, {"identity": "x", "round": 0}, mf, save=True)
+    with pytest.raises(KeyboardInterrupt):
+        fn()
+    assert not mf.exists()  # a manifest saying checkpoint: true without its checkpoint stops the next start

@@ -181,6 +181,26 @@ def test_step_moves_the_logprob_with_the_advantage(tiny_model_dir, sign):
     assert trainer.round == 1
 
 
+def test_the_update_trains_the_policy_at_the_sampling_temperature(tiny_model_dir):
+    """The update's forward (its loss, its "old" logprobs, the KL's where it runs at scoring time) is of the logits
+    divided by sample.temperature, the distribution the completions were drawn from (as TRL), not the raw ones."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["base"].update(model_dir=str(tiny_model_dir), device="cpu", threads=1)
+    data["sample"]["temperature"] = 0.5
+    trainer = Trainer(str(tiny_model_dir), parse_params(data, "test-params"), CPU)
+    batch = make_batch(trainer, [1.0, 1.0], ROWS[:2])
+    prompts = [trainer.tokenizer(t, add_special_tokens=False)["input_ids"] for t in batch["prompt_text"]]
+    completions = [list(c) for c in batch["completion_token_ids"]]
+    with torch.no_grad():
+        lp, mask, _ = trainer.forward_model(prompts, completions)
+    got = lp.double().sum(-1).tolist()
+    pad = trainer.tokenizer.pad_token_id
+    assert got == pytest.approx(sequence_logprobs(trainer.model, prompts, completions, pad, temperature=0.5)[0],
+                                abs=1e-4)
+    raw = sequence_logprobs(trainer.model, prompts, completions, pad)[0]
+    assert max(abs(a - b) for a, b in zip(got, raw)) > 0.1
+
+
 def test_zero_advantages_leave_weights_unchanged(tiny_model_dir):
     trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir), CPU)
     before = weights(trainer.model)
@@ -865,3 +885,39 @@ def test_when_the_update_s_forward_can_be_the_kl_s_policy_pass(tiny_model_dir, u
     score = trainer.params.score.model_copy(update={"dtype": score_dtype})
     why = trainer.scoring_forward_refusal(score, 4)
     assert why == expected if expected is None else expected in why
+
+
+def test_k_mini_batches_one_epoch_later_mini_batches_see_a_moved_policy(tiny_model_dir):
+    """Several mini-batches of one epoch: the later ones take their ratio against the logprobs before the round's
+    first step (TRL's "old" logprobs), so they see a moved policy; without them every ratio is 1 and the clip never
+    binds."""
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir, num_ppo_epochs=1, num_mini_batches=2), CPU)
+    stats = trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    assert stats["policy/approx_kl"] > 0  # the 2nd mini-batch's ratio is not 1: the 1st step moved the policy
+
+
+def test_schedule_length_counts_mini_batches(tiny_model_dir):
+    """The learning-rate schedule counts one step per mini-batch: halfway through 2 rounds of 2 mini-batches the
+    linear schedule is at half the rate, not at 0."""
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir, num_mini_batches=2, lr_scheduler="linear"),
+                      CPU, total_rounds=2)
+    trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-2)  # step 2 of 4, not 2 of 2 (= 0)
+
+
+def test_epoch_shuffle_changes_with_the_round(tiny_model_dir, monkeypatch):
+    """The mini-batch order of a later epoch is shuffled with a seed of (base.seed, round, epoch): it differs from
+    round to round."""
+    trainer = Trainer(str(tiny_model_dir), make_params(tiny_model_dir, num_ppo_epochs=2, num_mini_batches=2), CPU)
+    seen = []
+    orig = Trainer._accumulate
+
+    def spy(self, batches, *a, **k):
+        seen.append([tuple(b) for b in batches if b is not None])
+        return orig(self, batches, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_accumulate", spy)
+    for _ in range(3):
+        trainer.step(make_batch(trainer, [1.0, -0.5, 0.3, 2.0]))
+    later = [tuple(seen[4 * r + 2] + seen[4 * r + 3]) for r in range(3)]  # epoch 2's order in rounds 0, 1, 2
+    assert len(set(later)) > 1
