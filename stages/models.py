@@ -51,7 +51,8 @@ def load_tokenizer(path: str | Path, field: str = "base.model", shown: str | Pat
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
-        raise PipelineError(f"{field}: cannot load a tokenizer from {shown or path} ({_first_line(exc)})") from None
+        raise PipelineError(f"{field}: cannot load a tokenizer from {shown or path} ({_first_line(exc)}); copy the "
+                            "model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it") from None
     try:
         probe = tok("Hello, world.", add_special_tokens=False)["input_ids"]
     except Exception as exc:
@@ -133,7 +134,8 @@ def with_bf16_linears(model):
 
 
 def disable_dropout(model) -> int:
-    """Every dropout of `model` set to 0, as TRL's `disable_dropout` (its RLOO default): the trainer's policy is
+    """Every dropout of `model` set to 0, as TRL's `disable_dropout: true` (TRL 1.16's default is false; its RLOOTrainer
+    up to 0.19 always did it): the trainer's policy is
     then the function the engine samples and the scoring passes compute, and its update's logprobs are not noisy.
     The modules' rates change, not the model's config (a saved checkpoint keeps the model's own): a submodule that
     reads a rate from its config at run time (Falcon's `hidden_dropout`, Persimmon's and GPT-Neo's

@@ -44,7 +44,7 @@ import os
 import re
 import string
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, int]  # (prompt_id, sample_idx)
 RewardFn = Callable[..., Sequence[float]]
+
+# what a user function is called with (TRL's reward-function arguments): no `kwargs` key may take one of these names
+PASSED_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
 
 
 @dataclass
@@ -357,6 +360,10 @@ def _build_user_function(spec: RewardSpec) -> RewardFn:
         raise PipelineError(f"reward `{spec.name}`: '{target}' is a {type(fn).__name__}, not a function")
     kwargs = dict(spec.kwargs)
     as_text = bool(kwargs.pop("as_text", False))
+    passed = [k for k in kwargs if k in PASSED_ARGUMENTS]
+    if passed:  # it would replace the completions (or TRL's trainer_state ...) the function is called with
+        raise PipelineError(f"reward `{spec.name}`: kwargs.{passed[0]} is an argument the pipeline passes itself "
+                            f"({', '.join(PASSED_ARGUMENTS)}, as TRL does); rename that kwarg")
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # some C callables have no signature: call them TRL's way
@@ -541,6 +548,10 @@ def build_reward(spec: RewardSpec, device: Any = "cpu", batch_size: int = 16) ->
 RM_FIX = "point `model` at a local transformers ...ForSequenceClassification directory with one output"
 
 
+RM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+RM_TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def check_reward_model(name: str, path: str, template: str = "concat", label_index: int | None = None,
                        dtype: str = "float32", max_length: int = 512) -> None:
     """What a reward model's dir and kwargs must be, read from its config.json alone (no weights loaded): for the
@@ -566,6 +577,11 @@ def check_reward_model(name: str, path: str, template: str = "concat", label_ind
         )
     if label_index is not None and not (isinstance(label_index, int) and 0 <= label_index < num_labels):
         raise PipelineError(f"reward `{name}`: kwargs.label_index must be in 0..{num_labels - 1} (got {label_index!r})")
+    if not any((Path(path) / f).is_file() for f in RM_WEIGHTS):
+        raise PipelineError(f"reward `{name}`: {path} has no weights ({', '.join(RM_WEIGHTS)}); {RM_FIX}")
+    if not any((Path(path) / f).is_file() for f in RM_TOKENIZER):
+        raise PipelineError(f"reward `{name}`: {path} has no tokenizer files ({', '.join(RM_TOKENIZER)}); save the "
+                            "tokenizer of the model it was trained from into it (tokenizer.save_pretrained(dir))")
 
 
 def _model_kwargs(spec: RewardSpec) -> dict[str, Any]:
@@ -608,7 +624,7 @@ def build_rewards(specs: Sequence[RewardSpec], device: Any = "cpu", batch_size: 
 
 
 def check_scores(name: str, values: Any, n: int, keys: Sequence[Key]) -> np.ma.MaskedArray:
-    """A reward's output as a float64 masked array of length n: a list/tuple/array/tensor of real numbers or None
+    """A reward's output as a float64 masked array of length n: a list/tuple/array/tensor/generator of real numbers or None
     (None is masked: the reward does not apply to that completion, TRL's convention). Wrong count or a non-number
     raises PipelineError; NaN/inf are returned as they are, for `first_invalid` and `score.on_invalid`."""
     if hasattr(values, "detach"):  # torch tensor
@@ -622,6 +638,8 @@ def check_scores(name: str, values: Any, n: int, keys: Sequence[Key]) -> np.ma.M
                 raise PipelineError(f"reward `{name}` returned {len(arr)} values for {n} completions; return one number per completion, in order")
             return np.ma.MaskedArray(arr, mask=np.zeros(n, dtype=bool))
         values = values.tolist()
+    if isinstance(values, Iterator):  # a generator: TRL iterates what a reward returns
+        values = list(values)
     if isinstance(values, (str, bytes, Mapping)) or not (hasattr(values, "__len__") and hasattr(values, "__iter__")):
         raise PipelineError(f"reward `{name}` returned a {type(values).__name__}; return a list of {n} numbers, one per completion")
     values = list(values)

@@ -105,18 +105,22 @@ def test_the_scheduled_pipeline(tmp_path, tiny_model_dir, prefect_server):
     env = run_env(tmp_path, PREFECT_API_URL=prefect_server)
     prefect, dvc = str(BIN / "prefect"), str(BIN / "dvc")
     run([prefect, "work-pool", "create", "rloo-process", "--type", "process"], proj, env)
+    # The cron schedule is deployed inactive here (the repo's prefect.yaml has it active): at 02:00 UTC a worker would
+    # take the nightly run as well, which the concurrency limit makes this test's run wait behind (a pause after the
+    # deploy keeps a run already due). It is resumed at the end, where the scheduler must create the upcoming runs.
+    shipped = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (nightly,) = [d for d in shipped["deployments"] if d["name"] == "nightly"]
+    assert [s.get("active") for s in nightly["schedules"]] == [True]
+    text = (proj / "prefect.yaml").read_text()
+    assert text.count("        active: true\n") == 1
+    (proj / "prefect.yaml").write_text(text.replace("        active: true\n", "        active: false\n"))
     run([prefect, "--no-prompt", "deploy", "--name", "nightly", "--name", "train-now"], proj, env)
     dep = json.loads(run([prefect, "deployment", "inspect", "rloo-pipeline/nightly", "--output", "json"], proj, env).stdout)
     assert dep["concurrency_limit"] == 1 or (dep.get("global_concurrency_limit") or {}).get("limit") == 1
     assert any(s["schedule"].get("cron") == "0 2 * * *" for s in dep["schedules"])
     # the checkout it was deployed from is where the workers run it (no environment variable to forget)
     assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(proj.resolve())}}]
-    # The cron schedule is paused while this test starts its own runs: at 02:00 UTC a worker would take the nightly run
-    # as well, which the concurrency limit makes ours wait behind (pausing deletes the runs already scheduled). It is
-    # resumed at the end, where the scheduler must create the upcoming runs.
     (cron,) = [s["id"] for s in dep["schedules"] if s["schedule"].get("cron") == "0 2 * * *"]
-    run([prefect, "deployment", "schedule", "pause", "rloo-pipeline/nightly", cron], proj, env)
-    assert scheduled_runs(proj, env) == 0
 
     # 1. the first run: every stage, 2 rounds, the held-out metrics as an artifact
     info, _ = run_deployment(proj, env)

@@ -289,6 +289,23 @@ def test_unknown_model_kwarg(rm_dir):
         build_reward(RewardSpec(name="rm", model=str(rm_dir), kwargs={"max_len": 8}))
 
 
+def test_a_reward_model_dir_without_weights_or_tokenizer_is_refused_by_the_params_check(rm_dir, tmp_path):
+    """`python -m stages.params` (check_specs) says what the run would meet loading the dir: no weights, or no
+    tokenizer files, each one line naming the dir and the fix, before any model loads."""
+    import shutil
+
+    from stages.rewards import check_specs
+
+    check_specs([RewardSpec(name="rm", model=str(rm_dir))])  # the whole dir passes
+    for lacking, said in (("model.safetensors", "has no weights (model.safetensors, "),
+                          ("tokenizer.json", "has no tokenizer files (tokenizer.json, ")):
+        d = tmp_path / lacking
+        shutil.copytree(rm_dir, d)
+        (d / lacking).unlink()
+        with pytest.raises(PipelineError, match=rf"^reward `rm`: {re.escape(str(d))} {re.escape(said)}"):
+            check_specs([RewardSpec(name="rm", model=str(d))])
+
+
 # --- user function -----------------------------------------------------------------------------------------
 
 
@@ -330,6 +347,16 @@ def test_user_function_gets_its_kwargs(user_module):
 def test_user_function_with_var_kwargs_gets_columns(user_module):
     reward = build_reward(RewardSpec(name="u", function=f"{user_module}:with_columns", kwargs={"scale": 2.0}))
     assert reward(["p", "q"], ["x", "z"], answer=["x", "y"]) == [2.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["completions", "prompts", "completion_ids", "trainer_state", "log_metric",
+                                  "log_extra"])
+def test_a_kwarg_named_like_an_argument_the_pipeline_passes_is_refused(user_module, name):
+    """A `kwargs` key named like one of TRL's reward arguments would replace what the function is called with (the
+    completions themselves): refused when the reward is built, naming the key, not blamed on the function later."""
+    with pytest.raises(PipelineError, match=rf"^reward `u`: kwargs\.{name} is an argument the pipeline passes itself "
+                                            r"\(prompts, completions, .*\); rename that kwarg$"):
+        build_reward(RewardSpec(name="u", function=f"{user_module}:with_columns", kwargs={name: 3}))
 
 
 def test_a_queued_dvc_experiment_is_told_to_git_add_its_reward_module(tmp_path, monkeypatch):
@@ -443,8 +470,9 @@ def test_non_numeric_names_the_row():
         check_scores("x", "ab", 2, keys(2))
 
 
-def test_check_scores_accepts_lists_arrays_tensors_and_none():
-    for values in ([1, 2.5, True], np.array([1, 2.5, 1.0], dtype=np.float32), torch.tensor([1.0, 2.5, 1.0]), (1, 2.5, np.float32(1))):
+def test_check_scores_accepts_lists_arrays_tensors_generators_and_none():
+    for values in ([1, 2.5, True], np.array([1, 2.5, 1.0], dtype=np.float32), torch.tensor([1.0, 2.5, 1.0]),
+                   (1, 2.5, np.float32(1)), (v for v in [1, 2.5, 1.0])):  # TRL iterates a generator too
         got = check_scores("x", values, 3, keys(3))
         assert got.dtype == np.float64 and got.tolist() == [1.0, 2.5, 1.0]
     got = check_scores("x", [1.0, None], 2, keys(2))
