@@ -51,16 +51,32 @@ def test_a_resumed_run_carries_the_baseline_into_its_next_round(tmp_path, tiny_m
 
 
 def test_an_evaluating_round_pushes_its_update_before_its_evaluation_and_times_it(tmp_path, tiny_model_dir):
-    proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 2, "train.eval_every": 1, "sample.backend": "hf"})
+    """Also: in one process, round to round, the carried baseline (ema) goes on from the round before."""
+    proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 2, "train.eval_every": 1, "sample.backend": "hf",
+                                                     "advantage.estimator": "ema", "advantage.alpha": ALPHA})
+    env = run_env(tmp_path)
+    run([PY, "-m", "stages.prepare"], proj, env)
+    run([PY, "-m", "flows.train"], proj, env)
+    rounds = proj / "data" / "rounds"
+    manifests = [json.loads((rounds / f"round={r:04d}" / "manifest.json").read_text()) for r in range(2)]
+    means = [pl.read_parquet(rounds / f"round={r:04d}" / "scores.parquet")["rlhf_reward"].mean() for r in (0, 1)]
+    assert manifests[1]["advantage_state"]["round_means"] == pytest.approx(means, abs=1e-6)
+    metrics = [m["metrics"] for m in manifests]
+    assert all("eval/reward" in m for m in metrics)
+    # a fresh run's first round samples from the weights the engine started with, so the push it reports is its own
+    # update's, made for its evaluation; so is the second's (its sampling had the weights the evaluation pushed)
+    assert all(m["time/weight_sync_s"] > 0 for m in metrics)
+
+
+def test_eval_every_n_rounds_evaluates_after_the_nth(tmp_path, tiny_model_dir):
+    """train.eval_every: 2 evaluates after the second round, not after the first."""
+    proj = make_project(tmp_path, tiny_model_dir, **{"train.rounds": 2, "train.eval_every": 2, "sample.backend": "hf"})
     env = run_env(tmp_path)
     run([PY, "-m", "stages.prepare"], proj, env)
     run([PY, "-m", "flows.train"], proj, env)
     rounds = proj / "data" / "rounds"
     metrics = [json.loads((rounds / f"round={r:04d}" / "manifest.json").read_text())["metrics"] for r in range(2)]
-    assert all("eval/reward" in m for m in metrics)
-    # a fresh run's first round samples from the weights the engine started with, so the push it reports is its own
-    # update's, made for its evaluation; so is the second's (its sampling had the weights the evaluation pushed)
-    assert all(m["time/weight_sync_s"] > 0 for m in metrics)
+    assert ["eval/reward" in m for m in metrics] == [False, True]
 
 
 def test_mlflow_gets_a_round_once_its_manifest_is_on_disk(tmp_path, tiny_model_dir):
