@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from stages.errors import PipelineError, bad_input_exits, run_cli
-from stages.runtime import preload_malloc
+from stages.runtime import preload_malloc, share_note
 
 # the command re-executes itself once with tcmalloc preloaded (RLOO_MALLOC), as training does: its vLLM engine asks
 # for it (docs/design.md §7); before numpy, polars and torch load
@@ -87,7 +87,8 @@ def task_scores(df: pl.DataFrame, rewards, prompts: pl.DataFrame, on_invalid: st
     unscored = int(unscored_rows(comps).sum())
     if unscored:
         log.warning("%d of %d held-out completions%s got None from every reward: their prompts are left out of the "
-                    "metrics; make some reward apply to them", unscored, df.height, f" ({side})" if side else "")
+                    "metrics%s; make some reward apply to them", unscored, df.height, f" ({side})" if side else "",
+                    share_note())
     return scores
 
 

@@ -101,6 +101,14 @@ def configure_env(threads: int = 0) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+def share_note() -> str:
+    """Where several ranks each count their own share of a round (a warning's "n of m"): which rank's count it is;
+    "" in one process. The round's totals are in its metrics (gathered)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return ""
+    return f" (rank {os.environ.get('RANK', '?')}'s share; the round's totals are in its metrics)"
+
+
 def setup_torch(device: str = "auto", threads: int = 0, seed: int | None = None):
     """Resolve `auto` to cuda/cpu, set torch threads and seeds; returns the torch.device."""
     import torch

@@ -34,7 +34,7 @@ import polars as pl
 
 from stages.errors import PipelineError, run_cli
 from stages.logprobs import sequence_logprobs
-from stages.runtime import score_dtype
+from stages.runtime import score_dtype, share_note
 from stages.schemas import RESERVED_COLUMNS, SCORES, sample_digest
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,8 @@ def score_samples(
     unscored = unscored_rows(components)
     if unscored.any():  # TRL 1.16 the same: left out of the baselines, advantage 0 (docs/design.md §1)
         log.warning("%d of %d completions got None from every reward: unscored (score and rlhf_reward null, left out "
-                    "of their prompt's baseline, advantage 0); make some reward apply to them",
-                    int(unscored.sum()), samples.height)
+                    "of their prompt's baseline, advantage 0)%s; make some reward apply to them",
+                    int(unscored.sum()), samples.height, share_note())
 
     t1 = time.perf_counter()
     prompt_ids, completion_ids = completion_inputs(samples, tokenizer)
@@ -195,7 +195,8 @@ def score_samples(
     )
     dropped = int((~valid).sum())
     if dropped:
-        log.warning("score.on_invalid=drop: %d of %d completions dropped (NaN/inf reward)", dropped, samples.height)
+        log.warning("score.on_invalid=drop: %d of %d completions dropped (NaN/inf reward)%s", dropped, samples.height,
+                    share_note())
         out = out.filter(pl.Series(valid))
     stats = score_stats(out, samples.height, list(components), t_reward, t_logp)
     # TRL's log_metric, under log/<name>: a user's name can never replace one of the round's own metrics

@@ -289,6 +289,15 @@ def test_completions_no_reward_applies_to_are_counted_in_a_warning(models, tmp_p
         "rlhf_reward null, left out of their prompt's baseline, advantage 0); make some reward apply to them")
     assert out["score"].to_list() == [None] * samples.height and out["rlhf_reward"].to_list() == [None] * samples.height
     assert out["kl"].null_count() == 0  # the KL is still the completion's
+    # one rank of several counts its own share of the round: the warning says whose count it is
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with caplog.at_level(logging.WARNING, logger="stages.score"):
+        score_samples(samples, build_rewards(sp.rewards), policy, policy, tok, sp)
+    assert caplog.records[-1].getMessage() == (
+        f"{samples.height} of {samples.height} completions got None from every reward: unscored (score and "
+        "rlhf_reward null, left out of their prompt's baseline, advantage 0) (rank 1's share; the round's totals are "
+        "in its metrics); make some reward apply to them")
 
 
 def test_sequence_logprobs_match_direct_forward_for_any_batch_size(models):
