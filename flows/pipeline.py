@@ -433,10 +433,13 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
     t0 = time.perf_counter()
     steps: list[dict] = []
     put_back = "as the run found it"
+    during = None  # what the run was doing: what a cancel stopped (_failure_note)
     try:
         # a scheduled run queues behind the lock's holder
+        during = "waiting for the run lock"
         with _to_run_log(logger), run_lock("scheduled pipeline", wait_s=deployment_wait_s(),
                                            outputs=locked_outputs(load_params(path))):
+            during = "checking what changed"
             restore_interrupted(load_params(path))  # a run killed in round 1: put back before the rounds are counted
             changed = status_task()
             if not changed and more_rounds == 0:
@@ -450,6 +453,7 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
             original = path.read_text()
             rounds = None
             try:
+                during = "the prepare stage"
                 steps.append(_stage(path, "prepare"))
                 params = load_params(path)
                 extra, added = plan_rounds(params, more_rounds, rounds_per_new_prompt)
@@ -458,6 +462,7 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
                     logger.info("train.rounds %d -> %d (%d new prompt(s), more_rounds=%d)", *rounds, len(added),
                                 more_rounds)
                 for stage in STAGES[1:]:
+                    during = f"the {stage} stage"
                     steps.append(_stage(path, stage))
             except BaseException:
                 try:
@@ -473,7 +478,7 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
             return summary
     except BaseException as exc:  # a failed run leaves its artifact too (the lock's wait, DVC, a stage)
         with contextlib.suppress(Exception):
-            _run_artifact(_failure_note(exc, [s["stage"] for s in steps if s["ran"]], put_back))
+            _run_artifact(_failure_note(exc, [s["stage"] for s in steps if s["ran"]], put_back, during))
         with contextlib.suppress(Exception):
             from prefect.runtime import flow_run
 
@@ -482,15 +487,18 @@ def pipeline_flow(params_path: str = "params.yaml", more_rounds: int = 0, rounds
         raise
 
 
-def _failure_note(exc: BaseException, ran: list[str], put_back: str) -> str:
+def _failure_note(exc: BaseException, ran: list[str], put_back: str, during: str | None = None) -> str:
     """The `rloo-pipeline-run` artifact of a run that did not end well: "Stopped" for a cancel (Prefect raises its
-    SIGTERM as TerminationSignal, whose text is empty) or a Ctrl-C, "Failed" with the reason otherwise."""
+    SIGTERM as TerminationSignal, whose text is empty) or a Ctrl-C, saying what it stopped (`during`: what the run
+    was doing), "Failed" with the reason otherwise."""
     from prefect.exceptions import TerminationSignal
 
     heading, reason = "Failed", str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (KeyboardInterrupt, TerminationSignal)):
-        heading, reason = "Stopped", (f"{type(exc).__name__} (a cancel or Ctrl-C): the stage that ran was stopped, "
-                                      "its completed rounds kept")
+        what = {None: "the run was stopped", "the train stage": "the train stage was stopped, its completed rounds "
+                "kept"}.get(during, f"stopped while {during}" if during and not during.startswith("the ")
+                            else f"{during} was stopped")
+        heading, reason = "Stopped", f"{type(exc).__name__} (a cancel or Ctrl-C): {what}"
     return (f"### {heading}\n\n- stages run before it {heading.lower()}: {', '.join(ran) or 'none'}\n- reason: "
             f"{reason}\n- params.yaml: {put_back}\n")
 

@@ -510,9 +510,13 @@ def test_a_cancelled_run_s_artifact_says_stopped_with_a_reason():
 
     from flows.pipeline import _failure_note
 
-    note = _failure_note(TerminationSignal(15), ["prepare", "train"], "put back as the run found it")
-    assert note == ("### Stopped\n\n- stages run before it stopped: prepare, train\n- reason: TerminationSignal (a "
-                    "cancel or Ctrl-C): the stage that ran was stopped, its completed rounds kept\n- params.yaml: put "
+    note = _failure_note(TerminationSignal(15), ["prepare"], "put back as the run found it", "the train stage")
+    assert note == ("### Stopped\n\n- stages run before it stopped: prepare\n- reason: TerminationSignal (a "
+                    "cancel or Ctrl-C): the train stage was stopped, its completed rounds kept\n- params.yaml: put "
                     "back as the run found it\n")
+    # it says what it stopped: a run that was waiting for the lock ran nothing
+    for during, said in (("waiting for the run lock", "stopped while waiting for the run lock"),
+                         ("the evaluate stage", "the evaluate stage was stopped"), (None, "the run was stopped")):
+        assert f"(a cancel or Ctrl-C): {said}\n" in _failure_note(KeyboardInterrupt(), [], "x", during)
     assert _failure_note(PipelineError("train.rounds: bad"), [], "x").startswith(
         "### Failed\n\n- stages run before it failed: none\n- reason: train.rounds: bad\n")
