@@ -494,7 +494,7 @@ def nproc_per_node(params: Params) -> int:
     raw = os.environ.get("RLOO_NPROC_PER_NODE", "").strip()
     if not raw:
         return params.train.nproc_per_node
-    if not raw.isdigit() or int(raw) < 1:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
         raise PipelineError(f"RLOO_NPROC_PER_NODE: must be a whole number >= 1 (got {raw!r}); it overrides "
                             "train.nproc_per_node: unset it or set the number of processes")
     return int(raw)

@@ -549,7 +549,6 @@ RM_FIX = "point `model` at a local transformers ...ForSequenceClassification dir
 
 
 RM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-RM_TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def check_reward_model(name: str, path: str, template: str = "concat", label_index: int | None = None,
@@ -579,9 +578,9 @@ def check_reward_model(name: str, path: str, template: str = "concat", label_ind
         raise PipelineError(f"reward `{name}`: kwargs.label_index must be in 0..{num_labels - 1} (got {label_index!r})")
     if not any((Path(path) / f).is_file() for f in RM_WEIGHTS):
         raise PipelineError(f"reward `{name}`: {path} has no weights ({', '.join(RM_WEIGHTS)}); {RM_FIX}")
-    if not any((Path(path) / f).is_file() for f in RM_TOKENIZER):
-        raise PipelineError(f"reward `{name}`: {path} has no tokenizer files ({', '.join(RM_TOKENIZER)}); save the "
-                            "tokenizer of the model it was trained from into it (tokenizer.save_pretrained(dir))")
+    from stages.models import load_tokenizer
+
+    load_tokenizer(path, f"reward `{name}`")  # every model family names its vocabulary files its own way
 
 
 def _model_kwargs(spec: RewardSpec) -> dict[str, Any]:

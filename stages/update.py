@@ -82,9 +82,11 @@ def check_ranks(params, nproc: int, per_node: bool = True) -> None:
         raise PipelineError("update.strategy: fsdp with update.use_lora is not supported; use ddp (the adapters "
                             "are small enough to replicate)")
     device = str(params.base.device)
-    if per_node and device.startswith("cuda"):
+    if per_node and device != "cpu":  # cuda, or auto (cuda where torch sees a GPU: init_distributed's choice)
         import torch
 
+        if device == "auto" and not torch.cuda.is_available():
+            return
         if not torch.cuda.is_available():
             raise PipelineError("base.device: cuda requested but torch sees no GPU; set base.device to auto or cpu")
         if nproc > torch.cuda.device_count():

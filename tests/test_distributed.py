@@ -286,6 +286,28 @@ def test_vllm_engine_per_rank(tmp_path, tiny_model_dir):
     assert s["prompt_id"].n_unique() == 5 and s.group_by("prompt_id").len()["len"].to_list() == [3] * 5
 
 
+@pytest.mark.parametrize("device", ["auto", "cuda", "cpu"])
+def test_more_processes_than_gpus_are_refused_where_the_ranks_would_use_cuda(monkeypatch, device):
+    """One rank per GPU: where the ranks would run on CUDA (`cuda`, or `auto` where torch sees a GPU), more processes
+    than GPUs are refused by the launcher's check; on CPUs any number runs (GPUs stubbed: none here)."""
+    import torch
+
+    from conftest import repo_params
+    from stages.errors import PipelineError
+    from stages.update import check_ranks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    params = repo_params(base={"device": device})
+    check_ranks(params, 1)
+    if device == "cpu":
+        check_ranks(params, 2)
+        return
+    with pytest.raises(PipelineError, match=r"^train.nproc_per_node: 2 processes, one per GPU, but torch sees 1 GPU"):
+        check_ranks(params, 2)
+    check_ranks(params, 2, per_node=False)  # a rank's trainer: the world may span nodes
+
+
 def test_a_bad_setting_with_several_ranks_is_one_line_before_torchrun(tmp_path, tiny_model_dir):
     """What every rank would refuse is checked once, before torchrun starts them: one `error:` line and exit code 2,
     not one line per rank followed by torchrun's traceback."""
@@ -315,7 +337,7 @@ def test_a_bad_setting_with_several_ranks_is_one_line_before_torchrun(tmp_path, 
         assert out.stderr.count("error: ") == 1 and said in out.stderr, out.stderr[-3000:]
         assert "torch.distributed.run" not in out.stderr
     # the deployment's override of train.nproc_per_node: anything but a whole number >= 1 is one line
-    for value in ("abc", "0", "-1", "2.5"):
+    for value in ("abc", "0", "-1", "2.5", "\u00b2"):
         out = run([PY, "-m", "flows.train"], proj, {**env, "RLOO_NPROC_PER_NODE": value}, check=False)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
         assert f"error: RLOO_NPROC_PER_NODE: must be a whole number >= 1 (got '{value}')" in out.stderr

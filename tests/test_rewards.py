@@ -297,12 +297,12 @@ def test_a_reward_model_dir_without_weights_or_tokenizer_is_refused_by_the_param
     from stages.rewards import check_specs
 
     check_specs([RewardSpec(name="rm", model=str(rm_dir))])  # the whole dir passes
-    for lacking, said in (("model.safetensors", "has no weights (model.safetensors, "),
-                          ("tokenizer.json", "has no tokenizer files (tokenizer.json, ")):
+    for lacking, said, fix in (("model.safetensors", "{d} has no weights (model.safetensors, ", "point `model` at"),
+                               ("tokenizer.json", "cannot load a tokenizer from {d} (", "copy the model's tokenizer")):
         d = tmp_path / lacking
         shutil.copytree(rm_dir, d)
         (d / lacking).unlink()
-        with pytest.raises(PipelineError, match=rf"^reward `rm`: {re.escape(str(d))} {re.escape(said)}"):
+        with pytest.raises(PipelineError, match=rf"^reward `rm`: {re.escape(said.format(d=d))}.*; {re.escape(fix)}"):
             check_specs([RewardSpec(name="rm", model=str(d))])
 
 
