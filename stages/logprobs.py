@@ -120,10 +120,14 @@ class _SelectiveLogprobs(torch.autograd.Function):
         flat, t, g = logits.reshape(-1, V), targets.reshape(-1), g.reshape(-1).float()
         grad = torch.empty_like(flat)
         step = _block_rows(V, logits.device)
+        inv_t = ctx.inv_t
         for s in range(0, flat.shape[0], step):
-            # d/dx of x[t]/T - lse(x/T) is (onehot(t) - softmax(x/T)) / T
-            gs = g[s : s + step, None] * ctx.inv_t
-            p = torch.exp(flat[s : s + step].float() * ctx.inv_t - lse[s : s + step, None])
+            # d/dx of x[t]/T - lse(x/T) is (onehot(t) - softmax(x/T)) / T; at T = 1 no extra pass over the block
+            gs = g[s : s + step, None] * inv_t if inv_t != 1.0 else g[s : s + step, None]
+            x = flat[s : s + step].float()
+            if inv_t != 1.0:
+                x = x.mul_(inv_t) if x.dtype != flat.dtype else x * inv_t  # fp32: .float() is the saved logits
+            p = torch.exp(x - lse[s : s + step, None])
             p.mul_(-gs).scatter_add_(1, t[s : s + step, None], gs)
             grad[s : s + step] = p
         return grad.view_as(logits), None, None, None
