@@ -495,9 +495,12 @@ def _failure_note(exc: BaseException, ran: list[str], put_back: str, during: str
 
     heading, reason = "Failed", str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (KeyboardInterrupt, TerminationSignal)):
-        what = {None: "the run was stopped", "the train stage": "the train stage was stopped, its completed rounds "
-                "kept"}.get(during, f"stopped while {during}" if during and not during.startswith("the ")
-                            else f"{during} was stopped")
+        if during is None:
+            what = "the run was stopped"
+        elif during.startswith("the "):  # a stage
+            what = f"{during} was stopped" + (", its completed rounds kept" if during == "the train stage" else "")
+        else:
+            what = f"stopped while {during}"
         heading, reason = "Stopped", f"{type(exc).__name__} (a cancel or Ctrl-C): {what}"
     return (f"### {heading}\n\n- stages run before it {heading.lower()}: {', '.join(ran) or 'none'}\n- reason: "
             f"{reason}\n- params.yaml: {put_back}\n")

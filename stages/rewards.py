@@ -553,8 +553,9 @@ RM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mode
 
 def check_reward_model(name: str, path: str, template: str = "concat", label_index: int | None = None,
                        dtype: str = "float32", max_length: int = 512) -> None:
-    """What a reward model's dir and kwargs must be, read from its config.json alone (no weights loaded): for the
-    score stage before it loads the model, and for `python -m stages.params`."""
+    """What a reward model's dir and kwargs must be, read from its config.json and file names (no weights loaded): for
+    the score stage before it loads the model, and for `python -m stages.params` (`check_specs`, which also loads the
+    tokenizer, as the score stage does next)."""
     if not Path(path).is_dir():
         raise PipelineError(f"reward `{name}`: model directory {path} does not exist; {RM_FIX}")
     if template not in ("concat", "chat"):
@@ -578,9 +579,6 @@ def check_reward_model(name: str, path: str, template: str = "concat", label_ind
         raise PipelineError(f"reward `{name}`: kwargs.label_index must be in 0..{num_labels - 1} (got {label_index!r})")
     if not any((Path(path) / f).is_file() for f in RM_WEIGHTS):
         raise PipelineError(f"reward `{name}`: {path} has no weights ({', '.join(RM_WEIGHTS)}); {RM_FIX}")
-    from stages.models import load_tokenizer
-
-    load_tokenizer(path, f"reward `{name}`")  # every model family names its vocabulary files its own way
 
 
 def _model_kwargs(spec: RewardSpec) -> dict[str, Any]:
@@ -593,8 +591,8 @@ def _model_kwargs(spec: RewardSpec) -> dict[str, Any]:
 
 def check_specs(specs: Sequence[RewardSpec], columns: Sequence[str] | None = None) -> None:
     """What `build_rewards` would refuse, without loading a model or logging: a built-in's kwargs, a user function
-    importable and callable with its kwargs, a reward model dir whose config and kwargs the score stage accepts (for
-    `python -m stages.params`); with
+    importable and callable with its kwargs, a reward model dir whose config, kwargs, weights file and tokenizer the
+    score stage accepts (for `python -m stages.params`); with
     `columns` (the prompts table's extra columns), also a column a reward names that the table lacks."""
     from stages.models import check_model_dir
 
@@ -602,6 +600,7 @@ def check_specs(specs: Sequence[RewardSpec], columns: Sequence[str] | None = Non
         if spec.model is not None:
             check_model_dir(spec.model, f"score.rewards[{spec.name}].model")
             check_reward_model(spec.name, spec.model, **_model_kwargs(spec))
+            load_tokenizer(spec.model, f"reward `{spec.name}`")  # every family names its vocabulary files its own way
             continue
         if spec.function in BUILTINS:
             reward = Reward(spec.name, spec.weight, _build_builtin(spec), f"built-in {spec.function}")

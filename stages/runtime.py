@@ -101,10 +101,15 @@ def configure_env(threads: int = 0) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+def launched_by_torchrun() -> bool:
+    """This process is one rank of several (torchrun sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def share_note() -> str:
     """Where several ranks each count their own share of a round (a warning's "n of m"): which rank's count it is;
     "" in one process. The round's totals are in its metrics (gathered)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if not launched_by_torchrun():
         return ""
     return f" (rank {os.environ.get('RANK', '?')}'s share; the round's totals are in its metrics)"
 

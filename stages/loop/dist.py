@@ -21,6 +21,8 @@ from typing import Any
 
 import polars as pl
 
+from stages.runtime import launched_by_torchrun
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -95,10 +97,6 @@ class Dist:
 
 
 SINGLE = Dist()
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> tuple[Dist, str]:
